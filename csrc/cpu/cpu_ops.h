@@ -1,0 +1,49 @@
+// CPU implementations of the kasmina ops (registered in ops/registration.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace kk::cpu {
+
+at::Tensor blend_add(const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_add_backward(
+    const at::Tensor& grad, const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
+    bool need_alpha_grad);
+
+at::Tensor blend_gate(const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
+                      const at::Tensor& gate);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_gate_backward(
+    const at::Tensor& grad, const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
+    const at::Tensor& gate, bool need_weight_grads);
+
+at::Tensor blend_multiply(const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
+                          const std::optional<at::Tensor>& seed_input);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backward(
+    const at::Tensor& grad, const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
+    const std::optional<at::Tensor>& seed_input, bool need_alpha_grad);
+
+at::Tensor ste_forward(const at::Tensor& h, const at::Tensor& s);
+
+at::Tensor multiply_valve_multiplier(const at::Tensor& alpha, const at::Tensor& m);
+std::tuple<at::Tensor, at::Tensor> multiply_valve_multiplier_backward(
+    const at::Tensor& grad, const at::Tensor& alpha, const at::Tensor& m, bool need_alpha_grad);
+
+at::Tensor gate_effective_alpha(const at::Tensor& alpha, const at::Tensor& gate);
+std::tuple<at::Tensor, at::Tensor> gate_effective_alpha_backward(const at::Tensor& grad,
+                                                                 const at::Tensor& alpha,
+                                                                 const at::Tensor& gate);
+
+at::Tensor gated_pool(const at::Tensor& x, c10::string_view topology);
+at::Tensor gated_pool_backward(const at::Tensor& grad, const at::Tensor& x,
+                               c10::string_view topology);
+
+at::Tensor gate_network(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                        const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_network_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology);
+
+}  // namespace kk::cpu

@@ -1,0 +1,89 @@
+// CPU vector plumbing: kk::Prims for at::vec::Vectorized<float>, and loads/stores that turn
+// float, bfloat16 and float16 memory into float vectors (and back, rounding once).
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <type_traits>
+
+#include "kernels/blend_math.h"
+
+namespace kk {
+
+using FVec = at::vec::Vectorized<float>;
+
+template <>
+struct Prims<FVec> {
+  static FVec abs(const FVec& x) { return x.abs(); }
+  static FVec lt(const FVec& a, const FVec& b) { return a < b; }
+  static FVec select(const FVec& mask, const FVec& a, const FVec& b) {
+    return FVec::blendv(b, a, mask);
+  }
+  static FVec tanh(const FVec& x) { return x.tanh(); }
+  static FVec exp(const FVec& x) { return x.exp(); }
+};
+
+namespace cpu {
+
+// float for float / bfloat16 / float16, double for double.
+template <typename T>
+using opmath_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// One step of a vector loop covers two float vectors (16 lanes on AVX2), which is one full
+// 16-bit vector: bfloat16 and float16 convert in whole registers.
+constexpr int64_t kStep = 2 * FVec::size();
+
+template <typename T>
+inline void load2(const T* p, FVec& a, FVec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a = FVec::loadu(p);
+    b = FVec::loadu(p + FVec::size());
+  } else {
+    at::vec::load_to_float<T>(p, a, b);
+  }
+}
+
+template <typename T>
+inline void store2(T* p, const FVec& a, const FVec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a.store(p);
+    b.store(p + FVec::size());
+  } else {
+    at::vec::convert_from_float<T>(a, b).store(p);
+  }
+}
+
+// Round float lanes to T's precision and back (the "cast to the host dtype" of the contract).
+template <typename T>
+inline void round_through(FVec& a, FVec& b) {
+  if constexpr (!std::is_same_v<T, float>) {
+    auto v = at::vec::convert_from_float<T>(a, b);
+    auto [x, y] = at::vec::convert_to_float<T>(v);
+    a = x;
+    b = y;
+  }
+}
+
+// Load S memory as T values widened to float: s.to(T) then computed in float.
+template <typename T, typename S>
+inline void load2_as(const S* p, FVec& a, FVec& b) {
+  load2<S>(p, a, b);
+  if constexpr (!std::is_same_v<T, S>) {
+    round_through<T>(a, b);
+  }
+}
+
+// Scalar counterpart: S value cast to T, widened to T's opmath.
+template <typename T, typename S>
+inline opmath_t<T> as_op(S v) {
+  return static_cast<opmath_t<T>>(static_cast<T>(v));
+}
+
+template <typename T>
+inline constexpr bool kVectorizable = !std::is_same_v<T, double>;
+
+}  // namespace cpu
+}  // namespace kk

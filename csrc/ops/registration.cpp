@@ -1,0 +1,279 @@
+// The kasmina op library: schemas, the CPU implementations, and autograd written in C++ so
+// that an eager call costs one dispatcher hop rather than a Python autograd.Function. Fake
+// (meta) kernels are registered from Python (kasmina_kernels/native.py).
+#include <torch/autograd.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/cpu_ops.h"
+
+namespace kk {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+at::Tensor grad_if(AutogradContext* ctx, size_t i, const at::Tensor& g) {
+  return ctx->needs_input_grad(i) ? g : at::Tensor();
+}
+
+// ---------------------------------------------------------------- ADD
+struct BlendAddFn : torch::autograd::Function<BlendAddFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& s,
+                            const at::Tensor& alpha) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({h, s, alpha});
+    static auto op = op_handle<decltype(cpu::blend_add)>("kasmina::blend_add");
+    return op.call(h, s, alpha);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    static auto op = op_handle<decltype(cpu::blend_add_backward)>("kasmina::blend_add_backward");
+    auto [dh, ds, da] = op.call(grads[0], saved[0], saved[1], saved[2], ctx->needs_input_grad(2));
+    return {grad_if(ctx, 0, dh), grad_if(ctx, 1, ds), grad_if(ctx, 2, da)};
+  }
+};
+
+// ---------------------------------------------------------------- GATE
+struct BlendGateFn : torch::autograd::Function<BlendGateFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& s,
+                            const at::Tensor& alpha, const at::Tensor& gate) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({h, s, alpha, gate});
+    static auto op = op_handle<decltype(cpu::blend_gate)>("kasmina::blend_gate");
+    return op.call(h, s, alpha, gate);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    static auto op = op_handle<decltype(cpu::blend_gate_backward)>("kasmina::blend_gate_backward");
+    const bool need_w = ctx->needs_input_grad(2) || ctx->needs_input_grad(3);
+    auto [dh, ds, da, dg] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], need_w);
+    return {grad_if(ctx, 0, dh), grad_if(ctx, 1, ds), grad_if(ctx, 2, da), grad_if(ctx, 3, dg)};
+  }
+};
+
+// ---------------------------------------------------------------- MULTIPLY
+// seed_input may be absent: then r is h itself.
+struct BlendMultiplyFn : torch::autograd::Function<BlendMultiplyFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& s,
+                            const at::Tensor& alpha, const std::optional<at::Tensor>& seed_input) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const bool has_r = seed_input.has_value() && seed_input->defined();
+    ctx->saved_data["has_r"] = has_r;
+    if (has_r) {
+      ctx->save_for_backward({h, s, alpha, *seed_input});
+    } else {
+      ctx->save_for_backward({h, s, alpha});
+    }
+    static auto op = op_handle<decltype(cpu::blend_multiply)>("kasmina::blend_multiply");
+    return op.call(h, s, alpha, has_r ? seed_input : std::nullopt);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    static auto op =
+        op_handle<decltype(cpu::blend_multiply_backward)>("kasmina::blend_multiply_backward");
+    const bool has_r = ctx->saved_data["has_r"].toBool();
+    const std::optional<at::Tensor> r = has_r ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
+    auto [dh, ds, da, dr] =
+        op.call(grads[0], saved[0], saved[1], saved[2], r, ctx->needs_input_grad(2));
+    return {grad_if(ctx, 0, dh), grad_if(ctx, 1, ds), grad_if(ctx, 2, da),
+            has_r ? grad_if(ctx, 3, dr) : at::Tensor()};
+  }
+};
+
+at::Tensor blend_multiply_autograd(const at::Tensor& h, const at::Tensor& s,
+                                   const at::Tensor& alpha,
+                                   const std::optional<at::Tensor>& seed_input) {
+  return BlendMultiplyFn::apply(h, s, alpha, seed_input);
+}
+
+// ---------------------------------------------------------------- STE
+// Gradient 1 to both inputs: dh is the incoming gradient, ds the same in s's dtype.
+struct SteFn : torch::autograd::Function<SteFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& s) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->saved_data["seed_dtype"] = static_cast<int64_t>(s.scalar_type());
+    static auto op = op_handle<decltype(cpu::ste_forward)>("kasmina::ste_forward");
+    return op.call(h, s);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto seed_dtype = static_cast<at::ScalarType>(ctx->saved_data["seed_dtype"].toInt());
+    const at::Tensor& g = grads[0];
+    return {grad_if(ctx, 0, g), ctx->needs_input_grad(1) ? g.to(seed_dtype) : at::Tensor()};
+  }
+};
+
+// ---------------------------------------------------------------- valve multiplier
+struct ValveFn : torch::autograd::Function<ValveFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& alpha, const at::Tensor& m) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({alpha, m});
+    static auto op =
+        op_handle<decltype(cpu::multiply_valve_multiplier)>("kasmina::multiply_valve_multiplier");
+    return op.call(alpha, m);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    static auto op = op_handle<decltype(cpu::multiply_valve_multiplier_backward)>(
+        "kasmina::multiply_valve_multiplier_backward");
+    auto [da, dm] = op.call(grads[0], saved[0], saved[1], ctx->needs_input_grad(0));
+    return {grad_if(ctx, 0, da), grad_if(ctx, 1, dm)};
+  }
+};
+
+// ---------------------------------------------------------------- gate effective alpha
+struct GateEffectiveFn : torch::autograd::Function<GateEffectiveFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& alpha, const at::Tensor& gate) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({alpha, gate});
+    static auto op =
+        op_handle<decltype(cpu::gate_effective_alpha)>("kasmina::gate_effective_alpha");
+    return op.call(alpha, gate);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    static auto op = op_handle<decltype(cpu::gate_effective_alpha_backward)>(
+        "kasmina::gate_effective_alpha_backward");
+    auto [da, dg] = op.call(grads[0], saved[0], saved[1]);
+    return {grad_if(ctx, 0, da), grad_if(ctx, 1, dg)};
+  }
+};
+
+// ---------------------------------------------------------------- pooling and gate network
+struct GatedPoolFn : torch::autograd::Function<GatedPoolFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, c10::string_view topology) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x});
+    ctx->saved_data["topology"] = std::string(topology);
+    static auto op = op_handle<decltype(cpu::gated_pool)>("kasmina::gated_pool");
+    return op.call(x, topology);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const std::string topology = ctx->saved_data["topology"].toStringRef();
+    static auto op = op_handle<decltype(cpu::gated_pool_backward)>("kasmina::gated_pool_backward");
+    return {op.call(grads[0], saved[0], topology), at::Tensor()};
+  }
+};
+
+struct GateNetworkFn : torch::autograd::Function<GateNetworkFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w1,
+                            const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                            c10::string_view topology) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, w1, b1, w2, b2});
+    ctx->saved_data["topology"] = std::string(topology);
+    static auto op = op_handle<decltype(cpu::gate_network)>("kasmina::gate_network");
+    return op.call(x, w1, b1, w2, b2, topology);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const std::string topology = ctx->saved_data["topology"].toStringRef();
+    static auto op =
+        op_handle<decltype(cpu::gate_network_backward)>("kasmina::gate_network_backward");
+    auto [dx, dw1, db1, dw2, db2] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], topology);
+    return {grad_if(ctx, 0, dx), grad_if(ctx, 1, dw1), grad_if(ctx, 2, db1),
+            grad_if(ctx, 3, dw2), grad_if(ctx, 4, db2), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY(kasmina, m) {
+  m.def("blend_add(Tensor h, Tensor s, Tensor alpha) -> Tensor");
+  m.def("blend_add_backward(Tensor grad, Tensor h, Tensor s, Tensor alpha, bool need_alpha_grad)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("blend_gate(Tensor h, Tensor s, Tensor alpha, Tensor gate) -> Tensor");
+  m.def("blend_gate_backward(Tensor grad, Tensor h, Tensor s, Tensor alpha, Tensor gate,"
+        " bool need_weight_grads) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("blend_multiply(Tensor h, Tensor s, Tensor alpha, Tensor? seed_input) -> Tensor");
+  m.def("blend_multiply_backward(Tensor grad, Tensor h, Tensor s, Tensor alpha,"
+        " Tensor? seed_input, bool need_alpha_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("ste_forward(Tensor h, Tensor s) -> Tensor");
+  m.def("multiply_valve_multiplier(Tensor alpha, Tensor m) -> Tensor");
+  m.def("multiply_valve_multiplier_backward(Tensor grad, Tensor alpha, Tensor m,"
+        " bool need_alpha_grad) -> (Tensor, Tensor)");
+  m.def("gate_effective_alpha(Tensor alpha, Tensor gate) -> Tensor");
+  m.def("gate_effective_alpha_backward(Tensor grad, Tensor alpha, Tensor gate)"
+        " -> (Tensor, Tensor)");
+  m.def("gated_pool(Tensor x, str topology) -> Tensor");
+  m.def("gated_pool_backward(Tensor grad, Tensor x, str topology) -> Tensor");
+  m.def("gate_network(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, str topology)"
+        " -> Tensor");
+  m.def("gate_network_backward(Tensor grad, Tensor x, Tensor w1, Tensor b1, Tensor w2,"
+        " Tensor b2, str topology) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(kasmina, CPU, m) {
+  m.impl("blend_add", &cpu::blend_add);
+  m.impl("blend_add_backward", &cpu::blend_add_backward);
+  m.impl("blend_gate", &cpu::blend_gate);
+  m.impl("blend_gate_backward", &cpu::blend_gate_backward);
+  m.impl("blend_multiply", &cpu::blend_multiply);
+  m.impl("blend_multiply_backward", &cpu::blend_multiply_backward);
+  m.impl("ste_forward", &cpu::ste_forward);
+  m.impl("multiply_valve_multiplier", &cpu::multiply_valve_multiplier);
+  m.impl("multiply_valve_multiplier_backward", &cpu::multiply_valve_multiplier_backward);
+  m.impl("gate_effective_alpha", &cpu::gate_effective_alpha);
+  m.impl("gate_effective_alpha_backward", &cpu::gate_effective_alpha_backward);
+  m.impl("gated_pool", &cpu::gated_pool);
+  m.impl("gated_pool_backward", &cpu::gated_pool_backward);
+  m.impl("gate_network", &cpu::gate_network);
+  m.impl("gate_network_backward", &cpu::gate_network_backward);
+}
+
+TORCH_LIBRARY_IMPL(kasmina, Autograd, m) {
+  m.impl("blend_add", [](const at::Tensor& h, const at::Tensor& s, const at::Tensor& a) {
+    return BlendAddFn::apply(h, s, a);
+  });
+  m.impl("blend_gate", [](const at::Tensor& h, const at::Tensor& s, const at::Tensor& a,
+                          const at::Tensor& g) { return BlendGateFn::apply(h, s, a, g); });
+  m.impl("blend_multiply", &blend_multiply_autograd);
+  m.impl("ste_forward",
+         [](const at::Tensor& h, const at::Tensor& s) { return SteFn::apply(h, s); });
+  m.impl("multiply_valve_multiplier",
+         [](const at::Tensor& a, const at::Tensor& x) { return ValveFn::apply(a, x); });
+  m.impl("gate_effective_alpha",
+         [](const at::Tensor& a, const at::Tensor& g) { return GateEffectiveFn::apply(a, g); });
+  m.impl("gated_pool", [](const at::Tensor& x, c10::string_view topology) {
+    return GatedPoolFn::apply(x, topology);
+  });
+  m.impl("gate_network", [](const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                            const at::Tensor& w2, const at::Tensor& b2,
+                            c10::string_view topology) {
+    return GateNetworkFn::apply(x, w1, b1, w2, b2, topology);
+  });
+}
+
+}  // namespace kk
+
+namespace {
+py::dict build_info() {
+  py::dict info;
+  info["cpu_isa"] = KK_CPU_ISA;
+#ifdef KK_WITH_CUDA
+  info["with_cuda"] = true;
+#else
+  info["with_cuda"] = false;
+#endif
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = std::string("unknown");
+#endif
+  info["torch_version_at_build"] = TORCH_VERSION;
+  return info;
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "kasmina-kernels native extension: registers the torch.ops.kasmina ops";
+  m.def("build_info", &build_info, "How this extension was built");
+}

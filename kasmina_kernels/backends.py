@@ -1,0 +1,207 @@
+"""Backend selection: which implementation runs an op, and why.
+
+Order of precedence for the default: the innermost `use_backend(...)` block, then the
+`KASMINA_KERNELS_BACKEND` environment variable (read at each call), then ``"auto"``.
+``"auto"`` picks per device; `resolve_backend(tensor)` reports the pick. Naming a backend that
+cannot run on the tensor's device raises `BackendUnavailableError` saying why; nothing falls
+back to another backend behind the caller's back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("reference", "triton", "native")
+BACKEND_NAMES = BACKENDS + ("auto",)
+ENV_VAR = "KASMINA_KERNELS_BACKEND"
+
+__all__ = [
+    "BACKENDS",
+    "BACKEND_NAMES",
+    "ENV_VAR",
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_status",
+    "current_backend",
+    "resolve_backend",
+    "use_backend",
+]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A named backend cannot run here; the message says why and how to get it."""
+
+
+# ---------------------------------------------------------------------------- availability
+_native_module: ModuleType | None = None
+_native_error: str | None = None
+_status_cache: dict[tuple[str, str], str | None] = {}
+
+
+def _load_native() -> ModuleType | None:
+    global _native_module, _native_error
+    if _native_module is None and _native_error is None:
+        try:
+            _native_module = importlib.import_module("kasmina_kernels.native")
+        except ImportError as exc:  # the compiled extension is missing or broken
+            _native_error = str(exc)
+    return _native_module
+
+
+def _triton_importable() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return (
+            f"Triton is not installed ({exc}); install it with `pip install triton` "
+            "(it ships with CUDA builds of torch)"
+        )
+    return None
+
+
+def _why_unavailable(name: str, device_type: str) -> str | None:
+    """None when `name` can run on `device_type`, else the reason and the remedy."""
+    if name == "reference":
+        return None
+    if name == "native":
+        native = _load_native()
+        if native is None:
+            return (
+                f"the compiled extension kasmina_kernels._C did not load ({_native_error}); "
+                "build it with `pip install --no-build-isolation -e .` after installing torch"
+            )
+        if device_type == "cpu":
+            return None
+        if device_type == "cuda":
+            if not native.built_with_cuda():
+                return (
+                    "kasmina_kernels._C was built without CUDA kernels; rebuild on a machine "
+                    "with a CUDA toolkit and a CUDA build of torch "
+                    "(KASMINA_KERNELS_CUDA=1 pip install --no-build-isolation -e .)"
+                )
+            if not torch.cuda.is_available():
+                return "no CUDA device is visible to torch"
+            return None
+        return f"the native backend has no kernels for device type {device_type!r}"
+    if name == "triton":
+        why = _triton_importable()
+        if why:
+            return why
+        if device_type == "cuda":
+            if not torch.cuda.is_available():
+                return "no CUDA device is visible to torch"
+        elif device_type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                return (
+                    "Triton kernels run on CPU tensors only under its interpreter: "
+                    "set TRITON_INTERPRET=1 before importing triton (slow; meant for tests)"
+                )
+        else:
+            return f"the triton backend has no kernels for device type {device_type!r}"
+        try:
+            importlib.import_module("kasmina_kernels.triton")
+        except ImportError as exc:
+            return f"the triton backend module did not import: {exc}"
+        return None
+    raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(BACKEND_NAMES)}")
+
+
+def backend_status(name: str, device_type: str = "cpu") -> str | None:
+    """Why `name` cannot run on `device_type` (None when it can). Cached per process."""
+    key = (name, device_type)
+    if key not in _status_cache:
+        _status_cache[key] = _why_unavailable(name, device_type)
+    return _status_cache[key]
+
+
+def _device_types() -> list[str]:
+    types = ["cpu"]
+    if torch.cuda.is_available():
+        types.append("cuda")
+    return types
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Backends that can run on `device` (default: on any device this machine has)."""
+    if device is None:
+        types = _device_types()
+    else:
+        types = [torch.device(device).type]
+    return [b for b in BACKENDS if any(backend_status(b, t) is None for t in types)]
+
+
+# ---------------------------------------------------------------------------- default
+_local = threading.local()
+
+
+def _stack() -> list[str]:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(BACKEND_NAMES)}")
+    return name
+
+
+def current_backend() -> str:
+    """The backend name used when an op gets ``backend=None`` (may be ``"auto"``)."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _check_name(env.strip().lower())
+    return "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the block with `name` as the default backend (per thread; blocks nest)."""
+    _check_name(name)
+    stack = _stack()
+    stack.append(name)
+    try:
+        yield name
+    finally:
+        stack.pop()
+
+
+# ---------------------------------------------------------------------------- resolution
+# What "auto" picks per device type, best first: the first available one wins.
+AUTO_PREFERENCE = {
+    "cpu": ("native", "reference"),
+    "cuda": ("native", "triton", "reference"),
+}
+
+
+def _auto(device_type: str) -> str:
+    for name in AUTO_PREFERENCE.get(device_type, ("reference",)):
+        if backend_status(name, device_type) is None:
+            return name
+    return "reference"
+
+
+def resolve_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
+    """The concrete backend an op on `tensor` runs with, given `backend` (None = default).
+
+    Raises ValueError for an unknown name and BackendUnavailableError when the named backend
+    cannot run on the tensor's device.
+    """
+    name = current_backend() if backend is None else _check_name(backend)
+    device_type = tensor.device.type
+    if name == "auto":
+        return _auto(device_type)
+    why = backend_status(name, device_type)
+    if why is not None:
+        raise BackendUnavailableError(f"backend {name!r} is unavailable on {device_type}: {why}")
+    return name

@@ -1,0 +1,116 @@
+"""Eager PyTorch references for every operator (DESIGN.md section 2).
+
+These are the oracles: each is written exactly in the order the contract gives, because in
+bfloat16 the rounding points decide the bits. Tests and benchmarks import them from here;
+nothing else in the package defines the math a second time in PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "blend_add",
+    "multiply_valve_multiplier",
+    "blend_multiply",
+    "gate_effective_alpha",
+    "blend_gate",
+    "ste_forward",
+    "blend_with_isolation",
+    "gated_pool",
+    "gate_network",
+    "gate_hidden_size",
+]
+
+
+def _clamp01(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(0, 1)
+
+
+def _cast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`.to(like.dtype)` only when the dtype differs (a 0-dim CPU scalar also moves device)."""
+    if x.dtype != like.dtype or x.device != like.device:
+        return x.to(device=like.device, dtype=like.dtype)
+    return x
+
+
+def blend_add(h: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    a = _clamp01(alpha)
+    s = _cast(s, h)
+    a = _cast(a, h)
+    return torch.lerp(h, s, a)
+
+
+def multiply_valve_multiplier(alpha: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return 1 + _clamp01(alpha) * torch.tanh(m)
+
+
+def blend_multiply(
+    h: torch.Tensor,
+    s: torch.Tensor,
+    alpha: torch.Tensor,
+    *,
+    seed_input: torch.Tensor | None = None,
+) -> torch.Tensor:
+    s = _cast(s, h)
+    alpha = _cast(alpha, h)
+    r = h if seed_input is None else _cast(seed_input, h)
+    return h * (1 + _clamp01(alpha) * torch.tanh(s - r))
+
+
+def gate_effective_alpha(alpha: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return _clamp01(_clamp01(alpha) * _clamp01(gate))
+
+
+def blend_gate(
+    h: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor, gate: torch.Tensor
+) -> torch.Tensor:
+    e = gate_effective_alpha(alpha, gate)
+    s = _cast(s, h)
+    e = _cast(e, h)
+    return torch.lerp(h, s, e)
+
+
+def ste_forward(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    s = _cast(s, h)
+    return h + (s - s.detach())
+
+
+def blend_with_isolation(h: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    return blend_add(h, s, alpha)
+
+
+def gated_pool(x: torch.Tensor, topology: str) -> torch.Tensor:
+    if topology == "cnn":
+        if x.dim() != 4:
+            raise ValueError(f"gated_pool(topology='cnn') expects (B,C,H,W), got shape {tuple(x.shape)}")
+        return x.mean(dim=(2, 3))
+    if topology == "transformer":
+        if x.dim() != 3:
+            raise ValueError(
+                f"gated_pool(topology='transformer') expects (B,T,C), got shape {tuple(x.shape)}"
+            )
+        return x.mean(dim=1)
+    raise ValueError(f"unknown topology {topology!r}: expected 'cnn' or 'transformer'")
+
+
+def gate_hidden_size(channels: int) -> int:
+    """Hidden width of the gate network: max(8, C // 4)."""
+    return max(8, channels // 4)
+
+
+def gate_network(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    *,
+    topology: str,
+) -> torch.Tensor:
+    pooled = gated_pool(x, topology)
+    hidden = F.relu(F.linear(pooled, w1, b1))
+    gate = torch.sigmoid(F.linear(hidden, w2, b2))
+    shape = (-1, 1, 1, 1) if topology == "cnn" else (-1, 1, 1)
+    return gate.view(shape)

@@ -1,0 +1,109 @@
+"""Input checks shared by every backend: bad input gets a clear error, never a crash or a
+silently broadcast answer. Shape and device problems raise ValueError, dtype problems
+TypeError."""
+
+from __future__ import annotations
+
+import torch
+
+FEATURE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+TOPOLOGIES = ("cnn", "transformer")
+
+
+def _fmt(shape) -> str:
+    return str(tuple(shape))
+
+
+def check_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_features(op: str, name: str, t) -> None:
+    check_tensor(op, name, t)
+    if t.dtype not in FEATURE_DTYPES:
+        raise TypeError(
+            f"{op}: {name} has dtype {t.dtype}; expected float32, float64, bfloat16 or float16"
+        )
+    if t.dim() == 0:
+        raise ValueError(f"{op}: {name} must have at least one dimension, got a 0-dim tensor")
+
+
+def check_like_host(op: str, h: torch.Tensor, name: str, t) -> None:
+    check_features(op, name, t)
+    if t.shape != h.shape:
+        raise ValueError(f"{op}: {name} shape {_fmt(t.shape)} differs from the host shape {_fmt(h.shape)}")
+    if t.device != h.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the host is on {h.device}")
+
+
+def check_weight(op: str, name: str, w, features: torch.Tensor) -> None:
+    """A real-valued weight that broadcasts to `features` without enlarging it."""
+    check_tensor(op, name, w)
+    if w.dtype == torch.bool or w.is_complex():
+        raise TypeError(f"{op}: {name} must be a real number tensor, got dtype {w.dtype}")
+    if w.device != features.device and not (w.dim() == 0 and w.device.type == "cpu"):
+        raise ValueError(
+            f"{op}: {name} is on {w.device} but the features are on {features.device} "
+            "(only a 0-dim CPU scalar may live elsewhere)"
+        )
+    ws, fs = w.shape, features.shape
+    ok = len(ws) <= len(fs) and all(a == 1 or a == b for a, b in zip(reversed(ws), reversed(fs)))
+    if not ok:
+        raise ValueError(f"{op}: {name} of shape {_fmt(ws)} does not broadcast to {_fmt(fs)}")
+
+
+def check_blend(op: str, h, s, alpha) -> None:
+    check_features(op, "host", h)
+    check_like_host(op, h, "seed", s)
+    check_weight(op, "alpha", alpha, h)
+
+
+def check_gate_pair(op: str, alpha, gate) -> None:
+    check_tensor(op, "alpha", alpha)
+    check_tensor(op, "gate", gate)
+    for name, t in (("alpha", alpha), ("gate", gate)):
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"{op}: {name} must be a real number tensor, got dtype {t.dtype}")
+    if not (alpha.is_floating_point() or gate.is_floating_point()):
+        raise TypeError(f"{op}: alpha or gate must be a floating-point tensor")
+    if alpha.device != gate.device and not any(
+        t.dim() == 0 and t.device.type == "cpu" for t in (alpha, gate)
+    ):
+        raise ValueError(f"{op}: alpha is on {alpha.device} but gate is on {gate.device}")
+    try:
+        torch.broadcast_shapes(alpha.shape, gate.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{op}: alpha of shape {_fmt(alpha.shape)} and gate of shape {_fmt(gate.shape)} "
+            "do not broadcast"
+        ) from None
+
+
+def check_topology(op: str, x, topology) -> None:
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"{op}: unknown topology {topology!r}: expected 'cnn' or 'transformer'")
+    check_features(op, "x", x)
+    want = 4 if topology == "cnn" else 3
+    if x.dim() != want:
+        layout = "(B,C,H,W)" if topology == "cnn" else "(B,T,C)"
+        raise ValueError(
+            f"{op}: topology {topology!r} expects x of rank {want} {layout}, got shape {_fmt(x.shape)}"
+        )
+
+
+def check_gate_network(op: str, x, w1, b1, w2, b2, topology) -> None:
+    check_topology(op, x, topology)
+    channels = x.shape[1] if topology == "cnn" else x.shape[2]
+    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        check_features(op, name, t)
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    hidden = w1.shape[0]
+    expected = {"w1": (hidden, channels), "b1": (hidden,), "w2": (1, hidden), "b2": (1,)}
+    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(
+                f"{op}: {name} has shape {_fmt(t.shape)}, expected {expected[name]} "
+                f"for {channels} channels and hidden width {hidden}"
+            )

@@ -1,0 +1,101 @@
+"""Build kasmina_kernels._C: C++ CPU kernels always, CUDA kernels when available.
+
+Build after torch is installed, against that torch:
+
+    pip install --no-build-isolation -e .
+
+Environment:
+  KASMINA_KERNELS_CUDA       "1" forces the CUDA kernels (fails without a toolkit and a CUDA
+                             torch), "0" skips them; unset builds them when both are present.
+  KASMINA_KERNELS_CUDA_ARCH  CUDA architectures, default "80;90" (sm_80 and sm_90).
+  KASMINA_KERNELS_CPU_ISA    "avx2" or "default"; unset picks avx2 when the build machine's
+                             torch reports an AVX2 (or better) CPU.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # pragma: no cover - exercised only on a broken install
+    sys.exit(
+        "kasmina-kernels builds against an installed torch: install torch first, then "
+        "`pip install --no-build-isolation -e .` (build isolation would pull another torch)."
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("KASMINA_KERNELS_CUDA", "").strip()
+    have = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if flag == "0":
+        return False
+    if flag == "1":
+        if not have:
+            sys.exit(
+                "KASMINA_KERNELS_CUDA=1 but CUDA cannot be built here: "
+                f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
+            )
+        return True
+    return have
+
+
+def _cpu_isa() -> str:
+    isa = os.environ.get("KASMINA_KERNELS_CPU_ISA", "").strip().lower()
+    if isa in ("avx2", "default"):
+        return isa
+    if isa:
+        sys.exit(f"KASMINA_KERNELS_CPU_ISA must be 'avx2' or 'default', got {isa!r}")
+    cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "DEFAULT"
+    return "avx2" if cap in ("AVX2", "AVX512") else "default"
+
+
+def _extension():
+    with_cuda = _want_cuda()
+    isa = _cpu_isa()
+    sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "ops", "*.cpp")))
+    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+    # ATen's Vectorized<T> picks its width from CPU_CAPABILITY; its AVX2 specialisations live
+    # in their own inline namespace, so they do not clash with torch's own copies.
+    if isa == "avx2":
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    else:
+        cxx += ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
+    define_macros = [("KK_CPU_ISA", f'"{isa}"')]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if with_cuda:
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        archs = os.environ.get("KASMINA_KERNELS_CUDA_ARCH", "80;90")
+        nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+        for arch in archs.replace(",", ";").split(";"):
+            arch = arch.strip().replace(".", "")
+            if arch:
+                nvcc += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+        define_macros.append(("KK_WITH_CUDA", "1"))
+        return cpp_extension.CUDAExtension(
+            "kasmina_kernels._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        )
+    return cpp_extension.CppExtension(
+        "kasmina_kernels._C",
+        sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx},
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
