@@ -42,6 +42,7 @@ class BackendUnavailableError(RuntimeError):
 _native_module: ModuleType | None = None
 _native_error: str | None = None
 _status_cache: dict[tuple[str, str], str | None] = {}
+_modules: dict[str, ModuleType] = {}
 
 
 def _load_native() -> ModuleType | None:
@@ -49,6 +50,7 @@ def _load_native() -> ModuleType | None:
     if _native_module is None and _native_error is None:
         try:
             _native_module = importlib.import_module("kasmina_kernels.native")
+            _modules["native"] = _native_module
         except ImportError as exc:  # the compiled extension is missing or broken
             _native_error = str(exc)
     return _native_module
@@ -68,6 +70,7 @@ def _triton_importable() -> str | None:
 def _why_unavailable(name: str, device_type: str) -> str | None:
     """None when `name` can run on `device_type`, else the reason and the remedy."""
     if name == "reference":
+        _modules["reference"] = importlib.import_module("kasmina_kernels.reference")
         return None
     if name == "native":
         native = _load_native()
@@ -90,9 +93,6 @@ def _why_unavailable(name: str, device_type: str) -> str | None:
             return None
         return f"the native backend has no kernels for device type {device_type!r}"
     if name == "triton":
-        why = _triton_importable()
-        if why:
-            return why
         if device_type == "cuda":
             if not torch.cuda.is_available():
                 return "no CUDA device is visible to torch"
@@ -104,8 +104,11 @@ def _why_unavailable(name: str, device_type: str) -> str | None:
                 )
         else:
             return f"the triton backend has no kernels for device type {device_type!r}"
+        why = _triton_importable()
+        if why:
+            return why
         try:
-            importlib.import_module("kasmina_kernels.triton")
+            _modules["triton"] = importlib.import_module("kasmina_kernels.triton")
         except ImportError as exc:
             return f"the triton backend module did not import: {exc}"
         return None
@@ -118,6 +121,11 @@ def backend_status(name: str, device_type: str = "cpu") -> str | None:
     if key not in _status_cache:
         _status_cache[key] = _why_unavailable(name, device_type)
     return _status_cache[key]
+
+
+def backend_module(name: str) -> ModuleType:
+    """The module implementing an available backend (resolve the name first)."""
+    return _modules[name]
 
 
 def _device_types() -> list[str]:
@@ -153,12 +161,25 @@ def _check_name(name: str) -> str:
     return name
 
 
+# os.environ.get costs about a microsecond (it encodes the key each time); the mapping it
+# wraps is read directly when this Python has one, so the variable is still read per call.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
+
+
+def _env_default() -> str | None:
+    if _ENVIRON_DATA is not None and _ENV_KEY is not None and not torch.compiler.is_compiling():
+        raw = _ENVIRON_DATA.get(_ENV_KEY)
+        return None if raw is None else os.environ.decodevalue(raw)
+    return os.environ.get(ENV_VAR)
+
+
 def current_backend() -> str:
     """The backend name used when an op gets ``backend=None`` (may be ``"auto"``)."""
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
-    env = os.environ.get(ENV_VAR)
+    env = _env_default()
     if env:
         return _check_name(env.strip().lower())
     return "auto"
@@ -184,11 +205,19 @@ AUTO_PREFERENCE = {
 }
 
 
+_auto_cache: dict[str, str] = {}
+
+
 def _auto(device_type: str) -> str:
-    for name in AUTO_PREFERENCE.get(device_type, ("reference",)):
-        if backend_status(name, device_type) is None:
-            return name
-    return "reference"
+    pick = _auto_cache.get(device_type)
+    if pick is None:
+        pick = "reference"
+        for name in AUTO_PREFERENCE.get(device_type, ("reference",)):
+            if backend_status(name, device_type) is None:
+                pick = name
+                break
+        _auto_cache[device_type] = pick
+    return pick
 
 
 def resolve_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
@@ -197,11 +226,19 @@ def resolve_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
     Raises ValueError for an unknown name and BackendUnavailableError when the named backend
     cannot run on the tensor's device.
     """
-    name = current_backend() if backend is None else _check_name(backend)
+    name = current_backend() if backend is None else backend
     device_type = tensor.device.type
     if name == "auto":
         return _auto(device_type)
-    why = backend_status(name, device_type)
+    why = backend_status(_check_name(name), device_type)
     if why is not None:
         raise BackendUnavailableError(f"backend {name!r} is unavailable on {device_type}: {why}")
     return name
+
+
+# Availability is settled once, at import, for every device this machine has, so that op
+# calls (and torch.compile tracing them) only read a cache. Triton is imported here only where
+# it can run (a CUDA device, or TRITON_INTERPRET=1).
+for _device_type in _device_types():
+    for _name in BACKENDS:
+        backend_status(_name, _device_type)

@@ -6,13 +6,12 @@ backend name. The semantics are the references' in `kasmina_kernels.reference`.
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
 import torch
 
-from . import reference, validation
-from .backends import resolve_backend
+from . import validation
+from .backends import backend_module, resolve_backend
 
 __all__ = [
     "blend_add",
@@ -26,18 +25,8 @@ __all__ = [
     "gate_network",
 ]
 
-_modules: dict[str, ModuleType] = {"reference": reference}
-
-
-def _backend_module(name: str) -> ModuleType:
-    module = _modules.get(name)
-    if module is None:
-        module = _modules[name] = importlib.import_module(f"kasmina_kernels.{name}")
-    return module
-
-
 def _impl(tensor: torch.Tensor, backend: str | None) -> ModuleType:
-    return _backend_module(resolve_backend(tensor, backend))
+    return backend_module(resolve_backend(tensor, backend))
 
 
 def _feature_operand(alpha: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

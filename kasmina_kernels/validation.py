@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 FEATURE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_FEATURE_DTYPES = frozenset(FEATURE_DTYPES)
 TOPOLOGIES = ("cnn", "transformer")
 
 
@@ -21,7 +22,7 @@ def check_tensor(op: str, name: str, t) -> None:
 
 def check_features(op: str, name: str, t) -> None:
     check_tensor(op, name, t)
-    if t.dtype not in FEATURE_DTYPES:
+    if t.dtype not in _FEATURE_DTYPES:
         raise TypeError(
             f"{op}: {name} has dtype {t.dtype}; expected float32, float64, bfloat16 or float16"
         )
@@ -42,18 +43,38 @@ def check_weight(op: str, name: str, w, features: torch.Tensor) -> None:
     check_tensor(op, name, w)
     if w.dtype == torch.bool or w.is_complex():
         raise TypeError(f"{op}: {name} must be a real number tensor, got dtype {w.dtype}")
-    if w.device != features.device and not (w.dim() == 0 and w.device.type == "cpu"):
+    if w.dim() == 0 and w.device.type == "cpu":
+        return  # a CPU scalar goes with features anywhere and broadcasts to any shape
+    if w.device != features.device:
         raise ValueError(
             f"{op}: {name} is on {w.device} but the features are on {features.device} "
             "(only a 0-dim CPU scalar may live elsewhere)"
         )
     ws, fs = w.shape, features.shape
-    ok = len(ws) <= len(fs) and all(a == 1 or a == b for a, b in zip(reversed(ws), reversed(fs)))
+    ok = len(ws) <= len(fs)
+    if ok:
+        for i in range(1, len(ws) + 1):
+            if ws[-i] != 1 and ws[-i] != fs[-i]:
+                ok = False
+                break
     if not ok:
         raise ValueError(f"{op}: {name} of shape {_fmt(ws)} does not broadcast to {_fmt(fs)}")
 
 
 def check_blend(op: str, h, s, alpha) -> None:
+    # the common case in few attribute reads (these run on every eager call)
+    if (
+        isinstance(h, torch.Tensor)
+        and isinstance(s, torch.Tensor)
+        and isinstance(alpha, torch.Tensor)
+        and h.dtype in _FEATURE_DTYPES
+        and s.dtype in _FEATURE_DTYPES
+        and h.shape == s.shape
+        and h.dim() > 0
+        and h.device == s.device
+    ):
+        check_weight(op, "alpha", alpha, h)
+        return
     check_features(op, "host", h)
     check_like_host(op, h, "seed", s)
     check_weight(op, "alpha", alpha, h)

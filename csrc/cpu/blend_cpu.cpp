@@ -44,114 +44,149 @@ void dispatch_pair(at::ScalarType host, at::ScalarType seed, const char* name, F
   }
 }
 
-// The weight as one value per element of `values_shape`, expanded over the features.
-at::Tensor expanded_weight(const std::vector<double>& values, at::IntArrayRef values_shape,
-                           const at::Tensor& features) {
-  at::Tensor w = tensor_from_values(values, values_shape, opmath_dtype(features.scalar_type()));
-  return w.expand(features.sizes());
-}
-
-// How the backward reduces the weight's gradient for one launch.
-struct ReducePlan {
-  bool element = false;  // per-element output, then summed to the weight's shape
-  int64_t groups = 1;    // otherwise: fixed-order sums over this many contiguous groups
-  int64_t group_size = 0;
+// A blend weight after the reference's casts and clamps: one value per element of `shape`,
+// which broadcasts to the features.
+struct Weights {
+  std::vector<double> values;
+  std::vector<int64_t> shape;
 };
 
-ReducePlan plan_reduction(at::IntArrayRef weight_shape, const at::Tensor& features,
-                          const at::Tensor& first_output) {
-  ReducePlan plan;
-  const int64_t n = features.numel();
-  const int64_t wnumel = c10::multiply_integers(weight_shape);
-  if (wnumel == 1) {
-    plan.group_size = n;
-    return plan;
+bool same_dense_layout(const std::vector<at::Tensor>& ts) {
+  const at::Tensor& first = ts.front();
+  if (!first.is_non_overlapping_and_dense()) return false;
+  for (const at::Tensor& t : ts) {
+    if (t.sizes() != first.sizes() || t.strides() != first.strides()) return false;
   }
-  const bool per_sample = static_cast<int64_t>(weight_shape.size()) == features.dim() &&
-                          weight_shape[0] == features.size(0) && wnumel == features.size(0);
-  if (per_sample && batch_outermost(first_output)) {
-    plan.groups = features.size(0);
-    plan.group_size = plan.groups == 0 ? 0 : n / plan.groups;
-    return plan;
-  }
-  plan.element = true;
-  return plan;
+  return true;
 }
 
-// Runs a backward iterator block by block. MakeLoop(kElement)(acc) gives the loop.
-template <typename LoopFor>
-std::vector<double> run_backward(at::TensorIterator& iter, const ReducePlan& plan,
-                                 LoopFor&& loop_for) {
-  return grouped_sums(plan.groups, plan.group_size, [&](int64_t begin, int64_t end) {
-    double acc = 0.0;
-    auto loop = loop_for(acc);
-    iter.serial_for_each(loop, {begin, end});
-    return acc;
+// Runs one pass of a kernel over `outputs` then `inputs` then the weight (always the last
+// operand), and returns the sums of the kernel's per-element weight-gradient terms per weight
+// element (empty when `need_sums` is false, or when they went to `element_out` instead).
+//
+// Fast path: every operand shares one dense layout and the weight is a scalar or per-sample:
+// the kernel loops run on raw pointers, sample by sample, with no TensorIterator and no
+// weight tensor. Otherwise TensorIterator handles layouts and broadcasting; a weight that is
+// neither scalar nor per-sample then gets per-element terms in `element_out` (summed by the
+// caller to the weight's shape).
+template <typename OpT, typename LoopFor>
+std::vector<double> run_pass(const std::vector<at::Tensor>& outputs,
+                             const std::vector<at::Tensor>& inputs, const Weights& w,
+                             const at::Tensor& features, bool need_sums, at::Tensor& element_out,
+                             LoopFor&& loop_for) {
+  const int64_t numel = features.numel();
+  const int64_t B = features.size(0);
+  const int64_t wnumel = static_cast<int64_t>(w.values.size());
+  const bool scalar = wnumel == 1;
+  const bool per_sample = !scalar && static_cast<int64_t>(w.shape.size()) == features.dim() &&
+                          w.shape[0] == B && wnumel == B;
+  const bool batch_ok = batch_outermost(outputs.front());
+  const int64_t groups = scalar ? 1 : B;
+  const int64_t group_size = groups == 0 ? 0 : numel / groups;
+  if (numel == 0) return std::vector<double>(need_sums ? wnumel : 0, 0.0);
+
+  std::vector<at::Tensor> all(outputs);
+  all.insert(all.end(), inputs.begin(), inputs.end());
+  if ((scalar || (per_sample && batch_ok)) && same_dense_layout(all)) {
+    std::vector<OpT> wv(w.values.begin(), w.values.end());
+    const int n_ops = static_cast<int>(all.size()) + 1;
+    std::vector<char*> base(n_ops - 1);
+    std::vector<int64_t> elem(n_ops - 1);
+    for (size_t i = 0; i < all.size(); ++i) {
+      base[i] = static_cast<char*>(all[i].data_ptr());
+      elem[i] = all[i].element_size();
+    }
+    return grouped_sums(groups, group_size, [&](int64_t group, int64_t begin, int64_t end) {
+      double acc = 0.0;
+      auto loop = loop_for(std::false_type{}, acc);
+      char* data[16];
+      int64_t strides[32] = {};
+      for (int i = 0; i < n_ops - 1; ++i) {
+        data[i] = base[i] + begin * elem[i];
+        strides[i] = elem[i];
+      }
+      data[n_ops - 1] = reinterpret_cast<char*>(wv.data() + (scalar ? 0 : group));
+      strides[n_ops - 1] = 0;
+      loop(data, strides, end - begin, 1);
+      return acc;
+    });
+  }
+
+  const at::Tensor wt =
+      tensor_from_values(w.values, w.shape, c10::CppTypeToScalarType<OpT>::value)
+          .expand(features.sizes());
+  at::TensorIteratorConfig config;
+  config.check_all_same_dtype(false).resize_outputs(false).set_check_mem_overlap(true);
+  for (const at::Tensor& t : outputs) config.add_output(t);
+  const bool element = need_sums && !scalar && !(per_sample && batch_ok);
+  if (element) {
+    element_out = at::empty(features.sizes(), features.options().dtype(wt.scalar_type()));
+    config.add_output(element_out);
+  }
+  for (const at::Tensor& t : inputs) config.add_const_input(t);
+  config.add_const_input(wt);
+  at::TensorIterator iter = config.build();
+  auto run_blocks = [&](auto element_tag, int64_t g, int64_t gs) {
+    return grouped_sums(g, gs, [&](int64_t, int64_t begin, int64_t end) {
+      double acc = 0.0;
+      auto loop = loop_for(element_tag, acc);
+      iter.serial_for_each(loop, {begin, end});
+      return acc;
+    });
+  };
+  if (element) {
+    run_blocks(std::true_type{}, 1, numel);
+    return {};
+  }
+  if (!need_sums) {
+    run_blocks(std::false_type{}, 1, numel);
+    return {};
+  }
+  return run_blocks(std::false_type{}, groups, group_size);
+}
+
+// The weight-gradient sums over the weight's shape, from whichever form run_pass produced.
+std::vector<double> weight_grad_sums(std::vector<double> sums, const at::Tensor& element_out,
+                                     const Weights& w) {
+  if (element_out.defined()) return read_values(at::sum_to(element_out, w.shape));
+  return sums;
+}
+
+at::Tensor lerp_forward_pass(const at::Tensor& h, const at::Tensor& s_in, const Weights& w) {
+  const auto host = h.scalar_type();
+  const at::Tensor s = kernel_operand(s_in, host);
+  at::Tensor out = at::empty_like(h);
+  at::Tensor unused;
+  dispatch_pair(host, s.scalar_type(), "blend", [&](auto tt, auto st) {
+    using T = typename decltype(tt)::type;
+    using S = typename decltype(st)::type;
+    run_pass<opmath_t<T>>({out}, {h, s}, w, h, false, unused,
+                          [](auto, double&) { return lerp_forward_loop<T, S>(); });
   });
+  return out;
 }
 
-// Sums of the weight gradient over the weight's shape, from either form of the plan.
-std::vector<double> weight_grad_sums(const ReducePlan& plan, const std::vector<double>& group_sums,
-                                     const at::Tensor& element_grad, at::IntArrayRef weight_shape) {
-  if (plan.element) return read_values(at::sum_to(element_grad, weight_shape));
-  return group_sums;
-}
-
-std::vector<double> clamp_values(std::vector<double> v) {
-  for (double& x : v) x = clamp01(x);
-  return v;
-}
-
-// One blend gradient pass (ADD or GATE): returns dh, ds and the weight gradient summed to
-// `weight_shape` (zeros when not needed).
+// One blend gradient pass (ADD or GATE): dh, ds and the weight gradient summed over the
+// weight's shape.
 std::tuple<at::Tensor, at::Tensor, std::vector<double>> lerp_backward_pass(
-    const at::Tensor& grad_in, const at::Tensor& h, const at::Tensor& s_in,
-    const at::Tensor& w, at::IntArrayRef weight_shape) {
+    const at::Tensor& grad_in, const at::Tensor& h, const at::Tensor& s_in, const Weights& w) {
   const auto host = h.scalar_type();
   const at::Tensor g = grad_in.to(host);
   const at::Tensor s = kernel_operand(s_in, host);
   at::Tensor dh = at::empty_like(h);
   at::Tensor ds = at::empty_like(s);
-  const ReducePlan plan = plan_reduction(weight_shape, h, dh);
-  at::Tensor dwe;
+  at::Tensor element_out;
   std::vector<double> sums;
-  if (h.numel() > 0) {
-    dispatch_pair(host, s.scalar_type(), "blend backward", [&](auto tt, auto st) {
-      using T = typename decltype(tt)::type;
-      using S = typename decltype(st)::type;
-      if (plan.element) {
-        dwe = at::empty(h.sizes(), h.options().dtype(opmath_dtype(host)));
-        auto iter = make_iter({dh, ds, dwe}, {g, h, s, w});
-        sums = run_backward(iter, plan, [](double& a) { return lerp_backward_loop<T, S, true>(a); });
-      } else {
-        auto iter = make_iter({dh, ds}, {g, h, s, w});
-        sums = run_backward(iter, plan, [](double& a) { return lerp_backward_loop<T, S, false>(a); });
-      }
-    });
-  } else {
-    sums.assign(plan.groups, 0.0);
-    if (plan.element) dwe = at::zeros(h.sizes(), h.options().dtype(opmath_dtype(host)));
-  }
-  std::vector<double> wsums = weight_grad_sums(plan, sums, dwe, weight_shape);
-  if (static_cast<int64_t>(wsums.size()) != c10::multiply_integers(weight_shape)) {
-    wsums = sum_to_shape(wsums, {static_cast<int64_t>(wsums.size())}, weight_shape);
-  }
-  if (ds.scalar_type() != s_in.scalar_type()) ds = ds.to(s_in.scalar_type());
-  return {dh, ds, wsums};
-}
-
-at::Tensor lerp_forward_pass(const at::Tensor& h, const at::Tensor& s_in, const at::Tensor& w) {
-  const auto host = h.scalar_type();
-  const at::Tensor s = kernel_operand(s_in, host);
-  at::Tensor out = at::empty_like(h);
-  if (h.numel() == 0) return out;
-  dispatch_pair(host, s.scalar_type(), "blend", [&](auto tt, auto st) {
+  dispatch_pair(host, s.scalar_type(), "blend backward", [&](auto tt, auto st) {
     using T = typename decltype(tt)::type;
     using S = typename decltype(st)::type;
-    auto iter = make_iter({out}, {h, s, w});
-    lerp_forward<T, S>(iter);
+    sums = run_pass<opmath_t<T>>({dh, ds}, {g, h, s}, w, h, true, element_out,
+                                 [](auto element, double& acc) {
+                                   return lerp_backward_loop<T, S, decltype(element)::value>(acc);
+                                 });
   });
-  return out;
+  if (ds.scalar_type() != s_in.scalar_type()) ds = ds.to(s_in.scalar_type());
+  return {dh, ds, weight_grad_sums(std::move(sums), element_out, w)};
 }
 
 // Effective alpha of GATE per element of the broadcast (alpha, gate) shape, as the reference
@@ -203,6 +238,11 @@ at::Tensor masked_weight_grad(const std::vector<double>& dw, const std::vector<d
   return tensor_from_values(da, alpha.sizes(), alpha.scalar_type());
 }
 
+std::vector<double> clamp_values(std::vector<double> v) {
+  for (double& x : v) x = clamp01(x);
+  return v;
+}
+
 std::vector<double> rounded(std::vector<double> v, at::ScalarType dtype) {
   for (double& x : v) x = round_to(dtype, x);
   return v;
@@ -211,11 +251,16 @@ std::vector<double> rounded(std::vector<double> v, at::ScalarType dtype) {
 }  // namespace
 
 // ---------------------------------------------------------------- ADD
+namespace {
+// w = clamp01(alpha) cast to h's dtype
+Weights add_weights(const std::vector<double>& a, const at::Tensor& alpha, at::ScalarType host) {
+  return {rounded(clamp_values(a), host), alpha.sizes().vec()};
+}
+}  // namespace
+
 at::Tensor blend_add(const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha) {
   check_blend("blend_add", h, s, alpha);
-  // w = clamp01(alpha) cast to h's dtype
-  const auto w = rounded(clamp_values(read_values(alpha)), h.scalar_type());
-  return lerp_forward_pass(h, s, expanded_weight(w, alpha.sizes(), h));
+  return lerp_forward_pass(h, s, add_weights(read_values(alpha), alpha, h.scalar_type()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_add_backward(const at::Tensor& grad,
@@ -223,30 +268,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_add_backward(const at::Tens
                                                                  const at::Tensor& s,
                                                                  const at::Tensor& alpha,
                                                                  bool need_alpha_grad) {
+  check_blend("blend_add_backward", h, s, alpha);
   const auto a = read_values(alpha);
-  const auto w = rounded(clamp_values(a), h.scalar_type());
-  auto [dh, ds, dw] = lerp_backward_pass(grad, h, s, expanded_weight(w, alpha.sizes(), h),
-                                         alpha.sizes());
-  at::Tensor dalpha = need_alpha_grad ? masked_weight_grad(dw, a, alpha) : at::zeros(alpha.sizes(), alpha.options());
+  auto [dh, ds, dw] = lerp_backward_pass(grad, h, s, add_weights(a, alpha, h.scalar_type()));
+  at::Tensor dalpha = need_alpha_grad ? masked_weight_grad(dw, a, alpha)
+                                      : at::zeros(alpha.sizes(), alpha.options());
   return {dh, ds, dalpha};
 }
 
 // ---------------------------------------------------------------- GATE
+namespace {
+Weights gate_lerp_weights(const GateWeights& gw, at::ScalarType host) {
+  return {rounded(gw.e, host), gw.shape};
+}
+}  // namespace
+
 at::Tensor blend_gate(const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
                       const at::Tensor& gate) {
   check_blend("blend_gate", h, s, alpha);
   check_weight("blend_gate", "gate", gate, h);
-  const GateWeights gw = gate_weights(alpha, gate);
-  return lerp_forward_pass(h, s, expanded_weight(rounded(gw.e, h.scalar_type()), gw.shape, h));
+  return lerp_forward_pass(h, s, gate_lerp_weights(gate_weights(alpha, gate), h.scalar_type()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_gate_backward(
     const at::Tensor& grad, const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
     const at::Tensor& gate, bool need_weight_grads) {
+  check_blend("blend_gate_backward", h, s, alpha);
+  check_weight("blend_gate_backward", "gate", gate, h);
   const GateWeights gw = gate_weights(alpha, gate);
-  auto [dh, ds, de] = lerp_backward_pass(
-      grad, h, s, expanded_weight(rounded(gw.e, h.scalar_type()), gw.shape, h), gw.shape);
-  if (!need_weight_grads) return {dh, ds, at::zeros(alpha.sizes(), alpha.options()), at::zeros(gate.sizes(), gate.options())};
+  auto [dh, ds, de] = lerp_backward_pass(grad, h, s, gate_lerp_weights(gw, h.scalar_type()));
+  if (!need_weight_grads) {
+    return {dh, ds, at::zeros(alpha.sizes(), alpha.options()),
+            at::zeros(gate.sizes(), gate.options())};
+  }
   auto [dalpha, dgate] = gate_weights_backward(gw, de, alpha, gate);
   return {dh, ds, dalpha, dgate};
 }
@@ -254,39 +308,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_gate_backward(
 // ---------------------------------------------------------------- MULTIPLY
 namespace {
 // c = clamp01(alpha.to(h.dtype))
-std::vector<double> multiply_coefficients(const std::vector<double>& a, at::ScalarType host) {
-  return clamp_values(rounded(a, host));
+Weights multiply_weights(const std::vector<double>& a, const at::Tensor& alpha,
+                         at::ScalarType host) {
+  return {clamp_values(rounded(a, host)), alpha.sizes().vec()};
+}
+
+void check_multiply(const char* op, const at::Tensor& h, const at::Tensor& s,
+                    const at::Tensor& alpha, const std::optional<at::Tensor>& seed_input) {
+  check_blend(op, h, s, alpha);
+  if (seed_input.has_value()) {
+    check_features(op, "seed_input", *seed_input);
+    check_same_shape(op, h, "seed_input", *seed_input);
+  }
 }
 }  // namespace
 
 at::Tensor blend_multiply(const at::Tensor& h, const at::Tensor& s_in, const at::Tensor& alpha,
                           const std::optional<at::Tensor>& seed_input) {
-  check_blend("blend_multiply", h, s_in, alpha);
-  if (seed_input.has_value()) {
-    check_features("blend_multiply", "seed_input", *seed_input);
-    check_same_shape("blend_multiply", h, "seed_input", *seed_input);
-  }
+  check_multiply("blend_multiply", h, s_in, alpha, seed_input);
   const auto host = h.scalar_type();
   const at::Tensor s = kernel_operand(s_in, host);
-  const at::Tensor c = expanded_weight(multiply_coefficients(read_values(alpha), host),
-                                       alpha.sizes(), h);
+  const Weights c = multiply_weights(read_values(alpha), alpha, host);
   at::Tensor out = at::empty_like(h);
-  if (h.numel() == 0) return out;
-  if (!seed_input.has_value()) {
-    dispatch_pair(host, s.scalar_type(), "blend_multiply", [&](auto tt, auto st) {
-      using T = typename decltype(tt)::type;
-      using S = typename decltype(st)::type;
-      auto iter = make_iter({out}, {h, s, c});
-      multiply_forward<T, S, true>(iter);
-    });
-    return out;
-  }
-  const at::Tensor r = seed_input->to(s.scalar_type());  // exact: r is read as h's dtype
+  at::Tensor unused;
   dispatch_pair(host, s.scalar_type(), "blend_multiply", [&](auto tt, auto st) {
     using T = typename decltype(tt)::type;
     using S = typename decltype(st)::type;
-    auto iter = make_iter({out}, {h, s, r, c});
-    multiply_forward<T, S, false>(iter);
+    if (!seed_input.has_value()) {
+      run_pass<opmath_t<T>>({out}, {h, s}, c, h, false, unused,
+                            [](auto, double&) { return multiply_forward_loop<T, S, true>(); });
+    } else {
+      const at::Tensor r = seed_input->to(s.scalar_type());  // exact: r is read as h's dtype
+      run_pass<opmath_t<T>>({out}, {h, s, r}, c, h, false, unused,
+                            [](auto, double&) { return multiply_forward_loop<T, S, false>(); });
+    }
   });
   return out;
 }
@@ -294,64 +349,44 @@ at::Tensor blend_multiply(const at::Tensor& h, const at::Tensor& s_in, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backward(
     const at::Tensor& grad_in, const at::Tensor& h, const at::Tensor& s_in,
     const at::Tensor& alpha, const std::optional<at::Tensor>& seed_input, bool need_alpha_grad) {
+  check_multiply("blend_multiply_backward", h, s_in, alpha, seed_input);
   const auto host = h.scalar_type();
   const at::Tensor g = grad_in.to(host);
   const at::Tensor s = kernel_operand(s_in, host);
   const auto a = read_values(alpha);
-  const at::Tensor c = expanded_weight(multiply_coefficients(a, host), alpha.sizes(), h);
+  const Weights c = multiply_weights(a, alpha, host);
   const bool r_is_h = !seed_input.has_value();
   const at::Tensor r = r_is_h ? at::Tensor() : seed_input->to(s.scalar_type());
   at::Tensor dh = at::empty_like(h);
   at::Tensor ds = at::empty_like(s);
   at::Tensor dr = r_is_h ? at::empty({0}, h.options()) : at::empty_like(r);
-  const ReducePlan plan = plan_reduction(alpha.sizes(), h, dh);
-  at::Tensor dce;
-  std::vector<double> sums(plan.groups, 0.0);
-  if (plan.element) dce = at::zeros(h.sizes(), h.options().dtype(opmath_dtype(host)));
-  if (h.numel() > 0) {
-    dispatch_pair(host, s.scalar_type(), "blend_multiply backward", [&](auto tt, auto st) {
-      using T = typename decltype(tt)::type;
-      using S = typename decltype(st)::type;
-      auto run = [&](auto r_is_h_tag, auto element_tag) {
-        constexpr bool kRIsH = decltype(r_is_h_tag)::value;
-        constexpr bool kElement = decltype(element_tag)::value;
-        auto loop_for = [](double& acc) { return multiply_backward_loop<T, S, kRIsH, kElement>(acc); };
-        if constexpr (kRIsH && kElement) {
-          auto iter = make_iter({dh, ds, dce}, {g, h, s, c});
-          sums = run_backward(iter, plan, loop_for);
-        } else if constexpr (kRIsH) {
-          auto iter = make_iter({dh, ds}, {g, h, s, c});
-          sums = run_backward(iter, plan, loop_for);
-        } else if constexpr (kElement) {
-          auto iter = make_iter({dh, ds, dr, dce}, {g, h, s, r, c});
-          sums = run_backward(iter, plan, loop_for);
-        } else {
-          auto iter = make_iter({dh, ds, dr}, {g, h, s, r, c});
-          sums = run_backward(iter, plan, loop_for);
-        }
-      };
-      using True = std::true_type;
-      using False = std::false_type;
-      if (r_is_h) {
-        plan.element ? run(True{}, True{}) : run(True{}, False{});
-      } else {
-        plan.element ? run(False{}, True{}) : run(False{}, False{});
-      }
-    });
-  }
+  at::Tensor element_out;
+  std::vector<double> sums;
+  dispatch_pair(host, s.scalar_type(), "blend_multiply backward", [&](auto tt, auto st) {
+    using T = typename decltype(tt)::type;
+    using S = typename decltype(st)::type;
+    if (r_is_h) {
+      sums = run_pass<opmath_t<T>>({dh, ds}, {g, h, s}, c, h, need_alpha_grad, element_out,
+                                   [](auto element, double& acc) {
+                                     return multiply_backward_loop<T, S, true,
+                                                                   decltype(element)::value>(acc);
+                                   });
+    } else {
+      sums = run_pass<opmath_t<T>>({dh, ds, dr}, {g, h, s, r}, c, h, need_alpha_grad,
+                                   element_out, [](auto element, double& acc) {
+                                     return multiply_backward_loop<T, S, false,
+                                                                   decltype(element)::value>(acc);
+                                   });
+    }
+  });
   if (ds.scalar_type() != s_in.scalar_type()) ds = ds.to(s_in.scalar_type());
   if (!r_is_h && dr.scalar_type() != seed_input->scalar_type()) {
     dr = dr.to(seed_input->scalar_type());
   }
-  at::Tensor dalpha;
+  at::Tensor dalpha = at::zeros(alpha.sizes(), alpha.options());
   if (need_alpha_grad) {
-    auto dc = weight_grad_sums(plan, sums, dce, alpha.sizes());
-    if (static_cast<int64_t>(dc.size()) != alpha.numel()) {
-      dc = sum_to_shape(dc, {static_cast<int64_t>(dc.size())}, alpha.sizes());
-    }
-    dalpha = masked_weight_grad(dc, rounded(a, host), alpha);
-  } else {
-    dalpha = at::zeros(alpha.sizes(), alpha.options());
+    dalpha = masked_weight_grad(weight_grad_sums(std::move(sums), element_out, c),
+                                rounded(a, host), alpha);
   }
   return {dh, ds, dalpha, dr};
 }
@@ -368,8 +403,9 @@ at::Tensor ste_forward(const at::Tensor& h, const at::Tensor& s_in) {
   dispatch_pair(host, s.scalar_type(), "ste_forward", [&](auto tt, auto st) {
     using T = typename decltype(tt)::type;
     using S = typename decltype(st)::type;
+    // no weight operand: the TensorIterator handles every layout in one pass
     auto iter = make_iter({out}, {h, s});
-    kk::cpu::ste_forward<T, S>(iter);
+    iter.for_each(ste_forward_loop<T, S>(), kGrain);
   });
   return out;
 }
@@ -401,23 +437,31 @@ void dispatch_valve(at::ScalarType result, at::ScalarType m, F&& f) {
       TORCH_CHECK(false, "multiply_valve_multiplier: unsupported dtype ", result);
   }
 }
+
+// c = clamp01(alpha) promoted to the result dtype
+Weights valve_weights(const std::vector<double>& a, const at::Tensor& alpha,
+                      at::ScalarType result) {
+  return {rounded(clamp_values(a), result), alpha.sizes().vec()};
+}
+
+void check_valve(const char* op, const at::Tensor& alpha, const at::Tensor& m) {
+  check_features(op, "m", m);
+  check_weight(op, "alpha", alpha, m);
+}
 }  // namespace
 
 at::Tensor multiply_valve_multiplier(const at::Tensor& alpha, const at::Tensor& m_in) {
-  check_features("multiply_valve_multiplier", "m", m_in);
-  check_weight("multiply_valve_multiplier", "alpha", alpha, m_in);
+  check_valve("multiply_valve_multiplier", alpha, m_in);
   const auto result = at::result_type(alpha, m_in);
   const at::Tensor m = valve_operand(m_in, result);
-  // c = clamp01(alpha) promoted to the result dtype
-  const auto c = rounded(clamp_values(read_values(alpha)), result);
   at::Tensor out = at::empty_like(m_in, m_in.options().dtype(result));
-  if (m.numel() == 0) return out;
-  const at::Tensor cw = tensor_from_values(c, alpha.sizes(), opmath_dtype(result)).expand(m.sizes());
+  const Weights c = valve_weights(read_values(alpha), alpha, result);
+  at::Tensor unused;
   dispatch_valve(result, m.scalar_type(), [&](auto ut, auto mt) {
     using U = typename decltype(ut)::type;
     using M = typename decltype(mt)::type;
-    auto iter = make_iter({out}, {m, cw});
-    valve_forward<U, M>(iter);
+    run_pass<opmath_t<U>>({out}, {m}, c, m, false, unused,
+                          [](auto, double&) { return valve_forward_loop<U, M>(); });
   });
   return out;
 }
@@ -426,48 +470,35 @@ std::tuple<at::Tensor, at::Tensor> multiply_valve_multiplier_backward(const at::
                                                                       const at::Tensor& alpha,
                                                                       const at::Tensor& m_in,
                                                                       bool need_alpha_grad) {
+  check_valve("multiply_valve_multiplier_backward", alpha, m_in);
   const auto result = at::result_type(alpha, m_in);
   const at::Tensor g = grad_in.to(result);
   const at::Tensor m = valve_operand(m_in, result);
   const auto a = read_values(alpha);
-  const auto c = rounded(clamp_values(a), result);
-  const at::Tensor cw = tensor_from_values(c, alpha.sizes(), opmath_dtype(result)).expand(m.sizes());
+  const Weights c = valve_weights(a, alpha, result);
   at::Tensor dm = at::empty_like(m);
-  const ReducePlan plan = plan_reduction(alpha.sizes(), m, dm);
-  at::Tensor dce;
-  std::vector<double> sums(plan.groups, 0.0);
-  if (plan.element) dce = at::zeros(m.sizes(), m.options().dtype(opmath_dtype(result)));
-  if (m.numel() > 0) {
-    dispatch_valve(result, m.scalar_type(), [&](auto ut, auto mt) {
-      using U = typename decltype(ut)::type;
-      using M = typename decltype(mt)::type;
-      if (plan.element) {
-        auto iter = make_iter({dm, dce}, {g, m, cw});
-        sums = run_backward(iter, plan, [](double& acc) { return valve_backward_loop<U, M, true>(acc); });
-      } else {
-        auto iter = make_iter({dm}, {g, m, cw});
-        sums = run_backward(iter, plan, [](double& acc) { return valve_backward_loop<U, M, false>(acc); });
-      }
-    });
-  }
+  at::Tensor element_out;
+  std::vector<double> sums;
+  dispatch_valve(result, m.scalar_type(), [&](auto ut, auto mt) {
+    using U = typename decltype(ut)::type;
+    using M = typename decltype(mt)::type;
+    sums = run_pass<opmath_t<U>>({dm}, {g, m}, c, m, need_alpha_grad, element_out,
+                                 [](auto element, double& acc) {
+                                   return valve_backward_loop<U, M, decltype(element)::value>(acc);
+                                 });
+  });
   if (dm.scalar_type() != m_in.scalar_type()) dm = dm.to(m_in.scalar_type());
-  at::Tensor dalpha;
+  at::Tensor dalpha = at::zeros(alpha.sizes(), alpha.options());
   if (need_alpha_grad) {
-    auto dc = weight_grad_sums(plan, sums, dce, alpha.sizes());
-    if (static_cast<int64_t>(dc.size()) != alpha.numel()) {
-      dc = sum_to_shape(dc, {static_cast<int64_t>(dc.size())}, alpha.sizes());
-    }
-    dalpha = masked_weight_grad(dc, a, alpha);
-  } else {
-    dalpha = at::zeros(alpha.sizes(), alpha.options());
+    dalpha = masked_weight_grad(weight_grad_sums(std::move(sums), element_out, c), a, alpha);
   }
   return {dalpha, dm};
 }
 
 // ---------------------------------------------------------------- gate effective alpha
 at::Tensor gate_effective_alpha(const at::Tensor& alpha, const at::Tensor& gate) {
-  TORCH_CHECK(is_supported_float(gate.scalar_type()) || is_supported_float(alpha.scalar_type()),
-              "gate_effective_alpha: alpha or gate must be a float tensor");
+  TORCH_CHECK(alpha.is_floating_point() || gate.is_floating_point(),
+              "gate_effective_alpha: alpha or gate must be a floating-point tensor");
   const GateWeights gw = gate_weights(alpha, gate);
   return tensor_from_values(gw.e, gw.shape, gw.promoted);
 }

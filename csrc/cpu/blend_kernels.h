@@ -50,11 +50,10 @@ inline void put(char* p, int64_t stride, int64_t i, V v) {
 // ---------------------------------------------------------------- lerp (ADD, GATE)
 // operands: out(T), h(T), s(S), w(op)
 template <typename T, typename S>
-void lerp_forward(at::TensorIterator& iter) {
+auto lerp_forward_loop() {
   using op_t = opmath_t<T>;
   constexpr int N = 4;
-  iter.for_each(
-      [](char** data, const int64_t* st, int64_t n0, int64_t n1) {
+  return [](char** data, const int64_t* st, int64_t n0, int64_t n1) {
         run_rows<N, kVectorizable<T>>(
             data, st, n0, n1, {sizeof(T), sizeof(T), sizeof(S), sizeof(op_t)}, 3,
             [&](std::array<char*, N>& p, int64_t n) -> int64_t {
@@ -78,8 +77,7 @@ void lerp_forward(at::TensorIterator& iter) {
               const op_t w = val<op_t>(p[3], s[3], i);
               put<T>(p[0], s[0], i, lerp(h, sv, w));
             });
-      },
-      kGrain);
+      };
 }
 
 // operands: dh(T), ds(S), [dw(op) when kElement], g(T), h(T), s(S), w(op).
@@ -117,7 +115,8 @@ auto lerp_backward_loop(double& acc) {
                 lerp_backward(g0, h0, s0, w0, dh0, ds0, dw0);
                 lerp_backward(g1, h1, s1, w1, dh1, ds1, dw1);
                 store2<T>(reinterpret_cast<T*>(p[0]) + i, dh0, dh1);
-                round_through<T>(ds0, ds1);  // the gradient of s.to(T) is rounded to T first
+                // the gradient of s.to(T) is rounded to T first (store2<T> rounds anyway)
+                if constexpr (!std::is_same_v<S, T>) round_through<T>(ds0, ds1);
                 store2<S>(reinterpret_cast<S*>(p[1]) + i, ds0, ds1);
                 if constexpr (kElement) {
                   store2<float>(reinterpret_cast<float*>(p[2]) + i, dw0, dw1);
@@ -152,18 +151,17 @@ auto lerp_backward_loop(double& acc) {
 // ---------------------------------------------------------------- MULTIPLY
 // operands: out(T), h(T), s(S), [r(S) unless kRIsH], c(op)
 template <typename T, typename S, bool kRIsH>
-void multiply_forward(at::TensorIterator& iter) {
+auto multiply_forward_loop() {
   using op_t = opmath_t<T>;
   constexpr int N = kRIsH ? 4 : 5;
   constexpr int C = N - 1;
-  std::array<int64_t, N> sizes;
-  sizes[0] = sizeof(T);
-  sizes[1] = sizeof(T);
-  sizes[2] = sizeof(S);
-  if constexpr (!kRIsH) sizes[3] = sizeof(S);
-  sizes[C] = sizeof(op_t);
-  iter.for_each(
-      [&sizes](char** data, const int64_t* st, int64_t n0, int64_t n1) {
+  return [](char** data, const int64_t* st, int64_t n0, int64_t n1) {
+        std::array<int64_t, N> sizes;
+        sizes[0] = sizeof(T);
+        sizes[1] = sizeof(T);
+        sizes[2] = sizeof(S);
+        if constexpr (!kRIsH) sizes[3] = sizeof(S);
+        sizes[C] = sizeof(op_t);
         run_rows<N, kVectorizable<T>>(
             data, st, n0, n1, sizes, C,
             [&](std::array<char*, N>& p, int64_t n) -> int64_t {
@@ -196,8 +194,7 @@ void multiply_forward(at::TensorIterator& iter) {
               const op_t c = val<op_t>(p[C], s[C], i);
               put<T>(p[0], s[0], i, multiply(h, sv, r, c));
             });
-      },
-      kGrain);
+      };
 }
 
 // operands: dh(T), ds(S), [dr(S)], [dc(op) when kElement], g(T), h(T), s(S), [r(S)], c(op)
@@ -245,7 +242,7 @@ auto multiply_backward_loop(double& acc) {
                 multiply_backward<kRIsH>(g0, h0, s0, r0, c0, dh0, ds0, dc0);
                 multiply_backward<kRIsH>(g1, h1, s1, r1, c1, dh1, ds1, dc1);
                 store2<T>(reinterpret_cast<T*>(p[0]) + i, dh0, dh1);
-                round_through<T>(ds0, ds1);
+                if constexpr (!std::is_same_v<S, T>) round_through<T>(ds0, ds1);
                 store2<S>(reinterpret_cast<S*>(p[1]) + i, ds0, ds1);
                 if constexpr (!kRIsH) {
                   store2<S>(reinterpret_cast<S*>(p[2]) + i, FVec(0.0f) - ds0, FVec(0.0f) - ds1);
@@ -287,11 +284,10 @@ auto multiply_backward_loop(double& acc) {
 // ---------------------------------------------------------------- STE
 // operands: out(T), h(T), s(S)
 template <typename T, typename S>
-void ste_forward(at::TensorIterator& iter) {
+auto ste_forward_loop() {
   using op_t = opmath_t<T>;
   constexpr int N = 3;
-  iter.for_each(
-      [](char** data, const int64_t* st, int64_t n0, int64_t n1) {
+  return [](char** data, const int64_t* st, int64_t n0, int64_t n1) {
         run_rows<N, kVectorizable<T>>(
             data, st, n0, n1, {sizeof(T), sizeof(T), sizeof(S)}, -1,
             [&](std::array<char*, N>& p, int64_t n) -> int64_t {
@@ -312,19 +308,17 @@ void ste_forward(at::TensorIterator& iter) {
               const op_t sv = as_op<T>(val<S>(p[2], s[2], i));
               put<T>(p[0], s[0], i, ste(h, sv));
             });
-      },
-      kGrain);
+      };
 }
 
 // ---------------------------------------------------------------- valve multiplier
 // 1 + c * tanh(m): U is the result dtype, M the dtype of m (tanh is rounded to M, as the
 // reference computes it in m's dtype before promoting). operands: out(U), m(M), c(op)
 template <typename U, typename M>
-void valve_forward(at::TensorIterator& iter) {
+auto valve_forward_loop() {
   using op_t = opmath_t<U>;
   constexpr int N = 3;
-  iter.for_each(
-      [](char** data, const int64_t* st, int64_t n0, int64_t n1) {
+  return [](char** data, const int64_t* st, int64_t n0, int64_t n1) {
         run_rows<N, kVectorizable<U>>(
             data, st, n0, n1, {sizeof(U), sizeof(M), sizeof(op_t)}, 2,
             [&](std::array<char*, N>& p, int64_t n) -> int64_t {
@@ -335,7 +329,7 @@ void valve_forward(at::TensorIterator& iter) {
                   FVec m0, m1, c0, c1;
                   load2<M>(reinterpret_cast<const M*>(p[1]) + i, m0, m1);
                   load_weight2<float>(p[2] + (cb ? 0 : i * sizeof(float)), cb, c0, c1);
-                  FVec t0 = m0.tanh(), t1 = m1.tanh();
+                  FVec t0 = Prims<FVec>::tanh(m0), t1 = Prims<FVec>::tanh(m1);
                   round_through<M>(t0, t1);
                   store2<U>(reinterpret_cast<U*>(p[0]) + i, valve(c0, t0), valve(c1, t1));
                 }
@@ -349,8 +343,7 @@ void valve_forward(at::TensorIterator& iter) {
               const op_t c = val<op_t>(p[2], s[2], i);
               put<U>(p[0], s[0], i, valve(c, t));
             });
-      },
-      kGrain);
+      };
 }
 
 // operands: dm(M), [dc(op) when kElement], g(U), m(M), c(op)
@@ -381,7 +374,7 @@ auto valve_backward_loop(double& acc) {
                 load2<U>(reinterpret_cast<const U*>(p[G]) + i, g0, g1);
                 load2<M>(reinterpret_cast<const M*>(p[G + 1]) + i, m0, m1);
                 load_weight2<float>(p[G + 2] + (cb ? 0 : i * sizeof(float)), cb, c0, c1);
-                FVec t0 = m0.tanh(), t1 = m1.tanh();
+                FVec t0 = Prims<FVec>::tanh(m0), t1 = Prims<FVec>::tanh(m1);
                 round_through<M>(t0, t1);
                 valve_backward(g0, c0, t0, dm0, dc0);
                 valve_backward(g1, c1, t1, dm1, dc1);

@@ -51,26 +51,38 @@ inline void run_rows(char** data, const int64_t* strides, int64_t n0, int64_t n1
   }
 }
 
-// Sums `block_sum(begin, end)` over fixed blocks of the iterator's linear range and returns
-// one double per group of `group_size` consecutive elements (one group per sample when the
-// iteration order has the batch outermost; a single group for a scalar weight).
-template <typename BlockSum>
-std::vector<double> grouped_sums(int64_t groups, int64_t group_size, BlockSum&& block_sum) {
+// Calls `block(group, begin, end)` over fixed blocks of [0, groups * group_size) that never
+// straddle a group, in parallel. The blocks do not depend on the thread count.
+template <typename Block>
+void for_each_block(int64_t groups, int64_t group_size, Block&& block) {
   constexpr int64_t kBlock = 16384;
-  std::vector<double> sums(groups, 0.0);
-  if (groups == 0 || group_size == 0) return sums;
+  if (groups == 0 || group_size == 0) return;
   const int64_t blocks_per_group = (group_size + kBlock - 1) / kBlock;
   const int64_t block_len = std::min(kBlock, group_size);
-  const int64_t nblocks = groups * blocks_per_group;
-  std::vector<double> partial(nblocks, 0.0);
   const int64_t grain = std::max<int64_t>(1, kBlock / block_len);
-  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, groups * blocks_per_group, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t k = b0; k < b1; ++k) {
       const int64_t group = k / blocks_per_group;
       const int64_t begin = group * group_size + (k % blocks_per_group) * block_len;
       const int64_t end = std::min(begin + block_len, (group + 1) * group_size);
-      partial[k] = block_sum(begin, end);
+      block(k, group, begin, end);
     }
+  });
+}
+
+// Sums `block_sum(group, begin, end)` over those blocks and returns one double per group of
+// `group_size` consecutive elements (one group per sample when the iteration order has the
+// batch outermost; a single group for a scalar weight). Fixed blocks, fixed summation order:
+// the same bits on every run and any thread count.
+template <typename BlockSum>
+std::vector<double> grouped_sums(int64_t groups, int64_t group_size, BlockSum&& block_sum) {
+  std::vector<double> sums(groups, 0.0);
+  if (groups == 0 || group_size == 0) return sums;
+  constexpr int64_t kBlock = 16384;
+  const int64_t blocks_per_group = (group_size + kBlock - 1) / kBlock;
+  std::vector<double> partial(groups * blocks_per_group, 0.0);
+  for_each_block(groups, group_size, [&](int64_t k, int64_t group, int64_t begin, int64_t end) {
+    partial[k] = block_sum(group, begin, end);
   });
   for (int64_t g = 0; g < groups; ++g) {
     double acc = 0.0;

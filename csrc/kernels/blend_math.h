@@ -38,6 +38,26 @@ struct Prims<double> {
   KK_HD static double exp(double x) { return ::exp(x); }
 };
 
+// tanh built from exp, for float32 vector code (where a library tanh costs several times an
+// exp) and for interpreters without libdevice: the odd Taylor series to x^11 below |x| = 0.3
+// (truncation < 1e-9 relative there), 1 - 2 / (exp(2|x|) + 1) above (a few float32 ulps;
+// exp overflowing to inf gives exactly 1). NaN propagates; tanh(-0) returns +0.
+template <typename T>
+KK_HD T tanh_from_exp(T x) {
+  using P = Prims<T>;
+  const T a = P::abs(x);
+  const T a2 = a * a;
+  const T poly =
+      a * (T(1.0f) +
+           a2 * (T(-1.0f / 3.0f) +
+                 a2 * (T(2.0f / 15.0f) +
+                       a2 * (T(-17.0f / 315.0f) +
+                             a2 * (T(62.0f / 2835.0f) + a2 * T(-1382.0f / 155925.0f))))));
+  const T big = T(1.0f) - T(2.0f) / (P::exp(a + a) + T(1.0f));
+  const T t = P::select(P::lt(a, T(0.3f)), poly, big);
+  return P::select(P::lt(x, T(0.0f)), T(0.0f) - t, t);
+}
+
 // clamp(x, 0, 1) that keeps NaN, as torch.clamp does (both comparisons are false for NaN).
 template <typename T>
 KK_HD T clamp01(T x) {

@@ -1,0 +1,144 @@
+"""Command line: `kasmina-kernels check | info` (also `python -m kasmina_kernels ...`).
+
+check  which backends this machine has, and each op's max error per backend and dtype against
+       the eager reference and the float64 oracle (DESIGN.md section 5); exit 1 on a failure.
+info   how the package was built: torch, CUDA, compiler, which backends were built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import zlib
+import sys
+
+import torch
+
+from . import backends, equivalence, opcases
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
+def _backend_table(device_types: list[str]) -> list[str]:
+    lines = ["| backend | " + " | ".join(device_types) + " |",
+             "| --- | " + " | ".join("---" for _ in device_types) + " |"]
+    for name in backends.BACKENDS:
+        cells = []
+        for dt in device_types:
+            why = backends.backend_status(name, dt)
+            cells.append("available" if why is None else f"no: {why}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _fmt(x: float) -> str:
+    return "0" if x == 0 else f"{x:.2e}"
+
+
+def cmd_check(args) -> int:
+    device = torch.device(args.device)
+    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print("## Backends on this machine\n")
+    print("\n".join(_backend_table(device_types)))
+    print(f"\n`auto` on {device.type} resolves to: "
+          f"{backends.resolve_backend(torch.empty(0, device=device), 'auto')}\n")
+    names = args.backends or [b for b in backends.available_backends(device) if b != "reference"]
+    for name in names:
+        why = backends.backend_status(name, device.type)
+        if why is not None:
+            print(f"backend {name!r} unavailable on {device.type}: {why}", file=sys.stderr)
+            return 2
+    shape = tuple(int(v) for v in args.shape.split(","))
+    pool_shape = shape if len(shape) in (3, 4) else (shape[0], shape[-1], 4, 4)
+    print(f"## Max error per op (shape {shape}, device {device.type})\n")
+    print("err vs ref: max |kernel - eager reference in the same dtype|; kernel / eager vs fp64: "
+          "max error against the reference run in float64; bound: 2 x eager + 1 ulp.\n")
+    print("| op | output | backend | dtype | err vs ref | kernel vs fp64 | eager vs fp64 | bound | ok |")
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |")
+    failures = 0
+    for case in opcases.CASES:
+        for dtype_name in args.dtypes:
+            dtype = DTYPES[dtype_name]
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{case.name}:{dtype_name}".encode()))
+            case_shape = pool_shape if case.name in ("gated_pool", "gate_network") else shape
+            cargs, ckw = case.make(case_shape, dtype, device, gen)
+            ref_fn = opcases.reference_op(case.name)
+            ref = opcases.named_outputs(case, opcases.run_with_grads(ref_fn, cargs, ckw))
+            oracle = opcases.named_outputs(case, opcases.run_with_grads(
+                ref_fn, [opcases.upcast(a) for a in cargs],
+                {k: opcases.upcast(v) for k, v in ckw.items()}, grad_dtype=dtype))
+            for name in names:
+                fn = opcases.public_op(case.name)
+                got = opcases.named_outputs(case, opcases.run_with_grads(
+                    lambda *a, **k: fn(*a, backend=name, **k), cargs, ckw))
+                for out_name, r in ref.items():
+                    if r is None:
+                        continue
+                    v = equivalence.compare(out_name, got[out_name], r, oracle[out_name],
+                                            elementwise=out_name in case.elementwise)
+                    failures += not v.ok
+                    print(f"| {case.name} | {out_name} | {name} | {dtype_name} | "
+                          f"{_fmt(v.error_vs_reference)} | {_fmt(v.kernel_error)} | "
+                          f"{_fmt(v.eager_error)} | {_fmt(v.bound)} | "
+                          f"{'yes' if v.ok else 'NO: ' + v.message} |")
+    print(f"\n{'all outputs within bounds' if not failures else f'{failures} outputs out of bounds'}")
+    return 1 if failures else 0
+
+
+def build_summary() -> dict:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch CUDA": torch.version.cuda or "none (CPU build)",
+        "CUDA devices": torch.cuda.device_count(),
+        "torch CPU capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not installed"
+    native = backends._load_native()
+    if native is None:
+        info["native extension"] = f"not loaded: {backends._native_error}"
+    else:
+        build = native.build_info()
+        info["native extension"] = "loaded"
+        info["native built with CUDA"] = build["with_cuda"]
+        info["native CPU ISA"] = build["cpu_isa"]
+        info["native compiler"] = build["compiler"]
+        info["native built against torch"] = build["torch_version_at_build"]
+    return info
+
+
+def cmd_info(args) -> int:
+    for key, value in build_summary().items():
+        print(f"{key:28s} {value}")
+    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print()
+    print("\n".join(_backend_table(device_types)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kasmina-kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="backends and per-op max error against the references")
+    check.add_argument("--device", default="cpu")
+    check.add_argument("--backends", nargs="*", help="default: every available non-reference backend")
+    check.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16", "float16"],
+                       choices=sorted(DTYPES))
+    check.add_argument("--shape", default="4,16,8,8", help="feature shape, comma separated")
+    check.set_defaults(func=cmd_check)
+    info = sub.add_parser("info", help="how the package was built")
+    info.set_defaults(func=cmd_info)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

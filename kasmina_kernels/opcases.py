@@ -1,0 +1,145 @@
+"""Representative inputs for every op, and a runner that returns an op's output and the
+gradients of all its differentiable inputs. Shared by the `check` command and benchmarks;
+the tests build a much wider matrix of their own on top of `run_with_grads`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import ops, reference
+
+
+@dataclass(frozen=True)
+class OpCase:
+    name: str  # public op name in kasmina_kernels and kasmina_kernels.reference
+    make: Callable  # (shape, dtype, device, generator) -> (args, kwargs)
+    elementwise: tuple[str, ...]  # outputs judged elementwise ("out" and/or argument names)
+    arg_names: tuple[str, ...]
+
+
+def _randn(shape, dtype, device, gen):
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def _per_sample(shape):
+    return (shape[0],) + (1,) * (len(shape) - 1)
+
+
+def _alpha(shape, device, gen):
+    # values spread over and beyond [0, 1] so the clamps' gradient masks are exercised
+    return (torch.rand(_per_sample(shape), generator=gen, dtype=torch.float64) * 1.4 - 0.2).to(
+        device=device, dtype=torch.float32
+    )
+
+
+def _blend(shape, dtype, device, gen):
+    return (_randn(shape, dtype, device, gen), _randn(shape, dtype, device, gen),
+            _alpha(shape, device, gen)), {}
+
+
+def _gate(shape, dtype, device, gen):
+    (h, s, a), _ = _blend(shape, dtype, device, gen)
+    return (h, s, a, _alpha(shape, device, gen)), {}
+
+
+def _multiply(shape, dtype, device, gen):
+    (h, s, a), _ = _blend(shape, dtype, device, gen)
+    return (h, s, a), {"seed_input": _randn(shape, dtype, device, gen)}
+
+
+def _ste(shape, dtype, device, gen):
+    return (_randn(shape, dtype, device, gen), _randn(shape, dtype, device, gen)), {}
+
+
+def _valve(shape, dtype, device, gen):
+    return (_alpha(shape, device, gen).to(dtype), _randn(shape, dtype, device, gen)), {}
+
+
+def _effective(shape, dtype, device, gen):
+    return (_alpha(shape, device, gen).to(dtype), _alpha(shape, device, gen).to(dtype)), {}
+
+
+def _pool(shape, dtype, device, gen):
+    x = _randn(shape, dtype, device, gen)
+    return (x, "cnn" if len(shape) == 4 else "transformer"), {}
+
+
+def _gate_net(shape, dtype, device, gen):
+    x = _randn(shape, dtype, device, gen)
+    topology = "cnn" if len(shape) == 4 else "transformer"
+    channels = shape[1] if topology == "cnn" else shape[-1]
+    hidden = reference.gate_hidden_size(channels)
+    w1 = _randn((hidden, channels), dtype, device, gen) / channels**0.5
+    b1 = _randn((hidden,), dtype, device, gen) * 0.1
+    w2 = _randn((1, hidden), dtype, device, gen) / hidden**0.5
+    b2 = _randn((1,), dtype, device, gen) * 0.1
+    return (x, w1, b1, w2, b2), {"topology": topology}
+
+
+CASES = (
+    OpCase("blend_add", _blend, ("out", "h", "s"), ("h", "s", "alpha")),
+    OpCase("blend_with_isolation", _blend, ("out", "h", "s"), ("h", "s", "alpha")),
+    OpCase("blend_multiply", _multiply, ("out", "h", "s", "seed_input"), ("h", "s", "alpha")),
+    OpCase("blend_gate", _gate, ("out", "h", "s"), ("h", "s", "alpha", "gate")),
+    OpCase("ste_forward", _ste, ("out", "h", "s"), ("h", "s")),
+    OpCase("multiply_valve_multiplier", _valve, ("out", "m"), ("alpha", "m")),
+    OpCase("gate_effective_alpha", _effective, ("out", "alpha", "gate"), ("alpha", "gate")),
+    OpCase("gated_pool", _pool, ("x",), ("x", "topology")),
+    OpCase("gate_network", _gate_net, ("x",), ("x", "w1", "b1", "w2", "b2")),
+)
+
+
+def run_with_grads(fn, args, kwargs, grad_seed: int = 1234, grad_dtype: torch.dtype | None = None):
+    """Runs fn on fresh leaf copies of args/kwargs; returns {"out": y, <input name>: grad}.
+
+    The incoming gradient is drawn from `grad_seed` and rounded to `grad_dtype` (default: the
+    output's dtype), so a float64 oracle run can see exactly the values a low-precision run
+    saw."""
+    leaves = {}
+
+    def leaf(name, value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            t = value.detach().clone().requires_grad_()
+            leaves[name] = t
+            return t
+        return value
+
+    args = [leaf(f"arg{i}", a) for i, a in enumerate(args)]
+    kwargs = {k: leaf(k, v) for k, v in kwargs.items()}
+    out = fn(*args, **kwargs)
+    gen = torch.Generator(device="cpu").manual_seed(grad_seed)
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    grad = grad.to(grad_dtype or out.dtype).to(out.device, out.dtype)
+    inputs = list(leaves.values())
+    grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
+    result = {"out": out.detach()}
+    for name, g in zip(leaves, grads):
+        result[name] = g
+    return result
+
+
+def named_outputs(case: OpCase, results: dict) -> dict:
+    """Renames argN keys to the case's argument names."""
+    named = {}
+    for key, value in results.items():
+        if key.startswith("arg"):
+            key = case.arg_names[int(key[3:])]
+        named[key] = value
+    return named
+
+
+def upcast(value):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.detach().to(torch.float64)
+    return value
+
+
+def public_op(name: str):
+    return getattr(ops, name)
+
+
+def reference_op(name: str):
+    return getattr(reference, name)
