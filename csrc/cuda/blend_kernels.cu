@@ -1,0 +1,590 @@
+// CUDA kernels of the blend family (ADD, GATE, MULTIPLY, STE, the valve multiplier), forward
+// and backward, and their launchers. One elementwise driver runs every op:
+//  - each block owns a fixed chunk of the iteration range that never straddles a weight
+//    group, so a scalar or per-sample weight is computed once per block and the backward's
+//    weight-gradient partial sum of a block belongs to exactly one weight element;
+//  - when every operand is dense in the iteration order and 16-byte aligned, the block's
+//    range is walked in 16-byte packs (scalar prologue/epilogue for unaligned ends);
+//    otherwise each element's offsets come from the collapsed iteration dims (64-bit,
+//    multiply-high division), which covers mixed memory formats without copies;
+//  - math is the shared kernels/blend_math.h, in float (double for double), rounded once.
+// The backward writes every feature gradient in the same pass plus one double per block
+// (or one value per element for a general broadcast weight), finished by the fixed-order
+// reductions of weight_kernels.cu: no atomics, bit-stable run to run.
+#include "device_utils.cuh"
+#include "plan.h"
+#include "reduce.h"
+
+namespace kk::cuda {
+namespace {
+
+constexpr int kMaxThreads = plan::kBlendMaxThreads;
+using Plan = plan::BlendPlan;
+
+// ---------------------------------------------------------------- kernel arguments
+enum class RedMode : int32_t { kNone = 0, kPartials = 1, kElement = 2 };
+
+struct ElemArgs {
+  BlendOp op;
+  DType host;
+  DType promoted;
+  bool linear;
+  bool vec;
+  RedMode red;
+  int64_t numel;
+  int64_t group_size;        // elements of one weight group (numel when not kOuter)
+  int64_t chunk;             // elements per block, a multiple of the vector width
+  int64_t blocks_per_group;  // ceil(group_size / chunk)
+  TensorMap iter;
+  void* data[kMaxOperands];
+  int64_t stride[kMaxOperands][kMaxDims];
+  WeightIndex widx;
+  WeightSource alpha;
+  WeightSource gate;
+  double* partials;  // kPartials: one per block
+  void* dw;          // kElement: one opmath value per iteration index
+};
+
+// s (or r) as the reference reads it: cast to the host dtype, computed in opmath.
+template <typename T, typename S, typename V>
+KK_DEV V as_host(V v) {
+  if constexpr (std::is_same_v<T, S>) {
+    return v;
+  } else {
+    return round_through<T>(v);
+  }
+}
+
+// ---------------------------------------------------------------- the ops
+// Each op names its outputs and inputs (storage types), whether it reads a weight and
+// produces a weight-gradient term, and its per-element math on opmath values.
+template <typename T, typename S>
+struct LerpForward {
+  using op_t = opmath_t<T>;
+  static constexpr int kOut = 1, kIn = 2;
+  static constexpr bool kWeighted = true, kReduces = false;
+  template <int k>
+  using Out = T;
+  template <int k>
+  using In = std::conditional_t<k == 0, T, S>;
+  KK_DEV static void apply(const op_t (&in)[kIn], op_t w, op_t (&out)[kOut], op_t&) {
+    out[0] = kk::lerp(in[0], as_host<T, S>(in[1]), w);
+  }
+};
+
+template <typename T, typename S>
+struct LerpBackward {
+  using op_t = opmath_t<T>;
+  static constexpr int kOut = 2, kIn = 3;  // dh, ds <- g, h, s
+  static constexpr bool kWeighted = true, kReduces = true;
+  template <int k>
+  using Out = std::conditional_t<k == 0, T, S>;
+  template <int k>
+  using In = std::conditional_t<k == 2, S, T>;
+  KK_DEV static void apply(const op_t (&in)[kIn], op_t w, op_t (&out)[kOut], op_t& red) {
+    op_t dh, ds, dw;
+    kk::lerp_backward(in[0], in[1], as_host<T, S>(in[2]), w, dh, ds, dw);
+    out[0] = dh;
+    out[1] = round_through<T>(ds);  // the gradient of s.to(T) is rounded to T first
+    red = dw;
+  }
+};
+
+template <typename T, typename S, bool kRIsH>
+struct MultiplyForward {
+  using op_t = opmath_t<T>;
+  static constexpr int kOut = 1, kIn = kRIsH ? 2 : 3;  // out <- h, s[, r]
+  static constexpr bool kWeighted = true, kReduces = false;
+  template <int k>
+  using Out = T;
+  template <int k>
+  using In = std::conditional_t<k == 0, T, S>;
+  KK_DEV static void apply(const op_t (&in)[kIn], op_t c, op_t (&out)[kOut], op_t&) {
+    const op_t h = in[0];
+    const op_t s = as_host<T, S>(in[1]);
+    op_t r = h;
+    if constexpr (!kRIsH) r = as_host<T, S>(in[kIn - 1]);
+    out[0] = kk::multiply(h, s, r, c);
+  }
+};
+
+template <typename T, typename S, bool kRIsH>
+struct MultiplyBackward {
+  using op_t = opmath_t<T>;
+  static constexpr int kOut = kRIsH ? 2 : 3;  // dh, ds[, dr]
+  static constexpr int kIn = kRIsH ? 3 : 4;   // g, h, s[, r]
+  static constexpr bool kWeighted = true, kReduces = true;
+  template <int k>
+  using Out = std::conditional_t<k == 0, T, S>;
+  template <int k>
+  using In = std::conditional_t<k <= 1, T, S>;
+  KK_DEV static void apply(const op_t (&in)[kIn], op_t c, op_t (&out)[kOut], op_t& red) {
+    const op_t g = in[0];
+    const op_t h = in[1];
+    const op_t s = as_host<T, S>(in[2]);
+    op_t r = h;
+    if constexpr (!kRIsH) r = as_host<T, S>(in[3]);
+    op_t dh, ds, dc;
+    kk::multiply_backward<kRIsH>(g, h, s, r, c, dh, ds, dc);
+    const op_t ds_t = round_through<T>(ds);
+    out[0] = dh;
+    out[1] = ds_t;
+    if constexpr (!kRIsH) out[kOut - 1] = -ds_t;
+    red = dc;
+  }
+};
+
+template <typename T, typename S>
+struct SteForward {
+  using op_t = opmath_t<T>;
+  static constexpr int kOut = 1, kIn = 2;
+  static constexpr bool kWeighted = false, kReduces = false;
+  template <int k>
+  using Out = T;
+  template <int k>
+  using In = std::conditional_t<k == 0, T, S>;
+  KK_DEV static void apply(const op_t (&in)[kIn], op_t, op_t (&out)[kOut], op_t&) {
+    out[0] = kk::ste(in[0], as_host<T, S>(in[1]));
+  }
+};
+
+// The valve: U is the result dtype, M m's dtype (U itself, or a 16-bit float beside a float
+// U). tanh is computed in M's compute type and rounded to M, as the reference computes
+// torch.tanh(m) in m's dtype before promoting.
+template <typename U, typename M>
+KK_DEV opmath_t<U> valve_tanh(opmath_t<U> m) {
+  return round_through<M>(kk::Prims<opmath_t<U>>::tanh(m));
+}
+
+template <typename U, typename M>
+struct ValveForward {
+  using op_t = opmath_t<U>;
+  static_assert(std::is_same_v<opmath_t<U>, opmath_t<M>>, "m is read in the result's opmath");
+  static constexpr int kOut = 1, kIn = 1;
+  static constexpr bool kWeighted = true, kReduces = false;
+  template <int k>
+  using Out = U;
+  template <int k>
+  using In = M;
+  KK_DEV static void apply(const op_t (&in)[kIn], op_t c, op_t (&out)[kOut], op_t&) {
+    out[0] = kk::valve(c, valve_tanh<U, M>(in[0]));
+  }
+};
+
+template <typename U, typename M>
+struct ValveBackward {
+  using op_t = opmath_t<U>;
+  static constexpr int kOut = 1, kIn = 2;  // dm <- g, m
+  static constexpr bool kWeighted = true, kReduces = true;
+  template <int k>
+  using Out = M;
+  template <int k>
+  using In = std::conditional_t<k == 0, U, M>;
+  KK_DEV static void apply(const op_t (&in)[kIn], op_t c, op_t (&out)[kOut], op_t& red) {
+    op_t dm, dc;
+    kk::valve_backward(in[0], c, valve_tanh<U, M>(in[1]), dm, dc);
+    out[0] = dm;
+    red = dc;
+  }
+};
+
+// Vector width in elements: one 16-byte word of the narrowest operand.
+template <class Op>
+struct VecWidth;
+template <template <typename, typename> class O, typename A, typename B>
+struct VecWidth<O<A, B>> {
+  static constexpr int value = 16 / (sizeof(A) < sizeof(B) ? sizeof(A) : sizeof(B));
+};
+template <template <typename, typename, bool> class O, typename A, typename B, bool F>
+struct VecWidth<O<A, B, F>> {
+  static constexpr int value = 16 / (sizeof(A) < sizeof(B) ? sizeof(A) : sizeof(B));
+};
+
+// ---------------------------------------------------------------- the driver
+// The weight at W index j. Kept out of line: it is the same for every op and dtype, and
+// the general-broadcast path calls it per element.
+__device__ __noinline__ double weight_at(const ElemArgs& a, int64_t j) {
+  const double av = read_weight(a.alpha, j);
+  const double gv = a.op == BlendOp::kGate ? read_weight(a.gate, j) : 0.0;
+  return blend_weight(a.op, a.host, a.promoted, av, gv);
+}
+
+__device__ __noinline__ double general_weight_at(const ElemArgs& a, int64_t i) {
+  return weight_at(a, map_offset(a.widx.general, i));
+}
+
+template <class Op>
+__global__ void __launch_bounds__(kMaxThreads)
+    blend_elementwise_kernel(const __grid_constant__ ElemArgs a) {
+  using op_t = typename Op::op_t;
+  constexpr int NO = Op::kOut;
+  constexpr int NI = Op::kIn;
+  constexpr int N = NO + NI;
+  constexpr int VEC = VecWidth<Op>::value;
+  __shared__ double scratch[32];
+
+  const int64_t block = blockIdx.x;
+  const BlockRange range = block_range(block, a.blocks_per_group, a.group_size, a.chunk);
+  const int64_t group = range.group;
+  const int64_t start = range.start;
+  const int64_t end = range.end;
+  const bool general_weight = a.widx.form == WeightForm::kGeneral;
+
+  op_t w_block = op_t(0);
+  if constexpr (Op::kWeighted) {
+    if (!general_weight) {
+      w_block = static_cast<op_t>(weight_at(a, a.widx.form == WeightForm::kOuter ? group : 0));
+    }
+  }
+  auto weight_of = [&](int64_t i) -> op_t {
+    if constexpr (Op::kWeighted) {
+      if (general_weight) return static_cast<op_t>(general_weight_at(a, i));
+    }
+    return w_block;
+  };
+
+  op_t acc = op_t(0);
+  auto consume = [&](int64_t i, op_t red) {
+    if constexpr (Op::kReduces) {
+      if (a.red == RedMode::kPartials) {
+        acc += red;
+      } else if (a.red == RedMode::kElement) {
+        static_cast<op_t*>(a.dw)[i] = red;
+      }
+    }
+  };
+
+  auto one = [&](int64_t i) {
+    int64_t off[N];
+    if (a.linear) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) off[k] = i;
+    } else {
+      operand_offsets<N>(a.iter, a.stride, i, off);
+    }
+    op_t in[NI];
+    static_for<NI>([&](auto kc) {
+      constexpr int k = decltype(kc)::value;
+      in[k] = load_one<typename Op::template In<k>, op_t>(a.data[NO + k], off[NO + k]);
+    });
+    op_t out[NO];
+    op_t red = op_t(0);
+    Op::apply(in, weight_of(i), out, red);
+    static_for<NO>([&](auto kc) {
+      constexpr int k = decltype(kc)::value;
+      store_one<typename Op::template Out<k>>(a.data[k], off[k], out[k]);
+    });
+    consume(i, red);
+  };
+
+  const int64_t t = threadIdx.x;
+  const int64_t nt = blockDim.x;
+  // [a0, a1) runs in packs; [start, a0) and [a1, end) element by element (all of it when
+  // the operands are not dense and aligned).
+  int64_t a0 = end, a1 = end;
+  if (a.vec) {
+    const VecSplit split = vector_split(start, end, VEC);
+    a0 = split.a0;
+    a1 = split.a1;
+  }
+  const int64_t head = a0 - start;
+  const int64_t scalar_count = head + (end - a1);
+  for (int64_t k = t; k < scalar_count; k += nt) one(k < head ? start + k : a1 + (k - head));
+  if (a.vec) {
+    for (int64_t v = a0 + t * VEC; v < a1; v += nt * VEC) {
+      op_t in[NI][VEC];
+      static_for<NI>([&](auto kc) {
+        constexpr int k = decltype(kc)::value;
+        load_pack<typename Op::template In<k>, VEC>(a.data[NO + k], v, in[k]);
+      });
+      op_t out[NO][VEC];
+      op_t red[VEC];
+#pragma unroll
+      for (int l = 0; l < VEC; ++l) {
+        op_t lane_in[NI];
+        op_t lane_out[NO];
+#pragma unroll
+        for (int k = 0; k < NI; ++k) lane_in[k] = in[k][l];
+        red[l] = op_t(0);
+        Op::apply(lane_in, weight_of(v + l), lane_out, red[l]);
+#pragma unroll
+        for (int k = 0; k < NO; ++k) out[k][l] = lane_out[k];
+      }
+      static_for<NO>([&](auto kc) {
+        constexpr int k = decltype(kc)::value;
+        store_pack<typename Op::template Out<k>, VEC>(a.data[k], v, out[k]);
+      });
+      if constexpr (Op::kReduces) {
+        if (a.red == RedMode::kPartials) {
+#pragma unroll
+          for (int l = 0; l < VEC; ++l) acc += red[l];
+        } else if (a.red == RedMode::kElement) {
+          store_pack<op_t, VEC>(a.dw, v, red);
+        }
+      }
+    }
+  }
+
+  if constexpr (Op::kReduces) {
+    if (a.red == RedMode::kPartials) {
+      const double total = block_sum(static_cast<double>(acc), scratch);
+      if (threadIdx.x == 0) a.partials[block] = total;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- planning and dispatch
+Plan plan_for(const BlendParams& p, int vec) { return plan::make_blend_plan(p.numel, p.widx, vec); }
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+ElemArgs make_args(const BlendParams& p, const Plan& plan, int vec_width) {
+  ElemArgs a{};
+  a.op = p.op;
+  a.host = p.host;
+  a.promoted = p.promoted;
+  a.linear = p.linear;
+  a.red = RedMode::kNone;
+  a.numel = p.numel;
+  a.group_size = plan.group_size;
+  a.chunk = plan.chunk;
+  a.blocks_per_group = plan.blocks_per_group > 0 ? plan.blocks_per_group : 1;
+  a.iter = p.iter;
+  bool aligned = true;
+  for (int k = 0; k < kMaxOperands; ++k) {
+    a.data[k] = p.data[k];
+    for (int d = 0; d < kMaxDims; ++d) a.stride[k][d] = p.stride[k][d];
+    if (k < p.noperands) aligned = aligned && aligned16(p.data[k]);
+  }
+  a.vec = p.linear && aligned && vec_width > 1;
+  a.widx = p.widx;
+  a.alpha = p.alpha;
+  a.gate = p.gate;
+  a.partials = nullptr;
+  a.dw = nullptr;
+  return a;
+}
+
+template <class Op>
+cudaError_t launch_elementwise(const ElemArgs& a, const Plan& plan, cudaStream_t stream) {
+  if (plan.blocks <= 0) return cudaSuccess;
+  if (plan.blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  blend_elementwise_kernel<Op>
+      <<<static_cast<unsigned>(plan.blocks), static_cast<unsigned>(plan.threads), 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename X>
+struct Tag {
+  using type = X;
+};
+
+// Calls f(Tag<T>, Tag<S>) for the supported (host, seed) pairs of the blend ops.
+template <typename F>
+cudaError_t dispatch_blend_pair(DType host, DType seed, F&& f) {
+  switch (host) {
+    case DType::kDouble:
+      if (seed == DType::kDouble) return f(Tag<double>{}, Tag<double>{});
+      break;
+    case DType::kFloat:
+      if (seed == DType::kFloat) return f(Tag<float>{}, Tag<float>{});
+      break;
+    case DType::kBFloat16:
+      if (seed == DType::kBFloat16) return f(Tag<bf16_t>{}, Tag<bf16_t>{});
+      if (seed == DType::kFloat) return f(Tag<bf16_t>{}, Tag<float>{});
+      break;
+    case DType::kHalf:
+      if (seed == DType::kHalf) return f(Tag<f16_t>{}, Tag<f16_t>{});
+      if (seed == DType::kFloat) return f(Tag<f16_t>{}, Tag<float>{});
+      break;
+    default:
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+// (result U, m's dtype M) pairs of the valve.
+template <typename F>
+cudaError_t dispatch_valve_pair(DType result, DType m, F&& f) {
+  switch (result) {
+    case DType::kDouble:
+      if (m == DType::kDouble) return f(Tag<double>{}, Tag<double>{});
+      break;
+    case DType::kFloat:
+      if (m == DType::kFloat) return f(Tag<float>{}, Tag<float>{});
+      if (m == DType::kBFloat16) return f(Tag<float>{}, Tag<bf16_t>{});
+      if (m == DType::kHalf) return f(Tag<float>{}, Tag<f16_t>{});
+      break;
+    case DType::kBFloat16:
+      if (m == DType::kBFloat16) return f(Tag<bf16_t>{}, Tag<bf16_t>{});
+      break;
+    case DType::kHalf:
+      if (m == DType::kHalf) return f(Tag<f16_t>{}, Tag<f16_t>{});
+      break;
+    default:
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename F>
+cudaError_t dispatch_op(const BlendParams& p, bool backward, F&& f) {
+  if (p.op == BlendOp::kValve) {
+    return dispatch_valve_pair(p.host, p.seed, [&](auto ut, auto mt) {
+      using U = typename decltype(ut)::type;
+      using M = typename decltype(mt)::type;
+      if (backward) return f(Tag<ValveBackward<U, M>>{});
+      return f(Tag<ValveForward<U, M>>{});
+    });
+  }
+  return dispatch_blend_pair(p.host, p.seed, [&](auto tt, auto st) {
+    using T = typename decltype(tt)::type;
+    using S = typename decltype(st)::type;
+    switch (p.op) {
+      case BlendOp::kAdd:
+      case BlendOp::kGate:
+        if (backward) return f(Tag<LerpBackward<T, S>>{});
+        return f(Tag<LerpForward<T, S>>{});
+      case BlendOp::kMultiply:
+        if (p.r_is_h) {
+          if (backward) return f(Tag<MultiplyBackward<T, S, true>>{});
+          return f(Tag<MultiplyForward<T, S, true>>{});
+        }
+        if (backward) return f(Tag<MultiplyBackward<T, S, false>>{});
+        return f(Tag<MultiplyForward<T, S, false>>{});
+      case BlendOp::kSte:
+        if (backward) return cudaErrorInvalidValue;  // STE's gradient needs no kernel
+        return f(Tag<SteForward<T, S>>{});
+      default:
+        return cudaErrorInvalidValue;
+    }
+  });
+}
+
+int vec_width_of(const BlendParams& p) {
+  const int a = dtype_size(p.host), b = dtype_size(p.seed);
+  return 16 / (a < b ? a : b);
+}
+
+int opmath_size(DType host) { return host == DType::kDouble ? 8 : 4; }
+
+// Workspace layout of a backward launch (byte offsets, 256-aligned).
+struct Workspace {
+  RedMode mode = RedMode::kNone;
+  size_t partials = 0, dw = 0, de = 0, total = 0;
+};
+
+size_t align256(size_t x) { return (x + 255) / 256 * 256; }
+
+Workspace workspace_layout(const BlendParams& p) {
+  Workspace w;
+  if (!p.need_weight_grad || p.op == BlendOp::kSte) return w;
+  const Plan plan = plan_for(p, vec_width_of(p));
+  size_t off = 0;
+  if (p.numel > 0 && p.widx.form == WeightForm::kGeneral) {
+    w.mode = RedMode::kElement;
+    w.dw = off;
+    off = align256(off + static_cast<size_t>(p.numel) * opmath_size(p.host));
+  } else {
+    w.mode = RedMode::kPartials;
+    w.partials = off;
+    off = align256(off + static_cast<size_t>(plan.blocks > 0 ? plan.blocks : 1) * sizeof(double));
+  }
+  if (p.op == BlendOp::kGate) {
+    w.de = off;
+    off = align256(off + static_cast<size_t>(p.weight_numel > 0 ? p.weight_numel : 1) * sizeof(double));
+  }
+  w.total = off;
+  return w;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- launchers
+cudaError_t launch_blend_forward(const BlendParams& p) {
+  if (p.numel <= 0) return cudaSuccess;
+  const int vec = vec_width_of(p);
+  const Plan plan = plan_for(p, vec);
+  const ElemArgs a = make_args(p, plan, vec);
+  return dispatch_op(p, false, [&](auto op) {
+    using Op = typename decltype(op)::type;
+    return launch_elementwise<Op>(a, plan, p.stream);
+  });
+}
+
+size_t blend_backward_workspace_bytes(const BlendParams& p) { return workspace_layout(p).total; }
+
+cudaError_t launch_blend_backward(const BlendParams& p, void* workspace) {
+  const int vec = vec_width_of(p);
+  const Plan plan = plan_for(p, vec);
+  const Workspace ws = workspace_layout(p);
+  char* base = static_cast<char*>(workspace);
+  if (ws.total > 0 && base == nullptr) return cudaErrorInvalidValue;
+
+  ElemArgs a = make_args(p, plan, vec);
+  a.red = ws.mode;
+  if (ws.mode == RedMode::kPartials) a.partials = reinterpret_cast<double*>(base + ws.partials);
+  if (ws.mode == RedMode::kElement) {
+    a.dw = base + ws.dw;
+    a.vec = a.vec && aligned16(a.dw);
+  }
+  if (p.numel > 0) {
+    const cudaError_t err = dispatch_op(p, true, [&](auto op) {
+      using Op = typename decltype(op)::type;
+      return launch_elementwise<Op>(a, plan, p.stream);
+    });
+    if (err != cudaSuccess) return err;
+  }
+  if (!p.need_weight_grad) return cudaSuccess;
+
+  // Finish the weight gradient: fixed-order sums per weight element, then the clamp masks
+  // and the cast to the weight's dtype (GATE: through both clamps to alpha and gate).
+  detail::FinishArgs f;
+  f.host = p.host;
+  f.alpha = p.alpha;
+  f.out = p.dalpha;
+  switch (p.op) {
+    case BlendOp::kAdd:
+      f.kind = detail::Finish::kAdd;
+      break;
+    case BlendOp::kMultiply:
+      f.kind = detail::Finish::kMultiply;
+      break;
+    case BlendOp::kValve:
+      f.kind = detail::Finish::kValve;
+      break;
+    case BlendOp::kGate:
+      f.kind = detail::Finish::kStoreDouble;
+      f.out_double = reinterpret_cast<double*>(base + ws.de);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  cudaError_t err;
+  if (ws.mode == RedMode::kElement) {
+    err = detail::launch_reduce_general(a.dw, p.host == DType::kDouble ? DType::kDouble : DType::kFloat,
+                                        p.general_reduce, p.weight_numel, f, p.stream);
+  } else {
+    // One group per weight element; with no elements (numel == 0) every sum is zero.
+    const int64_t per_group = p.numel > 0 ? plan.blocks_per_group : 0;
+    err = detail::launch_reduce_partials(a.partials, p.weight_numel, per_group, f, p.stream);
+  }
+  if (err != cudaSuccess || p.op != BlendOp::kGate) return err;
+
+  GateWeightsParams g;
+  g.weight_numel = p.weight_numel;
+  g.alpha = p.alpha;
+  g.gate = p.gate;
+  g.promoted = p.promoted;
+  g.grad.ptr = f.out_double;
+  g.grad.dtype = DType::kDouble;
+  g.grad.map.ndim = 1;
+  g.grad.map.size[0] = FastDiv::make(static_cast<uint64_t>(p.weight_numel > 0 ? p.weight_numel : 1));
+  g.grad.map.stride[0] = 1;
+  g.dalpha = p.dalpha;
+  g.dgate = p.dgate;
+  g.stream = p.stream;
+  return detail::launch_gate_weights_backward(g);
+}
+
+}  // namespace kk::cuda

@@ -1,0 +1,309 @@
+// Device helpers shared by the CUDA kernels: storage types and their conversions (explicit
+// intrinsics only, so they build under torch's __CUDA_NO_HALF_CONVERSIONS__ and friends),
+// 16-byte packs, index arithmetic, reading weights in any dtype, and fixed-order block
+// reductions. Depends on CUDA headers, kk_cuda.h and kernels/blend_math.h only.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+
+#include "kk_cuda.h"
+#include "kernels/blend_math.h"
+
+#define KK_DEV __device__ __forceinline__
+
+namespace kk::cuda {
+
+// ---------------------------------------------------------------- storage types
+// 16-bit floats are kept as raw bits: no implicit conversions exist to go wrong.
+struct bf16_t {
+  uint16_t x;
+};
+struct f16_t {
+  uint16_t x;
+};
+
+template <typename X>
+struct OpMath {
+  using type = float;
+};
+template <>
+struct OpMath<double> {
+  using type = double;
+};
+template <typename X>
+using opmath_t = typename OpMath<X>::type;
+
+KK_DEV float to_float(bf16_t v) { return __uint_as_float(static_cast<uint32_t>(v.x) << 16); }
+KK_DEV float to_float(f16_t v) { return __half2float(__ushort_as_half(v.x)); }
+
+// Widening loads, exact.
+template <typename O>
+KK_DEV O widen(float v) { return static_cast<O>(v); }
+template <typename O>
+KK_DEV O widen(double v) { return static_cast<O>(v); }
+template <typename O>
+KK_DEV O widen(bf16_t v) { return static_cast<O>(to_float(v)); }
+template <typename O>
+KK_DEV O widen(f16_t v) { return static_cast<O>(to_float(v)); }
+
+// Rounding to a storage type, as c10 does it: round to nearest even; a double goes through
+// float first (c10::BFloat16 and c10::Half are built from a float).
+template <typename X>
+struct Narrow;
+template <>
+struct Narrow<float> {
+  KK_DEV static float from(float v) { return v; }
+  KK_DEV static float from(double v) { return static_cast<float>(v); }
+};
+template <>
+struct Narrow<double> {
+  KK_DEV static double from(float v) { return static_cast<double>(v); }
+  KK_DEV static double from(double v) { return v; }
+};
+template <>
+struct Narrow<bf16_t> {
+  KK_DEV static bf16_t from(float v) { return bf16_t{__bfloat16_as_ushort(__float2bfloat16_rn(v))}; }
+  KK_DEV static bf16_t from(double v) { return from(static_cast<float>(v)); }
+};
+template <>
+struct Narrow<f16_t> {
+  KK_DEV static f16_t from(float v) { return f16_t{__half_as_ushort(__float2half_rn(v))}; }
+  KK_DEV static f16_t from(double v) { return from(static_cast<float>(v)); }
+};
+
+template <typename X, typename V>
+KK_DEV X narrow(V v) {
+  return Narrow<X>::from(v);
+}
+
+// v rounded to X's precision and widened back: the reference's `.to(X)` inside a computation.
+template <typename X, typename V>
+KK_DEV V round_through(V v) {
+  if constexpr (std::is_same_v<X, V>) {
+    return v;
+  } else if constexpr (std::is_same_v<X, float> && std::is_same_v<V, float>) {
+    return v;
+  } else {
+    return widen<V>(narrow<X>(v));
+  }
+}
+
+// ---------------------------------------------------------------- runtime-typed scalars
+KK_DEV double load_as_double(const void* base, DType t, int64_t off) {
+  switch (t) {
+    case DType::kFloat:
+      return static_cast<double>(static_cast<const float*>(base)[off]);
+    case DType::kDouble:
+      return static_cast<const double*>(base)[off];
+    case DType::kBFloat16:
+      return static_cast<double>(to_float(static_cast<const bf16_t*>(base)[off]));
+    case DType::kHalf:
+      return static_cast<double>(to_float(static_cast<const f16_t*>(base)[off]));
+    case DType::kUInt8:
+      return static_cast<double>(static_cast<const uint8_t*>(base)[off]);
+    case DType::kInt8:
+      return static_cast<double>(static_cast<const int8_t*>(base)[off]);
+    case DType::kInt16:
+      return static_cast<double>(static_cast<const int16_t*>(base)[off]);
+    case DType::kInt32:
+      return static_cast<double>(static_cast<const int32_t*>(base)[off]);
+    case DType::kInt64:
+      return static_cast<double>(static_cast<const int64_t*>(base)[off]);
+    case DType::kBool:
+      return static_cast<const uint8_t*>(base)[off] != 0 ? 1.0 : 0.0;
+  }
+  return 0.0;
+}
+
+// Stores a double as dtype t the way a static_cast from double does on the host.
+KK_DEV void store_from_double(void* base, DType t, int64_t off, double v) {
+  switch (t) {
+    case DType::kFloat:
+      static_cast<float*>(base)[off] = static_cast<float>(v);
+      return;
+    case DType::kDouble:
+      static_cast<double*>(base)[off] = v;
+      return;
+    case DType::kBFloat16:
+      static_cast<bf16_t*>(base)[off] = narrow<bf16_t>(v);
+      return;
+    case DType::kHalf:
+      static_cast<f16_t*>(base)[off] = narrow<f16_t>(v);
+      return;
+    case DType::kUInt8:
+      static_cast<uint8_t*>(base)[off] = static_cast<uint8_t>(static_cast<int64_t>(v));
+      return;
+    case DType::kInt8:
+      static_cast<int8_t*>(base)[off] = static_cast<int8_t>(v);
+      return;
+    case DType::kInt16:
+      static_cast<int16_t*>(base)[off] = static_cast<int16_t>(v);
+      return;
+    case DType::kInt32:
+      static_cast<int32_t*>(base)[off] = static_cast<int32_t>(v);
+      return;
+    case DType::kInt64:
+      static_cast<int64_t*>(base)[off] = static_cast<int64_t>(v);
+      return;
+    case DType::kBool:
+      static_cast<uint8_t*>(base)[off] = v != 0.0 ? 1 : 0;
+      return;
+  }
+}
+
+// `.to(t)` of a double value, as a double (the rounding of kk::cpu::round_to): integer dtypes
+// keep the value (blends always promote to a float dtype before rounding).
+KK_DEV double round_to(DType t, double v) {
+  switch (t) {
+    case DType::kFloat:
+      return static_cast<double>(static_cast<float>(v));
+    case DType::kBFloat16:
+      return static_cast<double>(to_float(narrow<bf16_t>(v)));
+    case DType::kHalf:
+      return static_cast<double>(to_float(narrow<f16_t>(v)));
+    default:
+      return v;
+  }
+}
+
+// ---------------------------------------------------------------- index arithmetic
+KK_DEV uint64_t fast_div(const FastDiv& f, uint64_t n) { return f.div(n); }
+
+KK_DEV double read_weight(const WeightSource& w, int64_t j) {
+  if (w.ptr == nullptr) return w.host_value;
+  return load_as_double(w.ptr, w.dtype, map_offset(w.map, j));
+}
+
+// ---------------------------------------------------------------- compile-time loops
+template <typename F, int... Is>
+KK_DEV void static_for_impl(F&& f, std::integer_sequence<int, Is...>) {
+  (f(std::integral_constant<int, Is>{}), ...);
+}
+template <int N, typename F>
+KK_DEV void static_for(F&& f) {
+  static_for_impl(f, std::make_integer_sequence<int, N>{});
+}
+
+// ---------------------------------------------------------------- 16-byte packs
+// VEC elements of X, loaded and stored as whole 16-byte words (VEC * sizeof(X) is 16 or 32):
+// explicit uint4 accesses, so the compiler emits 128-bit loads and stores.
+template <typename X, int VEC>
+union Pack {
+  static_assert((VEC * sizeof(X)) % 16 == 0, "packs are whole 16-byte words");
+  static constexpr int kWords = static_cast<int>(VEC * sizeof(X) / 16);
+  uint4 w[kWords];
+  X v[VEC];
+};
+
+template <typename X, int VEC, typename O>
+KK_DEV void load_pack(const void* base, int64_t i, O (&out)[VEC]) {
+  using P = Pack<X, VEC>;
+  P p;
+  const uint4* src = reinterpret_cast<const uint4*>(static_cast<const X*>(base) + i);
+#pragma unroll
+  for (int k = 0; k < P::kWords; ++k) p.w[k] = src[k];
+#pragma unroll
+  for (int l = 0; l < VEC; ++l) out[l] = widen<O>(p.v[l]);
+}
+
+// Raw bits of a storage value, widened to 64 bits.
+KK_DEV uint64_t bits_of(float v) { return __float_as_uint(v); }
+KK_DEV uint64_t bits_of(double v) { return static_cast<uint64_t>(__double_as_longlong(v)); }
+KK_DEV uint64_t bits_of(bf16_t v) { return v.x; }
+KK_DEV uint64_t bits_of(f16_t v) { return v.x; }
+
+// Stores are assembled into 32-bit words from the elements' bits and written as uint4 with
+// an explicit 128-bit store instruction (plain stores of packs were split by the compiler).
+template <typename X, int VEC, typename O>
+KK_DEV void store_pack(void* base, int64_t i, const O (&in)[VEC]) {
+  static_assert((VEC * sizeof(X)) % 16 == 0, "packs are whole 16-byte words");
+  constexpr int kWords32 = static_cast<int>(VEC * sizeof(X) / 4);
+  uint32_t w[kWords32];
+  if constexpr (sizeof(X) == 2) {
+#pragma unroll
+    for (int k = 0; k < kWords32; ++k) {
+      w[k] = static_cast<uint32_t>(bits_of(narrow<X>(in[2 * k]))) |
+             (static_cast<uint32_t>(bits_of(narrow<X>(in[2 * k + 1]))) << 16);
+    }
+  } else if constexpr (sizeof(X) == 4) {
+#pragma unroll
+    for (int k = 0; k < kWords32; ++k) w[k] = static_cast<uint32_t>(bits_of(narrow<X>(in[k])));
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const uint64_t b = bits_of(narrow<X>(in[k]));
+      w[2 * k] = static_cast<uint32_t>(b);
+      w[2 * k + 1] = static_cast<uint32_t>(b >> 32);
+    }
+  }
+  uint4* dst = reinterpret_cast<uint4*>(static_cast<X*>(base) + i);
+#pragma unroll
+  for (int k = 0; k < kWords32 / 4; ++k) {
+    // __stwb: a plain (write-back) 128-bit global store that the optimizer cannot split.
+    __stwb(dst + k, make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]));
+  }
+}
+
+template <typename X, typename O>
+KK_DEV O load_one(const void* base, int64_t off) {
+  return widen<O>(static_cast<const X*>(base)[off]);
+}
+
+template <typename X, typename O>
+KK_DEV void store_one(void* base, int64_t off, O v) {
+  static_cast<X*>(base)[off] = narrow<X>(v);
+}
+
+// ---------------------------------------------------------------- fixed-order reductions
+KK_DEV double warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024), in a fixed order; the
+// result is valid in thread 0. `scratch` holds 32 doubles of shared memory.
+KK_DEV double block_sum(double v, double* scratch) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  double r = 0.0;
+  if (warp == 0) {
+    r = lane < nwarps ? scratch[lane] : 0.0;
+    r = warp_sum(r);
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------- weights
+// clamp01 of a weight value in double, keeping NaN.
+KK_DEV double clamp01d(double x) { return kk::clamp01(x); }
+
+// The per-element weight of each blend, from the raw alpha (and gate) values, exactly as the
+// CPU kernels compute it (kk::cpu::blend_add, blend_gate, blend_multiply, the valve).
+KK_DEV double blend_weight(BlendOp op, DType host, DType promoted, double a, double g) {
+  switch (op) {
+    case BlendOp::kAdd:
+      return round_to(host, clamp01d(a));
+    case BlendOp::kGate:
+      return round_to(host, clamp01d(round_to(promoted, clamp01d(a) * clamp01d(g))));
+    case BlendOp::kMultiply:
+      return clamp01d(round_to(host, a));
+    case BlendOp::kValve:
+      return round_to(host, clamp01d(a));
+    default:
+      return 0.0;
+  }
+}
+
+}  // namespace kk::cuda

@@ -1,0 +1,339 @@
+// The CUDA kernels' interface: parameter structs of raw pointers, sizes, strides and dtype
+// codes, and the launchers that take them (FlashAttention style). Nothing here depends on
+// torch: the kernels and launchers (csrc/cuda/*.cu) include this header, <cuda_runtime_api.h>
+// and kernels/blend_math.h only; csrc/cuda/glue.cpp turns tensors into these structs.
+//
+// Conventions
+//  - Element strides and offsets are 64-bit and counted in elements of the operand's dtype.
+//  - "Iteration order": the features are walked in the memory order of the first output
+//    (which is always dense), with size-1 dimensions dropped and dimensions that are
+//    contiguous for every operand collapsed. The linear iteration index i of an element is
+//    its offset in the first output.
+//  - "W" is the shape a blend weight lives on: alpha's shape (ADD, MULTIPLY, the valve), or
+//    broadcast(alpha, gate) (GATE). A weight index j is row-major over W.
+//  - Every launcher enqueues on `stream` and returns cudaGetLastError() (no synchronisation).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define KK_CUDA_HD __host__ __device__ __forceinline__
+#else
+#define KK_CUDA_HD inline
+#endif
+
+namespace kk::cuda {
+
+enum class DType : int32_t {
+  kFloat = 0,
+  kDouble = 1,
+  kBFloat16 = 2,
+  kHalf = 3,
+  kUInt8 = 4,
+  kInt8 = 5,
+  kInt16 = 6,
+  kInt32 = 7,
+  kInt64 = 8,
+  kBool = 9,
+};
+
+inline constexpr int dtype_size(DType t) {
+  switch (t) {
+    case DType::kDouble:
+    case DType::kInt64:
+      return 8;
+    case DType::kFloat:
+    case DType::kInt32:
+      return 4;
+    case DType::kBFloat16:
+    case DType::kHalf:
+    case DType::kInt16:
+      return 2;
+    default:
+      return 1;
+  }
+}
+
+constexpr int kMaxDims = 8;
+constexpr int kMaxOperands = 8;
+
+// n / d by a multiply-high and a shift (Granlund & Montgomery's round-up method), exact for
+// 0 <= n < 2^63 and 1 <= d < 2^63: q = (umulhi(n, m) + n) >> s.
+struct FastDiv {
+  uint64_t d = 1;
+  uint64_t m = 1;
+  uint32_t s = 0;
+
+  static FastDiv make(uint64_t divisor) {
+    FastDiv f;
+    f.d = divisor == 0 ? 1 : divisor;
+    uint32_t s = 0;
+    while (s < 63 && (uint64_t(1) << s) < f.d) ++s;
+    f.s = s;
+    const unsigned __int128 one = 1;
+    f.m = static_cast<uint64_t>(((one << 64) * ((one << s) - f.d)) / f.d + 1);
+    return f;
+  }
+  KK_CUDA_HD uint64_t div(uint64_t n) const {
+#if defined(__CUDA_ARCH__)
+    const uint64_t t = __umul64hi(n, m);
+#else
+    const uint64_t t = static_cast<uint64_t>((static_cast<unsigned __int128>(n) * m) >> 64);
+#endif
+    return (t + n) >> s;
+  }
+};
+
+// A row-major index over a logical shape (outermost first) mapped to an element offset:
+// offset(j) = sum_d coord_d(j) * stride[d]. ndim == 0 maps every index to offset 0.
+struct TensorMap {
+  int32_t ndim = 0;
+  FastDiv size[kMaxDims];
+  int64_t stride[kMaxDims] = {};
+};
+
+KK_CUDA_HD int64_t map_offset(const TensorMap& m, int64_t j) {
+  if (m.ndim == 0) return 0;
+  int64_t off = 0;
+  uint64_t rest = static_cast<uint64_t>(j);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int d = kMaxDims - 1; d >= 1; --d) {
+    if (d < m.ndim) {
+      const uint64_t q = m.size[d].div(rest);
+      off += static_cast<int64_t>(rest - q * m.size[d].d) * m.stride[d];
+      rest = q;
+    }
+  }
+  return off + static_cast<int64_t>(rest) * m.stride[0];
+}
+
+// Offsets of N operands at iteration index i, from their strides over the iteration dims.
+template <int N>
+KK_CUDA_HD void operand_offsets(const TensorMap& iter, const int64_t (*stride)[kMaxDims],
+                                int64_t i, int64_t (&off)[N]) {
+  for (int k = 0; k < N; ++k) off[k] = 0;
+  uint64_t rest = static_cast<uint64_t>(i);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int d = kMaxDims - 1; d >= 1; --d) {
+    if (d < iter.ndim) {
+      const uint64_t q = iter.size[d].div(rest);
+      const int64_t c = static_cast<int64_t>(rest - q * iter.size[d].d);
+      for (int k = 0; k < N; ++k) off[k] += c * stride[k][d];
+      rest = q;
+    }
+  }
+  for (int k = 0; k < N; ++k) off[k] += static_cast<int64_t>(rest) * stride[k][0];
+}
+
+// The blend kernels' work split: block b owns [start, end) of the iteration range, inside
+// weight group `group` (blocks_per_group blocks of `chunk` elements per group of group_size).
+struct BlockRange {
+  int64_t group, start, end;
+};
+
+KK_CUDA_HD BlockRange block_range(int64_t block, int64_t blocks_per_group, int64_t group_size,
+                                  int64_t chunk) {
+  BlockRange r;
+  r.group = block / blocks_per_group;
+  const int64_t piece = block - r.group * blocks_per_group;
+  const int64_t group_start = r.group * group_size;
+  r.start = group_start + piece * chunk;
+  const int64_t group_end = group_start + group_size;
+  r.end = r.start + chunk < group_end ? r.start + chunk : group_end;
+  return r;
+}
+
+// [a0, a1) is the part of [start, end) that runs in whole packs of `vec` elements aligned to
+// multiples of vec; [start, a0) and [a1, end) are the scalar head and tail.
+struct VecSplit {
+  int64_t a0, a1;
+};
+
+KK_CUDA_HD VecSplit vector_split(int64_t start, int64_t end, int64_t vec) {
+  VecSplit v;
+  const int64_t up = (start + vec - 1) / vec * vec;
+  v.a0 = up < end ? up : end;
+  v.a1 = v.a0 + (end - v.a0) / vec * vec;
+  return v;
+}
+
+// A blend weight (alpha or gate) as the kernels read it: in its own dtype through `map` (W
+// index -> element offset), or, when `ptr` is null, the value of a 0-dim CPU tensor read on
+// the host.
+struct WeightSource {
+  const void* ptr = nullptr;
+  DType dtype = DType::kFloat;
+  double host_value = 0.0;
+  TensorMap map;
+};
+
+// How the iteration index i selects the weight index j.
+enum class WeightForm : int32_t {
+  kScalar = 0,   // one weight value: j = 0
+  kOuter = 1,    // j = i / group_size: each weight element covers one contiguous group of i
+                 // (per-sample (B,1,...,1) with the batch outermost, (K*B,1,1,1), ...)
+  kGeneral = 2,  // anything else that broadcasts: j = general.offset(i)
+};
+
+struct WeightIndex {
+  WeightForm form = WeightForm::kScalar;
+  int64_t groups = 1;      // kScalar: 1; kOuter: number of weight elements
+  int64_t group_size = 0;  // kScalar: numel; kOuter: numel / groups
+  TensorMap general;       // kGeneral: iteration index -> weight index
+};
+
+// Sums a source laid out by a linear index onto a target shape: target element t sums the
+// source at kept.offset(t) + free.offset(m) for m in [0, free_count), in a fixed order.
+struct ReduceMap {
+  TensorMap kept;
+  TensorMap free;
+  int64_t free_count = 1;
+};
+
+// Weight-gradient output: a contiguous tensor of the weight's own shape and dtype.
+struct WeightGrad {
+  void* ptr = nullptr;
+  DType dtype = DType::kFloat;
+  int64_t numel = 0;
+  ReduceMap from_w;  // GATE only: W (row-major) -> this weight's shape
+};
+
+enum class BlendOp : int32_t {
+  kAdd = 0,       // lerp(h, s, w), w = clamp01(alpha) rounded to h's dtype
+  kGate = 1,      // lerp(h, s, e), e = clamp01(clamp01(alpha) * clamp01(gate)) rounded to
+                  // promoted(alpha, gate), then to h's dtype
+  kMultiply = 2,  // h * (1 + c * tanh(s - r)), c = clamp01(alpha rounded to h's dtype)
+  kSte = 3,       // h + (s - s)
+  kValve = 4,     // 1 + c * tanh(m), c = clamp01(alpha) rounded to the result dtype
+};
+
+// One blend launch. Operand order (outputs first, then inputs):
+//   forward  ADD/GATE/STE: out, h, s          MULTIPLY: out, h, s[, r]      valve: out, m
+//   backward ADD/GATE: dh, ds, g, h, s        MULTIPLY: dh, ds[, dr], g, h, s[, r]
+//            valve: dm, g, m
+// Dtypes: host = T (h, out, g, dh; valve: the result dtype U, also g's); seed = S (s, r, ds,
+// dr: T itself, or float beside a bfloat16/float16 T; valve: m's dtype: U itself, or a 16-bit
+// float beside a float U). Computation is in float (double for double) and rounded once.
+struct BlendParams {
+  BlendOp op = BlendOp::kAdd;
+  DType host = DType::kFloat;
+  DType seed = DType::kFloat;
+  bool r_is_h = true;  // MULTIPLY: seed_input absent, r is h
+
+  int64_t numel = 0;
+  TensorMap iter;  // the collapsed iteration shape (strides unused)
+  int32_t noperands = 0;
+  void* data[kMaxOperands] = {};
+  int64_t stride[kMaxOperands][kMaxDims] = {};
+  bool linear = false;  // every operand's offset equals the iteration index
+
+  // Weights (unused by STE). For GATE, alpha and gate are mapped over W = broadcast shape.
+  WeightIndex widx;
+  WeightSource alpha;
+  WeightSource gate;
+  DType promoted = DType::kFloat;  // GATE: result_type(alpha, gate)
+  int64_t weight_numel = 1;        // numel of W
+
+  // Backward only: gradients of the weights. Not written when need_weight_grad is false.
+  bool need_weight_grad = false;
+  WeightGrad dalpha;
+  WeightGrad dgate;            // GATE
+  ReduceMap general_reduce;    // widx.form == kGeneral: W element -> iteration indices
+
+  cudaStream_t stream = nullptr;
+};
+
+cudaError_t launch_blend_forward(const BlendParams& p);
+// Bytes of device scratch memory launch_blend_backward needs (0 when none); the caller allocates it
+// (16-byte aligned) on the launch stream's device.
+size_t blend_backward_workspace_bytes(const BlendParams& p);
+cudaError_t launch_blend_backward(const BlendParams& p, void* workspace);
+
+// gate_effective_alpha: e = clamp01(round_promoted(clamp01(a) * clamp01(g))) over W, written
+// contiguous in the promoted dtype; its backward sums d(e) through the clamps to each input.
+struct GateWeightsParams {
+  int64_t weight_numel = 0;
+  WeightSource alpha;  // mapped over W
+  WeightSource gate;   // mapped over W
+  DType promoted = DType::kFloat;
+  void* out = nullptr;  // forward
+  WeightSource grad;    // backward: d(e), mapped over W
+  WeightGrad dalpha;    // backward
+  WeightGrad dgate;     // backward
+  cudaStream_t stream = nullptr;
+};
+
+cudaError_t launch_gate_effective_forward(const GateWeightsParams& p);
+cudaError_t launch_gate_effective_backward(const GateWeightsParams& p);
+
+// Pooling over x viewed as (B, C, P) positions, P = H*W with position p = (h, w), or a
+// transformer's (B,T,C) as (B, C, T, W=1). Strides in elements of x.
+struct PoolShape {
+  int64_t B = 0, C = 0, H = 0, W = 0;
+  int64_t sb = 0, sc = 0, sh = 0, sw = 0;
+};
+
+// gated_pool: means over the positions, accumulated in float/double, written as x's dtype to
+// `out` (contiguous (B, C)) and/or as x's compute type (float, double for double) to
+// `out_opmath`. Either may be null.
+struct PoolParams {
+  DType dtype = DType::kFloat;  // x's dtype (floating)
+  const void* x = nullptr;
+  PoolShape shape;
+  void* out = nullptr;
+  void* out_opmath = nullptr;
+  cudaStream_t stream = nullptr;
+};
+size_t pool_forward_workspace_bytes(const PoolParams& p);
+cudaError_t launch_pool_forward(const PoolParams& p, void* workspace);
+
+// dx[b, c, positions] = (grad[b, c] in x's compute type) / count, rounded to x's dtype.
+// dx has x's sizes and its own strides (dense); grad is (B, C) of any float dtype.
+struct PoolBackwardParams {
+  DType dtype = DType::kFloat;  // x's (and dx's) dtype
+  void* dx = nullptr;
+  PoolShape dx_shape;           // dx's sizes and strides in the same (B, C, H, W) view
+  const void* grad = nullptr;
+  DType grad_dtype = DType::kFloat;
+  int64_t grad_sb = 0, grad_sc = 0;
+  cudaStream_t stream = nullptr;
+};
+cudaError_t launch_pool_backward(const PoolBackwardParams& p);
+
+// The gate network: sigmoid(w2 . relu(w1 . pooled + b1) + b2) per sample, in x's compute
+// type. w1 is (hidden, C), b1 (hidden), w2 (1, hidden), b2 (1), each in its own float dtype
+// and strides.
+struct DenseParam {
+  const void* ptr = nullptr;
+  DType dtype = DType::kFloat;
+  int64_t s0 = 0, s1 = 0;  // element strides (s1 unused for vectors)
+};
+
+struct GateNetworkParams {
+  DType dtype = DType::kFloat;  // x's dtype
+  const void* x = nullptr;
+  PoolShape shape;
+  int64_t hidden = 0;
+  DenseParam w1, b1, w2, b2;
+  void* out = nullptr;  // forward: (B) gate values in x's dtype
+  // backward
+  const void* grad = nullptr;  // (B) values, any float dtype, element stride grad_s
+  DType grad_dtype = DType::kFloat;
+  int64_t grad_s = 1;
+  void* dx = nullptr;
+  PoolShape dx_shape;
+  WeightGrad dw1, db1, dw2, db2;  // contiguous, in each parameter's dtype (from_w unused)
+  cudaStream_t stream = nullptr;
+};
+size_t gate_network_workspace_bytes(const GateNetworkParams& p, bool backward);
+cudaError_t launch_gate_network_forward(const GateNetworkParams& p, void* workspace);
+cudaError_t launch_gate_network_backward(const GateNetworkParams& p, void* workspace);
+
+}  // namespace kk::cuda
