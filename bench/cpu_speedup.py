@@ -25,21 +25,26 @@ def make_inputs(op, shape, dtype, gen):
     return (h, s, alpha), grad
 
 
-def time_fwd_bwd(fn, args, grad, repeats, warmup=3):
-    def step():
+def time_fwd_bwd_interleaved(fns, args, grad, repeats, warmup=3):
+    """Median seconds per forward+backward of each fn, timed alternately (one run of each
+    per round) so that both see the same machine conditions."""
+
+    def step(fn):
         y = fn(*args)
         torch.autograd.backward(y, grad)
         for a in args:
             a.grad = None
 
     for _ in range(warmup):
-        step()
-    samples = []
+        for fn in fns:
+            step(fn)
+    samples = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            step(fn)
+            samples[i].append(time.perf_counter() - t0)
+    return [statistics.median(x) for x in samples]
 
 
 def main(argv=None):
@@ -59,8 +64,8 @@ def main(argv=None):
                 inputs, grad = make_inputs(op, shape, dtype, gen)
                 ref = getattr(kk.reference, op)
                 nat = getattr(kk, op)
-                t_ref = time_fwd_bwd(ref, inputs, grad, args.repeats)
-                t_nat = time_fwd_bwd(lambda *a: nat(*a, backend="native"), inputs, grad, args.repeats)
+                t_ref, t_nat = time_fwd_bwd_interleaved(
+                    [ref, lambda *a: nat(*a, backend="native")], inputs, grad, args.repeats)
                 print(f"| {op} | {shape} | {str(dtype).replace('torch.', '')} | "
                       f"{t_ref * 1e3:.2f} | {t_nat * 1e3:.2f} | {t_ref / t_nat:.2f}x |")
 

@@ -70,7 +70,7 @@ bool same_dense_layout(const std::vector<at::Tensor>& ts) {
 // neither scalar nor per-sample then gets per-element terms in `element_out` (summed by the
 // caller to the weight's shape).
 template <typename OpT, typename LoopFor>
-std::vector<double> run_pass(const std::vector<at::Tensor>& outputs,
+std::vector<long double> run_pass(const std::vector<at::Tensor>& outputs,
                              const std::vector<at::Tensor>& inputs, const Weights& w,
                              const at::Tensor& features, bool need_sums, at::Tensor& element_out,
                              LoopFor&& loop_for) {
@@ -83,7 +83,7 @@ std::vector<double> run_pass(const std::vector<at::Tensor>& outputs,
   const bool batch_ok = batch_outermost(outputs.front());
   const int64_t groups = scalar ? 1 : B;
   const int64_t group_size = groups == 0 ? 0 : numel / groups;
-  if (numel == 0) return std::vector<double>(need_sums ? wnumel : 0, 0.0);
+  if (numel == 0) return std::vector<long double>(need_sums ? wnumel : 0, 0.0L);
 
   std::vector<at::Tensor> all(outputs);
   all.insert(all.end(), inputs.begin(), inputs.end());
@@ -97,7 +97,7 @@ std::vector<double> run_pass(const std::vector<at::Tensor>& outputs,
       elem[i] = all[i].element_size();
     }
     return grouped_sums(groups, group_size, [&](int64_t group, int64_t begin, int64_t end) {
-      double acc = 0.0;
+      Accumulator acc;
       auto loop = loop_for(std::false_type{}, acc);
       char* data[16];
       int64_t strides[32] = {};
@@ -108,7 +108,7 @@ std::vector<double> run_pass(const std::vector<at::Tensor>& outputs,
       data[n_ops - 1] = reinterpret_cast<char*>(wv.data() + (scalar ? 0 : group));
       strides[n_ops - 1] = 0;
       loop(data, strides, end - begin, 1);
-      return acc;
+      return acc.value_ld();
     });
   }
 
@@ -120,7 +120,8 @@ std::vector<double> run_pass(const std::vector<at::Tensor>& outputs,
   for (const at::Tensor& t : outputs) config.add_output(t);
   const bool element = need_sums && !scalar && !(per_sample && batch_ok);
   if (element) {
-    element_out = at::empty(features.sizes(), features.options().dtype(wt.scalar_type()));
+    // per-element weight-gradient terms in double, summed to the weight's shape by the caller
+    element_out = at::empty(features.sizes(), features.options().dtype(at::kDouble));
     config.add_output(element_out);
   }
   for (const at::Tensor& t : inputs) config.add_const_input(t);
@@ -128,10 +129,10 @@ std::vector<double> run_pass(const std::vector<at::Tensor>& outputs,
   at::TensorIterator iter = config.build();
   auto run_blocks = [&](auto element_tag, int64_t g, int64_t gs) {
     return grouped_sums(g, gs, [&](int64_t, int64_t begin, int64_t end) {
-      double acc = 0.0;
+      Accumulator acc;
       auto loop = loop_for(element_tag, acc);
       iter.serial_for_each(loop, {begin, end});
-      return acc;
+      return acc.value_ld();
     });
   };
   if (element) {
@@ -146,9 +147,12 @@ std::vector<double> run_pass(const std::vector<at::Tensor>& outputs,
 }
 
 // The weight-gradient sums over the weight's shape, from whichever form run_pass produced.
-std::vector<double> weight_grad_sums(std::vector<double> sums, const at::Tensor& element_out,
-                                     const Weights& w) {
-  if (element_out.defined()) return read_values(at::sum_to(element_out, w.shape));
+std::vector<long double> weight_grad_sums(std::vector<long double> sums,
+                                          const at::Tensor& element_out, const Weights& w) {
+  if (element_out.defined()) {
+    const auto v = read_values(at::sum_to(element_out, w.shape));
+    return std::vector<long double>(v.begin(), v.end());
+  }
   return sums;
 }
 
@@ -161,14 +165,14 @@ at::Tensor lerp_forward_pass(const at::Tensor& h, const at::Tensor& s_in, const 
     using T = typename decltype(tt)::type;
     using S = typename decltype(st)::type;
     run_pass<opmath_t<T>>({out}, {h, s}, w, h, false, unused,
-                          [](auto, double&) { return lerp_forward_loop<T, S>(); });
+                          [](auto, Accumulator&) { return lerp_forward_loop<T, S>(); });
   });
   return out;
 }
 
 // One blend gradient pass (ADD or GATE): dh, ds and the weight gradient summed over the
 // weight's shape.
-std::tuple<at::Tensor, at::Tensor, std::vector<double>> lerp_backward_pass(
+std::tuple<at::Tensor, at::Tensor, std::vector<long double>> lerp_backward_pass(
     const at::Tensor& grad_in, const at::Tensor& h, const at::Tensor& s_in, const Weights& w) {
   const auto host = h.scalar_type();
   const at::Tensor g = grad_in.to(host);
@@ -176,12 +180,12 @@ std::tuple<at::Tensor, at::Tensor, std::vector<double>> lerp_backward_pass(
   at::Tensor dh = at::empty_like(h);
   at::Tensor ds = at::empty_like(s);
   at::Tensor element_out;
-  std::vector<double> sums;
+  std::vector<long double> sums;
   dispatch_pair(host, s.scalar_type(), "blend backward", [&](auto tt, auto st) {
     using T = typename decltype(tt)::type;
     using S = typename decltype(st)::type;
     sums = run_pass<opmath_t<T>>({dh, ds}, {g, h, s}, w, h, true, element_out,
-                                 [](auto element, double& acc) {
+                                 [](auto element, Accumulator& acc) {
                                    return lerp_backward_loop<T, S, decltype(element)::value>(acc);
                                  });
   });
@@ -213,28 +217,32 @@ GateWeights gate_weights(const at::Tensor& alpha, const at::Tensor& gate) {
 // Chains d(effective alpha) back to alpha and gate: through the outer clamp (on the rounded
 // product), the product, and each inner clamp; summed to each input's own shape.
 std::pair<at::Tensor, at::Tensor> gate_weights_backward(const GateWeights& gw,
-                                                        const std::vector<double>& de,
+                                                        const std::vector<long double>& de,
                                                         const at::Tensor& alpha,
                                                         const at::Tensor& gate) {
-  std::vector<double> da(de.size()), dg(de.size());
+  std::vector<long double> da(de.size()), dg(de.size());
   for (size_t i = 0; i < de.size(); ++i) {
     const double ca = clamp01(gw.a[i]), cg = clamp01(gw.g[i]);
     const double p = round_to(gw.promoted, ca * cg);
-    const double dp = clamp01_passes_grad(p) ? de[i] : 0.0;
-    da[i] = clamp01_passes_grad(gw.a[i]) ? dp * cg : 0.0;
-    dg[i] = clamp01_passes_grad(gw.g[i]) ? dp * ca : 0.0;
+    const long double dp = clamp01_passes_grad(p) ? de[i] : 0.0L;
+    da[i] = clamp01_passes_grad(gw.a[i]) ? dp * cg : 0.0L;
+    dg[i] = clamp01_passes_grad(gw.g[i]) ? dp * ca : 0.0L;
   }
-  return {tensor_from_values(sum_to_shape(da, gw.shape, alpha.sizes()), alpha.sizes(),
+  const auto da_sum = sum_to_shape(da, gw.shape, alpha.sizes());
+  const auto dg_sum = sum_to_shape(dg, gw.shape, gate.sizes());
+  return {tensor_from_values(std::vector<double>(da_sum.begin(), da_sum.end()), alpha.sizes(),
                              alpha.scalar_type()),
-          tensor_from_values(sum_to_shape(dg, gw.shape, gate.sizes()), gate.sizes(),
+          tensor_from_values(std::vector<double>(dg_sum.begin(), dg_sum.end()), gate.sizes(),
                              gate.scalar_type())};
 }
 
 // d(alpha) for a weight w = f(clamp01(alpha)): the clamp's mask on `masked_on`.
-at::Tensor masked_weight_grad(const std::vector<double>& dw, const std::vector<double>& masked_on,
+at::Tensor masked_weight_grad(const std::vector<long double>& dw, const std::vector<double>& masked_on,
                               const at::Tensor& alpha) {
   std::vector<double> da(dw.size());
-  for (size_t i = 0; i < dw.size(); ++i) da[i] = clamp01_passes_grad(masked_on[i]) ? dw[i] : 0.0;
+  for (size_t i = 0; i < dw.size(); ++i) {
+    da[i] = clamp01_passes_grad(masked_on[i]) ? static_cast<double>(dw[i]) : 0.0;
+  }
   return tensor_from_values(da, alpha.sizes(), alpha.scalar_type());
 }
 
@@ -336,11 +344,11 @@ at::Tensor blend_multiply(const at::Tensor& h, const at::Tensor& s_in, const at:
     using S = typename decltype(st)::type;
     if (!seed_input.has_value()) {
       run_pass<opmath_t<T>>({out}, {h, s}, c, h, false, unused,
-                            [](auto, double&) { return multiply_forward_loop<T, S, true>(); });
+                            [](auto, Accumulator&) { return multiply_forward_loop<T, S, true>(); });
     } else {
       const at::Tensor r = seed_input->to(s.scalar_type());  // exact: r is read as h's dtype
       run_pass<opmath_t<T>>({out}, {h, s, r}, c, h, false, unused,
-                            [](auto, double&) { return multiply_forward_loop<T, S, false>(); });
+                            [](auto, Accumulator&) { return multiply_forward_loop<T, S, false>(); });
     }
   });
   return out;
@@ -361,19 +369,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
   at::Tensor ds = at::empty_like(s);
   at::Tensor dr = r_is_h ? at::empty({0}, h.options()) : at::empty_like(r);
   at::Tensor element_out;
-  std::vector<double> sums;
+  std::vector<long double> sums;
   dispatch_pair(host, s.scalar_type(), "blend_multiply backward", [&](auto tt, auto st) {
     using T = typename decltype(tt)::type;
     using S = typename decltype(st)::type;
     if (r_is_h) {
       sums = run_pass<opmath_t<T>>({dh, ds}, {g, h, s}, c, h, need_alpha_grad, element_out,
-                                   [](auto element, double& acc) {
+                                   [](auto element, Accumulator& acc) {
                                      return multiply_backward_loop<T, S, true,
                                                                    decltype(element)::value>(acc);
                                    });
     } else {
       sums = run_pass<opmath_t<T>>({dh, ds, dr}, {g, h, s, r}, c, h, need_alpha_grad,
-                                   element_out, [](auto element, double& acc) {
+                                   element_out, [](auto element, Accumulator& acc) {
                                      return multiply_backward_loop<T, S, false,
                                                                    decltype(element)::value>(acc);
                                    });
@@ -461,7 +469,7 @@ at::Tensor multiply_valve_multiplier(const at::Tensor& alpha, const at::Tensor& 
     using U = typename decltype(ut)::type;
     using M = typename decltype(mt)::type;
     run_pass<opmath_t<U>>({out}, {m}, c, m, false, unused,
-                          [](auto, double&) { return valve_forward_loop<U, M>(); });
+                          [](auto, Accumulator&) { return valve_forward_loop<U, M>(); });
   });
   return out;
 }
@@ -478,12 +486,12 @@ std::tuple<at::Tensor, at::Tensor> multiply_valve_multiplier_backward(const at::
   const Weights c = valve_weights(a, alpha, result);
   at::Tensor dm = at::empty_like(m);
   at::Tensor element_out;
-  std::vector<double> sums;
+  std::vector<long double> sums;
   dispatch_valve(result, m.scalar_type(), [&](auto ut, auto mt) {
     using U = typename decltype(ut)::type;
     using M = typename decltype(mt)::type;
     sums = run_pass<opmath_t<U>>({dm}, {g, m}, c, m, need_alpha_grad, element_out,
-                                 [](auto element, double& acc) {
+                                 [](auto element, Accumulator& acc) {
                                    return valve_backward_loop<U, M, decltype(element)::value>(acc);
                                  });
   });
@@ -507,7 +515,8 @@ std::tuple<at::Tensor, at::Tensor> gate_effective_alpha_backward(const at::Tenso
                                                                  const at::Tensor& alpha,
                                                                  const at::Tensor& gate) {
   const GateWeights gw = gate_weights(alpha, gate);
-  return gate_weights_backward(gw, read_values(grad.expand(gw.shape)), alpha, gate);
+  const auto g = read_values(grad.expand(gw.shape));
+  return gate_weights_backward(gw, std::vector<long double>(g.begin(), g.end()), alpha, gate);
 }
 
 }  // namespace kk::cpu

@@ -4,6 +4,7 @@
 // kernels/blend_math.h; these files only move data and round once.
 #pragma once
 
+#include "cpu/aten_tanh.h"
 #include "cpu/loops.h"
 #include "cpu/vec_io.h"
 
@@ -16,16 +17,52 @@ struct Tag {
   using type = T;
 };
 
-// Flushes a float lane accumulator into a double every few vector steps, so long rows sum
-// with double accuracy at float speed.
-constexpr int64_t kFlushSteps = 16;
+// Per-lane double sums of float vectors: each float term enters a double exactly, so a row's
+// sum loses nothing to float accumulation; the lanes go into the block's Accumulator after.
+struct DoubleLanes {
+  double lane[FVec::size()] = {};
+  void add(const FVec& v) {
+    float tmp[FVec::size()];
+    v.store(tmp);
+    for (int64_t k = 0; k < FVec::size(); ++k) lane[k] += static_cast<double>(tmp[k]);
+  }
+  // a * (b - c), formed in double from float lanes: exact up to one double rounding, so the
+  // weight gradient of a float32 blend carries no float rounding of its terms
+  void add_product_of_difference(const FVec& a, const FVec& b, const FVec& c) {
+    float ta[FVec::size()], tb[FVec::size()], tc[FVec::size()];
+    a.store(ta);
+    b.store(tb);
+    c.store(tc);
+    for (int64_t k = 0; k < FVec::size(); ++k) {
+      lane[k] += static_cast<double>(ta[k]) * (static_cast<double>(tb[k]) - static_cast<double>(tc[k]));
+    }
+  }
+  // a * b * c in double
+  void add_product3(const FVec& a, const FVec& b, const FVec& c) {
+    float ta[FVec::size()], tb[FVec::size()], tc[FVec::size()];
+    a.store(ta);
+    b.store(tb);
+    c.store(tc);
+    for (int64_t k = 0; k < FVec::size(); ++k) {
+      lane[k] += static_cast<double>(ta[k]) * static_cast<double>(tb[k]) * static_cast<double>(tc[k]);
+    }
+  }
+  void flush_into(Accumulator& acc) const {
+    for (int64_t k = 0; k < FVec::size(); ++k) acc.add(lane[k]);
+  }
+};
 
-inline double lanes_sum(const FVec& v) {
-  float tmp[FVec::size()];
-  v.store(tmp);
-  double acc = 0.0;
-  for (int64_t k = 0; k < FVec::size(); ++k) acc += tmp[k];
-  return acc;
+template <typename T>
+inline constexpr bool kHalfPrecision = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
+// x as the host dtype T would hold it (identity for float and double).
+template <typename T, typename V>
+inline V as_host_value(V x) {
+  if constexpr (kHalfPrecision<T>) {
+    return static_cast<V>(static_cast<T>(x));
+  } else {
+    return x;
+  }
 }
 
 template <typename W>
@@ -83,7 +120,7 @@ auto lerp_forward_loop() {
 // operands: dh(T), ds(S), [dw(op) when kElement], g(T), h(T), s(S), w(op).
 // Returns the loop for one block; `acc` collects sum(g * (s - h)) unless kElement.
 template <typename T, typename S, bool kElement>
-auto lerp_backward_loop(double& acc) {
+auto lerp_backward_loop(Accumulator& acc) {
   using op_t = opmath_t<T>;
   constexpr int E = kElement ? 1 : 0;
   constexpr int N = 6 + E;
@@ -92,7 +129,7 @@ auto lerp_backward_loop(double& acc) {
     std::array<int64_t, N> sizes;
     sizes[0] = sizeof(T);
     sizes[1] = sizeof(S);
-    if constexpr (kElement) sizes[2] = sizeof(op_t);
+    if constexpr (kElement) sizes[2] = -1;  // double terms, scalar loop (the general-weight path)
     sizes[G] = sizeof(T);
     sizes[G + 1] = sizeof(T);
     sizes[G + 2] = sizeof(S);
@@ -103,10 +140,9 @@ auto lerp_backward_loop(double& acc) {
           if constexpr (kVectorizable<T>) {
             const bool wb = st[G + 3] == 0;
             int64_t i = 0;
-            while (i + kStep <= n) {
-              FVec accv(0.0f);
-              const int64_t seg_end = std::min(n, i + kFlushSteps * kStep);
-              for (; i + kStep <= seg_end; i += kStep) {
+            DoubleLanes lanes;
+            {
+              for (; i + kStep <= n; i += kStep) {
                 FVec g0, g1, h0, h1, s0, s1, w0, w1, dh0, dh1, ds0, ds1, dw0, dw1;
                 load2<T>(reinterpret_cast<const T*>(p[G]) + i, g0, g1);
                 load2<T>(reinterpret_cast<const T*>(p[G + 1]) + i, h0, h1);
@@ -118,13 +154,10 @@ auto lerp_backward_loop(double& acc) {
                 // the gradient of s.to(T) is rounded to T first (store2<T> rounds anyway)
                 if constexpr (!std::is_same_v<S, T>) round_through<T>(ds0, ds1);
                 store2<S>(reinterpret_cast<S*>(p[1]) + i, ds0, ds1);
-                if constexpr (kElement) {
-                  store2<float>(reinterpret_cast<float*>(p[2]) + i, dw0, dw1);
-                } else {
-                  accv = accv + (dw0 + dw1);
-                }
+                lanes.add_product_of_difference(g0, s0, h0);
+                lanes.add_product_of_difference(g1, s1, h1);
               }
-              if constexpr (!kElement) acc += lanes_sum(accv);
+              lanes.flush_into(acc);
             }
             return i;
           }
@@ -139,10 +172,12 @@ auto lerp_backward_loop(double& acc) {
           lerp_backward(g, h, sv, w, dh, ds, dw);
           put<T>(p[0], s[0], i, dh);
           put<S>(p[1], s[1], i, static_cast<T>(ds));
+          using ld = long double;
+          const ld term = static_cast<ld>(g) * (static_cast<ld>(sv) - static_cast<ld>(h));
           if constexpr (kElement) {
-            put<op_t>(p[2], s[2], i, dw);
+            put<double>(p[2], s[2], i, static_cast<double>(term));
           } else {
-            acc += static_cast<double>(dw);
+            acc.add(term);
           }
         });
   };
@@ -199,7 +234,7 @@ auto multiply_forward_loop() {
 
 // operands: dh(T), ds(S), [dr(S)], [dc(op) when kElement], g(T), h(T), s(S), [r(S)], c(op)
 template <typename T, typename S, bool kRIsH, bool kElement>
-auto multiply_backward_loop(double& acc) {
+auto multiply_backward_loop(Accumulator& acc) {
   using op_t = opmath_t<T>;
   constexpr int R = kRIsH ? 0 : 1;
   constexpr int E = kElement ? 1 : 0;
@@ -212,7 +247,7 @@ auto multiply_backward_loop(double& acc) {
     sizes[0] = sizeof(T);
     sizes[1] = sizeof(S);
     if constexpr (!kRIsH) sizes[2] = sizeof(S);
-    if constexpr (kElement) sizes[2 + R] = sizeof(op_t);
+    if constexpr (kElement) sizes[2 + R] = -1;  // double terms, scalar loop
     sizes[G] = sizeof(T);
     sizes[G + 1] = sizeof(T);
     sizes[G + 2] = sizeof(S);
@@ -224,10 +259,19 @@ auto multiply_backward_loop(double& acc) {
           if constexpr (kVectorizable<T>) {
             const bool cb = st[C] == 0;
             int64_t i = 0;
-            while (i + kStep <= n) {
-              FVec accv(0.0f);
-              const int64_t seg_end = std::min(n, i + kFlushSteps * kStep);
-              for (; i + kStep <= seg_end; i += kStep) {
+            DoubleLanes lanes;
+            // float32: the whole row's tanh(s - r) by torch's own float tanh, up front
+            const float* trow = nullptr;
+            if constexpr (std::is_same_v<T, float>) {
+              float* tb = scratch_row(n);
+              const float* sp = reinterpret_cast<const float*>(p[G + 2]);
+              const float* rp = reinterpret_cast<const float*>(kRIsH ? p[G + 1] : p[N - 2]);
+              for (int64_t j = 0; j < n; ++j) tb[j] = sp[j] - rp[j];
+              aten_tanh_f32(tb, tb, n);
+              trow = tb;
+            }
+            {
+              for (; i + kStep <= n; i += kStep) {
                 FVec g0, g1, h0, h1, s0, s1, r0, r1, c0, c1, dh0, dh1, ds0, ds1, dc0, dc1;
                 load2<T>(reinterpret_cast<const T*>(p[G]) + i, g0, g1);
                 load2<T>(reinterpret_cast<const T*>(p[G + 1]) + i, h0, h1);
@@ -239,21 +283,44 @@ auto multiply_backward_loop(double& acc) {
                   load2_as<T, S>(reinterpret_cast<const S*>(p[G + 3]) + i, r0, r1);
                 }
                 load_weight2<float>(p[C] + (cb ? 0 : i * sizeof(float)), cb, c0, c1);
-                multiply_backward<kRIsH>(g0, h0, s0, r0, c0, dh0, ds0, dc0);
-                multiply_backward<kRIsH>(g1, h1, s1, r1, c1, dh1, ds1, dc1);
+                // s - r and its tanh as the reference's autograd sees them: d rounded to T,
+                // tanh by the same vector tanh as ATen's (1 - t^2 amplifies any difference
+                // where tanh saturates), rounded to T. The alpha term gets tanh of the
+                // unrounded d, from the first-order correction t + (1 - t^2) (d - d_T).
+                const FVec dx0 = s0 - r0, dx1 = s1 - r1;
+                FVec d0 = dx0, d1 = dx1;
+                if constexpr (kHalfPrecision<T>) round_through<T>(d0, d1);
+                FVec tr0, tr1;
+                if constexpr (std::is_same_v<T, float>) {
+                  tr0 = FVec::loadu(trow + i);
+                  tr1 = FVec::loadu(trow + i + FVec::size());
+                } else {
+                  tr0 = d0.tanh();  // ATen's half-precision tanh: Sleef on the widened value
+                  tr1 = d1.tanh();
+                }
+                FVec t0 = tr0, t1 = tr1;
+                if constexpr (kHalfPrecision<T>) {
+                  // an infinite d rounds to itself: no correction (inf - inf would be NaN)
+                  FVec e0 = dx0 - d0, e1 = dx1 - d1;
+                  e0 = FVec::blendv(e0, FVec(0.0f), e0.isnan());
+                  e1 = FVec::blendv(e1, FVec(0.0f), e1.isnan());
+                  t0 = tr0 + (FVec(1.0f) - tr0 * tr0) * e0;
+                  t1 = tr1 + (FVec(1.0f) - tr1 * tr1) * e1;
+                }
+                FVec tg0 = tr0, tg1 = tr1;
+                if constexpr (kHalfPrecision<T>) round_through<T>(tg0, tg1);
+                multiply_backward_t<kRIsH>(g0, h0, tg0, t0, c0, dh0, ds0, dc0, RoundTo<T>{});
+                multiply_backward_t<kRIsH>(g1, h1, tg1, t1, c1, dh1, ds1, dc1, RoundTo<T>{});
                 store2<T>(reinterpret_cast<T*>(p[0]) + i, dh0, dh1);
                 if constexpr (!std::is_same_v<S, T>) round_through<T>(ds0, ds1);
                 store2<S>(reinterpret_cast<S*>(p[1]) + i, ds0, ds1);
                 if constexpr (!kRIsH) {
                   store2<S>(reinterpret_cast<S*>(p[2]) + i, FVec(0.0f) - ds0, FVec(0.0f) - ds1);
                 }
-                if constexpr (kElement) {
-                  store2<float>(reinterpret_cast<float*>(p[2 + R]) + i, dc0, dc1);
-                } else {
-                  accv = accv + (dc0 + dc1);
-                }
+                lanes.add_product3(g0, h0, t0);
+                lanes.add_product3(g1, h1, t1);
               }
-              if constexpr (!kElement) acc += lanes_sum(accv);
+              lanes.flush_into(acc);
             }
             return i;
           }
@@ -266,16 +333,28 @@ auto multiply_backward_loop(double& acc) {
           op_t r = h;
           if constexpr (!kRIsH) r = as_op<T>(val<S>(p[G + 3], s[G + 3], i));
           const op_t c = val<op_t>(p[C], s[C], i);
+          const op_t dx = sv - r;
+          const op_t d = as_host_value<T>(dx);
+          op_t tr;
+          if constexpr (std::is_same_v<T, float>) {
+            aten_tanh_f32(&d, &tr, 1);
+          } else {
+            tr = std::tanh(d);
+          }
+          const op_t e = std::isnan(dx - d) ? op_t(0) : dx - d;
+          const op_t t = kHalfPrecision<T> ? tr + (op_t(1) - tr * tr) * e : tr;
           op_t dh, ds, dc;
-          multiply_backward<kRIsH>(g, h, sv, r, c, dh, ds, dc);
+          multiply_backward_t<kRIsH>(g, h, as_host_value<T>(tr), t, c, dh, ds, dc, RoundTo<T>{});
           put<T>(p[0], s[0], i, dh);
           const T ds_t = static_cast<T>(ds);
           put<S>(p[1], s[1], i, ds_t);
           if constexpr (!kRIsH) put<S>(p[2], s[2], i, -static_cast<op_t>(ds_t));
+          using ld = long double;
+          const ld term = static_cast<ld>(g) * static_cast<ld>(h) * static_cast<ld>(t);
           if constexpr (kElement) {
-            put<op_t>(p[2 + R], s[2 + R], i, dc);
+            put<double>(p[2 + R], s[2 + R], i, static_cast<double>(term));
           } else {
-            acc += static_cast<double>(dc);
+            acc.add(term);
           }
         });
   };
@@ -312,6 +391,18 @@ auto ste_forward_loop() {
 }
 
 // ---------------------------------------------------------------- valve multiplier
+// tanh(m) as the reference computes it in m's dtype (torch's own float tanh for float32).
+template <typename M, typename V>
+inline V valve_tanh(V m) {
+  if constexpr (std::is_same_v<M, float>) {
+    float in = static_cast<float>(m), out;
+    aten_tanh_f32(&in, &out, 1);
+    return static_cast<V>(out);
+  } else {
+    return Prims<V>::tanh(m);
+  }
+}
+
 // 1 + c * tanh(m): U is the result dtype, M the dtype of m (tanh is rounded to M, as the
 // reference computes it in m's dtype before promoting). operands: out(U), m(M), c(op)
 template <typename U, typename M>
@@ -324,12 +415,21 @@ auto valve_forward_loop() {
             [&](std::array<char*, N>& p, int64_t n) -> int64_t {
               if constexpr (kVectorizable<U>) {
                 const bool cb = st[2] == 0;
+                float tmp[kStep];
                 int64_t i = 0;
                 for (; i + kStep <= n; i += kStep) {
                   FVec m0, m1, c0, c1;
                   load2<M>(reinterpret_cast<const M*>(p[1]) + i, m0, m1);
                   load_weight2<float>(p[2] + (cb ? 0 : i * sizeof(float)), cb, c0, c1);
-                  FVec t0 = Prims<FVec>::tanh(m0), t1 = Prims<FVec>::tanh(m1);
+                  FVec t0, t1;
+                  if constexpr (std::is_same_v<M, float>) {
+                    aten_tanh_f32(reinterpret_cast<const float*>(p[1]) + i, tmp, kStep);
+                    t0 = FVec::loadu(tmp);
+                    t1 = FVec::loadu(tmp + FVec::size());
+                  } else {
+                    t0 = m0.tanh();  // ATen's half-precision tanh: Sleef on the widened value
+                    t1 = m1.tanh();
+                  }
                   round_through<M>(t0, t1);
                   store2<U>(reinterpret_cast<U*>(p[0]) + i, valve(c0, t0), valve(c1, t1));
                 }
@@ -339,7 +439,7 @@ auto valve_forward_loop() {
             },
             [&](std::array<char*, N>& p, const int64_t* s, int64_t i) {
               const auto m = static_cast<opmath_t<M>>(val<M>(p[1], s[1], i));
-              const op_t t = static_cast<op_t>(static_cast<M>(Prims<opmath_t<M>>::tanh(m)));
+              const op_t t = static_cast<op_t>(static_cast<M>(valve_tanh<M>(m)));
               const op_t c = val<op_t>(p[2], s[2], i);
               put<U>(p[0], s[0], i, valve(c, t));
             });
@@ -348,7 +448,7 @@ auto valve_forward_loop() {
 
 // operands: dm(M), [dc(op) when kElement], g(U), m(M), c(op)
 template <typename U, typename M, bool kElement>
-auto valve_backward_loop(double& acc) {
+auto valve_backward_loop(Accumulator& acc) {
   using op_t = opmath_t<U>;
   constexpr int E = kElement ? 1 : 0;
   constexpr int N = 4 + E;
@@ -356,7 +456,7 @@ auto valve_backward_loop(double& acc) {
   return [&acc](char** data, const int64_t* st, int64_t n0, int64_t n1) {
     std::array<int64_t, N> sizes;
     sizes[0] = sizeof(M);
-    if constexpr (kElement) sizes[1] = sizeof(op_t);
+    if constexpr (kElement) sizes[1] = -1;  // double terms, scalar loop
     sizes[G] = sizeof(U);
     sizes[G + 1] = sizeof(M);
     sizes[G + 2] = sizeof(op_t);
@@ -366,26 +466,32 @@ auto valve_backward_loop(double& acc) {
           if constexpr (kVectorizable<U> && kVectorizable<M>) {
             const bool cb = st[G + 2] == 0;
             int64_t i = 0;
-            while (i + kStep <= n) {
-              FVec accv(0.0f);
-              const int64_t seg_end = std::min(n, i + kFlushSteps * kStep);
-              for (; i + kStep <= seg_end; i += kStep) {
+            DoubleLanes lanes;
+            {
+              for (; i + kStep <= n; i += kStep) {
                 FVec g0, g1, m0, m1, c0, c1, dm0, dm1, dc0, dc1;
                 load2<U>(reinterpret_cast<const U*>(p[G]) + i, g0, g1);
                 load2<M>(reinterpret_cast<const M*>(p[G + 1]) + i, m0, m1);
                 load_weight2<float>(p[G + 2] + (cb ? 0 : i * sizeof(float)), cb, c0, c1);
-                FVec t0 = Prims<FVec>::tanh(m0), t1 = Prims<FVec>::tanh(m1);
-                round_through<M>(t0, t1);
-                valve_backward(g0, c0, t0, dm0, dc0);
-                valve_backward(g1, c1, t1, dm1, dc1);
-                store2<M>(reinterpret_cast<M*>(p[0]) + i, dm0, dm1);
-                if constexpr (kElement) {
-                  store2<float>(reinterpret_cast<float*>(p[1]) + i, dc0, dc1);
+                FVec t0, t1;
+                if constexpr (std::is_same_v<M, float>) {
+                  float tmp[kStep];
+                  aten_tanh_f32(reinterpret_cast<const float*>(p[G + 1]) + i, tmp, kStep);
+                  t0 = FVec::loadu(tmp);
+                  t1 = FVec::loadu(tmp + FVec::size());
                 } else {
-                  accv = accv + (dc0 + dc1);
+                  t0 = m0.tanh();
+                  t1 = m1.tanh();
                 }
+                FVec tg0 = t0, tg1 = t1;
+                round_through<M>(tg0, tg1);
+                valve_backward(g0, c0, tg0, t0, dm0, dc0, RoundTo<M>{});
+                valve_backward(g1, c1, tg1, t1, dm1, dc1, RoundTo<M>{});
+                store2<M>(reinterpret_cast<M*>(p[0]) + i, dm0, dm1);
+                lanes.add_product3(g0, t0, FVec(1.0f));
+                lanes.add_product3(g1, t1, FVec(1.0f));
               }
-              if constexpr (!kElement) acc += lanes_sum(accv);
+              lanes.flush_into(acc);
             }
             return i;
           }
@@ -394,15 +500,17 @@ auto valve_backward_loop(double& acc) {
         [&](std::array<char*, N>& p, const int64_t* s, int64_t i) {
           const op_t g = static_cast<op_t>(val<U>(p[G], s[G], i));
           const auto m = static_cast<opmath_t<M>>(val<M>(p[G + 1], s[G + 1], i));
-          const op_t t = static_cast<op_t>(static_cast<M>(Prims<opmath_t<M>>::tanh(m)));
+          const auto t = valve_tanh<M>(m);
           const op_t c = val<op_t>(p[G + 2], s[G + 2], i);
           op_t dm, dc;
-          valve_backward(g, c, t, dm, dc);
+          valve_backward(g, c, static_cast<op_t>(static_cast<M>(t)), static_cast<op_t>(t), dm, dc,
+                         RoundTo<M>{});
           put<M>(p[0], s[0], i, dm);
+          const long double term = static_cast<long double>(g) * static_cast<long double>(t);
           if constexpr (kElement) {
-            put<op_t>(p[1], s[1], i, dc);
+            put<double>(p[1], s[1], i, static_cast<double>(term));
           } else {
-            acc += static_cast<double>(dc);
+            acc.add(term);
           }
         });
   };

@@ -9,9 +9,28 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <vector>
 
 namespace kk::cpu {
+
+// Compensated (Neumaier) sum in long double (a 64-bit significand on x86-64), so float64
+// inputs keep their last bits over long rows and into single-value gradients.
+struct Accumulator {
+  long double sum = 0.0L;
+  long double comp = 0.0L;
+  void add(long double x) {
+    const long double t = sum + x;
+    if (std::fabs(sum) >= std::fabs(x)) {
+      comp += (sum - t) + x;
+    } else {
+      comp += (x - t) + sum;
+    }
+    sum = t;
+  }
+  // an infinite or NaN sum makes the compensation NaN (inf - inf): the sum alone is the answer
+  long double value_ld() const { return std::isfinite(sum) ? sum + comp : sum; }
+};
 
 // An iterator over outputs then inputs, which may differ in dtype and layout.
 inline at::TensorIterator make_iter(
@@ -75,17 +94,17 @@ void for_each_block(int64_t groups, int64_t group_size, Block&& block) {
 // batch outermost; a single group for a scalar weight). Fixed blocks, fixed summation order:
 // the same bits on every run and any thread count.
 template <typename BlockSum>
-std::vector<double> grouped_sums(int64_t groups, int64_t group_size, BlockSum&& block_sum) {
-  std::vector<double> sums(groups, 0.0);
+std::vector<long double> grouped_sums(int64_t groups, int64_t group_size, BlockSum&& block_sum) {
+  std::vector<long double> sums(groups, 0.0L);
   if (groups == 0 || group_size == 0) return sums;
   constexpr int64_t kBlock = 16384;
   const int64_t blocks_per_group = (group_size + kBlock - 1) / kBlock;
-  std::vector<double> partial(groups * blocks_per_group, 0.0);
+  std::vector<long double> partial(groups * blocks_per_group, 0.0L);
   for_each_block(groups, group_size, [&](int64_t k, int64_t group, int64_t begin, int64_t end) {
     partial[k] = block_sum(group, begin, end);
   });
   for (int64_t g = 0; g < groups; ++g) {
-    double acc = 0.0;
+    long double acc = 0.0L;
     for (int64_t j = 0; j < blocks_per_group; ++j) acc += partial[g * blocks_per_group + j];
     sums[g] = acc;
   }

@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "cpu/blend_kernels.h"
@@ -44,7 +45,21 @@ PoolView pool_view(const at::Tensor& x, c10::string_view topology) {
 // Means over (H, W) as a (B, C) tensor of `out_dtype`, accumulated in double.
 template <typename T>
 void pool_means(const T* x, const PoolView& v, double* means) {
-  const double inv = 1.0 / static_cast<double>(v.H * v.W);
+  const double count = static_cast<double>(v.H * v.W);
+  if constexpr (std::is_same_v<T, double>) {
+    // float64: compensated sums, one plane at a time (gradcheck and high-precision use)
+    at::parallel_for(0, v.B * v.C, 16, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const double* plane = x + (p / v.C) * v.sb + (p % v.C) * v.sc;
+        Accumulator acc;
+        for (int64_t i = 0; i < v.H; ++i) {
+          for (int64_t j = 0; j < v.W; ++j) acc.add(plane[i * v.sh + j * v.sw]);
+        }
+        means[p] = static_cast<double>(acc.value_ld() / count);
+      }
+    });
+    return;
+  }
   if (v.sc == 1 && v.C > 1) {
     // channels_last / (B,T,C): channels are contiguous; accumulate a row of C at a time.
     at::parallel_for(0, v.B, 1, [&](int64_t b0, int64_t b1) {
@@ -57,7 +72,7 @@ void pool_means(const T* x, const PoolView& v, double* means) {
             for (int64_t c = 0; c < v.C; ++c) acc[c] += static_cast<double>(row[c]);
           }
         }
-        for (int64_t c = 0; c < v.C; ++c) acc[c] *= inv;
+        for (int64_t c = 0; c < v.C; ++c) acc[c] /= count;
       }
     });
     return;
@@ -80,13 +95,13 @@ void pool_means(const T* x, const PoolView& v, double* means) {
       }
       double acc = 0.0;
       for (double l : lanes) acc += l;
-      means[p] = acc * inv;
+      means[p] = acc / count;
     }
   });
 }
 
-// Pooled means of x in x's opmath dtype (float32, or float64 for double), shape (B, C).
-at::Tensor pooled_opmath(const at::Tensor& x, c10::string_view topology) {
+// Pooled means of x as a (B, C) tensor of `dtype` (rounded once from double sums).
+at::Tensor pooled_means(const at::Tensor& x, c10::string_view topology, at::ScalarType dtype) {
   const PoolView v = pool_view(x, topology);
   std::vector<double> means(v.B * v.C, 0.0);
   if (v.H * v.W > 0 && v.B * v.C > 0) {
@@ -96,7 +111,7 @@ at::Tensor pooled_opmath(const at::Tensor& x, c10::string_view topology) {
   } else if (v.H * v.W == 0) {
     std::fill(means.begin(), means.end(), std::nan(""));  // mean over nothing, as torch gives
   }
-  return tensor_from_values(means, {v.B, v.C}, opmath_dtype(x.scalar_type()));
+  return tensor_from_values(means, {v.B, v.C}, dtype);
 }
 
 // dx = grad[b, c] / (H*W) broadcast over x's layout, rounded once to x's dtype.
@@ -111,9 +126,10 @@ at::Tensor pool_input_grad(const at::Tensor& grad_bc, const at::Tensor& x,
   auto iter = make_iter({dx}, {g});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gated_pool_backward", [&] {
     using dx_t = scalar_t;
-    using op_t = opmath_t<scalar_t>;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "gated_pool_backward", [&] {
       using g_t = scalar_t;
+      // float math for a float/half gradient (as torch's mean backward), double for double
+      using op_t = std::conditional_t<std::is_same_v<g_t, double> || std::is_same_v<dx_t, double>, double, float>;
       const op_t div = static_cast<op_t>(count);
       iter.for_each(
           [div](char** data, const int64_t* st, int64_t n0, int64_t n1) {
@@ -135,7 +151,7 @@ at::Tensor pool_input_grad(const at::Tensor& grad_bc, const at::Tensor& x,
 }  // namespace
 
 at::Tensor gated_pool(const at::Tensor& x, c10::string_view topology) {
-  return pooled_opmath(x, topology).to(x.scalar_type());
+  return pooled_means(x, topology, x.scalar_type());
 }
 
 at::Tensor gated_pool_backward(const at::Tensor& grad, const at::Tensor& x,
@@ -145,15 +161,19 @@ at::Tensor gated_pool_backward(const at::Tensor& grad, const at::Tensor& x,
 }
 
 namespace {
+// The gate MLP runs in float64 whatever x's dtype: it is (B,C) x (C,hidden), negligible next
+// to the pooling pass, and double keeps its single-value outputs (db2) correctly rounded.
+constexpr at::ScalarType kGateMath = at::kDouble;
+
 struct GateForward {
-  at::Tensor pooled, z1, a1, y;  // all in opmath
+  at::Tensor pooled, z1, a1, y;  // all in kGateMath
 };
 
 GateForward gate_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                          const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
-  const auto op = opmath_dtype(x.scalar_type());
+  const auto op = kGateMath;
   GateForward f;
-  f.pooled = pooled_opmath(x, topology);
+  f.pooled = pooled_means(x, topology, op);
   f.z1 = at::addmm(b1.to(op), f.pooled, w1.to(op).t());
   f.a1 = at::relu(f.z1);
   f.y = at::sigmoid(at::addmm(b2.to(op), f.a1, w2.to(op).t()));
@@ -177,13 +197,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_netw
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
   check_topology(x, topology);
-  const auto op = opmath_dtype(x.scalar_type());
+  const auto op = kGateMath;
   const GateForward f = gate_forward(x, w1, b1, w2, b2, topology);
   const at::Tensor gy = grad.reshape({x.size(0), 1}).to(op);
-  const at::Tensor dz2 = gy * f.y * (1 - f.y);
+  const at::Tensor dz2 = gy * (1 - f.y) * f.y;  // torch's sigmoid_backward order
   const at::Tensor dw2 = at::mm(dz2.t(), f.a1);
   const at::Tensor db2 = dz2.sum(0);
-  const at::Tensor dz1 = at::mm(dz2, w2.to(op)) * (f.z1 > 0);
+  // ReLU's gradient is a select, as torch's threshold_backward: a NaN upstream gradient does
+  // not leak through units that were off.
+  const at::Tensor da1 = at::mm(dz2, w2.to(op));
+  const at::Tensor dz1 = at::where(f.z1 <= 0, at::zeros_like(da1), da1);
   const at::Tensor dw1 = at::mm(dz1.t(), f.pooled);
   const at::Tensor db1 = dz1.sum(0);
   const at::Tensor dpooled = at::mm(dz1, w1.to(op));

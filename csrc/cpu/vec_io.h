@@ -25,6 +25,7 @@ struct Prims<FVec> {
   // Sleef's vector tanh costs about three exps; this one is one exp and a division.
   static FVec tanh(const FVec& x) { return tanh_from_exp(x); }
   static FVec exp(const FVec& x) { return x.exp(); }
+  static FVec fnma(const FVec& a, const FVec& b, const FVec& c) { return at::vec::fnmadd(a, b, c); }
 };
 
 namespace cpu {
@@ -67,6 +68,18 @@ inline void round_through(FVec& a, FVec& b) {
     b = y;
   }
 }
+
+// Rounds to T's precision, one vector or one scalar at a time: the reference's rounding points.
+template <typename T>
+struct RoundTo {
+  FVec operator()(FVec a) const {
+    FVec b = a;
+    round_through<T>(a, b);
+    return a;
+  }
+  float operator()(float x) const { return static_cast<float>(static_cast<T>(x)); }
+  double operator()(double x) const { return x; }
+};
 
 // Load S memory as T values widened to float: s.to(T) then computed in float.
 template <typename T, typename S>

@@ -51,39 +51,6 @@ at::Tensor tensor_from_values(const std::vector<double>& values, at::IntArrayRef
   return out;
 }
 
-std::vector<double> sum_to_shape(const std::vector<double>& values, at::IntArrayRef from_shape,
-                                 at::IntArrayRef to_shape) {
-  const int64_t to_numel = c10::multiply_integers(to_shape);
-  if (to_numel == static_cast<int64_t>(values.size())) return values;
-  std::vector<double> out(to_numel, 0.0);
-  if (to_numel == 1) {
-    double acc = 0.0;
-    for (double v : values) acc += v;
-    out[0] = acc;
-    return out;
-  }
-  // General case: map each source index to its destination through broadcast strides.
-  const int64_t nd = static_cast<int64_t>(from_shape.size());
-  const int64_t offset = nd - static_cast<int64_t>(to_shape.size());
-  std::vector<int64_t> dst_stride(nd, 0);
-  int64_t running = 1;
-  for (int64_t d = static_cast<int64_t>(to_shape.size()) - 1; d >= 0; --d) {
-    dst_stride[d + offset] = to_shape[d] == 1 ? 0 : running;
-    running *= to_shape[d];
-  }
-  std::vector<int64_t> idx(nd, 0);
-  for (size_t i = 0; i < values.size(); ++i) {
-    int64_t dst = 0;
-    for (int64_t d = 0; d < nd; ++d) dst += idx[d] * dst_stride[d];
-    out[dst] += values[i];
-    for (int64_t d = nd - 1; d >= 0; --d) {
-      if (++idx[d] < from_shape[d]) break;
-      idx[d] = 0;
-    }
-  }
-  return out;
-}
-
 bool batch_outermost(const at::Tensor& t) {
   if (t.dim() == 0 || t.size(0) <= 1 || t.numel() == 0) return true;
   return t.is_non_overlapping_and_dense() && t.stride(0) == t.numel() / t.size(0);

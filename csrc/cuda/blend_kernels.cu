@@ -108,6 +108,15 @@ struct MultiplyForward {
   }
 };
 
+// Rounds an opmath value to X's precision at the reference's rounding points.
+template <typename X>
+struct RoundTo {
+  template <typename V>
+  KK_DEV V operator()(V v) const {
+    return round_through<X>(v);
+  }
+};
+
 template <typename T, typename S, bool kRIsH>
 struct MultiplyBackward {
   using op_t = opmath_t<T>;
@@ -124,8 +133,11 @@ struct MultiplyBackward {
     const op_t s = as_host<T, S>(in[2]);
     op_t r = h;
     if constexpr (!kRIsH) r = as_host<T, S>(in[3]);
+    // s - r and its tanh as the reference's autograd sees them in T (identity for float and
+    // double; for a half host a tanh saturated to +-1 gives exactly zero), as the CPU does
+    const op_t t = kk::Prims<op_t>::tanh(round_through<T>(s - r));
     op_t dh, ds, dc;
-    kk::multiply_backward<kRIsH>(g, h, s, r, c, dh, ds, dc);
+    kk::multiply_backward_t<kRIsH>(g, h, round_through<T>(t), t, c, dh, ds, dc, RoundTo<T>{});
     const op_t ds_t = round_through<T>(ds);
     out[0] = dh;
     out[1] = ds_t;
@@ -181,8 +193,10 @@ struct ValveBackward {
   template <int k>
   using In = std::conditional_t<k == 0, U, M>;
   KK_DEV static void apply(const op_t (&in)[kIn], op_t c, op_t (&out)[kOut], op_t& red) {
+    // dm sees tanh rounded to m's dtype (the reference's tanh backward); dc the unrounded one
+    const op_t t = kk::Prims<op_t>::tanh(in[1]);
     op_t dm, dc;
-    kk::valve_backward(in[0], c, valve_tanh<U, M>(in[1]), dm, dc);
+    kk::valve_backward(in[0], c, round_through<M>(t), t, dm, dc, RoundTo<M>{});
     out[0] = dm;
     red = dc;
   }

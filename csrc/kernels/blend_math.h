@@ -27,6 +27,7 @@ struct Prims<float> {
   KK_HD static float select(bool c, float a, float b) { return c ? a : b; }
   KK_HD static float tanh(float x) { return tanhf(x); }
   KK_HD static float exp(float x) { return expf(x); }
+  KK_HD static float fnma(float a, float b, float c) { return fmaf(-a, b, c); }
 };
 
 template <>
@@ -36,25 +37,39 @@ struct Prims<double> {
   KK_HD static double select(bool c, double a, double b) { return c ? a : b; }
   KK_HD static double tanh(double x) { return ::tanh(x); }
   KK_HD static double exp(double x) { return ::exp(x); }
+  KK_HD static double fnma(double a, double b, double c) { return ::fma(-a, b, c); }
+};
+
+// The identity rounding: what a float or double host needs between operations.
+struct NoRound {
+  template <typename T>
+  KK_HD T operator()(T x) const {
+    return x;
+  }
 };
 
 // tanh built from exp, for float32 vector code (where a library tanh costs several times an
-// exp) and for interpreters without libdevice: the odd Taylor series to x^11 below |x| = 0.3
-// (truncation < 1e-9 relative there), 1 - 2 / (exp(2|x|) + 1) above (a few float32 ulps;
-// exp overflowing to inf gives exactly 1). NaN propagates; tanh(-0) returns +0.
+// exp) and for interpreters without libdevice: the odd Taylor series to x^19 below |x| = 0.6
+// (truncation < 1e-8 relative there), 1 - 2 / (exp(2|x|) + 1) above; within 2 float32 ulps
+// of tanh over the whole line (exp overflowing to inf gives exactly 1). NaN propagates;
+// tanh(-0) returns +0.
 template <typename T>
 KK_HD T tanh_from_exp(T x) {
   using P = Prims<T>;
   const T a = P::abs(x);
   const T a2 = a * a;
-  const T poly =
-      a * (T(1.0f) +
-           a2 * (T(-1.0f / 3.0f) +
-                 a2 * (T(2.0f / 15.0f) +
-                       a2 * (T(-17.0f / 315.0f) +
-                             a2 * (T(62.0f / 2835.0f) + a2 * T(-1382.0f / 155925.0f))))));
+  T poly = T(-443861162.0f / 1856156927625.0f);
+  poly = poly * a2 + T(6404582.0f / 10854718875.0f);
+  poly = poly * a2 + T(-929569.0f / 638512875.0f);
+  poly = poly * a2 + T(21844.0f / 6081075.0f);
+  poly = poly * a2 + T(-1382.0f / 155925.0f);
+  poly = poly * a2 + T(62.0f / 2835.0f);
+  poly = poly * a2 + T(-17.0f / 315.0f);
+  poly = poly * a2 + T(2.0f / 15.0f);
+  poly = poly * a2 + T(-1.0f / 3.0f);
+  poly = poly * a2 + T(1.0f);
   const T big = T(1.0f) - T(2.0f) / (P::exp(a + a) + T(1.0f));
-  const T t = P::select(P::lt(a, T(0.3f)), poly, big);
+  const T t = P::select(P::lt(a, T(0.6f)), a * poly, big);
   return P::select(P::lt(x, T(0.0f)), T(0.0f) - t, t);
 }
 
@@ -97,18 +112,29 @@ KK_HD T multiply(T h, T s, T r, T c) {
   return h * valve(c, Prims<T>::tanh(s - r));
 }
 
-// Gradients of h * (1 + c * tanh(s - r)). When r is h itself, h's gradient also carries the
-// path through r (-ds). dc_term = g*h*t is summed to alpha's shape; dr = -ds.
+// Gradients of h * (1 + c * tanh(s - r)) given the tanh, at the reference autograd's
+// rounding points: `round` rounds an intermediate to the host dtype where the reference
+// rounds it (NoRound for float/double hosts, whose arithmetic already rounds there), and
+// 1 - t^2 is one fused multiply-add, as torch's tanh_backward computes it. `t_grad` is the
+// tanh the reference saved (rounded to the host dtype), `t` the unrounded one for the alpha
+// term. When r is h itself, h's gradient also carries the path through r (-ds).
+// dc_term = g*h*t is summed to alpha's shape; dr = -ds.
+template <bool kReferenceIsHost, typename T, typename Round>
+KK_HD void multiply_backward_t(T g, T h, T t_grad, T t, T c, T& dh, T& ds, T& dc_term,
+                               Round round) {
+  const T gh = round(g * h);
+  ds = round(gh * c) * Prims<T>::fnma(t_grad, t_grad, T(1.0f));
+  dh = round(g * round(T(1.0f) + round(c * t_grad)));
+  if (kReferenceIsHost) {
+    dh = dh - round(ds);
+  }
+  dc_term = gh * t;
+}
+
 template <bool kReferenceIsHost, typename T>
 KK_HD void multiply_backward(T g, T h, T s, T r, T c, T& dh, T& ds, T& dc_term) {
   const T t = Prims<T>::tanh(s - r);
-  const T gh = g * h;
-  ds = gh * c * (T(1.0f) - t * t);
-  dh = g * valve(c, t);
-  if (kReferenceIsHost) {
-    dh = dh - ds;
-  }
-  dc_term = gh * t;
+  multiply_backward_t<kReferenceIsHost>(g, h, t, t, c, dh, ds, dc_term, NoRound{});
 }
 
 // Straight-through estimator: the value is h, NaN where s is not finite.
@@ -117,11 +143,18 @@ KK_HD T ste(T h, T s) {
   return h + (s - s);
 }
 
-// multiply_valve_multiplier's gradients for t = tanh(m): dm = g*c*(1-t^2), dc_term = g*t.
+// multiply_valve_multiplier's gradients for t = tanh(m): dm = round(g*c) * (1 - t_grad^2)
+// with t_grad the tanh rounded to m's dtype and `round` rounding to m's dtype (the reference's
+// tanh backward runs in m's dtype), dc_term = g*t with the unrounded t.
+template <typename T, typename Round>
+KK_HD void valve_backward(T g, T c, T t_grad, T t, T& dm, T& dc_term, Round round) {
+  dm = round(g * c) * Prims<T>::fnma(t_grad, t_grad, T(1.0f));
+  dc_term = g * t;
+}
+
 template <typename T>
 KK_HD void valve_backward(T g, T c, T t, T& dm, T& dc_term) {
-  dm = g * c * (T(1.0f) - t * t);
-  dc_term = g * t;
+  valve_backward(g, c, t, t, dm, dc_term, NoRound{});
 }
 
 template <typename T>

@@ -1,0 +1,51 @@
+#include "cpu/aten_tanh.h"
+
+#include <ATen/Context.h>
+#include <ATen/cpu/vec/vec.h>
+#include <dlfcn.h>
+
+#include <cmath>
+#include <vector>
+
+namespace kk::cpu {
+namespace {
+
+// vmsTanh(n, a, r, mode) from the MKL linked into libtorch_cpu, looked up at run time so the
+// extension loads against any torch build.
+using VmsTanh = void (*)(int, const float*, float*, long long);
+
+// The mode ATen passes (ATen/cpu/vml.h): VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE.
+constexpr long long kVmlHA = 0x2;
+constexpr long long kVmlFtzDazOff = 0x140000;
+constexpr long long kVmlErrModeIgnore = 0x100;
+
+VmsTanh resolve_vml() {
+  if (!at::globalContext().hasMKL()) return nullptr;
+  return reinterpret_cast<VmsTanh>(dlsym(RTLD_DEFAULT, "vmsTanh"));
+}
+
+}  // namespace
+
+void aten_tanh_f32(const float* in, float* out, int64_t n) {
+  static const VmsTanh vml = resolve_vml();
+  if (vml != nullptr) {
+    constexpr int64_t kMaxChunk = int64_t(1) << 30;
+    for (int64_t begin = 0; begin < n; begin += kMaxChunk) {
+      const int64_t len = std::min(kMaxChunk, n - begin);
+      vml(static_cast<int>(len), in + begin, out + begin, kVmlHA | kVmlFtzDazOff | kVmlErrModeIgnore);
+    }
+    return;
+  }
+  using FVec = at::vec::Vectorized<float>;
+  int64_t i = 0;
+  for (; i + FVec::size() <= n; i += FVec::size()) FVec::loadu(in + i).tanh().store(out + i);
+  for (; i < n; ++i) out[i] = std::tanh(in[i]);
+}
+
+float* scratch_row(int64_t n) {
+  thread_local std::vector<float> row;
+  if (static_cast<int64_t>(row.size()) < n) row.resize(n);
+  return row.data();
+}
+
+}  // namespace kk::cpu

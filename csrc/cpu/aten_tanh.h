@@ -1,0 +1,18 @@
+// torch's own float32 tanh, bit for bit: MKL VML's vmsTanh in high-accuracy mode when the
+// running torch was built with MKL (what ATen's tanh kernel calls), else Sleef's vector tanh
+// with std::tanh for the tail (ATen's path without MKL). MULTIPLY's and the valve's
+// gradients use 1 - t^2 of the tanh the reference saved, which amplifies a one-ulp
+// difference where tanh saturates, so they need exactly the reference's t.
+#pragma once
+
+#include <cstdint>
+
+namespace kk::cpu {
+
+// out[i] = tanh(in[i]) for i < n, exactly as torch.tanh computes float32 (in == out allowed).
+void aten_tanh_f32(const float* in, float* out, int64_t n);
+
+// A per-thread scratch row of at least n floats (reused across calls).
+float* scratch_row(int64_t n);
+
+}  // namespace kk::cpu

@@ -1,0 +1,612 @@
+"""The equivalence matrix: which cases run for which backend, how their inputs are built,
+and how one case is run and judged (with the rule in `equivalence.py`).
+
+`cases_for(backend)` is the single entry point. Backends whose runs are slow on this
+machine's tensors (Triton on CPU runs under its interpreter) get `reduced_cases()`: small
+shapes only, but still every op, every half/single dtype, both alpha forms (0-dim and
+per-sample), mixed layouts and dtypes, and every gradient. Set KASMINA_TEST_REDUCED=1 to give
+every backend the reduced set (the poisoned-allocator rerun uses that).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+import kasmina_kernels as kk
+from kasmina_kernels import reference
+from kasmina_kernels.backends import backend_status
+
+from equivalence import assert_equivalent, case_generator, run_forward_backward
+from oracles import longdouble_oracle
+
+F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
+DTYPES = (F32, BF16, F16, F64)
+_DT = {F32: "f32", F64: "f64", BF16: "bf16", F16: "f16"}
+
+BLEND_OPS = ("blend_add", "blend_with_isolation", "blend_multiply", "blend_gate")
+FEATURE_OPS = BLEND_OPS + ("ste_forward", "multiply_valve_multiplier")
+WEIGHT_OPS = BLEND_OPS + ("multiply_valve_multiplier",)  # ops taking alpha over features
+ALL_OPS = FEATURE_OPS + ("gate_effective_alpha", "gated_pool", "gate_network")
+
+# Backends whose CPU runs are slow (Triton's interpreter): they get the reduced set.
+SLOW_BACKENDS = frozenset({"triton"})
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    dtype: torch.dtype                 # the host's (features') dtype
+    shape: tuple
+    layout: str = "contig"             # contig | cl | cl_host | cl_seed | slice | transpose
+    alpha: str = "s32"                 # see _alpha()
+    avalue: str = "mid"                # 0-dim alpha value: mid | zero | one | neg | over
+    grads: str = "all"                 # which inputs require grad (see _requires())
+    seed_dtype: torch.dtype | None = None  # None: the host's dtype
+    seed_input: str = "none"           # MULTIPLY: none | given | h | s | f32
+    alias: bool = False                # s is h
+    mode: str = "grad"                 # grad | inference
+    specials: bool = False             # NaN / Inf planted in h and s
+    topology: str | None = None        # gated_pool / gate_network
+    gate: str = "host"                 # gate dtype: host | f32 ; gate_effective_alpha: form
+    big: bool = False
+
+    @property
+    def id(self) -> str:
+        parts = [self.op, _DT[self.dtype], "x".join(map(str, self.shape)) or "scalar"]
+        if self.topology:
+            parts.append(self.topology)
+        if self.layout != "contig":
+            parts.append(self.layout)
+        if self.op in WEIGHT_OPS or self.op in ("blend_gate", "gate_effective_alpha"):
+            parts.append(f"a-{self.alpha}-{self.avalue}" if self.alpha.startswith(("s", "i")) else f"a-{self.alpha}")
+        if self.op in ("blend_gate", "gate_effective_alpha") and self.gate != "host":
+            parts.append(f"gate-{self.gate}")
+        if self.seed_dtype is not None:
+            parts.append(f"seed-{_DT[self.seed_dtype]}")
+        if self.op == "blend_multiply":
+            parts.append(f"r-{self.seed_input}")
+        if self.alias:
+            parts.append("s-is-h")
+        if self.specials:
+            parts.append("nan-inf")
+        parts.append("inference" if self.mode == "inference" else f"grad-{self.grads}")
+        return "/".join(parts)
+
+
+# ----------------------------------------------------------------------------- the matrix
+SMALL_SHAPES = {
+    "small": (8, 64, 16, 16),
+    "tiny": (2, 3, 4, 5),
+    "primes": (3, 5, 7, 11),
+    "ones": (1, 1, 1, 1),
+    "batch1": (1, 7, 1, 3),
+    "zero_batch": (0, 4, 3, 3),
+    "d1": (17,),
+    "d2": (6, 33),
+    "d3": (4, 9, 24),
+    "d5": (2, 3, 4, 5, 2),
+}
+LAYOUTS_4D = ("cl", "cl_host", "cl_seed", "slice", "transpose")
+ALPHA_FORMS = ("s32", "sbf", "s16", "sh", "int", "ps", "psh", "bc", "vec", "full")
+AVALUES = ("zero", "one", "neg", "over")
+
+BIG = {
+    "esper_cnn_a": (512, 8, 32, 32),
+    "esper_cnn_b": (512, 32, 8, 8),
+    "esper_transformer": (32, 256, 384),
+}
+
+
+def _grad_subsets(op: str, alpha_form: str) -> tuple[str, ...]:
+    float_alpha = alpha_form != "int"
+    if op in ("blend_add", "blend_with_isolation"):
+        return ("h", "s") + (("alpha",) if float_alpha else ()) + ("none",)
+    if op == "blend_multiply":
+        return ("h", "s") + (("alpha",) if float_alpha else ()) + ("none",)
+    if op == "blend_gate":
+        return ("h", "s", "gate") + (("alpha",) if float_alpha else ()) + ("none",)
+    if op == "ste_forward":
+        return ("h", "s", "none")
+    if op == "multiply_valve_multiplier":
+        return ("m",) + (("alpha",) if float_alpha else ()) + ("none",)
+    if op == "gate_effective_alpha":
+        return ("gate",) + (("alpha",) if float_alpha else ()) + ("none",)
+    if op == "gated_pool":
+        return ("none",)
+    if op == "gate_network":
+        return ("x", "weights", "none")
+    raise AssertionError(op)
+
+
+def full_cases() -> list[Case]:
+    cases: list[Case] = []
+    add = cases.append
+    for op in FEATURE_OPS:
+        has_alpha = op != "ste_forward"
+        for dt in DTYPES:
+            base = Case(op, dt, SMALL_SHAPES["primes"])
+            # shapes (every rank, size-1 dims, primes, zero batch)
+            for shape in SMALL_SHAPES.values():
+                add(replace(base, shape=shape))
+                if has_alpha and len(shape) >= 1:
+                    add(replace(base, shape=shape, alpha="ps"))
+            # layouts
+            for layout in LAYOUTS_4D:
+                add(replace(base, layout=layout, alpha="ps" if has_alpha else "s32"))
+            add(replace(base, shape=SMALL_SHAPES["d3"], layout="slice"))
+            add(replace(base, shape=SMALL_SHAPES["d3"], layout="transpose", alpha="ps" if has_alpha else "s32"))
+            add(replace(base, shape=SMALL_SHAPES["d2"], layout="transpose"))
+            add(replace(base, shape=SMALL_SHAPES["d1"], layout="slice"))
+            # alpha forms and values
+            if has_alpha:
+                for form in ALPHA_FORMS:
+                    if form == "int":
+                        for v in ("zero", "one"):
+                            add(replace(base, alpha="int", avalue=v))
+                    else:
+                        add(replace(base, alpha=form))
+                for v in AVALUES:
+                    add(replace(base, avalue=v))
+                    add(replace(base, alpha="sbf", avalue=v))
+                add(replace(base, alpha="bc", layout="cl"))
+            # which inputs require grad
+            for sub in _grad_subsets(op, "s32"):
+                add(replace(base, grads=sub))
+            if has_alpha:
+                add(replace(base, alpha="ps", grads="alpha"))
+            add(replace(base, mode="inference"))
+            add(replace(base, mode="inference", layout="cl_host", alpha="ps" if has_alpha else "s32"))
+            add(replace(base, specials=True))
+            add(replace(base, specials=True, alpha="ps" if has_alpha else "s32", layout="cl"))
+            if has_alpha:
+                add(replace(base, specials=True, avalue="zero"))
+            add(replace(base, alias=True))
+            add(replace(base, alias=True, layout="cl", alpha="ps" if has_alpha else "s32"))
+            # mixed dtypes: half host with an fp32 seed (autocast)
+            if dt in (BF16, F16) and op != "multiply_valve_multiplier":
+                for layout in ("contig", "cl_host"):
+                    add(replace(base, seed_dtype=F32, layout=layout))
+                    if has_alpha:
+                        add(replace(base, seed_dtype=F32, layout=layout, alpha="ps"))
+                add(replace(base, seed_dtype=F32, grads="s"))
+                add(replace(base, seed_dtype=F32, specials=True))
+        if op == "blend_multiply":
+            for dt in DTYPES:
+                base = Case(op, dt, SMALL_SHAPES["primes"])
+                for r in ("given", "h", "s"):
+                    add(replace(base, seed_input=r))
+                    add(replace(base, seed_input=r, alpha="ps", layout="cl_host"))
+                add(replace(base, seed_input="given", grads="r"))
+                add(replace(base, seed_input="given", grads="none"))
+                add(replace(base, seed_input="given", specials=True))
+                add(replace(base, seed_input="given", shape=SMALL_SHAPES["d3"], alpha="ps", layout="slice"))
+                add(replace(base, seed_input="given", mode="inference"))
+                add(replace(base, seed_input="given", alias=True))
+                if dt in (BF16, F16):
+                    add(replace(base, seed_input="f32", seed_dtype=F32))
+                    add(replace(base, seed_input="f32", seed_dtype=F32, alpha="ps", layout="cl_host"))
+                    add(replace(base, seed_input="f32"))
+                    add(replace(base, seed_input="given", seed_dtype=F32, grads="r"))
+        if op == "blend_gate":
+            for dt in (BF16, F16):
+                base = Case(op, dt, SMALL_SHAPES["primes"], gate="f32")
+                add(base)
+                add(replace(base, alpha="ps", layout="cl_host"))
+                add(replace(base, grads="gate"))
+                add(replace(base, seed_dtype=F32, alpha="sbf"))
+    # gate_effective_alpha: (alpha form, gate form) pairs; `dtype` is the gate's
+    for dt in DTYPES:
+        for shape in ((8, 1, 1, 1), (5, 1, 1), (1, 1, 1, 1), (0, 1, 1, 1), (7,)):
+            base = Case("gate_effective_alpha", dt, shape, alpha="s32", gate="ps")
+            add(base)
+            add(replace(base, alpha="ps"))
+            if len(shape) == 4 and shape[0] == 8:
+                for form in ("sbf", "sh", "psh", "s64"):
+                    add(replace(base, alpha=form))
+                for v in ("zero", "one"):
+                    add(replace(base, alpha="int", avalue=v))
+                for v in AVALUES:
+                    add(replace(base, avalue=v))
+                add(replace(base, gate="scalar", alpha="ps"))
+                add(replace(base, gate="scalar", alpha="s32"))
+                for sub in ("alpha", "gate", "none"):
+                    add(replace(base, grads=sub, alpha="ps"))
+                add(replace(base, mode="inference"))
+                add(replace(base, specials=True, alpha="ps"))
+    # pooling and the gate network
+    for op in ("gated_pool", "gate_network"):
+        for dt in DTYPES:
+            for topo, shapes, layouts in (
+                ("cnn", [SMALL_SHAPES["small"], (3, 5, 7, 11), (1, 1, 1, 1), (2, 33, 1, 1), (0, 4, 3, 3), (2, 40, 3, 3)],
+                 ("cl", "slice", "transpose")),
+                ("transformer", [(4, 9, 24), (2, 1, 7), (1, 13, 36), (0, 3, 5), (3, 17, 64)], ("slice", "transpose")),
+            ):
+                base = Case(op, dt, shapes[1], topology=topo)
+                for shape in shapes:
+                    add(replace(base, shape=shape))
+                for layout in layouts:
+                    add(replace(base, layout=layout))
+                for sub in _grad_subsets(op, "s32"):
+                    add(replace(base, grads=sub))
+                add(replace(base, mode="inference"))
+                add(replace(base, specials=True))
+    return _dedupe(cases)
+
+
+def big_cases() -> list[Case]:
+    b = BIG
+    return [
+        Case("blend_add", BF16, b["esper_cnn_a"], layout="cl_host", alpha="ps", big=True),
+        Case("blend_add", F16, b["esper_transformer"], alpha="ps", big=True),
+        Case("blend_multiply", BF16, b["esper_cnn_b"], layout="cl", alpha="ps", seed_input="given", big=True),
+        Case("blend_multiply", F32, b["esper_transformer"], alpha="s32", big=True),
+        Case("blend_gate", BF16, b["esper_cnn_a"], layout="cl", alpha="s32", big=True),
+        Case("blend_gate", F32, b["esper_transformer"], alpha="ps", big=True),
+        Case("blend_gate", BF16, b["esper_cnn_b"], alpha="s32", seed_dtype=F32, gate="f32", big=True),
+        Case("ste_forward", BF16, b["esper_cnn_a"], layout="cl", big=True),
+        Case("multiply_valve_multiplier", BF16, b["esper_cnn_b"], alpha="ps", big=True),
+        Case("gated_pool", BF16, b["esper_cnn_a"], layout="cl", topology="cnn", big=True),
+        Case("gated_pool", F32, b["esper_transformer"], topology="transformer", big=True),
+        Case("gate_network", BF16, b["esper_cnn_b"], layout="cl", topology="cnn", big=True),
+        Case("gate_network", BF16, b["esper_transformer"], topology="transformer", big=True),
+    ]
+
+
+def reduced_cases() -> list[Case]:
+    """Small shapes; every op, fp32/bf16/fp16, 0-dim and per-sample alpha, mixed layouts and
+    dtypes, every gradient."""
+    cases: list[Case] = []
+    add = cases.append
+    for dt in (F32, BF16, F16):
+        for op in FEATURE_OPS:
+            has_alpha = op != "ste_forward"
+            add(Case(op, dt, (2, 3, 4, 5), alpha="s32"))
+            add(Case(op, dt, (3, 2, 3, 5), layout="cl_host", alpha="ps" if has_alpha else "s32",
+                     seed_input="given" if op == "blend_multiply" else "none"))
+            if op in BLEND_OPS:
+                add(Case(op, dt, (2, 5, 7), layout="transpose", alpha="ps" if dt == F32 else "sbf",
+                         avalue="over" if dt != F32 else "mid"))
+            if dt != F32 and op in ("blend_add", "blend_multiply", "blend_gate", "ste_forward"):
+                add(Case(op, dt, (2, 3, 4, 5), seed_dtype=F32, alpha="ps" if has_alpha else "s32",
+                         seed_input="f32" if op == "blend_multiply" else "none",
+                         gate="f32" if op == "blend_gate" else "host"))
+        add(Case("blend_multiply", dt, (2, 3, 4, 5), alpha="s32", seed_input="h"))
+        add(Case("gate_effective_alpha", dt, (4, 1, 1, 1), alpha="s32", gate="ps"))
+        add(Case("gate_effective_alpha", dt, (4, 1, 1), alpha="ps", gate="ps"))
+        for op in ("gated_pool", "gate_network"):
+            add(Case(op, dt, (2, 5, 3, 4), topology="cnn"))
+            add(Case(op, dt, (2, 5, 3, 4), topology="cnn", layout="cl"))
+            add(Case(op, dt, (2, 7, 12), topology="transformer", layout="slice"))
+    return _dedupe(cases)
+
+
+def _dedupe(cases: list[Case]) -> list[Case]:
+    seen: dict[str, Case] = {}
+    for c in cases:
+        seen.setdefault(c.id, c)
+    return list(seen.values())
+
+
+def cases_for(backend: str) -> list[Case]:
+    """The equivalence cases `backend` runs on CPU tensors."""
+    if backend in SLOW_BACKENDS or os.environ.get("KASMINA_TEST_REDUCED") == "1":
+        return reduced_cases()
+    return full_cases() + big_cases()
+
+
+def backends_under_test() -> list[tuple[str, str | None]]:
+    """Every non-reference backend with None (runs on CPU here) or the reason it cannot."""
+    out = []
+    for name in kk.BACKENDS:
+        if name == "reference":
+            continue
+        out.append((name, backend_status(name, "cpu")))
+    return out
+
+
+# ----------------------------------------------------------------------------- inputs
+def _randn(shape, gen, dtype, scale=1.0):
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def _uniform(shape, gen, lo, hi):
+    return torch.rand(shape, generator=gen, dtype=torch.float64) * (hi - lo) + lo
+
+
+def _feature(shape, dtype, layout, role, gen, scale=1.0):
+    """A random feature tensor laid out as `layout` prescribes for `role` ("h" or "s")."""
+    shape = tuple(shape)
+    rank = len(shape)
+    cl = (layout == "cl") or (layout == "cl_host" and role == "h") or (layout == "cl_seed" and role == "s")
+    if cl and rank == 4:
+        return _randn(shape, gen, dtype, scale).contiguous(memory_format=torch.channels_last)
+    if layout == "slice":
+        if rank == 1:
+            return _randn((shape[0] * 2,), gen, dtype, scale)[::2]
+        big = (shape[0], shape[1] * 2) + shape[2:]
+        return _randn(big, gen, dtype, scale)[:, ::2]
+    if layout == "transpose" and rank >= 2:
+        swapped = shape[:-2] + (shape[-1], shape[-2])
+        return _randn(swapped, gen, dtype, scale).transpose(-1, -2)
+    return _randn(shape, gen, dtype, scale)
+
+
+def _weight_values(shape, gen):
+    """Per-element blend weights: uniform in [-0.5, 1.5], with exact 0, 1 and values just
+    outside [0, 1] planted at the front."""
+    v = _uniform(shape, gen, -0.5, 1.5)
+    flat = v.view(-1)
+    for i, x in enumerate((0.0, 1.0, -0.25, 1.25)):
+        if i < flat.numel():
+            flat[i] = x
+    return v
+
+
+_SCALAR_VALUES = {"zero": 0.0, "one": 1.0, "neg": -0.3, "over": 1.7}
+
+
+def _scalar_value(avalue, gen):
+    if avalue == "mid":
+        return float(_uniform((), gen, 0.05, 0.95))
+    return _SCALAR_VALUES[avalue]
+
+
+def _per_sample_shape(shape):
+    return (shape[0],) + (1,) * (len(shape) - 1)
+
+
+def _alpha(case: Case, shape, gen) -> torch.Tensor:
+    form, host = case.alpha, case.dtype
+    if form in ("s32", "sbf", "s16", "sh", "s64"):
+        dt = {"s32": F32, "sbf": BF16, "s16": F16, "sh": host, "s64": F64}[form]
+        return torch.tensor(_scalar_value(case.avalue, gen), dtype=dt)
+    if form == "int":
+        return torch.tensor(int(_scalar_value(case.avalue, gen)), dtype=torch.int64)
+    if form in ("ps", "psh"):
+        wshape = _per_sample_shape(shape)
+    elif form == "bc":  # a general broadcast: (1, C, 1, ...)
+        wshape = (1, shape[1]) + (1,) * (len(shape) - 2) if len(shape) >= 2 else (1,)
+    elif form == "vec":  # trailing-dim vector
+        wshape = (shape[-1],)
+    elif form == "full":
+        wshape = tuple(shape)
+    else:
+        raise AssertionError(form)
+    dt = host if form == "psh" else F32
+    return _weight_values(wshape, gen).to(dt)
+
+
+def _gate(case: Case, shape, gen) -> torch.Tensor:
+    dt = F32 if case.gate == "f32" else case.dtype
+    return _weight_values(_per_sample_shape(shape), gen).to(dt)
+
+
+def _plant_specials(t: torch.Tensor, gen, values) -> None:
+    if t.numel() == 0:
+        return
+    for v in values:
+        idx = tuple(int(torch.randint(0, n, (), generator=gen)) for n in t.shape)
+        t[idx] = v
+
+
+@dataclass
+class Built:
+    leaves: dict
+    requires: tuple
+    call: object
+    elementwise: frozenset
+
+
+def build(case: Case) -> Built:
+    gen = case_generator(case.id)
+    op, dt, shape = case.op, case.dtype, case.shape
+    if op in FEATURE_OPS:
+        h = _feature(shape, dt, case.layout, "h", gen)
+        if op == "multiply_valve_multiplier":
+            alpha = _alpha(case, shape, gen)
+            if case.specials:
+                _plant_specials(h, gen, (float("nan"), float("inf"), float("-inf")))
+            leaves = {"alpha": alpha, "m": h}
+            requires = _requires(case, leaves)
+
+            def call(fn, L):
+                return fn(L["alpha"], L["m"])
+
+            return Built(leaves, requires, call, frozenset({"y", "dm"}))
+        s = h if case.alias else _feature(shape, case.seed_dtype or dt, case.layout, "s", gen)
+        if case.specials:
+            _plant_specials(h, gen, (float("nan"), float("inf")))
+            if not case.alias:
+                _plant_specials(s, gen, (float("nan"), float("inf"), float("-inf")))
+        leaves = {"h": h, "s": s}
+        if op != "ste_forward":
+            leaves["alpha"] = _alpha(case, shape, gen)
+        if op == "blend_gate":
+            leaves["gate"] = _gate(case, shape, gen)
+        if op == "blend_multiply":
+            r = {
+                "none": None,
+                "h": h,
+                "s": s,
+                "given": None,
+                "f32": None,
+            }[case.seed_input]
+            if case.seed_input == "given":
+                r = _feature(shape, case.seed_dtype or dt, case.layout, "s", gen)
+            elif case.seed_input == "f32":
+                r = _feature(shape, F32, case.layout, "s", gen)
+            leaves["r"] = r
+        requires = _requires(case, leaves)
+        ew = frozenset({"y", "dh", "ds", "dr"})
+        return Built(leaves, requires, _CALLS[op], ew)
+    if op == "gate_effective_alpha":
+        gshape = shape
+        if case.gate == "scalar":
+            gate = torch.tensor(float(_uniform((), gen, -0.2, 1.2)), dtype=dt)
+        else:
+            gate = _weight_values(gshape, gen).to(dt)
+        alpha = _alpha(case, shape, gen)
+        if case.specials:
+            _plant_specials(gate, gen, (float("nan"),))
+            if alpha.is_floating_point() and alpha.dim():
+                _plant_specials(alpha, gen, (float("inf"),))
+        leaves = {"alpha": alpha, "gate": gate}
+        return Built(leaves, _requires(case, leaves), _CALLS[op], frozenset({"y"}))
+    if op in ("gated_pool", "gate_network"):
+        x = _feature(shape, dt, case.layout, "h", gen)
+        if case.specials:
+            _plant_specials(x, gen, (float("nan"),) if op == "gated_pool" else (float("inf"),))
+        topo = case.topology
+        leaves = {"x": x}
+        if op == "gate_network":
+            channels = shape[1] if topo == "cnn" else shape[2]
+            hidden = reference.gate_hidden_size(channels)
+            k1, k2 = channels ** -0.5, hidden ** -0.5
+            leaves.update(
+                w1=_randn((hidden, channels), gen, dt, k1),
+                b1=_randn((hidden,), gen, dt, k1),
+                w2=_randn((1, hidden), gen, dt, k2),
+                b2=_randn((1,), gen, dt, k2),
+            )
+
+            def call(fn, L, topo=topo):
+                return fn(L["x"], L["w1"], L["b1"], L["w2"], L["b2"], topology=topo)
+
+            # every output of the gate network passes through a reduction: rule 2 only
+            return Built(leaves, _requires(case, leaves), call, frozenset())
+
+        def call(fn, L, topo=topo):
+            return fn(L["x"], topo)
+
+        return Built(leaves, _requires(case, leaves), call, frozenset({"dx"}))
+    raise AssertionError(op)
+
+
+def _requires(case: Case, leaves: dict) -> tuple:
+    if case.mode == "inference" or case.grads == "none":
+        return ()
+    floats = [n for n, t in leaves.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if case.grads == "all":
+        return tuple(floats)
+    if case.grads == "weights":
+        return ("w1", "b1", "w2", "b2")
+    assert case.grads in floats, (case.id, case.grads, floats)
+    return (case.grads,)
+
+
+_CALLS = {
+    "blend_add": lambda fn, L: fn(L["h"], L["s"], L["alpha"]),
+    "blend_with_isolation": lambda fn, L: fn(L["h"], L["s"], L["alpha"]),
+    "blend_gate": lambda fn, L: fn(L["h"], L["s"], L["alpha"], L["gate"]),
+    "blend_multiply": lambda fn, L: fn(L["h"], L["s"], L["alpha"], seed_input=L["r"]),
+    "ste_forward": lambda fn, L: fn(L["h"], L["s"]),
+    "gate_effective_alpha": lambda fn, L: fn(L["alpha"], L["gate"]),
+}
+
+
+# ----------------------------------------------------------------------------- running
+def kernel_fn(op: str, backend: str):
+    return functools.partial(getattr(kk, op), backend=backend)
+
+
+def reference_fn(op: str):
+    return getattr(reference, op)
+
+
+def _snapshot(leaves: dict) -> dict:
+    return {n: t.detach().clone() for n, t in leaves.items() if isinstance(t, torch.Tensor)}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def run_case(backend: str, case: Case) -> None:
+    built = build(case)
+    ref_fn, kern_fn = reference_fn(case.op), kernel_fn(case.op, backend)
+    inference = case.mode == "inference"
+    with torch.no_grad():
+        y0 = built.call(ref_fn, built.leaves)
+    gen = case_generator(case.id + "/grad")
+    g = _randn(y0.shape, gen, y0.dtype)
+    if y0.dim() == 4 and y0.is_contiguous(memory_format=torch.channels_last) and not y0.is_contiguous():
+        g = g.contiguous(memory_format=torch.channels_last)
+    ref = run_forward_backward(ref_fn, built.leaves, built.call, built.requires, g, inference=inference)
+    before = _snapshot(built.leaves)
+    kern = run_forward_backward(kern_fn, built.leaves, built.call, built.requires, g, inference=inference)
+    for n, t in before.items():
+        assert _same_bits(built.leaves[n], t), f"{case.id}: the {backend} kernel wrote into input {n!r}"
+    oracle = make_oracle(case, built, g)
+    assert_equivalent(
+        kern, ref, oracle,
+        elementwise=built.elementwise,
+        context=f"[{backend}] {case.id}: " + describe_inputs(built.leaves),
+    )
+
+
+def make_oracle(case: Case, built: Built, g: torch.Tensor) -> dict:
+    """The rule-2 oracle: the reference on inputs upcast to float64; for float64 cases the
+    long-double oracle (see equivalence.py)."""
+    inference = case.mode == "inference"
+    if case.dtype == F64:
+        return longdouble_oracle(
+            case.op, built.leaves, built.requires, g, topology=case.topology, inference=inference
+        )
+    return run_forward_backward(
+        reference_fn(case.op), _as_the_op_casts(built.leaves), built.call, built.requires, g,
+        inference=inference, upcast_inputs=True,
+    )
+
+
+def _as_the_op_casts(leaves: dict) -> dict:
+    """The seed and seed_input as the op itself reads them: cast to the host's dtype (section 2:
+    "cast s"). Upcasting an fp32 seed of a bf16 host straight to float64 would give the oracle
+    a different function, one that skips that cast, and measure the cast as everyone's error.
+    Aliases (s is h) stay aliases; a seed already in the host's dtype is unchanged."""
+    h = leaves.get("h")
+    if h is None:
+        return leaves
+    cast = dict(leaves)
+    made: dict[int, torch.Tensor] = {}
+    for name in ("s", "r"):
+        t = leaves.get(name)
+        if isinstance(t, torch.Tensor) and t is not h and t.dtype != h.dtype:
+            if id(t) not in made:  # s is r stays one tensor
+                made[id(t)] = t.detach().to(h.dtype)
+            cast[name] = made[id(t)]
+    return cast
+
+
+def describe_inputs(leaves: dict) -> str:
+    parts = []
+    for n, t in leaves.items():
+        if isinstance(t, torch.Tensor):
+            parts.append(f"{n}={tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}:stride{t.stride()}")
+        else:
+            parts.append(f"{n}={t!r}")
+    return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------- params
+def backend_params(*, include_reference: bool = False):
+    """pytest params for every backend: available ones run, the others are skipped with the
+    reason `backend_status` gives (so CI shows why, e.g. Triton without TRITON_INTERPRET)."""
+    import pytest
+
+    params = []
+    for name in kk.BACKENDS:
+        if name == "reference" and not include_reference:
+            continue
+        why = backend_status(name, "cpu")
+        if why is None:
+            params.append(pytest.param(name, id=name))
+        else:
+            params.append(pytest.param(name, id=name, marks=pytest.mark.skip(
+                reason=f"backend {name!r} cannot run on cpu here: {why}")))
+    return params

@@ -1,0 +1,84 @@
+"""Shared pytest configuration for the kasmina-kernels suite.
+
+- Registers the markers used here (``equivalence``, ``big``).
+- Counts, per backend, how many equivalence cases ran, passed, failed and were skipped, and
+  prints that at the end of the run ("equivalence cases run: native=... triton=..."), so CI
+  shows when a backend silently ran nothing.
+- Fails loudly at the end if any skip carried no reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections import Counter, defaultdict
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from cases import cases_for  # noqa: E402,F401  (re-exported: cases_for(backend))
+
+_tally: dict[str, Counter] = defaultdict(Counter)
+_backend_of: dict[str, str] = {}
+_reasonless_skips: list[str] = []
+
+
+def pytest_configure(config):
+    # torch.compile's structured trace logs would otherwise flood pytest's captured-log report
+    logging.getLogger("torch.__trace").propagate = False
+    config.addinivalue_line("markers", "equivalence: a kernel-vs-reference equivalence case")
+    config.addinivalue_line(
+        "markers", "big: an Esper-sized equivalence case (native only, a few combinations)"
+    )
+
+
+def pytest_collection_modifyitems(session, config, items):
+    for item in items:
+        if item.get_closest_marker("equivalence") is None:
+            continue
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "backend" in callspec.params:
+            _backend_of[item.nodeid] = callspec.params["backend"]
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if not reason or reason.strip() in ("Skipped", "Skipped:", ""):
+            _reasonless_skips.append(report.nodeid)
+    backend = _backend_of.get(report.nodeid)
+    if backend is None:
+        return
+    if report.when == "call":
+        _tally[backend]["passed" if report.passed else "failed"] += 1
+    elif report.when == "setup" and not report.passed:
+        _tally[backend]["skipped" if report.skipped else "failed"] += 1
+    elif report.when == "teardown" and report.failed:
+        _tally[backend]["failed"] += 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _backend_of:
+        return
+    backends = sorted(set(_backend_of.values()))
+    ran = " ".join(
+        f"{b}={_tally[b]['passed'] + _tally[b]['failed']}" for b in backends
+    )
+    terminalreporter.write_sep("=", "kasmina equivalence")
+    terminalreporter.write_line(f"equivalence cases run: {ran}")
+    for b in backends:
+        t = _tally[b]
+        terminalreporter.write_line(
+            f"  {b}: passed={t['passed']} failed={t['failed']} skipped={t['skipped']}"
+        )
+    if os.environ.get("MALLOC_PERTURB_"):
+        terminalreporter.write_line(
+            f"  allocations poisoned: MALLOC_PERTURB_={os.environ['MALLOC_PERTURB_']}"
+        )
+    if _reasonless_skips:
+        terminalreporter.write_line("skips without a reason: " + ", ".join(_reasonless_skips))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _reasonless_skips and session.exitstatus == 0:
+        session.exitstatus = 1

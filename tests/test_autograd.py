@@ -1,0 +1,237 @@
+"""Gradients of the native ops: torch.autograd.gradcheck in float64 for every op (scalar and
+per-sample alpha, seed_input, gates, layouts), and the activation-memory contract of DESIGN.md
+section 6 for every kernel backend: a fused op saves only its inputs for backward.
+
+Saved bytes are counted with torch.autograd.graph.saved_tensors_hooks. Choice: tensors are
+deduplicated by the data pointer of their untyped storage and counted at that storage's full
+size, on both sides (the op's tensor inputs and what it saves), so an input saved twice, or a
+view saved instead of its base, costs nothing extra; a saved intermediate (a new storage) does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+import kasmina_kernels as kk
+from kasmina_kernels import reference
+
+from cases import backend_params
+from equivalence import case_generator
+
+F64 = torch.float64
+
+
+def rnd(shape, key, *, lo=None, hi=None, dtype=F64, cl=False):
+    g = case_generator(key)
+    if lo is None:
+        t = torch.randn(shape, generator=g, dtype=F64)
+    else:
+        t = torch.rand(shape, generator=g, dtype=F64) * (hi - lo) + lo
+    t = t.to(dtype)
+    return t.contiguous(memory_format=torch.channels_last) if cl and t.dim() == 4 else t
+
+
+def weight(shape, key, dtype=F64):
+    """Blend weights away from the clamp kinks at 0 and 1 (finite differences straddling a
+    kink are meaningless), including values outside [0, 1] whose gradient must be 0."""
+    v = rnd(shape, key, lo=0.1, hi=0.9, dtype=F64)
+    flat = v.view(-1)
+    if flat.numel() >= 3:
+        flat[1], flat[2] = 1.4, -0.3
+    return v.to(dtype)
+
+
+def leaf(t):
+    return t.detach().requires_grad_(True)
+
+
+S4 = (2, 3, 4, 5)
+PS4 = (2, 1, 1, 1)
+
+
+def _cases():
+    c = {}
+    c["add/scalar"] = (lambda h, s, a: kk.blend_add(h, s, a, backend="native"),
+                       lambda k: (rnd(S4, k + "h"), rnd(S4, k + "s"), torch.tensor(0.3, dtype=F64)))
+    c["add/per_sample/cl"] = (lambda h, s, a: kk.blend_add(h, s, a, backend="native"),
+                              lambda k: (rnd(S4, k + "h", cl=True), rnd(S4, k + "s"), weight(PS4, k + "a")))
+    c["add/broadcast"] = (lambda h, s, a: kk.blend_add(h, s, a, backend="native"),
+                          lambda k: (rnd(S4, k + "h"), rnd(S4, k + "s"), weight((1, 3, 1, 1), k + "a")))
+    c["add/above_one"] = (lambda h, s, a: kk.blend_add(h, s, a, backend="native"),
+                          lambda k: (rnd(S4, k + "h"), rnd(S4, k + "s"), torch.tensor(1.7, dtype=F64)))
+    c["isolation/scalar"] = (lambda h, s, a: kk.blend_with_isolation(h, s, a, backend="native"),
+                             lambda k: (rnd(S4, k + "h"), rnd(S4, k + "s"), torch.tensor(0.6, dtype=F64)))
+    c["multiply/scalar"] = (lambda h, s, a: kk.blend_multiply(h, s, a, backend="native"),
+                            lambda k: (rnd(S4, k + "h"), rnd(S4, k + "s"), torch.tensor(0.4, dtype=F64)))
+    c["multiply/per_sample/seed_input"] = (
+        lambda h, s, a, r: kk.blend_multiply(h, s, a, seed_input=r, backend="native"),
+        lambda k: (rnd(S4, k + "h", cl=True), rnd(S4, k + "s"), weight(PS4, k + "a"), rnd(S4, k + "r")))
+    c["multiply/3d/seed_input"] = (
+        lambda h, s, a, r: kk.blend_multiply(h, s, a, seed_input=r, backend="native"),
+        lambda k: (rnd((3, 5, 6), k + "h"), rnd((3, 5, 6), k + "s"), weight((3, 1, 1), k + "a"),
+                   rnd((3, 5, 6), k + "r")))
+    c["gate/scalar_alpha"] = (lambda h, s, a, g: kk.blend_gate(h, s, a, g, backend="native"),
+                              lambda k: (rnd(S4, k + "h"), rnd(S4, k + "s"), torch.tensor(0.8, dtype=F64),
+                                         weight(PS4, k + "g")))
+    c["gate/per_sample_alpha"] = (lambda h, s, a, g: kk.blend_gate(h, s, a, g, backend="native"),
+                                  lambda k: (rnd(S4, k + "h", cl=True), rnd(S4, k + "s"), weight(PS4, k + "a"),
+                                             weight(PS4, k + "g")))
+    c["valve/scalar"] = (lambda a, m: kk.multiply_valve_multiplier(a, m, backend="native"),
+                         lambda k: (torch.tensor(0.35, dtype=F64), rnd(S4, k + "m")))
+    c["valve/per_sample"] = (lambda a, m: kk.multiply_valve_multiplier(a, m, backend="native"),
+                             lambda k: (weight(PS4, k + "a"), rnd(S4, k + "m", cl=True)))
+    c["gate_effective/scalar_alpha"] = (lambda a, g: kk.gate_effective_alpha(a, g, backend="native"),
+                                        lambda k: (torch.tensor(0.7, dtype=F64), weight((5, 1, 1, 1), k + "g")))
+    c["gate_effective/per_sample"] = (lambda a, g: kk.gate_effective_alpha(a, g, backend="native"),
+                                      lambda k: (weight((5, 1, 1), k + "a"), weight((5, 1, 1), k + "g")))
+    c["pool/cnn"] = (lambda x: kk.gated_pool(x, "cnn", backend="native"), lambda k: (rnd(S4, k + "x", cl=True),))
+    c["pool/transformer"] = (lambda x: kk.gated_pool(x, "transformer", backend="native"),
+                             lambda k: (rnd((2, 7, 6), k + "x"),))
+    for topo, xs, ch in (("cnn", (3, 12, 3, 2), 12), ("transformer", (3, 5, 40), 40)):
+        hid = reference.gate_hidden_size(ch)
+        c[f"gate_network/{topo}"] = (
+            lambda x, w1, b1, w2, b2, topo=topo: kk.gate_network(x, w1, b1, w2, b2, topology=topo, backend="native"),
+            lambda k, xs=xs, ch=ch, hid=hid: (rnd(xs, k + "x"), rnd((hid, ch), k + "w1"), rnd((hid,), k + "b1"),
+                                              rnd((1, hid), k + "w2"), rnd((1,), k + "b2")))
+    return c
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradcheck_native(name):
+    fn, make = CASES[name]
+    inputs = tuple(leaf(t) for t in make(f"gradcheck/{name}/"))
+    assert gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["add/scalar", "multiply/per_sample/seed_input", "gate/per_sample_alpha",
+                                  "valve/per_sample", "gate_network/cnn"])
+def test_gradcheck_subsets_of_inputs(name):
+    """Inputs that do not require grad (the backward skips their gradients)."""
+    fn, make = CASES[name]
+    base = make(f"subset/{name}/")
+    for i in range(len(base)):
+        inputs = tuple(leaf(t) if j == i else t for j, t in enumerate(base))
+        assert gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed_dtype", [F64, torch.float32], ids=["same", "fp32_seed"])
+def test_ste_gradient_is_straight_through(seed_dtype):
+    """STE's value ignores s, so gradcheck's finite differences cannot judge it: its gradient
+    is 1 to both inputs by definition (ds in s's own dtype)."""
+    h = leaf(rnd(S4, "ste/h"))
+    s = leaf(rnd(S4, "ste/s", dtype=seed_dtype))
+    g = rnd(S4, "ste/g")
+    y = kk.ste_forward(h, s, backend="native")
+    dh, ds = torch.autograd.grad(y, (h, s), g)
+    assert torch.equal(dh, g)
+    assert ds.dtype == seed_dtype and torch.equal(ds, g.to(seed_dtype))
+
+
+def test_gradcheck_with_integer_alpha_and_aliasing():
+    h = leaf(rnd(S4, "alias/h"))
+    assert gradcheck(lambda h: kk.blend_add(h, h, torch.tensor(1), backend="native"), (h,))
+    assert gradcheck(lambda h: kk.blend_multiply(h, h * 0.5, torch.tensor(0.5, dtype=F64), seed_input=h,
+                                                 backend="native"), (h,))
+
+
+# ----------------------------------------------------------------------------- saved bytes
+class SavedCounter:
+    def __init__(self):
+        self.saved: list[torch.Tensor] = []
+
+    def pack(self, t):
+        self.saved.append(t)
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def storage_bytes(tensors) -> tuple[int, set[int]]:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+    return sum(seen.values()), set(seen)
+
+
+def _memory_cases():
+    """Esper-like dtypes: bf16 features, fp32 weights and seeds."""
+    bf = torch.bfloat16
+    shape = (4, 8, 6, 6)
+    h = rnd(shape, "mem/h", dtype=bf, cl=True)
+    s = rnd(shape, "mem/s", dtype=bf)
+    s32 = rnd(shape, "mem/s32", dtype=torch.float32)
+    r = rnd(shape, "mem/r", dtype=bf)
+    a = torch.tensor(0.5)
+    ps = weight((4, 1, 1, 1), "mem/a", dtype=torch.float32)
+    gate = weight((4, 1, 1, 1), "mem/g", dtype=bf)
+    x3 = rnd((4, 9, 32), "mem/x3", dtype=bf)
+    w = (rnd((8, 8), "mem/w1", dtype=bf), rnd((8,), "mem/b1", dtype=bf), rnd((1, 8), "mem/w2", dtype=bf),
+         rnd((1,), "mem/b2", dtype=bf))
+    return {
+        "blend_add": (kk.blend_add, (h, s, ps), {}),
+        "blend_add_fp32_seed": (kk.blend_add, (h, s32, a), {}),
+        "blend_with_isolation": (kk.blend_with_isolation, (h, s, a), {}),
+        "blend_multiply": (kk.blend_multiply, (h, s, ps), {}),
+        "blend_multiply_seed_input": (kk.blend_multiply, (h, s, ps), {"seed_input": r}),
+        "blend_multiply_aliased": (kk.blend_multiply, (h, h, a), {"seed_input": h}),
+        "blend_gate": (kk.blend_gate, (h, s, a, gate), {}),
+        "ste_forward": (kk.ste_forward, (h, s), {}),
+        "multiply_valve_multiplier": (kk.multiply_valve_multiplier, (ps, h), {}),
+        "gate_effective_alpha": (kk.gate_effective_alpha, (a, gate), {}),
+        "gated_pool": (kk.gated_pool, (h, "cnn"), {}),
+        "gated_pool_transformer": (kk.gated_pool, (x3, "transformer"), {}),
+        "gate_network": (kk.gate_network, (h,) + w, {"topology": "cnn"}),
+    }
+
+
+MEMORY_CASES = _memory_cases()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("name", list(MEMORY_CASES))
+def test_fused_op_saves_at_most_its_inputs(backend, name):
+    fn, args, kwargs = MEMORY_CASES[name]
+    made: dict[int, torch.Tensor] = {}  # one leaf per input object, so aliases stay aliases
+
+    def as_leaf(a):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return made.setdefault(id(a), leaf(a))
+        return a
+
+    leaves = [as_leaf(a) for a in args]
+    kw = {k: as_leaf(v) for k, v in kwargs.items()}
+    with SavedCounter() as counter:
+        y = fn(*leaves, **kw, backend=backend)
+    in_bytes, in_storages = storage_bytes(list(leaves) + list(kw.values()))
+    saved_bytes, saved_storages = storage_bytes(counter.saved)
+    assert saved_bytes <= in_bytes, f"saved {saved_bytes} B for backward, inputs are {in_bytes} B"
+    # DESIGN section 6: a fused op saves only its inputs (no intermediates)
+    assert saved_storages <= in_storages, "the op saved a tensor that is not one of its inputs"
+    assert y.requires_grad
+    # and its backward still runs from what it saved
+    torch.autograd.grad(y, [t for t in leaves + list(kw.values()) if isinstance(t, torch.Tensor)
+                            and t.requires_grad], torch.ones_like(y), allow_unused=True)
+
+
+def test_saved_bytes_counter_sees_the_reference_intermediates():
+    """Control: the counter does count intermediates (eager MULTIPLY saves tanh etc.)."""
+    fn, args, kwargs = MEMORY_CASES["blend_multiply"]
+    leaves = [leaf(a) for a in args]
+    with SavedCounter() as counter:
+        reference.blend_multiply(*leaves)
+    _, in_storages = storage_bytes(leaves)
+    _, saved_storages = storage_bytes(counter.saved)
+    assert not saved_storages <= in_storages

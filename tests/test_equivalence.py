@@ -1,0 +1,37 @@
+"""Every kernel backend against the reference (DESIGN.md section 5): op x backend x dtype x
+shape x layout x alpha form x which inputs require grad, forward and every gradient.
+
+The matrix lives in `cases.py`; `cases_for(backend)` gives a slow backend (Triton under its
+CPU interpreter) a reduced set automatically. The Esper-sized cases are marked ``big`` and run
+for the native backend only.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cases import backends_under_test, big_cases, cases_for, run_case
+
+
+def _params():
+    params = []
+    big_ids = {c.id for c in big_cases()}
+    for backend, why in backends_under_test():
+        if why is not None:
+            params.append(
+                pytest.param(
+                    backend, None, id=f"{backend}-unavailable",
+                    marks=pytest.mark.skip(reason=f"backend {backend!r} cannot run on cpu here: {why}"),
+                )
+            )
+            continue
+        for case in cases_for(backend):
+            marks = [pytest.mark.big] if case.id in big_ids else []
+            params.append(pytest.param(backend, case, id=f"{backend}-{case.id}", marks=marks))
+    return params
+
+
+@pytest.mark.equivalence
+@pytest.mark.parametrize("backend,case", _params())
+def test_equivalence(backend, case):
+    run_case(backend, case)
