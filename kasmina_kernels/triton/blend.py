@@ -193,9 +193,13 @@ def _blend_bwd_kernel(
         g = a
     w = _effective_weight(a, g, OP, H, P, CD, INTERP)
     if OP == 4:
-        t = round_to(tanh(to_float(x0, TD, INTERP)), x0_ptr.dtype.element_ty, INTERP).to(CD)
-        dm = go * w * (1.0 - t * t)
-        dwt = go.to(RD) * t.to(RD)
+        # dm at the reference's rounding points (torch's tanh_backward in m's dtype: the
+        # saved tanh rounded to m's dtype, g*c rounded to it, 1 - t^2 fused); dc with the
+        # unrounded tanh
+        tx = tanh(to_float(x0, TD, INTERP)).to(CD)
+        t = round_to(tx, x0_ptr.dtype.element_ty, INTERP)
+        dm = round_to(go * w, x0_ptr.dtype.element_ty, INTERP) * tl.fma(-t, t, 1.0)
+        dwt = go.to(RD) * tx.to(RD)
         if W_DX0:
             store(dx0_ptr + ref, dm, mask, INTERP)
     else:
@@ -212,14 +216,24 @@ def _blend_bwd_kernel(
                 r = h
             else:
                 r = _seed(tl.load(x2_ptr + x2_off, mask=mask, other=0), H, CD, INTERP)
-            t = tanh(s - r)
-            gh = go * h
-            ds = gh * w * (1.0 - t * t)
-            dh = go * (1.0 + w * t)
+            # The reference autograd's rounding points (as the native kernels): s - r and
+            # its saved tanh rounded to the host dtype H; g*h, g*h*c, c*t and 1 + c*t rounded
+            # to H; 1 - t^2 as one fused multiply-add (torch's tanh_backward). A tanh that
+            # saturates to +-1 in H so gives exactly zero, as in the reference.
+            dx = s - r
+            d = round_to(dx, H, INTERP)
+            tr = tanh(d)
+            tg = round_to(tr, H, INTERP)
+            gh = round_to(go * h, H, INTERP)
+            ds = round_to(gh * w, H, INTERP) * tl.fma(-tg, tg, 1.0)
+            dh = round_to(go * round_to(1.0 + round_to(w * tg, H, INTERP), H, INTERP), H, INTERP)
             if R_IS_H:
-                dh = dh - ds
+                dh = dh - round_to(ds, H, INTERP)
             if RD == CD:
-                dwt = gh * t
+                # the alpha term wants tanh of the unrounded s - r: first-order correction
+                e = dx - d
+                e = tl.where(e == e, e, 0.0)  # an infinite d rounds to itself
+                dwt = go * h * (tr + (1.0 - tr * tr) * e)
             else:
                 dwt = go.to(RD) * h.to(RD) * tanh(s.to(RD) - r.to(RD))
         if W_DX0:
