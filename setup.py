@@ -60,7 +60,11 @@ def _extension():
     isa = _cpu_isa()
     sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "ops", "*.cpp")))
-    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+    # -fopenmp: ATen's at::parallel_for is header code that parallelises through OpenMP
+    # pragmas; without it every parallel_for here would run on one thread. The libgomp it
+    # links is the one torch already loaded (same soname), so there is one OpenMP runtime.
+    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-Wall", "-Wno-unused-function", "-fopenmp"]
+    link = ["-fopenmp"]
     # ATen's Vectorized<T> picks its width from CPU_CAPABILITY; its AVX2 specialisations live
     # in their own inline namespace, so they do not clash with torch's own copies.
     if isa == "avx2":
@@ -85,6 +89,7 @@ def _extension():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
         )
     return cpp_extension.CppExtension(
         "kasmina_kernels._C",
@@ -92,6 +97,7 @@ def _extension():
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
     )
 
 

@@ -17,17 +17,41 @@ struct Tag {
   using type = T;
 };
 
-// Per-lane double sums of float vectors: each float term enters a double exactly, so a row's
-// sum loses nothing to float accumulation; the lanes go into the block's Accumulator after.
+// Per-lane double sums of float vectors: each float term enters a double exactly, and the
+// float32 weight-gradient terms are formed in double (a * (b - c), a * b * c), so a float32
+// blend's alpha gradient carries no float rounding of its terms; the lanes go into the
+// block's Accumulator after.
 struct DoubleLanes {
+#if defined(CPU_CAPABILITY_AVX2)
+  __m256d lo = _mm256_setzero_pd();
+  __m256d hi = _mm256_setzero_pd();
+  static __m256d low(const FVec& v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
+  static __m256d high(const FVec& v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
+  void add(const FVec& v) {
+    lo = _mm256_add_pd(lo, low(v));
+    hi = _mm256_add_pd(hi, high(v));
+  }
+  void add_product_of_difference(const FVec& a, const FVec& b, const FVec& c) {
+    lo = _mm256_fmadd_pd(low(a), _mm256_sub_pd(low(b), low(c)), lo);
+    hi = _mm256_fmadd_pd(high(a), _mm256_sub_pd(high(b), high(c)), hi);
+  }
+  void add_product3(const FVec& a, const FVec& b, const FVec& c) {
+    lo = _mm256_fmadd_pd(_mm256_mul_pd(low(a), low(b)), low(c), lo);
+    hi = _mm256_fmadd_pd(_mm256_mul_pd(high(a), high(b)), high(c), hi);
+  }
+  void flush_into(Accumulator& acc) const {
+    double tmp[8];
+    _mm256_storeu_pd(tmp, lo);
+    _mm256_storeu_pd(tmp + 4, hi);
+    for (double v : tmp) acc.add(v);
+  }
+#else
   double lane[FVec::size()] = {};
   void add(const FVec& v) {
     float tmp[FVec::size()];
     v.store(tmp);
     for (int64_t k = 0; k < FVec::size(); ++k) lane[k] += static_cast<double>(tmp[k]);
   }
-  // a * (b - c), formed in double from float lanes: exact up to one double rounding, so the
-  // weight gradient of a float32 blend carries no float rounding of its terms
   void add_product_of_difference(const FVec& a, const FVec& b, const FVec& c) {
     float ta[FVec::size()], tb[FVec::size()], tc[FVec::size()];
     a.store(ta);
@@ -37,7 +61,6 @@ struct DoubleLanes {
       lane[k] += static_cast<double>(ta[k]) * (static_cast<double>(tb[k]) - static_cast<double>(tc[k]));
     }
   }
-  // a * b * c in double
   void add_product3(const FVec& a, const FVec& b, const FVec& c) {
     float ta[FVec::size()], tb[FVec::size()], tc[FVec::size()];
     a.store(ta);
@@ -49,6 +72,29 @@ struct DoubleLanes {
   }
   void flush_into(Accumulator& acc) const {
     for (int64_t k = 0; k < FVec::size(); ++k) acc.add(lane[k]);
+  }
+#endif
+};
+
+// For half-precision features: float terms summed in float for 64 vector steps at a time,
+// then in double. Their rounding is far below the half-precision inputs' own.
+struct FloatLanes {
+  FVec sum = FVec(0.0f);
+  int steps = 0;
+  DoubleLanes total;
+  void add(const FVec& v) {
+    sum = sum + v;
+    if (++steps == 64) {
+      total.add(sum);
+      sum = FVec(0.0f);
+      steps = 0;
+    }
+  }
+  void add_product_of_difference(const FVec& a, const FVec& b, const FVec& c) { add(a * (b - c)); }
+  void add_product3(const FVec& a, const FVec& b, const FVec& c) { add(a * b * c); }
+  void flush_into(Accumulator& acc) {
+    total.add(sum);
+    total.flush_into(acc);
   }
 };
 
@@ -140,7 +186,7 @@ auto lerp_backward_loop(Accumulator& acc) {
           if constexpr (kVectorizable<T>) {
             const bool wb = st[G + 3] == 0;
             int64_t i = 0;
-            DoubleLanes lanes;
+            std::conditional_t<kHalfPrecision<T>, FloatLanes, DoubleLanes> lanes;
             {
               for (; i + kStep <= n; i += kStep) {
                 FVec g0, g1, h0, h1, s0, s1, w0, w1, dh0, dh1, ds0, ds1, dw0, dw1;
@@ -259,7 +305,7 @@ auto multiply_backward_loop(Accumulator& acc) {
           if constexpr (kVectorizable<T>) {
             const bool cb = st[C] == 0;
             int64_t i = 0;
-            DoubleLanes lanes;
+            std::conditional_t<kHalfPrecision<T>, FloatLanes, DoubleLanes> lanes;
             // float32: the whole row's tanh(s - r) by torch's own float tanh, up front
             const float* trow = nullptr;
             if constexpr (std::is_same_v<T, float>) {
@@ -295,8 +341,11 @@ auto multiply_backward_loop(Accumulator& acc) {
                   tr0 = FVec::loadu(trow + i);
                   tr1 = FVec::loadu(trow + i + FVec::size());
                 } else {
-                  tr0 = d0.tanh();  // ATen's half-precision tanh: Sleef on the widened value
-                  tr1 = d1.tanh();
+                  // half precision: the exp-based tanh (a third of Sleef's cost); rounded to T
+                  // it gives ATen's value except where the two float results straddle a
+                  // rounding boundary of T (about 2^-15 of elements; one ulp of T there)
+                  tr0 = Prims<FVec>::tanh(d0);
+                  tr1 = Prims<FVec>::tanh(d1);
                 }
                 FVec t0 = tr0, t1 = tr1;
                 if constexpr (kHalfPrecision<T>) {
@@ -466,7 +515,7 @@ auto valve_backward_loop(Accumulator& acc) {
           if constexpr (kVectorizable<U> && kVectorizable<M>) {
             const bool cb = st[G + 2] == 0;
             int64_t i = 0;
-            DoubleLanes lanes;
+            std::conditional_t<kHalfPrecision<U>, FloatLanes, DoubleLanes> lanes;
             {
               for (; i + kStep <= n; i += kStep) {
                 FVec g0, g1, m0, m1, c0, c1, dm0, dm1, dc0, dc1;

@@ -26,6 +26,7 @@ struct Prims<FVec> {
   static FVec tanh(const FVec& x) { return tanh_from_exp(x); }
   static FVec exp(const FVec& x) { return x.exp(); }
   static FVec fnma(const FVec& a, const FVec& b, const FVec& c) { return at::vec::fnmadd(a, b, c); }
+  static FVec fma(const FVec& a, const FVec& b, const FVec& c) { return at::vec::fmadd(a, b, c); }
 };
 
 namespace cpu {
@@ -58,10 +59,39 @@ inline void store2(T* p, const FVec& a, const FVec& b) {
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX2)
+// float lanes rounded to bfloat16 (round to nearest even, as c10::BFloat16) and back, in
+// integer arithmetic: no packing to 16-bit lanes and back. NaN stays NaN; overflow gives inf.
+inline FVec round_bf16(const FVec& x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i biased = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  const __m256 rounded =
+      _mm256_castsi256_ps(_mm256_and_si256(biased, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  return _mm256_blendv_ps(rounded, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+// float lanes rounded to float16 and back with F16C (round to nearest even).
+inline FVec round_f16(const FVec& x) {
+  return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#endif
+
 // Round float lanes to T's precision and back (the "cast to the host dtype" of the contract).
 template <typename T>
 inline void round_through(FVec& a, FVec& b) {
   if constexpr (!std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      a = round_bf16(a);
+      b = round_bf16(b);
+      return;
+    } else if constexpr (std::is_same_v<T, c10::Half>) {
+      a = round_f16(a);
+      b = round_f16(b);
+      return;
+    }
+#endif
     auto v = at::vec::convert_from_float<T>(a, b);
     auto [x, y] = at::vec::convert_to_float<T>(v);
     a = x;
@@ -73,6 +103,10 @@ inline void round_through(FVec& a, FVec& b) {
 template <typename T>
 struct RoundTo {
   FVec operator()(FVec a) const {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) return round_bf16(a);
+    if constexpr (std::is_same_v<T, c10::Half>) return round_f16(a);
+#endif
     FVec b = a;
     round_through<T>(a, b);
     return a;

@@ -28,6 +28,7 @@ struct Prims<float> {
   KK_HD static float tanh(float x) { return tanhf(x); }
   KK_HD static float exp(float x) { return expf(x); }
   KK_HD static float fnma(float a, float b, float c) { return fmaf(-a, b, c); }
+  KK_HD static float fma(float a, float b, float c) { return fmaf(a, b, c); }
 };
 
 template <>
@@ -38,6 +39,7 @@ struct Prims<double> {
   KK_HD static double tanh(double x) { return ::tanh(x); }
   KK_HD static double exp(double x) { return ::exp(x); }
   KK_HD static double fnma(double a, double b, double c) { return ::fma(-a, b, c); }
+  KK_HD static double fma(double a, double b, double c) { return ::fma(a, b, c); }
 };
 
 // The identity rounding: what a float or double host needs between operations.
@@ -85,12 +87,14 @@ KK_HD bool clamp01_passes_grad(T x) {
   return x >= T(0) && x <= T(1);
 }
 
-// torch.lerp's two-branch form: exact at w == 0 (gives h) and at w == 1 (gives s).
+// torch.lerp's two-branch form, |w| < 0.5 ? h + w*(s-h) : s - (s-h)*(1-w), as ATen's vector
+// lerp evaluates it: one fused multiply-add on the selected coefficient and base. Exact at
+// w == 0 (gives h) and at w == 1 (gives s); NaN where s - h is not finite, as the reference.
 template <typename T>
 KK_HD T lerp(T h, T s, T w) {
   using P = Prims<T>;
-  const T d = s - h;
-  return P::select(P::lt(P::abs(w), T(0.5f)), h + w * d, s - d * (T(1.0f) - w));
+  const auto small = P::lt(P::abs(w), T(0.5f));
+  return P::fma(P::select(small, w, w - T(1.0f)), s - h, P::select(small, h, s));
 }
 
 // Gradients of lerp: dh = g*(1-w), ds = g*w; dw_term is summed to the weight's shape.
