@@ -43,6 +43,17 @@ from typing import Callable
 import numpy as np
 import torch
 
+from kasmina_kernels.equivalence import (  # the rule itself lives in the package
+    EquivalenceError,
+    check_against_oracle,
+    check_elementwise,
+    check_nonfinite,
+    describe,
+    least_precise,
+    tolerance_dtype,
+    ulp,
+)
+
 __all__ = [
     "ulp",
     "least_precise",
@@ -54,45 +65,6 @@ __all__ = [
     "EquivalenceError",
 ]
 
-
-class EquivalenceError(AssertionError):
-    pass
-
-
-# ----------------------------------------------------------------------------- ulps
-def ulp(dtype: torch.dtype, scale: float) -> float:
-    """One ulp of `dtype` at magnitude `scale`: 2**floor(log2 scale) * eps, floored at the
-    dtype's smallest subnormal (so a zero scale still demands an exact match)."""
-    fi = torch.finfo(dtype)
-    smallest = fi.tiny * fi.eps  # smallest subnormal
-    scale = abs(float(scale))
-    if not math.isfinite(scale):
-        raise ValueError(f"ulp at a non-finite scale {scale}")
-    if scale == 0.0:
-        return smallest
-    _, exp = math.frexp(scale)  # scale = m * 2**exp, 0.5 <= m < 1
-    return max(math.ldexp(fi.eps, exp - 1), smallest)
-
-
-def _precision_key(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps
-
-
-def least_precise(*dtypes: torch.dtype) -> torch.dtype:
-    floats = [d for d in dtypes if d.is_floating_point]
-    return max(floats, key=_precision_key)
-
-
-def tolerance_dtype(output_dtype: torch.dtype) -> torch.dtype:
-    return output_dtype
-
-
-_DEFAULT_RTOL = {
-    torch.float16: 1e-3,
-    torch.bfloat16: 1.6e-2,
-    torch.float32: 1.3e-6,
-    torch.float64: 1e-7,
-}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -160,89 +132,6 @@ def run_forward_backward(
     return out
 
 
-# ----------------------------------------------------------------------------- comparing
-def _finite_max_abs(t: torch.Tensor) -> float:
-    t = t.detach().to(torch.float64)
-    t = t[torch.isfinite(t)]
-    return float(t.abs().max()) if t.numel() else 0.0
-
-
-def _describe(t: torch.Tensor) -> str:
-    return f"{tuple(t.shape)} {t.dtype} strides={t.stride()}"
-
-
-def _first_mismatch(k: torch.Tensor, r: torch.Tensor, bad: torch.Tensor) -> str:
-    idx = bad.nonzero()
-    if idx.numel() == 0:
-        return ""
-    first = tuple(int(i) for i in idx[0])
-    return (
-        f"{int(bad.sum())} of {bad.numel()} elements; first at {first}: "
-        f"kernel={k[first].item()!r} reference={r[first].item()!r}"
-    )
-
-
-def check_nonfinite(name: str, k: torch.Tensor, r: torch.Tensor) -> None:
-    """Rule 3: NaN, +Inf, -Inf in the same places."""
-    k64, r64 = k.detach().to(torch.float64), r.detach().to(torch.float64)
-    for label, pred in (
-        ("NaN", torch.isnan),
-        ("+Inf", lambda t: torch.isposinf(t)),
-        ("-Inf", lambda t: torch.isneginf(t)),
-    ):
-        bad = pred(k64) != pred(r64)
-        if bool(bad.any()):
-            raise EquivalenceError(f"{name}: {label} placement differs: {_first_mismatch(k64, r64, bad)}")
-
-
-def check_elementwise(name: str, k: torch.Tensor, r: torch.Tensor, tol_dtype: torch.dtype) -> None:
-    """Rule 1: assert_close with the dtype's rtol and atol = 1 ulp at max |reference|."""
-    atol = ulp(tol_dtype, _finite_max_abs(r))
-    rtol = _DEFAULT_RTOL[tol_dtype]
-    try:
-        torch.testing.assert_close(
-            k, r, rtol=rtol, atol=atol, equal_nan=True, check_dtype=True,
-            check_device=True, check_layout=True, check_stride=False,
-        )
-    except AssertionError as exc:
-        raise EquivalenceError(
-            f"{name}: rule 1 (rtol={rtol}, atol=1 ulp of {tol_dtype} at "
-            f"{_finite_max_abs(r):.6g} = {atol:.3g}) failed:\n{exc}"
-        ) from None
-
-
-def check_against_oracle(
-    name: str, k: torch.Tensor, r: torch.Tensor, o, tol_dtype: torch.dtype
-) -> None:
-    """Rule 2: max|k - o| <= 2 max|r - o| + 1 ulp of tol_dtype at max|o|, over the elements
-    where kernel, reference and oracle are all finite (rule 3 judges the others). The oracle
-    is a float64 tensor, or a numpy long-double array (float64 cases)."""
-    if isinstance(o, np.ndarray):
-        o = np.broadcast_to(o, tuple(r.shape)).astype(np.longdouble)
-        kn = k.detach().to(torch.float64).cpu().numpy().astype(np.longdouble)
-        rn = r.detach().to(torch.float64).cpu().numpy().astype(np.longdouble)
-    else:
-        o = o.detach().to(torch.float64).cpu().numpy()
-        kn = k.detach().to(torch.float64).cpu().numpy()
-        rn = r.detach().to(torch.float64).cpu().numpy()
-    mask = np.isfinite(kn) & np.isfinite(rn) & np.isfinite(o)
-    if not mask.any():
-        return
-    kk_, rr, oo = kn[mask], rn[mask], o[mask]
-    scale = float(np.abs(oo).max())
-    err_k = float(np.abs(kk_ - oo).max())
-    err_r = float(np.abs(rr - oo).max())
-    bound = 2.0 * err_r + ulp(tol_dtype, scale)
-    if not err_k <= bound:
-        worst = int(np.abs(kk_ - oo).argmax())
-        raise EquivalenceError(
-            f"{name}: rule 2 failed: max |kernel - oracle| = {err_k:.6g} > "
-            f"2 * {err_r:.6g} (eager reference's error) + 1 ulp of {tol_dtype} at {scale:.6g} "
-            f"= {bound:.6g}; worst element: kernel={float(kk_[worst])!r} "
-            f"reference={float(rr[worst])!r} oracle={float(oo[worst])!r}"
-        )
-
-
 def assert_equivalent(
     kernel: dict[str, torch.Tensor],
     ref: dict[str, torch.Tensor],
@@ -262,7 +151,7 @@ def assert_equivalent(
         try:
             if k.shape != r.shape or k.dtype != r.dtype:
                 raise EquivalenceError(
-                    f"{name}: kernel {_describe(k)} vs reference {_describe(r)}"
+                    f"{name}: kernel {describe(k)} vs reference {describe(r)}"
                 )
             tol = tolerance_dtype(r.dtype)
             check_nonfinite(name, k, r)
