@@ -9,20 +9,10 @@
 #include "cpu/cpu_ops.h"
 #include "cpu/weights.h"
 #include "ops/checks.h"
+#include "ops/operands.h"
 
 namespace kk::cpu {
 namespace {
-
-bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
-
-// The seed as the kernels read it: its own dtype when that is the host's (or float beside a
-// half host, cast inside the kernel); any other combination is cast here, which the reference
-// does too (s.to(h.dtype)), so the values are the same.
-at::Tensor kernel_operand(const at::Tensor& x, at::ScalarType host) {
-  if (x.scalar_type() == host) return x;
-  if (x.scalar_type() == at::kFloat && is_half(host)) return x;
-  return x.to(host);
-}
 
 // Calls f(Tag<T>, Tag<S>) for the supported (host, seed) dtype pairs.
 template <typename F>
@@ -420,14 +410,6 @@ at::Tensor ste_forward(const at::Tensor& h, const at::Tensor& s_in) {
 
 // ---------------------------------------------------------------- valve multiplier
 namespace {
-// m as the kernels read it: its own dtype when it is the result's (or a half type beside a
-// float result); otherwise cast to the result dtype.
-at::Tensor valve_operand(const at::Tensor& m, at::ScalarType result) {
-  if (m.scalar_type() == result) return m;
-  if (result == at::kFloat && is_half(m.scalar_type())) return m;
-  return m.to(result);
-}
-
 template <typename F>
 void dispatch_valve(at::ScalarType result, at::ScalarType m, F&& f) {
   switch (result) {

@@ -12,6 +12,7 @@
 #include "cpu/blend_kernels.h"
 #include "cpu/cpu_ops.h"
 #include "cpu/weights.h"
+#include "ops/checks.h"
 
 namespace kk::cpu {
 namespace {
@@ -22,16 +23,6 @@ struct PoolView {
   int64_t sb, sc, sh, sw;
 };
 
-void check_topology(const at::Tensor& x, c10::string_view topology) {
-  if (topology == "cnn") {
-    TORCH_CHECK(x.dim() == 4, "gated_pool(topology='cnn') expects (B,C,H,W), got ", x.sizes());
-  } else if (topology == "transformer") {
-    TORCH_CHECK(x.dim() == 3, "gated_pool(topology='transformer') expects (B,T,C), got ",
-                x.sizes());
-  } else {
-    TORCH_CHECK(false, "unknown topology '", topology, "': expected 'cnn' or 'transformer'");
-  }
-}
 
 PoolView pool_view(const at::Tensor& x, c10::string_view topology) {
   check_topology(x, topology);

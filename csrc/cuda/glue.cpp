@@ -22,6 +22,7 @@
 #include "cpu/cpu_ops.h"
 #include "kk_cuda.h"
 #include "ops/checks.h"
+#include "ops/operands.h"
 #include "plan.h"
 
 namespace kk::cuda {
@@ -61,17 +62,6 @@ DType to_dtype(at::ScalarType t) {
 cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 
 void check_launch(cudaError_t err) { C10_CUDA_CHECK(err); }
-
-bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
-
-// The seed as the kernels read it (as on the CPU): its own dtype when that is the host's, or
-// float beside a 16-bit host (cast inside the kernel); any other pair is cast here, which the
-// reference does too (s.to(h.dtype)), so the values are the same.
-at::Tensor kernel_operand(const at::Tensor& x, at::ScalarType host) {
-  if (x.scalar_type() == host) return x;
-  if (x.scalar_type() == at::kFloat && is_half(host)) return x;
-  return x.to(host);
-}
 
 at::Tensor as_dtype(const at::Tensor& x, at::ScalarType t) {
   return x.scalar_type() == t ? x : x.to(t);
@@ -227,16 +217,6 @@ GateShape gate_shape(const at::Tensor& alpha, const at::Tensor& gate) {
 }
 
 // ---------------------------------------------------------------- pooling views
-void check_topology(const at::Tensor& x, c10::string_view topology) {
-  if (topology == "cnn") {
-    TORCH_CHECK(x.dim() == 4, "gated_pool(topology='cnn') expects (B,C,H,W), got ", x.sizes());
-  } else if (topology == "transformer") {
-    TORCH_CHECK(x.dim() == 3, "gated_pool(topology='transformer') expects (B,T,C), got ",
-                x.sizes());
-  } else {
-    TORCH_CHECK(false, "unknown topology '", topology, "': expected 'cnn' or 'transformer'");
-  }
-}
 
 // x as (B, C, H, W); a transformer's (B, T, C) as (B, C, T, 1).
 PoolShape pool_shape(const at::Tensor& x, c10::string_view topology) {
@@ -479,16 +459,6 @@ at::Tensor ste_forward(const at::Tensor& h, const at::Tensor& s) {
 }
 
 // ---------------------------------------------------------------- valve multiplier
-namespace {
-// m as the kernels read it: its own dtype when it is the result's (or a 16-bit float beside
-// a float result); otherwise cast to the result dtype (a widening, exact), as on the CPU.
-at::Tensor valve_operand(const at::Tensor& m, at::ScalarType result) {
-  if (m.scalar_type() == result) return m;
-  if (result == at::kFloat && is_half(m.scalar_type())) return m;
-  return m.to(result);
-}
-}  // namespace
-
 at::Tensor multiply_valve_multiplier(const at::Tensor& alpha, const at::Tensor& m) {
   check_features("multiply_valve_multiplier", "m", m);
   check_weight("multiply_valve_multiplier", "alpha", alpha, m);

@@ -51,4 +51,15 @@ inline void check_blend(const char* op, const at::Tensor& h, const at::Tensor& s
   check_weight(op, "alpha", alpha, h);
 }
 
+inline void check_topology(const at::Tensor& x, c10::string_view topology) {
+  if (topology == "cnn") {
+    TORCH_CHECK(x.dim() == 4, "gated_pool(topology='cnn') expects (B,C,H,W), got ", x.sizes());
+  } else if (topology == "transformer") {
+    TORCH_CHECK(x.dim() == 3, "gated_pool(topology='transformer') expects (B,T,C), got ",
+                x.sizes());
+  } else {
+    TORCH_CHECK(false, "unknown topology '", topology, "': expected 'cnn' or 'transformer'");
+  }
+}
+
 }  // namespace kk
