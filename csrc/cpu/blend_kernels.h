@@ -464,7 +464,13 @@ auto valve_forward_loop() {
             [&](std::array<char*, N>& p, int64_t n) -> int64_t {
               if constexpr (kVectorizable<U>) {
                 const bool cb = st[2] == 0;
-                float tmp[kStep];
+                // float32 m: the whole row's tanh by torch's own float tanh, up front
+                const float* trow = nullptr;
+                if constexpr (std::is_same_v<M, float>) {
+                  float* tb = scratch_row(n);
+                  aten_tanh_f32(reinterpret_cast<const float*>(p[1]), tb, n);
+                  trow = tb;
+                }
                 int64_t i = 0;
                 for (; i + kStep <= n; i += kStep) {
                   FVec m0, m1, c0, c1;
@@ -472,9 +478,8 @@ auto valve_forward_loop() {
                   load_weight2<float>(p[2] + (cb ? 0 : i * sizeof(float)), cb, c0, c1);
                   FVec t0, t1;
                   if constexpr (std::is_same_v<M, float>) {
-                    aten_tanh_f32(reinterpret_cast<const float*>(p[1]) + i, tmp, kStep);
-                    t0 = FVec::loadu(tmp);
-                    t1 = FVec::loadu(tmp + FVec::size());
+                    t0 = FVec::loadu(trow + i);
+                    t1 = FVec::loadu(trow + i + FVec::size());
                   } else {
                     t0 = m0.tanh();  // ATen's half-precision tanh: Sleef on the widened value
                     t1 = m1.tanh();
@@ -516,6 +521,12 @@ auto valve_backward_loop(Accumulator& acc) {
             const bool cb = st[G + 2] == 0;
             int64_t i = 0;
             std::conditional_t<kHalfPrecision<U>, FloatLanes, DoubleLanes> lanes;
+            const float* trow = nullptr;
+            if constexpr (std::is_same_v<M, float>) {
+              float* tb = scratch_row(n);
+              aten_tanh_f32(reinterpret_cast<const float*>(p[G + 1]), tb, n);
+              trow = tb;
+            }
             {
               for (; i + kStep <= n; i += kStep) {
                 FVec g0, g1, m0, m1, c0, c1, dm0, dm1, dc0, dc1;
@@ -524,10 +535,8 @@ auto valve_backward_loop(Accumulator& acc) {
                 load_weight2<float>(p[G + 2] + (cb ? 0 : i * sizeof(float)), cb, c0, c1);
                 FVec t0, t1;
                 if constexpr (std::is_same_v<M, float>) {
-                  float tmp[kStep];
-                  aten_tanh_f32(reinterpret_cast<const float*>(p[G + 1]) + i, tmp, kStep);
-                  t0 = FVec::loadu(tmp);
-                  t1 = FVec::loadu(tmp + FVec::size());
+                  t0 = FVec::loadu(trow + i);
+                  t1 = FVec::loadu(trow + i + FVec::size());
                 } else {
                   t0 = m0.tanh();
                   t1 = m1.tanh();

@@ -73,20 +73,32 @@ void pool_means(const T* x, const PoolView& v, double* means) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / v.C, c = p % v.C;
       const T* plane = x + b * v.sb + c * v.sc;
-      double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int64_t i = 0; i < v.H; ++i) {
+      // rows contiguous along W: float vectors into double lanes; a whole contiguous plane
+      // (H*W elements, NCHW) is read as one row
+      DoubleLanes lanes;
+      double tail = 0.0;
+      const bool plane_contiguous = v.sw == 1 && v.sh == v.W;
+      const int64_t rows = plane_contiguous ? 1 : v.H;
+      const int64_t len = plane_contiguous ? v.H * v.W : v.W;
+      for (int64_t i = 0; i < rows; ++i) {
         const T* row = plane + i * v.sh;
         int64_t j = 0;
-        if (v.sw == 1) {
-          for (; j + 8 <= v.W; j += 8) {
-            for (int k = 0; k < 8; ++k) lanes[k] += static_cast<double>(row[j + k]);
+        if constexpr (kVectorizable<T>) {
+          if (v.sw == 1) {
+            for (; j + kStep <= len; j += kStep) {
+              FVec a, b;
+              load2<T>(row + j, a, b);
+              lanes.add(a);
+              lanes.add(b);
+            }
           }
         }
-        for (; j < v.W; ++j) lanes[0] += static_cast<double>(row[j * v.sw]);
+        for (; j < len; ++j) tail += static_cast<double>(row[j * v.sw]);
       }
-      double acc = 0.0;
-      for (double l : lanes) acc += l;
-      means[p] = acc / count;
+      Accumulator acc;
+      lanes.flush_into(acc);
+      acc.add(tail);
+      means[p] = static_cast<double>(acc.value_ld()) / count;
     }
   });
 }
