@@ -24,10 +24,39 @@ struct Prims<FVec> {
   }
   // Sleef's vector tanh costs about three exps; this one is one exp and a division.
   static FVec tanh(const FVec& x) { return tanh_from_exp(x); }
-  static FVec exp(const FVec& x) { return x.exp(); }
+  // exp for the arguments tanh_from_exp passes (0 <= x <= 20): see exp_small below
+  static FVec exp(const FVec& x);
   static FVec fnma(const FVec& a, const FVec& b, const FVec& c) { return at::vec::fnmadd(a, b, c); }
   static FVec fma(const FVec& a, const FVec& b, const FVec& c) { return at::vec::fmadd(a, b, c); }
 };
+
+#if defined(CPU_CAPABILITY_AVX2)
+// exp of float lanes for |x| <= 87 (tanh_from_exp clamps its argument to [0, 20]):
+// Cody-Waite reduction x = n ln2 + r with |r| <= ln2/2, the Taylor polynomial of degree 7
+// (truncation < 1e-8 relative), and 2^n by exponent arithmetic; about twice as fast as
+// Sleef's general expf, within about one ulp. NaN propagates.
+inline FVec exp_small(const FVec& xv) {
+  const __m256 x = xv;
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i scale =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+inline FVec Prims<FVec>::exp(const FVec& x) { return exp_small(x); }
+#else
+inline FVec Prims<FVec>::exp(const FVec& x) { return x.exp(); }
+#endif
 
 namespace cpu {
 

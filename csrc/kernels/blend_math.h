@@ -70,7 +70,9 @@ KK_HD T tanh_from_exp(T x) {
   poly = poly * a2 + T(2.0f / 15.0f);
   poly = poly * a2 + T(-1.0f / 3.0f);
   poly = poly * a2 + T(1.0f);
-  const T big = T(1.0f) - T(2.0f) / (P::exp(a + a) + T(1.0f));
+  // tanh(10) is 1 in float32: clamping keeps exp's argument in [0, 20] (NaN passes through)
+  const T ac = P::select(P::lt(T(10.0f), a), T(10.0f), a);
+  const T big = T(1.0f) - T(2.0f) / (P::exp(ac + ac) + T(1.0f));
   const T t = P::select(P::lt(a, T(0.6f)), a * poly, big);
   return P::select(P::lt(x, T(0.0f)), T(0.0f) - t, t);
 }
