@@ -36,11 +36,9 @@ still holding them was never written.
 
 from __future__ import annotations
 
-import math
 import zlib
 from typing import Callable
 
-import numpy as np
 import torch
 
 from kasmina_kernels.equivalence import (  # the rule itself lives in the package
@@ -53,6 +51,7 @@ from kasmina_kernels.equivalence import (  # the rule itself lives in the packag
     tolerance_dtype,
     ulp,
 )
+from kasmina_kernels.opcases import upcast  # floating tensors to float64, others unchanged
 
 __all__ = [
     "ulp",
@@ -74,12 +73,6 @@ def case_generator(case_id: str) -> torch.Generator:
     g.manual_seed(zlib.crc32(case_id.encode()))
     return g
 
-
-def upcast(t):
-    """Floating tensors to float64 (aliasing is handled by the caller); others unchanged."""
-    if isinstance(t, torch.Tensor) and t.is_floating_point():
-        return t.detach().to(torch.float64)
-    return t
 
 
 # ----------------------------------------------------------------------------- running

@@ -6,16 +6,6 @@
 
 namespace kk::cpu {
 
-WeightForm classify_weight(const at::Tensor& w, const at::Tensor& features) {
-  if (w.numel() == 1) return WeightForm::kScalar;
-  if (w.dim() == features.dim() && features.dim() >= 1 && w.size(0) == features.size(0)) {
-    bool rest_ones = true;
-    for (int64_t d = 1; d < w.dim(); ++d) rest_ones = rest_ones && w.size(d) == 1;
-    if (rest_ones) return WeightForm::kPerSample;
-  }
-  return WeightForm::kGeneral;
-}
-
 std::vector<double> read_values(const at::Tensor& t) {
   const at::Tensor c = t.contiguous();
   std::vector<double> out(c.numel());

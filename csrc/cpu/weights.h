@@ -11,12 +11,6 @@
 
 namespace kk::cpu {
 
-// How a weight broadcasts against the features: one value, one per sample (B,1,...,1), or
-// anything else that broadcasts (the slower, per-element path).
-enum class WeightForm { kScalar, kPerSample, kGeneral };
-
-WeightForm classify_weight(const at::Tensor& w, const at::Tensor& features);
-
 // Values of a real tensor, row-major over its shape, as doubles (exact for every dtype here).
 std::vector<double> read_values(const at::Tensor& t);
 
@@ -26,11 +20,6 @@ double round_to(at::ScalarType dtype, double v);
 // A tensor of `shape` holding `values` (row-major), created in `dtype` on the CPU.
 at::Tensor tensor_from_values(const std::vector<double>& values, at::IntArrayRef shape,
                               at::ScalarType dtype);
-
-// The features' compute type: double for double, float otherwise.
-inline at::ScalarType opmath_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // Sums `values` laid out over `from_shape` down to `to_shape` (which broadcasts to it).
 template <typename V>

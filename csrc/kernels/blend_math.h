@@ -137,12 +137,6 @@ KK_HD void multiply_backward_t(T g, T h, T t_grad, T t, T c, T& dh, T& ds, T& dc
   dc_term = gh * t;
 }
 
-template <bool kReferenceIsHost, typename T>
-KK_HD void multiply_backward(T g, T h, T s, T r, T c, T& dh, T& ds, T& dc_term) {
-  const T t = Prims<T>::tanh(s - r);
-  multiply_backward_t<kReferenceIsHost>(g, h, t, t, c, dh, ds, dc_term, NoRound{});
-}
-
 // Straight-through estimator: the value is h, NaN where s is not finite.
 template <typename T>
 KK_HD T ste(T h, T s) {
@@ -156,11 +150,6 @@ template <typename T, typename Round>
 KK_HD void valve_backward(T g, T c, T t_grad, T t, T& dm, T& dc_term, Round round) {
   dm = round(g * c) * Prims<T>::fnma(t_grad, t_grad, T(1.0f));
   dc_term = g * t;
-}
-
-template <typename T>
-KK_HD void valve_backward(T g, T c, T t, T& dm, T& dc_term) {
-  valve_backward(g, c, t, t, dm, dc_term, NoRound{});
 }
 
 template <typename T>
