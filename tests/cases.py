@@ -6,6 +6,12 @@ machine's tensors (Triton on CPU runs under its interpreter) get `reduced_cases(
 shapes only, but still every op, every half/single dtype, both alpha forms (0-dim and
 per-sample), mixed layouts and dtypes, and every gradient. Set KASMINA_TEST_REDUCED=1 to give
 every backend the reduced set (the poisoned-allocator rerun uses that).
+
+KASMINA_TEST_DEVICE=cuda runs the same matrix on CUDA tensors (inputs are drawn on the CPU
+from the same generators, then moved, then laid out, so a layout is the same on either
+device). There every backend runs the full matrix, and the 0-dim alpha forms keep their
+contract: a float32/bf16/fp16/int 0-dim alpha stays a CPU tensor beside the device features,
+the host-dtype one ("sh") lives on the device.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ ALL_OPS = FEATURE_OPS + ("gate_effective_alpha", "gated_pool", "gate_network")
 
 # Backends whose CPU runs are slow (Triton's interpreter): they get the reduced set.
 SLOW_BACKENDS = frozenset({"triton"})
+
+TEST_DEVICE = torch.device(os.environ.get("KASMINA_TEST_DEVICE", "cpu"))
 
 
 @dataclass(frozen=True)
@@ -292,25 +300,27 @@ def _dedupe(cases: list[Case]) -> list[Case]:
 
 
 def cases_for(backend: str) -> list[Case]:
-    """The equivalence cases `backend` runs on CPU tensors."""
-    if backend in SLOW_BACKENDS or os.environ.get("KASMINA_TEST_REDUCED") == "1":
+    """The equivalence cases `backend` runs on TEST_DEVICE tensors."""
+    slow = backend in SLOW_BACKENDS and TEST_DEVICE.type == "cpu"
+    if slow or os.environ.get("KASMINA_TEST_REDUCED") == "1":
         return reduced_cases()
     return full_cases() + big_cases()
 
 
 def backends_under_test() -> list[tuple[str, str | None]]:
-    """Every non-reference backend with None (runs on CPU here) or the reason it cannot."""
+    """Every non-reference backend with None (runs on TEST_DEVICE here) or the reason it
+    cannot."""
     out = []
     for name in kk.BACKENDS:
         if name == "reference":
             continue
-        out.append((name, backend_status(name, "cpu")))
+        out.append((name, backend_status(name, TEST_DEVICE.type)))
     return out
 
 
 # ----------------------------------------------------------------------------- inputs
 def _randn(shape, gen, dtype, scale=1.0):
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(TEST_DEVICE, dtype)
 
 
 def _uniform(shape, gen, lo, hi):
@@ -363,7 +373,8 @@ def _alpha(case: Case, shape, gen) -> torch.Tensor:
     form, host = case.alpha, case.dtype
     if form in ("s32", "sbf", "s16", "sh", "s64"):
         dt = {"s32": F32, "sbf": BF16, "s16": F16, "sh": host, "s64": F64}[form]
-        return torch.tensor(_scalar_value(case.avalue, gen), dtype=dt)
+        device = TEST_DEVICE if form == "sh" else "cpu"
+        return torch.tensor(_scalar_value(case.avalue, gen), dtype=dt, device=device)
     if form == "int":
         return torch.tensor(int(_scalar_value(case.avalue, gen)), dtype=torch.int64)
     if form in ("ps", "psh"):
@@ -377,12 +388,12 @@ def _alpha(case: Case, shape, gen) -> torch.Tensor:
     else:
         raise AssertionError(form)
     dt = host if form == "psh" else F32
-    return _weight_values(wshape, gen).to(dt)
+    return _weight_values(wshape, gen).to(TEST_DEVICE, dt)
 
 
 def _gate(case: Case, shape, gen) -> torch.Tensor:
     dt = F32 if case.gate == "f32" else case.dtype
-    return _weight_values(_per_sample_shape(shape), gen).to(dt)
+    return _weight_values(_per_sample_shape(shape), gen).to(TEST_DEVICE, dt)
 
 
 def _plant_specials(t: torch.Tensor, gen, values) -> None:
@@ -446,9 +457,9 @@ def build(case: Case) -> Built:
     if op == "gate_effective_alpha":
         gshape = shape
         if case.gate == "scalar":
-            gate = torch.tensor(float(_uniform((), gen, -0.2, 1.2)), dtype=dt)
+            gate = torch.tensor(float(_uniform((), gen, -0.2, 1.2)), dtype=dt, device=TEST_DEVICE)
         else:
-            gate = _weight_values(gshape, gen).to(dt)
+            gate = _weight_values(gshape, gen).to(TEST_DEVICE, dt)
         alpha = _alpha(case, shape, gen)
         if case.specials:
             _plant_specials(gate, gen, (float("nan"),))
@@ -603,10 +614,10 @@ def backend_params(*, include_reference: bool = False):
     for name in kk.BACKENDS:
         if name == "reference" and not include_reference:
             continue
-        why = backend_status(name, "cpu")
+        why = backend_status(name, TEST_DEVICE.type)
         if why is None:
             params.append(pytest.param(name, id=name))
         else:
             params.append(pytest.param(name, id=name, marks=pytest.mark.skip(
-                reason=f"backend {name!r} cannot run on cpu here: {why}")))
+                reason=f"backend {name!r} cannot run on {TEST_DEVICE.type} here: {why}")))
     return params

@@ -17,7 +17,7 @@ from torch.autograd import gradcheck
 import kasmina_kernels as kk
 from kasmina_kernels import reference
 
-from cases import backend_params
+from cases import TEST_DEVICE, backend_params
 from equivalence import case_generator
 
 F64 = torch.float64
@@ -29,7 +29,7 @@ def rnd(shape, key, *, lo=None, hi=None, dtype=F64, cl=False):
         t = torch.randn(shape, generator=g, dtype=F64)
     else:
         t = torch.rand(shape, generator=g, dtype=F64) * (hi - lo) + lo
-    t = t.to(dtype)
+    t = t.to(TEST_DEVICE, dtype)  # KASMINA_TEST_DEVICE=cuda: the same checks on the GPU
     return t.contiguous(memory_format=torch.channels_last) if cl and t.dim() == 4 else t
 
 

@@ -11,6 +11,9 @@
   with every kernel backend (backend="native", "triton") with no graph break, forward and
   backward, and gives the same bits as eager; the default backend (None / "auto") and a
   `use_backend` block trace too.
+
+Under KASMINA_TEST_DEVICE=cuda the same samples are drawn on the GPU (0-dim weights stay CPU
+tensors, as Esper passes them), so opcheck and inductor run against the CUDA kernels.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 import kasmina_kernels as kk
 from kasmina_kernels import reference
 
-from cases import backend_params
+from cases import TEST_DEVICE, backend_params
 from equivalence import case_generator
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -35,7 +38,7 @@ def rnd(shape, key, dtype=F32, *, cl=False, lo=None, hi=None):
     g = case_generator(key)
     t = (torch.rand(shape, generator=g, dtype=F64) * (hi - lo) + lo) if lo is not None \
         else torch.randn(shape, generator=g, dtype=F64)
-    t = t.to(dtype)
+    t = t.to(TEST_DEVICE, dtype)
     return t.contiguous(memory_format=torch.channels_last) if cl and t.dim() == 4 else t
 
 
@@ -261,7 +264,7 @@ def test_compile_fullgraph_default_backend_and_use_backend():
 
     def scoped(h, s, a):
         with kk.use_backend("native"):
-            return kk.blend_gate(h, s, a, torch.ones(2, 1, 1, 1))
+            return kk.blend_gate(h, s, a, torch.ones(2, 1, 1, 1, device=h.device))
 
     for fn in (default, scoped):
         torch._dynamo.reset()

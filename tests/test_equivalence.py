@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from cases import backends_under_test, big_cases, cases_for, run_case
+from cases import TEST_DEVICE, backends_under_test, big_cases, cases_for, run_case
 
 
 def _params():
@@ -21,7 +21,7 @@ def _params():
             params.append(
                 pytest.param(
                     backend, None, id=f"{backend}-unavailable",
-                    marks=pytest.mark.skip(reason=f"backend {backend!r} cannot run on cpu here: {why}"),
+                    marks=pytest.mark.skip(reason=f"backend {backend!r} cannot run on {TEST_DEVICE.type} here: {why}"),
                 )
             )
             continue
