@@ -111,6 +111,7 @@ struct MultiplyForward {
 // Rounds an opmath value to X's precision at the reference's rounding points.
 template <typename X>
 struct RoundTo {
+  static constexpr bool kIdentity = sizeof(X) >= 4;  // float and double round nothing here
   template <typename V>
   KK_DEV V operator()(V v) const {
     return round_through<X>(v);
@@ -137,7 +138,8 @@ struct MultiplyBackward {
     // double; for a half host a tanh saturated to +-1 gives exactly zero), as the CPU does
     const op_t t = kk::Prims<op_t>::tanh(round_through<T>(s - r));
     op_t dh, ds, dc;
-    kk::multiply_backward_t<kRIsH>(g, h, round_through<T>(t), t, c, dh, ds, dc, RoundTo<T>{});
+    kk::multiply_backward_t<kRIsH>(g, h, round_through<T>(t), t, c, dh, ds, dc, RoundTo<T>{},
+                                   kk::StorageTanhGrad{});  // as ATen's CUDA tanh_backward
     const op_t ds_t = round_through<T>(ds);
     out[0] = dh;
     out[1] = ds_t;
@@ -196,7 +198,7 @@ struct ValveBackward {
     // dm sees tanh rounded to m's dtype (the reference's tanh backward); dc the unrounded one
     const op_t t = kk::Prims<op_t>::tanh(in[1]);
     op_t dm, dc;
-    kk::valve_backward(in[0], c, round_through<M>(t), t, dm, dc, RoundTo<M>{});
+    kk::valve_backward(in[0], c, round_through<M>(t), t, dm, dc, RoundTo<M>{}, kk::StorageTanhGrad{});
     out[0] = dm;
     red = dc;
   }
@@ -257,11 +259,13 @@ __global__ void __launch_bounds__(kMaxThreads)
     return w_block;
   };
 
-  op_t acc = op_t(0);
+  // weight-gradient terms are summed in compensated double whatever the host dtype, so a
+  // block's partial is as exact as a double can hold it
+  CompensatedSum acc;
   auto consume = [&](int64_t i, op_t red) {
     if constexpr (Op::kReduces) {
       if (a.red == RedMode::kPartials) {
-        acc += red;
+        acc.add(static_cast<double>(red));
       } else if (a.red == RedMode::kElement) {
         static_cast<op_t*>(a.dw)[i] = red;
       }
@@ -331,7 +335,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       if constexpr (Op::kReduces) {
         if (a.red == RedMode::kPartials) {
 #pragma unroll
-          for (int l = 0; l < VEC; ++l) acc += red[l];
+          for (int l = 0; l < VEC; ++l) acc.add(static_cast<double>(red[l]));
         } else if (a.red == RedMode::kElement) {
           store_pack<op_t, VEC>(a.dw, v, red);
         }
@@ -341,7 +345,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   if constexpr (Op::kReduces) {
     if (a.red == RedMode::kPartials) {
-      const double total = block_sum(static_cast<double>(acc), scratch);
+      const double total = block_sum(acc, scratch);
       if (threadIdx.x == 0) a.partials[block] = total;
     }
   }

@@ -261,10 +261,67 @@ KK_DEV void store_one(void* base, int64_t off, O v) {
 }
 
 // ---------------------------------------------------------------- fixed-order reductions
+// A double sum with the rounding error of every addition carried alongside (Neumaier's
+// TwoSum), so long sums of float terms, and double sums for float64 hosts, stay within about
+// one rounding of exact. Fixed order: the result depends only on the order of add() calls.
+struct CompensatedSum {
+  double sum = 0.0, err = 0.0;
+  KK_DEV void add(double v) {
+    const double t = sum + v;
+    err += fabs(sum) >= fabs(v) ? (sum - t) + v : (v - t) + sum;
+    sum = t;
+  }
+  KK_DEV void add(const CompensatedSum& o) {
+    add(o.sum);
+    err += o.err;
+  }
+  KK_DEV double value() const { return sum + err; }
+};
+
 KK_DEV double warp_sum(double v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
+}
+
+KK_DEV CompensatedSum warp_sum(CompensatedSum v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    CompensatedSum other;
+    other.sum = __shfl_xor_sync(0xffffffffu, v.sum, o);
+    other.err = __shfl_xor_sync(0xffffffffu, v.err, o);
+    // both lanes of a pair must compute the same bits: add the lower lane's value first
+    const bool lower = (threadIdx.x & o) == 0;
+    CompensatedSum r = lower ? v : other;
+    r.add(lower ? other : v);
+    v = r;
+  }
+  return v;
+}
+
+// Compensated block sum of each thread's CompensatedSum; the result is valid in thread 0.
+// `scratch` holds 32 doubles of shared memory (used twice: sums, then errors).
+KK_DEV double block_sum(CompensatedSum v, double* scratch) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  v = warp_sum(v);
+  __shared__ double err_scratch[32];
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) {
+    scratch[warp] = v.sum;
+    err_scratch[warp] = v.err;
+  }
+  __syncthreads();
+  CompensatedSum r;
+  if (warp == 0) {
+    if (lane < nwarps) {
+      r.sum = scratch[lane];
+      r.err = err_scratch[lane];
+    }
+    r = warp_sum(r);
+  }
+  return r.value();
 }
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024), in a fixed order; the

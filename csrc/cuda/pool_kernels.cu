@@ -415,7 +415,7 @@ struct MlpArgs {
 };
 
 // One block per sample: z1 = w1 . pooled + b1 (kept in shared memory), y = sigmoid(w2 .
-// relu(z1) + b2). Backward also forms dz2 = g * y * (1 - y), dz1 = (dz2 * w2) * (z1 > 0) and
+// relu(z1) + b2). Backward also forms dz2 = g * (1 - y) * y, dz1 = relu(z1) <= 0 ? 0 : dz2 * w2 and
 // dpooled = dz1 . w1 for the sample.
 template <typename T, bool kBackward>
 __global__ void __launch_bounds__(kThreads) gate_mlp_kernel(const __grid_constant__ MlpArgs a) {
@@ -448,14 +448,16 @@ __global__ void __launch_bounds__(kThreads) gate_mlp_kernel(const __grid_constan
     __syncthreads();
     const op_t y = y_shared;
     const op_t g = static_cast<op_t>(load_as_double(a.grad, a.grad_dtype, b * a.grad_s));
-    const op_t dz2 = g * y * (op_t(1) - y);
+    const op_t dz2 = g * (op_t(1) - y) * y;  // sigmoid_backward's order: a * (1 - b) * b
     op_t* dz1 = static_cast<op_t*>(a.dz1) + b * a.hidden;
     op_t* a1 = static_cast<op_t*>(a.a1) + b * a.hidden;
     if (threadIdx.x == 0) static_cast<op_t*>(a.dz2)[b] = dz2;
     for (int64_t j = threadIdx.x; j < a.hidden; j += blockDim.x) {
       const op_t zj = z1[j];
       a1[j] = relu(zj);
-      dz1[j] = (dz2 * dense_at<op_t>(a.w2, 0, j)) * (zj > op_t(0) ? op_t(1) : op_t(0));
+      // threshold_backward: zero where relu's output is <= 0; a NaN z1 passes the gradient
+      // (a product with a 0/1 mask would turn an infinite or NaN gradient into NaN)
+      dz1[j] = a1[j] <= op_t(0) ? op_t(0) : dz2 * dense_at<op_t>(a.w2, 0, j);
     }
     __syncthreads();  // dz1 of this sample is read back below (global memory, same block)
     op_t* dpooled = static_cast<op_t*>(a.dpooled) + b * a.C;
@@ -476,7 +478,7 @@ struct ParamGradArgs {
   WeightGrad dw1, db1, dw2, db2;
 };
 
-// Thread per parameter element, summing over the batch in order (double accumulators):
+// Thread per parameter element, summing over the batch in order (compensated double sums):
 // dw1 = dz1^T . pooled, db1 = sum dz1, dw2 = dz2^T . a1, db2 = sum dz2.
 template <typename op_t>
 __global__ void __launch_bounds__(kThreads) gate_param_grad_kernel(const __grid_constant__ ParamGradArgs a) {
@@ -488,26 +490,26 @@ __global__ void __launch_bounds__(kThreads) gate_param_grad_kernel(const __grid_
   const op_t* dz2 = static_cast<const op_t*>(a.dz2);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
-    double acc = 0.0;
+    CompensatedSum acc;
     if (e < n_w1) {
       const int64_t j = e / a.C, c = e - (e / a.C) * a.C;
       for (int64_t b = 0; b < a.B; ++b) {
-        acc += static_cast<double>(dz1[b * a.hidden + j]) * static_cast<double>(pooled[b * a.C + c]);
+        acc.add(static_cast<double>(dz1[b * a.hidden + j]) * static_cast<double>(pooled[b * a.C + c]));
       }
-      store_from_double(a.dw1.ptr, a.dw1.dtype, e, acc);
+      store_from_double(a.dw1.ptr, a.dw1.dtype, e, acc.value());
     } else if (e < n_w1 + a.hidden) {
       const int64_t j = e - n_w1;
-      for (int64_t b = 0; b < a.B; ++b) acc += static_cast<double>(dz1[b * a.hidden + j]);
-      store_from_double(a.db1.ptr, a.db1.dtype, j, acc);
+      for (int64_t b = 0; b < a.B; ++b) acc.add(static_cast<double>(dz1[b * a.hidden + j]));
+      store_from_double(a.db1.ptr, a.db1.dtype, j, acc.value());
     } else if (e < n_w1 + 2 * a.hidden) {
       const int64_t j = e - n_w1 - a.hidden;
       for (int64_t b = 0; b < a.B; ++b) {
-        acc += static_cast<double>(dz2[b]) * static_cast<double>(a1[b * a.hidden + j]);
+        acc.add(static_cast<double>(dz2[b]) * static_cast<double>(a1[b * a.hidden + j]));
       }
-      store_from_double(a.dw2.ptr, a.dw2.dtype, j, acc);
+      store_from_double(a.dw2.ptr, a.dw2.dtype, j, acc.value());
     } else {
-      for (int64_t b = 0; b < a.B; ++b) acc += static_cast<double>(dz2[b]);
-      store_from_double(a.db2.ptr, a.db2.dtype, 0, acc);
+      for (int64_t b = 0; b < a.B; ++b) acc.add(static_cast<double>(dz2[b]));
+      store_from_double(a.db2.ptr, a.db2.dtype, 0, acc.value());
     }
   }
 }

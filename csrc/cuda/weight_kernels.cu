@@ -28,8 +28,8 @@ __global__ void __launch_bounds__(kReduceThreads)
                            const __grid_constant__ FinishArgs f) {
   __shared__ double scratch[32];
   const int64_t j = blockIdx.x;
-  double acc = 0.0;
-  for (int64_t q = threadIdx.x; q < per_group; q += blockDim.x) acc += partials[j * per_group + q];
+  CompensatedSum acc;
+  for (int64_t q = threadIdx.x; q < per_group; q += blockDim.x) acc.add(partials[j * per_group + q]);
   const double total = block_sum(acc, scratch);
   if (threadIdx.x == 0) finish(f, j, total);
 }
@@ -41,9 +41,9 @@ __global__ void __launch_bounds__(kReduceThreads)
   __shared__ double scratch[32];
   const int64_t j = blockIdx.x;
   const int64_t base = map_offset(map.kept, j);
-  double acc = 0.0;
+  CompensatedSum acc;
   for (int64_t m = threadIdx.x; m < map.free_count; m += blockDim.x) {
-    acc += static_cast<double>(src[base + map_offset(map.free, m)]);
+    acc.add(static_cast<double>(src[base + map_offset(map.free, m)]));
   }
   const double total = block_sum(acc, scratch);
   if (threadIdx.x == 0) finish(f, j, total);
@@ -74,10 +74,10 @@ __global__ void __launch_bounds__(kReduceThreads)
   const WeightGrad& out = for_alpha ? p.dalpha : p.dgate;
   const int64_t t = for_alpha ? block : block - p.dalpha.numel;
   const int64_t base = map_offset(out.from_w.kept, t);
-  double acc = 0.0;
+  CompensatedSum acc;
   for (int64_t m = threadIdx.x; m < out.from_w.free_count; m += blockDim.x) {
     const GateTerms terms = gate_terms(p, base + map_offset(out.from_w.free, m));
-    acc += for_alpha ? terms.da : terms.dg;
+    acc.add(for_alpha ? terms.da : terms.dg);
   }
   const double total = block_sum(acc, scratch);
   if (threadIdx.x == 0) store_from_double(out.ptr, out.dtype, t, total);

@@ -44,6 +44,7 @@ struct Prims<double> {
 
 // The identity rounding: what a float or double host needs between operations.
 struct NoRound {
+  static constexpr bool kIdentity = true;
   template <typename T>
   KK_HD T operator()(T x) const {
     return x;
@@ -118,18 +119,42 @@ KK_HD T multiply(T h, T s, T r, T c) {
   return h * valve(c, Prims<T>::tanh(s - r));
 }
 
+// 1 - t^2 of tanh's gradient, as each device's eager tanh_backward forms it from the saved
+// tanh t. FusedTanhGrad: one fused multiply-add in the opmath type (ATen's CPU kernels for
+// every dtype; its CUDA kernels for float and double, where nvcc contracts 1 - t*t).
+// StorageTanhGrad: ATen's CUDA kernel for bfloat16/float16 computes `a * (1 - b * b)` in the
+// 16-bit type's own arithmetic, so t*t is rounded to the host dtype, then 1 - t*t is; with
+// NoRound (float/double hosts) it falls back to the fused form, as that kernel does.
+struct FusedTanhGrad {
+  template <typename T, typename Round>
+  KK_HD T operator()(T t, Round) const {
+    return Prims<T>::fnma(t, t, T(1.0f));
+  }
+};
+
+struct StorageTanhGrad {
+  template <typename T, typename Round>
+  KK_HD T operator()(T t, Round round) const {
+    if constexpr (Round::kIdentity) {
+      return Prims<T>::fnma(t, t, T(1.0f));
+    } else {
+      return round(T(1.0f) - round(t * t));
+    }
+  }
+};
+
 // Gradients of h * (1 + c * tanh(s - r)) given the tanh, at the reference autograd's
 // rounding points: `round` rounds an intermediate to the host dtype where the reference
 // rounds it (NoRound for float/double hosts, whose arithmetic already rounds there), and
-// 1 - t^2 is one fused multiply-add, as torch's tanh_backward computes it. `t_grad` is the
+// 1 - t^2 is formed as the device's tanh_backward forms it (`tanh_grad`). `t_grad` is the
 // tanh the reference saved (rounded to the host dtype), `t` the unrounded one for the alpha
 // term. When r is h itself, h's gradient also carries the path through r (-ds).
 // dc_term = g*h*t is summed to alpha's shape; dr = -ds.
-template <bool kReferenceIsHost, typename T, typename Round>
+template <bool kReferenceIsHost, typename T, typename Round, typename TanhGrad = FusedTanhGrad>
 KK_HD void multiply_backward_t(T g, T h, T t_grad, T t, T c, T& dh, T& ds, T& dc_term,
-                               Round round) {
+                               Round round, TanhGrad tanh_grad = {}) {
   const T gh = round(g * h);
-  ds = round(gh * c) * Prims<T>::fnma(t_grad, t_grad, T(1.0f));
+  ds = round(gh * c) * tanh_grad(t_grad, round);
   dh = round(g * round(T(1.0f) + round(c * t_grad)));
   if (kReferenceIsHost) {
     dh = dh - round(ds);
@@ -146,9 +171,10 @@ KK_HD T ste(T h, T s) {
 // multiply_valve_multiplier's gradients for t = tanh(m): dm = round(g*c) * (1 - t_grad^2)
 // with t_grad the tanh rounded to m's dtype and `round` rounding to m's dtype (the reference's
 // tanh backward runs in m's dtype), dc_term = g*t with the unrounded t.
-template <typename T, typename Round>
-KK_HD void valve_backward(T g, T c, T t_grad, T t, T& dm, T& dc_term, Round round) {
-  dm = round(g * c) * Prims<T>::fnma(t_grad, t_grad, T(1.0f));
+template <typename T, typename Round, typename TanhGrad = FusedTanhGrad>
+KK_HD void valve_backward(T g, T c, T t_grad, T t, T& dm, T& dc_term, Round round,
+                          TanhGrad tanh_grad = {}) {
+  dm = round(g * c) * tanh_grad(t_grad, round);
   dc_term = g * t;
 }
 

@@ -3,8 +3,11 @@ maps, the strided iteration plan, block-size heuristics and the eager fast-path 
 
 Triton's interpreter (``TRITON_INTERPRET=1``) cannot run libdevice functions and converts
 float32 to bfloat16 by truncation, so every kernel takes an ``INTERP`` constexpr and routes
-bfloat16 conversions through exact integer arithmetic there; tanh is an exp-based
-formulation everywhere (no libdevice), accurate to a few float32 ulps.
+bfloat16 conversions through exact integer arithmetic there. tanh follows the device whose
+eager result the kernels must reproduce: on a GPU it is libdevice's tanh (what ATen's CUDA
+kernels call); under the interpreter an exp-based formulation accurate to a few float32 ulps.
+Likewise 1 - t^2 of tanh's gradient (`tanh_grad`) is formed as each device's eager
+tanh_backward forms it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -127,7 +131,31 @@ def store_scalar(ptr, x, INTERP: tl.constexpr):
 
 
 @triton.jit
-def tanh(x):
+def tanh(x, INTERP: tl.constexpr):
+    """tanh as the eager reference on this device computes it (libdevice on a GPU)."""
+    if INTERP:
+        return _tanh_from_exp(x)
+    else:
+        return libdevice.tanh(x)
+
+
+@triton.jit
+def tanh_grad(t, H: tl.constexpr, INTERP: tl.constexpr):
+    """1 - t^2 for a saved tanh t of a host of dtype H, as eager tanh_backward forms it: one
+    fused multiply-add on CPU (the interpreter's tensors) and on CUDA for float/double hosts;
+    on CUDA for bfloat16/float16 hosts in the 16-bit type's own arithmetic (t*t rounded to H,
+    then 1 - t*t rounded to H), as ATen's CUDA kernel computes `a * (1 - b * b)` in scalar_t.
+    Mirrors kk::FusedTanhGrad / kk::StorageTanhGrad in csrc/kernels/blend_math.h."""
+    if INTERP:
+        return tl.fma(-t, t, 1.0)
+    elif H == tl.bfloat16 or H == tl.float16:
+        return round_to(1.0 - round_to(t * t, H, INTERP), H, INTERP)
+    else:
+        return tl.fma(-t, t, 1.0)
+
+
+@triton.jit
+def _tanh_from_exp(x):
     """tanh without libdevice (runs under the interpreter).
 
     float32: Cephes' odd minimax polynomial for |x| < 0.625 (relative error ~1e-7), else

@@ -47,6 +47,7 @@ from ._common import (
     store,
     store_scalar,
     tanh,
+    tanh_grad,
     to_float,
 )
 
@@ -145,12 +146,12 @@ def _blend_fwd_kernel(
         else:
             x2 = tl.load(x2_ptr + offset(b, j, i0, i1, i2, x2_sb, x2_s0, x2_s1, x2_s2, X2_FLAT), mask=mask, other=0)
             r = _seed(x2, H, CD, INTERP)
-        y = h * (1.0 + w * tanh(s - r))
+        y = h * (1.0 + w * tanh(s - r, INTERP))
     elif OP == 3:
         y = h + (s - s)
     else:
         # VALVE: x0 is m (its own dtype TD's opmath); tanh rounded to m's dtype
-        t = round_to(tanh(to_float(x0, TD, INTERP)), x0_ptr.dtype.element_ty, INTERP).to(CD)
+        t = round_to(tanh(to_float(x0, TD, INTERP), INTERP), x0_ptr.dtype.element_ty, INTERP).to(CD)
         y = 1.0 + w * t
     store(out_ptr + (b * INNER + j), y, mask, INTERP)
 
@@ -194,11 +195,11 @@ def _blend_bwd_kernel(
     w = _effective_weight(a, g, OP, H, P, CD, INTERP)
     if OP == 4:
         # dm at the reference's rounding points (torch's tanh_backward in m's dtype: the
-        # saved tanh rounded to m's dtype, g*c rounded to it, 1 - t^2 fused); dc with the
-        # unrounded tanh
-        tx = tanh(to_float(x0, TD, INTERP)).to(CD)
+        # saved tanh rounded to m's dtype, g*c rounded to it, 1 - t^2 as that device forms
+        # it); dc with the unrounded tanh
+        tx = tanh(to_float(x0, TD, INTERP), INTERP).to(CD)
         t = round_to(tx, x0_ptr.dtype.element_ty, INTERP)
-        dm = round_to(go * w, x0_ptr.dtype.element_ty, INTERP) * tl.fma(-t, t, 1.0)
+        dm = round_to(go * w, x0_ptr.dtype.element_ty, INTERP) * tanh_grad(t, x0_ptr.dtype.element_ty, INTERP)
         dwt = go.to(RD) * tx.to(RD)
         if W_DX0:
             store(dx0_ptr + ref, dm, mask, INTERP)
@@ -218,14 +219,14 @@ def _blend_bwd_kernel(
                 r = _seed(tl.load(x2_ptr + x2_off, mask=mask, other=0), H, CD, INTERP)
             # The reference autograd's rounding points (as the native kernels): s - r and
             # its saved tanh rounded to the host dtype H; g*h, g*h*c, c*t and 1 + c*t rounded
-            # to H; 1 - t^2 as one fused multiply-add (torch's tanh_backward). A tanh that
+            # to H; 1 - t^2 as the device's tanh_backward forms it (tanh_grad). A tanh that
             # saturates to +-1 in H so gives exactly zero, as in the reference.
             dx = s - r
             d = round_to(dx, H, INTERP)
-            tr = tanh(d)
+            tr = tanh(d, INTERP)
             tg = round_to(tr, H, INTERP)
             gh = round_to(go * h, H, INTERP)
-            ds = round_to(gh * w, H, INTERP) * tl.fma(-tg, tg, 1.0)
+            ds = round_to(gh * w, H, INTERP) * tanh_grad(tg, H, INTERP)
             dh = round_to(go * round_to(1.0 + round_to(w * tg, H, INTERP), H, INTERP), H, INTERP)
             if R_IS_H:
                 dh = dh - round_to(ds, H, INTERP)
@@ -235,7 +236,7 @@ def _blend_bwd_kernel(
                 e = tl.where(e == e, e, 0.0)  # an infinite d rounds to itself
                 dwt = go * h * (tr + (1.0 - tr * tr) * e)
             else:
-                dwt = go.to(RD) * h.to(RD) * tanh(s.to(RD) - r.to(RD))
+                dwt = go.to(RD) * h.to(RD) * tanh(s.to(RD) - r.to(RD), INTERP)
         if W_DX0:
             store(dx0_ptr + ref, dh, mask, INTERP)
         # the gradient of s.to(h.dtype) is rounded to h's dtype, then to s's
