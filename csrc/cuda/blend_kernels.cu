@@ -67,7 +67,7 @@ struct LerpForward {
   using Out = T;
   template <int k>
   using In = std::conditional_t<k == 0, T, S>;
-  KK_DEV static void apply(const op_t (&in)[kIn], op_t w, op_t (&out)[kOut], op_t&) {
+  KK_DEV static void apply(const op_t (&in)[kIn], op_t w, op_t (&out)[kOut], double&) {
     out[0] = kk::lerp(in[0], as_host<T, S>(in[1]), w);
   }
 };
@@ -81,12 +81,14 @@ struct LerpBackward {
   using Out = std::conditional_t<k == 0, T, S>;
   template <int k>
   using In = std::conditional_t<k == 2, S, T>;
-  KK_DEV static void apply(const op_t (&in)[kIn], op_t w, op_t (&out)[kOut], op_t& red) {
+  KK_DEV static void apply(const op_t (&in)[kIn], op_t w, op_t (&out)[kOut], double& red) {
+    const op_t s = as_host<T, S>(in[2]);
     op_t dh, ds, dw;
-    kk::lerp_backward(in[0], in[1], as_host<T, S>(in[2]), w, dh, ds, dw);
+    kk::lerp_backward(in[0], in[1], s, w, dh, ds, dw);
     out[0] = dh;
     out[1] = round_through<T>(ds);  // the gradient of s.to(T) is rounded to T first
-    red = dw;
+    // the weight-gradient term is formed in double (summed in double too), as the CPU does
+    red = static_cast<double>(in[0]) * (static_cast<double>(s) - static_cast<double>(in[1]));
   }
 };
 
@@ -99,7 +101,7 @@ struct MultiplyForward {
   using Out = T;
   template <int k>
   using In = std::conditional_t<k == 0, T, S>;
-  KK_DEV static void apply(const op_t (&in)[kIn], op_t c, op_t (&out)[kOut], op_t&) {
+  KK_DEV static void apply(const op_t (&in)[kIn], op_t c, op_t (&out)[kOut], double&) {
     const op_t h = in[0];
     const op_t s = as_host<T, S>(in[1]);
     op_t r = h;
@@ -128,7 +130,7 @@ struct MultiplyBackward {
   using Out = std::conditional_t<k == 0, T, S>;
   template <int k>
   using In = std::conditional_t<k <= 1, T, S>;
-  KK_DEV static void apply(const op_t (&in)[kIn], op_t c, op_t (&out)[kOut], op_t& red) {
+  KK_DEV static void apply(const op_t (&in)[kIn], op_t c, op_t (&out)[kOut], double& red) {
     const op_t g = in[0];
     const op_t h = in[1];
     const op_t s = as_host<T, S>(in[2]);
@@ -136,7 +138,9 @@ struct MultiplyBackward {
     if constexpr (!kRIsH) r = as_host<T, S>(in[3]);
     // s - r and its tanh as the reference's autograd sees them in T (identity for float and
     // double; for a half host a tanh saturated to +-1 gives exactly zero), as the CPU does
-    const op_t t = kk::Prims<op_t>::tanh(round_through<T>(s - r));
+    const op_t diff = s - r;
+    const op_t d = round_through<T>(diff);
+    const op_t t = kk::Prims<op_t>::tanh(d);
     op_t dh, ds, dc;
     kk::multiply_backward_t<kRIsH>(g, h, round_through<T>(t), t, c, dh, ds, dc, RoundTo<T>{},
                                    kk::StorageTanhGrad{});  // as ATen's CUDA tanh_backward
@@ -144,7 +148,14 @@ struct MultiplyBackward {
     out[0] = dh;
     out[1] = ds_t;
     if constexpr (!kRIsH) out[kOut - 1] = -ds_t;
-    red = dc;
+    // The alpha term g*h*tanh(s - r) in double, with the tanh of the unrounded difference:
+    // tanh(d + e) ~ t + (1 - t^2) e to first order, e = (s - r) - d (zero unless T is a half
+    // type; |e| is at most half an ulp of d there). A non-finite e (infinite d) counts as 0.
+    const double e = static_cast<double>(diff) - static_cast<double>(d);
+    const double td = static_cast<double>(t);
+    const double t_alpha = e == e ? td + (1.0 - td * td) * e : td;
+    red = static_cast<double>(g) * static_cast<double>(h) * t_alpha;
+    (void)dc;
   }
 };
 
@@ -157,7 +168,7 @@ struct SteForward {
   using Out = T;
   template <int k>
   using In = std::conditional_t<k == 0, T, S>;
-  KK_DEV static void apply(const op_t (&in)[kIn], op_t, op_t (&out)[kOut], op_t&) {
+  KK_DEV static void apply(const op_t (&in)[kIn], op_t, op_t (&out)[kOut], double&) {
     out[0] = kk::ste(in[0], as_host<T, S>(in[1]));
   }
 };
@@ -180,7 +191,7 @@ struct ValveForward {
   using Out = U;
   template <int k>
   using In = M;
-  KK_DEV static void apply(const op_t (&in)[kIn], op_t c, op_t (&out)[kOut], op_t&) {
+  KK_DEV static void apply(const op_t (&in)[kIn], op_t c, op_t (&out)[kOut], double&) {
     out[0] = kk::valve(c, valve_tanh<U, M>(in[0]));
   }
 };
@@ -194,13 +205,14 @@ struct ValveBackward {
   using Out = M;
   template <int k>
   using In = std::conditional_t<k == 0, U, M>;
-  KK_DEV static void apply(const op_t (&in)[kIn], op_t c, op_t (&out)[kOut], op_t& red) {
+  KK_DEV static void apply(const op_t (&in)[kIn], op_t c, op_t (&out)[kOut], double& red) {
     // dm sees tanh rounded to m's dtype (the reference's tanh backward); dc the unrounded one
     const op_t t = kk::Prims<op_t>::tanh(in[1]);
     op_t dm, dc;
     kk::valve_backward(in[0], c, round_through<M>(t), t, dm, dc, RoundTo<M>{}, kk::StorageTanhGrad{});
     out[0] = dm;
-    red = dc;
+    red = static_cast<double>(in[0]) * static_cast<double>(t);  // g*t in double
+    (void)dc;
   }
 };
 
@@ -262,12 +274,12 @@ __global__ void __launch_bounds__(kMaxThreads)
   // weight-gradient terms are summed in compensated double whatever the host dtype, so a
   // block's partial is as exact as a double can hold it
   CompensatedSum acc;
-  auto consume = [&](int64_t i, op_t red) {
+  auto consume = [&](int64_t i, double red) {
     if constexpr (Op::kReduces) {
       if (a.red == RedMode::kPartials) {
-        acc.add(static_cast<double>(red));
+        acc.add(red);
       } else if (a.red == RedMode::kElement) {
-        static_cast<op_t*>(a.dw)[i] = red;
+        static_cast<op_t*>(a.dw)[i] = static_cast<op_t>(red);
       }
     }
   };
@@ -286,7 +298,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       in[k] = load_one<typename Op::template In<k>, op_t>(a.data[NO + k], off[NO + k]);
     });
     op_t out[NO];
-    op_t red = op_t(0);
+    double red = 0.0;
     Op::apply(in, weight_of(i), out, red);
     static_for<NO>([&](auto kc) {
       constexpr int k = decltype(kc)::value;
@@ -316,14 +328,14 @@ __global__ void __launch_bounds__(kMaxThreads)
         load_pack<typename Op::template In<k>, VEC>(a.data[NO + k], v, in[k]);
       });
       op_t out[NO][VEC];
-      op_t red[VEC];
+      double red[VEC];
 #pragma unroll
       for (int l = 0; l < VEC; ++l) {
         op_t lane_in[NI];
         op_t lane_out[NO];
 #pragma unroll
         for (int k = 0; k < NI; ++k) lane_in[k] = in[k][l];
-        red[l] = op_t(0);
+        red[l] = 0.0;
         Op::apply(lane_in, weight_of(v + l), lane_out, red[l]);
 #pragma unroll
         for (int k = 0; k < NO; ++k) out[k][l] = lane_out[k];
@@ -335,9 +347,12 @@ __global__ void __launch_bounds__(kMaxThreads)
       if constexpr (Op::kReduces) {
         if (a.red == RedMode::kPartials) {
 #pragma unroll
-          for (int l = 0; l < VEC; ++l) acc.add(static_cast<double>(red[l]));
+          for (int l = 0; l < VEC; ++l) acc.add(red[l]);
         } else if (a.red == RedMode::kElement) {
-          store_pack<op_t, VEC>(a.dw, v, red);
+          op_t red_op[VEC];
+#pragma unroll
+          for (int l = 0; l < VEC; ++l) red_op[l] = static_cast<op_t>(red[l]);
+          store_pack<op_t, VEC>(a.dw, v, red_op);
         }
       }
     }

@@ -268,14 +268,15 @@ struct CompensatedSum {
   double sum = 0.0, err = 0.0;
   KK_DEV void add(double v) {
     const double t = sum + v;
-    err += fabs(sum) >= fabs(v) ? (sum - t) + v : (v - t) + sum;
+    // an infinite or NaN sum carries no rounding error (inf - inf would make it NaN)
+    if (isfinite(t)) err += fabs(sum) >= fabs(v) ? (sum - t) + v : (v - t) + sum;
     sum = t;
   }
   KK_DEV void add(const CompensatedSum& o) {
     add(o.sum);
     err += o.err;
   }
-  KK_DEV double value() const { return sum + err; }
+  KK_DEV double value() const { return isfinite(sum) ? sum + err : sum; }
 };
 
 KK_DEV double warp_sum(double v) {
