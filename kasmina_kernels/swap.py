@@ -50,14 +50,19 @@ class SwapHandle:
         return [(target, name) for target, name, _ in self._records]
 
     def _replace(self, target: object, name: str, value: object) -> None:
-        original = _get(target, name)
+        original = _stored(target, name)
+        if isinstance(original, staticmethod):  # a function kept on a class stays unbound
+            value = staticmethod(value)
         _set(target, name, value)
         self._records.append((target, name, original))
 
     def undo(self) -> None:
         while self._records:
             target, name, original = self._records.pop()
-            _set(target, name, original)
+            if original is _INHERITED:
+                delattr(target, name)  # uncovers the class attribute again
+            else:
+                _set(target, name, original)
 
     def __enter__(self) -> "SwapHandle":
         return self
@@ -76,8 +81,18 @@ def _has(target: object, name: str) -> bool:
     return hasattr(target, name)
 
 
-def _get(target: object, name: str) -> object:
-    return target[name] if isinstance(target, Mapping) else getattr(target, name)
+_INHERITED = object()  # the name was found on the target's class, not stored on the target
+
+
+def _stored(target: object, name: str) -> object:
+    """What the target itself stores under `name` (a class's raw attribute, staticmethod
+    wrapper included), or `_INHERITED` when the value comes from its class or a base."""
+    if isinstance(target, Mapping):
+        return target[name]
+    own = getattr(target, "__dict__", None)
+    if own is None:  # __slots__ objects: the attribute is the target's own
+        return getattr(target, name)
+    return own.get(name, _INHERITED)
 
 
 def _set(target: object, name: str, value: object) -> None:
