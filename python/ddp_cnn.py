@@ -65,7 +65,11 @@ def ddp_worker(rank: int, world_size: int, port: int, steps: int, batch_size: in
             ddp_model = DistributedDataParallel(model)
             per_rank = batch_size // world_size
             shard = slice(rank * per_rank, (rank + 1) * per_rank)
-            record = train_and_record(model, ddp_model, esper_cnn.make_batches(steps, batch_size), shard)
+            batches = esper_cnn.make_batches(steps, batch_size)
+            record = train_and_record(model, ddp_model, batches, shard)
+            # what actually ran, for the caller to check
+            record["backend"] = kk.resolve_backend(batches[0][0])
+            record["swapped"] = seed_slots.blend_gate is kk.blend_ops.blend_gate
         if rank == 0:
             torch.save(record, out)
     finally:

@@ -64,15 +64,16 @@ def build_model(seed: int = 0, width: int = 16) -> CNNHost:
 
 
 def make_batches(steps: int, batch_size: int = 16, *, device="cpu", seed: int = 1):
-    """`steps` batches of (channels_last images (B,3,16,16), labels) from a fixed random
-    teacher, so the task is learnable; the same for every call with the same arguments."""
+    """`steps` batches of (channels_last images (B,3,16,16), labels): each image is noise plus
+    a per-sample colour offset, labelled by a fixed random linear teacher of that offset, so
+    the task is learnable; the same for every call with the same arguments."""
     gen = torch.Generator().manual_seed(seed)
-    teacher = torch.randn(3 * 4 * 4, CLASSES, generator=gen)
+    teacher = torch.randn(3, CLASSES, generator=gen)
     batches = []
     for _ in range(steps):
-        images = torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
-        pooled = nn.functional.adaptive_avg_pool2d(images, 4).flatten(1)
-        labels = (pooled @ teacher).argmax(dim=1)
+        offsets = torch.randn(batch_size, 3, 1, 1, generator=gen)
+        images = torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen) + offsets
+        labels = (offsets.flatten(1) @ teacher).argmax(dim=1)
         images = images.to(device).contiguous(memory_format=torch.channels_last)
         batches.append((images, labels.to(device)))
     return batches
