@@ -32,3 +32,26 @@ def test_ddp_two_processes_native_matches_single_process_eager():
             torch.testing.assert_close(got[name], g, msg=lambda m: f"step {step} {name}: {m}")
     for name, p in reference["parameters"].items():
         torch.testing.assert_close(ddp["parameters"][name], p)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="this torch build has no torch.distributed gloo backend")
+def test_ddp_example_under_torchrun():
+    """The README's multi-machine recipe, on one machine: torchrun starts the processes and
+    they join the group from the environment; rank 0 prints the comparison."""
+    import os
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(root / "python" / "ddp_cnn.py"), "--steps", "2"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = re.search(r"2 processes, native\) .* max gradient difference (\S+), max parameter difference (\S+)",
+                      proc.stdout)
+    assert found, proc.stdout
+    assert float(found.group(1)) < 1e-5 and float(found.group(2)) < 1e-5
