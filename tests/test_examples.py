@@ -110,3 +110,27 @@ def test_example_rejects_a_backend_it_cannot_run():
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 2 and "'triton' is not available on cpu" in proc.stderr
+
+
+BF16_STEP_TOLERANCE = 2 * torch.finfo(torch.bfloat16).eps  # relative, per step: two bf16 ulps at 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bf16 autocast training on GPU)")
+@pytest.mark.parametrize("example", list(MODELS))
+def test_cuda_bf16_autocast_training_matches_eager(example):
+    """On a GPU: every fused CUDA backend trains under bf16 autocast to the eager run's losses
+    within bf16 tolerance per step, with fewer device kernels per training step."""
+    module = MODELS[example]
+    device = torch.device("cuda")
+    backends = [b for b in kk.available_backends(device) if b != "reference"]
+    assert backends, "a CUDA device but no fused backend for it"
+    results = example_harness.compare_backends(
+        module.build_model, module.make_batches(STEPS, device=device), backends, autocast_dtype=torch.bfloat16
+    )
+    eager = results[0]
+    for r in results[1:]:
+        for step, (a, b) in enumerate(zip(r.losses, eager.losses)):
+            assert abs(a - b) <= BF16_STEP_TOLERANCE * abs(b), f"{r.backend} step {step}: {a} vs eager {b}"
+        print(f"\n{example} cuda {r.backend}: kernels/step {r.kernels_per_step.total()} "
+              f"vs eager {eager.kernels_per_step.total()}")
+        assert r.kernels_per_step.total() < eager.kernels_per_step.total()
