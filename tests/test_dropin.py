@@ -122,6 +122,13 @@ def test_dropin_exact_identities(backend):
             assert y.is_contiguous(memory_format=torch.channels_last)
         y = blend_ops.blend_add(h, nan_seed, zero)
         assert torch.isnan(y[1, 2, 3, 4]) and torch.isnan(y).sum() == 1
+        # aliased inputs and inference mode, as Esper passes them
+        a = torch.tensor(0.6)
+        assert torch.equal(blend_ops.blend_multiply(h, h, a, seed_input=h), h)
+        torch.testing.assert_close(blend_ops.blend_add(h, h, a), reference.blend_add(h, h, a))
+        with torch.inference_mode():
+            torch.testing.assert_close(blend_ops.blend_gate(h, s, a, gate0 + 0.5),
+                                       reference.blend_gate(h, s, a, gate0 + 0.5))
         gate = _rnd(PS, "id/g", lo=0.1, hi=0.9).requires_grad_(True)
         blend_ops.blend_gate(h, s, torch.tensor(0.5), gate).sum().backward()
         assert gate.grad.shape == (3, 1, 1, 1)
