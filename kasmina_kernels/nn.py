@@ -65,13 +65,18 @@ class GatedBlend(nn.Module):
             nn.Sigmoid(),
         )
 
-    def step(self, step: int) -> None:
-        """Record the blending schedule's current step (as Esper's ``BlendAlgorithm.step``).
+    def step(self, step: int | None = None) -> None:
+        """Advance the blending schedule's step counter, ``_current_step``.
 
-        The gate does not depend on it: Esper's GatedBlend keeps ``_current_step`` only for the
-        slot's bookkeeping (its alpha amplitude comes from the slot's controller), and so does
-        this one. Raises TypeError for a non-integer and ValueError for a negative step.
+        ``step(n)`` sets it to ``n``, as Esper's ``BlendAlgorithm.step(step)`` does;
+        ``step()`` advances it by one, stopping at ``total_steps``. The gate does not depend on
+        it: Esper's GatedBlend keeps ``_current_step`` only for the slot's bookkeeping (the alpha
+        amplitude comes from the slot's controller), and so does this one. Raises TypeError for
+        a non-integer and ValueError for a negative step.
         """
+        if step is None:
+            self._current_step = min(self._current_step + 1, self.total_steps)
+            return
         step = operator.index(step)
         if step < 0:
             raise ValueError(f"GatedBlend.step: step must be >= 0, got {step}")

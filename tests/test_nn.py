@@ -168,8 +168,11 @@ def test_wrong_rank_or_channels_is_a_clear_error(cls, topology, shape):
 
 # ----------------------------------------------------------------------------- step, cache
 def test_step_records_the_schedule_step_and_does_not_change_the_gate():
-    m, x = GatedBlend(8), _rnd((3, 8, 2, 2), "step/x")
+    m, x = GatedBlend(8, total_steps=2), _rnd((3, 8, 2, 2), "step/x")
     before = m(x)
+    for expected in (1, 2, 2):  # step() advances by one, up to total_steps
+        m.step()
+        assert m._current_step == expected
     m.step(7)
     assert m._current_step == 7
     m.step(torch.tensor(3))  # any integer-like (operator.index)
