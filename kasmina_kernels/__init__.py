@@ -6,6 +6,10 @@
     with kk.use_backend("reference"):
         ...
 
+Drop-ins for Esper: `kasmina_kernels.blend_ops`, `kasmina_kernels.isolation` (Esper's function
+signatures), `kasmina_kernels.nn.GatedBlend`, and `kk.swap_in(...)` to put them in place of
+the eager functions in modules that already imported those.
+
 Backends: "reference" (eager PyTorch), "native" (compiled C++/CUDA), "triton"; "auto" picks
 the fastest available for the tensor's device and `kk.resolve_backend(t)` says which.
 """
@@ -20,6 +24,9 @@ from .backends import (
     resolve_backend,
     use_backend,
 )
+from . import blend_ops, isolation, nn
+from .nn import GatedBlend
+from .swap import SwapHandle, swap_in
 from .ops import (
     blend_add,
     blend_gate,
@@ -43,6 +50,12 @@ __all__ = [
     "resolve_backend",
     "use_backend",
     "reference",
+    "blend_ops",
+    "isolation",
+    "nn",
+    "GatedBlend",
+    "SwapHandle",
+    "swap_in",
     "blend_add",
     "blend_gate",
     "blend_multiply",

@@ -1,0 +1,64 @@
+"""Drop-in for Esper's `kasmina.blend_ops`: the same five functions with the same signatures
+(positional ``host_features, seed_features, alpha``; keyword-only ``seed_input``), computed by
+the default backend (`kasmina_kernels.use_backend`, then ``KASMINA_KERNELS_BACKEND``, then
+``"auto"``).
+
+Each function only renames its arguments and calls the public op of the same name in
+`kasmina_kernels.ops`; the semantics are those of `kasmina_kernels.reference` (DESIGN.md
+section 2). To make code that already imported Esper's functions use these, see
+`kasmina_kernels.swap`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+
+__all__ = [
+    "blend_add",
+    "blend_gate",
+    "blend_multiply",
+    "gate_effective_alpha",
+    "multiply_valve_multiplier",
+]
+
+
+def blend_add(
+    host_features: torch.Tensor,
+    seed_features: torch.Tensor,
+    alpha: torch.Tensor,
+) -> torch.Tensor:
+    """ADD: ``lerp(host, seed, clamp01(alpha))`` in the host's dtype."""
+    return ops.blend_add(host_features, seed_features, alpha)
+
+
+def multiply_valve_multiplier(alpha: torch.Tensor, seed_modulation: torch.Tensor) -> torch.Tensor:
+    """The MULTIPLY valve ``1 + clamp01(alpha) * tanh(seed_modulation)``."""
+    return ops.multiply_valve_multiplier(alpha, seed_modulation)
+
+
+def blend_multiply(
+    host_features: torch.Tensor,
+    seed_features: torch.Tensor,
+    alpha: torch.Tensor,
+    *,
+    seed_input: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MULTIPLY: ``host * (1 + clamp01(alpha) * tanh(seed - r))``, ``r = seed_input`` (default: host)."""
+    return ops.blend_multiply(host_features, seed_features, alpha, seed_input=seed_input)
+
+
+def gate_effective_alpha(alpha: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``clamp01(clamp01(alpha) * clamp01(gate))``."""
+    return ops.gate_effective_alpha(alpha, gate)
+
+
+def blend_gate(
+    host_features: torch.Tensor,
+    seed_features: torch.Tensor,
+    alpha: torch.Tensor,
+    gate: torch.Tensor,
+) -> torch.Tensor:
+    """GATE: ``lerp(host, seed, gate_effective_alpha(alpha, gate))`` in the host's dtype."""
+    return ops.blend_gate(host_features, seed_features, alpha, gate)

@@ -1,0 +1,29 @@
+"""Drop-in for the blend functions of Esper's `kasmina.isolation`: `ste_forward` and
+`blend_with_isolation` with Esper's signatures, computed by the default backend.
+
+Only the two tensor functions are provided; Esper's gradient-health monitor is bookkeeping,
+not a blend, and stays Esper's. Semantics: `kasmina_kernels.reference` (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+
+__all__ = ["blend_with_isolation", "ste_forward"]
+
+
+def blend_with_isolation(
+    host_features: torch.Tensor,
+    seed_features: torch.Tensor,
+    alpha: torch.Tensor,
+) -> torch.Tensor:
+    """``lerp(host, seed, clamp01(alpha))``: gradients reach both inputs (the same as ADD)."""
+    return ops.blend_with_isolation(host_features, seed_features, alpha)
+
+
+def ste_forward(host_features: torch.Tensor, seed_features: torch.Tensor) -> torch.Tensor:
+    """Straight-through: the value is the host's (NaN where the seed is not finite), the
+    gradient is passed unchanged to both host and seed."""
+    return ops.ste_forward(host_features, seed_features)

@@ -1,0 +1,127 @@
+"""Drop-in for Esper's `GatedBlend` (`kasmina.blending`): the learned per-sample gate that
+feeds the GATE blend, with its forward computed by the fused `gate_network` op.
+
+`GatedBlend` keeps Esper's constructor, errors, attributes (``algorithm_id``, ``topology``,
+``total_steps``, ``_current_step``) and submodule ``gate`` (``Linear(C, max(8, C // 4)), ReLU,
+Linear(hidden, 1), Sigmoid``), so parameter names and ``state_dict`` keys are the same and a
+checkpoint of either module loads into the other with ``strict=True``. `EagerGatedBlend` is the
+same module computing its gate the eager way (pool, then call the ``gate`` Sequential): the
+definition the fused one is tested against, and what an Esper model runs before swapping.
+
+Neither module keeps a cache or any thread-local or global state: every call reads the
+module's current parameters, so DataParallel replicas and threads cannot see stale values.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import nn
+
+from . import ops, reference
+from .validation import TOPOLOGIES
+
+__all__ = ["GatedBlend", "EagerGatedBlend"]
+
+_GATE_SHAPE = {"cnn": (-1, 1, 1, 1), "transformer": (-1, 1, 1)}
+_LAYOUT = {"cnn": "(B, C, H, W)", "transformer": "(B, T, C)"}
+
+
+class GatedBlend(nn.Module):
+    """Learned per-sample blend gate: ``sigmoid(W2 relu(W1 pool(x) + b1) + b2)``.
+
+    ``pool`` is the mean over (H, W) of a ``(B, C, H, W)`` input for ``topology="cnn"`` and
+    over T of a ``(B, T, C)`` input for ``"transformer"``. `get_alpha_for_blend` (and calling
+    the module) returns the gate shaped ``(B, 1, 1, 1)`` or ``(B, 1, 1)``, in ``[0, 1]``, to be
+    passed as ``gate`` to ``blend_gate``. It runs on the default backend
+    (`kasmina_kernels.use_backend`, ``KASMINA_KERNELS_BACKEND``, ``"auto"``).
+
+    Raises ValueError for ``channels <= 0``, a topology other than ``"cnn"`` or
+    ``"transformer"``, and ``total_steps <= 0``.
+    """
+
+    algorithm_id = "gated"
+
+    def __init__(self, channels: int, topology: str = "cnn", total_steps: int = 10):
+        super().__init__()
+        if channels <= 0:
+            raise ValueError(f"GatedBlend requires channels > 0, got {channels}")
+        if topology not in TOPOLOGIES:
+            raise ValueError(
+                f"Unknown topology {topology!r} for GatedBlend: expected 'cnn' or 'transformer'"
+            )
+        if total_steps <= 0:
+            raise ValueError(f"GatedBlend requires total_steps > 0, got {total_steps}")
+        self.channels = channels
+        self.topology = topology
+        self.total_steps = total_steps
+        self._current_step = 0
+        hidden = reference.gate_hidden_size(channels)
+        self.gate = nn.Sequential(
+            nn.Linear(channels, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 1),
+            nn.Sigmoid(),
+        )
+
+    def step(self, step: int | None = None) -> None:
+        """Advance the blending schedule's step counter, ``_current_step``.
+
+        ``step(n)`` sets it to ``n``, as Esper's ``BlendAlgorithm.step(step)`` does;
+        ``step()`` advances it by one, stopping at ``total_steps``. The gate does not depend on
+        it: Esper's GatedBlend keeps ``_current_step`` only for the slot's bookkeeping (the alpha
+        amplitude comes from the slot's controller), and so does this one. Raises TypeError for
+        a non-integer and ValueError for a negative step.
+        """
+        if step is None:
+            self._current_step = min(self._current_step + 1, self.total_steps)
+            return
+        step = operator.index(step)
+        if step < 0:
+            raise ValueError(f"GatedBlend.step: step must be >= 0, got {step}")
+        self._current_step = step
+
+    def reset_cache(self) -> None:
+        """Nothing to clear: present for Esper's interface.
+
+        Esper's blend algorithms cache an alpha tensor per thread and this method drops the
+        calling thread's entry. This module keeps no cache of any kind (each call computes the
+        gate from the current parameters), so there is nothing that could go stale.
+        """
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: x must be a torch.Tensor, got {type(x).__name__}")
+        rank = len(_GATE_SHAPE[self.topology])
+        channel_dim = 1 if self.topology == "cnn" else 2
+        if x.dim() != rank or x.shape[channel_dim] != self.channels:
+            raise ValueError(
+                f"{type(self).__name__}(channels={self.channels}, topology={self.topology!r}) "
+                f"expects x of shape {_LAYOUT[self.topology]} with {self.channels} channels, "
+                f"got shape {tuple(x.shape)}"
+            )
+
+    def get_alpha_for_blend(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-sample gate for host features ``x``: ``(B,1,1,1)`` (cnn) or ``(B,1,1)``."""
+        self._check_input(x)
+        first, second = self.gate[0], self.gate[2]
+        return ops.gate_network(
+            x, first.weight, first.bias, second.weight, second.bias, topology=self.topology
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.get_alpha_for_blend(x)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, topology={self.topology!r}, total_steps={self.total_steps}"
+
+
+class EagerGatedBlend(GatedBlend):
+    """`GatedBlend` computed eagerly as Esper does: pool with `reference.gated_pool`, call the
+    ``gate`` Sequential, view per sample. Same parameters, checks and methods."""
+
+    def get_alpha_for_blend(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        pooled = reference.gated_pool(x, self.topology)
+        return self.gate(pooled).view(_GATE_SHAPE[self.topology])

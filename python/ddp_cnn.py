@@ -1,0 +1,164 @@
+"""Data-parallel training of the esper_cnn example with the native backend: DistributedDataParallel
+over the gloo backend, one process per shard of each batch, checked against a single-process
+run of the eager model on the whole batch.
+
+Each of the `world_size` processes builds the model with the drop-ins swapped in and the
+native backend, takes its equal slice of every batch, and DDP averages the gradients, so every
+step's gradients must equal those of one process training on the full batch (the loss is a
+mean). The launcher spawns the processes itself (torch.multiprocessing, no torchrun needed),
+collects rank 0's gradients of every step and its final parameters, runs the single-process
+eager reference and prints the largest differences.
+
+    python python/ddp_cnn.py                      # spawns 2 processes on this machine, 5 steps
+    python python/ddp_cnn.py --world-size 4 --steps 10
+    torchrun --standalone --nproc-per-node 2 python/ddp_cnn.py          # the same, under torchrun
+    torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        python/ddp_cnn.py                         # on each of two machines
+
+Under a launcher (RANK and WORLD_SIZE set) every process joins the gloo group from the
+environment and rank 0 prints the comparison. The kernels keep no per-process state, so
+nothing else changes past one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+import esper_cnn
+import example_harness
+import kasmina_kernels as kk
+import seed_slots
+
+
+def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+
+def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def train_and_record(model, train_model, batches, shard: slice) -> dict:
+    """Train `train_model` (`model` or its DDP wrapper) on `shard` of every batch; return the
+    gradients of every step and the final parameters of `model`."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gradients = []
+    for step, (x, y) in enumerate(batches):
+        example_harness.training_step(train_model, optimizer, x[shard], y[shard], step, autocast_dtype=None)
+        gradients.append(_gradients(model))
+    return {"gradients": gradients, "parameters": _parameters(model)}
+
+
+def train_this_rank(steps: int, batch_size: int, backend: str) -> dict:
+    """In an initialized process group: train the CNN under DDP on this rank's slice of every
+    batch, with the drop-ins swapped in and `backend`; return this rank's record."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of the world size {world_size}")
+    with kk.swap_in(seed_slots), kk.use_backend(backend):
+        model = esper_cnn.build_model()
+        ddp_model = DistributedDataParallel(model)
+        per_rank = batch_size // world_size
+        shard = slice(rank * per_rank, (rank + 1) * per_rank)
+        batches = esper_cnn.make_batches(steps, batch_size)
+        record = train_and_record(model, ddp_model, batches, shard)
+        # what actually ran, for the caller to check
+        record["backend"] = kk.resolve_backend(batches[0][0])
+        record["swapped"] = seed_slots.blend_gate is kk.blend_ops.blend_gate
+    return record
+
+
+def ddp_worker(rank: int, world_size: int, port: int, steps: int, batch_size: int, backend: str, out: str):
+    """One process of the local spawned run: joins the gloo group on 127.0.0.1:`port`,
+    trains, and rank 0 saves its record to `out`."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        record = train_this_rank(steps, batch_size, backend)
+        if rank == 0:
+            torch.save(record, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ddp(world_size: int = 2, steps: int = 5, batch_size: int = 16, backend: str = "native") -> dict:
+    """Spawn the DDP run on this machine; return rank 0's record (per-step gradients, final
+    parameters)."""
+    if batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of world_size {world_size}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rank0.pt")
+        mp.spawn(
+            ddp_worker,
+            args=(world_size, _free_port(), steps, batch_size, backend, out),
+            nprocs=world_size,
+            join=True,
+        )
+        return torch.load(out)
+
+
+def run_single_process_reference(steps: int = 5, batch_size: int = 16) -> dict:
+    """The eager model (nothing swapped) trained in this process on the full batches."""
+    model = esper_cnn.build_model()
+    return train_and_record(model, model, esper_cnn.make_batches(steps, batch_size), slice(None))
+
+
+def max_differences(run: dict, reference: dict) -> tuple[float, float]:
+    """(largest gradient difference over all steps, largest final parameter difference)."""
+    grad = max(
+        (a[k] - b[k]).abs().max().item()
+        for a, b in zip(run["gradients"], reference["gradients"])
+        for k in b
+    )
+    param = max((run["parameters"][k] - v).abs().max().item() for k, v in reference["parameters"].items())
+    return grad, param
+
+
+def _report(ddp: dict, reference: dict, world_size: int, backend: str, steps: int) -> None:
+    grad, param = max_differences(ddp, reference)
+    print(
+        f"DDP (gloo, {world_size} processes, {ddp['backend']}) vs one eager process, {steps} steps: "
+        f"max gradient difference {grad:.3e}, max parameter difference {param:.3e}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world-size", type=int, default=2, help="processes to spawn (ignored under torchrun)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--backend", default="native", help="kasmina backend in the DDP processes")
+    args = parser.parse_args()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun or a similar launcher
+        dist.init_process_group("gloo")
+        try:
+            record = train_this_rank(args.steps, args.batch_size, args.backend)
+            if dist.get_rank() == 0:
+                reference = run_single_process_reference(args.steps, args.batch_size)
+                _report(record, reference, dist.get_world_size(), args.backend, args.steps)
+        finally:
+            dist.destroy_process_group()
+        return
+    ddp = run_ddp(args.world_size, args.steps, args.batch_size, args.backend)
+    reference = run_single_process_reference(args.steps, args.batch_size)
+    _report(ddp, reference, args.world_size, args.backend, args.steps)
+
+
+if __name__ == "__main__":
+    main()

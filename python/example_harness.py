@@ -1,0 +1,221 @@
+"""What the end-to-end examples share: the training loop, the per-backend runs, the kernel
+count and the command line.
+
+Every run starts from the same weights (the eager model's initial ``state_dict``, loaded with
+``strict=True`` into each rebuilt model) and sees the same batches. The first run is the
+eager model exactly as written (``eager``); then, for each backend asked for, the model is
+rebuilt with the drop-ins swapped into `seed_slots` (``kk.swap_in``) inside
+``kk.use_backend(backend)`` and trained again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kasmina_kernels as kk
+import seed_slots
+
+EAGER = "eager"
+
+# Operators that run no kernel: allocations without a fill and no-op conversions (views are
+# recognized by their schema).
+NO_KERNEL_OPS = frozenset(
+    ("aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_", "aten::lift_fresh",
+     "aten::_local_scalar_dense", "aten::detach", "aten::detach_", "aten::as_strided_", "aten::set_")
+)
+
+
+class _KernelCounter(TorchDispatchMode):
+    """Counts the operator calls that reach a kernel: what runs below autograd after
+    composite operators have been decomposed, views and allocations excluded."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name.startswith(("aten::", "kasmina::")) and not func.is_view and name not in NO_KERNEL_OPS:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@dataclass
+class RunResult:
+    backend: str
+    losses: list[float]
+    parameters: dict[str, torch.Tensor]
+    seconds_per_step: float
+    kernels_per_step: Counter | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def train(model: nn.Module, batches, *, autocast_dtype: torch.dtype | None, lr: float = 0.05):
+    """SGD with momentum over `batches`; returns (losses, seconds per step after the first)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    losses, times = [], []
+    for step, (x, y) in enumerate(batches):
+        start = time.perf_counter()
+        loss = training_step(model, optimizer, x, y, step, autocast_dtype=autocast_dtype)
+        losses.append(loss.item())  # synchronizes, so the time covers the step
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times[1:]) if len(times) > 1 else times[0]
+    return losses, seconds
+
+
+def training_step(model, optimizer, x, y, step, *, autocast_dtype) -> torch.Tensor:
+    """One step: advance the slots' alpha, forward (under autocast if asked), cross-entropy,
+    backward, SGD update. Returns the (detached) loss."""
+    seed_slots.advance_slots(getattr(model, "module", model), step)
+    with _autocast(x.device, autocast_dtype):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def count_kernels(fn: Callable[[], None], device: torch.device) -> Counter:
+    """Kernels one call of `fn` runs, by name. On CUDA: the device kernels torch.profiler
+    records. On CPU: the operator calls that reach a kernel (`_KernelCounter`); a fused op is
+    one ``kasmina::`` call forward and one backward."""
+    if device.type != "cuda":
+        with _KernelCounter() as counter:
+            fn()
+        return counter.counts
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return Counter(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def kernels_per_training_step(model, batch, *, autocast_dtype) -> Counter:
+    """Kernels of one full training step (forward, backward, SGD update) on a copy of `model`
+    after one warm-up step, so the count leaves the caller's model untouched."""
+    import copy
+
+    model = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = batch
+    training_step(model, optimizer, x, y, 0, autocast_dtype=autocast_dtype)
+    return count_kernels(
+        lambda: training_step(model, optimizer, x, y, 1, autocast_dtype=autocast_dtype), x.device
+    )
+
+
+def run(backend: str, build_model, batches, initial_state, *, autocast_dtype, count=True) -> RunResult:
+    """Train a fresh model on `backend` (``EAGER``: the model as written, nothing swapped)."""
+    swap = contextlib.nullcontext() if backend == EAGER else kk.swap_in(seed_slots)
+    scope = contextlib.nullcontext() if backend == EAGER else kk.use_backend(backend)
+    with swap, scope:
+        model = build_model()
+        model.load_state_dict(initial_state, strict=True)
+        model.to(batches[0][0].device)
+        kernels = (
+            kernels_per_training_step(model, batches[0], autocast_dtype=autocast_dtype) if count else None
+        )
+        losses, seconds = train(model, batches, autocast_dtype=autocast_dtype)
+        parameters = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return RunResult(backend, losses, parameters, seconds, kernels)
+
+
+def compare_backends(build_model, batches, backends, *, autocast_dtype, count=True) -> list[RunResult]:
+    """The eager run, then one run per backend, all from the eager model's initial weights."""
+    initial_state = {k: v.clone() for k, v in build_model().state_dict().items()}
+    return [
+        run(backend, build_model, batches, initial_state, autocast_dtype=autocast_dtype, count=count)
+        for backend in [EAGER, *backends]
+    ]
+
+
+def max_relative_loss_difference(result: RunResult, baseline: RunResult) -> float:
+    return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(result.losses, baseline.losses))
+
+
+def max_parameter_difference(result: RunResult, baseline: RunResult) -> float:
+    return max(
+        (result.parameters[k].float() - baseline.parameters[k].float()).abs().max().item()
+        for k in baseline.parameters
+    )
+
+
+def print_table(results: list[RunResult]) -> None:
+    baseline = results[0]
+    print(
+        f"{'backend':10s} {'final loss':>12s} {'max rel loss diff':>18s} {'max param diff':>15s} "
+        f"{'ms/step':>9s} {'kernels/step':>13s}"
+    )
+    for r in results:
+        kernels = "-" if r.kernels_per_step is None else str(r.kernels_per_step.total())
+        print(
+            f"{r.backend:10s} {r.losses[-1]:12.6f} {max_relative_loss_difference(r, baseline):18.3e} "
+            f"{max_parameter_difference(r, baseline):15.3e} {r.seconds_per_step * 1e3:9.2f} {kernels:>13s}"
+        )
+
+
+def parse_args(description: str, default_steps: int) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=default_steps, help="training steps per run")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated backends to compare with the eager run "
+        "(default: every backend available on the device; on CPU triton needs TRITON_INTERPRET=1)",
+    )
+    parser.add_argument(
+        "--autocast",
+        choices=["auto", "bf16", "off"],
+        default="auto",
+        help="auto: bf16 autocast on CUDA, none on CPU",
+    )
+    parser.add_argument("--no-count", action="store_true", help="skip the profiler kernel count")
+    args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
+    available = kk.available_backends(args.device)
+    if args.backends is None:
+        args.backends = available
+    else:
+        args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        for b in args.backends:
+            if b not in available:
+                parser.error(f"--backends: {b!r} is not available on {args.device.type} (available: {available})")
+    use_bf16 = args.autocast == "bf16" or (args.autocast == "auto" and args.device.type == "cuda")
+    args.autocast_dtype = torch.bfloat16 if use_bf16 else None
+    return args
+
+
+def main(description: str, build_model, make_batches, *, default_steps: int) -> list[RunResult]:
+    """Parse the command line, run every backend, print the table."""
+    args = parse_args(description, default_steps)
+    batches = make_batches(args.steps, device=args.device)
+    precision = "bf16 autocast" if args.autocast_dtype is not None else "float32"
+    print(f"device {args.device}, {precision}, {args.steps} steps, backends: {EAGER} + {', '.join(args.backends)}")
+    results = compare_backends(
+        build_model, batches, args.backends, autocast_dtype=args.autocast_dtype, count=not args.no_count
+    )
+    print_table(results)
+    return results
