@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from . import backends, equivalence, opcases
+from . import backends, opcases
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -63,20 +63,11 @@ def cmd_check(args) -> int:
             gen = torch.Generator().manual_seed(zlib.crc32(f"{case.name}:{dtype_name}".encode()))
             case_shape = pool_shape if case.name in ("gated_pool", "gate_network") else shape
             cargs, ckw = case.make(case_shape, dtype, device, gen)
-            ref_fn = opcases.reference_op(case.name)
-            ref = opcases.named_outputs(case, opcases.run_with_grads(ref_fn, cargs, ckw))
-            oracle = opcases.named_outputs(case, opcases.run_with_grads(
-                ref_fn, [opcases.upcast(a) for a in cargs],
-                {k: opcases.upcast(v) for k, v in ckw.items()}, grad_dtype=dtype))
+            expected = opcases.expected_outputs(case, cargs, ckw, dtype)
             for name in names:
                 fn = opcases.public_op(case.name)
-                got = opcases.named_outputs(case, opcases.run_with_grads(
-                    lambda *a, **k: fn(*a, backend=name, **k), cargs, ckw))
-                for out_name, r in ref.items():
-                    if r is None:
-                        continue
-                    v = equivalence.compare(out_name, got[out_name], r, oracle[out_name],
-                                            elementwise=out_name in case.elementwise)
+                for out_name, v in opcases.judge(
+                        case, lambda *a, **k: fn(*a, backend=name, **k), cargs, ckw, expected):
                     failures += not v.ok
                     print(f"| {case.name} | {out_name} | {name} | {dtype_name} | "
                           f"{_fmt(v.error_vs_reference)} | {_fmt(v.kernel_error)} | "
