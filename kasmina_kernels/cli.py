@@ -1,8 +1,9 @@
-"""Command line: `kasmina-kernels check | info` (also `python -m kasmina_kernels ...`).
+"""Command line: `kasmina-kernels check | info | bench` (also `python -m kasmina_kernels ...`).
 
 check  which backends this machine has, and each op's max error per backend and dtype against
        the eager reference and the float64 oracle (DESIGN.md section 5); exit 1 on a failure.
 info   how the package was built: torch, CUDA, compiler, which backends were built.
+bench  every op and backend timed against eager and torch.compile (kasmina_kernels/bench/).
 """
 
 from __future__ import annotations
@@ -127,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     check.set_defaults(func=cmd_check)
     info = sub.add_parser("info", help="how the package was built")
     info.set_defaults(func=cmd_info)
+    bench = sub.add_parser("bench", help="time every op and backend against eager and torch.compile")
+    from .bench import command as bench_command  # imports nothing heavy until run
+
+    bench_command.add_arguments(bench)
+    bench.set_defaults(func=bench_command.main)
     args = parser.parse_args(argv)
     return args.func(args)
 
