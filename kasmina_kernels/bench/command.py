@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import plots, report, sweep
-from .plan import ALL_OPS, DTYPES, make_plan
+from .plan import ALL_OPS, DTYPES, default_device, make_plan
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda but no CUDA device is visible to torch", file=sys.stderr)
         return 2

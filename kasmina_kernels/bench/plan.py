@@ -18,11 +18,16 @@ HEADLINE_OPS = ("blend_add", "blend_multiply", "blend_gate", "gated_pool")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # size sweep: (B, 16, 16, 16), B a power of two; the top is bandwidth-bound (16 MiB per float32
-# tensor on CPU, several inputs of it beyond the last-level cache; 256 MiB on GPU, five times
-# the 50 MB L2 of an H100)
+# tensor on CPU, several inputs of it beyond the last-level cache; 128 MiB on GPU, an op's
+# inputs and outputs together several times the 50 MB L2 of an H100)
 SWEEP_INNER = (16, 16, 16)
-SWEEP_LOG2_NUMEL = {"cpu": (14, 16, 18, 20, 22), "cuda": (16, 18, 20, 22, 24, 26)}
+SWEEP_LOG2_NUMEL = {"cpu": (14, 16, 18, 20, 22), "cuda": (18, 20, 22, 24, 25)}
 QUICK_SWEEP_LOG2_NUMEL = {"cpu": (16, 18, 20), "cuda": (16, 20, 24)}
+
+
+def default_device(name: str | None) -> torch.device:
+    """`name`, else cuda when a CUDA device is visible, else cpu."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def sweep_shape(log2_numel: int) -> tuple[int, ...]:
@@ -81,7 +86,8 @@ def make_plan(device: torch.device, *, quick: bool, ops: list[str] | None,
         named = [("esper", s) for s in ESPER_SHAPES] + [("small", s) for s in SMALL_SHAPES]
         sizes = SWEEP_LOG2_NUMEL[device.type]
         sweep_compile = True
-        effort = Effort(rounds=7, budget_s=0.3 if device.type == "cpu" else 0.05,
+        # on GPU a call takes microseconds: 30 ms of timed calls per step is hundreds of calls
+        effort = Effort(rounds=7, budget_s=0.3 if device.type == "cpu" else 0.03,
                         calls=50, call_rounds=7)
     sweep_ops = [op for op in ops if op in BANDWIDTH_OPS]
     entries = []

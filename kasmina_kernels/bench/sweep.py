@@ -191,15 +191,18 @@ def _derive(record: dict) -> None:
 
 
 class _Progress:
-    """tqdm progress bar on stderr, or one line per entry where tqdm is missing."""
+    """tqdm progress bar on a terminal; one line per entry in a log (stderr not a terminal) or
+    where tqdm is missing."""
 
     def __init__(self, total: int):
-        try:
-            from tqdm import tqdm
+        self.bar, self.total, self.done, self.start = None, total, 0, time.perf_counter()
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
 
-            self.bar = tqdm(total=total, file=sys.stderr, unit="case", dynamic_ncols=True)
-        except ImportError:
-            self.bar, self.total, self.done = None, total, 0
+                self.bar = tqdm(total=total, file=sys.stderr, unit="case", dynamic_ncols=True)
+            except ImportError:
+                pass
 
     def update(self, text: str):
         if self.bar is not None:
@@ -207,7 +210,8 @@ class _Progress:
             self.bar.update(1)
         else:
             self.done += 1
-            print(f"[{self.done}/{self.total}] {text}", file=sys.stderr, flush=True)
+            print(f"[{self.done}/{self.total} {time.perf_counter() - self.start:.0f}s] {text}",
+                  file=sys.stderr, flush=True)
 
     def close(self):
         if self.bar is not None:
