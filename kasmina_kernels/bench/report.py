@@ -110,6 +110,8 @@ def detail_table(records: list[dict]) -> list[str]:
             comp = "-"
             if d.get("compile_s") is not None:
                 comp = f"{d['compile_s']:.2f}" + (" (cached)" if d.get("compile_cache_hits") else "")
+            elif d.get("compile_reused"):
+                comp = "reused (dynamic)"
             lines.append("| " + " | ".join([
                 r["op"], _shape(r["shape"]), r["dtype"], name, _us(d["forward"]["median"]),
                 _us(d["backward"]["median"]), _us(d[FB]["median"]), call, bw("forward"),

@@ -70,7 +70,9 @@ def _check(case, impl, w, expected) -> dict:
 
 
 def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], plan: Plan,
-              compile_peer: bool) -> dict:
+              compile_peer: bool, shared: dict | None = None) -> dict:
+    """One entry, as a JSON-ready record. `shared`: dynamic-shape compiles reused across
+    entries."""
     case = next(c for c in opcases.CASES if c.name == entry.op)
     dtype = DTYPES[entry.dtype]
     gen = torch.Generator().manual_seed(zlib.crc32(f"{entry}".encode()))
@@ -97,7 +99,7 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
     impls = [workload.eager_impl(entry.op)]
     if compile_peer and entry.compile_peer:
         try:
-            impls.append(workload.compiled_impl(w))
+            impls.append(workload.compiled_impl(w, dynamic=entry.compile_dynamic, shared=shared))
         except Exception as exc:  # e.g. no C++ compiler for inductor on CPU
             record["notes"].append(f"torch.compile peer failed to compile: {type(exc).__name__}: "
                                    f"{str(exc).splitlines()[0] if str(exc) else ''}")
@@ -117,7 +119,8 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
                 check = {"ok": False, "problems": [f"raised {type(exc).__name__}: {exc}"],
                          "max_error_vs_reference": None}
         record["impls"][impl.name] = {"check": check, "compile_s": impl.compile_s,
-                                      "compile_cache_hits": impl.cache_hits}
+                                      "compile_cache_hits": impl.cache_hits,
+                                      "compile_dynamic": impl.dynamic, "compile_reused": impl.reused}
         if check["ok"] or impl.name == "compile":
             timed.append(impl)
         if check["ok"] is False and impl.name == "compile":
@@ -237,7 +240,7 @@ def warm_up_inductor(device: torch.device) -> float | None:
 def run(plan: Plan, device: torch.device, kernel_backends: list[str], *, compile_peer: bool = True,
         time_limit_s: float | None = None, on_record=None) -> tuple[list[dict], list[Entry]]:
     """Runs every entry in order; returns (records, entries not run for the time limit)."""
-    records, skipped = [], []
+    records, skipped, shared = [], [], {}
     start = time.perf_counter()
     progress = _Progress(len(plan.entries))
     try:
@@ -248,7 +251,7 @@ def run(plan: Plan, device: torch.device, kernel_backends: list[str], *, compile
                 continue
             t0 = time.perf_counter()
             try:
-                record = run_entry(entry, device, kernel_backends, plan, compile_peer)
+                record = run_entry(entry, device, kernel_backends, plan, compile_peer, shared)
             except Exception as exc:
                 record = {"op": entry.op, "shape": list(entry.shape), "dtype": entry.dtype,
                           "group": entry.group, "impls": {}, "notes": [],

@@ -82,6 +82,8 @@ class Impl:
     fn: Callable
     compile_s: float | None = None  # first forward+backward call, for "compile"
     cache_hits: int | None = None  # graphs inductor found in its on-disk cache while compiling
+    dynamic: bool = False  # compiled with dynamic shapes
+    reused: bool = False  # compiled by an earlier entry (dynamic shapes)
 
 
 def eager_impl(op: str) -> Impl:
@@ -93,13 +95,28 @@ def backend_impl(op: str, backend: str) -> Impl:
     return Impl(backend, lambda *a, **k: public(*a, backend=backend, **k))
 
 
-def compiled_impl(w: Workload) -> Impl:
-    """torch.compile of the reference for this exact shape (dynamic=False, fullgraph=True),
-    compiled here by one forward+backward call whose wall time is reported as compile time."""
+def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = None) -> Impl:
+    """torch.compile of the reference (fullgraph=True), compiled here by one forward+backward
+    call whose wall time is reported as compile time.
+
+    dynamic=False: compiled for this exact shape, after a dynamo reset (one entry's graphs at a
+    time: no recompile limit, no reuse). dynamic=True: one dynamic-shape compile per (op, dtype)
+    kept in `shared` and reused by later entries (the size sweep), whose first call is then
+    not a compile (compile_s None, `reused` set)."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()  # one entry's graphs at a time: no recompile limit, no reuse
-    fn = torch.compile(opcases.reference_op(w.case.name), dynamic=False, fullgraph=True)
+    key = (w.case.name, w.dtype)
+    reused = dynamic and shared is not None and key in shared
+    if reused:
+        fn = shared[key]
+    else:
+        if not dynamic or not shared:
+            torch._dynamo.reset()
+            if shared is not None:
+                shared.clear()
+        fn = torch.compile(opcases.reference_op(w.case.name), dynamic=dynamic, fullgraph=True)
+        if dynamic and shared is not None:
+            shared[key] = fn
     s = w.sets[0]
     hits = counters["inductor"]["fxgraph_cache_hit"]
     t0 = time.perf_counter()
@@ -107,8 +124,11 @@ def compiled_impl(w: Workload) -> Impl:
     torch.autograd.grad(out, s.leaves, s.grad)
     if w.device.type == "cuda":
         torch.cuda.synchronize(w.device)
-    impl = Impl("compile", fn, compile_s=time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    impl = Impl("compile", fn, compile_s=None if reused else elapsed)
     impl.cache_hits = counters["inductor"]["fxgraph_cache_hit"] - hits
+    impl.reused = reused
+    impl.dynamic = dynamic
     return impl
 
 
