@@ -58,31 +58,36 @@ def bandwidth_vs_size(records: list[dict], path: Path, title: str) -> bool:
 
 def speedup_bars(records: list[dict], path: Path, title: str) -> bool:
     """Forward+backward speedup of each kernel backend against each peer at Esper's shapes
-    (and the small shape): one panel per (dtype, peer), one bar group per op and shape."""
+    (and the small shape), log scale: one panel per (dtype, peer), one bar group per op and
+    shape."""
     rows = [r for r in records if r.get("group") in ("esper", "small")]
     kernels = [n for n in _impl_names(rows) if n not in PEERS]
     if not rows or not kernels:
         return False
     plt = _pyplot()
     dtypes = sorted({r["dtype"] for r in rows})
-    fig, axes = plt.subplots(len(dtypes), len(PEERS), squeeze=False,
-                             figsize=(max(6.0, 0.32 * len(rows) / len(dtypes) * len(kernels) + 2) * len(PEERS) / 1.4,
-                                      3.8 * len(dtypes)))
-    width = 0.8 / len(kernels)
+    groups = max(sum(r["dtype"] == dt for r in rows) for dt in dtypes)
+    width = min(24.0, max(8.0, 0.25 * groups * len(kernels) + 2))
+    fig, axes = plt.subplots(len(dtypes) * len(PEERS), 1, squeeze=False,
+                             figsize=(width, 3.6 * len(dtypes) * len(PEERS)))
+    bar = 0.8 / len(kernels)
     for i, dt in enumerate(dtypes):
         sel = [r for r in rows if r["dtype"] == dt]
         labels = [f"{r['op']}\n{_shape(r['shape'])}" for r in sel]
         for j, peer in enumerate(PEERS):
-            ax = axes[i][j]
+            ax = axes[i * len(PEERS) + j][0]
             for k, name in enumerate(kernels):
-                vals = [r["impls"].get(name, {}).get("speedup", {}).get(peer, {}).get(FB, 0.0) for r in sel]
-                ax.bar([p + k * width for p in range(len(sel))], vals, width,
+                vals = [r["impls"].get(name, {}).get("speedup", {}).get(peer, {}).get(FB, float("nan"))
+                        for r in sel]
+                ax.bar([p + k * bar for p in range(len(sel))], vals, bar,
                        color=COLORS.get(name), label=name)
             ax.axhline(1.0, color="k", lw=0.8)
-            ax.set_xticks([p + width * (len(kernels) - 1) / 2 for p in range(len(sel))])
+            ax.set_yscale("log", base=2)
+            ax.set_xticks([p + bar * (len(kernels) - 1) / 2 for p in range(len(sel))])
             ax.set_xticklabels(labels, rotation=90, fontsize=6)
-            ax.set_ylabel(f"speedup vs {peer} (fwd+bwd)")
-            ax.set_title(f"{dt}: vs {'eager' if peer == 'eager' else 'torch.compile'}", fontsize=10)
+            ax.set_ylabel("speedup (fwd+bwd)")
+            ax.set_title(f"{dt}: speedup vs {'eager' if peer == 'eager' else 'torch.compile'} "
+                         "(above 1: the backend is faster)", fontsize=10)
             ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
