@@ -1,8 +1,9 @@
-"""Command line: `kasmina-kernels check | info` (also `python -m kasmina_kernels ...`).
+"""Command line: `kasmina-kernels check | info | bench` (also `python -m kasmina_kernels ...`).
 
 check  which backends this machine has, and each op's max error per backend and dtype against
        the eager reference and the float64 oracle (DESIGN.md section 5); exit 1 on a failure.
 info   how the package was built: torch, CUDA, compiler, which backends were built.
+bench  every op and backend timed against eager and torch.compile (kasmina_kernels/bench/).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 
 import torch
 
-from . import backends, equivalence, opcases
+from . import backends, opcases
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -63,20 +64,11 @@ def cmd_check(args) -> int:
             gen = torch.Generator().manual_seed(zlib.crc32(f"{case.name}:{dtype_name}".encode()))
             case_shape = pool_shape if case.name in ("gated_pool", "gate_network") else shape
             cargs, ckw = case.make(case_shape, dtype, device, gen)
-            ref_fn = opcases.reference_op(case.name)
-            ref = opcases.named_outputs(case, opcases.run_with_grads(ref_fn, cargs, ckw))
-            oracle = opcases.named_outputs(case, opcases.run_with_grads(
-                ref_fn, [opcases.upcast(a) for a in cargs],
-                {k: opcases.upcast(v) for k, v in ckw.items()}, grad_dtype=dtype))
+            expected = opcases.expected_outputs(case, cargs, ckw, dtype)
             for name in names:
                 fn = opcases.public_op(case.name)
-                got = opcases.named_outputs(case, opcases.run_with_grads(
-                    lambda *a, **k: fn(*a, backend=name, **k), cargs, ckw))
-                for out_name, r in ref.items():
-                    if r is None:
-                        continue
-                    v = equivalence.compare(out_name, got[out_name], r, oracle[out_name],
-                                            elementwise=out_name in case.elementwise)
+                for out_name, v in opcases.judge(
+                        case, lambda *a, **k: fn(*a, backend=name, **k), cargs, ckw, expected):
                     failures += not v.ok
                     print(f"| {case.name} | {out_name} | {name} | {dtype_name} | "
                           f"{_fmt(v.error_vs_reference)} | {_fmt(v.kernel_error)} | "
@@ -136,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     check.set_defaults(func=cmd_check)
     info = sub.add_parser("info", help="how the package was built")
     info.set_defaults(func=cmd_info)
+    bench = sub.add_parser("bench", help="time every op and backend against eager and torch.compile")
+    from .bench import command as bench_command  # imports nothing heavy until run
+
+    bench_command.add_arguments(bench)
+    bench.set_defaults(func=bench_command.main)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from . import ops, reference
+from . import equivalence, ops, reference
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,27 @@ def upcast(value):
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value.detach().to(torch.float64)
     return value
+
+
+def expected_outputs(case: OpCase, args, kwargs, dtype: torch.dtype) -> tuple[dict, dict]:
+    """(eager reference outputs, float64 oracle outputs) of `case` on args/kwargs, each as
+    {output name: tensor}; the oracle sees the incoming gradient rounded to `dtype`."""
+    ref_fn = reference_op(case.name)
+    ref = named_outputs(case, run_with_grads(ref_fn, args, kwargs))
+    oracle = named_outputs(case, run_with_grads(
+        ref_fn, [upcast(a) for a in args], {k: upcast(v) for k, v in kwargs.items()},
+        grad_dtype=dtype))
+    return ref, oracle
+
+
+def judge(case: OpCase, fn, args, kwargs, expected: tuple[dict, dict]) -> list[tuple[str, "equivalence.Verdict"]]:
+    """Runs fn (output and every gradient) and judges each output against `expected`
+    (from `expected_outputs`) by the equivalence rule; one (output name, Verdict) per output."""
+    ref, oracle = expected
+    got = named_outputs(case, run_with_grads(fn, args, kwargs))
+    return [(name, equivalence.compare(name, got[name], r, oracle[name],
+                                       elementwise=name in case.elementwise))
+            for name, r in ref.items() if r is not None]
 
 
 def public_op(name: str):

@@ -2,7 +2,9 @@
 # The test command: install from scratch into .venv, compile-check the CUDA kernels with nvcc
 # and their torch glue with g++ (each skipped, with the reason, where its tools are absent), then run the whole suite. The Triton
 # backend runs on CPU under TRITON_INTERPRET=1 in a reduced matrix; native and reference run
-# their full CPU matrix. Extra arguments go to pytest.
+# their full CPU matrix. Extra arguments go to pytest. Last, `kasmina-kernels bench --quick`
+# runs once (output to a temporary folder): it fails if it errors or if any backend's output
+# or gradient does not match the reference (the bench checks each one before timing it).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -10,3 +12,8 @@ bash tools/setup_env.sh
 bash tools/check_cuda_compile.sh                  # nvcc, sm_80 + sm_90, warnings are errors
 PYTHON=.venv/bin/python bash tools/check_cuda_glue.sh   # the torch glue against torch's headers
 TRITON_INTERPRET=1 .venv/bin/python -m pytest tests -q -rs "$@"
+bench_out="$(mktemp -d)"
+trap 'rm -rf "$bench_out"' EXIT
+bench_start=$SECONDS
+.venv/bin/kasmina-kernels bench --quick --out "$bench_out"
+echo "kasmina-kernels bench --quick: OK ($((SECONDS - bench_start))s)"

@@ -1,0 +1,69 @@
+"""Bytes that must cross memory per call: DESIGN.md section 6.
+
+Each op's traffic is a multiple of its feature tensor's size N*e (N elements of e bytes);
+per-sample weights (alpha, gate: B elements) are left out. Forward+backward here always means
+the backward that produces every gradient, alpha's and gate's included (the benchmark's inputs
+all require grad).
+
+Counts DESIGN.md gives: ADD/GATE 3 forward, 5 backward; MULTIPLY with a seed input 4 and 7
+(3 and 5 when r is h); pool 1 and 1. Counts derived here by the same rule (read every operand
+once, write every result once) for the ops DESIGN.md does not list: the isolation blend is ADD;
+the straight-through estimator reads h and s and writes y (3), backward reads g and writes dh
+and ds (3); the valve reads m and writes the multiplier (2), backward reads g and m and writes
+dm (3); the gate network is its pooling (1 and 1: the MLP on (B, C) is negligible);
+`gate_effective_alpha` works on per-sample tensors only, so its "feature" is alpha itself
+(3 and 5) and its figures are latency, not bandwidth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Traffic:
+    forward: int  # multiples of N*e
+    backward: int
+    operand: int  # index of the argument that is the feature tensor
+    from_design: bool  # counts given by DESIGN.md section 6 (else derived, see module doc)
+
+
+_TRAFFIC = {
+    "blend_add": Traffic(3, 5, 0, True),
+    "blend_with_isolation": Traffic(3, 5, 0, False),
+    "blend_gate": Traffic(3, 5, 0, True),
+    "ste_forward": Traffic(3, 3, 0, False),
+    "multiply_valve_multiplier": Traffic(2, 3, 1, False),
+    "gate_effective_alpha": Traffic(3, 5, 0, False),
+    "gated_pool": Traffic(1, 1, 0, True),
+    "gate_network": Traffic(1, 1, 0, False),
+}
+
+# ops whose figures are about bandwidth at large sizes (the size sweep and GB/s plots)
+BANDWIDTH_OPS = ("blend_add", "blend_multiply", "blend_gate", "gated_pool")
+
+
+def traffic(op: str, kwargs: dict) -> Traffic:
+    if op == "blend_multiply":
+        with_seed = kwargs.get("seed_input") is not None
+        return Traffic(4 if with_seed else 3, 7 if with_seed else 5, 0, True)
+    return _TRAFFIC[op]
+
+
+def feature(op: str, args: list, kwargs: dict) -> torch.Tensor:
+    return args[traffic(op, kwargs).operand]
+
+
+def bytes_moved(op: str, args: list, kwargs: dict) -> tuple[int, int]:
+    """(forward bytes, backward bytes) that must cross memory for one call."""
+    t = traffic(op, kwargs)
+    x = args[t.operand]
+    ne = x.numel() * x.element_size()
+    return t.forward * ne, t.backward * ne
+
+
+def copy_bytes(x: torch.Tensor) -> int:
+    """A same-size device copy reads and writes the tensor once."""
+    return 2 * x.numel() * x.element_size()

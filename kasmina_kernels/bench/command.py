@@ -1,0 +1,90 @@
+"""`kasmina-kernels bench`: arguments, the run, and the files it writes (report.md,
+results.json, bandwidth.png, speedup.png under --out). Exits 1 when any backend's output does
+not match the reference or an entry errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import plots, report, sweep
+from .plan import ALL_OPS, DTYPES, default_device, make_plan
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="kasmina-bench", help="output folder (default: ./kasmina-bench)")
+    p.add_argument("--quick", action="store_true",
+                   help="headline ops, float32, one Esper shape + the small shape, short sweep")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--ops", nargs="*", choices=ALL_OPS, help="default: every op (--quick: the headline ops)")
+    p.add_argument("--backends", nargs="*", help="kernel backends (default: every available one)")
+    p.add_argument("--dtypes", nargs="*", choices=sorted(DTYPES),
+                   help="default: float32 bfloat16 (--quick: float32)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peer")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds; entries not started by then are skipped and listed in the report")
+
+
+def main(args: argparse.Namespace) -> int:
+    device = default_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench: --device cuda but no CUDA device is visible to torch", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(device, quick=args.quick, ops=args.ops, dtypes=args.dtypes)
+    kernels, excluded = sweep.select_backends(device, args.backends)
+    if args.backends and not kernels:
+        print("bench: none of the requested backends can run here: "
+              + "; ".join(f"{k}: {v}" for k, v in excluded.items()), file=sys.stderr)
+        return 2
+    for name, why in excluded.items():
+        print(f"bench: {name} excluded on {device.type}: {why}", file=sys.stderr)
+    for note in plan.notes:
+        print(f"bench: {note}", file=sys.stderr)
+
+    meta = report.machine(device)
+    meta["command"] = "kasmina-kernels " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(
+        ("kasmina-kernels", "__main__.py")) else "kasmina-kernels bench"
+    meta["rotation_bytes"] = sweep.rotate_bytes(device)
+    if not args.no_compile:
+        warm = sweep.warm_up_inductor(device)
+        meta["inductor_warmup_s"] = "failed" if warm is None else round(warm, 2)
+        print(f"bench: torch.compile start-up (first compile in this process, not counted in any "
+              f"entry): {meta['inductor_warmup_s']} s", file=sys.stderr)
+    json_path = out / "results.json"
+
+    def save(records, skipped=()):
+        report.write_json(json_path, meta, records, list(skipped), excluded, plan.notes)
+
+    t0 = time.perf_counter()
+    records, skipped = sweep.run(plan, device, kernels, compile_peer=not args.no_compile,
+                                 time_limit_s=args.time_limit, on_record=save)
+    meta["bench_wall_s"] = round(time.perf_counter() - t0, 1)
+    compile_total = sum(d.get("compile_s") or 0.0 for r in records for d in r["impls"].values())
+    meta["compile_total_s"] = round(compile_total, 1)
+    save(records, skipped)
+    text = report.markdown(meta, records, skipped, excluded, plan.notes)
+    (out / "report.md").write_text(text)
+    print(text)
+    title = f"{meta['device']} ({device.type}), torch {meta['torch']}, {meta['date']}"
+    written = [json_path, out / "report.md"]
+    for fn, name in ((plots.bandwidth_vs_size, "bandwidth.png"), (plots.speedup_bars, "speedup.png")):
+        try:
+            if fn(records, out / name, title):
+                written.append(out / name)
+        except ImportError as exc:
+            print(f"bench: {name} not drawn: matplotlib is missing ({exc})", file=sys.stderr)
+    failures = [f for r in records for f in r["failures"]]
+    print(f"\nbench: {len(records)} entries in {meta['bench_wall_s']} s "
+          f"(torch.compile compile time {meta['compile_total_s']} s of it); wrote "
+          + ", ".join(str(p) for p in written), file=sys.stderr)
+    if failures:
+        print(f"bench: FAILED: {len(failures)} mismatches or errors:\n  " + "\n  ".join(failures),
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,107 @@
+"""What a benchmark run covers: ops, dtypes, shapes, the size sweep, and the timing effort, for
+the full run and for `--quick`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import opcases
+from .bytemodel import BANDWIDTH_OPS
+
+ESPER_SHAPES = ((512, 8, 32, 32), (512, 32, 8, 8), (512, 16, 32, 32), (32, 256, 384))
+SMALL_SHAPES = ((8, 64, 16, 16),)
+QUICK_ESPER_SHAPE = (32, 256, 384)  # the smallest of Esper's shapes (3.1M elements)
+ALL_OPS = tuple(c.name for c in opcases.CASES)
+HEADLINE_OPS = ("blend_add", "blend_multiply", "blend_gate", "gated_pool")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# size sweep: (B, 16, 16, 16), B a power of two; the top is bandwidth-bound (16 MiB per float32
+# tensor on CPU, several inputs of it beyond the last-level cache; 128 MiB on GPU, an op's
+# inputs and outputs together several times the 50 MB L2 of an H100)
+SWEEP_INNER = (16, 16, 16)
+SWEEP_LOG2_NUMEL = {"cpu": (14, 16, 18, 20, 22), "cuda": (18, 20, 22, 24, 25)}
+QUICK_SWEEP_LOG2_NUMEL = {"cpu": (16, 18, 20), "cuda": (16, 20, 24)}
+
+
+def default_device(name: str | None) -> torch.device:
+    """`name`, else cuda when a CUDA device is visible, else cpu."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def sweep_shape(log2_numel: int) -> tuple[int, ...]:
+    inner = 1
+    for d in SWEEP_INNER:
+        inner *= d
+    return ((1 << log2_numel) // inner,) + SWEEP_INNER
+
+
+@dataclass(frozen=True)
+class Entry:
+    op: str
+    shape: tuple[int, ...]
+    dtype: str
+    group: str  # "esper", "small" or "sweep"
+    compile_peer: bool = True  # time torch.compile of the reference here
+    compile_dynamic: bool = False  # compile with dynamic shapes, once per (op, dtype)
+
+
+@dataclass
+class Effort:
+    rounds: int
+    budget_s: float  # timed seconds per step (candidate x mode)
+    calls: int  # calls per batch for the per-call wall time
+    call_rounds: int
+
+
+@dataclass
+class Plan:
+    entries: list[Entry]
+    effort: Effort
+    notes: list[str] = field(default_factory=list)
+
+
+def make_plan(device: torch.device, *, quick: bool, ops: list[str] | None,
+              dtypes: list[str] | None) -> Plan:
+    notes = []
+    if quick:
+        ops = ops or list(HEADLINE_OPS)
+        dtypes = dtypes or ["float32"]
+        named = [("small", SMALL_SHAPES[0]), ("esper", QUICK_ESPER_SHAPE)]
+        sizes = QUICK_SWEEP_LOG2_NUMEL[device.type]
+        sweep_compile = False
+        effort = Effort(rounds=5, budget_s=0.1, calls=20, call_rounds=5)
+        notes.append(
+            "--quick: ops " + ", ".join(ops) + "; dtypes " + ", ".join(dtypes) + "; shapes "
+            + ", ".join(str(s) for _, s in named) + "; size sweep numel 2^"
+            + ", 2^".join(str(k) for k in sizes) + " without the torch.compile peer; 5 rounds. "
+            "torch.compile compiles every shape afresh (seconds each on CPU) and checking "
+            "Esper-sized outputs against a float64 oracle takes seconds too, so --quick covers the "
+            "headline ops at the smallest Esper shape and the small shape only. The full run (no "
+            "--quick) covers every op, float32 and bfloat16, all of Esper's shapes, and the whole "
+            "size sweep with torch.compile.")
+    else:
+        ops = ops or list(ALL_OPS)
+        dtypes = dtypes or ["float32", "bfloat16"]
+        named = [("esper", s) for s in ESPER_SHAPES] + [("small", s) for s in SMALL_SHAPES]
+        sizes = SWEEP_LOG2_NUMEL[device.type]
+        sweep_compile = True
+        # on GPU a call takes microseconds: 30 ms of timed calls per step is hundreds of calls
+        effort = Effort(rounds=7, budget_s=0.3 if device.type == "cpu" else 0.03,
+                        calls=50, call_rounds=7)
+    sweep_ops = [op for op in ops if op in BANDWIDTH_OPS]
+    sweep_dynamic = sweep_compile and device.type == "cuda"
+    named_entries = [Entry(op, shape, dt, group) for dt in dtypes for group, shape in named for op in ops]
+    # priority order, so that a --time-limit drops the least important entries: the headline
+    # ops at the named shapes, then the size sweep, then the other ops at the named shapes
+    entries = [e for e in named_entries if e.op in HEADLINE_OPS]
+    entries += [Entry(op, sweep_shape(k), dt, "sweep", sweep_compile, sweep_dynamic)
+                for dt in dtypes for k in sizes for op in sweep_ops]
+    entries += [e for e in named_entries if e.op not in HEADLINE_OPS]
+    if sweep_dynamic:
+        notes.append("size sweep on CUDA: torch.compile with dynamic=True, compiled once per op "
+                     "and dtype and reused across sizes (compiling every size afresh does not fit "
+                     "the GPU run's time); Esper's and the small shape are compiled per shape.")
+    return Plan(entries, effort, notes)
+

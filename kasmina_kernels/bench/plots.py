@@ -1,0 +1,97 @@
+"""PNG plots of a benchmark run (matplotlib, Agg backend): GB/s against size per op and
+implementation, with the device copy for reference; speedup bars at Esper's shapes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .report import FB, PEERS, _impl_names, _shape
+
+COLORS = {"eager": "#7f7f7f", "compile": "#1f77b4", "native": "#d62728", "triton": "#2ca02c"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bandwidth_vs_size(records: list[dict], path: Path, title: str) -> bool:
+    """One panel per (dtype, op) of the size sweep: forward+backward GB/s against feature
+    MiB per implementation, and the copy's GB/s. False when there is no sweep."""
+    rows = [r for r in records if r.get("group") == "sweep" and "copy" in r]
+    if not rows:
+        return False
+    plt = _pyplot()
+    ops = sorted({r["op"] for r in rows})
+    dtypes = sorted({r["dtype"] for r in rows})
+    impls = _impl_names(rows)
+    fig, axes = plt.subplots(len(dtypes), len(ops), figsize=(4.2 * len(ops), 3.4 * len(dtypes)),
+                             squeeze=False)
+    for i, dt in enumerate(dtypes):
+        for j, op in enumerate(ops):
+            ax = axes[i][j]
+            sel = sorted((r for r in rows if r["op"] == op and r["dtype"] == dt),
+                         key=lambda r: r["feature_bytes"])
+            x = [r["feature_bytes"] / 2**20 for r in sel]
+            ax.plot(x, [r["copy"]["GBps"] for r in sel], "k--", label="device copy")
+            for n in impls:
+                pts = [(xx, r["impls"][n]["GBps"][FB]) for xx, r in zip(x, sel)
+                       if "GBps" in r["impls"].get(n, {})]
+                if pts:
+                    ax.plot(*zip(*pts), "o-", color=COLORS.get(n), label=n)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{op} {dt}", fontsize=10)
+            ax.set_xlabel("feature tensor MiB")
+            ax.set_ylabel("fwd+bwd GB/s")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def speedup_bars(records: list[dict], path: Path, title: str) -> bool:
+    """Forward+backward speedup of each kernel backend against each peer at Esper's shapes
+    (and the small shape), log scale: one panel per (dtype, peer), one bar group per op and
+    shape."""
+    rows = [r for r in records if r.get("group") in ("esper", "small")]
+    kernels = [n for n in _impl_names(rows) if n not in PEERS]
+    if not rows or not kernels:
+        return False
+    plt = _pyplot()
+    dtypes = sorted({r["dtype"] for r in rows})
+    groups = max(sum(r["dtype"] == dt for r in rows) for dt in dtypes)
+    width = min(24.0, max(8.0, 0.25 * groups * len(kernels) + 2))
+    fig, axes = plt.subplots(len(dtypes) * len(PEERS), 1, squeeze=False,
+                             figsize=(width, 3.6 * len(dtypes) * len(PEERS)))
+    bar = 0.8 / len(kernels)
+    for i, dt in enumerate(dtypes):
+        sel = [r for r in rows if r["dtype"] == dt]
+        labels = [f"{r['op']}\n{_shape(r['shape'])}" for r in sel]
+        for j, peer in enumerate(PEERS):
+            ax = axes[i * len(PEERS) + j][0]
+            for k, name in enumerate(kernels):
+                vals = [r["impls"].get(name, {}).get("speedup", {}).get(peer, {}).get(FB, float("nan"))
+                        for r in sel]
+                ax.bar([p + k * bar for p in range(len(sel))], vals, bar,
+                       color=COLORS.get(name), label=name)
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_yscale("log", base=2)
+            ax.set_xticks([p + bar * (len(kernels) - 1) / 2 for p in range(len(sel))])
+            ax.set_xticklabels(labels, rotation=90, fontsize=6)
+            ax.set_ylabel("speedup (fwd+bwd)")
+            ax.set_title(f"{dt}: speedup vs {'eager' if peer == 'eager' else 'torch.compile'} "
+                         "(above 1: the backend is faster)", fontsize=10)
+            ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

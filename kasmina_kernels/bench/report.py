@@ -1,0 +1,224 @@
+"""The benchmark report: run metadata, markdown tables and the JSON file."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+PEERS = ("eager", "compile")
+FB = "forward+backward"
+
+
+def machine(device: torch.device) -> dict:
+    from ..cli import build_summary  # the `info` command's build summary
+
+    info = {"date": datetime.date.today().isoformat(), "device_type": device.type,
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["device"] = props.name
+        info["L2_cache_bytes"] = int(getattr(props, "L2_cache_size", 0) or 0)
+        info["device_memory_bytes"] = int(props.total_memory)
+    else:
+        info["device"] = _cpu_name()
+    info["cpu_count"] = __import__("os").cpu_count()
+    info.update({k: str(v) for k, v in build_summary().items()})
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _us(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    us = seconds * 1e6
+    return f"{us:,.0f}" if us >= 100 else f"{us:.1f}"
+
+
+def _x(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _shape(s) -> str:
+    return "(" + ",".join(str(v) for v in s) + ")"
+
+
+def _impl_names(records: list[dict]) -> list[str]:
+    names = []
+    for r in records:
+        for n in r["impls"]:
+            if n not in names:
+                names.append(n)
+    return [n for n in PEERS if n in names] + [n for n in names if n not in PEERS]
+
+
+def _median(r: dict, impl: str, mode: str) -> float | None:
+    m = r["impls"].get(impl, {}).get(mode)
+    return m["median"] if m else None
+
+
+def headline_table(records: list[dict]) -> list[str]:
+    """Forward+backward times at the named shapes, every implementation side by side, and each
+    backend's speedup against each peer."""
+    rows = [r for r in records if r.get("group") in ("esper", "small")]
+    impls = _impl_names(rows)
+    kernels = [n for n in impls if n not in PEERS]
+    head = ["op", "shape", "dtype"] + [f"{n} µs" for n in impls]
+    head += [f"{k} vs {p}" for k in kernels for p in PEERS]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + " |"]
+    for r in rows:
+        cells = [r["op"], _shape(r["shape"]), r["dtype"]] + [_us(_median(r, n, FB)) for n in impls]
+        for k in kernels:
+            sp = r["impls"].get(k, {}).get("speedup", {})
+            cells += [_x(sp.get(p, {}).get(FB)) for p in PEERS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def detail_table(records: list[dict]) -> list[str]:
+    head = ["op", "shape", "dtype", "impl", "fwd µs", "bwd µs", "fwd+bwd µs", "µs/call",
+            "fwd GB/s (% copy)", "bwd GB/s (% copy)", "saved MiB (not inputs)", "compile s"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 4 + ["---:"] * 8) + " |"]
+    for r in records:
+        if r.get("group") == "sweep":
+            continue
+        for name in _impl_names([r]):
+            d = r["impls"][name]
+            if "forward" not in d:
+                continue
+            gb = d.get("GBps", {})
+            fr = d.get("copy_fraction", {})
+
+            def bw(m):
+                return f"{gb[m]:.1f} ({fr[m] * 100:.0f}%)" if m in gb and m in fr else "-"
+
+            saved = (f"{d['saved_bytes'] / 2**20:.2f} ({d['saved_extra_bytes'] / 2**20:.2f})"
+                     if "saved_bytes" in d else "-")
+            call = f"{d['call_us']:.1f}" if "call_us" in d else "-"
+            comp = "-"
+            if d.get("compile_s") is not None:
+                comp = f"{d['compile_s']:.2f}" + (" (cached)" if d.get("compile_cache_hits") else "")
+            elif d.get("compile_reused"):
+                comp = "reused (dynamic)"
+            lines.append("| " + " | ".join([
+                r["op"], _shape(r["shape"]), r["dtype"], name, _us(d["forward"]["median"]),
+                _us(d["backward"]["median"]), _us(d[FB]["median"]), call, bw("forward"),
+                bw("backward"), saved, comp]) + " |")
+    return lines
+
+
+def sweep_table(records: list[dict]) -> list[str]:
+    rows = [r for r in records if r.get("group") == "sweep" and "copy" in r]
+    impls = _impl_names(rows)
+    head = ["op", "dtype", "numel", "MiB/tensor", "copy GB/s"] + [f"{n} GB/s (% copy)" for n in impls]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
+    for r in sorted(rows, key=lambda r: (r["op"], r["dtype"], r["numel"])):
+        mib = r["feature_bytes"] / 2**20
+        cells = [r["op"], r["dtype"], f"{r['numel']:,}", f"{mib:.2f}", f"{r['copy']['GBps']:.1f}"]
+        for n in impls:
+            d = r["impls"].get(n, {})
+            if "GBps" in d:
+                cells.append(f"{d['GBps'][FB]:.1f} ({d['copy_fraction'][FB] * 100:.0f}%)")
+            else:
+                cells.append("-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def verdicts(records: list[dict]) -> list[str]:
+    """Plain statements of where a kernel backend is not ahead of a peer (forward+backward at
+    the named shapes), and a count of where it is."""
+    lines = []
+    rows = [r for r in records if r.get("group") in ("esper", "small")]
+    kernels = [n for n in _impl_names(rows) if n not in PEERS]
+    for k in kernels:
+        for peer in PEERS:
+            ahead, behind = 0, []
+            for r in rows:
+                sp = r["impls"].get(k, {}).get("speedup", {}).get(peer, {}).get(FB)
+                if sp is None:
+                    continue
+                if sp > 1.0:
+                    ahead += 1
+                else:
+                    behind.append(f"{r['op']} {_shape(r['shape'])} {r['dtype']} ({sp:.2f}x)")
+            total = ahead + len(behind)
+            if not total:
+                continue
+            peer_name = "eager PyTorch" if peer == "eager" else "torch.compile of the reference"
+            if behind:
+                lines.append(f"- **{k} is not ahead of {peer_name}** in forward+backward in "
+                             f"{len(behind)} of {total} cases: " + ", ".join(behind) + ".")
+            else:
+                lines.append(f"- {k} is ahead of {peer_name} in forward+backward in all {total} cases.")
+    return lines
+
+
+def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, notes: list[str]) -> str:
+    out = [f"# kasmina-kernels benchmark: {meta['device']} ({meta['device_type']}), {meta['date']}", ""]
+    out.append("| | |")
+    out.append("| --- | --- |")
+    for key in ("device", "cpu_count", "threads", "L2_cache_bytes", "platform", "python", "torch",
+                "torch CUDA", "triton", "native built with CUDA", "native CPU ISA", "date",
+                "rotation_bytes", "inductor_warmup_s", "command"):
+        if key in meta:
+            out.append(f"| {key} | {meta[key]} |")
+    out.append("")
+    out.append("Method: every implementation is checked against the eager reference (the "
+               "equivalence rule of DESIGN.md section 5) before it is timed. Times are medians of "
+               "all timed calls after warm-up; implementations alternate round by round on the "
+               "same inputs (random, never zero), rotating through input copies that span more "
+               "than the rotation size above so caches do not flatter; CUDA times come from "
+               "device events, CPU times from perf_counter. Forward is the training forward "
+               "(inputs require grad); backward produces every gradient. GB/s use the byte counts "
+               "of DESIGN.md section 6 (kasmina_kernels/bench/bytemodel.py); % copy is against a "
+               "same-size device copy timed alongside. µs/call is the wall time of back-to-back "
+               "forward calls, host overhead included. torch.compile (dynamic=False, "
+               "fullgraph=True) compiles each shape afresh; its compile time (first "
+               "forward+backward call) is listed apart and never in a timed call; '(cached)' marks a "
+               "compile that found its graphs in inductor's on-disk cache from an earlier run.")
+    out.append("")
+    for n in notes:
+        out.append(f"- {n}")
+    for name, why in excluded.items():
+        out.append(f"- {name} excluded: {why}")
+    if skipped:
+        out.append(f"- **{len(skipped)} entries not run (time limit reached)**: "
+                   + ", ".join(f"{e.op} {_shape(e.shape)} {e.dtype}" for e in skipped))
+    failures = [f"{r['op']} {_shape(r['shape'])} {r['dtype']}: {f}" for r in records for f in r["failures"]]
+    out.append("")
+    out.append("## Result check")
+    out.append("")
+    out.append("**FAILED**: " + "; ".join(failures) if failures else
+               "Every backend's output and gradients matched the reference in every entry.")
+    entry_notes = [f"{r['op']} {_shape(r['shape'])} {r['dtype']}: {n}" for r in records for n in r["notes"]]
+    out += [f"- {n}" for n in entry_notes]
+    out += ["", "## Forward+backward at Esper's shapes and the small shape", ""]
+    out += verdicts(records) + [""]
+    out += headline_table(records)
+    out += ["", "## Forward, backward, per call, bandwidth, memory, compile time", ""]
+    out += detail_table(records)
+    out += ["", "## Size sweep: forward+backward GB/s (DESIGN.md byte counts) and % of copy", ""]
+    out += sweep_table(records)
+    out.append("")
+    return "\n".join(out)
+
+
+def write_json(path: Path, meta: dict, records: list[dict], skipped: list, excluded: dict,
+               notes: list[str]) -> None:
+    payload = {"meta": meta, "notes": notes, "excluded": excluded,
+               "skipped": [{"op": e.op, "shape": list(e.shape), "dtype": e.dtype} for e in skipped],
+               "records": records}
+    path.write_text(json.dumps(payload, indent=1, default=str))

@@ -1,0 +1,268 @@
+"""Runs a plan: for each (op, shape, dtype) entry, builds the inputs, compiles the torch.compile
+peer (timed apart), checks every implementation against the reference (a backend that does
+not match is reported as a failure and not timed), then times forward, backward and
+forward+backward of all implementations side by side with a same-size device copy, the
+per-call wall time at Esper's and the small shapes, and the bytes saved for backward."""
+
+from __future__ import annotations
+
+import sys
+import time
+import zlib
+from dataclasses import asdict
+
+import torch
+
+from .. import backends, opcases
+from . import bytemodel, workload
+from .plan import DTYPES, Entry, Plan
+from .timing import Sample, time_interleaved, wall_per_call
+
+CPU_ROTATE_BYTES = 64 << 20
+# per-call wall time (host overhead included) is measured where forward calls take at most
+# this long: the microsecond regime of small shapes
+CALL_REGIME_S = 1e-3
+# the torch.compile peer is judged too (a note, never a failure) up to this size: judging costs
+# seconds per output at Esper's sizes on CPU, and the peer is not what the check is for
+PEER_CHECK_MAX_NUMEL = 1 << 20
+
+
+def rotate_bytes(device: torch.device) -> int:
+    """Rotation target: twice the GPU's L2 cache (50 MB on an H100), 64 MiB on CPU."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return 2 * int(getattr(props, "L2_cache_size", 50 << 20) or (50 << 20))
+    return CPU_ROTATE_BYTES
+
+
+def select_backends(device: torch.device, requested: list[str] | None) -> tuple[list[str], dict]:
+    """Kernel backends to time on `device` and {backend: why it is left out}."""
+    excluded = {}
+    names = requested or [b for b in backends.BACKENDS if b != "reference"]
+    chosen = []
+    for name in names:
+        if name == "reference":
+            excluded[name] = "the eager reference is always timed, as the peer 'eager'"
+            continue
+        if name == "triton" and device.type == "cpu":
+            excluded[name] = ("Triton runs CPU tensors only in its interpreter "
+                              "(TRITON_INTERPRET=1), orders of magnitude slower than compiled "
+                              "code: its timings would say nothing about the kernels; the "
+                              "Triton backend is timed on CUDA devices")
+            continue
+        why = backends.backend_status(name, device.type)
+        if why is not None:
+            excluded[name] = why
+            continue
+        chosen.append(name)
+    return chosen, excluded
+
+
+def _sample(s: Sample) -> dict:
+    return asdict(s)
+
+
+def _check(case, impl, w, expected) -> dict:
+    verdicts = opcases.judge(case, impl.fn, w.base_args, w.base_kwargs, expected)
+    bad = [f"{name}: {v.message}" for name, v in verdicts if not v.ok]
+    worst = max((v.error_vs_reference for _, v in verdicts), default=0.0)
+    return {"ok": not bad, "problems": bad, "max_error_vs_reference": worst}
+
+
+def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], plan: Plan,
+              compile_peer: bool, shared: dict | None = None) -> dict:
+    """One entry, as a JSON-ready record. `shared`: dynamic-shape compiles reused across
+    entries."""
+    case = next(c for c in opcases.CASES if c.name == entry.op)
+    dtype = DTYPES[entry.dtype]
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{entry}".encode()))
+    w = workload.build(case, entry.shape, dtype, device, gen, rotate_bytes(device))
+    fwd_bytes, bwd_bytes = bytemodel.bytes_moved(entry.op, w.base_args, w.base_kwargs)
+    feature = bytemodel.feature(entry.op, w.base_args, w.base_kwargs)
+    record = {
+        "op": entry.op, "shape": list(entry.shape), "dtype": entry.dtype, "group": entry.group,
+        "numel": feature.numel(),
+        "feature_bytes": feature.numel() * feature.element_size(), "bytes": {"forward": fwd_bytes, "backward": bwd_bytes},
+        "bytes_from_design": bytemodel.traffic(entry.op, w.base_kwargs).from_design,
+        "n_sets": w.n_sets, "impls": {}, "failures": [], "notes": [],
+    }
+    phase = record["phase_s"] = {}
+    t_phase = time.perf_counter()
+
+    def lap(name):
+        nonlocal t_phase
+        now = time.perf_counter()
+        phase[name] = round(now - t_phase, 3)
+        t_phase = now
+
+    lap("inputs")
+    impls = [workload.eager_impl(entry.op)]
+    if compile_peer and entry.compile_peer:
+        try:
+            impls.append(workload.compiled_impl(w, dynamic=entry.compile_dynamic, shared=shared))
+        except Exception as exc:  # e.g. no C++ compiler for inductor on CPU
+            record["notes"].append(f"torch.compile peer failed to compile: {type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else ''}")
+    impls += [workload.backend_impl(entry.op, b) for b in kernel_backends]
+    lap("compile")
+
+    # check before timing
+    expected = opcases.expected_outputs(case, w.base_args, w.base_kwargs, dtype)
+    timed = [impls[0]]
+    for impl in impls[1:]:
+        if impl.name == "compile" and w.base_args[0].numel() > PEER_CHECK_MAX_NUMEL:
+            check = {"ok": None, "problems": ["not judged at this size"], "max_error_vs_reference": None}
+        else:
+            try:
+                check = _check(case, impl, w, expected)
+            except Exception as exc:
+                check = {"ok": False, "problems": [f"raised {type(exc).__name__}: {exc}"],
+                         "max_error_vs_reference": None}
+        record["impls"][impl.name] = {"check": check, "compile_s": impl.compile_s,
+                                      "compile_cache_hits": impl.cache_hits,
+                                      "compile_dynamic": impl.dynamic, "compile_reused": impl.reused}
+        if check["ok"] or impl.name == "compile":
+            timed.append(impl)
+        if check["ok"] is False and impl.name == "compile":
+            # a peer's mismatch is reported, not the library's failure; it is still timed
+            record["notes"].append("torch.compile of the reference does not match the eager "
+                                   "reference by the equivalence rule: "
+                                   + "; ".join(p[:300] for p in check["problems"]))
+        elif impl.name != "compile" and not check["ok"]:
+            record["failures"].append(f"{impl.name}: " + "; ".join(check["problems"]))
+    record["impls"]["eager"] = {"check": {"ok": True, "problems": [], "max_error_vs_reference": 0.0},
+                                "compile_s": None}
+    del expected
+    lap("check")
+
+    # timing, all implementations side by side per mode; recompiling would be compile time
+    # leaking into a timed call, so it is an error here
+    e = plan.effort
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for mode, make_step in workload.MODES.items():
+            steps = [make_step(w, impl) for impl in timed]
+            if mode == "forward":
+                steps.append(workload.copy_step(feature, w.n_sets))
+            samples = time_interleaved(steps, device, w.n_sets, rounds=e.rounds, budget_s=e.budget_s)
+            if mode == "forward":
+                copy = samples.pop()
+                record["copy"] = {"time": _sample(copy),
+                                  "GBps": bytemodel.copy_bytes(feature) / copy.median / 1e9}
+            for impl, s in zip(timed, samples):
+                record["impls"][impl.name][mode] = _sample(s)
+            lap(mode)
+        slowest = max(record["impls"][i.name]["forward"]["median"] for i in timed)
+        if entry.group != "sweep" and slowest <= CALL_REGIME_S:
+            calls = max(5, min(e.calls, int(e.budget_s / (e.call_rounds * slowest))))
+            calls = wall_per_call([workload.forward_call(w, impl) for impl in timed], device,
+                                  w.n_sets, calls=calls, rounds=e.call_rounds)
+            for impl, s in zip(timed, calls):
+                record["impls"][impl.name]["call_us"] = s.median * 1e6
+            lap("call")
+    for impl in timed:
+        try:
+            total, extra = workload.saved_for_backward(w, impl)
+            record["impls"][impl.name]["saved_bytes"] = total
+            record["impls"][impl.name]["saved_extra_bytes"] = extra
+        except Exception as exc:
+            record["notes"].append(f"{impl.name}: saved bytes not counted ({type(exc).__name__}: {exc})")
+    lap("saved")
+    _derive(record)
+    return record
+
+
+def _derive(record: dict) -> None:
+    """GB/s, fraction of copy bandwidth and speedups from the medians."""
+    b = record["bytes"]
+    mode_bytes = {"forward": b["forward"], "backward": b["backward"],
+                  "forward+backward": b["forward"] + b["backward"]}
+    copy_gbps = record.get("copy", {}).get("GBps")
+    for name, r in record["impls"].items():
+        if "forward" not in r:
+            continue
+        r["GBps"] = {m: mode_bytes[m] / r[m]["median"] / 1e9 for m in mode_bytes}
+        if copy_gbps:
+            r["copy_fraction"] = {m: g / copy_gbps for m, g in r["GBps"].items()}
+    for name, r in record["impls"].items():
+        if "forward" not in r or name in ("eager", "compile"):
+            continue
+        r["speedup"] = {}
+        for peer in ("eager", "compile"):
+            p = record["impls"].get(peer)
+            if p and "forward" in p:
+                r["speedup"][peer] = {m: p[m]["median"] / r[m]["median"] for m in mode_bytes}
+
+
+class _Progress:
+    """tqdm progress bar on a terminal; one line per entry in a log (stderr not a terminal) or
+    where tqdm is missing."""
+
+    def __init__(self, total: int):
+        self.bar, self.total, self.done, self.start = None, total, 0, time.perf_counter()
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, file=sys.stderr, unit="case", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, text: str):
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+        else:
+            self.done += 1
+            print(f"[{self.done}/{self.total} {time.perf_counter() - self.start:.0f}s] {text}",
+                  file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def warm_up_inductor(device: torch.device) -> float | None:
+    """Seconds of torch.compile's one-time start-up (imports, compile workers), measured on a
+    trivial function so that no entry's compile time carries it; None when compile fails."""
+    x = torch.randn(64, device=device, requires_grad=True)
+    torch._dynamo.reset()
+    t0 = time.perf_counter()
+    try:
+        y = torch.compile(lambda t: (t * 2).sin(), dynamic=False, fullgraph=True)(x)
+        y.sum().backward()
+    except Exception:
+        return None
+    finally:
+        torch._dynamo.reset()
+    return time.perf_counter() - t0
+
+
+def run(plan: Plan, device: torch.device, kernel_backends: list[str], *, compile_peer: bool = True,
+        time_limit_s: float | None = None, on_record=None) -> tuple[list[dict], list[Entry]]:
+    """Runs every entry in order; returns (records, entries not run for the time limit)."""
+    records, skipped, shared = [], [], {}
+    start = time.perf_counter()
+    progress = _Progress(len(plan.entries))
+    try:
+        for entry in plan.entries:
+            if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+                skipped.append(entry)
+                progress.update(f"skipped (time limit) {entry.op} {entry.shape}")
+                continue
+            t0 = time.perf_counter()
+            try:
+                record = run_entry(entry, device, kernel_backends, plan, compile_peer, shared)
+            except Exception as exc:
+                record = {"op": entry.op, "shape": list(entry.shape), "dtype": entry.dtype,
+                          "group": entry.group, "impls": {}, "notes": [],
+                          "failures": [f"the entry raised {type(exc).__name__}: {exc}"]}
+            record["wall_s"] = time.perf_counter() - t0
+            records.append(record)
+            if on_record is not None:
+                on_record(records)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            progress.update(f"{entry.op} {tuple(entry.shape)} {entry.dtype}")
+    finally:
+        progress.close()
+    return records, skipped

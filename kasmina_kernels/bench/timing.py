@@ -1,0 +1,131 @@
+"""Timing primitives: medians of repeated timings after warm-up, several candidates timed in
+alternation (round by round) so they share the machine's conditions.
+
+A `Step` is one timed unit: `prepare(i)` runs untimed before each timing (e.g. the forward
+pass whose backward is timed) and `run(i, state)` is timed; `i` is the rotation index of the
+input set to use. On CUDA each timing is a pair of `torch.cuda.Event`s around `run`; on CPU it
+is `time.perf_counter()` (CPU ops are synchronous).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class Step:
+    run: Callable[[int, Any], Any]
+    prepare: Callable[[int], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Per-call seconds of one step: median and inter-quartile spread of all timings."""
+
+    median: float
+    p25: float
+    p75: float
+    count: int
+
+    @property
+    def spread(self) -> float:
+        """(p75 - p25) / median: how noisy the timings were."""
+        return (self.p75 - self.p25) / self.median if self.median > 0 else 0.0
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Sample":
+        q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        return cls(statistics.median(values), q[0], q[2], len(values))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Rotor:
+    """Cycles through `n` input sets, one counter per step."""
+
+    def __init__(self, n: int):
+        self.n, self.i = n, -1
+
+    def next(self) -> int:
+        self.i = (self.i + 1) % self.n
+        return self.i
+
+
+def _time_iters(step: Step, rotor: _Rotor, iters: int, device: torch.device) -> list[float]:
+    if device.type == "cuda":
+        pairs = []
+        for _ in range(iters):
+            i = rotor.next()
+            state = step.prepare(i) if step.prepare else None
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            step.run(i, state)
+            end.record()
+            pairs.append((start, end))
+        torch.cuda.synchronize(device)
+        return [s.elapsed_time(e) * 1e-3 for s, e in pairs]
+    out = []
+    for _ in range(iters):
+        i = rotor.next()
+        state = step.prepare(i) if step.prepare else None
+        t0 = time.perf_counter()
+        step.run(i, state)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def time_interleaved(steps: list[Step], device: torch.device, n_sets: int, *, rounds: int,
+                     budget_s: float, warmup: int = 3, max_iters: int = 200) -> list[Sample]:
+    """Times every step: `warmup` untimed runs each, then `rounds` rounds in which each step in
+    turn runs a batch of iterations. The batch size is chosen per step from its warm-up time
+    so that the step's timed runs take about `budget_s` in all (at least one per round)."""
+    rotors = [_Rotor(n_sets) for _ in steps]
+    iters = []
+    for step, rotor in zip(steps, rotors):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            i = rotor.next()
+            state = step.prepare(i) if step.prepare else None
+            step.run(i, state)
+        synchronize(device)
+        per = max((time.perf_counter() - t0) / max(warmup, 1), 1e-7)
+        iters.append(max(1, min(max_iters, int(budget_s / (rounds * per)))))
+    samples: list[list[float]] = [[] for _ in steps]
+    for _ in range(rounds):
+        for k, (step, rotor) in enumerate(zip(steps, rotors)):
+            samples[k] += _time_iters(step, rotor, iters[k], device)
+            # calls far slower than warm-up said (a busy machine): one call per round from here
+            if sum(samples[k]) > 3 * budget_s:
+                iters[k] = 1
+    return [Sample.of(s) for s in samples]
+
+
+def wall_per_call(fns: list[Callable[[int], Any]], device: torch.device, n_sets: int, *,
+                  calls: int, rounds: int) -> list[Sample]:
+    """Microseconds-regime cost per call, host overhead included: wall-clock time of a batch
+    of `calls` back-to-back calls (synchronised once at the end), divided by `calls`; batches
+    of the candidates alternate round by round."""
+    rotors = [_Rotor(n_sets) for _ in fns]
+    for fn, rotor in zip(fns, rotors):  # warm-up
+        for _ in range(min(calls, 10)):
+            fn(rotor.next())
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for k, (fn, rotor) in enumerate(zip(fns, rotors)):
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn(rotor.next())
+            synchronize(device)
+            samples[k].append((time.perf_counter() - t0) / calls)
+    return [Sample.of(s) for s in samples]

@@ -1,0 +1,196 @@
+"""What is timed: rotating input sets for one (op, shape, dtype), the implementations run on
+them (eager reference, torch.compile of the reference, each kernel backend), and the timed
+steps (forward, backward, forward+backward, device copy).
+
+Inputs come from `kasmina_kernels.opcases` (random, never zero). Rotation: enough copies of
+the input set that cycling through them touches more memory than `rotate_bytes` (on GPU twice
+the L2 cache), so a timed call never finds its inputs in cache from the previous call.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import opcases
+from .timing import Step
+
+MAX_SETS = 64
+
+
+@dataclass
+class InputSet:
+    args: list
+    kwargs: dict
+    leaves: list[torch.Tensor]  # every floating-point tensor input, requires grad
+    grad: torch.Tensor  # incoming gradient for the output
+
+
+def _leafify(value):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.detach().clone().requires_grad_()
+    return value
+
+
+def _input_set(args, kwargs, grad) -> InputSet:
+    args = [_leafify(a) for a in args]
+    kwargs = {k: _leafify(v) for k, v in kwargs.items()}
+    leaves = [t for t in list(args) + list(kwargs.values())
+              if isinstance(t, torch.Tensor) and t.requires_grad]
+    return InputSet(args, kwargs, leaves, grad.clone())
+
+
+def _set_bytes(s: InputSet) -> int:
+    return sum(t.numel() * t.element_size() for t in s.leaves + [s.grad])
+
+
+@dataclass
+class Workload:
+    case: opcases.OpCase
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    sets: list[InputSet]
+    base_args: list  # set 0's values, not leaves (for checking)
+    base_kwargs: dict
+
+    @property
+    def n_sets(self) -> int:
+        return len(self.sets)
+
+
+def build(case: opcases.OpCase, shape, dtype, device, gen: torch.Generator,
+          rotate_bytes: int) -> Workload:
+    args, kwargs = case.make(shape, dtype, device, gen)
+    with torch.no_grad():
+        out = opcases.reference_op(case.name)(*args, **kwargs)
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device, out.dtype)
+    first = _input_set(args, kwargs, grad)
+    n = max(1, min(MAX_SETS, math.ceil(rotate_bytes / max(_set_bytes(first), 1))))
+    sets = [first] + [_input_set(first.args, first.kwargs, first.grad) for _ in range(n - 1)]
+    return Workload(case, tuple(shape), dtype, device, sets, list(args), dict(kwargs))
+
+
+# ---------------------------------------------------------------------------- implementations
+@dataclass
+class Impl:
+    name: str  # "eager", "compile", or a backend name
+    fn: Callable
+    compile_s: float | None = None  # first forward+backward call, for "compile"
+    cache_hits: int | None = None  # graphs inductor found in its on-disk cache while compiling
+    dynamic: bool = False  # compiled with dynamic shapes
+    reused: bool = False  # compiled by an earlier entry (dynamic shapes)
+
+
+def eager_impl(op: str) -> Impl:
+    return Impl("eager", opcases.reference_op(op))
+
+
+def backend_impl(op: str, backend: str) -> Impl:
+    public = opcases.public_op(op)
+    return Impl(backend, lambda *a, **k: public(*a, backend=backend, **k))
+
+
+def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = None) -> Impl:
+    """torch.compile of the reference (fullgraph=True), compiled here by one forward+backward
+    call whose wall time is reported as compile time.
+
+    dynamic=False: compiled for this exact shape, after a dynamo reset (one entry's graphs at a
+    time: no recompile limit, no reuse). dynamic=True: one dynamic-shape compile per (op, dtype)
+    kept in `shared` and reused by later entries (the size sweep), whose first call is then
+    not a compile (compile_s None, `reused` set)."""
+    from torch._dynamo.utils import counters
+
+    key = (w.case.name, w.dtype)
+    reused = dynamic and shared is not None and key in shared
+    if reused:
+        fn = shared[key]
+    else:
+        if not dynamic or not shared:
+            torch._dynamo.reset()
+            if shared is not None:
+                shared.clear()
+        fn = torch.compile(opcases.reference_op(w.case.name), dynamic=dynamic, fullgraph=True)
+        if dynamic and shared is not None:
+            shared[key] = fn
+    s = w.sets[0]
+    hits = counters["inductor"]["fxgraph_cache_hit"]
+    t0 = time.perf_counter()
+    out = fn(*s.args, **s.kwargs)
+    torch.autograd.grad(out, s.leaves, s.grad)
+    if w.device.type == "cuda":
+        torch.cuda.synchronize(w.device)
+    elapsed = time.perf_counter() - t0
+    impl = Impl("compile", fn, compile_s=None if reused else elapsed)
+    impl.cache_hits = counters["inductor"]["fxgraph_cache_hit"] - hits
+    impl.reused = reused
+    impl.dynamic = dynamic
+    return impl
+
+
+# ---------------------------------------------------------------------------- steps
+def forward_step(w: Workload, impl: Impl) -> Step:
+    def run(i, _):
+        s = w.sets[i]
+        return impl.fn(*s.args, **s.kwargs)
+    return Step(run)
+
+
+def backward_step(w: Workload, impl: Impl) -> Step:
+    def prepare(i):
+        s = w.sets[i]
+        return impl.fn(*s.args, **s.kwargs)
+
+    def run(i, out):
+        s = w.sets[i]
+        return torch.autograd.grad(out, s.leaves, s.grad)
+    return Step(run, prepare)
+
+
+def forward_backward_step(w: Workload, impl: Impl) -> Step:
+    def run(i, _):
+        s = w.sets[i]
+        return torch.autograd.grad(impl.fn(*s.args, **s.kwargs), s.leaves, s.grad)
+    return Step(run)
+
+
+MODES = {"forward": forward_step, "backward": backward_step, "forward+backward": forward_backward_step}
+
+
+def copy_step(x: torch.Tensor, n_sets: int) -> Step:
+    """A same-size device copy, rotating through its own buffers like the op's inputs."""
+    src = [x.detach().clone() for _ in range(n_sets)]
+    dst = [torch.empty_like(x) for _ in range(n_sets)]
+    return Step(lambda i, _: dst[i].copy_(src[i]))
+
+
+def forward_call(w: Workload, impl: Impl) -> Callable[[int], object]:
+    def call(i):
+        s = w.sets[i]
+        return impl.fn(*s.args, **s.kwargs)
+    return call
+
+
+# ---------------------------------------------------------------------------- saved memory
+def saved_for_backward(w: Workload, impl: Impl) -> tuple[int, int]:
+    """(bytes saved for backward, of which not the inputs' own storage) by one forward call,
+    counted with saved_tensors_hooks over distinct storages."""
+    s = w.sets[0]
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = impl.fn(*s.args, **s.kwargs)
+    del out
+    inputs = {t.untyped_storage().data_ptr() for t in s.leaves}
+    total = sum(saved.values())
+    extra = sum(v for k, v in saved.items() if k not in inputs)
+    return total, extra
