@@ -11,6 +11,7 @@ every backend the reduced set (the poisoned-allocator rerun uses that).
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -42,6 +43,7 @@ class Case:
     dtype: torch.dtype                 # the host's (features') dtype
     shape: tuple
     layout: str = "contig"             # contig | cl | cl_host | cl_seed | slice | transpose
+                                       # | expand | offset | step (see _feature())
     alpha: str = "s32"                 # see _alpha()
     avalue: str = "mid"                # 0-dim alpha value: mid | zero | one | neg | over
     grads: str = "all"                 # which inputs require grad (see _requires())
@@ -53,6 +55,11 @@ class Case:
     topology: str | None = None        # gated_pool / gate_network
     gate: str = "host"                 # gate dtype: host | f32 ; gate_effective_alpha: form
     big: bool = False
+    # the fields below default to the matrix's behaviour and appear in `id` only when set
+    seed_layout: str | None = None     # the seed's (and seed_input's) layout; None: `layout`
+    gate_form: str = "ps"              # blend_gate's gate shape: an alpha form (see _weight_shape)
+    device: str = "cpu"                # where the inputs live (built on CPU, then moved)
+    host_scalars: bool = False         # off-CPU cases: 0-dim alpha/gate stay CPU tensors
 
     @property
     def id(self) -> str:
@@ -69,6 +76,12 @@ class Case:
             parts.append(f"seed-{_DT[self.seed_dtype]}")
         if self.op == "blend_multiply":
             parts.append(f"r-{self.seed_input}")
+        if self.seed_layout is not None:
+            parts.append(f"seed-layout-{self.seed_layout}")
+        if self.op == "blend_gate" and self.gate_form != "ps":
+            parts.append(f"gate-form-{self.gate_form}")
+        if self.device != "cpu":
+            parts.append(self.device + ("-cpu-scalars" if self.host_scalars else ""))
         if self.alias:
             parts.append("s-is-h")
         if self.specials:
@@ -318,9 +331,21 @@ def _uniform(shape, gen, lo, hi):
 
 
 def _feature(shape, dtype, layout, role, gen, scale=1.0):
-    """A random feature tensor laid out as `layout` prescribes for `role` ("h" or "s")."""
+    """A random feature tensor laid out as `layout` prescribes for `role` ("h" or "s").
+
+    Besides the layouts of the matrix: "expand" repeats one sample along dim 0 (stride 0),
+    "offset" starts 3 elements into its storage, "step" takes every third element of a wider
+    last dimension from element 1 on (a strided view with a storage offset)."""
     shape = tuple(shape)
     rank = len(shape)
+    if layout == "expand":
+        return _randn((1,) + shape[1:], gen, dtype, scale).expand(shape)
+    if layout == "offset":
+        n = math.prod(shape)
+        return _randn((n + 3,), gen, dtype, scale)[3:].view(shape)
+    if layout == "step":
+        wide = shape[:-1] + (3 * shape[-1] + 1,)
+        return _randn(wide, gen, dtype, scale)[..., 1::3]
     cl = (layout == "cl") or (layout == "cl_host" and role == "h") or (layout == "cl_seed" and role == "s")
     if cl and rank == 4:
         return _randn(shape, gen, dtype, scale).contiguous(memory_format=torch.channels_last)
@@ -359,6 +384,19 @@ def _per_sample_shape(shape):
     return (shape[0],) + (1,) * (len(shape) - 1)
 
 
+def _weight_shape(form: str, shape) -> tuple:
+    """The shape of a non-0-dim blend weight of `form` over features of `shape`."""
+    if form in ("ps", "psh"):
+        return _per_sample_shape(shape)
+    if form == "bc":  # a general broadcast: (1, C, 1, ...)
+        return (1, shape[1]) + (1,) * (len(shape) - 2) if len(shape) >= 2 else (1,)
+    if form == "vec":  # trailing-dim vector
+        return (shape[-1],)
+    if form == "full":
+        return tuple(shape)
+    raise AssertionError(form)
+
+
 def _alpha(case: Case, shape, gen) -> torch.Tensor:
     form, host = case.alpha, case.dtype
     if form in ("s32", "sbf", "s16", "sh", "s64"):
@@ -366,23 +404,15 @@ def _alpha(case: Case, shape, gen) -> torch.Tensor:
         return torch.tensor(_scalar_value(case.avalue, gen), dtype=dt)
     if form == "int":
         return torch.tensor(int(_scalar_value(case.avalue, gen)), dtype=torch.int64)
-    if form in ("ps", "psh"):
-        wshape = _per_sample_shape(shape)
-    elif form == "bc":  # a general broadcast: (1, C, 1, ...)
-        wshape = (1, shape[1]) + (1,) * (len(shape) - 2) if len(shape) >= 2 else (1,)
-    elif form == "vec":  # trailing-dim vector
-        wshape = (shape[-1],)
-    elif form == "full":
-        wshape = tuple(shape)
-    else:
-        raise AssertionError(form)
     dt = host if form == "psh" else F32
-    return _weight_values(wshape, gen).to(dt)
+    return _weight_values(_weight_shape(form, shape), gen).to(dt)
 
 
 def _gate(case: Case, shape, gen) -> torch.Tensor:
     dt = F32 if case.gate == "f32" else case.dtype
-    return _weight_values(_per_sample_shape(shape), gen).to(dt)
+    if case.gate_form == "scalar":
+        return torch.tensor(float(_uniform((), gen, -0.2, 1.2)), dtype=dt)
+    return _weight_values(_weight_shape(case.gate_form, shape), gen).to(dt)
 
 
 def _plant_specials(t: torch.Tensor, gen, values) -> None:
@@ -402,6 +432,29 @@ class Built:
 
 
 def build(case: Case) -> Built:
+    built = _build_on_cpu(case)
+    if case.device != "cpu":
+        built.leaves = _moved(built.leaves, case.device, keep_cpu_scalars=case.host_scalars)
+    return built
+
+
+def _moved(leaves: dict, device: str, *, keep_cpu_scalars: bool) -> dict:
+    """The leaves on `device` with the same sizes, strides, storage offsets and aliasing
+    (their whole storage is copied, then viewed as before)."""
+    made: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, t in leaves.items():
+        if not isinstance(t, torch.Tensor) or (keep_cpu_scalars and t.dim() == 0):
+            out[name] = t
+            continue
+        if id(t) not in made:
+            storage = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage())
+            made[id(t)] = storage.to(device).as_strided(t.shape, t.stride(), t.storage_offset())
+        out[name] = made[id(t)]
+    return out
+
+
+def _build_on_cpu(case: Case) -> Built:
     gen = case_generator(case.id)
     op, dt, shape = case.op, case.dtype, case.shape
     if op in FEATURE_OPS:
@@ -417,7 +470,8 @@ def build(case: Case) -> Built:
                 return fn(L["alpha"], L["m"])
 
             return Built(leaves, requires, call, frozenset({"y", "dm"}))
-        s = h if case.alias else _feature(shape, case.seed_dtype or dt, case.layout, "s", gen)
+        seed_layout = case.seed_layout or case.layout
+        s = h if case.alias else _feature(shape, case.seed_dtype or dt, seed_layout, "s", gen)
         if case.specials:
             _plant_specials(h, gen, (float("nan"), float("inf")))
             if not case.alias:
@@ -436,9 +490,9 @@ def build(case: Case) -> Built:
                 "f32": None,
             }[case.seed_input]
             if case.seed_input == "given":
-                r = _feature(shape, case.seed_dtype or dt, case.layout, "s", gen)
+                r = _feature(shape, case.seed_dtype or dt, seed_layout, "s", gen)
             elif case.seed_input == "f32":
-                r = _feature(shape, F32, case.layout, "s", gen)
+                r = _feature(shape, F32, seed_layout, "s", gen)
             leaves["r"] = r
         requires = _requires(case, leaves)
         ew = frozenset({"y", "dh", "ds", "dr"})
@@ -494,6 +548,10 @@ def _requires(case: Case, leaves: dict) -> tuple:
         return tuple(floats)
     if case.grads == "weights":
         return ("w1", "b1", "w2", "b2")
+    if "+" in case.grads:  # a subset, e.g. "h+alpha"
+        names = tuple(case.grads.split("+"))
+        assert set(names) <= set(floats), (case.id, names, floats)
+        return names
     assert case.grads in floats, (case.id, case.grads, floats)
     return (case.grads,)
 
@@ -521,7 +579,8 @@ def _snapshot(leaves: dict) -> dict:
     return {n: t.detach().clone() for n, t in leaves.items() if isinstance(t, torch.Tensor)}
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and values bit for bit (NaN matches NaN)."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     return bool(((a == b) | (a.isnan() & b.isnan())).all())
@@ -534,20 +593,33 @@ def run_case(backend: str, case: Case) -> None:
     with torch.no_grad():
         y0 = built.call(ref_fn, built.leaves)
     gen = case_generator(case.id + "/grad")
-    g = _randn(y0.shape, gen, y0.dtype)
+    g = _randn(y0.shape, gen, y0.dtype).to(y0.device)
     if y0.dim() == 4 and y0.is_contiguous(memory_format=torch.channels_last) and not y0.is_contiguous():
         g = g.contiguous(memory_format=torch.channels_last)
     ref = run_forward_backward(ref_fn, built.leaves, built.call, built.requires, g, inference=inference)
     before = _snapshot(built.leaves)
     kern = run_forward_backward(kern_fn, built.leaves, built.call, built.requires, g, inference=inference)
     for n, t in before.items():
-        assert _same_bits(built.leaves[n], t), f"{case.id}: the {backend} kernel wrote into input {n!r}"
+        assert same_bits(built.leaves[n], t), f"{case.id}: the {backend} kernel wrote into input {n!r}"
+    _assert_no_output_shares_an_input(case, backend, kern, built.leaves)
     oracle = make_oracle(case, built, g)
     assert_equivalent(
         kern, ref, oracle,
         elementwise=built.elementwise,
         context=f"[{backend}] {case.id}: " + describe_inputs(built.leaves),
     )
+
+
+def _assert_no_output_shares_an_input(case: Case, backend: str, outputs: dict, leaves: dict) -> None:
+    """An output or gradient that is a view of an input would let the caller write into
+    that input through it (DESIGN section 2: no op writes into an input)."""
+    for name, out in outputs.items():
+        if not isinstance(out, torch.Tensor) or out.numel() == 0:
+            continue
+        for leaf_name, leaf in leaves.items():
+            if isinstance(leaf, torch.Tensor) and leaf.numel() and \
+                    out.untyped_storage().data_ptr() == leaf.untyped_storage().data_ptr():
+                raise AssertionError(f"[{backend}] {case.id}: output {name!r} shares storage with input {leaf_name!r}")
 
 
 def make_oracle(case: Case, built: Built, g: torch.Tensor) -> dict:

@@ -13,7 +13,7 @@ fi
 PY="$ROOT/.venv/bin/python"
 "$PY" -m pip install --quiet --upgrade pip
 "$PY" -m pip install --quiet "$TORCH_SPEC"
-"$PY" -m pip install --quiet setuptools wheel ninja pytest numpy triton
+"$PY" -m pip install --quiet setuptools wheel ninja pytest hypothesis numpy triton
 # builds kasmina_kernels._C against the torch above; never pulls another torch
 "$PY" -m pip install --quiet --no-build-isolation -e .
 "$PY" -c "import torch, kasmina_kernels; print('torch', torch.__version__, '| kasmina_kernels', kasmina_kernels.__version__, '| backends:', kasmina_kernels.available_backends())"
