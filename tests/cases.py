@@ -682,3 +682,27 @@ def backend_params(*, include_reference: bool = False):
             params.append(pytest.param(name, id=name, marks=pytest.mark.skip(
                 reason=f"backend {name!r} cannot run on cpu here: {why}")))
     return params
+
+
+def device_status(backend: str, device: str) -> str | None:
+    """Why `backend` cannot run on `device` in this process (None when it can)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is visible to torch"
+    return backend_status(backend, device)
+
+
+def backend_device_params(devices=("cpu", "cuda")):
+    """pytest params (backend, device) for every fused backend on each device; those that
+    cannot run here are skipped with the reason (e.g. no GPU, Triton without its interpreter)."""
+    import pytest
+
+    params = []
+    for device in devices:
+        for name in kk.BACKENDS:
+            if name == "reference":
+                continue
+            why = device_status(name, device)
+            marks = [] if why is None else [
+                pytest.mark.skip(reason=f"backend {name!r} cannot run on {device} here: {why}")]
+            params.append(pytest.param(name, device, id=f"{name}-{device}", marks=marks))
+    return params

@@ -12,38 +12,18 @@ prints the failing Case (its `id` names every choice) and a reproduction blob.
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("hypothesis", reason="the property-based tests need hypothesis (pip install hypothesis)")
 
 from hypothesis import given, settings  # noqa: E402
 
-import kasmina_kernels as kk  # noqa: E402
-from kasmina_kernels.backends import backend_status  # noqa: E402
-
-from cases import run_case  # noqa: E402
+from cases import backend_device_params, run_case  # noqa: E402
 from fuzz import OPS, cases, examples_for  # noqa: E402
-
-
-def _targets():
-    params = []
-    for device in ("cpu", "cuda"):
-        for name in kk.BACKENDS:
-            if name == "reference":
-                continue
-            pid = f"{name}-{device}"
-            if device == "cuda" and not torch.cuda.is_available():
-                why = "no CUDA device is visible to torch"
-            else:
-                why = backend_status(name, device)
-            marks = [] if why is None else [pytest.mark.skip(reason=f"backend {name!r} cannot run on {device} here: {why}")]
-            params.append(pytest.param(name, device, id=pid, marks=marks))
-    return params
 
 
 @pytest.mark.fuzz
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("backend,device", _targets())
+@pytest.mark.parametrize("backend,device", backend_device_params())
 def test_matches_reference(backend, device, op):
     @settings(max_examples=examples_for(backend, device))
     @given(case=cases(op, backend, device))
