@@ -47,7 +47,7 @@ class Case:
     alpha: str = "s32"                 # see _alpha()
     avalue: str = "mid"                # 0-dim alpha value: mid | zero | one | neg | over
     grads: str = "all"                 # which inputs require grad (see _requires())
-    seed_dtype: torch.dtype | None = None  # None: the host's dtype
+    seed_dtype: torch.dtype | None = None  # None: the host's dtype (gate_network: the weights')
     seed_input: str = "none"           # MULTIPLY: none | given | h | s | f32
     alias: bool = False                # s is h
     mode: str = "grad"                 # grad | inference
@@ -60,6 +60,7 @@ class Case:
     gate_form: str = "ps"              # blend_gate's gate shape: an alpha form (see _weight_shape)
     device: str = "cpu"                # where the inputs live (built on CPU, then moved)
     host_scalars: bool = False         # off-CPU cases: 0-dim alpha/gate stay CPU tensors
+    autocast: torch.dtype | None = None  # run kernel and reference under torch.autocast(device, this)
 
     @property
     def id(self) -> str:
@@ -82,6 +83,8 @@ class Case:
             parts.append(f"gate-form-{self.gate_form}")
         if self.device != "cpu":
             parts.append(self.device + ("-cpu-scalars" if self.host_scalars else ""))
+        if self.autocast is not None:
+            parts.append(f"autocast-{_DT[self.autocast]}")
         if self.alias:
             parts.append("s-is-h")
         if self.specials:
@@ -520,11 +523,12 @@ def _build_on_cpu(case: Case) -> Built:
             channels = shape[1] if topo == "cnn" else shape[2]
             hidden = reference.gate_hidden_size(channels)
             k1, k2 = channels ** -0.5, hidden ** -0.5
+            wdt = case.seed_dtype or dt
             leaves.update(
-                w1=_randn((hidden, channels), gen, dt, k1),
-                b1=_randn((hidden,), gen, dt, k1),
-                w2=_randn((1, hidden), gen, dt, k2),
-                b2=_randn((1,), gen, dt, k2),
+                w1=_randn((hidden, channels), gen, wdt, k1),
+                b1=_randn((hidden,), gen, wdt, k1),
+                w2=_randn((1, hidden), gen, wdt, k2),
+                b2=_randn((1,), gen, wdt, k2),
             )
 
             def call(fn, L, topo=topo):
@@ -586,9 +590,25 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
+def under_autocast(fn, device: str, dtype: torch.dtype | None):
+    """`fn` called inside torch.autocast(device, dtype) (unchanged when dtype is None)."""
+    if dtype is None:
+        return fn
+
+    def wrapped(*args, **kwargs):
+        with torch.autocast(device_type=device, dtype=dtype):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def run_case(backend: str, case: Case) -> None:
+    """Runs `case` through `backend` and the reference (both under the case's autocast, if
+    any) and judges the kernel by the equivalence rule against the reference and the float64
+    oracle (which runs without autocast: the exact math)."""
     built = build(case)
-    ref_fn, kern_fn = reference_fn(case.op), kernel_fn(case.op, backend)
+    ref_fn = under_autocast(reference_fn(case.op), case.device, case.autocast)
+    kern_fn = under_autocast(kernel_fn(case.op, backend), case.device, case.autocast)
     inference = case.mode == "inference"
     with torch.no_grad():
         y0 = built.call(ref_fn, built.leaves)
