@@ -53,6 +53,7 @@ def pytest_configure(config):
         "markers", "big: an Esper-sized equivalence case (native only, a few combinations)"
     )
     config.addinivalue_line("markers", "fuzz: a property-based (Hypothesis) equivalence test")
+    config.addinivalue_line("markers", "large: over 2**31 elements (opt-in: KASMINA_TEST_LARGE=1)")
 
 
 def pytest_collection_modifyitems(session, config, items):

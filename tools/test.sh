@@ -11,4 +11,5 @@ bash tools/setup_env.sh
 bash tools/check_cuda_compile.sh                  # nvcc, sm_80 + sm_90, warnings are errors
 PYTHON=.venv/bin/python bash tools/check_cuda_glue.sh   # the torch glue against torch's headers
 PYTHON=.venv/bin/python bash tools/check_sanitizers.sh  # native CPU kernels under ASan + UBSan
-TRITON_INTERPRET=1 .venv/bin/python -m pytest tests -q -rs "$@"
+# KASMINA_TEST_LARGE=1: the >2**31-element native tests (tests/test_large.py, ~13 GiB, ~1 min)
+TRITON_INTERPRET=1 KASMINA_TEST_LARGE=1 .venv/bin/python -m pytest tests -q -rs "$@"
