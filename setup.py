@@ -10,6 +10,9 @@ Environment:
   KASMINA_KERNELS_CUDA_ARCH  CUDA architectures, default "80;90" (sm_80 and sm_90).
   KASMINA_KERNELS_CPU_ISA    "avx2" or "default"; unset picks avx2 when the build machine's
                              torch reports an AVX2 (or better) CPU.
+  KASMINA_KERNELS_SANITIZE   e.g. "address,undefined": build the C++ sources with those
+                             -fsanitize= checks (-O1 -g, frame pointers kept). For
+                             tools/check_sanitizers.sh, which builds into its own directory.
 """
 
 import glob
@@ -55,6 +58,17 @@ def _cpu_isa() -> str:
     return "avx2" if cap in ("AVX2", "AVX512") else "default"
 
 
+def _sanitize_flags() -> tuple[list[str], list[str]]:
+    """(compile flags, link flags) for KASMINA_KERNELS_SANITIZE, empty when it is unset."""
+    checks = os.environ.get("KASMINA_KERNELS_SANITIZE", "").strip()
+    if not checks:
+        return [], []
+    if not all(c in ("address", "undefined") for c in checks.split(",")):
+        sys.exit(f"KASMINA_KERNELS_SANITIZE takes 'address' and/or 'undefined', got {checks!r}")
+    flag = f"-fsanitize={checks}"
+    return [flag, "-O1", "-g", "-fno-omit-frame-pointer"], [flag]
+
+
 def _extension():
     with_cuda = _want_cuda()
     isa = _cpu_isa()
@@ -71,6 +85,9 @@ def _extension():
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     else:
         cxx += ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
+    san_cxx, san_link = _sanitize_flags()
+    cxx += san_cxx  # after -O3, so its -O1 wins
+    link += san_link
     define_macros = [("KK_CPU_ISA", f'"{isa}"')]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:

@@ -17,6 +17,7 @@ the host-dtype one ("sh") lives on the device.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -50,10 +51,11 @@ class Case:
     dtype: torch.dtype                 # the host's (features') dtype
     shape: tuple
     layout: str = "contig"             # contig | cl | cl_host | cl_seed | slice | transpose
+                                       # | expand | offset | step (see _feature())
     alpha: str = "s32"                 # see _alpha()
     avalue: str = "mid"                # 0-dim alpha value: mid | zero | one | neg | over
     grads: str = "all"                 # which inputs require grad (see _requires())
-    seed_dtype: torch.dtype | None = None  # None: the host's dtype
+    seed_dtype: torch.dtype | None = None  # None: the host's dtype (gate_network: the weights')
     seed_input: str = "none"           # MULTIPLY: none | given | h | s | f32
     alias: bool = False                # s is h
     mode: str = "grad"                 # grad | inference
@@ -61,6 +63,12 @@ class Case:
     topology: str | None = None        # gated_pool / gate_network
     gate: str = "host"                 # gate dtype: host | f32 ; gate_effective_alpha: form
     big: bool = False
+    # the fields below default to the matrix's behaviour and appear in `id` only when set
+    seed_layout: str | None = None     # the seed's (and seed_input's) layout; None: `layout`
+    gate_form: str = "ps"              # blend_gate's gate shape: an alpha form (see _weight_shape)
+    device: str = "cpu"                # where the inputs live (built on CPU, then moved)
+    host_scalars: bool = False         # off-CPU cases: 0-dim alpha/gate stay CPU tensors
+    autocast: torch.dtype | None = None  # run kernel and reference under torch.autocast(device, this)
 
     @property
     def id(self) -> str:
@@ -77,6 +85,14 @@ class Case:
             parts.append(f"seed-{_DT[self.seed_dtype]}")
         if self.op == "blend_multiply":
             parts.append(f"r-{self.seed_input}")
+        if self.seed_layout is not None:
+            parts.append(f"seed-layout-{self.seed_layout}")
+        if self.op == "blend_gate" and self.gate_form != "ps":
+            parts.append(f"gate-form-{self.gate_form}")
+        if self.device != "cpu":
+            parts.append(self.device + ("-cpu-scalars" if self.host_scalars else ""))
+        if self.autocast is not None:
+            parts.append(f"autocast-{_DT[self.autocast]}")
         if self.alias:
             parts.append("s-is-h")
         if self.specials:
@@ -328,9 +344,21 @@ def _uniform(shape, gen, lo, hi):
 
 
 def _feature(shape, dtype, layout, role, gen, scale=1.0):
-    """A random feature tensor laid out as `layout` prescribes for `role` ("h" or "s")."""
+    """A random feature tensor laid out as `layout` prescribes for `role` ("h" or "s").
+
+    Besides the layouts of the matrix: "expand" repeats one sample along dim 0 (stride 0),
+    "offset" starts 3 elements into its storage, "step" takes every third element of a wider
+    last dimension from element 1 on (a strided view with a storage offset)."""
     shape = tuple(shape)
     rank = len(shape)
+    if layout == "expand":
+        return _randn((1,) + shape[1:], gen, dtype, scale).expand(shape)
+    if layout == "offset":
+        n = math.prod(shape)
+        return _randn((n + 3,), gen, dtype, scale)[3:].view(shape)
+    if layout == "step":
+        wide = shape[:-1] + (3 * shape[-1] + 1,)
+        return _randn(wide, gen, dtype, scale)[..., 1::3]
     cl = (layout == "cl") or (layout == "cl_host" and role == "h") or (layout == "cl_seed" and role == "s")
     if cl and rank == 4:
         return _randn(shape, gen, dtype, scale).contiguous(memory_format=torch.channels_last)
@@ -369,6 +397,19 @@ def _per_sample_shape(shape):
     return (shape[0],) + (1,) * (len(shape) - 1)
 
 
+def _weight_shape(form: str, shape) -> tuple:
+    """The shape of a non-0-dim blend weight of `form` over features of `shape`."""
+    if form in ("ps", "psh"):
+        return _per_sample_shape(shape)
+    if form == "bc":  # a general broadcast: (1, C, 1, ...)
+        return (1, shape[1]) + (1,) * (len(shape) - 2) if len(shape) >= 2 else (1,)
+    if form == "vec":  # trailing-dim vector
+        return (shape[-1],)
+    if form == "full":
+        return tuple(shape)
+    raise AssertionError(form)
+
+
 def _alpha(case: Case, shape, gen) -> torch.Tensor:
     form, host = case.alpha, case.dtype
     if form in ("s32", "sbf", "s16", "sh", "s64"):
@@ -377,23 +418,15 @@ def _alpha(case: Case, shape, gen) -> torch.Tensor:
         return torch.tensor(_scalar_value(case.avalue, gen), dtype=dt, device=device)
     if form == "int":
         return torch.tensor(int(_scalar_value(case.avalue, gen)), dtype=torch.int64)
-    if form in ("ps", "psh"):
-        wshape = _per_sample_shape(shape)
-    elif form == "bc":  # a general broadcast: (1, C, 1, ...)
-        wshape = (1, shape[1]) + (1,) * (len(shape) - 2) if len(shape) >= 2 else (1,)
-    elif form == "vec":  # trailing-dim vector
-        wshape = (shape[-1],)
-    elif form == "full":
-        wshape = tuple(shape)
-    else:
-        raise AssertionError(form)
     dt = host if form == "psh" else F32
-    return _weight_values(wshape, gen).to(TEST_DEVICE, dt)
+    return _weight_values(_weight_shape(form, shape), gen).to(TEST_DEVICE, dt)
 
 
 def _gate(case: Case, shape, gen) -> torch.Tensor:
     dt = F32 if case.gate == "f32" else case.dtype
-    return _weight_values(_per_sample_shape(shape), gen).to(TEST_DEVICE, dt)
+    if case.gate_form == "scalar":
+        return torch.tensor(float(_uniform((), gen, -0.2, 1.2)), dtype=dt, device=TEST_DEVICE)
+    return _weight_values(_weight_shape(case.gate_form, shape), gen).to(TEST_DEVICE, dt)
 
 
 def _plant_specials(t: torch.Tensor, gen, values) -> None:
@@ -413,6 +446,29 @@ class Built:
 
 
 def build(case: Case) -> Built:
+    built = _build_on_cpu(case)
+    if case.device != "cpu":
+        built.leaves = _moved(built.leaves, case.device, keep_cpu_scalars=case.host_scalars)
+    return built
+
+
+def _moved(leaves: dict, device: str, *, keep_cpu_scalars: bool) -> dict:
+    """The leaves on `device` with the same sizes, strides, storage offsets and aliasing
+    (their whole storage is copied, then viewed as before)."""
+    made: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, t in leaves.items():
+        if not isinstance(t, torch.Tensor) or (keep_cpu_scalars and t.dim() == 0):
+            out[name] = t
+            continue
+        if id(t) not in made:
+            storage = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage())
+            made[id(t)] = storage.to(device).as_strided(t.shape, t.stride(), t.storage_offset())
+        out[name] = made[id(t)]
+    return out
+
+
+def _build_on_cpu(case: Case) -> Built:
     gen = case_generator(case.id)
     op, dt, shape = case.op, case.dtype, case.shape
     if op in FEATURE_OPS:
@@ -428,7 +484,8 @@ def build(case: Case) -> Built:
                 return fn(L["alpha"], L["m"])
 
             return Built(leaves, requires, call, frozenset({"y", "dm"}))
-        s = h if case.alias else _feature(shape, case.seed_dtype or dt, case.layout, "s", gen)
+        seed_layout = case.seed_layout or case.layout
+        s = h if case.alias else _feature(shape, case.seed_dtype or dt, seed_layout, "s", gen)
         if case.specials:
             _plant_specials(h, gen, (float("nan"), float("inf")))
             if not case.alias:
@@ -447,9 +504,9 @@ def build(case: Case) -> Built:
                 "f32": None,
             }[case.seed_input]
             if case.seed_input == "given":
-                r = _feature(shape, case.seed_dtype or dt, case.layout, "s", gen)
+                r = _feature(shape, case.seed_dtype or dt, seed_layout, "s", gen)
             elif case.seed_input == "f32":
-                r = _feature(shape, F32, case.layout, "s", gen)
+                r = _feature(shape, F32, seed_layout, "s", gen)
             leaves["r"] = r
         requires = _requires(case, leaves)
         ew = frozenset({"y", "dh", "ds", "dr"})
@@ -477,11 +534,12 @@ def build(case: Case) -> Built:
             channels = shape[1] if topo == "cnn" else shape[2]
             hidden = reference.gate_hidden_size(channels)
             k1, k2 = channels ** -0.5, hidden ** -0.5
+            wdt = case.seed_dtype or dt
             leaves.update(
-                w1=_randn((hidden, channels), gen, dt, k1),
-                b1=_randn((hidden,), gen, dt, k1),
-                w2=_randn((1, hidden), gen, dt, k2),
-                b2=_randn((1,), gen, dt, k2),
+                w1=_randn((hidden, channels), gen, wdt, k1),
+                b1=_randn((hidden,), gen, wdt, k1),
+                w2=_randn((1, hidden), gen, wdt, k2),
+                b2=_randn((1,), gen, wdt, k2),
             )
 
             def call(fn, L, topo=topo):
@@ -505,6 +563,10 @@ def _requires(case: Case, leaves: dict) -> tuple:
         return tuple(floats)
     if case.grads == "weights":
         return ("w1", "b1", "w2", "b2")
+    if "+" in case.grads:  # a subset, e.g. "h+alpha"
+        names = tuple(case.grads.split("+"))
+        assert set(names) <= set(floats), (case.id, names, floats)
+        return names
     assert case.grads in floats, (case.id, case.grads, floats)
     return (case.grads,)
 
@@ -532,33 +594,63 @@ def _snapshot(leaves: dict) -> dict:
     return {n: t.detach().clone() for n, t in leaves.items() if isinstance(t, torch.Tensor)}
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and values bit for bit (NaN matches NaN)."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
+def under_autocast(fn, device: str, dtype: torch.dtype | None):
+    """`fn` called inside torch.autocast(device, dtype) (unchanged when dtype is None)."""
+    if dtype is None:
+        return fn
+
+    def wrapped(*args, **kwargs):
+        with torch.autocast(device_type=device, dtype=dtype):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def run_case(backend: str, case: Case) -> None:
+    """Runs `case` through `backend` and the reference (both under the case's autocast, if
+    any) and judges the kernel by the equivalence rule against the reference and the float64
+    oracle (which runs without autocast: the exact math)."""
     built = build(case)
-    ref_fn, kern_fn = reference_fn(case.op), kernel_fn(case.op, backend)
+    ref_fn = under_autocast(reference_fn(case.op), case.device, case.autocast)
+    kern_fn = under_autocast(kernel_fn(case.op, backend), case.device, case.autocast)
     inference = case.mode == "inference"
     with torch.no_grad():
         y0 = built.call(ref_fn, built.leaves)
     gen = case_generator(case.id + "/grad")
-    g = _randn(y0.shape, gen, y0.dtype)
+    g = _randn(y0.shape, gen, y0.dtype).to(y0.device)
     if y0.dim() == 4 and y0.is_contiguous(memory_format=torch.channels_last) and not y0.is_contiguous():
         g = g.contiguous(memory_format=torch.channels_last)
     ref = run_forward_backward(ref_fn, built.leaves, built.call, built.requires, g, inference=inference)
     before = _snapshot(built.leaves)
     kern = run_forward_backward(kern_fn, built.leaves, built.call, built.requires, g, inference=inference)
     for n, t in before.items():
-        assert _same_bits(built.leaves[n], t), f"{case.id}: the {backend} kernel wrote into input {n!r}"
+        assert same_bits(built.leaves[n], t), f"{case.id}: the {backend} kernel wrote into input {n!r}"
+    _assert_no_output_shares_an_input(case, backend, kern, built.leaves)
     oracle = make_oracle(case, built, g)
     assert_equivalent(
         kern, ref, oracle,
         elementwise=built.elementwise,
         context=f"[{backend}] {case.id}: " + describe_inputs(built.leaves),
     )
+
+
+def _assert_no_output_shares_an_input(case: Case, backend: str, outputs: dict, leaves: dict) -> None:
+    """An output or gradient that is a view of an input would let the caller write into
+    that input through it (DESIGN section 2: no op writes into an input)."""
+    for name, out in outputs.items():
+        if not isinstance(out, torch.Tensor) or out.numel() == 0:
+            continue
+        for leaf_name, leaf in leaves.items():
+            if isinstance(leaf, torch.Tensor) and leaf.numel() and \
+                    out.untyped_storage().data_ptr() == leaf.untyped_storage().data_ptr():
+                raise AssertionError(f"[{backend}] {case.id}: output {name!r} shares storage with input {leaf_name!r}")
 
 
 def make_oracle(case: Case, built: Built, g: torch.Tensor) -> dict:
@@ -620,4 +712,28 @@ def backend_params(*, include_reference: bool = False):
         else:
             params.append(pytest.param(name, id=name, marks=pytest.mark.skip(
                 reason=f"backend {name!r} cannot run on {TEST_DEVICE.type} here: {why}")))
+    return params
+
+
+def device_status(backend: str, device: str) -> str | None:
+    """Why `backend` cannot run on `device` in this process (None when it can)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is visible to torch"
+    return backend_status(backend, device)
+
+
+def backend_device_params(devices=("cpu", "cuda")):
+    """pytest params (backend, device) for every fused backend on each device; those that
+    cannot run here are skipped with the reason (e.g. no GPU, Triton without its interpreter)."""
+    import pytest
+
+    params = []
+    for device in devices:
+        for name in kk.BACKENDS:
+            if name == "reference":
+                continue
+            why = device_status(name, device)
+            marks = [] if why is None else [
+                pytest.mark.skip(reason=f"backend {name!r} cannot run on {device} here: {why}")]
+            params.append(pytest.param(name, device, id=f"{name}-{device}", marks=marks))
     return params

@@ -5,6 +5,10 @@
   prints that at the end of the run ("equivalence cases run: native=... triton=..."), so CI
   shows when a backend silently ran nothing.
 - Fails loudly at the end if any skip carried no reason.
+- Registers the Hypothesis profiles of the property-based tests (test_fuzz.py): "ci" (the
+  default: a bounded, derandomized number of examples) and "thorough" (many more, random,
+  with Hypothesis's example database). Pick one with KASMINA_HYPOTHESIS_PROFILE=thorough or
+  pytest's --hypothesis-profile=thorough.
 """
 
 from __future__ import annotations
@@ -18,6 +22,24 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from cases import cases_for  # noqa: E402,F401  (re-exported: cases_for(backend))
 
+HYPOTHESIS_PROFILES = {"ci": 40, "thorough": 600}  # examples per op and backend
+
+
+def _register_hypothesis_profiles() -> None:
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:  # test_fuzz.py skips with the reason
+        return
+    common = dict(deadline=None, print_blob=True,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("ci", max_examples=HYPOTHESIS_PROFILES["ci"], derandomize=True,
+                              database=None, **common)
+    settings.register_profile("thorough", max_examples=HYPOTHESIS_PROFILES["thorough"], **common)
+    settings.load_profile(os.environ.get("KASMINA_HYPOTHESIS_PROFILE", "ci"))
+
+
+_register_hypothesis_profiles()
+
 _tally: dict[str, Counter] = defaultdict(Counter)
 _backend_of: dict[str, str] = {}
 _reasonless_skips: list[str] = []
@@ -30,6 +52,8 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "big: an Esper-sized equivalence case (native only, a few combinations)"
     )
+    config.addinivalue_line("markers", "fuzz: a property-based (Hypothesis) equivalence test")
+    config.addinivalue_line("markers", "large: over 2**31 elements (opt-in: KASMINA_TEST_LARGE=1)")
 
 
 def pytest_collection_modifyitems(session, config, items):

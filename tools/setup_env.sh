@@ -13,7 +13,7 @@ fi
 PY="$ROOT/.venv/bin/python"
 "$PY" -m pip install --quiet --upgrade pip
 "$PY" -m pip install --quiet "$TORCH_SPEC"
-"$PY" -m pip install --quiet setuptools wheel ninja pytest numpy triton
+"$PY" -m pip install --quiet setuptools wheel ninja pytest hypothesis numpy triton
 # the benchmarks: pytest-benchmark (bench/), plots and the progress bar of `kasmina-kernels bench`
 "$PY" -m pip install --quiet pytest-benchmark matplotlib tqdm
 # builds kasmina_kernels._C against the torch above; never pulls another torch

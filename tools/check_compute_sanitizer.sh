@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# compute-sanitizer over the CUDA and Triton kernels (needs a GPU; not part of CPU CI).
+#
+#   bash tools/check_compute_sanitizer.sh                 # memcheck, then racecheck
+#   bash tools/check_compute_sanitizer.sh memcheck initcheck synccheck racecheck
+#
+# Each tool runs tools/cuda_sanitizer_driver.py (every op of the native and triton CUDA
+# backends, forward and backward, on awkward inputs, each result also checked against the
+# reference). PyTorch's caching allocator is switched off (PYTORCH_NO_CUDA_MEMORY_CACHING=1)
+# so that every tensor is its own allocation and an out-of-bounds access lands outside it.
+# Any sanitizer error fails the run (--error-exitcode), as does a mismatch in the driver.
+# Environment: PYTHON (default .venv/bin/python, else python3), COMPUTE_SANITIZER (default
+# compute-sanitizer on PATH, then $CUDA_HOME/bin, then /usr/local/cuda/bin),
+# KASMINA_SANITIZER_BACKENDS (default native,triton).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+py="${PYTHON:-}"
+if [[ -z "$py" ]]; then
+  if [[ -x .venv/bin/python ]]; then py=.venv/bin/python; else py=python3; fi
+fi
+cs="${COMPUTE_SANITIZER:-}"
+if [[ -z "$cs" ]]; then
+  for c in "$(command -v compute-sanitizer || true)" "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" \
+           /usr/local/cuda/bin/compute-sanitizer; do
+    if [[ -n "$c" && -x "$c" ]]; then cs="$c"; break; fi
+  done
+fi
+if [[ -z "$cs" ]]; then
+  echo "check_compute_sanitizer: FAILED: compute-sanitizer not found (install the CUDA toolkit or set COMPUTE_SANITIZER)" >&2
+  exit 1
+fi
+tools=("$@")
+[[ ${#tools[@]} -gt 0 ]] || tools=(memcheck racecheck)
+backends="${KASMINA_SANITIZER_BACKENDS:-native,triton}"
+
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+for tool in "${tools[@]}"; do
+  extra=()
+  repeat=2
+  case "$tool" in
+    memcheck) extra=(--leak-check no) ;;  # the torch runtime keeps allocations until exit
+    racecheck) extra=(--racecheck-report analysis); repeat=1 ;;  # slow: one pass per case
+    initcheck) extra=(--track-unused-memory no); repeat=1 ;;
+    synccheck) repeat=1 ;;
+    *) echo "check_compute_sanitizer: unknown tool $tool" >&2; exit 1 ;;
+  esac
+  start=$SECONDS
+  echo "check_compute_sanitizer: $tool over $backends"
+  "$cs" --tool "$tool" --error-exitcode 99 --target-processes all "${extra[@]}" \
+    "$py" tools/cuda_sanitizer_driver.py --backends "$backends" --repeat "$repeat"
+  echo "check_compute_sanitizer: $tool OK ($((SECONDS - start))s)"
+done

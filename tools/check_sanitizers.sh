@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# AddressSanitizer + UndefinedBehaviorSanitizer over the native CPU kernels.
+#
+#  1. Builds kasmina_kernels._C (C++ CPU kernels only) with -fsanitize=address,undefined
+#     (setup.py's KASMINA_KERNELS_SANITIZE) into build/sanitize/, beside the normal build,
+#     which it never touches; the package's Python files are linked next to that _C.
+#  2. Runs the native backend's tests against it: the reduced equivalence matrix
+#     (KASMINA_TEST_REDUCED=1), the contract, property-based, autograd, error, determinism
+#     and thread tests.
+#
+# Python itself is not instrumented, so the ASan runtime is preloaded (LD_PRELOAD) to come
+# first in the process; every malloc then gets redzones, torch's CPU tensors included, and an
+# out-of-bounds read or write by a kernel aborts the run with a report. Leak detection is off
+# (detect_leaks=0): CPython and torch keep interned objects, caches and registries alive until
+# exit on purpose, so LeakSanitizer would report thousands of interpreter-owned blocks that
+# are not leaks of this library; the kernels allocate through ATen, whose tensors are freed
+# by reference counting, which the tests above exercise. Any sanitizer report fails the run:
+# halt_on_error for both, and the log is also scanned for reports.
+#
+# Environment: PYTHON (default .venv/bin/python, else python3), CXX (default g++),
+# KASMINA_SANITIZE_TESTS (pytest arguments replacing the default selection).
+# Exits 0 with a printed reason when no C++ compiler or no libasan is found.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+py="${PYTHON:-}"
+if [[ -z "$py" ]]; then
+  if [[ -x .venv/bin/python ]]; then py=.venv/bin/python; else py=python3; fi
+fi
+cxx="${CXX:-g++}"
+if ! command -v "$cxx" >/dev/null 2>&1; then
+  echo "check_sanitizers: SKIPPED: no C++ compiler ($cxx)"
+  exit 0
+fi
+libasan="$("$cxx" -print-file-name=libasan.so)"
+if [[ ! -e "$libasan" ]]; then
+  echo "check_sanitizers: SKIPPED: $cxx has no libasan.so (install the compiler's libasan)"
+  exit 0
+fi
+
+out="$ROOT/build/sanitize"
+lib="$out/lib"
+start=$SECONDS
+KASMINA_KERNELS_CUDA=0 KASMINA_KERNELS_SANITIZE=address,undefined MAX_JOBS="${MAX_JOBS:-2}" \
+  "$py" setup.py -q build_ext --build-lib "$lib" --build-temp "$out/tmp" >"$out.build.log" 2>&1 || {
+  tail -n 60 "$out.build.log" >&2
+  echo "check_sanitizers: FAILED: sanitizer build" >&2
+  exit 1
+}
+echo "check_sanitizers: built with -fsanitize=address,undefined in $((SECONDS - start))s"
+
+# the package's Python side, linked beside the sanitized _C
+for f in kasmina_kernels/*.py kasmina_kernels/triton; do
+  ln -sfn "$ROOT/$f" "$lib/kasmina_kernels/$(basename "$f")"
+done
+
+export LD_PRELOAD="$libasan"
+export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:detect_stack_use_after_return=0"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+export PYTHONPATH="$lib${PYTHONPATH:+:$PYTHONPATH}"
+export KASMINA_TEST_REDUCED=1
+unset TRITON_INTERPRET  # the Triton interpreter is plain Python: nothing for ASan to see
+
+# run from the build directory: `python -m`/`-c` put the working directory first on sys.path,
+# and from the repository root that would import the normal build in ./kasmina_kernels
+cd "$out"
+so="$("$py" -c 'import kasmina_kernels._C as c; print(c.__file__)')"
+case "$so" in
+  "$lib"/*) ;;
+  *) echo "check_sanitizers: FAILED: imported $so, not the sanitized build under $lib" >&2; exit 1 ;;
+esac
+if ! grep -q __asan_ <<<"$(nm -D "$so")"; then
+  echo "check_sanitizers: FAILED: $so has no ASan instrumentation" >&2
+  exit 1
+fi
+
+# Self-test: reading past the end of a torch CPU tensor's buffer must be reported, i.e. the
+# preloaded runtime sees torch's allocations (a 4-float tensor, 64 bytes read from it).
+selftest="$("$py" -c 'import ctypes, torch
+t = torch.zeros(4)
+dst = (ctypes.c_char * 64)()
+ctypes.memmove(dst, t.data_ptr(), 64)
+print("NOT REPORTED")' 2>&1 || true)"
+if ! grep -q "ERROR: AddressSanitizer: heap-buffer-overflow" <<<"$selftest"; then
+  echo "check_sanitizers: FAILED: self-test: ASan did not report an overflow of a tensor buffer:" >&2
+  echo "$selftest" | tail -n 5 >&2
+  exit 1
+fi
+echo "check_sanitizers: self-test OK: an overflow of a torch CPU tensor is reported"
+
+if [[ -n "${KASMINA_SANITIZE_TESTS:-}" ]]; then
+  read -r -a tests <<<"$KASMINA_SANITIZE_TESTS"
+else
+  tests=("$ROOT/tests/test_equivalence.py" "$ROOT/tests/test_contracts.py" "$ROOT/tests/test_fuzz.py"
+    "$ROOT/tests/test_autograd.py" "$ROOT/tests/test_errors.py" "$ROOT/tests/test_determinism.py"
+    "$ROOT/tests/test_threads.py" -k "native")
+fi
+log="$out/pytest.log"
+start=$SECONDS
+status=0
+"$py" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" "${tests[@]}" >"$log" 2>&1 || status=$?
+tail -n 15 "$log"
+if grep -qE "ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$log"; then
+  grep -m 5 -A 30 -E "ERROR: AddressSanitizer|runtime error:" "$log" >&2 || true
+  echo "check_sanitizers: FAILED: sanitizer report (full log: $log)" >&2
+  exit 1
+fi
+if [[ $status -ne 0 ]]; then
+  echo "check_sanitizers: FAILED: pytest exited $status under the sanitizers (log: $log)" >&2
+  exit 1
+fi
+echo "check_sanitizers: OK: no ASan/UBSan report ($((SECONDS - start))s of tests)"

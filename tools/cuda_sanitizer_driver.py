@@ -1,0 +1,104 @@
+"""Runs every op of every fused CUDA backend (native, triton), forward and backward, a few
+times over awkward inputs, for compute-sanitizer to watch (tools/check_compute_sanitizer.sh).
+
+Inputs: float32, bfloat16 and float16; contiguous, channels_last and sliced hosts; per-sample
+and 0-dim CPU alpha; an fp32 seed beside a half host; a zero-size batch; shapes that are not
+multiples of any block size. Each result is also checked against the reference with the
+package's equivalence rule (`kasmina_kernels.equivalence.compare`, as `kasmina-kernels check`), so a kernel that reads the
+wrong memory without faulting still fails. Exits 1 on any mismatch; prints what ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from kasmina_kernels.backends import backend_status
+from kasmina_kernels.equivalence import compare
+from kasmina_kernels.opcases import CASES, named_outputs, public_op, reference_op, run_with_grads, upcast
+
+SHAPES = ((3, 5, 7, 11), (0, 4, 3, 3), (33, 17, 9, 5))
+POOL_SHAPES = {"cnn": ((3, 5, 7, 11), (0, 4, 3, 3), (2, 40, 9, 9)),
+               "transformer": ((3, 13, 36), (0, 3, 5), (4, 129, 70))}
+
+
+def _variants(case, dtype, device):
+    """(label, args, kwargs) on `device` for one op."""
+    gen = torch.Generator().manual_seed(0)
+    if case.name in ("gated_pool", "gate_network"):
+        for topology, shapes in POOL_SHAPES.items():
+            for shape in shapes:
+                args, kwargs = case.make(shape, dtype, device, gen)
+                yield f"{topology}{shape}", list(args), kwargs
+                if len(shape) == 4:
+                    x = args[0].contiguous(memory_format=torch.channels_last)
+                    yield f"{topology}{shape}/channels_last", [x] + list(args[1:]), kwargs
+        return
+    shapes = ((8, 1, 1, 1), (0, 1, 1, 1), (5, 1, 1)) if case.name == "gate_effective_alpha" else SHAPES
+    for shape in shapes:
+        args, kwargs = case.make(shape, dtype, device, gen)
+        args = list(args)
+        yield f"{shape}", args, kwargs
+        if case.name.startswith("blend_") or case.name == "multiply_valve_multiplier":
+            pos = 0 if case.name == "multiply_valve_multiplier" else 2
+            cpu_alpha = list(args)
+            cpu_alpha[pos] = torch.tensor(0.7)
+            yield f"{shape}/cpu_alpha", cpu_alpha, kwargs
+        if case.name.startswith("blend_") or case.name == "ste_forward":
+            if len(shape) == 4 and shape[0]:
+                cl = [args[0].contiguous(memory_format=torch.channels_last)] + args[1:]
+                yield f"{shape}/channels_last_host", cl, kwargs
+                wide = torch.randn(shape[:-1] + (2 * shape[-1],), generator=gen).to(device, dtype)
+                yield f"{shape}/sliced_host", [wide[..., ::2]] + args[1:], kwargs
+            if dtype != torch.float32:
+                yield f"{shape}/fp32_seed", [args[0], args[1].float()] + args[2:], kwargs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="native,triton")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of this driver itself")
+    opts = parser.parse_args()
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        print("cuda_sanitizer_driver: no CUDA device is visible to torch", file=sys.stderr)
+        return 2
+    failures = 0
+    ran = 0
+    for backend in opts.backends.split(","):
+        why = backend_status(backend, opts.device)
+        if why is not None:
+            print(f"cuda_sanitizer_driver: backend {backend!r} unavailable on {opts.device}: {why}", file=sys.stderr)
+            return 2
+        for case in CASES:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                for label, args, kwargs in _variants(case, dtype, opts.device):
+                    fn = public_op(case.name)
+                    for _ in range(opts.repeat):
+                        got = run_with_grads(lambda *a, **k: fn(*a, **k, backend=backend), args, kwargs)
+                    if opts.device == "cuda":
+                        torch.cuda.synchronize()
+                    ref = named_outputs(case, run_with_grads(reference_op(case.name), args, kwargs))
+                    # the oracle reads the seed as the op does: cast to the host's dtype first
+                    o_args = [a.to(args[0].dtype) if (i == 1 and label.endswith("fp32_seed")) else a
+                              for i, a in enumerate(args)]
+                    oracle = named_outputs(case, run_with_grads(
+                        reference_op(case.name), [upcast(a) for a in o_args],
+                        {k: upcast(v) for k, v in kwargs.items()}, grad_dtype=dtype))
+                    got = named_outputs(case, got)
+                    ran += 1
+                    for name, r in ref.items():
+                        if r is None:
+                            continue
+                        v = compare(name, got[name], r, oracle[name], elementwise=name in case.elementwise)
+                        if not v.ok:
+                            failures += 1
+                            print(f"MISMATCH {backend} {case.name} {dtype} {label}: {v.message}")
+    print(f"cuda_sanitizer_driver: ran {ran} op/input combinations fwd+bwd, {failures} outputs out of bounds")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
