@@ -41,6 +41,7 @@ fi
 
 out="$ROOT/build/sanitize"
 lib="$out/lib"
+mkdir -p "$out"  # a fresh clone has no build/ yet; the log goes beside it
 start=$SECONDS
 KASMINA_KERNELS_CUDA=0 KASMINA_KERNELS_SANITIZE=address,undefined MAX_JOBS="${MAX_JOBS:-2}" \
   "$py" setup.py -q build_ext --build-lib "$lib" --build-temp "$out/tmp" >"$out.build.log" 2>&1 || {
