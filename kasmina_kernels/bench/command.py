@@ -25,11 +25,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtypes", nargs="*", choices=sorted(DTYPES),
                    help="default: float32 bfloat16 (--quick: float32)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peer")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (torch.set_num_threads) before anything runs; "
+                        "1 keeps a shared machine's scheduling out of OpenMP barriers")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds; entries not started by then are skipped and listed in the report")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = default_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda but no CUDA device is visible to torch", file=sys.stderr)
