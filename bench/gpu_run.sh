@@ -9,7 +9,10 @@
 #  2. runs the full `kasmina-kernels bench --device cuda` (every op, every backend: native CUDA
 #     and Triton, against eager and torch.compile; float32 and bfloat16; Esper's shapes, the
 #     small shape and the size sweep) with a time limit so that the whole script ends within
-#     KK_GPU_BUDGET_S seconds (default 560): entries not started by then are listed in the report.
+#     KK_GPU_BUDGET_S seconds (default 420, i.e. 7 minutes; at most ~570 under a 10-minute
+#     limit): entries not started by then are listed in the report. Entries run in priority
+#     order: ADD, MULTIPLY, GATE and pooling at the named shapes, then the size sweep, then
+#     the other ops.
 #
 # Writes to $OUT (default ./bench-gpu-out): report.md, results.json, bandwidth.png,
 # speedup.png, build.log, bench.log. Does not run the tests. Exit status: the bench's (1 when a
@@ -21,7 +24,7 @@ cd "$ROOT"
 OUT="${OUT:-$ROOT/bench-gpu-out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-budget="${KK_GPU_BUDGET_S:-560}"
+budget="${KK_GPU_BUDGET_S:-420}"
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
