@@ -31,16 +31,11 @@ budget="${KK_GPU_BUDGET_S:-420}"
   "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
 } >"$OUT/build.log" 2>&1
 
-export KASMINA_KERNELS_CUDA=1
-export KASMINA_KERNELS_CUDA_ARCH="${KASMINA_KERNELS_CUDA_ARCH:-90}"
-export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-if ! "$PY" setup.py build_ext --inplace >>"$OUT/build.log" 2>&1; then
-  tail -n 60 "$OUT/build.log"
+PYTHON="$PY" bash tools/build_cuda_inplace.sh "$OUT/build.log" || {
   echo "gpu_run: FAILED: building the extension (log: $OUT/build.log)" >&2
   exit 1
-fi
+}
 build_s=$((SECONDS - start))
-echo "gpu_run: built kasmina_kernels._C with CUDA (sm_${KASMINA_KERNELS_CUDA_ARCH}) in ${build_s}s"
 
 # stop starting new entries early enough for the entry in flight, the report and the plots
 limit=$((budget - build_s - 45))
