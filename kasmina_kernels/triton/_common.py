@@ -361,6 +361,42 @@ def grad_wanted(*tensors) -> bool:
     return False
 
 
+def select_grads(need, grads):
+    """The gradients an autograd backward returns: None where the input needs none."""
+    return tuple(g if n else None for n, g in zip(need, grads))
+
+
+def saving_function(name: str, fwd, bwd, bwd_op):
+    """An autograd.Function for eager calls that saves exactly its tensor inputs (nothing
+    else: DESIGN.md section 6), runs `fwd(*inputs)`, and in backward `bwd(grad, *inputs,
+    need)` directly, or the registered backward op `bwd_op(grad, *inputs, need)` when the
+    gradient itself must go through the dispatcher."""
+
+    def forward(ctx, *inputs):
+        ctx.save_for_backward(*inputs)
+        return fwd(*inputs)
+
+    def backward(ctx, grad):
+        inputs = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if eager_ok(grad):
+            return bwd(grad, *inputs, need)
+        return select_grads(need, bwd_op(grad, *inputs, list(need)))
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+def call_fused(function, fwd, op, *inputs):
+    """A public op's call: straight to the kernels when the dispatcher can be skipped (through
+    `function` when a gradient is wanted), else through the registered op `op`."""
+    if eager_ok(*inputs):
+        if grad_wanted(*inputs):
+            return function.apply(*inputs)
+        return fwd(*inputs)
+    return op(*inputs)
+
+
 def empty_placeholder(like: torch.Tensor) -> torch.Tensor:
     """What a backward op returns for a gradient nobody asked for."""
     return like.new_empty((0,))

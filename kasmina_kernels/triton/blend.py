@@ -965,8 +965,7 @@ gea_op = _ops.triton_gate_effective_alpha.default
 gea_bwd_op = _ops.triton_gate_effective_alpha_backward.default
 
 
-def _grads(need, grads):
-    return tuple(g if n else None for n, g in zip(need, grads))
+_grads = C.select_grads
 
 
 # ---- autograd for the registered ops (what torch.compile and other tracers see)
@@ -1027,49 +1026,11 @@ _gea_op_def.register_autograd(_gea_op_backward, setup_context=_save_inputs)
 
 
 # ---- eager autograd: the same kernels without a dispatcher round trip per call
-class _AddFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, s, alpha):
-        ctx.save_for_backward(h, s, alpha)
-        return _add_fwd(h, s, alpha)
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, s, alpha = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if C.eager_ok(grad):
-            return _add_bwd(grad, h, s, alpha, need)
-        return _grads(need, add_bwd_op(grad, h, s, alpha, list(need)))
-
-
-class _GateFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, s, alpha, gate):
-        ctx.save_for_backward(h, s, alpha, gate)
-        return _gate_fwd(h, s, alpha, gate)
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, s, alpha, gate = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if C.eager_ok(grad):
-            return _gate_bwd(grad, h, s, alpha, gate, need)
-        return _grads(need, gate_bwd_op(grad, h, s, alpha, gate, list(need)))
-
-
-class _MulFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, s, alpha, r):
-        ctx.save_for_backward(h, s, alpha, r)
-        return _mul_fwd(h, s, alpha, r)
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, s, alpha, r = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if C.eager_ok(grad):
-            return _mul_bwd(grad, h, s, alpha, r, need)
-        return _grads(need, mul_bwd_op(grad, h, s, alpha, r, list(need)))
+_AddFn = C.saving_function("_AddFn", _add_fwd, _add_bwd, add_bwd_op)
+_GateFn = C.saving_function("_GateFn", _gate_fwd, _gate_bwd, gate_bwd_op)
+_MulFn = C.saving_function("_MulFn", _mul_fwd, _mul_bwd, mul_bwd_op)
+_ValveFn = C.saving_function("_ValveFn", _valve_fwd, _valve_bwd, valve_bwd_op)
+_GeaFn = C.saving_function("_GeaFn", _gea_fwd, _gea_bwd, gea_bwd_op)
 
 
 class _SteFn(torch.autograd.Function):
@@ -1083,47 +1044,9 @@ class _SteFn(torch.autograd.Function):
         return _ste_op_backward(ctx, grad)
 
 
-class _ValveFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, alpha, m):
-        ctx.save_for_backward(alpha, m)
-        return _valve_fwd(alpha, m)
-
-    @staticmethod
-    def backward(ctx, grad):
-        alpha, m = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if C.eager_ok(grad):
-            return _valve_bwd(grad, alpha, m, need)
-        return _grads(need, valve_bwd_op(grad, alpha, m, list(need)))
-
-
-class _GeaFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, alpha, gate):
-        ctx.save_for_backward(alpha, gate)
-        return _gea_fwd(alpha, gate)
-
-    @staticmethod
-    def backward(ctx, grad):
-        alpha, gate = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if C.eager_ok(grad):
-            return _gea_bwd(grad, alpha, gate, need)
-        return _grads(need, gea_bwd_op(grad, alpha, gate, list(need)))
-
-
 # ============================================================================ public entry points
-_eager_ok = C.eager_ok
-_grad_wanted = C.grad_wanted
-
-
 def blend_add(h, s, alpha):
-    if _eager_ok(h, s, alpha):
-        if _grad_wanted(h, s, alpha):
-            return _AddFn.apply(h, s, alpha)
-        return _add_fwd(h, s, alpha)
-    return add_op(h, s, alpha)
+    return C.call_fused(_AddFn, _add_fwd, add_op, h, s, alpha)
 
 
 def blend_with_isolation(h, s, alpha):
@@ -1131,40 +1054,20 @@ def blend_with_isolation(h, s, alpha):
 
 
 def blend_gate(h, s, alpha, gate):
-    if _eager_ok(h, s, alpha, gate):
-        if _grad_wanted(h, s, alpha, gate):
-            return _GateFn.apply(h, s, alpha, gate)
-        return _gate_fwd(h, s, alpha, gate)
-    return gate_op(h, s, alpha, gate)
+    return C.call_fused(_GateFn, _gate_fwd, gate_op, h, s, alpha, gate)
 
 
 def blend_multiply(h, s, alpha, *, seed_input=None):
-    if _eager_ok(h, s, alpha, seed_input):
-        if _grad_wanted(h, s, alpha, seed_input):
-            return _MulFn.apply(h, s, alpha, seed_input)
-        return _mul_fwd(h, s, alpha, seed_input)
-    return mul_op(h, s, alpha, seed_input)
+    return C.call_fused(_MulFn, _mul_fwd, mul_op, h, s, alpha, seed_input)
 
 
 def ste_forward(h, s):
-    if _eager_ok(h, s):
-        if _grad_wanted(h, s):
-            return _SteFn.apply(h, s)
-        return _ste_fwd(h, s)
-    return ste_op(h, s)
+    return C.call_fused(_SteFn, _ste_fwd, ste_op, h, s)
 
 
 def multiply_valve_multiplier(alpha, m):
-    if _eager_ok(alpha, m):
-        if _grad_wanted(alpha, m):
-            return _ValveFn.apply(alpha, m)
-        return _valve_fwd(alpha, m)
-    return valve_op(alpha, m)
+    return C.call_fused(_ValveFn, _valve_fwd, valve_op, alpha, m)
 
 
 def gate_effective_alpha(alpha, gate):
-    if _eager_ok(alpha, gate):
-        if _grad_wanted(alpha, gate):
-            return _GeaFn.apply(alpha, gate)
-        return _gea_fwd(alpha, gate)
-    return gea_op(alpha, gate)
+    return C.call_fused(_GeaFn, _gea_fwd, gea_op, alpha, gate)

@@ -538,8 +538,7 @@ gate_op = _ops.triton_gate_network.default
 gate_bwd_op = _ops.triton_gate_network_backward.default
 
 
-def _grads(need, grads):
-    return tuple(g if n else None for n, g in zip(need, grads))
+_grads = C.select_grads
 
 
 def _pool_save(ctx, inputs, output):
