@@ -16,10 +16,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-py="${PYTHON:-}"
-if [[ -z "$py" ]]; then
-  if [[ -x .venv/bin/python ]]; then py=.venv/bin/python; else py=python3; fi
-fi
+source "$ROOT/tools/python.sh"  # sets py, an absolute path
 cs="${COMPUTE_SANITIZER:-}"
 if [[ -z "$cs" ]]; then
   for c in "$(command -v compute-sanitizer || true)" "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" \

@@ -24,10 +24,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-py="${PYTHON:-}"
-if [[ -z "$py" ]]; then
-  if [[ -x .venv/bin/python ]]; then py=.venv/bin/python; else py=python3; fi
-fi
+source "$ROOT/tools/python.sh"  # sets py, an absolute path
 cxx="${CXX:-g++}"
 if ! command -v "$cxx" >/dev/null 2>&1; then
   echo "check_sanitizers: SKIPPED: no C++ compiler ($cxx)"
