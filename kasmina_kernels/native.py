@@ -43,7 +43,7 @@ def _(h, s, alpha, gate):
 
 
 @torch.library.register_fake("kasmina::blend_gate_backward")
-def _(grad, h, s, alpha, gate, need_weight_grads):
+def _(grad, h, s, alpha, gate, need_alpha_grad, need_gate_grad):
     return torch.empty_like(h), torch.empty_like(s), _weight_grad(alpha), _weight_grad(gate)
 
 
@@ -87,7 +87,7 @@ def _(alpha, gate):
 
 
 @torch.library.register_fake("kasmina::gate_effective_alpha_backward")
-def _(grad, alpha, gate):
+def _(grad, alpha, gate, need_alpha_grad, need_gate_grad):
     return _weight_grad(alpha), _weight_grad(gate)
 
 

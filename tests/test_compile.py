@@ -103,11 +103,13 @@ def _backward_samples():
     hb, sb = rnd(S, "bhb", BF16, cl=True), rnd(S, "bsb", F32)
     gb = rnd(S, "bgb", BF16, cl=True)
     out["blend_add_backward"] = [(g, h, s, a, True), (gb, hb, sb, ps, True), (g, h, s, ps, False)]
-    out["blend_gate_backward"] = [(g, h, s, a, gate, True), (gb, hb, sb, ps, gate, True), (g, h, s, a, gate, False)]
+    out["blend_gate_backward"] = [(g, h, s, a, gate, True, True), (gb, hb, sb, ps, gate, True, False),
+                                  (g, h, s, a, gate, False, True), (g, h, s, a, gate, False, False)]
     out["blend_multiply_backward"] = [(g, h, s, a, None, True), (gb, hb, sb, ps, rnd(S, "br", F32), True),
                                       (g, h, s, ps, rnd(S, "br2"), False)]
     out["multiply_valve_multiplier_backward"] = [(g, a, h, True), (g.to(F32), ps, hb, True)]
-    out["gate_effective_alpha_backward"] = [(rnd(PS, "beg"), a, gate), (rnd(PS, "beg2"), ps, gate)]
+    out["gate_effective_alpha_backward"] = [(rnd(PS, "beg"), a, gate, True, True),
+                                            (rnd(PS, "beg2"), ps, gate, False, True)]
     out["gated_pool_backward"] = [(rnd((2, 3), "bpg"), h, "cnn"), (rnd((2, 6), "bpg2", BF16), rnd((2, 7, 6), "bpx", BF16),
                                                                      "transformer")]
     x = rnd((2, 12, 3, 3), "bnx")

@@ -32,19 +32,6 @@ SHAPES = {"gated_pool": {"cnn": (8, 16, 12, 12), "transformer": (8, 24, 32)},
 ALPHA_POSITION = {"blend_add": 2, "blend_with_isolation": 2, "blend_multiply": 2, "blend_gate": 2,
                   "multiply_valve_multiplier": 0, "gate_effective_alpha": 0}
 
-# Predicted from csrc/cuda/glue.cpp (not yet run on a GPU when written): the native CUDA
-# blend_gate backward computes alpha's and gate's gradients together (need_weight_grads = alpha
-# or gate needs one) and gate_effective_alpha_backward always computes both; a 0-dim CPU
-# alpha's gradient buffer is then copied back to the CPU (finish_weight_grad: .to(kCPU)), a
-# device-to-host copy, i.e. a host sync, even though alpha does not require grad.
-NATIVE_CPU_ALPHA_SYNC = pytest.mark.xfail(
-    strict=True,
-    reason="native CUDA backward computes a 0-dim CPU alpha's gradient whenever the gate needs "
-           "one and copies it to the CPU (glue.cpp finish_weight_grad): a host sync",
-)
-SYNCS = {("native", "blend_gate", "cpu_alpha"), ("native", "gate_effective_alpha", "cpu_alpha")}
-
-
 def _variants():
     out = []
     for case in CASES:
@@ -63,10 +50,7 @@ def _params():
     for p in backend_device_params(devices=("cuda",)):
         backend = p.values[0]
         for case, form in _variants():
-            marks = list(p.marks)
-            if (backend, case.name, form) in SYNCS:
-                marks.append(NATIVE_CPU_ALPHA_SYNC)
-            params.append(pytest.param(backend, case, form, id=f"{p.id}-{case.name}-{form}", marks=marks))
+            params.append(pytest.param(backend, case, form, id=f"{p.id}-{case.name}-{form}", marks=p.marks))
     return params
 
 

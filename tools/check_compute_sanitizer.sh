@@ -11,7 +11,8 @@
 # Any sanitizer error fails the run (--error-exitcode), as does a mismatch in the driver.
 # Environment: PYTHON (default .venv/bin/python, else python3), COMPUTE_SANITIZER (default
 # compute-sanitizer on PATH, then $CUDA_HOME/bin, then /usr/local/cuda/bin),
-# KASMINA_SANITIZER_BACKENDS (default native,triton).
+# KASMINA_SANITIZER_BACKENDS (default native,triton), KASMINA_SANITIZER_OPS (default: every op;
+# comma-separated).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,6 +34,29 @@ tools=("$@")
 backends="${KASMINA_SANITIZER_BACKENDS:-native,triton}"
 
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+# Only this library's kernels are instrumented: PyTorch's own (namespace at::native, mangled
+# "2at6native"), which build the inputs and run the reference, then run at full speed. Without
+# this a run over every op does not finish in a GPU session's 10-minute call.
+filter=()
+if "$cs" --help 2>/dev/null | grep -q -- "--kernel-name-exclude"; then
+  filter=(--kernel-name-exclude kns=2at6native)
+else
+  echo "check_compute_sanitizer: this compute-sanitizer has no --kernel-name-exclude; every kernel is instrumented (slow)"
+fi
+if [[ " ${tools[*]} " == *" memcheck "* ]]; then
+  # the check must be able to fail: a planted out-of-bounds store has to be reported
+  set +e
+  canary_log=$("$cs" --tool memcheck --error-exitcode 99 "${filter[@]}" \
+    "$py" -u tools/cuda_sanitizer_driver.py --canary 2>&1)
+  rc=$?
+  set -e
+  if ((rc != 99)); then
+    echo "$canary_log" | tail -n 20
+    echo "check_compute_sanitizer: FAILED: memcheck did not report the planted out-of-bounds store (exit $rc)" >&2
+    exit 1
+  fi
+  echo "check_compute_sanitizer: memcheck reports a planted out-of-bounds store: $(echo "$canary_log" | grep -m1 -E "Invalid|out of bounds" || true)"
+fi
 for tool in "${tools[@]}"; do
   extra=()
   repeat=2
@@ -45,7 +69,15 @@ for tool in "${tools[@]}"; do
   esac
   start=$SECONDS
   echo "check_compute_sanitizer: $tool over $backends"
-  "$cs" --tool "$tool" --error-exitcode 99 --target-processes all "${extra[@]}" \
-    "$py" tools/cuda_sanitizer_driver.py --backends "$backends" --repeat "$repeat"
+  set +e
+  "$cs" --tool "$tool" --error-exitcode 99 --target-processes all "${filter[@]}" "${extra[@]}" \
+    "$py" -u tools/cuda_sanitizer_driver.py --backends "$backends" --repeat "$repeat" \
+    ${KASMINA_SANITIZER_OPS:+--ops "$KASMINA_SANITIZER_OPS"}
+  rc=$?
+  set -e
+  if ((rc != 0)); then
+    echo "check_compute_sanitizer: $tool FAILED (exit $rc; 99: the sanitizer reported errors)" >&2
+    exit 1
+  fi
   echo "check_compute_sanitizer: $tool OK ($((SECONDS - start))s)"
 done

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 
@@ -56,12 +57,34 @@ def _variants(case, dtype, device):
                 yield f"{shape}/fp32_seed", [args[0], args[1].float()] + args[2:], kwargs
 
 
+def _canary() -> int:
+    """A planted out-of-bounds store from a Triton kernel that is not this library's and not
+    PyTorch's: memcheck run with the script's kernel filter must report it, which shows the
+    filter leaves non-PyTorch kernels instrumented."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kk_sanitizer_canary(ptr, OFFSET: tl.constexpr):
+        tl.store(ptr + OFFSET, 1.0)
+
+    x = torch.zeros(1, device="cuda")
+    kk_sanitizer_canary[(1,)](x, OFFSET=4096)  # 16 KiB past a 4-byte tensor
+    torch.cuda.synchronize()
+    print("cuda_sanitizer_driver: canary kernel ran (a store memcheck must report)")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="native,triton")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of this driver itself")
+    parser.add_argument("--ops", default=",".join(c.name for c in CASES), help="comma-separated op names")
+    parser.add_argument("--canary", action="store_true", help="run only the planted out-of-bounds store")
     opts = parser.parse_args()
+    if opts.canary:
+        return _canary()
     if opts.device == "cuda" and not torch.cuda.is_available():
         print("cuda_sanitizer_driver: no CUDA device is visible to torch", file=sys.stderr)
         return 2
@@ -73,7 +96,10 @@ def main() -> int:
             print(f"cuda_sanitizer_driver: backend {backend!r} unavailable on {opts.device}: {why}", file=sys.stderr)
             return 2
         for case in CASES:
+            if case.name not in opts.ops.split(","):
+                continue
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                t0, ran_before = time.perf_counter(), ran
                 for label, args, kwargs in _variants(case, dtype, opts.device):
                     fn = public_op(case.name)
                     for _ in range(opts.repeat):
@@ -96,6 +122,8 @@ def main() -> int:
                         if not v.ok:
                             failures += 1
                             print(f"MISMATCH {backend} {case.name} {dtype} {label}: {v.message}")
+                print(f"  {backend} {case.name} {dtype}: {ran - ran_before} inputs, "
+                      f"{time.perf_counter() - t0:.1f} s", flush=True)
     print(f"cuda_sanitizer_driver: ran {ran} op/input combinations fwd+bwd, {failures} outputs out of bounds")
     return 1 if failures else 0
 

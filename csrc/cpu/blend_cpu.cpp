@@ -290,7 +290,8 @@ at::Tensor blend_gate(const at::Tensor& h, const at::Tensor& s, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_gate_backward(
     const at::Tensor& grad, const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
-    const at::Tensor& gate, bool need_weight_grads) {
+    const at::Tensor& gate, bool need_alpha_grad, bool need_gate_grad) {
+  const bool need_weight_grads = need_alpha_grad || need_gate_grad;
   check_blend("blend_gate_backward", h, s, alpha);
   check_weight("blend_gate_backward", "gate", gate, h);
   const GateWeights gw = gate_weights(alpha, gate);
@@ -495,7 +496,9 @@ at::Tensor gate_effective_alpha(const at::Tensor& alpha, const at::Tensor& gate)
 
 std::tuple<at::Tensor, at::Tensor> gate_effective_alpha_backward(const at::Tensor& grad,
                                                                  const at::Tensor& alpha,
-                                                                 const at::Tensor& gate) {
+                                                                 const at::Tensor& gate,
+                                                                 bool /*need_alpha_grad*/,
+                                                                 bool /*need_gate_grad*/) {
   const GateWeights gw = gate_weights(alpha, gate);
   const auto g = read_values(grad.expand(gw.shape));
   return gate_weights_backward(gw, std::vector<long double>(g.begin(), g.end()), alpha, gate);

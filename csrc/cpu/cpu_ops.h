@@ -17,7 +17,7 @@ at::Tensor blend_gate(const at::Tensor& h, const at::Tensor& s, const at::Tensor
                       const at::Tensor& gate);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_gate_backward(
     const at::Tensor& grad, const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
-    const at::Tensor& gate, bool need_weight_grads);
+    const at::Tensor& gate, bool need_alpha_grad, bool need_gate_grad);
 
 at::Tensor blend_multiply(const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
                           const std::optional<at::Tensor>& seed_input);
@@ -32,9 +32,13 @@ std::tuple<at::Tensor, at::Tensor> multiply_valve_multiplier_backward(
     const at::Tensor& grad, const at::Tensor& alpha, const at::Tensor& m, bool need_alpha_grad);
 
 at::Tensor gate_effective_alpha(const at::Tensor& alpha, const at::Tensor& gate);
+// The CPU kernels compute both weight gradients whenever one is asked for; the flags let the
+// CUDA ones leave an unwanted gradient on the device.
 std::tuple<at::Tensor, at::Tensor> gate_effective_alpha_backward(const at::Tensor& grad,
                                                                  const at::Tensor& alpha,
-                                                                 const at::Tensor& gate);
+                                                                 const at::Tensor& gate,
+                                                                 bool need_alpha_grad,
+                                                                 bool need_gate_grad);
 
 at::Tensor gated_pool(const at::Tensor& x, c10::string_view topology);
 at::Tensor gated_pool_backward(const at::Tensor& grad, const at::Tensor& x,

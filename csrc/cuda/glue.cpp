@@ -112,8 +112,11 @@ at::Tensor weight_grad_buffer(const at::Tensor& w, const at::Tensor& features) {
   return at::empty(w.sizes(), features.options().dtype(w.scalar_type()));
 }
 
-at::Tensor finish_weight_grad(const at::Tensor& buffer, const at::Tensor& w) {
-  return w.is_cpu() ? buffer.to(at::kCPU) : buffer;
+// A gradient nobody asked for (`needed` false) stays behind: zeros on `w`'s device, so a CPU
+// `w` costs no device-to-host copy, i.e. no host sync.
+at::Tensor finish_weight_grad(const at::Tensor& buffer, const at::Tensor& w, bool needed = true) {
+  if (!w.is_cpu()) return buffer;
+  return needed ? buffer.to(at::kCPU) : at::zeros(w.sizes(), w.options());
 }
 
 WeightGrad weight_grad(const at::Tensor& buffer) {
@@ -344,7 +347,8 @@ at::Tensor blend_gate(const at::Tensor& h, const at::Tensor& s, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_gate_backward(
     const at::Tensor& grad, const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
-    const at::Tensor& gate, bool need_weight_grads) {
+    const at::Tensor& gate, bool need_alpha_grad, bool need_gate_grad) {
+  const bool need_weight_grads = need_alpha_grad || need_gate_grad;
   check_blend("blend_gate_backward", h, s, alpha);
   check_weight("blend_gate_backward", "gate", gate, h);
   check_cuda_features("blend_gate_backward", "host", h);
@@ -375,7 +379,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_gate_backward(
   if (!need_weight_grads) {
     return {dh, ds, at::zeros(alpha.sizes(), alpha.options()), at::zeros(gate.sizes(), gate.options())};
   }
-  return {dh, ds, finish_weight_grad(da, alpha), finish_weight_grad(dg, gate)};
+  return {dh, ds, finish_weight_grad(da, alpha, need_alpha_grad),
+          finish_weight_grad(dg, gate, need_gate_grad)};
 }
 
 // ---------------------------------------------------------------- MULTIPLY
@@ -544,7 +549,9 @@ at::Tensor gate_effective_alpha(const at::Tensor& alpha, const at::Tensor& gate)
 
 std::tuple<at::Tensor, at::Tensor> gate_effective_alpha_backward(const at::Tensor& grad,
                                                                  const at::Tensor& alpha,
-                                                                 const at::Tensor& gate) {
+                                                                 const at::Tensor& gate,
+                                                                 bool need_alpha_grad,
+                                                                 bool need_gate_grad) {
   const at::Device dev = pair_device("gate_effective_alpha_backward", alpha, gate);
   const c10::cuda::CUDAGuard guard(dev);
   const GateShape gs = gate_shape(alpha, gate);
@@ -565,7 +572,7 @@ std::tuple<at::Tensor, at::Tensor> gate_effective_alpha_backward(const at::Tenso
   p.dgate.from_w = reduce_from_w(gs.W, gate);
   p.stream = current_stream();
   check_launch(launch_gate_effective_backward(p));
-  return {finish_weight_grad(da, alpha), finish_weight_grad(dg, gate)};
+  return {finish_weight_grad(da, alpha, need_alpha_grad), finish_weight_grad(dg, gate, need_gate_grad)};
 }
 
 // ---------------------------------------------------------------- pooling

@@ -51,8 +51,10 @@ struct BlendGateFn : torch::autograd::Function<BlendGateFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     static auto op = op_handle<decltype(cpu::blend_gate_backward)>("kasmina::blend_gate_backward");
-    const bool need_w = ctx->needs_input_grad(2) || ctx->needs_input_grad(3);
-    auto [dh, ds, da, dg] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], need_w);
+    // separate flags: a gradient nobody needs is not brought back to a CPU alpha/gate (a
+    // device-to-host copy is a host sync, which CUDA graph capture forbids)
+    auto [dh, ds, da, dg] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3],
+                                    ctx->needs_input_grad(2), ctx->needs_input_grad(3));
     return {grad_if(ctx, 0, dh), grad_if(ctx, 1, ds), grad_if(ctx, 2, da), grad_if(ctx, 3, dg)};
   }
 };
@@ -139,7 +141,8 @@ struct GateEffectiveFn : torch::autograd::Function<GateEffectiveFn> {
     const auto saved = ctx->get_saved_variables();
     static auto op = op_handle<decltype(cpu::gate_effective_alpha_backward)>(
         "kasmina::gate_effective_alpha_backward");
-    auto [da, dg] = op.call(grads[0], saved[0], saved[1]);
+    auto [da, dg] = op.call(grads[0], saved[0], saved[1], ctx->needs_input_grad(0),
+                            ctx->needs_input_grad(1));
     return {grad_if(ctx, 0, da), grad_if(ctx, 1, dg)};
   }
 };
@@ -190,7 +193,7 @@ TORCH_LIBRARY(kasmina, m) {
         " -> (Tensor, Tensor, Tensor)");
   m.def("blend_gate(Tensor h, Tensor s, Tensor alpha, Tensor gate) -> Tensor");
   m.def("blend_gate_backward(Tensor grad, Tensor h, Tensor s, Tensor alpha, Tensor gate,"
-        " bool need_weight_grads) -> (Tensor, Tensor, Tensor, Tensor)");
+        " bool need_alpha_grad, bool need_gate_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("blend_multiply(Tensor h, Tensor s, Tensor alpha, Tensor? seed_input) -> Tensor");
   m.def("blend_multiply_backward(Tensor grad, Tensor h, Tensor s, Tensor alpha,"
         " Tensor? seed_input, bool need_alpha_grad) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -199,7 +202,8 @@ TORCH_LIBRARY(kasmina, m) {
   m.def("multiply_valve_multiplier_backward(Tensor grad, Tensor alpha, Tensor m,"
         " bool need_alpha_grad) -> (Tensor, Tensor)");
   m.def("gate_effective_alpha(Tensor alpha, Tensor gate) -> Tensor");
-  m.def("gate_effective_alpha_backward(Tensor grad, Tensor alpha, Tensor gate)"
+  m.def("gate_effective_alpha_backward(Tensor grad, Tensor alpha, Tensor gate,"
+        " bool need_alpha_grad, bool need_gate_grad)"
         " -> (Tensor, Tensor)");
   m.def("gated_pool(Tensor x, str topology) -> Tensor");
   m.def("gated_pool_backward(Tensor grad, Tensor x, str topology) -> Tensor");

@@ -53,6 +53,7 @@ class Effort:
     budget_s: float  # timed seconds per step (candidate x mode)
     calls: int  # calls per batch for the per-call wall time
     call_rounds: int
+    kernel_iters: int = 5  # CUDA: profiled runs per step for the device-busy (kernel) time
 
 
 @dataclass

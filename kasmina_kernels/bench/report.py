@@ -87,10 +87,22 @@ def headline_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def _bandwidth(gb: dict, fr: dict, mode: str) -> str:
+    return f"{gb[mode]:.1f} ({fr[mode] * 100:.0f}%)" if mode in gb and mode in fr else "-"
+
+
+def _has_kernel_time(records: list[dict]) -> bool:
+    return any("kernel" in d for r in records for d in r["impls"].values())
+
+
 def detail_table(records: list[dict]) -> list[str]:
+    kernel = _has_kernel_time(records)
     head = ["op", "shape", "dtype", "impl", "fwd µs", "bwd µs", "fwd+bwd µs", "µs/call",
-            "fwd GB/s (% copy)", "bwd GB/s (% copy)", "saved MiB (not inputs)", "compile s"]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 4 + ["---:"] * 8) + " |"]
+            "fwd GB/s (% copy)", "bwd GB/s (% copy)"]
+    if kernel:
+        head += ["kernel fwd µs", "kernel bwd µs", "kernel fwd GB/s (% copy)", "kernel bwd GB/s (% copy)"]
+    head += ["saved MiB (not inputs)", "compile s"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + " |"]
     for r in records:
         if r.get("group") == "sweep":
             continue
@@ -98,12 +110,7 @@ def detail_table(records: list[dict]) -> list[str]:
             d = r["impls"][name]
             if "forward" not in d:
                 continue
-            gb = d.get("GBps", {})
-            fr = d.get("copy_fraction", {})
-
-            def bw(m):
-                return f"{gb[m]:.1f} ({fr[m] * 100:.0f}%)" if m in gb and m in fr else "-"
-
+            gb, fr = d.get("GBps", {}), d.get("copy_fraction", {})
             saved = (f"{d['saved_bytes'] / 2**20:.2f} ({d['saved_extra_bytes'] / 2**20:.2f})"
                      if "saved_bytes" in d else "-")
             call = f"{d['call_us']:.1f}" if "call_us" in d else "-"
@@ -112,27 +119,37 @@ def detail_table(records: list[dict]) -> list[str]:
                 comp = f"{d['compile_s']:.2f}" + (" (cached)" if d.get("compile_cache_hits") else "")
             elif d.get("compile_reused"):
                 comp = "reused (dynamic)"
-            lines.append("| " + " | ".join([
-                r["op"], _shape(r["shape"]), r["dtype"], name, _us(d["forward"]["median"]),
-                _us(d["backward"]["median"]), _us(d[FB]["median"]), call, bw("forward"),
-                bw("backward"), saved, comp]) + " |")
+            cells = [r["op"], _shape(r["shape"]), r["dtype"], name, _us(d["forward"]["median"]),
+                     _us(d["backward"]["median"]), _us(d[FB]["median"]), call,
+                     _bandwidth(gb, fr, "forward"), _bandwidth(gb, fr, "backward")]
+            if kernel:
+                k = d.get("kernel", {})
+                kgb, kfr = d.get("kernel_GBps", {}), d.get("kernel_copy_fraction", {})
+                cells += [_us(k["forward"]["median"]) if "forward" in k else "-",
+                          _us(k["backward"]["median"]) if "backward" in k else "-",
+                          _bandwidth(kgb, kfr, "forward"), _bandwidth(kgb, kfr, "backward")]
+            lines.append("| " + " | ".join(cells + [saved, comp]) + " |")
     return lines
 
 
 def sweep_table(records: list[dict]) -> list[str]:
     rows = [r for r in records if r.get("group") == "sweep" and "copy" in r]
     impls = _impl_names(rows)
+    kernel = _has_kernel_time(rows)
     head = ["op", "dtype", "numel", "MiB/tensor", "copy GB/s"] + [f"{n} GB/s (% copy)" for n in impls]
+    if kernel:
+        head += ["copy kernel GB/s"] + [f"{n} kernel GB/s (% copy)" for n in impls]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
     for r in sorted(rows, key=lambda r: (r["op"], r["dtype"], r["numel"])):
         mib = r["feature_bytes"] / 2**20
         cells = [r["op"], r["dtype"], f"{r['numel']:,}", f"{mib:.2f}", f"{r['copy']['GBps']:.1f}"]
-        for n in impls:
-            d = r["impls"].get(n, {})
-            if "GBps" in d:
-                cells.append(f"{d['GBps'][FB]:.1f} ({d['copy_fraction'][FB] * 100:.0f}%)")
-            else:
-                cells.append("-")
+        cells += [_bandwidth(r["impls"].get(n, {}).get("GBps", {}),
+                             r["impls"].get(n, {}).get("copy_fraction", {}), FB) for n in impls]
+        if kernel:
+            ck = r["copy"].get("kernel_GBps")
+            cells.append(f"{ck:.1f}" if ck else "-")
+            cells += [_bandwidth(r["impls"].get(n, {}).get("kernel_GBps", {}),
+                                 r["impls"].get(n, {}).get("kernel_copy_fraction", {}), FB) for n in impls]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -185,7 +202,12 @@ def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, not
                "(inputs require grad); backward produces every gradient. GB/s use the byte counts "
                "of DESIGN.md section 6 (kasmina_kernels/bench/bytemodel.py); % copy is against a "
                "same-size device copy timed alongside. µs/call is the wall time of back-to-back "
-               "forward calls, host overhead included. torch.compile (dynamic=False, "
+               "forward calls, host overhead included. On CUDA, 'kernel' columns give the time "
+               "the device spends executing a call's own work (kernels, copies, memsets, from the "
+               "CUDA profiler, each run bracketed by marker kernels; host gaps between launches "
+               "left out) and the GB/s that time gives, against the copy's kernel time: how close "
+               "the kernels are to the memory-bandwidth floor, apart from launch and autograd "
+               "overhead. torch.compile (dynamic=False, "
                "fullgraph=True) compiles each shape afresh; its compile time (first "
                "forward+backward call) is listed apart and never in a timed call; '(cached)' marks a "
                "compile that found its graphs in inductor's on-disk cache from an earlier run.")
@@ -210,7 +232,8 @@ def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, not
     out += headline_table(records)
     out += ["", "## Forward, backward, per call, bandwidth, memory, compile time", ""]
     out += detail_table(records)
-    out += ["", "## Size sweep: forward+backward GB/s (DESIGN.md byte counts) and % of copy", ""]
+    out += ["", "## Size sweep: forward+backward GB/s (DESIGN.md byte counts) and % of copy"
+            + (" (by event time, then by kernel time)" if _has_kernel_time(records) else ""), ""]
     out += sweep_table(records)
     out.append("")
     return "\n".join(out)

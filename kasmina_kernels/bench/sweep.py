@@ -16,7 +16,7 @@ import torch
 from .. import backends, opcases
 from . import bytemodel, workload
 from .plan import DTYPES, Entry, Plan
-from .timing import Sample, time_interleaved, wall_per_call
+from .timing import Sample, kernel_time, time_interleaved, wall_per_call
 
 CPU_ROTATE_BYTES = 64 << 20
 # per-call wall time (host overhead included) is measured where forward calls take at most
@@ -150,6 +150,8 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
                                   "GBps": bytemodel.copy_bytes(feature) / copy.median / 1e9}
             for impl, s in zip(timed, samples):
                 record["impls"][impl.name][mode] = _sample(s)
+            if device.type == "cuda":
+                _kernel_times(record, mode, steps, timed, device, w.n_sets, plan.effort)
             lap(mode)
         slowest = max(record["impls"][i.name]["forward"]["median"] for i in timed)
         if entry.group != "sweep" and slowest <= CALL_REGIME_S:
@@ -171,6 +173,27 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
     return record
 
 
+def _kernel_times(record, mode, steps, timed, device, n_sets, effort) -> None:
+    """Device-busy time per call of each implementation's step (and the copy's, for forward):
+    what the kernels cost without the host's launch and autograd overhead between them."""
+    try:
+        samples = kernel_time(steps, device, n_sets, iters=effort.kernel_iters)
+    except Exception as exc:  # no CUPTI, a profiler that cannot start: say so, keep the rest
+        samples = None
+        record["notes"].append(f"kernel time not measured ({type(exc).__name__}: {exc})")
+    if samples is None:
+        if not any(n.startswith("kernel time") for n in record["notes"]):
+            record["notes"].append("kernel time not measured: the profiler trace had no "
+                                   "marker-delimited device work")
+        return
+    if mode == "forward":
+        copy = samples.pop()
+        record["copy"]["kernel"] = _sample(copy)
+        record["copy"]["kernel_GBps"] = record["copy"]["GBps"] * record["copy"]["time"]["median"] / copy.median
+    for impl, s in zip(timed, samples):
+        record["impls"][impl.name].setdefault("kernel", {})[mode] = _sample(s)
+
+
 def _derive(record: dict) -> None:
     """GB/s, fraction of copy bandwidth and speedups from the medians."""
     b = record["bytes"]
@@ -183,6 +206,13 @@ def _derive(record: dict) -> None:
         r["GBps"] = {m: mode_bytes[m] / r[m]["median"] / 1e9 for m in mode_bytes}
         if copy_gbps:
             r["copy_fraction"] = {m: g / copy_gbps for m, g in r["GBps"].items()}
+        kernel = r.get("kernel", {})
+        if kernel:
+            r["kernel_GBps"] = {m: mode_bytes[m] / kernel[m]["median"] / 1e9
+                                for m in mode_bytes if m in kernel and kernel[m]["median"] > 0}
+            copy_k = record.get("copy", {}).get("kernel_GBps")
+            if copy_k:
+                r["kernel_copy_fraction"] = {m: g / copy_k for m, g in r["kernel_GBps"].items()}
     for name, r in record["impls"].items():
         if "forward" not in r or name in ("eager", "compile"):
             continue

@@ -129,3 +129,60 @@ def wall_per_call(fns: list[Callable[[int], Any]], device: torch.device, n_sets:
             synchronize(device)
             samples[k].append((time.perf_counter() - t0) / calls)
     return [Sample.of(s) for s in samples]
+
+
+# torch.cuda._sleep's kernel: a tiny launch that brackets each timed run in the profiler trace
+_MARKER = "spin_kernel"
+
+
+def _busy_ns(intervals: list[tuple[int, int]]) -> int:
+    """Length of the union of [start, end) intervals (kernels on other streams may overlap)."""
+    busy, reach = 0, None
+    for start, end in sorted(intervals):
+        if reach is None or start >= reach:
+            busy += end - start
+            reach = end
+        elif end > reach:
+            busy += end - reach
+            reach = end
+    return busy
+
+
+def kernel_time(steps: list[Step], device: torch.device, n_sets: int, *,
+                iters: int) -> list[Sample] | None:
+    """CUDA only: per call, the time during which the device executes a step's own work
+    (kernels, copies, memsets, as the CUDA profiler records them), host gaps between launches
+    left out. Each run is bracketed by marker kernels in one profiler session, so work done by
+    `prepare` (the forward before a timed backward) is not counted. None when the trace cannot
+    be split by its markers (e.g. a profiler that records no device activity)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    rotors = [_Rotor(n_sets) for _ in steps]
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for step, rotor in zip(steps, rotors):
+            for _ in range(iters):
+                i = rotor.next()
+                state = step.prepare(i) if step.prepare else None
+                torch.cuda._sleep(1)
+                step.run(i, state)
+                torch.cuda._sleep(1)
+        torch.cuda.synchronize(device)
+    events = sorted((e.start_ns(), e.end_ns(), e.name())
+                    for e in prof.profiler.kineto_results.events()
+                    if e.device_type() == DeviceType.CUDA)
+    runs, current = [], None
+    for start, end, name in events:
+        if _MARKER in name:
+            if current is None:
+                current = []
+            else:
+                runs.append(current)
+                current = None
+        elif current is not None:
+            current.append((start, end))
+    if len(runs) != len(steps) * iters:
+        return None
+    return [Sample.of([_busy_ns(r) * 1e-9 for r in runs[k * iters:(k + 1) * iters]])
+            for k in range(len(steps))]
