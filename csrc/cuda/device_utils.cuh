@@ -288,13 +288,17 @@ KK_DEV double warp_sum(double v) {
 KK_DEV CompensatedSum warp_sum(CompensatedSum v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
-    CompensatedSum other;
-    other.sum = __shfl_xor_sync(0xffffffffu, v.sum, o);
-    other.err = __shfl_xor_sync(0xffffffffu, v.err, o);
-    // both lanes of a pair must compute the same bits: add the lower lane's value first
+    const double other_sum = __shfl_xor_sync(0xffffffffu, v.sum, o);
+    const double other_err = __shfl_xor_sync(0xffffffffu, v.err, o);
+    // both lanes of a pair must compute the same bits: add the lower lane's value first.
+    // Selected field by field: selecting whole structs put them in local memory, which cost
+    // more traffic than a short block's elements.
     const bool lower = (threadIdx.x & o) == 0;
-    CompensatedSum r = lower ? v : other;
-    r.add(lower ? other : v);
+    CompensatedSum r;
+    r.sum = lower ? v.sum : other_sum;
+    r.err = lower ? v.err : other_err;
+    r.add(lower ? other_sum : v.sum);
+    r.err += lower ? other_err : v.err;
     v = r;
   }
   return v;

@@ -329,6 +329,108 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The common case: dx dense in NCHW order (each (b, c) plane a run of P equal values) or in
+// channels-last / (B, T, C) order (each position a row of C values, g's row). dx is walked
+// linearly in 16-byte packs that never straddle a plane or a row, so a pack needs one grad
+// value (planes) or one row of them (channels), two divisions per pack instead of the
+// general path's per-element index arithmetic.
+struct PoolBackwardDenseArgs {
+  void* dx;
+  const void* grad;
+  DType grad_dtype;
+  int64_t numel;
+  int64_t grad_sb, grad_sc;
+  FastDiv inner;   // planes: P (elements per plane); channels: C
+  FastDiv outer;   // planes: C (planes per sample); channels: P * C (elements per sample)
+  bool channels;   // channels innermost
+  double count;
+};
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    pool_backward_dense_kernel(const __grid_constant__ PoolBackwardDenseArgs a) {
+  using op_t = opmath_t<T>;
+  const op_t div = static_cast<op_t>(a.count);
+  const int64_t packs = a.numel / VEC;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < packs; k += stride) {
+    const uint64_t i = static_cast<uint64_t>(k) * VEC;
+    op_t v[VEC];
+    if (a.channels) {
+      const uint64_t b = fast_div(a.outer, i);
+      const uint64_t c0 = i - fast_div(a.inner, i) * a.inner.d;
+      const int64_t base = static_cast<int64_t>(b) * a.grad_sb;
+#pragma unroll
+      for (int l = 0; l < VEC; ++l) {
+        const int64_t c = static_cast<int64_t>(c0) + l;
+        v[l] = static_cast<op_t>(load_as_double(a.grad, a.grad_dtype, base + c * a.grad_sc)) / div;
+      }
+    } else {
+      const uint64_t plane = fast_div(a.inner, i);
+      const uint64_t b = fast_div(a.outer, plane);
+      const uint64_t c = plane - b * a.outer.d;
+      const op_t g = static_cast<op_t>(load_as_double(
+          a.grad, a.grad_dtype, static_cast<int64_t>(b) * a.grad_sb + static_cast<int64_t>(c) * a.grad_sc));
+      const op_t val = g / div;
+#pragma unroll
+      for (int l = 0; l < VEC; ++l) v[l] = val;
+    }
+    store_pack<T, VEC>(a.dx, static_cast<int64_t>(i), v);
+  }
+}
+
+// Strides of a dense tensor whose dims, innermost first, are `inner_first` (size-1 dims
+// skipped): true when `strides` are exactly those.
+bool dense_in_order(const int64_t (&sizes)[4], const int64_t (&strides)[4], const int (&inner_first)[4]) {
+  int64_t running = 1;
+  for (int d : inner_first) {
+    if (sizes[d] == 1) continue;
+    if (strides[d] != running) return false;
+    running *= sizes[d];
+  }
+  return true;
+}
+
+// Launches the dense kernel when dx's layout allows it; false when it does not (then the
+// general kernel runs).
+bool try_pool_backward_dense(const PoolBackwardParams& p, int64_t n, double count, cudaError_t& err) {
+  const PoolShape& s = p.dx_shape;
+  const int64_t sizes[4] = {s.B, s.C, s.H, s.W};
+  const int64_t strides[4] = {s.sb, s.sc, s.sh, s.sw};
+  const int64_t P = s.H * s.W;
+  bool channels;
+  if (dense_in_order(sizes, strides, {3, 2, 1, 0})) {
+    channels = false;  // NCHW
+  } else if (dense_in_order(sizes, strides, {1, 3, 2, 0})) {
+    channels = true;  // channels last, (B, T, C)
+  } else {
+    return false;
+  }
+  const int64_t row = channels ? s.C : P;
+  const int size = p.dtype == DType::kDouble ? 8 : p.dtype == DType::kFloat ? 4 : 2;
+  const int vec = 16 / size;
+  if (row % vec != 0 || (reinterpret_cast<uintptr_t>(p.dx) & 15u) != 0) return false;
+  PoolBackwardDenseArgs a{};
+  a.dx = p.dx;
+  a.grad = p.grad;
+  a.grad_dtype = p.grad_dtype;
+  a.numel = n;
+  a.grad_sb = p.grad_sb;
+  a.grad_sc = p.grad_sc;
+  a.channels = channels;
+  a.inner = FastDiv::make(static_cast<uint64_t>(row));
+  a.outer = FastDiv::make(static_cast<uint64_t>(channels ? P * s.C : s.C));
+  a.count = count;
+  const int64_t blocks = ceil_div(n / vec, kThreads);
+  err = dispatch_float(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int VEC = 16 / sizeof(T);
+    pool_backward_dense_kernel<T, VEC><<<grid_for(blocks), kThreads, 0, p.stream>>>(a);
+    return cudaGetLastError();
+  });
+  return true;
+}
+
 cudaError_t run_pool_backward(const PoolBackwardParams& p) {
   const PoolShape& s = p.dx_shape;
   const plan::Shape sizes = {s.B, s.C, s.H, s.W};
@@ -349,6 +451,8 @@ cudaError_t run_pool_backward(const PoolBackwardParams& p) {
     a.stride[1][d] = c.strides[1][d];
   }
   a.count = static_cast<double>(s.H * s.W);
+  cudaError_t dense_err = cudaSuccess;
+  if (try_pool_backward_dense(p, n, a.count, dense_err)) return dense_err;
   return dispatch_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     pool_backward_kernel<T><<<grid_for(ceil_div(n, kThreads)), kThreads, 0, p.stream>>>(a);
