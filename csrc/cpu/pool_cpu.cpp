@@ -520,54 +520,67 @@ bool long_double_math(const at::Tensor& x, const at::Tensor& w1, const at::Tenso
   return false;
 }
 
+// Columns [k0, k0 + NV * 4) of small_gemm's output, for double: pairs of rows times NV
+// vectors of columns held in registers, so the products do not wait on stores.
+template <int NV>
+void gemm_columns(int64_t I, int64_t Mdim, int64_t K, int64_t k0, const double* a, int64_t a_si,
+                  int64_t a_sm, const double* bm, const double* bias, double* out) {
+  using DVec = at::vec::Vectorized<double>;
+  constexpr int64_t V = DVec::size();
+  DVec init[NV];
+  for (int q = 0; q < NV; ++q) init[q] = bias ? DVec::loadu(bias + k0 + q * V) : DVec(0.0);
+  int64_t i = 0;
+  for (; i + 2 <= I; i += 2) {
+    DVec r0[NV], r1[NV];
+    for (int q = 0; q < NV; ++q) r0[q] = r1[q] = init[q];
+    const double* a0 = a + i * a_si;
+    const double* a1 = a0 + a_si;
+    for (int64_t m = 0; m < Mdim; ++m) {
+      const DVec s0(a0[m * a_sm]), s1(a1[m * a_sm]);
+      const double* row = bm + m * K + k0;
+      for (int q = 0; q < NV; ++q) {
+        const DVec bv = DVec::loadu(row + q * V);
+        r0[q] = at::vec::fmadd(s0, bv, r0[q]);
+        r1[q] = at::vec::fmadd(s1, bv, r1[q]);
+      }
+    }
+    for (int q = 0; q < NV; ++q) {
+      r0[q].store(out + i * K + k0 + q * V);
+      r1[q].store(out + (i + 1) * K + k0 + q * V);
+    }
+  }
+  for (; i < I; ++i) {
+    DVec r0[NV];
+    for (int q = 0; q < NV; ++q) r0[q] = init[q];
+    const double* a0 = a + i * a_si;
+    for (int64_t m = 0; m < Mdim; ++m) {
+      const DVec s0(a0[m * a_sm]);
+      for (int q = 0; q < NV; ++q) r0[q] = at::vec::fmadd(s0, DVec::loadu(bm + m * K + k0 + q * V), r0[q]);
+    }
+    for (int q = 0; q < NV; ++q) r0[q].store(out + i * K + k0 + q * V);
+  }
+}
+
 // out (I x K, row-major) = bias (per k, or none) + sum over m of a(i, m) * bm[m * K + k], a(i, m)
 // at a[i * a_si + m * a_sm]. Each sum runs over m in order (one fixed order, whatever the
-// thread count: this runs on the calling thread). Double: pairs of rows times 16 columns held
-// in vector registers, so the products do not wait on stores; long double: plain loops.
+// thread count: this runs on the calling thread). Double: register-blocked columns
+// (gemm_columns); long double and the last K % 4 columns: plain loops.
 template <typename M>
 void small_gemm(int64_t I, int64_t Mdim, int64_t K, const M* a, int64_t a_si, int64_t a_sm,
                 const M* bm, const M* bias, M* out) {
   int64_t k0 = 0;
   if constexpr (std::is_same_v<M, double>) {
-    using DVec = at::vec::Vectorized<double>;
-    constexpr int64_t V = DVec::size();
-    constexpr int64_t KB = 4 * V;
-    for (; k0 + KB <= K; k0 += KB) {
-      DVec init[4];
-      for (int q = 0; q < 4; ++q) init[q] = bias ? DVec::loadu(bias + k0 + q * V) : DVec(0.0);
-      int64_t i = 0;
-      for (; i + 2 <= I; i += 2) {
-        DVec r0[4], r1[4];
-        for (int q = 0; q < 4; ++q) r0[q] = r1[q] = init[q];
-        const M* a0 = a + i * a_si;
-        const M* a1 = a0 + a_si;
-        for (int64_t m = 0; m < Mdim; ++m) {
-          const DVec s0(a0[m * a_sm]), s1(a1[m * a_sm]);
-          const M* row = bm + m * K + k0;
-          for (int q = 0; q < 4; ++q) {
-            const DVec bv = DVec::loadu(row + q * V);
-            r0[q] = at::vec::fmadd(s0, bv, r0[q]);
-            r1[q] = at::vec::fmadd(s1, bv, r1[q]);
-          }
-        }
-        for (int q = 0; q < 4; ++q) {
-          r0[q].store(out + i * K + k0 + q * V);
-          r1[q].store(out + (i + 1) * K + k0 + q * V);
-        }
-      }
-      for (; i < I; ++i) {
-        DVec r0[4];
-        for (int q = 0; q < 4; ++q) r0[q] = init[q];
-        const M* a0 = a + i * a_si;
-        for (int64_t m = 0; m < Mdim; ++m) {
-          const DVec s0(a0[m * a_sm]);
-          for (int q = 0; q < 4; ++q) r0[q] = at::vec::fmadd(s0, DVec::loadu(bm + m * K + k0 + q * V), r0[q]);
-        }
-        for (int q = 0; q < 4; ++q) r0[q].store(out + i * K + k0 + q * V);
-      }
+    constexpr int64_t V = at::vec::Vectorized<double>::size();
+    for (; k0 + 4 * V <= K; k0 += 4 * V) gemm_columns<4>(I, Mdim, K, k0, a, a_si, a_sm, bm, bias, out);
+    if (k0 + 2 * V <= K) {
+      gemm_columns<2>(I, Mdim, K, k0, a, a_si, a_sm, bm, bias, out);
+      k0 += 2 * V;
+    }
+    if (k0 + V <= K) {
+      gemm_columns<1>(I, Mdim, K, k0, a, a_si, a_sm, bm, bias, out);
+      k0 += V;
     }
   }
-  // the remaining columns (all of them for long double)
   if (k0 == K) return;
   for (int64_t i = 0; i < I; ++i) {
     M* o = out + i * K;
@@ -580,10 +593,16 @@ void small_gemm(int64_t I, int64_t Mdim, int64_t K, const M* a, int64_t a_si, in
   }
 }
 
+// t's values (row-major) as M; `transposed` for a 2-d t gives t^T row-major.
 template <typename M>
-std::vector<M> values_as(const at::Tensor& t) {
-  const std::vector<double> v = read_values(t);
-  return std::vector<M>(v.begin(), v.end());
+std::vector<M> values_as(const at::Tensor& t, bool transposed = false) {
+  const at::Tensor c = (transposed ? t.t() : t).contiguous();
+  std::vector<M> out(c.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.scalar_type(), "gate_network", [&] {
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < c.numel(); ++i) out[i] = static_cast<M>(static_cast<double>(p[i]));
+  });
+  return out;
 }
 
 template <typename M>
@@ -596,10 +615,7 @@ GateWeights<M> gate_weights(const at::Tensor& x, const at::Tensor& w1, const at:
   g.b1 = values_as<M>(b1);
   g.w2 = values_as<M>(w2);
   g.b2 = values_as<M>(b2);
-  g.w1t.resize(g.w1.size());
-  for (int64_t j = 0; j < g.hidden; ++j) {
-    for (int64_t c = 0; c < g.C; ++c) g.w1t[c * g.hidden + j] = g.w1[j * g.C + c];
-  }
+  g.w1t = values_as<M>(w1, /*transposed=*/true);
   return g;
 }
 
