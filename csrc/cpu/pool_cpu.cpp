@@ -149,6 +149,9 @@ inline FVec load1(const T* p) {
   }
 }
 
+// float terms per lane summed in float before they are widened, for half-precision inputs
+constexpr int kHalfBlock = 8;
+
 // Rows elements apart by `sr`, each `L` contiguous values: their sum in double.
 template <typename T>
 inline double contiguous_plane_sum(const T* plane, int64_t R, int64_t L, int64_t sr) {
@@ -157,11 +160,28 @@ inline double contiguous_plane_sum(const T* plane, int64_t R, int64_t L, int64_t
   for (int64_t r = 0; r < R; ++r) {
     const T* row = plane + r * sr;
     int64_t j = 0;
-    for (; j + 16 <= L; j += 16) {
-      FVec u, w;
-      load2<T>(row + j, u, w);
-      a.add(u);
-      b.add(w);
+    if constexpr (std::is_same_v<T, float>) {
+      for (; j + 16 <= L; j += 16) {
+        FVec u, w;
+        load2<T>(row + j, u, w);
+        a.add(u);
+        b.add(w);
+      }
+    } else {
+      // bfloat16/float16: up to kHalfBlock terms per lane summed in float first (exact for
+      // all but widely spread magnitudes, and then off by 2^-24 relative, far below the
+      // inputs' own precision), then widened: a quarter of the conversions
+      while (j + 16 <= L) {
+        FVec fa(0.0f), fb(0.0f);
+        for (int k = 0; k < kHalfBlock && j + 16 <= L; ++k, j += 16) {
+          FVec u, w;
+          load2<T>(row + j, u, w);
+          fa = fa + u;
+          fb = fb + w;
+        }
+        a.add(fa);
+        b.add(fb);
+      }
     }
     if (j + 8 <= L) {
       a.add(load1<T>(row + j));
@@ -193,10 +213,29 @@ void channel_block_sums(const T* base, const PoolView& v, double* sums) {
   for (int64_t r = 0; r < v.R; ++r) {
     const T* row = base + r * v.sr;
     int64_t l = 0;
-    for (; l + U <= v.L; l += U) {
-      for (int u = 0; u < U; ++u) {
-        const T* pos = row + (l + u) * v.sl;
-        for (int k = 0; k < NV; ++k) acc[u][k].add(load1<T>(pos + 8 * k));
+    if constexpr (std::is_same_v<T, float>) {
+      for (; l + U <= v.L; l += U) {
+        for (int u = 0; u < U; ++u) {
+          const T* pos = row + (l + u) * v.sl;
+          for (int k = 0; k < NV; ++k) acc[u][k].add(load1<T>(pos + 8 * k));
+        }
+      }
+    } else {
+      // half precision: kHalfBlock positions per stream summed in float, then widened
+      while (l + U <= v.L) {
+        FVec f[U][NV];
+        for (int u = 0; u < U; ++u) {
+          for (int k = 0; k < NV; ++k) f[u][k] = FVec(0.0f);
+        }
+        for (int step = 0; step < kHalfBlock && l + U <= v.L; ++step, l += U) {
+          for (int u = 0; u < U; ++u) {
+            const T* pos = row + (l + u) * v.sl;
+            for (int k = 0; k < NV; ++k) f[u][k] = f[u][k] + load1<T>(pos + 8 * k);
+          }
+        }
+        for (int u = 0; u < U; ++u) {
+          for (int k = 0; k < NV; ++k) acc[u][k].add(f[u][k]);
+        }
       }
     }
     for (; l < v.L; ++l) {
