@@ -1,185 +1,693 @@
 // CPU gated pooling (mean over the spatial or sequence axis) and the fused gate network
-// (pool -> Linear -> ReLU -> Linear -> Sigmoid). Pooling reads x once with double
-// accumulators; the gate MLP is tiny ((B,C) x (C,hidden)) and runs in float32 (float64 for
-// double inputs) on the pooled means without rounding them to x's dtype.
+// (pool -> Linear -> ReLU -> Linear -> Sigmoid).
+//
+// Pooling reads x once. float32/bfloat16/float16 values are widened to double lanes as they
+// are loaded (each term enters its double sum exactly); float64 inputs use compensated
+// long-double sums. Three loop shapes, picked from x's strides:
+//   - positions contiguous (NCHW, a transposed (B,T,C)): one (b, c) plane at a time, 16
+//     double lanes per plane, planes walked without a division per plane;
+//   - channels contiguous (channels_last, (B,T,C)): one sample at a time, a block of up to 32
+//     channels held in registers over all positions (2 or 4 position streams for narrow
+//     blocks, so the adds do not wait on each other);
+//   - anything else: scalar double sums.
+// Every sum has a fixed order that does not depend on how at::parallel_for splits the work.
+//
+// The backward of a mean is a broadcast write: each (b, c) value is rounded once to x's
+// dtype and then filled (NCHW planes) or copied as a periodic row pattern (channels-last
+// layouts), memset/memcpy speed, no per-element conversion.
+//
+// The gate MLP is tiny ((B,C) x (C,hidden)); it runs in double on the double pooled means,
+// single-threaded, as plain loops whose innermost loop is a contiguous axpy (vectorized by
+// the compiler), with no ATen op, allocation or dtype conversion pass per step.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
-#include "cpu/blend_kernels.h"
 #include "cpu/cpu_ops.h"
+#include "cpu/loops.h"
+#include "cpu/vec_io.h"
 #include "cpu/weights.h"
 #include "ops/checks.h"
 
 namespace kk::cpu {
 namespace {
 
-// x viewed as (B, C, H, W) strides; a transformer's (B,T,C) is (B, C, T, 1).
-struct PoolView {
-  int64_t B, C, H, W;
-  int64_t sb, sc, sh, sw;
-};
+static_assert(FVec::size() == 8, "the pooling lanes assume 8 float lanes per vector");
 
+// ---------------------------------------------------------------- views
+// x as (B, C) planes of R rows by L positions; the rows are merged into one when they are
+// evenly spaced, so a dense NCHW plane, a channels_last sample and a (B,T,C) sequence are
+// all a single row. A row of one position has stride 1.
+struct PoolView {
+  int64_t B, C, R, L;
+  int64_t sb, sc, sr, sl;
+  int64_t count() const { return R * L; }
+};
 
 PoolView pool_view(const at::Tensor& x, c10::string_view topology) {
   check_topology(x, topology);
+  int64_t H, W, sh, sw;
+  PoolView v{};
+  v.B = x.size(0);
+  v.sb = x.stride(0);
   if (topology == "cnn") {
-    return {x.size(0), x.size(1), x.size(2), x.size(3),
-            x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+    v.C = x.size(1);
+    v.sc = x.stride(1);
+    H = x.size(2), W = x.size(3), sh = x.stride(2), sw = x.stride(3);
+  } else {
+    v.C = x.size(2);
+    v.sc = x.stride(2);
+    H = 1, W = x.size(1), sh = 0, sw = x.stride(1);
   }
-  return {x.size(0), x.size(2), x.size(1), 1, x.stride(0), x.stride(2), x.stride(1), 0};
+  if (W == 1) {
+    W = H, sw = sh, H = 1;
+  }
+  if (H == 1 || sh == W * sw) {
+    v.R = 1, v.L = H * W, v.sr = 0, v.sl = sw;
+  } else {
+    v.R = H, v.L = W, v.sr = sh, v.sl = sw;
+  }
+  if (v.L == 1) v.sl = 1;
+  return v;
 }
 
-// Means over (H, W) as a (B, C) tensor of `out_dtype`, accumulated in double.
-template <typename T>
-void pool_means(const T* x, const PoolView& v, double* means) {
-  const double count = static_cast<double>(v.H * v.W);
-  if constexpr (std::is_same_v<T, double>) {
-    // float64: compensated sums, one plane at a time (gradcheck and high-precision use)
-    at::parallel_for(0, v.B * v.C, 16, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const double* plane = x + (p / v.C) * v.sb + (p % v.C) * v.sc;
-        Accumulator acc;
-        for (int64_t i = 0; i < v.H; ++i) {
-          for (int64_t j = 0; j < v.W; ++j) acc.add(plane[i * v.sh + j * v.sw]);
-        }
-        means[p] = static_cast<double>(acc.value_ld() / count);
-      }
-    });
-    return;
+// ---------------------------------------------------------------- double lanes
+// 8 double lanes that take one float vector per add.
+#if defined(CPU_CAPABILITY_AVX2)
+struct D8 {
+  __m256d lo = _mm256_setzero_pd();
+  __m256d hi = _mm256_setzero_pd();
+  void add(const FVec& v) {
+    const __m256 f = v;
+    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
   }
-  if (v.sc == 1 && v.C > 1) {
-    // channels_last / (B,T,C): channels are contiguous; accumulate a row of C at a time.
-    at::parallel_for(0, v.B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        double* acc = means + b * v.C;
-        std::fill(acc, acc + v.C, 0.0);
-        for (int64_t i = 0; i < v.H; ++i) {
-          for (int64_t j = 0; j < v.W; ++j) {
-            const T* row = x + b * v.sb + i * v.sh + j * v.sw;
-            for (int64_t c = 0; c < v.C; ++c) acc[c] += static_cast<double>(row[c]);
+  void add(const D8& o) {
+    lo = _mm256_add_pd(lo, o.lo);
+    hi = _mm256_add_pd(hi, o.hi);
+  }
+  void store(double* p) const {
+    _mm256_storeu_pd(p, lo);
+    _mm256_storeu_pd(p + 4, hi);
+  }
+  // (lane k + lane k+4), then pairs, then the last two
+  double total() const {
+    const __m256d s = _mm256_add_pd(lo, hi);
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+  }
+};
+#else
+struct D8 {
+  double lane[8] = {};
+  void add(const FVec& v) {
+    float t[8];
+    v.store(t);
+    for (int k = 0; k < 8; ++k) lane[k] += static_cast<double>(t[k]);
+  }
+  void add(const D8& o) {
+    for (int k = 0; k < 8; ++k) lane[k] += o.lane[k];
+  }
+  void store(double* p) const {
+    for (int k = 0; k < 8; ++k) p[k] = lane[k];
+  }
+  double total() const {
+    double s[4];
+    for (int k = 0; k < 4; ++k) s[k] = lane[k] + lane[k + 4];
+    return (s[0] + s[2]) + (s[1] + s[3]);
+  }
+};
+#endif
+
+// p[0..8) += v, widened to double
+inline void add_to(double* p, const FVec& v) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 f = v;
+  _mm256_storeu_pd(p, _mm256_add_pd(_mm256_loadu_pd(p), _mm256_cvtps_pd(_mm256_castps256_ps128(f))));
+  _mm256_storeu_pd(p + 4, _mm256_add_pd(_mm256_loadu_pd(p + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1))));
+#else
+  float t[8];
+  v.store(t);
+  for (int k = 0; k < 8; ++k) p[k] += static_cast<double>(t[k]);
+#endif
+}
+
+template <typename T>
+inline FVec load1(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return FVec::loadu(p);
+  } else {
+    FVec v;
+    at::vec::load_to_float<T>(p, v);
+    return v;
+  }
+}
+
+// float terms per lane summed in float before they are widened, for half-precision inputs
+constexpr int kHalfBlock = 8;
+
+// Rows elements apart by `sr`, each `L` contiguous values: their sum in double.
+template <typename T>
+inline double contiguous_plane_sum(const T* plane, int64_t R, int64_t L, int64_t sr) {
+  D8 a, b;
+  double tail = 0.0;
+  for (int64_t r = 0; r < R; ++r) {
+    const T* row = plane + r * sr;
+    int64_t j = 0;
+    if constexpr (std::is_same_v<T, float>) {
+      for (; j + 16 <= L; j += 16) {
+        FVec u, w;
+        load2<T>(row + j, u, w);
+        a.add(u);
+        b.add(w);
+      }
+    } else {
+      // bfloat16/float16: up to kHalfBlock terms per lane summed in float first (exact for
+      // all but widely spread magnitudes, and then off by 2^-24 relative, far below the
+      // inputs' own precision), then widened: a quarter of the conversions
+      while (j + 16 <= L) {
+        FVec fa(0.0f), fb(0.0f);
+        for (int k = 0; k < kHalfBlock && j + 16 <= L; ++k, j += 16) {
+          FVec u, w;
+          load2<T>(row + j, u, w);
+          fa = fa + u;
+          fb = fb + w;
+        }
+        a.add(fa);
+        b.add(fb);
+      }
+    }
+    if (j + 8 <= L) {
+      a.add(load1<T>(row + j));
+      j += 8;
+    }
+    for (; j < L; ++j) tail += static_cast<double>(static_cast<float>(row[j]));
+  }
+  a.add(b);
+  return a.total() + tail;
+}
+
+// out[b * C + c] = mean of plane (b, c), for planes [p0, p1), positions contiguous.
+template <typename T, typename O>
+void planes_contiguous(const T* x, const PoolView& v, int64_t p0, int64_t p1, O* out) {
+  const double count = static_cast<double>(v.count());
+  int64_t b = p0 / v.C, c = p0 % v.C;
+  for (int64_t p = p0; p < p1; ++p) {
+    const double sum = contiguous_plane_sum(x + b * v.sb + c * v.sc, v.R, v.L, v.sr);
+    out[p] = static_cast<O>(sum / count);
+    if (++c == v.C) c = 0, ++b;
+  }
+}
+
+// Sums over all positions of NV * 8 contiguous channels starting at `base`, into sums[].
+// U position streams keep U independent add chains per lane group.
+template <typename T, int NV, int U>
+void channel_block_sums(const T* base, const PoolView& v, double* sums) {
+  D8 acc[U][NV];
+  for (int64_t r = 0; r < v.R; ++r) {
+    const T* row = base + r * v.sr;
+    int64_t l = 0;
+    if constexpr (std::is_same_v<T, float>) {
+      for (; l + U <= v.L; l += U) {
+        for (int u = 0; u < U; ++u) {
+          const T* pos = row + (l + u) * v.sl;
+          for (int k = 0; k < NV; ++k) acc[u][k].add(load1<T>(pos + 8 * k));
+        }
+      }
+    } else {
+      // half precision: kHalfBlock positions per stream summed in float, then widened
+      while (l + U <= v.L) {
+        FVec f[U][NV];
+        for (int u = 0; u < U; ++u) {
+          for (int k = 0; k < NV; ++k) f[u][k] = FVec(0.0f);
+        }
+        for (int step = 0; step < kHalfBlock && l + U <= v.L; ++step, l += U) {
+          for (int u = 0; u < U; ++u) {
+            const T* pos = row + (l + u) * v.sl;
+            for (int k = 0; k < NV; ++k) f[u][k] = f[u][k] + load1<T>(pos + 8 * k);
           }
         }
-        for (int64_t c = 0; c < v.C; ++c) acc[c] /= count;
+        for (int u = 0; u < U; ++u) {
+          for (int k = 0; k < NV; ++k) acc[u][k].add(f[u][k]);
+        }
       }
-    });
+    }
+    for (; l < v.L; ++l) {
+      const T* pos = row + l * v.sl;
+      for (int k = 0; k < NV; ++k) acc[0][k].add(load1<T>(pos + 8 * k));
+    }
+  }
+  for (int u = 1; u < U; ++u) {
+    for (int k = 0; k < NV; ++k) acc[0][k].add(acc[u][k]);
+  }
+  for (int k = 0; k < NV; ++k) acc[0][k].store(sums + 8 * k);
+}
+
+// Means of one sample whose channels are contiguous (sc == 1).
+template <typename T, typename O>
+void sample_channels_contiguous(const T* x, const PoolView& v, int64_t b, O* out) {
+  const double count = static_cast<double>(v.count());
+  const T* sample = x + b * v.sb;
+  O* o = out + b * v.C;
+  if (v.C > 32) {
+    // wide rows ((B,T,C) transformers): stream the rows in order into C double sums held in
+    // L1, rather than walk the rows once per channel block
+    std::vector<double> acc(v.C, 0.0);
+    double* a = acc.data();
+    for (int64_t r = 0; r < v.R; ++r) {
+      for (int64_t l = 0; l < v.L; ++l) {
+        const T* row = sample + r * v.sr + l * v.sl;
+        int64_t c = 0;
+        for (; c + 16 <= v.C; c += 16) {
+          FVec u, w;
+          load2<T>(row + c, u, w);
+          add_to(a + c, u);
+          add_to(a + c + 8, w);
+        }
+        if (c + 8 <= v.C) {
+          add_to(a + c, load1<T>(row + c));
+          c += 8;
+        }
+        for (; c < v.C; ++c) a[c] += static_cast<double>(static_cast<float>(row[c]));
+      }
+    }
+    for (int64_t c = 0; c < v.C; ++c) o[c] = static_cast<O>(a[c] / count);
     return;
   }
-  // NCHW and anything else: one (b, c) plane at a time.
-  at::parallel_for(0, v.B * v.C, 16, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t b = p / v.C, c = p % v.C;
-      const T* plane = x + b * v.sb + c * v.sc;
-      // rows contiguous along W: float vectors into double lanes; a whole contiguous plane
-      // (H*W elements, NCHW) is read as one row
-      DoubleLanes lanes;
-      double tail = 0.0;
-      const bool plane_contiguous = v.sw == 1 && v.sh == v.W;
-      const int64_t rows = plane_contiguous ? 1 : v.H;
-      const int64_t len = plane_contiguous ? v.H * v.W : v.W;
-      for (int64_t i = 0; i < rows; ++i) {
-        const T* row = plane + i * v.sh;
-        int64_t j = 0;
-        if constexpr (kVectorizable<T>) {
-          if (v.sw == 1) {
-            for (; j + kStep <= len; j += kStep) {
-              FVec a, b;
-              load2<T>(row + j, a, b);
-              lanes.add(a);
-              lanes.add(b);
+  double sums[32];
+  int64_t c = 0;
+  auto emit = [&](int64_t n) {
+    for (int64_t k = 0; k < n; ++k) o[c + k] = static_cast<O>(sums[k] / count);
+    c += n;
+  };
+  for (; c + 32 <= v.C;) {
+    channel_block_sums<T, 4, 1>(sample + c, v, sums);
+    emit(32);
+  }
+  if (c + 16 <= v.C) {
+    channel_block_sums<T, 2, 2>(sample + c, v, sums);
+    emit(16);
+  }
+  if (c + 8 <= v.C) {
+    channel_block_sums<T, 1, 4>(sample + c, v, sums);
+    emit(8);
+  }
+  for (; c < v.C; ++c) {  // the last C % 8 channels
+    double s = 0.0;
+    for (int64_t r = 0; r < v.R; ++r) {
+      for (int64_t l = 0; l < v.L; ++l) {
+        s += static_cast<double>(static_cast<float>(sample[c + r * v.sr + l * v.sl]));
+      }
+    }
+    o[c] = static_cast<O>(s / count);
+  }
+}
+
+// Elements per parallel task, about.
+constexpr int64_t kTaskElems = 32768;
+
+// out[b * C + c] = mean over the positions of plane (b, c), as O. Needs R * L > 0.
+template <typename T, typename O>
+void pool_means(const T* x, const PoolView& v, O* out) {
+  const int64_t planes = v.B * v.C;
+  const int64_t n = v.count();
+  if constexpr (std::is_same_v<T, double>) {
+    // float64: compensated long-double sums, one plane at a time (gradcheck and
+    // high-precision use)
+    at::parallel_for(0, planes, std::max<int64_t>(1, kTaskElems / n), [&](int64_t p0, int64_t p1) {
+      int64_t b = p0 / v.C, c = p0 % v.C;
+      for (int64_t p = p0; p < p1; ++p) {
+        const double* plane = x + b * v.sb + c * v.sc;
+        Accumulator acc;
+        for (int64_t r = 0; r < v.R; ++r) {
+          for (int64_t l = 0; l < v.L; ++l) acc.add(plane[r * v.sr + l * v.sl]);
+        }
+        const long double mean = acc.value_ld() / static_cast<long double>(n);
+        if constexpr (std::is_same_v<O, long double>) {
+          out[p] = mean;
+        } else {
+          out[p] = static_cast<O>(static_cast<double>(mean));
+        }
+        if (++c == v.C) c = 0, ++b;
+      }
+    });
+  } else {
+    if (v.sl == 1) {
+      at::parallel_for(0, planes, std::max<int64_t>(1, kTaskElems / n), [&](int64_t p0, int64_t p1) {
+        planes_contiguous<T, O>(x, v, p0, p1, out);
+      });
+    } else if (v.sc == 1) {
+      at::parallel_for(0, v.B, std::max<int64_t>(1, kTaskElems / (n * v.C)), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) sample_channels_contiguous<T, O>(x, v, b, out);
+      });
+    } else {
+      const double count = static_cast<double>(n);
+      at::parallel_for(0, planes, std::max<int64_t>(1, kTaskElems / n), [&](int64_t p0, int64_t p1) {
+        int64_t b = p0 / v.C, c = p0 % v.C;
+        for (int64_t p = p0; p < p1; ++p) {
+          const T* plane = x + b * v.sb + c * v.sc;
+          double s = 0.0;
+          for (int64_t r = 0; r < v.R; ++r) {
+            for (int64_t l = 0; l < v.L; ++l) {
+              s += static_cast<double>(static_cast<float>(plane[r * v.sr + l * v.sl]));
             }
           }
+          out[p] = static_cast<O>(s / count);
+          if (++c == v.C) c = 0, ++b;
         }
-        for (; j < len; ++j) tail += static_cast<double>(row[j * v.sw]);
+      });
+    }
+  }
+}
+
+// Pooled means of x into out[B * C] (O = x's dtype or double); NaN for a mean over nothing.
+template <typename O>
+void pooled_means_into(const at::Tensor& x, const PoolView& v, O* out) {
+  if (v.B * v.C == 0) return;
+  if (v.count() == 0) {
+    std::fill(out, out + v.B * v.C, static_cast<O>(std::nan("")));  // as torch gives
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gated_pool", [&] {
+    pool_means<scalar_t, O>(x.const_data_ptr<scalar_t>(), v, out);
+  });
+}
+
+// ---------------------------------------------------------------- backward broadcast
+template <int kBytes>
+struct Bits;
+template <>
+struct Bits<2> {
+  using type = uint16_t;
+};
+template <>
+struct Bits<4> {
+  using type = uint32_t;
+};
+template <>
+struct Bits<8> {
+  using type = uint64_t;
+};
+
+// dx[b, c, positions] = vals[b * C + c], for dx viewed as `v`; E is an unsigned integer of
+// dx's element size (the values are copied as bits).
+template <typename E>
+void broadcast_fill(E* dx, const PoolView& v, const E* vals) {
+  const int64_t n = v.count();
+  if (v.sl == 1) {
+    // positions contiguous: fill each plane's rows
+    at::parallel_for(0, v.B * v.C, std::max<int64_t>(1, kTaskElems / n), [&](int64_t p0, int64_t p1) {
+      int64_t b = p0 / v.C, c = p0 % v.C;
+      for (int64_t p = p0; p < p1; ++p) {
+        E* plane = dx + b * v.sb + c * v.sc;
+        const E value = vals[p];
+        for (int64_t r = 0; r < v.R; ++r) std::fill_n(plane + r * v.sr, v.L, value);
+        if (++c == v.C) c = 0, ++b;
       }
-      Accumulator acc;
-      lanes.flush_into(acc);
-      acc.add(tail);
-      means[p] = static_cast<double>(acc.value_ld()) / count;
+    });
+    return;
+  }
+  // channels contiguous: every position holds the sample's row of C values
+  at::parallel_for(0, v.B, std::max<int64_t>(1, kTaskElems / (n * v.C)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const E* row = vals + b * v.C;
+      E* sample = dx + b * v.sb;
+      for (int64_t r = 0; r < v.R; ++r) {
+        E* dst = sample + r * v.sr;
+        if (v.sl != v.C) {  // rows of positions with gaps between them
+          for (int64_t l = 0; l < v.L; ++l) std::memcpy(dst + l * v.sl, row, v.C * sizeof(E));
+          continue;
+        }
+        // a dense run of L rows of C: write one row, double it up to ~4 KiB, then copy that
+        // cache-resident chunk along the run
+        const int64_t total = v.L * v.C;
+        int64_t done = std::min(v.C, total);
+        std::memcpy(dst, row, done * sizeof(E));
+        const int64_t chunk_rows = std::max<int64_t>(1, 4096 / static_cast<int64_t>(v.C * sizeof(E)));
+        const int64_t chunk = std::min(total, chunk_rows * v.C);
+        while (done < chunk) {
+          const int64_t len = std::min(done, chunk - done);
+          std::memcpy(dst + done, dst, len * sizeof(E));
+          done += len;
+        }
+        while (done < total) {
+          const int64_t len = std::min(chunk, total - done);
+          std::memcpy(dst + done, dst, len * sizeof(E));
+          done += len;
+        }
+      }
     }
   });
 }
 
-// Pooled means of x as a (B, C) tensor of `dtype` (rounded once from double sums).
-at::Tensor pooled_means(const at::Tensor& x, c10::string_view topology, at::ScalarType dtype) {
-  const PoolView v = pool_view(x, topology);
-  std::vector<double> means(v.B * v.C, 0.0);
-  if (v.H * v.W > 0 && v.B * v.C > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gated_pool", [&] {
-      pool_means<scalar_t>(x.const_data_ptr<scalar_t>(), v, means.data());
-    });
-  } else if (v.H * v.W == 0) {
-    std::fill(means.begin(), means.end(), std::nan(""));  // mean over nothing, as torch gives
-  }
-  return tensor_from_values(means, {v.B, v.C}, dtype);
-}
-
-// dx = grad[b, c] / (H*W) broadcast over x's layout, rounded once to x's dtype.
-at::Tensor pool_input_grad(const at::Tensor& grad_bc, const at::Tensor& x,
-                           c10::string_view topology) {
+// dx (x's dtype and layout) with dx[b, c, ...] = grad(b, c) / count, computed in float for a
+// float/half gradient into a float/half dx (as torch's mean backward), in double otherwise,
+// rounded once to x's dtype. `grad_at(b, c)` gives the gradient as G.
+template <typename G, typename GradAt>
+at::Tensor pool_input_grad(const at::Tensor& x, c10::string_view topology, GradAt&& grad_at) {
   at::Tensor dx = at::empty_like(x);
   if (x.numel() == 0) return dx;
-  const bool cnn = topology == "cnn";
-  const int64_t count = cnn ? x.size(2) * x.size(3) : x.size(1);
-  const at::Tensor g = cnn ? grad_bc.view({x.size(0), x.size(1), 1, 1}).expand(x.sizes())
-                           : grad_bc.view({x.size(0), 1, x.size(2)}).expand(x.sizes());
-  auto iter = make_iter({dx}, {g});
+  const PoolView v = pool_view(dx, topology);
+  const int64_t count = v.count();
+  at::Tensor vals_t;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gated_pool_backward", [&] {
     using dx_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "gated_pool_backward", [&] {
-      using g_t = scalar_t;
-      // float math for a float/half gradient (as torch's mean backward), double for double
-      using op_t = std::conditional_t<std::is_same_v<g_t, double> || std::is_same_v<dx_t, double>, double, float>;
-      const op_t div = static_cast<op_t>(count);
-      iter.for_each(
-          [div](char** data, const int64_t* st, int64_t n0, int64_t n1) {
-            for (int64_t j = 0; j < n1; ++j) {
-              char* out = data[0] + j * st[2];
-              const char* in = data[1] + j * st[3];
-              for (int64_t i = 0; i < n0; ++i) {
-                const op_t gv = static_cast<op_t>(*reinterpret_cast<const g_t*>(in + i * st[1]));
-                *reinterpret_cast<dx_t*>(out + i * st[0]) = static_cast<dx_t>(gv / div);
-              }
-            }
-          },
-          kGrain);
-    });
+    using op_t = std::conditional_t<
+        std::is_same_v<G, long double>, long double,
+        std::conditional_t<std::is_same_v<G, double> || std::is_same_v<dx_t, double>, double, float>>;
+    const op_t div = static_cast<op_t>(count);
+    std::vector<dx_t> vals(v.B * v.C);
+    for (int64_t b = 0; b < v.B; ++b) {
+      for (int64_t c = 0; c < v.C; ++c) {
+        const op_t q = static_cast<op_t>(grad_at(b, c)) / div;
+        if constexpr (std::is_same_v<op_t, long double>) {
+          vals[b * v.C + c] = static_cast<dx_t>(static_cast<double>(q));
+        } else {
+          vals[b * v.C + c] = static_cast<dx_t>(q);
+        }
+      }
+    }
+    const bool dense_layout = v.sl == 1 || v.sc == 1;
+    if (dense_layout) {
+      using E = typename Bits<sizeof(dx_t)>::type;
+      std::vector<E> bits(vals.size());
+      std::memcpy(bits.data(), vals.data(), vals.size() * sizeof(E));
+      broadcast_fill<E>(static_cast<E*>(dx.data_ptr()), v, bits.data());
+    } else {
+      vals_t = at::empty({v.B, v.C}, x.options().memory_format(at::MemoryFormat::Contiguous));
+      std::copy(vals.begin(), vals.end(), vals_t.data_ptr<dx_t>());
+    }
   });
+  if (vals_t.defined()) {  // no dense direction to fill along: a broadcast copy
+    const bool cnn = topology == "cnn";
+    const at::Tensor g = cnn ? vals_t.view({v.B, v.C, 1, 1}) : vals_t.view({v.B, 1, v.C});
+    dx.copy_(g.expand(x.sizes()));
+  }
   return dx;
 }
 
 }  // namespace
 
 at::Tensor gated_pool(const at::Tensor& x, c10::string_view topology) {
-  return pooled_means(x, topology, x.scalar_type());
+  const PoolView v = pool_view(x, topology);
+  at::Tensor out = at::empty({v.B, v.C}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gated_pool", [&] {
+    pooled_means_into<scalar_t>(x, v, out.data_ptr<scalar_t>());
+  });
+  return out;
 }
 
 at::Tensor gated_pool_backward(const at::Tensor& grad, const at::Tensor& x,
                                c10::string_view topology) {
-  check_topology(x, topology);
-  return pool_input_grad(grad, x, topology);
+  const PoolView v = pool_view(x, topology);
+  TORCH_CHECK(grad.numel() == v.B * v.C, "gated_pool_backward: grad has ", grad.numel(),
+              " elements, expected ", v.B * v.C);
+  TORCH_CHECK(grad.is_floating_point(), "gated_pool_backward: grad must be floating point");
+  const at::Tensor g = grad.reshape({v.B, v.C});
+  at::Tensor dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "gated_pool_backward", [&] {
+    using g_t = scalar_t;
+    const g_t* gp = g.const_data_ptr<g_t>();
+    const int64_t s0 = g.stride(0), s1 = g.stride(1);
+    dx = pool_input_grad<g_t>(x, topology, [&](int64_t b, int64_t c) { return gp[b * s0 + c * s1]; });
+  });
+  return dx;
 }
 
+// ---------------------------------------------------------------- gate network
 namespace {
-// The gate MLP runs in float64 whatever x's dtype: it is (B,C) x (C,hidden), negligible next
-// to the pooling pass, and double keeps its single-value outputs (db2) correctly rounded.
-constexpr at::ScalarType kGateMath = at::kDouble;
 
-struct GateForward {
-  at::Tensor pooled, z1, a1, y;  // all in kGateMath
+// The MLP's math type: double for float32/bfloat16/float16 (far below their rounding), long
+// double when x or a weight is float64 (so a float64 call stays within an ulp or so of a
+// long-double oracle, below eager float64's own rounding).
+template <typename M>
+struct GateWeights {
+  int64_t C, hidden;
+  std::vector<M> w1, w1t, b1, w2, b2;  // w1: (hidden, C); w1t: (C, hidden)
 };
 
-GateForward gate_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                         const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
-  const auto op = kGateMath;
-  GateForward f;
-  f.pooled = pooled_means(x, topology, op);
-  f.z1 = at::addmm(b1.to(op), f.pooled, w1.to(op).t());
-  f.a1 = at::relu(f.z1);
-  f.y = at::sigmoid(at::addmm(b2.to(op), f.a1, w2.to(op).t()));
+void check_gate_weights(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                        const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
+  check_topology(x, topology);
+  const int64_t C = topology == "cnn" ? x.size(1) : x.size(2);
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C, "gate_network: w1 has shape ", w1.sizes(),
+              ", expected (hidden, ", C, ")");
+  const int64_t hidden = w1.size(0);
+  TORCH_CHECK(b1.dim() == 1 && b1.size(0) == hidden, "gate_network: b1 has shape ", b1.sizes(),
+              ", expected (", hidden, ",)");
+  TORCH_CHECK(w2.dim() == 2 && w2.size(0) == 1 && w2.size(1) == hidden,
+              "gate_network: w2 has shape ", w2.sizes(), ", expected (1, ", hidden, ")");
+  TORCH_CHECK(b2.dim() == 1 && b2.size(0) == 1, "gate_network: b2 has shape ", b2.sizes(),
+              ", expected (1,)");
+  for (const at::Tensor* t : {&w1, &b1, &w2, &b2}) {
+    TORCH_CHECK(t->is_floating_point() && t->device().is_cpu(),
+                "gate_network: weights must be floating-point CPU tensors");
+  }
+}
+
+bool long_double_math(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                      const at::Tensor& w2, const at::Tensor& b2) {
+  for (const at::Tensor* t : {&x, &w1, &b1, &w2, &b2}) {
+    if (t->scalar_type() == at::kDouble) return true;
+  }
+  return false;
+}
+
+// Columns [k0, k0 + NV * 4) of small_gemm's output, for double: pairs of rows times NV
+// vectors of columns held in registers, so the products do not wait on stores.
+template <int NV>
+void gemm_columns(int64_t I, int64_t Mdim, int64_t K, int64_t k0, const double* a, int64_t a_si,
+                  int64_t a_sm, const double* bm, const double* bias, double* out) {
+  using DVec = at::vec::Vectorized<double>;
+  constexpr int64_t V = DVec::size();
+  DVec init[NV];
+  for (int q = 0; q < NV; ++q) init[q] = bias ? DVec::loadu(bias + k0 + q * V) : DVec(0.0);
+  int64_t i = 0;
+  for (; i + 2 <= I; i += 2) {
+    DVec r0[NV], r1[NV];
+    for (int q = 0; q < NV; ++q) r0[q] = r1[q] = init[q];
+    const double* a0 = a + i * a_si;
+    const double* a1 = a0 + a_si;
+    for (int64_t m = 0; m < Mdim; ++m) {
+      const DVec s0(a0[m * a_sm]), s1(a1[m * a_sm]);
+      const double* row = bm + m * K + k0;
+      for (int q = 0; q < NV; ++q) {
+        const DVec bv = DVec::loadu(row + q * V);
+        r0[q] = at::vec::fmadd(s0, bv, r0[q]);
+        r1[q] = at::vec::fmadd(s1, bv, r1[q]);
+      }
+    }
+    for (int q = 0; q < NV; ++q) {
+      r0[q].store(out + i * K + k0 + q * V);
+      r1[q].store(out + (i + 1) * K + k0 + q * V);
+    }
+  }
+  for (; i < I; ++i) {
+    DVec r0[NV];
+    for (int q = 0; q < NV; ++q) r0[q] = init[q];
+    const double* a0 = a + i * a_si;
+    for (int64_t m = 0; m < Mdim; ++m) {
+      const DVec s0(a0[m * a_sm]);
+      for (int q = 0; q < NV; ++q) r0[q] = at::vec::fmadd(s0, DVec::loadu(bm + m * K + k0 + q * V), r0[q]);
+    }
+    for (int q = 0; q < NV; ++q) r0[q].store(out + i * K + k0 + q * V);
+  }
+}
+
+// out (I x K, row-major) = bias (per k, or none) + sum over m of a(i, m) * bm[m * K + k], a(i, m)
+// at a[i * a_si + m * a_sm]. Each sum runs over m in order (one fixed order, whatever the
+// thread count: this runs on the calling thread). Double: register-blocked columns
+// (gemm_columns); long double and the last K % 4 columns: plain loops.
+template <typename M>
+void small_gemm(int64_t I, int64_t Mdim, int64_t K, const M* a, int64_t a_si, int64_t a_sm,
+                const M* bm, const M* bias, M* out) {
+  int64_t k0 = 0;
+  if constexpr (std::is_same_v<M, double>) {
+    constexpr int64_t V = at::vec::Vectorized<double>::size();
+    for (; k0 + 4 * V <= K; k0 += 4 * V) gemm_columns<4>(I, Mdim, K, k0, a, a_si, a_sm, bm, bias, out);
+    if (k0 + 2 * V <= K) {
+      gemm_columns<2>(I, Mdim, K, k0, a, a_si, a_sm, bm, bias, out);
+      k0 += 2 * V;
+    }
+    if (k0 + V <= K) {
+      gemm_columns<1>(I, Mdim, K, k0, a, a_si, a_sm, bm, bias, out);
+      k0 += V;
+    }
+  }
+  if (k0 == K) return;
+  for (int64_t i = 0; i < I; ++i) {
+    M* o = out + i * K;
+    for (int64_t k = k0; k < K; ++k) o[k] = bias ? bias[k] : M(0);
+    for (int64_t m = 0; m < Mdim; ++m) {
+      const M s = a[i * a_si + m * a_sm];
+      const M* row = bm + m * K;
+      for (int64_t k = k0; k < K; ++k) o[k] += s * row[k];
+    }
+  }
+}
+
+// t's values (row-major) as M; `transposed` for a 2-d t gives t^T row-major.
+template <typename M>
+std::vector<M> values_as(const at::Tensor& t, bool transposed = false) {
+  const at::Tensor c = (transposed ? t.t() : t).contiguous();
+  std::vector<M> out(c.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.scalar_type(), "gate_network", [&] {
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < c.numel(); ++i) out[i] = static_cast<M>(static_cast<double>(p[i]));
+  });
+  return out;
+}
+
+template <typename M>
+GateWeights<M> gate_weights(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                            const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
+  GateWeights<M> g;
+  g.C = topology == "cnn" ? x.size(1) : x.size(2);
+  g.hidden = w1.size(0);
+  g.w1 = values_as<M>(w1);
+  g.b1 = values_as<M>(b1);
+  g.w2 = values_as<M>(w2);
+  g.b2 = values_as<M>(b2);
+  g.w1t = values_as<M>(w1, /*transposed=*/true);
+  return g;
+}
+
+// The forward in M: pooled (B,C), z1 and a1 (B,hidden), y (B).
+template <typename M>
+struct GateForward {
+  int64_t B;
+  std::vector<M> pooled, z1, a1, y;
+};
+
+template <typename M>
+GateForward<M> gate_forward(const at::Tensor& x, const GateWeights<M>& w, c10::string_view topology) {
+  const PoolView v = pool_view(x, topology);
+  const int64_t B = v.B, C = w.C, H = w.hidden;
+  GateForward<M> f;
+  f.B = B;
+  f.pooled.assign(B * C, M(0));
+  pooled_means_into<M>(x, v, f.pooled.data());
+  f.z1.resize(B * H);
+  f.a1.resize(B * H);
+  f.y.resize(B);
+  // z1 = b1 + pooled . w1^T
+  small_gemm<M>(B, C, H, f.pooled.data(), C, 1, w.w1t.data(), w.b1.data(), f.z1.data());
+  for (int64_t b = 0; b < B; ++b) {
+    const M* z = f.z1.data() + b * H;
+    M* a = f.a1.data() + b * H;
+    M z2 = w.b2[0];
+    for (int64_t j = 0; j < H; ++j) {
+      a[j] = std::isnan(z[j]) ? z[j] : std::max(z[j], M(0));  // relu keeps NaN, as at::relu
+      z2 += a[j] * w.w2[j];
+    }
+    f.y[b] = M(1) / (M(1) + std::exp(-z2));
+  }
   return f;
 }
 
@@ -187,34 +695,76 @@ std::vector<int64_t> gate_shape(const at::Tensor& x, c10::string_view topology) 
   if (topology == "cnn") return {x.size(0), 1, 1, 1};
   return {x.size(0), 1, 1};
 }
+
+std::vector<double> as_doubles(const std::vector<long double>& v) {
+  return std::vector<double>(v.begin(), v.end());
+}
+const std::vector<double>& as_doubles(const std::vector<double>& v) { return v; }
+
+template <typename M>
+at::Tensor gate_network_impl(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                             const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
+  const GateWeights<M> w = gate_weights<M>(x, w1, b1, w2, b2, topology);
+  const GateForward<M> f = gate_forward<M>(x, w, topology);
+  return tensor_from_values(as_doubles(f.y), gate_shape(x, topology), x.scalar_type());
+}
+
+template <typename M>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_network_backward_impl(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
+  const GateWeights<M> w = gate_weights<M>(x, w1, b1, w2, b2, topology);
+  const GateForward<M> f = gate_forward<M>(x, w, topology);
+  const int64_t B = f.B, C = w.C, H = w.hidden;
+  TORCH_CHECK(grad.numel() == B, "gate_network_backward: grad has ", grad.numel(),
+              " elements, expected ", B);
+  const std::vector<M> gy = values_as<M>(grad);
+  std::vector<M> dw1(H * C), db1(H, M(0)), dw2(H, M(0)), dpooled(B * C), dz1(B * H);
+  M db2 = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const M y = f.y[b];
+    const M dz2 = gy[b] * (1 - y) * y;  // torch's sigmoid_backward order
+    db2 += dz2;
+    const M* a = f.a1.data() + b * H;
+    const M* z = f.z1.data() + b * H;
+    M* d = dz1.data() + b * H;
+    for (int64_t j = 0; j < H; ++j) {
+      dw2[j] += dz2 * a[j];
+      // ReLU's gradient is a select, as torch's threshold_backward: a NaN upstream gradient
+      // does not leak through units that were off
+      d[j] = z[j] <= 0 ? M(0) : dz2 * w.w2[j];
+      db1[j] += d[j];
+    }
+  }
+  // dw1 = dz1^T . pooled; dpooled = dz1 . w1
+  small_gemm<M>(H, B, C, dz1.data(), 1, H, f.pooled.data(), nullptr, dw1.data());
+  small_gemm<M>(B, H, C, dz1.data(), H, 1, w.w1.data(), nullptr, dpooled.data());
+  at::Tensor dx = pool_input_grad<M>(x, topology, [&](int64_t b, int64_t c) { return dpooled[b * C + c]; });
+  return {dx, tensor_from_values(as_doubles(dw1), w1.sizes(), w1.scalar_type()),
+          tensor_from_values(as_doubles(db1), b1.sizes(), b1.scalar_type()),
+          tensor_from_values(as_doubles(dw2), w2.sizes(), w2.scalar_type()),
+          tensor_from_values({static_cast<double>(db2)}, b2.sizes(), b2.scalar_type())};
+}
+
 }  // namespace
 
 at::Tensor gate_network(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                         const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
-  check_topology(x, topology);
-  const GateForward f = gate_forward(x, w1, b1, w2, b2, topology);
-  return f.y.to(x.scalar_type()).view(gate_shape(x, topology));
+  check_gate_weights(x, w1, b1, w2, b2, topology);
+  if (long_double_math(x, w1, b1, w2, b2)) {
+    return gate_network_impl<long double>(x, w1, b1, w2, b2, topology);
+  }
+  return gate_network_impl<double>(x, w1, b1, w2, b2, topology);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_network_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
-  check_topology(x, topology);
-  const auto op = kGateMath;
-  const GateForward f = gate_forward(x, w1, b1, w2, b2, topology);
-  const at::Tensor gy = grad.reshape({x.size(0), 1}).to(op);
-  const at::Tensor dz2 = gy * (1 - f.y) * f.y;  // torch's sigmoid_backward order
-  const at::Tensor dw2 = at::mm(dz2.t(), f.a1);
-  const at::Tensor db2 = dz2.sum(0);
-  // ReLU's gradient is a select, as torch's threshold_backward: a NaN upstream gradient does
-  // not leak through units that were off.
-  const at::Tensor da1 = at::mm(dz2, w2.to(op));
-  const at::Tensor dz1 = at::where(f.z1 <= 0, at::zeros_like(da1), da1);
-  const at::Tensor dw1 = at::mm(dz1.t(), f.pooled);
-  const at::Tensor db1 = dz1.sum(0);
-  const at::Tensor dpooled = at::mm(dz1, w1.to(op));
-  return {pool_input_grad(dpooled, x, topology), dw1.to(w1.scalar_type()),
-          db1.to(b1.scalar_type()), dw2.to(w2.scalar_type()), db2.to(b2.scalar_type())};
+  check_gate_weights(x, w1, b1, w2, b2, topology);
+  if (long_double_math(x, w1, b1, w2, b2)) {
+    return gate_network_backward_impl<long double>(grad, x, w1, b1, w2, b2, topology);
+  }
+  return gate_network_backward_impl<double>(grad, x, w1, b1, w2, b2, topology);
 }
 
 }  // namespace kk::cpu
