@@ -160,6 +160,29 @@ auto lerp_forward_loop(bool stream) {
                 const bool wb = st[3] == 0;
                 const bool nt = stream && aligned32(p[0]);
                 int64_t i = 0;
+                if (wb) {
+                  // one weight for the row: lerp's branch chosen once, the same fused
+                  // multiply-add on the same coefficient and base as lerp() per element
+                  const float w = *reinterpret_cast<const float*>(p[3]);
+                  const bool small = std::fabs(w) < 0.5f;
+                  const FVec coef(small ? w : w - 1.0f);
+                  auto row = [&](auto small_tag) {
+                    for (; i + kStep <= n; i += kStep) {
+                      FVec h0, h1, s0, s1;
+                      load2<T>(reinterpret_cast<const T*>(p[1]) + i, h0, h1);
+                      load2_as<T, S>(reinterpret_cast<const S*>(p[2]) + i, s0, s1);
+                      const FVec y0 = at::vec::fmadd(coef, s0 - h0, decltype(small_tag)::value ? h0 : s0);
+                      const FVec y1 = at::vec::fmadd(coef, s1 - h1, decltype(small_tag)::value ? h1 : s1);
+                      store2<T>(reinterpret_cast<T*>(p[0]) + i, y0, y1, nt);
+                    }
+                  };
+                  if (small) {
+                    row(std::true_type{});
+                  } else {
+                    row(std::false_type{});
+                  }
+                  return i;
+                }
                 for (; i + kStep <= n; i += kStep) {
                   FVec h0, h1, s0, s1, w0, w1;
                   load2<T>(reinterpret_cast<const T*>(p[1]) + i, h0, h1);
@@ -406,9 +429,17 @@ auto multiply_backward_loop(Accumulator& acc, bool stream) {
                 multiply_backward_t<kRIsH>(g1, h1, tg1, t1, c1, dh1, ds1, dc1, RoundTo<T>{});
                 store2<T>(reinterpret_cast<T*>(p[0]) + i, dh0, dh1, nt);
                 if constexpr (!std::is_same_v<S, T>) round_through<T>(ds0, ds1);
-                store2<S>(reinterpret_cast<S*>(p[1]) + i, ds0, ds1, nt);
-                if constexpr (!kRIsH) {
-                  store2<S>(reinterpret_cast<S*>(p[2]) + i, FVec(0.0f) - ds0, FVec(0.0f) - ds1, nt);
+                if constexpr (!kRIsH && std::is_same_v<S, T> && kHalfPrecision<T>) {
+                  // dr = -ds: ds's 16-bit patterns with the sign flipped (rounding -ds gives
+                  // exactly that), not a second conversion
+                  store2_negated<T>(reinterpret_cast<T*>(p[1]) + i, reinterpret_cast<T*>(p[2]) + i,
+                                    ds0, ds1, nt);
+                } else {
+                  store2<S>(reinterpret_cast<S*>(p[1]) + i, ds0, ds1, nt);
+                  if constexpr (!kRIsH) {
+                    store2<S>(reinterpret_cast<S*>(p[2]) + i, ds0.neg(), ds1.neg(),
+                              nt);
+                  }
                 }
                 lanes.add_product3(g0, h0, t0);
                 lanes.add_product3(g1, h1, t1);

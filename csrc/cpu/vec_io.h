@@ -121,6 +121,25 @@ inline void store2(T* p, const FVec& a, const FVec& b, bool stream) {
   }
 }
 
+// A half-precision dtype T: stores a and b (rounded to T) at p, and their negation at q.
+template <typename T>
+inline void store2_negated(T* p, T* q, const FVec& a, const FVec& b, bool stream) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256i v = at::vec::convert_from_float<T>(a, b);
+  const __m256i neg = _mm256_xor_si256(v, _mm256_set1_epi16(static_cast<short>(0x8000)));
+  if (stream) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(q), neg);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), neg);
+  }
+#else
+  store2<T>(p, a, b, stream);
+  store2<T>(q, a.neg(), b.neg(), stream);
+#endif
+}
+
 inline void stream_fence() {
 #if defined(CPU_CAPABILITY_AVX2)
   _mm_sfence();
