@@ -12,6 +12,13 @@ namespace kk::cpu {
 // out[i] = tanh(in[i]) for i < n, exactly as torch.tanh computes float32 (in == out allowed).
 void aten_tanh_f32(const float* in, float* out, int64_t n);
 
+// tanh of every bfloat16 (float16) value, as ATen's half-precision tanh computes it before
+// rounding: Vectorized<float>::tanh (Sleef) of the value widened to float. Indexed by the
+// 16-bit pattern; 65536 floats, built once on first use. A half-precision tanh then costs a
+// table lookup instead of a Sleef evaluation, with the same bits.
+const float* tanh_table_bf16();
+const float* tanh_table_f16();
+
 // A per-thread scratch row of at least n floats (reused across calls).
 float* scratch_row(int64_t n);
 

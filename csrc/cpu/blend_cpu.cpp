@@ -4,6 +4,10 @@
 // sums for alpha/gate, finished on the host by a fixed-order reduction.
 #include <ATen/ATen.h>
 #include <ATen/ExpandUtils.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
 
 #include "cpu/blend_kernels.h"
 #include "cpu/cpu_ops.h"
@@ -50,6 +54,30 @@ bool same_dense_layout(const std::vector<at::Tensor>& ts) {
   return true;
 }
 
+// Output bytes from which a pass streams its outputs past the cache (non-temporal stores):
+// a quarter of the last-level cache, as glibc (2.38+) sets its memcpy's non-temporal
+// threshold, where the output can no longer stay in cache beside the pass's inputs; at most
+// 8 MiB, since sysconf may report a whole socket's (or a VM's) L3 while one core reaches a
+// 32 MiB slice of it at most (AMD EPYC here: sysconf says 320 MiB, lscpu 32 MiB).
+// KASMINA_KERNELS_STREAM_BYTES overrides it (0 streams every aligned output: the tests'
+// way onto the streaming path).
+int64_t stream_threshold_bytes() {
+  static const int64_t threshold = [] {
+    if (const char* env = std::getenv("KASMINA_KERNELS_STREAM_BYTES")) {
+      char* end = nullptr;
+      const long long v = std::strtoll(env, &end, 10);
+      if (end != env && v >= 0) return static_cast<int64_t>(v);
+    }
+    long l3 = -1;
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    const int64_t llc = l3 > 0 ? static_cast<int64_t>(l3) : (int64_t(32) << 20);
+    return std::clamp<int64_t>(llc / 4, int64_t(1) << 20, int64_t(8) << 20);
+  }();
+  return threshold;
+}
+
 // Runs one pass of a kernel over `outputs` then `inputs` then the weight (always the last
 // operand), and returns the sums of the kernel's per-element weight-gradient terms per weight
 // element (empty when `need_sums` is false, or when they went to `element_out` instead).
@@ -79,6 +107,9 @@ std::vector<long double> run_pass(const std::vector<at::Tensor>& outputs,
   all.insert(all.end(), inputs.begin(), inputs.end());
   if ((scalar || (per_sample && batch_ok)) && same_dense_layout(all)) {
     std::vector<OpT> wv(w.values.begin(), w.values.end());
+    int64_t out_bytes = 0;
+    for (const at::Tensor& t : outputs) out_bytes += t.numel() * t.element_size();
+    const bool stream = out_bytes >= stream_threshold_bytes();
     const int n_ops = static_cast<int>(all.size()) + 1;
     std::vector<char*> base(n_ops - 1);
     std::vector<int64_t> elem(n_ops - 1);
@@ -88,7 +119,7 @@ std::vector<long double> run_pass(const std::vector<at::Tensor>& outputs,
     }
     return grouped_sums(groups, group_size, [&](int64_t group, int64_t begin, int64_t end) {
       Accumulator acc;
-      auto loop = loop_for(std::false_type{}, acc);
+      auto loop = loop_for(std::false_type{}, acc, stream);
       char* data[16];
       int64_t strides[32] = {};
       for (int i = 0; i < n_ops - 1; ++i) {
@@ -98,6 +129,7 @@ std::vector<long double> run_pass(const std::vector<at::Tensor>& outputs,
       data[n_ops - 1] = reinterpret_cast<char*>(wv.data() + (scalar ? 0 : group));
       strides[n_ops - 1] = 0;
       loop(data, strides, end - begin, 1);
+      if (stream) stream_fence();  // this thread's streamed stores, before the join
       return acc.value_ld();
     });
   }
@@ -120,7 +152,7 @@ std::vector<long double> run_pass(const std::vector<at::Tensor>& outputs,
   auto run_blocks = [&](auto element_tag, int64_t g, int64_t gs) {
     return grouped_sums(g, gs, [&](int64_t, int64_t begin, int64_t end) {
       Accumulator acc;
-      auto loop = loop_for(element_tag, acc);
+      auto loop = loop_for(element_tag, acc, false);
       iter.serial_for_each(loop, {begin, end});
       return acc.value_ld();
     });
@@ -155,7 +187,7 @@ at::Tensor lerp_forward_pass(const at::Tensor& h, const at::Tensor& s_in, const 
     using T = typename decltype(tt)::type;
     using S = typename decltype(st)::type;
     run_pass<opmath_t<T>>({out}, {h, s}, w, h, false, unused,
-                          [](auto, Accumulator&) { return lerp_forward_loop<T, S>(); });
+                          [](auto, Accumulator&, bool st) { return lerp_forward_loop<T, S>(st); });
   });
   return out;
 }
@@ -175,8 +207,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<long double>> lerp_backward_pass(
     using T = typename decltype(tt)::type;
     using S = typename decltype(st)::type;
     sums = run_pass<opmath_t<T>>({dh, ds}, {g, h, s}, w, h, true, element_out,
-                                 [](auto element, Accumulator& acc) {
-                                   return lerp_backward_loop<T, S, decltype(element)::value>(acc);
+                                 [](auto element, Accumulator& acc, bool st) {
+                                   return lerp_backward_loop<T, S, decltype(element)::value>(acc, st);
                                  });
   });
   if (ds.scalar_type() != s_in.scalar_type()) ds = ds.to(s_in.scalar_type());
@@ -335,11 +367,11 @@ at::Tensor blend_multiply(const at::Tensor& h, const at::Tensor& s_in, const at:
     using S = typename decltype(st)::type;
     if (!seed_input.has_value()) {
       run_pass<opmath_t<T>>({out}, {h, s}, c, h, false, unused,
-                            [](auto, Accumulator&) { return multiply_forward_loop<T, S, true>(); });
+                            [](auto, Accumulator&, bool st) { return multiply_forward_loop<T, S, true>(st); });
     } else {
       const at::Tensor r = seed_input->to(s.scalar_type());  // exact: r is read as h's dtype
       run_pass<opmath_t<T>>({out}, {h, s, r}, c, h, false, unused,
-                            [](auto, Accumulator&) { return multiply_forward_loop<T, S, false>(); });
+                            [](auto, Accumulator&, bool st) { return multiply_forward_loop<T, S, false>(st); });
     }
   });
   return out;
@@ -366,15 +398,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
     using S = typename decltype(st)::type;
     if (r_is_h) {
       sums = run_pass<opmath_t<T>>({dh, ds}, {g, h, s}, c, h, need_alpha_grad, element_out,
-                                   [](auto element, Accumulator& acc) {
+                                   [](auto element, Accumulator& acc, bool st) {
                                      return multiply_backward_loop<T, S, true,
-                                                                   decltype(element)::value>(acc);
+                                                                   decltype(element)::value>(acc, st);
                                    });
     } else {
       sums = run_pass<opmath_t<T>>({dh, ds, dr}, {g, h, s, r}, c, h, need_alpha_grad,
-                                   element_out, [](auto element, Accumulator& acc) {
+                                   element_out, [](auto element, Accumulator& acc, bool st) {
                                      return multiply_backward_loop<T, S, false,
-                                                                   decltype(element)::value>(acc);
+                                                                   decltype(element)::value>(acc, st);
                                    });
     }
   });
@@ -452,7 +484,7 @@ at::Tensor multiply_valve_multiplier(const at::Tensor& alpha, const at::Tensor& 
     using U = typename decltype(ut)::type;
     using M = typename decltype(mt)::type;
     run_pass<opmath_t<U>>({out}, {m}, c, m, false, unused,
-                          [](auto, Accumulator&) { return valve_forward_loop<U, M>(); });
+                          [](auto, Accumulator&, bool st) { return valve_forward_loop<U, M>(st); });
   });
   return out;
 }
@@ -474,8 +506,8 @@ std::tuple<at::Tensor, at::Tensor> multiply_valve_multiplier_backward(const at::
     using U = typename decltype(ut)::type;
     using M = typename decltype(mt)::type;
     sums = run_pass<opmath_t<U>>({dm}, {g, m}, c, m, need_alpha_grad, element_out,
-                                 [](auto element, Accumulator& acc) {
-                                   return valve_backward_loop<U, M, decltype(element)::value>(acc);
+                                 [](auto element, Accumulator& acc, bool st) {
+                                   return valve_backward_loop<U, M, decltype(element)::value>(acc, st);
                                  });
   });
   if (dm.scalar_type() != m_in.scalar_type()) dm = dm.to(m_in.scalar_type());

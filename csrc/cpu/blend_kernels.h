@@ -111,6 +111,22 @@ inline V as_host_value(V x) {
   }
 }
 
+// The tanh table of a half-precision dtype T (aten_tanh.h).
+template <typename T>
+inline const float* tanh_table() {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return tanh_table_bf16();
+  } else {
+    return tanh_table_f16();
+  }
+}
+
+// ATen's tanh of a half-precision value, before rounding to T (scalar tails).
+template <typename T>
+inline float half_tanh(T v) {
+  return tanh_table<T>()[half_bits(v)];
+}
+
 template <typename W>
 inline void load_weight2(const char* p, bool broadcast, FVec& a, FVec& b) {
   if (broadcast) {
@@ -133,22 +149,46 @@ inline void put(char* p, int64_t stride, int64_t i, V v) {
 // ---------------------------------------------------------------- lerp (ADD, GATE)
 // operands: out(T), h(T), s(S), w(op)
 template <typename T, typename S>
-auto lerp_forward_loop() {
+auto lerp_forward_loop(bool stream) {
   using op_t = opmath_t<T>;
   constexpr int N = 4;
-  return [](char** data, const int64_t* st, int64_t n0, int64_t n1) {
+  return [stream](char** data, const int64_t* st, int64_t n0, int64_t n1) {
         run_rows<N, kVectorizable<T>>(
             data, st, n0, n1, {sizeof(T), sizeof(T), sizeof(S), sizeof(op_t)}, 3,
             [&](std::array<char*, N>& p, int64_t n) -> int64_t {
               if constexpr (kVectorizable<T>) {
                 const bool wb = st[3] == 0;
+                const bool nt = stream && aligned32(p[0]);
                 int64_t i = 0;
+                if (wb) {
+                  // one weight for the row: lerp's branch chosen once, the same fused
+                  // multiply-add on the same coefficient and base as lerp() per element
+                  const float w = *reinterpret_cast<const float*>(p[3]);
+                  const bool small = std::fabs(w) < 0.5f;
+                  const FVec coef(small ? w : w - 1.0f);
+                  auto row = [&](auto small_tag) {
+                    for (; i + kStep <= n; i += kStep) {
+                      FVec h0, h1, s0, s1;
+                      load2<T>(reinterpret_cast<const T*>(p[1]) + i, h0, h1);
+                      load2_as<T, S>(reinterpret_cast<const S*>(p[2]) + i, s0, s1);
+                      const FVec y0 = at::vec::fmadd(coef, s0 - h0, decltype(small_tag)::value ? h0 : s0);
+                      const FVec y1 = at::vec::fmadd(coef, s1 - h1, decltype(small_tag)::value ? h1 : s1);
+                      store2<T>(reinterpret_cast<T*>(p[0]) + i, y0, y1, nt);
+                    }
+                  };
+                  if (small) {
+                    row(std::true_type{});
+                  } else {
+                    row(std::false_type{});
+                  }
+                  return i;
+                }
                 for (; i + kStep <= n; i += kStep) {
                   FVec h0, h1, s0, s1, w0, w1;
                   load2<T>(reinterpret_cast<const T*>(p[1]) + i, h0, h1);
                   load2_as<T, S>(reinterpret_cast<const S*>(p[2]) + i, s0, s1);
                   load_weight2<float>(p[3] + (wb ? 0 : i * sizeof(float)), wb, w0, w1);
-                  store2<T>(reinterpret_cast<T*>(p[0]) + i, lerp(h0, s0, w0), lerp(h1, s1, w1));
+                  store2<T>(reinterpret_cast<T*>(p[0]) + i, lerp(h0, s0, w0), lerp(h1, s1, w1), nt);
                 }
                 return i;
               }
@@ -166,12 +206,12 @@ auto lerp_forward_loop() {
 // operands: dh(T), ds(S), [dw(op) when kElement], g(T), h(T), s(S), w(op).
 // Returns the loop for one block; `acc` collects sum(g * (s - h)) unless kElement.
 template <typename T, typename S, bool kElement>
-auto lerp_backward_loop(Accumulator& acc) {
+auto lerp_backward_loop(Accumulator& acc, bool stream) {
   using op_t = opmath_t<T>;
   constexpr int E = kElement ? 1 : 0;
   constexpr int N = 6 + E;
   constexpr int G = 2 + E;  // index of g
-  return [&acc](char** data, const int64_t* st, int64_t n0, int64_t n1) {
+  return [&acc, stream](char** data, const int64_t* st, int64_t n0, int64_t n1) {
     std::array<int64_t, N> sizes;
     sizes[0] = sizeof(T);
     sizes[1] = sizeof(S);
@@ -185,6 +225,7 @@ auto lerp_backward_loop(Accumulator& acc) {
         [&](std::array<char*, N>& p, int64_t n) -> int64_t {
           if constexpr (kVectorizable<T>) {
             const bool wb = st[G + 3] == 0;
+            const bool nt = stream && aligned32(p[0]) && aligned32(p[1]);
             int64_t i = 0;
             std::conditional_t<kHalfPrecision<T>, FloatLanes, DoubleLanes> lanes;
             {
@@ -196,10 +237,10 @@ auto lerp_backward_loop(Accumulator& acc) {
                 load_weight2<float>(p[G + 3] + (wb ? 0 : i * sizeof(float)), wb, w0, w1);
                 lerp_backward(g0, h0, s0, w0, dh0, ds0, dw0);
                 lerp_backward(g1, h1, s1, w1, dh1, ds1, dw1);
-                store2<T>(reinterpret_cast<T*>(p[0]) + i, dh0, dh1);
+                store2<T>(reinterpret_cast<T*>(p[0]) + i, dh0, dh1, nt);
                 // the gradient of s.to(T) is rounded to T first (store2<T> rounds anyway)
                 if constexpr (!std::is_same_v<S, T>) round_through<T>(ds0, ds1);
-                store2<S>(reinterpret_cast<S*>(p[1]) + i, ds0, ds1);
+                store2<S>(reinterpret_cast<S*>(p[1]) + i, ds0, ds1, nt);
                 lanes.add_product_of_difference(g0, s0, h0);
                 lanes.add_product_of_difference(g1, s1, h1);
               }
@@ -231,12 +272,14 @@ auto lerp_backward_loop(Accumulator& acc) {
 
 // ---------------------------------------------------------------- MULTIPLY
 // operands: out(T), h(T), s(S), [r(S) unless kRIsH], c(op)
+// Half-precision hosts round where the reference's T arithmetic rounds (s - r, tanh, c * t,
+// 1 + c * t, the product) and take tanh from ATen's table: the reference's own bits.
 template <typename T, typename S, bool kRIsH>
-auto multiply_forward_loop() {
+auto multiply_forward_loop(bool stream) {
   using op_t = opmath_t<T>;
   constexpr int N = kRIsH ? 4 : 5;
   constexpr int C = N - 1;
-  return [](char** data, const int64_t* st, int64_t n0, int64_t n1) {
+  return [stream](char** data, const int64_t* st, int64_t n0, int64_t n1) {
         std::array<int64_t, N> sizes;
         sizes[0] = sizeof(T);
         sizes[1] = sizeof(T);
@@ -248,6 +291,9 @@ auto multiply_forward_loop() {
             [&](std::array<char*, N>& p, int64_t n) -> int64_t {
               if constexpr (kVectorizable<T>) {
                 const bool cb = st[C] == 0;
+                const bool nt = stream && aligned32(p[0]);
+                const float* table = nullptr;
+                if constexpr (kHalfPrecision<T>) table = tanh_table<T>();
                 int64_t i = 0;
                 for (; i + kStep <= n; i += kStep) {
                   FVec h0, h1, s0, s1, r0, r1, c0, c1;
@@ -260,8 +306,22 @@ auto multiply_forward_loop() {
                     load2_as<T, S>(reinterpret_cast<const S*>(p[3]) + i, r0, r1);
                   }
                   load_weight2<float>(p[C] + (cb ? 0 : i * sizeof(float)), cb, c0, c1);
-                  store2<T>(reinterpret_cast<T*>(p[0]) + i, multiply(h0, s0, r0, c0),
-                            multiply(h1, s1, r1, c1));
+                  if constexpr (kHalfPrecision<T>) {
+                    FVec d0 = s0 - r0, d1 = s1 - r1;
+                    round_through<T>(d0, d1);
+                    FVec t0, t1;
+                    lookup2<T>(table, d0, d1, t0, t1);
+                    round_through<T>(t0, t1);
+                    FVec v0 = c0 * t0, v1 = c1 * t1;
+                    round_through<T>(v0, v1);
+                    v0 = FVec(1.0f) + v0;
+                    v1 = FVec(1.0f) + v1;
+                    round_through<T>(v0, v1);
+                    store2<T>(reinterpret_cast<T*>(p[0]) + i, h0 * v0, h1 * v1, nt);
+                  } else {
+                    store2<T>(reinterpret_cast<T*>(p[0]) + i, multiply(h0, s0, r0, c0),
+                              multiply(h1, s1, r1, c1), nt);
+                  }
                 }
                 return i;
               }
@@ -273,14 +333,20 @@ auto multiply_forward_loop() {
               op_t r = h;
               if constexpr (!kRIsH) r = as_op<T>(val<S>(p[3], s[3], i));
               const op_t c = val<op_t>(p[C], s[C], i);
-              put<T>(p[0], s[0], i, multiply(h, sv, r, c));
+              if constexpr (kHalfPrecision<T>) {
+                const op_t t = as_host_value<T>(half_tanh<T>(static_cast<T>(sv - r)));
+                const op_t v = as_host_value<T>(op_t(1) + as_host_value<T>(c * t));
+                put<T>(p[0], s[0], i, h * v);
+              } else {
+                put<T>(p[0], s[0], i, multiply(h, sv, r, c));
+              }
             });
       };
 }
 
 // operands: dh(T), ds(S), [dr(S)], [dc(op) when kElement], g(T), h(T), s(S), [r(S)], c(op)
 template <typename T, typename S, bool kRIsH, bool kElement>
-auto multiply_backward_loop(Accumulator& acc) {
+auto multiply_backward_loop(Accumulator& acc, bool stream) {
   using op_t = opmath_t<T>;
   constexpr int R = kRIsH ? 0 : 1;
   constexpr int E = kElement ? 1 : 0;
@@ -288,7 +354,7 @@ auto multiply_backward_loop(Accumulator& acc) {
   constexpr int N = NO + 4 + R;
   constexpr int G = NO;
   constexpr int C = N - 1;
-  return [&acc](char** data, const int64_t* st, int64_t n0, int64_t n1) {
+  return [&acc, stream](char** data, const int64_t* st, int64_t n0, int64_t n1) {
     std::array<int64_t, N> sizes;
     sizes[0] = sizeof(T);
     sizes[1] = sizeof(S);
@@ -304,10 +370,14 @@ auto multiply_backward_loop(Accumulator& acc) {
         [&](std::array<char*, N>& p, int64_t n) -> int64_t {
           if constexpr (kVectorizable<T>) {
             const bool cb = st[C] == 0;
+            const bool nt = stream && aligned32(p[0]) && aligned32(p[1]) &&
+                            (kRIsH || aligned32(p[2]));
             int64_t i = 0;
             std::conditional_t<kHalfPrecision<T>, FloatLanes, DoubleLanes> lanes;
             // float32: the whole row's tanh(s - r) by torch's own float tanh, up front
             const float* trow = nullptr;
+            const float* table = nullptr;
+            if constexpr (kHalfPrecision<T>) table = tanh_table<T>();
             if constexpr (std::is_same_v<T, float>) {
               float* tb = scratch_row(n);
               const float* sp = reinterpret_cast<const float*>(p[G + 2]);
@@ -341,11 +411,8 @@ auto multiply_backward_loop(Accumulator& acc) {
                   tr0 = FVec::loadu(trow + i);
                   tr1 = FVec::loadu(trow + i + FVec::size());
                 } else {
-                  // half precision: the exp-based tanh (a third of Sleef's cost); rounded to T
-                  // it gives ATen's value except where the two float results straddle a
-                  // rounding boundary of T (about 2^-15 of elements; one ulp of T there)
-                  tr0 = Prims<FVec>::tanh(d0);
-                  tr1 = Prims<FVec>::tanh(d1);
+                  // half precision: d holds a T value, so ATen's tanh of it is a table entry
+                  lookup2<T>(table, d0, d1, tr0, tr1);
                 }
                 FVec t0 = tr0, t1 = tr1;
                 if constexpr (kHalfPrecision<T>) {
@@ -360,11 +427,19 @@ auto multiply_backward_loop(Accumulator& acc) {
                 if constexpr (kHalfPrecision<T>) round_through<T>(tg0, tg1);
                 multiply_backward_t<kRIsH>(g0, h0, tg0, t0, c0, dh0, ds0, dc0, RoundTo<T>{});
                 multiply_backward_t<kRIsH>(g1, h1, tg1, t1, c1, dh1, ds1, dc1, RoundTo<T>{});
-                store2<T>(reinterpret_cast<T*>(p[0]) + i, dh0, dh1);
+                store2<T>(reinterpret_cast<T*>(p[0]) + i, dh0, dh1, nt);
                 if constexpr (!std::is_same_v<S, T>) round_through<T>(ds0, ds1);
-                store2<S>(reinterpret_cast<S*>(p[1]) + i, ds0, ds1);
-                if constexpr (!kRIsH) {
-                  store2<S>(reinterpret_cast<S*>(p[2]) + i, FVec(0.0f) - ds0, FVec(0.0f) - ds1);
+                if constexpr (!kRIsH && std::is_same_v<S, T> && kHalfPrecision<T>) {
+                  // dr = -ds: ds's 16-bit patterns with the sign flipped (rounding -ds gives
+                  // exactly that), not a second conversion
+                  store2_negated<T>(reinterpret_cast<T*>(p[1]) + i, reinterpret_cast<T*>(p[2]) + i,
+                                    ds0, ds1, nt);
+                } else {
+                  store2<S>(reinterpret_cast<S*>(p[1]) + i, ds0, ds1, nt);
+                  if constexpr (!kRIsH) {
+                    store2<S>(reinterpret_cast<S*>(p[2]) + i, ds0.neg(), ds1.neg(),
+                              nt);
+                  }
                 }
                 lanes.add_product3(g0, h0, t0);
                 lanes.add_product3(g1, h1, t1);
@@ -387,6 +462,8 @@ auto multiply_backward_loop(Accumulator& acc) {
           op_t tr;
           if constexpr (std::is_same_v<T, float>) {
             aten_tanh_f32(&d, &tr, 1);
+          } else if constexpr (kHalfPrecision<T>) {
+            tr = half_tanh<T>(static_cast<T>(d));
           } else {
             tr = std::tanh(d);
           }
@@ -447,25 +524,31 @@ inline V valve_tanh(V m) {
     float in = static_cast<float>(m), out;
     aten_tanh_f32(&in, &out, 1);
     return static_cast<V>(out);
+  } else if constexpr (kHalfPrecision<M>) {
+    return static_cast<V>(half_tanh<M>(static_cast<M>(m)));
   } else {
     return Prims<V>::tanh(m);
   }
 }
 
 // 1 + c * tanh(m): U is the result dtype, M the dtype of m (tanh is rounded to M, as the
-// reference computes it in m's dtype before promoting). operands: out(U), m(M), c(op)
+// reference computes it in m's dtype before promoting; a half-precision U rounds c * t too).
+// operands: out(U), m(M), c(op)
 template <typename U, typename M>
-auto valve_forward_loop() {
+auto valve_forward_loop(bool stream) {
   using op_t = opmath_t<U>;
   constexpr int N = 3;
-  return [](char** data, const int64_t* st, int64_t n0, int64_t n1) {
+  return [stream](char** data, const int64_t* st, int64_t n0, int64_t n1) {
         run_rows<N, kVectorizable<U>>(
             data, st, n0, n1, {sizeof(U), sizeof(M), sizeof(op_t)}, 2,
             [&](std::array<char*, N>& p, int64_t n) -> int64_t {
               if constexpr (kVectorizable<U>) {
                 const bool cb = st[2] == 0;
+                const bool nt = stream && aligned32(p[0]);
                 // float32 m: the whole row's tanh by torch's own float tanh, up front
                 const float* trow = nullptr;
+                const float* table = nullptr;
+                if constexpr (kHalfPrecision<M>) table = tanh_table<M>();
                 if constexpr (std::is_same_v<M, float>) {
                   float* tb = scratch_row(n);
                   aten_tanh_f32(reinterpret_cast<const float*>(p[1]), tb, n);
@@ -473,19 +556,20 @@ auto valve_forward_loop() {
                 }
                 int64_t i = 0;
                 for (; i + kStep <= n; i += kStep) {
-                  FVec m0, m1, c0, c1;
-                  load2<M>(reinterpret_cast<const M*>(p[1]) + i, m0, m1);
+                  FVec c0, c1;
                   load_weight2<float>(p[2] + (cb ? 0 : i * sizeof(float)), cb, c0, c1);
                   FVec t0, t1;
                   if constexpr (std::is_same_v<M, float>) {
                     t0 = FVec::loadu(trow + i);
                     t1 = FVec::loadu(trow + i + FVec::size());
                   } else {
-                    t0 = m0.tanh();  // ATen's half-precision tanh: Sleef on the widened value
-                    t1 = m1.tanh();
+                    // ATen's half-precision tanh (Sleef on the widened value), from the table
+                    lookup2_mem<M>(table, reinterpret_cast<const M*>(p[1]) + i, t0, t1);
                   }
                   round_through<M>(t0, t1);
-                  store2<U>(reinterpret_cast<U*>(p[0]) + i, valve(c0, t0), valve(c1, t1));
+                  FVec v0 = c0 * t0, v1 = c1 * t1;
+                  round_through<U>(v0, v1);
+                  store2<U>(reinterpret_cast<U*>(p[0]) + i, FVec(1.0f) + v0, FVec(1.0f) + v1, nt);
                 }
                 return i;
               }
@@ -495,19 +579,19 @@ auto valve_forward_loop() {
               const auto m = static_cast<opmath_t<M>>(val<M>(p[1], s[1], i));
               const op_t t = static_cast<op_t>(static_cast<M>(valve_tanh<M>(m)));
               const op_t c = val<op_t>(p[2], s[2], i);
-              put<U>(p[0], s[0], i, valve(c, t));
+              put<U>(p[0], s[0], i, op_t(1) + as_host_value<U>(c * t));
             });
       };
 }
 
 // operands: dm(M), [dc(op) when kElement], g(U), m(M), c(op)
 template <typename U, typename M, bool kElement>
-auto valve_backward_loop(Accumulator& acc) {
+auto valve_backward_loop(Accumulator& acc, bool stream) {
   using op_t = opmath_t<U>;
   constexpr int E = kElement ? 1 : 0;
   constexpr int N = 4 + E;
   constexpr int G = 1 + E;
-  return [&acc](char** data, const int64_t* st, int64_t n0, int64_t n1) {
+  return [&acc, stream](char** data, const int64_t* st, int64_t n0, int64_t n1) {
     std::array<int64_t, N> sizes;
     sizes[0] = sizeof(M);
     if constexpr (kElement) sizes[1] = -1;  // double terms, scalar loop
@@ -519,9 +603,12 @@ auto valve_backward_loop(Accumulator& acc) {
         [&](std::array<char*, N>& p, int64_t n) -> int64_t {
           if constexpr (kVectorizable<U> && kVectorizable<M>) {
             const bool cb = st[G + 2] == 0;
+            const bool nt = stream && aligned32(p[0]);
             int64_t i = 0;
             std::conditional_t<kHalfPrecision<U>, FloatLanes, DoubleLanes> lanes;
             const float* trow = nullptr;
+            const float* table = nullptr;
+            if constexpr (kHalfPrecision<M>) table = tanh_table<M>();
             if constexpr (std::is_same_v<M, float>) {
               float* tb = scratch_row(n);
               aten_tanh_f32(reinterpret_cast<const float*>(p[G + 1]), tb, n);
@@ -529,23 +616,21 @@ auto valve_backward_loop(Accumulator& acc) {
             }
             {
               for (; i + kStep <= n; i += kStep) {
-                FVec g0, g1, m0, m1, c0, c1, dm0, dm1, dc0, dc1;
+                FVec g0, g1, c0, c1, dm0, dm1, dc0, dc1;
                 load2<U>(reinterpret_cast<const U*>(p[G]) + i, g0, g1);
-                load2<M>(reinterpret_cast<const M*>(p[G + 1]) + i, m0, m1);
                 load_weight2<float>(p[G + 2] + (cb ? 0 : i * sizeof(float)), cb, c0, c1);
                 FVec t0, t1;
                 if constexpr (std::is_same_v<M, float>) {
                   t0 = FVec::loadu(trow + i);
                   t1 = FVec::loadu(trow + i + FVec::size());
                 } else {
-                  t0 = m0.tanh();
-                  t1 = m1.tanh();
+                  lookup2_mem<M>(table, reinterpret_cast<const M*>(p[G + 1]) + i, t0, t1);
                 }
                 FVec tg0 = t0, tg1 = t1;
                 round_through<M>(tg0, tg1);
                 valve_backward(g0, c0, tg0, t0, dm0, dc0, RoundTo<M>{});
                 valve_backward(g1, c1, tg1, t1, dm1, dc1, RoundTo<M>{});
-                store2<M>(reinterpret_cast<M*>(p[0]) + i, dm0, dm1);
+                store2<M>(reinterpret_cast<M*>(p[0]) + i, dm0, dm1, nt);
                 lanes.add_product3(g0, t0, FVec(1.0f));
                 lanes.add_product3(g1, t1, FVec(1.0f));
               }
