@@ -19,6 +19,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, axes, path: Path, title: str) -> None:
+    """Legend on the first panel, the run's title, then the PNG."""
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def bandwidth_vs_size(records: list[dict], path: Path, title: str) -> bool:
     """One panel per (dtype, op) of the size sweep: forward+backward GB/s against feature
     MiB per implementation, and the copy's GB/s. False when there is no sweep."""
@@ -52,11 +61,7 @@ def bandwidth_vs_size(records: list[dict], path: Path, title: str) -> bool:
             ax.set_xlabel("feature tensor MiB")
             ax.set_ylabel("fwd+bwd GB/s" + (" (kernel time)" if kernel else ""))
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, axes, path, title)
     return True
 
 
@@ -93,9 +98,5 @@ def speedup_bars(records: list[dict], path: Path, title: str) -> bool:
             ax.set_title(f"{dt}: speedup vs {'eager' if peer == 'eager' else 'torch.compile'} "
                          "(above 1: the backend is faster)", fontsize=10)
             ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, axes, path, title)
     return True
