@@ -8,8 +8,11 @@ Environment:
   KASMINA_KERNELS_CUDA       "1" forces the CUDA kernels (fails without a toolkit and a CUDA
                              torch), "0" skips them; unset builds them when both are present.
   KASMINA_KERNELS_CUDA_ARCH  CUDA architectures, default "80;90" (sm_80 and sm_90).
-  KASMINA_KERNELS_CPU_ISA    "avx2" or "default"; unset picks avx2 when the build machine's
-                             torch reports an AVX2 (or better) CPU.
+  KASMINA_KERNELS_CPU_ISA    "avx512", "avx2" or "default": the vector width of the CPU
+                             kernels. Unset picks what the build machine's torch reports
+                             (AVX512 or AVX2, else default). The build is for that ISA: the
+                             package refuses to load the extension on a CPU without it
+                             (kasmina_kernels/_isa.py) and says to rebuild.
   KASMINA_KERNELS_SANITIZE   e.g. "address,undefined": build the C++ sources with those
                              -fsanitize= checks (-O1 -g, frame pointers kept). For
                              tools/check_sanitizers.sh, which builds into its own directory.
@@ -48,14 +51,47 @@ def _want_cuda() -> bool:
     return have
 
 
+CPU_ISAS = ("avx512", "avx2", "default")
+
+
 def _cpu_isa() -> str:
     isa = os.environ.get("KASMINA_KERNELS_CPU_ISA", "").strip().lower()
-    if isa in ("avx2", "default"):
+    if isa in CPU_ISAS:
         return isa
     if isa:
-        sys.exit(f"KASMINA_KERNELS_CPU_ISA must be 'avx2' or 'default', got {isa!r}")
+        sys.exit(f"KASMINA_KERNELS_CPU_ISA must be one of {', '.join(CPU_ISAS)}, got {isa!r}")
     cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "DEFAULT"
-    return "avx2" if cap in ("AVX2", "AVX512") else "default"
+    return {"AVX512": "avx512", "AVX2": "avx2"}.get(cap, "default")
+
+
+def _isa_flags(isa: str) -> list[str]:
+    """Compiler flags for `isa`. ATen's Vectorized<T> picks its width from CPU_CAPABILITY and
+    keeps each width in its own inline namespace, so they do not clash with torch's copies.
+    The AVX-512 set is the one ATen builds its own AVX512 kernels with."""
+    avx2 = ["-mavx2", "-mfma", "-mf16c"]
+    if isa == "avx512":
+        return avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                       "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    if isa == "avx2":
+        return avx2 + ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
+
+
+def _record_isa(isa: str) -> None:
+    """Writes kasmina_kernels/_build_isa.py, which kasmina_kernels/_isa.py reads before the
+    extension loads: code built for AVX-512 dies of SIGILL on a CPU without it, before any
+    check inside the extension could run."""
+    path = os.path.join(ROOT, "kasmina_kernels", "_build_isa.py")
+    text = ('"""Written by setup.py: the CPU ISA kasmina_kernels._C was built for."""\n\n'
+            f"CPU_ISA = {isa!r}\n")
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return
+    except OSError:
+        pass
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _sanitize_flags() -> tuple[list[str], list[str]]:
@@ -79,12 +115,8 @@ def _extension():
     # links is the one torch already loaded (same soname), so there is one OpenMP runtime.
     cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-Wall", "-Wno-unused-function", "-fopenmp"]
     link = ["-fopenmp"]
-    # ATen's Vectorized<T> picks its width from CPU_CAPABILITY; its AVX2 specialisations live
-    # in their own inline namespace, so they do not clash with torch's own copies.
-    if isa == "avx2":
-        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    else:
-        cxx += ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
+    cxx += _isa_flags(isa)
+    _record_isa(isa)
     san_cxx, san_link = _sanitize_flags()
     cxx += san_cxx  # after -O3, so its -O1 wins
     link += san_link

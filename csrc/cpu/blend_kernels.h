@@ -9,6 +9,7 @@
 #include "cpu/vec_io.h"
 
 namespace kk::cpu {
+inline namespace CPU_CAPABILITY {
 
 constexpr int64_t kGrain = 32768;
 
@@ -17,12 +18,139 @@ struct Tag {
   using type = T;
 };
 
+// tanh in double of double lanes, to about 1e-15 relative: the alpha-gradient terms of float32
+// MULTIPLY and the valve use it. Those terms must not inherit the float tanh's rounding: its
+// errors (up to half a float ulp per element, all with the same weight g*h) add up, and the
+// oracle of DESIGN section 5 forms tanh in double. |x| < 0.25: the odd Taylor series to x^19
+// (truncation below 1e-16 relative); above: 1 - 2 / (exp(2|x|) + 1), exp by Cody-Waite
+// reduction and a degree-12 Taylor polynomial, the quotient by a reciprocal estimate and
+// Newton steps; |x| is clamped to 20 (tanh(20) is 1 in double). NaN propagates.
+template <typename D>
+struct TanhPd;
+
+template <typename V, typename Ops>
+inline V tanh_pd_impl(V x) {
+  const V a = Ops::abs(x);
+  const V a2 = Ops::mul(a, a);
+  const double series[] = {-443861162.0 / 1856156927625.0, 6404582.0 / 10854718875.0,
+                           -929569.0 / 638512875.0,        21844.0 / 6081075.0,
+                           -1382.0 / 155925.0,             62.0 / 2835.0,
+                           -17.0 / 315.0,                  2.0 / 15.0,
+                           -1.0 / 3.0,                     1.0};
+  V poly = Ops::set(series[0]);
+  for (int k = 1; k < 10; ++k) poly = Ops::fma(poly, a2, Ops::set(series[k]));
+  const V small = Ops::mul(a, poly);
+  // exp(2 min(a, 20)); NaN passes min() as its first operand
+  const V y = Ops::add(Ops::min_keep_nan(a, Ops::set(20.0)), Ops::min_keep_nan(a, Ops::set(20.0)));
+  const V n = Ops::round(Ops::mul(y, Ops::set(1.4426950408889634)));
+  V r = Ops::fnma(n, Ops::set(0.6931471805599453), y);
+  r = Ops::fnma(n, Ops::set(2.3190468138462996e-17), r);
+  V e = Ops::set(1.0 / 479001600.0);
+  const double inv_fact[] = {1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
+                             1.0 / 5040.0,     1.0 / 720.0,     1.0 / 120.0,    1.0 / 24.0,
+                             1.0 / 6.0,        0.5,             1.0,            1.0};
+  for (double c : inv_fact) e = Ops::fma(e, r, Ops::set(c));
+  e = Ops::scale2(e, n);
+  const V big = Ops::sub(Ops::set(1.0), Ops::mul(Ops::set(2.0), Ops::recip(Ops::add(e, Ops::set(1.0)))));
+  const V t = Ops::select_lt(a, Ops::set(0.25), small, big);
+  return Ops::copysign(t, x);
+}
+
+#if defined(KK_AVX512)
+struct Pd512 {
+  using V = __m512d;
+  static V set(double v) { return _mm512_set1_pd(v); }
+  static V abs(V x) { return _mm512_abs_pd(x); }
+  static V mul(V a, V b) { return _mm512_mul_pd(a, b); }
+  static V add(V a, V b) { return _mm512_add_pd(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_pd(a, b); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  static V fnma(V a, V b, V c) { return _mm512_fnmadd_pd(a, b, c); }
+  static V min_keep_nan(V a, V b) { return _mm512_min_pd(b, a); }  // a NaN a comes back
+  static V round(V x) { return _mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V scale2(V e, V n) { return _mm512_scalef_pd(e, n); }
+  static V recip(V d) {
+    V y = _mm512_rcp14_pd(d);  // 14 bits; each Newton step doubles them
+    for (int k = 0; k < 3; ++k) y = _mm512_mul_pd(y, _mm512_fnmadd_pd(d, y, _mm512_set1_pd(2.0)));
+    return y;
+  }
+  static V select_lt(V a, V b, V if_lt, V otherwise) {
+    return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(a, b, _CMP_LT_OQ), otherwise, if_lt);
+  }
+  static V copysign(V t, V x) {
+    const __m512i sign = _mm512_set1_epi64(static_cast<long long>(0x8000000000000000ull));
+    return _mm512_castsi512_pd(_mm512_or_si512(
+        _mm512_andnot_si512(sign, _mm512_castpd_si512(t)),
+        _mm512_and_si512(sign, _mm512_castpd_si512(x))));
+  }
+};
+inline __m512d tanh_pd(__m512d x) { return tanh_pd_impl<__m512d, Pd512>(x); }
+#elif defined(KK_AVX2)
+struct Pd256 {
+  using V = __m256d;
+  static V set(double v) { return _mm256_set1_pd(v); }
+  static V abs(V x) { return _mm256_andnot_pd(_mm256_set1_pd(-0.0), x); }
+  static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
+  static V add(V a, V b) { return _mm256_add_pd(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_pd(a, b); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static V fnma(V a, V b, V c) { return _mm256_fnmadd_pd(a, b, c); }
+  static V min_keep_nan(V a, V b) { return _mm256_min_pd(b, a); }  // a NaN a comes back
+  static V round(V x) { return _mm256_round_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V scale2(V e, V n) {
+    // 2^n by exponent arithmetic: n is an integer in [0, 58]
+    const __m128i ni = _mm256_cvtpd_epi32(n);
+    const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(_mm256_cvtepi32_epi64(ni), _mm256_set1_epi64x(1023)), 52);
+    return _mm256_mul_pd(e, _mm256_castsi256_pd(bits));
+  }
+  static V recip(V d) { return _mm256_div_pd(_mm256_set1_pd(1.0), d); }
+  static V select_lt(V a, V b, V if_lt, V otherwise) {
+    return _mm256_blendv_pd(otherwise, if_lt, _mm256_cmp_pd(a, b, _CMP_LT_OQ));
+  }
+  static V copysign(V t, V x) {
+    const V sign = _mm256_set1_pd(-0.0);
+    return _mm256_or_pd(_mm256_andnot_pd(sign, t), _mm256_and_pd(sign, x));
+  }
+};
+inline __m256d tanh_pd(__m256d x) { return tanh_pd_impl<__m256d, Pd256>(x); }
+#endif
+
 // Per-lane double sums of float vectors: each float term enters a double exactly, and the
 // float32 weight-gradient terms are formed in double (a * (b - c), a * b * c), so a float32
 // blend's alpha gradient carries no float rounding of its terms; the lanes go into the
 // block's Accumulator after.
 struct DoubleLanes {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(KK_AVX512)
+  __m512d lo = _mm512_setzero_pd();
+  __m512d hi = _mm512_setzero_pd();
+  static __m512d low(const FVec& v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
+  static __m512d high(const FVec& v) {
+    return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  }
+  void add(const FVec& v) {
+    lo = _mm512_add_pd(lo, low(v));
+    hi = _mm512_add_pd(hi, high(v));
+  }
+  void add_product_of_difference(const FVec& a, const FVec& b, const FVec& c) {
+    lo = _mm512_fmadd_pd(low(a), _mm512_sub_pd(low(b), low(c)), lo);
+    hi = _mm512_fmadd_pd(high(a), _mm512_sub_pd(high(b), high(c)), hi);
+  }
+  void add_product3(const FVec& a, const FVec& b, const FVec& c) {
+    lo = _mm512_fmadd_pd(_mm512_mul_pd(low(a), low(b)), low(c), lo);
+    hi = _mm512_fmadd_pd(_mm512_mul_pd(high(a), high(b)), high(c), hi);
+  }
+  // a * b * tanh(s - r), s - r and tanh in double
+  void add_product_tanh(const FVec& a, const FVec& b, const FVec& s, const FVec& r) {
+    lo = _mm512_fmadd_pd(_mm512_mul_pd(low(a), low(b)), tanh_pd(_mm512_sub_pd(low(s), low(r))), lo);
+    hi = _mm512_fmadd_pd(_mm512_mul_pd(high(a), high(b)), tanh_pd(_mm512_sub_pd(high(s), high(r))), hi);
+  }
+  void flush_into(Accumulator& acc) const {
+    double tmp[16];
+    _mm512_storeu_pd(tmp, lo);
+    _mm512_storeu_pd(tmp + 8, hi);
+    for (double v : tmp) acc.add(v);
+  }
+#elif defined(KK_AVX2)
   __m256d lo = _mm256_setzero_pd();
   __m256d hi = _mm256_setzero_pd();
   static __m256d low(const FVec& v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
@@ -38,6 +166,10 @@ struct DoubleLanes {
   void add_product3(const FVec& a, const FVec& b, const FVec& c) {
     lo = _mm256_fmadd_pd(_mm256_mul_pd(low(a), low(b)), low(c), lo);
     hi = _mm256_fmadd_pd(_mm256_mul_pd(high(a), high(b)), high(c), hi);
+  }
+  void add_product_tanh(const FVec& a, const FVec& b, const FVec& s, const FVec& r) {
+    lo = _mm256_fmadd_pd(_mm256_mul_pd(low(a), low(b)), tanh_pd(_mm256_sub_pd(low(s), low(r))), lo);
+    hi = _mm256_fmadd_pd(_mm256_mul_pd(high(a), high(b)), tanh_pd(_mm256_sub_pd(high(s), high(r))), hi);
   }
   void flush_into(Accumulator& acc) const {
     double tmp[8];
@@ -68,6 +200,17 @@ struct DoubleLanes {
     c.store(tc);
     for (int64_t k = 0; k < FVec::size(); ++k) {
       lane[k] += static_cast<double>(ta[k]) * static_cast<double>(tb[k]) * static_cast<double>(tc[k]);
+    }
+  }
+  void add_product_tanh(const FVec& a, const FVec& b, const FVec& s, const FVec& r) {
+    float ta[FVec::size()], tb[FVec::size()], ts[FVec::size()], tr[FVec::size()];
+    a.store(ta);
+    b.store(tb);
+    s.store(ts);
+    r.store(tr);
+    for (int64_t k = 0; k < FVec::size(); ++k) {
+      lane[k] += static_cast<double>(ta[k]) * static_cast<double>(tb[k]) *
+                 std::tanh(static_cast<double>(ts[k]) - static_cast<double>(tr[k]));
     }
   }
   void flush_into(Accumulator& acc) const {
@@ -158,7 +301,7 @@ auto lerp_forward_loop(bool stream) {
             [&](std::array<char*, N>& p, int64_t n) -> int64_t {
               if constexpr (kVectorizable<T>) {
                 const bool wb = st[3] == 0;
-                const bool nt = stream && aligned32(p[0]);
+                const bool nt = stream && stream_aligned(p[0]);
                 int64_t i = 0;
                 if (wb) {
                   // one weight for the row: lerp's branch chosen once, the same fused
@@ -225,7 +368,7 @@ auto lerp_backward_loop(Accumulator& acc, bool stream) {
         [&](std::array<char*, N>& p, int64_t n) -> int64_t {
           if constexpr (kVectorizable<T>) {
             const bool wb = st[G + 3] == 0;
-            const bool nt = stream && aligned32(p[0]) && aligned32(p[1]);
+            const bool nt = stream && stream_aligned(p[0]) && stream_aligned(p[1]);
             int64_t i = 0;
             std::conditional_t<kHalfPrecision<T>, FloatLanes, DoubleLanes> lanes;
             {
@@ -291,7 +434,7 @@ auto multiply_forward_loop(bool stream) {
             [&](std::array<char*, N>& p, int64_t n) -> int64_t {
               if constexpr (kVectorizable<T>) {
                 const bool cb = st[C] == 0;
-                const bool nt = stream && aligned32(p[0]);
+                const bool nt = stream && stream_aligned(p[0]);
                 const float* table = nullptr;
                 if constexpr (kHalfPrecision<T>) table = tanh_table<T>();
                 int64_t i = 0;
@@ -370,8 +513,8 @@ auto multiply_backward_loop(Accumulator& acc, bool stream) {
         [&](std::array<char*, N>& p, int64_t n) -> int64_t {
           if constexpr (kVectorizable<T>) {
             const bool cb = st[C] == 0;
-            const bool nt = stream && aligned32(p[0]) && aligned32(p[1]) &&
-                            (kRIsH || aligned32(p[2]));
+            const bool nt = stream && stream_aligned(p[0]) && stream_aligned(p[1]) &&
+                            (kRIsH || stream_aligned(p[2]));
             int64_t i = 0;
             std::conditional_t<kHalfPrecision<T>, FloatLanes, DoubleLanes> lanes;
             // float32: the whole row's tanh(s - r) by torch's own float tanh, up front
@@ -427,13 +570,23 @@ auto multiply_backward_loop(Accumulator& acc, bool stream) {
                 if constexpr (kHalfPrecision<T>) round_through<T>(tg0, tg1);
                 multiply_backward_t<kRIsH>(g0, h0, tg0, t0, c0, dh0, ds0, dc0, RoundTo<T>{});
                 multiply_backward_t<kRIsH>(g1, h1, tg1, t1, c1, dh1, ds1, dc1, RoundTo<T>{});
-                store2<T>(reinterpret_cast<T*>(p[0]) + i, dh0, dh1, nt);
-                if constexpr (!std::is_same_v<S, T>) round_through<T>(ds0, ds1);
+                // ds is rounded to T already, and so is dh unless r is h (dh - ds)
+                if constexpr (kRIsH) {
+                  store2<T>(reinterpret_cast<T*>(p[0]) + i, dh0, dh1, nt);
+                } else {
+                  store2_exact<T>(reinterpret_cast<T*>(p[0]) + i, dh0, dh1, nt);
+                }
                 if constexpr (!kRIsH && std::is_same_v<S, T> && kHalfPrecision<T>) {
                   // dr = -ds: ds's 16-bit patterns with the sign flipped (rounding -ds gives
                   // exactly that), not a second conversion
                   store2_negated<T>(reinterpret_cast<T*>(p[1]) + i, reinterpret_cast<T*>(p[2]) + i,
                                     ds0, ds1, nt);
+                } else if constexpr (std::is_same_v<S, T>) {
+                  store2_exact<S>(reinterpret_cast<S*>(p[1]) + i, ds0, ds1, nt);
+                  if constexpr (!kRIsH) {
+                    store2<S>(reinterpret_cast<S*>(p[2]) + i, ds0.neg(), ds1.neg(),
+                              nt);
+                  }
                 } else {
                   store2<S>(reinterpret_cast<S*>(p[1]) + i, ds0, ds1, nt);
                   if constexpr (!kRIsH) {
@@ -441,8 +594,13 @@ auto multiply_backward_loop(Accumulator& acc, bool stream) {
                               nt);
                   }
                 }
-                lanes.add_product3(g0, h0, t0);
-                lanes.add_product3(g1, h1, t1);
+                if constexpr (std::is_same_v<T, float>) {
+                  lanes.add_product_tanh(g0, h0, s0, r0);
+                  lanes.add_product_tanh(g1, h1, s1, r1);
+                } else {
+                  lanes.add_product3(g0, h0, t0);
+                  lanes.add_product3(g1, h1, t1);
+                }
               }
               lanes.flush_into(acc);
             }
@@ -476,7 +634,11 @@ auto multiply_backward_loop(Accumulator& acc, bool stream) {
           put<S>(p[1], s[1], i, ds_t);
           if constexpr (!kRIsH) put<S>(p[2], s[2], i, -static_cast<op_t>(ds_t));
           using ld = long double;
-          const ld term = static_cast<ld>(g) * static_cast<ld>(h) * static_cast<ld>(t);
+          // float32: s - r and tanh in double, as the vector path (tanh_pd)
+          const ld t_term = std::is_same_v<T, float>
+                                ? static_cast<ld>(std::tanh(static_cast<double>(sv) - static_cast<double>(r)))
+                                : static_cast<ld>(t);
+          const ld term = static_cast<ld>(g) * static_cast<ld>(h) * t_term;
           if constexpr (kElement) {
             put<double>(p[2 + R], s[2 + R], i, static_cast<double>(term));
           } else {
@@ -544,7 +706,7 @@ auto valve_forward_loop(bool stream) {
             [&](std::array<char*, N>& p, int64_t n) -> int64_t {
               if constexpr (kVectorizable<U>) {
                 const bool cb = st[2] == 0;
-                const bool nt = stream && aligned32(p[0]);
+                const bool nt = stream && stream_aligned(p[0]);
                 // float32 m: the whole row's tanh by torch's own float tanh, up front
                 const float* trow = nullptr;
                 const float* table = nullptr;
@@ -603,7 +765,7 @@ auto valve_backward_loop(Accumulator& acc, bool stream) {
         [&](std::array<char*, N>& p, int64_t n) -> int64_t {
           if constexpr (kVectorizable<U> && kVectorizable<M>) {
             const bool cb = st[G + 2] == 0;
-            const bool nt = stream && aligned32(p[0]);
+            const bool nt = stream && stream_aligned(p[0]);
             int64_t i = 0;
             std::conditional_t<kHalfPrecision<U>, FloatLanes, DoubleLanes> lanes;
             const float* trow = nullptr;
@@ -631,8 +793,14 @@ auto valve_backward_loop(Accumulator& acc, bool stream) {
                 valve_backward(g0, c0, tg0, t0, dm0, dc0, RoundTo<M>{});
                 valve_backward(g1, c1, tg1, t1, dm1, dc1, RoundTo<M>{});
                 store2<M>(reinterpret_cast<M*>(p[0]) + i, dm0, dm1, nt);
-                lanes.add_product3(g0, t0, FVec(1.0f));
-                lanes.add_product3(g1, t1, FVec(1.0f));
+                if constexpr (std::is_same_v<M, float> && !kHalfPrecision<U>) {
+                  const float* mp = reinterpret_cast<const float*>(p[G + 1]) + i;
+                  lanes.add_product_tanh(g0, FVec(1.0f), FVec::loadu(mp), FVec(0.0f));
+                  lanes.add_product_tanh(g1, FVec(1.0f), FVec::loadu(mp + FVec::size()), FVec(0.0f));
+                } else {
+                  lanes.add_product3(g0, t0, FVec(1.0f));
+                  lanes.add_product3(g1, t1, FVec(1.0f));
+                }
               }
               lanes.flush_into(acc);
             }
@@ -649,7 +817,11 @@ auto valve_backward_loop(Accumulator& acc, bool stream) {
           valve_backward(g, c, static_cast<op_t>(static_cast<M>(t)), static_cast<op_t>(t), dm, dc,
                          RoundTo<M>{});
           put<M>(p[0], s[0], i, dm);
-          const long double term = static_cast<long double>(g) * static_cast<long double>(t);
+          // float32 m: tanh in double, as the vector path (tanh_pd)
+          const long double t_term = std::is_same_v<M, float> && !kHalfPrecision<U>
+                                         ? static_cast<long double>(std::tanh(static_cast<double>(m)))
+                                         : static_cast<long double>(t);
+          const long double term = static_cast<long double>(g) * t_term;
           if constexpr (kElement) {
             put<double>(p[1], s[1], i, static_cast<double>(term));
           } else {
@@ -659,4 +831,5 @@ auto valve_backward_loop(Accumulator& acc, bool stream) {
   };
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace kk::cpu

@@ -19,6 +19,17 @@
 // The gate MLP is tiny ((B,C) x (C,hidden)); it runs in double on the double pooled means,
 // single-threaded, as plain loops whose innermost loop is a contiguous axpy (vectorized by
 // the compiler), with no ATen op, allocation or dtype conversion pass per step.
+
+// These loops are written for 8 float lanes (the double-lane accumulators, the 32-channel
+// register blocks), and pooling is memory-bound: in an AVX-512 build this file keeps ATen's
+// 256-bit Vectorized (AVX2 instructions, which every AVX-512 CPU has). vec_io.h keeps the two
+// widths in separate namespaces.
+#if defined(CPU_CAPABILITY_AVX512)
+#undef CPU_CAPABILITY
+#undef CPU_CAPABILITY_AVX512
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -12,6 +12,18 @@
 
 #include "kernels/blend_math.h"
 
+// The vector ISA this file is compiled for (setup.py's KASMINA_KERNELS_CPU_ISA): KK_AVX512
+// (512-bit Vectorized<float>, 16 lanes), KK_AVX2 (256-bit, 8 lanes), or neither (ATen's
+// generic Vectorized). A translation unit may pin itself to AVX2 width inside an AVX-512
+// build (pool_cpu.cpp does), so everything below that depends on the width lives in an
+// inline namespace named by CPU_CAPABILITY, as ATen's Vectorized does: two widths in one
+// library never share a symbol.
+#if defined(CPU_CAPABILITY_AVX512)
+#define KK_AVX512 1
+#elif defined(CPU_CAPABILITY_AVX2)
+#define KK_AVX2 1
+#endif
+
 namespace kk {
 
 using FVec = at::vec::Vectorized<float>;
@@ -31,11 +43,31 @@ struct Prims<FVec> {
   static FVec fma(const FVec& a, const FVec& b, const FVec& c) { return at::vec::fmadd(a, b, c); }
 };
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(KK_AVX2) || defined(KK_AVX512)
 // exp of float lanes for |x| <= 87 (tanh_from_exp clamps its argument to [0, 20]):
 // Cody-Waite reduction x = n ln2 + r with |r| <= ln2/2, the Taylor polynomial of degree 7
 // (truncation < 1e-8 relative), and 2^n by exponent arithmetic; about twice as fast as
 // Sleef's general expf, within about one ulp. NaN propagates.
+#if defined(KK_AVX512)
+inline FVec exp_small(const FVec& xv) {
+  const __m512 x = xv;
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512i scale =
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
+}
+#else
 inline FVec exp_small(const FVec& xv) {
   const __m256 x = xv;
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -54,19 +86,21 @@ inline FVec exp_small(const FVec& xv) {
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
+#endif
 inline FVec Prims<FVec>::exp(const FVec& x) { return exp_small(x); }
 #else
 inline FVec Prims<FVec>::exp(const FVec& x) { return x.exp(); }
 #endif
 
 namespace cpu {
+inline namespace CPU_CAPABILITY {
 
 // float for float / bfloat16 / float16, double for double.
 template <typename T>
 using opmath_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// One step of a vector loop covers two float vectors (16 lanes on AVX2), which is one full
-// 16-bit vector: bfloat16 and float16 convert in whole registers.
+// One step of a vector loop covers two float vectors (16 lanes on AVX2, 32 on AVX-512), which
+// is one full 16-bit vector: bfloat16 and float16 convert in whole registers.
 constexpr int64_t kStep = 2 * FVec::size();
 
 template <typename T>
@@ -93,11 +127,24 @@ inline void store2(T* p, const FVec& a, const FVec& b) {
 // reads the line it writes (read-for-ownership); a streaming store does not, which cuts the
 // pass's memory traffic by the output's size. They need 32-byte aligned addresses and are
 // weakly ordered: a pass that streams ends with stream_fence() on the thread that stored.
-inline bool aligned32(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 31) == 0; }
+// Streaming stores of one vector need its width's alignment (32 bytes on AVX2, 64 on AVX-512).
+inline bool stream_aligned(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) % sizeof(FVec)) == 0;
+}
 
 template <typename T>
 inline void store2_stream(T* p, const FVec& a, const FVec& b) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(KK_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, a);
+    _mm512_stream_ps(p + FVec::size(), b);
+    return;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+    const __m512i v = at::vec::convert_from_float<T>(a, b);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+    return;
+  }
+#elif defined(KK_AVX2)
   if constexpr (std::is_same_v<T, float>) {
     _mm256_stream_ps(p, a);
     _mm256_stream_ps(p + FVec::size(), b);
@@ -121,19 +168,75 @@ inline void store2(T* p, const FVec& a, const FVec& b, bool stream) {
   }
 }
 
-// A half-precision dtype T: stores a and b (rounded to T) at p, and their negation at q.
+// a and b hold T values exactly (already rounded to T): T's bit patterns, packed. For
+// bfloat16 they are the floats' upper halves, so no rounding work is repeated.
+#if defined(KK_AVX512)
+using HalfBits = __m512i;
+#elif defined(KK_AVX2)
+using HalfBits = __m256i;
+#endif
+#if defined(KK_AVX2) || defined(KK_AVX512)
 template <typename T>
-inline void store2_negated(T* p, T* q, const FVec& a, const FVec& b, bool stream) {
-#if defined(CPU_CAPABILITY_AVX2)
-  const __m256i v = at::vec::convert_from_float<T>(a, b);
-  const __m256i neg = _mm256_xor_si256(v, _mm256_set1_epi16(static_cast<short>(0x8000)));
+inline HalfBits pack_exact(const FVec& a, const FVec& b) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+#if defined(KK_AVX512)
+    const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(a), 16);
+    const __m512i hi = _mm512_srli_epi32(_mm512_castps_si512(b), 16);
+    // packus interleaves per 128-bit lane: put the 64-bit groups back in order
+    return _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7),
+                                    _mm512_packus_epi32(lo, hi));
+#else
+    const __m256i lo = _mm256_srli_epi32(_mm256_castps_si256(a), 16);
+    const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(b), 16);
+    return _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);
+#endif
+  } else {
+    return at::vec::convert_from_float<T>(a, b);  // float16: one exact conversion each
+  }
+}
+
+inline void store_bits(void* p, const HalfBits& v, bool stream) {
+#if defined(KK_AVX512)
+  if (stream) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+  } else {
+    _mm512_storeu_si512(p, v);
+  }
+#else
   if (stream) {
     _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(q), neg);
   } else {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), neg);
   }
+#endif
+}
+#endif
+
+// Stores a and b, which hold T values exactly (already rounded to T).
+template <typename T>
+inline void store2_exact(T* p, const FVec& a, const FVec& b, bool stream) {
+#if defined(KK_AVX2) || defined(KK_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+    store_bits(p, pack_exact<T>(a, b), stream);
+    return;
+  }
+#endif
+  store2<T>(p, a, b, stream);
+}
+
+// A half-precision dtype T: stores a and b (which hold T values exactly) at p, and their
+// negation at q: the same 16-bit patterns with the sign flipped.
+template <typename T>
+inline void store2_negated(T* p, T* q, const FVec& a, const FVec& b, bool stream) {
+#if defined(KK_AVX2) || defined(KK_AVX512)
+  const HalfBits v = pack_exact<T>(a, b);
+#if defined(KK_AVX512)
+  const HalfBits neg = _mm512_xor_si512(v, _mm512_set1_epi16(static_cast<short>(0x8000)));
+#else
+  const HalfBits neg = _mm256_xor_si256(v, _mm256_set1_epi16(static_cast<short>(0x8000)));
+#endif
+  store_bits(p, v, stream);
+  store_bits(q, neg, stream);
 #else
   store2<T>(p, a, b, stream);
   store2<T>(q, a.neg(), b.neg(), stream);
@@ -141,12 +244,28 @@ inline void store2_negated(T* p, T* q, const FVec& a, const FVec& b, bool stream
 }
 
 inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(KK_AVX2) || defined(KK_AVX512)
   _mm_sfence();
 #endif
 }
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(KK_AVX512)
+// float lanes rounded to bfloat16 (round to nearest even, as c10::BFloat16) and back, in
+// integer arithmetic: no packing to 16-bit lanes and back. NaN stays NaN; overflow gives inf.
+inline FVec round_bf16(const FVec& x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i biased = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  const __m512 rounded = _mm512_castsi512_ps(
+      _mm512_and_si512(biased, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), rounded, x);
+}
+
+// float lanes rounded to float16 and back (round to nearest even).
+inline FVec round_f16(const FVec& x) {
+  return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#elif defined(KK_AVX2)
 // float lanes rounded to bfloat16 (round to nearest even, as c10::BFloat16) and back, in
 // integer arithmetic: no packing to 16-bit lanes and back. NaN stays NaN; overflow gives inf.
 inline FVec round_bf16(const FVec& x) {
@@ -168,7 +287,7 @@ inline FVec round_f16(const FVec& x) {
 template <typename T>
 inline void round_through(FVec& a, FVec& b) {
   if constexpr (!std::is_same_v<T, float>) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(KK_AVX2) || defined(KK_AVX512)
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
       a = round_bf16(a);
       b = round_bf16(b);
@@ -190,7 +309,7 @@ inline void round_through(FVec& a, FVec& b) {
 template <typename T>
 struct RoundTo {
   FVec operator()(FVec a) const {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(KK_AVX2) || defined(KK_AVX512)
     if constexpr (std::is_same_v<T, c10::BFloat16>) return round_bf16(a);
     if constexpr (std::is_same_v<T, c10::Half>) return round_f16(a);
 #endif
@@ -226,20 +345,40 @@ inline uint32_t half_bits(T v) {
   return v.x;
 }
 
-// Table lookups by 16-bit pattern. Scalar loads: on the AVX2 parts measured (AMD EPYC) a
-// vgatherdps of 8 lanes costs about twice 8 scalar loads.
-inline FVec lookup8(const float* table, const uint32_t* idx) {
+// Table lookups by 16-bit pattern. AVX2: scalar loads (on the AVX2 parts measured, AMD EPYC, a
+// vgatherdps of 8 lanes costs about twice 8 scalar loads). AVX-512: one vgatherdps per vector.
+#if defined(KK_AVX512)
+// The T bit patterns of float lanes that hold T values exactly (loaded from T memory, or
+// rounded to T), as 32-bit indices.
+template <typename T>
+inline __m512i half_indices(const FVec& a) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // the bfloat16 bits are the float's upper half (a NaN from arithmetic is quiet, so its
+    // upper half is a bfloat16 NaN as well)
+    return _mm512_srli_epi32(_mm512_castps_si512(a), 16);
+  } else {
+    return _mm512_cvtepu16_epi32(_mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+template <typename T>
+inline void lookup2(const float* table, const FVec& a, const FVec& b, FVec& ra, FVec& rb) {
+  ra = _mm512_i32gather_ps(half_indices<T>(a), table, 4);
+  rb = _mm512_i32gather_ps(half_indices<T>(b), table, 4);
+}
+#else
+inline FVec lookup_lanes(const float* table, const uint32_t* idx) {
   float r[FVec::size()];
   for (int64_t k = 0; k < FVec::size(); ++k) r[k] = table[idx[k]];
   return FVec::loadu(r);
 }
 
-// table[bits] for 16 lanes of a half-precision dtype T given as float lanes that already hold
+// table[bits] for 2 vectors of a half-precision dtype T given as float lanes that already hold
 // T values exactly (loaded from T memory, or rounded to T): each lane's T bit pattern indexes.
 template <typename T>
 inline void lookup2(const float* table, const FVec& a, const FVec& b, FVec& ra, FVec& rb) {
   uint32_t idx[2 * FVec::size()];
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(KK_AVX2)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     // a float holding a bfloat16 value exactly: the bfloat16 bits are its upper half (a NaN
     // from arithmetic is quiet, so its upper half is a bfloat16 NaN as well)
@@ -263,11 +402,12 @@ inline void lookup2(const float* table, const FVec& a, const FVec& b, FVec& ra, 
     idx[FVec::size() + k] = half_bits(static_cast<T>(tb[k]));
   }
 #endif
-  ra = lookup8(table, idx);
-  rb = lookup8(table, idx + FVec::size());
+  ra = lookup_lanes(table, idx);
+  rb = lookup_lanes(table, idx + FVec::size());
 }
+#endif
 
-// table[bits] for 16 consecutive T values in memory.
+// table[bits] for 2 vectors' worth of consecutive T values in memory.
 template <typename T>
 inline void lookup2_mem(const float* table, const T* p, FVec& ra, FVec& rb) {
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(p);
@@ -277,5 +417,6 @@ inline void lookup2_mem(const float* table, const T* p, FVec& ra, FVec& rb) {
   rb = FVec::loadu(r + FVec::size());
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace kk

@@ -149,15 +149,16 @@ struct StorageTanhGrad {
 // 1 - t^2 is formed as the device's tanh_backward forms it (`tanh_grad`). `t_grad` is the
 // tanh the reference saved (rounded to the host dtype), `t` the unrounded one for the alpha
 // term. When r is h itself, h's gradient also carries the path through r (-ds).
-// dc_term = g*h*t is summed to alpha's shape; dr = -ds.
+// ds comes back rounded (a host-dtype value), and so does dh unless r is h (then dh - ds is
+// left to the caller's store). dc_term = g*h*t is summed to alpha's shape; dr = -ds.
 template <bool kReferenceIsHost, typename T, typename Round, typename TanhGrad = FusedTanhGrad>
 KK_HD void multiply_backward_t(T g, T h, T t_grad, T t, T c, T& dh, T& ds, T& dc_term,
                                Round round, TanhGrad tanh_grad = {}) {
   const T gh = round(g * h);
-  ds = round(gh * c) * tanh_grad(t_grad, round);
+  ds = round(round(gh * c) * tanh_grad(t_grad, round));
   dh = round(g * round(T(1.0f) + round(c * t_grad)));
   if (kReferenceIsHost) {
-    dh = dh - round(ds);
+    dh = dh - ds;
   }
   dc_term = gh * t;
 }
