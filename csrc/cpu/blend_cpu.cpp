@@ -398,15 +398,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
     using S = typename decltype(st)::type;
     if (r_is_h) {
       sums = run_pass<opmath_t<T>>({dh, ds}, {g, h, s}, c, h, need_alpha_grad, element_out,
-                                   [](auto element, Accumulator& acc, bool st) {
+                                   [need_alpha_grad](auto element, Accumulator& acc, bool st) {
                                      return multiply_backward_loop<T, S, true,
-                                                                   decltype(element)::value>(acc, st);
+                                                                   decltype(element)::value>(
+                                         acc, st, need_alpha_grad);
                                    });
     } else {
       sums = run_pass<opmath_t<T>>({dh, ds, dr}, {g, h, s, r}, c, h, need_alpha_grad,
-                                   element_out, [](auto element, Accumulator& acc, bool st) {
+                                   element_out,
+                                   [need_alpha_grad](auto element, Accumulator& acc, bool st) {
                                      return multiply_backward_loop<T, S, false,
-                                                                   decltype(element)::value>(acc, st);
+                                                                   decltype(element)::value>(
+                                         acc, st, need_alpha_grad);
                                    });
     }
   });
@@ -506,8 +509,9 @@ std::tuple<at::Tensor, at::Tensor> multiply_valve_multiplier_backward(const at::
     using U = typename decltype(ut)::type;
     using M = typename decltype(mt)::type;
     sums = run_pass<opmath_t<U>>({dm}, {g, m}, c, m, need_alpha_grad, element_out,
-                                 [](auto element, Accumulator& acc, bool st) {
-                                   return valve_backward_loop<U, M, decltype(element)::value>(acc, st);
+                                 [need_alpha_grad](auto element, Accumulator& acc, bool st) {
+                                   return valve_backward_loop<U, M, decltype(element)::value>(
+                                       acc, st, need_alpha_grad);
                                  });
   });
   if (dm.scalar_type() != m_in.scalar_type()) dm = dm.to(m_in.scalar_type());

@@ -18,41 +18,40 @@ struct Tag {
   using type = T;
 };
 
-// tanh in double of double lanes, to about 1e-15 relative: the alpha-gradient terms of float32
+// tanh in double of double lanes, to about 1e-12 relative: the alpha-gradient terms of float32
 // MULTIPLY and the valve use it. Those terms must not inherit the float tanh's rounding: its
 // errors (up to half a float ulp per element, all with the same weight g*h) add up, and the
-// oracle of DESIGN section 5 forms tanh in double. |x| < 0.25: the odd Taylor series to x^19
-// (truncation below 1e-16 relative); above: 1 - 2 / (exp(2|x|) + 1), exp by Cody-Waite
-// reduction and a degree-12 Taylor polynomial, the quotient by a reciprocal estimate and
-// Newton steps; |x| is clamped to 20 (tanh(20) is 1 in double). NaN propagates.
-template <typename D>
-struct TanhPd;
-
+// oracle of DESIGN section 5 forms tanh in double. |x| < 0.2: the odd Taylor series to x^13
+// (truncation below 3e-13 relative), evaluated only when some lane needs it; above:
+// 1 - 2 / (exp(2|x|) + 1), exp by Cody-Waite reduction and a degree-10 Taylor polynomial
+// (below 3e-13 relative), the quotient by a reciprocal estimate and Newton steps; |x| is
+// clamped to 20 (tanh(20) is 1 in double). NaN propagates. Only these sums need it: 1e-12 is
+// far below a float ulp, and cheaper than a full double tanh.
 template <typename V, typename Ops>
 inline V tanh_pd_impl(V x) {
   const V a = Ops::abs(x);
-  const V a2 = Ops::mul(a, a);
-  const double series[] = {-443861162.0 / 1856156927625.0, 6404582.0 / 10854718875.0,
-                           -929569.0 / 638512875.0,        21844.0 / 6081075.0,
-                           -1382.0 / 155925.0,             62.0 / 2835.0,
-                           -17.0 / 315.0,                  2.0 / 15.0,
-                           -1.0 / 3.0,                     1.0};
-  V poly = Ops::set(series[0]);
-  for (int k = 1; k < 10; ++k) poly = Ops::fma(poly, a2, Ops::set(series[k]));
-  const V small = Ops::mul(a, poly);
   // exp(2 min(a, 20)); NaN passes min() as its first operand
-  const V y = Ops::add(Ops::min_keep_nan(a, Ops::set(20.0)), Ops::min_keep_nan(a, Ops::set(20.0)));
+  const V ac = Ops::min_keep_nan(a, Ops::set(20.0));
+  const V y = Ops::add(ac, ac);
   const V n = Ops::round(Ops::mul(y, Ops::set(1.4426950408889634)));
   V r = Ops::fnma(n, Ops::set(0.6931471805599453), y);
   r = Ops::fnma(n, Ops::set(2.3190468138462996e-17), r);
-  V e = Ops::set(1.0 / 479001600.0);
-  const double inv_fact[] = {1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
-                             1.0 / 5040.0,     1.0 / 720.0,     1.0 / 120.0,    1.0 / 24.0,
-                             1.0 / 6.0,        0.5,             1.0,            1.0};
-  for (double c : inv_fact) e = Ops::fma(e, r, Ops::set(c));
+  V e = Ops::set(1.0 / 3628800.0);
+  constexpr double kInvFact[] = {1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0,
+                                 1.0 / 120.0,    1.0 / 24.0,    1.0 / 6.0,    0.5,
+                                 1.0,            1.0};
+  for (double c : kInvFact) e = Ops::fma(e, r, Ops::set(c));
   e = Ops::scale2(e, n);
-  const V big = Ops::sub(Ops::set(1.0), Ops::mul(Ops::set(2.0), Ops::recip(Ops::add(e, Ops::set(1.0)))));
-  const V t = Ops::select_lt(a, Ops::set(0.25), small, big);
+  V t = Ops::fnma(Ops::set(2.0), Ops::recip(Ops::add(e, Ops::set(1.0))), Ops::set(1.0));
+  if (Ops::any_lt(a, Ops::set(0.2))) {
+    const V a2 = Ops::mul(a, a);
+    constexpr double kSeries[] = {21844.0 / 6081075.0,
+                                  -1382.0 / 155925.0, 62.0 / 2835.0, -17.0 / 315.0,
+                                  2.0 / 15.0,         -1.0 / 3.0,    1.0};
+    V poly = Ops::set(kSeries[0]);
+    for (int k = 1; k < 7; ++k) poly = Ops::fma(poly, a2, Ops::set(kSeries[k]));
+    t = Ops::select_lt(a, Ops::set(0.2), Ops::mul(a, poly), t);
+  }
   return Ops::copysign(t, x);
 }
 
@@ -71,12 +70,13 @@ struct Pd512 {
   static V scale2(V e, V n) { return _mm512_scalef_pd(e, n); }
   static V recip(V d) {
     V y = _mm512_rcp14_pd(d);  // 14 bits; each Newton step doubles them
-    for (int k = 0; k < 3; ++k) y = _mm512_mul_pd(y, _mm512_fnmadd_pd(d, y, _mm512_set1_pd(2.0)));
+    for (int k = 0; k < 2; ++k) y = _mm512_mul_pd(y, _mm512_fnmadd_pd(d, y, _mm512_set1_pd(2.0)));
     return y;
   }
   static V select_lt(V a, V b, V if_lt, V otherwise) {
     return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(a, b, _CMP_LT_OQ), otherwise, if_lt);
   }
+  static bool any_lt(V a, V b) { return _mm512_cmp_pd_mask(a, b, _CMP_LT_OQ) != 0; }
   static V copysign(V t, V x) {
     const __m512i sign = _mm512_set1_epi64(static_cast<long long>(0x8000000000000000ull));
     return _mm512_castsi512_pd(_mm512_or_si512(
@@ -107,6 +107,7 @@ struct Pd256 {
   static V select_lt(V a, V b, V if_lt, V otherwise) {
     return _mm256_blendv_pd(otherwise, if_lt, _mm256_cmp_pd(a, b, _CMP_LT_OQ));
   }
+  static bool any_lt(V a, V b) { return _mm256_movemask_pd(_mm256_cmp_pd(a, b, _CMP_LT_OQ)) != 0; }
   static V copysign(V t, V x) {
     const V sign = _mm256_set1_pd(-0.0);
     return _mm256_or_pd(_mm256_andnot_pd(sign, t), _mm256_and_pd(sign, x));
@@ -488,8 +489,9 @@ auto multiply_forward_loop(bool stream) {
 }
 
 // operands: dh(T), ds(S), [dr(S)], [dc(op) when kElement], g(T), h(T), s(S), [r(S)], c(op)
+// `sums`: whether alpha needs its gradient (its terms cost a double tanh per float32 element)
 template <typename T, typename S, bool kRIsH, bool kElement>
-auto multiply_backward_loop(Accumulator& acc, bool stream) {
+auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
   using op_t = opmath_t<T>;
   constexpr int R = kRIsH ? 0 : 1;
   constexpr int E = kElement ? 1 : 0;
@@ -497,7 +499,7 @@ auto multiply_backward_loop(Accumulator& acc, bool stream) {
   constexpr int N = NO + 4 + R;
   constexpr int G = NO;
   constexpr int C = N - 1;
-  return [&acc, stream](char** data, const int64_t* st, int64_t n0, int64_t n1) {
+  return [&acc, stream, sums](char** data, const int64_t* st, int64_t n0, int64_t n1) {
     std::array<int64_t, N> sizes;
     sizes[0] = sizeof(T);
     sizes[1] = sizeof(S);
@@ -594,7 +596,8 @@ auto multiply_backward_loop(Accumulator& acc, bool stream) {
                               nt);
                   }
                 }
-                if constexpr (std::is_same_v<T, float>) {
+                if (!sums) {
+                } else if constexpr (std::is_same_v<T, float>) {
                   lanes.add_product_tanh(g0, h0, s0, r0);
                   lanes.add_product_tanh(g1, h1, s1, r1);
                 } else {
@@ -635,6 +638,7 @@ auto multiply_backward_loop(Accumulator& acc, bool stream) {
           if constexpr (!kRIsH) put<S>(p[2], s[2], i, -static_cast<op_t>(ds_t));
           using ld = long double;
           // float32: s - r and tanh in double, as the vector path (tanh_pd)
+          if (!sums && !kElement) return;
           const ld t_term = std::is_same_v<T, float>
                                 ? static_cast<ld>(std::tanh(static_cast<double>(sv) - static_cast<double>(r)))
                                 : static_cast<ld>(t);
@@ -747,13 +751,14 @@ auto valve_forward_loop(bool stream) {
 }
 
 // operands: dm(M), [dc(op) when kElement], g(U), m(M), c(op)
+// `sums`: whether alpha needs its gradient (its terms cost a double tanh per float32 element)
 template <typename U, typename M, bool kElement>
-auto valve_backward_loop(Accumulator& acc, bool stream) {
+auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
   using op_t = opmath_t<U>;
   constexpr int E = kElement ? 1 : 0;
   constexpr int N = 4 + E;
   constexpr int G = 1 + E;
-  return [&acc, stream](char** data, const int64_t* st, int64_t n0, int64_t n1) {
+  return [&acc, stream, sums](char** data, const int64_t* st, int64_t n0, int64_t n1) {
     std::array<int64_t, N> sizes;
     sizes[0] = sizeof(M);
     if constexpr (kElement) sizes[1] = -1;  // double terms, scalar loop
@@ -793,7 +798,8 @@ auto valve_backward_loop(Accumulator& acc, bool stream) {
                 valve_backward(g0, c0, tg0, t0, dm0, dc0, RoundTo<M>{});
                 valve_backward(g1, c1, tg1, t1, dm1, dc1, RoundTo<M>{});
                 store2<M>(reinterpret_cast<M*>(p[0]) + i, dm0, dm1, nt);
-                if constexpr (std::is_same_v<M, float> && !kHalfPrecision<U>) {
+                if (!sums) {
+                } else if constexpr (std::is_same_v<M, float> && !kHalfPrecision<U>) {
                   const float* mp = reinterpret_cast<const float*>(p[G + 1]) + i;
                   lanes.add_product_tanh(g0, FVec(1.0f), FVec::loadu(mp), FVec(0.0f));
                   lanes.add_product_tanh(g1, FVec(1.0f), FVec::loadu(mp + FVec::size()), FVec(0.0f));
@@ -817,6 +823,7 @@ auto valve_backward_loop(Accumulator& acc, bool stream) {
           valve_backward(g, c, static_cast<op_t>(static_cast<M>(t)), static_cast<op_t>(t), dm, dc,
                          RoundTo<M>{});
           put<M>(p[0], s[0], i, dm);
+          if (!sums && !kElement) return;
           // float32 m: tanh in double, as the vector path (tanh_pd)
           const long double t_term = std::is_same_v<M, float> && !kHalfPrecision<U>
                                          ? static_cast<long double>(std::tanh(static_cast<double>(m)))
