@@ -58,6 +58,13 @@ inline V tanh_pd_impl(V x) {
 #if defined(KK_AVX512)
 struct Pd512 {
   using V = __m512d;
+  static constexpr int kLanes = 8;
+  // the lower and upper halves of a float vector, widened
+  static V low(const FVec& v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
+  static V high(const FVec& v) {
+    return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  }
+  static void store(double* p, V v) { _mm512_storeu_pd(p, v); }
   static V set(double v) { return _mm512_set1_pd(v); }
   static V abs(V x) { return _mm512_abs_pd(x); }
   static V mul(V a, V b) { return _mm512_mul_pd(a, b); }
@@ -84,10 +91,14 @@ struct Pd512 {
         _mm512_and_si512(sign, _mm512_castpd_si512(x))));
   }
 };
-inline __m512d tanh_pd(__m512d x) { return tanh_pd_impl<__m512d, Pd512>(x); }
+using Pd = Pd512;
 #elif defined(KK_AVX2)
 struct Pd256 {
   using V = __m256d;
+  static constexpr int kLanes = 4;
+  static V low(const FVec& v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
+  static V high(const FVec& v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
+  static void store(double* p, V v) { _mm256_storeu_pd(p, v); }
   static V set(double v) { return _mm256_set1_pd(v); }
   static V abs(V x) { return _mm256_andnot_pd(_mm256_set1_pd(-0.0), x); }
   static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
@@ -113,7 +124,10 @@ struct Pd256 {
     return _mm256_or_pd(_mm256_andnot_pd(sign, t), _mm256_and_pd(sign, x));
   }
 };
-inline __m256d tanh_pd(__m256d x) { return tanh_pd_impl<__m256d, Pd256>(x); }
+using Pd = Pd256;
+#endif
+#if defined(KK_AVX512) || defined(KK_AVX2)
+inline Pd::V tanh_pd(Pd::V x) { return tanh_pd_impl<Pd::V, Pd>(x); }
 #endif
 
 // Per-lane double sums of float vectors: each float term enters a double exactly, and the
@@ -121,61 +135,31 @@ inline __m256d tanh_pd(__m256d x) { return tanh_pd_impl<__m256d, Pd256>(x); }
 // blend's alpha gradient carries no float rounding of its terms; the lanes go into the
 // block's Accumulator after.
 struct DoubleLanes {
-#if defined(KK_AVX512)
-  __m512d lo = _mm512_setzero_pd();
-  __m512d hi = _mm512_setzero_pd();
-  static __m512d low(const FVec& v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
-  static __m512d high(const FVec& v) {
-    return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-  }
+#if defined(KK_AVX512) || defined(KK_AVX2)
+  using V = Pd::V;
+  V lo = Pd::set(0.0);
+  V hi = Pd::set(0.0);
   void add(const FVec& v) {
-    lo = _mm512_add_pd(lo, low(v));
-    hi = _mm512_add_pd(hi, high(v));
+    lo = Pd::add(lo, Pd::low(v));
+    hi = Pd::add(hi, Pd::high(v));
   }
   void add_product_of_difference(const FVec& a, const FVec& b, const FVec& c) {
-    lo = _mm512_fmadd_pd(low(a), _mm512_sub_pd(low(b), low(c)), lo);
-    hi = _mm512_fmadd_pd(high(a), _mm512_sub_pd(high(b), high(c)), hi);
+    lo = Pd::fma(Pd::low(a), Pd::sub(Pd::low(b), Pd::low(c)), lo);
+    hi = Pd::fma(Pd::high(a), Pd::sub(Pd::high(b), Pd::high(c)), hi);
   }
   void add_product3(const FVec& a, const FVec& b, const FVec& c) {
-    lo = _mm512_fmadd_pd(_mm512_mul_pd(low(a), low(b)), low(c), lo);
-    hi = _mm512_fmadd_pd(_mm512_mul_pd(high(a), high(b)), high(c), hi);
+    lo = Pd::fma(Pd::mul(Pd::low(a), Pd::low(b)), Pd::low(c), lo);
+    hi = Pd::fma(Pd::mul(Pd::high(a), Pd::high(b)), Pd::high(c), hi);
   }
   // a * b * tanh(s - r), s - r and tanh in double
   void add_product_tanh(const FVec& a, const FVec& b, const FVec& s, const FVec& r) {
-    lo = _mm512_fmadd_pd(_mm512_mul_pd(low(a), low(b)), tanh_pd(_mm512_sub_pd(low(s), low(r))), lo);
-    hi = _mm512_fmadd_pd(_mm512_mul_pd(high(a), high(b)), tanh_pd(_mm512_sub_pd(high(s), high(r))), hi);
+    lo = Pd::fma(Pd::mul(Pd::low(a), Pd::low(b)), tanh_pd(Pd::sub(Pd::low(s), Pd::low(r))), lo);
+    hi = Pd::fma(Pd::mul(Pd::high(a), Pd::high(b)), tanh_pd(Pd::sub(Pd::high(s), Pd::high(r))), hi);
   }
   void flush_into(Accumulator& acc) const {
-    double tmp[16];
-    _mm512_storeu_pd(tmp, lo);
-    _mm512_storeu_pd(tmp + 8, hi);
-    for (double v : tmp) acc.add(v);
-  }
-#elif defined(KK_AVX2)
-  __m256d lo = _mm256_setzero_pd();
-  __m256d hi = _mm256_setzero_pd();
-  static __m256d low(const FVec& v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
-  static __m256d high(const FVec& v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
-  void add(const FVec& v) {
-    lo = _mm256_add_pd(lo, low(v));
-    hi = _mm256_add_pd(hi, high(v));
-  }
-  void add_product_of_difference(const FVec& a, const FVec& b, const FVec& c) {
-    lo = _mm256_fmadd_pd(low(a), _mm256_sub_pd(low(b), low(c)), lo);
-    hi = _mm256_fmadd_pd(high(a), _mm256_sub_pd(high(b), high(c)), hi);
-  }
-  void add_product3(const FVec& a, const FVec& b, const FVec& c) {
-    lo = _mm256_fmadd_pd(_mm256_mul_pd(low(a), low(b)), low(c), lo);
-    hi = _mm256_fmadd_pd(_mm256_mul_pd(high(a), high(b)), high(c), hi);
-  }
-  void add_product_tanh(const FVec& a, const FVec& b, const FVec& s, const FVec& r) {
-    lo = _mm256_fmadd_pd(_mm256_mul_pd(low(a), low(b)), tanh_pd(_mm256_sub_pd(low(s), low(r))), lo);
-    hi = _mm256_fmadd_pd(_mm256_mul_pd(high(a), high(b)), tanh_pd(_mm256_sub_pd(high(s), high(r))), hi);
-  }
-  void flush_into(Accumulator& acc) const {
-    double tmp[8];
-    _mm256_storeu_pd(tmp, lo);
-    _mm256_storeu_pd(tmp + 4, hi);
+    double tmp[2 * Pd::kLanes];
+    Pd::store(tmp, lo);
+    Pd::store(tmp + Pd::kLanes, hi);
     for (double v : tmp) acc.add(v);
   }
 #else
