@@ -51,7 +51,19 @@ def _want_cuda() -> bool:
     return have
 
 
-CPU_ISAS = ("avx512", "avx2", "default")
+def _load_isa_module():
+    """kasmina_kernels/_isa.py by path (importing the package would load the extension): its
+    REQUIRED_FLAGS table is the one list of what each ISA build uses and needs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_kk_isa", os.path.join(ROOT, "kasmina_kernels", "_isa.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REQUIRED_FLAGS = _load_isa_module().REQUIRED_FLAGS
+CPU_ISAS = tuple(REQUIRED_FLAGS)
 
 
 def _cpu_isa() -> str:
@@ -65,16 +77,13 @@ def _cpu_isa() -> str:
 
 
 def _isa_flags(isa: str) -> list[str]:
-    """Compiler flags for `isa`. ATen's Vectorized<T> picks its width from CPU_CAPABILITY and
-    keeps each width in its own inline namespace, so they do not clash with torch's copies.
-    The AVX-512 set is the one ATen builds its own AVX512 kernels with."""
-    avx2 = ["-mavx2", "-mfma", "-mf16c"]
-    if isa == "avx512":
-        return avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-                       "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-    if isa == "avx2":
-        return avx2 + ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
+    """Compiler flags for `isa`: -m<flag> for each CPU flag the build needs (the names GCC and
+    /proc/cpuinfo share), and ATen's CPU_CAPABILITY, from which Vectorized<T> picks its width
+    (each width in its own inline namespace, so they do not clash with torch's copies). The
+    AVX-512 set is the one ATen builds its own AVX512 kernels with."""
+    capability = isa.upper()
+    return [f"-m{flag}" for flag in REQUIRED_FLAGS[isa]] + [
+        f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
 
 
 def _record_isa(isa: str) -> None:

@@ -7,7 +7,8 @@ check runs here, in Python, first."""
 
 from __future__ import annotations
 
-# the /proc/cpuinfo flags each build needs (setup.py's _isa_flags)
+# The CPU flags each build needs, by their /proc/cpuinfo names; setup.py compiles with
+# -m<flag> for each (GCC spells them the same), so this table is the one list of both.
 REQUIRED_FLAGS = {
     "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"),
     "avx2": ("avx2", "fma", "f16c"),

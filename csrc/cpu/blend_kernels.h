@@ -567,26 +567,21 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
                   // exactly that), not a second conversion
                   store2_negated<T>(reinterpret_cast<T*>(p[1]) + i, reinterpret_cast<T*>(p[2]) + i,
                                     ds0, ds1, nt);
-                } else if constexpr (std::is_same_v<S, T>) {
+                } else {
+                  // ds holds a T value, exact in S (T itself, or float)
                   store2_exact<S>(reinterpret_cast<S*>(p[1]) + i, ds0, ds1, nt);
                   if constexpr (!kRIsH) {
-                    store2<S>(reinterpret_cast<S*>(p[2]) + i, ds0.neg(), ds1.neg(),
-                              nt);
-                  }
-                } else {
-                  store2<S>(reinterpret_cast<S*>(p[1]) + i, ds0, ds1, nt);
-                  if constexpr (!kRIsH) {
-                    store2<S>(reinterpret_cast<S*>(p[2]) + i, ds0.neg(), ds1.neg(),
-                              nt);
+                    store2<S>(reinterpret_cast<S*>(p[2]) + i, ds0.neg(), ds1.neg(), nt);
                   }
                 }
-                if (!sums) {
-                } else if constexpr (std::is_same_v<T, float>) {
-                  lanes.add_product_tanh(g0, h0, s0, r0);
-                  lanes.add_product_tanh(g1, h1, s1, r1);
-                } else {
-                  lanes.add_product3(g0, h0, t0);
-                  lanes.add_product3(g1, h1, t1);
+                if (sums) {
+                  if constexpr (std::is_same_v<T, float>) {
+                    lanes.add_product_tanh(g0, h0, s0, r0);
+                    lanes.add_product_tanh(g1, h1, s1, r1);
+                  } else {
+                    lanes.add_product3(g0, h0, t0);
+                    lanes.add_product3(g1, h1, t1);
+                  }
                 }
               }
               lanes.flush_into(acc);
@@ -617,12 +612,11 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
           op_t dh, ds, dc;
           multiply_backward_t<kRIsH>(g, h, as_host_value<T>(tr), t, c, dh, ds, dc, RoundTo<T>{});
           put<T>(p[0], s[0], i, dh);
-          const T ds_t = static_cast<T>(ds);
-          put<S>(p[1], s[1], i, ds_t);
-          if constexpr (!kRIsH) put<S>(p[2], s[2], i, -static_cast<op_t>(ds_t));
+          put<S>(p[1], s[1], i, ds);  // ds holds a T value (multiply_backward_t rounded it)
+          if constexpr (!kRIsH) put<S>(p[2], s[2], i, -ds);
+          if (!sums && !kElement) return;
           using ld = long double;
           // float32: s - r and tanh in double, as the vector path (tanh_pd)
-          if (!sums && !kElement) return;
           const ld t_term = std::is_same_v<T, float>
                                 ? static_cast<ld>(std::tanh(static_cast<double>(sv) - static_cast<double>(r)))
                                 : static_cast<ld>(t);
@@ -782,14 +776,15 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
                 valve_backward(g0, c0, tg0, t0, dm0, dc0, RoundTo<M>{});
                 valve_backward(g1, c1, tg1, t1, dm1, dc1, RoundTo<M>{});
                 store2<M>(reinterpret_cast<M*>(p[0]) + i, dm0, dm1, nt);
-                if (!sums) {
-                } else if constexpr (std::is_same_v<M, float> && !kHalfPrecision<U>) {
-                  const float* mp = reinterpret_cast<const float*>(p[G + 1]) + i;
-                  lanes.add_product_tanh(g0, FVec(1.0f), FVec::loadu(mp), FVec(0.0f));
-                  lanes.add_product_tanh(g1, FVec(1.0f), FVec::loadu(mp + FVec::size()), FVec(0.0f));
-                } else {
-                  lanes.add_product3(g0, t0, FVec(1.0f));
-                  lanes.add_product3(g1, t1, FVec(1.0f));
+                if (sums) {
+                  if constexpr (std::is_same_v<M, float> && !kHalfPrecision<U>) {
+                    const float* mp = reinterpret_cast<const float*>(p[G + 1]) + i;
+                    lanes.add_product_tanh(g0, FVec(1.0f), FVec::loadu(mp), FVec(0.0f));
+                    lanes.add_product_tanh(g1, FVec(1.0f), FVec::loadu(mp + FVec::size()), FVec(0.0f));
+                  } else {
+                    lanes.add_product3(g0, t0, FVec(1.0f));
+                    lanes.add_product3(g1, t1, FVec(1.0f));
+                  }
                 }
               }
               lanes.flush_into(acc);

@@ -99,47 +99,11 @@ inline void store2(T* p, const FVec& a, const FVec& b) {
 
 // Non-temporal (streaming) stores: for outputs too large to stay in cache, a plain store first
 // reads the line it writes (read-for-ownership); a streaming store does not, which cuts the
-// pass's memory traffic by the output's size. They need 32-byte aligned addresses and are
-// weakly ordered: a pass that streams ends with stream_fence() on the thread that stored.
-// Streaming stores of one vector need its width's alignment (32 bytes on AVX2, 64 on AVX-512).
+// pass's memory traffic by the output's size. They need addresses aligned to the vector width
+// (32 bytes on AVX2, 64 on AVX-512) and are weakly ordered: a pass that streams ends with
+// stream_fence() on the thread that stored.
 inline bool stream_aligned(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) % sizeof(FVec)) == 0;
-}
-
-template <typename T>
-inline void store2_stream(T* p, const FVec& a, const FVec& b) {
-#if defined(KK_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    _mm512_stream_ps(p, a);
-    _mm512_stream_ps(p + FVec::size(), b);
-    return;
-  } else if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
-    const __m512i v = at::vec::convert_from_float<T>(a, b);
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
-    return;
-  }
-#elif defined(KK_AVX2)
-  if constexpr (std::is_same_v<T, float>) {
-    _mm256_stream_ps(p, a);
-    _mm256_stream_ps(p + FVec::size(), b);
-    return;
-  } else if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
-    const __m256i v = at::vec::convert_from_float<T>(a, b);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
-    return;
-  }
-#endif
-  store2<T>(p, a, b);
-}
-
-// store2, streaming when `stream` (the caller checked the alignment)
-template <typename T>
-inline void store2(T* p, const FVec& a, const FVec& b, bool stream) {
-  if (stream) {
-    store2_stream<T>(p, a, b);
-  } else {
-    store2<T>(p, a, b);
-  }
 }
 
 // a and b hold T values exactly (already rounded to T): T's bit patterns, packed. For
@@ -185,6 +149,37 @@ inline void store_bits(void* p, const HalfBits& v, bool stream) {
 #endif
 }
 #endif
+
+
+template <typename T>
+inline void store2_stream(T* p, const FVec& a, const FVec& b) {
+#if defined(KK_AVX2) || defined(KK_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+#if defined(KK_AVX512)
+    _mm512_stream_ps(p, a);
+    _mm512_stream_ps(p + FVec::size(), b);
+#else
+    _mm256_stream_ps(p, a);
+    _mm256_stream_ps(p + FVec::size(), b);
+#endif
+    return;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+    store_bits(p, at::vec::convert_from_float<T>(a, b), true);
+    return;
+  }
+#endif
+  store2<T>(p, a, b);
+}
+
+// store2, streaming when `stream` (the caller checked the alignment)
+template <typename T>
+inline void store2(T* p, const FVec& a, const FVec& b, bool stream) {
+  if (stream) {
+    store2_stream<T>(p, a, b);
+  } else {
+    store2<T>(p, a, b);
+  }
+}
 
 // Stores a and b, which hold T values exactly (already rounded to T).
 template <typename T>

@@ -144,10 +144,9 @@ struct MultiplyBackward {
     op_t dh, ds, dc;
     kk::multiply_backward_t<kRIsH>(g, h, round_through<T>(t), t, c, dh, ds, dc, RoundTo<T>{},
                                    kk::StorageTanhGrad{});  // as ATen's CUDA tanh_backward
-    const op_t ds_t = round_through<T>(ds);
     out[0] = dh;
-    out[1] = ds_t;
-    if constexpr (!kRIsH) out[kOut - 1] = -ds_t;
+    out[1] = ds;  // a T value: multiply_backward_t rounded it
+    if constexpr (!kRIsH) out[kOut - 1] = -ds;
     // The alpha term g*h*tanh(s - r) in double, with the tanh of the unrounded difference:
     // tanh(d + e) ~ t + (1 - t^2) e to first order, e = (s - r) - d (zero unless T is a half
     // type; |e| is at most half an ulp of d there). A non-finite e (infinite d) counts as 0.
