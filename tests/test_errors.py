@@ -14,9 +14,12 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import kasmina_kernels as kk
 from kasmina_kernels.backends import ENV_VAR
+from kasmina_kernels.validation import broadcast_shape
 
 from cases import backend_params
 
@@ -105,6 +108,19 @@ def test_valve_alpha_enlarging_m(backend):
 def test_gate_effective_alpha_shapes_do_not_broadcast(backend):
     with pytest.raises(ValueError, match="broadcast"):
         kk.gate_effective_alpha(torch.rand(3, 1, 1, 1), torch.rand(2, 1, 1, 1), backend=backend)
+
+
+_dims = st.integers(min_value=0, max_value=3)
+
+
+@given(st.lists(_dims, max_size=4), st.lists(_dims, max_size=4))
+def test_broadcast_shape_agrees_with_torch(a, b):
+    """The eager checks' fast broadcast rule is torch's, zero-size dimensions included."""
+    try:
+        expected = tuple(torch.broadcast_shapes(a, b))
+    except RuntimeError:
+        expected = None
+    assert broadcast_shape(a, b) == expected
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

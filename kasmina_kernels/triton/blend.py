@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import validation
 from . import _common as C
 from ._common import (
     clamp01,
@@ -628,7 +629,7 @@ def _weight_grads_from_elements(op, dwe, alpha, gate, na, ng, *, H, P):
         a = alpha.to(dev)
         masked_on = a.to(H) if op == OP_MUL else a
         return torch.where(_in01(masked_on), d, zero).to(alpha.dtype).to(alpha.device), None
-    eshape = torch.broadcast_shapes(alpha.shape, gate.shape)
+    eshape = validation.broadcast_shape(alpha.shape, gate.shape)
     de = dwe.to(torch.float64)
     de = de.sum_to_size(eshape) if len(eshape) else de.sum()
     a, g = alpha.to(dev), gate.to(dev)
@@ -724,7 +725,7 @@ def _gea_setup(shape, alpha, gate, dev, operands=()):
 
 
 def _gea_fwd(alpha, gate):
-    shape = torch.broadcast_shapes(alpha.shape, gate.shape)
+    shape = validation.broadcast_shape(alpha.shape, gate.shape)
     P = _result_type(alpha, gate)
     dev = _pair_device(alpha, gate)
     out = torch.empty(shape, dtype=P, device=dev)
@@ -743,7 +744,7 @@ def _gea_fwd(alpha, gate):
 
 
 def _gea_bwd(grad, alpha, gate, need):
-    shape = torch.broadcast_shapes(alpha.shape, gate.shape)
+    shape = validation.broadcast_shape(alpha.shape, gate.shape)
     P = _result_type(alpha, gate)
     dev = _pair_device(alpha, gate)
     da_e = torch.empty(shape, dtype=torch.float64, device=dev)
