@@ -101,9 +101,21 @@ def _(x, topology):
     return x.new_empty((x.shape[0], channels))
 
 
+def _pooled_input_grad(x: torch.Tensor, topology: str) -> torch.Tensor:
+    # the CPU kernels return the (B, C) values broadcast over the positions with stride 0;
+    # the CUDA kernels write a dense dx
+    if x.device.type != "cpu" or x.numel() == 0:
+        return torch.empty_like(x)
+    if topology == "cnn":
+        values = x.new_empty((x.shape[0], x.shape[1], 1, 1))
+    else:
+        values = x.new_empty((x.shape[0], 1, x.shape[2]))
+    return values.expand(x.shape)
+
+
 @torch.library.register_fake("kasmina::gated_pool_backward")
 def _(grad, x, topology):
-    return torch.empty_like(x)
+    return _pooled_input_grad(x, topology)
 
 
 @torch.library.register_fake("kasmina::gate_network")
@@ -115,7 +127,7 @@ def _(x, w1, b1, w2, b2, topology):
 @torch.library.register_fake("kasmina::gate_network_backward")
 def _(grad, x, w1, b1, w2, b2, topology):
     return (
-        torch.empty_like(x),
+        _pooled_input_grad(x, topology),
         _weight_grad(w1),
         _weight_grad(b1),
         _weight_grad(w2),

@@ -139,6 +139,42 @@ def test_gradcheck_with_integer_alpha_and_aliasing():
                                                  backend="native"), (h,))
 
 
+# ------------------------------------------------------------------ pooling input gradient
+@pytest.mark.parametrize("topology, cl", [("cnn", False), ("cnn", True), ("transformer", False)])
+@pytest.mark.parametrize("op", ["gated_pool", "gate_network"])
+def test_pooled_input_gradient_is_a_broadcast_view(op, topology, cl):
+    """On the CPU the input gradient of a mean is returned as the (B, C) values broadcast over
+    the positions with stride 0 (as torch's own sum backward does), holding the reference's
+    values; a leaf's .grad and a sum with the input's other gradient come out dense."""
+    if TEST_DEVICE.type != "cpu":
+        pytest.skip("the broadcast input gradient is the CPU kernels' (the CUDA kernels write dx)")
+    shape = (3, 5, 4, 6) if topology == "cnn" else (3, 7, 5)
+    x = leaf(rnd(shape, f"poolgrad/{op}/{topology}/{cl}", dtype=torch.float32, cl=cl))
+    c = shape[1] if topology == "cnn" else shape[2]
+    w = [leaf(rnd(s, f"poolgrad/w{i}", dtype=torch.float32))
+         for i, s in enumerate([(8, c), (8,), (1, 8), (1,)])]
+
+    def run(backend):
+        if op == "gated_pool":
+            return kk.gated_pool(x, topology, backend=backend)
+        return kk.gate_network(x, *w, topology=topology, backend=backend)
+
+    y = run("native")
+    g = rnd(y.shape, "poolgrad/g", dtype=torch.float32)
+    (dx,) = torch.autograd.grad(y, x, g)
+    (dx_ref,) = torch.autograd.grad(run("reference"), x, g)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    positions = (2, 3) if topology == "cnn" else (1,)
+    assert all(dx.stride(d) == 0 for d in positions), dx.stride()
+    torch.testing.assert_close(dx, dx_ref)
+
+    # x used twice: the engine adds the broadcast to the other gradient; a leaf's .grad is
+    # dense and keeps x's layout
+    (run("native") * g).sum().add((x * 2).sum()).backward()
+    assert x.grad.stride() == x.stride()
+    torch.testing.assert_close(x.grad, dx_ref + 2)
+
+
 # ----------------------------------------------------------------------------- saved bytes
 class SavedCounter:
     def __init__(self):

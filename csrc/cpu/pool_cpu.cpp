@@ -12,9 +12,8 @@
 //   - anything else: scalar double sums.
 // Every sum has a fixed order that does not depend on how at::parallel_for splits the work.
 //
-// The backward of a mean is a broadcast write: each (b, c) value is rounded once to x's
-// dtype and then filled (NCHW planes) or copied as a periodic row pattern (channels-last
-// layouts), memset/memcpy speed, no per-element conversion.
+// The backward of a mean is a broadcast: each (b, c) value is rounded once to x's dtype and
+// dx is a stride-0 expanded view of those B*C values (no write of x's size).
 //
 // The gate MLP is tiny ((B,C) x (C,hidden)); it runs in double on the double pooled means,
 // single-threaded, as plain loops whose innermost loop is a contiguous axpy (vectorized by
@@ -36,7 +35,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -391,116 +389,39 @@ void pooled_means_into(const at::Tensor& x, const PoolView& v, O* out) {
 }
 
 // ---------------------------------------------------------------- backward broadcast
-template <int kBytes>
-struct Bits;
-template <>
-struct Bits<2> {
-  using type = uint16_t;
-};
-template <>
-struct Bits<4> {
-  using type = uint32_t;
-};
-template <>
-struct Bits<8> {
-  using type = uint64_t;
-};
-
-// dx[b, c, positions] = vals[b * C + c], for dx viewed as `v`; E is an unsigned integer of
-// dx's element size (the values are copied as bits).
-template <typename E>
-void broadcast_fill(E* dx, const PoolView& v, const E* vals) {
-  const int64_t n = v.count();
-  if (v.sl == 1) {
-    // positions contiguous: fill each plane's rows
-    at::parallel_for(0, v.B * v.C, std::max<int64_t>(1, kTaskElems / n), [&](int64_t p0, int64_t p1) {
-      int64_t b = p0 / v.C, c = p0 % v.C;
-      for (int64_t p = p0; p < p1; ++p) {
-        E* plane = dx + b * v.sb + c * v.sc;
-        const E value = vals[p];
-        for (int64_t r = 0; r < v.R; ++r) std::fill_n(plane + r * v.sr, v.L, value);
-        if (++c == v.C) c = 0, ++b;
-      }
-    });
-    return;
-  }
-  // channels contiguous: every position holds the sample's row of C values
-  at::parallel_for(0, v.B, std::max<int64_t>(1, kTaskElems / (n * v.C)), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const E* row = vals + b * v.C;
-      E* sample = dx + b * v.sb;
-      for (int64_t r = 0; r < v.R; ++r) {
-        E* dst = sample + r * v.sr;
-        if (v.sl != v.C) {  // rows of positions with gaps between them
-          for (int64_t l = 0; l < v.L; ++l) std::memcpy(dst + l * v.sl, row, v.C * sizeof(E));
-          continue;
-        }
-        // a dense run of L rows of C: write one row, double it up to ~4 KiB, then copy that
-        // cache-resident chunk along the run
-        const int64_t total = v.L * v.C;
-        int64_t done = std::min(v.C, total);
-        std::memcpy(dst, row, done * sizeof(E));
-        const int64_t chunk_rows = std::max<int64_t>(1, 4096 / static_cast<int64_t>(v.C * sizeof(E)));
-        const int64_t chunk = std::min(total, chunk_rows * v.C);
-        while (done < chunk) {
-          const int64_t len = std::min(done, chunk - done);
-          std::memcpy(dst + done, dst, len * sizeof(E));
-          done += len;
-        }
-        while (done < total) {
-          const int64_t len = std::min(chunk, total - done);
-          std::memcpy(dst + done, dst, len * sizeof(E));
-          done += len;
-        }
-      }
-    }
-  });
-}
-
-// dx (x's dtype and layout) with dx[b, c, ...] = grad(b, c) / count, computed in float for a
-// float/half gradient into a float/half dx (as torch's mean backward), in double otherwise,
-// rounded once to x's dtype. `grad_at(b, c)` gives the gradient as G.
+// dx[b, c, ...] = grad(b, c) / count, computed in float for a float/half gradient into a
+// float/half dx (as torch's mean backward), in double otherwise, rounded once to x's dtype.
+// `grad_at(b, c)` gives the gradient as G. dx is returned as a stride-0 broadcast of the B*C
+// values over the pooled positions, as torch's own sum backward returns its gradient: the
+// backward of a mean writes B*C values instead of a tensor of x's size, and whatever consumes
+// dx (the autograd engine adding it to h's other gradient, AccumulateGrad for a leaf) reads it
+// in its own pass.
 template <typename G, typename GradAt>
 at::Tensor pool_input_grad(const at::Tensor& x, c10::string_view topology, GradAt&& grad_at) {
-  at::Tensor dx = at::empty_like(x);
-  if (x.numel() == 0) return dx;
-  const PoolView v = pool_view(dx, topology);
-  const int64_t count = v.count();
-  at::Tensor vals_t;
+  if (x.numel() == 0) return at::empty_like(x);
+  const PoolView v = pool_view(x, topology);
+  const bool cnn = topology == "cnn";
+  const auto contiguous = x.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor vals = cnn ? at::empty({v.B, v.C, 1, 1}, contiguous) : at::empty({v.B, 1, v.C}, contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gated_pool_backward", [&] {
     using dx_t = scalar_t;
     using op_t = std::conditional_t<
         std::is_same_v<G, long double>, long double,
         std::conditional_t<std::is_same_v<G, double> || std::is_same_v<dx_t, double>, double, float>>;
-    const op_t div = static_cast<op_t>(count);
-    std::vector<dx_t> vals(v.B * v.C);
+    const op_t div = static_cast<op_t>(v.count());
+    dx_t* out = vals.data_ptr<dx_t>();
     for (int64_t b = 0; b < v.B; ++b) {
       for (int64_t c = 0; c < v.C; ++c) {
         const op_t q = static_cast<op_t>(grad_at(b, c)) / div;
         if constexpr (std::is_same_v<op_t, long double>) {
-          vals[b * v.C + c] = static_cast<dx_t>(static_cast<double>(q));
+          out[b * v.C + c] = static_cast<dx_t>(static_cast<double>(q));
         } else {
-          vals[b * v.C + c] = static_cast<dx_t>(q);
+          out[b * v.C + c] = static_cast<dx_t>(q);
         }
       }
     }
-    const bool dense_layout = v.sl == 1 || v.sc == 1;
-    if (dense_layout) {
-      using E = typename Bits<sizeof(dx_t)>::type;
-      std::vector<E> bits(vals.size());
-      std::memcpy(bits.data(), vals.data(), vals.size() * sizeof(E));
-      broadcast_fill<E>(static_cast<E*>(dx.data_ptr()), v, bits.data());
-    } else {
-      vals_t = at::empty({v.B, v.C}, x.options().memory_format(at::MemoryFormat::Contiguous));
-      std::copy(vals.begin(), vals.end(), vals_t.data_ptr<dx_t>());
-    }
   });
-  if (vals_t.defined()) {  // no dense direction to fill along: a broadcast copy
-    const bool cnn = topology == "cnn";
-    const at::Tensor g = cnn ? vals_t.view({v.B, v.C, 1, 1}) : vals_t.view({v.B, 1, v.C});
-    dx.copy_(g.expand(x.sizes()));
-  }
-  return dx;
+  return vals.expand(x.sizes());
 }
 
 }  // namespace
@@ -570,65 +491,74 @@ bool long_double_math(const at::Tensor& x, const at::Tensor& w1, const at::Tenso
   return false;
 }
 
-// Columns [k0, k0 + NV * 4) of small_gemm's output, for double: pairs of rows times NV
-// vectors of columns held in registers, so the products do not wait on stores.
-template <int NV>
-void gemm_columns(int64_t I, int64_t Mdim, int64_t K, int64_t k0, const double* a, int64_t a_si,
-                  int64_t a_sm, const double* bm, const double* bias, double* out) {
+// Rows [i0, i0 + RI) by columns [k0, k0 + NV * 4) of small_gemm's output, for double: an
+// RI x NV tile of vector accumulators held in registers while m runs, so each loaded vector
+// of bm feeds RI products and each broadcast of a feeds NV. `packed` holds the tile's rows
+// of a interleaved (packed[m * RI + r] = a(i0 + r, m)), one sequential stream.
+template <int RI, int NV>
+void gemm_tile(int64_t i0, int64_t k0, int64_t Mdim, int64_t K, const double* packed,
+               const double* bm, const double* bias, double* out) {
   using DVec = at::vec::Vectorized<double>;
   constexpr int64_t V = DVec::size();
-  DVec init[NV];
-  for (int q = 0; q < NV; ++q) init[q] = bias ? DVec::loadu(bias + k0 + q * V) : DVec(0.0);
-  int64_t i = 0;
-  for (; i + 2 <= I; i += 2) {
-    DVec r0[NV], r1[NV];
-    for (int q = 0; q < NV; ++q) r0[q] = r1[q] = init[q];
-    const double* a0 = a + i * a_si;
-    const double* a1 = a0 + a_si;
-    for (int64_t m = 0; m < Mdim; ++m) {
-      const DVec s0(a0[m * a_sm]), s1(a1[m * a_sm]);
-      const double* row = bm + m * K + k0;
-      for (int q = 0; q < NV; ++q) {
-        const DVec bv = DVec::loadu(row + q * V);
-        r0[q] = at::vec::fmadd(s0, bv, r0[q]);
-        r1[q] = at::vec::fmadd(s1, bv, r1[q]);
-      }
-    }
-    for (int q = 0; q < NV; ++q) {
-      r0[q].store(out + i * K + k0 + q * V);
-      r1[q].store(out + (i + 1) * K + k0 + q * V);
+  DVec acc[RI][NV];
+  for (int q = 0; q < NV; ++q) {
+    const DVec init = bias ? DVec::loadu(bias + k0 + q * V) : DVec(0.0);
+    for (int r = 0; r < RI; ++r) acc[r][q] = init;
+  }
+  for (int64_t m = 0; m < Mdim; ++m) {
+    DVec bv[NV];
+    for (int q = 0; q < NV; ++q) bv[q] = DVec::loadu(bm + m * K + k0 + q * V);
+    for (int r = 0; r < RI; ++r) {
+      const DVec s(packed[m * RI + r]);
+      for (int q = 0; q < NV; ++q) acc[r][q] = at::vec::fmadd(s, bv[q], acc[r][q]);
     }
   }
-  for (; i < I; ++i) {
-    DVec r0[NV];
-    for (int q = 0; q < NV; ++q) r0[q] = init[q];
-    const double* a0 = a + i * a_si;
-    for (int64_t m = 0; m < Mdim; ++m) {
-      const DVec s0(a0[m * a_sm]);
-      for (int q = 0; q < NV; ++q) r0[q] = at::vec::fmadd(s0, DVec::loadu(bm + m * K + k0 + q * V), r0[q]);
-    }
-    for (int q = 0; q < NV; ++q) r0[q].store(out + i * K + k0 + q * V);
+  for (int r = 0; r < RI; ++r) {
+    for (int q = 0; q < NV; ++q) acc[r][q].store(out + (i0 + r) * K + k0 + q * V);
   }
+}
+
+// Rows [i0, i0 + RI), every column that fills a vector: a's rows packed once (in L1 for the
+// whole row), then the columns two vectors at a time.
+template <int RI>
+int64_t gemm_rows(int64_t i0, int64_t Mdim, int64_t K, const double* a, int64_t a_si,
+                  int64_t a_sm, const double* bm, const double* bias, double* out,
+                  double* packed) {
+  constexpr int64_t V = at::vec::Vectorized<double>::size();
+  for (int64_t m = 0; m < Mdim; ++m) {
+    for (int r = 0; r < RI; ++r) packed[m * RI + r] = a[(i0 + r) * a_si + m * a_sm];
+  }
+  int64_t k0 = 0;
+  for (; k0 + 2 * V <= K; k0 += 2 * V) gemm_tile<RI, 2>(i0, k0, Mdim, K, packed, bm, bias, out);
+  if (k0 + V <= K) {
+    gemm_tile<RI, 1>(i0, k0, Mdim, K, packed, bm, bias, out);
+    k0 += V;
+  }
+  return k0;
 }
 
 // out (I x K, row-major) = bias (per k, or none) + sum over m of a(i, m) * bm[m * K + k], a(i, m)
 // at a[i * a_si + m * a_sm]. Each sum runs over m in order (one fixed order, whatever the
-// thread count: this runs on the calling thread). Double: register-blocked columns
-// (gemm_columns); long double and the last K % 4 columns: plain loops.
+// thread count: this runs on the calling thread). Double: register tiles of 6 rows (6 x 2
+// accumulators, 2 loaded vectors and a broadcast: 15 registers) over packed rows of a
+// (gemm_rows); long double and the last K % 4 columns: plain loops.
 template <typename M>
 void small_gemm(int64_t I, int64_t Mdim, int64_t K, const M* a, int64_t a_si, int64_t a_sm,
                 const M* bm, const M* bias, M* out) {
   int64_t k0 = 0;
   if constexpr (std::is_same_v<M, double>) {
-    constexpr int64_t V = at::vec::Vectorized<double>::size();
-    for (; k0 + 4 * V <= K; k0 += 4 * V) gemm_columns<4>(I, Mdim, K, k0, a, a_si, a_sm, bm, bias, out);
-    if (k0 + 2 * V <= K) {
-      gemm_columns<2>(I, Mdim, K, k0, a, a_si, a_sm, bm, bias, out);
-      k0 += 2 * V;
-    }
-    if (k0 + V <= K) {
-      gemm_columns<1>(I, Mdim, K, k0, a, a_si, a_sm, bm, bias, out);
-      k0 += V;
+    constexpr int kRows = 6;
+    std::vector<double> packed(kRows * Mdim);
+    double* p = packed.data();
+    int64_t i = 0;
+    for (; i + kRows <= I; i += kRows) k0 = gemm_rows<kRows>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p);
+    switch (I - i) {
+      case 5: k0 = gemm_rows<5>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
+      case 4: k0 = gemm_rows<4>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
+      case 3: k0 = gemm_rows<3>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
+      case 2: k0 = gemm_rows<2>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
+      case 1: k0 = gemm_rows<1>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
+      default: break;
     }
   }
   if (k0 == K) return;
@@ -643,14 +573,36 @@ void small_gemm(int64_t I, int64_t Mdim, int64_t K, const M* a, int64_t a_si, in
   }
 }
 
-// t's values (row-major) as M; `transposed` for a 2-d t gives t^T row-major.
+// t's values (row-major) as M; `transposed` for a 2-d t gives t^T row-major. A 2-d t is read
+// through its strides (no ATen copy: a transposing copy cost as much as the MLP itself).
 template <typename M>
 std::vector<M> values_as(const at::Tensor& t, bool transposed = false) {
-  const at::Tensor c = (transposed ? t.t() : t).contiguous();
-  std::vector<M> out(c.numel());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.scalar_type(), "gate_network", [&] {
-    const scalar_t* p = c.const_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < c.numel(); ++i) out[i] = static_cast<M>(static_cast<double>(p[i]));
+  std::vector<M> out(t.numel());
+  M* o = out.data();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "gate_network", [&] {
+    auto as_m = [](scalar_t v) { return static_cast<M>(static_cast<double>(v)); };
+    if (t.dim() != 2) {
+      const at::Tensor c = t.contiguous();
+      const scalar_t* p = c.const_data_ptr<scalar_t>();
+      const int64_t n = c.numel();
+      for (int64_t i = 0; i < n; ++i) o[i] = as_m(p[i]);
+      return;
+    }
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    const int64_t rows = t.size(0), cols = t.size(1), s0 = t.stride(0), s1 = t.stride(1);
+    if (!transposed) {
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t k = 0; k < cols; ++k) o[r * cols + k] = as_m(p[r * s0 + k * s1]);
+      }
+      return;
+    }
+    // t^T: eight rows of t at a time, so each output line is written whole
+    for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+      const int64_t r1 = std::min(rows, r0 + 8);
+      for (int64_t k = 0; k < cols; ++k) {
+        for (int64_t r = r0; r < r1; ++r) o[k * rows + r] = as_m(p[r * s0 + k * s1]);
+      }
+    }
   });
   return out;
 }
