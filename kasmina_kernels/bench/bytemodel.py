@@ -13,6 +13,10 @@ and ds (3); the valve reads m and writes the multiplier (2), backward reads g an
 dm (3); the gate network is its pooling (1 and 1: the MLP on (B, C) is negligible);
 `gate_effective_alpha` works on per-sample tensors only, so its "feature" is alpha itself
 (3 and 5) and its figures are latency, not bandwidth.
+
+The pool's backward count (write dx: N) is the floor for a dense dx. The native CPU kernels
+return dx as a stride-0 broadcast of the (B, C) values instead (the report says so), so their
+backward GB/s for the pool and the gate network count a write they do not do.
 """
 
 from __future__ import annotations
