@@ -16,8 +16,8 @@
 // dx is a stride-0 expanded view of those B*C values (no write of x's size).
 //
 // The gate MLP is tiny ((B,C) x (C,hidden)); it runs in double on the double pooled means,
-// single-threaded, as plain loops whose innermost loop is a contiguous axpy (vectorized by
-// the compiler), with no ATen op, allocation or dtype conversion pass per step.
+// single-threaded: the weights are read once into double (through their strides), the
+// products are register-tiled GEMMs over packed rows (small_gemm), no ATen op per step.
 
 // These loops are written for 8 float lanes (the double-lane accumulators, the 32-channel
 // register blocks), and pooling is memory-bound: in an AVX-512 build this file keeps ATen's
@@ -461,7 +461,7 @@ namespace {
 template <typename M>
 struct GateWeights {
   int64_t C, hidden;
-  std::vector<M> w1, w1t, b1, w2, b2;  // w1: (hidden, C); w1t: (C, hidden)
+  std::vector<M> w1t, b1, w2, b2;  // w1t: (C, hidden)
 };
 
 void check_gate_weights(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
@@ -521,7 +521,7 @@ void gemm_tile(int64_t i0, int64_t k0, int64_t Mdim, int64_t K, const double* pa
 // Rows [i0, i0 + RI), every column that fills a vector: a's rows packed once (in L1 for the
 // whole row), then the columns two vectors at a time.
 template <int RI>
-int64_t gemm_rows(int64_t i0, int64_t Mdim, int64_t K, const double* a, int64_t a_si,
+void gemm_rows(int64_t i0, int64_t Mdim, int64_t K, const double* a, int64_t a_si,
                   int64_t a_sm, const double* bm, const double* bias, double* out,
                   double* packed) {
   constexpr int64_t V = at::vec::Vectorized<double>::size();
@@ -530,11 +530,7 @@ int64_t gemm_rows(int64_t i0, int64_t Mdim, int64_t K, const double* a, int64_t 
   }
   int64_t k0 = 0;
   for (; k0 + 2 * V <= K; k0 += 2 * V) gemm_tile<RI, 2>(i0, k0, Mdim, K, packed, bm, bias, out);
-  if (k0 + V <= K) {
-    gemm_tile<RI, 1>(i0, k0, Mdim, K, packed, bm, bias, out);
-    k0 += V;
-  }
-  return k0;
+  if (k0 + V <= K) gemm_tile<RI, 1>(i0, k0, Mdim, K, packed, bm, bias, out);
 }
 
 // out (I x K, row-major) = bias (per k, or none) + sum over m of a(i, m) * bm[m * K + k], a(i, m)
@@ -548,18 +544,20 @@ void small_gemm(int64_t I, int64_t Mdim, int64_t K, const M* a, int64_t a_si, in
   int64_t k0 = 0;
   if constexpr (std::is_same_v<M, double>) {
     constexpr int kRows = 6;
+    constexpr int64_t V = at::vec::Vectorized<double>::size();
     std::vector<double> packed(kRows * Mdim);
     double* p = packed.data();
     int64_t i = 0;
-    for (; i + kRows <= I; i += kRows) k0 = gemm_rows<kRows>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p);
+    for (; i + kRows <= I; i += kRows) gemm_rows<kRows>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p);
     switch (I - i) {
-      case 5: k0 = gemm_rows<5>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
-      case 4: k0 = gemm_rows<4>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
-      case 3: k0 = gemm_rows<3>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
-      case 2: k0 = gemm_rows<2>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
-      case 1: k0 = gemm_rows<1>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
+      case 5: gemm_rows<5>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
+      case 4: gemm_rows<4>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
+      case 3: gemm_rows<3>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
+      case 2: gemm_rows<2>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
+      case 1: gemm_rows<1>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
       default: break;
     }
+    k0 = K - K % V;  // the columns gemm_rows covered
   }
   if (k0 == K) return;
   for (int64_t i = 0; i < I; ++i) {
@@ -613,7 +611,6 @@ GateWeights<M> gate_weights(const at::Tensor& x, const at::Tensor& w1, const at:
   GateWeights<M> g;
   g.C = topology == "cnn" ? x.size(1) : x.size(2);
   g.hidden = w1.size(0);
-  g.w1 = values_as<M>(w1);
   g.b1 = values_as<M>(b1);
   g.w2 = values_as<M>(w2);
   g.b2 = values_as<M>(b2);
@@ -701,7 +698,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_netw
   }
   // dw1 = dz1^T . pooled; dpooled = dz1 . w1
   small_gemm<M>(H, B, C, dz1.data(), 1, H, f.pooled.data(), nullptr, dw1.data());
-  small_gemm<M>(B, H, C, dz1.data(), H, 1, w.w1.data(), nullptr, dpooled.data());
+  const std::vector<M> w1_rows = values_as<M>(w1);  // (hidden, C): only dpooled reads w1 untransposed
+  small_gemm<M>(B, H, C, dz1.data(), H, 1, w1_rows.data(), nullptr, dpooled.data());
   at::Tensor dx = pool_input_grad<M>(x, topology, [&](int64_t b, int64_t c) { return dpooled[b * C + c]; });
   return {dx, tensor_from_values(as_doubles(dw1), w1.sizes(), w1.scalar_type()),
           tensor_from_values(as_doubles(db1), b1.sizes(), b1.scalar_type()),
