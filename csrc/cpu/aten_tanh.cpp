@@ -6,7 +6,10 @@
 #include <c10/util/Half.h>
 #include <dlfcn.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 namespace kk::cpu {
@@ -43,6 +46,32 @@ void aten_tanh_f32(const float* in, float* out, int64_t n) {
   for (; i + FVec::size() <= n; i += FVec::size()) FVec::loadu(in + i).tanh().store(out + i);
   for (; i < n; ++i) out[i] = std::tanh(in[i]);
 }
+
+namespace {
+FloatTanh default_float_tanh() {
+  if (const char* env = std::getenv("KASMINA_KERNELS_FLOAT_TANH")) {
+    if (std::strcmp(env, "torch") == 0) return FloatTanh::kTorch;
+    if (std::strcmp(env, "mixed") == 0) return FloatTanh::kMixed;
+    TORCH_WARN("KASMINA_KERNELS_FLOAT_TANH must be 'torch' or 'mixed', got '", env,
+               "': using the default");
+  }
+#if defined(__x86_64__) || defined(__i386__)
+  const bool intel = __builtin_cpu_is("intel");
+#else
+  const bool intel = false;
+#endif
+  return resolve_vml() != nullptr && intel ? FloatTanh::kTorch : FloatTanh::kMixed;
+}
+
+std::atomic<FloatTanh>& float_tanh_mode() {
+  static std::atomic<FloatTanh> mode{default_float_tanh()};
+  return mode;
+}
+}  // namespace
+
+FloatTanh float_tanh() { return float_tanh_mode().load(std::memory_order_relaxed); }
+
+void set_float_tanh(FloatTanh mode) { float_tanh_mode().store(mode, std::memory_order_relaxed); }
 
 namespace {
 template <typename T>

@@ -12,6 +12,17 @@ namespace kk::cpu {
 // out[i] = tanh(in[i]) for i < n, exactly as torch.tanh computes float32 (in == out allowed).
 void aten_tanh_f32(const float* in, float* out, int64_t n);
 
+// Which float32 tanh MULTIPLY and the valve use (cpu/tanh_f32.h): kTorch is aten_tanh_f32 on
+// every element; kMixed takes a rational where |x| < 1 and aten_tanh_f32 elsewhere. The
+// default is kTorch where torch runs MKL on an Intel CPU (MKL's AVX-512 tanh beats the
+// rational's bookkeeping there) and kMixed elsewhere (MKL on other vendors' CPUs takes a
+// path about five times slower; without MKL, ATen's Sleef tanh is slower still).
+// KASMINA_KERNELS_FLOAT_TANH=torch|mixed overrides the default; set_float_tanh switches it
+// at run time (the tests run both).
+enum class FloatTanh { kTorch, kMixed };
+FloatTanh float_tanh();
+void set_float_tanh(FloatTanh mode);
+
 // tanh of every bfloat16 (float16) value, as ATen's half-precision tanh computes it before
 // rounding: Vectorized<float>::tanh (Sleef) of the value widened to float. Indexed by the
 // 16-bit pattern; 65536 floats, built once on first use. A half-precision tanh then costs a

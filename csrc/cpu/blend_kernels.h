@@ -6,6 +6,7 @@
 
 #include "cpu/aten_tanh.h"
 #include "cpu/loops.h"
+#include "cpu/tanh_f32.h"
 #include "cpu/vec_io.h"
 
 namespace kk::cpu {
@@ -21,37 +22,31 @@ struct Tag {
 // tanh in double of double lanes, to about 1e-12 relative: the alpha-gradient terms of float32
 // MULTIPLY and the valve use it. Those terms must not inherit the float tanh's rounding: its
 // errors (up to half a float ulp per element, all with the same weight g*h) add up, and the
-// oracle of DESIGN section 5 forms tanh in double. |x| < 0.2: the odd Taylor series to x^13
-// (truncation below 3e-13 relative), evaluated only when some lane needs it; above:
-// 1 - 2 / (exp(2|x|) + 1), exp by Cody-Waite reduction and a degree-10 Taylor polynomial
-// (below 3e-13 relative), the quotient by a reciprocal estimate and Newton steps; |x| is
-// clamped to 20 (tanh(20) is 1 in double). NaN propagates. Only these sums need it: 1e-12 is
-// far below a float ulp, and cheaper than a full double tanh.
+// oracle of DESIGN section 5 forms tanh in double. tanh|x| = E / (E + 2) with E = exp(2|x|) - 1
+// = 2^n (expm1(r) + 1) - 1 = 2^n expm1(r) + (2^n - 1) (Cody-Waite reduction, 2^n - 1 exact):
+// no cancellation for any x, so one branch-free formula serves small and large |x|. expm1(r)
+// by its Taylor polynomial to r^10 (below 1e-12 relative for |r| <= ln2/2), the quotient by a
+// reciprocal estimate and Newton steps; |x| is clamped to 20 (tanh(20) is 1 in double). NaN
+// propagates. Only these sums need it: 1e-12 is far below a float ulp, and cheaper than a
+// full double tanh.
 template <typename V, typename Ops>
 inline V tanh_pd_impl(V x) {
   const V a = Ops::abs(x);
-  // exp(2 min(a, 20)); NaN passes min() as its first operand
+  // 2 min(a, 20); NaN passes min() as its first operand
   const V ac = Ops::min_keep_nan(a, Ops::set(20.0));
   const V y = Ops::add(ac, ac);
   const V n = Ops::round(Ops::mul(y, Ops::set(1.4426950408889634)));
   V r = Ops::fnma(n, Ops::set(0.6931471805599453), y);
   r = Ops::fnma(n, Ops::set(2.3190468138462996e-17), r);
-  V e = Ops::set(1.0 / 3628800.0);
+  // expm1(r) = r (1 + r/2 + r^2/6 + ... + r^9/10!)
+  V p = Ops::set(1.0 / 3628800.0);
   constexpr double kInvFact[] = {1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0,
                                  1.0 / 120.0,    1.0 / 24.0,    1.0 / 6.0,    0.5,
-                                 1.0,            1.0};
-  for (double c : kInvFact) e = Ops::fma(e, r, Ops::set(c));
-  e = Ops::scale2(e, n);
-  V t = Ops::fnma(Ops::set(2.0), Ops::recip(Ops::add(e, Ops::set(1.0))), Ops::set(1.0));
-  if (Ops::any_lt(a, Ops::set(0.2))) {
-    const V a2 = Ops::mul(a, a);
-    constexpr double kSeries[] = {21844.0 / 6081075.0,
-                                  -1382.0 / 155925.0, 62.0 / 2835.0, -17.0 / 315.0,
-                                  2.0 / 15.0,         -1.0 / 3.0,    1.0};
-    V poly = Ops::set(kSeries[0]);
-    for (int k = 1; k < 7; ++k) poly = Ops::fma(poly, a2, Ops::set(kSeries[k]));
-    t = Ops::select_lt(a, Ops::set(0.2), Ops::mul(a, poly), t);
-  }
+                                 1.0};
+  for (double c : kInvFact) p = Ops::fma(p, r, Ops::set(c));
+  const V two_n = Ops::scale2(Ops::set(1.0), n);
+  const V e = Ops::add(Ops::scale2(Ops::mul(p, r), n), Ops::sub(two_n, Ops::set(1.0)));
+  const V t = Ops::mul(e, Ops::recip(Ops::add(e, Ops::set(2.0))));
   return Ops::copysign(t, x);
 }
 
@@ -80,10 +75,6 @@ struct Pd512 {
     for (int k = 0; k < 2; ++k) y = _mm512_mul_pd(y, _mm512_fnmadd_pd(d, y, _mm512_set1_pd(2.0)));
     return y;
   }
-  static V select_lt(V a, V b, V if_lt, V otherwise) {
-    return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(a, b, _CMP_LT_OQ), otherwise, if_lt);
-  }
-  static bool any_lt(V a, V b) { return _mm512_cmp_pd_mask(a, b, _CMP_LT_OQ) != 0; }
   static V copysign(V t, V x) {
     const __m512i sign = _mm512_set1_epi64(static_cast<long long>(0x8000000000000000ull));
     return _mm512_castsi512_pd(_mm512_or_si512(
@@ -115,10 +106,6 @@ struct Pd256 {
     return _mm256_mul_pd(e, _mm256_castsi256_pd(bits));
   }
   static V recip(V d) { return _mm256_div_pd(_mm256_set1_pd(1.0), d); }
-  static V select_lt(V a, V b, V if_lt, V otherwise) {
-    return _mm256_blendv_pd(otherwise, if_lt, _mm256_cmp_pd(a, b, _CMP_LT_OQ));
-  }
-  static bool any_lt(V a, V b) { return _mm256_movemask_pd(_mm256_cmp_pd(a, b, _CMP_LT_OQ)) != 0; }
   static V copysign(V t, V x) {
     const V sign = _mm256_set1_pd(-0.0);
     return _mm256_or_pd(_mm256_andnot_pd(sign, t), _mm256_and_pd(sign, x));
@@ -503,7 +490,8 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
                             (kRIsH || stream_aligned(p[2]));
             int64_t i = 0;
             std::conditional_t<kHalfPrecision<T>, FloatLanes, DoubleLanes> lanes;
-            // float32: the whole row's tanh(s - r) by torch's own float tanh, up front
+            // float32: the whole row's tanh(s - r) up front (tanh_f32.h: torch's bits where
+            // tanh nears saturation)
             const float* trow = nullptr;
             const float* table = nullptr;
             if constexpr (kHalfPrecision<T>) table = tanh_table<T>();
@@ -512,7 +500,7 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
               const float* sp = reinterpret_cast<const float*>(p[G + 2]);
               const float* rp = reinterpret_cast<const float*>(kRIsH ? p[G + 1] : p[N - 2]);
               for (int64_t j = 0; j < n; ++j) tb[j] = sp[j] - rp[j];
-              aten_tanh_f32(tb, tb, n);
+              tanh_row_f32(tb, tb, n);
               trow = tb;
             }
             {
@@ -529,8 +517,8 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
                 }
                 load_weight2<float>(p[C] + (cb ? 0 : i * sizeof(float)), cb, c0, c1);
                 // s - r and its tanh as the reference's autograd sees them: d rounded to T,
-                // tanh by the same vector tanh as ATen's (1 - t^2 amplifies any difference
-                // where tanh saturates), rounded to T. The alpha term gets tanh of the
+                // tanh with ATen's bits where tanh nears saturation (1 - t^2 amplifies any
+                // difference there), rounded to T. The alpha term gets tanh of the
                 // unrounded d, from the first-order correction t + (1 - t^2) (d - d_T).
                 const FVec dx0 = s0 - r0, dx1 = s1 - r1;
                 FVec d0 = dx0, d1 = dx1;
@@ -689,13 +677,13 @@ auto valve_forward_loop(bool stream) {
               if constexpr (kVectorizable<U>) {
                 const bool cb = st[2] == 0;
                 const bool nt = stream && stream_aligned(p[0]);
-                // float32 m: the whole row's tanh by torch's own float tanh, up front
+                // float32 m: the whole row's tanh up front (tanh_f32.h)
                 const float* trow = nullptr;
                 const float* table = nullptr;
                 if constexpr (kHalfPrecision<M>) table = tanh_table<M>();
                 if constexpr (std::is_same_v<M, float>) {
                   float* tb = scratch_row(n);
-                  aten_tanh_f32(reinterpret_cast<const float*>(p[1]), tb, n);
+                  tanh_row_f32(reinterpret_cast<const float*>(p[1]), tb, n);
                   trow = tb;
                 }
                 int64_t i = 0;
@@ -756,7 +744,7 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
             if constexpr (kHalfPrecision<M>) table = tanh_table<M>();
             if constexpr (std::is_same_v<M, float>) {
               float* tb = scratch_row(n);
-              aten_tanh_f32(reinterpret_cast<const float*>(p[G + 1]), tb, n);
+              tanh_row_f32(reinterpret_cast<const float*>(p[G + 1]), tb, n);
               trow = tb;
             }
             {

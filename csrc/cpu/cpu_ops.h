@@ -31,6 +31,10 @@ at::Tensor multiply_valve_multiplier(const at::Tensor& alpha, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> multiply_valve_multiplier_backward(
     const at::Tensor& grad, const at::Tensor& alpha, const at::Tensor& m, bool need_alpha_grad);
 
+// The float32 tanh that MULTIPLY and the valve use (cpu/tanh_f32.h), elementwise over a
+// float32 tensor: exposed to Python as kasmina_kernels._C.tanh_f32 for the tests.
+at::Tensor tanh_f32(const at::Tensor& x);
+
 at::Tensor gate_effective_alpha(const at::Tensor& alpha, const at::Tensor& gate);
 // The CPU kernels compute both weight gradients whenever one is asked for; the flags let the
 // CUDA ones leave an unwanted gradient on the device.

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/aten_tanh.h"
 #include "cpu/cpu_ops.h"
 
 namespace kk {
@@ -280,4 +281,18 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kasmina-kernels native extension: registers the torch.ops.kasmina ops";
   m.def("build_info", &build_info, "How this extension was built");
+  m.def("tanh_f32", &kk::cpu::tanh_f32,
+        "The float32 tanh of the CPU MULTIPLY and valve kernels, elementwise (for tests)");
+  m.def(
+      "float_tanh", [] { return kk::cpu::float_tanh() == kk::cpu::FloatTanh::kTorch ? "torch" : "mixed"; },
+      "Which float32 tanh the CPU MULTIPLY and valve kernels use: 'torch' or 'mixed'");
+  m.def(
+      "set_float_tanh",
+      [](const std::string& mode) {
+        TORCH_CHECK(mode == "torch" || mode == "mixed",
+                    "set_float_tanh: mode must be 'torch' or 'mixed', got '", mode, "'");
+        kk::cpu::set_float_tanh(mode == "torch" ? kk::cpu::FloatTanh::kTorch
+                                                : kk::cpu::FloatTanh::kMixed);
+      },
+      "Switches the float32 tanh of the CPU MULTIPLY and valve kernels (tests, benchmarks)");
 }
