@@ -188,7 +188,8 @@ def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, not
     out.append("| | |")
     out.append("| --- | --- |")
     for key in ("device", "cpu_count", "threads", "L2_cache_bytes", "platform", "python", "torch",
-                "torch CUDA", "triton", "native built with CUDA", "native CPU ISA", "date",
+                "torch CUDA", "triton", "native built with CUDA", "native CPU ISA",
+                "native float32 tanh", "date",
                 "rotation_bytes", "inductor_warmup_s", "command"):
         if key in meta:
             out.append(f"| {key} | {meta[key]} |")
