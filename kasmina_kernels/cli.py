@@ -101,8 +101,7 @@ def build_summary() -> dict:
         info["native extension"] = "loaded"
         info["native built with CUDA"] = build["with_cuda"]
         info["native CPU ISA"] = build["cpu_isa"]
-        from . import _C
-        info["native float32 tanh"] = _C.float_tanh()  # csrc/cpu/aten_tanh.h: torch | mixed
+        info["native float32 tanh"] = native.float_tanh()
         info["native compiler"] = build["compiler"]
         info["native built against torch"] = build["torch_version_at_build"]
     return info

@@ -9,7 +9,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 #include <vector>
 
 namespace kk::cpu {
@@ -47,11 +46,25 @@ void aten_tanh_f32(const float* in, float* out, int64_t n) {
   for (; i < n; ++i) out[i] = std::tanh(in[i]);
 }
 
+const char* float_tanh_name(FloatTanh mode) {
+  return mode == FloatTanh::kTorch ? "torch" : "mixed";
+}
+
+bool parse_float_tanh(const std::string& name, FloatTanh& mode) {
+  for (FloatTanh m : {FloatTanh::kTorch, FloatTanh::kMixed}) {
+    if (name == float_tanh_name(m)) {
+      mode = m;
+      return true;
+    }
+  }
+  return false;
+}
+
 namespace {
 FloatTanh default_float_tanh() {
   if (const char* env = std::getenv("KASMINA_KERNELS_FLOAT_TANH")) {
-    if (std::strcmp(env, "torch") == 0) return FloatTanh::kTorch;
-    if (std::strcmp(env, "mixed") == 0) return FloatTanh::kMixed;
+    FloatTanh mode;
+    if (parse_float_tanh(env, mode)) return mode;
     TORCH_WARN("KASMINA_KERNELS_FLOAT_TANH must be 'torch' or 'mixed', got '", env,
                "': using the default");
   }

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace kk::cpu {
 
@@ -22,6 +23,10 @@ void aten_tanh_f32(const float* in, float* out, int64_t n);
 enum class FloatTanh { kTorch, kMixed };
 FloatTanh float_tanh();
 void set_float_tanh(FloatTanh mode);
+// "torch" / "mixed": the names the environment variable and the Python switch use.
+const char* float_tanh_name(FloatTanh mode);
+// The mode a name gives, false for any other name.
+bool parse_float_tanh(const std::string& name, FloatTanh& mode);
 
 // tanh of every bfloat16 (float16) value, as ATen's half-precision tanh computes it before
 // rounding: Vectorized<float>::tanh (Sleef) of the value widened to float. Indexed by the

@@ -57,7 +57,7 @@ inline FVec tanh_rational(const FVec& x) {
 
 // t[i] = tanh(x[i]) for i < n (x == t allowed): torch's bits where |x| >= the bound or x is
 // NaN, the rational elsewhere. Block by block, the lanes at or past the bound are gathered
-// into a per-thread buffer and handed to aten_tanh_f32 in one call.
+// into a stack buffer and handed to aten_tanh_f32 in one call.
 inline void tanh_row_f32(const float* x, float* t, int64_t n) {
   if (float_tanh() == FloatTanh::kTorch) return aten_tanh_f32(x, t, n);
   constexpr int64_t kBlock = 2048;

@@ -284,15 +284,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tanh_f32", &kk::cpu::tanh_f32,
         "The float32 tanh of the CPU MULTIPLY and valve kernels, elementwise (for tests)");
   m.def(
-      "float_tanh", [] { return kk::cpu::float_tanh() == kk::cpu::FloatTanh::kTorch ? "torch" : "mixed"; },
+      "float_tanh", [] { return kk::cpu::float_tanh_name(kk::cpu::float_tanh()); },
       "Which float32 tanh the CPU MULTIPLY and valve kernels use: 'torch' or 'mixed'");
   m.def(
       "set_float_tanh",
-      [](const std::string& mode) {
-        TORCH_CHECK(mode == "torch" || mode == "mixed",
-                    "set_float_tanh: mode must be 'torch' or 'mixed', got '", mode, "'");
-        kk::cpu::set_float_tanh(mode == "torch" ? kk::cpu::FloatTanh::kTorch
-                                                : kk::cpu::FloatTanh::kMixed);
+      [](const std::string& name) {
+        kk::cpu::FloatTanh mode;
+        TORCH_CHECK(kk::cpu::parse_float_tanh(name, mode),
+                    "set_float_tanh: mode must be 'torch' or 'mixed', got '", name, "'");
+        kk::cpu::set_float_tanh(mode);
       },
       "Switches the float32 tanh of the CPU MULTIPLY and valve kernels (tests, benchmarks)");
 }
