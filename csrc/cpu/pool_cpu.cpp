@@ -17,7 +17,8 @@
 //
 // The gate MLP is tiny ((B,C) x (C,hidden)); it runs in double on the double pooled means,
 // single-threaded: the weights are read once into double (through their strides), the
-// products are register-tiled GEMMs over packed rows (small_gemm), no ATen op per step.
+// products are register-tiled GEMMs over packed rows (small_gemm.cpp, at the build's full vector
+// width), no ATen op per step.
 
 // These loops are written for 8 float lanes (the double-lane accumulators, the 32-channel
 // register blocks), and pooling is memory-bound: in an AVX-512 build this file keeps ATen's
@@ -40,6 +41,7 @@
 
 #include "cpu/cpu_ops.h"
 #include "cpu/loops.h"
+#include "cpu/small_gemm.h"
 #include "cpu/vec_io.h"
 #include "cpu/weights.h"
 #include "ops/checks.h"
@@ -550,86 +552,6 @@ bool long_double_math(const at::Tensor& x, const at::Tensor& w1, const at::Tenso
     if (t->scalar_type() == at::kDouble) return true;
   }
   return false;
-}
-
-// Rows [i0, i0 + RI) by columns [k0, k0 + NV * 4) of small_gemm's output, for double: an
-// RI x NV tile of vector accumulators held in registers while m runs, so each loaded vector
-// of bm feeds RI products and each broadcast of a feeds NV. `packed` holds the tile's rows
-// of a interleaved (packed[m * RI + r] = a(i0 + r, m)), one sequential stream.
-template <int RI, int NV>
-void gemm_tile(int64_t i0, int64_t k0, int64_t Mdim, int64_t K, const double* packed,
-               const double* bm, const double* bias, double* out) {
-  using DVec = at::vec::Vectorized<double>;
-  constexpr int64_t V = DVec::size();
-  DVec acc[RI][NV];
-  for (int q = 0; q < NV; ++q) {
-    const DVec init = bias ? DVec::loadu(bias + k0 + q * V) : DVec(0.0);
-    for (int r = 0; r < RI; ++r) acc[r][q] = init;
-  }
-  for (int64_t m = 0; m < Mdim; ++m) {
-    DVec bv[NV];
-    for (int q = 0; q < NV; ++q) bv[q] = DVec::loadu(bm + m * K + k0 + q * V);
-    for (int r = 0; r < RI; ++r) {
-      const DVec s(packed[m * RI + r]);
-      for (int q = 0; q < NV; ++q) acc[r][q] = at::vec::fmadd(s, bv[q], acc[r][q]);
-    }
-  }
-  for (int r = 0; r < RI; ++r) {
-    for (int q = 0; q < NV; ++q) acc[r][q].store(out + (i0 + r) * K + k0 + q * V);
-  }
-}
-
-// Rows [i0, i0 + RI), every column that fills a vector: a's rows packed once (in L1 for the
-// whole row), then the columns two vectors at a time.
-template <int RI>
-void gemm_rows(int64_t i0, int64_t Mdim, int64_t K, const double* a, int64_t a_si,
-                  int64_t a_sm, const double* bm, const double* bias, double* out,
-                  double* packed) {
-  constexpr int64_t V = at::vec::Vectorized<double>::size();
-  for (int64_t m = 0; m < Mdim; ++m) {
-    for (int r = 0; r < RI; ++r) packed[m * RI + r] = a[(i0 + r) * a_si + m * a_sm];
-  }
-  int64_t k0 = 0;
-  for (; k0 + 2 * V <= K; k0 += 2 * V) gemm_tile<RI, 2>(i0, k0, Mdim, K, packed, bm, bias, out);
-  if (k0 + V <= K) gemm_tile<RI, 1>(i0, k0, Mdim, K, packed, bm, bias, out);
-}
-
-// out (I x K, row-major) = bias (per k, or none) + sum over m of a(i, m) * bm[m * K + k], a(i, m)
-// at a[i * a_si + m * a_sm]. Each sum runs over m in order (one fixed order, whatever the
-// thread count: this runs on the calling thread). Double: register tiles of 6 rows (6 x 2
-// accumulators, 2 loaded vectors and a broadcast: 15 registers) over packed rows of a
-// (gemm_rows); long double and the last K % 4 columns: plain loops.
-template <typename M>
-void small_gemm(int64_t I, int64_t Mdim, int64_t K, const M* a, int64_t a_si, int64_t a_sm,
-                const M* bm, const M* bias, M* out) {
-  int64_t k0 = 0;
-  if constexpr (std::is_same_v<M, double>) {
-    constexpr int kRows = 6;
-    constexpr int64_t V = at::vec::Vectorized<double>::size();
-    std::vector<double> packed(kRows * Mdim);
-    double* p = packed.data();
-    int64_t i = 0;
-    for (; i + kRows <= I; i += kRows) gemm_rows<kRows>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p);
-    switch (I - i) {
-      case 5: gemm_rows<5>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
-      case 4: gemm_rows<4>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
-      case 3: gemm_rows<3>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
-      case 2: gemm_rows<2>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
-      case 1: gemm_rows<1>(i, Mdim, K, a, a_si, a_sm, bm, bias, out, p); break;
-      default: break;
-    }
-    k0 = K - K % V;  // the columns gemm_rows covered
-  }
-  if (k0 == K) return;
-  for (int64_t i = 0; i < I; ++i) {
-    M* o = out + i * K;
-    for (int64_t k = k0; k < K; ++k) o[k] = bias ? bias[k] : M(0);
-    for (int64_t m = 0; m < Mdim; ++m) {
-      const M s = a[i * a_si + m * a_sm];
-      const M* row = bm + m * K;
-      for (int64_t k = k0; k < K; ++k) o[k] += s * row[k];
-    }
-  }
 }
 
 // t's values (row-major) as M; `transposed` for a 2-d t gives t^T row-major. A 2-d t is read
