@@ -334,12 +334,19 @@ void sample_channels_contiguous(const T* x, const PoolView& v, int64_t b, O* out
           __builtin_prefetch(n2 + c);
           __builtin_prefetch(n3 + c);
         }
-        D8 s01 = widened8(r0 + c);
-        s01.add(widened8(r1 + c));
-        D8 s23 = widened8(r2 + c);
-        s23.add(widened8(r3 + c));
-        s01.add(s23);
-        s01.add_into(a + c);
+        D8 sum;
+        if constexpr (std::is_same_v<T, float>) {
+          sum = widened8(r0 + c);
+          sum.add(widened8(r1 + c));
+          D8 s23 = widened8(r2 + c);
+          s23.add(widened8(r3 + c));
+          sum.add(s23);
+        } else {
+          // bfloat16/float16: the four terms summed in float first (exact unless their
+          // magnitudes spread widely, as in contiguous_plane_sum), then widened once
+          sum.add((load1<T>(r0 + c) + load1<T>(r1 + c)) + (load1<T>(r2 + c) + load1<T>(r3 + c)));
+        }
+        sum.add_into(a + c);
       }
       for (; c < v.C; ++c) a[c] += (term(r0[c]) + term(r1[c])) + (term(r2[c]) + term(r3[c]));
     }
