@@ -168,15 +168,6 @@ inline FVec load1(const T* p) {
   }
 }
 
-// A software prefetch of the line kPrefetchBytes past p. The pooling loops do a few cycles of
-// work per line; on the 2-core VMs measured (Intel Xeon) the hardware prefetcher alone left
-// them well below a plain sum()'s bandwidth, and a prefetch this far ahead closes the gap.
-// A prefetch past the tensor's end is harmless (no fault).
-constexpr int64_t kPrefetchBytes = 2048;
-inline void prefetch_ahead(const void* p) {
-  __builtin_prefetch(static_cast<const char*>(p) + kPrefetchBytes);
-}
-
 // The 8 values at p, widened to double.
 template <typename T>
 inline D8 widened8(const T* p) {

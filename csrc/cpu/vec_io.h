@@ -77,8 +77,24 @@ using opmath_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 // is one full 16-bit vector: bfloat16 and float16 convert in whole registers.
 constexpr int64_t kStep = 2 * FVec::size();
 
+// A software prefetch of the lines kPrefetchBytes past p's `bytes`. The CPU loops do a few
+// cycles of work per 64-byte line; on the 2-core VMs measured (Intel Xeon) the hardware
+// prefetcher alone left streaming loops well below a plain sum()'s bandwidth, and a prefetch
+// this far ahead closes most of the gap. A prefetch past the end of an allocation is harmless
+// (it never faults).
+constexpr int64_t kPrefetchBytes = 2048;
+template <int64_t bytes = 64>
+inline void prefetch_ahead(const void* p) {
+  for (int64_t off = 0; off < bytes; off += 64) {
+    __builtin_prefetch(static_cast<const char*>(p) + kPrefetchBytes + off);
+  }
+}
+
+// Loads one step (2 float vectors) from T memory, widened to float, and prefetches the same
+// span kPrefetchBytes ahead: every streaming loop reads its inputs through here.
 template <typename T>
 inline void load2(const T* p, FVec& a, FVec& b) {
+  prefetch_ahead<2 * FVec::size() * sizeof(T)>(p);
   if constexpr (std::is_same_v<T, float>) {
     a = FVec::loadu(p);
     b = FVec::loadu(p + FVec::size());
