@@ -193,8 +193,7 @@ inline double contiguous_plane_sum(const T* plane, int64_t R, int64_t L, int64_t
     int64_t j = 0;
     if constexpr (std::is_same_v<T, float>) {
       for (; j + 32 <= L; j += 32) {
-        prefetch_ahead(row + j);
-        prefetch_ahead(row + j + 16);
+        prefetch_ahead<32 * sizeof(T)>(row + j);
         a.add(D8::of(row + j));
         b.add(D8::of(row + j + 8));
         a2.add(D8::of(row + j + 16));
@@ -256,7 +255,7 @@ void channel_block_sums(const T* base, const PoolView& v, double* sums) {
       for (; l + U <= v.L; l += U) {
         for (int u = 0; u < U; ++u) {
           const T* pos = row + (l + u) * v.sl;
-          for (int k = 0; k < NV; k += 2) prefetch_ahead(pos + 8 * k);  // one per 64 bytes
+          prefetch_ahead<NV * 8 * sizeof(T)>(pos);
           for (int k = 0; k < NV; ++k) acc[u][k].add(D8::of(pos + 8 * k));
         }
       }
@@ -311,7 +310,9 @@ void sample_channels_contiguous(const T* x, const PoolView& v, int64_t b, O* out
       const T* r1 = row_at(i + 1);
       const T* r2 = row_at(i + 2);
       const T* r3 = row_at(i + 3);
-      // the next four rows, fetched a group ahead: 
+      // the next group's rows, prefetched while this group is summed (the rows of a group
+      // are C values apart, so a prefetch a fixed distance ahead of each would fetch the
+      // group's own later rows)
       const bool ahead = i + 8 <= rows;
       const T* n0 = ahead ? row_at(i + 4) : r0;
       const T* n1 = ahead ? row_at(i + 5) : r1;
