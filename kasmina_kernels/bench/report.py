@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -25,9 +26,23 @@ def machine(device: torch.device) -> dict:
         info["device_memory_bytes"] = int(props.total_memory)
     else:
         info["device"] = _cpu_name()
-    info["cpu_count"] = __import__("os").cpu_count()
+        info["transparent huge pages"] = transparent_huge_pages()
+    info["cpu_count"] = os.cpu_count()
     info.update({k: str(v) for k, v in build_summary().items()})
     return info
+
+
+def transparent_huge_pages(sysfs: str = "/sys/kernel/mm/transparent_hugepage/enabled") -> str:
+    """The kernel's transparent-huge-page mode and torch's THP_MEM_ALLOC_ENABLE. Unless the mode
+    is `always`, or it is `madvise` and torch's switch is on, a fresh multi-MB CPU output faults
+    in 4 KiB pages, and at the largest shapes those faults can cost more than the arithmetic
+    (for every implementation alike)."""
+    try:
+        text = Path(sysfs).read_text()
+        mode = text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        mode = "unknown"
+    return f"{mode} (THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')})"
 
 
 def _cpu_name() -> str:
@@ -189,7 +204,7 @@ def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, not
     out.append("| --- | --- |")
     for key in ("device", "cpu_count", "threads", "L2_cache_bytes", "platform", "python", "torch",
                 "torch CUDA", "triton", "native built with CUDA", "native CPU ISA",
-                "native float32 tanh", "date",
+                "native float32 tanh", "transparent huge pages", "date",
                 "rotation_bytes", "inductor_warmup_s", "command"):
         if key in meta:
             out.append(f"| {key} | {meta[key]} |")
