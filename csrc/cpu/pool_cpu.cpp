@@ -1,14 +1,18 @@
 // CPU gated pooling (mean over the spatial or sequence axis) and the fused gate network
 // (pool -> Linear -> ReLU -> Linear -> Sigmoid).
 //
-// Pooling reads x once. float32/bfloat16/float16 values are widened to double lanes as they
-// are loaded (each term enters its double sum exactly); float64 inputs use compensated
-// long-double sums. Three loop shapes, picked from x's strides:
-//   - positions contiguous (NCHW, a transposed (B,T,C)): one (b, c) plane at a time, 16
+// Pooling reads x once, and its loops prefetch ahead of their reads (vec_io.h).
+// float32 values are widened to double as they are loaded (each term enters its double sums
+// exactly); bfloat16/float16 terms are summed a few at a time in float first (exact unless
+// their magnitudes spread widely), then widened; float64 inputs use compensated long-double
+// sums. Four loop shapes, picked from x's strides:
+//   - positions contiguous (NCHW, a transposed (B,T,C)): one (b, c) plane at a time, 16-32
 //     double lanes per plane, planes walked without a division per plane;
-//   - channels contiguous (channels_last, (B,T,C)): one sample at a time, a block of up to 32
-//     channels held in registers over all positions (2 or 4 position streams for narrow
-//     blocks, so the adds do not wait on each other);
+//   - channels contiguous, up to 32 of them (channels_last): one sample at a time, a block of
+//     up to 32 channels held in registers over all positions (2 or 4 position streams for
+//     narrow blocks, so the adds do not wait on each other);
+//   - channels contiguous, more than 32 ((B,T,C) transformers): one sample at a time, its rows
+//     streamed four at a time into C double sums held in L1;
 //   - anything else: scalar double sums.
 // Every sum has a fixed order that does not depend on how at::parallel_for splits the work.
 //
