@@ -195,18 +195,6 @@ inline FVec load1(const T* p) {
   }
 }
 
-// The 8 values at p, widened to double.
-template <typename T>
-inline D8 widened8(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return D8::of(p);
-  } else {
-    D8 d;
-    d.add(load1<T>(p));
-    return d;
-  }
-}
-
 // float terms per lane summed in float before they are widened, for half-precision inputs
 constexpr int kHalfBlock = 8;
 
@@ -355,10 +343,10 @@ void sample_channels_contiguous(const T* x, const PoolView& v, int64_t b, O* out
         }
         D8 sum;
         if constexpr (std::is_same_v<T, float>) {
-          sum = widened8(r0 + c);
-          sum.add(widened8(r1 + c));
-          D8 s23 = widened8(r2 + c);
-          s23.add(widened8(r3 + c));
+          sum = D8::of(r0 + c);
+          sum.add(D8::of(r1 + c));
+          D8 s23 = D8::of(r2 + c);
+          s23.add(D8::of(r3 + c));
           sum.add(s23);
         } else {
           // bfloat16/float16: the four terms summed in float first (exact unless their
@@ -372,7 +360,11 @@ void sample_channels_contiguous(const T* x, const PoolView& v, int64_t b, O* out
     for (; i < rows; ++i) {
       const T* row = row_at(i);
       int64_t c = 0;
-      for (; c + 8 <= v.C; c += 8) widened8(row + c).add_into(a + c);
+      for (; c + 8 <= v.C; c += 8) {  // the last rows % 4 rows: no hot path
+        D8 d;
+        d.add(load1<T>(row + c));
+        d.add_into(a + c);
+      }
       for (; c < v.C; ++c) a[c] += term(row[c]);
     }
     for (int64_t c = 0; c < v.C; ++c) o[c] = static_cast<O>(a[c] / count);
