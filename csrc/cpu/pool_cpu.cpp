@@ -20,9 +20,10 @@
 // dx is a stride-0 expanded view of those B*C values (no write of x's size).
 //
 // The gate MLP is tiny ((B,C) x (C,hidden)); it runs in double on the double pooled means,
-// single-threaded: the weights are read once into double (through their strides), the
-// products are register-tiled GEMMs over packed rows (small_gemm.cpp, at the build's full vector
-// width), no ATen op per step.
+// single-threaded, hidden-major ((hidden, B) activations), so that every product reads w1 as
+// it is: the products are register-tiled GEMMs (small_gemm.cpp, at the build's full vector
+// width) that widen w1 into double as they pack it, through its strides; no converted or
+// transposed copy of w1, no zero-filled scratch, no ATen op per step.
 
 // These loops are written for 8 float lanes (the double-lane accumulators, the 32-channel
 // register blocks), and pooling is memory-bound: in an AVX-512 build this file keeps ATen's
@@ -40,6 +41,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -542,7 +544,7 @@ namespace {
 template <typename M>
 struct GateWeights {
   int64_t C, hidden;
-  std::vector<M> w1t, b1, w2, b2;  // w1t: (C, hidden)
+  std::vector<M> b1, w2, b2;  // w1 is read by the products themselves, in its own dtype
 };
 
 void check_gate_weights(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
@@ -572,38 +574,35 @@ bool long_double_math(const at::Tensor& x, const at::Tensor& w1, const at::Tenso
   return false;
 }
 
-// t's values (row-major) as M; `transposed` for a 2-d t gives t^T row-major. A 2-d t is read
-// through its strides (no ATen copy: a transposing copy cost as much as the MLP itself).
+// Values every one of which is written before it is read: no zero fill (a std::vector's costs
+// a store per element, several hundred KB per call for the (hidden, C) ones).
 template <typename M>
-std::vector<M> values_as(const at::Tensor& t, bool transposed = false) {
+using Scratch = std::unique_ptr<M[]>;
+
+template <typename M>
+Scratch<M> scratch(int64_t n) {
+  return std::make_unique_for_overwrite<M[]>(static_cast<size_t>(n));
+}
+
+// t's values (row-major, read through its strides) as M. For the small weights (b1, w2, b2)
+// and the (B,) gradient; w1 is read by the products themselves, in its own dtype.
+template <typename M>
+std::vector<M> values_as(const at::Tensor& t) {
   std::vector<M> out(t.numel());
-  M* o = out.data();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "gate_network", [&] {
-    auto as_m = [](scalar_t v) { return static_cast<M>(static_cast<double>(v)); };
-    if (t.dim() != 2) {
-      const at::Tensor c = t.contiguous();
-      const scalar_t* p = c.const_data_ptr<scalar_t>();
-      const int64_t n = c.numel();
-      for (int64_t i = 0; i < n; ++i) o[i] = as_m(p[i]);
-      return;
-    }
-    const scalar_t* p = t.const_data_ptr<scalar_t>();
-    const int64_t rows = t.size(0), cols = t.size(1), s0 = t.stride(0), s1 = t.stride(1);
-    if (!transposed) {
-      for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t k = 0; k < cols; ++k) o[r * cols + k] = as_m(p[r * s0 + k * s1]);
-      }
-      return;
-    }
-    // t^T: eight rows of t at a time, so each output line is written whole
-    for (int64_t r0 = 0; r0 < rows; r0 += 8) {
-      const int64_t r1 = std::min(rows, r0 + 8);
-      for (int64_t k = 0; k < cols; ++k) {
-        for (int64_t r = r0; r < r1; ++r) o[k * rows + r] = as_m(p[r * s0 + k * s1]);
-      }
-    }
+    const at::Tensor c = t.contiguous();
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < c.numel(); ++i) out[i] = static_cast<M>(static_cast<double>(p[i]));
   });
   return out;
+}
+
+// f(w1's data pointer, in w1's own dtype)
+template <typename F>
+void with_w1(const at::Tensor& w1, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w1.scalar_type(), "gate_network", [&] {
+    f(w1.const_data_ptr<scalar_t>());
+  });
 }
 
 template <typename M>
@@ -615,38 +614,50 @@ GateWeights<M> gate_weights(const at::Tensor& x, const at::Tensor& w1, const at:
   g.b1 = values_as<M>(b1);
   g.w2 = values_as<M>(w2);
   g.b2 = values_as<M>(b2);
-  g.w1t = values_as<M>(w1, /*transposed=*/true);
   return g;
 }
 
-// The forward in M: pooled (B,C), z1 and a1 (B,hidden), y (B).
+// The forward in M, hidden-major so that every product reads w1 as it is: pooled (B, C) and
+// its transpose (C, B), z1t and a1t (hidden, B), y (B).
 template <typename M>
 struct GateForward {
   int64_t B;
-  std::vector<M> pooled, z1, a1, y;
+  Scratch<M> pooled, pooled_t, z1t, a1t;
+  std::vector<M> y;
 };
 
 template <typename M>
-GateForward<M> gate_forward(const at::Tensor& x, const GateWeights<M>& w, c10::string_view topology) {
+GateForward<M> gate_forward(const at::Tensor& x, const at::Tensor& w1, const GateWeights<M>& w,
+                            c10::string_view topology) {
   const PoolView v = pool_view(x, topology);
   const int64_t B = v.B, C = w.C, H = w.hidden;
   GateForward<M> f;
   f.B = B;
-  f.pooled.assign(B * C, M(0));
-  pooled_means_into<M>(x, v, f.pooled.data());
-  f.z1.resize(B * H);
-  f.a1.resize(B * H);
+  f.pooled = scratch<M>(B * C);
+  f.pooled_t = scratch<M>(B * C);
+  f.z1t = scratch<M>(H * B);
+  f.a1t = scratch<M>(H * B);
   f.y.resize(B);
-  // z1 = b1 + pooled . w1^T
-  small_gemm<M>(B, C, H, f.pooled.data(), C, 1, w.w1t.data(), w.b1.data(), f.z1.data());
-  for (int64_t b = 0; b < B; ++b) {
-    const M* z = f.z1.data() + b * H;
-    M* a = f.a1.data() + b * H;
-    M z2 = w.b2[0];
-    for (int64_t j = 0; j < H; ++j) {
-      a[j] = std::isnan(z[j]) ? z[j] : std::max(z[j], M(0));  // relu keeps NaN, as at::relu
-      z2 += a[j] * w.w2[j];
+  pooled_means_into<M>(x, v, f.pooled.get());
+  // eight samples at a time, so each line of pooled_t is written whole
+  for (int64_t b0 = 0; b0 < B; b0 += 8) {
+    const int64_t b1 = std::min(B, b0 + 8);
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t b = b0; b < b1; ++b) f.pooled_t[c * B + b] = f.pooled[b * C + c];
     }
+  }
+  // z1^T = b1 + w1 . pooled^T
+  with_w1(w1, [&](const auto* w1p) {
+    small_gemm<M>(H, C, B, w1p, w1.stride(0), w1.stride(1), f.pooled_t.get(), w.b1.data(),
+                  nullptr, f.z1t.get());
+  });
+  for (int64_t j = 0; j < H * B; ++j) {
+    const M z = f.z1t[j];
+    f.a1t[j] = std::isnan(z) ? z : std::max(z, M(0));  // relu keeps NaN, as at::relu
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    M z2 = w.b2[0];
+    for (int64_t j = 0; j < H; ++j) z2 += f.a1t[j * B + b] * w.w2[j];
     f.y[b] = M(1) / (M(1) + std::exp(-z2));
   }
   return f;
@@ -657,17 +668,22 @@ std::vector<int64_t> gate_shape(const at::Tensor& x, c10::string_view topology) 
   return {x.size(0), 1, 1};
 }
 
-std::vector<double> as_doubles(const std::vector<long double>& v) {
-  return std::vector<double>(v.begin(), v.end());
+// n values of M as a tensor of `shape` in `dtype` (rounded once from double)
+template <typename M>
+at::Tensor values_tensor(const M* values, int64_t n, at::IntArrayRef shape, at::ScalarType dtype) {
+  if constexpr (std::is_same_v<M, double>) {
+    return tensor_from_values({values, static_cast<size_t>(n)}, shape, dtype);
+  } else {
+    return tensor_from_values(std::vector<double>(values, values + n), shape, dtype);
+  }
 }
-const std::vector<double>& as_doubles(const std::vector<double>& v) { return v; }
 
 template <typename M>
 at::Tensor gate_network_impl(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                              const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
   const GateWeights<M> w = gate_weights<M>(x, w1, b1, w2, b2, topology);
-  const GateForward<M> f = gate_forward<M>(x, w, topology);
-  return tensor_from_values(as_doubles(f.y), gate_shape(x, topology), x.scalar_type());
+  const GateForward<M> f = gate_forward<M>(x, w1, w, topology);
+  return values_tensor(f.y.data(), f.B, gate_shape(x, topology), x.scalar_type());
 }
 
 template <typename M>
@@ -675,36 +691,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_netw
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
   const GateWeights<M> w = gate_weights<M>(x, w1, b1, w2, b2, topology);
-  const GateForward<M> f = gate_forward<M>(x, w, topology);
+  const GateForward<M> f = gate_forward<M>(x, w1, w, topology);
   const int64_t B = f.B, C = w.C, H = w.hidden;
   TORCH_CHECK(grad.numel() == B, "gate_network_backward: grad has ", grad.numel(),
               " elements, expected ", B);
   const std::vector<M> gy = values_as<M>(grad);
-  std::vector<M> dw1(H * C), db1(H, M(0)), dw2(H, M(0)), dpooled(B * C), dz1(B * H);
+  std::vector<M> db1(H, M(0)), dw2(H, M(0));
+  Scratch<M> dw1 = scratch<M>(H * C), dpooled_t = scratch<M>(C * B), dz1t = scratch<M>(H * B);
   M db2 = 0;
   for (int64_t b = 0; b < B; ++b) {
     const M y = f.y[b];
     const M dz2 = gy[b] * (1 - y) * y;  // torch's sigmoid_backward order
     db2 += dz2;
-    const M* a = f.a1.data() + b * H;
-    const M* z = f.z1.data() + b * H;
-    M* d = dz1.data() + b * H;
     for (int64_t j = 0; j < H; ++j) {
-      dw2[j] += dz2 * a[j];
+      dw2[j] += dz2 * f.a1t[j * B + b];
       // ReLU's gradient is a select, as torch's threshold_backward: a NaN upstream gradient
       // does not leak through units that were off
-      d[j] = z[j] <= 0 ? M(0) : dz2 * w.w2[j];
-      db1[j] += d[j];
+      const M d = f.z1t[j * B + b] <= 0 ? M(0) : dz2 * w.w2[j];
+      dz1t[j * B + b] = d;
+      db1[j] += d;
     }
   }
-  // dw1 = dz1^T . pooled; dpooled = dz1 . w1
-  small_gemm<M>(H, B, C, dz1.data(), 1, H, f.pooled.data(), nullptr, dw1.data());
-  const std::vector<M> w1_rows = values_as<M>(w1);  // (hidden, C): only dpooled reads w1 untransposed
-  small_gemm<M>(B, H, C, dz1.data(), H, 1, w1_rows.data(), nullptr, dpooled.data());
-  at::Tensor dx = pool_input_grad<M>(x, topology, [&](int64_t b, int64_t c) { return dpooled[b * C + c]; });
-  return {dx, tensor_from_values(as_doubles(dw1), w1.sizes(), w1.scalar_type()),
-          tensor_from_values(as_doubles(db1), b1.sizes(), b1.scalar_type()),
-          tensor_from_values(as_doubles(dw2), w2.sizes(), w2.scalar_type()),
+  // dw1 = dz1^T . pooled; dpooled^T = w1^T . dz1^T
+  small_gemm<M>(H, B, C, dz1t.get(), B, 1, f.pooled.get(), nullptr, nullptr, dw1.get());
+  with_w1(w1, [&](const auto* w1p) {
+    small_gemm<M>(C, H, B, w1p, w1.stride(1), w1.stride(0), dz1t.get(), nullptr, nullptr,
+                  dpooled_t.get());
+  });
+  at::Tensor dx = pool_input_grad<M>(x, topology, [&](int64_t b, int64_t c) { return dpooled_t[c * B + b]; });
+  return {dx, values_tensor(dw1.get(), H * C, w1.sizes(), w1.scalar_type()),
+          values_tensor(db1.data(), H, b1.sizes(), b1.scalar_type()),
+          values_tensor(dw2.data(), H, w2.sizes(), w2.scalar_type()),
           tensor_from_values({static_cast<double>(db2)}, b2.sizes(), b2.scalar_type())};
 }
 

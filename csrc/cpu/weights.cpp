@@ -31,7 +31,7 @@ double round_to(at::ScalarType dtype, double v) {
   }
 }
 
-at::Tensor tensor_from_values(const std::vector<double>& values, at::IntArrayRef shape,
+at::Tensor tensor_from_values(c10::ArrayRef<double> values, at::IntArrayRef shape,
                               at::ScalarType dtype) {
   at::Tensor out = at::empty(shape, at::TensorOptions().dtype(dtype));
   AT_DISPATCH_ALL_TYPES_AND3(at::kBFloat16, at::kHalf, at::kBool, dtype, "tensor_from_values", [&] {

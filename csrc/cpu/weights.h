@@ -18,7 +18,7 @@ std::vector<double> read_values(const at::Tensor& t);
 double round_to(at::ScalarType dtype, double v);
 
 // A tensor of `shape` holding `values` (row-major), created in `dtype` on the CPU.
-at::Tensor tensor_from_values(const std::vector<double>& values, at::IntArrayRef shape,
+at::Tensor tensor_from_values(c10::ArrayRef<double> values, at::IntArrayRef shape,
                               at::ScalarType dtype);
 
 // Sums `values` laid out over `from_shape` down to `to_shape` (which broadcasts to it).
