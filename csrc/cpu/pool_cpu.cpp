@@ -584,17 +584,17 @@ Scratch<M> scratch(int64_t n) {
   return std::make_unique_for_overwrite<M[]>(static_cast<size_t>(n));
 }
 
-// t's values (row-major, read through its strides) as M. For the small weights (b1, w2, b2)
-// and the (B,) gradient; w1 is read by the products themselves, in its own dtype.
+// t's values (row-major) as M, through weights.h's read_values (exact: every dtype here widens
+// exactly into double, and double into long double). For the small weights (b1, w2, b2) and
+// the (B,) gradient; w1 is read by the products themselves, in its own dtype.
 template <typename M>
 std::vector<M> values_as(const at::Tensor& t) {
-  std::vector<M> out(t.numel());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "gate_network", [&] {
-    const at::Tensor c = t.contiguous();
-    const scalar_t* p = c.const_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < c.numel(); ++i) out[i] = static_cast<M>(static_cast<double>(p[i]));
-  });
-  return out;
+  if constexpr (std::is_same_v<M, double>) {
+    return read_values(t);
+  } else {
+    const std::vector<double> v = read_values(t);
+    return std::vector<M>(v.begin(), v.end());
+  }
 }
 
 // f(w1's data pointer, in w1's own dtype)
