@@ -533,6 +533,29 @@ at::Tensor tanh_f32(const at::Tensor& x) {
   return out;
 }
 
+at::Tensor tanh_f64(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kDouble,
+              "tanh_f64: takes a float64 CPU tensor, got ", x.scalar_type(), " on ", x.device());
+  const at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty_like(in);
+  const double* src = in.data_ptr<double>();
+  double* dst = out.data_ptr<double>();
+  const int64_t n = in.numel();
+#if defined(KK_AVX512) || defined(KK_AVX2)
+  int64_t i = 0;
+  for (; i + Pd::kLanes <= n; i += Pd::kLanes) Pd::store(dst + i, tanh_pd(Pd::load(src + i)));
+  if (i < n) {  // the tail through the same lanes, not a scalar tanh
+    double lanes[Pd::kLanes] = {};
+    std::copy(src + i, src + n, lanes);
+    Pd::store(lanes, tanh_pd(Pd::load(lanes)));
+    std::copy(lanes, lanes + (n - i), dst + i);
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) dst[i] = std::tanh(src[i]);
+#endif
+  return out;
+}
+
 // ---------------------------------------------------------------- gate effective alpha
 at::Tensor gate_effective_alpha(const at::Tensor& alpha, const at::Tensor& gate) {
   TORCH_CHECK(alpha.is_floating_point() || gate.is_floating_point(),

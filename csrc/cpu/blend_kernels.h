@@ -25,29 +25,37 @@ struct Tag {
 // oracle of DESIGN section 5 forms tanh in double. tanh|x| = E / (E + 2) with E = exp(2|x|) - 1
 // = 2^n (expm1(r) + 1) - 1 = 2^n expm1(r) + (2^n - 1) (Cody-Waite reduction, 2^n - 1 exact):
 // no cancellation for any x, so one branch-free formula serves small and large |x|. expm1(r)
-// by its Taylor polynomial to r^10 (below 1e-12 relative for |r| <= ln2/2), the quotient by a
-// reciprocal estimate and Newton steps; |x| is clamped to 20 (tanh(20) is 1 in double). NaN
-// propagates. Only these sums need it: 1e-12 is far below a float ulp, and cheaper than a
-// full double tanh.
+// = r + r^2 P(r), P the Taylor polynomial of degree 8 (below 1e-12 relative for |r| <= ln2/2);
+// |x| is clamped to 20 (tanh(20) is 1 in double). NaN propagates. Only these sums need it:
+// 1e-12 is far below a float ulp, and cheaper than a full double tanh.
+// The loops that use it are bound by its dependency chain, not by its ~30 vector operations,
+// so P is evaluated by Estrin's scheme (4 FMAs deep, not 8), E and E + 2 are formed side by side,
+// and the quotient takes Ops::divide (a reciprocal estimate and one fused correction on AVX-512).
 template <typename V, typename Ops>
 inline V tanh_pd_impl(V x) {
-  const V a = Ops::abs(x);
-  // 2 min(a, 20); NaN passes min() as its first operand
-  const V ac = Ops::min_keep_nan(a, Ops::set(20.0));
+  // min(|x|, 20); NaN passes min() as its first operand
+  const V ac = Ops::min_keep_nan(Ops::abs(x), Ops::set(20.0));
   const V y = Ops::add(ac, ac);
-  const V n = Ops::round(Ops::mul(y, Ops::set(1.4426950408889634)));
+  const V n = Ops::round(Ops::mul(ac, Ops::set(2.0 * 1.4426950408889634)));  // round(y / ln2)
   V r = Ops::fnma(n, Ops::set(0.6931471805599453), y);
   r = Ops::fnma(n, Ops::set(2.3190468138462996e-17), r);
-  // expm1(r) = r (1 + r/2 + r^2/6 + ... + r^9/10!)
-  V p = Ops::set(1.0 / 3628800.0);
-  constexpr double kInvFact[] = {1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0,
-                                 1.0 / 120.0,    1.0 / 24.0,    1.0 / 6.0,    0.5,
-                                 1.0};
-  for (double c : kInvFact) p = Ops::fma(p, r, Ops::set(c));
+  // P(r) = 1/2! + r/3! + ... + r^8/10!, Estrin: pairs, then r^2, r^4, r^8
+  const V r2 = Ops::mul(r, r);
+  const V r4 = Ops::mul(r2, r2);
+  const V r8 = Ops::mul(r4, r4);
+  const auto pair = [&](double c0, double c1) { return Ops::fma(Ops::set(c1), r, Ops::set(c0)); };
+  const V q0 = pair(1.0 / 2.0, 1.0 / 6.0);
+  const V q1 = pair(1.0 / 24.0, 1.0 / 120.0);
+  const V q2 = pair(1.0 / 720.0, 1.0 / 5040.0);
+  const V q3 = pair(1.0 / 40320.0, 1.0 / 362880.0);
+  const V s0 = Ops::fma(q1, r2, q0);
+  const V s1 = Ops::fma(q3, r2, q2);
+  const V p = Ops::fma(Ops::set(1.0 / 3628800.0), r8, Ops::fma(s1, r4, s0));
+  const V scaled = Ops::scale2(Ops::fma(r2, p, r), n);  // 2^n expm1(r)
   const V two_n = Ops::scale2(Ops::set(1.0), n);
-  const V e = Ops::add(Ops::scale2(Ops::mul(p, r), n), Ops::sub(two_n, Ops::set(1.0)));
-  const V t = Ops::mul(e, Ops::recip(Ops::add(e, Ops::set(2.0))));
-  return Ops::copysign(t, x);
+  const V e = Ops::add(scaled, Ops::sub(two_n, Ops::set(1.0)));
+  const V e_plus_2 = Ops::add(scaled, Ops::add(two_n, Ops::set(1.0)));
+  return Ops::copysign(Ops::divide(e, e_plus_2), x);
 }
 
 #if defined(KK_AVX512)
@@ -59,6 +67,7 @@ struct Pd512 {
   static V high(const FVec& v) {
     return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
   }
+  static V load(const double* p) { return _mm512_loadu_pd(p); }
   static void store(double* p, V v) { _mm512_storeu_pd(p, v); }
   static V set(double v) { return _mm512_set1_pd(v); }
   static V abs(V x) { return _mm512_abs_pd(x); }
@@ -70,10 +79,15 @@ struct Pd512 {
   static V min_keep_nan(V a, V b) { return _mm512_min_pd(b, a); }  // a NaN a comes back
   static V round(V x) { return _mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static V scale2(V e, V n) { return _mm512_scalef_pd(e, n); }
-  static V recip(V d) {
-    V y = _mm512_rcp14_pd(d);  // 14 bits; each Newton step doubles them
-    for (int k = 0; k < 2; ++k) y = _mm512_mul_pd(y, _mm512_fnmadd_pd(d, y, _mm512_set1_pd(2.0)));
-    return y;
+  // e / d for d >= 2: y0 = rcp14(d) = (1 - u) / d with |u| < 2^-14, and e y0 (1 + u)(1 + u^2)
+  // = (e / d)(1 - u^4), u^4 below a double ulp; 3 FMAs deep after the estimate (vdivpd would
+  // stall the loop: 16 cycles a vector)
+  static V divide(V e, V d) {
+    const V y0 = _mm512_rcp14_pd(d);
+    const V u = _mm512_fnmadd_pd(d, y0, _mm512_set1_pd(1.0));
+    const V q = _mm512_mul_pd(e, y0);
+    const V q1 = _mm512_fmadd_pd(q, u, q);
+    return _mm512_fmadd_pd(q1, _mm512_mul_pd(u, u), q1);
   }
   static V copysign(V t, V x) {
     const __m512i sign = _mm512_set1_epi64(static_cast<long long>(0x8000000000000000ull));
@@ -89,6 +103,7 @@ struct Pd256 {
   static constexpr int kLanes = 4;
   static V low(const FVec& v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
   static V high(const FVec& v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
+  static V load(const double* p) { return _mm256_loadu_pd(p); }
   static void store(double* p, V v) { _mm256_storeu_pd(p, v); }
   static V set(double v) { return _mm256_set1_pd(v); }
   static V abs(V x) { return _mm256_andnot_pd(_mm256_set1_pd(-0.0), x); }
@@ -105,7 +120,7 @@ struct Pd256 {
     const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(_mm256_cvtepi32_epi64(ni), _mm256_set1_epi64x(1023)), 52);
     return _mm256_mul_pd(e, _mm256_castsi256_pd(bits));
   }
-  static V recip(V d) { return _mm256_div_pd(_mm256_set1_pd(1.0), d); }
+  static V divide(V e, V d) { return _mm256_div_pd(e, d); }
   static V copysign(V t, V x) {
     const V sign = _mm256_set1_pd(-0.0);
     return _mm256_or_pd(_mm256_andnot_pd(sign, t), _mm256_and_pd(sign, x));

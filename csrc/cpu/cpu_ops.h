@@ -34,6 +34,10 @@ std::tuple<at::Tensor, at::Tensor> multiply_valve_multiplier_backward(
 // The float32 tanh that MULTIPLY and the valve use (cpu/tanh_f32.h), elementwise over a
 // float32 tensor: exposed to Python as kasmina_kernels._C.tanh_f32 for the tests.
 at::Tensor tanh_f32(const at::Tensor& x);
+// The double tanh of the float32 MULTIPLY and valve alpha-gradient terms (tanh_pd in
+// cpu/blend_kernels.h; std::tanh in a build without AVX2), elementwise over a float64 tensor:
+// kasmina_kernels._C.tanh_f64, for the tests.
+at::Tensor tanh_f64(const at::Tensor& x);
 
 at::Tensor gate_effective_alpha(const at::Tensor& alpha, const at::Tensor& gate);
 // The CPU kernels compute both weight gradients whenever one is asked for; the flags let the

@@ -283,6 +283,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "How this extension was built");
   m.def("tanh_f32", &kk::cpu::tanh_f32,
         "The float32 tanh of the CPU MULTIPLY and valve kernels, elementwise (for tests)");
+  m.def("tanh_f64", &kk::cpu::tanh_f64,
+        "The double tanh of the CPU float32 MULTIPLY and valve alpha-gradient terms, "
+        "elementwise (for tests)");
   m.def(
       "float_tanh", [] { return kk::cpu::float_tanh_name(kk::cpu::float_tanh()); },
       "Which float32 tanh the CPU MULTIPLY and valve kernels use: 'torch' or 'mixed'");
