@@ -522,11 +522,11 @@ std::tuple<at::Tensor, at::Tensor> multiply_valve_multiplier_backward(const at::
   return {dalpha, dm};
 }
 
-at::Tensor tanh_f32(const at::Tensor& x) {
+at::Tensor tanh_f32(const at::Tensor& x, bool in_place) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
               "tanh_f32: takes a float32 CPU tensor, got ", x.scalar_type(), " on ", x.device());
-  const at::Tensor in = x.contiguous();
-  at::Tensor out = at::empty_like(in);
+  const at::Tensor in = in_place ? x.contiguous().clone() : x.contiguous();
+  at::Tensor out = in_place ? in : at::empty_like(in);
   at::parallel_for(0, in.numel(), kGrain, [&](int64_t begin, int64_t end) {
     tanh_row_f32(in.data_ptr<float>() + begin, out.data_ptr<float>() + begin, end - begin);
   });

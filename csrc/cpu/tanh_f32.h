@@ -75,7 +75,6 @@ inline void tanh_row_f32(const float* x, float* t, int64_t n) {
     for (; i + FVec::size() <= len; i += FVec::size()) {
       const FVec v = FVec::loadu(xb + i);
       const FVec near = v.abs() < bound;  // false for NaN
-      tanh_rational(v).store(tb + i);
 #if defined(KK_AVX512)
       const auto far_mask =
           static_cast<__mmask16>(~_mm512_movepi32_mask(_mm512_castps_si512(near)));
@@ -98,6 +97,9 @@ inline void tanh_row_f32(const float* x, float* t, int64_t n) {
         far_at[far++] = static_cast<int32_t>(i + lane);
       }
 #endif
+      // only now: t may be x (MULTIPLY's backward works in place), and the AVX2 branch above
+      // gathers its far lanes from memory
+      tanh_rational(v).store(tb + i);
     }
     for (; i < len; ++i) {
       if (std::abs(xb[i]) < kTanhRationalBound) {

@@ -282,7 +282,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kasmina-kernels native extension: registers the torch.ops.kasmina ops";
   m.def("build_info", &build_info, "How this extension was built");
   m.def("tanh_f32", &kk::cpu::tanh_f32,
-        "The float32 tanh of the CPU MULTIPLY and valve kernels, elementwise (for tests)");
+        "The float32 tanh of the CPU MULTIPLY and valve kernels, elementwise (for tests); "
+        "in_place=True runs it in place over a copy of x, as MULTIPLY's backward does",
+        pybind11::arg("x"), pybind11::arg("in_place") = false);
   m.def("tanh_f64", &kk::cpu::tanh_f64,
         "The double tanh of the CPU float32 MULTIPLY and valve alpha-gradient terms, "
         "elementwise (for tests)");
