@@ -19,43 +19,51 @@ struct Tag {
   using type = T;
 };
 
-// tanh in double of double lanes, to about 1e-12 relative: the alpha-gradient terms of float32
+// tanh in double of double lanes, to 1e-12 relative: the alpha-gradient terms of float32
 // MULTIPLY and the valve use it. Those terms must not inherit the float tanh's rounding: its
 // errors (up to half a float ulp per element, all with the same weight g*h) add up, and the
-// oracle of DESIGN section 5 forms tanh in double. tanh|x| = E / (E + 2) with E = exp(2|x|) - 1
-// = 2^n (expm1(r) + 1) - 1 = 2^n expm1(r) + (2^n - 1) (Cody-Waite reduction, 2^n - 1 exact):
-// no cancellation for any x, so one branch-free formula serves small and large |x|. expm1(r)
-// = r + r^2 P(r), P the Taylor polynomial of degree 8 (below 1e-12 relative for |r| <= ln2/2);
-// |x| is clamped to 20 (tanh(20) is 1 in double). NaN propagates. Only these sums need it:
-// 1e-12 is far below a float ulp, and cheaper than a full double tanh.
-// The loops that use it are bound by its dependency chain, not by its ~30 vector operations,
-// so P is evaluated by Estrin's scheme (4 FMAs deep, not 8), E and E + 2 are formed side by side,
-// and the quotient takes Ops::divide (a reciprocal estimate and one fused correction on AVX-512).
+// oracle of DESIGN section 5 forms tanh in double. 1e-12 is far below a float ulp, and cheaper
+// than a full double tanh.
+//
+// tanh|x| = E / (E + 2) with E = exp(2|x|) - 1. Write 2|x| = m ln2 + 2h (m whole, |h| <= ln2/4)
+// and H = expm1(2h) / 2; then E = 2^m (2H + 1) - 1, and dividing both by 2^(m+1),
+//   tanh|x| = (H + (1 - 2^-m) / 2) / (H + (1 + 2^-m) / 2).
+// For m = 0 the numerator is H itself, so small |x| keep their relative accuracy without a
+// branch; for m > 0 both terms exceed 0.29, and the rounding of ln2 in h (below 1e-15) does not
+// show. H = h + h^2 Q(h), Q the rest of the Taylor series of expm1(2h) / 2 to h^10 (truncation
+// below 7e-13 relative for |h| <= ln2/4). |x| is clamped to 20 (tanh(20) is 1 in double); NaN
+// propagates.
+// The loops that use it are bound by its ~30 vector operations and their dependency chain: Q is
+// evaluated by Estrin's scheme (4 FMAs deep, not 8), numerator and denominator are formed side
+// by side, and the quotient takes Ops::divide (on AVX-512 a reciprocal estimate and one fused
+// correction).
+constexpr double half_expm1_coefficient(int k) {  // 2^(k-1) / k!: H = sum over k >= 1 of c_k h^k
+  double c = 0.5;
+  for (int i = 1; i <= k; ++i) c *= 2.0 / i;
+  return c;
+}
+
 template <typename V, typename Ops>
 inline V tanh_pd_impl(V x) {
-  // min(|x|, 20); NaN passes min() as its first operand
-  const V ac = Ops::min_keep_nan(Ops::abs(x), Ops::set(20.0));
-  const V y = Ops::add(ac, ac);
-  const V n = Ops::round(Ops::mul(ac, Ops::set(2.0 * 1.4426950408889634)));  // round(y / ln2)
-  V r = Ops::fnma(n, Ops::set(0.6931471805599453), y);
-  r = Ops::fnma(n, Ops::set(2.3190468138462996e-17), r);
-  // P(r) = 1/2! + r/3! + ... + r^8/10!, Estrin: pairs, then r^2, r^4, r^8
-  const V r2 = Ops::mul(r, r);
-  const V r4 = Ops::mul(r2, r2);
-  const V r8 = Ops::mul(r4, r4);
-  const auto pair = [&](double c0, double c1) { return Ops::fma(Ops::set(c1), r, Ops::set(c0)); };
-  const V q0 = pair(1.0 / 2.0, 1.0 / 6.0);
-  const V q1 = pair(1.0 / 24.0, 1.0 / 120.0);
-  const V q2 = pair(1.0 / 720.0, 1.0 / 5040.0);
-  const V q3 = pair(1.0 / 40320.0, 1.0 / 362880.0);
-  const V s0 = Ops::fma(q1, r2, q0);
-  const V s1 = Ops::fma(q3, r2, q2);
-  const V p = Ops::fma(Ops::set(1.0 / 3628800.0), r8, Ops::fma(s1, r4, s0));
-  const V scaled = Ops::scale2(Ops::fma(r2, p, r), n);  // 2^n expm1(r)
-  const V two_n = Ops::scale2(Ops::set(1.0), n);
-  const V e = Ops::add(scaled, Ops::sub(two_n, Ops::set(1.0)));
-  const V e_plus_2 = Ops::add(scaled, Ops::add(two_n, Ops::set(1.0)));
-  return Ops::copysign(Ops::divide(e, e_plus_2), x);
+  constexpr auto c = half_expm1_coefficient;
+  const V ac = Ops::abs_clamp(x, 20.0);  // min(|x|, 20), NaN kept
+  // -m = round(-2|x| / ln2): adding 1.5 * 2^52 in the FMA rounds the exact product to a whole
+  // number (two plain operations; a round instruction costs as much and takes one port)
+  constexpr double kRound = 6755399441055744.0;
+  const V n = Ops::sub(Ops::fma(ac, Ops::set(-2.0 * 1.4426950408889634), Ops::set(kRound)), Ops::set(kRound));
+  const V h = Ops::fma(n, Ops::set(0.5 * 0.6931471805599453), ac);  // |x| - m ln2 / 2
+  const V h2 = Ops::mul(h, h);
+  const V h4 = Ops::mul(h2, h2);
+  const V h8 = Ops::mul(h4, h4);
+  const auto pair = [&](int k) { return Ops::fma(Ops::set(c(k + 1)), h, Ops::set(c(k))); };
+  const V s0 = Ops::fma(pair(4), h2, pair(2));
+  const V s1 = Ops::fma(pair(8), h2, pair(6));
+  const V q = Ops::fma(Ops::set(c(10)), h8, Ops::fma(s1, h4, s0));
+  const V big_h = Ops::fma(h2, q, h);
+  const V half_scale = Ops::scale2(Ops::set(0.5), n);  // 2^-m / 2
+  const V num = Ops::add(big_h, Ops::sub(Ops::set(0.5), half_scale));
+  const V den = Ops::add(big_h, Ops::add(Ops::set(0.5), half_scale));
+  return Ops::copysign(Ops::divide(num, den), x);
 }
 
 #if defined(KK_AVX512)
@@ -70,16 +78,15 @@ struct Pd512 {
   static V load(const double* p) { return _mm512_loadu_pd(p); }
   static void store(double* p, V v) { _mm512_storeu_pd(p, v); }
   static V set(double v) { return _mm512_set1_pd(v); }
-  static V abs(V x) { return _mm512_abs_pd(x); }
   static V mul(V a, V b) { return _mm512_mul_pd(a, b); }
   static V add(V a, V b) { return _mm512_add_pd(a, b); }
   static V sub(V a, V b) { return _mm512_sub_pd(a, b); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
-  static V fnma(V a, V b, V c) { return _mm512_fnmadd_pd(a, b, c); }
-  static V min_keep_nan(V a, V b) { return _mm512_min_pd(b, a); }  // a NaN a comes back
-  static V round(V x) { return _mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // min(|x|, bound), NaN kept: min() returns its second operand when either is NaN (vrangepd's
+  // min-abs would do it in one instruction, but returns the number beside a NaN)
+  static V abs_clamp(V x, double bound) { return _mm512_min_pd(_mm512_set1_pd(bound), _mm512_abs_pd(x)); }
   static V scale2(V e, V n) { return _mm512_scalef_pd(e, n); }
-  // e / d for d >= 2: y0 = rcp14(d) = (1 - u) / d with |u| < 2^-14, and e y0 (1 + u)(1 + u^2)
+  // e / d for d > 0: y0 = rcp14(d) = (1 - u) / d with |u| < 2^-14, and e y0 (1 + u)(1 + u^2)
   // = (e / d)(1 - u^4), u^4 below a double ulp; 3 FMAs deep after the estimate (vdivpd would
   // stall the loop: 16 cycles a vector)
   static V divide(V e, V d) {
@@ -111,11 +118,10 @@ struct Pd256 {
   static V add(V a, V b) { return _mm256_add_pd(a, b); }
   static V sub(V a, V b) { return _mm256_sub_pd(a, b); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
-  static V fnma(V a, V b, V c) { return _mm256_fnmadd_pd(a, b, c); }
-  static V min_keep_nan(V a, V b) { return _mm256_min_pd(b, a); }  // a NaN a comes back
-  static V round(V x) { return _mm256_round_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // min(|x|, bound), NaN kept: min() returns its second operand when either is NaN
+  static V abs_clamp(V x, double bound) { return _mm256_min_pd(_mm256_set1_pd(bound), abs(x)); }
   static V scale2(V e, V n) {
-    // 2^n by exponent arithmetic: n is an integer in [0, 58]
+    // 2^n by exponent arithmetic: n is an integer in [-58, 0]
     const __m128i ni = _mm256_cvtpd_epi32(n);
     const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(_mm256_cvtepi32_epi64(ni), _mm256_set1_epi64x(1023)), 52);
     return _mm256_mul_pd(e, _mm256_castsi256_pd(bits));
