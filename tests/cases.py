@@ -258,7 +258,30 @@ def full_cases() -> list[Case]:
                     add(replace(base, grads=sub))
                 add(replace(base, mode="inference"))
                 add(replace(base, specials=True))
+    cases += esper_cases()
     return _dedupe(cases)
+
+
+# Esper's calls (DESIGN.md section 1): a channels_last host requiring grad beside an NCHW
+# seed (and seed input, without grad), a 0-dim alpha in the host's dtype without grad or a
+# per-sample alpha_override, a per-sample gate with grad.
+ESPER_SHAPES = ((3, 5, 7, 11), (4, 16, 9, 9), (2, 40, 5, 6))
+
+
+def esper_cases(shapes=ESPER_SHAPES, dtypes=DTYPES) -> list[Case]:
+    cases = []
+    for dt in dtypes:
+        for shape in shapes:
+            for alpha in ("sh", "psh"):
+                base = Case("blend_add", dt, shape, layout="cl_host", alpha=alpha, grads="h+s")
+                cases += [
+                    base,
+                    replace(base, op="blend_with_isolation"),
+                    replace(base, op="blend_multiply", seed_input="given"),
+                    replace(base, op="blend_gate", grads="h+s+gate"),
+                ]
+            cases.append(Case("ste_forward", dt, shape, layout="cl_host", grads="h+s"))
+    return cases
 
 
 def big_cases() -> list[Case]:
@@ -305,6 +328,7 @@ def reduced_cases() -> list[Case]:
             add(Case(op, dt, (2, 5, 3, 4), topology="cnn"))
             add(Case(op, dt, (2, 5, 3, 4), topology="cnn", layout="cl"))
             add(Case(op, dt, (2, 7, 12), topology="transformer", layout="slice"))
+    cases += esper_cases(shapes=((3, 5, 7, 11),), dtypes=(F32, BF16, F16))
     return _dedupe(cases)
 
 

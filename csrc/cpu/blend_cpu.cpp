@@ -134,6 +134,37 @@ std::vector<long double> run_pass(const std::vector<at::Tensor>& outputs,
     });
   }
 
+  if (scalar || per_sample) {
+    // Esper's call: a channels_last host beside an NCHW seed (and seed input)
+    bool converted = false;
+    if (features.dim() == 4 && order_of(all.front()) != Order::kNone) {
+      const auto format = order_of(all.front()) == Order::kNhwc ? at::MemoryFormat::ChannelsLast
+                                                                : at::MemoryFormat::Contiguous;
+      for (size_t k = outputs.size(); k < all.size(); ++k) {
+        if (all[k].sizes() == features.sizes() && order_of(all[k]) == Order::kNone) {
+          all[k] = all[k].contiguous(format);  // e.g. an expanded gradient: one copy, then tiles
+          converted = true;
+        }
+      }
+    }
+    if (converted && same_dense_layout(all)) {
+      const std::vector<at::Tensor> ins(all.begin() + outputs.size(), all.end());
+      return run_pass<OpT>(outputs, ins, w, features, need_sums, element_out, loop_for);
+    }
+    if (mixed_orders(all)) {
+      std::vector<OpT> wv(w.values.begin(), w.values.end());
+      auto sums = run_mixed_orders(
+          all, static_cast<int>(outputs.size()),
+          [&](int64_t b) { return reinterpret_cast<char*>(wv.data() + (scalar ? 0 : b)); },
+          [&](Accumulator& acc) { return loop_for(std::false_type{}, acc, false); });
+      if (!need_sums) return {};
+      if (!scalar) return sums;
+      long double total = 0.0L;
+      for (long double v : sums) total += v;
+      return {total};
+    }
+  }
+
   const at::Tensor wt =
       tensor_from_values(w.values, w.shape, c10::CppTypeToScalarType<OpT>::value)
           .expand(features.sizes());
@@ -437,7 +468,11 @@ at::Tensor ste_forward(const at::Tensor& h, const at::Tensor& s_in) {
   dispatch_pair(host, s.scalar_type(), "ste_forward", [&](auto tt, auto st) {
     using T = typename decltype(tt)::type;
     using S = typename decltype(st)::type;
-    // no weight operand: the TensorIterator handles every layout in one pass
+    if (mixed_orders({out, h, s})) {
+      run_mixed_orders({out, h, s}, 1, nullptr, [](Accumulator&) { return ste_forward_loop<T, S>(); });
+      return;
+    }
+    // no weight operand: the TensorIterator handles every other layout in one pass
     auto iter = make_iter({out}, {h, s});
     iter.for_each(ste_forward_loop<T, S>(), kGrain);
   });

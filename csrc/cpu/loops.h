@@ -6,10 +6,18 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>
+#include <ATen/native/cpu/utils.h>
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
+#include <functional>
+#include <optional>
 #include <vector>
 
 namespace kk::cpu {
@@ -107,6 +115,232 @@ std::vector<long double> grouped_sums(int64_t groups, int64_t group_size, BlockS
     long double acc = 0.0L;
     for (int64_t j = 0; j < blocks_per_group; ++j) acc += partial[g * blocks_per_group + j];
     sums[g] = acc;
+  }
+  return sums;
+}
+
+// ---------------------------------------------------------------- mixed memory formats
+// Per sample, a 4-D operand dense in NCHW order and one dense in NHWC (channels_last) order
+// store the same C x HW matrix, one as the transpose of the other. Esper passes a
+// channels_last host beside an NCHW seed and seed input on every call, so a pass over such
+// operands walks the majority order ("primary") in tiles of whole rows and moves the other
+// operands through small transposed buffers: every memory access stays sequential and the
+// kernel's row loops run on contiguous rows, with no per-element index arithmetic.
+enum class Order : uint8_t { kNchw, kNhwc, kEither, kNone };
+
+inline Order order_of(const at::Tensor& t) {
+  if (t.dim() != 4) return Order::kNone;
+  const bool nchw = t.is_contiguous();
+  const bool nhwc = t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (nchw && nhwc) return Order::kEither;
+  return nchw ? Order::kNchw : nhwc ? Order::kNhwc : Order::kNone;
+}
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// 8 x 8 blocks in registers: 32-bit elements in 256-bit rows, 16-bit elements in 128-bit rows.
+inline void transpose8x8_32(const uint32_t* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(src + i * ld_src));
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(reinterpret_cast<float*>(dst + i * ld_dst), _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(reinterpret_cast<float*>(dst + (i + 4) * ld_dst), _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+inline void transpose8x8_16(const uint16_t* src, int64_t ld_src, uint16_t* dst, int64_t ld_dst) {
+  __m128i r[8], a[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ld_src));
+  for (int i = 0; i < 8; i += 2) {
+    a[i] = _mm_unpacklo_epi16(r[i], r[i + 1]);
+    a[i + 1] = _mm_unpackhi_epi16(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm_unpacklo_epi32(a[i], a[i + 2]);
+    r[i + 1] = _mm_unpackhi_epi32(a[i], a[i + 2]);
+    r[i + 2] = _mm_unpacklo_epi32(a[i + 1], a[i + 3]);
+    r[i + 3] = _mm_unpackhi_epi32(a[i + 1], a[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * i) * ld_dst), _mm_unpacklo_epi64(r[i], r[i + 4]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * i + 1) * ld_dst), _mm_unpackhi_epi64(r[i], r[i + 4]));
+  }
+}
+#endif
+
+// dst (cols x rows, leading dimension ld_dst) = transpose of src (rows x cols, ld_src): whole
+// 8 x 8 blocks through registers where this build has AVX2, the edges by ATen's plain loop.
+template <typename U>
+inline void transpose_blocks(const U* src, int64_t ld_src, U* dst, int64_t ld_dst, int64_t rows,
+                             int64_t cols) {
+  using at::native::utils::transpose;
+  int64_t rows8 = 0, cols8 = 0;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (sizeof(U) == 4 || sizeof(U) == 2) {
+    rows8 = rows / 8 * 8;
+    cols8 = cols / 8 * 8;
+    for (int64_t i = 0; i < rows8; i += 8) {
+      for (int64_t j = 0; j < cols8; j += 8) {
+        if constexpr (sizeof(U) == 4) {
+          transpose8x8_32(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+        } else {
+          transpose8x8_16(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+        }
+      }
+    }
+  }
+#endif
+  // the right edge of the block rows, then the bottom rows
+  if (cols8 < cols) transpose(rows8, cols - cols8, src + cols8, ld_src, dst + cols8 * ld_dst, ld_dst);
+  if (rows8 < rows) transpose(rows - rows8, cols, src + rows8 * ld_src, ld_src, dst + rows8, ld_dst);
+}
+
+inline void transpose_elements(const char* src, int64_t ld_src, char* dst, int64_t ld_dst,
+                               int64_t rows, int64_t cols, int64_t elem) {
+  switch (elem) {
+    case 2:
+      return transpose_blocks(reinterpret_cast<const uint16_t*>(src), ld_src,
+                              reinterpret_cast<uint16_t*>(dst), ld_dst, rows, cols);
+    case 4:
+      return transpose_blocks(reinterpret_cast<const uint32_t*>(src), ld_src,
+                              reinterpret_cast<uint32_t*>(dst), ld_dst, rows, cols);
+    case 8:
+      return transpose_blocks(reinterpret_cast<const uint64_t*>(src), ld_src,
+                              reinterpret_cast<uint64_t*>(dst), ld_dst, rows, cols);
+    default:
+      return transpose_blocks(reinterpret_cast<const uint8_t*>(src), ld_src,
+                              reinterpret_cast<uint8_t*>(dst), ld_dst, rows, cols);
+  }
+}
+
+// Whether run_mixed_orders can run these operands: same 4-D sizes, each dense in NCHW or
+// NHWC order, not all in the same one.
+inline bool mixed_orders(const std::vector<at::Tensor>& operands) {
+  bool nchw = false, nhwc = false;
+  for (const at::Tensor& t : operands) {
+    if (t.sizes() != operands.front().sizes()) return false;
+    switch (order_of(t)) {
+      case Order::kNone:
+        return false;
+      case Order::kNchw:
+        nchw = true;
+        break;
+      case Order::kNhwc:
+        nhwc = true;
+        break;
+      case Order::kEither:
+        break;
+    }
+  }
+  return nchw && nhwc;
+}
+
+// Runs a TensorIterator-style loop over `operands` (outputs first), plus a last weight
+// operand when `weight` is given, over operands that pass mixed_orders: one tile of rows at a
+// time, in parallel over fixed tiles. `weight(b)` points at sample b's weight value (read with
+// stride 0). `make_loop(acc)` builds the loop for one tile; the per-sample sums of what it adds
+// to `acc` come back, one per sample (fixed tiles and summation order: the same bits on any
+// thread count).
+template <typename MakeLoop>
+std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operands,
+                                          int n_outputs,
+                                          const std::function<char*(int64_t)>& weight,
+                                          MakeLoop&& make_loop) {
+  const at::Tensor& first = operands.front();
+  const int64_t B = first.size(0), C = first.size(1), HW = first.size(2) * first.size(3);
+  const int n_ops = static_cast<int>(operands.size());
+  const int n_all = n_ops + (weight ? 1 : 0);  // the loop's operand count
+  std::vector<long double> sums(B, 0.0L);
+  if (B == 0 || C * HW == 0) return sums;
+  int votes = 0;  // NHWC minus NCHW operands
+  for (const at::Tensor& t : operands) {
+    const Order o = order_of(t);
+    votes += o == Order::kNhwc ? 1 : o == Order::kNchw ? -1 : 0;
+  }
+  const Order out_order = order_of(first);
+  const bool nhwc_primary = votes > 0 || (votes == 0 && out_order == Order::kNhwc);
+  const Order primary = nhwc_primary ? Order::kNhwc : Order::kNchw;
+  // per sample: rows x cols in the primary order, cols x rows in the other
+  const int64_t rows = nhwc_primary ? HW : C, cols = nhwc_primary ? C : HW;
+  constexpr int64_t kTileElements = 2048, kMaxTileCols = 512;
+  const int64_t tile_cols = std::min(cols, kMaxTileCols);
+  const int64_t tile_rows = std::min(rows, std::max<int64_t>(1, kTileElements / tile_cols));
+  const int64_t row_tiles = (rows + tile_rows - 1) / tile_rows;
+  const int64_t col_tiles = (cols + tile_cols - 1) / tile_cols;
+  const int64_t tiles = row_tiles * col_tiles;
+
+  std::vector<char*> base(n_ops);
+  std::vector<int64_t> elem(n_ops);
+  std::vector<bool> moved(n_ops);
+  for (int k = 0; k < n_ops; ++k) {
+    base[k] = static_cast<char*>(operands[k].data_ptr());
+    elem[k] = operands[k].element_size();
+    const Order o = order_of(operands[k]);
+    moved[k] = o != primary && o != Order::kEither;
+  }
+  std::vector<long double> partial(B * tiles, 0.0L);
+  const int64_t grain = std::max<int64_t>(1, 16384 / (tile_rows * tile_cols));
+  at::parallel_for(0, B * tiles, grain, [&](int64_t u0, int64_t u1) {
+    // one buffer per moved operand, a tile_rows x tile_cols block in the primary order
+    std::vector<std::vector<char>> buffers(n_ops);
+    for (int k = 0; k < n_ops; ++k) {
+      if (moved[k]) buffers[k].resize(tile_rows * tile_cols * elem[k]);
+    }
+    char* data[16];
+    int64_t strides[32];
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / tiles, tile = u % tiles;
+      const int64_t r0 = (tile / col_tiles) * tile_rows, c0 = (tile % col_tiles) * tile_cols;
+      const int64_t nr = std::min(tile_rows, rows - r0), nc = std::min(tile_cols, cols - c0);
+      const int64_t sample = b * C * HW;
+      for (int k = 0; k < n_ops; ++k) {
+        strides[k] = elem[k];
+        if (moved[k]) {
+          data[k] = buffers[k].data();
+          strides[n_all + k] = nc * elem[k];
+          if (k >= n_outputs) {  // gather: the tile's (nc x nr) block of the other order
+            transpose_elements(base[k] + (sample + c0 * rows + r0) * elem[k], rows, data[k], nc,
+                               nc, nr, elem[k]);
+          }
+        } else {
+          data[k] = base[k] + (sample + r0 * cols + c0) * elem[k];
+          strides[n_all + k] = cols * elem[k];
+        }
+      }
+      if (weight) {
+        data[n_ops] = weight(b);
+        strides[n_ops] = 0;
+        strides[n_all + n_ops] = 0;
+      }
+      Accumulator acc;
+      auto loop = make_loop(acc);
+      if (nc == cols) {  // whole rows: one contiguous run
+        loop(data, strides, nr * nc, 1);
+      } else {
+        loop(data, strides, nc, nr);
+      }
+      for (int k = 0; k < n_outputs; ++k) {
+        if (moved[k]) {  // scatter the buffer back into the other order
+          transpose_elements(data[k], nc, base[k] + (sample + c0 * rows + r0) * elem[k], rows,
+                             nr, nc, elem[k]);
+        }
+      }
+      partial[u] = acc.value_ld();
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    long double acc = 0.0L;
+    for (int64_t t = 0; t < tiles; ++t) acc += partial[b * tiles + t];
+    sums[b] = acc;
   }
   return sums;
 }
