@@ -511,19 +511,8 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
                             (kRIsH || stream_aligned(p[2]));
             int64_t i = 0;
             std::conditional_t<kHalfPrecision<T>, FloatLanes, DoubleLanes> lanes;
-            // float32: the whole row's tanh(s - r) up front (tanh_f32.h: torch's bits where
-            // tanh nears saturation)
-            const float* trow = nullptr;
             const float* table = nullptr;
             if constexpr (kHalfPrecision<T>) table = tanh_table<T>();
-            if constexpr (std::is_same_v<T, float>) {
-              float* tb = scratch_row(n);
-              const float* sp = reinterpret_cast<const float*>(p[G + 2]);
-              const float* rp = reinterpret_cast<const float*>(kRIsH ? p[G + 1] : p[N - 2]);
-              for (int64_t j = 0; j < n; ++j) tb[j] = sp[j] - rp[j];
-              tanh_row_f32(tb, tb, n);
-              trow = tb;
-            }
             {
               for (; i + kStep <= n; i += kStep) {
                 FVec g0, g1, h0, h1, s0, s1, r0, r1, c0, c1, dh0, dh1, ds0, ds1, dc0, dc1;
@@ -544,10 +533,12 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
                 const FVec dx0 = s0 - r0, dx1 = s1 - r1;
                 FVec d0 = dx0, d1 = dx1;
                 if constexpr (kHalfPrecision<T>) round_through<T>(d0, d1);
-                FVec tr0, tr1;
+                FVec tr0, tr1, sech0, sech1;
                 if constexpr (std::is_same_v<T, float>) {
-                  tr0 = FVec::loadu(trow + i);
-                  tr1 = FVec::loadu(trow + i + FVec::size());
+                  // float32: tanh and 1 - tanh^2 from one exp, the latter accurate where tanh
+                  // saturates
+                  tanh_with_grad(d0, tr0, sech0);
+                  tanh_with_grad(d1, tr1, sech1);
                 } else {
                   // half precision: d holds a T value, so ATen's tanh of it is a table entry
                   lookup2<T>(table, d0, d1, tr0, tr1);
@@ -563,8 +554,15 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
                 }
                 FVec tg0 = tr0, tg1 = tr1;
                 if constexpr (kHalfPrecision<T>) round_through<T>(tg0, tg1);
-                multiply_backward_t<kRIsH>(g0, h0, tg0, t0, c0, dh0, ds0, dc0, RoundTo<T>{});
-                multiply_backward_t<kRIsH>(g1, h1, tg1, t1, c1, dh1, ds1, dc1, RoundTo<T>{});
+                if constexpr (std::is_same_v<T, float>) {
+                  multiply_backward_t<kRIsH>(g0, h0, tg0, t0, c0, dh0, ds0, dc0, RoundTo<T>{},
+                                             KnownTanhGrad<FVec>{sech0});
+                  multiply_backward_t<kRIsH>(g1, h1, tg1, t1, c1, dh1, ds1, dc1, RoundTo<T>{},
+                                             KnownTanhGrad<FVec>{sech1});
+                } else {
+                  multiply_backward_t<kRIsH>(g0, h0, tg0, t0, c0, dh0, ds0, dc0, RoundTo<T>{});
+                  multiply_backward_t<kRIsH>(g1, h1, tg1, t1, c1, dh1, ds1, dc1, RoundTo<T>{});
+                }
                 // ds is rounded to T already, and so is dh unless r is h (dh - ds)
                 if constexpr (kRIsH) {
                   store2<T>(reinterpret_cast<T*>(p[0]) + i, dh0, dh1, nt);
@@ -608,9 +606,9 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
           const op_t c = val<op_t>(p[C], s[C], i);
           const op_t dx = sv - r;
           const op_t d = as_host_value<T>(dx);
-          op_t tr;
+          op_t tr, sech2 = 0;
           if constexpr (std::is_same_v<T, float>) {
-            aten_tanh_f32(&d, &tr, 1);
+            tanh_with_grad(d, tr, sech2);
           } else if constexpr (kHalfPrecision<T>) {
             tr = half_tanh<T>(static_cast<T>(d));
           } else {
@@ -619,7 +617,12 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
           const op_t e = std::isnan(dx - d) ? op_t(0) : dx - d;
           const op_t t = kHalfPrecision<T> ? tr + (op_t(1) - tr * tr) * e : tr;
           op_t dh, ds, dc;
-          multiply_backward_t<kRIsH>(g, h, as_host_value<T>(tr), t, c, dh, ds, dc, RoundTo<T>{});
+          if constexpr (std::is_same_v<T, float>) {
+            multiply_backward_t<kRIsH>(g, h, tr, t, c, dh, ds, dc, RoundTo<T>{},
+                                       KnownTanhGrad<float>{sech2});
+          } else {
+            multiply_backward_t<kRIsH>(g, h, as_host_value<T>(tr), t, c, dh, ds, dc, RoundTo<T>{});
+          }
           put<T>(p[0], s[0], i, dh);
           put<S>(p[1], s[1], i, ds);  // ds holds a T value (multiply_backward_t rounded it)
           if constexpr (!kRIsH) put<S>(p[2], s[2], i, -ds);

@@ -52,12 +52,15 @@ struct NoRound {
 };
 
 // tanh built from exp, for float32 vector code (where a library tanh costs several times an
-// exp) and for interpreters without libdevice: the odd Taylor series to x^19 below |x| = 0.6
-// (truncation < 1e-8 relative there), 1 - 2 / (exp(2|x|) + 1) above; within 2 float32 ulps
-// of tanh over the whole line (exp overflowing to inf gives exactly 1). NaN propagates;
+// exp) and for interpreters without libdevice, with 1 - tanh^2 alongside: the odd Taylor
+// series to x^19 below |x| = 0.6 (truncation < 1e-8 relative there), and above it, with
+// q = 2 / (exp(2|x|) + 1) = 1 - |tanh x|, tanh = 1 - q and 1 - tanh^2 = q (2 - q). tanh is
+// within 2 float32 ulps over the whole line; 1 - tanh^2 keeps its relative accuracy where tanh
+// saturates, where forming it from a rounded tanh (1 - t*t) would cancel to a few bits.
+// tanh(10) is 1 in float32: clamping keeps exp's argument in [0, 20]. NaN propagates;
 // tanh(-0) returns +0.
 template <typename T>
-KK_HD T tanh_from_exp(T x) {
+KK_HD void tanh_with_grad(T x, T& t, T& one_minus_t2) {
   using P = Prims<T>;
   const T a = P::abs(x);
   const T a2 = a * a;
@@ -71,11 +74,23 @@ KK_HD T tanh_from_exp(T x) {
   poly = poly * a2 + T(2.0f / 15.0f);
   poly = poly * a2 + T(-1.0f / 3.0f);
   poly = poly * a2 + T(1.0f);
-  // tanh(10) is 1 in float32: clamping keeps exp's argument in [0, 20] (NaN passes through)
-  const T ac = P::select(P::lt(T(10.0f), a), T(10.0f), a);
-  const T big = T(1.0f) - T(2.0f) / (P::exp(ac + ac) + T(1.0f));
-  const T t = P::select(P::lt(a, T(0.6f)), a * poly, big);
-  return P::select(P::lt(x, T(0.0f)), T(0.0f) - t, t);
+  const T ac = P::select(P::lt(T(10.0f), a), T(10.0f), a);  // NaN passes through
+  const T q = T(2.0f) / (P::exp(ac + ac) + T(1.0f));
+  const auto small = P::lt(a, T(0.6f));
+  const T t_small = a * poly;
+  const T t_abs = P::select(small, t_small, T(1.0f) - q);
+  t = P::select(P::lt(x, T(0.0f)), T(0.0f) - t_abs, t_abs);
+  // exactly 0 where tanh rounds to +-1, as 1 - t*t is there (an infinite factor beside it
+  // then gives NaN, as in the reference); NaN stays NaN
+  const T big = q * (T(2.0f) - q) * P::select(P::lt(t_abs, T(1.0f)), T(1.0f), T(0.0f));
+  one_minus_t2 = P::select(small, P::fnma(t_small, t_small, T(1.0f)), big);
+}
+
+template <typename T>
+KK_HD T tanh_from_exp(T x) {
+  T t, unused;
+  tanh_with_grad(x, t, unused);
+  return t;
 }
 
 // clamp(x, 0, 1) that keeps NaN, as torch.clamp does (both comparisons are false for NaN).
@@ -129,6 +144,16 @@ struct FusedTanhGrad {
   template <typename T, typename Round>
   KK_HD T operator()(T t, Round) const {
     return Prims<T>::fnma(t, t, T(1.0f));
+  }
+};
+
+// 1 - t^2 formed beforehand, from the tanh's own parts (tanh_with_grad), not from t.
+template <typename V>
+struct KnownTanhGrad {
+  V value;
+  template <typename T, typename Round>
+  KK_HD T operator()(T, Round) const {
+    return value;
   }
 };
 

@@ -1,0 +1,63 @@
+"""The equivalence rule itself (`kasmina_kernels.equivalence`): what it accepts and what it
+catches, on hand-made kernel outputs around one reference and one oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kasmina_kernels.equivalence import EquivalenceError, check_elementwise, ulp
+
+F32 = torch.float32
+
+
+def _setup():
+    # a float64 "oracle", eager = the oracle rounded to float32 (within tolerance), scale 4
+    gen = torch.Generator().manual_seed(7)
+    oracle = (torch.rand(64, generator=gen, dtype=torch.float64) * 8 - 4)
+    oracle[0] = 4.0
+    oracle[3:8] = 0.0123  # small beside the scale: rtol adds nothing to the tolerance there
+    eager = oracle.to(F32)
+    atol = ulp(F32, 4.0)
+    return oracle, eager, atol
+
+
+def test_a_kernel_equal_to_eager_passes():
+    oracle, eager, _ = _setup()
+    check_elementwise("y", eager.clone(), eager, F32, oracle)
+
+
+def test_a_well_conditioned_element_off_by_more_than_the_tolerance_fails():
+    oracle, eager, atol = _setup()
+    kernel = eager.clone()
+    kernel[5] += 3 * atol  # eager is exact there: the kernel is wrong
+    with pytest.raises(EquivalenceError):
+        check_elementwise("y", kernel, eager, F32, oracle)
+    with pytest.raises(EquivalenceError):  # and without an oracle, plain rule 1
+        check_elementwise("y", kernel, eager, F32)
+
+
+def test_an_ill_conditioned_element_is_judged_against_the_oracle():
+    oracle, eager, atol = _setup()
+    eager = eager.clone()
+    eager[3] = float(oracle[3]) + 10 * atol  # eager's own rounding moved it far off
+    kernel = eager.clone()
+    kernel[3] = float(oracle[3]) + 2 * atol  # nearer the exact value: passes
+    check_elementwise("ds", kernel, eager, F32, oracle)
+    kernel[3] = float(oracle[3]) - 15 * atol  # within 2x eager's error: passes (rule 2)
+    check_elementwise("ds", kernel, eager, F32, oracle)
+    kernel[3] = float(oracle[3]) - 25 * atol  # beyond 2x eager's error + 1 ulp: fails
+    with pytest.raises(EquivalenceError):
+        check_elementwise("ds", kernel, eager, F32, oracle)
+
+
+def test_an_element_at_least_as_accurate_as_eager_passes_where_eager_is_just_inside():
+    oracle, eager, atol = _setup()
+    eager = eager.clone()
+    eager[7] = float(oracle[7]) + 0.9 * atol  # eager's error just inside the tolerance
+    kernel = eager.clone()
+    kernel[7] = float(oracle[7]) - 0.2 * atol  # 1.1 atol from eager, nearer the oracle
+    check_elementwise("dh", kernel, eager, F32, oracle)
+    kernel[7] = float(oracle[7]) - 1.5 * atol  # further from the oracle than eager: fails
+    with pytest.raises(EquivalenceError):
+        check_elementwise("dh", kernel, eager, F32, oracle)
