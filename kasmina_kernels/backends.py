@@ -31,6 +31,7 @@ __all__ = [
     "current_backend",
     "resolve_backend",
     "use_backend",
+    "native_by_default",
 ]
 
 
@@ -146,6 +147,10 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 
 # ---------------------------------------------------------------------------- default
 _local = threading.local()
+# One entry per `use_backend` block open in any thread (list.append/pop are atomic under the
+# GIL, a counter's += is not). Empty means no thread has a block open, so an op call can skip
+# the thread-local lookup (about 0.6 us when the calling thread never opened a block).
+_open_blocks: list[str] = []
 
 
 def _stack() -> list[str]:
@@ -165,6 +170,7 @@ def _check_name(name: str) -> str:
 # wraps is read directly when this Python has one, so the variable is still read per call.
 _ENVIRON_DATA = getattr(os.environ, "_data", None)
 _ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
+_ENV_FAST = _ENVIRON_DATA is not None and _ENV_KEY is not None
 
 
 def _env_default() -> str | None:
@@ -191,9 +197,11 @@ def use_backend(name: str):
     _check_name(name)
     stack = _stack()
     stack.append(name)
+    _open_blocks.append(name)
     try:
         yield name
     finally:
+        _open_blocks.pop()
         stack.pop()
 
 
@@ -220,6 +228,30 @@ def _auto(device_type: str) -> str:
     return pick
 
 
+_is_compiling = torch.compiler.is_compiling
+# Set at import (below): whether "auto" is "native" on CPU / CUDA.
+_auto_native_cpu = False
+_auto_native_cuda = False
+
+
+def native_by_default(tensor: torch.Tensor) -> bool:
+    """True when an op on `tensor` with ``backend=None`` runs on the native backend and the
+    call may go straight to ``torch.ops.kasmina`` (the ops' eager fast path).
+
+    Answers in a few attribute reads: no `use_backend` block open in any thread, the
+    environment variable unset (read now, as `current_backend` reads it), "auto" picking
+    native for the tensor's device, and not inside torch.compile (which traces the full
+    resolution instead). False whenever unsure: the caller then resolves the usual way.
+    """
+    if _open_blocks or not _ENV_FAST or _ENV_KEY in _ENVIRON_DATA or _is_compiling():
+        return False
+    if tensor.is_cpu:
+        return _auto_native_cpu
+    if tensor.is_cuda:
+        return _auto_native_cuda
+    return False
+
+
 def resolve_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
     """The concrete backend an op on `tensor` runs with, given `backend` (None = default).
 
@@ -242,3 +274,5 @@ def resolve_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
 for _device_type in _device_types():
     for _name in BACKENDS:
         backend_status(_name, _device_type)
+_auto_native_cpu = _auto("cpu") == "native"
+_auto_native_cuda = torch.cuda.is_available() and _auto("cuda") == "native"
