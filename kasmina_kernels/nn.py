@@ -26,6 +26,8 @@ __all__ = ["GatedBlend", "EagerGatedBlend"]
 
 _GATE_SHAPE = {"cnn": (-1, 1, 1, 1), "transformer": (-1, 1, 1)}
 _LAYOUT = {"cnn": "(B, C, H, W)", "transformer": "(B, T, C)"}
+_RANK = {"cnn": 4, "transformer": 3}
+_CHANNEL_DIM = {"cnn": 1, "transformer": 2}
 
 
 class GatedBlend(nn.Module):
@@ -104,11 +106,23 @@ class GatedBlend(nn.Module):
 
     def get_alpha_for_blend(self, x: torch.Tensor) -> torch.Tensor:
         """The per-sample gate for host features ``x``: ``(B,1,1,1)`` (cnn) or ``(B,1,1)``."""
-        self._check_input(x)
-        first, second = self.gate[0], self.gate[2]
-        return ops.gate_network(
-            x, first.weight, first.bias, second.weight, second.bias, topology=self.topology
-        )
+        # Reads the module's current submodules and parameters on every call, straight from
+        # their registries (nn.Module.__getattr__ and Sequential indexing cost a few
+        # microseconds a call, as much as the fused op's Python side)
+        topology = self.topology
+        if not (isinstance(x, torch.Tensor) and x.ndim == _RANK[topology]
+                and x.shape[_CHANNEL_DIM[topology]] == self.channels):
+            self._check_input(x)  # raises the precise error
+        gate = self.gate
+        first, second = gate._modules.get("0"), gate._modules.get("2")
+        try:
+            p1, p2 = first._parameters, second._parameters
+            w1, b1, w2, b2 = p1["weight"], p1["bias"], p2["weight"], p2["bias"]
+        except (AttributeError, KeyError, TypeError):
+            # a parametrized or otherwise replaced layer: the plain attribute reads
+            first, second = gate[0], gate[2]
+            w1, b1, w2, b2 = first.weight, first.bias, second.weight, second.bias
+        return ops.gate_network(x, w1, b1, w2, b2, topology=topology)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.get_alpha_for_blend(x)

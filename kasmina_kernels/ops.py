@@ -2,6 +2,22 @@
 
 Every op takes ``backend=None`` (the current default, see `kasmina_kernels.backends`) or a
 backend name. The semantics are the references' in `kasmina_kernels.reference`.
+
+Host cost (DESIGN.md sections 3 and 6): Esper calls these thousands of times per epoch on
+small tensors, so a call's Python work is kept to a few attribute reads. The checks take a
+fast path for the usual inputs (the full checks, and their exact errors, run otherwise), and
+when the default backend is native (`backends.native_by_default`: no `use_backend` block, no
+environment variable, "auto" picking native, not tracing) the op calls the bound
+``torch.ops.kasmina`` operator directly, skipping the backend lookup and two Python frames.
+Under torch.compile the full resolution is traced instead.
+
+torch.compile: while a call is traced, the default backend ("auto") is the reference math
+(`backends.COMPILE_AUTO`), so Inductor fuses the blend with the ops around it and partitions
+its backward; an opaque ``torch.ops.kasmina`` op inside a compiled graph costs a compiled
+Esper-style training step 40% more (tools/compiled_step.py). To keep the opaque fused op in
+a compiled graph, name the backend: ``backend="native"`` (or ``"triton"``), a
+``use_backend("native")`` block, or ``KASMINA_KERNELS_BACKEND=native``. Eager calls always run
+the fused kernels of the resolved backend.
 """
 
 from __future__ import annotations
@@ -10,8 +26,8 @@ from types import ModuleType
 
 import torch
 
-from . import validation
-from .backends import backend_module, resolve_backend
+from . import backends, validation
+from .backends import backend_module, native_by_default, resolve_backend
 
 __all__ = [
     "blend_add",
@@ -25,71 +41,110 @@ __all__ = [
     "gate_network",
 ]
 
+_check_blend = validation.check_blend
+_check_pair = validation.check_pair
+
+
 def _impl(tensor: torch.Tensor, backend: str | None) -> ModuleType:
     return backend_module(resolve_backend(tensor, backend))
 
 
 def _feature_operand(alpha: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """The operand whose device decides the backend (a 0-dim CPU scalar never does)."""
-    return other if alpha.dim() == 0 and alpha.device.type == "cpu" else alpha
+    return other if alpha.ndim == 0 and alpha.is_cpu else alpha
+
+
+def _bound(name: str):
+    """The C++ callable behind ``torch.ops.kasmina.<name>.default`` (what OpOverload.__call__
+    calls), for the eager fast path; None when the native backend did not load (then
+    `native_by_default` is never true)."""
+    if "native" not in backends.available_backends("cpu"):
+        return None
+    overload = getattr(torch.ops.kasmina, name).default
+    return getattr(overload, "_op", overload)
+
+
+_add = _bound("blend_add")
+_gate = _bound("blend_gate")
+_multiply = _bound("blend_multiply")
+_ste = _bound("ste_forward")
+_valve = _bound("multiply_valve_multiplier")
+_gea = _bound("gate_effective_alpha")
+_pool = _bound("gated_pool")
+_gate_network = _bound("gate_network")
 
 
 def blend_add(h, s, alpha, *, backend=None):
     """ADD: lerp(h, s.to(h.dtype), clamp01(alpha).to(h.dtype))."""
-    validation.check_blend("blend_add", h, s, alpha)
+    _check_blend("blend_add", h, s, alpha)
+    if backend is None and native_by_default(h):
+        return _add(h, s, alpha)
     return _impl(h, backend).blend_add(h, s, alpha)
 
 
 def blend_with_isolation(h, s, alpha, *, backend=None):
     """The isolation blend: identical to ADD."""
-    validation.check_blend("blend_with_isolation", h, s, alpha)
+    _check_blend("blend_with_isolation", h, s, alpha)
+    if backend is None and native_by_default(h):
+        return _add(h, s, alpha)
     return _impl(h, backend).blend_with_isolation(h, s, alpha)
 
 
 def blend_multiply(h, s, alpha, *, seed_input=None, backend=None):
     """MULTIPLY: h * (1 + clamp01(alpha) * tanh(s - r)), r = seed_input (default: h)."""
-    validation.check_blend("blend_multiply", h, s, alpha)
+    _check_blend("blend_multiply", h, s, alpha)
     if seed_input is not None:
-        validation.check_like_host("blend_multiply", h, "seed_input", seed_input)
+        _check_pair("blend_multiply", h, "seed_input", seed_input)
+    if backend is None and native_by_default(h):
+        return _multiply(h, s, alpha, seed_input)
     return _impl(h, backend).blend_multiply(h, s, alpha, seed_input=seed_input)
 
 
 def blend_gate(h, s, alpha, gate, *, backend=None):
     """GATE: lerp with the effective alpha clamp01(clamp01(alpha) * clamp01(gate))."""
-    validation.check_blend("blend_gate", h, s, alpha)
-    validation.check_weight("blend_gate", "gate", gate, h)
-    if not gate.is_floating_point():
-        raise TypeError(f"blend_gate: gate must be a floating-point tensor, got {gate.dtype}")
+    _check_blend("blend_gate", h, s, alpha)
+    validation.check_gate("blend_gate", gate, h)
+    if backend is None and native_by_default(h):
+        return _gate(h, s, alpha, gate)
     return _impl(h, backend).blend_gate(h, s, alpha, gate)
 
 
 def gate_effective_alpha(alpha, gate, *, backend=None):
     """clamp01(clamp01(alpha) * clamp01(gate)), in the promoted dtype of alpha and gate."""
     validation.check_gate_pair("gate_effective_alpha", alpha, gate)
-    return _impl(_feature_operand(alpha, gate), backend).gate_effective_alpha(alpha, gate)
+    operand = _feature_operand(alpha, gate)
+    if backend is None and native_by_default(operand):
+        return _gea(alpha, gate)
+    return _impl(operand, backend).gate_effective_alpha(alpha, gate)
 
 
 def multiply_valve_multiplier(alpha, m, *, backend=None):
     """1 + clamp01(alpha) * tanh(m), in the promoted dtype of alpha and m."""
-    validation.check_features("multiply_valve_multiplier", "m", m)
-    validation.check_weight("multiply_valve_multiplier", "alpha", alpha, m)
+    validation.check_valve("multiply_valve_multiplier", alpha, m)
+    if backend is None and native_by_default(m):
+        return _valve(alpha, m)
     return _impl(m, backend).multiply_valve_multiplier(alpha, m)
 
 
 def ste_forward(h, s, *, backend=None):
     """Straight-through: value h (NaN where s is not finite), gradient 1 to h and s."""
-    validation.check_features("ste_forward", "host", h)
-    validation.check_like_host("ste_forward", h, "seed", s)
+    _check_pair("ste_forward", h, "seed", s)
+    if backend is None and native_by_default(h):
+        return _ste(h, s)
     return _impl(h, backend).ste_forward(h, s)
 
 
 def gated_pool(x, topology, *, backend=None):
     """Mean over (H, W) of a (B,C,H,W) x ("cnn") or over T of a (B,T,C) x ("transformer")."""
     validation.check_topology("gated_pool", x, topology)
+    if backend is None and native_by_default(x):
+        return _pool(x, topology)
     return _impl(x, backend).gated_pool(x, topology)
 
 
 def gate_network(x, w1, b1, w2, b2, *, topology, backend=None):
     """sigmoid(W2 relu(W1 pool(x) + b1) + b2), shaped (B,1,1,1) ("cnn") or (B,1,1)."""
     validation.check_gate_network("gate_network", x, w1, b1, w2, b2, topology)
+    if backend is None and native_by_default(x):
+        return _gate_network(x, w1, b1, w2, b2, topology)
     return _impl(x, backend).gate_network(x, w1, b1, w2, b2, topology=topology)

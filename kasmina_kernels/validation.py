@@ -61,23 +61,76 @@ def check_weight(op: str, name: str, w, features: torch.Tensor) -> None:
         raise ValueError(f"{op}: {name} of shape {_fmt(ws)} does not broadcast to {_fmt(fs)}")
 
 
+# Weight dtypes the fast paths accept without further checks (check_weight decides the rest).
+_REAL_DTYPES = frozenset(FEATURE_DTYPES + (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8))
+_Tensor = torch.Tensor
+
+
+def _cpu_scalar_ok(w) -> bool:
+    """A 0-dim real CPU tensor: Esper's alpha, which every op accepts beside any features."""
+    return isinstance(w, _Tensor) and w.ndim == 0 and w.is_cpu and w.dtype in _REAL_DTYPES
+
+
+def _same_device(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # is_cpu is a cheap flag; building two torch.device objects to compare is not
+    return (a.is_cpu and b.is_cpu) or a.device == b.device
+
+
 def check_blend(op: str, h, s, alpha) -> None:
-    # the common case in few attribute reads (these run on every eager call)
+    # the common case in few attribute reads (these run on every eager call); anything
+    # unusual goes through the full checks, which raise the precise error
     if (
-        isinstance(h, torch.Tensor)
-        and isinstance(s, torch.Tensor)
-        and isinstance(alpha, torch.Tensor)
+        isinstance(h, _Tensor)
+        and isinstance(s, _Tensor)
         and h.dtype in _FEATURE_DTYPES
         and s.dtype in _FEATURE_DTYPES
+        and h.ndim
         and h.shape == s.shape
-        and h.dim() > 0
-        and h.device == s.device
+        and _same_device(h, s)
     ):
-        check_weight(op, "alpha", alpha, h)
+        if not _cpu_scalar_ok(alpha):
+            check_weight(op, "alpha", alpha, h)
         return
     check_features(op, "host", h)
     check_like_host(op, h, "seed", s)
     check_weight(op, "alpha", alpha, h)
+
+
+def check_pair(op: str, h, name: str, t) -> None:
+    """check_features(host) and check_like_host(name) (ste_forward, seed_input), fast first."""
+    if (
+        isinstance(h, _Tensor)
+        and isinstance(t, _Tensor)
+        and h.dtype in _FEATURE_DTYPES
+        and t.dtype in _FEATURE_DTYPES
+        and h.ndim
+        and h.shape == t.shape
+        and _same_device(h, t)
+    ):
+        return
+    check_features(op, "host", h)
+    check_like_host(op, h, name, t)
+
+
+def check_gate(op: str, gate, h) -> None:
+    """GATE's gate: a floating-point weight that broadcasts to `h` without enlarging it."""
+    if isinstance(gate, _Tensor) and gate.dtype in _FEATURE_DTYPES and _same_device(gate, h):
+        ws = gate.shape
+        n = len(ws)
+        # Esper's per-sample gate, (B,1,1,1) or (B,1,1), in plain comparisons
+        if n == h.ndim and n > 0 and ws[0] in (1, h.shape[0]) and ws[1:] == (1,) * (n - 1):
+            return
+    check_weight(op, "gate", gate, h)
+    if not gate.is_floating_point():
+        raise TypeError(f"{op}: gate must be a floating-point tensor, got {gate.dtype}")
+
+
+def check_valve(op: str, alpha, m) -> None:
+    """multiply_valve_multiplier's checks: m features, alpha a weight that fits m."""
+    if isinstance(m, _Tensor) and m.dtype in _FEATURE_DTYPES and m.ndim and _cpu_scalar_ok(alpha):
+        return
+    check_features(op, "m", m)
+    check_weight(op, "alpha", alpha, m)
 
 
 def broadcast_shape(a, b) -> tuple[int, ...] | None:
@@ -100,6 +153,8 @@ def broadcast_shape(a, b) -> tuple[int, ...] | None:
 
 
 def check_gate_pair(op: str, alpha, gate) -> None:
+    if _cpu_scalar_ok(alpha) and isinstance(gate, _Tensor) and gate.dtype in _FEATURE_DTYPES:
+        return  # a 0-dim CPU alpha broadcasts with any floating gate on any device
     check_tensor(op, "alpha", alpha)
     check_tensor(op, "gate", gate)
     for name, t in (("alpha", alpha), ("gate", gate)):
@@ -131,6 +186,40 @@ def check_topology(op: str, x, topology) -> None:
 
 
 def check_gate_network(op: str, x, w1, b1, w2, b2, topology) -> None:
+    if (
+        isinstance(x, _Tensor)
+        and isinstance(w1, _Tensor)
+        and isinstance(b1, _Tensor)
+        and isinstance(w2, _Tensor)
+        and isinstance(b2, _Tensor)
+        and x.dtype in _FEATURE_DTYPES
+        and w1.dtype in _FEATURE_DTYPES
+        and b1.dtype in _FEATURE_DTYPES
+        and w2.dtype in _FEATURE_DTYPES
+        and b2.dtype in _FEATURE_DTYPES
+    ):
+        # the common case: rank, shapes and devices in plain comparisons
+        shape = x.shape
+        if topology == "cnn":
+            ok, channels = len(shape) == 4, shape[1] if len(shape) == 4 else -1
+        elif topology == "transformer":
+            ok, channels = len(shape) == 3, shape[2] if len(shape) == 3 else -1
+        else:
+            ok, channels = False, -1
+        if ok:
+            ws = w1.shape
+            hidden = ws[0] if len(ws) else -1
+            if (
+                ws == (hidden, channels)
+                and b1.shape == (hidden,)
+                and w2.shape == (1, hidden)
+                and b2.shape == (1,)
+                and (
+                    (x.is_cpu and w1.is_cpu and b1.is_cpu and w2.is_cpu and b2.is_cpu)
+                    or x.device == w1.device == b1.device == w2.device == b2.device
+                )
+            ):
+                return
     check_topology(op, x, topology)
     channels = x.shape[1] if topology == "cnn" else x.shape[2]
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):

@@ -10,7 +10,8 @@
 - `torch.compile(fullgraph=True)` (inductor; CPU needs a C++ compiler) traces every public op
   with every kernel backend (backend="native", "triton") with no graph break, forward and
   backward, and gives the same bits as eager; the default backend (None / "auto") and a
-  `use_backend` block trace too.
+  `use_backend` block trace too. Under compile "auto" is the reference math
+  (backends.COMPILE_AUTO; tests/test_compile_auto.py checks that choice).
 
 Under KASMINA_TEST_DEVICE=cuda the same samples are drawn on the GPU (0-dim weights stay CPU
 tensors, as Esper passes them), so opcheck and inductor run against the CUDA kernels.
@@ -258,7 +259,11 @@ def test_compile_fullgraph(backend, name):
 
 @needs_cxx
 def test_compile_fullgraph_default_backend_and_use_backend():
-    """backend=None reads the use_backend stack and the environment: still no graph break."""
+    """backend=None reads the use_backend stack and the environment: still no graph break.
+
+    Under compile the default ("auto") is the reference math (backends.COMPILE_AUTO), so the
+    compiled default matches the eager reference bit for bit (aot_eager runs the same ATen
+    ops); a named backend keeps its opaque op and matches its own eager call."""
     h, s, a = rnd(S, "dh"), rnd(S, "ds"), torch.tensor(0.3)
 
     def default(h, s, a):
@@ -268,10 +273,13 @@ def test_compile_fullgraph_default_backend_and_use_backend():
         with kk.use_backend("native"):
             return kk.blend_gate(h, s, a, torch.ones(2, 1, 1, 1, device=h.device))
 
-    for fn in (default, scoped):
+    def scoped_eager(h, s, a):
+        return kk.blend_gate(h, s, a, torch.ones(2, 1, 1, 1, device=h.device), backend="native")
+
+    for fn, eager in ((default, reference.blend_add), (scoped, scoped_eager)):
         torch._dynamo.reset()
         y_c, g_c = _run(torch.compile(fn, fullgraph=True, backend="aot_eager"), (h, s, a), {})
-        y_e, g_e = _run(fn, (h, s, a), {})
+        y_e, g_e = _run(eager, (h, s, a), {})
         assert _bits_equal(y_c, y_e)
         for x, y in zip(g_c, g_e):
             assert _bits_equal(x, y)

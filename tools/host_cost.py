@@ -1,0 +1,98 @@
+"""Host cost per forward+backward call on tiny tensors (DESIGN.md section 6, item 3).
+
+Esper's calls: host h channels_last (2,4,3,3) float32 requiring grad, r = h.contiguous().detach(),
+seed s NCHW requiring grad, alpha a 0-dim float32 tensor without grad, gate (B,1,1,1) requiring
+grad; backward via y.backward(g). Eager = kasmina_kernels.reference / nn.EagerGatedBlend; native =
+the public drop-ins (blend_ops, isolation, nn.GatedBlend, ops.gated_pool) on the default backend.
+
+    PYTHONPATH=. python tools/host_cost.py [--calls 2000] [--rounds 40] [--ops add,gate]
+
+Prints the median microseconds per call over rounds (each round runs calls/rounds calls of each
+variant back to back, the variants interleaved round by round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import kasmina_kernels as kk
+from kasmina_kernels import blend_ops, isolation, nn as knn, ops, reference
+
+
+def cases(shape=(2, 4, 3, 3)):
+    torch.manual_seed(0)
+    B, C = shape[0], shape[1]
+    h = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    r = h.contiguous().detach()
+    s = torch.randn(shape, requires_grad=True)
+    alpha = torch.tensor(0.6)
+    gate = torch.rand(B, 1, 1, 1, requires_grad=True)
+    m = torch.randn(shape, requires_grad=True)
+    g = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    gs = torch.randn(shape)
+    gg = torch.rand(B, 1, 1, 1)
+    gp = torch.randn(B, C)
+    fused_gb = knn.GatedBlend(C)
+    eager_gb = knn.EagerGatedBlend(C)
+    eager_gb.load_state_dict(fused_gb.state_dict())
+    return {
+        "blend_add": (lambda: reference.blend_add(h, s, alpha), lambda: blend_ops.blend_add(h, s, alpha), g),
+        "blend_multiply": (lambda: reference.blend_multiply(h, s, alpha, seed_input=r),
+                           lambda: blend_ops.blend_multiply(h, s, alpha, seed_input=r), g),
+        "blend_gate": (lambda: reference.blend_gate(h, s, alpha, gate),
+                       lambda: blend_ops.blend_gate(h, s, alpha, gate), g),
+        "ste_forward": (lambda: reference.ste_forward(h, s), lambda: isolation.ste_forward(h, s), g),
+        "blend_with_isolation": (lambda: reference.blend_with_isolation(h, s, alpha),
+                                 lambda: isolation.blend_with_isolation(h, s, alpha), g),
+        "multiply_valve_multiplier": (lambda: reference.multiply_valve_multiplier(alpha, m),
+                                      lambda: blend_ops.multiply_valve_multiplier(alpha, m), gs),
+        "gate_effective_alpha": (lambda: reference.gate_effective_alpha(alpha, gate),
+                                 lambda: blend_ops.gate_effective_alpha(alpha, gate), gg),
+        "gated_pool": (lambda: reference.gated_pool(h, "cnn"), lambda: ops.gated_pool(h, "cnn"), gp),
+        "GatedBlend": (lambda: eager_gb(r), lambda: fused_gb(r), gg),
+    }
+
+
+def timed(fn, g, n):
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        fn().backward(g)
+    return (time.perf_counter_ns() - t0) / n / 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--ops", default="")
+    ap.add_argument("--shape", default="2,4,3,3")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    shape = tuple(int(x) for x in args.shape.split(","))
+    table = cases(shape)
+    names = [n for n in table if not args.ops or n in args.ops.split(",")]
+    per = max(1, args.calls // args.rounds)
+    for name in names:  # warm up
+        eager, native, g = table[name]
+        timed(eager, g, 50)
+        timed(native, g, 50)
+    samples = {n: ([], []) for n in names}
+    for _ in range(args.rounds):
+        for name in names:
+            eager, native, g = table[name]
+            samples[name][0].append(timed(eager, g, per))
+            samples[name][1].append(timed(native, g, per))
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, shape {shape}, "
+          f"{per * args.rounds} calls each, median of {args.rounds} rounds, backend auto={kk.resolve_backend(torch.zeros(1))}")
+    print(f"{'op':28s} {'eager us':>9s} {'native us':>9s} {'ratio':>6s}")
+    for name in names:
+        e, n = statistics.median(samples[name][0]), statistics.median(samples[name][1])
+        print(f"{name:28s} {e:9.1f} {n:9.1f} {n / e:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
