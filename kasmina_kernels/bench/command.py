@@ -12,18 +12,23 @@ from pathlib import Path
 import torch
 
 from . import plots, report, sweep
+from .esper import AUTOCAST
 from .plan import ALL_OPS, DTYPES, default_device, make_plan
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="kasmina-bench", help="output folder (default: ./kasmina-bench)")
     p.add_argument("--quick", action="store_true",
-                   help="headline ops, float32, one Esper shape + the small shape, short sweep")
+                   help="Esper's calls at (128,16,16,16) float32; headline ops, float32, one "
+                        "Esper shape + the small shape, short sweep; no training-step section")
+    p.add_argument("--esper-only", action="store_true",
+                   help="only the first section: Esper's calls (DESIGN.md section 1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--ops", nargs="*", choices=ALL_OPS, help="default: every op (--quick: the headline ops)")
     p.add_argument("--backends", nargs="*", help="kernel backends (default: every available one)")
-    p.add_argument("--dtypes", nargs="*", choices=sorted(DTYPES),
-                   help="default: float32 bfloat16 (--quick: float32)")
+    p.add_argument("--dtypes", nargs="*", choices=sorted(DTYPES) + [AUTOCAST],
+                   help="default: float32 bfloat16, and bf16 autocast for Esper's calls on CUDA "
+                        f"(--quick: float32); {AUTOCAST} applies to Esper's calls only")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peer")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (torch.set_num_threads) before anything runs; "
@@ -41,7 +46,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = make_plan(device, quick=args.quick, ops=args.ops, dtypes=args.dtypes)
+    plan = make_plan(device, quick=args.quick, ops=args.ops, dtypes=args.dtypes,
+                     esper_only=args.esper_only)
     kernels, excluded = sweep.select_backends(device, args.backends)
     if args.backends and not kernels:
         print("bench: none of the requested backends can run here: "
