@@ -303,7 +303,8 @@ def esper_section(records: list[dict]) -> list[str]:
     return out
 
 
-def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, notes: list[str]) -> str:
+def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, notes: list[str],
+             step: dict | None = None) -> str:
     out = [f"# kasmina-kernels benchmark: {meta['device']} ({meta['device_type']}), {meta['date']}", ""]
     out.append("| | |")
     out.append("| --- | --- |")
@@ -347,6 +348,12 @@ def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, not
     failures = [f"{_entry_name(r)}: {f}" for r in records for f in r["failures"]]
     out.append("")
     out += esper_section(records)
+    if not records:
+        if step is not None:
+            from . import step as step_bench
+
+            out += step_bench.markdown(step, _device_of(meta))
+        return "\n".join(out)
     out.append("## Result check")
     out.append("")
     out.append("**FAILED**: " + "; ".join(failures) if failures else
@@ -372,13 +379,21 @@ def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, not
                 + (" (by event time, then by kernel time)" if _has_kernel_time(records) else ""), ""]
         out += sweep_table(records)
     out.append("")
+    if step is not None:
+        from . import step as step_bench
+
+        out += step_bench.markdown(step, _device_of(meta))
     return "\n".join(out)
 
 
+def _device_of(meta: dict) -> torch.device:
+    return torch.device(meta.get("device_type", "cpu"))
+
+
 def write_json(path: Path, meta: dict, records: list[dict], skipped: list, excluded: dict,
-               notes: list[str]) -> None:
+               notes: list[str], step: dict | None = None) -> None:
     payload = {"meta": meta, "notes": notes, "excluded": excluded,
                "skipped": [{"op": e.op, "shape": list(e.shape), "dtype": e.dtype,
                             "pattern": e.pattern} for e in skipped],
-               "records": records}
+               "records": records, "step": step}
     path.write_text(json.dumps(payload, indent=1, default=str))
