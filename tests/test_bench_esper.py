@@ -98,3 +98,95 @@ def test_entry_times_and_report_section_comes_first(monkeypatch):
     assert sections[0].startswith("## Esper's calls")
     assert "*Inputs (B,C,H,W):* h: channels_last, h's dtype, requires grad" in text
     assert "alpha: (K*B,1,1,1), h's dtype, no grad | 0-dim, h's dtype, no grad" in text
+
+
+# ---------------------------------------------------------------------------- training step
+from types import SimpleNamespace  # noqa: E402
+
+from kasmina_kernels.bench import esper_models, step  # noqa: E402
+from kasmina_kernels.reference import (  # noqa: E402
+    blend_gate, blend_multiply, blend_with_isolation, ste_forward)
+from kasmina_kernels.nn import EagerGatedBlend  # noqa: E402
+
+
+def test_slots_call_the_blends_with_esper_layouts_and_flags():
+    seen = {}
+
+    def spy(name, fn):
+        def call(*args, **kwargs):
+            seen[name] = (args, kwargs)
+            return fn(*args, **kwargs)
+        return call
+
+    class SpyGatedBlend(EagerGatedBlend):
+        def get_alpha_for_blend(self, x):
+            seen["gate_input"] = x
+            return super().get_alpha_for_blend(x)
+
+    blends = SimpleNamespace(
+        blend_with_isolation=spy("add", blend_with_isolation),
+        blend_multiply=spy("multiply", blend_multiply), blend_gate=spy("gate", blend_gate),
+        ste_forward=spy("ste", ste_forward), GatedBlend=SpyGatedBlend)
+    model = esper_models.CNNHost(4, blends=blends)
+    esper_models.set_alphas(model, 0.5)
+    x, y = esper_models.image_batches(1, 3, image_size=8)[0]
+    model(x).sum().backward()
+    assert set(seen) == {"add", "multiply", "gate", "ste", "gate_input"}
+    for name in ("add", "multiply", "gate", "ste"):
+        args, kwargs = seen[name]
+        h, s = args[0], args[1]
+        assert h.is_contiguous(memory_format=CL) and not h.is_contiguous() and h.requires_grad
+        assert s.is_contiguous() and s.requires_grad
+        if name != "ste":
+            alpha = args[2]
+            assert alpha.dim() == 0 and alpha.dtype == h.dtype and not alpha.requires_grad
+    r = seen["multiply"][1]["seed_input"]
+    assert r.is_contiguous() and not r.requires_grad
+    torch.testing.assert_close(r, seen["multiply"][0][0].detach(), rtol=0, atol=0)
+    gate = seen["gate"][0][3]
+    assert gate.shape == (3, 1, 1, 1) and gate.requires_grad
+    assert seen["gate_input"].is_contiguous() and not seen["gate_input"].requires_grad
+
+
+def _tiny_hosts():
+    return [step.cnn_host(batch=4, image=8, width=4), step.transformer_host(2, 5, 16, 1, 2, 4)]
+
+
+def test_step_benchmark_runs_eager_and_native_and_losses_agree():
+    result = {"variants": [step.EAGER, "native"], "excluded": {}, "modes": ["eager"],
+              "agree_steps": 20, "hosts": []}
+    for host in _tiny_hosts():
+        record = step.run_host(host, torch.device("cpu"), result["variants"], modes=("eager",),
+                               agree_steps=20, rounds=2, budget_s=0.01, n_batches=2,
+                               log=lambda m: None)
+        result["hosts"].append(record)
+        eager = record["rows"][f"{step.EAGER} / eager"]
+        native = record["rows"]["native / eager"]
+        assert len(eager["losses"]) == len(native["losses"]) == 20
+        assert native["max_rel_loss_diff"] <= 1e-5
+        for row in (eager, native):
+            assert row["ms_per_step"] > 0 and row["kernels_per_step"] > 0
+            assert 0 < row["blend_share"] < 1
+            assert row["blend_share_method"] == "blend ranges + their backward nodes"
+        assert eager["kasmina_ops_per_step"] == 0 and native["kasmina_ops_per_step"] > 0
+        assert native["kernels_per_step"] < eager["kernels_per_step"]
+    assert not step.failures(result)
+    text = "\n".join(step.markdown(result, torch.device("cpu")))
+    assert "## A whole training step" in text
+    assert text.count("| eager blends | eager |") == 2 and text.count("| native | eager |") == 2
+
+
+def test_step_compile_failure_is_reported_not_raised(monkeypatch):
+    def broken(fn, *a, **k):
+        raise RuntimeError("inductor exploded\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    host = _tiny_hosts()[1]
+    record = step.run_host(host, torch.device("cpu"), [step.EAGER, "native"],
+                           modes=("eager", "compile"), agree_steps=2, rounds=1, budget_s=0.01,
+                           n_batches=2, log=lambda m: None)
+    assert record["rows"]["native / compile"]["error"] == "RuntimeError: inductor exploded"
+    assert "ms_per_step" in record["rows"]["native / eager"]
+    result = {"agree_steps": 2, "hosts": [record]}
+    assert "| native | compile | FAILED: RuntimeError: inductor exploded |" in "\n".join(
+        step.markdown(result, torch.device("cpu")))
