@@ -94,17 +94,23 @@ CASES = (
 )
 
 
-def run_with_grads(fn, args, kwargs, grad_seed: int = 1234, grad_dtype: torch.dtype | None = None):
+def run_with_grads(fn, args, kwargs, grad_seed: int = 1234, grad_dtype: torch.dtype | None = None,
+                   *, no_grad: frozenset = frozenset(), grad_like_output: bool = False):
     """Runs fn on fresh leaf copies of args/kwargs; returns {"out": y, <input name>: grad}.
 
     The incoming gradient is drawn from `grad_seed` and rounded to `grad_dtype` (default: the
     output's dtype), so a float64 oracle run can see exactly the values a low-precision run
-    saw."""
+    saw. Copies keep each input's memory format. `no_grad`: inputs (``"argN"`` or a keyword's
+    name) passed without requires_grad, so they get no gradient; `grad_like_output`: the
+    incoming gradient takes the output's memory format (as a layer's would), not contiguous."""
     leaves = {}
 
     def leaf(name, value):
         if isinstance(value, torch.Tensor) and value.is_floating_point():
-            t = value.detach().clone().requires_grad_()
+            t = value.detach().clone()
+            if name in no_grad:
+                return t
+            t.requires_grad_()
             leaves[name] = t
             return t
         return value
@@ -115,6 +121,8 @@ def run_with_grads(fn, args, kwargs, grad_seed: int = 1234, grad_dtype: torch.dt
     gen = torch.Generator(device="cpu").manual_seed(grad_seed)
     grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     grad = grad.to(grad_dtype or out.dtype).to(out.device, out.dtype)
+    if grad_like_output:
+        grad = torch.empty_like(out).copy_(grad)
     inputs = list(leaves.values())
     grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
     result = {"out": out.detach()}
@@ -139,22 +147,27 @@ def upcast(value):
     return value
 
 
-def expected_outputs(case: OpCase, args, kwargs, dtype: torch.dtype) -> tuple[dict, dict]:
+def expected_outputs(case: OpCase, args, kwargs, dtype: torch.dtype, *, ref_fn=None,
+                     **run_kw) -> tuple[dict, dict]:
     """(eager reference outputs, float64 oracle outputs) of `case` on args/kwargs, each as
-    {output name: tensor}; the oracle sees the incoming gradient rounded to `dtype`."""
-    ref_fn = reference_op(case.name)
-    ref = named_outputs(case, run_with_grads(ref_fn, args, kwargs))
+    {output name: tensor}; the oracle sees the incoming gradient rounded to `dtype`.
+    `ref_fn`: the reference to run (default: the op's; e.g. one wrapped in autocast);
+    `run_kw`: `run_with_grads`'s keyword-only options."""
+    ref_fn = ref_fn or reference_op(case.name)
+    ref = named_outputs(case, run_with_grads(ref_fn, args, kwargs, **run_kw))
     oracle = named_outputs(case, run_with_grads(
         ref_fn, [upcast(a) for a in args], {k: upcast(v) for k, v in kwargs.items()},
-        grad_dtype=dtype))
+        grad_dtype=dtype, **run_kw))
     return ref, oracle
 
 
-def judge(case: OpCase, fn, args, kwargs, expected: tuple[dict, dict]) -> list[tuple[str, "equivalence.Verdict"]]:
+def judge(case: OpCase, fn, args, kwargs, expected: tuple[dict, dict],
+          **run_kw) -> list[tuple[str, "equivalence.Verdict"]]:
     """Runs fn (output and every gradient) and judges each output against `expected`
-    (from `expected_outputs`) by the equivalence rule; one (output name, Verdict) per output."""
+    (from `expected_outputs` with the same `run_kw`) by the equivalence rule; one
+    (output name, Verdict) per output."""
     ref, oracle = expected
-    got = named_outputs(case, run_with_grads(fn, args, kwargs))
+    got = named_outputs(case, run_with_grads(fn, args, kwargs, **run_kw))
     return [(name, equivalence.compare(name, got[name], r, oracle[name],
                                        elementwise=name in case.elementwise))
             for name, r in ref.items() if r is not None]

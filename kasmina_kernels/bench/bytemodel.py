@@ -1,9 +1,9 @@
 """Bytes that must cross memory per call: DESIGN.md section 6.
 
 Each op's traffic is a multiple of its feature tensor's size N*e (N elements of e bytes);
-per-sample weights (alpha, gate: B elements) are left out. Forward+backward here always means
-the backward that produces every gradient, alpha's and gate's included (the benchmark's inputs
-all require grad).
+per-sample weights (alpha, gate: B elements) are left out. Forward+backward here means the
+backward that produces the gradient of every input that requires grad: every input in the
+op-isolation entries; in Esper's calls alpha and seed_input need none (see `traffic`).
 
 Counts DESIGN.md gives: ADD/GATE 3 forward, 5 backward; MULTIPLY with a seed input 4 and 7
 (3 and 5 when r is h); pool 1 and 1. Counts derived here by the same rule (read every operand
@@ -49,20 +49,31 @@ _TRAFFIC = {
 BANDWIDTH_OPS = ("blend_add", "blend_multiply", "blend_gate", "gated_pool")
 
 
-def traffic(op: str, kwargs: dict) -> Traffic:
+def traffic(op: str, kwargs: dict, no_grad: frozenset = frozenset()) -> Traffic:
+    """`no_grad`: argument names passed without grad ("alpha", "seed_input", "gate"). With
+    neither alpha nor gate needing a gradient, ADD/GATE's backward needs only g (read g, write
+    dh, ds: 3, DESIGN.md's figure); MULTIPLY with a seed input that needs no gradient does not
+    write dr (6, derived)."""
     if op == "blend_multiply":
         with_seed = kwargs.get("seed_input") is not None
+        if with_seed and "seed_input" in no_grad:
+            return Traffic(4, 6, 0, False)
         return Traffic(4 if with_seed else 3, 7 if with_seed else 5, 0, True)
-    return _TRAFFIC[op]
+    t = _TRAFFIC[op]
+    if op in ("blend_add", "blend_with_isolation") and "alpha" in no_grad:
+        return Traffic(t.forward, 3, t.operand, t.from_design)
+    if op == "blend_gate" and {"alpha", "gate"} <= no_grad:
+        return Traffic(t.forward, 3, t.operand, t.from_design)
+    return t
 
 
 def feature(op: str, args: list, kwargs: dict) -> torch.Tensor:
     return args[traffic(op, kwargs).operand]
 
 
-def bytes_moved(op: str, args: list, kwargs: dict) -> tuple[int, int]:
+def bytes_moved(op: str, args: list, kwargs: dict, no_grad: frozenset = frozenset()) -> tuple[int, int]:
     """(forward bytes, backward bytes) that must cross memory for one call."""
-    t = traffic(op, kwargs)
+    t = traffic(op, kwargs, no_grad)
     x = args[t.operand]
     ne = x.numel() * x.element_size()
     return t.forward * ne, t.backward * ne

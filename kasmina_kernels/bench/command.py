@@ -11,19 +11,28 @@ from pathlib import Path
 
 import torch
 
-from . import plots, report, sweep
+from . import plots, report, step, sweep
+from .esper import AUTOCAST
 from .plan import ALL_OPS, DTYPES, default_device, make_plan
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="kasmina-bench", help="output folder (default: ./kasmina-bench)")
     p.add_argument("--quick", action="store_true",
-                   help="headline ops, float32, one Esper shape + the small shape, short sweep")
+                   help="Esper's calls at (128,16,16,16) float32; headline ops, float32, one "
+                        "Esper shape + the small shape, short sweep; no training-step section")
+    p.add_argument("--step", action="store_true",
+                   help="only the training-step benchmark (bench/step.py: Esper-style CNN and "
+                        "transformer hosts, drop-ins against eager blends, eager and "
+                        "torch.compile); the full run (no --quick) includes it, --quick skips it")
+    p.add_argument("--esper-only", action="store_true",
+                   help="only the first section: Esper's calls (DESIGN.md section 1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--ops", nargs="*", choices=ALL_OPS, help="default: every op (--quick: the headline ops)")
     p.add_argument("--backends", nargs="*", help="kernel backends (default: every available one)")
-    p.add_argument("--dtypes", nargs="*", choices=sorted(DTYPES),
-                   help="default: float32 bfloat16 (--quick: float32)")
+    p.add_argument("--dtypes", nargs="*", choices=sorted(DTYPES) + [AUTOCAST],
+                   help="default: float32 bfloat16, and bf16 autocast for Esper's calls on CUDA "
+                        f"(--quick: float32); {AUTOCAST} applies to Esper's calls only")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peer")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (torch.set_num_threads) before anything runs; "
@@ -41,7 +50,15 @@ def main(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = make_plan(device, quick=args.quick, ops=args.ops, dtypes=args.dtypes)
+    plan = make_plan(device, quick=args.quick, ops=args.ops, dtypes=args.dtypes,
+                     esper_only=args.esper_only)
+    run_step = args.step or not (args.quick or args.esper_only)
+    if args.step:
+        plan.entries, plan.notes = [], []
+    elif args.quick:
+        plan.notes.append("--quick leaves out the training-step section (`kasmina-kernels bench "
+                          "--step` runs it alone; the full run includes it): it compiles two "
+                          "models' training steps, minutes on CPU.")
     kernels, excluded = sweep.select_backends(device, args.backends)
     if args.backends and not kernels:
         print("bench: none of the requested backends can run here: "
@@ -56,24 +73,32 @@ def main(args: argparse.Namespace) -> int:
     meta["command"] = "kasmina-kernels " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(
         ("kasmina-kernels", "__main__.py")) else "kasmina-kernels bench"
     meta["rotation_bytes"] = sweep.rotate_bytes(device)
-    if not args.no_compile:
+    if not args.no_compile and plan.entries:
         warm = sweep.warm_up_inductor(device)
         meta["inductor_warmup_s"] = "failed" if warm is None else round(warm, 2)
         print(f"bench: torch.compile start-up (first compile in this process, not counted in any "
               f"entry): {meta['inductor_warmup_s']} s", file=sys.stderr)
     json_path = out / "results.json"
 
+    step_result = None
+
     def save(records, skipped=()):
-        report.write_json(json_path, meta, records, list(skipped), excluded, plan.notes)
+        report.write_json(json_path, meta, records, list(skipped), excluded, plan.notes,
+                          step=step_result)
 
     t0 = time.perf_counter()
     records, skipped = sweep.run(plan, device, kernels, compile_peer=not args.no_compile,
                                  time_limit_s=args.time_limit, on_record=save)
+    if run_step:
+        t_step = time.perf_counter()
+        step_result = step.run(device, backends=args.backends, compile_mode=not args.no_compile,
+                               log=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
+        meta["step_wall_s"] = round(time.perf_counter() - t_step, 1)
     meta["bench_wall_s"] = round(time.perf_counter() - t0, 1)
     compile_total = sum(d.get("compile_s") or 0.0 for r in records for d in r["impls"].values())
     meta["compile_total_s"] = round(compile_total, 1)
     save(records, skipped)
-    text = report.markdown(meta, records, skipped, excluded, plan.notes)
+    text = report.markdown(meta, records, skipped, excluded, plan.notes, step=step_result)
     (out / "report.md").write_text(text)
     print(text)
     title = f"{meta['device']} ({device.type}), torch {meta['torch']}, {meta['date']}"
@@ -85,6 +110,8 @@ def main(args: argparse.Namespace) -> int:
         except ImportError as exc:
             print(f"bench: {name} not drawn: matplotlib is missing ({exc})", file=sys.stderr)
     failures = [f for r in records for f in r["failures"]]
+    if step_result is not None:
+        failures += step.failures(step_result)
     print(f"\nbench: {len(records)} entries in {meta['bench_wall_s']} s "
           f"(torch.compile compile time {meta['compile_total_s']} s of it); wrote "
           + ", ".join(str(p) for p in written), file=sys.stderr)

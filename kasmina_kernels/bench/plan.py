@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import opcases
+from . import esper
 from .bytemodel import BANDWIDTH_OPS
 
 ESPER_SHAPES = ((512, 8, 32, 32), (512, 32, 8, 8), (512, 16, 32, 32), (32, 256, 384))
@@ -42,9 +43,33 @@ class Entry:
     op: str
     shape: tuple[int, ...]
     dtype: str
-    group: str  # "esper", "small" or "sweep"
+    group: str  # "esper-call" (Esper's calls, first in the report), "esper", "small" or "sweep"
     compile_peer: bool = True  # time torch.compile of the reference here
     compile_dynamic: bool = False  # compile with dynamic shapes, once per (op, dtype)
+    pattern: str = "isolated"  # inputs: "isolated" (all require grad) or an esper.PATTERNS key
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The tensors' dtype of an entry's dtype name (esper.AUTOCAST entries hold bfloat16)."""
+    return torch.bfloat16 if name == esper.AUTOCAST else DTYPES[name]
+
+
+def esper_entries(device: torch.device, *, quick: bool, dtypes: list[str] | None) -> list[Entry]:
+    """Esper's calls (bench/esper.py): every blend op at Esper's shapes in the 0-dim alpha
+    form, then ADD, MULTIPLY and GATE in the alpha_override form; float32 and bfloat16, plus
+    bf16 autocast on CUDA. --quick: float32 at the smallest CNN shape only."""
+    if quick:
+        shapes, dtypes = esper.QUICK_SHAPES, dtypes or ["float32"]
+    else:
+        shapes, dtypes = esper.SHAPES, dtypes or ["float32", "bfloat16"]
+    dtypes = [d for d in dtypes if d in ("float32", "bfloat16", esper.AUTOCAST)]
+    if device.type == "cuda" and "bfloat16" in dtypes and esper.AUTOCAST not in dtypes:
+        dtypes.append(esper.AUTOCAST)
+    entries = [Entry(op, shape, dt, "esper-call", pattern="esper")
+               for dt in dtypes for shape in shapes for op in esper.OPS]
+    entries += [Entry(op, shape, dt, "esper-call", pattern="esper_override")
+                for dt in dtypes for shape in shapes for op in esper.OVERRIDE_OPS]
+    return entries
 
 
 @dataclass
@@ -64,11 +89,21 @@ class Plan:
 
 
 def make_plan(device: torch.device, *, quick: bool, ops: list[str] | None,
-              dtypes: list[str] | None) -> Plan:
+              dtypes: list[str] | None, esper_only: bool = False) -> Plan:
     notes = []
+    first = esper_entries(device, quick=quick, dtypes=dtypes)
+    if ops:
+        first = [e for e in first if e.op in ops]
+    if quick:
+        notes.append("--quick: Esper's calls in float32 at " + ", ".join(
+            str(s) for s in esper.QUICK_SHAPES) + " only (the full run: all four of Esper's "
+            "shapes, float32 and bfloat16, and bf16 autocast on CUDA).")
+    notes.append(f"Esper's calls, alpha_override form: alpha of shape (K*B,1,1,1) ((K*B,1,1) "
+                 f"for (B,T,C)) without grad, K={esper.OVERRIDE_K} configurations of "
+                 f"B = batch/{esper.OVERRIDE_K} samples (e.g. K=2 at B=64 for (128,16,16,16)).")
     if quick:
         ops = ops or list(HEADLINE_OPS)
-        dtypes = dtypes or ["float32"]
+        dtypes = [d for d in dtypes or ["float32"] if d in DTYPES]
         named = [("small", SMALL_SHAPES[0]), ("esper", QUICK_ESPER_SHAPE)]
         sizes = QUICK_SWEEP_LOG2_NUMEL[device.type]
         sweep_compile = False
@@ -84,7 +119,7 @@ def make_plan(device: torch.device, *, quick: bool, ops: list[str] | None,
             "size sweep with torch.compile.")
     else:
         ops = ops or list(ALL_OPS)
-        dtypes = dtypes or ["float32", "bfloat16"]
+        dtypes = [d for d in dtypes or ["float32", "bfloat16"] if d in DTYPES]
         named = [("esper", s) for s in ESPER_SHAPES] + [("small", s) for s in SMALL_SHAPES]
         sizes = SWEEP_LOG2_NUMEL[device.type]
         sweep_compile = True
@@ -100,6 +135,9 @@ def make_plan(device: torch.device, *, quick: bool, ops: list[str] | None,
     entries += [Entry(op, sweep_shape(k), dt, "sweep", sweep_compile, sweep_dynamic)
                 for dt in dtypes for k in sizes for op in sweep_ops]
     entries += [e for e in named_entries if e.op not in HEADLINE_OPS]
+    if esper_only:
+        entries, notes = [], [n for n in notes if n.startswith("Esper") or "Esper's calls in" in n]
+    entries = first + entries
     if sweep_dynamic:
         notes.append("size sweep on CUDA: torch.compile with dynamic=True, compiled once per op "
                      "and dtype and reused across sizes (compiling every size afresh does not fit "

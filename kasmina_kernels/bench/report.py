@@ -70,6 +70,12 @@ def _shape(s) -> str:
     return "(" + ",".join(str(v) for v in s) + ")"
 
 
+def _entry_name(r: dict) -> str:
+    pattern = r.get("pattern", "isolated")
+    return (f"{r['op']} {_shape(r['shape'])} {r['dtype']}"
+            + ("" if pattern == "isolated" else f" ({pattern})"))
+
+
 def _impl_names(records: list[dict]) -> list[str]:
     names = []
     for r in records:
@@ -112,12 +118,12 @@ def _has_kernel_time(records: list[dict]) -> bool:
 
 def detail_table(records: list[dict]) -> list[str]:
     kernel = _has_kernel_time(records)
-    head = ["op", "shape", "dtype", "impl", "fwd µs", "bwd µs", "fwd+bwd µs", "µs/call",
+    head = ["op", "shape", "dtype", "inputs", "impl", "fwd µs", "bwd µs", "fwd+bwd µs", "µs/call",
             "fwd GB/s (% copy)", "bwd GB/s (% copy)"]
     if kernel:
         head += ["kernel fwd µs", "kernel bwd µs", "kernel fwd GB/s (% copy)", "kernel bwd GB/s (% copy)"]
     head += ["saved MiB (not inputs)", "compile s"]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + " |"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 5 + ["---:"] * (len(head) - 5)) + " |"]
     for r in records:
         if r.get("group") == "sweep":
             continue
@@ -134,7 +140,8 @@ def detail_table(records: list[dict]) -> list[str]:
                 comp = f"{d['compile_s']:.2f}" + (" (cached)" if d.get("compile_cache_hits") else "")
             elif d.get("compile_reused"):
                 comp = "reused (dynamic)"
-            cells = [r["op"], _shape(r["shape"]), r["dtype"], name, _us(d["forward"]["median"]),
+            cells = [r["op"], _shape(r["shape"]), r["dtype"], r.get("pattern", "isolated"), name,
+                     _us(d["forward"]["median"]),
                      _us(d["backward"]["median"]), _us(d[FB]["median"]), call,
                      _bandwidth(gb, fr, "forward"), _bandwidth(gb, fr, "backward")]
             if kernel:
@@ -169,11 +176,11 @@ def sweep_table(records: list[dict]) -> list[str]:
     return lines
 
 
-def verdicts(records: list[dict]) -> list[str]:
+def verdicts(records: list[dict], groups=("esper", "small")) -> list[str]:
     """Plain statements of where a kernel backend is not ahead of a peer (forward+backward at
-    the named shapes), and a count of where it is."""
+    the named shapes, or in the `groups` given), and a count of where it is."""
     lines = []
-    rows = [r for r in records if r.get("group") in ("esper", "small")]
+    rows = [r for r in records if r.get("group") in groups]
     kernels = [n for n in _impl_names(rows) if n not in PEERS]
     for k in kernels:
         for peer in PEERS:
@@ -185,7 +192,9 @@ def verdicts(records: list[dict]) -> list[str]:
                 if sp > 1.0:
                     ahead += 1
                 else:
-                    behind.append(f"{r['op']} {_shape(r['shape'])} {r['dtype']} ({sp:.2f}x)")
+                    alpha = (f" alpha {PATTERN_LABEL[r['pattern']]}"
+                             if r.get("pattern") in PATTERN_LABEL else "")
+                    behind.append(f"{r['op']} {_shape(r['shape'])} {r['dtype']}{alpha} ({sp:.2f}x)")
             total = ahead + len(behind)
             if not total:
                 continue
@@ -198,7 +207,104 @@ def verdicts(records: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, notes: list[str]) -> str:
+ESPER_GROUP = "esper-call"
+PATTERN_LABEL = {"esper": "0-dim", "esper_override": "(K*B,1,...)"}
+
+
+def _layout_words(d: dict) -> str:
+    words = d["layout"]
+    if words == "contiguous" and len(d["shape"]) == 4 and d["shape"][1:] != [1, 1, 1]:
+        words = "NCHW contiguous"
+    return words
+
+
+def inputs_legend(records: list[dict]) -> list[str]:
+    """One line per feature rank: each input's layout, dtype relation and requires-grad flag,
+    taken from the input sets as built (the records' "inputs"), so the statement cannot drift
+    from what was timed."""
+    by_rank: dict[str, dict[str, set]] = {}
+    for r in records:
+        inputs = r.get("inputs")
+        if not inputs:
+            continue
+        h = inputs.get("h")
+        rank = "(B,C,H,W)" if len(r["shape"]) == 4 else "(B,T,C)"
+        names = by_rank.setdefault(rank, {})
+        for name, d in inputs.items():
+            if name == "h":
+                desc = _layout_words(d)
+            elif name == "grad":
+                desc = f"{_layout_words(d)}, the output's layout"
+            elif d["shape"] == list(r["shape"]):
+                desc = _layout_words(d)
+            elif not d["shape"]:
+                desc = "0-dim"
+            else:
+                batch = "K*B" if r.get("pattern") == "esper_override" and name == "alpha" else "B"
+                desc = "(" + ",".join([batch] + [str(v) for v in d["shape"][1:]]) + ")"
+            if name != "grad":
+                desc += ", " + ("h's dtype" if h is None or d["dtype"] == h["dtype"] else d["dtype"])
+                desc += ", requires grad" if d["requires_grad"] else ", no grad"
+            names.setdefault(name, set()).add(desc)
+    lines = []
+    for rank, names in by_rank.items():
+        parts = []
+        for name in ("h", "s", "seed_input", "alpha", "gate", "grad"):
+            if name in names:
+                label = {"seed_input": "seed_input r", "grad": "incoming grad"}.get(name, name)
+                parts.append(f"{label}: " + " | ".join(sorted(names[name])))
+        lines.append(f"*Inputs {rank}:* " + "; ".join(parts) + ".")
+    return lines
+
+
+def esper_table(records: list[dict], mode: str) -> list[str]:
+    """Esper's calls in `mode`: every implementation side by side, and each backend's time
+    ratio against each peer (peer time / backend time: above 1 means the backend is faster)."""
+    rows = [r for r in records if r.get("group") == ESPER_GROUP]
+    impls = _impl_names(rows)
+    kernels = [n for n in impls if n not in PEERS]
+    head = ["op", "shape", "dtype", "alpha"] + [f"{n} µs" for n in impls]
+    head += [f"{k} vs {p}" for k in kernels for p in PEERS]
+    lines = ["| " + " | ".join(head) + " |",
+             "| " + " | ".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + " |"]
+    for r in rows:
+        cells = [r["op"], _shape(r["shape"]), r["dtype"], PATTERN_LABEL.get(r.get("pattern"), "?")]
+        cells += [_us(_median(r, n, mode)) for n in impls]
+        for k in kernels:
+            sp = r["impls"].get(k, {}).get("speedup", {})
+            cells += [_x(sp.get(p, {}).get(mode)) for p in PEERS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def esper_section(records: list[dict]) -> list[str]:
+    rows = [r for r in records if r.get("group") == ESPER_GROUP]
+    if not rows:
+        return []
+    out = ["## Esper's calls (DESIGN.md section 1), forward+backward", "",
+           "The layouts, dtypes and requires-grad flags of Esper's `SeedSlot.forward` "
+           "(kasmina_kernels/bench/esper.py): channels_last CNN host beside NCHW seed features "
+           "and seed input, alpha without grad, gate with grad. alpha 0-dim: Esper's cached "
+           "scheduled amplitude; alpha (K*B,1,...): the alpha_override of a fused "
+           "multi-configuration pass. Ratios are peer time / backend time (above 1.00x: the "
+           "backend is faster). Backward produces the gradients of the inputs that require grad "
+           "only. Every backend was checked on these very inputs (same flags and layouts) "
+           "before it was timed.", ""]
+    failures = [f"{r['op']} {_shape(r['shape'])} {r['dtype']} {r.get('pattern')}: {f}"
+                for r in rows for f in r["failures"]]
+    out.append("**FAILED**: " + "; ".join(failures) if failures else
+               "Check: every backend matched the reference on every one of these calls.")
+    out.append("")
+    out += verdicts(records, groups=(ESPER_GROUP,)) + [""]
+    legend = inputs_legend(rows)
+    out += legend + [""] + esper_table(records, FB)
+    out += ["", "### Esper's calls, forward only", ""] + legend + [""] + esper_table(records, "forward")
+    out.append("")
+    return out
+
+
+def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, notes: list[str],
+             step: dict | None = None) -> str:
     out = [f"# kasmina-kernels benchmark: {meta['device']} ({meta['device_type']}), {meta['date']}", ""]
     out.append("| | |")
     out.append("| --- | --- |")
@@ -239,29 +345,55 @@ def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, not
     if skipped:
         out.append(f"- **{len(skipped)} entries not run (time limit reached)**: "
                    + ", ".join(f"{e.op} {_shape(e.shape)} {e.dtype}" for e in skipped))
-    failures = [f"{r['op']} {_shape(r['shape'])} {r['dtype']}: {f}" for r in records for f in r["failures"]]
+    failures = [f"{_entry_name(r)}: {f}" for r in records for f in r["failures"]]
     out.append("")
+    out += esper_section(records)
+    if not records:
+        if step is not None:
+            from . import step as step_bench
+
+            out += step_bench.markdown(step, _device_of(meta))
+        return "\n".join(out)
     out.append("## Result check")
     out.append("")
     out.append("**FAILED**: " + "; ".join(failures) if failures else
                "Every backend's output and gradients matched the reference in every entry.")
-    entry_notes = [f"{r['op']} {_shape(r['shape'])} {r['dtype']}: {n}" for r in records for n in r["notes"]]
+    entry_notes = [f"{_entry_name(r)}: {n}" for r in records for n in r["notes"]]
     out += [f"- {n}" for n in entry_notes]
-    out += ["", "## Forward+backward at Esper's shapes and the small shape", ""]
-    out += verdicts(records) + [""]
-    out += headline_table(records)
-    out += ["", "## Forward, backward, per call, bandwidth, memory, compile time", ""]
+    if any(r.get("group") in ("esper", "small") for r in records):
+        out += ["", "## Op isolation (every input requires grad, all contiguous): forward+backward at "
+            "Esper's shapes and the small shape", "",
+            "*Inputs:* as `kasmina_kernels.opcases` builds them: h, s (and seed_input) contiguous, "
+            "alpha (and gate) per sample (B,1,...) float32, every floating-point input requires "
+            "grad (so backward computes dalpha and dgate too); incoming grad contiguous. Not "
+            "Esper's call: see the first section for that.", ""]
+        out += verdicts(records) + [""]
+        out += headline_table(records)
+    out += ["", "## Forward, backward, per call, bandwidth, memory, compile time (every entry)", "",
+            "*Inputs:* 'esper' / 'esper_override' rows are Esper's calls (first section's "
+            "layouts and flags); 'isolated' rows have every input contiguous and requiring grad.",
+            ""]
     out += detail_table(records)
-    out += ["", "## Size sweep: forward+backward GB/s (DESIGN.md byte counts) and % of copy"
-            + (" (by event time, then by kernel time)" if _has_kernel_time(records) else ""), ""]
-    out += sweep_table(records)
+    if any(r.get("group") == "sweep" for r in records):
+        out += ["", "## Size sweep: forward+backward GB/s (DESIGN.md byte counts) and % of copy"
+                + (" (by event time, then by kernel time)" if _has_kernel_time(records) else ""), ""]
+        out += sweep_table(records)
     out.append("")
+    if step is not None:
+        from . import step as step_bench
+
+        out += step_bench.markdown(step, _device_of(meta))
     return "\n".join(out)
 
 
+def _device_of(meta: dict) -> torch.device:
+    return torch.device(meta.get("device_type", "cpu"))
+
+
 def write_json(path: Path, meta: dict, records: list[dict], skipped: list, excluded: dict,
-               notes: list[str]) -> None:
+               notes: list[str], step: dict | None = None) -> None:
     payload = {"meta": meta, "notes": notes, "excluded": excluded,
-               "skipped": [{"op": e.op, "shape": list(e.shape), "dtype": e.dtype} for e in skipped],
-               "records": records}
+               "skipped": [{"op": e.op, "shape": list(e.shape), "dtype": e.dtype,
+                            "pattern": e.pattern} for e in skipped],
+               "records": records, "step": step}
     path.write_text(json.dumps(payload, indent=1, default=str))

@@ -15,7 +15,8 @@ import torch
 
 from .. import backends, opcases
 from . import bytemodel, workload
-from .plan import DTYPES, Entry, Plan
+from . import esper
+from .plan import Entry, Plan, torch_dtype
 from .timing import Sample, kernel_time, time_interleaved, wall_per_call
 
 CPU_ROTATE_BYTES = 64 << 20
@@ -63,7 +64,7 @@ def _sample(s: Sample) -> dict:
 
 
 def _check(case, impl, w, expected) -> dict:
-    verdicts = opcases.judge(case, impl.fn, w.base_args, w.base_kwargs, expected)
+    verdicts = opcases.judge(case, impl.fn, w.base_args, w.base_kwargs, expected, **w.run_kw)
     bad = [f"{name}: {v.message}" for name, v in verdicts if not v.ok]
     worst = max((v.error_vs_reference for _, v in verdicts), default=0.0)
     return {"ok": not bad, "problems": bad, "max_error_vs_reference": worst}
@@ -74,16 +75,19 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
     """One entry, as a JSON-ready record. `shared`: dynamic-shape compiles reused across
     entries."""
     case = next(c for c in opcases.CASES if c.name == entry.op)
-    dtype = DTYPES[entry.dtype]
+    dtype = torch_dtype(entry.dtype)
     gen = torch.Generator().manual_seed(zlib.crc32(f"{entry}".encode()))
-    w = workload.build(case, entry.shape, dtype, device, gen, rotate_bytes(device))
-    fwd_bytes, bwd_bytes = bytemodel.bytes_moved(entry.op, w.base_args, w.base_kwargs)
+    w = workload.build(case, entry.shape, dtype, device, gen, rotate_bytes(device),
+                       pattern=entry.pattern, autocast=entry.dtype == esper.AUTOCAST)
+    no_grad = frozenset(n for n, d in w.inputs.items() if n != "grad" and not d["requires_grad"])
+    fwd_bytes, bwd_bytes = bytemodel.bytes_moved(entry.op, w.base_args, w.base_kwargs, no_grad)
     feature = bytemodel.feature(entry.op, w.base_args, w.base_kwargs)
     record = {
         "op": entry.op, "shape": list(entry.shape), "dtype": entry.dtype, "group": entry.group,
         "numel": feature.numel(),
         "feature_bytes": feature.numel() * feature.element_size(), "bytes": {"forward": fwd_bytes, "backward": bwd_bytes},
-        "bytes_from_design": bytemodel.traffic(entry.op, w.base_kwargs).from_design,
+        "bytes_from_design": bytemodel.traffic(entry.op, w.base_kwargs, no_grad).from_design,
+        "pattern": entry.pattern, "inputs": w.inputs,
         "n_sets": w.n_sets, "impls": {}, "failures": [], "notes": [],
     }
     phase = record["phase_s"] = {}
@@ -96,18 +100,19 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
         t_phase = now
 
     lap("inputs")
-    impls = [workload.eager_impl(entry.op)]
+    impls = [workload.eager_impl(entry.op, w)]
     if compile_peer and entry.compile_peer:
         try:
             impls.append(workload.compiled_impl(w, dynamic=entry.compile_dynamic, shared=shared))
         except Exception as exc:  # e.g. no C++ compiler for inductor on CPU
             record["notes"].append(f"torch.compile peer failed to compile: {type(exc).__name__}: "
                                    f"{str(exc).splitlines()[0] if str(exc) else ''}")
-    impls += [workload.backend_impl(entry.op, b) for b in kernel_backends]
+    impls += [workload.backend_impl(entry.op, b, w) for b in kernel_backends]
     lap("compile")
 
     # check before timing
-    expected = opcases.expected_outputs(case, w.base_args, w.base_kwargs, dtype)
+    expected = opcases.expected_outputs(case, w.base_args, w.base_kwargs, dtype,
+                                        ref_fn=w.wrap(opcases.reference_op(case.name)), **w.run_kw)
     timed = [impls[0]]
     for impl in impls[1:]:
         if impl.name == "compile" and w.base_args[0].numel() > PEER_CHECK_MAX_NUMEL:
@@ -284,7 +289,7 @@ def run(plan: Plan, device: torch.device, kernel_backends: list[str], *, compile
                 record = run_entry(entry, device, kernel_backends, plan, compile_peer, shared)
             except Exception as exc:
                 record = {"op": entry.op, "shape": list(entry.shape), "dtype": entry.dtype,
-                          "group": entry.group, "impls": {}, "notes": [],
+                          "group": entry.group, "pattern": entry.pattern, "impls": {}, "notes": [],
                           "failures": [f"the entry raised {type(exc).__name__}: {exc}"]}
             record["wall_s"] = time.perf_counter() - t0
             records.append(record)
@@ -292,7 +297,8 @@ def run(plan: Plan, device: torch.device, kernel_backends: list[str], *, compile
                 on_record(records)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            progress.update(f"{entry.op} {tuple(entry.shape)} {entry.dtype}")
+            progress.update(f"{entry.op} {tuple(entry.shape)} {entry.dtype}"
+                            + ("" if entry.pattern == "isolated" else f" ({entry.pattern})"))
     finally:
         progress.close()
     return records, skipped

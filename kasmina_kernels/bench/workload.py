@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from .. import opcases
+from . import esper
 from .timing import Step
 
 MAX_SETS = 64
@@ -26,26 +27,30 @@ MAX_SETS = 64
 class InputSet:
     args: list
     kwargs: dict
-    leaves: list[torch.Tensor]  # every floating-point tensor input, requires grad
+    leaves: list[torch.Tensor]  # the inputs that require grad (what backward differentiates)
     grad: torch.Tensor  # incoming gradient for the output
 
 
-def _leafify(value):
+def _leafify(value, requires_grad: bool = True):
+    """A fresh copy (same memory format) of a floating-point tensor input, a leaf that requires
+    grad unless told otherwise."""
     if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.detach().clone().requires_grad_()
+        return value.detach().clone().requires_grad_(requires_grad)
     return value
 
 
-def _input_set(args, kwargs, grad) -> InputSet:
-    args = [_leafify(a) for a in args]
-    kwargs = {k: _leafify(v) for k, v in kwargs.items()}
+def _input_set(args, kwargs, grad, no_grad: frozenset = frozenset()) -> InputSet:
+    """`no_grad`: inputs ("argN" or a keyword's name) copied without requires_grad."""
+    args = [_leafify(a, f"arg{i}" not in no_grad) for i, a in enumerate(args)]
+    kwargs = {k: _leafify(v, k not in no_grad) for k, v in kwargs.items()}
     leaves = [t for t in list(args) + list(kwargs.values())
               if isinstance(t, torch.Tensor) and t.requires_grad]
     return InputSet(args, kwargs, leaves, grad.clone())
 
 
 def _set_bytes(s: InputSet) -> int:
-    return sum(t.numel() * t.element_size() for t in s.leaves + [s.grad])
+    tensors = [t for t in list(s.args) + list(s.kwargs.values()) if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors + [s.grad])
 
 
 @dataclass
@@ -57,22 +62,51 @@ class Workload:
     sets: list[InputSet]
     base_args: list  # set 0's values, not leaves (for checking)
     base_kwargs: dict
+    pattern: str = "isolated"  # "isolated" (every input requires grad) or an esper.PATTERNS key
+    autocast: bool = False  # every call runs under bf16 autocast
+    no_grad: frozenset = frozenset()  # inputs passed without grad ("argN" or a keyword)
+    inputs: dict | None = None  # esper.describe of set 0: layouts, dtypes, requires-grad flags
 
     @property
     def n_sets(self) -> int:
         return len(self.sets)
 
+    @property
+    def run_kw(self) -> dict:
+        """`opcases.run_with_grads` options that reproduce this workload's flags and layouts."""
+        return {"no_grad": self.no_grad, "grad_like_output": True}
+
+    def wrap(self, fn: Callable) -> Callable:
+        """`fn` as this workload calls it (inside bf16 autocast when `autocast`)."""
+        return esper.autocast_wrap(fn, self.device) if self.autocast else fn
+
 
 def build(case: opcases.OpCase, shape, dtype, device, gen: torch.Generator,
-          rotate_bytes: int) -> Workload:
-    args, kwargs = case.make(shape, dtype, device, gen)
-    with torch.no_grad():
-        out = opcases.reference_op(case.name)(*args, **kwargs)
+          rotate_bytes: int, *, pattern: str = "isolated", autocast: bool = False) -> Workload:
+    """Input sets for one entry. pattern "isolated": `case.make`'s inputs, all contiguous and
+    all requiring grad (the op-isolation benchmark); an `esper.PATTERNS` key: the layouts,
+    dtypes and requires-grad flags of Esper's call (`esper.make_inputs`). The incoming
+    gradient has the output's memory format."""
+    if pattern == "isolated":
+        args, kwargs = case.make(shape, dtype, device, gen)
+        no_grad = frozenset()
+    else:
+        args, kwargs = esper.make_inputs(case.name, pattern, shape, dtype, device, gen,
+                                         autocast=autocast)
+        no_grad = esper.no_grad_names(case.arg_names, args, kwargs)
+    ref = opcases.reference_op(case.name)
+    with torch.no_grad(), esper.autocast_context(torch.device(device), autocast):
+        out = ref(*args, **kwargs)
     grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device, out.dtype)
-    first = _input_set(args, kwargs, grad)
+    grad = torch.empty_like(out).copy_(grad)  # the output's layout, as a layer's gradient has
+    first = _input_set(args, kwargs, grad, no_grad)
     n = max(1, min(MAX_SETS, math.ceil(rotate_bytes / max(_set_bytes(first), 1))))
-    sets = [first] + [_input_set(first.args, first.kwargs, first.grad) for _ in range(n - 1)]
-    return Workload(case, tuple(shape), dtype, device, sets, list(args), dict(kwargs))
+    sets = [first] + [_input_set(first.args, first.kwargs, first.grad, no_grad) for _ in range(n - 1)]
+    flags = {name: f"arg{i}" not in no_grad for i, name in enumerate(case.arg_names[:len(args)])}
+    flags.update({k: k not in no_grad for k in kwargs})
+    inputs = esper.describe(case.arg_names, first.args, first.kwargs, flags, first.grad)
+    return Workload(case, tuple(shape), dtype, torch.device(device), sets, list(args),
+                    dict(kwargs), pattern, autocast, no_grad, inputs)
 
 
 # ---------------------------------------------------------------------------- implementations
@@ -86,13 +120,17 @@ class Impl:
     reused: bool = False  # compiled by an earlier entry (dynamic shapes)
 
 
-def eager_impl(op: str) -> Impl:
-    return Impl("eager", opcases.reference_op(op))
+def eager_impl(op: str, w: Workload | None = None) -> Impl:
+    fn = opcases.reference_op(op)
+    return Impl("eager", w.wrap(fn) if w is not None else fn)
 
 
-def backend_impl(op: str, backend: str) -> Impl:
+def backend_impl(op: str, backend: str, w: Workload | None = None) -> Impl:
     public = opcases.public_op(op)
-    return Impl(backend, lambda *a, **k: public(*a, backend=backend, **k))
+
+    def fn(*a, **k):
+        return public(*a, backend=backend, **k)
+    return Impl(backend, w.wrap(fn) if w is not None else fn)
 
 
 def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = None) -> Impl:
@@ -105,7 +143,7 @@ def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = N
     not a compile (compile_s None, `reused` set)."""
     from torch._dynamo.utils import counters
 
-    key = (w.case.name, w.dtype)
+    key = (w.case.name, w.dtype, w.pattern, w.autocast)
     reused = dynamic and shared is not None and key in shared
     if reused:
         fn = shared[key]
@@ -114,7 +152,8 @@ def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = N
             torch._dynamo.reset()
             if shared is not None:
                 shared.clear()
-        fn = torch.compile(opcases.reference_op(w.case.name), dynamic=dynamic, fullgraph=True)
+        fn = torch.compile(w.wrap(opcases.reference_op(w.case.name)), dynamic=dynamic,
+                           fullgraph=True)
         if dynamic and shared is not None:
             shared[key] = fn
     s = w.sets[0]
@@ -190,7 +229,8 @@ def saved_for_backward(w: Workload, impl: Impl) -> tuple[int, int]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = impl.fn(*s.args, **s.kwargs)
     del out
-    inputs = {t.untyped_storage().data_ptr() for t in s.leaves}
+    inputs = {t.untyped_storage().data_ptr() for t in list(s.args) + list(s.kwargs.values())
+              if isinstance(t, torch.Tensor)}
     total = sum(saved.values())
     extra = sum(v for k, v in saved.items() if k not in inputs)
     return total, extra

@@ -1,0 +1,125 @@
+"""Esper's calls (DESIGN.md section 1): the inputs of each blend op as Esper's
+`SeedSlot.forward` passes them, for the first section of the benchmark report.
+
+CNN shapes `(B,C,H,W)`: the host `h` is channels_last and requires grad; the seed input
+`r = h.contiguous().detach()` is an NCHW copy of the host's values without grad (MULTIPLY's
+`seed_input`); the seed's features `s` are NCHW and require grad; `alpha` is a 0-dim tensor in
+the host's dtype without grad; GATE's `gate` is `(B,1,1,1)` and requires grad (a GatedBlend's
+sigmoid output, in (0, 1)); the incoming gradient has the output's layout (channels_last).
+Transformer shapes `(B,T,C)`: every tensor contiguous, gate `(B,1,1)`.
+
+`alpha_override` form: `alpha` of shape `(K*B,1,1,1)` (`(K*B,1,1)` for `(B,T,C)`) without
+grad, as in Esper's fused multi-configuration passes; the features' batch is the shape's
+batch, read as K=2 configurations of B = batch/2 samples (e.g. K=2 at B=64 for (128,16,16,16)).
+
+Under bf16 autocast (CUDA only by default): the features, seed input and gate are bfloat16
+(what autocast's convolutions and linears produce), alpha stays a float32 0-dim buffer (the
+module's own dtype), and every call runs inside `torch.autocast(device, torch.bfloat16)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+SHAPES = ((128, 16, 16, 16), (512, 8, 32, 32), (512, 32, 8, 8), (32, 256, 384))
+QUICK_SHAPES = ((128, 16, 16, 16),)
+OPS = ("blend_add", "blend_multiply", "blend_gate", "ste_forward")
+OVERRIDE_OPS = ("blend_add", "blend_multiply", "blend_gate")
+OVERRIDE_K = 2
+AUTOCAST = "bfloat16-autocast"  # the dtype name of the autocast entries
+
+PATTERNS = {
+    "esper": "alpha 0-dim",
+    "esper_override": f"alpha_override (K*B,1,...), K={OVERRIDE_K}",
+}
+
+# arguments Esper passes without requires_grad
+NO_GRAD = frozenset(("alpha", "seed_input"))
+
+
+def _randn(shape, dtype, device, gen):
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def _uniform(shape, lo, hi, dtype, device, gen):
+    return (torch.rand(shape, generator=gen, dtype=torch.float64) * (hi - lo) + lo).to(
+        device=device, dtype=dtype)
+
+
+def make_inputs(op: str, pattern: str, shape, dtype: torch.dtype, device, gen, *,
+                autocast: bool = False) -> tuple[list, dict]:
+    """(args, kwargs) of `op` as Esper passes them (module doc). Values are random, never zero:
+    alpha in [0.1, 0.9] (a scheduled amplitude), gate in (0.05, 0.95)."""
+    if op not in OPS:
+        raise ValueError(f"no Esper pattern for {op!r}: expected one of {', '.join(OPS)}")
+    if pattern not in PATTERNS:
+        raise ValueError(f"unknown pattern {pattern!r}: expected one of {', '.join(PATTERNS)}")
+    cnn = len(shape) == 4
+    h = _randn(shape, dtype, device, gen)
+    if cnn:
+        h = h.contiguous(memory_format=torch.channels_last)
+    s = _randn(shape, dtype, device, gen)  # NCHW: a seed fed the contiguous copy r
+    per_sample = (shape[0],) + (1,) * (len(shape) - 1)
+    alpha_dtype = torch.float32 if autocast else dtype
+    if pattern == "esper_override":
+        alpha = _uniform(per_sample, 0.1, 0.9, alpha_dtype, device, gen)
+    else:
+        alpha = _uniform((), 0.1, 0.9, alpha_dtype, device, gen)
+    if op == "ste_forward":
+        return [h, s], {}
+    if op == "blend_add":
+        return [h, s, alpha], {}
+    if op == "blend_multiply":
+        r = h.contiguous()  # Esper's isolation: an NCHW copy of the host's values
+        return [h, s, alpha], {"seed_input": r}
+    gate = _uniform(per_sample, 0.05, 0.95, dtype, device, gen)
+    return [h, s, alpha, gate], {}
+
+
+def no_grad_names(arg_names, args, kwargs) -> frozenset:
+    """`opcases.run_with_grads` names ("argN" or a keyword) of the inputs passed without grad."""
+    names = {f"arg{i}" for i, n in enumerate(arg_names[:len(args)]) if n in NO_GRAD}
+    return frozenset(names | {k for k in kwargs if k in NO_GRAD})
+
+
+def autocast_wrap(fn, device: torch.device):
+    """`fn` called inside bf16 autocast on `device`."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def autocast_context(device: torch.device, on: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def layout(t: torch.Tensor) -> str:
+    """How a tensor is laid out, in words: "0-dim", "channels_last", "contiguous" (NCHW for
+    4-D), or "strided" for anything else."""
+    if t.dim() == 0:
+        return "0-dim"
+    if t.is_contiguous():
+        return "contiguous"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "strided"
+
+
+def describe(arg_names, args, kwargs, requires_grad: dict, grad: torch.Tensor) -> dict:
+    """{input name: {"shape", "dtype", "layout", "requires_grad"}} of one input set as built,
+    plus "grad" (the incoming gradient): what the report states under each table."""
+    named = dict(zip(arg_names, args))
+    named.update(kwargs)
+    out = {}
+    for name, t in named.items():
+        if isinstance(t, torch.Tensor):
+            out[name] = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+                         "layout": layout(t), "requires_grad": bool(requires_grad.get(name, False))}
+    out["grad"] = {"shape": list(grad.shape), "dtype": str(grad.dtype).replace("torch.", ""),
+                   "layout": layout(grad), "requires_grad": False}
+    return out

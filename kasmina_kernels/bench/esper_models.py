@@ -1,0 +1,251 @@
+"""Esper-style hosts with seed slots, written the way Esper's `SeedSlot.forward` calls the
+blends (DESIGN.md section 1). The training-step benchmark (bench/step.py) and the examples in
+python/ build their models from here.
+
+A `SeedSlot` holds a seed module and one operator, and looks its blend functions up by name on
+a `blends` namespace at every call (a module or any object with the names ``blend_with_isolation``,
+``blend_multiply``, ``blend_gate``, ``ste_forward`` and the class ``GatedBlend``):
+`EAGER_BLENDS` (the eager references and `EagerGatedBlend`, standing in for Esper's own),
+`DROP_INS` (the fused drop-ins on the default backend), or a module such as the examples'
+``seed_slots`` whose names `kasmina_kernels.swap_in` replaces.
+
+`forward(h)`:
+
+- isolation: ``r = h if h.is_contiguous() else h.contiguous()``, then ``r = r.detach()``: for a
+  channels_last CNN host, ``r`` is an NCHW copy without grad;
+- ``s = seed(r)``: NCHW (the seed's weights stay contiguous; only the host is channels_last);
+- ``"add"``: ``blend_with_isolation(h, s, alpha)``; ``"multiply"``:
+  ``blend_multiply(h, s, alpha, seed_input=r)``; ``"gate"``:
+  ``blend_gate(h, s, alpha, gated_blend.get_alpha_for_blend(r))``; ``"ste"`` (a seed in its
+  TRAINING stage): ``ste_forward(h, s)``;
+- ``alpha`` is a cached 0-dim buffer in the module's dtype, without grad (`set_alpha`,
+  `advance`).
+
+The blend (for GATE: the gate network and the blend) runs inside a
+``torch.profiler.record_function(BLEND_RANGE)`` range, so a profile can tell the blends' share
+of a step.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType, SimpleNamespace
+
+import torch
+from torch import nn
+
+from .. import blend_ops, isolation, reference
+from ..nn import EagerGatedBlend, GatedBlend
+
+OPERATORS = ("add", "multiply", "gate", "ste")
+BLEND_RANGE = "kasmina.blend"
+
+EAGER_BLENDS = SimpleNamespace(
+    blend_with_isolation=reference.blend_with_isolation,
+    blend_multiply=reference.blend_multiply,
+    blend_gate=reference.blend_gate,
+    ste_forward=reference.ste_forward,
+    GatedBlend=EagerGatedBlend,
+)
+DROP_INS = SimpleNamespace(
+    blend_with_isolation=isolation.blend_with_isolation,
+    blend_multiply=blend_ops.blend_multiply,
+    blend_gate=blend_ops.blend_gate,
+    ste_forward=isolation.ste_forward,
+    GatedBlend=GatedBlend,
+)
+
+
+class _ModuleRef:
+    """A module's names, looked up at each access (so `swap_in` on the module reaches the slot);
+    shared, not copied, by copy.deepcopy."""
+
+    def __init__(self, module: ModuleType):
+        self.module = module
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class SeedSlot(nn.Module):
+    def __init__(self, channels: int, seed: nn.Module, operator: str, *, topology: str = "cnn",
+                 ramp_steps: int = 10, isolate: bool = True, blends=None):
+        super().__init__()
+        if operator not in OPERATORS:
+            raise ValueError(f"unknown operator {operator!r}: expected one of {', '.join(OPERATORS)}")
+        if ramp_steps <= 0:
+            raise ValueError(f"ramp_steps must be > 0, got {ramp_steps}")
+        self.operator = operator
+        self.ramp_steps = ramp_steps
+        self.isolate = isolate
+        blends = EAGER_BLENDS if blends is None else blends
+        # a module cannot be deep-copied (copy.deepcopy of a model): keep a reference to it
+        self.blends = _ModuleRef(blends) if isinstance(blends, ModuleType) else blends
+        self.seed = seed
+        self.register_buffer("alpha", torch.zeros(()))
+        self.gated_blend = (self.blends.GatedBlend(channels, topology=topology, total_steps=ramp_steps)
+                            if operator == "gate" else None)
+
+    def set_alpha(self, value: float) -> None:
+        self.alpha.fill_(value)
+
+    def advance(self, step: int) -> None:
+        """Set alpha for training step `step` (0-based): ``min(1, (step + 1) / ramp_steps)``."""
+        self.set_alpha(min(1.0, (step + 1) / self.ramp_steps))
+        if self.gated_blend is not None:
+            self.gated_blend.step(min(step + 1, self.ramp_steps))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        r = h if h.is_contiguous() else h.contiguous()
+        if self.isolate:
+            r = r.detach()
+        s = self.seed(r)
+        b = self.blends
+        with torch.profiler.record_function(BLEND_RANGE):
+            if self.operator == "add":
+                return b.blend_with_isolation(h, s, self.alpha)
+            if self.operator == "multiply":
+                return b.blend_multiply(h, s, self.alpha, seed_input=r)
+            if self.operator == "gate":
+                return b.blend_gate(h, s, self.alpha, self.gated_blend.get_alpha_for_blend(r))
+            return b.ste_forward(h, s)
+
+
+def slots(model: nn.Module) -> list[SeedSlot]:
+    return [m for m in model.modules() if isinstance(m, SeedSlot)]
+
+
+def advance_slots(model: nn.Module, step: int) -> None:
+    """Advance every SeedSlot in `model` to training step `step`."""
+    for slot in slots(model):
+        slot.advance(step)
+
+
+def set_alphas(model: nn.Module, value: float) -> None:
+    for slot in slots(model):
+        slot.set_alpha(value)
+
+
+# ---------------------------------------------------------------------------- CNN host
+class ResidualConvSeed(nn.Module):
+    """A seed as Esper grows them: the identity plus a small convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(torch.relu(x))
+
+
+class CNNHost(nn.Module):
+    """stem conv (3 -> width) + ADD slot, stride-2 conv (-> 2*width) + MULTIPLY slot, conv +
+    GATE slot + a slot in the STE stage, mean pool, linear head. The host's convolutions are
+    channels_last (so are its features); the seeds' stay contiguous, so they see and produce
+    NCHW features as Esper's do. Feed it channels_last images."""
+
+    def __init__(self, width: int = 16, classes: int = 10, *, ramp_steps: int = 10, blends=None):
+        super().__init__()
+        wide = 2 * width
+
+        def slot(c, op):
+            return SeedSlot(c, ResidualConvSeed(c), op, ramp_steps=ramp_steps, blends=blends)
+
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.slot_add = slot(width, "add")
+        self.down = nn.Conv2d(width, wide, 3, stride=2, padding=1)
+        self.slot_multiply = slot(wide, "multiply")
+        self.mid = nn.Conv2d(wide, wide, 3, padding=1)
+        self.slot_gate = slot(wide, "gate")
+        self.slot_ste = slot(wide, "ste")
+        self.head = nn.Linear(wide, classes)
+        for conv in (self.stem, self.down, self.mid):
+            conv.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.slot_add(torch.relu(self.stem(x)))
+        x = self.slot_multiply(torch.relu(self.down(x)))
+        x = self.slot_ste(self.slot_gate(torch.relu(self.mid(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def image_batches(steps: int, batch_size: int, *, image_size: int = 16, classes: int = 10,
+                  device="cpu", seed: int = 1):
+    """`steps` batches of (channels_last images (B,3,S,S), labels): each image is noise plus a
+    per-sample colour offset, labelled by a fixed random linear teacher of that offset, so the
+    task is learnable; the same for every call with the same arguments."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(3, classes, generator=gen)
+    batches = []
+    for _ in range(steps):
+        offsets = torch.randn(batch_size, 3, 1, 1, generator=gen)
+        images = torch.randn(batch_size, 3, image_size, image_size, generator=gen) + offsets
+        labels = (offsets.flatten(1) @ teacher).argmax(dim=1)
+        images = images.to(device).contiguous(memory_format=torch.channels_last)
+        batches.append((images, labels.to(device)))
+    return batches
+
+
+# ---------------------------------------------------------------------------- transformer host
+class MLPSeed(nn.Module):
+    """A residual MLP seed on (B, T, C)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.up = nn.Linear(channels, 2 * channels)
+        self.down = nn.Linear(2 * channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm self-attention and MLP on (B, T, C)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm1 = nn.LayerNorm(width)
+        self.mlp = MLPSeed(width)
+        self.norm2 = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attended, _ = self.attention(x, x, x, need_weights=False)
+        x = self.norm1(x + attended)
+        return self.norm2(self.mlp(x))
+
+
+class TransformerHost(nn.Module):
+    """Linear embedding, `layers` encoder layers, a GATE slot (GatedBlend topology
+    "transformer"), mean over tokens, linear head. Every feature is contiguous (B, T, C)."""
+
+    def __init__(self, features: int, width: int = 32, heads: int = 4, classes: int = 5, *,
+                 layers: int = 1, ramp_steps: int = 10, blends=None):
+        super().__init__()
+        self.embed = nn.Linear(features, width)
+        self.layers = nn.ModuleList(EncoderLayer(width, heads) for _ in range(layers))
+        self.slot_gate = SeedSlot(width, MLPSeed(width), "gate", topology="transformer",
+                                  ramp_steps=ramp_steps, blends=blends)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.slot_gate(x)
+        return self.head(x.mean(dim=1))
+
+
+def token_batches(steps: int, batch_size: int, *, tokens: int, features: int, classes: int = 5,
+                  device="cpu", seed: int = 1):
+    """`steps` batches of ((B, T, F) sequences, labels) labelled by a fixed random teacher."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(features, classes, generator=gen)
+    batches = []
+    for _ in range(steps):
+        x = torch.randn(batch_size, tokens, features, generator=gen)
+        labels = (x.mean(dim=1) @ teacher).argmax(dim=1)
+        batches.append((x.to(device), labels.to(device)))
+    return batches

@@ -1,0 +1,383 @@
+"""A whole training step (DESIGN.md section 6, item 2): `kasmina-kernels bench --step`.
+
+Two Esper-style hosts from `esper_models`: a channels_last CNN (ADD, MULTIPLY, GATE slots and a
+slot in the STE stage; batch 64, 3x32x32 images, 16 then 32 channels) and a (B,T,C) transformer
+(two encoder layers, one GATE slot; batch 32, 64 tokens, 128 channels). Every slot's alpha is a
+0-dim float32 buffer without grad, fixed at 0.5 (so every blend moves data both ways).
+
+Variants, all from the same initial weights (one `state_dict`) on the same batches:
+- "eager blends": `kasmina_kernels.reference` functions and `nn.EagerGatedBlend`;
+- one per available kernel backend: the drop-ins (`blend_ops`, `isolation`, `nn.GatedBlend`)
+  inside `kasmina_kernels.use_backend(backend)`;
+each in eager mode and with the step function (forward, loss, backward, SGD update) wrapped in
+`torch.compile` (default options; graph breaks allowed, e.g. at `backward()`).
+
+Per (host, variant, mode):
+- losses of `AGREE_STEPS` steps, and the max relative loss difference per step against the eager
+  blends in the same mode (and against eager blends in eager mode);
+- ms per step: median of timed steps after warm-up, the variants of one host interleaved round by
+  round (`timing.time_interleaved`), rotating through `n_batches` batches;
+- kernels per step, from torch.profiler over one step: on CPU the leaf operator events (aten/kasmina
+  ops with no operator below them, allocations and views left out; with inductor's kernel
+  profiling switched on, its generated C++ kernels as well); on CUDA the device kernel events;
+- the blends' share of the step, from a profile of `PROFILE_STEPS` steps: time inside the slots'
+  `esper_models.BLEND_RANGE` ranges (the blend call, and for GATE the gate network) plus the
+  backward nodes those ranges created (matched by autograd sequence number), over the step's
+  time. Under torch.compile the ranges do not survive, so the share is the time of the
+  `kasmina::` operators for the drop-ins and not measurable for eager blends (fused into
+  inductor's kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends as kk_backends
+from . import esper_models as M
+from .timing import Step, time_interleaved
+
+AGREE_STEPS = 20
+PROFILE_STEPS = 3
+ALPHA = 0.5
+LR = 0.05
+EAGER = "eager blends"
+MODES = ("eager", "compile")
+STEP_RANGE = "kasmina.step"
+
+# leaf operator events that run no kernel: allocations, views, no-op conversions
+NO_KERNEL = frozenset((
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_", "aten::lift_fresh",
+    "aten::_local_scalar_dense", "aten::detach", "aten::detach_", "aten::as_strided_", "aten::set_",
+    "aten::view", "aten::_unsafe_view", "aten::as_strided", "aten::t", "aten::transpose",
+    "aten::permute", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::_reshape_alias",
+    "aten::alias", "aten::select", "aten::slice", "aten::split", "aten::unflatten",
+    "aten::unbind", "aten::chunk", "aten::narrow", "aten::numpy_T", "aten::resolve_conj",
+    "aten::resolve_neg", "aten::is_same_size", "aten::result_type", "aten::reshape",
+    "aten::flatten", "aten::contiguous", "aten::to", "aten::_to_copy_noop", "aten::lift",
+    "aten::zeros", "aten::ones", "aten::expand_as", "aten::view_as", "aten::item",
+    "aten::is_nonzero", "aten::size", "aten::stride",
+))
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    build: Callable  # blends -> model
+    batches: Callable  # (n, device) -> [(x, y)]
+    description: str
+
+
+def cnn_host(batch: int = 64, image: int = 32, width: int = 16) -> Host:
+    return Host(
+        "cnn",
+        lambda blends: M.CNNHost(width, blends=blends),
+        lambda n, device: M.image_batches(n, batch, image_size=image, device=device),
+        f"channels_last CNN, batch {batch}, 3x{image}x{image} images, {width} then {2 * width} "
+        "channels; slots ADD, MULTIPLY (seed_input r), GATE (GatedBlend over r), STE",
+    )
+
+
+def transformer_host(batch: int = 32, tokens: int = 64, width: int = 128, layers: int = 2,
+                     heads: int = 4, features: int = 16) -> Host:
+    return Host(
+        "transformer",
+        lambda blends: M.TransformerHost(features, width, heads, layers=layers, blends=blends),
+        lambda n, device: M.token_batches(n, batch, tokens=tokens, features=features, device=device),
+        f"(B,T,C) transformer, batch {batch}, {tokens} tokens, {width} channels, {layers} "
+        "encoder layers; one GATE slot (GatedBlend topology 'transformer')",
+    )
+
+
+def hosts(quick: bool = False) -> list[Host]:
+    if quick:
+        return [cnn_host(batch=16, image=16, width=8), transformer_host(8, 16, 32, 1)]
+    return [cnn_host(), transformer_host()]
+
+
+# ---------------------------------------------------------------------------- runs
+class Runner:
+    """One (host, variant, mode): a model, its SGD optimizer and its (compiled) step."""
+
+    def __init__(self, host: Host, variant: str, mode: str, state: dict, device: torch.device):
+        self.variant, self.mode = variant, mode
+        self.backend = None if variant == EAGER else variant
+        blends = M.EAGER_BLENDS if variant == EAGER else M.DROP_INS
+        with self.scope():
+            self.model = host.build(blends).to(device)
+        self.model.load_state_dict(state, strict=True)
+        M.set_alphas(self.model, ALPHA)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR)
+        self.step_fn = torch.compile(self._step) if mode == "compile" else self._step
+        self.error: str | None = None
+
+    def scope(self):
+        return kk_backends.use_backend(self.backend) if self.backend else contextlib.nullcontext()
+
+    def _step(self, x, y):
+        loss = F.cross_entropy(self.model(x).float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def step(self, batch) -> torch.Tensor:
+        with self.scope(), torch.profiler.record_function(STEP_RANGE):
+            return self.step_fn(*batch)
+
+
+def _leaf_kernels(events, device: torch.device) -> int:
+    if device.type == "cuda":
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    count = 0
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        name = e.name
+        if name.startswith(("aten::", "kasmina::")):
+            if name in NO_KERNEL:
+                continue
+            if any(c.name.startswith(("aten::", "kasmina::")) and c.name not in NO_KERNEL
+                   for c in e.cpu_children):
+                continue
+            count += 1
+        elif name.startswith(("cpp_fused", "cpp_kernel", "kernel_cpp")):  # inductor's C++ kernels
+            count += 1
+    return count
+
+
+def _descendants(e):
+    for c in e.cpu_children:
+        yield c
+        yield from _descendants(c)
+
+
+def _blend_share(events) -> tuple[float | None, str]:
+    """(fraction of the step inside the blends, how it was measured)."""
+    steps = [e for e in events if e.name == STEP_RANGE]
+    total = sum(e.cpu_time_total for e in steps)
+    if not total:
+        return None, "no step range in the profile"
+    ranges = [e for e in events if e.name == M.BLEND_RANGE]
+    if ranges:
+        seqs = {d.sequence_nr for r in ranges for d in _descendants(r) if d.sequence_nr >= 0}
+        fwd = sum(r.cpu_time_total for r in ranges)
+        bwd = sum(e.cpu_time_total for e in events
+                  if e.name.startswith("autograd::engine::evaluate_function")
+                  and e.sequence_nr in seqs)
+        return (fwd + bwd) / total, "blend ranges + their backward nodes"
+    ops = [e for e in events if e.name.startswith("kasmina::")
+           and not any(p.startswith("kasmina::") for p in _parents(e))]
+    if ops:
+        return sum(e.cpu_time_total for e in ops) / total, "kasmina:: operators"
+    return None, "blends fused into compiled kernels: not separable"
+
+
+def _parents(e):
+    p = e.cpu_parent
+    while p is not None:
+        yield p.name
+        p = p.cpu_parent
+
+
+def profile_steps(runner: Runner, batches, device: torch.device) -> dict:
+    """Kernels per step and the blends' share, from torch.profiler over PROFILE_STEPS steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(PROFILE_STEPS):
+            runner.step(batches[i % len(batches)])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.events()
+    share, how = _blend_share(events)
+    kasmina = sum(1 for e in events if e.name.startswith("kasmina::")
+                  and not any(p.startswith("kasmina::") for p in _parents(e)))
+    return {"kernels_per_step": _leaf_kernels(events, device) / PROFILE_STEPS,
+            "kasmina_ops_per_step": kasmina / PROFILE_STEPS,
+            "blend_share": share, "blend_share_method": how}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MODES,
+             agree_steps: int = AGREE_STEPS, rounds: int = 5, budget_s: float = 1.0,
+             n_batches: int = 4, log=print) -> dict:
+    """Every (variant, mode) of `host`: losses, agreement, timing, kernels, blend share."""
+    torch.manual_seed(0)
+    state = {k: v.clone() for k, v in host.build(M.EAGER_BLENDS).state_dict().items()}
+    batches = host.batches(max(agree_steps, n_batches), device)
+    record = {"host": host.name, "description": host.description, "rows": {}}
+    runners = []
+    use_kernel_profile = _inductor_kernel_profile()
+    with use_kernel_profile:
+        for mode in modes:
+            for variant in variants:
+                key = f"{variant} / {mode}"
+                row = record["rows"][key] = {"variant": variant, "mode": mode}
+                t0 = time.perf_counter()
+                try:
+                    runner = Runner(host, variant, mode, state, device)
+                    losses = []
+                    for i in range(agree_steps):
+                        losses.append(runner.step(batches[i]).item())
+                        if i == 0:
+                            row["first_step_s"] = time.perf_counter() - t0
+                    row["losses"] = losses
+                    runners.append((key, runner))
+                except Exception as exc:  # e.g. torch.compile failing for one configuration
+                    row["error"] = _first_line(exc)
+                    row["traceback"] = traceback.format_exc()[-2000:]
+                log(f"step {host.name}: {key}: {agree_steps} steps in "
+                    f"{time.perf_counter() - t0:.1f} s" + (f" FAILED {row['error']}" if "error" in row else ""))
+        _agreement(record["rows"], modes)
+        if runners:
+            steps = [Step(lambda i, _, r=r: r.step(batches[i])) for _, r in runners]
+            samples = time_interleaved(steps, device, n_batches, rounds=rounds, budget_s=budget_s,
+                                       warmup=2, max_iters=20)
+            for (key, runner), s in zip(runners, samples):
+                row = record["rows"][key]
+                row["ms_per_step"] = s.median * 1e3
+                row["ms_p25"], row["ms_p75"], row["timed_steps"] = s.p25 * 1e3, s.p75 * 1e3, s.count
+                try:
+                    row.update(profile_steps(runner, batches, device))
+                except Exception as exc:
+                    row["profile_error"] = _first_line(exc)
+    for mode in modes:
+        base = record["rows"].get(f"{EAGER} / {mode}", {}).get("ms_per_step")
+        for row in record["rows"].values():
+            if row["mode"] == mode and base and row.get("ms_per_step"):
+                row["speedup_vs_eager_blends"] = base / row["ms_per_step"]
+    return record
+
+
+def _inductor_kernel_profile():
+    """Inductor's C++ kernels as profiler events (so they can be counted), where supported."""
+    try:
+        import torch._inductor.config as cfg
+
+        return cfg.patch({"cpp.enable_kernel_profile": True})
+    except Exception:
+        return contextlib.nullcontext()
+
+
+def _rel(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
+
+
+def _agreement(rows: dict, modes) -> None:
+    eager_eager = rows.get(f"{EAGER} / eager", {}).get("losses")
+    for mode in modes:
+        base = rows.get(f"{EAGER} / {mode}", {}).get("losses")
+        for row in rows.values():
+            if row["mode"] != mode or "losses" not in row:
+                continue
+            if base:
+                row["max_rel_loss_diff"] = _rel(row["losses"], base)
+            if eager_eager:
+                row["max_rel_loss_diff_vs_eager_mode"] = _rel(row["losses"], eager_eager)
+
+
+def variants_for(device: torch.device, requested: list[str] | None = None) -> tuple[list[str], dict]:
+    from .sweep import select_backends
+
+    kernels, excluded = select_backends(device, requested)
+    return [EAGER] + kernels, excluded
+
+
+def run(device: torch.device, *, quick: bool = False, backends: list[str] | None = None,
+        compile_mode: bool = True, log=print) -> dict:
+    variants, excluded = variants_for(device, backends)
+    modes = MODES if compile_mode else ("eager",)
+    effort = dict(rounds=3, budget_s=0.2, agree_steps=5) if quick else {}
+    out = {"variants": variants, "excluded": excluded, "modes": list(modes),
+           "agree_steps": effort.get("agree_steps", AGREE_STEPS), "hosts": []}
+    for host in hosts(quick):
+        out["hosts"].append(run_host(host, device, variants, modes=modes, log=log, **effort))
+    return out
+
+
+# ---------------------------------------------------------------------------- report
+def _fmt(v, spec, none="-"):
+    return none if v is None else format(v, spec)
+
+
+def markdown(result: dict, device: torch.device) -> list[str]:
+    what = ("CUDA kernels (profiler device events)" if device.type == "cuda" else
+            "leaf aten/kasmina operator events on CPU, plus inductor's C++ kernels under compile; "
+            "allocations and views left out")
+    lines = ["## A whole training step (DESIGN.md section 6, item 2)", "",
+             "Forward, cross-entropy, backward and an SGD update (lr 0.05) of an Esper-style host, "
+             "eager blends against the drop-ins (`kasmina_kernels.use_backend(backend)` around "
+             "each step, fused `nn.GatedBlend`), each in eager mode and with the whole step "
+             "function in `torch.compile`. Slots as Esper's `SeedSlot.forward` writes them "
+             "(kasmina_kernels/bench/esper_models.py): r = h.contiguous().detach() (NCHW, no grad), "
+             "s = seed(r) NCHW with grad, alpha a 0-dim float32 buffer without grad (0.5), GATE's "
+             "gate = GatedBlend.get_alpha_for_blend(r) with grad, STE stage ste_forward(h, s). "
+             f"ms/step: median of timed steps after {result['agree_steps']} loss-check steps and "
+             "warm-up, variants interleaved round by round. kernels/step: " + what + ", from "
+             f"torch.profiler over {PROFILE_STEPS} steps. blend share: time in the blend calls "
+             "(record_function ranges around each slot's blend, GATE's gate network included) and "
+             "the backward nodes they created, over the profiled step time (profiler overhead "
+             "included in both); under torch.compile the drop-ins' `kasmina::` operator time "
+             "instead, and '-' for eager blends (fused by inductor). rel loss diff: max over "
+             f"{result['agree_steps']} steps of |loss - eager blends' loss| / |eager blends' loss|, "
+             "same initial weights and batches (first figure: against eager blends in the same "
+             "mode; second: against eager blends in eager mode).", ""]
+    for name, why in result.get("excluded", {}).items():
+        lines.append(f"- {name} excluded: {why}")
+    for host in result["hosts"]:
+        lines += ["", f"### {host['host']}: {host['description']}", "",
+                  "*Inputs:* " + ("host features channels_last with grad; r NCHW no grad; s NCHW "
+                                  "with grad; alpha 0-dim no grad; gate (B,1,1,1) with grad."
+                                  if host["host"] == "cnn" else
+                                  "(B,T,C) contiguous everywhere; r no grad; s with grad; alpha "
+                                  "0-dim no grad; gate (B,1,1) with grad."), "",
+                  "| blends | mode | ms/step | vs eager blends | kernels/step | kasmina ops/step "
+                  "| blend share | rel loss diff (same mode / vs eager mode) | first step s |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for key, row in host["rows"].items():
+            if "error" in row:
+                lines.append(f"| {row['variant']} | {row['mode']} | FAILED: "
+                             f"{row['error'].replace('|', '/')} | | | | | | |")
+                continue
+            share = row.get("blend_share")
+            share = "-" if share is None else f"{share * 100:.1f}%"
+            if row.get("blend_share_method") == "kasmina:: operators":
+                share += " (ops)"
+            lines.append(
+                f"| {row['variant']} | {row['mode']} | {_fmt(row.get('ms_per_step'), '.1f')} | "
+                f"{_fmt(row.get('speedup_vs_eager_blends'), '.2f')}x | "
+                f"{_fmt(row.get('kernels_per_step'), '.0f')} | "
+                f"{_fmt(row.get('kasmina_ops_per_step'), '.0f')} | {share} | "
+                f"{_fmt(row.get('max_rel_loss_diff'), '.1e')} / "
+                f"{_fmt(row.get('max_rel_loss_diff_vs_eager_mode'), '.1e')} | "
+                f"{_fmt(row.get('first_step_s'), '.1f')} |")
+            if row.get("profile_error"):
+                lines.append(f"| | | profile failed: {row['profile_error']} | | | | | | |")
+    lines.append("")
+    return lines
+
+
+def failures(result: dict, tolerance: float = 1e-5) -> list[str]:
+    """Drop-ins whose float32 losses differ from the eager blends' (same mode) by more than
+    `tolerance` relative in some step. A torch.compile failure is reported in the table, not
+    here."""
+    out = []
+    for host in result["hosts"]:
+        for key, row in host["rows"].items():
+            d = row.get("max_rel_loss_diff")
+            if d is not None and d > tolerance:
+                out.append(f"step {host['host']} {key}: max relative loss difference {d:.2e} > {tolerance:g}")
+    return out
