@@ -223,10 +223,11 @@ at::Tensor lerp_forward_pass(const at::Tensor& h, const at::Tensor& s_in, const 
   return out;
 }
 
-// One blend gradient pass (ADD or GATE): dh, ds and the weight gradient summed over the
-// weight's shape.
+// One blend gradient pass (ADD or GATE): dh, ds and, when `need_weight_grad`, the weight
+// gradient summed over the weight's shape (without it the pass reads only the gradient).
 std::tuple<at::Tensor, at::Tensor, std::vector<long double>> lerp_backward_pass(
-    const at::Tensor& grad_in, const at::Tensor& h, const at::Tensor& s_in, const Weights& w) {
+    const at::Tensor& grad_in, const at::Tensor& h, const at::Tensor& s_in, const Weights& w,
+    bool need_weight_grad) {
   const auto host = h.scalar_type();
   const at::Tensor g = grad_in.to(host);
   const at::Tensor s = kernel_operand(s_in, host);
@@ -237,6 +238,11 @@ std::tuple<at::Tensor, at::Tensor, std::vector<long double>> lerp_backward_pass(
   dispatch_pair(host, s.scalar_type(), "blend backward", [&](auto tt, auto st) {
     using T = typename decltype(tt)::type;
     using S = typename decltype(st)::type;
+    if (!need_weight_grad) {
+      run_pass<opmath_t<T>>({dh, ds}, {g}, w, h, false, element_out,
+                            [](auto, Accumulator&, bool) { return lerp_feature_grads_loop<T, S>(); });
+      return;
+    }
     sums = run_pass<opmath_t<T>>({dh, ds}, {g, h, s}, w, h, true, element_out,
                                  [](auto element, Accumulator& acc, bool st) {
                                    return lerp_backward_loop<T, S, decltype(element)::value>(acc, st);
@@ -331,7 +337,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_add_backward(const at::Tens
                                                                  bool need_alpha_grad) {
   check_blend("blend_add_backward", h, s, alpha);
   const auto a = read_values(alpha);
-  auto [dh, ds, dw] = lerp_backward_pass(grad, h, s, add_weights(a, alpha, h.scalar_type()));
+  auto [dh, ds, dw] =
+      lerp_backward_pass(grad, h, s, add_weights(a, alpha, h.scalar_type()), need_alpha_grad);
   at::Tensor dalpha = need_alpha_grad ? masked_weight_grad(dw, a, alpha)
                                       : at::zeros(alpha.sizes(), alpha.options());
   return {dh, ds, dalpha};
@@ -358,7 +365,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_gate_backward(
   check_blend("blend_gate_backward", h, s, alpha);
   check_weight("blend_gate_backward", "gate", gate, h);
   const GateWeights gw = gate_weights(alpha, gate);
-  auto [dh, ds, de] = lerp_backward_pass(grad, h, s, gate_lerp_weights(gw, h.scalar_type()));
+  auto [dh, ds, de] =
+      lerp_backward_pass(grad, h, s, gate_lerp_weights(gw, h.scalar_type()), need_weight_grads);
   if (!need_weight_grads) {
     return {dh, ds, at::zeros(alpha.sizes(), alpha.options()),
             at::zeros(gate.sizes(), gate.options())};
