@@ -63,8 +63,12 @@ def _(h, s, alpha, seed_input):
 
 
 @torch.library.register_fake("kasmina::blend_multiply_backward")
-def _(grad, h, s, alpha, seed_input, need_alpha_grad):
-    dr = h.new_empty((0,)) if seed_input is None else torch.empty_like(seed_input)
+def _(grad, h, s, alpha, seed_input, need_alpha_grad, need_seed_input_grad):
+    # dr: an empty placeholder when r is h or wants no gradient
+    if seed_input is None or not need_seed_input_grad:
+        dr = h.new_empty((0,))
+    else:
+        dr = torch.empty_like(seed_input)
     return torch.empty_like(h), torch.empty_like(s), _weight_grad(alpha), dr
 
 

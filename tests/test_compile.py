@@ -106,8 +106,10 @@ def _backward_samples():
     out["blend_add_backward"] = [(g, h, s, a, True), (gb, hb, sb, ps, True), (g, h, s, ps, False)]
     out["blend_gate_backward"] = [(g, h, s, a, gate, True, True), (gb, hb, sb, ps, gate, True, False),
                                   (g, h, s, a, gate, False, True), (g, h, s, a, gate, False, False)]
-    out["blend_multiply_backward"] = [(g, h, s, a, None, True), (gb, hb, sb, ps, rnd(S, "br", F32), True),
-                                      (g, h, s, ps, rnd(S, "br2"), False)]
+    out["blend_multiply_backward"] = [(g, h, s, a, None, True, False),
+                                      (gb, hb, sb, ps, rnd(S, "br", F32), True, True),
+                                      (g, h, s, ps, rnd(S, "br2"), False, True),
+                                      (g, h, s, ps, rnd(S, "br3"), False, False)]
     out["multiply_valve_multiplier_backward"] = [(g, a, h, True), (g.to(F32), ps, hb, True)]
     out["gate_effective_alpha_backward"] = [(rnd(PS, "beg"), a, gate, True, True),
                                             (rnd(PS, "beg2"), ps, gate, False, True)]

@@ -418,7 +418,8 @@ at::Tensor blend_multiply(const at::Tensor& h, const at::Tensor& s_in, const at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backward(
     const at::Tensor& grad_in, const at::Tensor& h, const at::Tensor& s_in,
-    const at::Tensor& alpha, const std::optional<at::Tensor>& seed_input, bool need_alpha_grad) {
+    const at::Tensor& alpha, const std::optional<at::Tensor>& seed_input, bool need_alpha_grad,
+    bool need_seed_input_grad) {
   check_multiply("blend_multiply_backward", h, s_in, alpha, seed_input);
   const auto host = h.scalar_type();
   const at::Tensor g = grad_in.to(host);
@@ -429,7 +430,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
   const at::Tensor r = r_is_h ? at::Tensor() : seed_input->to(s.scalar_type());
   at::Tensor dh = at::empty_like(h);
   at::Tensor ds = at::empty_like(s);
-  at::Tensor dr = r_is_h ? at::empty({0}, h.options()) : at::empty_like(r);
+  const bool write_dr = !r_is_h && need_seed_input_grad;
+  at::Tensor dr = write_dr ? at::empty_like(r) : at::empty({0}, h.options());
   at::Tensor element_out;
   std::vector<long double> sums;
   dispatch_pair(host, s.scalar_type(), "blend_multiply backward", [&](auto tt, auto st) {
@@ -440,6 +442,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
                                    [need_alpha_grad](auto element, Accumulator& acc, bool st) {
                                      return multiply_backward_loop<T, S, true,
                                                                    decltype(element)::value>(
+                                         acc, st, need_alpha_grad);
+                                   });
+    } else if (!write_dr) {
+      sums = run_pass<opmath_t<T>>({dh, ds}, {g, h, s, r}, c, h, need_alpha_grad, element_out,
+                                   [need_alpha_grad](auto element, Accumulator& acc, bool st) {
+                                     return multiply_backward_loop<T, S, false,
+                                                                   decltype(element)::value, false>(
                                          acc, st, need_alpha_grad);
                                    });
     } else {
@@ -453,7 +462,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
     }
   });
   if (ds.scalar_type() != s_in.scalar_type()) ds = ds.to(s_in.scalar_type());
-  if (!r_is_h && dr.scalar_type() != seed_input->scalar_type()) {
+  if (write_dr && dr.scalar_type() != seed_input->scalar_type()) {
     dr = dr.to(seed_input->scalar_type());
   }
   at::Tensor dalpha = at::zeros(alpha.sizes(), alpha.options());

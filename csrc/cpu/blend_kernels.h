@@ -519,22 +519,25 @@ auto multiply_forward_loop(bool stream) {
       };
 }
 
-// operands: dh(T), ds(S), [dr(S)], [dc(op) when kElement], g(T), h(T), s(S), [r(S)], c(op)
+// operands: dh(T), ds(S), [dr(S) when kDr], [dc(op) when kElement], g(T), h(T), s(S),
+// [r(S) unless kRIsH], c(op). kDr: whether the seed input wants its gradient (dr = -ds).
 // `sums`: whether alpha needs its gradient (its terms cost a double tanh per float32 element)
-template <typename T, typename S, bool kRIsH, bool kElement>
+template <typename T, typename S, bool kRIsH, bool kElement, bool kDr = !kRIsH>
 auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
   using op_t = opmath_t<T>;
-  constexpr int R = kRIsH ? 0 : 1;
+  static_assert(!(kRIsH && kDr), "r is h: its gradient is part of dh");
+  constexpr int R = kDr ? 1 : 0;  // dr among the outputs
+  constexpr int RI = kRIsH ? 0 : 1;  // r among the inputs
   constexpr int E = kElement ? 1 : 0;
   constexpr int NO = 2 + R + E;  // outputs
-  constexpr int N = NO + 4 + R;
+  constexpr int N = NO + 4 + RI;
   constexpr int G = NO;
   constexpr int C = N - 1;
   return [&acc, stream, sums](char** data, const int64_t* st, int64_t n0, int64_t n1) {
     std::array<int64_t, N> sizes;
     sizes[0] = sizeof(T);
     sizes[1] = sizeof(S);
-    if constexpr (!kRIsH) sizes[2] = sizeof(S);
+    if constexpr (kDr) sizes[2] = sizeof(S);
     if constexpr (kElement) sizes[2 + R] = -1;  // double terms, scalar loop
     sizes[G] = sizeof(T);
     sizes[G + 1] = sizeof(T);
@@ -547,7 +550,7 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
           if constexpr (kVectorizable<T>) {
             const bool cb = st[C] == 0;
             const bool nt = stream && stream_aligned(p[0]) && stream_aligned(p[1]) &&
-                            (kRIsH || stream_aligned(p[2]));
+                            (!kDr || stream_aligned(p[2]));
             int64_t i = 0;
             std::conditional_t<kHalfPrecision<T>, FloatLanes, DoubleLanes> lanes;
             const float* table = nullptr;
@@ -608,7 +611,7 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
                 } else {
                   store2_exact<T>(reinterpret_cast<T*>(p[0]) + i, dh0, dh1, nt);
                 }
-                if constexpr (!kRIsH && std::is_same_v<S, T> && kHalfPrecision<T>) {
+                if constexpr (kDr && std::is_same_v<S, T> && kHalfPrecision<T>) {
                   // dr = -ds: ds's 16-bit patterns with the sign flipped (rounding -ds gives
                   // exactly that), not a second conversion
                   store2_negated<T>(reinterpret_cast<T*>(p[1]) + i, reinterpret_cast<T*>(p[2]) + i,
@@ -616,7 +619,7 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
                 } else {
                   // ds holds a T value, exact in S (T itself, or float)
                   store2_exact<S>(reinterpret_cast<S*>(p[1]) + i, ds0, ds1, nt);
-                  if constexpr (!kRIsH) {
+                  if constexpr (kDr) {
                     store2<S>(reinterpret_cast<S*>(p[2]) + i, ds0.neg(), ds1.neg(), nt);
                   }
                 }
@@ -664,7 +667,7 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
           }
           put<T>(p[0], s[0], i, dh);
           put<S>(p[1], s[1], i, ds);  // ds holds a T value (multiply_backward_t rounded it)
-          if constexpr (!kRIsH) put<S>(p[2], s[2], i, -ds);
+          if constexpr (kDr) put<S>(p[2], s[2], i, -ds);
           if (!sums && !kElement) return;
           using ld = long double;
           // float32: s - r and tanh in double, as the vector path (tanh_pd)

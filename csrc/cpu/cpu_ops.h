@@ -23,7 +23,7 @@ at::Tensor blend_multiply(const at::Tensor& h, const at::Tensor& s, const at::Te
                           const std::optional<at::Tensor>& seed_input);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backward(
     const at::Tensor& grad, const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
-    const std::optional<at::Tensor>& seed_input, bool need_alpha_grad);
+    const std::optional<at::Tensor>& seed_input, bool need_alpha_grad, bool need_seed_input_grad);
 
 at::Tensor ste_forward(const at::Tensor& h, const at::Tensor& s);
 

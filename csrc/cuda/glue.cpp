@@ -412,7 +412,8 @@ at::Tensor blend_multiply(const at::Tensor& h, const at::Tensor& s, const at::Te
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backward(
     const at::Tensor& grad, const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
-    const std::optional<at::Tensor>& seed_input, bool need_alpha_grad) {
+    const std::optional<at::Tensor>& seed_input, bool need_alpha_grad,
+    bool need_seed_input_grad) {
   check_blend("blend_multiply_backward", h, s, alpha);
   const bool has_r = seed_input.has_value() && seed_input->defined();
   if (has_r) {
@@ -442,7 +443,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
     run_blend(p, {dh, ds}, {g, h, s_k}, W, true);
   }
   if (ds.scalar_type() != s.scalar_type()) ds = ds.to(s.scalar_type());
-  if (has_r && dr.scalar_type() != seed_input->scalar_type()) dr = dr.to(seed_input->scalar_type());
+  // the CUDA pass writes dr whenever r is given; a seed input that wants no gradient gets the
+  // same empty placeholder as the CPU kernel returns
+  if (has_r && !need_seed_input_grad) dr = at::empty({0}, h.options());
+  if (has_r && need_seed_input_grad && dr.scalar_type() != seed_input->scalar_type()) {
+    dr = dr.to(seed_input->scalar_type());
+  }
   at::Tensor dalpha = need_alpha_grad ? finish_weight_grad(da, alpha)
                                       : at::zeros(alpha.sizes(), alpha.options());
   return {dh, ds, dalpha, dr};

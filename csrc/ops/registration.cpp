@@ -82,8 +82,8 @@ struct BlendMultiplyFn : torch::autograd::Function<BlendMultiplyFn> {
         op_handle<decltype(cpu::blend_multiply_backward)>("kasmina::blend_multiply_backward");
     const bool has_r = ctx->saved_data["has_r"].toBool();
     const std::optional<at::Tensor> r = has_r ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
-    auto [dh, ds, da, dr] =
-        op.call(grads[0], saved[0], saved[1], saved[2], r, ctx->needs_input_grad(2));
+    auto [dh, ds, da, dr] = op.call(grads[0], saved[0], saved[1], saved[2], r,
+                                    ctx->needs_input_grad(2), has_r && ctx->needs_input_grad(3));
     return {grad_if(ctx, 0, dh), grad_if(ctx, 1, ds), grad_if(ctx, 2, da),
             has_r ? grad_if(ctx, 3, dr) : at::Tensor()};
   }
@@ -197,7 +197,8 @@ TORCH_LIBRARY(kasmina, m) {
         " bool need_alpha_grad, bool need_gate_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("blend_multiply(Tensor h, Tensor s, Tensor alpha, Tensor? seed_input) -> Tensor");
   m.def("blend_multiply_backward(Tensor grad, Tensor h, Tensor s, Tensor alpha,"
-        " Tensor? seed_input, bool need_alpha_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+        " Tensor? seed_input, bool need_alpha_grad, bool need_seed_input_grad)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("ste_forward(Tensor h, Tensor s) -> Tensor");
   m.def("multiply_valve_multiplier(Tensor alpha, Tensor m) -> Tensor");
   m.def("multiply_valve_multiplier_backward(Tensor grad, Tensor alpha, Tensor m,"
