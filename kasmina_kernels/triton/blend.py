@@ -20,6 +20,12 @@ format), split per sample when a weight is per-sample, so alpha/gate cost one sc
 program and the partial sums are per-sample; every other operand is addressed by its own
 strides (a channels_last host with an NCHW seed costs no copy). Inner dims are coalesced to
 at most three; layouts that need more (rare, rank >= 5) are copied into the output's layout.
+Mixed memory formats (Esper's channels_last host beside an NCHW seed and seed_input: every
+operand a dense (B,C,H,W) tensor in one of the two formats, weights scalar or per-sample)
+take a tiled path instead: one program per [positions x channels] tile of one sample, each
+operand loaded and stored along its own contiguous dim, so both formats are read coalesced.
+A backward reads only what its closed forms need (the lerp without a weight gradient reads
+g alone) and writes only the gradients asked for.
 64-bit offsets switch on when a tensor spans 2^31 elements. alpha/gate are read on the device
 (a 0-dim CPU scalar beside device features is passed by value: no copy, no sync).
 
