@@ -329,6 +329,15 @@ def reduced_cases() -> list[Case]:
             add(Case(op, dt, (2, 5, 3, 4), topology="cnn", layout="cl"))
             add(Case(op, dt, (2, 7, 12), topology="transformer", layout="slice"))
     cases += esper_cases(shapes=((3, 5, 7, 11),), dtypes=(F32, BF16, F16))
+    # mixed layouts the other way round (NCHW host, channels_last seed and seed_input) and a
+    # shape whose C and H*W are multiples of no block side, every gradient
+    for dt in (F32, BF16):
+        for op in BLEND_OPS + ("ste_forward",):
+            has_alpha = op != "ste_forward"
+            add(Case(op, dt, (2, 9, 5, 7), layout="cl_seed", alpha="psh" if has_alpha else "s32",
+                     seed_input="given" if op == "blend_multiply" else "none"))
+            add(Case(op, dt, (2, 9, 5, 7), layout="cl_host", alpha="sh" if has_alpha else "s32",
+                     seed_input="given" if op == "blend_multiply" else "none"))
     return _dedupe(cases)
 
 

@@ -322,6 +322,55 @@ def test_layouts_and_mixed_dtypes(dtype, gen):
         assert y.is_contiguous(memory_format=torch.channels_last), op
 
 
+@pytest.mark.parametrize("tile", [32, 128])
+def test_mixed_layout_tiles(tile, gen, monkeypatch):
+    """The mixed-layout path with several tiles per sample and ragged edges (C = 13 and
+    H*W = 35 are multiples of no tile side): every op, a channels_last host beside NCHW seeds
+    and the reverse, an NCHW incoming gradient, scalar and per-sample weights."""
+    _fresh_caches(monkeypatch)
+    monkeypatch.setattr(TB, "TILE_ELEMS", tile)
+    shape = (3, 13, 5, 7)
+    for h_cl in (True, False):
+        h = rand(shape, torch.float32, gen, cl=h_cl)
+        s = rand(shape, torch.float32, gen, cl=not h_cl)
+        r = rand(shape, torch.float32, gen, cl=not h_cl)
+        for alpha in (scalar(0.4), per_sample(shape, torch.float32, gen)):
+            run_case("blend_add", (h, s, alpha), [0, 1, 2], gen=gen)
+            run_case("blend_gate", (h, s, alpha, per_sample(shape, torch.float32, gen)), [0, 1, 2, 3], gen=gen)
+            run_case("blend_multiply", (h, s, alpha), [0, 1, 2], extra={"seed_input": r},
+                     grad_kw=("seed_input",), gen=gen)
+        run_case("ste_forward", (h, s), [0, 1], gen=gen)
+    tiled = [c for c in TB._cfg_cache.values() if c.tiled]
+    assert tiled and all(c.grid[0] >= 3 * 4 for c in tiled)  # several tiles per sample
+    assert not any(c.fallback for c in TB._cfg_cache.values())
+
+
+def test_backward_reads_only_what_it_needs(gen, monkeypatch):
+    """Esper's pattern (alpha without grad, seed_input without grad): the lerp backward reads
+    only g, MULTIPLY writes no dr; with alpha's gradient wanted, h and s are read again."""
+    _fresh_caches(monkeypatch)
+    h = rand(SHAPE, torch.bfloat16, gen, cl=True).requires_grad_()
+    s = rand(SHAPE, torch.bfloat16, gen).requires_grad_()
+    r = rand(SHAPE, torch.bfloat16, gen)
+    alpha = scalar(0.3, torch.bfloat16)
+    gate = per_sample(SHAPE, torch.bfloat16, gen)
+    for fn in (lambda: kk.blend_add(h, s, alpha, backend="triton"),
+               lambda: kk.blend_gate(h, s, alpha, gate, backend="triton"),
+               lambda: kk.blend_multiply(h, s, alpha, seed_input=r, backend="triton")):
+        fn().backward(torch.ones(SHAPE, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last))
+    bwd = {key[1]: cfg for key, cfg in TB._cfg_cache.items() if key[0]}
+    assert all(cfg.tiled for cfg in bwd.values())
+    for op in (TB.OP_ADD, TB.OP_GATE):
+        kw = bwd[op].kw
+        assert not kw["LOAD_H"] and not kw["LOAD_S"] and not kw["NEED_W"]
+    kw = bwd[TB.OP_MUL].kw
+    assert kw["LOAD_H"] and kw["LOAD_S"] and kw["W_DX1"] and not kw["W_DX2"] and not kw["NEED_W"]
+    _fresh_caches(monkeypatch)
+    run_case("blend_gate", (h.detach(), s.detach(), alpha, gate), [0, 1, 3], gen=gen)
+    (kw,) = [cfg.kw for key, cfg in TB._cfg_cache.items() if key[0]]
+    assert kw["LOAD_H"] and kw["LOAD_S"] and kw["NEED_W"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_multiply_seed_input(dtype, gen):
     h = rand(SHAPE, dtype, gen, cl=True)
@@ -572,7 +621,8 @@ def test_launch_counts(gen, monkeypatch):
     """One launch per forward; backward = one pass (+ one reduction launch for alpha/gate);
     the gate network at C = 512: one launch forward, two backward (pass + weight grads)."""
     log = []
-    for mod, names in ((TB, ["_blend_fwd_kernel", "_blend_bwd_kernel", "_finish_kernel"]),
+    for mod, names in ((TB, ["_blend_fwd_kernel", "_blend_bwd_kernel", "_blend_tile_fwd_kernel",
+                             "_blend_tile_bwd_kernel", "_finish_kernel"]),
                        (TP, ["_pool_kernel", "_pool_bwd_kernel", "_gate_fwd_kernel", "_gate_bwd_kernel",
                              "_gate_wgrad_kernel"])):
         for name in names:
@@ -581,13 +631,19 @@ def test_launch_counts(gen, monkeypatch):
     s = rand(SHAPE, torch.float32, gen).requires_grad_()
     a = per_sample(SHAPE, torch.float32, gen).requires_grad_()
     g = per_sample(SHAPE, torch.float32, gen).requires_grad_()
+    # a channels_last host beside an NCHW seed: the mixed-layout (tiled) kernels
     y = kk.blend_gate(h, s, a, g, backend="triton")
+    assert log == ["_blend_tile_fwd_kernel"]
+    y.backward(torch.ones_like(y))
+    assert log[1:] == ["_blend_tile_bwd_kernel", "_finish_kernel"]
+    log.clear()
+    kk.blend_multiply(h.detach(), s.detach(), a.detach(), backend="triton").sum()
+    assert log == ["_blend_tile_fwd_kernel"]
+    log.clear()
+    y = kk.blend_add(h, s.detach().to(torch.bfloat16, memory_format=torch.channels_last), a, backend="triton")
     assert log == ["_blend_fwd_kernel"]
     y.backward(torch.ones_like(y))
     assert log[1:] == ["_blend_bwd_kernel", "_finish_kernel"]
-    log.clear()
-    kk.blend_multiply(h.detach(), s.detach(), a.detach(), backend="triton").sum()
-    assert log == ["_blend_fwd_kernel"]
     log.clear()
     x = rand((2, 512, 2, 2), torch.float32, gen, cl=True).requires_grad_()
     params = [p.requires_grad_() for p in _gate_params(512, torch.float32, gen)]

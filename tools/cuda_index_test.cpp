@@ -253,6 +253,85 @@ void test_block_split() {
   }
 }
 
+// The mixed-layout tiles: layout classification, when the tiled path is taken, and that the
+// blocks' (thread, j) slots of blend_tile_kernel cover every element of every operand exactly
+// once at the offset its strides give, a warp's 32 lanes moving consecutive elements.
+Shape nchw_strides(const Shape& z) { return {z[1] * z[2] * z[3], z[2] * z[3], z[3], 1}; }
+Shape cl_strides(const Shape& z) { return {z[1] * z[2] * z[3], 1, z[3] * z[1], z[1]}; }
+
+void test_tiles() {
+  int tiled = 0;
+  for (int trial = 0; trial < 300; ++trial) {
+    const Shape z = {rand_int(1, 4), rand_int(1, 70), rand_int(1, 12), rand_int(1, 12)};
+    const int64_t B = z[0], C = z[1], HW = z[2] * z[3];
+    const int nops = static_cast<int>(rand_int(2, 7));
+    std::vector<Shape> st;
+    std::vector<int> want;
+    for (int k = 0; k < nops; ++k) {
+      const bool cl = rand_int(0, 1) == 1;
+      st.push_back(cl ? cl_strides(z) : nchw_strides(z));
+      want.push_back(cl && C > 1 && HW > 1 ? plan::kLayoutChannelsLast : plan::kLayoutNchw);
+      EXPECT(plan::layout_4d(z, st.back()) == want.back(), "layout of operand %d", k);
+    }
+    bool mixed = false;
+    for (int k = 1; k < nops; ++k) mixed = mixed || want[k] != want[0];
+    WeightIndex wi;
+    wi.form = WeightForm::kScalar;
+    TileShape t;
+    const bool big = C >= 2 && HW >= 2 && C * HW >= int64_t{kTileSide} * kTileRows;
+    EXPECT(plan::make_tile(z, st, wi, t) == (mixed && big), "tile on/off, C=%lld HW=%lld", (long long)C,
+           (long long)HW);
+    wi.form = WeightForm::kOuter;
+    wi.groups = B;
+    EXPECT(plan::make_tile(z, st, wi, t) == (mixed && big), "per-sample weight");
+    wi.form = WeightForm::kGeneral;
+    EXPECT(!plan::make_tile(z, st, wi, t), "a general weight never tiles");
+    Shape other = st[0];
+    std::swap(other[2], other[3]);  // a transposed view: neither format
+    if (z[2] > 1 && z[3] > 1) EXPECT(plan::layout_4d(z, other) == plan::kLayoutOther, "transposed");
+    wi.form = WeightForm::kOuter;
+    if (!plan::make_tile(z, st, wi, t)) continue;
+    ++tiled;
+    for (int k = 0; k < nops; ++k) {
+      EXPECT((((t.cl >> k) & 1u) != 0u) == (want[k] == plan::kLayoutChannelsLast), "cl bit %d", k);
+    }
+    // walk the kernel's slots for one operand of each format
+    for (int cl = 0; cl < 2; ++cl) {
+      const Shape& ss = cl ? cl_strides(z) : nchw_strides(z);
+      std::vector<int> seen(static_cast<size_t>(B * C * HW), 0);
+      int64_t prev_sample = -1, prev_block_tile = -1;
+      for (int64_t block = 0; block < plan::tile_blocks(t); ++block) {
+        const TileCoords tc = tile_coords(block, t);
+        EXPECT(tc.b >= prev_sample, "blocks run sample-major");
+        if (tc.b != prev_sample) prev_block_tile = -1;
+        prev_sample = tc.b;
+        const int64_t tile_index = (tc.p0 / kTileSide) * t.tiles_c + tc.c0 / kTileSide;
+        EXPECT(tile_index == prev_block_tile + 1, "tiles of a sample are consecutive blocks");
+        prev_block_tile = tile_index;
+        for (int ty = 0; ty < kTileRows; ++ty) {
+          for (int j = 0; j < kTileSide / kTileRows; ++j) {
+            const int row = ty + kTileRows * j;
+            int64_t first = -1;
+            for (int tx = 0; tx < kTileSide; ++tx) {
+              const int64_t c = tc.c0 + (cl ? tx : row), p = tc.p0 + (cl ? row : tx);
+              if (c >= C || p >= HW) continue;
+              const int64_t off = tile_offset(tc.b, p, c, C, HW, cl != 0);
+              const int64_t naive = tc.b * ss[0] + c * ss[1] + (p / z[3]) * ss[2] + (p % z[3]) * ss[3];
+              EXPECT(off == naive, "offset (b=%lld p=%lld c=%lld cl=%d)", (long long)tc.b, (long long)p,
+                     (long long)c, cl);
+              if (off >= 0 && off < static_cast<int64_t>(seen.size())) ++seen[static_cast<size_t>(off)];
+              if (first < 0) first = off - tx;
+              EXPECT(off == first + tx, "lanes move consecutive elements");
+            }
+          }
+        }
+      }
+      for (size_t i = 0; i < seen.size(); ++i) EXPECT(seen[i] == 1, "element %zu seen %d times", i, seen[i]);
+    }
+  }
+  EXPECT(tiled >= 50, "only %d of 300 random cases took the tiled path", tiled);
+}
+
 }  // namespace
 
 int main() {
@@ -260,6 +339,7 @@ int main() {
   test_layouts();
   test_per_sample();
   test_block_split();
+  test_tiles();
   if (failures > 0) {
     std::printf("cuda_index_test: %d failures\n", failures);
     return 1;

@@ -36,6 +36,7 @@ struct ElemArgs {
   int64_t chunk;             // elements per block, a multiple of the vector width
   int64_t blocks_per_group;  // ceil(group_size / chunk)
   TensorMap iter;
+  TileShape tile;  // on: blend_tile_kernel's launch
   void* data[kMaxOperands];
   int64_t stride[kMaxOperands][kMaxDims];
   WeightIndex widx;
@@ -77,6 +78,8 @@ struct LerpBackward {
   using op_t = opmath_t<T>;
   static constexpr int kOut = 2, kIn = 3;  // dh, ds <- g, h, s
   static constexpr bool kWeighted = true, kReduces = true;
+  // dh = g*(1-w) and ds = g*w need only g: h and s feed the weight-gradient term alone
+  static constexpr unsigned kReductionOnlyInputs = 0b110u;
   template <int k>
   using Out = std::conditional_t<k == 0, T, S>;
   template <int k>
@@ -227,6 +230,17 @@ struct VecWidth<O<A, B, F>> {
   static constexpr int value = 16 / (sizeof(A) < sizeof(B) ? sizeof(A) : sizeof(B));
 };
 
+// Inputs (bit k: input k) that only the weight-gradient term reads: not loaded when no
+// weight gradient is wanted (their slots read as zero). None unless an op names them.
+template <class Op, class = void>
+struct ReductionOnlyInputs {
+  static constexpr unsigned value = 0u;
+};
+template <class Op>
+struct ReductionOnlyInputs<Op, std::void_t<decltype(Op::kReductionOnlyInputs)>> {
+  static constexpr unsigned value = Op::kReductionOnlyInputs;
+};
+
 // ---------------------------------------------------------------- the driver
 // The weight at W index j. Kept out of line: it is the same for every op and dtype, and
 // the general-broadcast path calls it per element.
@@ -283,6 +297,11 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
   };
 
+  // block-uniform: inputs only the weight-gradient term reads, when none is wanted
+  auto skip_input = [&](int k) {
+    return a.red == RedMode::kNone && ((ReductionOnlyInputs<Op>::value >> k) & 1u) != 0u;
+  };
+
   auto one = [&](int64_t i) {
     int64_t off[N];
     if (a.linear) {
@@ -294,7 +313,11 @@ __global__ void __launch_bounds__(kMaxThreads)
     op_t in[NI];
     static_for<NI>([&](auto kc) {
       constexpr int k = decltype(kc)::value;
-      in[k] = load_one<typename Op::template In<k>, op_t>(a.data[NO + k], off[NO + k]);
+      if (skip_input(k)) {
+        in[k] = op_t(0);
+      } else {
+        in[k] = load_one<typename Op::template In<k>, op_t>(a.data[NO + k], off[NO + k]);
+      }
     });
     op_t out[NO];
     double red = 0.0;
@@ -324,7 +347,12 @@ __global__ void __launch_bounds__(kMaxThreads)
       op_t in[NI][VEC];
       static_for<NI>([&](auto kc) {
         constexpr int k = decltype(kc)::value;
-        load_pack<typename Op::template In<k>, VEC>(a.data[NO + k], v, in[k]);
+        if (skip_input(k)) {
+#pragma unroll
+          for (int l = 0; l < VEC; ++l) in[k][l] = op_t(0);
+        } else {
+          load_pack<typename Op::template In<k>, VEC>(a.data[NO + k], v, in[k]);
+        }
       });
       op_t out[NO][VEC];
       // each lane's weight-gradient term goes straight into the sum (or the per-element
@@ -364,6 +392,109 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// Mixed memory formats (TileShape): a block owns kTileSide positions x kTileSide channels of
+// one sample. Each input is read along its own contiguous dim (a warp reads 32 consecutive
+// channels of a channels_last operand, 32 consecutive positions of an NCHW one) into a
+// shared tile [channel][position] (padded against bank conflicts); every thread then runs the
+// op on the elements (channel ty + kTileRows*j, position tx), writing its outputs into the
+// slots of its own inputs; each output is then written along its own contiguous dim. The
+// weight is one value per block (one sample), and the weight-gradient partial of a block is
+// a fixed-order sum (each thread's elements in order, then block_sum).
+template <class Op>
+__global__ void __launch_bounds__(kTileSide * kTileRows)
+    blend_tile_kernel(const __grid_constant__ ElemArgs a) {
+  using op_t = typename Op::op_t;
+  constexpr int NO = Op::kOut;
+  constexpr int NI = Op::kIn;
+  static_assert(NO <= NI, "outputs reuse the input tiles");
+  constexpr int kPer = kTileSide / kTileRows;
+  __shared__ op_t tile[NI][kTileSide][kTileSide + 1];
+  __shared__ double scratch[32];
+
+  const TileShape& ts = a.tile;
+  const int64_t block = blockIdx.x;
+  const TileCoords tc = tile_coords(block, ts);
+  const int64_t C = ts.channels, HW = ts.positions;
+  const int tx = static_cast<int>(threadIdx.x) % kTileSide;
+  const int ty = static_cast<int>(threadIdx.x) / kTileSide;
+
+  op_t w = op_t(0);
+  if constexpr (Op::kWeighted) {
+    w = static_cast<op_t>(weight_at(a, a.widx.form == WeightForm::kOuter ? tc.b : 0));
+  }
+
+  // (channel slot, position slot, offset) of the j-th element thread (tx, ty) moves for an
+  // operand in channels_last (lanes along channels) or NCHW (lanes along positions)
+  auto slot = [&](bool cl, int j, int& cs, int& ps) {
+    const int row = ty + kTileRows * j;
+    cs = cl ? tx : row;
+    ps = cl ? row : tx;
+  };
+  const bool skip_loads = a.red == RedMode::kNone;
+
+  static_for<NI>([&](auto kc) {
+    constexpr int k = decltype(kc)::value;
+    if (skip_loads && ((ReductionOnlyInputs<Op>::value >> k) & 1u) != 0u) return;
+    const bool cl = ((ts.cl >> (NO + k)) & 1u) != 0u;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      int cs, ps;
+      slot(cl, j, cs, ps);
+      const int64_t c = tc.c0 + cs, p = tc.p0 + ps;
+      if (c < C && p < HW) {
+        tile[k][cs][ps] = load_one<typename Op::template In<k>, op_t>(
+            a.data[NO + k], tile_offset(tc.b, p, c, C, HW, cl));
+      }
+    }
+  });
+  __syncthreads();
+
+  CompensatedSum acc;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int cs = ty + kTileRows * j, ps = tx;
+    if (tc.c0 + cs < C && tc.p0 + ps < HW) {
+      op_t in[NI];
+#pragma unroll
+      for (int k = 0; k < NI; ++k) {
+        const bool skipped = skip_loads && ((ReductionOnlyInputs<Op>::value >> k) & 1u) != 0u;
+        in[k] = skipped ? op_t(0) : tile[k][cs][ps];
+      }
+      op_t out[NO];
+      double red = 0.0;
+      Op::apply(in, w, out, red);
+#pragma unroll
+      for (int k = 0; k < NO; ++k) tile[k][cs][ps] = out[k];
+      if constexpr (Op::kReduces) {
+        if (a.red == RedMode::kPartials) acc.add(red);
+      }
+    }
+  }
+  __syncthreads();
+
+  static_for<NO>([&](auto kc) {
+    constexpr int k = decltype(kc)::value;
+    const bool cl = ((ts.cl >> k) & 1u) != 0u;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      int cs, ps;
+      slot(cl, j, cs, ps);
+      const int64_t c = tc.c0 + cs, p = tc.p0 + ps;
+      if (c < C && p < HW) {
+        store_one<typename Op::template Out<k>>(a.data[k], tile_offset(tc.b, p, c, C, HW, cl),
+                                                tile[k][cs][ps]);
+      }
+    }
+  });
+
+  if constexpr (Op::kReduces) {
+    if (a.red == RedMode::kPartials) {
+      const double total = block_sum(acc, scratch);
+      if (threadIdx.x == 0) a.partials[block] = total;
+    }
+  }
+}
+
 // ---------------------------------------------------------------- planning and dispatch
 Plan plan_for(const BlendParams& p, int vec) { return plan::make_blend_plan(p.numel, p.widx, vec); }
 
@@ -381,6 +512,7 @@ ElemArgs make_args(const BlendParams& p, const Plan& plan, int vec_width) {
   a.chunk = plan.chunk;
   a.blocks_per_group = plan.blocks_per_group > 0 ? plan.blocks_per_group : 1;
   a.iter = p.iter;
+  a.tile = p.tile;
   bool aligned = true;
   for (int k = 0; k < kMaxOperands; ++k) {
     a.data[k] = p.data[k];
@@ -398,6 +530,13 @@ ElemArgs make_args(const BlendParams& p, const Plan& plan, int vec_width) {
 
 template <class Op>
 cudaError_t launch_elementwise(const ElemArgs& a, const Plan& plan, cudaStream_t stream) {
+  if (a.tile.on) {
+    const int64_t blocks = plan::tile_blocks(a.tile);
+    if (blocks <= 0) return cudaSuccess;
+    if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+    blend_tile_kernel<Op><<<static_cast<unsigned>(blocks), kTileSide * kTileRows, 0, stream>>>(a);
+    return cudaGetLastError();
+  }
   if (plan.blocks <= 0) return cudaSuccess;
   if (plan.blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   blend_elementwise_kernel<Op>
@@ -519,7 +658,8 @@ Workspace workspace_layout(const BlendParams& p) {
   } else {
     w.mode = RedMode::kPartials;
     w.partials = off;
-    off = align256(off + static_cast<size_t>(plan.blocks > 0 ? plan.blocks : 1) * sizeof(double));
+    const int64_t blocks = p.tile.on ? plan::tile_blocks(p.tile) : plan.blocks;
+    off = align256(off + static_cast<size_t>(blocks > 0 ? blocks : 1) * sizeof(double));
   }
   if (p.op == BlendOp::kGate) {
     w.de = off;
@@ -596,8 +736,13 @@ cudaError_t launch_blend_backward(const BlendParams& p, void* workspace) {
     err = detail::launch_reduce_general(a.dw, p.host == DType::kDouble ? DType::kDouble : DType::kFloat,
                                         p.general_reduce, p.weight_numel, f, p.stream);
   } else {
-    // One group per weight element; with no elements (numel == 0) every sum is zero.
-    const int64_t per_group = p.numel > 0 ? plan.blocks_per_group : 0;
+    // One group per weight element; with no elements (numel == 0) every sum is zero. Tiles
+    // run sample-major: a per-sample weight's group is its sample's tiles, a scalar's all.
+    int64_t per_group = p.numel > 0 ? plan.blocks_per_group : 0;
+    if (p.tile.on) {
+      per_group = p.widx.form == WeightForm::kOuter ? p.tile.tiles_p * p.tile.tiles_c
+                                                    : plan::tile_blocks(p.tile);
+    }
     err = detail::launch_reduce_partials(a.partials, p.weight_numel, per_group, f, p.stream);
   }
   if (err != cudaSuccess || p.op != BlendOp::kGate) return err;

@@ -185,6 +185,11 @@ void run_blend(BlendParams p, const std::vector<at::Tensor>& outs, std::vector<a
               "kasmina CUDA kernels: a weight of shape ", at::IntArrayRef(W),
               " broadcasts over features of shape ", at::IntArrayRef(fsizes), " in more than ", kMaxDims, " separate runs");
   p.weight_numel = plan::numel(W);
+  if (p.op != BlendOp::kValve) {
+    std::vector<Shape> strides;
+    for (const at::Tensor& t : all) strides.push_back(shape_of(t.strides()));
+    plan::make_tile(fsizes, strides, p.widx, p.tile);
+  }
   if (backward && p.need_weight_grad && p.widx.form == WeightForm::kGeneral && p.numel > 0) {
     TORCH_CHECK(plan::make_reduce_map(fsizes, *order, w_aligned, p.general_reduce),
                 "kasmina CUDA kernels: weight of shape ", at::IntArrayRef(W), " needs more than ", kMaxDims,

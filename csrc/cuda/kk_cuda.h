@@ -164,6 +164,42 @@ KK_CUDA_HD VecSplit vector_split(int64_t start, int64_t end, int64_t vec) {
   return v;
 }
 
+// Mixed memory formats: every feature operand of a launch is a dense (B,C,H,W) tensor, NCHW
+// or channels_last, and they are not all alike (Esper's channels_last host beside an NCHW
+// seed). Such launches run in tiles of kTileSide positions x kTileSide channels of one
+// sample, each operand read and written along its own contiguous dim through shared memory.
+constexpr int kTileSide = 32;
+constexpr int kTileRows = 8;  // a block is kTileSide x kTileRows threads
+
+struct TileShape {
+  bool on = false;
+  int64_t batch = 0, channels = 0, positions = 0;  // B, C, H*W
+  int64_t tiles_p = 0, tiles_c = 0;                // tiles per sample along each dim
+  uint32_t cl = 0;                                 // bit k: operand k is channels_last
+};
+
+// Element offset of (sample b, position p = h*W + w, channel c) in a dense operand.
+KK_CUDA_HD int64_t tile_offset(int64_t b, int64_t p, int64_t c, int64_t C, int64_t HW, bool cl) {
+  return b * C * HW + (cl ? p * C + c : c * HW + p);
+}
+
+// The tile of block `block`: blocks run sample-major, so one sample's tiles are consecutive
+// (its weight-gradient partials are one contiguous group).
+struct TileCoords {
+  int64_t b, p0, c0;
+};
+
+KK_CUDA_HD TileCoords tile_coords(int64_t block, const TileShape& t) {
+  const int64_t per_sample = t.tiles_p * t.tiles_c;
+  TileCoords r;
+  r.b = block / per_sample;
+  const int64_t k = block - r.b * per_sample;
+  const int64_t pt = k / t.tiles_c;
+  r.p0 = pt * kTileSide;
+  r.c0 = (k - pt * t.tiles_c) * kTileSide;
+  return r;
+}
+
 // A blend weight (alpha or gate) as the kernels read it: in its own dtype through `map` (W
 // index -> element offset), or, when `ptr` is null, the value of a 0-dim CPU tensor read on
 // the host.
@@ -233,6 +269,7 @@ struct BlendParams {
   void* data[kMaxOperands] = {};
   int64_t stride[kMaxOperands][kMaxDims] = {};
   bool linear = false;  // every operand's offset equals the iteration index
+  TileShape tile;       // on: the mixed-layout (tiled) path, operands numbered as data[]
 
   // Weights (unused by STE). For GATE, alpha and gate are mapped over W = broadcast shape.
   WeightIndex widx;

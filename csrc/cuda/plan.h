@@ -193,6 +193,60 @@ inline bool make_reduce_map(const Shape& src_sizes, const std::vector<int>& src_
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Memory format of a 4-D tensor: dense NCHW (0), dense channels_last (1), neither (-1).
+// Size-1 dims carry no stride; where C or H*W is 1 the two coincide and NCHW is returned.
+constexpr int kLayoutOther = -1, kLayoutNchw = 0, kLayoutChannelsLast = 1;
+
+inline int layout_4d(const Shape& sizes, const Shape& strides) {
+  if (sizes.size() != 4 || strides.size() != 4) return kLayoutOther;
+  const int64_t C = sizes[1], H = sizes[2], W = sizes[3];
+  const Shape nchw = {C * H * W, H * W, W, 1};
+  const Shape cl = {H * W * C, 1, W * C, C};
+  auto matches = [&](const Shape& canon) {
+    for (int d = 0; d < 4; ++d) {
+      if (sizes[d] != 1 && strides[d] != canon[d]) return false;
+    }
+    return true;
+  };
+  if (matches(nchw)) return kLayoutNchw;
+  if (matches(cl)) return kLayoutChannelsLast;
+  return kLayoutOther;
+}
+
+// The tiled path of a blend launch over operands of one 4-D shape (strides per operand,
+// outputs first): on when every operand is dense NCHW or channels_last, both formats occur,
+// the weight is one value or one per sample (kOuter over the batch), and a sample holds at
+// least one block's worth of elements. Otherwise `t.on` is false.
+inline bool make_tile(const Shape& sizes, const std::vector<Shape>& strides, const WeightIndex& widx,
+                      TileShape& t) {
+  t = TileShape{};
+  if (sizes.size() != 4 || strides.empty() || strides.size() > 32) return false;
+  const int64_t B = sizes[0], C = sizes[1], HW = sizes[2] * sizes[3];
+  if (B < 1 || C < 2 || HW < 2 || C * HW < int64_t{kTileSide} * kTileRows) return false;
+  const bool weight_ok = widx.form == WeightForm::kScalar ||
+                         (widx.form == WeightForm::kOuter && widx.groups == B);
+  if (!weight_ok) return false;
+  uint32_t cl = 0;
+  bool nchw = false;
+  for (size_t k = 0; k < strides.size(); ++k) {
+    const int layout = layout_4d(sizes, strides[k]);
+    if (layout == kLayoutOther) return false;
+    if (layout == kLayoutChannelsLast) cl |= uint32_t{1} << k;
+    nchw = nchw || layout == kLayoutNchw;
+  }
+  if (cl == 0 || !nchw) return false;  // one format: the linear path is coalesced already
+  t.on = true;
+  t.batch = B;
+  t.channels = C;
+  t.positions = HW;
+  t.tiles_p = ceil_div(HW, kTileSide);
+  t.tiles_c = ceil_div(C, kTileSide);
+  t.cl = cl;
+  return true;
+}
+
+inline int64_t tile_blocks(const TileShape& t) { return t.batch * t.tiles_p * t.tiles_c; }
+
 // The blend kernels' launch: blocks of `threads` threads, each owning `chunk` elements of one
 // weight group (see block_range). Depends only on the sizes, never on the device, so the
 // weight-gradient sums are bit-identical across runs and GPUs.

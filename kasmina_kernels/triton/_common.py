@@ -400,3 +400,15 @@ def call_fused(function, fwd, op, *inputs):
 def empty_placeholder(like: torch.Tensor) -> torch.Tensor:
     """What a backward op returns for a gradient nobody asked for."""
     return like.new_empty((0,))
+
+
+def layout_4d(shape, strides):
+    """"nchw" or "cl" when a 4-D tensor is dense in that memory format (size-1 dims carry no
+    stride), else None. Where C or H*W is 1 the two coincide; "nchw" is returned."""
+    if len(shape) != 4:
+        return None
+    B, Cn, Hn, Wn = shape
+    for name, canon in (("nchw", (Cn * Hn * Wn, Hn * Wn, Wn, 1)), ("cl", (Hn * Wn * Cn, 1, Wn * Cn, Cn))):
+        if all(n == 1 or st == c for n, st, c in zip(shape, strides, canon)):
+            return name
+    return None

@@ -20,6 +20,12 @@ format), split per sample when a weight is per-sample, so alpha/gate cost one sc
 program and the partial sums are per-sample; every other operand is addressed by its own
 strides (a channels_last host with an NCHW seed costs no copy). Inner dims are coalesced to
 at most three; layouts that need more (rare, rank >= 5) are copied into the output's layout.
+Mixed memory formats (Esper's channels_last host beside an NCHW seed and seed_input: every
+operand a dense (B,C,H,W) tensor in one of the two formats, weights scalar or per-sample)
+take a tiled path instead: one program per [positions x channels] tile of one sample, each
+operand loaded and stored along its own contiguous dim, so both formats are read coalesced.
+A backward reads only what its closed forms need (the lerp without a weight gradient reads
+g alone) and writes only the gradients asked for.
 64-bit offsets switch on when a tensor spans 2^31 elements. alpha/gate are read on the device
 (a 0-dim CPU scalar beside device features is passed by value: no copy, no sync).
 
@@ -61,6 +67,9 @@ FORCE_VALUE_MODE = False
 # Per-sample weights use the per-sample split only when a sample has at least this many
 # elements; smaller samples read the weight per element (one program covers many samples).
 MIN_SPLIT_INNER = 64
+# Elements per tile of the mixed-layout path (a power of two). The interpreter runs one
+# program at a time, so it gets larger tiles; tests lower it to exercise edge tiles.
+TILE_ELEMS = 32768 if C.INTERPRET else 2048
 
 
 # ============================================================================ kernels
@@ -106,6 +115,57 @@ def _seed(x, H: tl.constexpr, CD: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _fwd_math(h, s, r, w, OP: tl.constexpr, INTERP: tl.constexpr):
+    """The forward value of ADD/GATE (lerp), MULTIPLY (r is h without seed_input) and STE,
+    on compute-dtype values of any block shape."""
+    if OP <= 1:
+        y = lerp(h, s, w)
+    elif OP == 2:
+        y = h * (1.0 + w * tanh(s - r, INTERP))
+    else:
+        y = h + (s - s)
+    return y
+
+
+@triton.jit
+def _bwd_math(go, h, s, r, w, OP: tl.constexpr, R_IS_H: tl.constexpr, NEED_W: tl.constexpr,
+              H: tl.constexpr, CD: tl.constexpr, RD: tl.constexpr, INTERP: tl.constexpr):
+    """(dh, ds rounded to H, the alpha/gate gradient term in RD) of ADD/GATE/MULTIPLY. Without
+    NEED_W the lerp reads neither h nor s (the caller may pass placeholders); the term is then
+    a placeholder too."""
+    dwt = go
+    if OP <= 1:
+        dh = go * (1.0 - w)
+        ds = go * w
+        if NEED_W:
+            dwt = go.to(RD) * (s.to(RD) - h.to(RD))
+    else:
+        # The reference autograd's rounding points (as the native kernels): s - r and
+        # its saved tanh rounded to the host dtype H; g*h, g*h*c, c*t and 1 + c*t rounded
+        # to H; 1 - t^2 as the device's tanh_backward forms it (tanh_grad). A tanh that
+        # saturates to +-1 in H so gives exactly zero, as in the reference.
+        dx = s - r
+        d = round_to(dx, H, INTERP)
+        tr = tanh(d, INTERP)
+        tg = round_to(tr, H, INTERP)
+        gh = round_to(go * h, H, INTERP)
+        ds = round_to(gh * w, H, INTERP) * tanh_grad(tg, H, INTERP)
+        dh = round_to(go * round_to(1.0 + round_to(w * tg, H, INTERP), H, INTERP), H, INTERP)
+        if R_IS_H:
+            dh = dh - round_to(ds, H, INTERP)
+        if NEED_W:
+            if RD == CD:
+                # the alpha term wants tanh of the unrounded s - r: first-order correction
+                e = dx - d
+                e = tl.where(e == e, e, 0.0)  # an infinite d rounds to itself
+                dwt = go * h * (tr + (1.0 - tr * tr) * e)
+            else:
+                dwt = go.to(RD) * h.to(RD) * tanh(s.to(RD) - r.to(RD), INTERP)
+    # the gradient of s.to(h.dtype) is rounded to h's dtype, then (by the store) to s's
+    return dh, round_to(ds, H, INTERP), dwt
+
+
+@triton.jit
 def _blend_fwd_kernel(
     out_ptr, x0_ptr, x1_ptr, x2_ptr, a_ptr, g_ptr,
     INNER, D1, D2, CHUNKS,
@@ -128,10 +188,6 @@ def _blend_fwd_kernel(
     mask = j < INNER
     i0, i1, i2 = coords(j, D1, D2, NDIM)
     x0 = tl.load(x0_ptr + offset(b, j, i0, i1, i2, x0_sb, x0_s0, x0_s1, x0_s2, X0_FLAT), mask=mask, other=0)
-    if OP != 4:
-        h = to_float(x0, CD, INTERP)
-        x1 = tl.load(x1_ptr + offset(b, j, i0, i1, i2, x1_sb, x1_s0, x1_s1, x1_s2, X1_FLAT), mask=mask, other=0)
-        s = _seed(x1, H, CD, INTERP)
     if OP != 3:
         a = _weight(a_ptr, b, offset(b, j, i0, i1, i2, a_sb, a_s0, a_s1, a_s2, False), mask, A_MODE, a_sb, WD, INTERP)
         if OP == 1:
@@ -139,21 +195,22 @@ def _blend_fwd_kernel(
         else:
             g = a
         w = _effective_weight(a, g, OP, H, P, CD, INTERP)
-    if OP <= 1:
-        y = lerp(h, s, w)
-    elif OP == 2:
-        if R_IS_H:
-            r = h
-        else:
-            x2 = tl.load(x2_ptr + offset(b, j, i0, i1, i2, x2_sb, x2_s0, x2_s1, x2_s2, X2_FLAT), mask=mask, other=0)
-            r = _seed(x2, H, CD, INTERP)
-        y = h * (1.0 + w * tanh(s - r, INTERP))
-    elif OP == 3:
-        y = h + (s - s)
-    else:
+    if OP == 4:
         # VALVE: x0 is m (its own dtype TD's opmath); tanh rounded to m's dtype
         t = round_to(tanh(to_float(x0, TD, INTERP), INTERP), x0_ptr.dtype.element_ty, INTERP).to(CD)
         y = 1.0 + w * t
+    else:
+        h = to_float(x0, CD, INTERP)
+        x1 = tl.load(x1_ptr + offset(b, j, i0, i1, i2, x1_sb, x1_s0, x1_s1, x1_s2, X1_FLAT), mask=mask, other=0)
+        s = _seed(x1, H, CD, INTERP)
+        r = h
+        if OP == 2:
+            if not R_IS_H:
+                x2 = tl.load(x2_ptr + offset(b, j, i0, i1, i2, x2_sb, x2_s0, x2_s1, x2_s2, X2_FLAT), mask=mask, other=0)
+                r = _seed(x2, H, CD, INTERP)
+        if OP == 3:
+            w = h  # unused
+        y = _fwd_math(h, s, r, w, OP, INTERP)
     store(out_ptr + (b * INNER + j), y, mask, INTERP)
 
 
@@ -172,12 +229,14 @@ def _blend_bwd_kernel(
     X0_FLAT: tl.constexpr, X1_FLAT: tl.constexpr, X2_FLAT: tl.constexpr,
     A_MODE: tl.constexpr, G_MODE: tl.constexpr, R_IS_H: tl.constexpr,
     W_DX0: tl.constexpr, W_DX1: tl.constexpr, W_DX2: tl.constexpr,
-    NEED_W: tl.constexpr, W_ELEM: tl.constexpr,
+    NEED_W: tl.constexpr, W_ELEM: tl.constexpr, LOAD_H: tl.constexpr, LOAD_S: tl.constexpr,
     H: tl.constexpr, P: tl.constexpr, WD: tl.constexpr, CD: tl.constexpr, TD: tl.constexpr,
     RD: tl.constexpr, I64: tl.constexpr, INTERP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # RD: dtype of the alpha/gate gradient terms and partial sums (float64 for float32 and
-    # float64 features, so the reduction error stays well under eager's; float32 for halves)
+    # float64 features, so the reduction error stays well under eager's; float32 for halves).
+    # LOAD_H / LOAD_S: whether the closed forms need h / s at all (the lerp without a weight
+    # gradient reads only g).
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)
@@ -187,7 +246,7 @@ def _blend_bwd_kernel(
     i0, i1, i2 = coords(j, D1, D2, NDIM)
     ref = b * INNER + j
     go = to_float(tl.load(go_ptr + offset(b, j, i0, i1, i2, go_sb, go_s0, go_s1, go_s2, GO_FLAT), mask=mask, other=0), CD, INTERP)
-    x0 = tl.load(x0_ptr + offset(b, j, i0, i1, i2, x0_sb, x0_s0, x0_s1, x0_s2, X0_FLAT), mask=mask, other=0)
+    x0_off = offset(b, j, i0, i1, i2, x0_sb, x0_s0, x0_s1, x0_s2, X0_FLAT)
     a = _weight(a_ptr, b, offset(b, j, i0, i1, i2, a_sb, a_s0, a_s1, a_s2, False), mask, A_MODE, a_sb, WD, INTERP)
     if OP == 1:
         g = _weight(g_ptr, b, offset(b, j, i0, i1, i2, g_sb, g_s0, g_s1, g_s2, False), mask, G_MODE, g_sb, WD, INTERP)
@@ -198,6 +257,7 @@ def _blend_bwd_kernel(
         # dm at the reference's rounding points (torch's tanh_backward in m's dtype: the
         # saved tanh rounded to m's dtype, g*c rounded to it, 1 - t^2 as that device forms
         # it); dc with the unrounded tanh
+        x0 = tl.load(x0_ptr + x0_off, mask=mask, other=0)
         tx = tanh(to_float(x0, TD, INTERP), INTERP).to(CD)
         t = round_to(tx, x0_ptr.dtype.element_ty, INTERP)
         dm = round_to(go * w, x0_ptr.dtype.element_ty, INTERP) * tanh_grad(t, x0_ptr.dtype.element_ty, INTERP)
@@ -205,43 +265,23 @@ def _blend_bwd_kernel(
         if W_DX0:
             store(dx0_ptr + ref, dm, mask, INTERP)
     else:
-        h = to_float(x0, CD, INTERP)
+        h = go
+        s = go
+        r = go
+        if LOAD_H:
+            h = to_float(tl.load(x0_ptr + x0_off, mask=mask, other=0), CD, INTERP)
         x1_off = offset(b, j, i0, i1, i2, x1_sb, x1_s0, x1_s1, x1_s2, X1_FLAT)
-        s = _seed(tl.load(x1_ptr + x1_off, mask=mask, other=0), H, CD, INTERP)
-        if OP <= 1:
-            dh = go * (1.0 - w)
-            ds = go * w
-            dwt = go.to(RD) * (s.to(RD) - h.to(RD))
-        else:
+        if LOAD_S:
+            s = _seed(tl.load(x1_ptr + x1_off, mask=mask, other=0), H, CD, INTERP)
+        if OP == 2:
             x2_off = offset(b, j, i0, i1, i2, x2_sb, x2_s0, x2_s1, x2_s2, X2_FLAT)
             if R_IS_H:
                 r = h
             else:
                 r = _seed(tl.load(x2_ptr + x2_off, mask=mask, other=0), H, CD, INTERP)
-            # The reference autograd's rounding points (as the native kernels): s - r and
-            # its saved tanh rounded to the host dtype H; g*h, g*h*c, c*t and 1 + c*t rounded
-            # to H; 1 - t^2 as the device's tanh_backward forms it (tanh_grad). A tanh that
-            # saturates to +-1 in H so gives exactly zero, as in the reference.
-            dx = s - r
-            d = round_to(dx, H, INTERP)
-            tr = tanh(d, INTERP)
-            tg = round_to(tr, H, INTERP)
-            gh = round_to(go * h, H, INTERP)
-            ds = round_to(gh * w, H, INTERP) * tanh_grad(tg, H, INTERP)
-            dh = round_to(go * round_to(1.0 + round_to(w * tg, H, INTERP), H, INTERP), H, INTERP)
-            if R_IS_H:
-                dh = dh - round_to(ds, H, INTERP)
-            if RD == CD:
-                # the alpha term wants tanh of the unrounded s - r: first-order correction
-                e = dx - d
-                e = tl.where(e == e, e, 0.0)  # an infinite d rounds to itself
-                dwt = go * h * (tr + (1.0 - tr * tr) * e)
-            else:
-                dwt = go.to(RD) * h.to(RD) * tanh(s.to(RD) - r.to(RD), INTERP)
+        dh, ds_h, dwt = _bwd_math(go, h, s, r, w, OP, R_IS_H, NEED_W, H, CD, RD, INTERP)
         if W_DX0:
             store(dx0_ptr + ref, dh, mask, INTERP)
-        # the gradient of s.to(h.dtype) is rounded to h's dtype, then to s's
-        ds_h = round_to(ds, H, INTERP)
         if W_DX1:
             store(dx1_ptr + x1_off, ds_h, mask, INTERP)
         if OP == 2:
@@ -253,6 +293,117 @@ def _blend_bwd_kernel(
             tl.store(dwe_ptr + ref, dwt, mask=mask)
         else:
             tl.store(part_ptr + pid, tl.sum(dwt, axis=0))
+
+
+# ---------------------------------------------------------------------------- mixed layouts
+# A channels_last operand beside NCHW operands of one (B,C,H,W) shape: one program per tile
+# of [BLOCK_P positions x BLOCK_C channels] of one sample. Each operand is addressed along its
+# own contiguous dim (p*C + c channels_last, c*HW + p NCHW), so every load and store is
+# coalesced and Triton's compiler converts between the two register layouts through shared
+# memory. The per-element math is the flat kernels' (_fwd_math, _bwd_math).
+@triton.jit
+def _tile_offsets(b, pp, cc, C, HW, CL: tl.constexpr):
+    if CL:
+        return b * (C * HW) + (pp[:, None] * C + cc[None, :])
+    else:
+        return b * (C * HW) + (cc[None, :] * HW + pp[:, None])
+
+
+@triton.jit
+def _tile_coords(C, HW, TILES, CT, I64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(pid, sample, positions, channels, mask) of this program's tile."""
+    pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)
+    b = pid // TILES
+    t = pid - b * TILES
+    pt = t // CT
+    ct = t - pt * CT
+    pp = pt * BLOCK_P + tl.arange(0, BLOCK_P)
+    cc = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+    if I64:
+        pp = pp.to(tl.int64)
+        cc = cc.to(tl.int64)
+    mask = (pp < HW)[:, None] & (cc < C)[None, :]
+    return pid, b, pp, cc, mask
+
+
+@triton.jit
+def _blend_tile_fwd_kernel(
+    out_ptr, x0_ptr, x1_ptr, x2_ptr, a_ptr, g_ptr,
+    C, HW, TILES, CT, a_sb, g_sb,
+    OP: tl.constexpr, OUT_CL: tl.constexpr,
+    X0_CL: tl.constexpr, X1_CL: tl.constexpr, X2_CL: tl.constexpr,
+    A_MODE: tl.constexpr, G_MODE: tl.constexpr, R_IS_H: tl.constexpr,
+    H: tl.constexpr, P: tl.constexpr, WD: tl.constexpr, CD: tl.constexpr,
+    I64: tl.constexpr, INTERP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid, b, pp, cc, mask = _tile_coords(C, HW, TILES, CT, I64, BLOCK_P, BLOCK_C)
+    h = to_float(tl.load(x0_ptr + _tile_offsets(b, pp, cc, C, HW, X0_CL), mask=mask, other=0), CD, INTERP)
+    s = _seed(tl.load(x1_ptr + _tile_offsets(b, pp, cc, C, HW, X1_CL), mask=mask, other=0), H, CD, INTERP)
+    r = h
+    if OP == 2:
+        if not R_IS_H:
+            r = _seed(tl.load(x2_ptr + _tile_offsets(b, pp, cc, C, HW, X2_CL), mask=mask, other=0), H, CD, INTERP)
+    w = h  # STE: unused
+    if OP != 3:
+        a = _weight(a_ptr, b, 0, mask, A_MODE, a_sb, WD, INTERP)
+        g = a
+        if OP == 1:
+            g = _weight(g_ptr, b, 0, mask, G_MODE, g_sb, WD, INTERP)
+        w = _effective_weight(a, g, OP, H, P, CD, INTERP)
+    y = _fwd_math(h, s, r, w, OP, INTERP)
+    store(out_ptr + _tile_offsets(b, pp, cc, C, HW, OUT_CL), y, mask, INTERP)
+
+
+@triton.jit
+def _blend_tile_bwd_kernel(
+    dx0_ptr, dx1_ptr, dx2_ptr, part_ptr,
+    go_ptr, x0_ptr, x1_ptr, x2_ptr, a_ptr, g_ptr,
+    C, HW, TILES, CT, a_sb, g_sb,
+    OP: tl.constexpr, GO_CL: tl.constexpr,
+    X0_CL: tl.constexpr, X1_CL: tl.constexpr, X2_CL: tl.constexpr,
+    A_MODE: tl.constexpr, G_MODE: tl.constexpr, R_IS_H: tl.constexpr,
+    W_DX0: tl.constexpr, W_DX1: tl.constexpr, W_DX2: tl.constexpr, NEED_W: tl.constexpr,
+    LOAD_H: tl.constexpr, LOAD_S: tl.constexpr,
+    H: tl.constexpr, P: tl.constexpr, WD: tl.constexpr, CD: tl.constexpr, RD: tl.constexpr,
+    I64: tl.constexpr, INTERP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # dx0, dx1, dx2 share the layouts of x0, x1, x2 (empty_like of dense operands).
+    pid, b, pp, cc, mask = _tile_coords(C, HW, TILES, CT, I64, BLOCK_P, BLOCK_C)
+    x0_off = _tile_offsets(b, pp, cc, C, HW, X0_CL)
+    x1_off = _tile_offsets(b, pp, cc, C, HW, X1_CL)
+    x2_off = _tile_offsets(b, pp, cc, C, HW, X2_CL)
+    go = to_float(tl.load(go_ptr + _tile_offsets(b, pp, cc, C, HW, GO_CL), mask=mask, other=0), CD, INTERP)
+    # operands the closed forms do not need are not read (placeholders keep the names bound)
+    h = go
+    s = go
+    r = go
+    if LOAD_H:
+        h = to_float(tl.load(x0_ptr + x0_off, mask=mask, other=0), CD, INTERP)
+    if LOAD_S:
+        s = _seed(tl.load(x1_ptr + x1_off, mask=mask, other=0), H, CD, INTERP)
+    if OP == 2:
+        if R_IS_H:
+            r = h
+        else:
+            r = _seed(tl.load(x2_ptr + x2_off, mask=mask, other=0), H, CD, INTERP)
+    a = _weight(a_ptr, b, 0, mask, A_MODE, a_sb, WD, INTERP)
+    g = a
+    if OP == 1:
+        g = _weight(g_ptr, b, 0, mask, G_MODE, g_sb, WD, INTERP)
+    w = _effective_weight(a, g, OP, H, P, CD, INTERP)
+    dh, ds_h, dwt = _bwd_math(go, h, s, r, w, OP, R_IS_H, NEED_W, H, CD, RD, INTERP)
+    if W_DX0:
+        store(dx0_ptr + x0_off, dh, mask, INTERP)
+    if W_DX1:
+        store(dx1_ptr + x1_off, ds_h, mask, INTERP)
+    if OP == 2:
+        if W_DX2:
+            store(dx2_ptr + x2_off, -ds_h, mask, INTERP)
+    if NEED_W:
+        dwt = tl.where(mask, dwt, 0.0)
+        tl.store(part_ptr + pid, tl.sum(tl.sum(dwt, axis=1), axis=0))
 
 
 @triton.jit
@@ -400,7 +551,8 @@ class _Cfg:
     """Everything about a launch that depends only on shapes, strides, dtypes and devices:
     built once per configuration and cached, so a call does no planning."""
 
-    __slots__ = ("fallback", "modes", "grid", "ints", "kw", "w_elem", "part_dtype", "fin_ints", "fin_kw")
+    __slots__ = ("fallback", "tiled", "modes", "grid", "ints", "kw", "w_elem", "part_dtype", "fin_ints",
+                 "fin_kw")
 
 
 _cfg_cache: dict = {}
@@ -419,6 +571,9 @@ def _make_cfg(backward, op, shape, ref_strides, operands, weights, dev, H, P, M,
     for k, (m, w) in enumerate(zip(modes, weights)):
         if m == MODE_SAMPLE and not (w.dim() == nd and w.shape[0] == shape[0]):
             modes[k] = MODE_ELEM
+    cfg.fallback = cfg.tiled = False
+    if _make_tile_cfg(cfg, backward, op, shape, ref_strides, operands, weights, modes, H, P, M, need):
+        return cfg
     n = 1
     for v in shape:
         n *= v
@@ -471,9 +626,11 @@ def _make_cfg(backward, op, shape, ref_strides, operands, weights, dev, H, P, M,
         cfg.w_elem = need_w and MODE_ELEM in modes
         RD = tl.float64 if H in (torch.float32, torch.float64) else tl.float32
         cfg.part_dtype = torch.float64 if RD == tl.float64 else torch.float32
-        kw.update(W_DX0=bool(n0), W_DX1=bool(n1) and operands[2] is not None,
-                  W_DX2=bool(n2) and operands[3] is not None,
-                  NEED_W=need_w, W_ELEM=cfg.w_elem, RD=RD)
+        w_dx1 = bool(n1) and operands[2] is not None
+        w_dx2 = bool(n2) and operands[3] is not None
+        load_h, load_s = _backward_reads(op, operands[-1] is None, w_dx1, w_dx2, need_w)
+        kw.update(W_DX0=bool(n0), W_DX1=w_dx1, W_DX2=w_dx2,
+                  NEED_W=need_w, W_ELEM=cfg.w_elem, LOAD_H=load_h, LOAD_S=load_s, RD=RD)
         bk = min(C.next_pow2(chunks), 1024)
         bb = max(1, min(C.next_pow2(p.B), 4096 // bk))
         cfg.fin_ints = (p.B, chunks, wq[0][0], wq[1][0])
@@ -482,6 +639,87 @@ def _make_cfg(backward, op, shape, ref_strides, operands, weights, dev, H, P, M,
                           BLOCK_B=bb, BLOCK_K=bk)
     cfg.kw = kw
     return cfg
+
+
+def _backward_reads(op, r_is_h, w_dx1, w_dx2, need_w):
+    """(read h, read s): what a backward's closed forms need. The lerp's dh = g*(1-w) and
+    ds = g*w need neither without a weight gradient; MULTIPLY needs s (and r) for tanh, and h
+    only for ds, dr, the alpha term, or when r is h."""
+    if op in (OP_ADD, OP_GATE):
+        return need_w, need_w
+    if op == OP_MUL:
+        return bool(r_is_h or w_dx1 or w_dx2 or need_w), True
+    return True, True
+
+
+def _tile_blocks(channels, hw):
+    """(BLOCK_P, BLOCK_C, num_warps) of the mixed-layout path: powers of two, about
+    TILE_ELEMS elements, neither side starved (each operand's contiguous run is a whole row
+    of the tile)."""
+    bp0 = min(C.next_pow2(hw), 64)
+    bc = min(C.next_pow2(channels), max(1, TILE_ELEMS // bp0))
+    bp = min(C.next_pow2(hw), max(1, TILE_ELEMS // bc))
+    return bp, bc, (4 if bp * bc <= 1024 else 8)
+
+
+def _make_tile_cfg(cfg, backward, op, shape, ref_strides, operands, weights, modes, H, P, M, need):
+    """The mixed-layout path (channels_last beside NCHW operands of one (B,C,H,W) shape, weights
+    scalar or per-sample): fills `cfg` and returns True, or returns False to leave the call to
+    the flat path (one layout everywhere, other layouts, ranks or weight shapes)."""
+    if op not in (OP_ADD, OP_GATE, OP_MUL, OP_STE) or len(shape) != 4 or MODE_ELEM in modes:
+        return False
+    B, Cn, HW = shape[0], shape[1], shape[2] * shape[3]
+    if B == 0 or Cn < 2 or HW < 2 or Cn * HW < MIN_SPLIT_INNER:
+        return False
+    ref = C.layout_4d(shape, ref_strides)
+    classes = [None if x is None else C.layout_4d(shape, x.stride()) for x in operands]
+    if ref is None or any(x is not None and c is None for x, c in zip(operands, classes)):
+        return False
+    if backward and classes[1] != ref:  # dx0 is written at x0's offsets
+        return False
+    if all(c is None or c == ref for c in classes):
+        return False  # one layout: the flat path is already coalesced
+    bp, bc, warps = _tile_blocks(Cn, HW)
+    ct = -(-Cn // bc)
+    tiles = -(-HW // bp) * ct
+    cfg.tiled = True
+    cfg.modes = modes
+    cfg.w_elem = False
+    cfg.grid = (B * tiles,)
+    wsb = [w.stride(0) if m == MODE_SAMPLE else 0 for m, w in zip(modes, weights)]
+    cfg.ints = (Cn, HW, tiles, ct, wsb[0], wsb[1])
+    wdts = [w.dtype for w in weights if w is not None]
+    CD = C.compute_dtype(H, *([M] if M is not None else []))
+    WD = C.compute_dtype(*wdts, H, P)
+    r_is_h = operands[-1] is None
+    cl = [c == "cl" for c in classes]
+    kw = dict(
+        OP=op, A_MODE=modes[0], G_MODE=modes[1], R_IS_H=r_is_h,
+        H=C.tl_dtype(H), P=C.tl_dtype(P), WD=WD, CD=CD,
+        I64=B * Cn * HW + TILE_ELEMS >= C._I32_SAFE, INTERP=C.INTERPRET,
+        BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
+    )
+    if backward:
+        n0, n1, n2, na, ng = need
+        need_w = bool(na or ng)
+        RD = tl.float64 if H in (torch.float32, torch.float64) else tl.float32
+        cfg.part_dtype = torch.float64 if RD == tl.float64 else torch.float32
+        w_dx1 = bool(n1) and operands[2] is not None
+        w_dx2 = bool(n2) and operands[3] is not None
+        load_h, load_s = _backward_reads(op, r_is_h, w_dx1, w_dx2, need_w)
+        kw.update(GO_CL=cl[0], X0_CL=cl[1], X1_CL=cl[2], X2_CL=cl[3],
+                  W_DX0=bool(n0), W_DX1=w_dx1, W_DX2=w_dx2, NEED_W=need_w,
+                  LOAD_H=load_h, LOAD_S=load_s, RD=RD)
+        bk = min(C.next_pow2(tiles), 1024)
+        bb = max(1, min(C.next_pow2(B), 4096 // bk))
+        cfg.fin_ints = (B, tiles, wsb[0], wsb[1])
+        cfg.fin_kw = dict(OP=op, A_MODE=modes[0], G_MODE=modes[1], H=C.tl_dtype(H), P=C.tl_dtype(P),
+                          WD=WD, NEED_A=bool(na), NEED_G=bool(ng), INTERP=C.INTERPRET,
+                          BLOCK_B=bb, BLOCK_K=bk)
+    else:
+        kw.update(OUT_CL=ref == "cl", X0_CL=cl[0], X1_CL=cl[1], X2_CL=cl[2])
+    cfg.kw = kw
+    return True
 
 
 def _desc(t):
@@ -532,6 +770,11 @@ def _forward(op, out, x0, x1, x2, alpha, gate, H, P, M=None):
         cfg = _get_cfg(False, op, shape, rs, (x0, x1, x2), (alpha, gate), dev, H, P, M)
     a = _weight_arg(alpha, cfg.modes[0], dev)
     g = _weight_arg(gate, cfg.modes[1], dev)
+    if cfg.tiled:
+        _blend_tile_fwd_kernel[cfg.grid](
+            out, x0, x0 if x1 is None else x1, x0 if x2 is None else x2,
+            x0 if a is None else a, x0 if g is None else g, *cfg.ints, **cfg.kw)
+        return out
     _blend_fwd_kernel[cfg.grid](
         out, x0, x0 if x1 is None else x1, x0 if x2 is None else x2,
         x0 if a is None else a, x0 if g is None else g, *cfg.ints, **cfg.kw)
@@ -588,11 +831,18 @@ def _backward(op, grad, x0, x1, x2, alpha, gate, need, H, P, M=None, red=None):
         else:
             part = torch.empty(cfg.grid, dtype=cfg.part_dtype, device=dev)
     d = x0
-    _blend_bwd_kernel[cfg.grid](
-        d if dx0 is None else dx0, d if dx1 is None else dx1, d if dx2 is None else dx2,
-        d if dwe is None else dwe, d if part is None else part,
-        grad, x0, d if x1 is None else x1, d if x2 is None else x2,
-        d if a is None else a, d if g is None else g, *cfg.ints, **cfg.kw)
+    if cfg.tiled:
+        _blend_tile_bwd_kernel[cfg.grid](
+            d if dx0 is None else dx0, d if dx1 is None else dx1, d if dx2 is None else dx2,
+            d if part is None else part,
+            grad, x0, d if x1 is None else x1, d if x2 is None else x2,
+            d if a is None else a, d if g is None else g, *cfg.ints, **cfg.kw)
+    else:
+        _blend_bwd_kernel[cfg.grid](
+            d if dx0 is None else dx0, d if dx1 is None else dx1, d if dx2 is None else dx2,
+            d if dwe is None else dwe, d if part is None else part,
+            grad, x0, d if x1 is None else x1, d if x2 is None else x2,
+            d if a is None else a, d if g is None else g, *cfg.ints, **cfg.kw)
     da = dg = None
     if na or ng:
         if cfg.w_elem:
