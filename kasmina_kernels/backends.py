@@ -234,11 +234,9 @@ def _auto(device_type: str) -> str:
 _is_compiling = torch.compiler.is_compiling
 
 #: What "auto" picks while torch.compile traces an op: the reference math, which Inductor
-#: fuses with the ops around the blend and partitions into the compiled backward. Measured on
-#: a compiled training step of an Esper-style CNN (tools/compiled_step.py: conv, ADD, MULTIPLY
-#: and GATE slots, batch 64, 16 channels, 32x32, channels_last, one CPU thread): 149 ms a step
-#: with the reference math against 220 ms with the opaque torch.ops.kasmina ops, which
-#: Inductor can neither fuse nor look into. Naming a backend (``backend="native"``,
+#: fuses with the ops around the blend and partitions into the compiled backward (an opaque
+#: torch.ops.kasmina op can be neither fused nor looked into; the benchmark records compare
+#: the two in a compiled training step). Naming a backend (``backend="native"``,
 #: ``use_backend("native")``, ``KASMINA_KERNELS_BACKEND=native``) keeps the opaque op under
 #: compile; eager calls are unaffected and run the fused kernels.
 COMPILE_AUTO = "reference"

@@ -136,8 +136,8 @@ def check_valve(op: str, alpha, m) -> None:
 def broadcast_shape(a, b) -> tuple[int, ...] | None:
     """The broadcast of shapes `a` and `b`, or None where they do not broadcast.
 
-    For eager host code: torch.broadcast_shapes costs about 10 us a call, as much as a whole
-    op on (B,) weights."""
+    For eager host code: torch.broadcast_shapes goes through the tracing machinery and costs
+    as much as a whole op on (B,) weights."""
     la, lb = len(a), len(b)
     out = [0] * max(la, lb)
     for i in range(1, len(out) + 1):
