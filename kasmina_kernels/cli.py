@@ -101,7 +101,6 @@ def build_summary() -> dict:
         info["native extension"] = "loaded"
         info["native built with CUDA"] = build["with_cuda"]
         info["native CPU ISA"] = build["cpu_isa"]
-        info["native float32 tanh"] = native.float_tanh()
         info["native compiler"] = build["compiler"]
         info["native built against torch"] = build["torch_version_at_build"]
     return info

@@ -24,12 +24,6 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-def float_tanh() -> str:
-    """Which float32 tanh the CPU MULTIPLY and valve kernels use: 'torch' or 'mixed'
-    (csrc/cpu/aten_tanh.h)."""
-    return _C.float_tanh()
-
-
 # ---------------------------------------------------------------------------- fake kernels
 # Each mirrors its C++ kernel's allocation: outputs and feature gradients follow their
 # tensor's layout (empty_like), weight gradients are contiguous in the weight's shape.

@@ -11,7 +11,7 @@
 #     build/isa-<name>/src and builds _C there, C++ only. setup.py records the ISA inside the
 #     package it builds, so the copy keeps the normal build's files untouched;
 #  2. runs the native tests whose code differs by ISA against that build: the float32 and
-#     double tanh tests, the whole equivalence matrix in both float tanh modes, contracts,
+#     double tanh tests, the whole equivalence matrix, contracts,
 #     fuzz, streaming stores, autograd, determinism and threads.
 #
 # Environment: PYTHON (default .venv/bin/python, else python3), KASMINA_ISA_TESTS (pytest

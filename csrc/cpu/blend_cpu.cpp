@@ -574,15 +574,30 @@ std::tuple<at::Tensor, at::Tensor> multiply_valve_multiplier_backward(const at::
   return {dalpha, dm};
 }
 
-at::Tensor tanh_f32(const at::Tensor& x, bool in_place) {
+std::tuple<at::Tensor, at::Tensor> tanh_f32(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
               "tanh_f32: takes a float32 CPU tensor, got ", x.scalar_type(), " on ", x.device());
-  const at::Tensor in = in_place ? x.contiguous().clone() : x.contiguous();
-  at::Tensor out = in_place ? in : at::empty_like(in);
-  at::parallel_for(0, in.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    tanh_row_f32(in.data_ptr<float>() + begin, out.data_ptr<float>() + begin, end - begin);
-  });
-  return out;
+  const at::Tensor in = x.contiguous();
+  at::Tensor t = at::empty_like(in), one_minus_t2 = at::empty_like(in);
+  const float* src = in.data_ptr<float>();
+  float* tp = t.data_ptr<float>();
+  float* gp = one_minus_t2.data_ptr<float>();
+  const int64_t n = in.numel();
+  constexpr int64_t kLanes = FVec::size();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    FVec tv, gv;
+    tanh_with_grad(FVec::loadu(src + i), tv, gv);
+    tv.store(tp + i);
+    gv.store(gp + i);
+  }
+  if (i < n) {  // the tail through the same lanes
+    FVec tv, gv;
+    tanh_with_grad(FVec::loadu(src + i, n - i), tv, gv);
+    tv.store(tp + i, n - i);
+    gv.store(gp + i, n - i);
+  }
+  return {t, one_minus_t2};
 }
 
 at::Tensor tanh_f64(const at::Tensor& x) {

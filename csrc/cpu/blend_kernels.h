@@ -6,7 +6,6 @@
 
 #include "cpu/aten_tanh.h"
 #include "cpu/loops.h"
-#include "cpu/tanh_f32.h"
 #include "cpu/vec_io.h"
 
 namespace kk::cpu {
@@ -715,13 +714,12 @@ auto ste_forward_loop() {
 }
 
 // ---------------------------------------------------------------- valve multiplier
-// tanh(m) as the reference computes it in m's dtype (torch's own float tanh for float32).
+// tanh(m) as the reference computes it in m's dtype: the float32 kernels' one tanh
+// (tanh_with_grad) for float32, ATen's own bits (tables) for the half types.
 template <typename M, typename V>
 inline V valve_tanh(V m) {
   if constexpr (std::is_same_v<M, float>) {
-    float in = static_cast<float>(m), out;
-    aten_tanh_f32(&in, &out, 1);
-    return static_cast<V>(out);
+    return static_cast<V>(tanh_from_exp(static_cast<float>(m)));
   } else if constexpr (kHalfPrecision<M>) {
     return static_cast<V>(half_tanh<M>(static_cast<M>(m)));
   } else {
@@ -743,23 +741,17 @@ auto valve_forward_loop(bool stream) {
               if constexpr (kVectorizable<U>) {
                 const bool cb = st[2] == 0;
                 const bool nt = stream && stream_aligned(p[0]);
-                // float32 m: the whole row's tanh up front (tanh_f32.h)
-                const float* trow = nullptr;
                 const float* table = nullptr;
                 if constexpr (kHalfPrecision<M>) table = tanh_table<M>();
-                if constexpr (std::is_same_v<M, float>) {
-                  float* tb = scratch_row(n);
-                  tanh_row_f32(reinterpret_cast<const float*>(p[1]), tb, n);
-                  trow = tb;
-                }
                 int64_t i = 0;
                 for (; i + kStep <= n; i += kStep) {
                   FVec c0, c1;
                   load_weight2<float>(p[2] + (cb ? 0 : i * sizeof(float)), cb, c0, c1);
                   FVec t0, t1;
                   if constexpr (std::is_same_v<M, float>) {
-                    t0 = FVec::loadu(trow + i);
-                    t1 = FVec::loadu(trow + i + FVec::size());
+                    const float* mp = reinterpret_cast<const float*>(p[1]) + i;
+                    t0 = tanh_from_exp(FVec::loadu(mp));
+                    t1 = tanh_from_exp(FVec::loadu(mp + FVec::size()));
                   } else {
                     // ATen's half-precision tanh (Sleef on the widened value), from the table
                     lookup2_mem<M>(table, reinterpret_cast<const M*>(p[1]) + i, t0, t1);
@@ -805,14 +797,8 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
             const bool nt = stream && stream_aligned(p[0]);
             int64_t i = 0;
             std::conditional_t<kHalfPrecision<U>, FloatLanes, DoubleLanes> lanes;
-            const float* trow = nullptr;
             const float* table = nullptr;
             if constexpr (kHalfPrecision<M>) table = tanh_table<M>();
-            if constexpr (std::is_same_v<M, float>) {
-              float* tb = scratch_row(n);
-              tanh_row_f32(reinterpret_cast<const float*>(p[G + 1]), tb, n);
-              trow = tb;
-            }
             {
               for (; i + kStep <= n; i += kStep) {
                 FVec g0, g1, c0, c1, dm0, dm1, dc0, dc1;
@@ -820,15 +806,20 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
                 load_weight2<float>(p[G + 2] + (cb ? 0 : i * sizeof(float)), cb, c0, c1);
                 FVec t0, t1;
                 if constexpr (std::is_same_v<M, float>) {
-                  t0 = FVec::loadu(trow + i);
-                  t1 = FVec::loadu(trow + i + FVec::size());
+                  // tanh and 1 - tanh^2 from one exp, the latter accurate where tanh saturates
+                  const float* mp = reinterpret_cast<const float*>(p[G + 1]) + i;
+                  FVec sech0, sech1;
+                  tanh_with_grad(FVec::loadu(mp), t0, sech0);
+                  tanh_with_grad(FVec::loadu(mp + FVec::size()), t1, sech1);
+                  valve_backward(g0, c0, t0, t0, dm0, dc0, RoundTo<M>{}, KnownTanhGrad<FVec>{sech0});
+                  valve_backward(g1, c1, t1, t1, dm1, dc1, RoundTo<M>{}, KnownTanhGrad<FVec>{sech1});
                 } else {
                   lookup2_mem<M>(table, reinterpret_cast<const M*>(p[G + 1]) + i, t0, t1);
+                  FVec tg0 = t0, tg1 = t1;
+                  round_through<M>(tg0, tg1);
+                  valve_backward(g0, c0, tg0, t0, dm0, dc0, RoundTo<M>{});
+                  valve_backward(g1, c1, tg1, t1, dm1, dc1, RoundTo<M>{});
                 }
-                FVec tg0 = t0, tg1 = t1;
-                round_through<M>(tg0, tg1);
-                valve_backward(g0, c0, tg0, t0, dm0, dc0, RoundTo<M>{});
-                valve_backward(g1, c1, tg1, t1, dm1, dc1, RoundTo<M>{});
                 store2<M>(reinterpret_cast<M*>(p[0]) + i, dm0, dm1, nt);
                 if (sums) {
                   if constexpr (std::is_same_v<M, float> && !kHalfPrecision<U>) {
@@ -850,11 +841,17 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
         [&](std::array<char*, N>& p, const int64_t* s, int64_t i) {
           const op_t g = static_cast<op_t>(val<U>(p[G], s[G], i));
           const auto m = static_cast<opmath_t<M>>(val<M>(p[G + 1], s[G + 1], i));
-          const auto t = valve_tanh<M>(m);
           const op_t c = val<op_t>(p[G + 2], s[G + 2], i);
           op_t dm, dc;
-          valve_backward(g, c, static_cast<op_t>(static_cast<M>(t)), static_cast<op_t>(t), dm, dc,
-                         RoundTo<M>{});
+          auto t = valve_tanh<M>(m);
+          if constexpr (std::is_same_v<M, float>) {
+            float sech2;
+            tanh_with_grad(static_cast<float>(m), t, sech2);
+            valve_backward(g, c, t, t, dm, dc, RoundTo<M>{}, KnownTanhGrad<float>{sech2});
+          } else {
+            valve_backward(g, c, static_cast<op_t>(static_cast<M>(t)), static_cast<op_t>(t), dm,
+                           dc, RoundTo<M>{});
+          }
           put<M>(p[0], s[0], i, dm);
           if (!sums && !kElement) return;
           // float32 m: tanh in double, as the vector path (tanh_pd)

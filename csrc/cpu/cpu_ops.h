@@ -31,10 +31,9 @@ at::Tensor multiply_valve_multiplier(const at::Tensor& alpha, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> multiply_valve_multiplier_backward(
     const at::Tensor& grad, const at::Tensor& alpha, const at::Tensor& m, bool need_alpha_grad);
 
-// The float32 tanh that MULTIPLY and the valve use (cpu/tanh_f32.h), elementwise over a
-// float32 tensor: exposed to Python as kasmina_kernels._C.tanh_f32 for the tests. `in_place`
-// runs it over a copy of x in place, as MULTIPLY's backward does (the valve's reads x).
-at::Tensor tanh_f32(const at::Tensor& x, bool in_place);
+// The float32 tanh of MULTIPLY and the valve and its 1 - tanh^2 (kernels/blend_math.h's
+// tanh_with_grad), elementwise over a float32 tensor: kasmina_kernels._C.tanh_f32, for tests.
+std::tuple<at::Tensor, at::Tensor> tanh_f32(const at::Tensor& x);
 // The double tanh of the float32 MULTIPLY and valve alpha-gradient terms (tanh_pd in
 // cpu/blend_kernels.h; std::tanh in a build without AVX2), elementwise over a float64 tensor:
 // kasmina_kernels._C.tanh_f64, for the tests.

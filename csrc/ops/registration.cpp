@@ -5,7 +5,6 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include "cpu/aten_tanh.h"
 #include "cpu/cpu_ops.h"
 
 namespace kk {
@@ -283,22 +282,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kasmina-kernels native extension: registers the torch.ops.kasmina ops";
   m.def("build_info", &build_info, "How this extension was built");
   m.def("tanh_f32", &kk::cpu::tanh_f32,
-        "The float32 tanh of the CPU MULTIPLY and valve kernels, elementwise (for tests); "
-        "in_place=True runs it in place over a copy of x, as MULTIPLY's backward does",
-        pybind11::arg("x"), pybind11::arg("in_place") = false);
+        "(tanh(x), 1 - tanh(x)^2) as the float32 CPU MULTIPLY and valve kernels compute them, "
+        "elementwise (for tests)",
+        pybind11::arg("x"));
   m.def("tanh_f64", &kk::cpu::tanh_f64,
         "The double tanh of the CPU float32 MULTIPLY and valve alpha-gradient terms, "
         "elementwise (for tests)");
-  m.def(
-      "float_tanh", [] { return kk::cpu::float_tanh_name(kk::cpu::float_tanh()); },
-      "Which float32 tanh the CPU MULTIPLY and valve kernels use: 'torch' or 'mixed'");
-  m.def(
-      "set_float_tanh",
-      [](const std::string& name) {
-        kk::cpu::FloatTanh mode;
-        TORCH_CHECK(kk::cpu::parse_float_tanh(name, mode),
-                    "set_float_tanh: mode must be 'torch' or 'mixed', got '", name, "'");
-        kk::cpu::set_float_tanh(mode);
-      },
-      "Switches the float32 tanh of the CPU MULTIPLY and valve kernels (tests, benchmarks)");
 }
