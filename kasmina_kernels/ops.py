@@ -18,6 +18,10 @@ Esper-style training step 40% more (tools/compiled_step.py). To keep the opaque 
 a compiled graph, name the backend: ``backend="native"`` (or ``"triton"``), a
 ``use_backend("native")`` block, or ``KASMINA_KERNELS_BACKEND=native``. Eager calls always run
 the fused kernels of the resolved backend.
+
+0-dim features (Esper's eager functions accept them) run as 1-element 1-D views, and the
+result is viewed back as 0-dim, so autograd flows through the views to the caller's tensors.
+The checks report 0-dim features (`validation`), so the usual call pays no extra test.
 """
 
 from __future__ import annotations
@@ -74,9 +78,15 @@ _pool = _bound("gated_pool")
 _gate_network = _bound("gate_network")
 
 
+def _one(t):
+    """A 0-dim tensor as a 1-element 1-D view (None stays None)."""
+    return None if t is None else t.reshape(1)
+
+
 def blend_add(h, s, alpha, *, backend=None):
     """ADD: lerp(h, s.to(h.dtype), clamp01(alpha).to(h.dtype))."""
-    _check_blend("blend_add", h, s, alpha)
+    if _check_blend("blend_add", h, s, alpha):  # 0-dim features
+        return blend_add(_one(h), _one(s), alpha, backend=backend).reshape(())
     if backend is None and native_by_default(h):
         return _add(h, s, alpha)
     return _impl(h, backend).blend_add(h, s, alpha)
@@ -84,7 +94,8 @@ def blend_add(h, s, alpha, *, backend=None):
 
 def blend_with_isolation(h, s, alpha, *, backend=None):
     """The isolation blend: identical to ADD."""
-    _check_blend("blend_with_isolation", h, s, alpha)
+    if _check_blend("blend_with_isolation", h, s, alpha):  # 0-dim features
+        return blend_with_isolation(_one(h), _one(s), alpha, backend=backend).reshape(())
     if backend is None and native_by_default(h):
         return _add(h, s, alpha)
     return _impl(h, backend).blend_with_isolation(h, s, alpha)
@@ -92,9 +103,12 @@ def blend_with_isolation(h, s, alpha, *, backend=None):
 
 def blend_multiply(h, s, alpha, *, seed_input=None, backend=None):
     """MULTIPLY: h * (1 + clamp01(alpha) * tanh(s - r)), r = seed_input (default: h)."""
-    _check_blend("blend_multiply", h, s, alpha)
+    scalar = _check_blend("blend_multiply", h, s, alpha)
     if seed_input is not None:
         _check_pair("blend_multiply", h, "seed_input", seed_input)
+    if scalar:  # 0-dim features
+        return blend_multiply(_one(h), _one(s), alpha, seed_input=_one(seed_input),
+                              backend=backend).reshape(())
     if backend is None and native_by_default(h):
         return _multiply(h, s, alpha, seed_input)
     return _impl(h, backend).blend_multiply(h, s, alpha, seed_input=seed_input)
@@ -102,8 +116,10 @@ def blend_multiply(h, s, alpha, *, seed_input=None, backend=None):
 
 def blend_gate(h, s, alpha, gate, *, backend=None):
     """GATE: lerp with the effective alpha clamp01(clamp01(alpha) * clamp01(gate))."""
-    _check_blend("blend_gate", h, s, alpha)
+    scalar = _check_blend("blend_gate", h, s, alpha)
     validation.check_gate("blend_gate", gate, h)
+    if scalar:  # 0-dim features (and so a 0-dim gate)
+        return blend_gate(_one(h), _one(s), alpha, gate, backend=backend).reshape(())
     if backend is None and native_by_default(h):
         return _gate(h, s, alpha, gate)
     return _impl(h, backend).blend_gate(h, s, alpha, gate)
@@ -120,7 +136,12 @@ def gate_effective_alpha(alpha, gate, *, backend=None):
 
 def multiply_valve_multiplier(alpha, m, *, backend=None):
     """1 + clamp01(alpha) * tanh(m), in the promoted dtype of alpha and m."""
-    validation.check_valve("multiply_valve_multiplier", alpha, m)
+    if validation.check_valve("multiply_valve_multiplier", alpha, m):  # 0-dim m
+        # two 0-dim operands promote as equals (a float64 alpha makes a float64 result),
+        # where a 0-dim alpha beside 1-D m takes m's dtype: compute in the 0-dim promotion
+        dtype = torch.result_type(alpha, m)
+        m1 = _one(m) if m.dtype == dtype else _one(m).to(dtype)
+        return multiply_valve_multiplier(alpha, m1, backend=backend).reshape(())
     if backend is None and native_by_default(m):
         return _valve(alpha, m)
     return _impl(m, backend).multiply_valve_multiplier(alpha, m)
@@ -128,7 +149,8 @@ def multiply_valve_multiplier(alpha, m, *, backend=None):
 
 def ste_forward(h, s, *, backend=None):
     """Straight-through: value h (NaN where s is not finite), gradient 1 to h and s."""
-    _check_pair("ste_forward", h, "seed", s)
+    if _check_pair("ste_forward", h, "seed", s):  # 0-dim features
+        return ste_forward(_one(h), _one(s), backend=backend).reshape(())
     if backend is None and native_by_default(h):
         return _ste(h, s)
     return _impl(h, backend).ste_forward(h, s)
