@@ -155,10 +155,23 @@ def test_forward_runs_the_fused_gate_network():
 @pytest.mark.parametrize(
     "topology,shape",
     [("cnn", (2, 8, 4)), ("cnn", (2, 8, 4, 4, 1)), ("transformer", (2, 3, 4, 8)), ("transformer", (8,)),
-     ("cnn", (2, 9, 4, 4)), ("transformer", (2, 5, 7))],
+     ("cnn", ()), ("transformer", ())],
 )
 @pytest.mark.parametrize("cls", [GatedBlend, EagerGatedBlend])
-def test_wrong_rank_or_channels_is_a_clear_error(cls, topology, shape):
+def test_wrong_rank_is_an_assertion_error_as_in_esper(cls, topology, shape):
+    """Esper's GatedBlend asserts the rank: the same exception type, the message opening with
+    Esper's words."""
+    m = cls(8, topology=topology)
+    opening = "CNN topology expects 4D input" if topology == "cnn" else "Transformer topology expects 3D input"
+    with pytest.raises(AssertionError) as info:
+        m.get_alpha_for_blend(torch.randn(shape))
+    assert str(info.value).startswith(opening), str(info.value)
+    assert str(tuple(shape)) in str(info.value)
+
+
+@pytest.mark.parametrize("topology,shape", [("cnn", (2, 9, 4, 4)), ("transformer", (2, 5, 7))])
+@pytest.mark.parametrize("cls", [GatedBlend, EagerGatedBlend])
+def test_wrong_channels_is_a_clear_error(cls, topology, shape):
     m = cls(8, topology=topology)
     layout = "(B, C, H, W)" if topology == "cnn" else "(B, T, C)"
     message = f"expects x of shape {layout} with 8 channels, got shape {tuple(shape)}"
