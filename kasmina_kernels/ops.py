@@ -164,9 +164,37 @@ def gated_pool(x, topology, *, backend=None):
     return _impl(x, backend).gated_pool(x, topology)
 
 
+_any_autocast = torch._C._is_any_autocast_enabled
+
+
+def _autocast_dtype(x, w1, b1, w2, b2) -> torch.dtype | None:
+    """The dtype the eager gate network returns under the autocast enabled for x's device
+    (its Linear layers run in the autocast dtype), or None where autocast leaves it alone:
+    autocast off for the device, or a float64 operand (autocast does not cast float64)."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    f64 = torch.float64
+    if x.dtype == f64 or w1.dtype == f64 or b1.dtype == f64 or w2.dtype == f64 or b2.dtype == f64:
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def gate_network(x, w1, b1, w2, b2, *, topology, backend=None):
-    """sigmoid(W2 relu(W1 pool(x) + b1) + b2), shaped (B,1,1,1) ("cnn") or (B,1,1)."""
+    """sigmoid(W2 relu(W1 pool(x) + b1) + b2), shaped (B,1,1,1) ("cnn") or (B,1,1).
+
+    Under torch.autocast the result has the dtype the eager network's Linear layers give it
+    there (the autocast dtype, e.g. bfloat16 for float32 or float16 features): a fused
+    kernel, which autocast does not touch, computes in the features' dtype with the weights
+    as they are and its result is rounded to that dtype once (at least as accurate as
+    eager's bf16 linears); the reference backend runs under autocast as eager does."""
     validation.check_gate_network("gate_network", x, w1, b1, w2, b2, topology)
+    if _any_autocast():
+        dtype = _autocast_dtype(x, w1, b1, w2, b2)
+        name = None if dtype is None else resolve_backend(x, backend)
+        if name is not None and name != "reference":  # the reference is autocast's own math
+            gate = backend_module(name).gate_network(x, w1, b1, w2, b2, topology=topology)
+            return gate if gate.dtype == dtype else gate.to(dtype)
     if backend is None and native_by_default(x):
         return _gate_network(x, w1, b1, w2, b2, topology)
     return _impl(x, backend).gate_network(x, w1, b1, w2, b2, topology=topology)
