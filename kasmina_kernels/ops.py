@@ -51,9 +51,12 @@ _check_pair = validation.check_pair
 
 def _impl(tensor: torch.Tensor, backend: str | None, op: str = "", *tensors) -> ModuleType:
     name = resolve_backend(tensor, backend)
-    if name == "triton":
+    if name == "triton" and not _is_compiling():  # a traced call is the tracer's business
         _refuse_forward_ad(op, tensors)
     return backend_module(name)
+
+
+_is_compiling = torch.compiler.is_compiling
 
 
 _fw_ad = torch.autograd.forward_ad
@@ -221,7 +224,7 @@ def gate_network(x, w1, b1, w2, b2, *, topology, backend=None):
         dtype = _autocast_dtype(x, w1, b1, w2, b2)
         name = None if dtype is None else resolve_backend(x, backend)
         if name is not None and name != "reference":  # the reference is autocast's own math
-            if name == "triton":
+            if name == "triton" and not _is_compiling():
                 _refuse_forward_ad("gate_network", (x, w1, b1, w2, b2))
             gate = backend_module(name).gate_network(x, w1, b1, w2, b2, topology=topology)
             return gate if gate.dtype == dtype else gate.to(dtype)
