@@ -8,7 +8,8 @@
 
 Drop-ins for Esper: `kasmina_kernels.blend_ops`, `kasmina_kernels.isolation` (Esper's function
 signatures), `kasmina_kernels.nn.GatedBlend`, and `kk.swap_in(...)` to put them in place of
-the eager functions in modules that already imported those.
+the eager functions in modules that already imported those, and `kk.esper.install()` to put
+them into every Esper namespace for the life of the process.
 
 Backends: "reference" (eager PyTorch), "native" (compiled C++/CUDA), "triton"; "auto" picks
 the fastest available for the tensor's device and `kk.resolve_backend(t)` says which.
@@ -27,6 +28,7 @@ from .backends import (
 from . import blend_ops, isolation, nn
 from .nn import GatedBlend
 from .swap import SwapHandle, swap_in
+from . import esper  # noqa: E402  (kk.esper.install(): the drop-ins into Esper, process-wide)
 from .ops import (
     blend_add,
     blend_gate,
@@ -56,6 +58,7 @@ __all__ = [
     "GatedBlend",
     "SwapHandle",
     "swap_in",
+    "esper",
     "blend_add",
     "blend_gate",
     "blend_multiply",

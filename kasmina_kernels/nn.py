@@ -28,6 +28,7 @@ _GATE_SHAPE = {"cnn": (-1, 1, 1, 1), "transformer": (-1, 1, 1)}
 _LAYOUT = {"cnn": "(B, C, H, W)", "transformer": "(B, T, C)"}
 _RANK = {"cnn": 4, "transformer": 3}
 _CHANNEL_DIM = {"cnn": 1, "transformer": 2}
+_TOPOLOGY_NAME = {"cnn": "CNN", "transformer": "Transformer"}
 
 
 class GatedBlend(nn.Module):
@@ -40,7 +41,9 @@ class GatedBlend(nn.Module):
     (`kasmina_kernels.use_backend`, ``KASMINA_KERNELS_BACKEND``, ``"auto"``).
 
     Raises ValueError for ``channels <= 0``, a topology other than ``"cnn"`` or
-    ``"transformer"``, and ``total_steps <= 0``.
+    ``"transformer"``, and ``total_steps <= 0``. An input of the wrong rank raises
+    AssertionError, as Esper's ``assert`` does ("CNN topology expects 4D input ...",
+    "Transformer topology expects 3D input ..."); one with the wrong channel count ValueError.
     """
 
     algorithm_id = "gated"
@@ -95,9 +98,15 @@ class GatedBlend(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__}: x must be a torch.Tensor, got {type(x).__name__}")
-        rank = len(_GATE_SHAPE[self.topology])
-        channel_dim = 1 if self.topology == "cnn" else 2
-        if x.dim() != rank or x.shape[channel_dim] != self.channels:
+        rank = _RANK[self.topology]
+        if x.dim() != rank:
+            # Esper asserts the rank: the same exception type, and its message's opening words
+            raise AssertionError(
+                f"{_TOPOLOGY_NAME[self.topology]} topology expects {rank}D input, got "
+                f"{x.dim()}D of shape {tuple(x.shape)} ({type(self).__name__}(channels="
+                f"{self.channels}, topology={self.topology!r}) takes {_LAYOUT[self.topology]})"
+            )
+        if x.shape[_CHANNEL_DIM[self.topology]] != self.channels:
             raise ValueError(
                 f"{type(self).__name__}(channels={self.channels}, topology={self.topology!r}) "
                 f"expects x of shape {_LAYOUT[self.topology]} with {self.channels} channels, "

@@ -18,6 +18,10 @@ its backward, which a compiled training step gains from more than from an opaque
 fused op in a compiled graph, name the backend: ``backend="native"`` (or ``"triton"``), a
 ``use_backend("native")`` block, or ``KASMINA_KERNELS_BACKEND=native``. Eager calls always run
 the fused kernels of the resolved backend.
+
+0-dim features (Esper's eager functions accept them) run as 1-element 1-D views, and the
+result is viewed back as 0-dim, so autograd flows through the views to the caller's tensors.
+The checks report 0-dim features (`validation`), so the usual call pays no extra test.
 """
 
 from __future__ import annotations
@@ -45,8 +49,38 @@ _check_blend = validation.check_blend
 _check_pair = validation.check_pair
 
 
-def _impl(tensor: torch.Tensor, backend: str | None) -> ModuleType:
-    return backend_module(resolve_backend(tensor, backend))
+def _impl(tensor: torch.Tensor, backend: str | None, op: str = "", *tensors) -> ModuleType:
+    name = resolve_backend(tensor, backend)
+    if name == "triton" and not _is_compiling():  # a traced call is the tracer's business
+        _refuse_forward_ad(op, tensors)
+    return backend_module(name)
+
+
+_is_compiling = torch.compiler.is_compiling
+
+
+_fw_ad = torch.autograd.forward_ad
+_peek_functorch = torch._C._functorch.peek_interpreter_stack
+
+
+def _refuse_forward_ad(op: str, tensors) -> None:
+    """Forward-mode AD through a Triton op: its registered op has no forward derivative, and
+    PyTorch would run it without one (a silently zero or missing tangent), so it is refused
+    here, naming the op. The native ops refuse it in C++ (csrc/ops/registration.cpp)."""
+    jvp = False
+    if _peek_functorch() is not None:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        jvp_key = torch._C._functorch.TransformType.Jvp
+        jvp = any(i.key() == jvp_key for i in retrieve_all_functorch_interpreters())
+    if not jvp and _fw_ad._current_level >= 0:
+        jvp = any(isinstance(t, torch.Tensor) and _fw_ad.unpack_dual(t).tangent is not None
+                  for t in tensors)
+    if jvp:
+        raise RuntimeError(
+            f"kasmina::{op}: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not "
+            'supported: the fused op has no forward derivative; use backend="reference" for it'
+        )
 
 
 def _feature_operand(alpha: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -74,39 +108,52 @@ _pool = _bound("gated_pool")
 _gate_network = _bound("gate_network")
 
 
+def _one(t):
+    """A 0-dim tensor as a 1-element 1-D view (None stays None)."""
+    return None if t is None else t.reshape(1)
+
+
 def blend_add(h, s, alpha, *, backend=None):
     """ADD: lerp(h, s.to(h.dtype), clamp01(alpha).to(h.dtype))."""
-    _check_blend("blend_add", h, s, alpha)
+    if _check_blend("blend_add", h, s, alpha):  # 0-dim features
+        return blend_add(_one(h), _one(s), alpha, backend=backend).reshape(())
     if backend is None and native_by_default(h):
         return _add(h, s, alpha)
-    return _impl(h, backend).blend_add(h, s, alpha)
+    return _impl(h, backend, "blend_add", h, s, alpha).blend_add(h, s, alpha)
 
 
 def blend_with_isolation(h, s, alpha, *, backend=None):
     """The isolation blend: identical to ADD."""
-    _check_blend("blend_with_isolation", h, s, alpha)
+    if _check_blend("blend_with_isolation", h, s, alpha):  # 0-dim features
+        return blend_with_isolation(_one(h), _one(s), alpha, backend=backend).reshape(())
     if backend is None and native_by_default(h):
         return _add(h, s, alpha)
-    return _impl(h, backend).blend_with_isolation(h, s, alpha)
+    return _impl(h, backend, "blend_with_isolation", h, s, alpha).blend_with_isolation(h, s, alpha)
 
 
 def blend_multiply(h, s, alpha, *, seed_input=None, backend=None):
     """MULTIPLY: h * (1 + clamp01(alpha) * tanh(s - r)), r = seed_input (default: h)."""
-    _check_blend("blend_multiply", h, s, alpha)
+    scalar = _check_blend("blend_multiply", h, s, alpha)
     if seed_input is not None:
         _check_pair("blend_multiply", h, "seed_input", seed_input)
+    if scalar:  # 0-dim features
+        return blend_multiply(_one(h), _one(s), alpha, seed_input=_one(seed_input),
+                              backend=backend).reshape(())
     if backend is None and native_by_default(h):
         return _multiply(h, s, alpha, seed_input)
-    return _impl(h, backend).blend_multiply(h, s, alpha, seed_input=seed_input)
+    return _impl(h, backend, "blend_multiply", h, s, alpha, seed_input).blend_multiply(
+        h, s, alpha, seed_input=seed_input)
 
 
 def blend_gate(h, s, alpha, gate, *, backend=None):
     """GATE: lerp with the effective alpha clamp01(clamp01(alpha) * clamp01(gate))."""
-    _check_blend("blend_gate", h, s, alpha)
+    scalar = _check_blend("blend_gate", h, s, alpha)
     validation.check_gate("blend_gate", gate, h)
+    if scalar:  # 0-dim features (and so a 0-dim gate)
+        return blend_gate(_one(h), _one(s), alpha, gate, backend=backend).reshape(())
     if backend is None and native_by_default(h):
         return _gate(h, s, alpha, gate)
-    return _impl(h, backend).blend_gate(h, s, alpha, gate)
+    return _impl(h, backend, "blend_gate", h, s, alpha, gate).blend_gate(h, s, alpha, gate)
 
 
 def gate_effective_alpha(alpha, gate, *, backend=None):
@@ -115,23 +162,29 @@ def gate_effective_alpha(alpha, gate, *, backend=None):
     operand = _feature_operand(alpha, gate)
     if backend is None and native_by_default(operand):
         return _gea(alpha, gate)
-    return _impl(operand, backend).gate_effective_alpha(alpha, gate)
+    return _impl(operand, backend, "gate_effective_alpha", alpha, gate).gate_effective_alpha(alpha, gate)
 
 
 def multiply_valve_multiplier(alpha, m, *, backend=None):
     """1 + clamp01(alpha) * tanh(m), in the promoted dtype of alpha and m."""
-    validation.check_valve("multiply_valve_multiplier", alpha, m)
+    if validation.check_valve("multiply_valve_multiplier", alpha, m):  # 0-dim m
+        # two 0-dim operands promote as equals (a float64 alpha makes a float64 result),
+        # where a 0-dim alpha beside 1-D m takes m's dtype: compute in the 0-dim promotion
+        dtype = torch.result_type(alpha, m)
+        m1 = _one(m) if m.dtype == dtype else _one(m).to(dtype)
+        return multiply_valve_multiplier(alpha, m1, backend=backend).reshape(())
     if backend is None and native_by_default(m):
         return _valve(alpha, m)
-    return _impl(m, backend).multiply_valve_multiplier(alpha, m)
+    return _impl(m, backend, "multiply_valve_multiplier", alpha, m).multiply_valve_multiplier(alpha, m)
 
 
 def ste_forward(h, s, *, backend=None):
     """Straight-through: value h (NaN where s is not finite), gradient 1 to h and s."""
-    _check_pair("ste_forward", h, "seed", s)
+    if _check_pair("ste_forward", h, "seed", s):  # 0-dim features
+        return ste_forward(_one(h), _one(s), backend=backend).reshape(())
     if backend is None and native_by_default(h):
         return _ste(h, s)
-    return _impl(h, backend).ste_forward(h, s)
+    return _impl(h, backend, "ste_forward", h, s).ste_forward(h, s)
 
 
 def gated_pool(x, topology, *, backend=None):
@@ -139,12 +192,43 @@ def gated_pool(x, topology, *, backend=None):
     validation.check_topology("gated_pool", x, topology)
     if backend is None and native_by_default(x):
         return _pool(x, topology)
-    return _impl(x, backend).gated_pool(x, topology)
+    return _impl(x, backend, "gated_pool", x).gated_pool(x, topology)
+
+
+_any_autocast = torch._C._is_any_autocast_enabled
+
+
+def _autocast_dtype(x, w1, b1, w2, b2) -> torch.dtype | None:
+    """The dtype the eager gate network returns under the autocast enabled for x's device
+    (its Linear layers run in the autocast dtype), or None where autocast leaves it alone:
+    autocast off for the device, or a float64 operand (autocast does not cast float64)."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    f64 = torch.float64
+    if x.dtype == f64 or w1.dtype == f64 or b1.dtype == f64 or w2.dtype == f64 or b2.dtype == f64:
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def gate_network(x, w1, b1, w2, b2, *, topology, backend=None):
-    """sigmoid(W2 relu(W1 pool(x) + b1) + b2), shaped (B,1,1,1) ("cnn") or (B,1,1)."""
+    """sigmoid(W2 relu(W1 pool(x) + b1) + b2), shaped (B,1,1,1) ("cnn") or (B,1,1).
+
+    Under torch.autocast the result has the dtype the eager network's Linear layers give it
+    there (the autocast dtype, e.g. bfloat16 for float32 or float16 features): a fused
+    kernel, which autocast does not touch, computes in the features' dtype with the weights
+    as they are and its result is rounded to that dtype once (at least as accurate as
+    eager's bf16 linears); the reference backend runs under autocast as eager does."""
     validation.check_gate_network("gate_network", x, w1, b1, w2, b2, topology)
+    if _any_autocast():
+        dtype = _autocast_dtype(x, w1, b1, w2, b2)
+        name = None if dtype is None else resolve_backend(x, backend)
+        if name is not None and name != "reference":  # the reference is autocast's own math
+            if name == "triton" and not _is_compiling():
+                _refuse_forward_ad("gate_network", (x, w1, b1, w2, b2))
+            gate = backend_module(name).gate_network(x, w1, b1, w2, b2, topology=topology)
+            return gate if gate.dtype == dtype else gate.to(dtype)
     if backend is None and native_by_default(x):
         return _gate_network(x, w1, b1, w2, b2, topology)
-    return _impl(x, backend).gate_network(x, w1, b1, w2, b2, topology=topology)
+    return _impl(x, backend, "gate_network", x, w1, b1, w2, b2).gate_network(
+        x, w1, b1, w2, b2, topology=topology)

@@ -1,6 +1,10 @@
 """Input checks shared by every backend: bad input gets a clear error, never a crash or a
 silently broadcast answer. Shape and device problems raise ValueError, dtype problems
-TypeError."""
+TypeError.
+
+0-dim features are valid input (Esper's eager functions take them). The checks of the
+feature ops return True for them (None otherwise), so that `kasmina_kernels.ops` can run
+them as 1-element 1-D tensors without a second test on the fast path."""
 
 from __future__ import annotations
 
@@ -26,8 +30,6 @@ def check_features(op: str, name: str, t) -> None:
         raise TypeError(
             f"{op}: {name} has dtype {t.dtype}; expected float32, float64, bfloat16 or float16"
         )
-    if t.dim() == 0:
-        raise ValueError(f"{op}: {name} must have at least one dimension, got a 0-dim tensor")
 
 
 def check_like_host(op: str, h: torch.Tensor, name: str, t) -> None:
@@ -76,7 +78,8 @@ def _same_device(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.is_cpu and b.is_cpu) or a.device == b.device
 
 
-def check_blend(op: str, h, s, alpha) -> None:
+def check_blend(op: str, h, s, alpha) -> bool | None:
+    """Raises for bad input; True when the (valid) features are 0-dim."""
     # the common case in few attribute reads (these run on every eager call); anything
     # unusual goes through the full checks, which raise the precise error
     if (
@@ -94,10 +97,12 @@ def check_blend(op: str, h, s, alpha) -> None:
     check_features(op, "host", h)
     check_like_host(op, h, "seed", s)
     check_weight(op, "alpha", alpha, h)
+    return h.ndim == 0
 
 
-def check_pair(op: str, h, name: str, t) -> None:
-    """check_features(host) and check_like_host(name) (ste_forward, seed_input), fast first."""
+def check_pair(op: str, h, name: str, t) -> bool | None:
+    """check_features(host) and check_like_host(name) (ste_forward, seed_input), fast first;
+    True when the (valid) features are 0-dim."""
     if (
         isinstance(h, _Tensor)
         and isinstance(t, _Tensor)
@@ -110,6 +115,7 @@ def check_pair(op: str, h, name: str, t) -> None:
         return
     check_features(op, "host", h)
     check_like_host(op, h, name, t)
+    return h.ndim == 0
 
 
 def check_gate(op: str, gate, h) -> None:
@@ -125,12 +131,14 @@ def check_gate(op: str, gate, h) -> None:
         raise TypeError(f"{op}: gate must be a floating-point tensor, got {gate.dtype}")
 
 
-def check_valve(op: str, alpha, m) -> None:
-    """multiply_valve_multiplier's checks: m features, alpha a weight that fits m."""
+def check_valve(op: str, alpha, m) -> bool | None:
+    """multiply_valve_multiplier's checks: m features, alpha a weight that fits m; True when
+    the (valid) m is 0-dim."""
     if isinstance(m, _Tensor) and m.dtype in _FEATURE_DTYPES and m.ndim and _cpu_scalar_ok(alpha):
         return
     check_features(op, "m", m)
     check_weight(op, "alpha", alpha, m)
+    return m.ndim == 0
 
 
 def broadcast_shape(a, b) -> tuple[int, ...] | None:

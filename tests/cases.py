@@ -222,6 +222,7 @@ def full_cases() -> list[Case]:
                 add(replace(base, alpha="ps", layout="cl_host"))
                 add(replace(base, grads="gate"))
                 add(replace(base, seed_dtype=F32, alpha="sbf"))
+    cases += scalar_cases(DTYPES)
     # gate_effective_alpha: (alpha form, gate form) pairs; `dtype` is the gate's
     for dt in DTYPES:
         for shape in ((8, 1, 1, 1), (5, 1, 1), (1, 1, 1, 1), (0, 1, 1, 1), (7,)):
@@ -260,6 +261,43 @@ def full_cases() -> list[Case]:
                 add(replace(base, specials=True))
     cases += esper_cases()
     return _dedupe(cases)
+
+
+def scalar_cases(dtypes, *, full: bool = True) -> list[Case]:
+    """0-dim features (Esper's eager functions accept them): every feature op with a 0-dim
+    alpha (and gate) of several dtypes, each gradient subset, a float32 seed beside a half
+    host, seed_input, NaN/Inf, inference, the exact identities at alpha 0."""
+    cases: list[Case] = []
+    add = cases.append
+    for op in FEATURE_OPS:
+        has_alpha = op != "ste_forward"
+        for dt in dtypes:
+            base = Case(op, dt, (), gate_form="scalar" if op == "blend_gate" else "ps")
+            add(base)
+            if op == "blend_multiply":
+                add(replace(base, seed_input="given"))
+            if dt in (BF16, F16) and op != "multiply_valve_multiplier":
+                add(replace(base, seed_dtype=F32, gate="f32" if op == "blend_gate" else "host",
+                            seed_input="f32" if op == "blend_multiply" else "none"))
+            if not full:
+                continue
+            if has_alpha:
+                for form in ("sh", "sbf", "s64"):
+                    add(replace(base, alpha=form))
+                add(replace(base, alpha="int", avalue="one"))
+                add(replace(base, avalue="zero"))
+                add(replace(base, avalue="over"))
+            for sub in _grad_subsets(op, "s32"):
+                add(replace(base, grads=sub))
+            add(replace(base, mode="inference"))
+            add(replace(base, specials=True))
+            add(replace(base, alias=True))
+            if op == "blend_multiply":
+                add(replace(base, seed_input="given", grads="r"))
+                add(replace(base, seed_input="h"))
+            if op == "blend_gate":
+                add(replace(base, gate="f32"))
+    return cases
 
 
 # Esper's calls (DESIGN.md section 1): a channels_last host requiring grad beside an NCHW
@@ -328,6 +366,7 @@ def reduced_cases() -> list[Case]:
             add(Case(op, dt, (2, 5, 3, 4), topology="cnn"))
             add(Case(op, dt, (2, 5, 3, 4), topology="cnn", layout="cl"))
             add(Case(op, dt, (2, 7, 12), topology="transformer", layout="slice"))
+    cases += scalar_cases((F32, BF16), full=False)
     cases += esper_cases(shapes=((3, 5, 7, 11),), dtypes=(F32, BF16, F16))
     # mixed layouts the other way round (NCHW host, channels_last seed and seed_input) and a
     # shape whose C and H*W are multiples of no block side, every gradient

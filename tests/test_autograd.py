@@ -271,3 +271,98 @@ def test_saved_bytes_counter_sees_the_reference_intermediates():
     _, in_storages = storage_bytes(leaves)
     _, saved_storages = storage_bytes(counter.saved)
     assert not saved_storages <= in_storages
+
+
+# ----------------------------------------------------------------------------- higher order
+# A fused op has a first derivative only. Double backward (create_graph=True, then
+# differentiating the gradient) and forward-mode AD (torch.autograd.forward_ad,
+# torch.func.jvp) either work and are correct (ste_forward's gradient is the incoming one, so
+# its double backward is plain autograd) or raise a RuntimeError naming the op; never a
+# silently zero, missing or "unused" derivative.
+def _ad_inputs(dtype):
+    def r(shape, key, **kw):
+        return rnd(shape, "ad/" + key, dtype=dtype, **kw)
+
+    h, s, x = r(S4, "h"), r(S4, "s"), r((2, 16, 3, 3), "x")
+    return {
+        "blend_add": (lambda b, t: kk.blend_add(t[0], t[1], t[2], backend=b), (h, s, weight(PS4, "a", dtype))),
+        "blend_with_isolation": (lambda b, t: kk.blend_with_isolation(t[0], t[1], t[2], backend=b),
+                                 (h, s, weight(PS4, "a", dtype))),
+        "blend_multiply": (lambda b, t: kk.blend_multiply(t[0], t[1], t[2], seed_input=t[3], backend=b),
+                           (h, s, weight(PS4, "a", dtype), r(S4, "r"))),
+        "blend_gate": (lambda b, t: kk.blend_gate(t[0], t[1], t[2], t[3], backend=b),
+                       (h, s, torch.tensor(0.7, dtype=dtype), weight(PS4, "g", dtype))),
+        "multiply_valve_multiplier": (lambda b, t: kk.multiply_valve_multiplier(t[0], t[1], backend=b),
+                                      (weight(PS4, "a", dtype), s)),
+        "gate_effective_alpha": (lambda b, t: kk.gate_effective_alpha(t[0], t[1], backend=b),
+                                 (weight(PS4, "a", dtype), weight(PS4, "g", dtype))),
+        "gated_pool": (lambda b, t: kk.gated_pool(t[0], "cnn", backend=b), (x,)),
+        "gate_network": (lambda b, t: kk.gate_network(*t, topology="cnn", backend=b),
+                         (x, r((8, 16), "w1"), r((8,), "b1"), r((1, 8), "w2"), r((1,), "b2"))),
+        "ste_forward": (lambda b, t: kk.ste_forward(t[0], t[1], backend=b), (h, s)),
+    }
+
+
+AD_OPS = list(_ad_inputs(F64))
+
+
+def _named(op):
+    """How the error names the op (blend_with_isolation runs kasmina::blend_add)."""
+    return "blend_(add|with_isolation)" if op == "blend_with_isolation" else op
+
+
+def _ad_dtype(backend):
+    return torch.float32 if backend == "triton" else F64  # Triton has no float64 kernels
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("op", AD_OPS)
+def test_double_backward_is_correct_or_a_clear_error(op, backend):
+    call, inputs = _ad_inputs(_ad_dtype(backend))[op]
+    leaves = [leaf(t) for t in inputs]
+    y = call(backend, leaves)
+    # a first-order gradient with create_graph=True works and equals the plain one
+    first = torch.autograd.grad(y.square().sum(), leaves, create_graph=True)
+    plain = torch.autograd.grad(call(backend, leaves).square().sum(), leaves)
+    for a, b in zip(first, plain):
+        torch.testing.assert_close(a.detach(), b)
+    if op == "ste_forward":
+        # the gradient is 2*y to both inputs: the second derivative is plain autograd's
+        (ref_h,) = torch.autograd.grad(reference.ste_forward(*leaves).square().sum(), leaves[:1], create_graph=True)
+        want = torch.autograd.grad(ref_h.sum(), leaves, allow_unused=True)
+        got = torch.autograd.grad(first[0].sum(), leaves, allow_unused=True)
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b)
+        return
+    for i, target in enumerate(leaves):  # differentiating any gradient w.r.t. any input raises
+        with pytest.raises(RuntimeError, match=f"kasmina::{_named(op)}: double backward .*not supported"):
+            torch.autograd.grad(first[0].sum(), target, allow_unused=True, retain_graph=True)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("op", AD_OPS)
+def test_forward_mode_ad_is_a_clear_error(op, backend):
+    import torch.autograd.forward_ad as fwAD
+
+    call, inputs = _ad_inputs(_ad_dtype(backend))[op]
+    match = f"kasmina::{_named(op)}: .*(forward-mode AD|torch.func transforms)"
+    with pytest.raises(RuntimeError, match=match):
+        torch.func.jvp(lambda *t: call(backend, t), tuple(inputs), tuple(torch.ones_like(t) for t in inputs))
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(inputs[0], torch.ones_like(inputs[0]))] + list(inputs[1:])
+        with pytest.raises(RuntimeError, match=f"kasmina::{_named(op)}: forward-mode AD"):
+            call(backend, duals)
+        # without a tangent on any input the op runs as usual inside a dual level
+        torch.testing.assert_close(call(backend, inputs), call("reference", inputs))
+
+
+def test_raw_backward_op_outside_autograd_runs_unchanged():
+    """The backward ops' Autograd kernel only adds the error node when autograd records
+    them; a direct call without grad-requiring inputs returns plain tensors."""
+    g, h, s = (rnd(S4, "raw/" + k) for k in "ghs")
+    a = torch.tensor(0.3, dtype=F64)
+    dh, ds, da = torch.ops.kasmina.blend_add_backward(g, h, s, a, True)
+    assert dh.grad_fn is None and not dh.requires_grad
+    torch.testing.assert_close(dh, g * 0.7)

@@ -57,21 +57,27 @@ def _rnd(shape, key, dtype=F32, *, cl=False, lo=None, hi=None):
 S, PS = (3, 5, 4, 6), (3, 1, 1, 1)
 
 
-def _case(name: str, mixed: bool):
+def _case(name: str, mixed: bool | str):
     """(call, leaves, elementwise outputs) for the drop-in `name`, called as Esper calls it.
     mixed: bf16 channels_last host, fp32 NCHW seed, per-sample alpha partly outside [0, 1];
+    "0-dim": 0-dim float32 features, alpha and gate (Esper's eager functions take them);
     else float32 with a 0-dim alpha."""
     key = f"dropin/{name}/{mixed}"
-    h = _rnd(S, key + "h", BF16 if mixed else F32, cl=mixed)
-    s = _rnd(S, key + "s")
-    alpha = _rnd(PS, key + "a", lo=-0.3, hi=1.3) if mixed else torch.tensor(0.35)
-    gate = _rnd(PS, key + "g", lo=0.05, hi=0.95)
+    if mixed == "0-dim":
+        h, s = _rnd((), key + "h"), _rnd((), key + "s")
+        alpha, gate = torch.tensor(0.35), _rnd((), key + "g", lo=0.05, hi=0.95)
+        mixed = False
+    else:
+        h = _rnd(S, key + "h", BF16 if mixed else F32, cl=mixed)
+        s = _rnd(S, key + "s")
+        alpha = _rnd(PS, key + "a", lo=-0.3, hi=1.3) if mixed else torch.tensor(0.35)
+        gate = _rnd(PS, key + "g", lo=0.05, hi=0.95)
     if name == "blend_add":
         return (lambda f, t: f(t["h"], t["s"], t["alpha"])), {"h": h, "s": s, "alpha": alpha}, {"y", "dh", "ds"}
     if name == "blend_with_isolation":
         return (lambda f, t: f(t["h"], t["s"], t["alpha"])), {"h": h, "s": s, "alpha": alpha}, {"y", "dh", "ds"}
     if name == "blend_multiply":
-        r = _rnd(S, key + "r")
+        r = _rnd(h.shape, key + "r")
         return ((lambda f, t: f(t["h"], t["s"], t["alpha"], seed_input=t["r"])),
                 {"h": h, "s": s, "alpha": alpha, "r": r}, {"y", "dh", "ds", "dr"})
     if name == "blend_gate":
@@ -90,7 +96,7 @@ DROP_INS = {name: getattr(module, name) for module, name in ESPER_SIGNATURES}
 
 
 @pytest.mark.parametrize("backend", backend_params(include_reference=True))
-@pytest.mark.parametrize("mixed", [False, True], ids=["f32-scalar", "bf16cl-fp32seed-per-sample"])
+@pytest.mark.parametrize("mixed", [False, True, "0-dim"], ids=["f32-scalar", "bf16cl-fp32seed-per-sample", "0-dim"])
 @pytest.mark.parametrize("name", list(DROP_INS))
 def test_dropin_matches_eager_definition(name, mixed, backend):
     call, leaves, elementwise = _case(name, mixed)

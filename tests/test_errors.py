@@ -124,9 +124,19 @@ def test_broadcast_shape_agrees_with_torch(a, b):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_zero_dim_host(backend):
-    with pytest.raises(ValueError, match="dimension"):
-        kk.blend_add(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(0.5), backend=backend)
+def test_zero_dim_features_are_accepted(backend):
+    """Esper's eager functions take 0-dim features, so the ops do (tests/cases.py's
+    scalar_cases judge them by the equivalence rule); a weight that would enlarge them is
+    still refused."""
+    h, s, a = torch.tensor(1.0), torch.tensor(2.0), torch.tensor(0.5)
+    assert kk.blend_add(h, s, a, backend=backend).shape == ()
+    assert kk.multiply_valve_multiplier(a, s, backend=backend).shape == ()
+    with pytest.raises(ValueError, match="alpha of shape \\(1,\\) does not broadcast"):
+        kk.blend_add(h, s, torch.tensor([0.5]), backend=backend)
+    with pytest.raises(ValueError, match="gate of shape \\(1, 1\\) does not broadcast"):
+        kk.blend_gate(h, s, a, torch.ones(1, 1), backend=backend)
+    with pytest.raises(ValueError, match="seed shape \\(1,\\) differs from the host shape"):
+        kk.ste_forward(h, s.reshape(1), backend=backend)
 
 
 # ----------------------------------------------------------------------------- devices

@@ -155,10 +155,23 @@ def test_forward_runs_the_fused_gate_network():
 @pytest.mark.parametrize(
     "topology,shape",
     [("cnn", (2, 8, 4)), ("cnn", (2, 8, 4, 4, 1)), ("transformer", (2, 3, 4, 8)), ("transformer", (8,)),
-     ("cnn", (2, 9, 4, 4)), ("transformer", (2, 5, 7))],
+     ("cnn", ()), ("transformer", ())],
 )
 @pytest.mark.parametrize("cls", [GatedBlend, EagerGatedBlend])
-def test_wrong_rank_or_channels_is_a_clear_error(cls, topology, shape):
+def test_wrong_rank_is_an_assertion_error_as_in_esper(cls, topology, shape):
+    """Esper's GatedBlend asserts the rank: the same exception type, the message opening with
+    Esper's words."""
+    m = cls(8, topology=topology)
+    opening = "CNN topology expects 4D input" if topology == "cnn" else "Transformer topology expects 3D input"
+    with pytest.raises(AssertionError) as info:
+        m.get_alpha_for_blend(torch.randn(shape))
+    assert str(info.value).startswith(opening), str(info.value)
+    assert str(tuple(shape)) in str(info.value)
+
+
+@pytest.mark.parametrize("topology,shape", [("cnn", (2, 9, 4, 4)), ("transformer", (2, 5, 7))])
+@pytest.mark.parametrize("cls", [GatedBlend, EagerGatedBlend])
+def test_wrong_channels_is_a_clear_error(cls, topology, shape):
     m = cls(8, topology=topology)
     layout = "(B, C, H, W)" if topology == "cnn" else "(B, T, C)"
     message = f"expects x of shape {layout} with 8 channels, got shape {tuple(shape)}"
@@ -248,3 +261,44 @@ def test_gated_blend_compiles_fullgraph(topology, backend):
     assert torch.equal(yc, ye)
     for a, b in zip(grads_c, grads_e):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- autocast
+def _autocast_devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _autocast_devices())
+@pytest.mark.parametrize("backend", backend_params(include_reference=True))
+@pytest.mark.parametrize("dtype", [F32, BF16, torch.float16], ids=str)
+@pytest.mark.parametrize("topology", ["cnn", "transformer"])
+def test_gated_blend_under_autocast_returns_the_eager_dtype(topology, dtype, backend, device):
+    """Under autocast Esper's Linear layers run in the autocast dtype, so its gate has that
+    dtype whatever the features' dtype; the fused module's gate has it too, and it and every
+    gradient are judged by the equivalence rule (the oracle: the exact math, no autocast)."""
+    shape = (4, 16, 5, 3) if topology == "cnn" else (3, 7, 16)
+    key = f"autocast/{topology}/{dtype}"
+    eager = _randomized(EagerGatedBlend(16, topology=topology), key).to(device)
+    fused = GatedBlend(16, topology=topology).to(device)
+    fused.load_state_dict(eager.state_dict(), strict=True)
+    x = _rnd(shape, key + "/x", dtype, cl=topology == "cnn").to(device)
+    amp = torch.get_autocast_dtype(device)
+
+    def run(module, upcast=False):
+        if upcast:
+            return _forward_backward(module, x, g, upcast=True)
+        with torch.autocast(device, dtype=amp):
+            return _forward_backward(module, x, g)
+
+    with torch.autocast(device, dtype=amp):
+        want_dtype = eager.get_alpha_for_blend(x).dtype
+    assert want_dtype == amp
+    g = _rnd((shape[0],) + (1,) * (len(shape) - 1), key + "/g", amp).to(device)
+    with kk.use_backend(backend):
+        got = run(fused)
+    ref = run(eager)
+    assert got["y"].dtype == ref["y"].dtype == amp
+    for k in got:
+        assert got[k].dtype == ref[k].dtype, k
+    oracle = run(eager, upcast=True)
+    assert_equivalent(got, ref, oracle, elementwise={"dx"}, context=f"GatedBlend under autocast {key} on {backend}")

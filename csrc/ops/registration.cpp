@@ -1,7 +1,11 @@
 // The kasmina op library: schemas, the CPU implementations, and autograd written in C++ so
 // that an eager call costs one dispatcher hop rather than a Python autograd.Function. Fake
 // (meta) kernels are registered from Python (kasmina_kernels/native.py).
+#include <ATen/FuncTorchTLS.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -20,6 +24,78 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
 
 at::Tensor grad_if(AutogradContext* ctx, size_t i, const at::Tensor& g) {
   return ctx->needs_input_grad(i) ? g : at::Tensor();
+}
+
+// ---------------------------------------------------------------- what autograd cannot do
+// The fused ops have a first derivative only. Forward-mode AD (dual tensors of
+// torch.autograd.forward_ad) and torch.func transforms (jvp, vmap, grad, ...) would otherwise
+// fail inside torch::autograd::Function with a message that names no op; these checks run
+// before the kernel and name it.
+inline bool has_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(0).defined(); }
+inline bool has_tangent(const std::optional<at::Tensor>& t) {
+  return t.has_value() && has_tangent(*t);
+}
+
+template <typename... Ts>
+void check_first_order_only(const char* op, const Ts&... tensors) {
+  const auto& functorch_tls = at::functorch::functorchTLSAccessor();
+  if (functorch_tls) {
+    try {
+      functorch_tls->checkSupportsCppAutogradFunction();
+    } catch (const c10::Error&) {
+      TORCH_CHECK(false, op,
+                  ": torch.func transforms (jvp, jacfwd, vmap, grad, vjp, ...) are not supported "
+                  "by the fused op; call it outside the transform, or use backend=\"reference\"");
+    }
+  }
+  TORCH_CHECK(!(has_tangent(tensors) || ...), op,
+              ": forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not supported: "
+              "the fused op has no forward derivative; use backend=\"reference\" for it");
+}
+
+// The Autograd kernel of every kasmina::*_backward op. The backward ops compute a gradient
+// with fused kernels that have no derivative of their own, so when autograd records them
+// (backward with create_graph=True, where grad mode is on and saved inputs require grad) each
+// output gets a grad_fn that raises, naming the op, if it is ever differentiated: double
+// backward is an error, never a silently zero or missing second derivative. A first-order
+// backward (create_graph=False) runs with grad mode off and pays one flag check.
+void backward_op_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                          torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const size_t num_args = schema.arguments().size();
+  torch::autograd::variable_list inputs;
+  bool record = false;
+  if (torch::autograd::GradMode::is_enabled()) {
+    for (auto it = stack->end() - num_args; it != stack->end(); ++it) {
+      if (it->isTensor()) {
+        const at::Tensor& t = it->toTensor();
+        record = record || (t.defined() && t.requires_grad());
+        inputs.push_back(t);
+      }
+    }
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  if (!record) return;
+  std::string name = schema.name();  // "kasmina::<op>_backward"
+  const std::string forward = name.substr(0, name.size() - std::string("_backward").size());
+  const std::string msg =
+      forward + ": double backward (differentiating a gradient computed with create_graph=True) "
+      "is not supported: the fused gradient kernel (" + name + ") has no derivative of its own; "
+      "use backend=\"reference\" for higher-order derivatives";
+  const size_t num_returns = schema.returns().size();
+  torch::autograd::tensor_list outputs;
+  for (auto it = stack->end() - num_returns; it != stack->end(); ++it) {
+    outputs.push_back(std::move(*it).toTensor());
+  }
+  auto wrapped = torch::autograd::wrap_outputs(
+      inputs, std::move(outputs), [&msg](torch::autograd::edge_list&& next_edges) {
+        return c10::make_intrusive<torch::autograd::Error>(msg, std::move(next_edges));
+      });
+  torch::jit::drop(*stack, num_returns);
+  for (auto& t : wrapped) stack->emplace_back(std::move(t));
 }
 
 // ---------------------------------------------------------------- ADD
@@ -91,6 +167,7 @@ struct BlendMultiplyFn : torch::autograd::Function<BlendMultiplyFn> {
 at::Tensor blend_multiply_autograd(const at::Tensor& h, const at::Tensor& s,
                                    const at::Tensor& alpha,
                                    const std::optional<at::Tensor>& seed_input) {
+  check_first_order_only("kasmina::blend_multiply", h, s, alpha, seed_input);
   return BlendMultiplyFn::apply(h, s, alpha, seed_input);
 }
 
@@ -234,25 +311,43 @@ TORCH_LIBRARY_IMPL(kasmina, CPU, m) {
 
 TORCH_LIBRARY_IMPL(kasmina, Autograd, m) {
   m.impl("blend_add", [](const at::Tensor& h, const at::Tensor& s, const at::Tensor& a) {
+    check_first_order_only("kasmina::blend_add", h, s, a);
     return BlendAddFn::apply(h, s, a);
   });
   m.impl("blend_gate", [](const at::Tensor& h, const at::Tensor& s, const at::Tensor& a,
-                          const at::Tensor& g) { return BlendGateFn::apply(h, s, a, g); });
+                          const at::Tensor& g) {
+    check_first_order_only("kasmina::blend_gate", h, s, a, g);
+    return BlendGateFn::apply(h, s, a, g);
+  });
   m.impl("blend_multiply", &blend_multiply_autograd);
-  m.impl("ste_forward",
-         [](const at::Tensor& h, const at::Tensor& s) { return SteFn::apply(h, s); });
-  m.impl("multiply_valve_multiplier",
-         [](const at::Tensor& a, const at::Tensor& x) { return ValveFn::apply(a, x); });
-  m.impl("gate_effective_alpha",
-         [](const at::Tensor& a, const at::Tensor& g) { return GateEffectiveFn::apply(a, g); });
+  m.impl("ste_forward", [](const at::Tensor& h, const at::Tensor& s) {
+    check_first_order_only("kasmina::ste_forward", h, s);
+    return SteFn::apply(h, s);
+  });
+  m.impl("multiply_valve_multiplier", [](const at::Tensor& a, const at::Tensor& x) {
+    check_first_order_only("kasmina::multiply_valve_multiplier", a, x);
+    return ValveFn::apply(a, x);
+  });
+  m.impl("gate_effective_alpha", [](const at::Tensor& a, const at::Tensor& g) {
+    check_first_order_only("kasmina::gate_effective_alpha", a, g);
+    return GateEffectiveFn::apply(a, g);
+  });
   m.impl("gated_pool", [](const at::Tensor& x, c10::string_view topology) {
+    check_first_order_only("kasmina::gated_pool", x);
     return GatedPoolFn::apply(x, topology);
   });
   m.impl("gate_network", [](const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                             const at::Tensor& w2, const at::Tensor& b2,
                             c10::string_view topology) {
+    check_first_order_only("kasmina::gate_network", x, w1, b1, w2, b2);
     return GateNetworkFn::apply(x, w1, b1, w2, b2, topology);
   });
+  for (const char* name :
+       {"blend_add_backward", "blend_gate_backward", "blend_multiply_backward",
+        "multiply_valve_multiplier_backward", "gate_effective_alpha_backward",
+        "gated_pool_backward", "gate_network_backward"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&backward_op_autograd>());
+  }
 }
 
 }  // namespace kk

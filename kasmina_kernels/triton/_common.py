@@ -366,6 +366,34 @@ def select_grads(need, grads):
     return tuple(g if n else None for n, g in zip(need, grads))
 
 
+_DelayedError = torch._C._functions.DelayedError
+
+
+def first_order_only(op: str, grads: tuple, inputs: tuple) -> tuple:
+    """The gradients a backward returns, made to raise (naming `op`) if they are ever
+    differentiated: the fused gradient kernels have no derivative of their own, so a double
+    backward (create_graph=True, then differentiating the gradient) is an error instead of a
+    silently missing or zero second derivative. Free when grad mode is off (a plain backward)."""
+    if not torch.is_grad_enabled():
+        return grads
+    live = [t for t in inputs if t is not None and t.requires_grad]
+    if not live:
+        return grads
+    msg = (f"{op}: double backward (differentiating a gradient computed with create_graph=True) "
+           "is not supported: the fused Triton gradient kernels have no derivative of their own; "
+           'use backend="reference" for higher-order derivatives')
+    # one error node whose edges lead to the inputs the gradients depend on, so that
+    # differentiating a gradient with respect to any of them reaches it (and raises)
+    out = _DelayedError(msg.encode(), len(grads) + len(live))(*grads, *live)
+    return tuple(out[: len(grads)])
+
+
+def op_name(bwd_op) -> str:
+    """"kasmina::blend_add" for the registered backward op kasmina::triton_blend_add_backward."""
+    name = bwd_op._schema.name
+    return name.replace("::triton_", "::").removesuffix("_backward")
+
+
 def saving_function(name: str, fwd, bwd, bwd_op):
     """An autograd.Function for eager calls that saves exactly its tensor inputs (nothing
     else: DESIGN.md section 6), runs `fwd(*inputs)`, and in backward `bwd(grad, *inputs,
@@ -376,11 +404,13 @@ def saving_function(name: str, fwd, bwd, bwd_op):
         ctx.save_for_backward(*inputs)
         return fwd(*inputs)
 
+    op = op_name(bwd_op)
+
     def backward(ctx, grad):
         inputs = ctx.saved_tensors
         need = ctx.needs_input_grad
         if eager_ok(grad):
-            return bwd(grad, *inputs, need)
+            return first_order_only(op, bwd(grad, *inputs, need), (grad,) + inputs)
         return select_grads(need, bwd_op(grad, *inputs, list(need)))
 
     return type(name, (torch.autograd.Function,),

@@ -579,7 +579,7 @@ class _PoolFn(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         if C.eager_ok(grad):
-            return _pool_bwd(grad, x, ctx.topology), None
+            return C.first_order_only("kasmina::gated_pool", (_pool_bwd(grad, x, ctx.topology), None), (grad, x))
         return pool_bwd_op(grad, x, ctx.topology), None
 
 
@@ -595,7 +595,9 @@ class _GateFn(torch.autograd.Function):
         x, w1, b1, w2, b2 = ctx.saved_tensors
         need = ctx.needs_input_grad[:5]
         if C.eager_ok(grad):
-            return _gate_bwd(grad, x, w1, b1, w2, b2, ctx.topology, need) + (None,)
+            return C.first_order_only("kasmina::gate_network",
+                                      _gate_bwd(grad, x, w1, b1, w2, b2, ctx.topology, need) + (None,),
+                                      (grad, x, w1, b1, w2, b2))
         return _grads(need, gate_bwd_op(grad, x, w1, b1, w2, b2, ctx.topology, list(need))) + (None,)
 
 

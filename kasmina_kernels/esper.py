@@ -1,0 +1,161 @@
+"""A process-wide install of the drop-ins into Esper.
+
+Esper's modules bind the blend functions with ``from esper.kasmina.blend_ops import
+blend_add`` style imports, and rebuild ``GatedBlend`` through ``BlendCatalog`` whenever a
+checkpoint is loaded, a slot rolls back or a seed germinates again. `install` replaces the
+names in every namespace that binds them, for the life of the process::
+
+    import kasmina_kernels as kk
+    handle = kk.esper.install()
+    ...                # Esper's slots run the fused blends; the catalog builds the fused GatedBlend
+    handle.uninstall()  # Esper's originals again
+
+What it replaces (with `kasmina_kernels.swap.swap_in`, the names of `swap.DROP_INS` that each
+namespace holds):
+
+- the modules ``esper.kasmina.blend_ops``, ``esper.kasmina.isolation``, ``esper.kasmina.slot``
+  and ``esper.kasmina.blending`` (the ``GatedBlend`` name), and the package ``esper.kasmina``
+  where it re-exports any of the names;
+- ``esper.kasmina.blending.BlendCatalog._algorithms["gated"]``, so that every GatedBlend the
+  catalog builds is the fused one.
+
+Import order does not matter: `install` imports those modules itself, so code imported
+afterwards that does ``from esper.kasmina.blend_ops import blend_add`` binds the drop-in, and
+modules imported before have their bindings replaced. Other modules that imported a name
+*before* the install keep the eager function (give them to `swap_in`).
+
+`install` is idempotent: while an install is in place, another call returns the same
+`EsperInstall` and replaces nothing twice. It refuses, with `EsperNotFoundError` (an
+ImportError) naming what is missing, when a namespace it expects cannot be imported, holds
+none of the names, or the catalog has no ``_algorithms`` registry with a ``"gated"`` entry;
+nothing is replaced then.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import threading
+from collections.abc import MutableMapping
+from types import ModuleType
+
+from . import nn
+from .swap import DROP_INS, SwapHandle, swap_in
+
+__all__ = ["ESPER_NAMESPACES", "EsperInstall", "EsperNotFoundError", "install", "installed"]
+
+#: The modules whose bindings `install` replaces (each must exist and hold some of the names).
+ESPER_NAMESPACES = (
+    "esper.kasmina.blend_ops",
+    "esper.kasmina.isolation",
+    "esper.kasmina.slot",
+    "esper.kasmina.blending",
+)
+_PACKAGE = "esper.kasmina"  # replaced too where it re-exports a name; not required to
+_CATALOG_MODULE, _CATALOG, _GATED = "esper.kasmina.blending", "BlendCatalog", "gated"
+
+
+class EsperNotFoundError(ImportError):
+    """Esper, or a namespace `install` expects in it, is missing or laid out differently."""
+
+
+class EsperInstall:
+    """The drop-ins installed into Esper by `install`. `uninstall()` puts Esper's originals
+    back (a second call does nothing); also a context manager that uninstalls on exit."""
+
+    def __init__(self, modules: dict[str, ModuleType], handles: list[SwapHandle]) -> None:
+        self._modules = modules
+        self._handles = handles
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    @property
+    def replaced(self) -> list[tuple[object, str]]:
+        """(namespace, name) for each replacement in place."""
+        return [r for h in self._handles for r in h.replaced]
+
+    def _current(self) -> bool:
+        """Installed into the Esper modules that are imported now (not into modules since
+        dropped from sys.modules and imported again)."""
+        return all(sys.modules.get(name) is mod for name, mod in self._modules.items())
+
+    def uninstall(self) -> None:
+        global _installed
+        with _lock:
+            while self._handles:
+                self._handles.pop().undo()
+            if _installed is self:
+                _installed = None
+
+    def __enter__(self) -> "EsperInstall":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.uninstall()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "uninstalled"
+        return f"EsperInstall({state}, {len(self.replaced)} names replaced)"
+
+
+_lock = threading.RLock()
+_installed: EsperInstall | None = None
+
+
+def installed() -> EsperInstall | None:
+    """The install in place, or None."""
+    return _installed
+
+
+def _import(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise EsperNotFoundError(
+            f"kasmina_kernels.esper.install: cannot import {name} ({exc}); install expects "
+            f"Esper's modules {', '.join(ESPER_NAMESPACES)}. Nothing was replaced; to swap the "
+            "drop-ins into other modules use kasmina_kernels.swap_in"
+        ) from exc
+
+
+def install() -> EsperInstall:
+    """Installs the drop-ins into Esper's namespaces and catalog (see the module docstring);
+    returns the `EsperInstall` whose `uninstall()` undoes it. Raises `EsperNotFoundError`,
+    replacing nothing, when Esper's layout is not the expected one."""
+    global _installed
+    with _lock:
+        if _installed is not None:
+            if _installed.active and _installed._current():
+                return _installed
+            _installed.uninstall()  # Esper's modules were imported again since: start over
+        modules = {name: _import(name) for name in ESPER_NAMESPACES}
+        for name, module in modules.items():
+            if not any(hasattr(module, n) for n in DROP_INS):
+                raise EsperNotFoundError(
+                    f"kasmina_kernels.esper.install: {name} holds none of the names "
+                    f"{', '.join(DROP_INS)}; nothing was replaced"
+                )
+        catalog = getattr(modules[_CATALOG_MODULE], _CATALOG, None)
+        registry = getattr(catalog, "_algorithms", None)
+        if not isinstance(registry, MutableMapping) or _GATED not in registry:
+            raise EsperNotFoundError(
+                f"kasmina_kernels.esper.install: {_CATALOG_MODULE}.{_CATALOG}._algorithms "
+                f"with a {_GATED!r} entry not found; nothing was replaced"
+            )
+        namespaces: list[object] = list(modules.values())
+        package = sys.modules.get(_PACKAGE)
+        if package is not None and any(n in vars(package) for n in DROP_INS):
+            namespaces.append(package)
+        handles = [swap_in(*namespaces)]
+        try:
+            handles.append(swap_in(registry, replacements={_GATED: nn.GatedBlend}))
+        except BaseException:
+            handles[0].undo()
+            raise
+        all_modules = dict(modules)
+        if package is not None:
+            all_modules[_PACKAGE] = package
+        _installed = EsperInstall(all_modules, handles)
+        return _installed
