@@ -127,3 +127,15 @@ def test_result_check_keeps_the_peer_apart_from_the_library():
     assert "out: 3 elements off" in peers
     r["impls"]["native"]["check"] = {"ok": False, "problems": ["dh: off"]}
     assert "**native: FAILED in 1 of 1 entries**" in "\n".join(report.result_check([r]))
+
+
+def test_speedup_plot_draws_inconclusive_bars_apart(tmp_path):
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    from kasmina_kernels.bench import plots
+
+    tight = _record(_rounds(1.5e-3, 0.02, seed=5), _rounds(1.0e-3, 0.02, seed=6))
+    noisy = _record(_rounds(1.02e-3, 0.6, seed=7), _rounds(1.0e-3, 0.6, seed=8))
+    assert plots.speedup_bars([tight, noisy], tmp_path / "speedup.png", "test")
+    assert (tmp_path / "speedup.png").stat().st_size > 0
