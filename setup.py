@@ -2,7 +2,11 @@
 
 Build after torch is installed, against that torch:
 
-    pip install --no-build-isolation -e .
+    pip install --no-build-isolation -e .     # first install (tools/setup_env.sh does this)
+    python setup.py build_ext --inplace       # rebuild in place: only what changed
+
+Objects persist in build/temp-<configuration> (see BuildExt), so either command recompiles
+only the sources that changed (ninja tracks headers through gcc depfiles) and relinks.
 
 Environment:
   KASMINA_KERNELS_CUDA       "1" forces the CUDA kernels (fails without a toolkit and a CUDA
@@ -159,7 +163,50 @@ def _extension():
     )
 
 
+def _build_temp_name() -> str:
+    """The persistent object folder of this build's configuration, under build/: one per
+    Python, CPU ISA, CUDA on/off and sanitizer set, so switching between them does not throw
+    away another configuration's objects."""
+    parts = [sys.implementation.cache_tag, _cpu_isa()]
+    if _want_cuda():
+        parts.append("cuda")
+    checks = os.environ.get("KASMINA_KERNELS_SANITIZE", "").strip()
+    if checks:
+        parts.append("sanitize-" + checks.replace(",", "-"))
+    return "temp-" + "-".join(parts)
+
+
+def _pin_ninja() -> None:
+    """BuildExtension runs the `ninja` on PATH. When the `ninja` package is installed (as
+    tools/setup_env.sh does), put its binary first, so the build uses the same ninja however it
+    is started (venv activated or not, pip or setup.py): ninja versions disagree on the build
+    log's format, and a log from another version is thrown away, which rebuilds everything."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    bin_dir = getattr(ninja, "BIN_DIR", None)
+    if bin_dir and os.path.isdir(bin_dir):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
+class BuildExt(cpp_extension.BuildExtension):
+    """torch's BuildExtension (ninja), with its objects in a persistent folder,
+    build/temp-<configuration>, whichever way the build starts: `setup.py build_ext
+    --inplace` or `pip install --no-build-isolation -e .` (which would otherwise compile into
+    a fresh temporary folder, i.e. everything, every time). ninja then recompiles only the
+    sources whose text, included headers (gcc depfiles, torch's headers too) or compile
+    command changed; BuildExtension always relinks (seconds). An explicit --build-temp (as
+    tools/check_sanitizers.sh gives) is kept."""
+
+    def finalize_options(self) -> None:
+        if self.build_temp is None:
+            self.build_temp = os.path.join(ROOT, "build", _build_temp_name())
+        super().finalize_options()
+
+
+_pin_ninja()  # before BuildExtension checks that ninja runs
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
 )

@@ -45,6 +45,17 @@ _TRAFFIC = {
     "gate_network": Traffic(1, 1, 0, False),
 }
 
+# (op, backend, device type) whose backward moves fewer bytes than the count above says (the
+# stride-0 dx of the module doc): their backward GB/s may exceed a copy's without that being
+# a timing artefact
+BACKWARD_OVERSTATED = {("gated_pool", "native", "cpu"), ("gate_network", "native", "cpu")}
+
+
+def overstated(op: str, impl: str, device_type: str, mode: str) -> bool:
+    """True when the byte count of `mode` over-states what `impl` moves (BACKWARD_OVERSTATED)."""
+    return mode != "forward" and (op, impl, device_type) in BACKWARD_OVERSTATED
+
+
 # ops whose figures are about bandwidth at large sizes (the size sweep and GB/s plots)
 BANDWIDTH_OPS = ("blend_add", "blend_multiply", "blend_gate", "gated_pool")
 

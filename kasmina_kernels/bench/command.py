@@ -5,6 +5,7 @@ not match the reference or an entry errors."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,16 +36,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(--quick: float32); {AUTOCAST} applies to Esper's calls only")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peer")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (torch.set_num_threads) before anything runs; "
-                        "1 keeps a shared machine's scheduling out of OpenMP barriers")
+                   help="CPU threads for torch (torch.set_num_threads) before anything runs. "
+                        "Default on CPU: 1 where the process may use at most 2 cores, else "
+                        "torch's default capped at the cores the process may use (threads "
+                        "beyond the free cores make every parallel op wait in OpenMP barriers "
+                        "for descheduled threads); on CUDA, torch's default")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds; entries not started by then are skipped and listed in the report")
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask; os.cpu_count() where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+SMALL_MACHINE_CORES = 2  # at most this many usable cores: one thread by default
+
+
+def default_threads(device_type: str, cores: int, torch_default: int) -> tuple[int, str]:
+    """(threads, why) when --threads is not given. On CPU a thread count above the cores that
+    are free oversubscribes them: an OpenMP barrier then waits for a descheduled thread, a
+    scheduler quantum (milliseconds) added to a sub-millisecond call. With at most
+    SMALL_MACHINE_CORES usable cores any other load takes a whole core, so 1 thread; else
+    torch's default (its physical-core count) capped at the usable cores."""
+    if device_type != "cpu":
+        return torch_default, f"torch's default ({device_type} run)"
+    if cores <= SMALL_MACHINE_CORES:
+        return 1, (f"default on CPU: {cores} usable cores (at most {SMALL_MACHINE_CORES}: one "
+                   "thread, so other load cannot stall an OpenMP barrier); --threads N to change")
+    n = max(1, min(torch_default, cores))
+    return n, (f"default on CPU: torch's default {torch_default} capped at the {cores} usable "
+               "cores; --threads N to change")
+
+
 def main(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     device = default_device(args.device)
+    cores = usable_cores()
+    if args.threads is not None:
+        threads, threads_why = args.threads, "--threads"
+    else:
+        threads, threads_why = default_threads(device.type, cores, torch.get_num_threads())
+    torch.set_num_threads(threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda but no CUDA device is visible to torch", file=sys.stderr)
         return 2
@@ -70,6 +105,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"bench: {note}", file=sys.stderr)
 
     meta = report.machine(device)
+    meta["usable cores"] = cores
+    meta["threads"] = f"{torch.get_num_threads()} ({threads_why})"
+    try:
+        meta["load average at start"] = " / ".join(f"{v:.2f}" for v in os.getloadavg()) + " (1, 5, 15 min)"
+    except OSError:
+        pass
     meta["command"] = "kasmina-kernels " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(
         ("kasmina-kernels", "__main__.py")) else "kasmina-kernels bench"
     meta["rotation_bytes"] = sweep.rotate_bytes(device)

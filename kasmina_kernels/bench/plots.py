@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import FB, PEERS, _impl_names, _shape
+from .report import FB, PEERS, _impl_names, _shape, conclusive
 
 COLORS = {"eager": "#7f7f7f", "compile": "#1f77b4", "native": "#d62728", "triton": "#2ca02c"}
 
@@ -88,15 +88,21 @@ def speedup_bars(records: list[dict], path: Path, title: str) -> bool:
             for k, name in enumerate(kernels):
                 vals = [r["impls"].get(name, {}).get("speedup", {}).get(peer, {}).get(FB, float("nan"))
                         for r in sel]
-                ax.bar([p + k * bar for p in range(len(sel))], vals, bar,
-                       color=COLORS.get(name), label=name)
+                # hatched and faint: inconclusive, the timings do not support the ratio
+                unclear = [not conclusive(r["impls"].get(name, {}), peer, FB) for r in sel]
+                bars = ax.bar([p + k * bar for p in range(len(sel))], vals, bar,
+                              color=COLORS.get(name), label=name)
+                for b, u in zip(bars, unclear):
+                    if u:
+                        b.set_alpha(0.35)
+                        b.set_hatch("//")
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_yscale("log", base=2)
             ax.set_xticks([p + bar * (len(kernels) - 1) / 2 for p in range(len(sel))])
             ax.set_xticklabels(labels, rotation=90, fontsize=6)
             ax.set_ylabel("speedup (fwd+bwd)")
             ax.set_title(f"{dt}: speedup vs {'eager' if peer == 'eager' else 'torch.compile'} "
-                         "(above 1: the backend is faster)", fontsize=10)
+                         "(above 1: the backend is faster; hatched: inconclusive)", fontsize=10)
             ax.grid(axis="y", alpha=0.3)
     _save(plt, fig, axes, path, title)
     return True

@@ -34,7 +34,7 @@ import contextlib
 import copy
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .. import backends as kk_backends
 from . import esper_models as M
-from .timing import Step, time_interleaved
+from .timing import Sample, Step, compare, time_interleaved
 
 AGREE_STEPS = 20
 PROFILE_STEPS = 3
@@ -248,6 +248,7 @@ def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MOD
                                        warmup=2, max_iters=20)
             for (key, runner), s in zip(runners, samples):
                 row = record["rows"][key]
+                row["sample"] = asdict(s)
                 row["ms_per_step"] = s.median * 1e3
                 row["ms_p25"], row["ms_p75"], row["timed_steps"] = s.p25 * 1e3, s.p75 * 1e3, s.count
                 try:
@@ -259,6 +260,11 @@ def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MOD
         for row in record["rows"].values():
             if row["mode"] == mode and base and row.get("ms_per_step"):
                 row["speedup_vs_eager_blends"] = base / row["ms_per_step"]
+                base_row = record["rows"][f"{EAGER} / {mode}"]
+                if row is not base_row:
+                    c = compare(Sample(**base_row["sample"]), Sample(**row["sample"]),
+                                peer_name="eager blends", candidate_name=row["variant"])
+                    row["speedup_support"] = {k: c[k] for k in ("conclusive", "why", "round_ratios")}
     return record
 
 
@@ -326,7 +332,9 @@ def markdown(result: dict, device: torch.device) -> list[str]:
              "s = seed(r) NCHW with grad, alpha a 0-dim float32 buffer without grad (0.5), GATE's "
              "gate = GatedBlend.get_alpha_for_blend(r) with grad, STE stage ste_forward(h, s). "
              f"ms/step: median of timed steps after {result['agree_steps']} loss-check steps and "
-             "warm-up, variants interleaved round by round. kernels/step: " + what + ", from "
+             "warm-up, variants interleaved round by round. vs eager blends: eager blends' "
+             "ms/step over the row's, in the same mode; '~' after it: inconclusive, the timings "
+             "do not support it (the rule of the legend at the top). kernels/step: " + what + ", from "
              f"torch.profiler over {PROFILE_STEPS} steps. blend share: time in the blend calls "
              "(record_function ranges around each slot's blend, GATE's gate network included) and "
              "the backward nodes they created, over the profiled step time (profiler overhead "
@@ -358,7 +366,8 @@ def markdown(result: dict, device: torch.device) -> list[str]:
                 share += " (ops)"
             lines.append(
                 f"| {row['variant']} | {row['mode']} | {_fmt(row.get('ms_per_step'), '.1f')} | "
-                f"{_fmt(row.get('speedup_vs_eager_blends'), '.2f')}x | "
+                f"{_fmt(row.get('speedup_vs_eager_blends'), '.2f')}x"
+                f"{'' if row.get('speedup_support', {}).get('conclusive', True) else ' ~'} | "
                 f"{_fmt(row.get('kernels_per_step'), '.0f')} | "
                 f"{_fmt(row.get('kasmina_ops_per_step'), '.0f')} | {share} | "
                 f"{_fmt(row.get('max_rel_loss_diff'), '.1e')} / "

@@ -17,7 +17,7 @@ from .. import backends, opcases
 from . import bytemodel, workload
 from . import esper
 from .plan import Entry, Plan, torch_dtype
-from .timing import Sample, kernel_time, time_interleaved, wall_per_call
+from .timing import Sample, compare, kernel_time, time_interleaved, wall_per_call
 
 CPU_ROTATE_BYTES = 64 << 20
 # per-call wall time (host overhead included) is measured where forward calls take at most
@@ -174,7 +174,7 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
         except Exception as exc:
             record["notes"].append(f"{impl.name}: saved bytes not counted ({type(exc).__name__}: {exc})")
     lap("saved")
-    _derive(record)
+    _derive(record, device.type)
     return record
 
 
@@ -199,8 +199,9 @@ def _kernel_times(record, mode, steps, timed, device, n_sets, effort) -> None:
         record["impls"][impl.name].setdefault("kernel", {})[mode] = _sample(s)
 
 
-def _derive(record: dict) -> None:
-    """GB/s, fraction of copy bandwidth and speedups from the medians."""
+def _derive(record: dict, device_type: str = "cpu") -> None:
+    """GB/s, fraction of copy bandwidth and speedups from the medians, and whether the timings
+    support each speedup (`_support`)."""
     b = record["bytes"]
     mode_bytes = {"forward": b["forward"], "backward": b["backward"],
                   "forward+backward": b["forward"] + b["backward"]}
@@ -221,11 +222,37 @@ def _derive(record: dict) -> None:
     for name, r in record["impls"].items():
         if "forward" not in r or name in ("eager", "compile"):
             continue
-        r["speedup"] = {}
+        r["speedup"], r["speedup_support"] = {}, {}
         for peer in ("eager", "compile"):
             p = record["impls"].get(peer)
             if p and "forward" in p:
                 r["speedup"][peer] = {m: p[m]["median"] / r[m]["median"] for m in mode_bytes}
+                r["speedup_support"][peer] = {
+                    m: _support(p, r, peer, name, m, record["op"], device_type) for m in mode_bytes}
+
+
+def _support(peer: dict, impl: dict, peer_name: str, impl_name: str, mode: str, op: str,
+             device_type: str) -> dict:
+    """Whether the timings support the ratio peer / impl in `mode` (timing.compare), and not
+    when either one's GB/s is above the same-size copy's: a figure no measurement of that
+    many bytes can reach, so its time is an artefact (caches, clock, too few repeats), unless
+    the byte count is known to over-state what that implementation moves
+    (bytemodel.BACKWARD_OVERSTATED)."""
+    c = compare(Sample(**peer[mode]), Sample(**impl[mode]), peer_name=peer_name,
+                candidate_name=impl_name)
+    out = {"conclusive": c["conclusive"], "why": c["why"], "round_ratios": c["round_ratios"]}
+    if out["conclusive"]:
+        for name, d in ((peer_name, peer), (impl_name, impl)):
+            if above_copy(d, mode) and not bytemodel.overstated(op, name, device_type, mode):
+                out["conclusive"] = False
+                out["why"] = f"{name} GB/s above a same-size copy's ({d['copy_fraction'][mode]:.0%})"
+                break
+    return out
+
+
+def above_copy(impl: dict, mode: str) -> bool:
+    """True when `impl`'s GB/s in `mode` exceeds the same-size copy's (an artefact)."""
+    return impl.get("copy_fraction", {}).get(mode, 0.0) > 1.0
 
 
 class _Progress:

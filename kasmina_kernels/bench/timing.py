@@ -25,12 +25,15 @@ class Step:
 
 @dataclass(frozen=True)
 class Sample:
-    """Per-call seconds of one step: median and inter-quartile spread of all timings."""
+    """Per-call seconds of one step: median and inter-quartile spread of all timings, and the
+    median of each round (rounds alternate the candidates, so round k of two candidates ran
+    under the same machine conditions)."""
 
     median: float
     p25: float
     p75: float
     count: int
+    rounds: tuple[float, ...] = ()
 
     @property
     def spread(self) -> float:
@@ -38,9 +41,44 @@ class Sample:
         return (self.p75 - self.p25) / self.median if self.median > 0 else 0.0
 
     @classmethod
-    def of(cls, values: list[float]) -> "Sample":
+    def of(cls, values: list[float], rounds: list[list[float]] | None = None) -> "Sample":
+        """`values`: every timing; `rounds`: the same timings grouped by round (optional)."""
         q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-        return cls(statistics.median(values), q[0], q[2], len(values))
+        return cls(statistics.median(values), q[0], q[2], len(values),
+                   tuple(statistics.median(r) for r in rounds or () if r))
+
+
+# When a time ratio supports a verdict (faster / not faster); the report's legend and
+# bench/README.md state the same rule.
+SPREAD_LIMIT = 0.5  # (p75 - p25) / median of a candidate's timings, above which it is too noisy
+MIN_ROUNDS = 3  # fewer rounds cannot show that the rounds agree
+
+
+def compare(peer: Sample, candidate: Sample, *, peer_name: str = "peer",
+            candidate_name: str = "candidate") -> dict:
+    """The ratio peer median / candidate median (above 1: the candidate is faster) and whether
+    the timings support it. It is conclusive when (1) neither candidate's timings spread more
+    than SPREAD_LIMIT (inter-quartile range over median: a wide or two-humped distribution,
+    e.g. calls that sometimes lose a scheduler quantum, has no typical call) and (2) the ratio
+    of every round (the candidates alternate round by round) lies on the same side of 1 as the
+    overall ratio: a sign test, which at 5 rounds a coin flip passes 1 time in 16. Returns
+    {"ratio", "conclusive", "why" (None when conclusive), "round_ratios"}."""
+    ratio = peer.median / candidate.median if candidate.median > 0 else float("inf")
+    rounds = [p / c for p, c in zip(peer.rounds, candidate.rounds) if c > 0]
+    why = None
+    for name, s in ((peer_name, peer), (candidate_name, candidate)):
+        if s.spread > SPREAD_LIMIT:
+            why = f"{name} timings spread {s.spread:.0%} (IQR/median > {SPREAD_LIMIT:.0%})"
+            break
+    if why is None:
+        if len(rounds) < MIN_ROUNDS:
+            why = f"{len(rounds)} paired rounds (a verdict needs {MIN_ROUNDS})"
+        elif ratio == 1.0 or not all((r > 1.0) == (ratio > 1.0) and r != 1.0 for r in rounds):
+            against = sum((r > 1.0) != (ratio > 1.0) or r == 1.0 for r in rounds)
+            why = (f"{against} of {len(rounds)} rounds on the other side of 1.00x "
+                   f"(round ratios {min(rounds):.2f}x to {max(rounds):.2f}x)")
+    return {"ratio": ratio, "conclusive": why is None, "why": why,
+            "round_ratios": [round(r, 4) for r in rounds]}
 
 
 def synchronize(device: torch.device) -> None:
@@ -100,14 +138,14 @@ def time_interleaved(steps: list[Step], device: torch.device, n_sets: int, *, ro
         synchronize(device)
         per = max((time.perf_counter() - t0) / max(warmup, 1), 1e-7)
         iters.append(max(1, min(max_iters, int(budget_s / (rounds * per)))))
-    samples: list[list[float]] = [[] for _ in steps]
+    by_round: list[list[list[float]]] = [[] for _ in steps]
     for _ in range(rounds):
         for k, (step, rotor) in enumerate(zip(steps, rotors)):
-            samples[k] += _time_iters(step, rotor, iters[k], device)
+            by_round[k].append(_time_iters(step, rotor, iters[k], device))
             # calls far slower than warm-up said (a busy machine): one call per round from here
-            if sum(samples[k]) > 3 * budget_s:
+            if sum(map(sum, by_round[k])) > 3 * budget_s:
                 iters[k] = 1
-    return [Sample.of(s) for s in samples]
+    return [Sample.of([t for r in rs for t in r], rs) for rs in by_round]
 
 
 def wall_per_call(fns: list[Callable[[int], Any]], device: torch.device, n_sets: int, *,
@@ -128,7 +166,7 @@ def wall_per_call(fns: list[Callable[[int], Any]], device: torch.device, n_sets:
                 fn(rotor.next())
             synchronize(device)
             samples[k].append((time.perf_counter() - t0) / calls)
-    return [Sample.of(s) for s in samples]
+    return [Sample.of(s, [[v] for v in s]) for s in samples]
 
 
 # torch.cuda._sleep's kernel: a tiny launch that brackets each timed run in the profiler trace
