@@ -4,7 +4,7 @@ the default backend (`kasmina_kernels.use_backend`, then ``KASMINA_KERNELS_BACKE
 ``"auto"``).
 
 Each function only renames its arguments and calls the public op of the same name in
-`kasmina_kernels.ops`; the semantics are those of `kasmina_kernels.reference` (DESIGN.md
+`kasmina_kernels.ops`; the semantics are those of `kasmina_kernels.reference` (docs/semantics.md
 section 2). To make code that already imported Esper's functions use these, see
 `kasmina_kernels.swap`.
 """

@@ -1,7 +1,7 @@
 """Command line: `kasmina-kernels check | info | bench` (also `python -m kasmina_kernels ...`).
 
 check  which backends this machine has, and each op's max error per backend and dtype against
-       the eager reference and the float64 oracle (DESIGN.md section 5); exit 1 on a failure.
+       the eager reference and the float64 oracle (docs/semantics.md#equivalence); exit 1 on a failure.
 info   how the package was built: torch, CUDA, compiler, which backends were built.
 bench  every op and backend timed against eager and torch.compile (kasmina_kernels/bench/).
 """

@@ -1,4 +1,4 @@
-"""The equivalence rule of DESIGN.md section 5, in one place: the tests and the `check`
+"""The equivalence rule of docs/semantics.md#equivalence, in one place: the tests and the `check`
 command both judge kernels with these functions.
 
 1. elementwise outputs pass ``torch.testing.assert_close(kernel, reference)`` with the dtype's

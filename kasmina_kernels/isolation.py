@@ -2,7 +2,7 @@
 `blend_with_isolation` with Esper's signatures, computed by the default backend.
 
 Only the two tensor functions are provided; Esper's gradient-health monitor is bookkeeping,
-not a blend, and stays Esper's. Semantics: `kasmina_kernels.reference` (DESIGN.md section 2).
+not a blend, and stays Esper's. Semantics: `kasmina_kernels.reference` (docs/semantics.md#operators).
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ CASES = (
     OpCase("gate_effective_alpha", _effective, ("out", "alpha", "gate"), ("alpha", "gate")),
     OpCase("gated_pool", _pool, ("x",), ("x", "topology")),
     # every output of the gate network passes through a reduction (the pool and the two
-    # Linear layers), so DESIGN section 5 judges them all by rule 2 alone, as the tests do
+    # Linear layers), so docs/semantics.md#equivalence judges them all by rule 2 alone, as the tests do
     OpCase("gate_network", _gate_net, (), ("x", "w1", "b1", "w2", "b2")),
 )
 

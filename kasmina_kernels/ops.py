@@ -3,7 +3,7 @@
 Every op takes ``backend=None`` (the current default, see `kasmina_kernels.backends`) or a
 backend name. The semantics are the references' in `kasmina_kernels.reference`.
 
-Host cost (DESIGN.md sections 3 and 6): Esper calls these thousands of times per epoch on
+Host cost (docs/semantics.md, backends and performance model): Esper calls these thousands of times per epoch on
 small tensors, so a call's Python work is kept to a few attribute reads. The checks take a
 fast path for the usual inputs (the full checks, and their exact errors, run otherwise), and
 when the default backend is native (`backends.native_by_default`: no `use_backend` block, no

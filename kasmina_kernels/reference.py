@@ -1,4 +1,4 @@
-"""Eager PyTorch references for every operator (DESIGN.md section 2).
+"""Eager PyTorch references for every operator (docs/semantics.md#operators).
 
 These are the oracles: each is written exactly in the order the contract gives, because in
 bfloat16 the rounding points decide the bits. Tests and benchmarks import them from here;

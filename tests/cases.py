@@ -300,7 +300,7 @@ def scalar_cases(dtypes, *, full: bool = True) -> list[Case]:
     return cases
 
 
-# Esper's calls (DESIGN.md section 1): a channels_last host requiring grad beside an NCHW
+# Esper's calls (docs/semantics.md#esper-calls): a channels_last host requiring grad beside an NCHW
 # seed (and seed input, without grad), a 0-dim alpha in the host's dtype without grad or a
 # per-sample alpha_override, a per-sample gate with grad.
 ESPER_SHAPES = ((3, 5, 7, 11), (4, 16, 9, 9), (2, 40, 5, 6))
@@ -715,7 +715,7 @@ def run_case(backend: str, case: Case) -> None:
 
 def _assert_no_output_shares_an_input(case: Case, backend: str, outputs: dict, leaves: dict) -> None:
     """An output or gradient that is a view of an input would let the caller write into
-    that input through it (DESIGN section 2: no op writes into an input)."""
+    that input through it (docs/semantics.md#operators: no op writes into an input)."""
     for name, out in outputs.items():
         if not isinstance(out, torch.Tensor) or out.numel() == 0:
             continue

@@ -1,4 +1,4 @@
-"""The equivalence rule of DESIGN.md section 5, implemented once.
+"""The equivalence rule of docs/semantics.md#equivalence, implemented once.
 
 A kernel output matches the reference when:
 
@@ -17,7 +17,7 @@ A kernel output matches the reference when:
 ``finfo.eps * x`` would be up to twice that; we use the exact spacing.
 
 Which dtype: an output is judged in its own dtype (a bf16 host's fp32 seed gradient at fp32
-precision: the references round through the host's dtype at fixed points, and DESIGN section 2
+precision: the references round through the host's dtype at fixed points, and docs/semantics.md#operators
 says those rounding points matter, so a kernel must reproduce them).
 
 float64: the oracle of rule 2 is "the reference on inputs upcast to float64", which for float64

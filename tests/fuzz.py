@@ -6,7 +6,7 @@ every feature dtype, and a seed (and seed_input) in another one; 0-dim alpha of 
 per-sample, other broadcast shapes and full-size alpha; the same forms for the gate; aliased
 inputs; any subset of the inputs requiring grad; inference mode; NaN/Inf planted in the
 features. A drawn Case runs through `cases.run_case`, i.e. the equivalence rule of
-DESIGN.md section 5 plus the no-write-into-inputs check.
+docs/semantics.md#equivalence plus the no-write-into-inputs check.
 
 Example counts come from the Hypothesis profile (registered in conftest.py): "ci" by default,
 "thorough" on request; `examples_for(backend)` scales them down for slow backends.

@@ -1,6 +1,6 @@
 """A long-double oracle for float64 cases (see `equivalence.py` for why).
 
-The math of DESIGN.md section 2 and its closed-form gradients, in numpy long double (a 64-bit
+The math of docs/semantics.md#operators and its closed-form gradients, in numpy long double (a 64-bit
 significand on x86-64, 11 bits more than float64), so that eager float64's own error against
 it is measurable. Rounding points of the references do not exist in float64 (every cast is
 exact), so plain math is the right oracle. `test_oracles.py` checks it against the float64

@@ -1,6 +1,6 @@
 """Autocast: every op called inside torch.autocast (CPU bfloat16; CUDA bfloat16 when a GPU is
 present) matches the reference called inside the same autocast, by the equivalence rule
-(DESIGN.md section 5; the float64 oracle is the exact math, without autocast).
+(docs/semantics.md#equivalence; the float64 oracle is the exact math, without autocast).
 
 The inputs are what a training step under autocast hands the ops: bf16 activations beside fp32
 ones (a bf16 host with an fp32 seed or seed_input, fp32 alpha and gate schedules), fp32

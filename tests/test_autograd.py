@@ -1,5 +1,5 @@
 """Gradients of the native ops: torch.autograd.gradcheck in float64 for every op (scalar and
-per-sample alpha, seed_input, gates, layouts), and the activation-memory contract of DESIGN.md
+per-sample alpha, seed_input, gates, layouts), and the activation-memory contract of docs/semantics.md
 section 6 for every kernel backend: a fused op saves only its inputs for backward.
 
 Saved bytes are counted with torch.autograd.graph.saved_tensors_hooks. Choice: tensors are
@@ -254,7 +254,7 @@ def test_fused_op_saves_at_most_its_inputs(backend, name):
     in_bytes, in_storages = storage_bytes(list(leaves) + list(kw.values()))
     saved_bytes, saved_storages = storage_bytes(counter.saved)
     assert saved_bytes <= in_bytes, f"saved {saved_bytes} B for backward, inputs are {in_bytes} B"
-    # DESIGN section 6: a fused op saves only its inputs (no intermediates)
+    # docs/semantics.md#performance-model: a fused op saves only its inputs (no intermediates)
     assert saved_storages <= in_storages, "the op saved a tensor that is not one of its inputs"
     assert y.requires_grad
     # and its backward still runs from what it saved

@@ -1,4 +1,4 @@
-"""torch.library registration and torch.compile (DESIGN.md section 3):
+"""torch.library registration and torch.compile (docs/semantics.md#backends-and-dispatch):
 
 - `torch.library.opcheck` passes for every torch.ops.kasmina op (forward ops with inputs that
   require grad, so the autograd registration is exercised; backward ops with plain inputs) on a

@@ -1,9 +1,9 @@
-"""torch.compile with the default backend (backends.COMPILE_AUTO, DESIGN.md sections 3 and 6):
+"""torch.compile with the default backend (backends.COMPILE_AUTO, docs/semantics.md, backends and performance model):
 
 - while torch.compile traces a call, "auto" is the reference math, so Inductor can fuse the
   blend with its neighbours: the traced graph holds no torch.ops.kasmina op, has no graph
   break (fullgraph=True), and the compiled output and gradients match the eager reference
-  within the equivalence tolerance (rule 1, DESIGN.md section 5);
+  within the equivalence tolerance (rule 1, docs/semantics.md#equivalence);
 - a named backend (argument, use_backend, KASMINA_KERNELS_BACKEND) keeps the opaque
   torch.ops.kasmina op in the compiled graph;
 - eager calls (not compiling) still run the fused kernels: every public op and drop-in runs
@@ -86,7 +86,7 @@ def test_compiled_default_matches_the_eager_reference(name):
     y_c, g_c = _run(compiled, args, kwargs)
     y_r, g_r = _run(ref, args, kwargs)
     assert len(g_c) == len(g_r)
-    # the computation dtype (DESIGN.md section 5): everything downstream of the cast to the
+    # the computation dtype (docs/semantics.md#equivalence): everything downstream of the cast to the
     # host's dtype is judged in it (Inductor keeps float32 where eager rounds to bfloat16)
     computation = least_precise(*(a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()))
     for what, k, r in [("y", y_c, y_r)] + [(f"grad{i}", a, b) for i, (a, b) in enumerate(zip(g_c, g_r))]:

@@ -1,4 +1,4 @@
-"""The exact contracts of DESIGN.md section 2, bit for bit (no tolerance), for every backend
+"""The exact contracts of docs/semantics.md#operators, bit for bit (no tolerance), for every backend
 (the reference included, as the control):
 
 - output == host at alpha = 0 for ADD, MULTIPLY, GATE and blend_with_isolation (and the

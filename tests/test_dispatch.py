@@ -1,4 +1,4 @@
-"""Backend selection (DESIGN.md section 3): `use_backend` blocks nest and win over the
+"""Backend selection (docs/semantics.md#backends-and-dispatch): `use_backend` blocks nest and win over the
 KASMINA_KERNELS_BACKEND environment variable, which wins over "auto"; an explicit `backend=`
 argument wins over all; "auto" on CPU is "native" and observable with `resolve_backend`.
 

@@ -1,6 +1,6 @@
 """The drop-in functions (`kasmina_kernels.blend_ops`, `kasmina_kernels.isolation`) against
 the eager definitions (`kasmina_kernels.reference`): Esper's signatures, forward and every
-gradient on each backend (judged by the equivalence rule of DESIGN.md section 5), the exact
+gradient on each backend (judged by the equivalence rule of docs/semantics.md#equivalence), the exact
 identities, dispatch through the default backend, and torch.compile(fullgraph=True)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every kernel backend against the reference (DESIGN.md section 5): op x backend x dtype x
+"""Every kernel backend against the reference (docs/semantics.md#equivalence): op x backend x dtype x
 shape x layout x alpha form x which inputs require grad, forward and every gradient.
 
 The matrix lives in `cases.py`; `cases_for(backend)` gives a slow backend (Triton under its

@@ -1,6 +1,6 @@
 """Property-based equivalence: Hypothesis draws cases over the whole input space the ops
 accept (`fuzz.py`) and each runs through `cases.run_case`, the equivalence matrix's own runner:
-forward and every gradient judged by DESIGN.md section 5, inputs unchanged afterwards, no
+forward and every gradient judged by docs/semantics.md#equivalence, inputs unchanged afterwards, no
 output sharing an input's storage.
 
 Every op, every fused backend: on CPU (Triton under its interpreter, with fewer and smaller

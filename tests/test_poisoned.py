@@ -1,4 +1,4 @@
-"""Poisoned outputs (DESIGN.md section 5, point 4).
+"""Poisoned outputs (docs/semantics.md#equivalence, poisoning).
 
 No public op and no torch.ops.kasmina op takes an ``out=`` tensor, and gradients come out of
 autograd, so a test cannot pre-fill the buffers a kernel writes. Instead `poison_check.py`

@@ -63,7 +63,7 @@ def scale_of(t):
 
 
 def assert_elementwise(kern, ref, what="", oracle=None):
-    """DESIGN 5.1: dtype's default rtol, atol = one ulp at the output's scale. Where eager
+    """Rule 1 of docs/semantics.md#equivalence: dtype's default rtol, atol = one ulp at the output's scale. Where eager
     itself strays (bf16 MULTIPLY rounds tanh to 1 and 1 - t^2 to 0; the kernel keeps float32
     inside), rule 5.2 against the float64 oracle decides."""
     assert kern.dtype == ref.dtype, f"{what}: dtype {kern.dtype} != {ref.dtype}"
@@ -83,7 +83,7 @@ def assert_elementwise(kern, ref, what="", oracle=None):
 
 
 def assert_reduction(kern, ref, oracle, what=""):
-    """DESIGN 5.2: error against the float64 oracle <= 2 x eager's + 1 ulp at scale."""
+    """rule 2 of docs/semantics.md#equivalence: error against the float64 oracle <= 2 x eager's + 1 ulp at scale."""
     assert kern.dtype == ref.dtype and kern.shape == ref.shape, what
     o = oracle.detach().double()
     k_err = (kern.detach().double() - o).abs().max().item() if o.numel() else 0.0

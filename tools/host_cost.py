@@ -1,4 +1,4 @@
-"""Host cost per forward+backward call on tiny tensors (DESIGN.md section 6, item 3).
+"""Host cost per forward+backward call on tiny tensors (docs/semantics.md#performance-model, item 3).
 
 Esper's calls: host h channels_last (2,4,3,3) float32 requiring grad, r = h.contiguous().detach(),
 seed s NCHW requiring grad, alpha a 0-dim float32 tensor without grad, gate (B,1,1,1) requiring

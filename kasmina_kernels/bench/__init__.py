@@ -2,6 +2,6 @@
 against two peers, the eager reference and torch.compile of the reference.
 
 Modules: plan (what a run covers), workload (inputs, implementations, timed steps), timing
-(medians, device events, alternation), bytemodel (DESIGN.md section 6 byte counts), sweep
+(medians, device events, alternation), bytemodel (docs/semantics.md#performance-model byte counts), sweep
 (check-then-time per entry), report (markdown, JSON), plots (PNG), command (the CLI entry).
 """

@@ -1,13 +1,13 @@
-"""Bytes that must cross memory per call: DESIGN.md section 6.
+"""Bytes that must cross memory per call: docs/semantics.md#performance-model.
 
 Each op's traffic is a multiple of its feature tensor's size N*e (N elements of e bytes);
 per-sample weights (alpha, gate: B elements) are left out. Forward+backward here means the
 backward that produces the gradient of every input that requires grad: every input in the
 op-isolation entries; in Esper's calls alpha and seed_input need none (see `traffic`).
 
-Counts DESIGN.md gives: ADD/GATE 3 forward, 5 backward; MULTIPLY with a seed input 4 and 7
+Counts the performance model gives: ADD/GATE 3 forward, 5 backward; MULTIPLY with a seed input 4 and 7
 (3 and 5 when r is h); pool 1 and 1. Counts derived here by the same rule (read every operand
-once, write every result once) for the ops DESIGN.md does not list: the isolation blend is ADD;
+once, write every result once) for the ops the performance model does not list: the isolation blend is ADD;
 the straight-through estimator reads h and s and writes y (3), backward reads g and writes dh
 and ds (3); the valve reads m and writes the multiplier (2), backward reads g and m and writes
 dm (3); the gate network is its pooling (1 and 1: the MLP on (B, C) is negligible);
@@ -31,7 +31,7 @@ class Traffic:
     forward: int  # multiples of N*e
     backward: int
     operand: int  # index of the argument that is the feature tensor
-    from_design: bool  # counts given by DESIGN.md section 6 (else derived, see module doc)
+    from_design: bool  # counts given by docs/semantics.md#performance-model (else derived, see module doc)
 
 
 _TRAFFIC = {
@@ -52,7 +52,12 @@ BACKWARD_OVERSTATED = {("gated_pool", "native", "cpu"), ("gate_network", "native
 
 
 def overstated(op: str, impl: str, device_type: str, mode: str) -> bool:
-    """True when the byte count of `mode` over-states what `impl` moves (BACKWARD_OVERSTATED)."""
+    """True when the byte count of `mode` over-states what `impl` moves (BACKWARD_OVERSTATED;
+    and the straight-through estimator's backward everywhere: every implementation, eager's
+    autograd included, hands the incoming gradient on as dh and ds, moving no feature bytes
+    when the seed has the host's dtype)."""
+    if mode != "forward" and op == "ste_forward":
+        return True
     return mode != "forward" and (op, impl, device_type) in BACKWARD_OVERSTATED
 
 
@@ -63,7 +68,7 @@ BANDWIDTH_OPS = ("blend_add", "blend_multiply", "blend_gate", "gated_pool")
 def traffic(op: str, kwargs: dict, no_grad: frozenset = frozenset()) -> Traffic:
     """`no_grad`: argument names passed without grad ("alpha", "seed_input", "gate"). With
     neither alpha nor gate needing a gradient, ADD/GATE's backward needs only g (read g, write
-    dh, ds: 3, DESIGN.md's figure); MULTIPLY with a seed input that needs no gradient does not
+    dh, ds: 3, the performance model's figure); MULTIPLY with a seed input that needs no gradient does not
     write dr (6, derived)."""
     if op == "blend_multiply":
         with_seed = kwargs.get("seed_input") is not None

@@ -338,7 +338,7 @@ def esper_section(records: list[dict]) -> list[str]:
     rows = [r for r in records if r.get("group") == ESPER_GROUP]
     if not rows:
         return []
-    out = ["## Esper's calls (DESIGN.md section 1), forward+backward", "",
+    out = ["## Esper's calls (docs/semantics.md#esper-calls), forward+backward", "",
            "The layouts, dtypes and requires-grad flags of Esper's `SeedSlot.forward` "
            "(kasmina_kernels/bench/esper.py): channels_last CNN host beside NCHW seed features "
            "and seed input, alpha without grad, gate with grad. alpha 0-dim: Esper's cached "
@@ -374,13 +374,13 @@ def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, not
             out.append(f"| {key} | {meta[key]} |")
     out.append("")
     out.append("Method: every implementation is checked against the eager reference (the "
-               "equivalence rule of DESIGN.md section 5) before it is timed. Times are medians of "
+               "equivalence rule of docs/semantics.md#equivalence) before it is timed. Times are medians of "
                "all timed calls after warm-up; implementations alternate round by round on the "
                "same inputs (random, never zero), rotating through input copies that span more "
                "than the rotation size above so caches do not flatter; CUDA times come from "
                "device events, CPU times from perf_counter. Forward is the training forward "
                "(inputs require grad); backward produces every gradient. GB/s use the byte counts "
-               "of DESIGN.md section 6 (kasmina_kernels/bench/bytemodel.py); % copy is against a "
+               "of docs/semantics.md#performance-model (kasmina_kernels/bench/bytemodel.py); % copy is against a "
                "same-size device copy timed alongside. Those counts are the floor for a dense "
                "result: the native CPU backward of gated_pool and gate_network returns dx as a "
                "stride-0 broadcast of its (B, C) values, as torch's own sum backward does, so it "
@@ -429,7 +429,7 @@ def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, not
             ""]
     out += detail_table(records)
     if any(r.get("group") == "sweep" for r in records):
-        out += ["", "## Size sweep: forward+backward GB/s (DESIGN.md byte counts) and % of copy"
+        out += ["", "## Size sweep: forward+backward GB/s (the performance model's byte counts) and % of copy"
                 + (" (by event time, then by kernel time)" if _has_kernel_time(records) else ""), ""]
         out += sweep_table(records)
     out.append("")
@@ -445,7 +445,7 @@ def result_check(records: list[dict]) -> list[str]:
     the peers': torch.compile of the reference not matching the equivalence rule is a fact
     about that peer, never counted as a failure of this library."""
     out = ["## Result check", "", "**The library** (kasmina-kernels backends, each checked against "
-           "the eager reference by DESIGN.md section 5 before it was timed):", ""]
+           "the eager reference by docs/semantics.md#equivalence before it was timed):", ""]
     kernels = [n for n in _impl_names(records) if n not in PEERS]
     for k in kernels:
         checked = [r for r in records if k in r["impls"]]

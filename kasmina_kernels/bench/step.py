@@ -1,4 +1,4 @@
-"""A whole training step (DESIGN.md section 6, item 2): `kasmina-kernels bench --step`.
+"""A whole training step (docs/semantics.md#performance-model, item 2): `kasmina-kernels bench --step`.
 
 Two Esper-style hosts from `esper_models`: a channels_last CNN (ADD, MULTIPLY, GATE slots and a
 slot in the STE stage; batch 64, 3x32x32 images, 16 then 32 channels) and a (B,T,C) transformer
@@ -323,7 +323,7 @@ def markdown(result: dict, device: torch.device) -> list[str]:
     what = ("CUDA kernels (profiler device events)" if device.type == "cuda" else
             "leaf aten/kasmina operator events on CPU, plus inductor's C++ kernels under compile; "
             "allocations and views left out")
-    lines = ["## A whole training step (DESIGN.md section 6, item 2)", "",
+    lines = ["## A whole training step (docs/semantics.md#performance-model, item 2)", "",
              "Forward, cross-entropy, backward and an SGD update (lr 0.05) of an Esper-style host, "
              "eager blends against the drop-ins (`kasmina_kernels.use_backend(backend)` around "
              "each step, fused `nn.GatedBlend`), each in eager mode and with the whole step "

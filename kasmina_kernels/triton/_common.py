@@ -396,7 +396,7 @@ def op_name(bwd_op) -> str:
 
 def saving_function(name: str, fwd, bwd, bwd_op):
     """An autograd.Function for eager calls that saves exactly its tensor inputs (nothing
-    else: DESIGN.md section 6), runs `fwd(*inputs)`, and in backward `bwd(grad, *inputs,
+    else: docs/semantics.md#performance-model), runs `fwd(*inputs)`, and in backward `bwd(grad, *inputs,
     need)` directly, or the registered backward op `bwd_op(grad, *inputs, need)` when the
     gradient itself must go through the dispatcher."""
 

@@ -13,7 +13,7 @@ Rounding points follow the native backend (csrc/cpu/blend_cpu.cpp): the seed is 
 own dtype and rounded to the host's dtype inside the kernel; math runs in float32 (float64
 for double); the output is rounded once; weights are rounded where the references round
 them. The alpha/gate gradient terms and partial sums are float64 for float32/float64
-features (float32 for half types), which keeps those reductions well inside DESIGN 5.2.
+features (float32 for half types), which keeps those reductions well inside rule 2 of docs/semantics.md#equivalence.
 
 Iteration: the kernels walk the output's storage order (it follows the host's memory
 format), split per sample when a weight is per-sample, so alpha/gate cost one scalar load per

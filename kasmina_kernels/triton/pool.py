@@ -284,7 +284,7 @@ def _i64(shape, strides) -> bool:
 
 def _acc_dtypes(dtype):
     """Accumulation/MLP dtype: float32 for half inputs; float64 for float32 and float64 inputs,
-    so sums and dot products stay well inside the 2x-eager error budget (DESIGN 5.2) at no
+    so sums and dot products stay well inside the 2x-eager error budget (rule 2 of docs/semantics.md#equivalence) at no
     cost on these memory-bound kernels."""
     if dtype in (torch.float32, torch.float64):
         return tl.float64, torch.float64
