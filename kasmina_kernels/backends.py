@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import platform
 import threading
 from types import ModuleType
 
@@ -279,6 +280,36 @@ def resolve_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
     if why is not None:
         raise BackendUnavailableError(f"backend {name!r} is unavailable on {device_type}: {why}")
     return name
+
+
+def build_summary() -> dict:
+    """How torch and this package were built and what this machine has: the `info` command's
+    table and the benchmark report's header."""
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch CUDA": torch.version.cuda or "none (CPU build)",
+        "CUDA devices": torch.cuda.device_count(),
+        "torch CPU capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not installed"
+    native = _load_native()
+    if native is None:
+        info["native extension"] = f"not loaded: {_native_error}"
+    else:
+        build = native.build_info()
+        info["native extension"] = "loaded"
+        info["native built with CUDA"] = build["with_cuda"]
+        info["native CPU ISA"] = build["cpu_isa"]
+        info["native compiler"] = build["compiler"]
+        info["native built against torch"] = build["torch_version_at_build"]
+    return info
 
 
 # Availability is settled once, at import, for every device this machine has, so that op

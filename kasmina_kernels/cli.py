@@ -9,7 +9,6 @@ bench  every op and backend timed against eager and torch.compile (kasmina_kerne
 from __future__ import annotations
 
 import argparse
-import platform
 import zlib
 import sys
 
@@ -78,36 +77,8 @@ def cmd_check(args) -> int:
     return 1 if failures else 0
 
 
-def build_summary() -> dict:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch CUDA": torch.version.cuda or "none (CPU build)",
-        "CUDA devices": torch.cuda.device_count(),
-        "torch CPU capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(),
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = "not installed"
-    native = backends._load_native()
-    if native is None:
-        info["native extension"] = f"not loaded: {backends._native_error}"
-    else:
-        build = native.build_info()
-        info["native extension"] = "loaded"
-        info["native built with CUDA"] = build["with_cuda"]
-        info["native CPU ISA"] = build["cpu_isa"]
-        info["native compiler"] = build["compiler"]
-        info["native built against torch"] = build["torch_version_at_build"]
-    return info
-
-
 def cmd_info(args) -> int:
-    for key, value in build_summary().items():
+    for key, value in backends.build_summary().items():
         print(f"{key:28s} {value}")
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print()

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
+from .. import backends
+
 PEERS = ("eager", "compile")
 FB = "forward+backward"
 
 
 def machine(device: torch.device) -> dict:
-    from ..cli import build_summary  # the `info` command's build summary
-
     info = {"date": datetime.date.today().isoformat(), "device_type": device.type,
             "platform": platform.platform(), "processor": platform.processor() or platform.machine()}
     if device.type == "cuda":
@@ -28,7 +28,7 @@ def machine(device: torch.device) -> dict:
         info["device"] = _cpu_name()
         info["transparent huge pages"] = transparent_huge_pages()
     info["cpu_count"] = os.cpu_count()
-    info.update({k: str(v) for k, v in build_summary().items()})
+    info.update({k: str(v) for k, v in backends.build_summary().items()})
     return info
 
 
