@@ -10,7 +10,7 @@ command both judge kernels with these functions.
    reference on float64 inputs (the tests use a long-double oracle for float64 cases);
 3. NaN, +Inf and -Inf sit where the reference has them.
 
-An output is judged in its own dtype. "One ulp of dtype at scale x" is
+An output is judged in its computation dtype (`tolerance_dtype`). "One ulp of dtype at scale x" is
 ``2 ** floor(log2 x) * finfo(dtype).eps`` (never below the smallest subnormal).
 """
 
@@ -26,6 +26,7 @@ __all__ = [
     "ulp",
     "least_precise",
     "tolerance_dtype",
+    "computation_dtype",
     "check_nonfinite",
     "check_elementwise",
     "check_against_oracle",
@@ -64,8 +65,28 @@ def least_precise(*dtypes: torch.dtype) -> torch.dtype:
     return max(floats, key=_precision_key)
 
 
-def tolerance_dtype(output_dtype: torch.dtype) -> torch.dtype:
-    return output_dtype
+def tolerance_dtype(output_dtype: torch.dtype, computation_dtype: torch.dtype | None = None
+                    ) -> torch.dtype:
+    """The dtype an output is judged in: its computation dtype, the dtype the reference computes
+    it in. Downstream of the blends' cast to the host's dtype that is the host's dtype (the
+    gradient of a float32 seed beside a bfloat16 host is a bfloat16 value widened to float32,
+    and is judged as bfloat16); otherwise the output's own."""
+    if computation_dtype is None:
+        return output_dtype
+    return least_precise(output_dtype, computation_dtype)
+
+
+#: Ops whose feature outputs (y, dh, ds, dr) are computed in the host's dtype.
+HOST_DTYPE_OPS = frozenset({"blend_add", "blend_with_isolation", "blend_multiply", "blend_gate",
+                            "ste_forward"})
+HOST_DTYPE_OUTPUTS = frozenset({"y", "dh", "ds", "dr"})
+
+
+def computation_dtype(op: str, output: str, host_dtype: torch.dtype) -> torch.dtype | None:
+    """The host's dtype for a blend op's feature outputs, None (the output's own) otherwise."""
+    if op in HOST_DTYPE_OPS and output in HOST_DTYPE_OUTPUTS:
+        return host_dtype
+    return None
 
 
 _DEFAULT_RTOL = {
@@ -230,10 +251,11 @@ class Verdict:
 
 
 def compare(name: str, kernel: torch.Tensor, reference: torch.Tensor, oracle: torch.Tensor, *,
-            elementwise: bool) -> Verdict:
-    """Rules 1-3 for one output (same dtype and shape as the reference), as a record."""
+            elementwise: bool, computed_in: torch.dtype | None = None) -> Verdict:
+    """Rules 1-3 for one output (same dtype and shape as the reference), as a record;
+    `computed_in`: its computation dtype where it differs from its own (`computation_dtype`)."""
     problems = []
-    tol = tolerance_dtype(reference.dtype)
+    tol = tolerance_dtype(reference.dtype, computed_in)
     errors = oracle_errors(kernel, reference, oracle)
     for check in (
         lambda: check_nonfinite(name, kernel, reference),

@@ -168,8 +168,11 @@ def judge(case: OpCase, fn, args, kwargs, expected: tuple[dict, dict],
     (output name, Verdict) per output."""
     ref, oracle = expected
     got = named_outputs(case, run_with_grads(fn, args, kwargs, **run_kw))
-    return [(name, equivalence.compare(name, got[name], r, oracle[name],
-                                       elementwise=name in case.elementwise))
+    host = args[0].dtype if args and isinstance(args[0], torch.Tensor) else None
+    return [(name, equivalence.compare(
+                name, got[name], r, oracle[name], elementwise=name in case.elementwise,
+                computed_in=None if host is None else equivalence.computation_dtype(
+                    case.name, name, host)))
             for name, r in ref.items() if r is not None]
 
 

@@ -26,6 +26,7 @@ import torch
 import kasmina_kernels as kk
 from kasmina_kernels import reference
 from kasmina_kernels.backends import backend_status
+from kasmina_kernels.equivalence import computation_dtype
 
 from equivalence import assert_equivalent, case_generator, run_forward_backward
 from oracles import longdouble_oracle
@@ -710,6 +711,7 @@ def run_case(backend: str, case: Case) -> None:
         kern, ref, oracle,
         elementwise=built.elementwise,
         context=f"[{backend}] {case.id}: " + describe_inputs(built.leaves),
+        computed_in={name: computation_dtype(case.op, name, case.dtype) for name in ref},
     )
 
 

@@ -61,3 +61,21 @@ def test_an_element_at_least_as_accurate_as_eager_passes_where_eager_is_just_ins
     kernel[7] = float(oracle[7]) - 1.5 * atol  # further from the oracle than eager: fails
     with pytest.raises(EquivalenceError):
         check_elementwise("dh", kernel, eager, F32, oracle)
+
+
+def test_feature_outputs_are_judged_in_the_host_dtype():
+    from kasmina_kernels.equivalence import computation_dtype, tolerance_dtype
+
+    bf16 = torch.bfloat16
+    # a float32 seed's gradient beside a bfloat16 host is a bfloat16 value widened to float32
+    assert computation_dtype("blend_multiply", "ds", bf16) is bf16
+    assert tolerance_dtype(F32, computation_dtype("blend_add", "ds", bf16)) is bf16
+    # reductions and ops without the cast keep their own dtype
+    assert computation_dtype("blend_gate", "dgate", bf16) is None
+    assert computation_dtype("multiply_valve_multiplier", "dm", bf16) is None
+    reference = torch.linspace(-2, 2, 50)
+    kernel = reference.clone()
+    kernel[10] += 4e-3  # far beyond float32's tolerance, inside bfloat16's
+    with pytest.raises(EquivalenceError):
+        check_elementwise("ds", kernel, reference, F32)
+    check_elementwise("ds", kernel, reference, tolerance_dtype(F32, bf16))
