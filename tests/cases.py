@@ -29,7 +29,7 @@ from kasmina_kernels.backends import backend_status
 from kasmina_kernels.equivalence import computation_dtype
 
 from equivalence import assert_equivalent, case_generator, run_forward_backward
-from oracles import longdouble_oracle
+from oracles import longdouble_oracle, reduction_terms
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 DTYPES = (F32, BF16, F16, F64)
@@ -712,6 +712,8 @@ def run_case(backend: str, case: Case) -> None:
         elementwise=built.elementwise,
         context=f"[{backend}] {case.id}: " + describe_inputs(built.leaves),
         computed_in={name: computation_dtype(case.op, name, case.dtype) for name in ref},
+        terms=reduction_terms(case.op, _as_the_op_casts(built.leaves), built.requires,
+                              None if inference else g, topology=case.topology),
     )
 
 

@@ -49,6 +49,7 @@ from kasmina_kernels.equivalence import (  # the rule itself lives in the packag
     check_elementwise,
     check_nonfinite,
     describe,
+    reduction_slack,
     least_precise,
     tolerance_dtype,
     ulp,
@@ -135,6 +136,7 @@ def assert_equivalent(
     elementwise: set[str] | frozenset[str],
     context: str = "",
     computed_in: dict[str, torch.dtype] | None = None,
+    terms: dict | None = None,
 ) -> None:
     """Applies rules 1-3 to every output the reference produced, each judged in its
     computation dtype (`computed_in[name]`, else its own)."""
@@ -155,7 +157,10 @@ def assert_equivalent(
             if name in elementwise:
                 check_elementwise(name, k, r, tol, None if oracle is None else oracle[name])
             if oracle is not None:
-                check_against_oracle(name, k, r, oracle[name], tol)
+                slack = None
+                if terms and name in terms:  # a reduction: rule 2's sqrt(n) slack
+                    slack = reduction_slack(tol, *terms[name])
+                check_against_oracle(name, k, r, oracle[name], tol, slack=slack)
         except EquivalenceError as exc:
             errors.append(str(exc))
     if errors:

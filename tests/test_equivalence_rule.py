@@ -79,3 +79,19 @@ def test_feature_outputs_are_judged_in_the_host_dtype():
     with pytest.raises(EquivalenceError):
         check_elementwise("ds", kernel, reference, F32)
     check_elementwise("ds", kernel, reference, tolerance_dtype(F32, bf16))
+
+
+def test_a_reduction_gets_sqrt_n_roundoff_slack_and_no_more():
+    from kasmina_kernels.equivalence import check_against_oracle, reduction_slack
+
+    oracle = torch.tensor([1000.0], dtype=torch.float64)  # one sum of n = 10000 terms
+    eager = oracle.to(F32)                                 # eager happened to land exactly
+    term_sums = torch.tensor([5000.0], dtype=torch.float64)
+    slack = reduction_slack(F32, term_sums, 10000)          # 100 * 2^-24 * 5000 = 0.0298
+    near = (oracle + 0.02).to(F32)                          # an honest float32 accumulation
+    with pytest.raises(EquivalenceError):                   # the bare rule: 2 * 0 + 1 ulp
+        check_against_oracle("dalpha", near, eager, oracle, F32)
+    check_against_oracle("dalpha", near, eager, oracle, F32, slack=slack)
+    far = (oracle + 0.1).to(F32)                             # a real error: beyond the slack
+    with pytest.raises(EquivalenceError):
+        check_against_oracle("dalpha", far, eager, oracle, F32, slack=slack)
