@@ -21,7 +21,7 @@ struct Tag {
 // tanh in double of double lanes, to 1e-12 relative: the alpha-gradient terms of float32
 // MULTIPLY and the valve use it. Those terms must not inherit the float tanh's rounding: its
 // errors (up to half a float ulp per element, all with the same weight g*h) add up, and the
-// oracle of DESIGN section 5 forms tanh in double. 1e-12 is far below a float ulp, and cheaper
+// oracle of docs/semantics.md#equivalence forms tanh in double. 1e-12 is far below a float ulp, and cheaper
 // than a full double tanh.
 //
 // tanh|x| = E / (E + 2) with E = exp(2|x|) - 1. Write 2|x| = m ln2 + 2h (m whole, |h| <= ln2/4)

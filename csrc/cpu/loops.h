@@ -271,9 +271,12 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
   const Order primary = nhwc_primary ? Order::kNhwc : Order::kNchw;
   // per sample: rows x cols in the primary order, cols x rows in the other
   const int64_t rows = nhwc_primary ? HW : C, cols = nhwc_primary ? C : HW;
-  constexpr int64_t kTileElements = 2048, kMaxTileCols = 512;
-  const int64_t tile_cols = std::min(cols, kMaxTileCols);
-  const int64_t tile_rows = std::min(rows, std::max<int64_t>(1, kTileElements / tile_cols));
+  // about 2048 elements a tile; at least 8 rows where there are 8, in multiples of 8, so the
+  // transposes run in whole 8 x 8 register blocks (a tile of 4 channels would not)
+  constexpr int64_t kTileElements = 2048;
+  int64_t tile_rows = std::min(rows, std::max<int64_t>(8, kTileElements / cols));
+  if (tile_rows > 8) tile_rows -= tile_rows % 8;
+  const int64_t tile_cols = std::min(cols, std::max<int64_t>(8, kTileElements / tile_rows));
   const int64_t row_tiles = (rows + tile_rows - 1) / tile_rows;
   const int64_t col_tiles = (cols + tile_cols - 1) / tile_cols;
   const int64_t tiles = row_tiles * col_tiles;
