@@ -92,7 +92,12 @@ if [[ -n "${KASMINA_SANITIZE_TESTS:-}" ]]; then
 else
   tests=("$ROOT/tests/test_equivalence.py" "$ROOT/tests/test_contracts.py" "$ROOT/tests/test_fuzz.py"
     "$ROOT/tests/test_autograd.py" "$ROOT/tests/test_errors.py" "$ROOT/tests/test_determinism.py"
-    "$ROOT/tests/test_threads.py" -k "native")
+    "$ROOT/tests/test_threads.py"
+    # not the double-backward and forward-AD tests: they pass through an exception thrown
+    # inside libtorch (its autograd Error node), and the preloaded ASan runtime cannot
+    # intercept __cxa_throw from a library that does not link it (a CHECK failure, not a
+    # finding); the normal run tests them
+    -k "native and not double_backward and not forward_mode_ad")
 fi
 log="$out/pytest.log"
 start=$SECONDS
