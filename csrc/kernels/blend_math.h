@@ -126,7 +126,9 @@ KK_HD void lerp_backward(T g, T h, T s, T w, T& dh, T& ds, T& dw_term) {
 // MULTIPLY's valve: 1 + c * t, with c = clamp01(alpha) and t = tanh(seed - reference).
 template <typename T>
 KK_HD T valve(T c, T t) {
-  return T(1.0f) + c * t;
+  // one rounding: 1 + c*t cancels where c*t nears -1, and a separately rounded product would
+  // add its error there (builds without FMA instructions do not contract this themselves)
+  return Prims<T>::fma(c, t, T(1.0f));
 }
 
 template <typename T>
