@@ -301,7 +301,7 @@ def scalar_cases(dtypes, *, full: bool = True) -> list[Case]:
     return cases
 
 
-# Esper's calls (docs/semantics.md#esper-calls): a channels_last host requiring grad beside an NCHW
+# Esper's calls (docs/semantics.md#espers-calls): a channels_last host requiring grad beside an NCHW
 # seed (and seed input, without grad), a 0-dim alpha in the host's dtype without grad or a
 # per-sample alpha_override, a per-sample gate with grad.
 ESPER_SHAPES = ((3, 5, 7, 11), (4, 16, 9, 9), (2, 40, 5, 6))

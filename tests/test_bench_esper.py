@@ -1,5 +1,5 @@
 """The benchmark's Esper sections: the Esper-call workload really has the layouts, dtypes and
-requires-grad flags of docs/semantics.md#esper-calls, its check runs on those very inputs, and the
+requires-grad flags of docs/semantics.md#espers-calls, its check runs on those very inputs, and the
 report's first section is Esper's calls (tiny shapes, CPU)."""
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "transformer hosts, drop-ins against eager blends, eager and "
                         "torch.compile); the full run (no --quick) includes it, --quick skips it")
     p.add_argument("--esper-only", action="store_true",
-                   help="only the first section: Esper's calls (docs/semantics.md#esper-calls)")
+                   help="only the first section: Esper's calls (docs/semantics.md#espers-calls)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--ops", nargs="*", choices=ALL_OPS, help="default: every op (--quick: the headline ops)")
     p.add_argument("--backends", nargs="*", help="kernel backends (default: every available one)")

@@ -1,4 +1,4 @@
-"""Esper's calls (docs/semantics.md#esper-calls): the inputs of each blend op as Esper's
+"""Esper's calls (docs/semantics.md#espers-calls): the inputs of each blend op as Esper's
 `SeedSlot.forward` passes them, for the first section of the benchmark report.
 
 CNN shapes `(B,C,H,W)`: the host `h` is channels_last and requires grad; the seed input

@@ -1,5 +1,5 @@
 """Esper-style hosts with seed slots, written the way Esper's `SeedSlot.forward` calls the
-blends (docs/semantics.md#esper-calls). The training-step benchmark (bench/step.py) and the examples in
+blends (docs/semantics.md#espers-calls). The training-step benchmark (bench/step.py) and the examples in
 python/ build their models from here.
 
 A `SeedSlot` holds a seed module and one operator, and looks its blend functions up by name on

@@ -338,7 +338,7 @@ def esper_section(records: list[dict]) -> list[str]:
     rows = [r for r in records if r.get("group") == ESPER_GROUP]
     if not rows:
         return []
-    out = ["## Esper's calls (docs/semantics.md#esper-calls), forward+backward", "",
+    out = ["## Esper's calls (docs/semantics.md#espers-calls), forward+backward", "",
            "The layouts, dtypes and requires-grad flags of Esper's `SeedSlot.forward` "
            "(kasmina_kernels/bench/esper.py): channels_last CNN host beside NCHW seed features "
            "and seed input, alpha without grad, gate with grad. alpha 0-dim: Esper's cached "
