@@ -4,7 +4,8 @@
   require grad, so the autograd registration is exercised; backward ops with plain inputs) on a
   few representative inputs: scalar and per-sample weights, channels_last, mixed dtypes. The
   native ops are ``kasmina::<name>``; the Triton backend registers its own
-  ``kasmina::triton_<name>`` ops, checked when that backend can run here. Backward ops are
+  ``kasmina::triton_<name>`` ops with the same schemas, checked when that backend can run
+  here. Backward ops are
   also checked with the exact arguments a real backward pass hands them (recorded with a
   TorchDispatchMode);
 - `torch.compile(fullgraph=True)` (inductor; CPU needs a C++ compiler) traces every public op
@@ -192,9 +193,24 @@ def test_opcheck_backward_ops_as_autograd_calls_them(backend, name):
             torch.library.opcheck(func, a, kw)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("name,i", _backward_params())
-def test_opcheck_backward_op(name, i):
-    torch.library.opcheck(getattr(ops, name).default, BACKWARD_SAMPLES[name][i])
+def test_opcheck_backward_op(backend, name, i):
+    torch.library.opcheck(_op(backend, name), BACKWARD_SAMPLES[name][i])
+
+
+def test_triton_schemas_are_the_native_ones():
+    """One convention: each kasmina::triton_<name> op, backward ops included, has the schema of
+    kasmina::<name>."""
+    pytest.importorskip("kasmina_kernels.native")
+    pytest.importorskip("triton")
+    import kasmina_kernels.triton  # noqa: F401  (registers the kasmina::triton_* ops)
+
+    triton = [s for s in torch._C._jit_get_all_schemas() if s.name.startswith("kasmina::triton_")]
+    assert len(triton) == len(FORWARD_SAMPLES) + len(BACKWARD_SAMPLES)
+    for schema in triton:
+        native = getattr(ops, schema.name.split("::triton_")[1]).default._schema
+        assert str(schema).replace("kasmina::triton_", "kasmina::") == str(native)
 
 
 # ----------------------------------------------------------------------------- torch.compile

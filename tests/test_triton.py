@@ -39,8 +39,8 @@ if "triton" not in kk.available_backends(DEVICE):
 import triton.language as tl  # noqa: E402
 
 from kasmina_kernels.triton import _common as C  # noqa: E402
-from kasmina_kernels.triton import blend as TB  # noqa: E402
-from kasmina_kernels.triton import pool as TP  # noqa: E402
+from kasmina_kernels.triton import elementwise as E  # noqa: E402
+from kasmina_kernels.triton import gate as G  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # The interpreter's numpy arithmetic warns on inf/nan lanes that the kernels then discard.
@@ -185,19 +185,19 @@ def gen():
 
 # ---------------------------------------------------------------------------- interpreter-safe math
 @triton.jit
-def _tanh_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr, INTERP: tl.constexpr):
+def _tanh_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = j < n
-    tl.store(y_ptr + j, C.tanh(tl.load(x_ptr + j, mask=m, other=0), INTERP), mask=m)
+    tl.store(y_ptr + j, C.tanh(tl.load(x_ptr + j, mask=m, other=0), INTERPRET), mask=m)
 
 
 @triton.jit
-def _round_kernel(x_ptr, y_ptr, z_ptr, n, INTERP: tl.constexpr, BLOCK: tl.constexpr):
+def _round_kernel(x_ptr, y_ptr, z_ptr, n, INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = j < n
     x = tl.load(x_ptr + j, mask=m, other=0)
-    C.store(y_ptr + j, x, m, INTERP)  # float32 -> bfloat16 store
-    tl.store(z_ptr + j, C.round_to(x, tl.bfloat16, INTERP), mask=m)
+    C.store(y_ptr + j, x, m, INTERPRET)  # float32 -> bfloat16 store
+    tl.store(z_ptr + j, C.round_to(x, tl.bfloat16, INTERPRET), mask=m)
 
 
 def _special_values(dtype):
@@ -211,7 +211,7 @@ def test_tanh_accuracy(dtype):
     x = torch.cat([torch.linspace(-12, 12, 20001, dtype=dtype),
                    torch.logspace(-12, 1.3, 4001, dtype=dtype), _special_values(dtype)]).to(DEVICE)
     y = torch.empty_like(x)
-    _tanh_kernel[(triton.cdiv(x.numel(), 8192),)](x, y, x.numel(), BLOCK=8192, INTERP=C.INTERPRET)
+    _tanh_kernel[(triton.cdiv(x.numel(), 8192),)](x, y, x.numel(), BLOCK=8192, INTERPRET=C.INTERPRET)
     exact = torch.tanh(x.double())
     err = (y.double() - exact).abs()
     finite = torch.isfinite(exact)
@@ -226,7 +226,7 @@ def test_tanh_accuracy(dtype):
     # signed zero and the exact tanh(0) = 0 that MULTIPLY's "s == r gives h" relies on
     zeros = torch.tensor([0.0, -0.0], dtype=dtype, device=DEVICE)
     yz = torch.empty_like(zeros)
-    _tanh_kernel[(1,)](zeros, yz, 2, BLOCK=16, INTERP=C.INTERPRET)
+    _tanh_kernel[(1,)](zeros, yz, 2, BLOCK=16, INTERPRET=C.INTERPRET)
     assert yz.tolist() == [0.0, 0.0] and torch.signbit(yz).tolist() == [False, True]
 
 
@@ -239,7 +239,7 @@ def test_bf16_rounding_is_exact():
     ]).to(DEVICE)
     y = torch.empty(x.shape, dtype=torch.bfloat16, device=DEVICE)
     z = torch.empty_like(x)
-    _round_kernel[(triton.cdiv(x.numel(), 8192),)](x, y, z, x.numel(), INTERP=C.INTERPRET, BLOCK=8192)
+    _round_kernel[(triton.cdiv(x.numel(), 8192),)](x, y, z, x.numel(), INTERPRET=C.INTERPRET, BLOCK=8192)
     ref = x.to(torch.bfloat16)
     same = (y.view(torch.int16) == ref.view(torch.int16)) | (y.isnan() & ref.isnan())
     assert bool(same.all())
@@ -328,7 +328,7 @@ def test_mixed_layout_tiles(tile, gen, monkeypatch):
     H*W = 35 are multiples of no tile side): every op, a channels_last host beside NCHW seeds
     and the reverse, an NCHW incoming gradient, scalar and per-sample weights."""
     _fresh_caches(monkeypatch)
-    monkeypatch.setattr(TB, "TILE_ELEMS", tile)
+    monkeypatch.setattr(E, "TILE_ELEMS", tile)
     shape = (3, 13, 5, 7)
     for h_cl in (True, False):
         h = rand(shape, torch.float32, gen, cl=h_cl)
@@ -340,9 +340,9 @@ def test_mixed_layout_tiles(tile, gen, monkeypatch):
             run_case("blend_multiply", (h, s, alpha), [0, 1, 2], extra={"seed_input": r},
                      grad_kw=("seed_input",), gen=gen)
         run_case("ste_forward", (h, s), [0, 1], gen=gen)
-    tiled = [c for c in TB._cfg_cache.values() if c.tiled]
+    tiled = [c for c in E._launch_cache.values() if c.tiled]
     assert tiled and all(c.grid[0] >= 3 * 4 for c in tiled)  # several tiles per sample
-    assert not any(c.fallback for c in TB._cfg_cache.values())
+    assert not any(c.fallback for c in E._launch_cache.values())
 
 
 def test_backward_reads_only_what_it_needs(gen, monkeypatch):
@@ -358,17 +358,17 @@ def test_backward_reads_only_what_it_needs(gen, monkeypatch):
                lambda: kk.blend_gate(h, s, alpha, gate, backend="triton"),
                lambda: kk.blend_multiply(h, s, alpha, seed_input=r, backend="triton")):
         fn().backward(torch.ones(SHAPE, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last))
-    bwd = {key[1]: cfg for key, cfg in TB._cfg_cache.items() if key[0]}
+    bwd = {key[1]: cfg for key, cfg in E._launch_cache.items() if key[0]}
     assert all(cfg.tiled for cfg in bwd.values())
-    for op in (TB.OP_ADD, TB.OP_GATE):
+    for op in (E.OP_ADD, E.OP_GATE):
         kw = bwd[op].kw
-        assert not kw["LOAD_H"] and not kw["LOAD_S"] and not kw["NEED_W"]
-    kw = bwd[TB.OP_MUL].kw
-    assert kw["LOAD_H"] and kw["LOAD_S"] and kw["W_DX1"] and not kw["W_DX2"] and not kw["NEED_W"]
+        assert not kw["READ_HOST"] and not kw["READ_SEED"] and not kw["WEIGHT_GRAD"]
+    kw = bwd[E.OP_MULTIPLY].kw
+    assert kw["READ_HOST"] and kw["READ_SEED"] and kw["WRITE_DS"] and not kw["WRITE_DR"] and not kw["WEIGHT_GRAD"]
     _fresh_caches(monkeypatch)
     run_case("blend_gate", (h.detach(), s.detach(), alpha, gate), [0, 1, 3], gen=gen)
-    (kw,) = [cfg.kw for key, cfg in TB._cfg_cache.items() if key[0]]
-    assert kw["LOAD_H"] and kw["LOAD_S"] and kw["NEED_W"]
+    (kw,) = [cfg.kw for key, cfg in E._launch_cache.items() if key[0]]
+    assert kw["READ_HOST"] and kw["READ_SEED"] and kw["WEIGHT_GRAD"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -499,8 +499,8 @@ def _fresh_caches(monkeypatch):
     """Launch configurations are cached per shape: start from empty caches (and leave the
     real ones untouched) when a test changes a planning knob."""
     monkeypatch.setattr(C, "_plan_cache", {})
-    monkeypatch.setattr(TB, "_cfg_cache", {})
-    monkeypatch.setattr(TP, "_cache", {})
+    monkeypatch.setattr(E, "_launch_cache", {})
+    monkeypatch.setattr(G, "_cache", {})
 
 
 def test_multi_block_partials_and_determinism(gen, monkeypatch):
@@ -535,7 +535,7 @@ def test_small_samples_take_the_element_path(gen):
 def test_value_mode_scalars(gen, monkeypatch):
     """The by-value path a 0-dim CPU alpha beside CUDA features takes."""
     _fresh_caches(monkeypatch)
-    monkeypatch.setattr(TB, "FORCE_VALUE_MODE", True)
+    monkeypatch.setattr(C, "FORCE_VALUE_MODE", True)
     h = rand(SHAPE, torch.bfloat16, gen)
     s = rand(SHAPE, torch.float32, gen)
     cpu_alpha = torch.tensor(0.45)
@@ -548,7 +548,7 @@ def test_value_mode_scalars(gen, monkeypatch):
 def test_64bit_offsets_path(gen, monkeypatch):
     """The int64 offset arithmetic (switched on past 2^31 elements), forced on small tensors."""
     _fresh_caches(monkeypatch)
-    monkeypatch.setattr(C, "_I32_SAFE", 0)
+    monkeypatch.setattr(C, "I32_SAFE", 0)
     h = rand(SHAPE, torch.float32, gen, cl=True)
     s = rand(SHAPE, torch.float32, gen)
     assert C.plan(h.shape, h.stride(), (h.stride(), s.stride()), False).i64
@@ -556,8 +556,8 @@ def test_64bit_offsets_path(gen, monkeypatch):
     run_case("blend_multiply", (h, s, per_sample(SHAPE, torch.float32, gen)), [0, 1, 2], gen=gen)
     run_case("gate_network", (h,) + _gate_params(SHAPE[1], torch.float32, gen), [0, 1, 2, 3, 4],
              extra={"topology": "cnn"}, gen=gen)
-    assert all(cfg.kw["I64"] for cfg in TB._cfg_cache.values() if not cfg.fallback)
-    assert all(cfg["kw"]["I64"] for key, cfg in TP._cache.items() if key[0] == "gate")
+    assert all(cfg.kw["I64"] for cfg in E._launch_cache.values() if not cfg.fallback)
+    assert all(cfg["kw"]["I64"] for key, cfg in G._cache.items() if key[0] == "gate")
 
 
 def test_plan_switches_to_64bit_for_huge_tensors():
@@ -621,10 +621,10 @@ def test_launch_counts(gen, monkeypatch):
     """One launch per forward; backward = one pass (+ one reduction launch for alpha/gate);
     the gate network at C = 512: one launch forward, two backward (pass + weight grads)."""
     log = []
-    for mod, names in ((TB, ["_blend_fwd_kernel", "_blend_bwd_kernel", "_blend_tile_fwd_kernel",
-                             "_blend_tile_bwd_kernel", "_finish_kernel"]),
-                       (TP, ["_pool_kernel", "_pool_bwd_kernel", "_gate_fwd_kernel", "_gate_bwd_kernel",
-                             "_gate_wgrad_kernel"])):
+    for mod, names in ((E, ["_forward_kernel", "_backward_kernel", "_tile_forward_kernel",
+                            "_tile_backward_kernel", "_weight_grad_kernel"]),
+                       (G, ["_pool_kernel", "_pool_bwd_kernel", "_gate_fwd_kernel", "_gate_bwd_kernel",
+                            "_gate_wgrad_kernel"])):
         for name in names:
             monkeypatch.setattr(mod, name, _Counting(getattr(mod, name), log, name))
     h = rand(SHAPE, torch.bfloat16, gen, cl=True).requires_grad_()
@@ -633,17 +633,17 @@ def test_launch_counts(gen, monkeypatch):
     g = per_sample(SHAPE, torch.float32, gen).requires_grad_()
     # a channels_last host beside an NCHW seed: the mixed-layout (tiled) kernels
     y = kk.blend_gate(h, s, a, g, backend="triton")
-    assert log == ["_blend_tile_fwd_kernel"]
+    assert log == ["_tile_forward_kernel"]
     y.backward(torch.ones_like(y))
-    assert log[1:] == ["_blend_tile_bwd_kernel", "_finish_kernel"]
+    assert log[1:] == ["_tile_backward_kernel", "_weight_grad_kernel"]
     log.clear()
     kk.blend_multiply(h.detach(), s.detach(), a.detach(), backend="triton").sum()
-    assert log == ["_blend_tile_fwd_kernel"]
+    assert log == ["_tile_forward_kernel"]
     log.clear()
     y = kk.blend_add(h, s.detach().to(torch.bfloat16, memory_format=torch.channels_last), a, backend="triton")
-    assert log == ["_blend_fwd_kernel"]
+    assert log == ["_forward_kernel"]
     y.backward(torch.ones_like(y))
-    assert log[1:] == ["_blend_bwd_kernel", "_finish_kernel"]
+    assert log[1:] == ["_backward_kernel", "_weight_grad_kernel"]
     log.clear()
     x = rand((2, 512, 2, 2), torch.float32, gen, cl=True).requires_grad_()
     params = [p.requires_grad_() for p in _gate_params(512, torch.float32, gen)]
@@ -676,7 +676,7 @@ def test_gated_pool_and_gate_network(layout, dtype, gen):
 
 def test_gate_network_large_channels(gen):
     """C > FUSED_MAX_C: pooling in its own launch, then the MLP; dx through the pool backward."""
-    x = rand((2, TP.FUSED_MAX_C + 8, 2, 3), torch.float32, gen, cl=True)
+    x = rand((2, G.FUSED_MAX_C + 8, 2, 3), torch.float32, gen, cl=True)
     run_case("gate_network", (x,) + _gate_params(x.shape[1], torch.float32, gen), [0, 1, 2, 3, 4],
              extra={"topology": "cnn"}, gen=gen)
 
@@ -733,16 +733,19 @@ def test_opcheck_backward_ops(gen):
     x = rand((2, 8, 3, 5), torch.float32, gen, cl=True)
     params = _gate_params(8, torch.float32, gen)
     cases = [
-        (ops.triton_blend_add_backward.default, (gy, h, s, a, [True, True, True])),
-        (ops.triton_blend_add_backward.default, (gy, h, s, a0, [False, True, False])),
-        (ops.triton_blend_gate_backward.default, (gy, h, s, a0, g, [True, False, True, True])),
-        (ops.triton_blend_multiply_backward.default, (gy, h, s, a, None, [True, True, True, False])),
-        (ops.triton_blend_multiply_backward.default, (gy, h, s, a0, s, [True, True, False, True])),
-        (ops.triton_multiply_valve_multiplier_backward.default, (s, a, s, [True, True])),
-        (ops.triton_gate_effective_alpha_backward.default, (g, a0, g, [True, True])),
+        (ops.triton_blend_add_backward.default, (gy, h, s, a, True)),
+        (ops.triton_blend_add_backward.default, (gy, h, s, a0, False)),
+        (ops.triton_blend_gate_backward.default, (gy, h, s, a0, g, True, True)),
+        (ops.triton_blend_gate_backward.default, (gy, h, s, a0, g, False, True)),
+        (ops.triton_blend_multiply_backward.default, (gy, h, s, a, None, True, False)),
+        (ops.triton_blend_multiply_backward.default, (gy, h, s, a0, s, False, True)),
+        (ops.triton_blend_multiply_backward.default, (gy, h, s, a0, s, True, False)),
+        (ops.triton_multiply_valve_multiplier_backward.default, (s, a, s, True)),
+        (ops.triton_multiply_valve_multiplier_backward.default, (s, a, s, False)),
+        (ops.triton_gate_effective_alpha_backward.default, (g, a0, g, True, True)),
+        (ops.triton_gate_effective_alpha_backward.default, (g, a0, g, False, True)),
         (ops.triton_gated_pool_backward.default, (rand((2, 8), torch.float32, gen), x, "cnn")),
-        (ops.triton_gate_network_backward.default,
-         (rand((2, 1, 1, 1), torch.float32, gen), x) + params + ("cnn", [True, True, False, True, True])),
+        (ops.triton_gate_network_backward.default, (rand((2, 1, 1, 1), torch.float32, gen), x) + params + ("cnn",)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
