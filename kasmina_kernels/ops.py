@@ -49,38 +49,8 @@ _check_blend = validation.check_blend
 _check_pair = validation.check_pair
 
 
-def _impl(tensor: torch.Tensor, backend: str | None, op: str = "", *tensors) -> ModuleType:
-    name = resolve_backend(tensor, backend)
-    if name == "triton" and not _is_compiling():  # a traced call is the tracer's business
-        _refuse_forward_ad(op, tensors)
-    return backend_module(name)
-
-
-_is_compiling = torch.compiler.is_compiling
-
-
-_fw_ad = torch.autograd.forward_ad
-_peek_functorch = torch._C._functorch.peek_interpreter_stack
-
-
-def _refuse_forward_ad(op: str, tensors) -> None:
-    """Forward-mode AD through a Triton op: its registered op has no forward derivative, and
-    PyTorch would run it without one (a silently zero or missing tangent), so it is refused
-    here, naming the op. The native ops refuse it in C++ (csrc/ops/registration.cpp)."""
-    jvp = False
-    if _peek_functorch() is not None:
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-        jvp_key = torch._C._functorch.TransformType.Jvp
-        jvp = any(i.key() == jvp_key for i in retrieve_all_functorch_interpreters())
-    if not jvp and _fw_ad._current_level >= 0:
-        jvp = any(isinstance(t, torch.Tensor) and _fw_ad.unpack_dual(t).tangent is not None
-                  for t in tensors)
-    if jvp:
-        raise RuntimeError(
-            f"kasmina::{op}: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not "
-            'supported: the fused op has no forward derivative; use backend="reference" for it'
-        )
+def _impl(tensor: torch.Tensor, backend: str | None) -> ModuleType:
+    return backend_module(resolve_backend(tensor, backend))
 
 
 def _feature_operand(alpha: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -119,7 +89,7 @@ def blend_add(h, s, alpha, *, backend=None):
         return blend_add(_one(h), _one(s), alpha, backend=backend).reshape(())
     if backend is None and native_by_default(h):
         return _add(h, s, alpha)
-    return _impl(h, backend, "blend_add", h, s, alpha).blend_add(h, s, alpha)
+    return _impl(h, backend).blend_add(h, s, alpha)
 
 
 def blend_with_isolation(h, s, alpha, *, backend=None):
@@ -128,7 +98,7 @@ def blend_with_isolation(h, s, alpha, *, backend=None):
         return blend_with_isolation(_one(h), _one(s), alpha, backend=backend).reshape(())
     if backend is None and native_by_default(h):
         return _add(h, s, alpha)
-    return _impl(h, backend, "blend_with_isolation", h, s, alpha).blend_with_isolation(h, s, alpha)
+    return _impl(h, backend).blend_with_isolation(h, s, alpha)
 
 
 def blend_multiply(h, s, alpha, *, seed_input=None, backend=None):
@@ -141,7 +111,7 @@ def blend_multiply(h, s, alpha, *, seed_input=None, backend=None):
                               backend=backend).reshape(())
     if backend is None and native_by_default(h):
         return _multiply(h, s, alpha, seed_input)
-    return _impl(h, backend, "blend_multiply", h, s, alpha, seed_input).blend_multiply(
+    return _impl(h, backend).blend_multiply(
         h, s, alpha, seed_input=seed_input)
 
 
@@ -153,7 +123,7 @@ def blend_gate(h, s, alpha, gate, *, backend=None):
         return blend_gate(_one(h), _one(s), alpha, gate, backend=backend).reshape(())
     if backend is None and native_by_default(h):
         return _gate(h, s, alpha, gate)
-    return _impl(h, backend, "blend_gate", h, s, alpha, gate).blend_gate(h, s, alpha, gate)
+    return _impl(h, backend).blend_gate(h, s, alpha, gate)
 
 
 def gate_effective_alpha(alpha, gate, *, backend=None):
@@ -162,7 +132,7 @@ def gate_effective_alpha(alpha, gate, *, backend=None):
     operand = _feature_operand(alpha, gate)
     if backend is None and native_by_default(operand):
         return _gea(alpha, gate)
-    return _impl(operand, backend, "gate_effective_alpha", alpha, gate).gate_effective_alpha(alpha, gate)
+    return _impl(operand, backend).gate_effective_alpha(alpha, gate)
 
 
 def multiply_valve_multiplier(alpha, m, *, backend=None):
@@ -175,7 +145,7 @@ def multiply_valve_multiplier(alpha, m, *, backend=None):
         return multiply_valve_multiplier(alpha, m1, backend=backend).reshape(())
     if backend is None and native_by_default(m):
         return _valve(alpha, m)
-    return _impl(m, backend, "multiply_valve_multiplier", alpha, m).multiply_valve_multiplier(alpha, m)
+    return _impl(m, backend).multiply_valve_multiplier(alpha, m)
 
 
 def ste_forward(h, s, *, backend=None):
@@ -184,7 +154,7 @@ def ste_forward(h, s, *, backend=None):
         return ste_forward(_one(h), _one(s), backend=backend).reshape(())
     if backend is None and native_by_default(h):
         return _ste(h, s)
-    return _impl(h, backend, "ste_forward", h, s).ste_forward(h, s)
+    return _impl(h, backend).ste_forward(h, s)
 
 
 def gated_pool(x, topology, *, backend=None):
@@ -192,7 +162,7 @@ def gated_pool(x, topology, *, backend=None):
     validation.check_topology("gated_pool", x, topology)
     if backend is None and native_by_default(x):
         return _pool(x, topology)
-    return _impl(x, backend, "gated_pool", x).gated_pool(x, topology)
+    return _impl(x, backend).gated_pool(x, topology)
 
 
 _any_autocast = torch._C._is_any_autocast_enabled
@@ -224,11 +194,9 @@ def gate_network(x, w1, b1, w2, b2, *, topology, backend=None):
         dtype = _autocast_dtype(x, w1, b1, w2, b2)
         name = None if dtype is None else resolve_backend(x, backend)
         if name is not None and name != "reference":  # the reference is autocast's own math
-            if name == "triton" and not _is_compiling():
-                _refuse_forward_ad("gate_network", (x, w1, b1, w2, b2))
             gate = backend_module(name).gate_network(x, w1, b1, w2, b2, topology=topology)
             return gate if gate.dtype == dtype else gate.to(dtype)
     if backend is None and native_by_default(x):
         return _gate_network(x, w1, b1, w2, b2, topology)
-    return _impl(x, backend, "gate_network", x, w1, b1, w2, b2).gate_network(
+    return _impl(x, backend).gate_network(
         x, w1, b1, w2, b2, topology=topology)
