@@ -644,13 +644,13 @@ def forward(op, out, h, s, r, alpha, gate, host, promoted, m_dtype=None):
     if out.numel() == 0:
         return out
     device = h.device
-    shape, rs = out.shape, out.stride()
-    launch = _get_launch(False, op, shape, rs, (h, s, r), (alpha, gate), device, host, promoted, m_dtype)
+    shape, strides = out.shape, out.stride()
+    launch = _get_launch(False, op, shape, strides, (h, s, r), (alpha, gate), device, host, promoted, m_dtype)
     if launch.fallback:
         # more than 3 inner dims no stride pattern coalesces: copy into the iteration layout
-        h, s, r = (None if x is None else _to_layout(x, shape, rs) for x in (h, s, r))
-        alpha, gate = _materialize((alpha, gate), shape, rs, device)
-        launch = _get_launch(False, op, shape, rs, (h, s, r), (alpha, gate), device, host, promoted, m_dtype)
+        h, s, r = (None if x is None else _to_layout(x, shape, strides) for x in (h, s, r))
+        alpha, gate = _materialize((alpha, gate), shape, strides, device)
+        launch = _get_launch(False, op, shape, strides, (h, s, r), (alpha, gate), device, host, promoted, m_dtype)
     a = weight_arg(alpha, launch.modes[0], device)
     g = weight_arg(gate, launch.modes[1], device)
     kernel = _tile_forward_kernel if launch.tiled else _forward_kernel
@@ -677,24 +677,25 @@ def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, m_dtype=None,
     device = h.device
     shape = h.shape
     dh = torch.empty_like(h) if (need_h or not C.is_dense(h)) else None
-    rs = h.stride() if dh is None else dh.stride()
+    strides = h.stride() if dh is None else dh.stride()
     ds = dr = None
     if s is not None:
         s, ds = _feature_grad_buffer(s, need_s)
     if r is not None:
         r, dr = _feature_grad_buffer(r, need_r)
-    ra, rg = (alpha, gate) if original_weights is None else original_weights
+    user_alpha, user_gate = (alpha, gate) if original_weights is None else original_weights
     if h.numel() == 0:
-        da = torch.zeros(ra.shape, dtype=ra.dtype, device=ra.device) if need_alpha else None
-        dg = torch.zeros(rg.shape, dtype=rg.dtype, device=rg.device) if need_gate else None
+        da = user_alpha.new_zeros(user_alpha.shape) if need_alpha else None
+        dg = user_gate.new_zeros(user_gate.shape) if need_gate else None
         return (dh if need_h else None), ds, dr, da, dg
     need = (bool(need_h), ds is not None, dr is not None, bool(need_alpha), bool(need_gate))
-    launch = _get_launch(True, op, shape, rs, (grad, h, s, r), (alpha, gate), device, host, promoted,
+    launch = _get_launch(True, op, shape, strides, (grad, h, s, r), (alpha, gate), device, host, promoted,
                          m_dtype, need)
     if launch.fallback:
-        copies = [None if x is None else _to_layout(x, shape, rs) for x in (grad, h, s, r)]
-        wa, wg = _materialize((alpha, gate), shape, rs, device)
-        grads = backward(op, *copies, wa, wg, need, host, promoted, m_dtype, original_weights=(ra, rg))
+        copies = [None if x is None else _to_layout(x, shape, strides) for x in (grad, h, s, r)]
+        full_alpha, full_gate = _materialize((alpha, gate), shape, strides, device)
+        grads = backward(op, *copies, full_alpha, full_gate, need, host, promoted, m_dtype,
+                         original_weights=(user_alpha, user_gate))
         if ds is not None:
             ds.copy_(grads[1])
         if dr is not None:
@@ -705,7 +706,7 @@ def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, m_dtype=None,
     weight_terms = partials = None
     if need_alpha or need_gate:
         if launch.weight_terms_per_element:
-            weight_terms = torch.empty_strided(shape, rs, dtype=launch.partial_dtype, device=device)
+            weight_terms = torch.empty_strided(shape, strides, dtype=launch.partial_dtype, device=device)
         else:
             partials = torch.empty(launch.grid, dtype=launch.partial_dtype, device=device)
     if launch.tiled:
@@ -719,16 +720,17 @@ def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, m_dtype=None,
     da = dg = None
     if need_alpha or need_gate:
         if launch.weight_terms_per_element:
-            da, dg = _weight_grads_from_elements(op, weight_terms, ra, rg, need_alpha, need_gate, host, promoted)
+            da, dg = _weight_grads_from_elements(op, weight_terms, user_alpha, user_gate, need_alpha, need_gate,
+                                                 host, promoted)
         else:
-            da = torch.empty(ra.shape, dtype=ra.dtype, device=device) if need_alpha else None
-            dg = torch.empty(rg.shape, dtype=rg.dtype, device=device) if need_gate else None
+            da = torch.empty(user_alpha.shape, dtype=user_alpha.dtype, device=device) if need_alpha else None
+            dg = torch.empty(user_gate.shape, dtype=user_gate.dtype, device=device) if need_gate else None
             _weight_grad_kernel[(1,)](partials, _or(da, partials), _or(dg, partials), _or(a, partials),
                                       _or(g, partials), *launch.weight_grad_ints, **launch.weight_grad_kw)
-            if da is not None and da.device != ra.device:
-                da = da.to(ra.device)
-            if dg is not None and dg.device != rg.device:
-                dg = dg.to(rg.device)
+            if da is not None and da.device != user_alpha.device:
+                da = da.to(user_alpha.device)
+            if dg is not None and dg.device != user_gate.device:
+                dg = dg.to(user_gate.device)
     return (dh if need_h else None), ds, dr, da, dg
 
 
