@@ -728,6 +728,12 @@ def test_vmap_runs_the_op_per_batch_entry(gen):
     torch.testing.assert_close(got, torch.stack([R.gated_pool(x[:, i], "cnn") for i in range(2)]))
 
 
+def test_torch_func_grad_is_a_clear_error(gen):
+    h = rand((2, 3, 4), torch.float32, gen)
+    with pytest.raises(RuntimeError, match="kasmina::blend_add: torch.func transforms"):
+        torch.func.grad(lambda h: kk.blend_add(h, h * 2, scalar(0.4), backend="triton").sum())(h)
+
+
 def test_opcheck(gen):
     for op, args in _op_samples(gen):
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a

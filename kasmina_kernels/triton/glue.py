@@ -132,6 +132,10 @@ class _Op:
 
     def _eager_backward(self, ctx, grad):
         if not eager_ok(grad):
+            if _peek_functorch() is not None:  # the registered backward op has no functorch rule
+                raise RuntimeError(
+                    f"{self.name}: torch.func transforms that differentiate (grad, vjp, jacrev, ...) "
+                    'are not supported by the fused op; call it outside the transform, or use backend="reference"')
             return self._backward_through_op(ctx, grad)
         inputs = ctx.saved_tensors
         grads = self.backward(grad, *inputs, *ctx.others, ctx.needs_input_grad[: self.n_tensors])
