@@ -11,7 +11,6 @@ functions).
 
 from __future__ import annotations
 
-from ._common import INTERPRET
 from .glue import (
     blend_add,
     blend_gate,
@@ -25,7 +24,6 @@ from .glue import (
 )
 
 __all__ = [
-    "INTERPRET",
     "blend_add",
     "blend_with_isolation",
     "blend_gate",

@@ -1,38 +1,32 @@
 """The elementwise kernels of ADD, GATE, MULTIPLY, STE and the valve multiplier: one forward
-kernel and one backward kernel over any strided layout, a tiled pair for mixed memory
-formats, and the kernel that reduces the alpha/gate gradient. The per-element math is each
-family's (`lerp.py`, `multiply.py`; STE's value is h + (s - s)).
+and one backward kernel over any strided layout, a tiled pair for mixed memory formats, and
+the kernel that reduces the alpha/gate gradient. The per-element math is each family's
+(`lerp.py`, `multiply.py`; STE's value is h + (s - s)). Operand names: h is the host (m for
+the valve), s the seed, r the seed input (h when absent).
 
-Every forward is one pass over the features (one launch). Every backward is one pass that
-writes each feature gradient and, for alpha/gate, one partial sum per program; a
-single-program kernel then sums the partials in a fixed order in float64 and chains them
-through the clamps (deterministic: no atomics; two launches). Weights of other broadcast
-shapes reduce per-element terms with torch's deterministic sum instead. Nothing but the
-inputs is saved for backward, and no kernel writes into an input.
+A forward is one launch. A backward is one pass that writes each feature gradient and, for
+alpha/gate, one partial sum per program, then one program that sums the partials in a fixed
+order in float64 and chains them through the clamps (deterministic, no atomics); weights of
+other broadcast shapes reduce per-element terms with torch's deterministic sum instead.
+Nothing but the inputs is saved for backward, and no kernel writes into an input.
 
 Rounding points follow the native backend (csrc/cpu/blend_cpu.cpp): the seed is read in its
 own dtype and rounded to the host's dtype inside the kernel; math runs in float32 (float64
 for double); the output is rounded once; weights are rounded where the references round
 them. The alpha/gate gradient terms and partial sums are float64 for float32/float64
-features (float32 for half types), which keeps those reductions well inside rule 2 of
-docs/semantics.md#equivalence.
+features (float32 for half types), well inside rule 2 of docs/semantics.md#equivalence.
 
-Iteration: the kernels walk the output's storage order (it follows the host's memory
-format), split per sample when a weight is per-sample, so alpha/gate cost one scalar load per
-program and the partial sums are per-sample; every other operand is addressed by its own
-strides (a channels_last host with an NCHW seed costs no copy). Inner dims are coalesced to
-at most three; layouts that need more (rare, rank >= 5) are copied into the output's layout.
-Mixed memory formats (Esper's channels_last host beside an NCHW seed and seed_input: every
-operand a dense (B,C,H,W) tensor in one of the two formats, weights scalar or per-sample)
-take the tiled kernels instead: one program per [positions x channels] tile of one sample,
-each operand loaded and stored along its own contiguous dim, so both formats are read
-coalesced. A backward reads only what its closed forms need (the lerp without a weight
-gradient reads the gradient alone) and writes only the gradients asked for. 64-bit offsets
-switch on when a tensor spans 2^31 elements. alpha/gate are read on the device (a 0-dim CPU
-scalar beside device features is passed by value: no copy, no sync). All host-side planning
-is cached per (shape, strides, dtypes, devices), so a call does no planning.
-
-Operand names: h is the host (m for the valve), s the seed, r the seed input (h when absent).
+Iteration: the kernels walk the output's storage order (the host's memory format), split per
+sample when a weight is per-sample, so alpha/gate cost one scalar load per program; every
+other operand is addressed by its own strides (a channels_last host with an NCHW seed costs no
+copy). Inner dims are coalesced to at most three; layouts that need more (rare, rank >= 5)
+are copied into the output's layout. Mixed memory formats (Esper's channels_last host beside
+an NCHW seed: every operand a dense (B,C,H,W) tensor in one of the two formats, weights scalar
+or per-sample) take the tiled kernels: one program per [positions x channels] tile of one
+sample, each operand read and written along its own contiguous dim. A backward reads only
+what its closed forms need and writes only the gradients asked for. 64-bit offsets switch on
+when a tensor spans 2^31 elements. A 0-dim CPU alpha beside device features is passed by value
+(no copy, no sync). Host-side planning is cached per (shape, strides, dtypes, devices).
 """
 
 from __future__ import annotations
