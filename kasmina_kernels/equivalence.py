@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .optable import BY_NAME
+
 __all__ = [
     "EquivalenceError",
     "ulp",
@@ -77,15 +79,11 @@ def tolerance_dtype(output_dtype: torch.dtype, computation_dtype: torch.dtype | 
     return least_precise(output_dtype, computation_dtype)
 
 
-#: Ops whose feature outputs (y, dh, ds, dr) are computed in the host's dtype.
-HOST_DTYPE_OPS = frozenset({"blend_add", "blend_with_isolation", "blend_multiply", "blend_gate",
-                            "ste_forward"})
-HOST_DTYPE_OUTPUTS = frozenset({"y", "dh", "ds", "dr"})
-
-
 def computation_dtype(op: str, output: str, host_dtype: torch.dtype) -> torch.dtype | None:
-    """The host's dtype for a blend op's feature outputs, None (the output's own) otherwise."""
-    if op in HOST_DTYPE_OPS and output in HOST_DTYPE_OUTPUTS:
+    """The host's dtype for the feature outputs (y and the features' gradients) of an op that
+    casts to the host's dtype (`optable.Op.host_dtype`), None (the output's own) otherwise."""
+    entry = BY_NAME[op]
+    if entry.host_dtype and (output == "y" or output[1:] in entry.features):
         return host_dtype
     return None
 

@@ -9,15 +9,26 @@ from typing import Callable
 
 import torch
 
-from . import equivalence, ops, reference
+from . import equivalence, ops, optable, reference
 
 
 @dataclass(frozen=True)
 class OpCase:
-    name: str  # public op name in kasmina_kernels and kasmina_kernels.reference
+    op: optable.Op
     make: Callable  # (shape, dtype, device, generator) -> (args, kwargs)
-    elementwise: tuple[str, ...]  # outputs judged elementwise ("out" and/or argument names)
-    arg_names: tuple[str, ...]
+
+    @property
+    def name(self) -> str:  # public op name in kasmina_kernels and kasmina_kernels.reference
+        return self.op.name
+
+    @property
+    def arg_names(self) -> tuple[str, ...]:
+        return self.op.inputs
+
+    @property
+    def elementwise(self) -> frozenset[str]:
+        """Outputs judged elementwise, named as `named_outputs` names them."""
+        return frozenset("out" if o == "y" else o[1:] for o in self.op.elementwise)
 
 
 def _randn(shape, dtype, device, gen):
@@ -79,19 +90,10 @@ def _gate_net(shape, dtype, device, gen):
     return (x, w1, b1, w2, b2), {"topology": topology}
 
 
-CASES = (
-    OpCase("blend_add", _blend, ("out", "h", "s"), ("h", "s", "alpha")),
-    OpCase("blend_with_isolation", _blend, ("out", "h", "s"), ("h", "s", "alpha")),
-    OpCase("blend_multiply", _multiply, ("out", "h", "s", "seed_input"), ("h", "s", "alpha")),
-    OpCase("blend_gate", _gate, ("out", "h", "s"), ("h", "s", "alpha", "gate")),
-    OpCase("ste_forward", _ste, ("out", "h", "s"), ("h", "s")),
-    OpCase("multiply_valve_multiplier", _valve, ("out", "m"), ("alpha", "m")),
-    OpCase("gate_effective_alpha", _effective, ("out", "alpha", "gate"), ("alpha", "gate")),
-    OpCase("gated_pool", _pool, ("x",), ("x", "topology")),
-    # every output of the gate network passes through a reduction (the pool and the two
-    # Linear layers), so docs/semantics.md#equivalence judges them all by rule 2 alone, as the tests do
-    OpCase("gate_network", _gate_net, (), ("x", "w1", "b1", "w2", "b2")),
-)
+_MAKE = {"blend_add": _blend, "blend_with_isolation": _blend, "blend_multiply": _multiply,
+         "blend_gate": _gate, "ste_forward": _ste, "multiply_valve_multiplier": _valve,
+         "gate_effective_alpha": _effective, "gated_pool": _pool, "gate_network": _gate_net}
+CASES = tuple(OpCase(op, _MAKE[op.name]) for op in optable.OPS)
 
 
 def run_with_grads(fn, args, kwargs, grad_seed: int = 1234, grad_dtype: torch.dtype | None = None,

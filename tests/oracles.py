@@ -93,7 +93,7 @@ def _op_grads(op, A, g, topology):
             "gate": _sum_to(dp * ca * _mask01(gt), gt.shape),
         }
     if op == "blend_multiply":
-        h, s, a, r = A["h"], A["s"], A["alpha"], A["r"]
+        h, s, a, r = A["h"], A["s"], A["alpha"], A["seed_input"]
         r_is_h = r is None
         rr = h if r_is_h else r
         c = _clamp01(a)
@@ -106,7 +106,7 @@ def _op_grads(op, A, g, topology):
         out = {"h": dh - ds if r_is_h else dh, "s": ds,
                "alpha": _sum_to(g * h * t * _mask01(a), a.shape)}
         if not r_is_h:
-            out["r"] = -ds
+            out["seed_input"] = -ds
         return y, out
     if op == "ste_forward":
         h, s = A["h"], A["s"]
@@ -195,7 +195,7 @@ def reduction_terms(op, leaves, requires, grad_out, *, topology=None):
     if g is not None and op in ("blend_add", "blend_with_isolation", "blend_gate", "blend_multiply"):
         h, s = f["h"], f["s"]
         if op == "blend_multiply":
-            r = h if f.get("r") is None else f["r"]
+            r = h if f.get("seed_input") is None else f["seed_input"]
             add("alpha", g * h * torch.tanh(s - r), f["alpha"].shape)
         elif op == "blend_gate":
             a, gt = f["alpha"], f["gate"]
