@@ -26,11 +26,11 @@ import torch
 import kasmina_kernels as kk
 from kasmina_kernels import reference
 from kasmina_kernels.backends import backend_status
-from kasmina_kernels.equivalence import computation_dtype
+from kasmina_kernels.opcases import as_the_op_casts, verdicts
 from kasmina_kernels.optable import BY_NAME, NAMES, OPS
 
-from equivalence import assert_equivalent, case_generator, run_forward_backward
-from oracles import longdouble_oracle, reduction_terms
+from equivalence import assert_verdicts, case_generator, run_forward_backward
+from oracles import longdouble_oracle
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 DTYPES = (F32, BF16, F16, F64)
@@ -516,8 +516,7 @@ def _plant_specials(t: torch.Tensor, gen, values) -> None:
 class Built:
     leaves: dict
     requires: tuple
-    call: object
-    elementwise: frozenset
+    call: object  # (fn, leaves) -> output: the op table's call
 
 
 def build(case: Case) -> Built:
@@ -553,7 +552,7 @@ def _build_on_cpu(case: Case) -> Built:
             if case.specials:
                 _plant_specials(h, gen, (float("nan"), float("inf"), float("-inf")))
             leaves = {"alpha": alpha, "m": h}
-            return Built(leaves, _requires(case, leaves), _caller(op), BY_NAME[op].elementwise)
+            return Built(leaves, _requires(case, leaves), BY_NAME[op].call)
         seed_layout = case.seed_layout or case.layout
         s = h if case.alias else _feature(shape, case.seed_dtype or dt, seed_layout, "s", gen)
         if case.specials:
@@ -578,7 +577,7 @@ def _build_on_cpu(case: Case) -> Built:
             elif case.seed_input == "f32":
                 r = _feature(shape, F32, seed_layout, "s", gen)
             leaves["seed_input"] = r
-        return Built(leaves, _requires(case, leaves), _caller(op), BY_NAME[op].elementwise)
+        return Built(leaves, _requires(case, leaves), BY_NAME[op].call)
     if op == "gate_effective_alpha":
         gshape = shape
         if case.gate == "scalar":
@@ -591,13 +590,13 @@ def _build_on_cpu(case: Case) -> Built:
             if alpha.is_floating_point() and alpha.dim():
                 _plant_specials(alpha, gen, (float("inf"),))
         leaves = {"alpha": alpha, "gate": gate}
-        return Built(leaves, _requires(case, leaves), _caller(op), BY_NAME[op].elementwise)
+        return Built(leaves, _requires(case, leaves), BY_NAME[op].call)
     if op in ("gated_pool", "gate_network"):
         x = _feature(shape, dt, case.layout, "h", gen)
         if case.specials:
             _plant_specials(x, gen, (float("nan"),) if op == "gated_pool" else (float("inf"),))
         topo = case.topology
-        leaves = {"x": x}
+        leaves = {"x": x, "topology": topo}
         if op == "gate_network":
             channels = shape[1] if topo == "cnn" else shape[2]
             hidden = reference.gate_hidden_size(channels)
@@ -609,8 +608,7 @@ def _build_on_cpu(case: Case) -> Built:
                 w2=_randn((1, hidden), gen, wdt, k2),
                 b2=_randn((1,), gen, wdt, k2),
             )
-        return Built(leaves, _requires(case, leaves), _caller(op, topology=topo),
-                     BY_NAME[op].elementwise)
+        return Built(leaves, _requires(case, leaves), BY_NAME[op].call)
     raise AssertionError(op)
 
 
@@ -626,13 +624,6 @@ def _requires(case: Case, leaves: dict) -> tuple:
     names = tuple("seed_input" if n == "r" else n for n in case.grads.split("+"))
     assert set(names) <= set(floats), (case.id, names, floats)
     return names
-
-
-def _caller(op: str, **fixed):
-    """(fn, leaves) -> fn called with the leaves (and `fixed`, e.g. the topology) as the op's
-    arguments (`optable.Op.call`)."""
-    entry = BY_NAME[op]
-    return lambda fn, L: entry.call(fn, {**L, **fixed} if fixed else L)
 
 
 # ----------------------------------------------------------------------------- running
@@ -688,14 +679,9 @@ def run_case(backend: str, case: Case) -> None:
         assert same_bits(built.leaves[n], t), f"{case.id}: the {backend} kernel wrote into input {n!r}"
     _assert_no_output_shares_an_input(case, backend, kern, built.leaves)
     oracle = make_oracle(case, built, g)
-    assert_equivalent(
-        kern, ref, oracle,
-        elementwise=built.elementwise,
-        context=f"[{backend}] {case.id}: " + describe_inputs(built.leaves),
-        computed_in={name: computation_dtype(case.op, name, case.dtype) for name in ref},
-        terms=reduction_terms(case.op, _as_the_op_casts(built.leaves), built.requires,
-                              None if inference else g, topology=case.topology),
-    )
+    assert_verdicts(verdicts(BY_NAME[case.op], kern, (ref, oracle), built.leaves, built.requires,
+                             None if inference else g),
+                    f"[{backend}] {case.id}: " + describe_inputs(built.leaves))
 
 
 def _assert_no_output_shares_an_input(case: Case, backend: str, outputs: dict, leaves: dict) -> None:
@@ -719,28 +705,9 @@ def make_oracle(case: Case, built: Built, g: torch.Tensor) -> dict:
             case.op, built.leaves, built.requires, g, topology=case.topology, inference=inference
         )
     return run_forward_backward(
-        reference_fn(case.op), _as_the_op_casts(built.leaves), built.call, built.requires, g,
+        reference_fn(case.op), as_the_op_casts(built.leaves), built.call, built.requires, g,
         inference=inference, upcast_inputs=True,
     )
-
-
-def _as_the_op_casts(leaves: dict) -> dict:
-    """The seed and seed_input as the op itself reads them: cast to the host's dtype (section 2:
-    "cast s"). Upcasting an fp32 seed of a bf16 host straight to float64 would give the oracle
-    a different function, one that skips that cast, and measure the cast as everyone's error.
-    Aliases (s is h) stay aliases; a seed already in the host's dtype is unchanged."""
-    h = leaves.get("h")
-    if h is None:
-        return leaves
-    cast = dict(leaves)
-    made: dict[int, torch.Tensor] = {}
-    for name in ("s", "seed_input"):
-        t = leaves.get(name)
-        if isinstance(t, torch.Tensor) and t is not h and t.dtype != h.dtype:
-            if id(t) not in made:  # s is r stays one tensor
-                made[id(t)] = t.detach().to(h.dtype)
-            cast[name] = made[id(t)]
-    return cast
 
 
 def describe_inputs(leaves: dict) -> str:

@@ -39,22 +39,18 @@ still holding them was never written.
 from __future__ import annotations
 
 import zlib
-from typing import Callable
 
 import torch
 
 from kasmina_kernels.equivalence import (  # the rule itself lives in the package
     EquivalenceError,
-    check_against_oracle,
-    check_elementwise,
-    check_nonfinite,
-    describe,
-    reduction_slack,
+    judge,
     least_precise,
     tolerance_dtype,
     ulp,
 )
-from kasmina_kernels.opcases import upcast  # floating tensors to float64, others unchanged
+# the runner the tests share with the `check` and `bench` commands
+from kasmina_kernels.opcases import run_forward_backward, upcast
 
 __all__ = [
     "ulp",
@@ -64,9 +60,9 @@ __all__ = [
     "upcast",
     "run_forward_backward",
     "assert_equivalent",
+    "assert_verdicts",
     "EquivalenceError",
 ]
-
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -78,90 +74,27 @@ def case_generator(case_id: str) -> torch.Generator:
 
 
 
-# ----------------------------------------------------------------------------- running
-def run_forward_backward(
-    fn: Callable,
-    leaves: dict[str, torch.Tensor],
-    call: Callable[[Callable, dict[str, torch.Tensor]], torch.Tensor],
-    requires: tuple[str, ...],
-    grad_out: torch.Tensor | None,
-    *,
-    inference: bool = False,
-    upcast_inputs: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Runs `call(fn, leaves')` where leaves' are fresh leaf tensors (float64 copies when
-    `upcast_inputs`), then the gradient of every leaf named in `requires` for the upstream
-    gradient `grad_out`. Aliased leaves (the same tensor object under two names) stay aliased.
-    Returns {"y": output, "d<name>": gradient, ...}."""
-    made: dict[int, torch.Tensor] = {}
-    fresh: dict[str, torch.Tensor] = {}
-    for name, t in leaves.items():
-        if t is None or not isinstance(t, torch.Tensor):
-            fresh[name] = t
-            continue
-        key = id(t)
-        if key not in made:
-            base = upcast(t) if upcast_inputs else t.detach()
-            wants = any(leaves[n] is t for n in requires)
-            if wants and not inference:
-                base = base.requires_grad_(True)
-            made[key] = base
-        fresh[name] = made[key]
-    if inference:
-        with torch.inference_mode():
-            y = call(fn, fresh)
-        return {"y": y}
-    y = call(fn, fresh)
-    out = {"y": y.detach()}
-    names = [n for n in requires if fresh.get(n) is not None]
-    unique: list[torch.Tensor] = []
-    for n in names:
-        if not any(fresh[n] is u for u in unique):
-            unique.append(fresh[n])
-    if unique:
-        g = grad_out.to(torch.float64) if upcast_inputs else grad_out
-        grads = torch.autograd.grad(y, unique, g, allow_unused=False)
-        for n in names:
-            for u, gr in zip(unique, grads):
-                if fresh[n] is u:
-                    out["d" + n] = gr
-    return out
-
-
+# ----------------------------------------------------------------------------- judging
 def assert_equivalent(
     kernel: dict[str, torch.Tensor],
     ref: dict[str, torch.Tensor],
-    oracle: dict | None,
+    oracle: dict,
     *,
     elementwise: set[str] | frozenset[str],
     context: str = "",
     computed_in: dict[str, torch.dtype] | None = None,
     terms: dict | None = None,
 ) -> None:
-    """Applies rules 1-3 to every output the reference produced, each judged in its
-    computation dtype (`computed_in[name]`, else its own)."""
-    missing = set(ref) - set(kernel)
-    extra = set(kernel) - set(ref)
-    if missing or extra:
-        raise EquivalenceError(f"{context}: outputs differ: missing {missing}, extra {extra}")
-    errors = []
-    for name, r in ref.items():
-        k = kernel[name]
-        try:
-            if k.shape != r.shape or k.dtype != r.dtype:
-                raise EquivalenceError(
-                    f"{name}: kernel {describe(k)} vs reference {describe(r)}"
-                )
-            tol = tolerance_dtype(r.dtype, (computed_in or {}).get(name))
-            check_nonfinite(name, k, r)
-            if name in elementwise:
-                check_elementwise(name, k, r, tol, None if oracle is None else oracle[name])
-            if oracle is not None:
-                slack = None
-                if terms and name in terms:  # a reduction: rule 2's sqrt(n) slack
-                    slack = reduction_slack(tol, *terms[name])
-                check_against_oracle(name, k, r, oracle[name], tol, slack=slack)
-        except EquivalenceError as exc:
-            errors.append(str(exc))
-    if errors:
-        raise EquivalenceError(f"{context}\n" + "\n".join(errors))
+    """Rules 1-3 for every output the reference produced (`equivalence.judge`); raises with
+    every failing output's reasons."""
+    bad = [v.message for v in judge(kernel, ref, oracle, elementwise=elementwise,
+                                    computed_in=computed_in, terms=terms) if not v.ok]
+    if bad:
+        raise EquivalenceError(f"{context}\n" + "\n".join(bad))
+
+
+def assert_verdicts(verdicts, context: str) -> None:
+    """Raises with every failing output's reasons (`opcases.verdicts`)."""
+    bad = [v.message for v in verdicts if not v.ok]
+    if bad:
+        raise EquivalenceError(f"{context}\n" + "\n".join(bad))

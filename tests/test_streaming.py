@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kasmina_kernels import backends
-from kasmina_kernels.opcases import CASES, public_op, run_with_grads
+from kasmina_kernels.opcases import CASE, public_op, run_with_grads
 
 from test_contracts import bits_equal
 
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(backends.backend_status("native", "cpu") is not 
 
 
 def _results(op: str, shape, dtype) -> dict:
-    case = next(c for c in CASES if c.name == op)
+    case = CASE[op]
     gen = torch.Generator().manual_seed(11)
     args, kwargs = case.make(shape, dtype, torch.device("cpu"), gen)
     features = max((a for a in args if isinstance(a, torch.Tensor)), key=torch.Tensor.numel)
@@ -42,7 +42,7 @@ def _results(op: str, shape, dtype) -> dict:
     def fn(*a, **k):
         return public_op(op)(*a, backend="native", **k)
 
-    return run_with_grads(fn, args, kwargs)
+    return run_with_grads(case.op, fn, args, kwargs)
 
 
 def all_results() -> dict:

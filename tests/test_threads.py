@@ -52,7 +52,7 @@ def _params():
 
 
 def _jobs(backend, device):
-    """One job per op and dtype: (name, callable returning {"out", grads...})."""
+    """One job per op and dtype: (name, callable returning {"y", "d<input>"...})."""
     jobs = []
     for i, case in enumerate(CASES):
         for dtype in (torch.float32, torch.bfloat16):
@@ -62,8 +62,8 @@ def _jobs(backend, device):
             args, kwargs = case.make(shape, dtype, device, torch.Generator().manual_seed(100 + i))
             fn = public_op(case.name)
 
-            def job(fn=fn, args=args, kwargs=kwargs):
-                return run_with_grads(lambda *a, **k: fn(*a, **k, backend=backend), args, kwargs)
+            def job(case=case, fn=fn, args=args, kwargs=kwargs):
+                return run_with_grads(case.op, lambda *a, **k: fn(*a, **k, backend=backend), args, kwargs)
 
             jobs.append((f"{case.name}/{dtype}", job))
     return jobs

@@ -39,9 +39,9 @@ def _leafify(value, requires_grad: bool = True):
     return value
 
 
-def _input_set(args, kwargs, grad, no_grad: frozenset = frozenset()) -> InputSet:
-    """`no_grad`: inputs ("argN" or a keyword's name) copied without requires_grad."""
-    args = [_leafify(a, f"arg{i}" not in no_grad) for i, a in enumerate(args)]
+def _input_set(names, args, kwargs, grad, no_grad: frozenset = frozenset()) -> InputSet:
+    """`no_grad`: inputs (by name; `names`: the positional ones') copied without requires_grad."""
+    args = [_leafify(a, n not in no_grad) for n, a in zip(names, args)]
     kwargs = {k: _leafify(v, k not in no_grad) for k, v in kwargs.items()}
     leaves = [t for t in list(args) + list(kwargs.values())
               if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -64,17 +64,18 @@ class Workload:
     base_kwargs: dict
     pattern: str = "isolated"  # "isolated" (every input requires grad) or an esper.PATTERNS key
     autocast: bool = False  # every call runs under bf16 autocast
-    no_grad: frozenset = frozenset()  # inputs passed without grad ("argN" or a keyword)
+    no_grad: frozenset = frozenset()  # inputs passed without grad (by name)
     inputs: dict | None = None  # esper.describe of set 0: layouts, dtypes, requires-grad flags
 
     @property
     def n_sets(self) -> int:
         return len(self.sets)
 
-    @property
-    def run_kw(self) -> dict:
-        """`opcases.run_with_grads` options that reproduce this workload's flags and layouts."""
-        return {"no_grad": self.no_grad, "grad_like_output": True}
+    def check(self) -> opcases.Check:
+        """The check of kernels on set 0's values, with this workload's flags, layouts,
+        incoming gradient and autocast."""
+        return opcases.Check.of(self.case.op, self.base_args, self.base_kwargs, no_grad=self.no_grad,
+                                grad=self.sets[0].grad, ref_fn=self.wrap(self.case.op.reference))
 
     def wrap(self, fn: Callable) -> Callable:
         """`fn` as this workload calls it (inside bf16 autocast when `autocast`)."""
@@ -93,18 +94,18 @@ def build(case: opcases.OpCase, shape, dtype, device, gen: torch.Generator,
     else:
         args, kwargs = esper.make_inputs(case.name, pattern, shape, dtype, device, gen,
                                          autocast=autocast)
-        no_grad = esper.no_grad_names(case.arg_names, args, kwargs)
+        no_grad = esper.NO_GRAD
     ref = opcases.reference_op(case.name)
     with torch.no_grad(), esper.autocast_context(torch.device(device), autocast):
         out = ref(*args, **kwargs)
     grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device, out.dtype)
     grad = torch.empty_like(out).copy_(grad)  # the output's layout, as a layer's gradient has
-    first = _input_set(args, kwargs, grad, no_grad)
+    names = case.arg_names
+    first = _input_set(names, args, kwargs, grad, no_grad)
     n = max(1, min(MAX_SETS, math.ceil(rotate_bytes / max(_set_bytes(first), 1))))
-    sets = [first] + [_input_set(first.args, first.kwargs, first.grad, no_grad) for _ in range(n - 1)]
-    flags = {name: f"arg{i}" not in no_grad for i, name in enumerate(case.arg_names[:len(args)])}
-    flags.update({k: k not in no_grad for k in kwargs})
-    inputs = esper.describe(case.arg_names, first.args, first.kwargs, flags, first.grad)
+    sets = [first] + [_input_set(names, first.args, first.kwargs, first.grad, no_grad) for _ in range(n - 1)]
+    flags = {name: name not in no_grad for name in [*names[:len(args)], *kwargs]}
+    inputs = esper.describe(names, first.args, first.kwargs, flags, first.grad)
     return Workload(case, tuple(shape), dtype, torch.device(device), sets, list(args),
                     dict(kwargs), pattern, autocast, no_grad, inputs)
 
