@@ -22,7 +22,8 @@ import torch
 
 pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed (pip install pytest-benchmark)")
 
-from kasmina_kernels import backends, opcases  # noqa: E402
+from kasmina_kernels import backends  # noqa: E402
+from kasmina_kernels.optable import BY_NAME  # noqa: E402
 from kasmina_kernels.bench import bytemodel, sweep, workload  # noqa: E402
 from kasmina_kernels.bench.plan import ALL_OPS, ESPER_SHAPES, SMALL_SHAPES, default_device  # noqa: E402
 
@@ -59,9 +60,8 @@ def _workload(op, shape, dtype, device):
     key = (op, shape, dtype, device)
     if _cache.get("key") != key:
         _cache.clear()
-        case = opcases.CASE[op]
         gen = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-        w = workload.build(case, shape, DTYPES[dtype], device, gen, sweep.rotate_bytes(device))
+        w = workload.build(BY_NAME[op], shape, DTYPES[dtype], device, gen, sweep.rotate_bytes(device))
         _cache.update(key=key, w=w, checked={}, check=None)
     return _cache
 

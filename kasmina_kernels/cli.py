@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from . import backends, opcases
+from . import backends, opcases, optable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -58,17 +58,17 @@ def cmd_check(args) -> int:
     print("| op | output | backend | dtype | err vs ref | kernel vs fp64 | eager vs fp64 | bound | ok |")
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |")
     failures = 0
-    for case in opcases.CASES:
+    for op in optable.OPS:
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{case.name}:{dtype_name}".encode()))
-            case_shape = pool_shape if case.name in ("gated_pool", "gate_network") else shape
-            check = opcases.Check.of(case.op, *case.make(case_shape, dtype, device, gen))
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{op.name}:{dtype_name}".encode()))
+            case_shape = pool_shape if op.name in ("gated_pool", "gate_network") else shape
+            check = opcases.Check.of(op, *opcases.make(op, case_shape, dtype, device, gen))
             for name in names:
-                fn = case.op.public
+                fn = op.public
                 for v in check(lambda *a, **k: fn(*a, backend=name, **k)):
                     failures += not v.ok
-                    print(f"| {case.name} | {v.name} | {name} | {dtype_name} | "
+                    print(f"| {op.name} | {v.name} | {name} | {dtype_name} | "
                           f"{_fmt(v.error_vs_reference)} | {_fmt(v.kernel_error)} | "
                           f"{_fmt(v.eager_error)} | {_fmt(v.bound)} | "
                           f"{'yes' if v.ok else 'NO: ' + v.message.splitlines()[0]} |")

@@ -11,21 +11,7 @@ from typing import Callable
 
 import torch
 
-from . import equivalence, ops, optable, reference
-
-
-@dataclass(frozen=True)
-class OpCase:
-    op: optable.Op
-    make: Callable  # (shape, dtype, device, generator) -> (args, kwargs)
-
-    @property
-    def name(self) -> str:  # public op name in kasmina_kernels and kasmina_kernels.reference
-        return self.op.name
-
-    @property
-    def arg_names(self) -> tuple[str, ...]:
-        return self.op.inputs
+from . import equivalence, optable, reference
 
 
 def _randn(shape, dtype, device, gen):
@@ -90,8 +76,12 @@ def _gate_net(shape, dtype, device, gen):
 _MAKE = {"blend_add": _blend, "blend_with_isolation": _blend, "blend_multiply": _multiply,
          "blend_gate": _gate, "ste_forward": _ste, "multiply_valve_multiplier": _valve,
          "gate_effective_alpha": _effective, "gated_pool": _pool, "gate_network": _gate_net}
-CASES = tuple(OpCase(op, _MAKE[op.name]) for op in optable.OPS)
-CASE = {c.name: c for c in CASES}
+
+
+def make(op: optable.Op, shape, dtype, device, gen) -> tuple[list, dict]:
+    """Representative (args, kwargs) of `op` over features of `shape`: random, never zero,
+    contiguous, alpha and gate per-sample and partly outside [0, 1]."""
+    return _MAKE[op.name](shape, dtype, device, gen)
 
 
 def leaves_of(op: optable.Op, args, kwargs) -> dict:
@@ -241,11 +231,3 @@ class Check:
     def __call__(self, fn) -> list[equivalence.Verdict]:
         kernel = run_forward_backward(fn, self.leaves, self.op.call, self.requires, self.grad)
         return verdicts(self.op, kernel, self.expected, self.leaves, self.requires, self.grad)
-
-
-def public_op(name: str):
-    return getattr(ops, name)
-
-
-def reference_op(name: str):
-    return getattr(reference, name)

@@ -1,24 +1,7 @@
-"""The equivalence rule of docs/semantics.md#equivalence, implemented once.
-
-A kernel output matches the reference when:
-
-1. elementwise outputs (``y``, ``dh``, ``ds``, ``dr``, ``dm``, the pooled ``dx``) pass
-   ``torch.testing.assert_close(kernel, reference)`` with the dtype's default ``rtol`` and
-   ``atol`` = one ulp of the dtype at the output's scale, ``max |reference|``; elements where
-   the reference itself is further than that from the oracle are judged by rule 2 alone,
-   element by element (see `kasmina_kernels.equivalence.check_elementwise`);
-2. every output, reductions included, has ``max |kernel - oracle|`` at most
-   ``2 * max |eager reference - oracle| + 1 ulp`` (same ulp), where the oracle is the
-   reference run on the same inputs upcast to float64;
-3. NaN, +Inf and -Inf sit in exactly the same places as in the reference.
-
-"One ulp of dtype at scale x" is the spacing of that dtype's numbers just below or at x:
-``2 ** floor(log2 x) * finfo(dtype).eps`` (never less than the dtype's smallest subnormal).
-``finfo.eps * x`` would be up to twice that; we use the exact spacing.
-
-Which dtype: an output is judged in its computation dtype, the dtype the reference computes it
-in: the host's dtype for the blends' feature outputs (a bf16 host's fp32 seed gradient is a
-bf16 value widened to fp32, judged at bf16), the output's own otherwise.
+"""The tests' side of the equivalence rule of docs/semantics.md#equivalence: the rule, its
+runner and its verdicts live in the package (`kasmina_kernels.equivalence.judge`,
+`kasmina_kernels.opcases`), shared with the `check` and `bench` commands. What only the tests
+add:
 
 float64: the oracle of rule 2 is "the reference on inputs upcast to float64", which for float64
 inputs is the eager reference itself; eager's own error would then be 0 by construction and the
@@ -75,26 +58,15 @@ def case_generator(case_id: str) -> torch.Generator:
 
 
 # ----------------------------------------------------------------------------- judging
-def assert_equivalent(
-    kernel: dict[str, torch.Tensor],
-    ref: dict[str, torch.Tensor],
-    oracle: dict,
-    *,
-    elementwise: set[str] | frozenset[str],
-    context: str = "",
-    computed_in: dict[str, torch.dtype] | None = None,
-    terms: dict | None = None,
-) -> None:
-    """Rules 1-3 for every output the reference produced (`equivalence.judge`); raises with
-    every failing output's reasons."""
-    bad = [v.message for v in judge(kernel, ref, oracle, elementwise=elementwise,
-                                    computed_in=computed_in, terms=terms) if not v.ok]
-    if bad:
-        raise EquivalenceError(f"{context}\n" + "\n".join(bad))
+def assert_equivalent(kernel: dict, ref: dict, oracle: dict, *, elementwise, context: str = "",
+                      computed_in: dict | None = None, terms: dict | None = None) -> None:
+    """Rules 1-3 for every output the reference produced (`equivalence.judge`)."""
+    assert_verdicts(judge(kernel, ref, oracle, elementwise=elementwise, computed_in=computed_in,
+                          terms=terms), context)
 
 
 def assert_verdicts(verdicts, context: str) -> None:
-    """Raises with every failing output's reasons (`opcases.verdicts`)."""
+    """Raises with every failing output's reasons."""
     bad = [v.message for v in verdicts if not v.ok]
     if bad:
         raise EquivalenceError(f"{context}\n" + "\n".join(bad))

@@ -9,8 +9,6 @@ reference.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 

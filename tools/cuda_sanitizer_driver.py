@@ -17,7 +17,8 @@ import time
 import torch
 
 from kasmina_kernels.backends import backend_status
-from kasmina_kernels.opcases import CASES, Check, public_op
+from kasmina_kernels.opcases import Check, make
+from kasmina_kernels.optable import OPS
 
 SHAPES = ((3, 5, 7, 11), (0, 4, 3, 3), (33, 17, 9, 5))
 POOL_SHAPES = {"cnn": ((3, 5, 7, 11), (0, 4, 3, 3), (2, 40, 9, 9)),
@@ -30,7 +31,7 @@ def _variants(case, dtype, device):
     if case.name in ("gated_pool", "gate_network"):
         for topology, shapes in POOL_SHAPES.items():
             for shape in shapes:
-                args, kwargs = case.make(shape, dtype, device, gen)
+                args, kwargs = make(case, shape, dtype, device, gen)
                 yield f"{topology}{shape}", list(args), kwargs
                 if len(shape) == 4:
                     x = args[0].contiguous(memory_format=torch.channels_last)
@@ -38,7 +39,7 @@ def _variants(case, dtype, device):
         return
     shapes = ((8, 1, 1, 1), (0, 1, 1, 1), (5, 1, 1)) if case.name == "gate_effective_alpha" else SHAPES
     for shape in shapes:
-        args, kwargs = case.make(shape, dtype, device, gen)
+        args, kwargs = make(case, shape, dtype, device, gen)
         args = list(args)
         yield f"{shape}", args, kwargs
         if case.name.startswith("blend_") or case.name == "multiply_valve_multiplier":
@@ -79,7 +80,7 @@ def main() -> int:
     parser.add_argument("--backends", default="native,triton")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of this driver itself")
-    parser.add_argument("--ops", default=",".join(c.name for c in CASES), help="comma-separated op names")
+    parser.add_argument("--ops", default=",".join(c.name for c in OPS), help="comma-separated op names")
     parser.add_argument("--canary", action="store_true", help="run only the planted out-of-bounds store")
     opts = parser.parse_args()
     if opts.canary:
@@ -94,14 +95,14 @@ def main() -> int:
         if why is not None:
             print(f"cuda_sanitizer_driver: backend {backend!r} unavailable on {opts.device}: {why}", file=sys.stderr)
             return 2
-        for case in CASES:
+        for case in OPS:
             if case.name not in opts.ops.split(","):
                 continue
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 t0, ran_before = time.perf_counter(), ran
                 for label, args, kwargs in _variants(case, dtype, opts.device):
-                    fn = public_op(case.name)
-                    check = Check.of(case.op, args, kwargs)
+                    fn = case.public
+                    check = Check.of(case, args, kwargs)
                     for _ in range(opts.repeat):
                         verdicts = check(lambda *a, **k: fn(*a, **k, backend=backend))
                     if opts.device == "cuda":

@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import torch
 
-from .. import backends, opcases
+from .. import backends, opcases, optable
 from . import bytemodel, workload
 from . import esper
 from .plan import Entry, Plan, torch_dtype
@@ -74,10 +74,9 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
               compile_peer: bool, shared: dict | None = None) -> dict:
     """One entry, as a JSON-ready record. `shared`: dynamic-shape compiles reused across
     entries."""
-    case = opcases.CASE[entry.op]
     dtype = torch_dtype(entry.dtype)
     gen = torch.Generator().manual_seed(zlib.crc32(f"{entry}".encode()))
-    w = workload.build(case, entry.shape, dtype, device, gen, rotate_bytes(device),
+    w = workload.build(optable.BY_NAME[entry.op], entry.shape, dtype, device, gen, rotate_bytes(device),
                        pattern=entry.pattern, autocast=entry.dtype == esper.AUTOCAST)
     no_grad = frozenset(n for n, d in w.inputs.items() if n != "grad" and not d["requires_grad"])
     fwd_bytes, bwd_bytes = bytemodel.bytes_moved(entry.op, w.base_args, w.base_kwargs, no_grad)

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .. import opcases
+from .. import opcases, optable
 from . import esper
 from .timing import Step
 
@@ -55,7 +55,7 @@ def _set_bytes(s: InputSet) -> int:
 
 @dataclass
 class Workload:
-    case: opcases.OpCase
+    op: optable.Op
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
@@ -74,39 +74,39 @@ class Workload:
     def check(self) -> opcases.Check:
         """The check of kernels on set 0's values, with this workload's flags, layouts,
         incoming gradient and autocast."""
-        return opcases.Check.of(self.case.op, self.base_args, self.base_kwargs, no_grad=self.no_grad,
-                                grad=self.sets[0].grad, ref_fn=self.wrap(self.case.op.reference))
+        return opcases.Check.of(self.op, self.base_args, self.base_kwargs, no_grad=self.no_grad,
+                                grad=self.sets[0].grad, ref_fn=self.wrap(self.op.reference))
 
     def wrap(self, fn: Callable) -> Callable:
         """`fn` as this workload calls it (inside bf16 autocast when `autocast`)."""
         return esper.autocast_wrap(fn, self.device) if self.autocast else fn
 
 
-def build(case: opcases.OpCase, shape, dtype, device, gen: torch.Generator,
+def build(op: optable.Op, shape, dtype, device, gen: torch.Generator,
           rotate_bytes: int, *, pattern: str = "isolated", autocast: bool = False) -> Workload:
-    """Input sets for one entry. pattern "isolated": `case.make`'s inputs, all contiguous and
+    """Input sets for one entry. pattern "isolated": `opcases.make`'s inputs, all contiguous and
     all requiring grad (the op-isolation benchmark); an `esper.PATTERNS` key: the layouts,
     dtypes and requires-grad flags of Esper's call (`esper.make_inputs`). The incoming
     gradient has the output's memory format."""
     if pattern == "isolated":
-        args, kwargs = case.make(shape, dtype, device, gen)
+        args, kwargs = opcases.make(op, shape, dtype, device, gen)
         no_grad = frozenset()
     else:
-        args, kwargs = esper.make_inputs(case.name, pattern, shape, dtype, device, gen,
+        args, kwargs = esper.make_inputs(op.name, pattern, shape, dtype, device, gen,
                                          autocast=autocast)
         no_grad = esper.NO_GRAD
-    ref = opcases.reference_op(case.name)
+    ref = op.reference
     with torch.no_grad(), esper.autocast_context(torch.device(device), autocast):
         out = ref(*args, **kwargs)
     grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device, out.dtype)
     grad = torch.empty_like(out).copy_(grad)  # the output's layout, as a layer's gradient has
-    names = case.arg_names
+    names = op.inputs
     first = _input_set(names, args, kwargs, grad, no_grad)
     n = max(1, min(MAX_SETS, math.ceil(rotate_bytes / max(_set_bytes(first), 1))))
     sets = [first] + [_input_set(names, first.args, first.kwargs, first.grad, no_grad) for _ in range(n - 1)]
     flags = {name: name not in no_grad for name in [*names[:len(args)], *kwargs]}
     inputs = esper.describe(names, first.args, first.kwargs, flags, first.grad)
-    return Workload(case, tuple(shape), dtype, torch.device(device), sets, list(args),
+    return Workload(op, tuple(shape), dtype, torch.device(device), sets, list(args),
                     dict(kwargs), pattern, autocast, no_grad, inputs)
 
 
@@ -122,12 +122,12 @@ class Impl:
 
 
 def eager_impl(op: str, w: Workload | None = None) -> Impl:
-    fn = opcases.reference_op(op)
+    fn = optable.BY_NAME[op].reference
     return Impl("eager", w.wrap(fn) if w is not None else fn)
 
 
 def backend_impl(op: str, backend: str, w: Workload | None = None) -> Impl:
-    public = opcases.public_op(op)
+    public = optable.BY_NAME[op].public
 
     def fn(*a, **k):
         return public(*a, backend=backend, **k)
@@ -144,7 +144,7 @@ def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = N
     not a compile (compile_s None, `reused` set)."""
     from torch._dynamo.utils import counters
 
-    key = (w.case.name, w.dtype, w.pattern, w.autocast)
+    key = (w.op.name, w.dtype, w.pattern, w.autocast)
     reused = dynamic and shared is not None and key in shared
     if reused:
         fn = shared[key]
@@ -153,7 +153,7 @@ def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = N
             torch._dynamo.reset()
             if shared is not None:
                 shared.clear()
-        fn = torch.compile(w.wrap(opcases.reference_op(w.case.name)), dynamic=dynamic,
+        fn = torch.compile(w.wrap(w.op.reference), dynamic=dynamic,
                            fullgraph=True)
         if dynamic and shared is not None:
             shared[key] = fn
