@@ -71,7 +71,7 @@ def cmd_check(args) -> int:
                     print(f"| {op.name} | {v.name} | {name} | {dtype_name} | "
                           f"{_fmt(v.error_vs_reference)} | {_fmt(v.kernel_error)} | "
                           f"{_fmt(v.eager_error)} | {_fmt(v.bound)} | "
-                          f"{'yes' if v.ok else 'NO: ' + v.message.splitlines()[0]} |")
+                          f"{'yes' if v.ok else 'NO: ' + v.message} |")
     print(f"\n{'all outputs within bounds' if not failures else f'{failures} outputs out of bounds'}")
     return 1 if failures else 0
 

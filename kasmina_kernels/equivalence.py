@@ -264,7 +264,8 @@ class Verdict:
     kernel_error: float
     eager_error: float
     bound: float
-    message: str
+    message: str  # what failed, one line per rule ("; "-joined); empty when the output passes
+    details: str = ""  # the failures in full (assert_close's report included)
 
     @property
     def ok(self) -> bool:
@@ -298,7 +299,8 @@ def compare(name: str, kernel: torch.Tensor, reference: torch.Tensor, oracle, *,
     diff = (kernel.detach().double() - reference.detach().double()).abs()
     diff = diff[torch.isfinite(diff)]
     return Verdict(name, float(diff.max()) if diff.numel() else 0.0, err_k, err_r,
-                   2.0 * err_r + ulp(tol, scale), "\n".join(problems))
+                   2.0 * err_r + ulp(tol, scale), "; ".join(p.splitlines()[0] for p in problems),
+                   "\n".join(problems))
 
 
 def judge(kernel: dict, reference: dict, oracle: dict, *, elementwise, computed_in: dict | None = None,

@@ -67,6 +67,6 @@ def assert_equivalent(kernel: dict, ref: dict, oracle: dict, *, elementwise, con
 
 def assert_verdicts(verdicts, context: str) -> None:
     """Raises with every failing output's reasons."""
-    bad = [v.message for v in verdicts if not v.ok]
+    bad = [v.details or v.message for v in verdicts if not v.ok]
     if bad:
         raise EquivalenceError(f"{context}\n" + "\n".join(bad))
