@@ -1,10 +1,11 @@
 """The op table: every public op once, with what each layer needs to know about it.
 
-The readers: `reference` and `ops` (their ``__all__``), `native` (fake kernels), `blend_ops`,
-`isolation` and `swap` (Esper's drop-ins), `equivalence` (which outputs are computed in the
-host's dtype), and the test and benchmark cases (inputs, gradients, which outputs are judged
-elementwise and which are reductions). The C++ library keeps its own ``m.def`` strings
-(csrc/ops/registration.cpp); `test_dispatch` checks that they are the schemas written here.
+The readers: `reference` and `ops` (their ``__all__``), `native` (fake kernels, backend
+functions), `blend_ops`, `isolation` and `swap` (Esper's drop-ins), `equivalence` (which outputs
+are computed in the host's dtype), `opcases` and the tests' cases (inputs, gradients, which
+outputs are judged elementwise and which are reductions), the benchmark plan (the op list).
+The C++ library keeps its own ``m.def`` strings (csrc/ops/registration.cpp); `test_dispatch`
+checks that they are the schemas written here.
 
 Names: an op's inputs are its schema's argument names (the public functions' parameter
 names); its outputs are ``"y"`` (the forward) and ``"d<input>"`` (the gradient of an input).
@@ -27,7 +28,8 @@ class Op:
     schema: str  # the forward op's schema, as torch.library writes it
     backward: str  # its backward op's: (grad, the forward's inputs, need_<input>_grad flags)
     grads: tuple[str, ...]  # inputs that take gradients, in the order the backward returns them
-    elementwise: frozenset[str]  # outputs judged elementwise (rule 1); the others are reductions
+    elementwise: frozenset[str]  # outputs judged elementwise (rule 1); the others are reductions,
+                                 # judged by rule 2 with a sqrt(n) slack (`equivalence.reduction_terms`)
     kwonly: tuple[str, ...] = ()  # inputs the Python function takes by keyword only
     weights: tuple[str, ...] = ()  # inputs broadcast over the features: their gradients are sums
     pooled: tuple[str, ...] = ()  # inputs read through a mean over positions (the pool's x)
@@ -40,15 +42,6 @@ class Op:
     def __post_init__(self):
         object.__setattr__(self, "inputs", _arg_names(self.schema))
         object.__setattr__(self, "kernel", self.kernel or self.name)
-
-    @property
-    def outputs(self) -> tuple[str, ...]:
-        return ("y",) + tuple("d" + n for n in self.grads)
-
-    @property
-    def reductions(self) -> tuple[str, ...]:
-        """Outputs that sum terms (rule 2's sqrt(n) slack applies to them)."""
-        return tuple(o for o in self.outputs if o not in self.elementwise)
 
     @property
     def features(self) -> tuple[str, ...]:
