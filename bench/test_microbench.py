@@ -22,7 +22,8 @@ import torch
 
 pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed (pip install pytest-benchmark)")
 
-from kasmina_kernels import backends, opcases  # noqa: E402
+from kasmina_kernels import backends  # noqa: E402
+from kasmina_kernels.optable import BY_NAME  # noqa: E402
 from kasmina_kernels.bench import bytemodel, sweep, workload  # noqa: E402
 from kasmina_kernels.bench.plan import ALL_OPS, ESPER_SHAPES, SMALL_SHAPES, default_device  # noqa: E402
 
@@ -59,10 +60,9 @@ def _workload(op, shape, dtype, device):
     key = (op, shape, dtype, device)
     if _cache.get("key") != key:
         _cache.clear()
-        case = next(c for c in opcases.CASES if c.name == op)
         gen = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-        w = workload.build(case, shape, DTYPES[dtype], device, gen, sweep.rotate_bytes(device))
-        _cache.update(key=key, w=w, case=case, checked={}, expected=None)
+        w = workload.build(BY_NAME[op], shape, DTYPES[dtype], device, gen, sweep.rotate_bytes(device))
+        _cache.update(key=key, w=w, checked={}, check=None)
     return _cache
 
 
@@ -71,11 +71,9 @@ def _check(entry, backend, impl):
     output or gradient does not match the reference."""
     if backend in entry["checked"]:
         return entry["checked"][backend]
-    w, case = entry["w"], entry["case"]
-    if entry["expected"] is None:
-        entry["expected"] = opcases.expected_outputs(case, w.base_args, w.base_kwargs, w.dtype)
-    bad = [f"{n}: {v.message}" for n, v in opcases.judge(case, impl.fn, w.base_args, w.base_kwargs,
-                                                         entry["expected"]) if not v.ok]
+    if entry["check"] is None:
+        entry["check"] = entry["w"].check()
+    bad = [v.message for v in entry["check"](impl.fn) if not v.ok]
     entry["checked"][backend] = bad
     return bad
 

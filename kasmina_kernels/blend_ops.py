@@ -14,14 +14,9 @@ from __future__ import annotations
 import torch
 
 from . import ops
+from .optable import drop_ins
 
-__all__ = [
-    "blend_add",
-    "blend_gate",
-    "blend_multiply",
-    "gate_effective_alpha",
-    "multiply_valve_multiplier",
-]
+__all__ = drop_ins("blend_ops")
 
 
 def blend_add(

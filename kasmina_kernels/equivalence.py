@@ -1,5 +1,5 @@
 """The equivalence rule of docs/semantics.md#equivalence, in one place: the tests and the `check`
-command both judge kernels with these functions.
+and `bench` commands all judge kernels with `judge` (through `opcases.verdicts`).
 
 1. elementwise outputs pass ``torch.testing.assert_close(kernel, reference)`` with the dtype's
    default ``rtol`` and ``atol`` = one ulp of the dtype at the output's scale; an element
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .optable import BY_NAME
+
 __all__ = [
     "EquivalenceError",
     "ulp",
@@ -35,6 +37,8 @@ __all__ = [
     "describe",
     "Verdict",
     "compare",
+    "judge",
+    "reduction_terms",
 ]
 
 
@@ -77,15 +81,11 @@ def tolerance_dtype(output_dtype: torch.dtype, computation_dtype: torch.dtype | 
     return least_precise(output_dtype, computation_dtype)
 
 
-#: Ops whose feature outputs (y, dh, ds, dr) are computed in the host's dtype.
-HOST_DTYPE_OPS = frozenset({"blend_add", "blend_with_isolation", "blend_multiply", "blend_gate",
-                            "ste_forward"})
-HOST_DTYPE_OUTPUTS = frozenset({"y", "dh", "ds", "dr"})
-
-
 def computation_dtype(op: str, output: str, host_dtype: torch.dtype) -> torch.dtype | None:
-    """The host's dtype for a blend op's feature outputs, None (the output's own) otherwise."""
-    if op in HOST_DTYPE_OPS and output in HOST_DTYPE_OUTPUTS:
+    """The host's dtype for the feature outputs (y and the features' gradients) of an op that
+    casts to the host's dtype (`optable.Op.host_dtype`), None (the output's own) otherwise."""
+    entry = BY_NAME[op]
+    if entry.host_dtype and (output == "y" or output[1:] in entry.features):
         return host_dtype
     return None
 
@@ -264,34 +264,110 @@ class Verdict:
     kernel_error: float
     eager_error: float
     bound: float
-    message: str
+    message: str  # what failed, one line per rule ("; "-joined); empty when the output passes
+    details: str = ""  # the failures in full (assert_close's report included)
 
     @property
     def ok(self) -> bool:
         return not self.message
 
 
-def compare(name: str, kernel: torch.Tensor, reference: torch.Tensor, oracle: torch.Tensor, *,
-            elementwise: bool, computed_in: torch.dtype | None = None) -> Verdict:
-    """Rules 1-3 for one output (same dtype and shape as the reference), as a record;
-    `computed_in`: its computation dtype where it differs from its own (`computation_dtype`)."""
+def compare(name: str, kernel: torch.Tensor, reference: torch.Tensor, oracle, *,
+            elementwise: bool, computed_in: torch.dtype | None = None,
+            slack: torch.Tensor | None = None) -> Verdict:
+    """Rules 1-3 for one output, as a record; `computed_in`: its computation dtype where it
+    differs from its own (`computation_dtype`); `slack`: a reduction's (`reduction_slack`)."""
+    if kernel.shape != reference.shape or kernel.dtype != reference.dtype:
+        return Verdict(name, math.inf, math.inf, 0.0, 0.0,
+                       f"{name}: kernel {describe(kernel)} vs reference {describe(reference)}")
     problems = []
     tol = tolerance_dtype(reference.dtype, computed_in)
     errors = oracle_errors(kernel, reference, oracle)
     for check in (
         lambda: check_nonfinite(name, kernel, reference),
         (lambda: check_elementwise(name, kernel, reference, tol, oracle)) if elementwise else None,
-        lambda: check_against_oracle(name, kernel, reference, oracle, tol, errors),
+        lambda: check_against_oracle(name, kernel, reference, oracle, tol, errors, slack),
     ):
         if check is None:
             continue
         try:
             check()
         except EquivalenceError as exc:
-            problems.append(str(exc).splitlines()[0])
+            problems.append(str(exc))
     err_k, err_r, scale, _ = errors
     err_k, err_r, scale = err_k or 0.0, err_r or 0.0, scale or 0.0
     diff = (kernel.detach().double() - reference.detach().double()).abs()
     diff = diff[torch.isfinite(diff)]
     return Verdict(name, float(diff.max()) if diff.numel() else 0.0, err_k, err_r,
-                   2.0 * err_r + ulp(tol, scale), "; ".join(problems))
+                   2.0 * err_r + ulp(tol, scale), "; ".join(p.splitlines()[0] for p in problems),
+                   "\n".join(problems))
+
+
+def judge(kernel: dict, reference: dict, oracle: dict, *, elementwise, computed_in: dict | None = None,
+          terms: dict | None = None) -> list[Verdict]:
+    """Every output the reference produced ({"y": ..., "d<input>": ...}), judged by rules 1-3:
+    elementwise for the names in `elementwise` (an op's: `optable.Op.elementwise`), in its
+    computation dtype (`computed_in[name]`, else its own), with a reduction's sqrt(n) slack
+    where `terms` (`reduction_terms`) has its sums. The one verdict path of the tests and of
+    the `check` and `bench` commands."""
+    missing = [n for n in reference if n not in kernel] + [n for n in kernel if n not in reference]
+    verdicts = [Verdict(n, math.inf, math.inf, 0.0, 0.0,
+                        f"{n}: {'missing from' if n in reference else 'extra in'} the kernel's outputs")
+                for n in missing]
+    for name, r in reference.items():
+        if name in kernel:
+            dtype = (computed_in or {}).get(name)
+            slack = (reduction_slack(tolerance_dtype(r.dtype, dtype), *terms[name])
+                     if terms and name in terms else None)
+            verdicts.append(compare(name, kernel[name], r, oracle[name], elementwise=name in elementwise,
+                                    computed_in=dtype, slack=slack))
+    return verdicts
+
+
+# ----------------------------------------------------------------------------- reductions
+def _sum_to_t(x: torch.Tensor, shape) -> torch.Tensor:
+    return x.sum_to_size(tuple(shape)) if tuple(shape) != tuple(x.shape) else x
+
+
+def reduction_terms(op: str, leaves: dict, requires, grad_out: torch.Tensor | None, *,
+                    topology: str | None = None) -> dict:
+    """{output name: (sum of the magnitudes of the terms it sums, per element; terms per
+    element)} for the outputs that are reductions (alpha and gate gradients, pooled means), in
+    float64 from the inputs as the op reads them: rule 2's slack for sums (`reduction_slack`).
+    Outputs that sum nothing are left out."""
+    f = {n: (t.detach().to(torch.float64) if isinstance(t, torch.Tensor) else t)
+         for n, t in leaves.items()}
+    g = None if grad_out is None else grad_out.detach().to(torch.float64)
+    out = {}
+
+    def add(name, terms, shape):
+        n = terms.numel() // max(1, math.prod(shape))
+        if name in requires and n > 1:
+            out["d" + name] = (_sum_to_t(terms.abs(), shape), n)
+
+    if g is not None and op in ("blend_add", "blend_with_isolation", "blend_gate", "blend_multiply"):
+        h, s = f["h"], f["s"]
+        if op == "blend_multiply":
+            r = h if f.get("seed_input") is None else f["seed_input"]
+            add("alpha", g * h * torch.tanh(s - r), f["alpha"].shape)
+        elif op == "blend_gate":
+            a, gt = f["alpha"], f["gate"]
+            eshape = torch.broadcast_shapes(a.shape, gt.shape)
+            de = _sum_to_t((g * (s - h)).abs(), eshape)
+            n = (g.numel() // max(1, math.prod(eshape))) * math.prod(eshape)
+            for name, other in (("alpha", gt), ("gate", a)):
+                shape = f[name].shape
+                terms = _sum_to_t(de * other.clamp(0, 1).abs().expand(eshape), shape)
+                count = n // max(1, math.prod(shape))
+                if name in requires and count > 1:
+                    out["d" + name] = (terms, count)
+        else:
+            add("alpha", g * (s - h), f["alpha"].shape)
+    if g is not None and op == "multiply_valve_multiplier":
+        add("alpha", g * torch.tanh(f["m"]), f["alpha"].shape)
+    if op == "gated_pool":
+        x = f["x"]
+        dims = (2, 3) if topology == "cnn" else (1,)
+        n = math.prod(x.shape[d] for d in dims)
+        out["y"] = (x.abs().sum(dim=dims) / n, n)
+    return out

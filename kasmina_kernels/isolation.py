@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from . import ops
+from .optable import drop_ins
 
-__all__ = ["blend_with_isolation", "ste_forward"]
+__all__ = drop_ins("isolation")
 
 
 def blend_with_isolation(

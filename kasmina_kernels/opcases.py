@@ -1,6 +1,8 @@
-"""Representative inputs for every op, and a runner that returns an op's output and the
-gradients of all its differentiable inputs. Shared by the `check` command and benchmarks;
-the tests build a much wider matrix of their own on top of `run_with_grads`."""
+"""Representative inputs for every op (the `check` command's and the benchmarks'), and what the
+tests and those commands share to judge a kernel: the runner (`run_forward_backward`: an op's
+output and the gradients of the inputs that require grad, by input name), the oracle's view of
+the inputs (`as_the_op_casts`) and the verdicts (`verdicts`, by `equivalence.judge`). The
+tests build a much wider matrix of inputs (tests/cases.py) on the same runner and verdicts."""
 
 from __future__ import annotations
 
@@ -9,15 +11,7 @@ from typing import Callable
 
 import torch
 
-from . import equivalence, ops, reference
-
-
-@dataclass(frozen=True)
-class OpCase:
-    name: str  # public op name in kasmina_kernels and kasmina_kernels.reference
-    make: Callable  # (shape, dtype, device, generator) -> (args, kwargs)
-    elementwise: tuple[str, ...]  # outputs judged elementwise ("out" and/or argument names)
-    arg_names: tuple[str, ...]
+from . import equivalence, optable, reference
 
 
 def _randn(shape, dtype, device, gen):
@@ -79,66 +73,110 @@ def _gate_net(shape, dtype, device, gen):
     return (x, w1, b1, w2, b2), {"topology": topology}
 
 
-CASES = (
-    OpCase("blend_add", _blend, ("out", "h", "s"), ("h", "s", "alpha")),
-    OpCase("blend_with_isolation", _blend, ("out", "h", "s"), ("h", "s", "alpha")),
-    OpCase("blend_multiply", _multiply, ("out", "h", "s", "seed_input"), ("h", "s", "alpha")),
-    OpCase("blend_gate", _gate, ("out", "h", "s"), ("h", "s", "alpha", "gate")),
-    OpCase("ste_forward", _ste, ("out", "h", "s"), ("h", "s")),
-    OpCase("multiply_valve_multiplier", _valve, ("out", "m"), ("alpha", "m")),
-    OpCase("gate_effective_alpha", _effective, ("out", "alpha", "gate"), ("alpha", "gate")),
-    OpCase("gated_pool", _pool, ("x",), ("x", "topology")),
-    # every output of the gate network passes through a reduction (the pool and the two
-    # Linear layers), so docs/semantics.md#equivalence judges them all by rule 2 alone, as the tests do
-    OpCase("gate_network", _gate_net, (), ("x", "w1", "b1", "w2", "b2")),
-)
+_MAKE = {"blend_add": _blend, "blend_with_isolation": _blend, "blend_multiply": _multiply,
+         "blend_gate": _gate, "ste_forward": _ste, "multiply_valve_multiplier": _valve,
+         "gate_effective_alpha": _effective, "gated_pool": _pool, "gate_network": _gate_net}
 
 
-def run_with_grads(fn, args, kwargs, grad_seed: int = 1234, grad_dtype: torch.dtype | None = None,
-                   *, no_grad: frozenset = frozenset(), grad_like_output: bool = False):
-    """Runs fn on fresh leaf copies of args/kwargs; returns {"out": y, <input name>: grad}.
-
-    The incoming gradient is drawn from `grad_seed` and rounded to `grad_dtype` (default: the
-    output's dtype), so a float64 oracle run can see exactly the values a low-precision run
-    saw. Copies keep each input's memory format. `no_grad`: inputs (``"argN"`` or a keyword's
-    name) passed without requires_grad, so they get no gradient; `grad_like_output`: the
-    incoming gradient takes the output's memory format (as a layer's would), not contiguous."""
-    leaves = {}
-
-    def leaf(name, value):
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            t = value.detach().clone()
-            if name in no_grad:
-                return t
-            t.requires_grad_()
-            leaves[name] = t
-            return t
-        return value
-
-    args = [leaf(f"arg{i}", a) for i, a in enumerate(args)]
-    kwargs = {k: leaf(k, v) for k, v in kwargs.items()}
-    out = fn(*args, **kwargs)
-    gen = torch.Generator(device="cpu").manual_seed(grad_seed)
-    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-    grad = grad.to(grad_dtype or out.dtype).to(out.device, out.dtype)
-    if grad_like_output:
-        grad = torch.empty_like(out).copy_(grad)
-    inputs = list(leaves.values())
-    grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
-    result = {"out": out.detach()}
-    for name, g in zip(leaves, grads):
-        result[name] = g
-    return result
+def make(op: optable.Op, shape, dtype, device, gen) -> tuple[list, dict]:
+    """Representative (args, kwargs) of `op` over features of `shape`: random, never zero,
+    contiguous, alpha and gate per-sample and partly outside [0, 1]."""
+    return _MAKE[op.name](shape, dtype, device, gen)
 
 
-def named_outputs(case: OpCase, results: dict) -> dict:
-    """Renames argN keys to the case's argument names."""
-    named = {}
-    for key, value in results.items():
-        if key.startswith("arg"):
-            key = case.arg_names[int(key[3:])]
-        named[key] = value
-    return named
+def leaves_of(op: optable.Op, args, kwargs) -> dict:
+    """The inputs of a call by the op's input names."""
+    return {**dict(zip(op.inputs, args)), **kwargs}
+
+
+def grad_inputs(op: optable.Op, leaves: dict, no_grad=frozenset()) -> tuple[str, ...]:
+    """The inputs that take a gradient: the op's floating-point tensors not in `no_grad`."""
+    return tuple(n for n in op.grads if n not in no_grad and isinstance(leaves.get(n), torch.Tensor)
+                 and leaves[n].is_floating_point())
+
+
+def incoming_grad(like: torch.Tensor, seed: int = 1234) -> torch.Tensor:
+    """A random incoming gradient in `like`'s dtype, device and memory format."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    grad = torch.randn(like.shape, generator=gen, dtype=torch.float64)
+    return torch.empty_like(like).copy_(grad)
+
+
+def run_with_grads(op: optable.Op, fn, args, kwargs, grad_seed: int = 1234) -> dict:
+    """fn's output and the gradient of every floating-point input, {"y": ..., "d<input>": ...},
+    for an incoming gradient drawn from `grad_seed`."""
+    leaves = leaves_of(op, args, kwargs)
+    with torch.no_grad():
+        probe = op.call(fn, leaves)
+    return run_forward_backward(fn, leaves, op.call, grad_inputs(op, leaves), incoming_grad(probe, grad_seed))
+
+
+def run_forward_backward(
+    fn: Callable,
+    leaves: dict[str, torch.Tensor],
+    call: Callable[[Callable, dict[str, torch.Tensor]], torch.Tensor],
+    requires: tuple[str, ...],
+    grad_out: torch.Tensor | None,
+    *,
+    inference: bool = False,
+    upcast_inputs: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Runs `call(fn, leaves')` where leaves' are fresh leaf tensors (float64 copies when
+    `upcast_inputs`), then the gradient of every leaf named in `requires` for the upstream
+    gradient `grad_out`. Aliased leaves (the same tensor object under two names) stay aliased.
+    Returns {"y": output, "d<name>": gradient, ...}."""
+    made: dict[int, torch.Tensor] = {}
+    fresh: dict[str, torch.Tensor] = {}
+    for name, t in leaves.items():
+        if t is None or not isinstance(t, torch.Tensor):
+            fresh[name] = t
+            continue
+        key = id(t)
+        if key not in made:
+            base = upcast(t) if upcast_inputs else t.detach()
+            wants = any(leaves[n] is t for n in requires)
+            if wants and not inference:
+                base = base.requires_grad_(True)
+            made[key] = base
+        fresh[name] = made[key]
+    if inference:
+        with torch.inference_mode():
+            y = call(fn, fresh)
+        return {"y": y}
+    y = call(fn, fresh)
+    out = {"y": y.detach()}
+    names = [n for n in requires if fresh.get(n) is not None]
+    unique: list[torch.Tensor] = []
+    for n in names:
+        if not any(fresh[n] is u for u in unique):
+            unique.append(fresh[n])
+    if unique:
+        g = grad_out.to(torch.float64) if upcast_inputs else grad_out
+        grads = torch.autograd.grad(y, unique, g, allow_unused=False)
+        for n in names:
+            for u, gr in zip(unique, grads):
+                if fresh[n] is u:
+                    out["d" + n] = gr
+    return out
+
+
+def as_the_op_casts(leaves: dict) -> dict:
+    """The seed and seed_input as the op itself reads them: cast to the host's dtype (section 2:
+    "cast s"). Upcasting an fp32 seed of a bf16 host straight to float64 would give the oracle
+    a different function, one that skips that cast, and measure the cast as everyone's error.
+    Aliases (s is h) stay aliases; a seed already in the host's dtype is unchanged."""
+    h = leaves.get("h")
+    if h is None:
+        return leaves
+    cast = dict(leaves)
+    made: dict[int, torch.Tensor] = {}
+    for name in ("s", "seed_input"):
+        t = leaves.get(name)
+        if isinstance(t, torch.Tensor) and t is not h and t.dtype != h.dtype:
+            if id(t) not in made:  # s is r stays one tensor
+                made[id(t)] = t.detach().to(h.dtype)
+            cast[name] = made[id(t)]
+    return cast
 
 
 def upcast(value):
@@ -147,38 +185,49 @@ def upcast(value):
     return value
 
 
-def expected_outputs(case: OpCase, args, kwargs, dtype: torch.dtype, *, ref_fn=None,
-                     **run_kw) -> tuple[dict, dict]:
-    """(eager reference outputs, float64 oracle outputs) of `case` on args/kwargs, each as
-    {output name: tensor}; the oracle sees the incoming gradient rounded to `dtype`.
-    `ref_fn`: the reference to run (default: the op's; e.g. one wrapped in autocast);
-    `run_kw`: `run_with_grads`'s keyword-only options."""
-    ref_fn = ref_fn or reference_op(case.name)
-    ref = named_outputs(case, run_with_grads(ref_fn, args, kwargs, **run_kw))
-    oracle = named_outputs(case, run_with_grads(
-        ref_fn, [upcast(a) for a in args], {k: upcast(v) for k, v in kwargs.items()},
-        grad_dtype=dtype, **run_kw))
-    return ref, oracle
-
-
-def judge(case: OpCase, fn, args, kwargs, expected: tuple[dict, dict],
-          **run_kw) -> list[tuple[str, "equivalence.Verdict"]]:
-    """Runs fn (output and every gradient) and judges each output against `expected`
-    (from `expected_outputs` with the same `run_kw`) by the equivalence rule; one
-    (output name, Verdict) per output."""
+def verdicts(op: optable.Op, kernel: dict, expected: tuple[dict, dict], leaves: dict, requires,
+             grad: torch.Tensor | None) -> list[equivalence.Verdict]:
+    """Each output of a kernel run judged against `expected` (the reference and oracle outputs
+    of the same leaves, requires and grad) by `equivalence.judge`: elementwise where the op
+    table says so, in its computation dtype, a reduction with its sqrt(n) slack."""
     ref, oracle = expected
-    got = named_outputs(case, run_with_grads(fn, args, kwargs, **run_kw))
-    host = args[0].dtype if args and isinstance(args[0], torch.Tensor) else None
-    return [(name, equivalence.compare(
-                name, got[name], r, oracle[name], elementwise=name in case.elementwise,
-                computed_in=None if host is None else equivalence.computation_dtype(
-                    case.name, name, host)))
-            for name, r in ref.items() if r is not None]
+    host = leaves.get(op.inputs[0])
+    host = host.dtype if isinstance(host, torch.Tensor) else None
+    terms = equivalence.reduction_terms(op.name, as_the_op_casts(leaves), requires, grad,
+                                        topology=leaves.get("topology"))
+    computed_in = {n: equivalence.computation_dtype(op.name, n, host) for n in ref} if host else None
+    return equivalence.judge(kernel, ref, oracle, elementwise=op.elementwise, computed_in=computed_in,
+                             terms=terms)
 
 
-def public_op(name: str):
-    return getattr(ops, name)
+@dataclass
+class Check:
+    """Judges kernels on one set of inputs (`of`): runs each on them and returns its verdicts
+    against the reference and oracle outputs computed once here (`expected`)."""
 
+    op: optable.Op
+    leaves: dict  # the inputs by name
+    requires: tuple[str, ...]  # those that take a gradient
+    grad: torch.Tensor  # the incoming gradient
+    expected: tuple[dict, dict]  # (eager reference outputs, float64 oracle outputs)
 
-def reference_op(name: str):
-    return getattr(reference, name)
+    @classmethod
+    def of(cls, op: optable.Op, args, kwargs, *, no_grad=frozenset(), grad=None, ref_fn=None) -> "Check":
+        """`no_grad`: inputs passed without grad; `grad`: the incoming gradient (default: a
+        random one like the output); `ref_fn`: the reference to run (default: the op's; e.g.
+        one wrapped in autocast). The oracle runs the reference on the inputs as the op casts
+        them (`as_the_op_casts`), upcast to float64."""
+        ref_fn = ref_fn or op.reference
+        leaves = leaves_of(op, args, kwargs)
+        requires = grad_inputs(op, leaves, no_grad)
+        if grad is None:
+            with torch.no_grad():
+                grad = incoming_grad(op.call(ref_fn, leaves))
+        ref = run_forward_backward(ref_fn, leaves, op.call, requires, grad)
+        oracle = run_forward_backward(ref_fn, as_the_op_casts(leaves), op.call, requires, grad,
+                                      upcast_inputs=True)
+        return cls(op, leaves, requires, grad, (ref, oracle))
+
+    def __call__(self, fn) -> list[equivalence.Verdict]:
+        kernel = run_forward_backward(fn, self.leaves, self.op.call, self.requires, self.grad)
+        return verdicts(self.op, kernel, self.expected, self.leaves, self.requires, self.grad)

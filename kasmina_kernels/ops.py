@@ -32,18 +32,9 @@ import torch
 
 from . import backends, validation
 from .backends import backend_module, native_by_default, resolve_backend
+from .optable import NAMES
 
-__all__ = [
-    "blend_add",
-    "blend_multiply",
-    "blend_gate",
-    "gate_effective_alpha",
-    "multiply_valve_multiplier",
-    "ste_forward",
-    "blend_with_isolation",
-    "gated_pool",
-    "gate_network",
-]
+__all__ = list(NAMES)
 
 _check_blend = validation.check_blend
 _check_pair = validation.check_pair

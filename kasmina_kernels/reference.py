@@ -10,18 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "blend_add",
-    "multiply_valve_multiplier",
-    "blend_multiply",
-    "gate_effective_alpha",
-    "blend_gate",
-    "ste_forward",
-    "blend_with_isolation",
-    "gated_pool",
-    "gate_network",
-    "gate_hidden_size",
-]
+from .optable import NAMES
+
+__all__ = [*NAMES, "gate_hidden_size"]
 
 
 def _clamp01(x: torch.Tensor) -> torch.Tensor:

@@ -21,18 +21,14 @@ from collections.abc import Mapping, MutableMapping
 from types import ModuleType
 
 from . import blend_ops, isolation, nn
+from .optable import OPS
 
 __all__ = ["DROP_INS", "SwapHandle", "swap_in"]
 
 #: What `swap_in` puts in place of each name by default.
 DROP_INS: Mapping[str, object] = {
-    "blend_add": blend_ops.blend_add,
-    "blend_multiply": blend_ops.blend_multiply,
-    "blend_gate": blend_ops.blend_gate,
-    "gate_effective_alpha": blend_ops.gate_effective_alpha,
-    "multiply_valve_multiplier": blend_ops.multiply_valve_multiplier,
-    "ste_forward": isolation.ste_forward,
-    "blend_with_isolation": isolation.blend_with_isolation,
+    **{op.name: getattr({"blend_ops": blend_ops, "isolation": isolation}[op.drop_in], op.name)
+       for op in OPS if op.drop_in},
     "GatedBlend": nn.GatedBlend,
 }
 

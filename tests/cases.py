@@ -26,19 +26,21 @@ import torch
 import kasmina_kernels as kk
 from kasmina_kernels import reference
 from kasmina_kernels.backends import backend_status
-from kasmina_kernels.equivalence import computation_dtype
+from kasmina_kernels.opcases import as_the_op_casts, verdicts
+from kasmina_kernels.optable import BY_NAME, NAMES, OPS
 
-from equivalence import assert_equivalent, case_generator, run_forward_backward
-from oracles import longdouble_oracle, reduction_terms
+from equivalence import assert_verdicts, case_generator, run_forward_backward
+from oracles import longdouble_oracle
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 DTYPES = (F32, BF16, F16, F64)
 _DT = {F32: "f32", F64: "f64", BF16: "bf16", F16: "f16"}
 
-BLEND_OPS = ("blend_add", "blend_with_isolation", "blend_multiply", "blend_gate")
-FEATURE_OPS = BLEND_OPS + ("ste_forward", "multiply_valve_multiplier")
-WEIGHT_OPS = BLEND_OPS + ("multiply_valve_multiplier",)  # ops taking alpha over features
-ALL_OPS = FEATURE_OPS + ("gate_effective_alpha", "gated_pool", "gate_network")
+# the op groups of the matrix, in the table's order
+BLEND_OPS = tuple(op.name for op in OPS if op.inputs[:3] == ("h", "s", "alpha"))
+FEATURE_OPS = tuple(op.name for op in OPS if op.features)  # the blends, STE and the valve
+WEIGHT_OPS = tuple(n for n in FEATURE_OPS if "alpha" in BY_NAME[n].inputs)  # alpha over features
+ALL_OPS = NAMES
 
 # Backends whose CPU runs are slow (Triton's interpreter): they get the reduced set.
 SLOW_BACKENDS = frozenset({"triton"})
@@ -514,8 +516,7 @@ def _plant_specials(t: torch.Tensor, gen, values) -> None:
 class Built:
     leaves: dict
     requires: tuple
-    call: object
-    elementwise: frozenset
+    call: object  # (fn, leaves) -> output: the op table's call
 
 
 def build(case: Case) -> Built:
@@ -551,12 +552,7 @@ def _build_on_cpu(case: Case) -> Built:
             if case.specials:
                 _plant_specials(h, gen, (float("nan"), float("inf"), float("-inf")))
             leaves = {"alpha": alpha, "m": h}
-            requires = _requires(case, leaves)
-
-            def call(fn, L):
-                return fn(L["alpha"], L["m"])
-
-            return Built(leaves, requires, call, frozenset({"y", "dm"}))
+            return Built(leaves, _requires(case, leaves), BY_NAME[op].call)
         seed_layout = case.seed_layout or case.layout
         s = h if case.alias else _feature(shape, case.seed_dtype or dt, seed_layout, "s", gen)
         if case.specials:
@@ -580,10 +576,8 @@ def _build_on_cpu(case: Case) -> Built:
                 r = _feature(shape, case.seed_dtype or dt, seed_layout, "s", gen)
             elif case.seed_input == "f32":
                 r = _feature(shape, F32, seed_layout, "s", gen)
-            leaves["r"] = r
-        requires = _requires(case, leaves)
-        ew = frozenset({"y", "dh", "ds", "dr"})
-        return Built(leaves, requires, _CALLS[op], ew)
+            leaves["seed_input"] = r
+        return Built(leaves, _requires(case, leaves), BY_NAME[op].call)
     if op == "gate_effective_alpha":
         gshape = shape
         if case.gate == "scalar":
@@ -596,13 +590,13 @@ def _build_on_cpu(case: Case) -> Built:
             if alpha.is_floating_point() and alpha.dim():
                 _plant_specials(alpha, gen, (float("inf"),))
         leaves = {"alpha": alpha, "gate": gate}
-        return Built(leaves, _requires(case, leaves), _CALLS[op], frozenset({"y"}))
+        return Built(leaves, _requires(case, leaves), BY_NAME[op].call)
     if op in ("gated_pool", "gate_network"):
         x = _feature(shape, dt, case.layout, "h", gen)
         if case.specials:
             _plant_specials(x, gen, (float("nan"),) if op == "gated_pool" else (float("inf"),))
         topo = case.topology
-        leaves = {"x": x}
+        leaves = {"x": x, "topology": topo}
         if op == "gate_network":
             channels = shape[1] if topo == "cnn" else shape[2]
             hidden = reference.gate_hidden_size(channels)
@@ -614,17 +608,7 @@ def _build_on_cpu(case: Case) -> Built:
                 w2=_randn((1, hidden), gen, wdt, k2),
                 b2=_randn((1,), gen, wdt, k2),
             )
-
-            def call(fn, L, topo=topo):
-                return fn(L["x"], L["w1"], L["b1"], L["w2"], L["b2"], topology=topo)
-
-            # every output of the gate network passes through a reduction: rule 2 only
-            return Built(leaves, _requires(case, leaves), call, frozenset())
-
-        def call(fn, L, topo=topo):
-            return fn(L["x"], topo)
-
-        return Built(leaves, _requires(case, leaves), call, frozenset({"dx"}))
+        return Built(leaves, _requires(case, leaves), BY_NAME[op].call)
     raise AssertionError(op)
 
 
@@ -636,22 +620,10 @@ def _requires(case: Case, leaves: dict) -> tuple:
         return tuple(floats)
     if case.grads == "weights":
         return ("w1", "b1", "w2", "b2")
-    if "+" in case.grads:  # a subset, e.g. "h+alpha"
-        names = tuple(case.grads.split("+"))
-        assert set(names) <= set(floats), (case.id, names, floats)
-        return names
-    assert case.grads in floats, (case.id, case.grads, floats)
-    return (case.grads,)
-
-
-_CALLS = {
-    "blend_add": lambda fn, L: fn(L["h"], L["s"], L["alpha"]),
-    "blend_with_isolation": lambda fn, L: fn(L["h"], L["s"], L["alpha"]),
-    "blend_gate": lambda fn, L: fn(L["h"], L["s"], L["alpha"], L["gate"]),
-    "blend_multiply": lambda fn, L: fn(L["h"], L["s"], L["alpha"], seed_input=L["r"]),
-    "ste_forward": lambda fn, L: fn(L["h"], L["s"]),
-    "gate_effective_alpha": lambda fn, L: fn(L["alpha"], L["gate"]),
-}
+    # a name or a subset, e.g. "h+alpha"; "r" (in case ids) is MULTIPLY's seed_input
+    names = tuple("seed_input" if n == "r" else n for n in case.grads.split("+"))
+    assert set(names) <= set(floats), (case.id, names, floats)
+    return names
 
 
 # ----------------------------------------------------------------------------- running
@@ -707,14 +679,9 @@ def run_case(backend: str, case: Case) -> None:
         assert same_bits(built.leaves[n], t), f"{case.id}: the {backend} kernel wrote into input {n!r}"
     _assert_no_output_shares_an_input(case, backend, kern, built.leaves)
     oracle = make_oracle(case, built, g)
-    assert_equivalent(
-        kern, ref, oracle,
-        elementwise=built.elementwise,
-        context=f"[{backend}] {case.id}: " + describe_inputs(built.leaves),
-        computed_in={name: computation_dtype(case.op, name, case.dtype) for name in ref},
-        terms=reduction_terms(case.op, _as_the_op_casts(built.leaves), built.requires,
-                              None if inference else g, topology=case.topology),
-    )
+    assert_verdicts(verdicts(BY_NAME[case.op], kern, (ref, oracle), built.leaves, built.requires,
+                             None if inference else g),
+                    f"[{backend}] {case.id}: " + describe_inputs(built.leaves))
 
 
 def _assert_no_output_shares_an_input(case: Case, backend: str, outputs: dict, leaves: dict) -> None:
@@ -738,28 +705,9 @@ def make_oracle(case: Case, built: Built, g: torch.Tensor) -> dict:
             case.op, built.leaves, built.requires, g, topology=case.topology, inference=inference
         )
     return run_forward_backward(
-        reference_fn(case.op), _as_the_op_casts(built.leaves), built.call, built.requires, g,
+        reference_fn(case.op), as_the_op_casts(built.leaves), built.call, built.requires, g,
         inference=inference, upcast_inputs=True,
     )
-
-
-def _as_the_op_casts(leaves: dict) -> dict:
-    """The seed and seed_input as the op itself reads them: cast to the host's dtype (section 2:
-    "cast s"). Upcasting an fp32 seed of a bf16 host straight to float64 would give the oracle
-    a different function, one that skips that cast, and measure the cast as everyone's error.
-    Aliases (s is h) stay aliases; a seed already in the host's dtype is unchanged."""
-    h = leaves.get("h")
-    if h is None:
-        return leaves
-    cast = dict(leaves)
-    made: dict[int, torch.Tensor] = {}
-    for name in ("s", "r"):
-        t = leaves.get(name)
-        if isinstance(t, torch.Tensor) and t is not h and t.dtype != h.dtype:
-            if id(t) not in made:  # s is r stays one tensor
-                made[id(t)] = t.detach().to(h.dtype)
-            cast[name] = made[id(t)]
-    return cast
 
 
 def describe_inputs(leaves: dict) -> str:

@@ -1,24 +1,7 @@
-"""The equivalence rule of docs/semantics.md#equivalence, implemented once.
-
-A kernel output matches the reference when:
-
-1. elementwise outputs (``y``, ``dh``, ``ds``, ``dr``, ``dm``, the pooled ``dx``) pass
-   ``torch.testing.assert_close(kernel, reference)`` with the dtype's default ``rtol`` and
-   ``atol`` = one ulp of the dtype at the output's scale, ``max |reference|``; elements where
-   the reference itself is further than that from the oracle are judged by rule 2 alone,
-   element by element (see `kasmina_kernels.equivalence.check_elementwise`);
-2. every output, reductions included, has ``max |kernel - oracle|`` at most
-   ``2 * max |eager reference - oracle| + 1 ulp`` (same ulp), where the oracle is the
-   reference run on the same inputs upcast to float64;
-3. NaN, +Inf and -Inf sit in exactly the same places as in the reference.
-
-"One ulp of dtype at scale x" is the spacing of that dtype's numbers just below or at x:
-``2 ** floor(log2 x) * finfo(dtype).eps`` (never less than the dtype's smallest subnormal).
-``finfo.eps * x`` would be up to twice that; we use the exact spacing.
-
-Which dtype: an output is judged in its computation dtype, the dtype the reference computes it
-in: the host's dtype for the blends' feature outputs (a bf16 host's fp32 seed gradient is a
-bf16 value widened to fp32, judged at bf16), the output's own otherwise.
+"""The tests' side of the equivalence rule of docs/semantics.md#equivalence: the rule, its
+runner and its verdicts live in the package (`kasmina_kernels.equivalence.judge`,
+`kasmina_kernels.opcases`), shared with the `check` and `bench` commands. What only the tests
+add:
 
 float64: the oracle of rule 2 is "the reference on inputs upcast to float64", which for float64
 inputs is the eager reference itself; eager's own error would then be 0 by construction and the
@@ -39,22 +22,18 @@ still holding them was never written.
 from __future__ import annotations
 
 import zlib
-from typing import Callable
 
 import torch
 
 from kasmina_kernels.equivalence import (  # the rule itself lives in the package
     EquivalenceError,
-    check_against_oracle,
-    check_elementwise,
-    check_nonfinite,
-    describe,
-    reduction_slack,
+    judge,
     least_precise,
     tolerance_dtype,
     ulp,
 )
-from kasmina_kernels.opcases import upcast  # floating tensors to float64, others unchanged
+# the runner the tests share with the `check` and `bench` commands
+from kasmina_kernels.opcases import run_forward_backward, upcast
 
 __all__ = [
     "ulp",
@@ -64,9 +43,9 @@ __all__ = [
     "upcast",
     "run_forward_backward",
     "assert_equivalent",
+    "assert_verdicts",
     "EquivalenceError",
 ]
-
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -78,90 +57,16 @@ def case_generator(case_id: str) -> torch.Generator:
 
 
 
-# ----------------------------------------------------------------------------- running
-def run_forward_backward(
-    fn: Callable,
-    leaves: dict[str, torch.Tensor],
-    call: Callable[[Callable, dict[str, torch.Tensor]], torch.Tensor],
-    requires: tuple[str, ...],
-    grad_out: torch.Tensor | None,
-    *,
-    inference: bool = False,
-    upcast_inputs: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Runs `call(fn, leaves')` where leaves' are fresh leaf tensors (float64 copies when
-    `upcast_inputs`), then the gradient of every leaf named in `requires` for the upstream
-    gradient `grad_out`. Aliased leaves (the same tensor object under two names) stay aliased.
-    Returns {"y": output, "d<name>": gradient, ...}."""
-    made: dict[int, torch.Tensor] = {}
-    fresh: dict[str, torch.Tensor] = {}
-    for name, t in leaves.items():
-        if t is None or not isinstance(t, torch.Tensor):
-            fresh[name] = t
-            continue
-        key = id(t)
-        if key not in made:
-            base = upcast(t) if upcast_inputs else t.detach()
-            wants = any(leaves[n] is t for n in requires)
-            if wants and not inference:
-                base = base.requires_grad_(True)
-            made[key] = base
-        fresh[name] = made[key]
-    if inference:
-        with torch.inference_mode():
-            y = call(fn, fresh)
-        return {"y": y}
-    y = call(fn, fresh)
-    out = {"y": y.detach()}
-    names = [n for n in requires if fresh.get(n) is not None]
-    unique: list[torch.Tensor] = []
-    for n in names:
-        if not any(fresh[n] is u for u in unique):
-            unique.append(fresh[n])
-    if unique:
-        g = grad_out.to(torch.float64) if upcast_inputs else grad_out
-        grads = torch.autograd.grad(y, unique, g, allow_unused=False)
-        for n in names:
-            for u, gr in zip(unique, grads):
-                if fresh[n] is u:
-                    out["d" + n] = gr
-    return out
+# ----------------------------------------------------------------------------- judging
+def assert_equivalent(kernel: dict, ref: dict, oracle: dict, *, elementwise, context: str = "",
+                      computed_in: dict | None = None, terms: dict | None = None) -> None:
+    """Rules 1-3 for every output the reference produced (`equivalence.judge`)."""
+    assert_verdicts(judge(kernel, ref, oracle, elementwise=elementwise, computed_in=computed_in,
+                          terms=terms), context)
 
 
-def assert_equivalent(
-    kernel: dict[str, torch.Tensor],
-    ref: dict[str, torch.Tensor],
-    oracle: dict | None,
-    *,
-    elementwise: set[str] | frozenset[str],
-    context: str = "",
-    computed_in: dict[str, torch.dtype] | None = None,
-    terms: dict | None = None,
-) -> None:
-    """Applies rules 1-3 to every output the reference produced, each judged in its
-    computation dtype (`computed_in[name]`, else its own)."""
-    missing = set(ref) - set(kernel)
-    extra = set(kernel) - set(ref)
-    if missing or extra:
-        raise EquivalenceError(f"{context}: outputs differ: missing {missing}, extra {extra}")
-    errors = []
-    for name, r in ref.items():
-        k = kernel[name]
-        try:
-            if k.shape != r.shape or k.dtype != r.dtype:
-                raise EquivalenceError(
-                    f"{name}: kernel {describe(k)} vs reference {describe(r)}"
-                )
-            tol = tolerance_dtype(r.dtype, (computed_in or {}).get(name))
-            check_nonfinite(name, k, r)
-            if name in elementwise:
-                check_elementwise(name, k, r, tol, None if oracle is None else oracle[name])
-            if oracle is not None:
-                slack = None
-                if terms and name in terms:  # a reduction: rule 2's sqrt(n) slack
-                    slack = reduction_slack(tol, *terms[name])
-                check_against_oracle(name, k, r, oracle[name], tol, slack=slack)
-        except EquivalenceError as exc:
-            errors.append(str(exc))
-    if errors:
-        raise EquivalenceError(f"{context}\n" + "\n".join(errors))
+def assert_verdicts(verdicts, context: str) -> None:
+    """Raises with every failing output's reasons."""
+    bad = [v.details or v.message for v in verdicts if not v.ok]
+    if bad:
+        raise EquivalenceError(f"{context}\n" + "\n".join(bad))

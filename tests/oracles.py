@@ -9,14 +9,12 @@ reference.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 L = np.longdouble
 
-__all__ = ["longdouble_oracle", "LONGDOUBLE_IS_EXTENDED", "reduction_terms"]
+__all__ = ["longdouble_oracle", "LONGDOUBLE_IS_EXTENDED"]
 
 # Only meaningful where long double is wider than float64.
 LONGDOUBLE_IS_EXTENDED = np.finfo(L).nmant > np.finfo(np.float64).nmant
@@ -93,7 +91,7 @@ def _op_grads(op, A, g, topology):
             "gate": _sum_to(dp * ca * _mask01(gt), gt.shape),
         }
     if op == "blend_multiply":
-        h, s, a, r = A["h"], A["s"], A["alpha"], A["r"]
+        h, s, a, r = A["h"], A["s"], A["alpha"], A["seed_input"]
         r_is_h = r is None
         rr = h if r_is_h else r
         c = _clamp01(a)
@@ -106,7 +104,7 @@ def _op_grads(op, A, g, topology):
         out = {"h": dh - ds if r_is_h else dh, "s": ds,
                "alpha": _sum_to(g * h * t * _mask01(a), a.shape)}
         if not r_is_h:
-            out["r"] = -ds
+            out["seed_input"] = -ds
         return y, out
     if op == "ste_forward":
         h, s = A["h"], A["s"]
@@ -169,52 +167,4 @@ def longdouble_oracle(op, leaves, requires, grad_out, *, topology=None, inferenc
                 if leaves.get(m) is not None and leaves[m] is leaves[n]:
                     total = gm if total is None else total + gm
             out["d" + n] = np.asarray(total, dtype=L)
-    return out
-
-
-# ----------------------------------------------------------------------------- reductions
-def _sum_to_t(x: torch.Tensor, shape) -> torch.Tensor:
-    return x.sum_to_size(tuple(shape)) if tuple(shape) != tuple(x.shape) else x
-
-
-def reduction_terms(op, leaves, requires, grad_out, *, topology=None):
-    """{output name: (sum of the magnitudes of the terms it sums, per element; terms per
-    element)} for the outputs that are reductions (alpha and gate gradients, pooled means), in
-    float64 from the inputs as the op reads them: rule 2's slack for sums (`reduction_slack`).
-    Outputs that sum nothing are left out."""
-    f = {n: (t.detach().to(torch.float64) if isinstance(t, torch.Tensor) else t)
-         for n, t in leaves.items()}
-    g = None if grad_out is None else grad_out.detach().to(torch.float64)
-    out = {}
-
-    def add(name, terms, shape):
-        n = terms.numel() // max(1, math.prod(shape))
-        if name in requires and n > 1:
-            out["d" + name] = (_sum_to_t(terms.abs(), shape), n)
-
-    if g is not None and op in ("blend_add", "blend_with_isolation", "blend_gate", "blend_multiply"):
-        h, s = f["h"], f["s"]
-        if op == "blend_multiply":
-            r = h if f.get("r") is None else f["r"]
-            add("alpha", g * h * torch.tanh(s - r), f["alpha"].shape)
-        elif op == "blend_gate":
-            a, gt = f["alpha"], f["gate"]
-            eshape = torch.broadcast_shapes(a.shape, gt.shape)
-            de = _sum_to_t((g * (s - h)).abs(), eshape)
-            n = (g.numel() // max(1, math.prod(eshape))) * math.prod(eshape)
-            for name, other in (("alpha", gt), ("gate", a)):
-                shape = f[name].shape
-                terms = _sum_to_t(de * other.clamp(0, 1).abs().expand(eshape), shape)
-                count = n // max(1, math.prod(shape))
-                if name in requires and count > 1:
-                    out["d" + name] = (terms, count)
-        else:
-            add("alpha", g * (s - h), f["alpha"].shape)
-    if g is not None and op == "multiply_valve_multiplier":
-        add("alpha", g * torch.tanh(f["m"]), f["alpha"].shape)
-    if op == "gated_pool":
-        x = f["x"]
-        dims = (2, 3) if topology == "cnn" else (1,)
-        n = math.prod(x.shape[d] for d in dims)
-        out["y"] = (x.abs().sum(dim=dims) / n, n)
     return out

@@ -6,20 +6,19 @@ from __future__ import annotations
 
 import torch
 
-from kasmina_kernels import opcases
 from kasmina_kernels.bench import esper, plan, report, sweep, workload
+from kasmina_kernels.optable import BY_NAME
 
 CL = torch.channels_last
 
 
 def _build(op, shape=(4, 6, 3, 5), pattern="esper", dtype=torch.float32):
-    case = next(c for c in opcases.CASES if c.name == op)
-    return workload.build(case, shape, dtype, "cpu", torch.Generator().manual_seed(0), 1 << 16,
+    return workload.build(BY_NAME[op], shape, dtype, "cpu", torch.Generator().manual_seed(0), 1 << 16,
                           pattern=pattern)
 
 
 def _named(w, s):
-    named = dict(zip(w.case.arg_names, s.args))
+    named = dict(zip(w.op.inputs, s.args))
     named.update(s.kwargs)
     return named
 
@@ -63,10 +62,11 @@ def test_override_and_transformer_patterns():
 
 def test_check_runs_with_the_patterns_flags():
     w = _build("blend_multiply")
-    got = opcases.run_with_grads(opcases.reference_op("blend_multiply"), w.base_args,
-                                 w.base_kwargs, **w.run_kw)
-    assert set(got) == {"out", "arg0", "arg1"}  # no gradient for alpha or seed_input
-    assert got["out"].is_contiguous(memory_format=CL)
+    check = w.check()
+    ref, oracle = check.expected
+    assert set(ref) == set(oracle) == {"y", "dh", "ds"}  # no gradient for alpha or seed_input
+    assert ref["y"].is_contiguous(memory_format=CL) and check.grad is w.sets[0].grad
+    assert all(v.ok for v in check(BY_NAME["blend_multiply"].public))
 
 
 def test_plan_puts_esper_calls_first():

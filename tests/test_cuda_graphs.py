@@ -19,7 +19,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kasmina_kernels.opcases import CASES, public_op
+from kasmina_kernels.opcases import make
+from kasmina_kernels.optable import OPS
 
 from cases import backend_device_params
 from test_contracts import bits_equal
@@ -34,7 +35,7 @@ ALPHA_POSITION = {"blend_add": 2, "blend_with_isolation": 2, "blend_multiply": 2
 
 def _variants():
     out = []
-    for case in CASES:
+    for case in OPS:
         if case.name in SHAPES:
             forms = ("cnn", "transformer")
         elif case.name in ALPHA_POSITION:
@@ -59,7 +60,7 @@ def _inputs(case, form, seed: int):
     shape = SHAPES.get(case.name, {}).get(form, SHAPE)
     if case.name == "gate_effective_alpha":
         shape = (SHAPE[0], 1, 1, 1)
-    args, kwargs = case.make(shape, torch.float32, "cuda", torch.Generator().manual_seed(seed))
+    args, kwargs = make(case, shape, torch.float32, "cuda", torch.Generator().manual_seed(seed))
     args = list(args)
     if form == "cpu_alpha":
         args[ALPHA_POSITION[case.name]] = torch.tensor(0.6)
@@ -84,7 +85,7 @@ def _fresh_leaves(args, kwargs):
 
 
 def _op(case, backend):
-    fn = public_op(case.name)
+    fn = case.public
     return lambda *a, **k: fn(*a, **k, backend=backend)
 
 

@@ -156,3 +156,24 @@ def test_unavailable_backend_does_not_fall_back():
 def test_backend_names_constant():
     assert set(kk.BACKEND_NAMES) == set(kk.BACKENDS) | {"auto"}
     assert set(kk.BACKENDS) == {"reference", "native", "triton"}
+
+
+def test_every_layer_has_the_op_tables_ops():
+    """The op table (kasmina_kernels/optable.py) is what the layers declare: its schemas are
+    the native library's (csrc/ops/registration.cpp keeps its own m.def strings), and every
+    backend module and the public API have a function for each of its ops."""
+    from kasmina_kernels.backends import backend_module
+    from kasmina_kernels.optable import NAMES, OPS
+
+    assert set(kk.ops.__all__) == set(NAMES) <= set(kk.__all__)
+    for name in kk.BACKENDS:
+        if backend_status(name, "cpu") is None:
+            assert all(callable(getattr(backend_module(name), n)) for n in NAMES), name
+    if backend_status("native", "cpu") is not None:
+        pytest.skip("the native extension did not load")
+    for op in OPS:
+        if op.kernel == op.name:
+            for schema in (op.schema, op.backward):
+                if schema:
+                    name = schema[:schema.index("(")]
+                    assert str(getattr(torch.ops.kasmina, name).default._schema) == "kasmina::" + schema

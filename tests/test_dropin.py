@@ -13,7 +13,10 @@ import torch
 import kasmina_kernels as kk
 from kasmina_kernels import blend_ops, isolation, reference
 
-from cases import _as_the_op_casts, backend_params
+from kasmina_kernels.opcases import as_the_op_casts
+from kasmina_kernels.optable import BY_NAME
+
+from cases import backend_params
 from equivalence import assert_equivalent, case_generator, run_forward_backward
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -57,8 +60,8 @@ def _rnd(shape, key, dtype=F32, *, cl=False, lo=None, hi=None):
 S, PS = (3, 5, 4, 6), (3, 1, 1, 1)
 
 
-def _case(name: str, mixed: bool | str):
-    """(call, leaves, elementwise outputs) for the drop-in `name`, called as Esper calls it.
+def _case(name: str, mixed: bool | str) -> dict:
+    """The inputs, by name, of the drop-in `name`, called as Esper calls it.
     mixed: bf16 channels_last host, fp32 NCHW seed, per-sample alpha partly outside [0, 1];
     "0-dim": 0-dim float32 features, alpha and gate (Esper's eager functions take them);
     else float32 with a 0-dim alpha."""
@@ -72,24 +75,9 @@ def _case(name: str, mixed: bool | str):
         s = _rnd(S, key + "s")
         alpha = _rnd(PS, key + "a", lo=-0.3, hi=1.3) if mixed else torch.tensor(0.35)
         gate = _rnd(PS, key + "g", lo=0.05, hi=0.95)
-    if name == "blend_add":
-        return (lambda f, t: f(t["h"], t["s"], t["alpha"])), {"h": h, "s": s, "alpha": alpha}, {"y", "dh", "ds"}
-    if name == "blend_with_isolation":
-        return (lambda f, t: f(t["h"], t["s"], t["alpha"])), {"h": h, "s": s, "alpha": alpha}, {"y", "dh", "ds"}
-    if name == "blend_multiply":
-        r = _rnd(h.shape, key + "r")
-        return ((lambda f, t: f(t["h"], t["s"], t["alpha"], seed_input=t["r"])),
-                {"h": h, "s": s, "alpha": alpha, "r": r}, {"y", "dh", "ds", "dr"})
-    if name == "blend_gate":
-        return ((lambda f, t: f(t["h"], t["s"], t["alpha"], t["gate"])),
-                {"h": h, "s": s, "alpha": alpha, "gate": gate}, {"y", "dh", "ds"})
-    if name == "gate_effective_alpha":
-        return (lambda f, t: f(t["alpha"], t["gate"])), {"alpha": alpha, "gate": gate}, {"y"}
-    if name == "multiply_valve_multiplier":
-        return (lambda f, t: f(t["alpha"], t["m"])), {"alpha": alpha, "m": h}, {"y", "dm"}
-    if name == "ste_forward":
-        return (lambda f, t: f(t["h"], t["s"])), {"h": h, "s": s}, {"y", "dh", "ds"}
-    raise AssertionError(name)
+    values = {"h": h, "s": s, "alpha": alpha, "gate": gate, "m": h,
+              "seed_input": _rnd(h.shape, key + "r") if name == "blend_multiply" else None}
+    return {n: values[n] for n in BY_NAME[name].inputs}
 
 
 DROP_INS = {name: getattr(module, name) for module, name in ESPER_SIGNATURES}
@@ -99,7 +87,7 @@ DROP_INS = {name: getattr(module, name) for module, name in ESPER_SIGNATURES}
 @pytest.mark.parametrize("mixed", [False, True, "0-dim"], ids=["f32-scalar", "bf16cl-fp32seed-per-sample", "0-dim"])
 @pytest.mark.parametrize("name", list(DROP_INS))
 def test_dropin_matches_eager_definition(name, mixed, backend):
-    call, leaves, elementwise = _case(name, mixed)
+    leaves, call = _case(name, mixed), BY_NAME[name].call
     requires = tuple(n for n, t in leaves.items() if t.is_floating_point())
     probe = call(getattr(reference, name), leaves)
     g = _rnd(tuple(probe.shape), f"dropin/{name}/{mixed}/g", probe.dtype)
@@ -107,10 +95,10 @@ def test_dropin_matches_eager_definition(name, mixed, backend):
         got = run_forward_backward(DROP_INS[name], leaves, call, requires, g)
     ref = run_forward_backward(getattr(reference, name), leaves, call, requires, g)
     # the oracle reads the seed (and seed_input) as the op casts them, as test_equivalence's does
-    oracle = run_forward_backward(getattr(reference, name), _as_the_op_casts(leaves), call, requires, g,
+    oracle = run_forward_backward(getattr(reference, name), as_the_op_casts(leaves), call, requires, g,
                                   upcast_inputs=True)
     assert set(got) == {"y"} | {"d" + n for n in requires}
-    assert_equivalent(got, ref, oracle, elementwise=elementwise, context=f"{name} on {backend}")
+    assert_equivalent(got, ref, oracle, elementwise=BY_NAME[name].elementwise, context=f"{name} on {backend}")
 
 
 # ----------------------------------------------------------------------------- exact contracts
@@ -183,7 +171,7 @@ def test_dropin_bad_input_errors_name_the_argument():
 def test_dropin_compiles_fullgraph(name, backend):
     """fullgraph=True with the aot_eager compiler backend (traces the ops and their autograd
     like inductor does, without compiling C++; test_compile.py covers inductor for the ops)."""
-    call, leaves, _ = _case(name, mixed=True)
+    leaves, call = _case(name, mixed=True), BY_NAME[name].call
     requires = tuple(n for n, t in leaves.items() if t.is_floating_point())
     probe = call(getattr(reference, name), leaves)
     g = torch.empty_like(probe).copy_(_rnd(tuple(probe.shape), f"compile/{name}/g", probe.dtype))

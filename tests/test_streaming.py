@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from kasmina_kernels import backends
-from kasmina_kernels.opcases import CASES, public_op, run_with_grads
+from kasmina_kernels.opcases import make, run_with_grads
+from kasmina_kernels.optable import BY_NAME
 
 from test_contracts import bits_equal
 
@@ -32,17 +33,17 @@ pytestmark = pytest.mark.skipif(backends.backend_status("native", "cpu") is not 
 
 
 def _results(op: str, shape, dtype) -> dict:
-    case = next(c for c in CASES if c.name == op)
+    case = BY_NAME[op]
     gen = torch.Generator().manual_seed(11)
-    args, kwargs = case.make(shape, dtype, torch.device("cpu"), gen)
+    args, kwargs = make(case, shape, dtype, torch.device("cpu"), gen)
     features = max((a for a in args if isinstance(a, torch.Tensor)), key=torch.Tensor.numel)
     flat = features.view(-1)
     flat[3], flat[17], flat[40] = float("nan"), float("inf"), float("-inf")
 
     def fn(*a, **k):
-        return public_op(op)(*a, backend="native", **k)
+        return case.public(*a, backend="native", **k)
 
-    return run_with_grads(fn, args, kwargs)
+    return run_with_grads(case, fn, args, kwargs)
 
 
 def all_results() -> dict:

@@ -19,7 +19,8 @@ import torch
 
 import kasmina_kernels as kk
 from kasmina_kernels import backends, ops
-from kasmina_kernels.opcases import CASES, public_op, run_with_grads
+from kasmina_kernels.opcases import make, run_with_grads
+from kasmina_kernels.optable import OPS
 
 from cases import backend_device_params
 from test_contracts import bits_equal
@@ -52,18 +53,18 @@ def _params():
 
 
 def _jobs(backend, device):
-    """One job per op and dtype: (name, callable returning {"out", grads...})."""
+    """One job per op and dtype: (name, callable returning {"y", "d<input>"...})."""
     jobs = []
-    for i, case in enumerate(CASES):
+    for i, case in enumerate(OPS):
         for dtype in (torch.float32, torch.bfloat16):
             shape = SHAPE[(backend, device)]
             if case.name == "gate_effective_alpha":
                 shape = (shape[0], 1, 1, 1)
-            args, kwargs = case.make(shape, dtype, device, torch.Generator().manual_seed(100 + i))
-            fn = public_op(case.name)
+            args, kwargs = make(case, shape, dtype, device, torch.Generator().manual_seed(100 + i))
+            fn = case.public
 
-            def job(fn=fn, args=args, kwargs=kwargs):
-                return run_with_grads(lambda *a, **k: fn(*a, **k, backend=backend), args, kwargs)
+            def job(case=case, fn=fn, args=args, kwargs=kwargs):
+                return run_with_grads(case, lambda *a, **k: fn(*a, **k, backend=backend), args, kwargs)
 
             jobs.append((f"{case.name}/{dtype}", job))
     return jobs

@@ -4,7 +4,7 @@ times over awkward inputs, for compute-sanitizer to watch (tools/check_compute_s
 Inputs: float32, bfloat16 and float16; contiguous, channels_last and sliced hosts; per-sample
 and 0-dim CPU alpha; an fp32 seed beside a half host; a zero-size batch; shapes that are not
 multiples of any block size. Each result is also checked against the reference with the
-package's equivalence rule (`kasmina_kernels.equivalence.compare`, as `kasmina-kernels check`), so a kernel that reads the
+package's equivalence rule (`kasmina_kernels.opcases.Check`, as `kasmina-kernels check`), so a kernel that reads the
 wrong memory without faulting still fails. Exits 1 on any mismatch; prints what ran.
 """
 
@@ -17,8 +17,8 @@ import time
 import torch
 
 from kasmina_kernels.backends import backend_status
-from kasmina_kernels.equivalence import compare
-from kasmina_kernels.opcases import CASES, named_outputs, public_op, reference_op, run_with_grads, upcast
+from kasmina_kernels.opcases import Check, make
+from kasmina_kernels.optable import OPS
 
 SHAPES = ((3, 5, 7, 11), (0, 4, 3, 3), (33, 17, 9, 5))
 POOL_SHAPES = {"cnn": ((3, 5, 7, 11), (0, 4, 3, 3), (2, 40, 9, 9)),
@@ -31,7 +31,7 @@ def _variants(case, dtype, device):
     if case.name in ("gated_pool", "gate_network"):
         for topology, shapes in POOL_SHAPES.items():
             for shape in shapes:
-                args, kwargs = case.make(shape, dtype, device, gen)
+                args, kwargs = make(case, shape, dtype, device, gen)
                 yield f"{topology}{shape}", list(args), kwargs
                 if len(shape) == 4:
                     x = args[0].contiguous(memory_format=torch.channels_last)
@@ -39,7 +39,7 @@ def _variants(case, dtype, device):
         return
     shapes = ((8, 1, 1, 1), (0, 1, 1, 1), (5, 1, 1)) if case.name == "gate_effective_alpha" else SHAPES
     for shape in shapes:
-        args, kwargs = case.make(shape, dtype, device, gen)
+        args, kwargs = make(case, shape, dtype, device, gen)
         args = list(args)
         yield f"{shape}", args, kwargs
         if case.name.startswith("blend_") or case.name == "multiply_valve_multiplier":
@@ -80,7 +80,7 @@ def main() -> int:
     parser.add_argument("--backends", default="native,triton")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of this driver itself")
-    parser.add_argument("--ops", default=",".join(c.name for c in CASES), help="comma-separated op names")
+    parser.add_argument("--ops", default=",".join(c.name for c in OPS), help="comma-separated op names")
     parser.add_argument("--canary", action="store_true", help="run only the planted out-of-bounds store")
     opts = parser.parse_args()
     if opts.canary:
@@ -95,30 +95,20 @@ def main() -> int:
         if why is not None:
             print(f"cuda_sanitizer_driver: backend {backend!r} unavailable on {opts.device}: {why}", file=sys.stderr)
             return 2
-        for case in CASES:
+        for case in OPS:
             if case.name not in opts.ops.split(","):
                 continue
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 t0, ran_before = time.perf_counter(), ran
                 for label, args, kwargs in _variants(case, dtype, opts.device):
-                    fn = public_op(case.name)
+                    fn = case.public
+                    check = Check.of(case, args, kwargs)
                     for _ in range(opts.repeat):
-                        got = run_with_grads(lambda *a, **k: fn(*a, **k, backend=backend), args, kwargs)
+                        verdicts = check(lambda *a, **k: fn(*a, **k, backend=backend))
                     if opts.device == "cuda":
                         torch.cuda.synchronize()
-                    ref = named_outputs(case, run_with_grads(reference_op(case.name), args, kwargs))
-                    # the oracle reads the seed as the op does: cast to the host's dtype first
-                    o_args = [a.to(args[0].dtype) if (i == 1 and label.endswith("fp32_seed")) else a
-                              for i, a in enumerate(args)]
-                    oracle = named_outputs(case, run_with_grads(
-                        reference_op(case.name), [upcast(a) for a in o_args],
-                        {k: upcast(v) for k, v in kwargs.items()}, grad_dtype=dtype))
-                    got = named_outputs(case, got)
                     ran += 1
-                    for name, r in ref.items():
-                        if r is None:
-                            continue
-                        v = compare(name, got[name], r, oracle[name], elementwise=name in case.elementwise)
+                    for v in verdicts:
                         if not v.ok:
                             failures += 1
                             print(f"MISMATCH {backend} {case.name} {dtype} {label}: {v.message}")

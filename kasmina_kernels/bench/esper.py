@@ -79,12 +79,6 @@ def make_inputs(op: str, pattern: str, shape, dtype: torch.dtype, device, gen, *
     return [h, s, alpha, gate], {}
 
 
-def no_grad_names(arg_names, args, kwargs) -> frozenset:
-    """`opcases.run_with_grads` names ("argN" or a keyword) of the inputs passed without grad."""
-    names = {f"arg{i}" for i, n in enumerate(arg_names[:len(args)]) if n in NO_GRAD}
-    return frozenset(names | {k for k in kwargs if k in NO_GRAD})
-
-
 def autocast_wrap(fn, device: torch.device):
     """`fn` called inside bf16 autocast on `device`."""
     @functools.wraps(fn)

@@ -33,8 +33,8 @@ from types import ModuleType, SimpleNamespace
 import torch
 from torch import nn
 
-from .. import blend_ops, isolation, reference
-from ..nn import EagerGatedBlend, GatedBlend
+from .. import reference, swap
+from ..nn import EagerGatedBlend
 
 OPERATORS = ("add", "multiply", "gate", "ste")
 BLEND_RANGE = "kasmina.blend"
@@ -46,13 +46,8 @@ EAGER_BLENDS = SimpleNamespace(
     ste_forward=reference.ste_forward,
     GatedBlend=EagerGatedBlend,
 )
-DROP_INS = SimpleNamespace(
-    blend_with_isolation=isolation.blend_with_isolation,
-    blend_multiply=blend_ops.blend_multiply,
-    blend_gate=blend_ops.blend_gate,
-    ste_forward=isolation.ste_forward,
-    GatedBlend=GatedBlend,
-)
+# the same names, from swap_in's table
+DROP_INS = SimpleNamespace(**{name: swap.DROP_INS[name] for name in vars(EAGER_BLENDS)})
 
 
 class _ModuleRef:

@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import opcases
+from .. import optable
 from . import esper
 from .bytemodel import BANDWIDTH_OPS
 
 ESPER_SHAPES = ((512, 8, 32, 32), (512, 32, 8, 8), (512, 16, 32, 32), (32, 256, 384))
 SMALL_SHAPES = ((8, 64, 16, 16),)
 QUICK_ESPER_SHAPE = (32, 256, 384)  # the smallest of Esper's shapes (3.1M elements)
-ALL_OPS = tuple(c.name for c in opcases.CASES)
+ALL_OPS = optable.NAMES
 HEADLINE_OPS = ("blend_add", "blend_multiply", "blend_gate", "gated_pool")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

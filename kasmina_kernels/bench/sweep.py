@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import torch
 
-from .. import backends, opcases
+from .. import backends, opcases, optable
 from . import bytemodel, workload
 from . import esper
 from .plan import Entry, Plan, torch_dtype
@@ -63,10 +63,10 @@ def _sample(s: Sample) -> dict:
     return asdict(s)
 
 
-def _check(case, impl, w, expected) -> dict:
-    verdicts = opcases.judge(case, impl.fn, w.base_args, w.base_kwargs, expected, **w.run_kw)
-    bad = [f"{name}: {v.message}" for name, v in verdicts if not v.ok]
-    worst = max((v.error_vs_reference for _, v in verdicts), default=0.0)
+def _check(impl, check: opcases.Check) -> dict:
+    verdicts = check(impl.fn)
+    bad = [v.message for v in verdicts if not v.ok]
+    worst = max((v.error_vs_reference for v in verdicts), default=0.0)
     return {"ok": not bad, "problems": bad, "max_error_vs_reference": worst}
 
 
@@ -74,10 +74,9 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
               compile_peer: bool, shared: dict | None = None) -> dict:
     """One entry, as a JSON-ready record. `shared`: dynamic-shape compiles reused across
     entries."""
-    case = next(c for c in opcases.CASES if c.name == entry.op)
     dtype = torch_dtype(entry.dtype)
     gen = torch.Generator().manual_seed(zlib.crc32(f"{entry}".encode()))
-    w = workload.build(case, entry.shape, dtype, device, gen, rotate_bytes(device),
+    w = workload.build(optable.BY_NAME[entry.op], entry.shape, dtype, device, gen, rotate_bytes(device),
                        pattern=entry.pattern, autocast=entry.dtype == esper.AUTOCAST)
     no_grad = frozenset(n for n, d in w.inputs.items() if n != "grad" and not d["requires_grad"])
     fwd_bytes, bwd_bytes = bytemodel.bytes_moved(entry.op, w.base_args, w.base_kwargs, no_grad)
@@ -111,15 +110,14 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
     lap("compile")
 
     # check before timing
-    expected = opcases.expected_outputs(case, w.base_args, w.base_kwargs, dtype,
-                                        ref_fn=w.wrap(opcases.reference_op(case.name)), **w.run_kw)
+    judge = w.check()
     timed = [impls[0]]
     for impl in impls[1:]:
         if impl.name == "compile" and w.base_args[0].numel() > PEER_CHECK_MAX_NUMEL:
             check = {"ok": None, "problems": ["not judged at this size"], "max_error_vs_reference": None}
         else:
             try:
-                check = _check(case, impl, w, expected)
+                check = _check(impl, judge)
             except Exception as exc:
                 check = {"ok": False, "problems": [f"raised {type(exc).__name__}: {exc}"],
                          "max_error_vs_reference": None}
@@ -137,7 +135,7 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
             record["failures"].append(f"{impl.name}: " + "; ".join(check["problems"]))
     record["impls"]["eager"] = {"check": {"ok": True, "problems": [], "max_error_vs_reference": 0.0},
                                 "compile_s": None}
-    del expected
+    del judge  # the reference and oracle outputs
     lap("check")
 
     # timing, all implementations side by side per mode; recompiling would be compile time

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .. import opcases
+from .. import opcases, optable
 from . import esper
 from .timing import Step
 
@@ -39,9 +39,9 @@ def _leafify(value, requires_grad: bool = True):
     return value
 
 
-def _input_set(args, kwargs, grad, no_grad: frozenset = frozenset()) -> InputSet:
-    """`no_grad`: inputs ("argN" or a keyword's name) copied without requires_grad."""
-    args = [_leafify(a, f"arg{i}" not in no_grad) for i, a in enumerate(args)]
+def _input_set(names, args, kwargs, grad, no_grad: frozenset = frozenset()) -> InputSet:
+    """`no_grad`: inputs (by name; `names`: the positional ones') copied without requires_grad."""
+    args = [_leafify(a, n not in no_grad) for n, a in zip(names, args)]
     kwargs = {k: _leafify(v, k not in no_grad) for k, v in kwargs.items()}
     leaves = [t for t in list(args) + list(kwargs.values())
               if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -55,7 +55,7 @@ def _set_bytes(s: InputSet) -> int:
 
 @dataclass
 class Workload:
-    case: opcases.OpCase
+    op: optable.Op
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
@@ -64,48 +64,49 @@ class Workload:
     base_kwargs: dict
     pattern: str = "isolated"  # "isolated" (every input requires grad) or an esper.PATTERNS key
     autocast: bool = False  # every call runs under bf16 autocast
-    no_grad: frozenset = frozenset()  # inputs passed without grad ("argN" or a keyword)
+    no_grad: frozenset = frozenset()  # inputs passed without grad (by name)
     inputs: dict | None = None  # esper.describe of set 0: layouts, dtypes, requires-grad flags
 
     @property
     def n_sets(self) -> int:
         return len(self.sets)
 
-    @property
-    def run_kw(self) -> dict:
-        """`opcases.run_with_grads` options that reproduce this workload's flags and layouts."""
-        return {"no_grad": self.no_grad, "grad_like_output": True}
+    def check(self) -> opcases.Check:
+        """The check of kernels on set 0's values, with this workload's flags, layouts,
+        incoming gradient and autocast."""
+        return opcases.Check.of(self.op, self.base_args, self.base_kwargs, no_grad=self.no_grad,
+                                grad=self.sets[0].grad, ref_fn=self.wrap(self.op.reference))
 
     def wrap(self, fn: Callable) -> Callable:
         """`fn` as this workload calls it (inside bf16 autocast when `autocast`)."""
         return esper.autocast_wrap(fn, self.device) if self.autocast else fn
 
 
-def build(case: opcases.OpCase, shape, dtype, device, gen: torch.Generator,
+def build(op: optable.Op, shape, dtype, device, gen: torch.Generator,
           rotate_bytes: int, *, pattern: str = "isolated", autocast: bool = False) -> Workload:
-    """Input sets for one entry. pattern "isolated": `case.make`'s inputs, all contiguous and
+    """Input sets for one entry. pattern "isolated": `opcases.make`'s inputs, all contiguous and
     all requiring grad (the op-isolation benchmark); an `esper.PATTERNS` key: the layouts,
     dtypes and requires-grad flags of Esper's call (`esper.make_inputs`). The incoming
     gradient has the output's memory format."""
     if pattern == "isolated":
-        args, kwargs = case.make(shape, dtype, device, gen)
+        args, kwargs = opcases.make(op, shape, dtype, device, gen)
         no_grad = frozenset()
     else:
-        args, kwargs = esper.make_inputs(case.name, pattern, shape, dtype, device, gen,
+        args, kwargs = esper.make_inputs(op.name, pattern, shape, dtype, device, gen,
                                          autocast=autocast)
-        no_grad = esper.no_grad_names(case.arg_names, args, kwargs)
-    ref = opcases.reference_op(case.name)
+        no_grad = esper.NO_GRAD
+    ref = op.reference
     with torch.no_grad(), esper.autocast_context(torch.device(device), autocast):
         out = ref(*args, **kwargs)
     grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device, out.dtype)
     grad = torch.empty_like(out).copy_(grad)  # the output's layout, as a layer's gradient has
-    first = _input_set(args, kwargs, grad, no_grad)
+    names = op.inputs
+    first = _input_set(names, args, kwargs, grad, no_grad)
     n = max(1, min(MAX_SETS, math.ceil(rotate_bytes / max(_set_bytes(first), 1))))
-    sets = [first] + [_input_set(first.args, first.kwargs, first.grad, no_grad) for _ in range(n - 1)]
-    flags = {name: f"arg{i}" not in no_grad for i, name in enumerate(case.arg_names[:len(args)])}
-    flags.update({k: k not in no_grad for k in kwargs})
-    inputs = esper.describe(case.arg_names, first.args, first.kwargs, flags, first.grad)
-    return Workload(case, tuple(shape), dtype, torch.device(device), sets, list(args),
+    sets = [first] + [_input_set(names, first.args, first.kwargs, first.grad, no_grad) for _ in range(n - 1)]
+    flags = {name: name not in no_grad for name in [*names[:len(args)], *kwargs]}
+    inputs = esper.describe(names, first.args, first.kwargs, flags, first.grad)
+    return Workload(op, tuple(shape), dtype, torch.device(device), sets, list(args),
                     dict(kwargs), pattern, autocast, no_grad, inputs)
 
 
@@ -121,12 +122,12 @@ class Impl:
 
 
 def eager_impl(op: str, w: Workload | None = None) -> Impl:
-    fn = opcases.reference_op(op)
+    fn = optable.BY_NAME[op].reference
     return Impl("eager", w.wrap(fn) if w is not None else fn)
 
 
 def backend_impl(op: str, backend: str, w: Workload | None = None) -> Impl:
-    public = opcases.public_op(op)
+    public = optable.BY_NAME[op].public
 
     def fn(*a, **k):
         return public(*a, backend=backend, **k)
@@ -143,7 +144,7 @@ def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = N
     not a compile (compile_s None, `reused` set)."""
     from torch._dynamo.utils import counters
 
-    key = (w.case.name, w.dtype, w.pattern, w.autocast)
+    key = (w.op.name, w.dtype, w.pattern, w.autocast)
     reused = dynamic and shared is not None and key in shared
     if reused:
         fn = shared[key]
@@ -152,7 +153,7 @@ def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = N
             torch._dynamo.reset()
             if shared is not None:
                 shared.clear()
-        fn = torch.compile(w.wrap(opcases.reference_op(w.case.name)), dynamic=dynamic,
+        fn = torch.compile(w.wrap(w.op.reference), dynamic=dynamic,
                            fullgraph=True)
         if dynamic and shared is not None:
             shared[key] = fn
