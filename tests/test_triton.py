@@ -771,20 +771,27 @@ def test_opcheck_backward_ops(gen):
 
 
 def test_same_functions_as_native():
+    """Every op of the table, called as native's functions are: the inputs in schema order,
+    the keyword-only ones (`Op.kwonly`) by keyword, with native's signatures where those are
+    Python functions (native's other functions are OpOverloads, which have no signature)."""
     import inspect
 
     import kasmina_kernels.triton as T
+    from kasmina_kernels.optable import OPS
 
-    names = ["blend_add", "blend_with_isolation", "blend_gate", "blend_multiply", "ste_forward",
-             "multiply_valve_multiplier", "gate_effective_alpha", "gated_pool", "gate_network"]
     try:
         import kasmina_kernels.native as N
     except ImportError:
         N = None
-    for name in names:
-        assert callable(getattr(T, name)), name
-        if N is not None:
-            assert inspect.signature(getattr(T, name)) == inspect.signature(getattr(N, name)), name
+    for op in OPS:
+        fn = getattr(T, op.name)
+        positional = [n for n in op.inputs if n not in op.kwonly]
+        inspect.signature(fn).bind(*positional, **{n: n for n in op.kwonly})
+        if op.kwonly:
+            params = inspect.signature(fn).parameters.values()
+            assert [p.name for p in params if p.kind is p.KEYWORD_ONLY] == list(op.kwonly), op.name
+            if N is not None:
+                assert inspect.signature(fn) == inspect.signature(getattr(N, op.name)), op.name
 
 
 _COMPILE_CASES = {
