@@ -27,7 +27,7 @@ import re
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-from ..optable import BY_NAME, OPS
+from ..optable import OPS
 from . import elementwise as E
 from . import gate as G
 
@@ -190,7 +190,7 @@ def _ste_backward(ctx, grad):
     return grad, (grad if grad.dtype == ctx.seed_dtype else grad.to(ctx.seed_dtype))
 
 
-# Each kernel op of the table (`Op.kernel`) with its forward and backward entry points.
+# The forward and backward entry points of each kernel op of the table (`Op.kernel`).
 _KERNELS = {
     "blend_add": (E.blend_add_forward, E.blend_add_backward),
     "blend_multiply": (E.blend_multiply_forward, E.blend_multiply_backward),
@@ -201,7 +201,7 @@ _KERNELS = {
     "gated_pool": (G.gated_pool_forward, _pool_backward),
     "gate_network": (G.gate_network_forward, G.gate_network_backward),
 }
-_RUN = {name: _Op(BY_NAME[name], *kernels) for name, kernels in _KERNELS.items()}
+_RUN = {op.name: _Op(op, *_KERNELS[op.name]) for op in OPS if op.kernel == op.name}
 
 
 # ---------------------------------------------------------------------------- public functions
