@@ -1,8 +1,9 @@
 """The op table: every public op once, with what each layer needs to know about it.
 
 The readers: `reference` and `ops` (their ``__all__``), `native` (fake kernels, backend
-functions), `blend_ops`, `isolation` and `swap` (Esper's drop-ins), `equivalence` (which outputs
-are computed in the host's dtype), `opcases` and the tests' cases (inputs, gradients, which
+functions), `triton` (its ops' schemas, fake kernels, gradient order and functions),
+`blend_ops`, `isolation` and `swap` (Esper's drop-ins), `equivalence` (which outputs are
+computed in the host's dtype), `opcases` and the tests' cases (inputs, gradients, which
 outputs are judged elementwise and which are reductions), the benchmark plan (the op list).
 The C++ library keeps its own ``m.def`` strings (csrc/ops/registration.cpp); `test_dispatch`
 checks that they are the schemas written here.
@@ -66,11 +67,12 @@ class Op:
         args = [values[n] for n in self.inputs if n not in self.kwonly]
         return fn(*args, **{n: values[n] for n in self.kwonly})
 
-    def backward_fake(self, *args):
+    def backward_fake(self, *args, dense_pooled=False):
         """The backward's fake kernel, mirroring the C++ kernels' allocations: feature
         gradients follow their input's layout (empty_like), weight gradients are contiguous in
         the weight's shape, an optional input absent or wanting no gradient gets an empty
-        placeholder, the pooled input's gradient is `pooled_input_grad`."""
+        placeholder, the pooled input's gradient is `pooled_input_grad` (empty_like with
+        `dense_pooled`, for the Triton kernels, which write a dense one on every device)."""
         a = dict(zip(_arg_names(self.backward), args))
         out = []
         for n in self.grads:
@@ -79,7 +81,7 @@ class Op:
                 out.append(a[self.inputs[0]].new_empty((0,)))
             elif n in self.weights:
                 out.append(t.new_empty(t.shape))
-            elif n in self.pooled:
+            elif n in self.pooled and not dense_pooled:
                 out.append(pooled_input_grad(t, a["topology"]))
             else:
                 out.append(torch.empty_like(t))

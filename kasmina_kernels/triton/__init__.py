@@ -11,26 +11,8 @@ functions).
 
 from __future__ import annotations
 
-from .glue import (
-    blend_add,
-    blend_gate,
-    blend_multiply,
-    blend_with_isolation,
-    gate_effective_alpha,
-    gate_network,
-    gated_pool,
-    multiply_valve_multiplier,
-    ste_forward,
-)
+from ..optable import NAMES
+from . import glue
 
-__all__ = [
-    "blend_add",
-    "blend_with_isolation",
-    "blend_gate",
-    "blend_multiply",
-    "ste_forward",
-    "multiply_valve_multiplier",
-    "gate_effective_alpha",
-    "gated_pool",
-    "gate_network",
-]
+__all__ = list(NAMES)
+globals().update({name: getattr(glue, name) for name in NAMES})

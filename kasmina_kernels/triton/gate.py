@@ -399,10 +399,6 @@ def gated_pool_backward(grad, x, topology):
     return dx
 
 
-def gate_shape(B, topology):
-    return (B, 1, 1, 1) if topology == "cnn" else (B, 1, 1)
-
-
 def _gate_cfg(x, w1, b1, w2, topology, backward, dx_strides=None, need=None):
     key = ("gate", backward, x.shape, x.stride(), x.dtype, w1.shape, w1.stride(), b1.stride(),
            w2.stride(), topology, dx_strides, need)
@@ -450,7 +446,7 @@ def _gate_cfg(x, w1, b1, w2, topology, backward, dx_strides=None, need=None):
 
 def gate_network_forward(x, w1, b1, w2, b2, topology):
     B = x.shape[0]
-    y = x.new_empty(gate_shape(B, topology))
+    y = x.new_empty((B, 1, 1, 1) if topology == "cnn" else (B, 1, 1))
     if B == 0:
         return y
     cfg = _gate_cfg(x, w1, b1, w2, topology, False)

@@ -2,12 +2,14 @@
 ``kasmina::triton_<name>`` (fake kernel and autograd included), an autograd.Function per op
 for eager calls, and the public functions.
 
-The registered ops are what torch.compile and other tracers see. Their schemas are the native
-ops' (csrc/ops/registration.cpp) under a ``triton_`` prefix, backward ops included: a backward
-op takes the gradient, the forward's inputs and one ``need_<input>_grad`` flag for each input
-whose gradient may be skipped, and returns one gradient per tensor input, always computing the
-feature gradients; a weight gradient nobody needs is zeros of the weight's shape and a seed
-input gradient nobody needs (or an absent seed input's) an empty placeholder, as native's.
+The registered ops are what torch.compile and other tracers see, one per kernel op of the
+table (`kasmina_kernels.optable`, `Op.kernel`): their schemas, backward ops included, are the
+table's (native's) under a ``triton_`` prefix, and so are their fake kernels, except that
+the pooled input's gradient is dense on every device. A backward op takes the gradient, the
+forward's inputs and one ``need_<input>_grad`` flag for each input whose gradient may be
+skipped, and returns the gradients of `Op.grads`, always computing the feature gradients; a
+weight gradient nobody needs is zeros of the weight's shape and a seed input gradient nobody
+needs (or an absent seed input's) an empty placeholder, as native's.
 
 Plain eager calls (no tracing, no dispatch modes, plain tensors) skip the dispatcher round
 trip: without a gradient wanted they launch the forward kernels directly, else they go through
@@ -19,10 +21,13 @@ and its vmap runs the op per batch entry.
 
 from __future__ import annotations
 
+import functools
+import re
+
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-from . import _common as C
+from ..optable import OPS
 from . import elementwise as E
 from . import gate as G
 
@@ -31,7 +36,6 @@ _peek_functorch = torch._C._functorch.peek_interpreter_stack
 _is_compiling = torch.compiler.is_compiling
 _DelayedError = torch._C._functions.DelayedError
 _Tensor = torch.Tensor
-_FEATURES = ("h", "s", "seed_input", "m", "x")  # gradients shaped like the input (empty_like)
 
 
 def eager_ok(*tensors) -> bool:
@@ -65,31 +69,27 @@ def first_order_only(op: str, grads: tuple, inputs: tuple) -> tuple:
 
 
 class _Op:
-    """One op: its kernels' entry points, registered ops and eager autograd.Function.
-    `backward(grad, *inputs, need)` takes one need flag per tensor input and returns one
-    gradient per tensor input, None where not needed."""
+    """One op of the table (`optable.Op`): its kernels' entry points, registered ops and eager
+    autograd.Function. `backward(grad, *inputs, need)` takes one need flag per input in
+    `Op.grads` (the leading inputs) and returns their gradients in that order, None where not
+    needed."""
 
-    def __init__(self, name, inputs, forward, fake, backward=None, flags=(), autograd=None):
-        self.name = f"kasmina::{name}"
-        params = [p.split() for p in inputs.split(", ")]
-        self.tensor_names = [n for t, n in params if t.startswith("Tensor")]
-        self.n_tensors = len(self.tensor_names)
-        self.flag_index = [self.tensor_names.index(f) for f in flags]
+    def __init__(self, op, forward, backward=None, autograd=None):
+        self.name, self.weights = f"kasmina::{op.name}", op.weights
+        self.grads, self.n_tensors = op.grads, len(op.grads)
+        self.flag_index = [op.grads.index(f) for f in re.findall(r"need_(\w+)_grad", op.backward)]
         self.forward, self.backward = forward, backward
-        op = torch.library.custom_op(f"kasmina::triton_{name}", forward, mutates_args=(),
-                                     schema=f"({inputs}) -> Tensor")
-        op.register_fake(fake)
-        self.op = getattr(torch.ops.kasmina, f"triton_{name}").default
+        name = f"kasmina::triton_{op.name}"
+        registered = torch.library.custom_op(name, forward, mutates_args=(), schema=_signature(op.schema))
+        registered.register_fake(op.forward_fake)
+        self.op = getattr(torch.ops.kasmina, f"triton_{op.name}").default
         if backward is not None:
-            returns = ", ".join(["Tensor"] * self.n_tensors)
-            schema = (f"(Tensor grad, {inputs}{''.join(f', bool need_{f}_grad' for f in flags)})"
-                      f" -> {returns if self.n_tensors == 1 else f'({returns})'}")
-            bwd = torch.library.custom_op(f"kasmina::triton_{name}_backward", self._backward_op,
-                                          mutates_args=(), schema=schema)
-            bwd.register_fake(self._backward_fake)
-            self.backward_op = getattr(torch.ops.kasmina, f"triton_{name}_backward").default
+            bwd = torch.library.custom_op(f"{name}_backward", self._backward_op, mutates_args=(),
+                                          schema=_signature(op.backward))
+            bwd.register_fake(functools.partial(op.backward_fake, dense_pooled=True))
+            self.backward_op = getattr(torch.ops.kasmina, f"triton_{op.name}_backward").default
             autograd = (self._setup_context, self._backward_through_op, self._eager_backward)
-        op.register_autograd(autograd[1], setup_context=autograd[0])
+        registered.register_autograd(autograd[1], setup_context=autograd[0])
         self.function = self._make_function(autograd[0], autograd[2])
 
     def _split(self, args):
@@ -106,17 +106,9 @@ class _Op:
         grads = self.backward(grad, *tensors, *others, need)
         out = tuple(
             g if g is not None
-            else tensors[0].new_empty((0,)) if name in _FEATURES
-            else torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-            for g, x, name in zip(grads, tensors, self.tensor_names))
-        return out[0] if self.n_tensors == 1 else out
-
-    def _backward_fake(self, grad, *args):
-        tensors, _, need = self._split(args)
-        out = tuple(
-            (torch.empty_like(x) if n and x is not None else tensors[0].new_empty((0,))) if name in _FEATURES
-            else x.new_empty(x.shape)
-            for x, n, name in zip(tensors, need, self.tensor_names))
+            else torch.zeros(x.shape, dtype=x.dtype, device=x.device) if name in self.weights
+            else tensors[0].new_empty((0,))
+            for g, x, name in zip(grads, tensors, self.grads))
         return out[0] if self.n_tensors == 1 else out
 
     def _setup_context(self, ctx, inputs, output):
@@ -180,45 +172,13 @@ class _Op:
 
 
 # ---------------------------------------------------------------------------- the ops
-def _like_host(h, *rest):
-    return torch.empty_like(h)
-
-
-def _valve_fake(alpha, m):
-    return torch.empty_like(m, dtype=C.result_type(alpha, m))
-
-
-def _effective_alpha_fake(alpha, gate):
-    shape = torch.broadcast_shapes(alpha.shape, gate.shape)
-    return torch.empty(shape, dtype=C.result_type(alpha, gate), device=G.pair_device(alpha, gate))
-
-
-def _pool_fake(x, topology):
-    return x.new_empty((x.shape[0], x.shape[1] if topology == "cnn" else x.shape[2]))
-
-
-def _gate_network_fake(x, w1, b1, w2, b2, topology):
-    return x.new_empty(G.gate_shape(x.shape[0], topology))
+def _signature(schema):
+    """A table schema without its op name, as torch.library.custom_op takes it."""
+    return schema[schema.index("("):]
 
 
 def _pool_backward(grad, x, topology, need):
     return (G.gated_pool_backward(grad, x, topology),)
-
-
-_ADD = _Op("blend_add", "Tensor h, Tensor s, Tensor alpha", E.blend_add_forward, _like_host,
-           E.blend_add_backward, flags=("alpha",))
-_GATE = _Op("blend_gate", "Tensor h, Tensor s, Tensor alpha, Tensor gate", E.blend_gate_forward,
-            _like_host, E.blend_gate_backward, flags=("alpha", "gate"))
-_MULTIPLY = _Op("blend_multiply", "Tensor h, Tensor s, Tensor alpha, Tensor? seed_input",
-                E.blend_multiply_forward, _like_host, E.blend_multiply_backward,
-                flags=("alpha", "seed_input"))
-_VALVE = _Op("multiply_valve_multiplier", "Tensor alpha, Tensor m", E.valve_multiplier_forward,
-             _valve_fake, E.valve_multiplier_backward, flags=("alpha",))
-_EFFECTIVE_ALPHA = _Op("gate_effective_alpha", "Tensor alpha, Tensor gate", G.gate_effective_alpha_forward,
-                       _effective_alpha_fake, G.gate_effective_alpha_backward, flags=("alpha", "gate"))
-_POOL = _Op("gated_pool", "Tensor x, str topology", G.gated_pool_forward, _pool_fake, _pool_backward)
-_GATE_NETWORK = _Op("gate_network", "Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, str topology",
-                    G.gate_network_forward, _gate_network_fake, G.gate_network_backward)
 
 
 # STE's gradient is the incoming one to both inputs (s's in its dtype): plain autograd, no kernel.
@@ -230,42 +190,34 @@ def _ste_backward(ctx, grad):
     return grad, (grad if grad.dtype == ctx.seed_dtype else grad.to(ctx.seed_dtype))
 
 
-_STE = _Op("ste_forward", "Tensor h, Tensor s", E.ste_forward, _like_host,
-           autograd=(_ste_setup_context, _ste_backward, _ste_backward))
+# The forward and backward entry points of each kernel op of the table (`Op.kernel`).
+_KERNELS = {
+    "blend_add": (E.blend_add_forward, E.blend_add_backward),
+    "blend_multiply": (E.blend_multiply_forward, E.blend_multiply_backward),
+    "blend_gate": (E.blend_gate_forward, E.blend_gate_backward),
+    "ste_forward": (E.ste_forward, None, (_ste_setup_context, _ste_backward, _ste_backward)),
+    "multiply_valve_multiplier": (E.valve_multiplier_forward, E.valve_multiplier_backward),
+    "gate_effective_alpha": (G.gate_effective_alpha_forward, G.gate_effective_alpha_backward),
+    "gated_pool": (G.gated_pool_forward, _pool_backward),
+    "gate_network": (G.gate_network_forward, G.gate_network_backward),
+}
+_RUN = {op.name: _Op(op, *_KERNELS[op.name]) for op in OPS if op.kernel == op.name}
 
 
 # ---------------------------------------------------------------------------- public functions
-def blend_add(h, s, alpha):
-    return _ADD(h, s, alpha)
-
-
-def blend_with_isolation(h, s, alpha):
-    return _ADD(h, s, alpha)
-
-
-def blend_gate(h, s, alpha, gate):
-    return _GATE(h, s, alpha, gate)
+# The ops without keyword-only inputs are their runners; the others take them as the public
+# functions do.
+for _op in OPS:
+    if not _op.kwonly:
+        globals()[_op.name] = _RUN[_op.kernel]
+del _op
+_blend_multiply = _RUN["blend_multiply"]
+_gate_network = _RUN["gate_network"]
 
 
 def blend_multiply(h, s, alpha, *, seed_input=None):
-    return _MULTIPLY(h, s, alpha, seed_input)
-
-
-def ste_forward(h, s):
-    return _STE(h, s)
-
-
-def multiply_valve_multiplier(alpha, m):
-    return _VALVE(alpha, m)
-
-
-def gate_effective_alpha(alpha, gate):
-    return _EFFECTIVE_ALPHA(alpha, gate)
-
-
-def gated_pool(x, topology):
-    return _POOL(x, topology)
+    return _blend_multiply(h, s, alpha, seed_input)
 
 
 def gate_network(x, w1, b1, w2, b2, *, topology):
-    return _GATE_NETWORK(x, w1, b1, w2, b2, topology)
+    return _gate_network(x, w1, b1, w2, b2, topology)
