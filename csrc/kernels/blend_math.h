@@ -16,6 +16,12 @@
 #endif
 
 namespace kk {
+// Each CPU capability's copy of these templates in its own namespace (setup.py compiles the CPU
+// kernels once per capability, with different vector flags): copies that the linker merged
+// would run one capability's code in another's.
+#ifdef CPU_CAPABILITY
+inline namespace CPU_CAPABILITY {
+#endif
 
 template <typename T>
 struct Prims;
@@ -211,4 +217,7 @@ KK_HD T sigmoid(T x) {
   return T(1) / (T(1) + Prims<T>::exp(-x));
 }
 
+#ifdef CPU_CAPABILITY
+}  // namespace CPU_CAPABILITY
+#endif
 }  // namespace kk
