@@ -12,11 +12,13 @@ Environment:
   KASMINA_KERNELS_CUDA       "1" forces the CUDA kernels (fails without a toolkit and a CUDA
                              torch), "0" skips them; unset builds them when both are present.
   KASMINA_KERNELS_CUDA_ARCH  CUDA architectures, default "80;90" (sm_80 and sm_90).
-  KASMINA_KERNELS_CPU_ISA    "avx512", "avx2" or "default": the vector width of the CPU
-                             kernels. Unset picks what the build machine's torch reports
-                             (AVX512 or AVX2, else default). The build is for that ISA: the
-                             package refuses to load the extension on a CPU without it
-                             (kasmina_kernels/_isa.py) and says to rebuild.
+  KASMINA_KERNELS_CPU_CAPABILITIES
+                             e.g. "avx2": the CPU capabilities the kernels are compiled for,
+                             comma separated, beside DEFAULT, which is always compiled (AVX512
+                             brings AVX2). Unset: all of them (DEFAULT, AVX2, AVX512 on x86-64,
+                             DEFAULT elsewhere). At run time the extension uses ATen's
+                             capability (ATEN_CPU_CAPABILITY overrides it), or the widest
+                             compiled one below it.
   KASMINA_KERNELS_SANITIZE   e.g. "address,undefined": build the C++ sources with those
                              -fsanitize= checks (-O1 -g, frame pointers kept). For
                              tools/check_sanitizers.sh, which builds into its own directory.
@@ -24,6 +26,7 @@ Environment:
 
 import glob
 import os
+import platform
 import sys
 
 from setuptools import setup
@@ -55,56 +58,32 @@ def _want_cuda() -> bool:
     return have
 
 
-def _load_isa_module():
-    """kasmina_kernels/_isa.py by path (importing the package would load the extension): its
-    REQUIRED_FLAGS table is the one list of what each ISA build uses and needs."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_kk_isa", os.path.join(ROOT, "kasmina_kernels", "_isa.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-REQUIRED_FLAGS = _load_isa_module().REQUIRED_FLAGS
-CPU_ISAS = tuple(REQUIRED_FLAGS)
+# The CPU capabilities (ATen's names) and the flags each is compiled with: GCC's -m<flag> for
+# the CPU flags it needs (the AVX-512 set is the one ATen builds its own AVX512 kernels with),
+# and ATen's CPU_CAPABILITY macros, from which Vectorized<T> picks its width, each width in its
+# own inline namespace. csrc/ops/registration.cpp checks the same CPU flags at run time.
+CPU_CAPABILITY_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+}
+CPU_SOURCES = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 
 
-def _cpu_isa() -> str:
-    isa = os.environ.get("KASMINA_KERNELS_CPU_ISA", "").strip().lower()
-    if isa in CPU_ISAS:
-        return isa
-    if isa:
-        sys.exit(f"KASMINA_KERNELS_CPU_ISA must be one of {', '.join(CPU_ISAS)}, got {isa!r}")
-    cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "DEFAULT"
-    return {"AVX512": "avx512", "AVX2": "avx2"}.get(cap, "default")
-
-
-def _isa_flags(isa: str) -> list[str]:
-    """Compiler flags for `isa`: -m<flag> for each CPU flag the build needs (the names GCC and
-    /proc/cpuinfo share), and ATen's CPU_CAPABILITY, from which Vectorized<T> picks its width
-    (each width in its own inline namespace, so they do not clash with torch's copies). The
-    AVX-512 set is the one ATen builds its own AVX512 kernels with."""
-    capability = isa.upper()
-    return [f"-m{flag}" for flag in REQUIRED_FLAGS[isa]] + [
-        f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
-
-
-def _record_isa(isa: str) -> None:
-    """Writes kasmina_kernels/_build_isa.py, which kasmina_kernels/_isa.py reads before the
-    extension loads: code built for AVX-512 dies of SIGILL on a CPU without it, before any
-    check inside the extension could run."""
-    path = os.path.join(ROOT, "kasmina_kernels", "_build_isa.py")
-    text = ('"""Written by setup.py: the CPU ISA kasmina_kernels._C was built for."""\n\n'
-            f"CPU_ISA = {isa!r}\n")
-    try:
-        with open(path) as f:
-            if f.read() == text:
-                return
-    except OSError:
-        pass
-    with open(path, "w") as f:
-        f.write(text)
+def _cpu_capabilities() -> list[str]:
+    """The CPU capabilities to compile the kernels for, narrowest first."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    env = os.environ.get("KASMINA_KERNELS_CPU_CAPABILITIES", "").strip()
+    if not env:
+        return list(CPU_CAPABILITY_FLAGS) if x86 else ["DEFAULT"]
+    wanted = {c.strip().upper() for c in env.split(",") if c.strip()} | {"DEFAULT"}
+    unknown = wanted - set(CPU_CAPABILITY_FLAGS)
+    if unknown or (wanted != {"DEFAULT"} and not x86):
+        sys.exit(f"KASMINA_KERNELS_CPU_CAPABILITIES takes {', '.join(CPU_CAPABILITY_FLAGS).lower()}"
+                 f" (the last two on x86-64 only), got {env!r}")
+    if "AVX512" in wanted:
+        wanted.add("AVX2")  # AVX512's kernel table takes AVX2's pooling (csrc/cpu/kernel_table.cpp)
+    return [c for c in CPU_CAPABILITY_FLAGS if c in wanted]
 
 
 def _sanitize_flags() -> tuple[list[str], list[str]]:
@@ -120,20 +99,18 @@ def _sanitize_flags() -> tuple[list[str], list[str]]:
 
 def _extension():
     with_cuda = _want_cuda()
-    isa = _cpu_isa()
-    sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    sources += sorted(glob.glob(os.path.join("csrc", "ops", "*.cpp")))
+    # the CPU kernels (CPU_SOURCES) are not among the sources: BuildExt compiles them once per
+    # capability
+    sources = sorted(glob.glob(os.path.join("csrc", "ops", "*.cpp")))
     # -fopenmp: ATen's at::parallel_for is header code that parallelises through OpenMP
     # pragmas; without it every parallel_for here would run on one thread. The libgomp it
     # links is the one torch already loaded (same soname), so there is one OpenMP runtime.
     cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-Wall", "-Wno-unused-function", "-fopenmp"]
     link = ["-fopenmp"]
-    cxx += _isa_flags(isa)
-    _record_isa(isa)
     san_cxx, san_link = _sanitize_flags()
     cxx += san_cxx  # after -O3, so its -O1 wins
     link += san_link
-    define_macros = [("KK_CPU_ISA", f'"{isa}"')]
+    define_macros = [(f"KK_CPU_{c}", "1") for c in _cpu_capabilities() if c != "DEFAULT"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -165,9 +142,9 @@ def _extension():
 
 def _build_temp_name() -> str:
     """The persistent object folder of this build's configuration, under build/: one per
-    Python, CPU ISA, CUDA on/off and sanitizer set, so switching between them does not throw
-    away another configuration's objects."""
-    parts = [sys.implementation.cache_tag, _cpu_isa()]
+    Python, CUDA on/off and sanitizer set, so switching between them does not throw away
+    another configuration's objects (each CPU capability's objects are in a subfolder)."""
+    parts = [sys.implementation.cache_tag]
     if _want_cuda():
         parts.append("cuda")
     checks = os.environ.get("KASMINA_KERNELS_SANITIZE", "").strip()
@@ -196,13 +173,36 @@ class BuildExt(cpp_extension.BuildExtension):
     --inplace` or `pip install --no-build-isolation -e .` (which would otherwise compile into
     a fresh temporary folder, i.e. everything, every time). ninja then recompiles only the
     sources whose text, included headers (gcc depfiles, torch's headers too) or compile
-    command changed; BuildExtension always relinks (seconds). An explicit --build-temp (as
-    tools/check_sanitizers.sh gives) is kept."""
+    command changed, and the extension is always relinked (seconds). An explicit --build-temp
+    (as tools/check_sanitizers.sh gives) is kept.
+
+    The CPU kernels (CPU_SOURCES) are compiled once per capability, into
+    <build-temp>/<capability>, with that capability's flags and macros, and linked in as extra
+    objects. DEFAULT's come first: where the copies share a symbol the headers emit (ATen's
+    and c10's inline functions), the linker keeps the first copy, which every CPU runs."""
 
     def finalize_options(self) -> None:
         if self.build_temp is None:
             self.build_temp = os.path.join(ROOT, "build", _build_temp_name())
         super().finalize_options()
+        # setuptools skips the link when no file in ext.sources is newer than the extension;
+        # the CPU objects and every header are not among those, so always link
+        self.force = True
+
+    def build_extension(self, ext) -> None:
+        args = ext.extra_compile_args  # with the flags BuildExtension has added by now
+        cxx = args["cxx"] if isinstance(args, dict) else args
+        ext.extra_objects = []
+        for cap in _cpu_capabilities():
+            macros = [*ext.define_macros, ("CPU_CAPABILITY", cap), (f"CPU_CAPABILITY_{cap}", None)]
+            ext.extra_objects += self.compiler.compile(
+                CPU_SOURCES,
+                output_dir=os.path.join(self.build_temp, cap.lower()),
+                macros=macros,
+                include_dirs=ext.include_dirs,
+                extra_postargs=cxx + CPU_CAPABILITY_FLAGS[cap],
+            )
+        super().build_extension(ext)
 
 
 _pin_ninja()  # before BuildExtension checks that ninja runs

@@ -306,7 +306,8 @@ def build_summary() -> dict:
         build = native.build_info()
         info["native extension"] = "loaded"
         info["native built with CUDA"] = build["with_cuda"]
-        info["native CPU ISA"] = build["cpu_isa"]
+        info["native CPU capability"] = (
+            f"{build['cpu_capability']} (compiled: {', '.join(build['cpu_capabilities'])})")
         info["native compiler"] = build["compiler"]
         info["native built against torch"] = build["torch_version_at_build"]
     return info

@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _isa
+from . import _C  # noqa: F401  (loading registers torch.ops.kasmina)
 from .optable import OPS
-
-_isa.check_cpu()  # before loading: code built for a missing ISA would die of SIGILL
-
-from . import _C  # noqa: E402,F401  (loading registers torch.ops.kasmina)
 
 _ops = torch.ops.kasmina
 

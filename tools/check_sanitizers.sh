@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # AddressSanitizer + UndefinedBehaviorSanitizer over the native CPU kernels.
 #
-#  1. Builds kasmina_kernels._C (C++ CPU kernels only) with -fsanitize=address,undefined
-#     (setup.py's KASMINA_KERNELS_SANITIZE) into build/sanitize/, beside the normal build,
-#     which it never touches; the package's Python files are linked next to that _C.
+#  1. Builds kasmina_kernels._C (C++ CPU kernels only, for the CPU capability ATen runs here
+#     and DEFAULT) with -fsanitize=address,undefined (setup.py's KASMINA_KERNELS_SANITIZE)
+#     into build/sanitize/, beside the normal build, which it never touches; the package's
+#     Python files are linked next to that _C.
 #  2. Runs the native backend's tests against it: the reduced equivalence matrix
 #     (KASMINA_TEST_REDUCED=1), the contract, property-based, autograd, error, determinism
 #     and thread tests.
@@ -39,9 +40,12 @@ fi
 out="$ROOT/build/sanitize"
 lib="$out/lib"
 mkdir -p "$out"  # a fresh clone has no build/ yet; the log goes beside it
+# the CPU kernels of the capability the tests run only (and DEFAULT, always compiled)
+cap="$("$py" -c 'import torch; c = torch.backends.cpu.get_cpu_capability()
+print(c.lower() if c in ("AVX2", "AVX512") else "default")')"
 start=$SECONDS
-KASMINA_KERNELS_CUDA=0 KASMINA_KERNELS_SANITIZE=address,undefined MAX_JOBS="${MAX_JOBS:-2}" \
-  "$py" setup.py -q build_ext --build-lib "$lib" --build-temp "$out/tmp" >"$out.build.log" 2>&1 || {
+KASMINA_KERNELS_CUDA=0 KASMINA_KERNELS_SANITIZE=address,undefined KASMINA_KERNELS_CPU_CAPABILITIES="$cap" \
+  MAX_JOBS="${MAX_JOBS:-2}" "$py" setup.py -q build_ext --build-lib "$lib" --build-temp "$out/tmp" >"$out.build.log" 2>&1 || {
   tail -n 60 "$out.build.log" >&2
   echo "check_sanitizers: FAILED: sanitizer build" >&2
   exit 1

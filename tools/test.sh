@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The test command: install from scratch into .venv, compile-check the CUDA kernels with nvcc
 # and their torch glue with g++ (each skipped, with the reason, where its tools are absent), run
-# the native CPU kernels' tests under ASan + UBSan (tools/check_sanitizers.sh) and built for
-# each other CPU ISA this machine runs (tools/check_isas.sh), then run the whole suite. The Triton
+# the native CPU kernels' tests under ASan + UBSan (tools/check_sanitizers.sh) and under each
+# other CPU capability this machine runs (tools/check_isas.sh), then run the whole suite. The Triton
 # backend runs on CPU under TRITON_INTERPRET=1 in a reduced matrix; native and reference run
 # their full CPU matrix. Extra arguments go to pytest. Last, `kasmina-kernels bench --quick`
 # runs once (output to a temporary folder): it fails if it errors or if any backend's output
@@ -14,7 +14,7 @@ bash tools/setup_env.sh
 bash tools/check_cuda_compile.sh                  # nvcc, sm_80 + sm_90, warnings are errors
 PYTHON=.venv/bin/python bash tools/check_cuda_glue.sh   # the torch glue against torch's headers
 PYTHON=.venv/bin/python bash tools/check_sanitizers.sh  # native CPU kernels under ASan + UBSan
-PYTHON=.venv/bin/python bash tools/check_isas.sh        # the other CPU ISA builds this CPU runs
+PYTHON=.venv/bin/python bash tools/check_isas.sh        # the other CPU capabilities this CPU runs
 # KASMINA_TEST_LARGE=1: the >2**31-element native tests (tests/test_large.py, ~13 GiB, ~1 min)
 TRITON_INTERPRET=1 KASMINA_TEST_LARGE=1 .venv/bin/python -m pytest tests -q -rs "$@"
 bench_out="$(mktemp -d)"

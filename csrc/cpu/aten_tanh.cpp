@@ -7,6 +7,7 @@
 #include <vector>
 
 namespace kk::cpu {
+inline namespace CPU_CAPABILITY {
 
 namespace {
 template <typename T>
@@ -36,4 +37,5 @@ const float* tanh_table_f16() {
   return table.data();
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace kk::cpu

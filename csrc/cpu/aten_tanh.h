@@ -6,6 +6,7 @@
 #include <cstdint>
 
 namespace kk::cpu {
+inline namespace CPU_CAPABILITY {
 
 // tanh of every bfloat16 (float16) value, as ATen's half-precision tanh computes it before
 // rounding: Vectorized<float>::tanh (Sleef) of the value widened to float. Indexed by the
@@ -13,4 +14,5 @@ namespace kk::cpu {
 const float* tanh_table_bf16();
 const float* tanh_table_f16();
 
+}  // namespace CPU_CAPABILITY
 }  // namespace kk::cpu

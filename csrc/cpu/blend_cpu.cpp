@@ -16,6 +16,7 @@
 #include "ops/operands.h"
 
 namespace kk::cpu {
+inline namespace CPU_CAPABILITY {
 namespace {
 
 // Calls f(Tag<T>, Tag<S>) for the supported (host, seed) dtype pairs.
@@ -641,4 +642,5 @@ std::tuple<at::Tensor, at::Tensor> gate_effective_alpha_backward(const at::Tenso
   return gate_weights_backward(gw, std::vector<long double>(g.begin(), g.end()), alpha, gate);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace kk::cpu

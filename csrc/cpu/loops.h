@@ -21,6 +21,7 @@
 #include <vector>
 
 namespace kk::cpu {
+inline namespace CPU_CAPABILITY {
 
 // Compensated (Neumaier) sum in long double (a 64-bit significand on x86-64), so float64
 // inputs keep their last bits over long rows and into single-value gradients.
@@ -348,4 +349,5 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
   return sums;
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace kk::cpu

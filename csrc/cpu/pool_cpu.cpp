@@ -21,20 +21,15 @@
 //
 // The gate MLP is tiny ((B,C) x (C,hidden)); it runs in double on the double pooled means,
 // single-threaded, hidden-major ((hidden, B) activations), so that every product reads w1 as
-// it is: the products are register-tiled GEMMs (small_gemm.cpp, at the build's full vector
+// it is: the products are register-tiled GEMMs (small_gemm.cpp, at the capability's vector
 // width) that widen w1 into double as they pack it, through its strides; no converted or
 // transposed copy of w1, no zero-filled scratch, no ATen op per step.
 
 // These loops are written for 8 float lanes (the double-lane accumulators, the 32-channel
-// register blocks), and pooling is memory-bound: in an AVX-512 build this file keeps ATen's
-// 256-bit Vectorized (AVX2 instructions, which every AVX-512 CPU has). vec_io.h keeps the two
-// widths in separate namespaces.
-#if defined(CPU_CAPABILITY_AVX512)
-#undef CPU_CAPABILITY
-#undef CPU_CAPABILITY_AVX512
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
+// register blocks), and pooling is memory-bound: the AVX512 capability has no copy of this
+// file (nor of small_gemm.cpp, which only the gate network here uses); its kernel table
+// (kernel_table.cpp) takes the AVX2 copy, which every AVX-512 CPU runs.
+#if !defined(CPU_CAPABILITY_AVX512)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -53,6 +48,7 @@
 #include "ops/checks.h"
 
 namespace kk::cpu {
+inline namespace CPU_CAPABILITY {
 namespace {
 
 static_assert(FVec::size() == 8, "the pooling lanes assume 8 float lanes per vector");
@@ -95,31 +91,10 @@ PoolView pool_view(const at::Tensor& x, c10::string_view topology) {
 }
 
 // ---------------------------------------------------------------- double lanes
-// 8 double lanes that take one float vector per add. Three bodies with the same lanes and the
-// same reduction order in total(), so every build gives the same bits: one 512-bit register
-// where the compiler may use AVX-512 (this file keeps 256-bit float vectors, but one
-// conversion of 8 floats to 8 doubles is half the instructions of two), two 256-bit ones on
-// AVX2, plain arrays otherwise.
-#if defined(__AVX512F__)
-struct D8 {
-  __m512d v = _mm512_setzero_pd();
-  void add(const FVec& f) { v = _mm512_add_pd(v, _mm512_cvtps_pd(f)); }
-  void add(const D8& o) { v = _mm512_add_pd(v, o.v); }
-  static D8 of(const float* p) {
-    D8 d;
-    d.v = _mm512_cvtps_pd(_mm256_loadu_ps(p));
-    return d;
-  }
-  void store(double* p) const { _mm512_storeu_pd(p, v); }
-  void add_into(double* p) const { _mm512_storeu_pd(p, _mm512_add_pd(_mm512_loadu_pd(p), v)); }
-  // (lane k + lane k+4), then pairs, then the last two: as the AVX2 body
-  double total() const {
-    const __m256d s = _mm256_add_pd(_mm512_castpd512_pd256(v), _mm512_extractf64x4_pd(v, 1));
-    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
-    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
-  }
-};
-#elif defined(CPU_CAPABILITY_AVX2)
+// 8 double lanes that take one float vector per add. Two bodies with the same lanes and the
+// same reduction order in total(), so every capability gives the same bits: two 256-bit
+// registers on AVX2, plain arrays otherwise.
+#if defined(CPU_CAPABILITY_AVX2)
 struct D8 {
   __m256d lo = _mm256_setzero_pd();
   __m256d hi = _mm256_setzero_pd();
@@ -746,4 +721,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_netw
   return gate_network_backward_impl<double>(grad, x, w1, b1, w2, b2, topology);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace kk::cpu
+
+#endif  // !defined(CPU_CAPABILITY_AVX512)

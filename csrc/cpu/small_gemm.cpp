@@ -1,6 +1,6 @@
-// Register-tiled small GEMM for the gate MLP. Built at the extension's own vector width
-// (unlike pool_cpu.cpp, which keeps 256-bit vectors): the products are compute-bound, and an
-// AVX-512 build does twice the multiply-adds per instruction.
+// Register-tiled small GEMM for the gate MLP, at the capability's vector width. Only
+// pool_cpu.cpp calls it, which the AVX512 capability does not compile (AVX2's runs there).
+#if !defined(CPU_CAPABILITY_AVX512)
 #include "cpu/small_gemm.h"
 
 #include <ATen/cpu/vec/vec.h>
@@ -12,6 +12,7 @@
 #include <vector>
 
 namespace kk::cpu {
+inline namespace CPU_CAPABILITY {
 namespace {
 
 using DVec = at::vec::Vectorized<double>;
@@ -129,4 +130,7 @@ KK_SMALL_GEMM(long double, c10::BFloat16)
 KK_SMALL_GEMM(long double, c10::Half)
 #undef KK_SMALL_GEMM
 
+}  // namespace CPU_CAPABILITY
 }  // namespace kk::cpu
+
+#endif  // !defined(CPU_CAPABILITY_AVX512)

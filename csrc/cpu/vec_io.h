@@ -12,12 +12,11 @@
 
 #include "kernels/blend_math.h"
 
-// The vector ISA this file is compiled for (setup.py's KASMINA_KERNELS_CPU_ISA): KK_AVX512
-// (512-bit Vectorized<float>, 16 lanes), KK_AVX2 (256-bit, 8 lanes), or neither (ATen's
-// generic Vectorized). A translation unit may pin itself to AVX2 width inside an AVX-512
-// build (pool_cpu.cpp does), so everything below that depends on the width lives in an
-// inline namespace named by CPU_CAPABILITY, as ATen's Vectorized does: two widths in one
-// library never share a symbol.
+// The CPU capability this file is compiled for (setup.py compiles each): KK_AVX512 (512-bit
+// Vectorized<float>, 16 lanes), KK_AVX2 (256-bit, 8 lanes), or neither (ATen's generic
+// Vectorized). One library holds every capability's copy, so everything below that depends
+// on the width lives in an inline namespace named by CPU_CAPABILITY, as ATen's Vectorized
+// does: two copies never share a symbol.
 #if defined(CPU_CAPABILITY_AVX512)
 #define KK_AVX512 1
 #elif defined(CPU_CAPABILITY_AVX2)

@@ -5,6 +5,7 @@
 #include <c10/util/irange.h>
 
 namespace kk::cpu {
+inline namespace CPU_CAPABILITY {
 
 std::vector<double> read_values(const at::Tensor& t) {
   const at::Tensor c = t.contiguous();
@@ -46,4 +47,5 @@ bool batch_outermost(const at::Tensor& t) {
   return t.is_non_overlapping_and_dense() && t.stride(0) == t.numel() / t.size(0);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace kk::cpu

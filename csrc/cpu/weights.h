@@ -10,6 +10,7 @@
 #include <vector>
 
 namespace kk::cpu {
+inline namespace CPU_CAPABILITY {
 
 // Values of a real tensor, row-major over its shape, as doubles (exact for every dtype here).
 std::vector<double> read_values(const at::Tensor& t);
@@ -61,4 +62,5 @@ std::vector<V> sum_to_shape(const std::vector<V>& values, at::IntArrayRef from_s
 // outermost (NCHW, channels_last, (B,T,C)).
 bool batch_outermost(const at::Tensor& t);
 
+}  // namespace CPU_CAPABILITY
 }  // namespace kk::cpu

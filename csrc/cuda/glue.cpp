@@ -698,25 +698,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_netw
 }
 
 // The CUDA implementations take exactly the CPU implementations' signatures.
-static_assert(std::is_same_v<decltype(blend_add), decltype(kk::cpu::blend_add)>);
-static_assert(std::is_same_v<decltype(blend_add_backward), decltype(kk::cpu::blend_add_backward)>);
-static_assert(std::is_same_v<decltype(blend_gate), decltype(kk::cpu::blend_gate)>);
-static_assert(std::is_same_v<decltype(blend_gate_backward), decltype(kk::cpu::blend_gate_backward)>);
-static_assert(std::is_same_v<decltype(blend_multiply), decltype(kk::cpu::blend_multiply)>);
-static_assert(std::is_same_v<decltype(blend_multiply_backward),
-                             decltype(kk::cpu::blend_multiply_backward)>);
-static_assert(std::is_same_v<decltype(ste_forward), decltype(kk::cpu::ste_forward)>);
-static_assert(std::is_same_v<decltype(multiply_valve_multiplier),
-                             decltype(kk::cpu::multiply_valve_multiplier)>);
+static_assert(std::is_same_v<decltype(blend_add), cpu::sig::blend_add>);
+static_assert(std::is_same_v<decltype(blend_add_backward), cpu::sig::blend_add_backward>);
+static_assert(std::is_same_v<decltype(blend_gate), cpu::sig::blend_gate>);
+static_assert(std::is_same_v<decltype(blend_gate_backward), cpu::sig::blend_gate_backward>);
+static_assert(std::is_same_v<decltype(blend_multiply), cpu::sig::blend_multiply>);
+static_assert(std::is_same_v<decltype(blend_multiply_backward), cpu::sig::blend_multiply_backward>);
+static_assert(std::is_same_v<decltype(ste_forward), cpu::sig::ste_forward>);
+static_assert(std::is_same_v<decltype(multiply_valve_multiplier), cpu::sig::multiply_valve_multiplier>);
 static_assert(std::is_same_v<decltype(multiply_valve_multiplier_backward),
-                             decltype(kk::cpu::multiply_valve_multiplier_backward)>);
-static_assert(std::is_same_v<decltype(gate_effective_alpha), decltype(kk::cpu::gate_effective_alpha)>);
+                             cpu::sig::multiply_valve_multiplier_backward>);
+static_assert(std::is_same_v<decltype(gate_effective_alpha), cpu::sig::gate_effective_alpha>);
 static_assert(std::is_same_v<decltype(gate_effective_alpha_backward),
-                             decltype(kk::cpu::gate_effective_alpha_backward)>);
-static_assert(std::is_same_v<decltype(gated_pool), decltype(kk::cpu::gated_pool)>);
-static_assert(std::is_same_v<decltype(gated_pool_backward), decltype(kk::cpu::gated_pool_backward)>);
-static_assert(std::is_same_v<decltype(gate_network), decltype(kk::cpu::gate_network)>);
-static_assert(std::is_same_v<decltype(gate_network_backward), decltype(kk::cpu::gate_network_backward)>);
+                             cpu::sig::gate_effective_alpha_backward>);
+static_assert(std::is_same_v<decltype(gated_pool), cpu::sig::gated_pool>);
+static_assert(std::is_same_v<decltype(gated_pool_backward), cpu::sig::gated_pool_backward>);
+static_assert(std::is_same_v<decltype(gate_network), cpu::sig::gate_network>);
+static_assert(std::is_same_v<decltype(gate_network_backward), cpu::sig::gate_network_backward>);
 
 }  // namespace kk::cuda
 

@@ -16,6 +16,12 @@
 #endif
 
 namespace kk {
+// Each CPU capability's copy of these templates in its own namespace (setup.py compiles the CPU
+// kernels once per capability, with different vector flags): copies that the linker merged
+// would run one capability's code in another's.
+#ifdef CPU_CAPABILITY
+inline namespace CPU_CAPABILITY {
+#endif
 
 template <typename T>
 struct Prims;
@@ -105,14 +111,19 @@ KK_HD bool clamp01_passes_grad(T x) {
   return x >= T(0) && x <= T(1);
 }
 
-// torch.lerp's two-branch form, |w| < 0.5 ? h + w*(s-h) : s - (s-h)*(1-w), as ATen's vector
-// lerp evaluates it: one fused multiply-add on the selected coefficient and base. Exact at
+// torch.lerp's two-branch form, |w| < 0.5 ? h + w*(s-h) : s - (s-h)*(1-w), as ATen's lerp
+// evaluates it: one fused multiply-add on the selected coefficient and base; in the DEFAULT
+// CPU capability, whose ATen lerp has no FMA, a product and a sum rounded apart. Exact at
 // w == 0 (gives h) and at w == 1 (gives s); NaN where s - h is not finite, as the reference.
 template <typename T>
 KK_HD T lerp(T h, T s, T w) {
   using P = Prims<T>;
   const auto small = P::lt(P::abs(w), T(0.5f));
+#if defined(CPU_CAPABILITY_DEFAULT)
+  return P::select(small, w, w - T(1.0f)) * (s - h) + P::select(small, h, s);
+#else
   return P::fma(P::select(small, w, w - T(1.0f)), s - h, P::select(small, h, s));
+#endif
 }
 
 // Gradients of lerp: dh = g*(1-w), ds = g*w; dw_term is summed to the weight's shape.
@@ -211,4 +222,7 @@ KK_HD T sigmoid(T x) {
   return T(1) / (T(1) + Prims<T>::exp(-x));
 }
 
+#ifdef CPU_CAPABILITY
+}  // namespace CPU_CAPABILITY
+#endif
 }  // namespace kk

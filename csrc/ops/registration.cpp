@@ -2,6 +2,7 @@
 // that an eager call costs one dispatcher hop rather than a Python autograd.Function. Fake
 // (meta) kernels are registered from Python (kasmina_kernels/native.py).
 #include <ATen/FuncTorchTLS.h>
+#include <ATen/Version.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
@@ -9,10 +10,68 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <string>
+
 #include "cpu/cpu_ops.h"
 
 namespace kk {
 namespace {
+
+// ---------------------------------------------------------------- CPU capability
+// The CPU kernels are compiled once per capability (cpu/cpu_ops.h); the one registered is
+// chosen once, when the library loads.
+struct CpuCapability {
+  const char* name;  // ATen's
+  int rank;          // DEFAULT 0, AVX2 1, AVX512 2
+  const cpu::Kernels* kernels;
+};
+
+// The compiled capabilities, narrowest first (setup.py defines KK_CPU_AVX2, KK_CPU_AVX512).
+constexpr CpuCapability kCpuCapabilities[] = {
+    {"DEFAULT", 0, &cpu::kernels_DEFAULT},
+#ifdef KK_CPU_AVX2
+    {"AVX2", 1, &cpu::kernels_AVX2},
+#endif
+#ifdef KK_CPU_AVX512
+    {"AVX512", 2, &cpu::kernels_AVX512},
+#endif
+};
+
+// The widest capability this CPU has. ATen trusts ATEN_CPU_CAPABILITY without asking the CPU;
+// this keeps an override that names a capability the CPU lacks from running code it cannot.
+int cpu_rank() {
+#if defined(KK_CPU_AVX2) || defined(KK_CPU_AVX512)  // x86-64 only
+  __builtin_cpu_init();
+  // the CPU flags setup.py compiles each capability with (-m<flag>)
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))) {
+    return 0;
+  }
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
+             ? 2
+             : 1;
+#else
+  return 0;
+#endif
+}
+
+// The capability in use: ATen's (at::get_cpu_capability(): the widest this CPU runs, or
+// ATEN_CPU_CAPABILITY, both read once per process), no wider than the CPU's, and of the
+// compiled capabilities the widest not above it.
+const CpuCapability& cpu_capability() {
+  static const CpuCapability& chosen = []() -> const CpuCapability& {
+    const std::string aten = at::get_cpu_capability();
+    const int rank = std::min(aten == "AVX512" ? 2 : aten == "AVX2" ? 1 : 0, cpu_rank());
+    const CpuCapability* best = &kCpuCapabilities[0];
+    for (const CpuCapability& c : kCpuCapabilities) {
+      if (c.rank <= rank) best = &c;
+    }
+    return *best;
+  }();
+  return chosen;
+}
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -104,12 +163,12 @@ struct BlendAddFn : torch::autograd::Function<BlendAddFn> {
                             const at::Tensor& alpha) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({h, s, alpha});
-    static auto op = op_handle<decltype(cpu::blend_add)>("kasmina::blend_add");
+    static auto op = op_handle<cpu::sig::blend_add>("kasmina::blend_add");
     return op.call(h, s, alpha);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    static auto op = op_handle<decltype(cpu::blend_add_backward)>("kasmina::blend_add_backward");
+    static auto op = op_handle<cpu::sig::blend_add_backward>("kasmina::blend_add_backward");
     auto [dh, ds, da] = op.call(grads[0], saved[0], saved[1], saved[2], ctx->needs_input_grad(2));
     return {grad_if(ctx, 0, dh), grad_if(ctx, 1, ds), grad_if(ctx, 2, da)};
   }
@@ -121,12 +180,12 @@ struct BlendGateFn : torch::autograd::Function<BlendGateFn> {
                             const at::Tensor& alpha, const at::Tensor& gate) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({h, s, alpha, gate});
-    static auto op = op_handle<decltype(cpu::blend_gate)>("kasmina::blend_gate");
+    static auto op = op_handle<cpu::sig::blend_gate>("kasmina::blend_gate");
     return op.call(h, s, alpha, gate);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    static auto op = op_handle<decltype(cpu::blend_gate_backward)>("kasmina::blend_gate_backward");
+    static auto op = op_handle<cpu::sig::blend_gate_backward>("kasmina::blend_gate_backward");
     // separate flags: a gradient nobody needs is not brought back to a CPU alpha/gate (a
     // device-to-host copy is a host sync, which CUDA graph capture forbids)
     auto [dh, ds, da, dg] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3],
@@ -148,13 +207,13 @@ struct BlendMultiplyFn : torch::autograd::Function<BlendMultiplyFn> {
     } else {
       ctx->save_for_backward({h, s, alpha});
     }
-    static auto op = op_handle<decltype(cpu::blend_multiply)>("kasmina::blend_multiply");
+    static auto op = op_handle<cpu::sig::blend_multiply>("kasmina::blend_multiply");
     return op.call(h, s, alpha, has_r ? seed_input : std::nullopt);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     static auto op =
-        op_handle<decltype(cpu::blend_multiply_backward)>("kasmina::blend_multiply_backward");
+        op_handle<cpu::sig::blend_multiply_backward>("kasmina::blend_multiply_backward");
     const bool has_r = ctx->saved_data["has_r"].toBool();
     const std::optional<at::Tensor> r = has_r ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
     auto [dh, ds, da, dr] = op.call(grads[0], saved[0], saved[1], saved[2], r,
@@ -177,7 +236,7 @@ struct SteFn : torch::autograd::Function<SteFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& s) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->saved_data["seed_dtype"] = static_cast<int64_t>(s.scalar_type());
-    static auto op = op_handle<decltype(cpu::ste_forward)>("kasmina::ste_forward");
+    static auto op = op_handle<cpu::sig::ste_forward>("kasmina::ste_forward");
     return op.call(h, s);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -193,12 +252,12 @@ struct ValveFn : torch::autograd::Function<ValveFn> {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({alpha, m});
     static auto op =
-        op_handle<decltype(cpu::multiply_valve_multiplier)>("kasmina::multiply_valve_multiplier");
+        op_handle<cpu::sig::multiply_valve_multiplier>("kasmina::multiply_valve_multiplier");
     return op.call(alpha, m);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    static auto op = op_handle<decltype(cpu::multiply_valve_multiplier_backward)>(
+    static auto op = op_handle<cpu::sig::multiply_valve_multiplier_backward>(
         "kasmina::multiply_valve_multiplier_backward");
     auto [da, dm] = op.call(grads[0], saved[0], saved[1], ctx->needs_input_grad(0));
     return {grad_if(ctx, 0, da), grad_if(ctx, 1, dm)};
@@ -211,12 +270,12 @@ struct GateEffectiveFn : torch::autograd::Function<GateEffectiveFn> {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({alpha, gate});
     static auto op =
-        op_handle<decltype(cpu::gate_effective_alpha)>("kasmina::gate_effective_alpha");
+        op_handle<cpu::sig::gate_effective_alpha>("kasmina::gate_effective_alpha");
     return op.call(alpha, gate);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    static auto op = op_handle<decltype(cpu::gate_effective_alpha_backward)>(
+    static auto op = op_handle<cpu::sig::gate_effective_alpha_backward>(
         "kasmina::gate_effective_alpha_backward");
     auto [da, dg] = op.call(grads[0], saved[0], saved[1], ctx->needs_input_grad(0),
                             ctx->needs_input_grad(1));
@@ -230,13 +289,13 @@ struct GatedPoolFn : torch::autograd::Function<GatedPoolFn> {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({x});
     ctx->saved_data["topology"] = std::string(topology);
-    static auto op = op_handle<decltype(cpu::gated_pool)>("kasmina::gated_pool");
+    static auto op = op_handle<cpu::sig::gated_pool>("kasmina::gated_pool");
     return op.call(x, topology);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const std::string topology = ctx->saved_data["topology"].toStringRef();
-    static auto op = op_handle<decltype(cpu::gated_pool_backward)>("kasmina::gated_pool_backward");
+    static auto op = op_handle<cpu::sig::gated_pool_backward>("kasmina::gated_pool_backward");
     return {op.call(grads[0], saved[0], topology), at::Tensor()};
   }
 };
@@ -248,14 +307,14 @@ struct GateNetworkFn : torch::autograd::Function<GateNetworkFn> {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({x, w1, b1, w2, b2});
     ctx->saved_data["topology"] = std::string(topology);
-    static auto op = op_handle<decltype(cpu::gate_network)>("kasmina::gate_network");
+    static auto op = op_handle<cpu::sig::gate_network>("kasmina::gate_network");
     return op.call(x, w1, b1, w2, b2, topology);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const std::string topology = ctx->saved_data["topology"].toStringRef();
     static auto op =
-        op_handle<decltype(cpu::gate_network_backward)>("kasmina::gate_network_backward");
+        op_handle<cpu::sig::gate_network_backward>("kasmina::gate_network_backward");
     auto [dx, dw1, db1, dw2, db2] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], topology);
     return {grad_if(ctx, 0, dx), grad_if(ctx, 1, dw1), grad_if(ctx, 2, db1),
             grad_if(ctx, 3, dw2), grad_if(ctx, 4, db2), at::Tensor()};
@@ -292,21 +351,22 @@ TORCH_LIBRARY(kasmina, m) {
 }
 
 TORCH_LIBRARY_IMPL(kasmina, CPU, m) {
-  m.impl("blend_add", &cpu::blend_add);
-  m.impl("blend_add_backward", &cpu::blend_add_backward);
-  m.impl("blend_gate", &cpu::blend_gate);
-  m.impl("blend_gate_backward", &cpu::blend_gate_backward);
-  m.impl("blend_multiply", &cpu::blend_multiply);
-  m.impl("blend_multiply_backward", &cpu::blend_multiply_backward);
-  m.impl("ste_forward", &cpu::ste_forward);
-  m.impl("multiply_valve_multiplier", &cpu::multiply_valve_multiplier);
-  m.impl("multiply_valve_multiplier_backward", &cpu::multiply_valve_multiplier_backward);
-  m.impl("gate_effective_alpha", &cpu::gate_effective_alpha);
-  m.impl("gate_effective_alpha_backward", &cpu::gate_effective_alpha_backward);
-  m.impl("gated_pool", &cpu::gated_pool);
-  m.impl("gated_pool_backward", &cpu::gated_pool_backward);
-  m.impl("gate_network", &cpu::gate_network);
-  m.impl("gate_network_backward", &cpu::gate_network_backward);
+  const cpu::Kernels& k = *cpu_capability().kernels;
+  m.impl("blend_add", k.blend_add);
+  m.impl("blend_add_backward", k.blend_add_backward);
+  m.impl("blend_gate", k.blend_gate);
+  m.impl("blend_gate_backward", k.blend_gate_backward);
+  m.impl("blend_multiply", k.blend_multiply);
+  m.impl("blend_multiply_backward", k.blend_multiply_backward);
+  m.impl("ste_forward", k.ste_forward);
+  m.impl("multiply_valve_multiplier", k.multiply_valve_multiplier);
+  m.impl("multiply_valve_multiplier_backward", k.multiply_valve_multiplier_backward);
+  m.impl("gate_effective_alpha", k.gate_effective_alpha);
+  m.impl("gate_effective_alpha_backward", k.gate_effective_alpha_backward);
+  m.impl("gated_pool", k.gated_pool);
+  m.impl("gated_pool_backward", k.gated_pool_backward);
+  m.impl("gate_network", k.gate_network);
+  m.impl("gate_network_backward", k.gate_network_backward);
 }
 
 TORCH_LIBRARY_IMPL(kasmina, Autograd, m) {
@@ -355,7 +415,10 @@ TORCH_LIBRARY_IMPL(kasmina, Autograd, m) {
 namespace {
 py::dict build_info() {
   py::dict info;
-  info["cpu_isa"] = KK_CPU_ISA;
+  py::list capabilities;
+  for (const auto& c : kk::kCpuCapabilities) capabilities.append(c.name);
+  info["cpu_capabilities"] = capabilities;
+  info["cpu_capability"] = kk::cpu_capability().name;
 #ifdef KK_WITH_CUDA
   info["with_cuda"] = true;
 #else
@@ -376,11 +439,12 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kasmina-kernels native extension: registers the torch.ops.kasmina ops";
   m.def("build_info", &build_info, "How this extension was built");
-  m.def("tanh_f32", &kk::cpu::tanh_f32,
+  const kk::cpu::Kernels& k = *kk::cpu_capability().kernels;
+  m.def("tanh_f32", k.tanh_f32,
         "(tanh(x), 1 - tanh(x)^2) as the float32 CPU MULTIPLY and valve kernels compute them, "
         "elementwise (for tests)",
         pybind11::arg("x"));
-  m.def("tanh_f64", &kk::cpu::tanh_f64,
+  m.def("tanh_f64", k.tanh_f64,
         "The double tanh of the CPU float32 MULTIPLY and valve alpha-gradient terms, "
         "elementwise (for tests)");
 }

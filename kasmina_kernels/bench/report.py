@@ -367,7 +367,7 @@ def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, not
     out.append("| --- | --- |")
     for key in ("device", "cpu_count", "usable cores", "load average at start", "threads",
                 "L2_cache_bytes", "platform", "python", "torch",
-                "torch CUDA", "triton", "native built with CUDA", "native CPU ISA",
+                "torch CUDA", "triton", "native built with CUDA", "native CPU capability",
                 "native float32 tanh", "transparent huge pages", "date",
                 "rotation_bytes", "inductor_warmup_s", "command"):
         if key in meta:
