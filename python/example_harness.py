@@ -15,7 +15,7 @@ import contextlib
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -25,15 +25,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kasmina_kernels as kk
 import seed_slots
+from kasmina_kernels.bench.step import NO_KERNEL_OPS  # views are recognized by their schema
 
 EAGER = "eager"
-
-# Operators that run no kernel: allocations without a fill and no-op conversions (views are
-# recognized by their schema).
-NO_KERNEL_OPS = frozenset(
-    ("aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_", "aten::lift_fresh",
-     "aten::_local_scalar_dense", "aten::detach", "aten::detach_", "aten::as_strided_", "aten::set_")
-)
 
 
 class _KernelCounter(TorchDispatchMode):
@@ -58,7 +52,6 @@ class RunResult:
     parameters: dict[str, torch.Tensor]
     seconds_per_step: float
     kernels_per_step: Counter | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def train(model: nn.Module, batches, *, autocast_dtype: torch.dtype | None, lr: float = 0.05):
@@ -78,19 +71,13 @@ def training_step(model, optimizer, x, y, step, *, autocast_dtype) -> torch.Tens
     """One step: advance the slots' alpha, forward (under autocast if asked), cross-entropy,
     backward, SGD update. Returns the (detached) loss."""
     seed_slots.advance_slots(getattr(model, "module", model), step)
-    with _autocast(x.device, autocast_dtype):
+    with torch.autocast(x.device.type, autocast_dtype, enabled=autocast_dtype is not None):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach()
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def count_kernels(fn: Callable[[], None], device: torch.device) -> Counter:

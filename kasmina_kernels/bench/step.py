@@ -52,10 +52,12 @@ EAGER = "eager blends"
 MODES = ("eager", "compile")
 STEP_RANGE = "kasmina.step"
 
-# leaf operator events that run no kernel: allocations, views, no-op conversions
-NO_KERNEL = frozenset((
+# operators that run no kernel: allocations without a fill and no-op conversions
+NO_KERNEL_OPS = frozenset((
     "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_", "aten::lift_fresh",
-    "aten::_local_scalar_dense", "aten::detach", "aten::detach_", "aten::as_strided_", "aten::set_",
+    "aten::_local_scalar_dense", "aten::detach", "aten::detach_", "aten::as_strided_", "aten::set_"))
+# leaf profiler events that run no kernel: those, views, and composites that may not copy
+NO_KERNEL = NO_KERNEL_OPS | frozenset((
     "aten::view", "aten::_unsafe_view", "aten::as_strided", "aten::t", "aten::transpose",
     "aten::permute", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::_reshape_alias",
     "aten::alias", "aten::select", "aten::slice", "aten::split", "aten::unflatten",
@@ -173,18 +175,19 @@ def _blend_share(events) -> tuple[float | None, str]:
                   if e.name.startswith("autograd::engine::evaluate_function")
                   and e.sequence_nr in seqs)
         return (fwd + bwd) / total, "blend ranges + their backward nodes"
-    ops = [e for e in events if e.name.startswith("kasmina::")
-           and not any(p.startswith("kasmina::") for p in _parents(e))]
+    ops = _kasmina_ops(events)
     if ops:
         return sum(e.cpu_time_total for e in ops) / total, "kasmina:: operators"
     return None, "blends fused into compiled kernels: not separable"
 
 
-def _parents(e):
-    p = e.cpu_parent
-    while p is not None:
-        yield p.name
-        p = p.cpu_parent
+def _kasmina_ops(events) -> list:
+    """The kasmina:: operator events not called by another kasmina:: operator."""
+    def parents(e):
+        while (e := e.cpu_parent) is not None:
+            yield e.name
+    return [e for e in events if e.name.startswith("kasmina::")
+            and not any(p.startswith("kasmina::") for p in parents(e))]
 
 
 def profile_steps(runner: Runner, batches, device: torch.device) -> dict:
@@ -199,10 +202,8 @@ def profile_steps(runner: Runner, batches, device: torch.device) -> dict:
             torch.cuda.synchronize(device)
     events = prof.events()
     share, how = _blend_share(events)
-    kasmina = sum(1 for e in events if e.name.startswith("kasmina::")
-                  and not any(p.startswith("kasmina::") for p in _parents(e)))
     return {"kernels_per_step": _leaf_kernels(events, device) / PROFILE_STEPS,
-            "kasmina_ops_per_step": kasmina / PROFILE_STEPS,
+            "kasmina_ops_per_step": len(_kasmina_ops(events)) / PROFILE_STEPS,
             "blend_share": share, "blend_share_method": how}
 
 
@@ -295,16 +296,12 @@ def _agreement(rows: dict, modes) -> None:
                 row["max_rel_loss_diff_vs_eager_mode"] = _rel(row["losses"], eager_eager)
 
 
-def variants_for(device: torch.device, requested: list[str] | None = None) -> tuple[list[str], dict]:
-    from .sweep import select_backends
-
-    kernels, excluded = select_backends(device, requested)
-    return [EAGER] + kernels, excluded
-
-
 def run(device: torch.device, *, quick: bool = False, backends: list[str] | None = None,
         compile_mode: bool = True, log=print) -> dict:
-    variants, excluded = variants_for(device, backends)
+    from .sweep import select_backends
+
+    kernels, excluded = select_backends(device, backends)
+    variants = [EAGER] + kernels
     modes = MODES if compile_mode else ("eager",)
     effort = dict(rounds=3, budget_s=0.2, agree_steps=5) if quick else {}
     out = {"variants": variants, "excluded": excluded, "modes": list(modes),

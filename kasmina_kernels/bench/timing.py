@@ -22,6 +22,10 @@ class Step:
     run: Callable[[int, Any], Any]
     prepare: Callable[[int], Any] | None = None
 
+    def call(self, i: int) -> Any:
+        """One untimed-preparation-free call on input set `i` (for per-call wall time)."""
+        return self.run(i, None)
+
 
 @dataclass(frozen=True)
 class Sample:

@@ -96,7 +96,7 @@ def build(op: optable.Op, shape, dtype, device, gen: torch.Generator,
                                          autocast=autocast)
         no_grad = esper.NO_GRAD
     ref = op.reference
-    with torch.no_grad(), esper.autocast_context(torch.device(device), autocast):
+    with torch.no_grad(), torch.autocast(torch.device(device).type, torch.bfloat16, enabled=autocast):
         out = ref(*args, **kwargs)
     grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device, out.dtype)
     grad = torch.empty_like(out).copy_(grad)  # the output's layout, as a layer's gradient has
@@ -206,13 +206,6 @@ def copy_step(x: torch.Tensor, n_sets: int) -> Step:
     src = [x.detach().clone() for _ in range(n_sets)]
     dst = [torch.empty_like(x) for _ in range(n_sets)]
     return Step(lambda i, _: dst[i].copy_(src[i]))
-
-
-def forward_call(w: Workload, impl: Impl) -> Callable[[int], object]:
-    def call(i):
-        s = w.sets[i]
-        return impl.fn(*s.args, **s.kwargs)
-    return call
 
 
 # ---------------------------------------------------------------------------- saved memory
