@@ -38,14 +38,6 @@ import kasmina_kernels as kk
 import seed_slots
 
 
-def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-
-
-def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
 def train_and_record(model, train_model, batches, shard: slice) -> dict:
     """Train `train_model` (`model` or its DDP wrapper) on `shard` of every batch; return the
     gradients of every step and the final parameters of `model`."""
@@ -53,8 +45,8 @@ def train_and_record(model, train_model, batches, shard: slice) -> dict:
     gradients = []
     for step, (x, y) in enumerate(batches):
         example_harness.training_step(train_model, optimizer, x[shard], y[shard], step, autocast_dtype=None)
-        gradients.append(_gradients(model))
-    return {"gradients": gradients, "parameters": _parameters(model)}
+        gradients.append({name: p.grad.detach().clone() for name, p in model.named_parameters()})
+    return {"gradients": gradients, "parameters": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
 def train_this_rank(steps: int, batch_size: int, backend: str) -> dict:

@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kasmina_kernels as kk
 import seed_slots
-from kasmina_kernels.bench.step import NO_KERNEL_OPS  # views are recognized by their schema
+from kasmina_kernels.bench.step import NO_KERNEL_OPS, max_rel_diff  # views: by their schema
 
 EAGER = "eager"
 
@@ -134,10 +134,6 @@ def compare_backends(build_model, batches, backends, *, autocast_dtype, count=Tr
     ]
 
 
-def max_relative_loss_difference(result: RunResult, baseline: RunResult) -> float:
-    return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(result.losses, baseline.losses))
-
-
 def max_parameter_difference(result: RunResult, baseline: RunResult) -> float:
     return max(
         (result.parameters[k].float() - baseline.parameters[k].float()).abs().max().item()
@@ -154,7 +150,7 @@ def print_table(results: list[RunResult]) -> None:
     for r in results:
         kernels = "-" if r.kernels_per_step is None else str(r.kernels_per_step.total())
         print(
-            f"{r.backend:10s} {r.losses[-1]:12.6f} {max_relative_loss_difference(r, baseline):18.3e} "
+            f"{r.backend:10s} {r.losses[-1]:12.6f} {max_rel_diff(r.losses, baseline.losses):18.3e} "
             f"{max_parameter_difference(r, baseline):15.3e} {r.seconds_per_step * 1e3:9.2f} {kernels:>13s}"
         )
 

@@ -12,20 +12,10 @@ Variants, all from the same initial weights (one `state_dict`) on the same batch
 each in eager mode and with the step function (forward, loss, backward, SGD update) wrapped in
 `torch.compile` (default options; graph breaks allowed, e.g. at `backward()`).
 
-Per (host, variant, mode):
-- losses of `AGREE_STEPS` steps, and the max relative loss difference per step against the eager
-  blends in the same mode (and against eager blends in eager mode);
-- ms per step: median of timed steps after warm-up, the variants of one host interleaved round by
-  round (`timing.time_interleaved`), rotating through `n_batches` batches;
-- kernels per step, from torch.profiler over one step: on CPU the leaf operator events (aten/kasmina
-  ops with no operator below them, allocations and views left out; with inductor's kernel
-  profiling switched on, its generated C++ kernels as well); on CUDA the device kernel events;
-- the blends' share of the step, from a profile of `PROFILE_STEPS` steps: time inside the slots'
-  `esper_models.BLEND_RANGE` ranges (the blend call, and for GATE the gate network) plus the
-  backward nodes those ranges created (matched by autograd sequence number), over the step's
-  time. Under torch.compile the ranges do not survive, so the share is the time of the
-  `kasmina::` operators for the drop-ins and not measurable for eager blends (fused into
-  inductor's kernels).
+Per (host, variant, mode): the losses of `AGREE_STEPS` steps and their agreement with the eager
+blends, ms per step (`timing.time_interleaved`, variants interleaved round by round), kernels
+per step and the blends' share of the step (torch.profiler); `markdown` states how each is
+measured.
 """
 
 from __future__ import annotations
@@ -162,7 +152,9 @@ def _descendants(e):
 
 
 def _blend_share(events) -> tuple[float | None, str]:
-    """(fraction of the step inside the blends, how it was measured)."""
+    """(fraction of the step inside the blends, how it was measured): the `M.BLEND_RANGE` ranges
+    plus the backward nodes they created (matched by autograd sequence number); under
+    torch.compile the ranges do not survive, so the `kasmina::` operators' time instead."""
     steps = [e for e in events if e.name == STEP_RANGE]
     total = sum(e.cpu_time_total for e in steps)
     if not total:
@@ -279,7 +271,7 @@ def _inductor_kernel_profile():
         return contextlib.nullcontext()
 
 
-def _rel(a: list[float], b: list[float]) -> float:
+def max_rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
 
 
@@ -291,9 +283,9 @@ def _agreement(rows: dict, modes) -> None:
             if row["mode"] != mode or "losses" not in row:
                 continue
             if base:
-                row["max_rel_loss_diff"] = _rel(row["losses"], base)
+                row["max_rel_loss_diff"] = max_rel_diff(row["losses"], base)
             if eager_eager:
-                row["max_rel_loss_diff_vs_eager_mode"] = _rel(row["losses"], eager_eager)
+                row["max_rel_loss_diff_vs_eager_mode"] = max_rel_diff(row["losses"], eager_eager)
 
 
 def run(device: torch.device, *, quick: bool = False, backends: list[str] | None = None,
