@@ -96,12 +96,8 @@ def run_ddp(world_size: int = 2, steps: int = 5, batch_size: int = 16, backend: 
         raise ValueError(f"batch_size {batch_size} must be a multiple of world_size {world_size}")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pt")
-        mp.spawn(
-            ddp_worker,
-            args=(world_size, _free_port(), steps, batch_size, backend, out),
-            nprocs=world_size,
-            join=True,
-        )
+        mp.spawn(ddp_worker, args=(world_size, _free_port(), steps, batch_size, backend, out),
+                 nprocs=world_size, join=True)
         return torch.load(out)
 
 
@@ -113,21 +109,16 @@ def run_single_process_reference(steps: int = 5, batch_size: int = 16) -> dict:
 
 def max_differences(run: dict, reference: dict) -> tuple[float, float]:
     """(largest gradient difference over all steps, largest final parameter difference)."""
-    grad = max(
-        (a[k] - b[k]).abs().max().item()
-        for a, b in zip(run["gradients"], reference["gradients"])
-        for k in b
-    )
+    grad = max((a[k] - b[k]).abs().max().item()
+               for a, b in zip(run["gradients"], reference["gradients"]) for k in b)
     param = max((run["parameters"][k] - v).abs().max().item() for k, v in reference["parameters"].items())
     return grad, param
 
 
 def _report(ddp: dict, reference: dict, world_size: int, backend: str, steps: int) -> None:
     grad, param = max_differences(ddp, reference)
-    print(
-        f"DDP (gloo, {world_size} processes, {ddp['backend']}) vs one eager process, {steps} steps: "
-        f"max gradient difference {grad:.3e}, max parameter difference {param:.3e}"
-    )
+    print(f"DDP (gloo, {world_size} processes, {ddp['backend']}) vs one eager process, {steps} steps: "
+          f"max gradient difference {grad:.3e}, max parameter difference {param:.3e}")
 
 
 def main() -> None:

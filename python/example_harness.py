@@ -104,9 +104,8 @@ def kernels_per_training_step(model, batch, *, autocast_dtype) -> Counter:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x, y = batch
     training_step(model, optimizer, x, y, 0, autocast_dtype=autocast_dtype)
-    return count_kernels(
-        lambda: training_step(model, optimizer, x, y, 1, autocast_dtype=autocast_dtype), x.device
-    )
+    return count_kernels(lambda: training_step(model, optimizer, x, y, 1, autocast_dtype=autocast_dtype),
+                         x.device)
 
 
 def run(backend: str, build_model, batches, initial_state, *, autocast_dtype, count=True) -> RunResult:
@@ -117,9 +116,7 @@ def run(backend: str, build_model, batches, initial_state, *, autocast_dtype, co
         model = build_model()
         model.load_state_dict(initial_state, strict=True)
         model.to(batches[0][0].device)
-        kernels = (
-            kernels_per_training_step(model, batches[0], autocast_dtype=autocast_dtype) if count else None
-        )
+        kernels = kernels_per_training_step(model, batches[0], autocast_dtype=autocast_dtype) if count else None
         losses, seconds = train(model, batches, autocast_dtype=autocast_dtype)
         parameters = {k: v.detach().clone() for k, v in model.named_parameters()}
     return RunResult(backend, losses, parameters, seconds, kernels)
@@ -128,49 +125,34 @@ def run(backend: str, build_model, batches, initial_state, *, autocast_dtype, co
 def compare_backends(build_model, batches, backends, *, autocast_dtype, count=True) -> list[RunResult]:
     """The eager run, then one run per backend, all from the eager model's initial weights."""
     initial_state = {k: v.clone() for k, v in build_model().state_dict().items()}
-    return [
-        run(backend, build_model, batches, initial_state, autocast_dtype=autocast_dtype, count=count)
-        for backend in [EAGER, *backends]
-    ]
+    return [run(backend, build_model, batches, initial_state, autocast_dtype=autocast_dtype, count=count)
+            for backend in [EAGER, *backends]]
 
 
 def max_parameter_difference(result: RunResult, baseline: RunResult) -> float:
-    return max(
-        (result.parameters[k].float() - baseline.parameters[k].float()).abs().max().item()
-        for k in baseline.parameters
-    )
+    return max((result.parameters[k].float() - baseline.parameters[k].float()).abs().max().item()
+               for k in baseline.parameters)
 
 
 def print_table(results: list[RunResult]) -> None:
     baseline = results[0]
-    print(
-        f"{'backend':10s} {'final loss':>12s} {'max rel loss diff':>18s} {'max param diff':>15s} "
-        f"{'ms/step':>9s} {'kernels/step':>13s}"
-    )
+    print(f"{'backend':10s} {'final loss':>12s} {'max rel loss diff':>18s} {'max param diff':>15s} "
+          f"{'ms/step':>9s} {'kernels/step':>13s}")
     for r in results:
         kernels = "-" if r.kernels_per_step is None else str(r.kernels_per_step.total())
-        print(
-            f"{r.backend:10s} {r.losses[-1]:12.6f} {max_rel_diff(r.losses, baseline.losses):18.3e} "
-            f"{max_parameter_difference(r, baseline):15.3e} {r.seconds_per_step * 1e3:9.2f} {kernels:>13s}"
-        )
+        print(f"{r.backend:10s} {r.losses[-1]:12.6f} {max_rel_diff(r.losses, baseline.losses):18.3e} "
+              f"{max_parameter_difference(r, baseline):15.3e} {r.seconds_per_step * 1e3:9.2f} {kernels:>13s}")
 
 
 def parse_args(description: str, default_steps: int) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=default_steps, help="training steps per run")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument(
-        "--backends",
-        default=None,
-        help="comma-separated backends to compare with the eager run "
-        "(default: every backend available on the device; on CPU triton needs TRITON_INTERPRET=1)",
-    )
-    parser.add_argument(
-        "--autocast",
-        choices=["auto", "bf16", "off"],
-        default="auto",
-        help="auto: bf16 autocast on CUDA, none on CPU",
-    )
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated backends to compare with the eager run (default: every backend "
+                        "available on the device; on CPU triton needs TRITON_INTERPRET=1)")
+    parser.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
+                        help="auto: bf16 autocast on CUDA, none on CPU")
     parser.add_argument("--no-count", action="store_true", help="skip the profiler kernel count")
     args = parser.parse_args()
     if args.steps < 1:
