@@ -12,6 +12,7 @@ import torch
 
 from .. import backends
 from . import step as step_bench
+from .timing import MIN_ROUNDS, SPREAD_LIMIT
 
 PEERS = ("eager", "compile")
 FB = "forward+backward"
@@ -91,8 +92,6 @@ def _ratio(d: dict, peer: str, mode: str) -> str:
 
 def legend() -> list[str]:
     """What the marks mean and when a ratio counts; the rule is timing.compare's."""
-    from .timing import MIN_ROUNDS, SPREAD_LIMIT
-
     return [
         "*Legend:* ratios are peer time / backend time (above 1.00x: the backend is faster). "
         f"A ratio is a verdict only when the timings support it: neither implementation's "
@@ -128,11 +127,7 @@ def _entry_name(r: dict) -> str:
 
 
 def _impl_names(records: list[dict]) -> list[str]:
-    names = []
-    for r in records:
-        for n in r["impls"]:
-            if n not in names:
-                names.append(n)
+    names = list(dict.fromkeys(n for r in records for n in r["impls"]))
     return [n for n in PEERS if n in names] + [n for n in names if n not in PEERS]
 
 
