@@ -234,7 +234,7 @@ def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MOD
                     row["traceback"] = traceback.format_exc()[-2000:]
                 log(f"step {host.name}: {key}: {agree_steps} steps in "
                     f"{time.perf_counter() - t0:.1f} s" + (f" FAILED {row['error']}" if "error" in row else ""))
-        _agreement(record["rows"], modes)
+        _agreement(record["rows"])
         if runners:
             steps = [Step(lambda i, _, r=r: r.step(batches[i])) for _, r in runners]
             samples = time_interleaved(steps, device, n_batches, rounds=rounds, budget_s=budget_s,
@@ -248,16 +248,14 @@ def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MOD
                     row.update(profile_steps(runner, batches, device))
                 except Exception as exc:
                     row["profile_error"] = _first_line(exc)
-    for mode in modes:
-        base = record["rows"].get(f"{EAGER} / {mode}", {}).get("ms_per_step")
-        for row in record["rows"].values():
-            if row["mode"] == mode and base and row.get("ms_per_step"):
-                row["speedup_vs_eager_blends"] = base / row["ms_per_step"]
-                base_row = record["rows"][f"{EAGER} / {mode}"]
-                if row is not base_row:
-                    c = compare(Sample(**base_row["sample"]), Sample(**row["sample"]),
-                                peer_name="eager blends", candidate_name=row["variant"])
-                    row["speedup_support"] = {k: c[k] for k in ("conclusive", "why", "round_ratios")}
+    for row in record["rows"].values():
+        base_row = record["rows"].get(f"{EAGER} / {row['mode']}", {})
+        if base_row.get("ms_per_step") and row.get("ms_per_step"):
+            row["speedup_vs_eager_blends"] = base_row["ms_per_step"] / row["ms_per_step"]
+            if row is not base_row:
+                c = compare(Sample(**base_row["sample"]), Sample(**row["sample"]),
+                            peer_name="eager blends", candidate_name=row["variant"])
+                row["speedup_support"] = {k: c[k] for k in ("conclusive", "why", "round_ratios")}
     return record
 
 
@@ -275,17 +273,14 @@ def max_rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
 
 
-def _agreement(rows: dict, modes) -> None:
+def _agreement(rows: dict) -> None:
     eager_eager = rows.get(f"{EAGER} / eager", {}).get("losses")
-    for mode in modes:
-        base = rows.get(f"{EAGER} / {mode}", {}).get("losses")
-        for row in rows.values():
-            if row["mode"] != mode or "losses" not in row:
-                continue
-            if base:
-                row["max_rel_loss_diff"] = max_rel_diff(row["losses"], base)
-            if eager_eager:
-                row["max_rel_loss_diff_vs_eager_mode"] = max_rel_diff(row["losses"], eager_eager)
+    for row in (r for r in rows.values() if "losses" in r):
+        base = rows.get(f"{EAGER} / {row['mode']}", {}).get("losses")
+        if base:
+            row["max_rel_loss_diff"] = max_rel_diff(row["losses"], base)
+        if eager_eager:
+            row["max_rel_loss_diff_vs_eager_mode"] = max_rel_diff(row["losses"], eager_eager)
 
 
 def run(device: torch.device, *, quick: bool = False, backends: list[str] | None = None,
