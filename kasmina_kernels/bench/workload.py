@@ -153,8 +153,7 @@ def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = N
             torch._dynamo.reset()
             if shared is not None:
                 shared.clear()
-        fn = torch.compile(w.wrap(w.op.reference), dynamic=dynamic,
-                           fullgraph=True)
+        fn = torch.compile(w.wrap(w.op.reference), dynamic=dynamic, fullgraph=True)
         if dynamic and shared is not None:
             shared[key] = fn
     s = w.sets[0]
@@ -165,11 +164,8 @@ def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = N
     if w.device.type == "cuda":
         torch.cuda.synchronize(w.device)
     elapsed = time.perf_counter() - t0
-    impl = Impl("compile", fn, compile_s=None if reused else elapsed)
-    impl.cache_hits = counters["inductor"]["fxgraph_cache_hit"] - hits
-    impl.reused = reused
-    impl.dynamic = dynamic
-    return impl
+    return Impl("compile", fn, None if reused else elapsed,
+                counters["inductor"]["fxgraph_cache_hit"] - hits, dynamic, reused)
 
 
 # ---------------------------------------------------------------------------- steps
