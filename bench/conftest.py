@@ -1,9 +1,6 @@
 """pytest-benchmark microbenchmarks of every op x backend x dtype x shape, forward and
 forward+backward (see bench/README.md). Collected only when bench/ is named: the project's
-pytest configuration points plain `pytest` at tests/.
-
-Options: --bench-device cpu|cuda (default: cuda when available), --bench-shapes small|esper|all
-(default all: the small (8,64,16,16) and Esper's four shapes)."""
+pytest configuration points plain `pytest` at tests/. Options: --bench-device, --bench-shapes."""
 
 from __future__ import annotations
 

@@ -4,19 +4,12 @@
 #
 #   OUT=/some/dir bash bench/gpu_run.sh
 #
-#  1. builds kasmina_kernels._C in place with the CUDA kernels for sm_90 (H100)
-#     (KASMINA_KERNELS_CUDA_ARCH overrides; the log goes to $OUT/build.log);
-#  2. runs the full `kasmina-kernels bench --device cuda` (every op, every backend: native CUDA
-#     and Triton, against eager and torch.compile; float32 and bfloat16; Esper's shapes, the
-#     small shape and the size sweep) with a time limit so that the whole script ends within
-#     KK_GPU_BUDGET_S seconds (default 420, i.e. 7 minutes; at most ~570 under a 10-minute
-#     limit): entries not started by then are listed in the report. Entries run in priority
-#     order: ADD, MULTIPLY, GATE and pooling at the named shapes, then the size sweep, then
-#     the other ops.
-#
-# Writes to $OUT (default ./bench-gpu-out): report.md, results.json, bandwidth.png,
-# speedup.png, build.log, bench.log. Does not run the tests. Exit status: the bench's (1 when a
-# backend does not match the reference), or the build's.
+# Builds kasmina_kernels._C in place with CUDA kernels for sm_90 (KASMINA_KERNELS_CUDA_ARCH
+# overrides), then runs the full `kasmina-kernels bench --device cuda` with a --time-limit that
+# ends the script within KK_GPU_BUDGET_S seconds (default 420; at most ~570 under a 10-minute
+# limit); entries run in priority order and those not started in time are listed in the report.
+# Writes report.md, results.json, bandwidth.png, speedup.png, build.log and bench.log to $OUT
+# (default ./bench-gpu-out). Exit status: the bench's (1 on a mismatch), or the build's.
 set -euo pipefail
 start=$SECONDS
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -69,13 +69,10 @@ def _workload(op, shape, dtype, device):
 def _check(entry, backend, impl):
     """Judges the backend once per workload by the equivalence rule; fails the test if any
     output or gradient does not match the reference."""
-    if backend in entry["checked"]:
-        return entry["checked"][backend]
-    if entry["check"] is None:
-        entry["check"] = entry["w"].check()
-    bad = [v.message for v in entry["check"](impl.fn) if not v.ok]
-    entry["checked"][backend] = bad
-    return bad
+    if backend not in entry["checked"]:
+        entry["check"] = entry["check"] or entry["w"].check()
+        entry["checked"][backend] = sweep._check(impl, entry["check"])["problems"]
+    return entry["checked"][backend]
 
 
 def test_op(benchmark, bench_case, request):

@@ -20,7 +20,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
           "float64": torch.float64}
 
 
-def _backend_table(device_types: list[str]) -> list[str]:
+def _backend_table() -> list[str]:
+    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     lines = ["| backend | " + " | ".join(device_types) + " |",
              "| --- | " + " | ".join("---" for _ in device_types) + " |"]
     for name in backends.BACKENDS:
@@ -38,9 +39,8 @@ def _fmt(x: float) -> str:
 
 def cmd_check(args) -> int:
     device = torch.device(args.device)
-    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print("## Backends on this machine\n")
-    print("\n".join(_backend_table(device_types)))
+    print("\n".join(_backend_table()))
     print(f"\n`auto` on {device.type} resolves to: "
           f"{backends.resolve_backend(torch.empty(0, device=device), 'auto')}\n")
     names = args.backends or [b for b in backends.available_backends(device) if b != "reference"]
@@ -65,8 +65,7 @@ def cmd_check(args) -> int:
             case_shape = pool_shape if op.name in ("gated_pool", "gate_network") else shape
             check = opcases.Check.of(op, *opcases.make(op, case_shape, dtype, device, gen))
             for name in names:
-                fn = op.public
-                for v in check(lambda *a, **k: fn(*a, backend=name, **k)):
+                for v in check(lambda *a, **k: op.public(*a, backend=name, **k)):
                     failures += not v.ok
                     print(f"| {op.name} | {v.name} | {name} | {dtype_name} | "
                           f"{_fmt(v.error_vs_reference)} | {_fmt(v.kernel_error)} | "
@@ -79,9 +78,7 @@ def cmd_check(args) -> int:
 def cmd_info(args) -> int:
     for key, value in backends.build_summary().items():
         print(f"{key:28s} {value}")
-    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print()
-    print("\n".join(_backend_table(device_types)))
+    print("\n" + "\n".join(_backend_table()))
     return 0
 
 

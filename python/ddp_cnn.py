@@ -38,14 +38,6 @@ import kasmina_kernels as kk
 import seed_slots
 
 
-def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-
-
-def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
 def train_and_record(model, train_model, batches, shard: slice) -> dict:
     """Train `train_model` (`model` or its DDP wrapper) on `shard` of every batch; return the
     gradients of every step and the final parameters of `model`."""
@@ -53,8 +45,8 @@ def train_and_record(model, train_model, batches, shard: slice) -> dict:
     gradients = []
     for step, (x, y) in enumerate(batches):
         example_harness.training_step(train_model, optimizer, x[shard], y[shard], step, autocast_dtype=None)
-        gradients.append(_gradients(model))
-    return {"gradients": gradients, "parameters": _parameters(model)}
+        gradients.append({name: p.grad.detach().clone() for name, p in model.named_parameters()})
+    return {"gradients": gradients, "parameters": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
 def train_this_rank(steps: int, batch_size: int, backend: str) -> dict:
@@ -104,12 +96,8 @@ def run_ddp(world_size: int = 2, steps: int = 5, batch_size: int = 16, backend: 
         raise ValueError(f"batch_size {batch_size} must be a multiple of world_size {world_size}")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pt")
-        mp.spawn(
-            ddp_worker,
-            args=(world_size, _free_port(), steps, batch_size, backend, out),
-            nprocs=world_size,
-            join=True,
-        )
+        mp.spawn(ddp_worker, args=(world_size, _free_port(), steps, batch_size, backend, out),
+                 nprocs=world_size, join=True)
         return torch.load(out)
 
 
@@ -121,21 +109,16 @@ def run_single_process_reference(steps: int = 5, batch_size: int = 16) -> dict:
 
 def max_differences(run: dict, reference: dict) -> tuple[float, float]:
     """(largest gradient difference over all steps, largest final parameter difference)."""
-    grad = max(
-        (a[k] - b[k]).abs().max().item()
-        for a, b in zip(run["gradients"], reference["gradients"])
-        for k in b
-    )
+    grad = max((a[k] - b[k]).abs().max().item()
+               for a, b in zip(run["gradients"], reference["gradients"]) for k in b)
     param = max((run["parameters"][k] - v).abs().max().item() for k, v in reference["parameters"].items())
     return grad, param
 
 
 def _report(ddp: dict, reference: dict, world_size: int, backend: str, steps: int) -> None:
     grad, param = max_differences(ddp, reference)
-    print(
-        f"DDP (gloo, {world_size} processes, {ddp['backend']}) vs one eager process, {steps} steps: "
-        f"max gradient difference {grad:.3e}, max parameter difference {param:.3e}"
-    )
+    print(f"DDP (gloo, {world_size} processes, {ddp['backend']}) vs one eager process, {steps} steps: "
+          f"max gradient difference {grad:.3e}, max parameter difference {param:.3e}")
 
 
 def main() -> None:

@@ -31,7 +31,6 @@ CLASSES = 10
 # the model and the data are kasmina_kernels.bench.esper_models' (shared with the
 # training-step benchmark); the slots read their blends from seed_slots
 CNNHost = esper_models.CNNHost
-ResidualConvSeed = esper_models.ResidualConvSeed
 
 
 def build_model(seed: int = 0, width: int = 16) -> CNNHost:
@@ -42,9 +41,7 @@ def build_model(seed: int = 0, width: int = 16) -> CNNHost:
 
 
 def make_batches(steps: int, batch_size: int = 16, *, device="cpu", seed: int = 1):
-    """`steps` batches of (channels_last images (B,3,16,16), labels): each image is noise plus
-    a per-sample colour offset, labelled by a fixed random linear teacher of that offset, so
-    the task is learnable; the same for every call with the same arguments."""
+    """`steps` batches of (channels_last images (B,3,16,16), labels): `esper_models.image_batches`."""
     return esper_models.image_batches(steps, batch_size, image_size=IMAGE_SIZE, classes=CLASSES,
                                       device=device, seed=seed)
 

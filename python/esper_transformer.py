@@ -22,7 +22,6 @@ TOKENS = 12
 FEATURES = 8
 CLASSES = 5
 TransformerHost = esper_models.TransformerHost
-MLPSeed = esper_models.MLPSeed
 
 
 def build_model(seed: int = 0, width: int = 32) -> TransformerHost:

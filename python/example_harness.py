@@ -15,7 +15,7 @@ import contextlib
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -25,15 +25,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kasmina_kernels as kk
 import seed_slots
+from kasmina_kernels.bench.step import NO_KERNEL_OPS, max_rel_diff  # views: by their schema
 
 EAGER = "eager"
-
-# Operators that run no kernel: allocations without a fill and no-op conversions (views are
-# recognized by their schema).
-NO_KERNEL_OPS = frozenset(
-    ("aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_", "aten::lift_fresh",
-     "aten::_local_scalar_dense", "aten::detach", "aten::detach_", "aten::as_strided_", "aten::set_")
-)
 
 
 class _KernelCounter(TorchDispatchMode):
@@ -58,7 +52,6 @@ class RunResult:
     parameters: dict[str, torch.Tensor]
     seconds_per_step: float
     kernels_per_step: Counter | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def train(model: nn.Module, batches, *, autocast_dtype: torch.dtype | None, lr: float = 0.05):
@@ -78,19 +71,13 @@ def training_step(model, optimizer, x, y, step, *, autocast_dtype) -> torch.Tens
     """One step: advance the slots' alpha, forward (under autocast if asked), cross-entropy,
     backward, SGD update. Returns the (detached) loss."""
     seed_slots.advance_slots(getattr(model, "module", model), step)
-    with _autocast(x.device, autocast_dtype):
+    with torch.autocast(x.device.type, autocast_dtype, enabled=autocast_dtype is not None):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach()
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def count_kernels(fn: Callable[[], None], device: torch.device) -> Counter:
@@ -117,9 +104,8 @@ def kernels_per_training_step(model, batch, *, autocast_dtype) -> Counter:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x, y = batch
     training_step(model, optimizer, x, y, 0, autocast_dtype=autocast_dtype)
-    return count_kernels(
-        lambda: training_step(model, optimizer, x, y, 1, autocast_dtype=autocast_dtype), x.device
-    )
+    return count_kernels(lambda: training_step(model, optimizer, x, y, 1, autocast_dtype=autocast_dtype),
+                         x.device)
 
 
 def run(backend: str, build_model, batches, initial_state, *, autocast_dtype, count=True) -> RunResult:
@@ -130,9 +116,7 @@ def run(backend: str, build_model, batches, initial_state, *, autocast_dtype, co
         model = build_model()
         model.load_state_dict(initial_state, strict=True)
         model.to(batches[0][0].device)
-        kernels = (
-            kernels_per_training_step(model, batches[0], autocast_dtype=autocast_dtype) if count else None
-        )
+        kernels = kernels_per_training_step(model, batches[0], autocast_dtype=autocast_dtype) if count else None
         losses, seconds = train(model, batches, autocast_dtype=autocast_dtype)
         parameters = {k: v.detach().clone() for k, v in model.named_parameters()}
     return RunResult(backend, losses, parameters, seconds, kernels)
@@ -141,53 +125,34 @@ def run(backend: str, build_model, batches, initial_state, *, autocast_dtype, co
 def compare_backends(build_model, batches, backends, *, autocast_dtype, count=True) -> list[RunResult]:
     """The eager run, then one run per backend, all from the eager model's initial weights."""
     initial_state = {k: v.clone() for k, v in build_model().state_dict().items()}
-    return [
-        run(backend, build_model, batches, initial_state, autocast_dtype=autocast_dtype, count=count)
-        for backend in [EAGER, *backends]
-    ]
-
-
-def max_relative_loss_difference(result: RunResult, baseline: RunResult) -> float:
-    return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(result.losses, baseline.losses))
+    return [run(backend, build_model, batches, initial_state, autocast_dtype=autocast_dtype, count=count)
+            for backend in [EAGER, *backends]]
 
 
 def max_parameter_difference(result: RunResult, baseline: RunResult) -> float:
-    return max(
-        (result.parameters[k].float() - baseline.parameters[k].float()).abs().max().item()
-        for k in baseline.parameters
-    )
+    return max((result.parameters[k].float() - baseline.parameters[k].float()).abs().max().item()
+               for k in baseline.parameters)
 
 
 def print_table(results: list[RunResult]) -> None:
     baseline = results[0]
-    print(
-        f"{'backend':10s} {'final loss':>12s} {'max rel loss diff':>18s} {'max param diff':>15s} "
-        f"{'ms/step':>9s} {'kernels/step':>13s}"
-    )
+    print(f"{'backend':10s} {'final loss':>12s} {'max rel loss diff':>18s} {'max param diff':>15s} "
+          f"{'ms/step':>9s} {'kernels/step':>13s}")
     for r in results:
         kernels = "-" if r.kernels_per_step is None else str(r.kernels_per_step.total())
-        print(
-            f"{r.backend:10s} {r.losses[-1]:12.6f} {max_relative_loss_difference(r, baseline):18.3e} "
-            f"{max_parameter_difference(r, baseline):15.3e} {r.seconds_per_step * 1e3:9.2f} {kernels:>13s}"
-        )
+        print(f"{r.backend:10s} {r.losses[-1]:12.6f} {max_rel_diff(r.losses, baseline.losses):18.3e} "
+              f"{max_parameter_difference(r, baseline):15.3e} {r.seconds_per_step * 1e3:9.2f} {kernels:>13s}")
 
 
 def parse_args(description: str, default_steps: int) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=default_steps, help="training steps per run")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument(
-        "--backends",
-        default=None,
-        help="comma-separated backends to compare with the eager run "
-        "(default: every backend available on the device; on CPU triton needs TRITON_INTERPRET=1)",
-    )
-    parser.add_argument(
-        "--autocast",
-        choices=["auto", "bf16", "off"],
-        default="auto",
-        help="auto: bf16 autocast on CUDA, none on CPU",
-    )
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated backends to compare with the eager run (default: every backend "
+                        "available on the device; on CPU triton needs TRITON_INTERPRET=1)")
+    parser.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
+                        help="auto: bf16 autocast on CUDA, none on CPU")
     parser.add_argument("--no-count", action="store_true", help="skip the profiler kernel count")
     args = parser.parse_args()
     if args.steps < 1:

@@ -8,11 +8,11 @@ machine has, and compare each with the eager reference.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import kasmina_kernels as kk
+from kasmina_kernels.bench.timing import wall_per_call
 
 
 def main() -> None:
@@ -42,34 +42,16 @@ def main() -> None:
     print(f"{'op':24s} {'backend':10s} {'max |diff| vs reference':>24s} {'us/call':>10s}")
     for backend in backends:
         gate = kk.gate_network(host, w1, b1, w2, b2, topology="cnn", backend=backend)
-        calls = {
-            "blend_add": lambda: kk.blend_add(host, seed, alpha, backend=backend),
-            "blend_multiply": lambda: kk.blend_multiply(host, seed, alpha, backend=backend),
-            "blend_gate": lambda: kk.blend_gate(host, seed, alpha, gate, backend=backend),
-            "gate_network": lambda: kk.gate_network(host, w1, b1, w2, b2, topology="cnn", backend=backend),
-        }
-        refs = {
-            "blend_add": lambda: kk.reference.blend_add(host, seed, alpha),
-            "blend_multiply": lambda: kk.reference.blend_multiply(host, seed, alpha),
-            "blend_gate": lambda: kk.reference.blend_gate(host, seed, alpha, gate),
-            "gate_network": lambda: kk.reference.gate_network(host, w1, b1, w2, b2, topology="cnn"),
-        }
-        for name, call in calls.items():
-            out = call()
+        calls = {"blend_add": ((host, seed, alpha), {}), "blend_multiply": ((host, seed, alpha), {}),
+                 "blend_gate": ((host, seed, alpha, gate), {}),
+                 "gate_network": ((host, w1, b1, w2, b2), {"topology": "cnn"})}
+        for name, (a, k) in calls.items():
+            out = getattr(kk, name)(*a, **k, backend=backend)
             assert out.dtype == host.dtype
-            diff = (out.double() - refs[name]().double()).abs().max().item()
-            for _ in range(3):
-                call()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(50):
-                call()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            us = (time.perf_counter() - t0) / 50 * 1e6
-            print(f"{name:24s} {backend:10s} {diff:24.3e} {us:10.1f}")
-
+            diff = (out.double() - getattr(kk.reference, name)(*a, **k).double()).abs().max().item()
+            [sample] = wall_per_call([lambda i: getattr(kk, name)(*a, **k, backend=backend)], device, 1,
+                                     calls=50, rounds=1)
+            print(f"{name:24s} {backend:10s} {diff:24.3e} {sample.median * 1e6:10.1f}")
 
 if __name__ == "__main__":
     main()

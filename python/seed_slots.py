@@ -5,20 +5,9 @@ when it is imported (here from `kasmina_kernels.reference` and `kasmina_kernels.
 module, which stand in for Esper's own). The examples run it as written for the eager baseline
 and then with ``kk.swap_in(seed_slots)`` to run the same model on the fused backends: a
 `SeedSlot` looks its blend functions up in this module at every call (and ``GatedBlend`` when
-it is built), so the swap reaches it.
-
-The slot itself is `kasmina_kernels.bench.esper_models.SeedSlot` (one copy, shared with the
-training-step benchmark), written the way Esper's ``SeedSlot.forward`` is:
-
-- isolation: ``r = h if h.is_contiguous() else h.contiguous()``; ``r = r.detach()`` (for a
-  channels_last CNN host, an NCHW copy without grad); the seed sees ``r`` and produces NCHW ``s``;
-- ``"add"``: ``blend_with_isolation(h, s, alpha)`` (Esper's ADD blend);
-- ``"multiply"``: ``blend_multiply(h, s, alpha, seed_input=r)``;
-- ``"gate"``: ``blend_gate(h, s, alpha, gated_blend.get_alpha_for_blend(r))``;
-- ``"ste"``: ``ste_forward(h, s)`` (a seed in its TRAINING stage: the output is the host's).
-
-``alpha`` is a cached 0-dim buffer without grad that ramps linearly from 0 to 1 over
-``ramp_steps`` training steps (`advance_slots`).
+it is built), so the swap reaches it. The slot itself is
+`kasmina_kernels.bench.esper_models.SeedSlot` (one copy, shared with the training-step
+benchmark; its module doc says how it calls the blends).
 """
 
 from __future__ import annotations

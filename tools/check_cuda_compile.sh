@@ -19,13 +19,9 @@ CUDA_DIR="$ROOT/csrc/cuda"
 
 nvcc_bin="${NVCC:-}"
 if [[ -z "$nvcc_bin" ]]; then
-  if command -v nvcc >/dev/null 2>&1; then
-    nvcc_bin="$(command -v nvcc)"
-  elif [[ -n "${CUDA_HOME:-}" && -x "${CUDA_HOME}/bin/nvcc" ]]; then
-    nvcc_bin="${CUDA_HOME}/bin/nvcc"
-  elif [[ -x /usr/local/cuda/bin/nvcc ]]; then
-    nvcc_bin=/usr/local/cuda/bin/nvcc
-  fi
+  for c in "$(command -v nvcc || true)" "${CUDA_HOME:-/nonexistent}/bin/nvcc" /usr/local/cuda/bin/nvcc; do
+    if [[ -n "$c" && -x "$c" ]]; then nvcc_bin="$c"; break; fi
+  done
 fi
 if [[ -n "${NVCC:-}" && ! -x "$nvcc_bin" ]]; then
   echo "check_cuda_compile: FAILED: NVCC=$NVCC is not an executable" >&2

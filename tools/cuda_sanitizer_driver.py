@@ -95,16 +95,13 @@ def main() -> int:
         if why is not None:
             print(f"cuda_sanitizer_driver: backend {backend!r} unavailable on {opts.device}: {why}", file=sys.stderr)
             return 2
-        for case in OPS:
-            if case.name not in opts.ops.split(","):
-                continue
+        for case in (c for c in OPS if c.name in opts.ops.split(",")):
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 t0, ran_before = time.perf_counter(), ran
                 for label, args, kwargs in _variants(case, dtype, opts.device):
-                    fn = case.public
                     check = Check.of(case, args, kwargs)
                     for _ in range(opts.repeat):
-                        verdicts = check(lambda *a, **k: fn(*a, **k, backend=backend))
+                        verdicts = check(lambda *a, **k: case.public(*a, **k, backend=backend))
                     if opts.device == "cuda":
                         torch.cuda.synchronize()
                     ran += 1

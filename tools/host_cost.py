@@ -7,20 +7,19 @@ the public drop-ins (blend_ops, isolation, nn.GatedBlend, ops.gated_pool) on the
 
     PYTHONPATH=. python tools/host_cost.py [--calls 2000] [--rounds 40] [--ops add,gate]
 
-Prints the median microseconds per call over rounds (each round runs calls/rounds calls of each
-variant back to back, the variants interleaved round by round).
+Prints the median microseconds per call over rounds (`bench.timing.wall_per_call`: each round
+runs calls/rounds calls of each variant back to back, the variants interleaved round by round).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import kasmina_kernels as kk
 from kasmina_kernels import blend_ops, isolation, nn as knn, ops, reference
+from kasmina_kernels.bench.timing import wall_per_call
 
 
 FLOOR = "floor: h + s"
@@ -63,13 +62,6 @@ def cases(shape=(2, 4, 3, 3)):
     }
 
 
-def timed(fn, g, n):
-    t0 = time.perf_counter_ns()
-    for _ in range(n):
-        fn().backward(g)
-    return (time.perf_counter_ns() - t0) / n / 1e3
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=2000)
@@ -82,27 +74,22 @@ def main():
     table = cases(shape)
     names = [n for n in table if not args.ops or n in args.ops.split(",")]
     per = max(1, args.calls // args.rounds)
-    for name in names:  # warm up
-        eager, native, g = table[name]
-        timed(eager, g, 50)
-        timed(native, g, 50)
-    samples = {n: ([], []) for n in names}
-    for _ in range(args.rounds):
-        for name in names:
-            eager, native, g = table[name]
-            samples[name][0].append(timed(eager, g, per))
-            samples[name][1].append(timed(native, g, per))
+    fns = [lambda i, f=f, g=table[n][2]: f().backward(g) for n in names for f in table[n][:2]]
+    for fn in fns:  # warm up
+        for _ in range(50):
+            fn(0)
+    timed = wall_per_call(fns, torch.device("cpu"), 1, calls=per, rounds=args.rounds)
+    us = {n: (timed[2 * k].median * 1e6, timed[2 * k + 1].median * 1e6) for k, n in enumerate(names)}
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, shape {shape}, "
           f"{per * args.rounds} calls each, median of {args.rounds} rounds, backend auto={kk.resolve_backend(torch.zeros(1))}")
     print(f"{'op':28s} {'eager us':>9s} {'native us':>9s} {'ratio':>6s}")
-    for name in names:
-        e, n = statistics.median(samples[name][0]), statistics.median(samples[name][1])
+    for name, (e, n) in us.items():
         print(f"{name:28s} {e:9.1f} {n:9.1f} {n / e:6.2f}")
-    if FLOOR in samples:
-        floor = statistics.median(samples[FLOOR][0])
+    if FLOOR in us:
+        floor = us[FLOOR][0]
         note = ""
-        if "blend_add" in samples:
-            note = f"; 2/3 of eager's blend_add is {2 / 3 * statistics.median(samples['blend_add'][0]):.1f}"
+        if "blend_add" in us:
+            note = f"; 2/3 of eager's blend_add is {2 / 3 * us['blend_add'][0]:.1f}"
         print(f"(the floor row times h + s, a builtin op, in both columns: {floor:.1f} us{note})")
 
 

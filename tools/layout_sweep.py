@@ -21,15 +21,13 @@ import torch
 
 import kasmina_kernels as kk
 from kasmina_kernels import reference
-
-SHAPES = [(128, 16, 16, 16), (512, 8, 32, 32), (512, 32, 8, 8), (32, 256, 384)]
+from kasmina_kernels.bench.esper import OPS, SHAPES
 LAYOUTS = {
     "all NCHW": ("nchw", "nchw"),
     "all channels_last": ("cl", "cl"),
     "CL host, NCHW seed": ("cl", "nchw"),
     "NCHW host, CL seed": ("nchw", "cl"),
 }
-OPS = ("blend_add", "blend_multiply", "blend_gate", "ste_forward")
 
 
 def _laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:

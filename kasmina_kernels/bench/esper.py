@@ -1,28 +1,22 @@
 """Esper's calls (docs/semantics.md#espers-calls): the inputs of each blend op as Esper's
 `SeedSlot.forward` passes them, for the first section of the benchmark report.
 
-CNN shapes `(B,C,H,W)`: the host `h` is channels_last and requires grad; the seed input
-`r = h.contiguous().detach()` is an NCHW copy of the host's values without grad (MULTIPLY's
-`seed_input`); the seed's features `s` are NCHW and require grad; `alpha` is a 0-dim tensor in
-the host's dtype without grad; GATE's `gate` is `(B,1,1,1)` and requires grad (a GatedBlend's
-sigmoid output, in (0, 1)); the incoming gradient has the output's layout (channels_last).
-Transformer shapes `(B,T,C)`: every tensor contiguous, gate `(B,1,1)`.
-
-`alpha_override` form: `alpha` of shape `(K*B,1,1,1)` (`(K*B,1,1)` for `(B,T,C)`) without
-grad, as in Esper's fused multi-configuration passes; the features' batch is the shape's
-batch, read as K=2 configurations of B = batch/2 samples (e.g. K=2 at B=64 for (128,16,16,16)).
-
-Under bf16 autocast (CUDA only by default): the features, seed input and gate are bfloat16
-(what autocast's convolutions and linears produce), alpha stays a float32 0-dim buffer (the
-module's own dtype), and every call runs inside `torch.autocast(device, torch.bfloat16)`.
+CNN shapes `(B,C,H,W)`: channels_last host with grad, NCHW seed input `r` without grad and NCHW
+seed features with grad, 0-dim alpha in the host's dtype without grad, gate `(B,1,1,1)` with
+grad, incoming gradient in the output's layout; `(B,T,C)` shapes: every tensor contiguous.
+`alpha_override` form: alpha `(K*B,1,...)` without grad, the shape's batch read as K=2
+configurations of B = batch/2 samples. Under bf16 autocast the features, seed input and gate
+are bfloat16 (what autocast's convolutions and linears produce), alpha stays a float32 0-dim
+buffer (the module's own dtype), and every call runs inside `torch.autocast`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
+
+from ..opcases import _randn
 
 SHAPES = ((128, 16, 16, 16), (512, 8, 32, 32), (512, 32, 8, 8), (32, 256, 384))
 QUICK_SHAPES = ((128, 16, 16, 16),)
@@ -38,10 +32,6 @@ PATTERNS = {
 
 # arguments Esper passes without requires_grad
 NO_GRAD = frozenset(("alpha", "seed_input"))
-
-
-def _randn(shape, dtype, device, gen):
-    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 def _uniform(shape, lo, hi, dtype, device, gen):
@@ -88,10 +78,6 @@ def autocast_wrap(fn, device: torch.device):
     return wrapped
 
 
-def autocast_context(device: torch.device, on: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
-
-
 def layout(t: torch.Tensor) -> str:
     """How a tensor is laid out, in words: "0-dim", "channels_last", "contiguous" (NCHW for
     4-D), or "strided" for anything else."""
@@ -107,13 +93,7 @@ def layout(t: torch.Tensor) -> str:
 def describe(arg_names, args, kwargs, requires_grad: dict, grad: torch.Tensor) -> dict:
     """{input name: {"shape", "dtype", "layout", "requires_grad"}} of one input set as built,
     plus "grad" (the incoming gradient): what the report states under each table."""
-    named = dict(zip(arg_names, args))
-    named.update(kwargs)
-    out = {}
-    for name, t in named.items():
-        if isinstance(t, torch.Tensor):
-            out[name] = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
-                         "layout": layout(t), "requires_grad": bool(requires_grad.get(name, False))}
-    out["grad"] = {"shape": list(grad.shape), "dtype": str(grad.dtype).replace("torch.", ""),
-                   "layout": layout(grad), "requires_grad": False}
-    return out
+    named = {**dict(zip(arg_names, args)), **kwargs, "grad": grad}
+    return {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+                   "layout": layout(t), "requires_grad": bool(requires_grad.get(name, False))}
+            for name, t in named.items() if isinstance(t, torch.Tensor)}

@@ -9,21 +9,9 @@ a `blends` namespace at every call (a module or any object with the names ``blen
 `DROP_INS` (the fused drop-ins on the default backend), or a module such as the examples'
 ``seed_slots`` whose names `kasmina_kernels.swap_in` replaces.
 
-`forward(h)`:
-
-- isolation: ``r = h if h.is_contiguous() else h.contiguous()``, then ``r = r.detach()``: for a
-  channels_last CNN host, ``r`` is an NCHW copy without grad;
-- ``s = seed(r)``: NCHW (the seed's weights stay contiguous; only the host is channels_last);
-- ``"add"``: ``blend_with_isolation(h, s, alpha)``; ``"multiply"``:
-  ``blend_multiply(h, s, alpha, seed_input=r)``; ``"gate"``:
-  ``blend_gate(h, s, alpha, gated_blend.get_alpha_for_blend(r))``; ``"ste"`` (a seed in its
-  TRAINING stage): ``ste_forward(h, s)``;
-- ``alpha`` is a cached 0-dim buffer in the module's dtype, without grad (`set_alpha`,
-  `advance`).
-
-The blend (for GATE: the gate network and the blend) runs inside a
-``torch.profiler.record_function(BLEND_RANGE)`` range, so a profile can tell the blends' share
-of a step.
+`SeedSlot.forward` is Esper's, line for line (isolation, then one blend call). The blend (for
+GATE: the gate network and the blend) runs inside a ``torch.profiler.record_function(BLEND_RANGE)``
+range, so a profile can tell the blends' share of a step.
 """
 
 from __future__ import annotations

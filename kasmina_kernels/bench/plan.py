@@ -3,6 +3,7 @@ the full run and for `--quick`."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -27,15 +28,11 @@ QUICK_SWEEP_LOG2_NUMEL = {"cpu": (16, 20), "cuda": (16, 20, 24)}
 
 
 def default_device(name: str | None) -> torch.device:
-    """`name`, else cuda when a CUDA device is visible, else cpu."""
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def sweep_shape(log2_numel: int) -> tuple[int, ...]:
-    inner = 1
-    for d in SWEEP_INNER:
-        inner *= d
-    return ((1 << log2_numel) // inner,) + SWEEP_INNER
+    return ((1 << log2_numel) // math.prod(SWEEP_INNER),) + SWEEP_INNER
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from .. import backends
+from . import step as step_bench
+from .timing import MIN_ROUNDS, SPREAD_LIMIT
 
 PEERS = ("eager", "compile")
 FB = "forward+backward"
@@ -90,8 +92,6 @@ def _ratio(d: dict, peer: str, mode: str) -> str:
 
 def legend() -> list[str]:
     """What the marks mean and when a ratio counts; the rule is timing.compare's."""
-    from .timing import MIN_ROUNDS, SPREAD_LIMIT
-
     return [
         "*Legend:* ratios are peer time / backend time (above 1.00x: the backend is faster). "
         f"A ratio is a verdict only when the timings support it: neither implementation's "
@@ -110,6 +110,12 @@ def legend() -> list[str]:
         "it does not do (see above); there the mark stays but the ratio still counts."]
 
 
+def _table(head: list[str], left: int, rows: list[list[str]]) -> list[str]:
+    """A markdown table: the first `left` columns left-aligned, the rest right-aligned."""
+    rule = ["---"] * left + ["---:"] * (len(head) - left)
+    return ["| " + " | ".join(cells) + " |" for cells in (head, rule, *rows)]
+
+
 def _shape(s) -> str:
     return "(" + ",".join(str(v) for v in s) + ")"
 
@@ -121,11 +127,7 @@ def _entry_name(r: dict) -> str:
 
 
 def _impl_names(records: list[dict]) -> list[str]:
-    names = []
-    for r in records:
-        for n in r["impls"]:
-            if n not in names:
-                names.append(n)
+    names = list(dict.fromkeys(n for r in records for n in r["impls"]))
     return [n for n in PEERS if n in names] + [n for n in names if n not in PEERS]
 
 
@@ -134,27 +136,34 @@ def _median(r: dict, impl: str, mode: str) -> float | None:
     return m["median"] if m else None
 
 
-def headline_table(records: list[dict]) -> list[str]:
-    """Forward+backward times at the named shapes, every implementation side by side, and each
-    backend's speedup against each peer."""
-    rows = [r for r in records if r.get("group") in ("esper", "small")]
+def side_by_side(rows: list[dict], mode: str, alpha: bool = False) -> list[str]:
+    """`mode` times of every implementation side by side, and each backend's ratio against each
+    peer (peer time / backend time: above 1 means the backend is faster); `alpha`: a column
+    naming the alpha form of Esper's calls."""
     impls = _impl_names(rows)
     kernels = [n for n in impls if n not in PEERS]
-    head = ["op", "shape", "dtype"] + [f"{n} µs" for n in impls]
+    head = ["op", "shape", "dtype"] + ["alpha"] * alpha + [f"{n} µs" for n in impls]
     head += [f"{k} vs {p}" for k in kernels for p in PEERS]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + " |"]
+    body = []
     for r in rows:
-        cells = [r["op"], _shape(r["shape"]), r["dtype"]] + [_us(_median(r, n, FB)) for n in impls]
+        cells = [r["op"], _shape(r["shape"]), r["dtype"]]
+        cells += [PATTERN_LABEL.get(r.get("pattern"), "?")] * alpha
+        cells += [_us(_median(r, n, mode)) for n in impls]
         for k in kernels:
-            cells += [_ratio(r["impls"].get(k, {}), p, FB) for p in PEERS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+            cells += [_ratio(r["impls"].get(k, {}), p, mode) for p in PEERS]
+        body.append(cells)
+    return _table(head, 3 + alpha, body)
 
 
 def _bandwidth(gb: dict, fr: dict, mode: str) -> str:
     if mode not in gb or mode not in fr:
         return "-"
     return f"{gb[mode]:.1f} ({fr[mode] * 100:.0f}%)" + (f" {ABOVE_COPY}" if fr[mode] > 1.0 else "")
+
+
+def _impl_bandwidth(d: dict, mode: str, kind: str = "") -> str:
+    """`_bandwidth` of an implementation's record; kind "kernel_": by its kernel time."""
+    return _bandwidth(d.get(f"{kind}GBps", {}), d.get(f"{kind}copy_fraction", {}), mode)
 
 
 def _has_kernel_time(records: list[dict]) -> bool:
@@ -168,7 +177,7 @@ def detail_table(records: list[dict]) -> list[str]:
     if kernel:
         head += ["kernel fwd µs", "kernel bwd µs", "kernel fwd GB/s (% copy)", "kernel bwd GB/s (% copy)"]
     head += ["saved MiB (not inputs)", "compile s"]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 5 + ["---:"] * (len(head) - 5)) + " |"]
+    rows = []
     for r in records:
         if r.get("group") == "sweep":
             continue
@@ -176,7 +185,6 @@ def detail_table(records: list[dict]) -> list[str]:
             d = r["impls"][name]
             if "forward" not in d:
                 continue
-            gb, fr = d.get("GBps", {}), d.get("copy_fraction", {})
             saved = (f"{d['saved_bytes'] / 2**20:.2f} ({d['saved_extra_bytes'] / 2**20:.2f})"
                      if "saved_bytes" in d else "-")
             call = f"{d['call_us']:.1f}" if "call_us" in d else "-"
@@ -188,15 +196,14 @@ def detail_table(records: list[dict]) -> list[str]:
             cells = [r["op"], _shape(r["shape"]), r["dtype"], r.get("pattern", "isolated"), name,
                      _us(d["forward"]["median"]),
                      _us(d["backward"]["median"]), _us(d[FB]["median"]), call,
-                     _bandwidth(gb, fr, "forward"), _bandwidth(gb, fr, "backward")]
+                     _impl_bandwidth(d, "forward"), _impl_bandwidth(d, "backward")]
             if kernel:
                 k = d.get("kernel", {})
-                kgb, kfr = d.get("kernel_GBps", {}), d.get("kernel_copy_fraction", {})
                 cells += [_us(k["forward"]["median"]) if "forward" in k else "-",
                           _us(k["backward"]["median"]) if "backward" in k else "-",
-                          _bandwidth(kgb, kfr, "forward"), _bandwidth(kgb, kfr, "backward")]
-            lines.append("| " + " | ".join(cells + [saved, comp]) + " |")
-    return lines
+                          _impl_bandwidth(d, "forward", "kernel_"), _impl_bandwidth(d, "backward", "kernel_")]
+            rows.append(cells + [saved, comp])
+    return _table(head, 5, rows)
 
 
 def sweep_table(records: list[dict]) -> list[str]:
@@ -206,19 +213,17 @@ def sweep_table(records: list[dict]) -> list[str]:
     head = ["op", "dtype", "numel", "MiB/tensor", "copy GB/s"] + [f"{n} GB/s (% copy)" for n in impls]
     if kernel:
         head += ["copy kernel GB/s"] + [f"{n} kernel GB/s (% copy)" for n in impls]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
+    body = []
     for r in sorted(rows, key=lambda r: (r["op"], r["dtype"], r["numel"])):
         mib = r["feature_bytes"] / 2**20
         cells = [r["op"], r["dtype"], f"{r['numel']:,}", f"{mib:.2f}", f"{r['copy']['GBps']:.1f}"]
-        cells += [_bandwidth(r["impls"].get(n, {}).get("GBps", {}),
-                             r["impls"].get(n, {}).get("copy_fraction", {}), FB) for n in impls]
+        cells += [_impl_bandwidth(r["impls"].get(n, {}), FB) for n in impls]
         if kernel:
             ck = r["copy"].get("kernel_GBps")
             cells.append(f"{ck:.1f}" if ck else "-")
-            cells += [_bandwidth(r["impls"].get(n, {}).get("kernel_GBps", {}),
-                                 r["impls"].get(n, {}).get("kernel_copy_fraction", {}), FB) for n in impls]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+            cells += [_impl_bandwidth(r["impls"].get(n, {}), FB, "kernel_") for n in impls]
+        body.append(cells)
+    return _table(head, 2, body)
 
 
 def verdicts(records: list[dict], groups=("esper", "small")) -> list[str]:
@@ -315,25 +320,6 @@ def inputs_legend(records: list[dict]) -> list[str]:
     return lines
 
 
-def esper_table(records: list[dict], mode: str) -> list[str]:
-    """Esper's calls in `mode`: every implementation side by side, and each backend's time
-    ratio against each peer (peer time / backend time: above 1 means the backend is faster)."""
-    rows = [r for r in records if r.get("group") == ESPER_GROUP]
-    impls = _impl_names(rows)
-    kernels = [n for n in impls if n not in PEERS]
-    head = ["op", "shape", "dtype", "alpha"] + [f"{n} µs" for n in impls]
-    head += [f"{k} vs {p}" for k in kernels for p in PEERS]
-    lines = ["| " + " | ".join(head) + " |",
-             "| " + " | ".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + " |"]
-    for r in rows:
-        cells = [r["op"], _shape(r["shape"]), r["dtype"], PATTERN_LABEL.get(r.get("pattern"), "?")]
-        cells += [_us(_median(r, n, mode)) for n in impls]
-        for k in kernels:
-            cells += [_ratio(r["impls"].get(k, {}), p, mode) for p in PEERS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
 def esper_section(records: list[dict]) -> list[str]:
     rows = [r for r in records if r.get("group") == ESPER_GROUP]
     if not rows:
@@ -354,8 +340,8 @@ def esper_section(records: list[dict]) -> list[str]:
     out.append("")
     out += verdicts(records, groups=(ESPER_GROUP,)) + [""]
     legend = inputs_legend(rows)
-    out += legend + [""] + esper_table(records, FB)
-    out += ["", "### Esper's calls, forward only", ""] + legend + [""] + esper_table(records, "forward")
+    out += legend + [""] + side_by_side(rows, FB, alpha=True)
+    out += ["", "### Esper's calls, forward only", ""] + legend + [""] + side_by_side(rows, "forward", alpha=True)
     out.append("")
     return out
 
@@ -407,13 +393,15 @@ def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, not
                    + ", ".join(f"{e.op} {_shape(e.shape)} {e.dtype}" for e in skipped))
     out.append("")
     out += esper_section(records)
-    if not records:
-        if step is not None:
-            from . import step as step_bench
+    if records:
+        out += _entry_sections(records)
+    if step is not None:
+        out += step_bench.markdown(step, torch.device(meta.get("device_type", "cpu")))
+    return "\n".join(out)
 
-            out += step_bench.markdown(step, _device_of(meta))
-        return "\n".join(out)
-    out += result_check(records)
+
+def _entry_sections(records: list[dict]) -> list[str]:
+    out = result_check(records)
     if any(r.get("group") in ("esper", "small") for r in records):
         out += ["", "## Op isolation (every input requires grad, all contiguous): forward+backward at "
             "Esper's shapes and the small shape", "",
@@ -422,7 +410,7 @@ def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, not
             "grad (so backward computes dalpha and dgate too); incoming grad contiguous. Not "
             "Esper's call: see the first section for that.", ""]
         out += verdicts(records) + [""]
-        out += headline_table(records)
+        out += side_by_side([r for r in records if r.get("group") in ("esper", "small")], FB)
     out += ["", "## Forward, backward, per call, bandwidth, memory, compile time (every entry)", "",
             "*Inputs:* 'esper' / 'esper_override' rows are Esper's calls (first section's "
             "layouts and flags); 'isolated' rows have every input contiguous and requiring grad.",
@@ -432,12 +420,7 @@ def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, not
         out += ["", "## Size sweep: forward+backward GB/s (the performance model's byte counts) and % of copy"
                 + (" (by event time, then by kernel time)" if _has_kernel_time(records) else ""), ""]
         out += sweep_table(records)
-    out.append("")
-    if step is not None:
-        from . import step as step_bench
-
-        out += step_bench.markdown(step, _device_of(meta))
-    return "\n".join(out)
+    return out + [""]
 
 
 def result_check(records: list[dict]) -> list[str]:
@@ -488,10 +471,6 @@ def result_check(records: list[dict]) -> list[str]:
     if other:
         out += ["", "Other notes:", ""] + [f"- {n}" for n in other]
     return out
-
-
-def _device_of(meta: dict) -> torch.device:
-    return torch.device(meta.get("device_type", "cpu"))
 
 
 def write_json(path: Path, meta: dict, records: list[dict], skipped: list, excluded: dict,

@@ -12,20 +12,10 @@ Variants, all from the same initial weights (one `state_dict`) on the same batch
 each in eager mode and with the step function (forward, loss, backward, SGD update) wrapped in
 `torch.compile` (default options; graph breaks allowed, e.g. at `backward()`).
 
-Per (host, variant, mode):
-- losses of `AGREE_STEPS` steps, and the max relative loss difference per step against the eager
-  blends in the same mode (and against eager blends in eager mode);
-- ms per step: median of timed steps after warm-up, the variants of one host interleaved round by
-  round (`timing.time_interleaved`), rotating through `n_batches` batches;
-- kernels per step, from torch.profiler over one step: on CPU the leaf operator events (aten/kasmina
-  ops with no operator below them, allocations and views left out; with inductor's kernel
-  profiling switched on, its generated C++ kernels as well); on CUDA the device kernel events;
-- the blends' share of the step, from a profile of `PROFILE_STEPS` steps: time inside the slots'
-  `esper_models.BLEND_RANGE` ranges (the blend call, and for GATE the gate network) plus the
-  backward nodes those ranges created (matched by autograd sequence number), over the step's
-  time. Under torch.compile the ranges do not survive, so the share is the time of the
-  `kasmina::` operators for the drop-ins and not measurable for eager blends (fused into
-  inductor's kernels).
+Per (host, variant, mode): the losses of `AGREE_STEPS` steps and their agreement with the eager
+blends, ms per step (`timing.time_interleaved`, variants interleaved round by round), kernels
+per step and the blends' share of the step (torch.profiler); `markdown` states how each is
+measured.
 """
 
 from __future__ import annotations
@@ -52,10 +42,12 @@ EAGER = "eager blends"
 MODES = ("eager", "compile")
 STEP_RANGE = "kasmina.step"
 
-# leaf operator events that run no kernel: allocations, views, no-op conversions
-NO_KERNEL = frozenset((
+# operators that run no kernel: allocations without a fill and no-op conversions
+NO_KERNEL_OPS = frozenset((
     "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_", "aten::lift_fresh",
-    "aten::_local_scalar_dense", "aten::detach", "aten::detach_", "aten::as_strided_", "aten::set_",
+    "aten::_local_scalar_dense", "aten::detach", "aten::detach_", "aten::as_strided_", "aten::set_"))
+# leaf profiler events that run no kernel: those, views, and composites that may not copy
+NO_KERNEL = NO_KERNEL_OPS | frozenset((
     "aten::view", "aten::_unsafe_view", "aten::as_strided", "aten::t", "aten::transpose",
     "aten::permute", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::_reshape_alias",
     "aten::alias", "aten::select", "aten::slice", "aten::split", "aten::unflatten",
@@ -160,7 +152,9 @@ def _descendants(e):
 
 
 def _blend_share(events) -> tuple[float | None, str]:
-    """(fraction of the step inside the blends, how it was measured)."""
+    """(fraction of the step inside the blends, how it was measured): the `M.BLEND_RANGE` ranges
+    plus the backward nodes they created (matched by autograd sequence number); under
+    torch.compile the ranges do not survive, so the `kasmina::` operators' time instead."""
     steps = [e for e in events if e.name == STEP_RANGE]
     total = sum(e.cpu_time_total for e in steps)
     if not total:
@@ -173,18 +167,19 @@ def _blend_share(events) -> tuple[float | None, str]:
                   if e.name.startswith("autograd::engine::evaluate_function")
                   and e.sequence_nr in seqs)
         return (fwd + bwd) / total, "blend ranges + their backward nodes"
-    ops = [e for e in events if e.name.startswith("kasmina::")
-           and not any(p.startswith("kasmina::") for p in _parents(e))]
+    ops = _kasmina_ops(events)
     if ops:
         return sum(e.cpu_time_total for e in ops) / total, "kasmina:: operators"
     return None, "blends fused into compiled kernels: not separable"
 
 
-def _parents(e):
-    p = e.cpu_parent
-    while p is not None:
-        yield p.name
-        p = p.cpu_parent
+def _kasmina_ops(events) -> list:
+    """The kasmina:: operator events not called by another kasmina:: operator."""
+    def parents(e):
+        while (e := e.cpu_parent) is not None:
+            yield e.name
+    return [e for e in events if e.name.startswith("kasmina::")
+            and not any(p.startswith("kasmina::") for p in parents(e))]
 
 
 def profile_steps(runner: Runner, batches, device: torch.device) -> dict:
@@ -199,10 +194,8 @@ def profile_steps(runner: Runner, batches, device: torch.device) -> dict:
             torch.cuda.synchronize(device)
     events = prof.events()
     share, how = _blend_share(events)
-    kasmina = sum(1 for e in events if e.name.startswith("kasmina::")
-                  and not any(p.startswith("kasmina::") for p in _parents(e)))
     return {"kernels_per_step": _leaf_kernels(events, device) / PROFILE_STEPS,
-            "kasmina_ops_per_step": kasmina / PROFILE_STEPS,
+            "kasmina_ops_per_step": len(_kasmina_ops(events)) / PROFILE_STEPS,
             "blend_share": share, "blend_share_method": how}
 
 
@@ -241,7 +234,7 @@ def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MOD
                     row["traceback"] = traceback.format_exc()[-2000:]
                 log(f"step {host.name}: {key}: {agree_steps} steps in "
                     f"{time.perf_counter() - t0:.1f} s" + (f" FAILED {row['error']}" if "error" in row else ""))
-        _agreement(record["rows"], modes)
+        _agreement(record["rows"])
         if runners:
             steps = [Step(lambda i, _, r=r: r.step(batches[i])) for _, r in runners]
             samples = time_interleaved(steps, device, n_batches, rounds=rounds, budget_s=budget_s,
@@ -255,16 +248,14 @@ def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MOD
                     row.update(profile_steps(runner, batches, device))
                 except Exception as exc:
                     row["profile_error"] = _first_line(exc)
-    for mode in modes:
-        base = record["rows"].get(f"{EAGER} / {mode}", {}).get("ms_per_step")
-        for row in record["rows"].values():
-            if row["mode"] == mode and base and row.get("ms_per_step"):
-                row["speedup_vs_eager_blends"] = base / row["ms_per_step"]
-                base_row = record["rows"][f"{EAGER} / {mode}"]
-                if row is not base_row:
-                    c = compare(Sample(**base_row["sample"]), Sample(**row["sample"]),
-                                peer_name="eager blends", candidate_name=row["variant"])
-                    row["speedup_support"] = {k: c[k] for k in ("conclusive", "why", "round_ratios")}
+    for row in record["rows"].values():
+        base_row = record["rows"].get(f"{EAGER} / {row['mode']}", {})
+        if base_row.get("ms_per_step") and row.get("ms_per_step"):
+            row["speedup_vs_eager_blends"] = base_row["ms_per_step"] / row["ms_per_step"]
+            if row is not base_row:
+                c = compare(Sample(**base_row["sample"]), Sample(**row["sample"]),
+                            peer_name="eager blends", candidate_name=row["variant"])
+                row["speedup_support"] = {k: c[k] for k in ("conclusive", "why", "round_ratios")}
     return record
 
 
@@ -278,33 +269,26 @@ def _inductor_kernel_profile():
         return contextlib.nullcontext()
 
 
-def _rel(a: list[float], b: list[float]) -> float:
+def max_rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
 
 
-def _agreement(rows: dict, modes) -> None:
+def _agreement(rows: dict) -> None:
     eager_eager = rows.get(f"{EAGER} / eager", {}).get("losses")
-    for mode in modes:
-        base = rows.get(f"{EAGER} / {mode}", {}).get("losses")
-        for row in rows.values():
-            if row["mode"] != mode or "losses" not in row:
-                continue
-            if base:
-                row["max_rel_loss_diff"] = _rel(row["losses"], base)
-            if eager_eager:
-                row["max_rel_loss_diff_vs_eager_mode"] = _rel(row["losses"], eager_eager)
-
-
-def variants_for(device: torch.device, requested: list[str] | None = None) -> tuple[list[str], dict]:
-    from .sweep import select_backends
-
-    kernels, excluded = select_backends(device, requested)
-    return [EAGER] + kernels, excluded
+    for row in (r for r in rows.values() if "losses" in r):
+        base = rows.get(f"{EAGER} / {row['mode']}", {}).get("losses")
+        if base:
+            row["max_rel_loss_diff"] = max_rel_diff(row["losses"], base)
+        if eager_eager:
+            row["max_rel_loss_diff_vs_eager_mode"] = max_rel_diff(row["losses"], eager_eager)
 
 
 def run(device: torch.device, *, quick: bool = False, backends: list[str] | None = None,
         compile_mode: bool = True, log=print) -> dict:
-    variants, excluded = variants_for(device, backends)
+    from .sweep import select_backends
+
+    kernels, excluded = select_backends(device, backends)
+    variants = [EAGER] + kernels
     modes = MODES if compile_mode else ("eager",)
     effort = dict(rounds=3, budget_s=0.2, agree_steps=5) if quick else {}
     out = {"variants": variants, "excluded": excluded, "modes": list(modes),

@@ -59,10 +59,6 @@ def select_backends(device: torch.device, requested: list[str] | None) -> tuple[
     return chosen, excluded
 
 
-def _sample(s: Sample) -> dict:
-    return asdict(s)
-
-
 def _check(impl, check: opcases.Check) -> dict:
     verdicts = check(impl.fn)
     bad = [v.message for v in verdicts if not v.ok]
@@ -149,17 +145,17 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
             samples = time_interleaved(steps, device, w.n_sets, rounds=e.rounds, budget_s=e.budget_s)
             if mode == "forward":
                 copy = samples.pop()
-                record["copy"] = {"time": _sample(copy),
+                record["copy"] = {"time": asdict(copy),
                                   "GBps": bytemodel.copy_bytes(feature) / copy.median / 1e9}
             for impl, s in zip(timed, samples):
-                record["impls"][impl.name][mode] = _sample(s)
+                record["impls"][impl.name][mode] = asdict(s)
             if device.type == "cuda":
                 _kernel_times(record, mode, steps, timed, device, w.n_sets, plan.effort)
             lap(mode)
         slowest = max(record["impls"][i.name]["forward"]["median"] for i in timed)
         if entry.group != "sweep" and slowest <= CALL_REGIME_S:
             calls = max(5, min(e.calls, int(e.budget_s / (e.call_rounds * slowest))))
-            calls = wall_per_call([workload.forward_call(w, impl) for impl in timed], device,
+            calls = wall_per_call([workload.forward_step(w, impl).call for impl in timed], device,
                                   w.n_sets, calls=calls, rounds=e.call_rounds)
             for impl, s in zip(timed, calls):
                 record["impls"][impl.name]["call_us"] = s.median * 1e6
@@ -191,10 +187,10 @@ def _kernel_times(record, mode, steps, timed, device, n_sets, effort) -> None:
         return
     if mode == "forward":
         copy = samples.pop()
-        record["copy"]["kernel"] = _sample(copy)
+        record["copy"]["kernel"] = asdict(copy)
         record["copy"]["kernel_GBps"] = record["copy"]["GBps"] * record["copy"]["time"]["median"] / copy.median
     for impl, s in zip(timed, samples):
-        record["impls"][impl.name].setdefault("kernel", {})[mode] = _sample(s)
+        record["impls"][impl.name].setdefault("kernel", {})[mode] = asdict(s)
 
 
 def _derive(record: dict, device_type: str = "cpu") -> None:
@@ -241,16 +237,12 @@ def _support(peer: dict, impl: dict, peer_name: str, impl_name: str, mode: str, 
     out = {"conclusive": c["conclusive"], "why": c["why"], "round_ratios": c["round_ratios"]}
     if out["conclusive"]:
         for name, d in ((peer_name, peer), (impl_name, impl)):
-            if above_copy(d, mode) and not bytemodel.overstated(op, name, device_type, mode):
+            above_copy = d.get("copy_fraction", {}).get(mode, 0.0) > 1.0
+            if above_copy and not bytemodel.overstated(op, name, device_type, mode):
                 out["conclusive"] = False
                 out["why"] = f"{name} GB/s above a same-size copy's ({d['copy_fraction'][mode]:.0%})"
                 break
     return out
-
-
-def above_copy(impl: dict, mode: str) -> bool:
-    """True when `impl`'s GB/s in `mode` exceeds the same-size copy's (an artefact)."""
-    return impl.get("copy_fraction", {}).get(mode, 0.0) > 1.0
 
 
 class _Progress:

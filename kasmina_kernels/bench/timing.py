@@ -22,6 +22,10 @@ class Step:
     run: Callable[[int, Any], Any]
     prepare: Callable[[int], Any] | None = None
 
+    def call(self, i: int) -> Any:
+        """`run` on input set `i` without a prepared state (per-call wall time)."""
+        return self.run(i, None)
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -98,26 +102,24 @@ class _Rotor:
 
 
 def _time_iters(step: Step, rotor: _Rotor, iters: int, device: torch.device) -> list[float]:
-    if device.type == "cuda":
-        pairs = []
-        for _ in range(iters):
-            i = rotor.next()
-            state = step.prepare(i) if step.prepare else None
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            step.run(i, state)
-            end.record()
-            pairs.append((start, end))
-        torch.cuda.synchronize(device)
-        return [s.elapsed_time(e) * 1e-3 for s, e in pairs]
+    cuda = device.type == "cuda"
     out = []
     for _ in range(iters):
         i = rotor.next()
         state = step.prepare(i) if step.prepare else None
-        t0 = time.perf_counter()
-        step.run(i, state)
-        out.append(time.perf_counter() - t0)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step.run(i, state)
+            end.record()
+            out.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            step.run(i, state)
+            out.append(time.perf_counter() - t0)
+    if cuda:
+        torch.cuda.synchronize(device)
+        out = [s.elapsed_time(e) * 1e-3 for s, e in out]
     return out
 
 

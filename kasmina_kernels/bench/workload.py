@@ -96,7 +96,7 @@ def build(op: optable.Op, shape, dtype, device, gen: torch.Generator,
                                          autocast=autocast)
         no_grad = esper.NO_GRAD
     ref = op.reference
-    with torch.no_grad(), esper.autocast_context(torch.device(device), autocast):
+    with torch.no_grad(), torch.autocast(torch.device(device).type, torch.bfloat16, enabled=autocast):
         out = ref(*args, **kwargs)
     grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device, out.dtype)
     grad = torch.empty_like(out).copy_(grad)  # the output's layout, as a layer's gradient has
@@ -153,8 +153,7 @@ def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = N
             torch._dynamo.reset()
             if shared is not None:
                 shared.clear()
-        fn = torch.compile(w.wrap(w.op.reference), dynamic=dynamic,
-                           fullgraph=True)
+        fn = torch.compile(w.wrap(w.op.reference), dynamic=dynamic, fullgraph=True)
         if dynamic and shared is not None:
             shared[key] = fn
     s = w.sets[0]
@@ -165,11 +164,8 @@ def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = N
     if w.device.type == "cuda":
         torch.cuda.synchronize(w.device)
     elapsed = time.perf_counter() - t0
-    impl = Impl("compile", fn, compile_s=None if reused else elapsed)
-    impl.cache_hits = counters["inductor"]["fxgraph_cache_hit"] - hits
-    impl.reused = reused
-    impl.dynamic = dynamic
-    return impl
+    return Impl("compile", fn, None if reused else elapsed,
+                counters["inductor"]["fxgraph_cache_hit"] - hits, dynamic, reused)
 
 
 # ---------------------------------------------------------------------------- steps
@@ -206,13 +202,6 @@ def copy_step(x: torch.Tensor, n_sets: int) -> Step:
     src = [x.detach().clone() for _ in range(n_sets)]
     dst = [torch.empty_like(x) for _ in range(n_sets)]
     return Step(lambda i, _: dst[i].copy_(src[i]))
-
-
-def forward_call(w: Workload, impl: Impl) -> Callable[[int], object]:
-    def call(i):
-        s = w.sets[i]
-        return impl.fn(*s.args, **s.kwargs)
-    return call
 
 
 # ---------------------------------------------------------------------------- saved memory
