@@ -45,6 +45,13 @@ class Op:
         object.__setattr__(self, "kernel", self.kernel or self.name)
 
     @property
+    def need_flags(self) -> tuple[str, ...]:
+        """Inputs whose gradient the backward op takes a ``need_<input>_grad`` flag for, in the
+        backward schema's order."""
+        return tuple(a[len("need_"):-len("_grad")] for a in _arg_names(self.backward)
+                     if a.startswith("need_") and a.endswith("_grad")) if self.backward else ()
+
+    @property
     def features(self) -> tuple[str, ...]:
         """Tensor inputs laid out like the host (their gradients too)."""
         return tuple(n for n in self.grads if n not in self.weights and n not in self.pooled)

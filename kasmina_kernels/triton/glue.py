@@ -22,7 +22,6 @@ and its vmap runs the op per batch entry.
 from __future__ import annotations
 
 import functools
-import re
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -77,7 +76,7 @@ class _Op:
     def __init__(self, op, forward, backward=None, autograd=None):
         self.name, self.weights = f"kasmina::{op.name}", op.weights
         self.grads, self.n_tensors = op.grads, len(op.grads)
-        self.flag_index = [op.grads.index(f) for f in re.findall(r"need_(\w+)_grad", op.backward)]
+        self.flag_index = [op.grads.index(f) for f in op.need_flags]
         self.forward, self.backward = forward, backward
         name = f"kasmina::triton_{op.name}"
         registered = torch.library.custom_op(name, forward, mutates_args=(), schema=_signature(op.schema))
