@@ -4,30 +4,21 @@
 #
 #   OUT=/some/dir bash bench/gpu_run.sh
 #
-# Builds kasmina_kernels._C in place with CUDA kernels for sm_90 (KASMINA_KERNELS_CUDA_ARCH
-# overrides), then runs the full `kasmina-kernels bench --device cuda` with a --time-limit that
-# ends the script within KK_GPU_BUDGET_S seconds (default 420; at most ~570 under a 10-minute
-# limit); entries run in priority order and those not started in time are listed in the report.
-# Writes report.md, results.json, bandwidth.png, speedup.png, build.log and bench.log to $OUT
-# (default ./bench-gpu-out). Exit status: the bench's (1 on a mismatch), or the build's.
+# Builds kasmina_kernels._C in place (tools/gpu_check.sh's build step), then runs the full
+# `kasmina-kernels bench --device cuda` with a --time-limit that ends the script within
+# KK_GPU_BUDGET_S seconds (default 420; at most ~570 under a 10-minute limit); entries run in
+# priority order and those not started in time are listed in the report. Writes report.md,
+# results.json, bandwidth.png, speedup.png, build.log and bench.log to $OUT (default
+# ./bench-gpu-out). Exit status: the bench's (1 on a mismatch), or the build's.
 set -euo pipefail
 start=$SECONDS
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-OUT="${OUT:-$ROOT/bench-gpu-out}"
-mkdir -p "$OUT"
+export OUT="${OUT:-$ROOT/bench-gpu-out}"
 PY="${PYTHON:-python3}"
 budget="${KK_GPU_BUDGET_S:-420}"
 
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-  "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
-} >"$OUT/build.log" 2>&1
-
-PYTHON="$PY" bash tools/build_cuda_inplace.sh "$OUT/build.log" || {
-  echo "gpu_run: FAILED: building the extension (log: $OUT/build.log)" >&2
-  exit 1
-}
+GPU_CHECK_STEPS=build PYTHON="$PY" bash tools/gpu_check.sh
 build_s=$((SECONDS - start))
 
 # stop starting new entries early enough for the entry in flight, the report and the plots

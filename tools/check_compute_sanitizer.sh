@@ -4,15 +4,11 @@
 #   bash tools/check_compute_sanitizer.sh                 # memcheck, then racecheck
 #   bash tools/check_compute_sanitizer.sh memcheck initcheck synccheck racecheck
 #
-# Each tool runs tools/cuda_sanitizer_driver.py (every op of the native and triton CUDA
-# backends, forward and backward, on awkward inputs, each result also checked against the
-# reference). PyTorch's caching allocator is switched off (PYTORCH_NO_CUDA_MEMORY_CACHING=1)
-# so that every tensor is its own allocation and an out-of-bounds access lands outside it.
-# Any sanitizer error fails the run (--error-exitcode), as does a mismatch in the driver.
-# Environment: PYTHON (default .venv/bin/python, else python3), COMPUTE_SANITIZER (default
-# compute-sanitizer on PATH, then $CUDA_HOME/bin, then /usr/local/cuda/bin),
-# KASMINA_SANITIZER_BACKENDS (default native,triton), KASMINA_SANITIZER_OPS (default: every op;
-# comma-separated).
+# Each tool runs tools/cuda_sanitizer_driver.py, with the caching allocator off so that an
+# out-of-bounds access lands outside its allocation. A sanitizer error or a driver mismatch
+# fails the run. Environment: PYTHON, COMPUTE_SANITIZER (default: on PATH, then
+# $CUDA_HOME/bin, then /usr/local/cuda/bin), KASMINA_SANITIZER_BACKENDS (default
+# native,triton), KASMINA_SANITIZER_OPS (default: every op; comma-separated).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,9 +30,8 @@ tools=("$@")
 backends="${KASMINA_SANITIZER_BACKENDS:-native,triton}"
 
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-# Only this library's kernels are instrumented: PyTorch's own (namespace at::native, mangled
-# "2at6native"), which build the inputs and run the reference, then run at full speed. Without
-# this a run over every op does not finish in a GPU session's 10-minute call.
+# PyTorch's own kernels (namespace at::native, mangled "2at6native"), which build the inputs
+# and run the reference, run uninstrumented, so that a run over every op stays short.
 filter=()
 cs_help=$("$cs" --help 2>/dev/null || true)  # captured first: grep -q in a pipe would SIGPIPE it under pipefail
 if grep -q -- "--kernel-name-exclude" <<<"$cs_help"; then
@@ -81,8 +76,7 @@ for tool in "${tools[@]}"; do
     echo "check_compute_sanitizer: $tool FAILED: the sanitizer reported errors ($((SECONDS - start))s)" >&2
     status=1
   elif ((rc != 0)); then
-    # the driver's own check (a result off the reference) or a crash: reported, and the
-    # other tools still run
+    # the driver's own check (a result off the reference) or a crash; the other tools still run
     echo "check_compute_sanitizer: $tool: no sanitizer error, but the driver exited $rc (MISMATCH lines above) ($((SECONDS - start))s)" >&2
     status=1
   else

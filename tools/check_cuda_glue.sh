@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
-# Syntax/type check of the CUDA torch glue (csrc/cuda/glue.cpp) against the installed torch's
-# headers, for machines whose torch is a CPU build: such a wheel ships c10/cuda/*.h but not
-# the generated c10/cuda/impl/cuda_cmake_macros.h, which is stubbed here (in a temp dir).
-# Compiles with g++ -fsyntax-only -std=c++20 -Wall -Wextra -Werror (torch and CUDA headers as
-# system headers). Nothing is linked or run. Exits 0 with a printed reason when torch, the
-# CUDA headers or a C++ compiler are missing. Environment: PYTHON (default python3), CXX
-# (default g++), CUDA_HOME.
+# Type-checks the CUDA torch glue (csrc/cuda/glue.cpp) against the installed torch's headers
+# with g++ -fsyntax-only -Werror; a CPU build of torch lacks the generated
+# c10/cuda/impl/cuda_cmake_macros.h, which is stubbed. Exits 0 with a printed reason when torch,
+# the CUDA headers or a C++ compiler are missing. Environment: PYTHON, CXX, CUDA_HOME.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

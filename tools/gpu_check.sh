@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# On a CUDA machine (the lent H100/H200, whose python3 already has torch, triton, ninja and
-# pytest, and no network): build the extension with its CUDA kernels in place, print the
-# build, run `kasmina-kernels check` on CUDA, then the test files that take
-# KASMINA_TEST_DEVICE=cuda (the equivalence matrix for native and triton, gradcheck and the
-# saved-bytes contract, opcheck and torch.compile with inductor) and the CUDA-only tests.
-# Logs go to $OUT (the device tool's folder) or out/gpu. Extra arguments go to every pytest run.
+# On a CUDA machine whose python3 has a CUDA torch, triton, ninja and pytest (no network
+# needed): build the extension with its CUDA kernels in place, run `kasmina-kernels check` on
+# CUDA, then the test files that take KASMINA_TEST_DEVICE=cuda and the CUDA-only tests. Logs go
+# to $OUT (the device tool's folder) or out/gpu. Extra arguments go to every pytest run.
 #
 #   bash tools/gpu_check.sh                 # everything
 #   GPU_CHECK_STEPS="build check" bash tools/gpu_check.sh
+#
+# PYTHON (default python3), KASMINA_KERNELS_CUDA_ARCH (default 90: H100/H200) and MAX_JOBS
+# (default: every core) pass through to the build.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -21,9 +22,20 @@ status=0
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 
 if step build; then
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  : >"$LOG_DIR/build.log"
-  PYTHON="$PY" bash tools/build_cuda_inplace.sh "$LOG_DIR/build.log" || { echo "gpu_check: BUILD FAILED"; exit 1; }
+  log="$LOG_DIR/build.log"
+  {
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+    "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
+  } 2>&1 | tee "$log"
+  arch="${KASMINA_KERNELS_CUDA_ARCH:-90}"
+  start=$SECONDS
+  if ! KASMINA_KERNELS_CUDA=1 KASMINA_KERNELS_CUDA_ARCH="$arch" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+      "$PY" setup.py build_ext --inplace >>"$log" 2>&1; then
+    tail -n 60 "$log"
+    echo "gpu_check: BUILD FAILED (log: $log)" >&2
+    exit 1
+  fi
+  echo "gpu_check: built kasmina_kernels._C with CUDA (sm_$arch) in $((SECONDS - start)) s"
 fi
 
 if step check; then
