@@ -1,19 +1,11 @@
-// CUDA kernels of the blend family (ADD, GATE, MULTIPLY, STE, the valve multiplier), forward
-// and backward, and their launchers. One elementwise driver runs every op:
-//  - each block owns a fixed chunk of the iteration range that never straddles a weight
-//    group, so a scalar or per-sample weight is computed once per block and the backward's
-//    weight-gradient partial sum of a block belongs to exactly one weight element;
-//  - when every operand is dense in the iteration order and 16-byte aligned, the block's
-//    range is walked in 16-byte packs (scalar prologue/epilogue for unaligned ends);
-//    otherwise each element's offsets come from the collapsed iteration dims (64-bit,
-//    multiply-high division), which covers mixed memory formats without copies;
-//  - math is the shared kernels/blend_math.h, in float (double for double), rounded once.
-// The backward writes every feature gradient in the same pass plus one double per block
-// (or one value per element for a general broadcast weight), finished by the fixed-order
-// reductions of weight_kernels.cu: no atomics, bit-stable run to run.
+// CUDA kernels of the blend family (ADD, GATE, MULTIPLY, STE, the valve multiplier) and of
+// gate_effective_alpha, forward and backward, and their launchers (csrc/cuda/README.md). One
+// elementwise driver runs every blend op; the backward writes every feature gradient in the
+// same pass plus one double per block (or one value per element for a general broadcast
+// weight), which fixed-order reductions then sum per weight element: no atomics, bit-stable
+// run to run.
 #include "device_utils.cuh"
 #include "plan.h"
-#include "reduce.h"
 
 namespace kk::cuda {
 namespace {
@@ -58,10 +50,21 @@ KK_DEV V as_host(V v) {
 
 // ---------------------------------------------------------------- the ops
 // Each op names its outputs and inputs (storage types), whether it reads a weight and
-// produces a weight-gradient term, and its per-element math on opmath values.
+// produces a weight-gradient term, and its per-element math on opmath values. A and B are
+// its two storage types (host and seed, or result and m).
+template <typename A, typename B>
+struct OpBase {
+  using op_t = opmath_t<A>;
+  // vector width in elements: one 16-byte word of the narrowest operand
+  static constexpr int kVec = 16 / (sizeof(A) < sizeof(B) ? sizeof(A) : sizeof(B));
+  // inputs (bit k: input k) that only the weight-gradient term reads: not loaded when no
+  // weight gradient is wanted (their slots read as zero)
+  static constexpr unsigned kReductionOnlyInputs = 0u;
+};
+
 template <typename T, typename S>
-struct LerpForward {
-  using op_t = opmath_t<T>;
+struct LerpForward : OpBase<T, S> {
+  using typename OpBase<T, S>::op_t;
   static constexpr int kOut = 1, kIn = 2;
   static constexpr bool kWeighted = true, kReduces = false;
   template <int k>
@@ -74,8 +77,8 @@ struct LerpForward {
 };
 
 template <typename T, typename S>
-struct LerpBackward {
-  using op_t = opmath_t<T>;
+struct LerpBackward : OpBase<T, S> {
+  using typename OpBase<T, S>::op_t;
   static constexpr int kOut = 2, kIn = 3;  // dh, ds <- g, h, s
   static constexpr bool kWeighted = true, kReduces = true;
   // dh = g*(1-w) and ds = g*w need only g: h and s feed the weight-gradient term alone
@@ -96,8 +99,8 @@ struct LerpBackward {
 };
 
 template <typename T, typename S, bool kRIsH>
-struct MultiplyForward {
-  using op_t = opmath_t<T>;
+struct MultiplyForward : OpBase<T, S> {
+  using typename OpBase<T, S>::op_t;
   static constexpr int kOut = 1, kIn = kRIsH ? 2 : 3;  // out <- h, s[, r]
   static constexpr bool kWeighted = true, kReduces = false;
   template <int k>
@@ -124,8 +127,8 @@ struct RoundTo {
 };
 
 template <typename T, typename S, bool kRIsH>
-struct MultiplyBackward {
-  using op_t = opmath_t<T>;
+struct MultiplyBackward : OpBase<T, S> {
+  using typename OpBase<T, S>::op_t;
   static constexpr int kOut = kRIsH ? 2 : 3;  // dh, ds[, dr]
   static constexpr int kIn = kRIsH ? 3 : 4;   // g, h, s[, r]
   static constexpr bool kWeighted = true, kReduces = true;
@@ -162,8 +165,8 @@ struct MultiplyBackward {
 };
 
 template <typename T, typename S>
-struct SteForward {
-  using op_t = opmath_t<T>;
+struct SteForward : OpBase<T, S> {
+  using typename OpBase<T, S>::op_t;
   static constexpr int kOut = 1, kIn = 2;
   static constexpr bool kWeighted = false, kReduces = false;
   template <int k>
@@ -184,8 +187,8 @@ KK_DEV opmath_t<U> valve_tanh(opmath_t<U> m) {
 }
 
 template <typename U, typename M>
-struct ValveForward {
-  using op_t = opmath_t<U>;
+struct ValveForward : OpBase<U, M> {
+  using typename OpBase<U, M>::op_t;
   static_assert(std::is_same_v<opmath_t<U>, opmath_t<M>>, "m is read in the result's opmath");
   static constexpr int kOut = 1, kIn = 1;
   static constexpr bool kWeighted = true, kReduces = false;
@@ -199,8 +202,8 @@ struct ValveForward {
 };
 
 template <typename U, typename M>
-struct ValveBackward {
-  using op_t = opmath_t<U>;
+struct ValveBackward : OpBase<U, M> {
+  using typename OpBase<U, M>::op_t;
   static constexpr int kOut = 1, kIn = 2;  // dm <- g, m
   static constexpr bool kWeighted = true, kReduces = true;
   template <int k>
@@ -216,29 +219,6 @@ struct ValveBackward {
     red = static_cast<double>(in[0]) * static_cast<double>(t);  // g*t in double
     (void)dc;
   }
-};
-
-// Vector width in elements: one 16-byte word of the narrowest operand.
-template <class Op>
-struct VecWidth;
-template <template <typename, typename> class O, typename A, typename B>
-struct VecWidth<O<A, B>> {
-  static constexpr int value = 16 / (sizeof(A) < sizeof(B) ? sizeof(A) : sizeof(B));
-};
-template <template <typename, typename, bool> class O, typename A, typename B, bool F>
-struct VecWidth<O<A, B, F>> {
-  static constexpr int value = 16 / (sizeof(A) < sizeof(B) ? sizeof(A) : sizeof(B));
-};
-
-// Inputs (bit k: input k) that only the weight-gradient term reads: not loaded when no
-// weight gradient is wanted (their slots read as zero). None unless an op names them.
-template <class Op, class = void>
-struct ReductionOnlyInputs {
-  static constexpr unsigned value = 0u;
-};
-template <class Op>
-struct ReductionOnlyInputs<Op, std::void_t<decltype(Op::kReductionOnlyInputs)>> {
-  static constexpr unsigned value = Op::kReductionOnlyInputs;
 };
 
 // ---------------------------------------------------------------- the driver
@@ -261,7 +241,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   constexpr int NO = Op::kOut;
   constexpr int NI = Op::kIn;
   constexpr int N = NO + NI;
-  constexpr int VEC = VecWidth<Op>::value;
+  constexpr int VEC = Op::kVec;
   __shared__ double scratch[32];
 
   const int64_t block = blockIdx.x;
@@ -299,7 +279,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   // block-uniform: inputs only the weight-gradient term reads, when none is wanted
   auto skip_input = [&](int k) {
-    return a.red == RedMode::kNone && ((ReductionOnlyInputs<Op>::value >> k) & 1u) != 0u;
+    return a.red == RedMode::kNone && ((Op::kReductionOnlyInputs >> k) & 1u) != 0u;
   };
 
   auto one = [&](int64_t i) {
@@ -434,7 +414,7 @@ __global__ void __launch_bounds__(kTileSide * kTileRows)
 
   static_for<NI>([&](auto kc) {
     constexpr int k = decltype(kc)::value;
-    if (skip_loads && ((ReductionOnlyInputs<Op>::value >> k) & 1u) != 0u) return;
+    if (skip_loads && ((Op::kReductionOnlyInputs >> k) & 1u) != 0u) return;
     const bool cl = ((ts.cl >> (NO + k)) & 1u) != 0u;
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
@@ -457,7 +437,7 @@ __global__ void __launch_bounds__(kTileSide * kTileRows)
       op_t in[NI];
 #pragma unroll
       for (int k = 0; k < NI; ++k) {
-        const bool skipped = skip_loads && ((ReductionOnlyInputs<Op>::value >> k) & 1u) != 0u;
+        const bool skipped = skip_loads && ((Op::kReductionOnlyInputs >> k) & 1u) != 0u;
         in[k] = skipped ? op_t(0) : tile[k][cs][ps];
       }
       op_t out[NO];
@@ -492,6 +472,101 @@ __global__ void __launch_bounds__(kTileSide * kTileRows)
       const double total = block_sum(acc, scratch);
       if (threadIdx.x == 0) a.partials[block] = total;
     }
+  }
+}
+
+// ---------------------------------------------------------------- weight gradients
+// One block per weight element: threads stride in a fixed order, then a fixed tree.
+
+// What happens to the finished sum v_j of weight element j.
+enum class Finish : int32_t {
+  kAdd = 0,          // dalpha_j = passes(alpha_j) ? v_j : 0, in alpha's dtype
+  kMultiply = 1,     // dalpha_j = passes(alpha_j rounded to the host dtype) ? v_j : 0
+  kValve = 2,        // dalpha_j = passes(alpha_j) ? v_j : 0
+  kStoreDouble = 3,  // out_double[j] = v_j (GATE: d(effective alpha), finished by
+                     // gate_weights_backward_kernel)
+};
+
+struct FinishArgs {
+  Finish kind = Finish::kAdd;
+  DType host = DType::kFloat;
+  WeightSource alpha;  // mapped over the targets (W)
+  WeightGrad out;      // kAdd / kMultiply / kValve
+  double* out_double = nullptr;
+};
+
+constexpr int kReduceThreads = 256;
+
+KK_DEV void finish(const FinishArgs& f, int64_t j, double v) {
+  if (f.kind == Finish::kStoreDouble) {
+    f.out_double[j] = v;
+    return;
+  }
+  double mask_on = read_weight(f.alpha, j);
+  if (f.kind == Finish::kMultiply) mask_on = round_to(f.host, mask_on);
+  const double d = kk::clamp01_passes_grad(mask_on) ? v : 0.0;
+  store_from_double(f.out.ptr, f.out.dtype, j, d);
+}
+
+// Target j sums src[map.kept.offset(j) + map.free.offset(m)] over m.
+template <typename V>
+__global__ void __launch_bounds__(kReduceThreads)
+    reduce_general_kernel(const V* src, const __grid_constant__ ReduceMap map,
+                          const __grid_constant__ FinishArgs f) {
+  __shared__ double scratch[32];
+  const int64_t j = blockIdx.x;
+  const int64_t base = map_offset(map.kept, j);
+  CompensatedSum acc;
+  for (int64_t m = threadIdx.x; m < map.free_count; m += blockDim.x) {
+    acc.add(static_cast<double>(src[base + map_offset(map.free, m)]));
+  }
+  const double total = block_sum(acc, scratch);
+  if (threadIdx.x == 0) finish(f, j, total);
+}
+
+struct GateTerms {
+  double da, dg;
+};
+
+// d(effective alpha) at W element i, through clamp01(round(clamp01(a) * clamp01(g))): the
+// outer clamp passes on the rounded product, each inner clamp on its own input.
+KK_DEV GateTerms gate_terms(const GateWeightsParams& p, int64_t i) {
+  const double de = read_weight(p.grad, i);
+  const double a = read_weight(p.alpha, i);
+  const double g = read_weight(p.gate, i);
+  const double ca = kk::clamp01(a), cg = kk::clamp01(g);
+  const double prod = round_to(p.promoted, ca * cg);
+  const double dp = kk::clamp01_passes_grad(prod) ? de : 0.0;
+  return {kk::clamp01_passes_grad(a) ? dp * cg : 0.0, kk::clamp01_passes_grad(g) ? dp * ca : 0.0};
+}
+
+// Blocks [0, alpha.numel) produce dalpha, the rest dgate; each sums its preimage over W.
+__global__ void __launch_bounds__(kReduceThreads)
+    gate_weights_backward_kernel(const __grid_constant__ GateWeightsParams p) {
+  __shared__ double scratch[32];
+  const int64_t block = blockIdx.x;
+  const bool for_alpha = block < p.dalpha.numel;
+  const WeightGrad& out = for_alpha ? p.dalpha : p.dgate;
+  const int64_t t = for_alpha ? block : block - p.dalpha.numel;
+  const int64_t base = map_offset(out.from_w.kept, t);
+  CompensatedSum acc;
+  for (int64_t m = threadIdx.x; m < out.from_w.free_count; m += blockDim.x) {
+    const GateTerms terms = gate_terms(p, base + map_offset(out.from_w.free, m));
+    acc.add(for_alpha ? terms.da : terms.dg);
+  }
+  const double total = block_sum(acc, scratch);
+  if (threadIdx.x == 0) store_from_double(out.ptr, out.dtype, t, total);
+}
+
+__global__ void __launch_bounds__(kReduceThreads)
+    gate_effective_forward_kernel(const __grid_constant__ GateWeightsParams p) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < p.weight_numel;
+       j += stride) {
+    const double a = read_weight(p.alpha, j);
+    const double g = read_weight(p.gate, j);
+    const double e = kk::clamp01(round_to(p.promoted, kk::clamp01(a) * kk::clamp01(g)));
+    store_from_double(p.out, p.promoted, j, e);
   }
 }
 
@@ -544,87 +619,56 @@ cudaError_t launch_elementwise(const ElemArgs& a, const Plan& plan, cudaStream_t
   return cudaGetLastError();
 }
 
-template <typename X>
-struct Tag {
-  using type = X;
-};
-
-// Calls f(Tag<T>, Tag<S>) for the supported (host, seed) pairs of the blend ops.
+// Calls f(T{}, S{}) for the supported (host, seed) pairs of the blend ops: S is T, or float
+// beside a 16-bit T.
 template <typename F>
 cudaError_t dispatch_blend_pair(DType host, DType seed, F&& f) {
-  switch (host) {
-    case DType::kDouble:
-      if (seed == DType::kDouble) return f(Tag<double>{}, Tag<double>{});
-      break;
-    case DType::kFloat:
-      if (seed == DType::kFloat) return f(Tag<float>{}, Tag<float>{});
-      break;
-    case DType::kBFloat16:
-      if (seed == DType::kBFloat16) return f(Tag<bf16_t>{}, Tag<bf16_t>{});
-      if (seed == DType::kFloat) return f(Tag<bf16_t>{}, Tag<float>{});
-      break;
-    case DType::kHalf:
-      if (seed == DType::kHalf) return f(Tag<f16_t>{}, Tag<f16_t>{});
-      if (seed == DType::kFloat) return f(Tag<f16_t>{}, Tag<float>{});
-      break;
-    default:
-      break;
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_float(host, [&](auto t) -> cudaError_t {
+    if (seed == host) return f(t, t);
+    if constexpr (kIsHalf<decltype(t)>) {
+      if (seed == DType::kFloat) return f(t, float{});
+    }
+    return cudaErrorInvalidValue;
+  });
 }
 
-// (result U, m's dtype M) pairs of the valve.
+// (result U, m's dtype M) pairs of the valve: M is U, or a 16-bit float beside a float U.
 template <typename F>
 cudaError_t dispatch_valve_pair(DType result, DType m, F&& f) {
-  switch (result) {
-    case DType::kDouble:
-      if (m == DType::kDouble) return f(Tag<double>{}, Tag<double>{});
-      break;
-    case DType::kFloat:
-      if (m == DType::kFloat) return f(Tag<float>{}, Tag<float>{});
-      if (m == DType::kBFloat16) return f(Tag<float>{}, Tag<bf16_t>{});
-      if (m == DType::kHalf) return f(Tag<float>{}, Tag<f16_t>{});
-      break;
-    case DType::kBFloat16:
-      if (m == DType::kBFloat16) return f(Tag<bf16_t>{}, Tag<bf16_t>{});
-      break;
-    case DType::kHalf:
-      if (m == DType::kHalf) return f(Tag<f16_t>{}, Tag<f16_t>{});
-      break;
-    default:
-      break;
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_float(result, [&](auto u) -> cudaError_t {
+    if (m == result) return f(u, u);
+    if constexpr (std::is_same_v<decltype(u), float>) {
+      if (m == DType::kBFloat16) return f(u, bf16_t{});
+      if (m == DType::kHalf) return f(u, f16_t{});
+    }
+    return cudaErrorInvalidValue;
+  });
 }
 
+// Calls f(Op{}) with the kernel op of p.
 template <typename F>
 cudaError_t dispatch_op(const BlendParams& p, bool backward, F&& f) {
   if (p.op == BlendOp::kValve) {
-    return dispatch_valve_pair(p.host, p.seed, [&](auto ut, auto mt) {
-      using U = typename decltype(ut)::type;
-      using M = typename decltype(mt)::type;
-      if (backward) return f(Tag<ValveBackward<U, M>>{});
-      return f(Tag<ValveForward<U, M>>{});
+    return dispatch_valve_pair(p.host, p.seed, [&](auto u, auto m) {
+      using U = decltype(u);
+      using M = decltype(m);
+      return backward ? f(ValveBackward<U, M>{}) : f(ValveForward<U, M>{});
     });
   }
-  return dispatch_blend_pair(p.host, p.seed, [&](auto tt, auto st) {
-    using T = typename decltype(tt)::type;
-    using S = typename decltype(st)::type;
+  return dispatch_blend_pair(p.host, p.seed, [&](auto t, auto st) {
+    using T = decltype(t);
+    using S = decltype(st);
     switch (p.op) {
       case BlendOp::kAdd:
       case BlendOp::kGate:
-        if (backward) return f(Tag<LerpBackward<T, S>>{});
-        return f(Tag<LerpForward<T, S>>{});
+        return backward ? f(LerpBackward<T, S>{}) : f(LerpForward<T, S>{});
       case BlendOp::kMultiply:
         if (p.r_is_h) {
-          if (backward) return f(Tag<MultiplyBackward<T, S, true>>{});
-          return f(Tag<MultiplyForward<T, S, true>>{});
+          return backward ? f(MultiplyBackward<T, S, true>{}) : f(MultiplyForward<T, S, true>{});
         }
-        if (backward) return f(Tag<MultiplyBackward<T, S, false>>{});
-        return f(Tag<MultiplyForward<T, S, false>>{});
-      case BlendOp::kSte:
-        if (backward) return cudaErrorInvalidValue;  // STE's gradient needs no kernel
-        return f(Tag<SteForward<T, S>>{});
+        return backward ? f(MultiplyBackward<T, S, false>{}) : f(MultiplyForward<T, S, false>{});
+      case BlendOp::kSte:  // STE's gradient needs no kernel
+        return backward ? cudaErrorInvalidValue : f(SteForward<T, S>{});
       default:
         return cudaErrorInvalidValue;
     }
@@ -644,8 +688,6 @@ struct Workspace {
   size_t partials = 0, dw = 0, de = 0, total = 0;
 };
 
-size_t align256(size_t x) { return (x + 255) / 256 * 256; }
-
 Workspace workspace_layout(const BlendParams& p) {
   Workspace w;
   if (!p.need_weight_grad || p.op == BlendOp::kSte) return w;
@@ -654,16 +696,16 @@ Workspace workspace_layout(const BlendParams& p) {
   if (p.numel > 0 && p.widx.form == WeightForm::kGeneral) {
     w.mode = RedMode::kElement;
     w.dw = off;
-    off = align256(off + static_cast<size_t>(p.numel) * opmath_size(p.host));
+    off = plan::align256(off + static_cast<size_t>(p.numel) * opmath_size(p.host));
   } else {
     w.mode = RedMode::kPartials;
     w.partials = off;
     const int64_t blocks = p.tile.on ? plan::tile_blocks(p.tile) : plan.blocks;
-    off = align256(off + static_cast<size_t>(blocks > 0 ? blocks : 1) * sizeof(double));
+    off = plan::align256(off + static_cast<size_t>(blocks > 0 ? blocks : 1) * sizeof(double));
   }
   if (p.op == BlendOp::kGate) {
     w.de = off;
-    off = align256(off + static_cast<size_t>(p.weight_numel > 0 ? p.weight_numel : 1) * sizeof(double));
+    off = plan::align256(off + static_cast<size_t>(p.weight_numel > 0 ? p.weight_numel : 1) * sizeof(double));
   }
   w.total = off;
   return w;
@@ -678,7 +720,7 @@ cudaError_t launch_blend_forward(const BlendParams& p) {
   const Plan plan = plan_for(p, vec);
   const ElemArgs a = make_args(p, plan, vec);
   return dispatch_op(p, false, [&](auto op) {
-    using Op = typename decltype(op)::type;
+    using Op = decltype(op);
     return launch_elementwise<Op>(a, plan, p.stream);
   });
 }
@@ -701,7 +743,7 @@ cudaError_t launch_blend_backward(const BlendParams& p, void* workspace) {
   }
   if (p.numel > 0) {
     const cudaError_t err = dispatch_op(p, true, [&](auto op) {
-      using Op = typename decltype(op)::type;
+      using Op = decltype(op);
       return launch_elementwise<Op>(a, plan, p.stream);
     });
     if (err != cudaSuccess) return err;
@@ -710,42 +752,55 @@ cudaError_t launch_blend_backward(const BlendParams& p, void* workspace) {
 
   // Finish the weight gradient: fixed-order sums per weight element, then the clamp masks
   // and the cast to the weight's dtype (GATE: through both clamps to alpha and gate).
-  detail::FinishArgs f;
+  FinishArgs f;
   f.host = p.host;
   f.alpha = p.alpha;
   f.out = p.dalpha;
   switch (p.op) {
     case BlendOp::kAdd:
-      f.kind = detail::Finish::kAdd;
+      f.kind = Finish::kAdd;
       break;
     case BlendOp::kMultiply:
-      f.kind = detail::Finish::kMultiply;
+      f.kind = Finish::kMultiply;
       break;
     case BlendOp::kValve:
-      f.kind = detail::Finish::kValve;
+      f.kind = Finish::kValve;
       break;
     case BlendOp::kGate:
-      f.kind = detail::Finish::kStoreDouble;
+      f.kind = Finish::kStoreDouble;
       f.out_double = reinterpret_cast<double*>(base + ws.de);
       break;
     default:
       return cudaErrorInvalidValue;
   }
-  cudaError_t err;
-  if (ws.mode == RedMode::kElement) {
-    err = detail::launch_reduce_general(a.dw, p.host == DType::kDouble ? DType::kDouble : DType::kFloat,
-                                        p.general_reduce, p.weight_numel, f, p.stream);
-  } else {
-    // One group per weight element; with no elements (numel == 0) every sum is zero. Tiles
-    // run sample-major: a per-sample weight's group is its sample's tiles, a scalar's all.
-    int64_t per_group = p.numel > 0 ? plan.blocks_per_group : 0;
-    if (p.tile.on) {
-      per_group = p.widx.form == WeightForm::kOuter ? p.tile.tiles_p * p.tile.tiles_c
-                                                    : plan::tile_blocks(p.tile);
+  if (p.weight_numel > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  if (p.weight_numel > 0) {
+    const unsigned targets = static_cast<unsigned>(p.weight_numel);
+    if (ws.mode == RedMode::kElement && p.host == DType::kDouble) {
+      reduce_general_kernel<double><<<targets, kReduceThreads, 0, p.stream>>>(
+          static_cast<const double*>(a.dw), p.general_reduce, f);
+    } else if (ws.mode == RedMode::kElement) {
+      reduce_general_kernel<float><<<targets, kReduceThreads, 0, p.stream>>>(
+          static_cast<const float*>(a.dw), p.general_reduce, f);
+    } else {
+      // Weight element j sums the partials of its group, partials[j * per_group + q]; with no
+      // elements (numel == 0) every sum is zero. Tiles run sample-major: a per-sample weight's
+      // group is its sample's tiles, a scalar's all.
+      int64_t per_group = p.numel > 0 ? plan.blocks_per_group : 0;
+      if (p.tile.on) {
+        per_group = p.widx.form == WeightForm::kOuter ? p.tile.tiles_p * p.tile.tiles_c
+                                                      : plan::tile_blocks(p.tile);
+      }
+      ReduceMap groups;
+      plan::fill_map({p.weight_numel}, {per_group}, groups.kept);
+      plan::fill_map({per_group}, {1}, groups.free);
+      groups.free_count = per_group;
+      reduce_general_kernel<double><<<targets, kReduceThreads, 0, p.stream>>>(a.partials, groups, f);
     }
-    err = detail::launch_reduce_partials(a.partials, p.weight_numel, per_group, f, p.stream);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
   }
-  if (err != cudaSuccess || p.op != BlendOp::kGate) return err;
+  if (p.op != BlendOp::kGate) return cudaSuccess;
 
   GateWeightsParams g;
   g.weight_numel = p.weight_numel;
@@ -760,7 +815,24 @@ cudaError_t launch_blend_backward(const BlendParams& p, void* workspace) {
   g.dalpha = p.dalpha;
   g.dgate = p.dgate;
   g.stream = p.stream;
-  return detail::launch_gate_weights_backward(g);
+  return launch_gate_effective_backward(g);
+}
+
+cudaError_t launch_gate_effective_forward(const GateWeightsParams& p) {
+  if (p.weight_numel <= 0) return cudaSuccess;
+  const int64_t blocks = (p.weight_numel + kReduceThreads - 1) / kReduceThreads;
+  const unsigned grid = static_cast<unsigned>(blocks < 65535 ? blocks : 65535);
+  gate_effective_forward_kernel<<<grid, kReduceThreads, 0, p.stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Blocks [0, alpha.numel) produce dalpha, the rest dgate.
+cudaError_t launch_gate_effective_backward(const GateWeightsParams& p) {
+  const int64_t blocks = p.dalpha.numel + p.dgate.numel;
+  if (blocks <= 0) return cudaSuccess;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  gate_weights_backward_kernel<<<static_cast<unsigned>(blocks), kReduceThreads, 0, p.stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace kk::cuda

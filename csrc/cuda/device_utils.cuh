@@ -1,7 +1,6 @@
 // Device helpers shared by the CUDA kernels: storage types and their conversions (explicit
 // intrinsics only, so they build under torch's __CUDA_NO_HALF_CONVERSIONS__ and friends),
-// 16-byte packs, index arithmetic, reading weights in any dtype, and fixed-order block
-// reductions. Depends on CUDA headers, kk_cuda.h and kernels/blend_math.h only.
+// 16-byte packs, weights in any dtype, fixed-order block reductions.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -42,52 +41,53 @@ using opmath_t = typename OpMath<X>::type;
 KK_DEV float to_float(bf16_t v) { return __uint_as_float(static_cast<uint32_t>(v.x) << 16); }
 KK_DEV float to_float(f16_t v) { return __half2float(__ushort_as_half(v.x)); }
 
+// Calls f(X{}) with X the storage type of the float dtype t.
+template <typename F>
+cudaError_t dispatch_float(DType t, F&& f) {
+  switch (t) {
+    case DType::kFloat:
+      return f(float{});
+    case DType::kDouble:
+      return f(double{});
+    case DType::kBFloat16:
+      return f(bf16_t{});
+    case DType::kHalf:
+      return f(f16_t{});
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+template <typename X>
+constexpr bool kIsHalf = std::is_same_v<X, bf16_t> || std::is_same_v<X, f16_t>;
+
 // Widening loads, exact.
-template <typename O>
-KK_DEV O widen(float v) { return static_cast<O>(v); }
-template <typename O>
-KK_DEV O widen(double v) { return static_cast<O>(v); }
-template <typename O>
-KK_DEV O widen(bf16_t v) { return static_cast<O>(to_float(v)); }
-template <typename O>
-KK_DEV O widen(f16_t v) { return static_cast<O>(to_float(v)); }
+template <typename O, typename X>
+KK_DEV O widen(X v) {
+  if constexpr (kIsHalf<X>) {
+    return static_cast<O>(to_float(v));
+  } else {
+    return static_cast<O>(v);
+  }
+}
 
 // Rounding to a storage type, as c10 does it: round to nearest even; a double goes through
 // float first (c10::BFloat16 and c10::Half are built from a float).
-template <typename X>
-struct Narrow;
-template <>
-struct Narrow<float> {
-  KK_DEV static float from(float v) { return v; }
-  KK_DEV static float from(double v) { return static_cast<float>(v); }
-};
-template <>
-struct Narrow<double> {
-  KK_DEV static double from(float v) { return static_cast<double>(v); }
-  KK_DEV static double from(double v) { return v; }
-};
-template <>
-struct Narrow<bf16_t> {
-  KK_DEV static bf16_t from(float v) { return bf16_t{__bfloat16_as_ushort(__float2bfloat16_rn(v))}; }
-  KK_DEV static bf16_t from(double v) { return from(static_cast<float>(v)); }
-};
-template <>
-struct Narrow<f16_t> {
-  KK_DEV static f16_t from(float v) { return f16_t{__half_as_ushort(__float2half_rn(v))}; }
-  KK_DEV static f16_t from(double v) { return from(static_cast<float>(v)); }
-};
-
 template <typename X, typename V>
 KK_DEV X narrow(V v) {
-  return Narrow<X>::from(v);
+  if constexpr (std::is_same_v<X, bf16_t>) {
+    return bf16_t{__bfloat16_as_ushort(__float2bfloat16_rn(static_cast<float>(v)))};
+  } else if constexpr (std::is_same_v<X, f16_t>) {
+    return f16_t{__half_as_ushort(__float2half_rn(static_cast<float>(v)))};
+  } else {
+    return static_cast<X>(v);
+  }
 }
 
 // v rounded to X's precision and widened back: the reference's `.to(X)` inside a computation.
 template <typename X, typename V>
 KK_DEV V round_through(V v) {
   if constexpr (std::is_same_v<X, V>) {
-    return v;
-  } else if constexpr (std::is_same_v<X, float> && std::is_same_v<V, float>) {
     return v;
   } else {
     return widen<V>(narrow<X>(v));
@@ -171,9 +171,6 @@ KK_DEV double round_to(DType t, double v) {
       return v;
   }
 }
-
-// ---------------------------------------------------------------- index arithmetic
-KK_DEV uint64_t fast_div(const FastDiv& f, uint64_t n) { return f.div(n); }
 
 KK_DEV double read_weight(const WeightSource& w, int64_t j) {
   if (w.ptr == nullptr) return w.host_value;
@@ -348,21 +345,18 @@ KK_DEV double block_sum(double v, double* scratch) {
 }
 
 // ---------------------------------------------------------------- weights
-// clamp01 of a weight value in double, keeping NaN.
-KK_DEV double clamp01d(double x) { return kk::clamp01(x); }
-
 // The per-element weight of each blend, from the raw alpha (and gate) values, exactly as the
 // CPU kernels compute it (kk::cpu::blend_add, blend_gate, blend_multiply, the valve).
 KK_DEV double blend_weight(BlendOp op, DType host, DType promoted, double a, double g) {
   switch (op) {
     case BlendOp::kAdd:
-      return round_to(host, clamp01d(a));
+      return round_to(host, kk::clamp01(a));
     case BlendOp::kGate:
-      return round_to(host, clamp01d(round_to(promoted, clamp01d(a) * clamp01d(g))));
+      return round_to(host, kk::clamp01(round_to(promoted, kk::clamp01(a) * kk::clamp01(g))));
     case BlendOp::kMultiply:
-      return clamp01d(round_to(host, a));
+      return kk::clamp01(round_to(host, a));
     case BlendOp::kValve:
-      return round_to(host, clamp01d(a));
+      return round_to(host, kk::clamp01(a));
     default:
       return 0.0;
   }

@@ -192,6 +192,7 @@ inline bool make_reduce_map(const Shape& src_sizes, const std::vector<int>& src_
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline size_t align256(size_t x) { return (x + 255) / 256 * 256; }
 
 // Memory format of a 4-D tensor: dense NCHW (0), dense channels_last (1), neither (-1).
 // Size-1 dims carry no stride; where C or H*W is 1 the two coincide and NCHW is returned.

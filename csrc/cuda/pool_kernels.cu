@@ -19,8 +19,8 @@ namespace {
 
 constexpr int kThreads = 256;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-size_t align256(size_t x) { return (x + 255) / 256 * 256; }
+using plan::align256;
+using plan::ceil_div;
 
 struct PoolArgs {
   const void* x;
@@ -46,7 +46,7 @@ KK_DEV void write_mean(const PoolArgs& a, int64_t q, double sum) {
 
 KK_DEV int64_t position_offset(const PoolArgs& a, int64_t p) {
   if (a.merged) return p * a.sw;
-  const uint64_t h = fast_div(a.W, static_cast<uint64_t>(p));
+  const uint64_t h = a.W.div(static_cast<uint64_t>(p));
   return static_cast<int64_t>(h) * a.sh + (p - static_cast<int64_t>(h * a.W.d)) * a.sw;
 }
 
@@ -172,22 +172,6 @@ __global__ void __launch_bounds__(kThreads) pool_finish_kernel(const __grid_cons
     double sum = 0.0;
     for (int64_t s = 0; s < a.splits; ++s) sum += a.partials[s * n + q];
     write_mean<T>(a, q, sum);
-  }
-}
-
-template <typename F>
-cudaError_t dispatch_float(DType t, F&& f) {
-  switch (t) {
-    case DType::kFloat:
-      return f(float{});
-    case DType::kDouble:
-      return f(double{});
-    case DType::kBFloat16:
-      return f(bf16_t{});
-    case DType::kHalf:
-      return f(f16_t{});
-    default:
-      return cudaErrorInvalidValue;
   }
 }
 
@@ -357,8 +341,8 @@ __global__ void __launch_bounds__(kThreads)
     const uint64_t i = static_cast<uint64_t>(k) * VEC;
     op_t v[VEC];
     if (a.channels) {
-      const uint64_t b = fast_div(a.outer, i);
-      const uint64_t c0 = i - fast_div(a.inner, i) * a.inner.d;
+      const uint64_t b = a.outer.div(i);
+      const uint64_t c0 = i - a.inner.div(i) * a.inner.d;
       const int64_t base = static_cast<int64_t>(b) * a.grad_sb;
 #pragma unroll
       for (int l = 0; l < VEC; ++l) {
@@ -366,8 +350,8 @@ __global__ void __launch_bounds__(kThreads)
         v[l] = static_cast<op_t>(load_as_double(a.grad, a.grad_dtype, base + c * a.grad_sc)) / div;
       }
     } else {
-      const uint64_t plane = fast_div(a.inner, i);
-      const uint64_t b = fast_div(a.outer, plane);
+      const uint64_t plane = a.inner.div(i);
+      const uint64_t b = a.outer.div(plane);
       const uint64_t c = plane - b * a.outer.d;
       const op_t g = static_cast<op_t>(load_as_double(
           a.grad, a.grad_dtype, static_cast<int64_t>(b) * a.grad_sb + static_cast<int64_t>(c) * a.grad_sc));
