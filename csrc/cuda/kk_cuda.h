@@ -1,16 +1,11 @@
-// The CUDA kernels' interface: parameter structs of raw pointers, sizes, strides and dtype
-// codes, and the launchers that take them (FlashAttention style). Nothing here depends on
-// torch: the kernels and launchers (csrc/cuda/*.cu) include this header, <cuda_runtime_api.h>
-// and kernels/blend_math.h only; csrc/cuda/glue.cpp turns tensors into these structs.
-//
-// Conventions
-//  - Element strides and offsets are 64-bit and counted in elements of the operand's dtype.
-//  - "Iteration order": the features are walked in the memory order of the first output
-//    (which is always dense), with size-1 dimensions dropped and dimensions that are
-//    contiguous for every operand collapsed. The linear iteration index i of an element is
-//    its offset in the first output.
-//  - "W" is the shape a blend weight lives on: alpha's shape (ADD, MULTIPLY, the valve), or
-//    broadcast(alpha, gate) (GATE). A weight index j is row-major over W.
+// The CUDA kernels' interface, torch-free (FlashAttention style): parameter structs of raw
+// pointers, sizes, strides and dtype codes, and the launchers that take them;
+// csrc/cuda/glue.cpp turns tensors into these structs.
+//  - Strides and offsets are 64-bit, in elements of the operand's dtype.
+//  - The linear iteration index i of an element is its offset in the first output (dense),
+//    walked in that output's memory order (csrc/cuda/README.md).
+//  - "W" is the shape a blend weight lives on: alpha's, or broadcast(alpha, gate) for GATE.
+//    A weight index j is row-major over W.
 //  - Every launcher enqueues on `stream` and returns cudaGetLastError() (no synchronisation).
 #pragma once
 
@@ -41,20 +36,8 @@ enum class DType : int32_t {
 };
 
 inline constexpr int dtype_size(DType t) {
-  switch (t) {
-    case DType::kDouble:
-    case DType::kInt64:
-      return 8;
-    case DType::kFloat:
-    case DType::kInt32:
-      return 4;
-    case DType::kBFloat16:
-    case DType::kHalf:
-    case DType::kInt16:
-      return 2;
-    default:
-      return 1;
-  }
+  constexpr int kSize[] = {4, 8, 2, 2, 1, 1, 2, 4, 8, 1};  // in DType's order
+  return kSize[static_cast<int>(t)];
 }
 
 constexpr int kMaxDims = 8;
@@ -95,23 +78,6 @@ struct TensorMap {
   int64_t stride[kMaxDims] = {};
 };
 
-KK_CUDA_HD int64_t map_offset(const TensorMap& m, int64_t j) {
-  if (m.ndim == 0) return 0;
-  int64_t off = 0;
-  uint64_t rest = static_cast<uint64_t>(j);
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
-  for (int d = kMaxDims - 1; d >= 1; --d) {
-    if (d < m.ndim) {
-      const uint64_t q = m.size[d].div(rest);
-      off += static_cast<int64_t>(rest - q * m.size[d].d) * m.stride[d];
-      rest = q;
-    }
-  }
-  return off + static_cast<int64_t>(rest) * m.stride[0];
-}
-
 // Offsets of N operands at iteration index i, from their strides over the iteration dims.
 template <int N>
 KK_CUDA_HD void operand_offsets(const TensorMap& iter, const int64_t (*stride)[kMaxDims],
@@ -130,6 +96,13 @@ KK_CUDA_HD void operand_offsets(const TensorMap& iter, const int64_t (*stride)[k
     }
   }
   for (int k = 0; k < N; ++k) off[k] += static_cast<int64_t>(rest) * stride[k][0];
+}
+
+KK_CUDA_HD int64_t map_offset(const TensorMap& m, int64_t j) {
+  if (m.ndim == 0) return 0;
+  int64_t off[1];
+  operand_offsets<1>(m, &m.stride, j, off);
+  return off[0];
 }
 
 // The blend kernels' work split: block b owns [start, end) of the iteration range, inside
@@ -164,10 +137,9 @@ KK_CUDA_HD VecSplit vector_split(int64_t start, int64_t end, int64_t vec) {
   return v;
 }
 
-// Mixed memory formats: every feature operand of a launch is a dense (B,C,H,W) tensor, NCHW
-// or channels_last, and they are not all alike (Esper's channels_last host beside an NCHW
-// seed). Such launches run in tiles of kTileSide positions x kTileSide channels of one
-// sample, each operand read and written along its own contiguous dim through shared memory.
+// Mixed memory formats (dense (B,C,H,W) operands, NCHW and channels_last both present) run in
+// tiles of kTileSide positions x kTileSide channels of one sample, each operand read and
+// written along its own contiguous dim through shared memory.
 constexpr int kTileSide = 32;
 constexpr int kTileRows = 8;  // a block is kTileSide x kTileRows threads
 
@@ -212,10 +184,9 @@ struct WeightSource {
 
 // How the iteration index i selects the weight index j.
 enum class WeightForm : int32_t {
-  kScalar = 0,   // one weight value: j = 0
-  kOuter = 1,    // j = i / group_size: each weight element covers one contiguous group of i
-                 // (per-sample (B,1,...,1) with the batch outermost, (K*B,1,1,1), ...)
-  kGeneral = 2,  // anything else that broadcasts: j = general.offset(i)
+  kScalar = 0,   // j = 0
+  kOuter = 1,    // j = i / group_size (per-sample (B,1,...,1) with the batch outermost, ...)
+  kGeneral = 2,  // j = general.offset(i)
 };
 
 struct WeightIndex {
@@ -254,9 +225,8 @@ enum class BlendOp : int32_t {
 //   forward  ADD/GATE/STE: out, h, s          MULTIPLY: out, h, s[, r]      valve: out, m
 //   backward ADD/GATE: dh, ds, g, h, s        MULTIPLY: dh, ds[, dr], g, h, s[, r]
 //            valve: dm, g, m
-// Dtypes: host = T (h, out, g, dh; valve: the result dtype U, also g's); seed = S (s, r, ds,
-// dr: T itself, or float beside a bfloat16/float16 T; valve: m's dtype: U itself, or a 16-bit
-// float beside a float U). Computation is in float (double for double) and rounded once.
+// host = T (h, out, g, dh; valve: the result dtype U); seed = S (s, r, ds, dr: T, or float
+// beside a 16-bit T; valve: m's dtype: U, or a 16-bit float beside a float U).
 struct BlendParams {
   BlendOp op = BlendOp::kAdd;
   DType host = DType::kFloat;
@@ -288,8 +258,7 @@ struct BlendParams {
 };
 
 cudaError_t launch_blend_forward(const BlendParams& p);
-// Bytes of device scratch memory launch_blend_backward needs (0 when none); the caller allocates it
-// (16-byte aligned) on the launch stream's device.
+// Device scratch memory (16-byte aligned) the backward needs; 0 when none.
 size_t blend_backward_workspace_bytes(const BlendParams& p);
 cudaError_t launch_blend_backward(const BlendParams& p, void* workspace);
 
