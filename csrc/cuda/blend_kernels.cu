@@ -373,13 +373,10 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // Mixed memory formats (TileShape): a block owns kTileSide positions x kTileSide channels of
-// one sample. Each input is read along its own contiguous dim (a warp reads 32 consecutive
-// channels of a channels_last operand, 32 consecutive positions of an NCHW one) into a
-// shared tile [channel][position] (padded against bank conflicts); every thread then runs the
-// op on the elements (channel ty + kTileRows*j, position tx), writing its outputs into the
-// slots of its own inputs; each output is then written along its own contiguous dim. The
-// weight is one value per block (one sample), and the weight-gradient partial of a block is
-// a fixed-order sum (each thread's elements in order, then block_sum).
+// one sample. Each input is read along its own contiguous dim into a shared tile
+// [channel][position] (padded against bank conflicts); each thread runs the op on elements
+// (channel ty + kTileRows*j, position tx), its outputs replacing its inputs in the tile; each
+// output is written along its own contiguous dim. One weight value per block (one sample).
 template <class Op>
 __global__ void __launch_bounds__(kTileSide * kTileRows)
     blend_tile_kernel(const __grid_constant__ ElemArgs a) {
@@ -581,7 +578,6 @@ ElemArgs make_args(const BlendParams& p, const Plan& plan, int vec_width) {
   a.host = p.host;
   a.promoted = p.promoted;
   a.linear = p.linear;
-  a.red = RedMode::kNone;
   a.numel = p.numel;
   a.group_size = plan.group_size;
   a.chunk = plan.chunk;
@@ -598,8 +594,6 @@ ElemArgs make_args(const BlendParams& p, const Plan& plan, int vec_width) {
   a.widx = p.widx;
   a.alpha = p.alpha;
   a.gate = p.gate;
-  a.partials = nullptr;
-  a.dw = nullptr;
   return a;
 }
 

@@ -1,16 +1,10 @@
 // CUDA gated pooling (mean over the spatial or sequence axis) and the fused gate network
 // (pool -> Linear -> ReLU -> Linear -> Sigmoid), forward and backward.
-//
-// Pooling reads x once. Two layouts of work:
-//  - planes (NCHW and anything whose channel stride is not 1): one warp per (b, c) plane
-//    segment, 16-byte packs along a contiguous plane;
-//  - channels (channels_last, (B,T,C)): a block per (b, channel tile), threads over channels
-//    (16-byte packs of channels when aligned) and positions, reduced over positions in a fixed
-//    tree in shared memory.
-// Large planes with few samples are split over several blocks; the splits' partial sums go
-// to a workspace and a finishing kernel adds them in a fixed order. Sums are float per thread
-// and double across threads; the mean is sum * (1 / count) in double, rounded once to float
-// (double for double) and to x's dtype, as on the CPU.
+// Pooling reads x once: one warp per (b, c) plane segment when the channel stride is not 1,
+// else a block per (b, channel tile) reducing positions in a fixed tree. Large planes with
+// few samples are split; a finishing kernel adds the splits in a fixed order. Sums are float
+// per thread and double across threads; the mean is sum * (1 / count) in double, rounded once
+// to float (double for double) and to x's dtype, as on the CPU.
 #include "device_utils.cuh"
 #include "plan.h"
 
@@ -250,7 +244,6 @@ PoolArgs make_pool_args(const PoolParams& p, const PoolPlan& plan) {
   a.inv_count = 1.0 / static_cast<double>(a.P);
   a.out = p.out;
   a.out_opmath = p.out_opmath;
-  a.partials = nullptr;
   return a;
 }
 
@@ -314,10 +307,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // The common case: dx dense in NCHW order (each (b, c) plane a run of P equal values) or in
-// channels-last / (B, T, C) order (each position a row of C values, g's row). dx is walked
-// linearly in 16-byte packs that never straddle a plane or a row, so a pack needs one grad
-// value (planes) or one row of them (channels), two divisions per pack instead of the
-// general path's per-element index arithmetic.
+// channels-last / (B, T, C) order (each position a row of C values). dx is walked linearly in
+// 16-byte packs that never straddle a plane or a row: two divisions per pack.
 struct PoolBackwardDenseArgs {
   void* dx;
   const void* grad;
@@ -445,11 +436,7 @@ cudaError_t run_pool_backward(const PoolBackwardParams& p) {
 }
 
 // ---------------------------------------------------------------- gate network
-struct Dense {
-  const void* ptr;
-  DType dtype;
-  int64_t s0, s1;
-};
+using Dense = DenseParam;
 
 template <typename P, typename op_t>
 KK_DEV op_t dot_row(const Dense& w, int64_t row, const op_t* v, int64_t n) {
@@ -602,8 +589,6 @@ __global__ void __launch_bounds__(kThreads) gate_param_grad_kernel(const __grid_
   }
 }
 
-Dense dense(const DenseParam& d) { return Dense{d.ptr, d.dtype, d.s0, d.s1}; }
-
 // Workspace of the gate network: the pool's split partials, then opmath buffers.
 struct NetLayout {
   PoolPlan plan;
@@ -661,10 +646,10 @@ cudaError_t run_gate_network(const GateNetworkParams& p, void* workspace, bool b
   m.B = B;
   m.C = p.shape.C;
   m.hidden = p.hidden;
-  m.w1 = dense(p.w1);
-  m.b1 = dense(p.b1);
-  m.w2 = dense(p.w2);
-  m.b2 = dense(p.b2);
+  m.w1 = p.w1;
+  m.b1 = p.b1;
+  m.w2 = p.w2;
+  m.b2 = p.b2;
   m.pooled = ws + l.pooled;
   m.out = p.out;
   const unsigned grid = static_cast<unsigned>(B);
