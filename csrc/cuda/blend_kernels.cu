@@ -689,17 +689,14 @@ Workspace workspace_layout(const BlendParams& p) {
   size_t off = 0;
   if (p.numel > 0 && p.widx.form == WeightForm::kGeneral) {
     w.mode = RedMode::kElement;
-    w.dw = off;
-    off = plan::align256(off + static_cast<size_t>(p.numel) * opmath_size(p.host));
+    w.dw = plan::carve(off, static_cast<size_t>(p.numel) * opmath_size(p.host));
   } else {
     w.mode = RedMode::kPartials;
-    w.partials = off;
     const int64_t blocks = p.tile.on ? plan::tile_blocks(p.tile) : plan.blocks;
-    off = plan::align256(off + static_cast<size_t>(blocks > 0 ? blocks : 1) * sizeof(double));
+    w.partials = plan::carve(off, static_cast<size_t>(blocks > 0 ? blocks : 1) * sizeof(double));
   }
   if (p.op == BlendOp::kGate) {
-    w.de = off;
-    off = plan::align256(off + static_cast<size_t>(p.weight_numel > 0 ? p.weight_numel : 1) * sizeof(double));
+    w.de = plan::carve(off, static_cast<size_t>(p.weight_numel > 0 ? p.weight_numel : 1) * sizeof(double));
   }
   w.total = off;
   return w;

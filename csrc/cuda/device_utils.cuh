@@ -27,16 +27,9 @@ struct f16_t {
   uint16_t x;
 };
 
+// The compute type of a storage type: float, double for double.
 template <typename X>
-struct OpMath {
-  using type = float;
-};
-template <>
-struct OpMath<double> {
-  using type = double;
-};
-template <typename X>
-using opmath_t = typename OpMath<X>::type;
+using opmath_t = std::conditional_t<std::is_same_v<X, double>, double, float>;
 
 KK_DEV float to_float(bf16_t v) { return __uint_as_float(static_cast<uint32_t>(v.x) << 16); }
 KK_DEV float to_float(f16_t v) { return __half2float(__ushort_as_half(v.x)); }

@@ -194,6 +194,14 @@ inline bool make_reduce_map(const Shape& src_sizes, const std::vector<int>& src_
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline size_t align256(size_t x) { return (x + 255) / 256 * 256; }
 
+// A piece of `bytes` at the workspace offset `off`, which moves past it to the next 256-byte
+// boundary; returns the piece's offset.
+inline size_t carve(size_t& off, size_t bytes) {
+  const size_t at = off;
+  off = align256(off + bytes);
+  return at;
+}
+
 // Memory format of a 4-D tensor: dense NCHW (0), dense channels_last (1), neither (-1).
 // Size-1 dims carry no stride; where C or H*W is 1 the two coincide and NCHW is returned.
 constexpr int kLayoutOther = -1, kLayoutNchw = 0, kLayoutChannelsLast = 1;

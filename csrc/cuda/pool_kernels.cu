@@ -592,31 +592,23 @@ __global__ void __launch_bounds__(kThreads) gate_param_grad_kernel(const __grid_
 // Workspace of the gate network: the pool's split partials, then opmath buffers.
 struct NetLayout {
   PoolPlan plan;
-  size_t pool_ws = 0, pooled = 0, dz1 = 0, a1 = 0, dz2 = 0, dpooled = 0, total = 0;
+  size_t pooled = 0, dz1 = 0, a1 = 0, dz2 = 0, dpooled = 0, total = 0;
 };
 
 NetLayout net_layout(const GateNetworkParams& p, bool backward) {
   NetLayout l;
-  PoolParams pp;
-  pp.dtype = p.dtype;
-  pp.x = p.x;
-  pp.shape = p.shape;
+  const PoolParams pp{p.dtype, p.x, p.shape};
   l.plan = make_pool_plan(pp);
   const size_t op = p.dtype == DType::kDouble ? 8 : 4;
   const size_t B = static_cast<size_t>(p.shape.B), C = static_cast<size_t>(p.shape.C);
   const size_t H = static_cast<size_t>(p.hidden);
   size_t off = align256(pool_workspace(pp, l.plan));
-  l.pooled = off;
-  off = align256(off + std::max<size_t>(B * C, 1) * op);
+  l.pooled = plan::carve(off, std::max<size_t>(B * C, 1) * op);
   if (backward) {
-    l.dz1 = off;
-    off = align256(off + std::max<size_t>(B * H, 1) * op);
-    l.a1 = off;
-    off = align256(off + std::max<size_t>(B * H, 1) * op);
-    l.dz2 = off;
-    off = align256(off + std::max<size_t>(B, 1) * op);
-    l.dpooled = off;
-    off = align256(off + std::max<size_t>(B * C, 1) * op);
+    l.dz1 = plan::carve(off, std::max<size_t>(B * H, 1) * op);
+    l.a1 = plan::carve(off, std::max<size_t>(B * H, 1) * op);
+    l.dz2 = plan::carve(off, std::max<size_t>(B, 1) * op);
+    l.dpooled = plan::carve(off, std::max<size_t>(B * C, 1) * op);
   }
   l.total = off;
   return l;
@@ -630,12 +622,7 @@ cudaError_t run_gate_network(const GateNetworkParams& p, void* workspace, bool b
   if (ws == nullptr) return cudaErrorInvalidValue;
   const int64_t B = p.shape.B;
   // 1. pooled means in opmath
-  PoolParams pp;
-  pp.dtype = p.dtype;
-  pp.x = p.x;
-  pp.shape = p.shape;
-  pp.out_opmath = ws + l.pooled;
-  pp.stream = p.stream;
+  const PoolParams pp{p.dtype, p.x, p.shape, nullptr, ws + l.pooled, p.stream};
   cudaError_t err = run_pool<T>(make_pool_args(pp, l.plan), l.plan, ws, p.stream);
   if (err != cudaSuccess) return err;
   // 2. the per-sample MLP
