@@ -291,8 +291,7 @@ PoolShape pool_shape(const at::Tensor& x, c10::string_view topology) {
 void check_pool_input(const char* op, const at::Tensor& x, c10::string_view topology) {
   check_topology(x, topology);
   check_cuda_features(op, "x", x);
-  TORCH_CHECK(is_supported_float(x.scalar_type()), op,
-              ": x must be float32, float64, bfloat16 or float16, got ", x.scalar_type());
+  check_features(op, "x", x);
 }
 
 DenseParam dense_param(const at::Tensor& t) {
