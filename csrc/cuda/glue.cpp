@@ -44,10 +44,6 @@ DType to_dtype(at::ScalarType t) {
 
 cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 
-at::Tensor as_dtype(const at::Tensor& x, at::ScalarType t) {
-  return x.scalar_type() == t ? x : x.to(t);
-}
-
 // Scratch memory from the caching allocator (no sync; stream-ordered reuse after it dies);
 // a null pointer for zero bytes.
 template <typename Launch>
@@ -239,7 +235,7 @@ at::Tensor blend_forward(const char* name, BlendOp op, const at::Tensor& h, cons
   const Shape W = alpha != nullptr ? set_weights(p, *alpha, gate) : Shape{};
   p.r_is_h = r == nullptr;
   std::vector<at::Tensor> ins = {h, s_k};
-  if (r != nullptr) ins.push_back(as_dtype(*r, s_k.scalar_type()));  // exact: read as h's dtype
+  if (r != nullptr) ins.push_back(r->to(s_k.scalar_type()));  // exact: read as h's dtype
   run_blend(p, {out}, ins, W, false);
   return out;
 }
@@ -256,7 +252,7 @@ BlendGrads blend_backward(const char* name, BlendOp op, const at::Tensor& grad, 
   check_cuda_features(name, "host", h);
   check_grad(name, grad, h);
   const c10::cuda::CUDAGuard guard(h.device());
-  const at::Tensor g = as_dtype(grad, h.scalar_type());
+  const at::Tensor g = grad.to(h.scalar_type());
   const at::Tensor s_k = kernel_operand(s, h.scalar_type());
   BlendGrads out;
   out.dh = at::empty_like(h);
@@ -267,13 +263,13 @@ BlendGrads blend_backward(const char* name, BlendOp op, const at::Tensor& grad, 
   want_weight_grads(p, W, alpha, gate, need_alpha_grad || need_gate_grad, h, da, dg);
   p.r_is_h = r == nullptr;
   if (r != nullptr) {
-    const at::Tensor r_k = as_dtype(*r, s_k.scalar_type());
+    const at::Tensor r_k = r->to(s_k.scalar_type());
     out.dr = at::empty_like(r_k);
     run_blend(p, {out.dh, out.ds, out.dr}, {g, h, s_k, r_k}, W, true);
   } else {
     run_blend(p, {out.dh, out.ds}, {g, h, s_k}, W, true);
   }
-  out.ds = as_dtype(out.ds, s.scalar_type());
+  out.ds = out.ds.to(s.scalar_type());
   out.dalpha = finish_weight_grad(da, alpha, need_alpha_grad);
   if (gate != nullptr) out.dgate = finish_weight_grad(dg, *gate, need_gate_grad);
   return out;
@@ -406,7 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
   BlendGrads g = blend_backward("blend_multiply_backward", BlendOp::kMultiply, grad, h, s, alpha,
                                 nullptr, r, need_alpha_grad, false);
   // a seed input that wants no gradient (or none given) gets the CPU kernel's empty placeholder
-  g.dr = r != nullptr && need_seed_input_grad ? as_dtype(g.dr, r->scalar_type())
+  g.dr = r != nullptr && need_seed_input_grad ? g.dr.to(r->scalar_type())
                                               : at::empty({0}, h.options());
   return {g.dh, g.ds, g.dalpha, g.dr};
 }
@@ -444,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor> multiply_valve_multiplier_backward(const at::
   check_grad("multiply_valve_multiplier_backward", grad, m);
   const c10::cuda::CUDAGuard guard(m.device());
   const auto result = at::result_type(alpha, m);
-  const at::Tensor g = as_dtype(grad, result);
+  const at::Tensor g = grad.to(result);
   const at::Tensor m_k = valve_operand(m, result);
   at::Tensor dm = at::empty_like(m_k);
   BlendParams p = blend_params(BlendOp::kValve, result, m_k.scalar_type());
@@ -452,7 +448,7 @@ std::tuple<at::Tensor, at::Tensor> multiply_valve_multiplier_backward(const at::
   at::Tensor da, unused;
   want_weight_grads(p, W, alpha, nullptr, need_alpha_grad, m, da, unused);
   run_blend(p, {dm}, {g, m_k}, W, true);
-  return {finish_weight_grad(da, alpha, need_alpha_grad), as_dtype(dm, m.scalar_type())};
+  return {finish_weight_grad(da, alpha, need_alpha_grad), dm.to(m.scalar_type())};
 }
 
 // ---------------------------------------------------------------- gate effective alpha
