@@ -800,9 +800,7 @@ cudaError_t launch_blend_backward(const BlendParams& p, void* workspace) {
   g.promoted = p.promoted;
   g.grad.ptr = f.out_double;
   g.grad.dtype = DType::kDouble;
-  g.grad.map.ndim = 1;
-  g.grad.map.size[0] = FastDiv::make(static_cast<uint64_t>(p.weight_numel > 0 ? p.weight_numel : 1));
-  g.grad.map.stride[0] = 1;
+  plan::fill_map({p.weight_numel}, {1}, g.grad.map);
   g.dalpha = p.dalpha;
   g.dgate = p.dgate;
   g.stream = p.stream;
