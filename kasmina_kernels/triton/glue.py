@@ -27,8 +27,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from ..optable import OPS
-from . import elementwise as E
-from . import gate as G
+from . import elementwise, gate
 
 _len_dispatch_stack = torch._C._len_torch_dispatch_stack
 _peek_functorch = torch._C._functorch.peek_interpreter_stack
@@ -177,7 +176,7 @@ def _signature(schema):
 
 
 def _pool_backward(grad, x, topology, need):
-    return (G.gated_pool_backward(grad, x, topology),)
+    return (gate.gated_pool_backward(grad, x, topology),)
 
 
 # STE's gradient is the incoming one to both inputs (s's in its dtype): plain autograd, no kernel.
@@ -191,14 +190,14 @@ def _ste_backward(ctx, grad):
 
 # The forward and backward entry points of each kernel op of the table (`Op.kernel`).
 _KERNELS = {
-    "blend_add": (E.blend_add_forward, E.blend_add_backward),
-    "blend_multiply": (E.blend_multiply_forward, E.blend_multiply_backward),
-    "blend_gate": (E.blend_gate_forward, E.blend_gate_backward),
-    "ste_forward": (E.ste_forward, None, (_ste_setup_context, _ste_backward, _ste_backward)),
-    "multiply_valve_multiplier": (E.valve_multiplier_forward, E.valve_multiplier_backward),
-    "gate_effective_alpha": (G.gate_effective_alpha_forward, G.gate_effective_alpha_backward),
-    "gated_pool": (G.gated_pool_forward, _pool_backward),
-    "gate_network": (G.gate_network_forward, G.gate_network_backward),
+    "blend_add": (elementwise.blend_add_forward, elementwise.blend_add_backward),
+    "blend_multiply": (elementwise.blend_multiply_forward, elementwise.blend_multiply_backward),
+    "blend_gate": (elementwise.blend_gate_forward, elementwise.blend_gate_backward),
+    "ste_forward": (elementwise.ste_forward, None, (_ste_setup_context, _ste_backward, _ste_backward)),
+    "multiply_valve_multiplier": (elementwise.valve_multiplier_forward, elementwise.valve_multiplier_backward),
+    "gate_effective_alpha": (gate.gate_effective_alpha_forward, gate.gate_effective_alpha_backward),
+    "gated_pool": (gate.gated_pool_forward, _pool_backward),
+    "gate_network": (gate.gate_network_forward, gate.gate_network_backward),
 }
 _RUN = {op.name: _Op(op, *_KERNELS[op.name]) for op in OPS if op.kernel == op.name}
 
