@@ -78,16 +78,8 @@ def round_to(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """x rounded to DTYPE, returned in x's (float32/float64) dtype."""
     if DTYPE == x.dtype:
         return x
-    elif DTYPE == tl.bfloat16:
-        if INTERPRET:
-            b = _bfloat16_bits(x.to(tl.float32)).to(tl.uint32) << 16
-            return b.to(tl.float32, bitcast=True).to(x.dtype)
-        else:
-            return x.to(tl.float32).to(tl.bfloat16).to(x.dtype)
-    elif DTYPE == tl.float16:
-        return x.to(tl.float32).to(tl.float16).to(x.dtype)
     else:
-        return x.to(DTYPE).to(x.dtype)
+        return to_float(_stored_value(x, DTYPE, INTERPRET), x.dtype, INTERPRET)
 
 
 @triton.jit
@@ -166,29 +158,24 @@ def _tanh_from_exp(x):
     return tl.where(ax < cut, small, big).to(x.dtype)
 
 
-@triton.jit
-def sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
 # How a weight (alpha or gate) reaches a kernel: a Python float, one element, one per
 # sample, or one per element of the iteration.
 WEIGHT_BY_VALUE, WEIGHT_SCALAR, WEIGHT_PER_SAMPLE, WEIGHT_PER_ELEMENT = 0, 1, 2, 3
 
 
 @triton.jit
-def load_weight(ptr, sample, offset, mask, MODE: tl.constexpr, SAMPLE_STRIDE,
-                DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """A weight as DTYPE: by value, one scalar, per sample (`sample` a program's scalar index),
-    or per element (at `offset`)."""
+def load_weight(ptr, b, i0, i1, i2, sb, s0, s1, s2, mask, MODE: tl.constexpr, DTYPE: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    """A weight as DTYPE: by value, one scalar, per sample (b a program's sample) or per element
+    (at b*sb + i0*s0 + i1*s1 + i2*s2)."""
     if MODE == 0:
         return tl.cast(ptr, DTYPE)
     elif MODE == 1:
         return to_float(tl.load(ptr), DTYPE, INTERPRET)
     elif MODE == 2:
-        return to_float(tl.load(ptr + sample * SAMPLE_STRIDE), DTYPE, INTERPRET)
+        return to_float(tl.load(ptr + b * sb), DTYPE, INTERPRET)
     else:
-        return to_float(tl.load(ptr + offset, mask=mask, other=0), DTYPE, INTERPRET)
+        return to_float(tl.load(ptr + b * sb + i0 * s0 + i1 * s1 + i2 * s2, mask=mask, other=0), DTYPE, INTERPRET)
 
 
 @triton.jit

@@ -1,28 +1,21 @@
-"""The elementwise kernel of ADD, GATE, MULTIPLY, STE and the valve multiplier (forward or
-backward, over any strided layout or over tiles for mixed memory formats) and the kernel that
-reduces the alpha/gate gradient. The per-element math is each family's (`lerp.py`,
-`multiply.py`; STE's value is h + (s - s)). Operand names: h is the host (m for the valve), s
-the seed, r the seed input (h when absent).
+"""The elementwise kernel of ADD, GATE, MULTIPLY, STE and the valve multiplier, forward or
+backward, and the kernel that reduces the alpha/gate gradient. The per-element math is each
+family's (`lerp.py`, `multiply.py`; STE's value is h + (s - s)). Operands: h the host (m for
+the valve), s the seed, r the seed input (h when absent).
 
-A backward is one pass that writes each feature gradient asked for and, for alpha/gate, one
-partial sum per program; one more program sums the partials in a fixed order in float64 and
-chains them through the clamps (deterministic, no atomics). Weights of other broadcast shapes
-reduce per-element terms with torch's deterministic sum instead. Nothing but the inputs is
-saved for backward, and no kernel writes into an input.
+A backward writes the feature gradients asked for and, for alpha/gate, one partial sum per
+program, which one more program sums in a fixed order in float64 and chains through the
+clamps (deterministic, no atomics); weights of other broadcast shapes reduce per-element terms
+with torch's deterministic sum instead. Only the inputs are saved; no kernel writes an input.
+Rounding follows the native backend: the seed is rounded to the host's dtype inside the
+kernel, math runs in float32 (float64 for double), each output is rounded once.
 
-Rounding points follow the native backend: the seed is read in its own dtype and rounded to
-the host's inside the kernel; math runs in float32 (float64 for double); each output is
-rounded once; weights are rounded where the references round them. Alpha/gate gradient terms
-are float64 for float32/float64 features (float32 for half types).
-
-Iteration follows the output's storage order (the host's memory format), split per sample when
-a weight is per-sample, so a weight costs one scalar load per program. Every other operand is
-addressed by its own strides; inner dims are coalesced to at most three, and layouts that need
-more are copied into the output's. Mixed memory formats (a channels_last host beside NCHW seeds
-or the reverse, weights scalar or per-sample) iterate over [positions x channels] tiles of one
-sample instead, so each operand is read and written along its own contiguous dim. 64-bit
-offsets switch on when a tensor spans 2^31 elements; a 0-dim CPU alpha beside device features
-is passed by value (no copy, no sync); planning is cached per (shape, strides, dtypes, devices).
+Iteration follows the output's storage order, split per sample when a weight is per-sample (one
+scalar load per program); other operands are addressed by their own strides, inner dims
+coalesced to at most three (else copied into the output's layout). Mixed memory formats (a
+channels_last host beside NCHW seeds or the reverse) iterate over [positions x channels] tiles
+instead, so every operand is read along its own contiguous dim. A 0-dim CPU alpha beside device
+features is passed by value (no copy, no sync); planning is cached per configuration.
 """
 
 from __future__ import annotations
@@ -140,14 +133,15 @@ def _elementwise_kernel(
     out_off = offset(b, j, i0, i1, i2, out_sb, out_s0, out_s1, out_s2, OUT_FLAT)
     h_off = offset(b, j, i0, i1, i2, h_sb, h_s0, h_s1, h_s2, H_FLAT)
     s_off = offset(b, j, i0, i1, i2, s_sb, s_s0, s_s1, s_s2, S_FLAT)
-    r_off = offset(b, j, i0, i1, i2, r_sb, r_s0, r_s1, r_s2, R_FLAT)
+    if OP == 2:
+        r_off = offset(b, j, i0, i1, i2, r_sb, r_s0, r_s1, r_s2, R_FLAT)
     if OP != 3:
-        alpha = load_weight(alpha_ptr, b, offset(b, j, i0, i1, i2, alpha_sb, alpha_s0, alpha_s1, alpha_s2, False),
-                            mask, ALPHA_MODE, alpha_sb, WEIGHT_DTYPE, INTERPRET)
+        alpha = load_weight(alpha_ptr, b, i0, i1, i2, alpha_sb, alpha_s0, alpha_s1, alpha_s2, mask, ALPHA_MODE,
+                            WEIGHT_DTYPE, INTERPRET)
         gate = alpha
         if OP == 1:
-            gate = load_weight(gate_ptr, b, offset(b, j, i0, i1, i2, gate_sb, gate_s0, gate_s1, gate_s2, False),
-                               mask, GATE_MODE, gate_sb, WEIGHT_DTYPE, INTERPRET)
+            gate = load_weight(gate_ptr, b, i0, i1, i2, gate_sb, gate_s0, gate_s1, gate_s2, mask, GATE_MODE,
+                               WEIGHT_DTYPE, INTERPRET)
         w = _op_weight(alpha, gate, OP, HOST_DTYPE, PROMOTED_DTYPE, COMPUTE_DTYPE, INTERPRET)
     if BACKWARD:
         grad = to_float(tl.load(grad_ptr + offset(b, j, i0, i1, i2, grad_sb, grad_s0, grad_s1, grad_s2, GRAD_FLAT),
@@ -208,10 +202,12 @@ def _elementwise_kernel(
 def _load_weight_rows(ptr, rows, row_mask, MODE: tl.constexpr, SAMPLE_STRIDE, DTYPE: tl.constexpr,
                       INTERPRET: tl.constexpr):
     """A weight for a block of samples `rows` (by value, one scalar, or per sample)."""
-    if MODE == 2:
-        return to_float(tl.load(ptr + rows * SAMPLE_STRIDE, mask=row_mask, other=0), DTYPE, INTERPRET)
+    if MODE == 0:
+        return tl.cast(ptr, DTYPE)
+    elif MODE == 1:
+        return to_float(tl.load(ptr), DTYPE, INTERPRET)
     else:
-        return load_weight(ptr, 0, 0, row_mask, MODE, 0, DTYPE, INTERPRET)
+        return to_float(tl.load(ptr + rows * SAMPLE_STRIDE, mask=row_mask, other=0), DTYPE, INTERPRET)
 
 
 @triton.jit
@@ -263,22 +259,22 @@ def _weight_grad_kernel(
 
 
 # ============================================================================ planning
-def _dense(shape, strides) -> bool:
-    expected = 1
-    for st, sz in sorted((st, sz) for sz, st in zip(shape, strides) if sz != 1):
-        if st != expected:
-            return False
-        expected *= sz
-    return True
-
-
 _dense_cache: dict = {}
 
 
 def is_dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense (every element of its storage span used once)."""
     shape, strides = t.shape, t.stride()
-    return common.cached(_dense_cache, (shape, strides), lambda: _dense(shape, strides))
+
+    def make():
+        expected = 1
+        for stride, size in sorted((st, sz) for sz, st in zip(shape, strides) if sz != 1):
+            if stride != expected:
+                return False
+            expected *= size
+        return True
+
+    return common.cached(_dense_cache, (shape, strides), make)
 
 
 def _layout_4d(shape, strides):
@@ -415,8 +411,8 @@ def _make_launch(backward, op, shape, ref_strides, operands, weights, device, ho
         read_host = op != OP_MULTIPLY or operands[3] is None or write_ds or write_dr or weight_grad
         read_seed = True
     launch.kw = dict(kw, READ_HOST=bool(read_host), READ_SEED=read_seed, WRITE_OUT=bool(need_h), WRITE_DS=write_ds,
-                     WRITE_DR=write_dr, WEIGHT_GRAD=weight_grad, WEIGHT_TERMS_PER_ELEMENT=launch.weight_terms_per_element,
-                     REDUCE_DTYPE=reduce_dtype)
+                     WRITE_DR=write_dr, WEIGHT_GRAD=weight_grad, REDUCE_DTYPE=reduce_dtype,
+                     WEIGHT_TERMS_PER_ELEMENT=launch.weight_terms_per_element)
     block_k = min(triton.next_power_of_2(chunks), 1024)
     launch.weight_grad_ints = (samples, chunks, strides[5][0], strides[6][0])
     launch.weight_grad_kw = dict(

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .. import validation
 from . import _common as common
-from ._common import coords, load_weight, present_or, sigmoid, store, store_scalar, to_float
+from ._common import coords, load_weight, present_or, store, store_scalar, to_float
 from .lerp import effective_alpha, effective_alpha_backward
 
 FUSED_MAX_C = 512
@@ -47,10 +47,9 @@ def _effective_alpha_kernel(
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = j < N
     i0, i1, i2 = coords(j, D1, D2, NDIM)
-    alpha = load_weight(alpha_ptr, 0, i0 * alpha_s0 + i1 * alpha_s1 + i2 * alpha_s2, mask, ALPHA_MODE, 0,
-                        WEIGHT_DTYPE, INTERPRET)
-    gate = load_weight(gate_ptr, 0, i0 * gate_s0 + i1 * gate_s1 + i2 * gate_s2, mask, GATE_MODE, 0,
-                       WEIGHT_DTYPE, INTERPRET)
+    alpha = load_weight(alpha_ptr, 0, i0, i1, i2, 0, alpha_s0, alpha_s1, alpha_s2, mask, ALPHA_MODE, WEIGHT_DTYPE,
+                        INTERPRET)
+    gate = load_weight(gate_ptr, 0, i0, i1, i2, 0, gate_s0, gate_s1, gate_s2, mask, GATE_MODE, WEIGHT_DTYPE, INTERPRET)
     if BACKWARD:
         grad = to_float(tl.load(grad_ptr + i0 * grad_s0 + i1 * grad_s1 + i2 * grad_s2, mask=mask, other=0),
                         tl.float64, INTERPRET)
@@ -184,7 +183,7 @@ def _gate_network_kernel(
         w1, z1, w2, rows, row_mask = _hidden_chunk(w1_ptr, b1_ptr, w2_ptr, pooled, channels, channel_mask, k0,
                                                    HIDDEN, w1_s0, w1_s1, b1_s0, w2_s1, ACC_DTYPE, INTERPRET, BLOCK_K)
         z2 += tl.where(row_mask, tl.where(z1 < 0, 0.0, z1) * w2, 0.0)  # relu keeping NaN
-    y = sigmoid(tl.sum(z2, axis=0) + to_float(tl.load(b2_ptr), ACC_DTYPE, INTERPRET))
+    y = tl.sigmoid(tl.sum(z2, axis=0) + to_float(tl.load(b2_ptr), ACC_DTYPE, INTERPRET))
     if BACKWARD:
         dz2 = to_float(tl.load(grad_ptr + b * grad_sb), ACC_DTYPE, INTERPRET) * y * (1.0 - y)
         if NEED_W:
