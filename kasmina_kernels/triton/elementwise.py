@@ -1,7 +1,7 @@
-"""The elementwise kernel of ADD, GATE, MULTIPLY, STE and the valve multiplier, forward or
-backward, and the kernel that reduces the alpha/gate gradient. The per-element math is each
-family's (`lerp.py`, `multiply.py`; STE's value is h + (s - s)). Operands: h the host (m for
-the valve), s the seed, r the seed input (h when absent).
+"""The elementwise kernel of ADD, GATE, MULTIPLY, STE, the valve multiplier and the gate's
+effective alpha, forward or backward, and the kernel that reduces the alpha/gate gradient.
+The per-element math is each family's (`lerp.py`, `multiply.py`; STE's value is h + (s - s)).
+Operands: h the host (m for the valve), s the seed, r the seed input (h when absent).
 
 A backward writes the feature gradients asked for and, for alpha/gate, one partial sum per
 program, which one more program sums in a fixed order in float64 and chains through the
@@ -44,7 +44,8 @@ from ._common import present_or as _or
 from .lerp import effective_alpha, effective_alpha_backward, lerp, lerp_backward
 from .multiply import multiply, multiply_backward, valve, valve_backward
 
-OP_ADD, OP_GATE, OP_MULTIPLY, OP_STE, OP_VALVE = 0, 1, 2, 3, 4
+# OP_EFFECTIVE_ALPHA: GATE's weight alone (gate_effective_alpha); its backward is the weights' gradient
+OP_ADD, OP_GATE, OP_MULTIPLY, OP_STE, OP_VALVE, OP_EFFECTIVE_ALPHA = 0, 1, 2, 3, 4, 5
 
 # Per-sample weights use the per-sample split only when a sample has at least this many
 # elements; smaller samples read the weight per element (one program covers many samples).
@@ -59,7 +60,7 @@ TILE_ELEMS = 32768 if common.INTERPRET else 2048
 def _op_weight(alpha, gate, OP: tl.constexpr, HOST_DTYPE: tl.constexpr, PROMOTED_DTYPE: tl.constexpr,
                COMPUTE_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """The per-element weight of each op, rounded where the reference rounds it."""
-    if OP == 1:  # GATE: the effective alpha in the promoted dtype, then h's
+    if (OP == 1) | (OP == 5):  # GATE: the effective alpha in the promoted dtype, then h's
         w = round_to(effective_alpha(alpha, gate, PROMOTED_DTYPE, INTERPRET), HOST_DTYPE, INTERPRET)
     elif OP == 2:  # MULTIPLY: clamp01(alpha cast to h's dtype)
         w = clamp01(round_to(alpha, HOST_DTYPE, INTERPRET))
@@ -139,14 +140,20 @@ def _elementwise_kernel(
         alpha = load_weight(alpha_ptr, b, i0, i1, i2, alpha_sb, alpha_s0, alpha_s1, alpha_s2, mask, ALPHA_MODE,
                             WEIGHT_DTYPE, INTERPRET)
         gate = alpha
-        if OP == 1:
+        if (OP == 1) | (OP == 5):
             gate = load_weight(gate_ptr, b, i0, i1, i2, gate_sb, gate_s0, gate_s1, gate_s2, mask, GATE_MODE,
                                WEIGHT_DTYPE, INTERPRET)
         w = _op_weight(alpha, gate, OP, HOST_DTYPE, PROMOTED_DTYPE, COMPUTE_DTYPE, INTERPRET)
     if BACKWARD:
         grad = to_float(tl.load(grad_ptr + offset(b, j, i0, i1, i2, grad_sb, grad_s0, grad_s1, grad_s2, GRAD_FLAT),
                                 mask=mask, other=0), COMPUTE_DTYPE, INTERPRET)
-    if OP == 4:
+    if OP == 5:
+        if BACKWARD:
+            y = grad
+            weight_term = grad.to(REDUCE_DTYPE)
+        else:
+            y = tl.where(mask, w, 0.0)
+    elif OP == 4:
         m = tl.load(h_ptr + h_off, mask=mask, other=0)
         if BACKWARD:
             y, weight_term = valve_backward(grad, m, w, h_ptr.dtype.element_ty, TANH_DTYPE, COMPUTE_DTYPE,
@@ -233,7 +240,7 @@ def _weight_grad_kernel(
             acc += tl.load(partials_ptr + rows[:, None] * CHUNKS + kk[None, :], mask=m2, other=0).to(tl.float64)
         d_weight = tl.sum(acc, axis=1)
         alpha = _load_weight_rows(alpha_ptr, rows, row_mask, ALPHA_MODE, alpha_sb, WEIGHT_DTYPE, INTERPRET)
-        if OP == 1:
+        if (OP == 1) | (OP == 5):
             gate = _load_weight_rows(gate_ptr, rows, row_mask, GATE_MODE, gate_sb, WEIGHT_DTYPE, INTERPRET)
             d_alpha, d_gate = effective_alpha_backward(d_weight, alpha, gate, PROMOTED_DTYPE, INTERPRET)
             if NEED_GATE:
@@ -534,7 +541,8 @@ def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, m_dtype=None,
         grad, h, _or(s, h), _or(r, h), _or(a, h), _or(g, h), *launch.ints, **launch.kw)
     da = dg = None
     if launch.weight_terms_per_element:
-        da, dg = _weight_grads_from_elements(op, weight_terms, user_alpha, user_gate, need_alpha, need_gate, host)
+        da, dg = _weight_grads_from_elements(op, weight_terms, user_alpha, user_gate, need_alpha, need_gate, host,
+                                             promoted)
     elif need_alpha or need_gate:
         da = torch.empty(user_alpha.shape, dtype=user_alpha.dtype, device=device) if need_alpha else None
         dg = torch.empty(user_gate.shape, dtype=user_gate.dtype, device=device) if need_gate else None
@@ -547,22 +555,31 @@ def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, m_dtype=None,
     return (dh if need_h else None), ds, dr, da, dg
 
 
-def _weight_grads_from_elements(op, weight_terms, alpha, gate, need_alpha, need_gate, host):
+def _weight_grads_from_elements(op, weight_terms, alpha, gate, need_alpha, need_gate, host, promoted):
     """Weights of general broadcast shapes: per-element terms summed in float64 by torch
-    (deterministic) to the weight's shape (GATE: the broadcast of alpha's and gate's, then
-    through the effective alpha's backward), then chained through the clamps."""
-    from .gate import gate_effective_alpha_backward
+    (deterministic) to the weight's shape (GATE: the broadcast of alpha's and gate's), then
+    chained through the clamps."""
+    def in01(x):
+        return (x >= 0) & (x <= 1)
+
+    def to_shape(d, w):
+        return (d.sum_to_size(w.shape) if w.dim() else d.sum()).to(w.dtype).to(w.device)
 
     terms = weight_terms.to(torch.float64)
-    if op == OP_GATE:
-        shape = validation.broadcast_shape(alpha.shape, gate.shape)
-        terms = terms.sum_to_size(shape) if len(shape) else terms.sum()
-        return gate_effective_alpha_backward(terms, alpha, gate, (need_alpha, need_gate))
-    terms = terms.sum_to_size(alpha.shape) if alpha.dim() else terms.sum()
-    a = alpha.to(terms.device)
-    clamped_on = a.to(host) if op == OP_MULTIPLY else a
-    d_alpha = torch.where((clamped_on >= 0) & (clamped_on <= 1), terms, terms.new_zeros(()))
-    return d_alpha.to(alpha.dtype).to(alpha.device), None
+    zero = terms.new_zeros(())
+    if op not in (OP_GATE, OP_EFFECTIVE_ALPHA):
+        a = alpha.to(terms.device)
+        d_alpha = terms.sum_to_size(alpha.shape) if alpha.dim() else terms.sum()
+        return to_shape(torch.where(in01(a.to(host) if op == OP_MULTIPLY else a), d_alpha, zero), alpha), None
+    shape = validation.broadcast_shape(alpha.shape, gate.shape)
+    terms = terms.sum_to_size(shape) if len(shape) else terms.sum()
+    a, g = alpha.to(terms.device), gate.to(terms.device)
+    weight_dtype = torch.float64 if torch.float64 in (alpha.dtype, gate.dtype, host) else torch.float32
+    clamped_alpha, clamped_gate = a.to(weight_dtype).clamp(0, 1), g.to(weight_dtype).clamp(0, 1)
+    d_product = torch.where(in01((clamped_alpha * clamped_gate).to(promoted)), terms, zero)
+    d_alpha = to_shape(torch.where(in01(a), d_product * clamped_gate.double(), zero), alpha) if need_alpha else None
+    d_gate = to_shape(torch.where(in01(g), d_product * clamped_alpha.double(), zero), gate) if need_gate else None
+    return d_alpha, d_gate
 
 
 # ============================================================================ op bodies
@@ -607,6 +624,26 @@ def blend_multiply_backward(grad, h, s, alpha, seed_input, need):
                                  (need[0], need[1], seed_input is not None and need[3], need[2], False),
                                  h.dtype, h.dtype)
     return dh, ds, da, dr
+
+
+def _pair_device(alpha, gate):
+    """The effective alpha's device: a 0-dim CPU scalar defers to the other operand's."""
+    if alpha.dim() == 0 and alpha.device.type == "cpu":
+        return gate.device
+    return alpha.device
+
+
+def gate_effective_alpha_forward(alpha, gate):
+    promoted = common.result_type(alpha, gate)
+    out = torch.empty(validation.broadcast_shape(alpha.shape, gate.shape), dtype=promoted,
+                      device=_pair_device(alpha, gate))
+    return forward(OP_EFFECTIVE_ALPHA, out, out, None, None, alpha, gate, promoted, promoted)
+
+
+def gate_effective_alpha_backward(grad, alpha, gate, need):
+    _, _, _, da, dg = backward(OP_EFFECTIVE_ALPHA, grad, grad, None, None, alpha, gate,
+                               (False, False, False, need[0], need[1]), *(common.result_type(alpha, gate),) * 2)
+    return da, dg
 
 
 def valve_multiplier_backward(grad, alpha, m, need):

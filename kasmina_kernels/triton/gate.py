@@ -1,8 +1,5 @@
-"""The gate family: the gate's effective alpha clamp01(clamp01(alpha) * clamp01(gate)) (its
-math is the lerp family's, `lerp.py`), gated pooling and the fused gate network.
-
-gate_effective_alpha: one elementwise pass over the broadcast shape; its backward writes
-float64 per-element terms that torch sums to each weight's shape (deterministic).
+"""The gate family's gated pooling and fused gate network (the gate's effective alpha is an
+elementwise op, `elementwise.py`).
 
 gated_pool: the mean over (H, W) of a (B,C,H,W) tensor (NCHW, channels_last or any strides)
 or over T of a (B,T,C) tensor, accumulated in float32 for half inputs (float64 for float32 and
@@ -24,10 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import validation
 from . import _common as common
-from ._common import coords, load_weight, present_or, store, store_scalar, to_float
-from .lerp import effective_alpha, effective_alpha_backward
+from ._common import present_or, store, store_scalar, to_float
 
 FUSED_MAX_C = 512
 # elements of a 2-D tile held per step (the interpreter: fewer, larger steps)
@@ -35,32 +30,6 @@ TILE = 65536 if common.INTERPRET else 4096
 
 
 # ============================================================================ kernels
-@triton.jit
-def _effective_alpha_kernel(
-    out_ptr, dgate_ptr, grad_ptr, alpha_ptr, gate_ptr, N, D1, D2,
-    grad_s0, grad_s1, grad_s2, alpha_s0, alpha_s1, alpha_s2, gate_s0, gate_s1, gate_s2,
-    BACKWARD: tl.constexpr, NDIM: tl.constexpr, ALPHA_MODE: tl.constexpr, GATE_MODE: tl.constexpr,
-    PROMOTED_DTYPE: tl.constexpr, WEIGHT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Forward: out = the effective alpha. Backward: out = d(alpha) and dgate = d(gate) per
-    element in float64 (summed to each weight's shape on the host)."""
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = j < N
-    i0, i1, i2 = coords(j, D1, D2, NDIM)
-    alpha = load_weight(alpha_ptr, 0, i0, i1, i2, 0, alpha_s0, alpha_s1, alpha_s2, mask, ALPHA_MODE, WEIGHT_DTYPE,
-                        INTERPRET)
-    gate = load_weight(gate_ptr, 0, i0, i1, i2, 0, gate_s0, gate_s1, gate_s2, mask, GATE_MODE, WEIGHT_DTYPE, INTERPRET)
-    if BACKWARD:
-        grad = to_float(tl.load(grad_ptr + i0 * grad_s0 + i1 * grad_s1 + i2 * grad_s2, mask=mask, other=0),
-                        tl.float64, INTERPRET)
-        d_alpha, d_gate = effective_alpha_backward(grad, alpha, gate, PROMOTED_DTYPE, INTERPRET)
-        tl.store(out_ptr + j, d_alpha, mask=mask)
-        tl.store(dgate_ptr + j, d_gate, mask=mask)
-    else:
-        e = effective_alpha(alpha, gate, PROMOTED_DTYPE, INTERPRET)
-        store(out_ptr + j, e + tl.zeros([BLOCK], dtype=e.dtype), mask, INTERPRET)
-
-
 @triton.jit
 def _position_offsets(positions, WIDTH, h_stride, w_stride, FLAT: tl.constexpr):
     if FLAT:
@@ -250,69 +219,6 @@ def _gate_weight_grad_kernel(
         store(dw2_ptr + rows, acc_w2, row_mask, INTERPRET)
         if row_block == 0:
             store_scalar(db2_ptr, tl.sum(acc_b2, axis=0), INTERPRET)
-
-
-# ============================================================================ effective alpha
-def pair_device(alpha, gate):
-    """The result's device: a 0-dim CPU scalar defers to the other operand's."""
-    if alpha.dim() == 0 and alpha.device.type == "cpu":
-        return gate.device
-    return alpha.device
-
-
-def _launch_effective_alpha(out, d_gate, grad, alpha, gate, shape, device):
-    """Forward (grad None): out = the effective alpha. Backward: out and d_gate = the
-    per-element gradients of alpha and gate."""
-    modes, args = [], []
-    for w in (alpha, gate):
-        by_value = common.weight_mode(w, device) == common.WEIGHT_BY_VALUE
-        modes.append(common.WEIGHT_BY_VALUE if by_value else common.WEIGHT_PER_ELEMENT)
-        args.append(common.weight_arg(w, modes[-1], device))
-    contiguous = torch.empty(shape, device="meta").stride()
-
-    def iteration_plan():
-        strides = [contiguous if grad is None else grad.stride()]
-        strides += [a.expand(shape).stride() if m == common.WEIGHT_PER_ELEMENT else (0,) * len(shape)
-                    for m, a in zip(modes, args)]
-        return common.plan(tuple(shape), contiguous, tuple(strides), False)
-
-    p = iteration_plan()
-    if p is None:  # strides that coalesce to no 3 dims: contiguous copies
-        grad = None if grad is None else grad.contiguous()
-        args = [a.expand(shape).contiguous() if m == common.WEIGHT_PER_ELEMENT else a for m, a in zip(modes, args)]
-        p = iteration_plan()
-    n = math.prod(shape)
-    block = min(1024, max(16, triton.next_power_of_2(n)))
-    _effective_alpha_kernel[(triton.cdiv(n, block),)](
-        out, d_gate, present_or(grad, out), args[0], args[1], n, p.d1, p.d2,
-        *(stride for o in p.operands for stride in o[1:4]),
-        BACKWARD=grad is not None, NDIM=p.ndim, ALPHA_MODE=modes[0], GATE_MODE=modes[1],
-        PROMOTED_DTYPE=common.tl_dtype(common.result_type(alpha, gate)),
-        WEIGHT_DTYPE=common.compute_dtype(alpha.dtype, gate.dtype), INTERPRET=common.INTERPRET, BLOCK=block)
-
-
-def gate_effective_alpha_forward(alpha, gate):
-    shape = validation.broadcast_shape(alpha.shape, gate.shape)
-    device = pair_device(alpha, gate)
-    out = torch.empty(shape, dtype=common.result_type(alpha, gate), device=device)
-    if out.numel() > 0:
-        _launch_effective_alpha(out, out, None, alpha, gate, shape, device)
-    return out
-
-
-def gate_effective_alpha_backward(grad, alpha, gate, need):
-    shape = validation.broadcast_shape(alpha.shape, gate.shape)
-    device = pair_device(alpha, gate)
-    d_alpha = torch.empty(shape, dtype=torch.float64, device=device)
-    d_gate = torch.empty(shape, dtype=torch.float64, device=device)
-    if d_alpha.numel() > 0:
-        _launch_effective_alpha(d_alpha, d_gate, grad, alpha, gate, shape, device)
-
-    def reduce(d, w):
-        d = d.sum_to_size(w.shape) if w.dim() else d.sum()
-        return d.to(w.dtype).to(w.device)
-
-    return (reduce(d_alpha, alpha) if need[0] else None), (reduce(d_gate, gate) if need[1] else None)
 
 
 # ============================================================================ pooling, gate network

@@ -179,7 +179,7 @@ _KERNELS = {
     "blend_gate": (elementwise.blend_gate_forward, elementwise.blend_gate_backward),
     "ste_forward": (elementwise.ste_forward, None, (_ste_setup_context, _ste_backward, _ste_backward)),
     "multiply_valve_multiplier": (elementwise.valve_multiplier_forward, elementwise.valve_multiplier_backward),
-    "gate_effective_alpha": (gate.gate_effective_alpha_forward, gate.gate_effective_alpha_backward),
+    "gate_effective_alpha": (elementwise.gate_effective_alpha_forward, elementwise.gate_effective_alpha_backward),
     "gated_pool": (gate.gated_pool_forward, _pool_backward),
     "gate_network": (gate.gate_network_forward, gate.gate_network_backward),
 }
