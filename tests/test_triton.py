@@ -609,48 +609,53 @@ def test_aliasing_and_inference_mode(gen):
 
 
 class _Counting:
+    """A kernel that logs each launch: its name, then ".backward" and ".tiled" where those
+    constexprs are set."""
+
     def __init__(self, kernel, log, name):
         self.kernel, self.log, self.name = kernel, log, name
 
     def __getitem__(self, grid):
-        self.log.append(self.name)
-        return self.kernel[grid]
+        def launch(*args, **kw):
+            self.log.append(".".join([self.name] + [tag for tag in ("backward", "tiled") if kw.get(tag.upper())]))
+            return self.kernel[grid](*args, **kw)
+
+        return launch
 
 
 def test_launch_counts(gen, monkeypatch):
     """One launch per forward; backward = one pass (+ one reduction launch for alpha/gate);
     the gate network at C = 512: one launch forward, two backward (pass + weight grads)."""
     log = []
-    for mod, names in ((E, ["_forward_kernel", "_backward_kernel", "_tile_forward_kernel",
-                            "_tile_backward_kernel", "_weight_grad_kernel"]),
-                       (G, ["_pool_kernel", "_pool_bwd_kernel", "_gate_fwd_kernel", "_gate_bwd_kernel",
-                            "_gate_wgrad_kernel"])):
+    for mod, names in ((E, ["_elementwise_kernel", "_weight_grad_kernel"]),
+                       (G, ["_pool_kernel", "_pool_backward_kernel", "_gate_network_kernel",
+                            "_gate_weight_grad_kernel"])):
         for name in names:
             monkeypatch.setattr(mod, name, _Counting(getattr(mod, name), log, name))
     h = rand(SHAPE, torch.bfloat16, gen, cl=True).requires_grad_()
     s = rand(SHAPE, torch.float32, gen).requires_grad_()
     a = per_sample(SHAPE, torch.float32, gen).requires_grad_()
     g = per_sample(SHAPE, torch.float32, gen).requires_grad_()
-    # a channels_last host beside an NCHW seed: the mixed-layout (tiled) kernels
+    # a channels_last host beside an NCHW seed: the mixed-layout (tiled) iteration
     y = kk.blend_gate(h, s, a, g, backend="triton")
-    assert log == ["_tile_forward_kernel"]
+    assert log == ["_elementwise_kernel.tiled"]
     y.backward(torch.ones_like(y))
-    assert log[1:] == ["_tile_backward_kernel", "_weight_grad_kernel"]
+    assert log[1:] == ["_elementwise_kernel.backward.tiled", "_weight_grad_kernel"]
     log.clear()
     kk.blend_multiply(h.detach(), s.detach(), a.detach(), backend="triton").sum()
-    assert log == ["_tile_forward_kernel"]
+    assert log == ["_elementwise_kernel.tiled"]
     log.clear()
     y = kk.blend_add(h, s.detach().to(torch.bfloat16, memory_format=torch.channels_last), a, backend="triton")
-    assert log == ["_forward_kernel"]
+    assert log == ["_elementwise_kernel"]
     y.backward(torch.ones_like(y))
-    assert log[1:] == ["_backward_kernel", "_weight_grad_kernel"]
+    assert log[1:] == ["_elementwise_kernel.backward", "_weight_grad_kernel"]
     log.clear()
     x = rand((2, 512, 2, 2), torch.float32, gen, cl=True).requires_grad_()
     params = [p.requires_grad_() for p in _gate_params(512, torch.float32, gen)]
     out = kk.gate_network(x, *params, topology="cnn", backend="triton")
-    assert log == ["_gate_fwd_kernel"]
+    assert log == ["_gate_network_kernel"]
     out.sum().backward()
-    assert log[1:] == ["_gate_bwd_kernel", "_gate_wgrad_kernel"]
+    assert log[1:] == ["_gate_network_kernel.backward", "_gate_weight_grad_kernel"]
 
 
 # ---------------------------------------------------------------------------- pooling and gate network

@@ -4,7 +4,7 @@ Runs on CUDA tensors, and on CPU tensors under Triton's interpreter (``TRITON_IN
 slow, for tests). Exposes the same functions, with the same signatures, as
 `kasmina_kernels.native`. Files: `_common.py` (shared loads, stores, rounding and iteration
 helpers), `lerp.py` (ADD, GATE, isolation), `multiply.py` (MULTIPLY, the valve),
-`elementwise.py` (the kernels those and STE share), `gate.py` (the effective alpha, gated
+`elementwise.py` (the kernels those, STE and the effective alpha share), `gate.py` (gated
 pooling, the gate network) and `glue.py` (torch.library registration, autograd and the public
 functions).
 """

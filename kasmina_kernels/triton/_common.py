@@ -1,5 +1,5 @@
 """Pieces shared by the Triton kernels: interpreter-safe math (tanh, bfloat16 rounding), loads
-and stores that round once, the strided iteration plan and block-size heuristics.
+and stores that round once, weight loads, and the strided iteration plan.
 
 Triton's interpreter (``TRITON_INTERPRET=1``) cannot run libdevice functions and converts
 float32 to bfloat16 by truncation, so every kernel takes an ``INTERPRET`` constexpr and routes
@@ -12,6 +12,7 @@ interpreter.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -23,24 +24,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # beside CUDA features takes (so the interpreter exercises it too).
 FORCE_VALUE_MODE = False
 
-TL_DTYPE = {
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-    torch.bfloat16: tl.bfloat16,
-    torch.float16: tl.float16,
-    torch.int8: tl.int8,
-    torch.int16: tl.int16,
-    torch.int32: tl.int32,
-    torch.int64: tl.int64,
-    torch.uint8: tl.uint8,
-}
-
 
 def tl_dtype(dtype: torch.dtype):
-    try:
-        return TL_DTYPE[dtype]
-    except KeyError:
-        raise TypeError(f"triton backend: unsupported dtype {dtype}") from None
+    """The Triton dtype of the same name as a torch dtype."""
+    found = getattr(tl, str(dtype).split(".")[-1], None)
+    if not isinstance(found, tl.dtype):
+        raise TypeError(f"triton backend: unsupported dtype {dtype}")
+    return found
 
 
 def compute_dtype(*dtypes: torch.dtype):
@@ -88,16 +78,8 @@ def round_to(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """x rounded to DTYPE, returned in x's (float32/float64) dtype."""
     if DTYPE == x.dtype:
         return x
-    elif DTYPE == tl.bfloat16:
-        if INTERPRET:
-            b = _bfloat16_bits(x.to(tl.float32)).to(tl.uint32) << 16
-            return b.to(tl.float32, bitcast=True).to(x.dtype)
-        else:
-            return x.to(tl.float32).to(tl.bfloat16).to(x.dtype)
-    elif DTYPE == tl.float16:
-        return x.to(tl.float32).to(tl.float16).to(x.dtype)
     else:
-        return x.to(DTYPE).to(x.dtype)
+        return to_float(_stored_value(x, DTYPE, INTERPRET), x.dtype, INTERPRET)
 
 
 @triton.jit
@@ -176,29 +158,24 @@ def _tanh_from_exp(x):
     return tl.where(ax < cut, small, big).to(x.dtype)
 
 
-@triton.jit
-def sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
 # How a weight (alpha or gate) reaches a kernel: a Python float, one element, one per
 # sample, or one per element of the iteration.
 WEIGHT_BY_VALUE, WEIGHT_SCALAR, WEIGHT_PER_SAMPLE, WEIGHT_PER_ELEMENT = 0, 1, 2, 3
 
 
 @triton.jit
-def load_weight(ptr, sample, offset, mask, MODE: tl.constexpr, SAMPLE_STRIDE,
-                DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """A weight as DTYPE: by value, one scalar, per sample (`sample` a program's scalar index),
-    or per element (at `offset`)."""
+def load_weight(ptr, b, i0, i1, i2, sb, s0, s1, s2, mask, MODE: tl.constexpr, DTYPE: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    """A weight as DTYPE: by value, one scalar, per sample (b a program's sample) or per element
+    (at b*sb + i0*s0 + i1*s1 + i2*s2)."""
     if MODE == 0:
         return tl.cast(ptr, DTYPE)
     elif MODE == 1:
         return to_float(tl.load(ptr), DTYPE, INTERPRET)
     elif MODE == 2:
-        return to_float(tl.load(ptr + sample * SAMPLE_STRIDE), DTYPE, INTERPRET)
+        return to_float(tl.load(ptr + b * sb), DTYPE, INTERPRET)
     else:
-        return to_float(tl.load(ptr + offset, mask=mask, other=0), DTYPE, INTERPRET)
+        return to_float(tl.load(ptr + b * sb + i0 * s0 + i1 * s1 + i2 * s2, mask=mask, other=0), DTYPE, INTERPRET)
 
 
 @triton.jit
@@ -223,14 +200,6 @@ def offset(b, j, i0, i1, i2, sb, s0, s1, s2, FLAT: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------- host helpers
-def next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def cached(cache: dict, key, make):
     """cache[key], made by make() on a miss; the cache is emptied past 4096 entries."""
     value = cache.get(key, cache)
@@ -244,6 +213,29 @@ def cached(cache: dict, key, make):
 def present_or(t, placeholder):
     """A kernel argument: a pointer the kernel does not read stands in for an absent tensor."""
     return placeholder if t is None else t
+
+
+def weight_mode(w: torch.Tensor, device: torch.device) -> int:
+    """How weight w reaches a kernel iterating over tensors on `device`."""
+    if w.numel() == 1:
+        if w.device != device or FORCE_VALUE_MODE:
+            if w.dtype != torch.float64 and w.device.type == "cpu":
+                return WEIGHT_BY_VALUE  # a CPU scalar beside device features: no copy
+        return WEIGHT_SCALAR
+    if w.dim() >= 2 and all(d == 1 for d in w.shape[1:]):
+        return WEIGHT_PER_SAMPLE  # the elementwise launch confirms it against the features
+    return WEIGHT_PER_ELEMENT
+
+
+def weight_arg(w, mode, device):
+    """What a kernel takes for weight w: a float by value, else a tensor on the device."""
+    if w is None:
+        return None
+    if mode == WEIGHT_BY_VALUE:
+        return float(w.item())  # a CPU tensor: no device sync
+    if w.device != device:
+        return w.to(device, non_blocking=True)
+    return w
 
 
 _result_type_cache: dict = {}
@@ -268,48 +260,18 @@ MAX_BLOCK = 32768 if INTERPRET else 1024
 I32_SAFE = 2**31 - 2**20  # offsets at or past this use 64-bit arithmetic
 
 
-def elementwise_block(inner: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for an elementwise pass over `inner` elements per sample."""
-    block = min(MAX_BLOCK, max(64, next_pow2(inner)))
-    return block, (4 if block <= 1024 else 8)
-
-
-def _dense(shape, strides) -> bool:
-    expected = 1
-    for st, sz in sorted((st, sz) for sz, st in zip(shape, strides) if sz != 1):
-        if st != expected:
-            return False
-        expected *= sz
-    return True
-
-
-_dense_cache: dict = {}
-
-
-def is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense (every element of its storage span used once)."""
-    shape, strides = t.shape, t.stride()
-    return cached(_dense_cache, (shape, strides), lambda: _dense(shape, strides))
-
-
-def batch_outermost(shape, strides) -> bool:
-    """Dense strides whose dim 0 is the outermost: each sample is one contiguous slab."""
-    n = 1
-    for v in shape:
-        n *= v
-    return len(shape) > 0 and shape[0] > 1 and strides[0] * shape[0] == n
-
-
-class Plan:
+class Plan(NamedTuple):
     """How a kernel walks a tensor: `samples` samples (grid-split when > 1) of `inner` elements,
-    the inner part as up to 3 coalesced dims (D0, D1, D2); per operand its sample stride, its
-    3 inner strides and whether it is laid out like the iteration itself (flat)."""
+    the inner part as up to 3 coalesced dims (D0, D1, D2); per operand (sample stride, 3 inner
+    strides, whether it is laid out like the iteration itself: flat)."""
 
-    __slots__ = ("samples", "inner", "d1", "d2", "ndim", "operands", "i64")
-
-    def __init__(self, samples, inner, d1, d2, ndim, operands, i64):
-        self.samples, self.inner, self.d1, self.d2, self.ndim, self.operands, self.i64 = (
-            samples, inner, d1, d2, ndim, operands, i64)
+    samples: int
+    inner: int
+    d1: int
+    d2: int
+    ndim: int
+    operands: tuple
+    i64: bool
 
 
 def _make_plan(shape, ref_strides, op_strides, split):
@@ -358,15 +320,3 @@ def plan(shape, ref_strides, op_strides, split: bool):
     """The (cached) iteration plan, or None when the operands need more than 3 inner dims."""
     return cached(_plan_cache, (shape, ref_strides, op_strides, split),
                   lambda: _make_plan(tuple(shape), tuple(ref_strides), op_strides, split))
-
-
-def layout_4d(shape, strides):
-    """"nchw" or "cl" when a 4-D tensor is dense in that memory format (size-1 dims carry no
-    stride), else None. Where C or H*W is 1 the two coincide; "nchw" is returned."""
-    if len(shape) != 4:
-        return None
-    _, c, h, w = shape
-    for name, canon in (("nchw", (c * h * w, h * w, w, 1)), ("cl", (h * w * c, 1, w * c, c))):
-        if all(n == 1 or st == want for n, st, want in zip(shape, strides, canon)):
-            return name
-    return None

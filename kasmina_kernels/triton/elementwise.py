@@ -1,32 +1,21 @@
-"""The elementwise kernels of ADD, GATE, MULTIPLY, STE and the valve multiplier: one forward
-and one backward kernel over any strided layout, a tiled pair for mixed memory formats, and
-the kernel that reduces the alpha/gate gradient. The per-element math is each family's
-(`lerp.py`, `multiply.py`; STE's value is h + (s - s)). Operand names: h is the host (m for
-the valve), s the seed, r the seed input (h when absent).
+"""The elementwise kernel of ADD, GATE, MULTIPLY, STE, the valve multiplier and the gate's
+effective alpha, forward or backward, and the kernel that reduces the alpha/gate gradient.
+The per-element math is each family's (`lerp.py`, `multiply.py`; STE's value is h + (s - s)).
+Operands: h the host (m for the valve), s the seed, r the seed input (h when absent).
 
-A forward is one launch. A backward is one pass that writes each feature gradient and, for
-alpha/gate, one partial sum per program, then one program that sums the partials in a fixed
-order in float64 and chains them through the clamps (deterministic, no atomics); weights of
-other broadcast shapes reduce per-element terms with torch's deterministic sum instead.
-Nothing but the inputs is saved for backward, and no kernel writes into an input.
+A backward writes the feature gradients asked for and, for alpha/gate, one partial sum per
+program, which one more program sums in a fixed order in float64 and chains through the
+clamps (deterministic, no atomics); weights of other broadcast shapes reduce per-element terms
+with torch's deterministic sum instead. Only the inputs are saved; no kernel writes an input.
+Rounding follows the native backend: the seed is rounded to the host's dtype inside the
+kernel, math runs in float32 (float64 for double), each output is rounded once.
 
-Rounding points follow the native backend (csrc/cpu/blend_cpu.cpp): the seed is read in its
-own dtype and rounded to the host's dtype inside the kernel; math runs in float32 (float64
-for double); the output is rounded once; weights are rounded where the references round
-them. The alpha/gate gradient terms and partial sums are float64 for float32/float64
-features (float32 for half types), well inside rule 2 of docs/semantics.md#equivalence.
-
-Iteration: the kernels walk the output's storage order (the host's memory format), split per
-sample when a weight is per-sample, so alpha/gate cost one scalar load per program; every
-other operand is addressed by its own strides (a channels_last host with an NCHW seed costs no
-copy). Inner dims are coalesced to at most three; layouts that need more (rare, rank >= 5)
-are copied into the output's layout. Mixed memory formats (Esper's channels_last host beside
-an NCHW seed: every operand a dense (B,C,H,W) tensor in one of the two formats, weights scalar
-or per-sample) take the tiled kernels: one program per [positions x channels] tile of one
-sample, each operand read and written along its own contiguous dim. A backward reads only
-what its closed forms need and writes only the gradients asked for. 64-bit offsets switch on
-when a tensor spans 2^31 elements. A 0-dim CPU alpha beside device features is passed by value
-(no copy, no sync). Host-side planning is cached per (shape, strides, dtypes, devices).
+Iteration follows the output's storage order, split per sample when a weight is per-sample (one
+scalar load per program); other operands are addressed by their own strides, inner dims
+coalesced to at most three (else copied into the output's layout). Mixed memory formats (a
+channels_last host beside NCHW seeds or the reverse) iterate over [positions x channels] tiles
+instead, so every operand is read along its own contiguous dim. A 0-dim CPU alpha beside device
+features is passed by value (no copy, no sync); planning is cached per configuration.
 """
 
 from __future__ import annotations
@@ -36,9 +25,8 @@ import triton
 import triton.language as tl
 
 from .. import validation
-from . import _common as C
+from . import _common as common
 from ._common import (
-    WEIGHT_BY_VALUE,
     WEIGHT_PER_ELEMENT,
     WEIGHT_PER_SAMPLE,
     WEIGHT_SCALAR,
@@ -56,14 +44,15 @@ from ._common import present_or as _or
 from .lerp import effective_alpha, effective_alpha_backward, lerp, lerp_backward
 from .multiply import multiply, multiply_backward, valve, valve_backward
 
-OP_ADD, OP_GATE, OP_MULTIPLY, OP_STE, OP_VALVE = 0, 1, 2, 3, 4
+# OP_EFFECTIVE_ALPHA: GATE's weight alone (gate_effective_alpha); its backward is the weights' gradient
+OP_ADD, OP_GATE, OP_MULTIPLY, OP_STE, OP_VALVE, OP_EFFECTIVE_ALPHA = 0, 1, 2, 3, 4, 5
 
 # Per-sample weights use the per-sample split only when a sample has at least this many
 # elements; smaller samples read the weight per element (one program covers many samples).
 MIN_SPLIT_INNER = 64
 # Elements per tile of the mixed-layout path (a power of two). The interpreter runs one
 # program at a time, so it gets larger tiles; tests lower it to exercise edge tiles.
-TILE_ELEMS = 32768 if C.INTERPRET else 2048
+TILE_ELEMS = 32768 if common.INTERPRET else 2048
 
 
 # ============================================================================ kernels
@@ -71,7 +60,7 @@ TILE_ELEMS = 32768 if C.INTERPRET else 2048
 def _op_weight(alpha, gate, OP: tl.constexpr, HOST_DTYPE: tl.constexpr, PROMOTED_DTYPE: tl.constexpr,
                COMPUTE_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """The per-element weight of each op, rounded where the reference rounds it."""
-    if OP == 1:  # GATE: the effective alpha in the promoted dtype, then h's
+    if (OP == 1) | (OP == 5):  # GATE: the effective alpha in the promoted dtype, then h's
         w = round_to(effective_alpha(alpha, gate, PROMOTED_DTYPE, INTERPRET), HOST_DTYPE, INTERPRET)
     elif OP == 2:  # MULTIPLY: clamp01(alpha cast to h's dtype)
         w = clamp01(round_to(alpha, HOST_DTYPE, INTERPRET))
@@ -94,274 +83,126 @@ def _seed(x, HOST_DTYPE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INTERPRET: t
 
 
 @triton.jit
-def _forward_math(h, s, r, w, OP: tl.constexpr, INTERPRET: tl.constexpr):
-    """The value of ADD/GATE, MULTIPLY or STE on compute-dtype blocks of any shape."""
-    if OP <= 1:
-        y = lerp(h, s, w)
-    elif OP == 2:
-        y = multiply(h, s, r, w, INTERPRET)
-    else:
-        y = h + (s - s)
-    return y
-
-
-@triton.jit
-def _backward_math(grad, h, s, r, w, OP: tl.constexpr, SEED_INPUT_IS_HOST: tl.constexpr,
-                   WEIGHT_GRAD: tl.constexpr, HOST_DTYPE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-                   REDUCE_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """(dh, ds rounded to the host dtype, the weight's gradient term) of ADD/GATE/MULTIPLY."""
-    if OP <= 1:
-        dh, ds, weight_term = lerp_backward(grad, h, s, w, WEIGHT_GRAD, REDUCE_DTYPE)
-    else:
-        dh, ds, weight_term = multiply_backward(grad, h, s, r, w, SEED_INPUT_IS_HOST, WEIGHT_GRAD,
-                                                HOST_DTYPE, COMPUTE_DTYPE, REDUCE_DTYPE, INTERPRET)
-    # the gradient of s.to(h.dtype) is rounded to h's dtype, then (by the store) to s's
-    return dh, round_to(ds, HOST_DTYPE, INTERPRET), weight_term
-
-
-@triton.jit
-def _forward_kernel(
-    out_ptr, h_ptr, s_ptr, r_ptr, alpha_ptr, gate_ptr,
-    INNER, D1, D2, CHUNKS,
-    h_sb, h_s0, h_s1, h_s2,
-    s_sb, s_s0, s_s1, s_s2,
-    r_sb, r_s0, r_s1, r_s2,
-    alpha_sb, alpha_s0, alpha_s1, alpha_s2,
-    gate_sb, gate_s0, gate_s1, gate_s2,
-    OP: tl.constexpr, NDIM: tl.constexpr,
-    H_FLAT: tl.constexpr, S_FLAT: tl.constexpr, R_FLAT: tl.constexpr,
-    ALPHA_MODE: tl.constexpr, GATE_MODE: tl.constexpr, SEED_INPUT_IS_HOST: tl.constexpr,
-    HOST_DTYPE: tl.constexpr, PROMOTED_DTYPE: tl.constexpr, WEIGHT_DTYPE: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, TANH_DTYPE: tl.constexpr,
-    I64: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr,
-):
+def _block(INNER, D1, D2, CHUNKS, CHANNEL_TILES, NDIM: tl.constexpr, TILED: tl.constexpr, I64: tl.constexpr,
+           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(program, sample, flat index, coordinates i0, i1, i2, mask) of this program's block: a
+    run of BLOCK_P elements of a sample's (D0, D1, D2) iteration, or when TILED a tile of
+    BLOCK_P positions (i1 < D1) x BLOCK_C channels (i2 < D2)."""
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)
     b = pid // CHUNKS
-    j = (pid - b * CHUNKS) * BLOCK + tl.arange(0, BLOCK)
-    mask = j < INNER
-    i0, i1, i2 = coords(j, D1, D2, NDIM)
-    h_raw = tl.load(h_ptr + offset(b, j, i0, i1, i2, h_sb, h_s0, h_s1, h_s2, H_FLAT), mask=mask, other=0)
-    if OP != 3:
-        alpha = load_weight(alpha_ptr, b, offset(b, j, i0, i1, i2, alpha_sb, alpha_s0, alpha_s1, alpha_s2, False),
-                            mask, ALPHA_MODE, alpha_sb, WEIGHT_DTYPE, INTERPRET)
-        if OP == 1:
-            gate = load_weight(gate_ptr, b, offset(b, j, i0, i1, i2, gate_sb, gate_s0, gate_s1, gate_s2, False),
-                               mask, GATE_MODE, gate_sb, WEIGHT_DTYPE, INTERPRET)
-        else:
-            gate = alpha
-        w = _op_weight(alpha, gate, OP, HOST_DTYPE, PROMOTED_DTYPE, COMPUTE_DTYPE, INTERPRET)
-    if OP == 4:
-        y = valve(h_raw, w, h_ptr.dtype.element_ty, TANH_DTYPE, COMPUTE_DTYPE, INTERPRET)
+    chunk = pid - b * CHUNKS
+    if TILED:
+        position_tile = chunk // CHANNEL_TILES
+        i1 = (position_tile * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]
+        i2 = ((chunk - position_tile * CHANNEL_TILES) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
+        j = i1 * 0  # no operand of a tile is flat
+        i0 = j
+        mask = (i1 < D1) & (i2 < D2)
     else:
-        h = to_float(h_raw, COMPUTE_DTYPE, INTERPRET)
-        s_raw = tl.load(s_ptr + offset(b, j, i0, i1, i2, s_sb, s_s0, s_s1, s_s2, S_FLAT), mask=mask, other=0)
-        s = _seed(s_raw, HOST_DTYPE, COMPUTE_DTYPE, INTERPRET)
-        r = h
-        if OP == 2:
-            if not SEED_INPUT_IS_HOST:
-                r_raw = tl.load(r_ptr + offset(b, j, i0, i1, i2, r_sb, r_s0, r_s1, r_s2, R_FLAT), mask=mask, other=0)
-                r = _seed(r_raw, HOST_DTYPE, COMPUTE_DTYPE, INTERPRET)
-        if OP == 3:
-            w = h  # unused
-        y = _forward_math(h, s, r, w, OP, INTERPRET)
-    store(out_ptr + (b * INNER + j), y, mask, INTERPRET)
+        j = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask = j < INNER
+        i0, i1, i2 = coords(j, D1, D2, NDIM)
+    return pid, b, j, i0, i1, i2, mask
 
 
 @triton.jit
-def _backward_kernel(
-    dh_ptr, ds_ptr, dr_ptr, weight_terms_ptr, partials_ptr,
+def _elementwise_kernel(
+    out_ptr, ds_ptr, dr_ptr, weight_terms_ptr, partials_ptr,
     grad_ptr, h_ptr, s_ptr, r_ptr, alpha_ptr, gate_ptr,
-    INNER, D1, D2, CHUNKS,
+    INNER, D1, D2, CHUNKS, CHANNEL_TILES,
+    out_sb, out_s0, out_s1, out_s2,
     grad_sb, grad_s0, grad_s1, grad_s2,
     h_sb, h_s0, h_s1, h_s2,
     s_sb, s_s0, s_s1, s_s2,
     r_sb, r_s0, r_s1, r_s2,
     alpha_sb, alpha_s0, alpha_s1, alpha_s2,
     gate_sb, gate_s0, gate_s1, gate_s2,
-    OP: tl.constexpr, NDIM: tl.constexpr, GRAD_FLAT: tl.constexpr,
-    H_FLAT: tl.constexpr, S_FLAT: tl.constexpr, R_FLAT: tl.constexpr,
-    ALPHA_MODE: tl.constexpr, GATE_MODE: tl.constexpr, SEED_INPUT_IS_HOST: tl.constexpr,
-    WRITE_DH: tl.constexpr, WRITE_DS: tl.constexpr, WRITE_DR: tl.constexpr,
-    WEIGHT_GRAD: tl.constexpr, WEIGHT_TERMS_PER_ELEMENT: tl.constexpr,
-    READ_HOST: tl.constexpr, READ_SEED: tl.constexpr,
+    OP: tl.constexpr, BACKWARD: tl.constexpr, TILED: tl.constexpr, NDIM: tl.constexpr,
+    OUT_FLAT: tl.constexpr, GRAD_FLAT: tl.constexpr, H_FLAT: tl.constexpr, S_FLAT: tl.constexpr,
+    R_FLAT: tl.constexpr, ALPHA_MODE: tl.constexpr, GATE_MODE: tl.constexpr, SEED_INPUT_IS_HOST: tl.constexpr,
+    READ_HOST: tl.constexpr, READ_SEED: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_DS: tl.constexpr,
+    WRITE_DR: tl.constexpr, WEIGHT_GRAD: tl.constexpr, WEIGHT_TERMS_PER_ELEMENT: tl.constexpr,
     HOST_DTYPE: tl.constexpr, PROMOTED_DTYPE: tl.constexpr, WEIGHT_DTYPE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, TANH_DTYPE: tl.constexpr, REDUCE_DTYPE: tl.constexpr,
-    I64: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr,
+    I64: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    if I64:
-        pid = pid.to(tl.int64)
-    b = pid // CHUNKS
-    j = (pid - b * CHUNKS) * BLOCK + tl.arange(0, BLOCK)
-    mask = j < INNER
-    i0, i1, i2 = coords(j, D1, D2, NDIM)
-    out_off = b * INNER + j
-    grad = to_float(tl.load(grad_ptr + offset(b, j, i0, i1, i2, grad_sb, grad_s0, grad_s1, grad_s2, GRAD_FLAT),
-                            mask=mask, other=0), COMPUTE_DTYPE, INTERPRET)
+    """Forward: out = the op's value. Backward: out = dh (dm for the valve), ds, dr and the
+    weight's gradient terms (per element, or one partial sum per program)."""
+    pid, b, j, i0, i1, i2, mask = _block(INNER, D1, D2, CHUNKS, CHANNEL_TILES, NDIM, TILED, I64, BLOCK_P, BLOCK_C)
+    out_off = offset(b, j, i0, i1, i2, out_sb, out_s0, out_s1, out_s2, OUT_FLAT)
     h_off = offset(b, j, i0, i1, i2, h_sb, h_s0, h_s1, h_s2, H_FLAT)
-    alpha = load_weight(alpha_ptr, b, offset(b, j, i0, i1, i2, alpha_sb, alpha_s0, alpha_s1, alpha_s2, False),
-                        mask, ALPHA_MODE, alpha_sb, WEIGHT_DTYPE, INTERPRET)
-    if OP == 1:
-        gate = load_weight(gate_ptr, b, offset(b, j, i0, i1, i2, gate_sb, gate_s0, gate_s1, gate_s2, False),
-                           mask, GATE_MODE, gate_sb, WEIGHT_DTYPE, INTERPRET)
-    else:
+    s_off = offset(b, j, i0, i1, i2, s_sb, s_s0, s_s1, s_s2, S_FLAT)
+    if OP == 2:
+        r_off = offset(b, j, i0, i1, i2, r_sb, r_s0, r_s1, r_s2, R_FLAT)
+    if OP != 3:
+        alpha = load_weight(alpha_ptr, b, i0, i1, i2, alpha_sb, alpha_s0, alpha_s1, alpha_s2, mask, ALPHA_MODE,
+                            WEIGHT_DTYPE, INTERPRET)
         gate = alpha
-    w = _op_weight(alpha, gate, OP, HOST_DTYPE, PROMOTED_DTYPE, COMPUTE_DTYPE, INTERPRET)
-    if OP == 4:
+        if (OP == 1) | (OP == 5):
+            gate = load_weight(gate_ptr, b, i0, i1, i2, gate_sb, gate_s0, gate_s1, gate_s2, mask, GATE_MODE,
+                               WEIGHT_DTYPE, INTERPRET)
+        w = _op_weight(alpha, gate, OP, HOST_DTYPE, PROMOTED_DTYPE, COMPUTE_DTYPE, INTERPRET)
+    if BACKWARD:
+        grad = to_float(tl.load(grad_ptr + offset(b, j, i0, i1, i2, grad_sb, grad_s0, grad_s1, grad_s2, GRAD_FLAT),
+                                mask=mask, other=0), COMPUTE_DTYPE, INTERPRET)
+    if OP == 5:
+        if BACKWARD:
+            y = grad
+            weight_term = grad.to(REDUCE_DTYPE)
+        else:
+            y = tl.where(mask, w, 0.0)
+    elif OP == 4:
         m = tl.load(h_ptr + h_off, mask=mask, other=0)
-        dm, weight_term = valve_backward(grad, m, w, h_ptr.dtype.element_ty, TANH_DTYPE, COMPUTE_DTYPE,
-                                         REDUCE_DTYPE, INTERPRET)
-        if WRITE_DH:
-            store(dh_ptr + out_off, dm, mask, INTERPRET)
+        if BACKWARD:
+            y, weight_term = valve_backward(grad, m, w, h_ptr.dtype.element_ty, TANH_DTYPE, COMPUTE_DTYPE,
+                                            REDUCE_DTYPE, INTERPRET)
+        else:
+            y = valve(m, w, h_ptr.dtype.element_ty, TANH_DTYPE, COMPUTE_DTYPE, INTERPRET)
     else:
-        # operands the closed forms do not need are not read (placeholders keep the names bound)
-        h = grad
-        s = grad
-        r = grad
+        if BACKWARD:
+            # operands the closed forms do not need are not read (placeholders keep the names bound)
+            h = grad
+            s = grad
         if READ_HOST:
             h = to_float(tl.load(h_ptr + h_off, mask=mask, other=0), COMPUTE_DTYPE, INTERPRET)
-        s_off = offset(b, j, i0, i1, i2, s_sb, s_s0, s_s1, s_s2, S_FLAT)
         if READ_SEED:
             s = _seed(tl.load(s_ptr + s_off, mask=mask, other=0), HOST_DTYPE, COMPUTE_DTYPE, INTERPRET)
+        r = h
         if OP == 2:
-            r_off = offset(b, j, i0, i1, i2, r_sb, r_s0, r_s1, r_s2, R_FLAT)
-            if SEED_INPUT_IS_HOST:
-                r = h
-            else:
+            if not SEED_INPUT_IS_HOST:
                 r = _seed(tl.load(r_ptr + r_off, mask=mask, other=0), HOST_DTYPE, COMPUTE_DTYPE, INTERPRET)
-        dh, ds, weight_term = _backward_math(grad, h, s, r, w, OP, SEED_INPUT_IS_HOST, WEIGHT_GRAD,
-                                             HOST_DTYPE, COMPUTE_DTYPE, REDUCE_DTYPE, INTERPRET)
-        if WRITE_DH:
-            store(dh_ptr + out_off, dh, mask, INTERPRET)
-        if WRITE_DS:
-            store(ds_ptr + s_off, ds, mask, INTERPRET)
-        if OP == 2:
+        if OP == 3:
+            w = h  # STE: no weight
+        if BACKWARD:
+            if OP <= 1:
+                y, ds, weight_term = lerp_backward(grad, h, s, w, WEIGHT_GRAD, REDUCE_DTYPE)
+            else:
+                y, ds, weight_term = multiply_backward(grad, h, s, r, w, SEED_INPUT_IS_HOST, WEIGHT_GRAD, HOST_DTYPE,
+                                                       COMPUTE_DTYPE, REDUCE_DTYPE, INTERPRET)
+            # the gradient of s.to(h.dtype) is rounded to h's dtype, then (by the store) to s's
+            ds = round_to(ds, HOST_DTYPE, INTERPRET)
+            if WRITE_DS:
+                store(ds_ptr + s_off, ds, mask, INTERPRET)
             if WRITE_DR:
                 store(dr_ptr + r_off, -ds, mask, INTERPRET)
+        elif OP <= 1:
+            y = lerp(h, s, w)
+        elif OP == 2:
+            y = multiply(h, s, r, w, INTERPRET)
+        else:
+            y = h + (s - s)
+    if WRITE_OUT:
+        store(out_ptr + out_off, y, mask, INTERPRET)
     if WEIGHT_GRAD:
         weight_term = tl.where(mask, weight_term, 0.0)
         if WEIGHT_TERMS_PER_ELEMENT:
             tl.store(weight_terms_ptr + out_off, weight_term, mask=mask)
         else:
+            if TILED:
+                weight_term = tl.sum(weight_term, axis=1)
             tl.store(partials_ptr + pid, tl.sum(weight_term, axis=0))
-
-
-# ---------------------------------------------------------------------------- mixed layouts
-# A channels_last operand beside NCHW operands of one (B,C,H,W) shape: one program per tile
-# of [BLOCK_P positions x BLOCK_C channels] of one sample. Each operand is addressed along its
-# own contiguous dim (p*C + c channels_last, c*HW + p NCHW), so every load and store is
-# coalesced and Triton's compiler converts between the two register layouts through shared
-# memory. The per-element math is the flat kernels'.
-@triton.jit
-def _tile_offsets(b, positions, channels, C, HW, CHANNELS_LAST: tl.constexpr):
-    if CHANNELS_LAST:
-        return b * (C * HW) + (positions[:, None] * C + channels[None, :])
-    else:
-        return b * (C * HW) + (channels[None, :] * HW + positions[:, None])
-
-
-@triton.jit
-def _tile_coords(C, HW, TILES, CHANNEL_TILES, I64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(pid, sample, positions, channels, mask) of this program's tile."""
-    pid = tl.program_id(0)
-    if I64:
-        pid = pid.to(tl.int64)
-    b = pid // TILES
-    t = pid - b * TILES
-    position_tile = t // CHANNEL_TILES
-    channel_tile = t - position_tile * CHANNEL_TILES
-    positions = position_tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    channels = channel_tile * BLOCK_C + tl.arange(0, BLOCK_C)
-    if I64:
-        positions = positions.to(tl.int64)
-        channels = channels.to(tl.int64)
-    mask = (positions < HW)[:, None] & (channels < C)[None, :]
-    return pid, b, positions, channels, mask
-
-
-@triton.jit
-def _tile_forward_kernel(
-    out_ptr, h_ptr, s_ptr, r_ptr, alpha_ptr, gate_ptr,
-    C, HW, TILES, CHANNEL_TILES, alpha_sb, gate_sb,
-    OP: tl.constexpr, OUT_CL: tl.constexpr,
-    H_CL: tl.constexpr, S_CL: tl.constexpr, R_CL: tl.constexpr,
-    ALPHA_MODE: tl.constexpr, GATE_MODE: tl.constexpr, SEED_INPUT_IS_HOST: tl.constexpr,
-    HOST_DTYPE: tl.constexpr, PROMOTED_DTYPE: tl.constexpr, WEIGHT_DTYPE: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    I64: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    pid, b, pp, cc, mask = _tile_coords(C, HW, TILES, CHANNEL_TILES, I64, BLOCK_P, BLOCK_C)
-    h = to_float(tl.load(h_ptr + _tile_offsets(b, pp, cc, C, HW, H_CL), mask=mask, other=0), COMPUTE_DTYPE, INTERPRET)
-    s = _seed(tl.load(s_ptr + _tile_offsets(b, pp, cc, C, HW, S_CL), mask=mask, other=0),
-              HOST_DTYPE, COMPUTE_DTYPE, INTERPRET)
-    r = h
-    if OP == 2:
-        if not SEED_INPUT_IS_HOST:
-            r = _seed(tl.load(r_ptr + _tile_offsets(b, pp, cc, C, HW, R_CL), mask=mask, other=0),
-                      HOST_DTYPE, COMPUTE_DTYPE, INTERPRET)
-    w = h  # STE: unused
-    if OP != 3:
-        alpha = load_weight(alpha_ptr, b, 0, mask, ALPHA_MODE, alpha_sb, WEIGHT_DTYPE, INTERPRET)
-        gate = alpha
-        if OP == 1:
-            gate = load_weight(gate_ptr, b, 0, mask, GATE_MODE, gate_sb, WEIGHT_DTYPE, INTERPRET)
-        w = _op_weight(alpha, gate, OP, HOST_DTYPE, PROMOTED_DTYPE, COMPUTE_DTYPE, INTERPRET)
-    y = _forward_math(h, s, r, w, OP, INTERPRET)
-    store(out_ptr + _tile_offsets(b, pp, cc, C, HW, OUT_CL), y, mask, INTERPRET)
-
-
-@triton.jit
-def _tile_backward_kernel(
-    dh_ptr, ds_ptr, dr_ptr, partials_ptr,
-    grad_ptr, h_ptr, s_ptr, r_ptr, alpha_ptr, gate_ptr,
-    C, HW, TILES, CHANNEL_TILES, alpha_sb, gate_sb,
-    OP: tl.constexpr, GRAD_CL: tl.constexpr,
-    H_CL: tl.constexpr, S_CL: tl.constexpr, R_CL: tl.constexpr,
-    ALPHA_MODE: tl.constexpr, GATE_MODE: tl.constexpr, SEED_INPUT_IS_HOST: tl.constexpr,
-    WRITE_DH: tl.constexpr, WRITE_DS: tl.constexpr, WRITE_DR: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
-    READ_HOST: tl.constexpr, READ_SEED: tl.constexpr,
-    HOST_DTYPE: tl.constexpr, PROMOTED_DTYPE: tl.constexpr, WEIGHT_DTYPE: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, REDUCE_DTYPE: tl.constexpr,
-    I64: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # dh, ds, dr share the layouts of h, s, r (empty_like of dense operands)
-    pid, b, pp, cc, mask = _tile_coords(C, HW, TILES, CHANNEL_TILES, I64, BLOCK_P, BLOCK_C)
-    h_off = _tile_offsets(b, pp, cc, C, HW, H_CL)
-    s_off = _tile_offsets(b, pp, cc, C, HW, S_CL)
-    r_off = _tile_offsets(b, pp, cc, C, HW, R_CL)
-    grad = to_float(tl.load(grad_ptr + _tile_offsets(b, pp, cc, C, HW, GRAD_CL), mask=mask, other=0),
-                    COMPUTE_DTYPE, INTERPRET)
-    h = grad
-    s = grad
-    r = grad
-    if READ_HOST:
-        h = to_float(tl.load(h_ptr + h_off, mask=mask, other=0), COMPUTE_DTYPE, INTERPRET)
-    if READ_SEED:
-        s = _seed(tl.load(s_ptr + s_off, mask=mask, other=0), HOST_DTYPE, COMPUTE_DTYPE, INTERPRET)
-    if OP == 2:
-        if SEED_INPUT_IS_HOST:
-            r = h
-        else:
-            r = _seed(tl.load(r_ptr + r_off, mask=mask, other=0), HOST_DTYPE, COMPUTE_DTYPE, INTERPRET)
-    alpha = load_weight(alpha_ptr, b, 0, mask, ALPHA_MODE, alpha_sb, WEIGHT_DTYPE, INTERPRET)
-    gate = alpha
-    if OP == 1:
-        gate = load_weight(gate_ptr, b, 0, mask, GATE_MODE, gate_sb, WEIGHT_DTYPE, INTERPRET)
-    w = _op_weight(alpha, gate, OP, HOST_DTYPE, PROMOTED_DTYPE, COMPUTE_DTYPE, INTERPRET)
-    dh, ds, weight_term = _backward_math(grad, h, s, r, w, OP, SEED_INPUT_IS_HOST, WEIGHT_GRAD,
-                                         HOST_DTYPE, COMPUTE_DTYPE, REDUCE_DTYPE, INTERPRET)
-    if WRITE_DH:
-        store(dh_ptr + h_off, dh, mask, INTERPRET)
-    if WRITE_DS:
-        store(ds_ptr + s_off, ds, mask, INTERPRET)
-    if OP == 2:
-        if WRITE_DR:
-            store(dr_ptr + r_off, -ds, mask, INTERPRET)
-    if WEIGHT_GRAD:
-        weight_term = tl.where(mask, weight_term, 0.0)
-        tl.store(partials_ptr + pid, tl.sum(tl.sum(weight_term, axis=1), axis=0))
 
 
 @triton.jit
@@ -399,7 +240,7 @@ def _weight_grad_kernel(
             acc += tl.load(partials_ptr + rows[:, None] * CHUNKS + kk[None, :], mask=m2, other=0).to(tl.float64)
         d_weight = tl.sum(acc, axis=1)
         alpha = _load_weight_rows(alpha_ptr, rows, row_mask, ALPHA_MODE, alpha_sb, WEIGHT_DTYPE, INTERPRET)
-        if OP == 1:
+        if (OP == 1) | (OP == 5):
             gate = _load_weight_rows(gate_ptr, rows, row_mask, GATE_MODE, gate_sb, WEIGHT_DTYPE, INTERPRET)
             d_alpha, d_gate = effective_alpha_backward(d_weight, alpha, gate, PROMOTED_DTYPE, INTERPRET)
             if NEED_GATE:
@@ -424,27 +265,35 @@ def _weight_grad_kernel(
             store_scalar(dgate_ptr, tl.sum(total_gate, axis=0), INTERPRET)
 
 
-# ============================================================================ host side
-def weight_arg(w, mode, device):
-    """What a kernel takes for weight w: a float by value, else a tensor on the device."""
-    if w is None:
+# ============================================================================ planning
+_dense_cache: dict = {}
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense (every element of its storage span used once)."""
+    shape, strides = t.shape, t.stride()
+
+    def make():
+        expected = 1
+        for stride, size in sorted((st, sz) for sz, st in zip(shape, strides) if sz != 1):
+            if stride != expected:
+                return False
+            expected *= size
+        return True
+
+    return common.cached(_dense_cache, (shape, strides), make)
+
+
+def _layout_4d(shape, strides):
+    """"nchw" or "cl" when a 4-D tensor is dense in that memory format (size-1 dims carry no
+    stride), else None. Where C or H*W is 1 the two coincide; "nchw" is returned."""
+    if len(shape) != 4:
         return None
-    if mode == WEIGHT_BY_VALUE:
-        return float(w.item())  # a CPU tensor: no device sync
-    if w.device != device:
-        return w.to(device, non_blocking=True)
-    return w
-
-
-def _weight_mode(w: torch.Tensor, device: torch.device) -> int:
-    if w.numel() == 1:
-        if w.device != device or C.FORCE_VALUE_MODE:
-            if w.dtype != torch.float64 and w.device.type == "cpu":
-                return WEIGHT_BY_VALUE  # a CPU scalar beside device features: no copy
-        return WEIGHT_SCALAR
-    if w.dim() >= 2 and all(d == 1 for d in w.shape[1:]):
-        return WEIGHT_PER_SAMPLE  # confirmed against the features' shape in _make_launch
-    return WEIGHT_PER_ELEMENT
+    _, c, h, w = shape
+    for name, canon in (("nchw", (c * h * w, h * w, w, 1)), ("cl", (h * w * c, 1, w * c, c))):
+        if all(n == 1 or st == want for n, st, want in zip(shape, strides, canon)):
+            return name
+    return None
 
 
 class _Launch:
@@ -458,25 +307,106 @@ class _Launch:
 _launch_cache: dict = {}
 
 
-def _to_layout(x: torch.Tensor, shape, strides) -> torch.Tensor:
-    out = torch.empty_strided(shape, strides, dtype=x.dtype, device=x.device)
-    out.copy_(x.expand(shape))
-    return out
+def _tiled_iteration(op, shape, ref_strides, operands, modes):
+    """The mixed-layout iteration (channels_last beside NCHW operands of one (B,C,H,W) shape,
+    weights scalar or per-sample): (samples, tiles, ints, strides of out/grad/h/s/r, kw), or
+    None to leave the call to the strided iteration (one layout everywhere, other layouts,
+    ranks or weight shapes)."""
+    if op == OP_VALVE or len(shape) != 4 or WEIGHT_PER_ELEMENT in modes:
+        return None
+    samples, channels, hw = shape[0], shape[1], shape[2] * shape[3]
+    if samples == 0 or channels < 2 or hw < 2 or channels * hw < MIN_SPLIT_INNER:
+        return None
+    ref = _layout_4d(shape, ref_strides)
+    layouts = [None if x is None else _layout_4d(shape, x.stride()) for x in operands]
+    if ref is None or layouts[1] != ref or any(x is not None and c is None for x, c in zip(operands, layouts)):
+        return None  # out (dh) is written at h's offsets
+    if all(c is None or c == ref for c in layouts):
+        return None  # one layout: the strided iteration is already coalesced
+    # powers of two, about TILE_ELEMS elements, neither side starved (each operand's
+    # contiguous run is a whole row or column of the tile)
+    block_p = min(triton.next_power_of_2(hw), 64)
+    block_c = min(triton.next_power_of_2(channels), max(1, TILE_ELEMS // block_p))
+    block_p = min(triton.next_power_of_2(hw), max(1, TILE_ELEMS // block_c))
+    channel_tiles = triton.cdiv(channels, block_c)
+    tiles = triton.cdiv(hw, block_p) * channel_tiles
+    sample = channels * hw
+    strides = [(sample, 0, channels, 1) if c == "cl" else (sample, 0, 1, hw) for c in [ref] + layouts]
+    kw = dict(TILED=True, NDIM=3, I64=samples * sample + TILE_ELEMS >= common.I32_SAFE,
+              BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4 if block_p * block_c <= 1024 else 8)
+    return samples, tiles, (sample, hw, channels, tiles, channel_tiles), strides, [False] * 5, kw
 
 
-def _dtype_kw(op, weights, host, promoted, m_dtype):
-    compute = C.compute_dtype(host, *([m_dtype] if m_dtype is not None else []))
-    weight = C.compute_dtype(*[w.dtype for w in weights if w is not None], host, promoted)
-    return dict(OP=op, HOST_DTYPE=C.tl_dtype(host), PROMOTED_DTYPE=C.tl_dtype(promoted),
-                WEIGHT_DTYPE=weight, COMPUTE_DTYPE=compute)
+def _strided_iteration(shape, ref_strides, operands, weights, modes):
+    """The iteration in the output's storage order, operands by their own strides: (samples,
+    chunks, ints, strides of out/grad/h/s/r and per-element weights, flat flags, kw), or None
+    when the operands need more than 3 inner dims. Turns per-sample weight modes per-element
+    where samples are not split."""
+    n = 1
+    for v in shape:
+        n *= v
+    split = False
+    if WEIGHT_PER_SAMPLE in modes:
+        split = _batch_outermost(shape, ref_strides) and n // shape[0] >= MIN_SPLIT_INNER
+        if not split:
+            modes[:] = [WEIGHT_PER_ELEMENT if m == WEIGHT_PER_SAMPLE else m for m in modes]
+    per_element = [w.expand(shape).stride() for m, w in zip(modes, weights) if m == WEIGHT_PER_ELEMENT]
+    op_strides = (ref_strides,) + tuple(ref_strides if x is None else x.stride() for x in operands)
+    p = common.plan(shape, ref_strides, op_strides + tuple(per_element), split)
+    if p is None:
+        return None
+    block = min(common.MAX_BLOCK, max(64, triton.next_power_of_2(p.inner)))
+    chunks = triton.cdiv(p.inner, block)
+    kw = dict(TILED=False, NDIM=p.ndim, I64=p.i64, BLOCK_P=block, BLOCK_C=1, num_warps=4 if block <= 1024 else 8)
+    return (p.samples, chunks, (p.inner, p.d1, p.d2, chunks, 1), [o[:4] for o in p.operands],
+            [o[4] for o in p.operands[:5]], kw)
 
 
-def _backward_kw(launch, op, need, operands, modes, samples, chunks, sample_strides, dtype_kw):
-    """The backward kernel's flags and the weight-gradient kernel's launch."""
-    _, need_s, need_r, need_alpha, need_gate = need
+def _batch_outermost(shape, strides) -> bool:
+    """Dense strides whose dim 0 is the outermost: each sample is one contiguous slab."""
+    n = 1
+    for v in shape:
+        n *= v
+    return len(shape) > 0 and shape[0] > 1 and strides[0] * shape[0] == n
+
+
+def _make_launch(backward, op, shape, ref_strides, operands, weights, device, host, promoted, m_dtype, need):
+    """operands: (grad or None, h, s, r); need: the backward's (dh, ds, dr, dalpha, dgate)."""
+    launch = _Launch()
+    modes = [WEIGHT_SCALAR if w is None else common.weight_mode(w, device) for w in weights]
+    for k, (m, w) in enumerate(zip(modes, weights)):
+        if m == WEIGHT_PER_SAMPLE and not (w.dim() == len(shape) and w.shape[0] == shape[0]):
+            modes[k] = WEIGHT_PER_ELEMENT
+    iteration = _tiled_iteration(op, shape, ref_strides, operands, modes)
+    launch.tiled = iteration is not None
+    if iteration is None:
+        iteration = _strided_iteration(shape, ref_strides, operands, weights, modes)
+    launch.fallback = iteration is None
+    launch.modes = modes
+    if iteration is None:
+        return launch
+    samples, chunks, ints, strides, flats, kw = iteration
+    launch.grid = (samples * chunks,)
+    per_element = iter(strides[5:])
+    strides = strides[:5] + [next(per_element) if m == WEIGHT_PER_ELEMENT
+                             else (w.stride(0) if m == WEIGHT_PER_SAMPLE else 0, 0, 0, 0)
+                             for m, w in zip(modes, weights)]
+    launch.ints = ints + sum(strides, ())
+    compute = common.compute_dtype(host, *([m_dtype] if m_dtype is not None else []))
+    dtype_kw = dict(OP=op, HOST_DTYPE=common.tl_dtype(host), PROMOTED_DTYPE=common.tl_dtype(promoted),
+                    WEIGHT_DTYPE=common.compute_dtype(*[w.dtype for w in weights if w is not None], host, promoted))
+    kw.update(dtype_kw, BACKWARD=backward, COMPUTE_DTYPE=compute, TANH_DTYPE=common.compute_dtype(operands[1].dtype),
+              ALPHA_MODE=modes[0], GATE_MODE=modes[1], SEED_INPUT_IS_HOST=operands[3] is None,
+              INTERPRET=common.INTERPRET, **dict(zip(("OUT_FLAT", "GRAD_FLAT", "H_FLAT", "S_FLAT", "R_FLAT"), flats)))
+    if not backward:
+        launch.kw = dict(kw, READ_HOST=True, READ_SEED=True, WRITE_OUT=True, WRITE_DS=False, WRITE_DR=False,
+                         WEIGHT_GRAD=False, WEIGHT_TERMS_PER_ELEMENT=False, REDUCE_DTYPE=compute)
+        return launch
+    need_h, need_s, need_r, need_alpha, need_gate = need
     weight_grad = bool(need_alpha or need_gate)
-    reduce_dtype = tl.float64 if dtype_kw["HOST_DTYPE"] in (tl.float32, tl.float64) else tl.float32
+    reduce_dtype = tl.float64 if host in (torch.float32, torch.float64) else tl.float32
     launch.partial_dtype = torch.float64 if reduce_dtype == tl.float64 else torch.float32
+    launch.weight_terms_per_element = weight_grad and WEIGHT_PER_ELEMENT in modes
     write_ds = bool(need_s) and operands[2] is not None
     write_dr = bool(need_r) and operands[3] is not None
     # what the closed forms read: the lerp's dh = g*(1-w) and ds = g*w need neither h nor s
@@ -487,119 +417,16 @@ def _backward_kw(launch, op, need, operands, modes, samples, chunks, sample_stri
     else:
         read_host = op != OP_MULTIPLY or operands[3] is None or write_ds or write_dr or weight_grad
         read_seed = True
-    block_k = min(C.next_pow2(chunks), 1024)
-    launch.weight_grad_ints = (samples, chunks, sample_strides[0], sample_strides[1])
+    launch.kw = dict(kw, READ_HOST=bool(read_host), READ_SEED=read_seed, WRITE_OUT=bool(need_h), WRITE_DS=write_ds,
+                     WRITE_DR=write_dr, WEIGHT_GRAD=weight_grad, REDUCE_DTYPE=reduce_dtype,
+                     WEIGHT_TERMS_PER_ELEMENT=launch.weight_terms_per_element)
+    block_k = min(triton.next_power_of_2(chunks), 1024)
+    launch.weight_grad_ints = (samples, chunks, strides[5][0], strides[6][0])
     launch.weight_grad_kw = dict(
-        {k: dtype_kw[k] for k in ("OP", "HOST_DTYPE", "PROMOTED_DTYPE", "WEIGHT_DTYPE")},
-        ALPHA_MODE=modes[0], GATE_MODE=modes[1], NEED_ALPHA=bool(need_alpha), NEED_GATE=bool(need_gate),
-        INTERPRET=C.INTERPRET, BLOCK_B=max(1, min(C.next_pow2(samples), 4096 // block_k)), BLOCK_K=block_k)
-    return dict(WRITE_DH=bool(need[0]), WRITE_DS=write_ds, WRITE_DR=write_dr, WEIGHT_GRAD=weight_grad,
-                READ_HOST=bool(read_host), READ_SEED=read_seed, REDUCE_DTYPE=reduce_dtype)
-
-
-def _make_launch(backward, op, shape, ref_strides, operands, weights, device, host, promoted, m_dtype,
-                 need):
-    launch = _Launch()
-    modes = [WEIGHT_SCALAR if w is None else _weight_mode(w, device) for w in weights]
-    for k, (m, w) in enumerate(zip(modes, weights)):
-        if m == WEIGHT_PER_SAMPLE and not (w.dim() == len(shape) and w.shape[0] == shape[0]):
-            modes[k] = WEIGHT_PER_ELEMENT
-    launch.fallback = launch.tiled = False
-    launch.modes = modes
-    dtype_kw = _dtype_kw(op, weights, host, promoted, m_dtype)
-    if _make_tile_launch(launch, backward, op, shape, ref_strides, operands, weights, need, dtype_kw):
-        return launch
-    n = 1
-    for v in shape:
-        n *= v
-    split = False
-    if WEIGHT_PER_SAMPLE in modes:
-        split = C.batch_outermost(shape, ref_strides) and n // shape[0] >= MIN_SPLIT_INNER
-        if not split:
-            modes = launch.modes = [WEIGHT_PER_ELEMENT if m == WEIGHT_PER_SAMPLE else m for m in modes]
-    per_element = [w.expand(shape).stride() for m, w in zip(modes, weights) if m == WEIGHT_PER_ELEMENT]
-    op_strides = tuple(ref_strides if x is None else x.stride() for x in operands) + tuple(per_element)
-    p = C.plan(shape, ref_strides, op_strides, split)
-    launch.fallback = p is None
-    if p is None:
-        return launch
-    block, warps = C.elementwise_block(p.inner)
-    chunks = C.cdiv(p.inner, block)
-    launch.grid = (p.samples * chunks,)
-    n_operands = len(operands)
-    strides = [o[:4] for o in p.operands[:n_operands]]
-    flats = [o[4] for o in p.operands[:n_operands]]
-    k = n_operands
-    for m, w in zip(modes, weights):
-        if m == WEIGHT_PER_ELEMENT:
-            strides.append(p.operands[k][:4])
-            k += 1
-        else:
-            strides.append((w.stride(0) if m == WEIGHT_PER_SAMPLE else 0, 0, 0, 0))
-    launch.ints = (p.inner, p.d1, p.d2, chunks) + sum(strides, ())
-    kw = dict(dtype_kw, NDIM=p.ndim, ALPHA_MODE=modes[0], GATE_MODE=modes[1],
-              SEED_INPUT_IS_HOST=operands[-1] is None,
-              TANH_DTYPE=C.compute_dtype(operands[1 if backward else 0].dtype),  # m's opmath (VALVE)
-              I64=p.i64, INTERPRET=C.INTERPRET, BLOCK=block, num_warps=warps)
-    names = ("GRAD_FLAT", "H_FLAT", "S_FLAT", "R_FLAT") if backward else ("H_FLAT", "S_FLAT", "R_FLAT")
-    kw.update(zip(names, flats))
-    if backward:
-        launch.weight_terms_per_element = bool(need[3] or need[4]) and WEIGHT_PER_ELEMENT in modes
-        kw.update(_backward_kw(launch, op, need, operands, modes, p.samples, chunks,
-                               (strides[-2][0], strides[-1][0]), dtype_kw),
-                  WEIGHT_TERMS_PER_ELEMENT=launch.weight_terms_per_element)
-    launch.kw = kw
+        dtype_kw, ALPHA_MODE=modes[0], GATE_MODE=modes[1], NEED_ALPHA=bool(need_alpha), NEED_GATE=bool(need_gate),
+        INTERPRET=common.INTERPRET, BLOCK_B=max(1, min(triton.next_power_of_2(samples), 4096 // block_k)),
+        BLOCK_K=block_k)
     return launch
-
-
-def _tile_blocks(channels, hw):
-    """(BLOCK_P, BLOCK_C, num_warps) of the mixed-layout path: powers of two, about
-    TILE_ELEMS elements, neither side starved (each operand's contiguous run is a whole row
-    of the tile)."""
-    bp0 = min(C.next_pow2(hw), 64)
-    bc = min(C.next_pow2(channels), max(1, TILE_ELEMS // bp0))
-    bp = min(C.next_pow2(hw), max(1, TILE_ELEMS // bc))
-    return bp, bc, (4 if bp * bc <= 1024 else 8)
-
-
-def _make_tile_launch(launch, backward, op, shape, ref_strides, operands, weights, need, dtype_kw):
-    """The mixed-layout path (channels_last beside NCHW operands of one (B,C,H,W) shape, weights
-    scalar or per-sample): fills `launch` and returns True, or returns False to leave the call
-    to the flat path (one layout everywhere, other layouts, ranks or weight shapes)."""
-    modes = launch.modes
-    if op == OP_VALVE or len(shape) != 4 or WEIGHT_PER_ELEMENT in modes:
-        return False
-    samples, channels, hw = shape[0], shape[1], shape[2] * shape[3]
-    if samples == 0 or channels < 2 or hw < 2 or channels * hw < MIN_SPLIT_INNER:
-        return False
-    ref = C.layout_4d(shape, ref_strides)
-    layouts = [None if x is None else C.layout_4d(shape, x.stride()) for x in operands]
-    if ref is None or any(x is not None and c is None for x, c in zip(operands, layouts)):
-        return False
-    if backward and layouts[1] != ref:  # dh is written at h's offsets
-        return False
-    if all(c is None or c == ref for c in layouts):
-        return False  # one layout: the flat path is already coalesced
-    bp, bc, warps = _tile_blocks(channels, hw)
-    channel_tiles = C.cdiv(channels, bc)
-    tiles = C.cdiv(hw, bp) * channel_tiles
-    launch.tiled = True
-    launch.weight_terms_per_element = False
-    launch.grid = (samples * tiles,)
-    sample_strides = [w.stride(0) if m == WEIGHT_PER_SAMPLE else 0 for m, w in zip(modes, weights)]
-    launch.ints = (channels, hw, tiles, channel_tiles, *sample_strides)
-    kw = dict(dtype_kw, ALPHA_MODE=modes[0], GATE_MODE=modes[1], SEED_INPUT_IS_HOST=operands[-1] is None,
-              I64=samples * channels * hw + TILE_ELEMS >= C.I32_SAFE, INTERPRET=C.INTERPRET,
-              BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
-    channels_last = [c == "cl" for c in layouts]
-    if backward:
-        kw.update(_backward_kw(launch, op, need, operands, modes, samples, tiles, sample_strides, dtype_kw),
-                  GRAD_CL=channels_last[0], H_CL=channels_last[1], S_CL=channels_last[2],
-                  R_CL=channels_last[3])
-    else:
-        kw.update(OUT_CL=ref == "cl", H_CL=channels_last[0], S_CL=channels_last[1], R_CL=channels_last[2])
-    launch.kw = kw
-    return True
 
 
 def _describe(t):
@@ -614,9 +441,15 @@ def _get_launch(backward, op, shape, ref_strides, operands, weights, device, hos
                 need=None):
     key = (backward, op, shape, ref_strides, tuple(_describe(x) for x in operands),
            _describe_weight(weights[0]), _describe_weight(weights[1]), device, host, promoted, need,
-           C.FORCE_VALUE_MODE)
-    return C.cached(_launch_cache, key, lambda: _make_launch(
+           common.FORCE_VALUE_MODE)
+    return common.cached(_launch_cache, key, lambda: _make_launch(
         backward, op, shape, ref_strides, operands, weights, device, host, promoted, m_dtype, need))
+
+
+def _to_layout(x: torch.Tensor, shape, strides) -> torch.Tensor:
+    out = torch.empty_strided(shape, strides, dtype=x.dtype, device=x.device)
+    out.copy_(x.expand(shape))
+    return out
 
 
 def _materialize(weights, shape, strides, device):
@@ -632,33 +465,33 @@ def _materialize(weights, shape, strides, device):
     return out
 
 
-# ---------------------------------------------------------------------------- forward
+# ============================================================================ launches
 def forward(op, out, h, s, r, alpha, gate, host, promoted, m_dtype=None):
     """Launch the forward kernel of `op` writing `out` (whose layout is the iteration's)."""
     if out.numel() == 0:
         return out
     device = h.device
     shape, strides = out.shape, out.stride()
-    launch = _get_launch(False, op, shape, strides, (h, s, r), (alpha, gate), device, host, promoted, m_dtype)
+    launch = _get_launch(False, op, shape, strides, (None, h, s, r), (alpha, gate), device, host, promoted, m_dtype)
     if launch.fallback:
         # more than 3 inner dims no stride pattern coalesces: copy into the iteration layout
         h, s, r = (None if x is None else _to_layout(x, shape, strides) for x in (h, s, r))
         alpha, gate = _materialize((alpha, gate), shape, strides, device)
-        launch = _get_launch(False, op, shape, strides, (h, s, r), (alpha, gate), device, host, promoted, m_dtype)
-    a = weight_arg(alpha, launch.modes[0], device)
-    g = weight_arg(gate, launch.modes[1], device)
-    kernel = _tile_forward_kernel if launch.tiled else _forward_kernel
-    kernel[launch.grid](out, h, _or(s, h), _or(r, h), _or(a, h), _or(g, h), *launch.ints, **launch.kw)
+        launch = _get_launch(False, op, shape, strides, (None, h, s, r), (alpha, gate), device, host, promoted,
+                             m_dtype)
+    a = common.weight_arg(alpha, launch.modes[0], device)
+    g = common.weight_arg(gate, launch.modes[1], device)
+    _elementwise_kernel[launch.grid](out, out, out, out, out, h, h, _or(s, h), _or(r, h), _or(a, h), _or(g, h),
+                                     *launch.ints, **launch.kw)
     return out
 
 
-# ---------------------------------------------------------------------------- backward
 def _feature_grad_buffer(x: torch.Tensor, needed: bool):
     """(kernel operand, gradient buffer): the gradient shares the operand's strides, so a
     non-dense operand is first copied into the layout empty_like gives."""
-    if C.is_dense(x):
-        return x, (torch.empty_like(x) if needed else None)
-    return torch.empty_like(x).copy_(x), (torch.empty_like(x) if needed else None)
+    if not is_dense(x):
+        x = torch.empty_like(x).copy_(x)
+    return x, (torch.empty_like(x) if needed else None)
 
 
 def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, m_dtype=None, original_weights=None):
@@ -670,7 +503,7 @@ def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, m_dtype=None,
         grad = grad.to(host)
     device = h.device
     shape = h.shape
-    dh = torch.empty_like(h) if (need_h or not C.is_dense(h)) else None
+    dh = torch.empty_like(h) if (need_h or not is_dense(h)) else None
     strides = h.stride() if dh is None else dh.stride()
     ds = dr = None
     if s is not None:
@@ -695,68 +528,58 @@ def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, m_dtype=None,
         if dr is not None:
             dr.copy_(grads[2])
         return (dh.copy_(grads[0]) if need_h else None), ds, dr, grads[3], grads[4]
-    a = weight_arg(alpha, launch.modes[0], device)
-    g = weight_arg(gate, launch.modes[1], device)
+    a = common.weight_arg(alpha, launch.modes[0], device)
+    g = common.weight_arg(gate, launch.modes[1], device)
     weight_terms = partials = None
     if need_alpha or need_gate:
         if launch.weight_terms_per_element:
             weight_terms = torch.empty_strided(shape, strides, dtype=launch.partial_dtype, device=device)
         else:
             partials = torch.empty(launch.grid, dtype=launch.partial_dtype, device=device)
-    if launch.tiled:
-        _tile_backward_kernel[launch.grid](
-            _or(dh, h), _or(ds, h), _or(dr, h), _or(partials, h),
-            grad, h, _or(s, h), _or(r, h), _or(a, h), _or(g, h), *launch.ints, **launch.kw)
-    else:
-        _backward_kernel[launch.grid](
-            _or(dh, h), _or(ds, h), _or(dr, h), _or(weight_terms, h), _or(partials, h),
-            grad, h, _or(s, h), _or(r, h), _or(a, h), _or(g, h), *launch.ints, **launch.kw)
+    _elementwise_kernel[launch.grid](
+        _or(dh, h), _or(ds, h), _or(dr, h), _or(weight_terms, h), _or(partials, h),
+        grad, h, _or(s, h), _or(r, h), _or(a, h), _or(g, h), *launch.ints, **launch.kw)
     da = dg = None
-    if need_alpha or need_gate:
-        if launch.weight_terms_per_element:
-            da, dg = _weight_grads_from_elements(op, weight_terms, user_alpha, user_gate, need_alpha, need_gate,
-                                                 host, promoted)
-        else:
-            da = torch.empty(user_alpha.shape, dtype=user_alpha.dtype, device=device) if need_alpha else None
-            dg = torch.empty(user_gate.shape, dtype=user_gate.dtype, device=device) if need_gate else None
-            _weight_grad_kernel[(1,)](partials, _or(da, partials), _or(dg, partials), _or(a, partials),
-                                      _or(g, partials), *launch.weight_grad_ints, **launch.weight_grad_kw)
-            if da is not None and da.device != user_alpha.device:
-                da = da.to(user_alpha.device)
-            if dg is not None and dg.device != user_gate.device:
-                dg = dg.to(user_gate.device)
+    if launch.weight_terms_per_element:
+        da, dg = _weight_grads_from_elements(op, weight_terms, user_alpha, user_gate, need_alpha, need_gate, host,
+                                             promoted)
+    elif need_alpha or need_gate:
+        da = torch.empty(user_alpha.shape, dtype=user_alpha.dtype, device=device) if need_alpha else None
+        dg = torch.empty(user_gate.shape, dtype=user_gate.dtype, device=device) if need_gate else None
+        _weight_grad_kernel[(1,)](partials, _or(da, partials), _or(dg, partials), _or(a, partials),
+                                  _or(g, partials), *launch.weight_grad_ints, **launch.weight_grad_kw)
+        if da is not None and da.device != user_alpha.device:
+            da = da.to(user_alpha.device)
+        if dg is not None and dg.device != user_gate.device:
+            dg = dg.to(user_gate.device)
     return (dh if need_h else None), ds, dr, da, dg
 
 
-def _in01(x):
-    return (x >= 0) & (x <= 1)
-
-
 def _weight_grads_from_elements(op, weight_terms, alpha, gate, need_alpha, need_gate, host, promoted):
-    """Slow path for weights of general broadcast shapes: per-element terms summed to the
-    weight's shape in float64 by torch (deterministic), then chained through the clamps."""
-    device = weight_terms.device
-    zero = torch.zeros((), dtype=torch.float64, device=device)
+    """Weights of general broadcast shapes: per-element terms summed in float64 by torch
+    (deterministic) to the weight's shape (GATE: the broadcast of alpha's and gate's), then
+    chained through the clamps."""
+    def in01(x):
+        return (x >= 0) & (x <= 1)
 
-    def to_shape(x, w):
-        return (x.sum_to_size(w.shape) if w.dim() else x.sum()).to(w.dtype).to(w.device)
+    def to_shape(d, w):
+        return (d.sum_to_size(w.shape) if w.dim() else d.sum()).to(w.dtype).to(w.device)
 
-    if op != OP_GATE:
-        d = weight_terms.to(torch.float64)
-        d = d.sum_to_size(alpha.shape) if alpha.dim() else d.sum()
-        a = alpha.to(device)
-        masked_on = a.to(host) if op == OP_MULTIPLY else a
-        return torch.where(_in01(masked_on), d, zero).to(alpha.dtype).to(alpha.device), None
-    eshape = validation.broadcast_shape(alpha.shape, gate.shape)
-    de = weight_terms.to(torch.float64)
-    de = de.sum_to_size(eshape) if len(eshape) else de.sum()
-    a, g = alpha.to(device), gate.to(device)
-    wd = torch.float64 if torch.float64 in (alpha.dtype, gate.dtype, host) else torch.float32
-    ca, cg = a.to(wd).clamp(0, 1), g.to(wd).clamp(0, 1)
-    dp = torch.where(_in01((ca * cg).to(promoted)), de, zero)
-    da = to_shape(torch.where(_in01(a), dp * cg.double(), zero), alpha) if need_alpha else None
-    dg = to_shape(torch.where(_in01(g), dp * ca.double(), zero), gate) if need_gate else None
-    return da, dg
+    terms = weight_terms.to(torch.float64)
+    zero = terms.new_zeros(())
+    if op not in (OP_GATE, OP_EFFECTIVE_ALPHA):
+        a = alpha.to(terms.device)
+        d_alpha = terms.sum_to_size(alpha.shape) if alpha.dim() else terms.sum()
+        return to_shape(torch.where(in01(a.to(host) if op == OP_MULTIPLY else a), d_alpha, zero), alpha), None
+    shape = validation.broadcast_shape(alpha.shape, gate.shape)
+    terms = terms.sum_to_size(shape) if len(shape) else terms.sum()
+    a, g = alpha.to(terms.device), gate.to(terms.device)
+    weight_dtype = torch.float64 if torch.float64 in (alpha.dtype, gate.dtype, host) else torch.float32
+    clamped_alpha, clamped_gate = a.to(weight_dtype).clamp(0, 1), g.to(weight_dtype).clamp(0, 1)
+    d_product = torch.where(in01((clamped_alpha * clamped_gate).to(promoted)), terms, zero)
+    d_alpha = to_shape(torch.where(in01(a), d_product * clamped_gate.double(), zero), alpha) if need_alpha else None
+    d_gate = to_shape(torch.where(in01(g), d_product * clamped_alpha.double(), zero), gate) if need_gate else None
+    return d_alpha, d_gate
 
 
 # ============================================================================ op bodies
@@ -767,7 +590,7 @@ def blend_add_forward(h, s, alpha):
 
 
 def blend_gate_forward(h, s, alpha, gate):
-    return forward(OP_GATE, torch.empty_like(h), h, s, None, alpha, gate, h.dtype, C.result_type(alpha, gate))
+    return forward(OP_GATE, torch.empty_like(h), h, s, None, alpha, gate, h.dtype, common.result_type(alpha, gate))
 
 
 def blend_multiply_forward(h, s, alpha, seed_input):
@@ -779,7 +602,7 @@ def ste_forward(h, s):
 
 
 def valve_multiplier_forward(alpha, m):
-    result = C.result_type(alpha, m)
+    result = common.result_type(alpha, m)
     return forward(OP_VALVE, torch.empty_like(m, dtype=result), m, None, None, alpha, None, result, result,
                    m.dtype)
 
@@ -791,8 +614,8 @@ def blend_add_backward(grad, h, s, alpha, need):
 
 
 def blend_gate_backward(grad, h, s, alpha, gate, need):
-    dh, ds, _, da, dg = backward(OP_GATE, grad, h, s, None, alpha, gate,
-                                 (need[0], need[1], False, need[2], need[3]), h.dtype, C.result_type(alpha, gate))
+    dh, ds, _, da, dg = backward(OP_GATE, grad, h, s, None, alpha, gate, (need[0], need[1], False, need[2], need[3]),
+                                 h.dtype, common.result_type(alpha, gate))
     return dh, ds, da, dg
 
 
@@ -803,8 +626,28 @@ def blend_multiply_backward(grad, h, s, alpha, seed_input, need):
     return dh, ds, da, dr
 
 
+def _pair_device(alpha, gate):
+    """The effective alpha's device: a 0-dim CPU scalar defers to the other operand's."""
+    if alpha.dim() == 0 and alpha.device.type == "cpu":
+        return gate.device
+    return alpha.device
+
+
+def gate_effective_alpha_forward(alpha, gate):
+    promoted = common.result_type(alpha, gate)
+    out = torch.empty(validation.broadcast_shape(alpha.shape, gate.shape), dtype=promoted,
+                      device=_pair_device(alpha, gate))
+    return forward(OP_EFFECTIVE_ALPHA, out, out, None, None, alpha, gate, promoted, promoted)
+
+
+def gate_effective_alpha_backward(grad, alpha, gate, need):
+    _, _, _, da, dg = backward(OP_EFFECTIVE_ALPHA, grad, grad, None, None, alpha, gate,
+                               (False, False, False, need[0], need[1]), *(common.result_type(alpha, gate),) * 2)
+    return da, dg
+
+
 def valve_multiplier_backward(grad, alpha, m, need):
-    result = C.result_type(alpha, m)
+    result = common.result_type(alpha, m)
     dm, _, _, da, _ = backward(OP_VALVE, grad, m, None, None, alpha, None,
                                (need[1], False, False, need[0], False), result, result, m.dtype)
     return da, dm

@@ -1,22 +1,16 @@
-"""The Triton backend's torch glue: each op registered with torch.library as
-``kasmina::triton_<name>`` (fake kernel and autograd included), an autograd.Function per op
-for eager calls, and the public functions.
+"""The Triton backend's torch glue: each kernel op of the table (`optable`, `Op.kernel`)
+registered as ``kasmina::triton_<name>`` with the table's (native's) schemas, backward op and
+fake kernels (the pooled input's gradient is dense on every device), an autograd.Function
+per op for eager calls, and the public functions. A backward op takes the gradient, the
+forward's inputs and one ``need_<input>_grad`` flag per input whose gradient may be skipped;
+as native's, a weight gradient nobody needs is zeros and a seed input's an empty placeholder.
 
-The registered ops are what torch.compile and other tracers see, one per kernel op of the
-table (`kasmina_kernels.optable`, `Op.kernel`): their schemas, backward ops included, are the
-table's (native's) under a ``triton_`` prefix, and so are their fake kernels, except that
-the pooled input's gradient is dense on every device. A backward op takes the gradient, the
-forward's inputs and one ``need_<input>_grad`` flag for each input whose gradient may be
-skipped, and returns the gradients of `Op.grads`, always computing the feature gradients; a
-weight gradient nobody needs is zeros of the weight's shape and a seed input gradient nobody
-needs (or an absent seed input's) an empty placeholder, as native's.
-
-Plain eager calls (no tracing, no dispatch modes, plain tensors) skip the dispatcher round
-trip: without a gradient wanted they launch the forward kernels directly, else they go through
-the op's autograd.Function, whose backward launches only the gradients asked for. The same
-Function takes calls inside forward-mode AD and torch.func transforms, so that its jvp refuses
-forward-mode AD, naming the op (a registered op would run with a silently missing tangent),
-and its vmap runs the op per batch entry.
+Plain eager calls (no tracing, no dispatch modes, plain tensors) skip the dispatcher: without
+a gradient wanted they launch the forward kernels directly, else they go through the
+Function, whose backward launches only the gradients asked for. Calls inside forward-mode AD
+and torch.func transforms take the Function too, whose jvp refuses forward-mode AD naming the
+op (a registered op would run with a silently missing tangent) and whose vmap runs the op per
+batch entry.
 """
 
 from __future__ import annotations
@@ -27,25 +21,13 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from ..optable import OPS
-from . import elementwise as E
-from . import gate as G
+from . import elementwise, gate
 
 _len_dispatch_stack = torch._C._len_torch_dispatch_stack
 _peek_functorch = torch._C._functorch.peek_interpreter_stack
 _is_compiling = torch.compiler.is_compiling
 _DelayedError = torch._C._functions.DelayedError
 _Tensor = torch.Tensor
-
-
-def eager_ok(*tensors) -> bool:
-    """True when a call may skip the dispatcher: plain tensors, no dispatch modes, no
-    functorch transform, not being traced by torch.compile."""
-    if _is_compiling() or _len_dispatch_stack() or _peek_functorch() is not None:
-        return False
-    for t in tensors:
-        if t is not None and type(t) is not _Tensor:
-            return False
-    return True
 
 
 def first_order_only(op: str, grads: tuple, inputs: tuple) -> tuple:
@@ -122,7 +104,8 @@ class _Op:
         return tuple(g if n else None for n, g in zip(need, grads)) + (None,) * len(ctx.others)
 
     def _eager_backward(self, ctx, grad):
-        if not eager_ok(grad):
+        # the kernels run directly only outside tracing, dispatch modes and functorch transforms
+        if _is_compiling() or _len_dispatch_stack() or _peek_functorch() is not None or type(grad) is not _Tensor:
             if _peek_functorch() is not None:  # the registered backward op has no functorch rule
                 raise RuntimeError(
                     f"{self.name}: torch.func transforms that differentiate (grad, vjp, jacrev, ...) "
@@ -177,7 +160,7 @@ def _signature(schema):
 
 
 def _pool_backward(grad, x, topology, need):
-    return (G.gated_pool_backward(grad, x, topology),)
+    return (gate.gated_pool_backward(grad, x, topology),)
 
 
 # STE's gradient is the incoming one to both inputs (s's in its dtype): plain autograd, no kernel.
@@ -191,14 +174,14 @@ def _ste_backward(ctx, grad):
 
 # The forward and backward entry points of each kernel op of the table (`Op.kernel`).
 _KERNELS = {
-    "blend_add": (E.blend_add_forward, E.blend_add_backward),
-    "blend_multiply": (E.blend_multiply_forward, E.blend_multiply_backward),
-    "blend_gate": (E.blend_gate_forward, E.blend_gate_backward),
-    "ste_forward": (E.ste_forward, None, (_ste_setup_context, _ste_backward, _ste_backward)),
-    "multiply_valve_multiplier": (E.valve_multiplier_forward, E.valve_multiplier_backward),
-    "gate_effective_alpha": (G.gate_effective_alpha_forward, G.gate_effective_alpha_backward),
-    "gated_pool": (G.gated_pool_forward, _pool_backward),
-    "gate_network": (G.gate_network_forward, G.gate_network_backward),
+    "blend_add": (elementwise.blend_add_forward, elementwise.blend_add_backward),
+    "blend_multiply": (elementwise.blend_multiply_forward, elementwise.blend_multiply_backward),
+    "blend_gate": (elementwise.blend_gate_forward, elementwise.blend_gate_backward),
+    "ste_forward": (elementwise.ste_forward, None, (_ste_setup_context, _ste_backward, _ste_backward)),
+    "multiply_valve_multiplier": (elementwise.valve_multiplier_forward, elementwise.valve_multiplier_backward),
+    "gate_effective_alpha": (elementwise.gate_effective_alpha_forward, elementwise.gate_effective_alpha_backward),
+    "gated_pool": (gate.gated_pool_forward, _pool_backward),
+    "gate_network": (gate.gate_network_forward, gate.gate_network_backward),
 }
 _RUN = {op.name: _Op(op, *_KERNELS[op.name]) for op in OPS if op.kernel == op.name}
 

@@ -1,7 +1,6 @@
 """The lerp family's per-element math: ADD and blend_with_isolation (weight clamp01(alpha)),
 GATE (weight clamp01(clamp01(alpha) * clamp01(gate))) and the gate's effective alpha. The
-elementwise kernels (`elementwise.py`) and gate_effective_alpha's kernels (`gate.py`) call
-these on compute-dtype blocks of any shape."""
+elementwise kernels (`elementwise.py`) call these on compute-dtype blocks of any shape."""
 
 from __future__ import annotations
 
