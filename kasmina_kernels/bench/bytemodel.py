@@ -22,8 +22,6 @@ backward GB/s for the pool and the gate network count a write they do not do.
 
 from __future__ import annotations
 
-import torch
-
 # op: (forward, backward multiples of N*e, index of the feature argument, counts from the
 # performance model rather than derived)
 TRAFFIC = {

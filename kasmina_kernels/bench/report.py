@@ -343,8 +343,68 @@ def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, not
                                        else ""), "", *sweep_table(records)]
         out.append("")
     if step is not None:
-        out += step_bench.markdown(step, torch.device(meta.get("device_type", "cpu")))
+        out += step_section(step, meta.get("device_type", "cpu"))
     return "\n".join(out)
+
+
+def step_section(result: dict, device_type: str) -> list[str]:
+    """The training-step section (step.py's result)."""
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    what = ("CUDA kernels (profiler device events)" if device_type == "cuda" else
+            "leaf aten/kasmina operator events on CPU, plus inductor's C++ kernels under compile; "
+            "allocations and views left out")
+    n = result["agree_steps"]
+    lines = ["## A whole training step (docs/semantics.md#performance-model, item 2)", "",
+             "Forward, cross-entropy, backward and an SGD update (lr 0.05) of an Esper-style host, "
+             "eager blends against the drop-ins (`kasmina_kernels.use_backend(backend)` around "
+             "each step, fused `nn.GatedBlend`), each in eager mode and with the whole step "
+             "function in `torch.compile`. Slots as Esper's `SeedSlot.forward` writes them "
+             "(kasmina_kernels/bench/esper_models.py): r = h.contiguous().detach() (NCHW, no grad), "
+             "s = seed(r) NCHW with grad, alpha a 0-dim float32 buffer without grad (0.5), GATE's "
+             "gate = GatedBlend.get_alpha_for_blend(r) with grad, STE stage ste_forward(h, s). "
+             f"ms/step: median of timed steps after {n} loss-check steps and "
+             "warm-up, variants interleaved round by round. vs eager blends: eager blends' "
+             "ms/step over the row's, in the same mode; '~' after it: inconclusive, the timings "
+             f"do not support it (the rule of the legend at the top). kernels/step: {what}, from "
+             f"torch.profiler over {step_bench.PROFILE_STEPS} steps. blend share: time in the blend "
+             "calls (record_function ranges around each slot's blend, GATE's gate network included) "
+             "and the backward nodes they created, over the profiled step time (profiler overhead "
+             "included in both); under torch.compile the drop-ins' `kasmina::` operator time "
+             "instead, and '-' for eager blends (fused by inductor). rel loss diff: max over "
+             f"{n} steps of |loss - eager blends' loss| / |eager blends' loss|, "
+             "same initial weights and batches (first figure: against eager blends in the same "
+             "mode; second: against eager blends in eager mode).", ""]
+    lines += [f"- {name} excluded: {why}" for name, why in result.get("excluded", {}).items()]
+    head = ["blends", "mode", "ms/step", "vs eager blends", "kernels/step", "kasmina ops/step",
+            "blend share", "rel loss diff (same mode / vs eager mode)", "first step s"]
+    for host in result["hosts"]:
+        rows = []
+        for row in host["rows"].values():
+            if "error" in row:
+                rows.append([row["variant"], row["mode"], f"FAILED: {row['error'].replace('|', '/')}"]
+                            + [""] * 6)
+                continue
+            share = "-" if row.get("blend_share") is None else f"{row['blend_share'] * 100:.1f}%"
+            if row.get("blend_share_method") == "kasmina:: operators":
+                share += " (ops)"
+            unclear = not row.get("speedup_support", {}).get("conclusive", True)
+            rows.append([row["variant"], row["mode"], fmt(row.get("ms_per_step"), ".1f"),
+                         f"{fmt(row.get('speedup_vs_eager_blends'), '.2f')}x" + " ~" * unclear,
+                         fmt(row.get("kernels_per_step"), ".0f"), fmt(row.get("kasmina_ops_per_step"), ".0f"),
+                         share, f"{fmt(row.get('max_rel_loss_diff'), '.1e')} / "
+                         f"{fmt(row.get('max_rel_loss_diff_vs_eager_mode'), '.1e')}",
+                         fmt(row.get("first_step_s"), ".1f")])
+            if row.get("profile_error"):
+                rows.append(["", "", f"profile failed: {row['profile_error']}"] + [""] * 6)
+        lines += ["", f"### {host['host']}: {host['description']}", "",
+                  "*Inputs:* " + ("host features channels_last with grad; r NCHW no grad; s NCHW "
+                                  "with grad; alpha 0-dim no grad; gate (B,1,1,1) with grad."
+                                  if host["host"] == "cnn" else
+                                  "(B,T,C) contiguous everywhere; r no grad; s with grad; alpha "
+                                  "0-dim no grad; gate (B,1,1) with grad."), "", *_table(head, 2, rows)]
+    return lines + [""]
 
 
 def result_check(records: list[dict]) -> list[str]:

@@ -14,8 +14,8 @@ each in eager mode and with the step function (forward, loss, backward, SGD upda
 
 Per (host, variant, mode): the losses of `AGREE_STEPS` steps and their agreement with the eager
 blends, ms per step (`timing.time_interleaved`, variants interleaved round by round), kernels
-per step and the blends' share of the step (torch.profiler); `markdown` states how each is
-measured.
+per step and the blends' share of the step (torch.profiler); `report.step_section` states how
+each is measured.
 """
 
 from __future__ import annotations
@@ -258,68 +258,6 @@ def run(device: torch.device, *, quick: bool = False, backends: list[str] | None
     return {"variants": variants, "excluded": excluded, "modes": list(modes),
             "agree_steps": effort.get("agree_steps", AGREE_STEPS),
             "hosts": [run_host(h, device, variants, modes=modes, log=log, **effort) for h in hosts]}
-
-
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
-def markdown(result: dict, device: torch.device) -> list[str]:
-    what = ("CUDA kernels (profiler device events)" if device.type == "cuda" else
-            "leaf aten/kasmina operator events on CPU, plus inductor's C++ kernels under compile; "
-            "allocations and views left out")
-    n = result["agree_steps"]
-    lines = ["## A whole training step (docs/semantics.md#performance-model, item 2)", "",
-             "Forward, cross-entropy, backward and an SGD update (lr 0.05) of an Esper-style host, "
-             "eager blends against the drop-ins (`kasmina_kernels.use_backend(backend)` around "
-             "each step, fused `nn.GatedBlend`), each in eager mode and with the whole step "
-             "function in `torch.compile`. Slots as Esper's `SeedSlot.forward` writes them "
-             "(kasmina_kernels/bench/esper_models.py): r = h.contiguous().detach() (NCHW, no grad), "
-             "s = seed(r) NCHW with grad, alpha a 0-dim float32 buffer without grad (0.5), GATE's "
-             "gate = GatedBlend.get_alpha_for_blend(r) with grad, STE stage ste_forward(h, s). "
-             f"ms/step: median of timed steps after {n} loss-check steps and "
-             "warm-up, variants interleaved round by round. vs eager blends: eager blends' "
-             "ms/step over the row's, in the same mode; '~' after it: inconclusive, the timings "
-             f"do not support it (the rule of the legend at the top). kernels/step: {what}, from "
-             f"torch.profiler over {PROFILE_STEPS} steps. blend share: time in the blend calls "
-             "(record_function ranges around each slot's blend, GATE's gate network included) and "
-             "the backward nodes they created, over the profiled step time (profiler overhead "
-             "included in both); under torch.compile the drop-ins' `kasmina::` operator time "
-             "instead, and '-' for eager blends (fused by inductor). rel loss diff: max over "
-             f"{n} steps of |loss - eager blends' loss| / |eager blends' loss|, "
-             "same initial weights and batches (first figure: against eager blends in the same "
-             "mode; second: against eager blends in eager mode).", ""]
-    lines += [f"- {name} excluded: {why}" for name, why in result.get("excluded", {}).items()]
-    for host in result["hosts"]:
-        lines += ["", f"### {host['host']}: {host['description']}", "",
-                  "*Inputs:* " + ("host features channels_last with grad; r NCHW no grad; s NCHW "
-                                  "with grad; alpha 0-dim no grad; gate (B,1,1,1) with grad."
-                                  if host["host"] == "cnn" else
-                                  "(B,T,C) contiguous everywhere; r no grad; s with grad; alpha "
-                                  "0-dim no grad; gate (B,1,1) with grad."), "",
-                  "| blends | mode | ms/step | vs eager blends | kernels/step | kasmina ops/step "
-                  "| blend share | rel loss diff (same mode / vs eager mode) | first step s |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for row in host["rows"].values():
-            if "error" in row:
-                lines.append(f"| {row['variant']} | {row['mode']} | FAILED: "
-                             f"{row['error'].replace('|', '/')} | | | | | | |")
-                continue
-            share = "-" if row.get("blend_share") is None else f"{row['blend_share'] * 100:.1f}%"
-            if row.get("blend_share_method") == "kasmina:: operators":
-                share += " (ops)"
-            lines.append(
-                f"| {row['variant']} | {row['mode']} | {_fmt(row.get('ms_per_step'), '.1f')} | "
-                f"{_fmt(row.get('speedup_vs_eager_blends'), '.2f')}x"
-                f"{'' if row.get('speedup_support', {}).get('conclusive', True) else ' ~'} | "
-                f"{_fmt(row.get('kernels_per_step'), '.0f')} | "
-                f"{_fmt(row.get('kasmina_ops_per_step'), '.0f')} | {share} | "
-                f"{_fmt(row.get('max_rel_loss_diff'), '.1e')} / "
-                f"{_fmt(row.get('max_rel_loss_diff_vs_eager_mode'), '.1e')} | "
-                f"{_fmt(row.get('first_step_s'), '.1f')} |")
-            if row.get("profile_error"):
-                lines.append(f"| | | profile failed: {row['profile_error']} | | | | | | |")
-    return lines + [""]
 
 
 def failures(result: dict, tolerance: float = 1e-5) -> list[str]:
