@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .. import backends as kk_backends
 from . import esper_models as M
+from .sweep import select_backends
 from .timing import Sample, Step, compare, time_interleaved
 
 AGREE_STEPS = 20
@@ -245,19 +246,13 @@ def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MOD
     return {"host": host.name, "description": host.description, "rows": rows}
 
 
-def run(device: torch.device, *, quick: bool = False, backends: list[str] | None = None,
-        compile_mode: bool = True, log=print) -> dict:
-    from .sweep import select_backends
-
+def run(device: torch.device, *, backends: list[str] | None = None, compile_mode: bool = True,
+        log=print) -> dict:
+    """Both hosts, every variant (the eager blends and each kernel backend), each mode."""
     kernels, excluded = select_backends(device, backends)
-    variants = [EAGER] + kernels
-    modes = MODES if compile_mode else ("eager",)
-    effort = dict(rounds=3, budget_s=0.2, agree_steps=5) if quick else {}
-    hosts = [cnn_host(batch=16, image=16, width=8), transformer_host(8, 16, 32, 1)] if quick else \
-        [cnn_host(), transformer_host()]
-    return {"variants": variants, "excluded": excluded, "modes": list(modes),
-            "agree_steps": effort.get("agree_steps", AGREE_STEPS),
-            "hosts": [run_host(h, device, variants, modes=modes, log=log, **effort) for h in hosts]}
+    variants, modes = [EAGER] + kernels, MODES if compile_mode else ("eager",)
+    return {"variants": variants, "excluded": excluded, "modes": list(modes), "agree_steps": AGREE_STEPS,
+            "hosts": [run_host(h, device, variants, modes=modes, log=log) for h in (cnn_host(), transformer_host())]}
 
 
 def failures(result: dict, tolerance: float = 1e-5) -> list[str]:
