@@ -1,16 +1,8 @@
-"""Microbenchmarks (pytest-benchmark): op x backend x dtype (float32, bfloat16) x shape, forward
-and forward+backward, each backend checked against the eager reference before it is timed.
-
-    pytest bench/ --benchmark-only                                  # everything
-    pytest bench/ --benchmark-only -k "blend_add and float32"       # a slice
-    pytest bench/ --benchmark-only --benchmark-autosave             # save JSON (.benchmarks/)
-    pytest bench/ --benchmark-only --benchmark-compare              # against the last save
-
-Each benchmark group (op, dtype, shape, mode) holds the backends side by side, "reference"
-being eager PyTorch. Inputs are random (never zero) and rotate through copies that span more
-than twice the GPU's L2 cache (64 MiB on CPU). pytest-benchmark times wall clock, so on CUDA
-each timed call ends with a synchronize (host overhead included); device-event timings, the
-torch.compile peer and the byte-count bandwidth figures are in `kasmina-kernels bench`.
+"""Microbenchmarks (pytest-benchmark, bench/README.md): op x backend x dtype (float32, bfloat16)
+x shape, forward and forward+backward, each backend checked against the eager reference before
+it is timed; one benchmark group per (op, shape, dtype, mode), "reference" being eager PyTorch.
+Inputs rotate like `kasmina-kernels bench`'s; pytest-benchmark times wall clock, so on CUDA each
+timed call ends with a synchronize (device-event times and bandwidth are the report's job).
 """
 
 from __future__ import annotations

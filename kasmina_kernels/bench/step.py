@@ -1,21 +1,13 @@
 """A whole training step (docs/semantics.md#performance-model, item 2): `kasmina-kernels bench --step`.
 
-Two Esper-style hosts from `esper_models`: a channels_last CNN (ADD, MULTIPLY, GATE slots and a
-slot in the STE stage; batch 64, 3x32x32 images, 16 then 32 channels) and a (B,T,C) transformer
-(two encoder layers, one GATE slot; batch 32, 64 tokens, 128 channels). Every slot's alpha is a
-0-dim float32 buffer without grad, fixed at 0.5 (so every blend moves data both ways).
-
-Variants, all from the same initial weights (one `state_dict`) on the same batches:
-- "eager blends": `kasmina_kernels.reference` functions and `nn.EagerGatedBlend`;
-- one per available kernel backend: the drop-ins (`blend_ops`, `isolation`, `nn.GatedBlend`)
-  inside `kasmina_kernels.use_backend(backend)`;
-each in eager mode and with the step function (forward, loss, backward, SGD update) wrapped in
-`torch.compile` (default options; graph breaks allowed, e.g. at `backward()`).
-
-Per (host, variant, mode): the losses of `AGREE_STEPS` steps and their agreement with the eager
-blends, ms per step (`timing.time_interleaved`, variants interleaved round by round), kernels
-per step and the blends' share of the step (torch.profiler); `report.step_section` states how
-each is measured.
+Two Esper-style hosts from `esper_models` (a channels_last CNN with ADD, MULTIPLY, GATE and STE
+slots; a (B,T,C) transformer with a GATE slot), every slot's alpha a 0-dim float32 buffer
+without grad fixed at 0.5, so every blend moves data both ways. Variants from the same initial
+weights on the same batches: the eager blends (`EAGER_BLENDS`) and, per kernel backend, the
+drop-ins inside `use_backend(backend)`; each in eager mode and with the step function (forward,
+loss, backward, SGD update) in `torch.compile` (graph breaks allowed, e.g. at `backward()`).
+Measured: the losses' agreement, ms per step (variants interleaved), kernels per step and the
+blends' share of the step (torch.profiler); `report.step_section` states how.
 """
 
 from __future__ import annotations
