@@ -53,12 +53,9 @@ def _workload(op, shape, dtype, device):
 def test_op(benchmark, bench_case, request):
     op, shape, dtype, mode, backend = bench_case
     device = default_device(request.config.getoption("--bench-device"))
-    if backend == "triton" and device.type == "cpu":
-        pytest.skip("triton on CPU runs only in its interpreter (TRITON_INTERPRET=1), far too slow "
-                    "to say anything about the kernels; it is benchmarked on CUDA")
-    why = backends.backend_status(backend, device.type)
-    if why is not None:
-        pytest.skip(f"backend {backend} unavailable on {device.type}: {why}")
+    why = backend != "reference" and sweep.select_backends(device, [backend])[1].get(backend)
+    if why:  # unavailable, or triton on CPU (its interpreter says nothing about the kernels)
+        pytest.skip(f"backend {backend} not benchmarked on {device.type}: {why}")
     entry = _workload(op, shape, dtype, device)
     w = entry["w"]
     impl = workload.eager_impl(w) if backend == "reference" else workload.backend_impl(w, backend)
