@@ -41,7 +41,7 @@ import seed_slots
 def train_and_record(model, train_model, batches, shard: slice) -> dict:
     """Train `train_model` (`model` or its DDP wrapper) on `shard` of every batch; return the
     gradients of every step and the final parameters of `model`."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    optimizer = example_harness.sgd(model)
     gradients = []
     for step, (x, y) in enumerate(batches):
         example_harness.training_step(train_model, optimizer, x[shard], y[shard], step, autocast_dtype=None)
@@ -49,44 +49,37 @@ def train_and_record(model, train_model, batches, shard: slice) -> dict:
     return {"gradients": gradients, "parameters": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
-def train_this_rank(steps: int, batch_size: int, backend: str) -> dict:
-    """In an initialized process group: train the CNN under DDP on this rank's slice of every
-    batch, with the drop-ins swapped in and `backend`; return this rank's record."""
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    if batch_size % world_size:
-        raise ValueError(f"batch_size {batch_size} must be a multiple of the world size {world_size}")
-    with kk.swap_in(seed_slots), kk.use_backend(backend):
-        model = esper_cnn.build_model()
-        ddp_model = DistributedDataParallel(model)
-        per_rank = batch_size // world_size
-        shard = slice(rank * per_rank, (rank + 1) * per_rank)
-        batches = esper_cnn.make_batches(steps, batch_size)
-        record = train_and_record(model, ddp_model, batches, shard)
-        # what actually ran, for the caller to check
-        record["backend"] = kk.resolve_backend(batches[0][0])
-        record["swapped"] = seed_slots.blend_gate is kk.blend_ops.blend_gate
-    return record
-
-
-def ddp_worker(rank: int, world_size: int, port: int, steps: int, batch_size: int, backend: str, out: str):
-    """One process of the local spawned run: joins the gloo group on 127.0.0.1:`port`,
-    trains, and rank 0 saves its record to `out`."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+def train_in_group(steps: int, batch_size: int, backend: str, out: str | None = None, **init) -> None:
+    """Join the gloo group (`init`: rank and world size, else from the environment), train the
+    CNN under DDP on this rank's slice of every batch with the drop-ins swapped in and
+    `backend`; rank 0 saves its record to `out`, or without `out` prints the comparison."""
+    dist.init_process_group("gloo", **init)
     try:
-        record = train_this_rank(steps, batch_size, backend)
-        if rank == 0:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} must be a multiple of the world size {world_size}")
+        per_rank = batch_size // world_size
+        with kk.swap_in(seed_slots), kk.use_backend(backend):
+            model = esper_cnn.build_model()
+            batches = esper_cnn.make_batches(steps, batch_size)
+            record = train_and_record(model, DistributedDataParallel(model), batches,
+                                      slice(rank * per_rank, (rank + 1) * per_rank))
+            # what actually ran, for the caller to check
+            record["backend"] = kk.resolve_backend(batches[0][0])
+            record["swapped"] = seed_slots.blend_gate is kk.blend_ops.blend_gate
+        if rank == 0 and out is not None:
             torch.save(record, out)
+        elif rank == 0:
+            report(record, run_single_process_reference(steps, batch_size), world_size, steps)
     finally:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def ddp_worker(rank: int, world_size: int, port: int, steps: int, batch_size: int, backend: str, out: str):
+    """One process of the local spawned run, in the group on 127.0.0.1:`port`."""
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    train_in_group(steps, batch_size, backend, out, rank=rank, world_size=world_size)
 
 
 def run_ddp(world_size: int = 2, steps: int = 5, batch_size: int = 16, backend: str = "native") -> dict:
@@ -94,10 +87,12 @@ def run_ddp(world_size: int = 2, steps: int = 5, batch_size: int = 16, backend: 
     parameters)."""
     if batch_size % world_size:
         raise ValueError(f"batch_size {batch_size} must be a multiple of world_size {world_size}")
+    with socket.socket() as s:  # a free port for the group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pt")
-        mp.spawn(ddp_worker, args=(world_size, _free_port(), steps, batch_size, backend, out),
-                 nprocs=world_size, join=True)
+        mp.spawn(ddp_worker, args=(world_size, port, steps, batch_size, backend, out), nprocs=world_size, join=True)
         return torch.load(out)
 
 
@@ -107,16 +102,11 @@ def run_single_process_reference(steps: int = 5, batch_size: int = 16) -> dict:
     return train_and_record(model, model, esper_cnn.make_batches(steps, batch_size), slice(None))
 
 
-def max_differences(run: dict, reference: dict) -> tuple[float, float]:
-    """(largest gradient difference over all steps, largest final parameter difference)."""
+def report(ddp: dict, reference: dict, world_size: int, steps: int) -> None:
+    """The largest gradient difference over all steps and the largest final parameter difference."""
     grad = max((a[k] - b[k]).abs().max().item()
-               for a, b in zip(run["gradients"], reference["gradients"]) for k in b)
-    param = max((run["parameters"][k] - v).abs().max().item() for k, v in reference["parameters"].items())
-    return grad, param
-
-
-def _report(ddp: dict, reference: dict, world_size: int, backend: str, steps: int) -> None:
-    grad, param = max_differences(ddp, reference)
+               for a, b in zip(ddp["gradients"], reference["gradients"]) for k in b)
+    param = max((ddp["parameters"][k] - v).abs().max().item() for k, v in reference["parameters"].items())
     print(f"DDP (gloo, {world_size} processes, {ddp['backend']}) vs one eager process, {steps} steps: "
           f"max gradient difference {grad:.3e}, max parameter difference {param:.3e}")
 
@@ -129,18 +119,10 @@ def main() -> None:
     parser.add_argument("--backend", default="native", help="kasmina backend in the DDP processes")
     args = parser.parse_args()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun or a similar launcher
-        dist.init_process_group("gloo")
-        try:
-            record = train_this_rank(args.steps, args.batch_size, args.backend)
-            if dist.get_rank() == 0:
-                reference = run_single_process_reference(args.steps, args.batch_size)
-                _report(record, reference, dist.get_world_size(), args.backend, args.steps)
-        finally:
-            dist.destroy_process_group()
+        train_in_group(args.steps, args.batch_size, args.backend)
         return
     ddp = run_ddp(args.world_size, args.steps, args.batch_size, args.backend)
-    reference = run_single_process_reference(args.steps, args.batch_size)
-    _report(ddp, reference, args.world_size, args.backend, args.steps)
+    report(ddp, run_single_process_reference(args.steps, args.batch_size), args.world_size, args.steps)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ synthetic classification task.
 It trains once as written (eager blend functions) and once per backend with the drop-ins
 swapped in, from the same weights and batches, and prints per backend the final loss, the
 largest relative loss difference and parameter difference from the eager run, the time per
-training step and the kernels per training step (torch.profiler).
+training step and the kernels per training step.
 
     python python/esper_cnn.py                         # CPU, float32, every CPU backend
     python python/esper_cnn.py --steps 50 --backends native
@@ -22,28 +22,22 @@ from __future__ import annotations
 
 import torch
 
-from kasmina_kernels.bench import esper_models
-
 import seed_slots
+from kasmina_kernels.bench import esper_models  # the models the training-step benchmark times
 
-IMAGE_SIZE = 16
 CLASSES = 10
-# the model and the data are kasmina_kernels.bench.esper_models' (shared with the
-# training-step benchmark); the slots read their blends from seed_slots
-CNNHost = esper_models.CNNHost
 
 
-def build_model(seed: int = 0, width: int = 16) -> CNNHost:
+def build_model(seed: int = 0, width: int = 16) -> esper_models.CNNHost:
     """The host with its slots, initialized from `seed` (on CPU): host convolutions and
     features channels_last, seeds NCHW, blends looked up in `seed_slots`."""
     torch.manual_seed(seed)
-    return CNNHost(width, CLASSES, blends=seed_slots.this_module())
+    return esper_models.CNNHost(width, CLASSES, blends=seed_slots.this_module())
 
 
 def make_batches(steps: int, batch_size: int = 16, *, device="cpu", seed: int = 1):
-    """`steps` batches of (channels_last images (B,3,16,16), labels): `esper_models.image_batches`."""
-    return esper_models.image_batches(steps, batch_size, image_size=IMAGE_SIZE, classes=CLASSES,
-                                      device=device, seed=seed)
+    """`steps` batches of (channels_last images (B,3,16,16), labels)."""
+    return esper_models.image_batches(steps, batch_size, image_size=16, classes=CLASSES, device=device, seed=seed)
 
 
 if __name__ == "__main__":

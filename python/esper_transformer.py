@@ -14,26 +14,22 @@ from __future__ import annotations
 
 import torch
 
-from kasmina_kernels.bench import esper_models
-
 import seed_slots
+from kasmina_kernels.bench import esper_models  # the models the training-step benchmark times
 
-TOKENS = 12
-FEATURES = 8
-CLASSES = 5
-TransformerHost = esper_models.TransformerHost
+FEATURES, CLASSES = 8, 5
 
 
-def build_model(seed: int = 0, width: int = 32) -> TransformerHost:
+def build_model(seed: int = 0, width: int = 32) -> esper_models.TransformerHost:
     """One encoder layer and a GATE slot (blends looked up in `seed_slots`), from `seed`."""
     torch.manual_seed(seed)
-    return TransformerHost(FEATURES, width, 4, CLASSES, blends=seed_slots.this_module())
+    return esper_models.TransformerHost(FEATURES, width, 4, CLASSES, blends=seed_slots.this_module())
 
 
 def make_batches(steps: int, batch_size: int = 16, *, device="cpu", seed: int = 1):
-    """`steps` batches of ((B, T, F) sequences, labels) labelled by a fixed random teacher."""
-    return esper_models.token_batches(steps, batch_size, tokens=TOKENS, features=FEATURES,
-                                      classes=CLASSES, device=device, seed=seed)
+    """`steps` batches of ((B, 12, F) sequences, labels) labelled by a fixed random teacher."""
+    return esper_models.token_batches(steps, batch_size, tokens=12, features=FEATURES, classes=CLASSES,
+                                      device=device, seed=seed)
 
 
 if __name__ == "__main__":

@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kasmina_kernels as kk
 import seed_slots
+from kasmina_kernels.bench.esper_models import advance_slots
 from kasmina_kernels.bench.step import NO_KERNEL_OPS, max_rel_diff  # views: by their schema
 
 EAGER = "eager"
@@ -45,42 +45,7 @@ class _KernelCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@dataclass
-class RunResult:
-    backend: str
-    losses: list[float]
-    parameters: dict[str, torch.Tensor]
-    seconds_per_step: float
-    kernels_per_step: Counter | None = None
-
-
-def train(model: nn.Module, batches, *, autocast_dtype: torch.dtype | None, lr: float = 0.05):
-    """SGD with momentum over `batches`; returns (losses, seconds per step after the first)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    losses, times = [], []
-    for step, (x, y) in enumerate(batches):
-        start = time.perf_counter()
-        loss = training_step(model, optimizer, x, y, step, autocast_dtype=autocast_dtype)
-        losses.append(loss.item())  # synchronizes, so the time covers the step
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times[1:]) if len(times) > 1 else times[0]
-    return losses, seconds
-
-
-def training_step(model, optimizer, x, y, step, *, autocast_dtype) -> torch.Tensor:
-    """One step: advance the slots' alpha, forward (under autocast if asked), cross-entropy,
-    backward, SGD update. Returns the (detached) loss."""
-    seed_slots.advance_slots(getattr(model, "module", model), step)
-    with torch.autocast(x.device.type, autocast_dtype, enabled=autocast_dtype is not None):
-        logits = model(x)
-    loss = F.cross_entropy(logits.float(), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
-def count_kernels(fn: Callable[[], None], device: torch.device) -> Counter:
+def count_kernels(fn, device: torch.device) -> Counter:
     """Kernels one call of `fn` runs, by name. On CUDA: the device kernels torch.profiler
     records. On CPU: the operator calls that reach a kernel (`_KernelCounter`); a fused op is
     one ``kasmina::`` call forward and one backward."""
@@ -95,31 +60,56 @@ def count_kernels(fn: Callable[[], None], device: torch.device) -> Counter:
     return Counter(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def kernels_per_training_step(model, batch, *, autocast_dtype) -> Counter:
-    """Kernels of one full training step (forward, backward, SGD update) on a copy of `model`
-    after one warm-up step, so the count leaves the caller's model untouched."""
-    import copy
+def training_step(model, optimizer, x, y, step, *, autocast_dtype) -> torch.Tensor:
+    """One step: advance the slots' alpha, forward (under autocast if asked), cross-entropy,
+    backward, SGD update. Returns the (detached) loss."""
+    advance_slots(getattr(model, "module", model), step)
+    with torch.autocast(x.device.type, autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
-    model = copy.deepcopy(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    x, y = batch
-    training_step(model, optimizer, x, y, 0, autocast_dtype=autocast_dtype)
-    return count_kernels(lambda: training_step(model, optimizer, x, y, 1, autocast_dtype=autocast_dtype),
-                         x.device)
+
+def sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+@dataclass
+class RunResult:
+    backend: str
+    losses: list[float]
+    parameters: dict[str, torch.Tensor]
+    seconds_per_step: float  # median after the first step
+    kernels_per_step: Counter | None = None
 
 
 def run(backend: str, build_model, batches, initial_state, *, autocast_dtype, count=True) -> RunResult:
-    """Train a fresh model on `backend` (``EAGER``: the model as written, nothing swapped)."""
+    """Train a fresh model on `backend` (``EAGER``: the model as written, nothing swapped). The
+    kernels of one training step are counted on a copy after one warm-up step, so the count
+    leaves the trained model untouched."""
     swap = contextlib.nullcontext() if backend == EAGER else kk.swap_in(seed_slots)
     scope = contextlib.nullcontext() if backend == EAGER else kk.use_backend(backend)
     with swap, scope:
         model = build_model()
         model.load_state_dict(initial_state, strict=True)
         model.to(batches[0][0].device)
-        kernels = kernels_per_training_step(model, batches[0], autocast_dtype=autocast_dtype) if count else None
-        losses, seconds = train(model, batches, autocast_dtype=autocast_dtype)
+        kernels = None
+        if count:
+            probe = copy.deepcopy(model)
+            probe_sgd, (x, y) = sgd(probe), batches[0]
+            training_step(probe, probe_sgd, x, y, 0, autocast_dtype=autocast_dtype)
+            kernels = count_kernels(lambda: training_step(probe, probe_sgd, x, y, 1,
+                                                          autocast_dtype=autocast_dtype), x.device)
+        optimizer, losses, times = sgd(model), [], []
+        for step, (x, y) in enumerate(batches):
+            start = time.perf_counter()
+            losses.append(training_step(model, optimizer, x, y, step, autocast_dtype=autocast_dtype).item())
+            times.append(time.perf_counter() - start)  # .item() synchronizes: the time covers the step
         parameters = {k: v.detach().clone() for k, v in model.named_parameters()}
-    return RunResult(backend, losses, parameters, seconds, kernels)
+    return RunResult(backend, losses, parameters, statistics.median(times[1:] or times), kernels)
 
 
 def compare_backends(build_model, batches, backends, *, autocast_dtype, count=True) -> list[RunResult]:
@@ -129,22 +119,19 @@ def compare_backends(build_model, batches, backends, *, autocast_dtype, count=Tr
             for backend in [EAGER, *backends]]
 
 
-def max_parameter_difference(result: RunResult, baseline: RunResult) -> float:
-    return max((result.parameters[k].float() - baseline.parameters[k].float()).abs().max().item()
-               for k in baseline.parameters)
-
-
 def print_table(results: list[RunResult]) -> None:
-    baseline = results[0]
+    base = results[0]
     print(f"{'backend':10s} {'final loss':>12s} {'max rel loss diff':>18s} {'max param diff':>15s} "
           f"{'ms/step':>9s} {'kernels/step':>13s}")
     for r in results:
+        param_diff = max((r.parameters[k].float() - v.float()).abs().max().item() for k, v in base.parameters.items())
         kernels = "-" if r.kernels_per_step is None else str(r.kernels_per_step.total())
-        print(f"{r.backend:10s} {r.losses[-1]:12.6f} {max_rel_diff(r.losses, baseline.losses):18.3e} "
-              f"{max_parameter_difference(r, baseline):15.3e} {r.seconds_per_step * 1e3:9.2f} {kernels:>13s}")
+        print(f"{r.backend:10s} {r.losses[-1]:12.6f} {max_rel_diff(r.losses, base.losses):18.3e} "
+              f"{param_diff:15.3e} {r.seconds_per_step * 1e3:9.2f} {kernels:>13s}")
 
 
-def parse_args(description: str, default_steps: int) -> argparse.Namespace:
+def main(description: str, build_model, make_batches, *, default_steps: int) -> list[RunResult]:
+    """Parse the command line, run every backend, print the table."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=default_steps, help="training steps per run")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -157,30 +144,18 @@ def parse_args(description: str, default_steps: int) -> argparse.Namespace:
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be >= 1")
-    args.device = torch.device(args.device)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
-    available = kk.available_backends(args.device)
-    if args.backends is None:
-        args.backends = available
-    else:
-        args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-        for b in args.backends:
-            if b not in available:
-                parser.error(f"--backends: {b!r} is not available on {args.device.type} (available: {available})")
-    use_bf16 = args.autocast == "bf16" or (args.autocast == "auto" and args.device.type == "cuda")
-    args.autocast_dtype = torch.bfloat16 if use_bf16 else None
-    return args
-
-
-def main(description: str, build_model, make_batches, *, default_steps: int) -> list[RunResult]:
-    """Parse the command line, run every backend, print the table."""
-    args = parse_args(description, default_steps)
-    batches = make_batches(args.steps, device=args.device)
-    precision = "bf16 autocast" if args.autocast_dtype is not None else "float32"
-    print(f"device {args.device}, {precision}, {args.steps} steps, backends: {EAGER} + {', '.join(args.backends)}")
-    results = compare_backends(
-        build_model, batches, args.backends, autocast_dtype=args.autocast_dtype, count=not args.no_count
-    )
+    available = kk.available_backends(device)
+    backends = available if args.backends is None else [b.strip() for b in args.backends.split(",") if b.strip()]
+    for b in backends:
+        if b not in available:
+            parser.error(f"--backends: {b!r} is not available on {device.type} (available: {available})")
+    bf16 = args.autocast == "bf16" or (args.autocast == "auto" and device.type == "cuda")
+    print(f"device {device}, {'bf16 autocast' if bf16 else 'float32'}, {args.steps} steps, "
+          f"backends: {EAGER} + {', '.join(backends)}")
+    results = compare_backends(build_model, make_batches(args.steps, device=device), backends,
+                               autocast_dtype=torch.bfloat16 if bf16 else None, count=not args.no_count)
     print_table(results)
     return results

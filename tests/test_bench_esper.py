@@ -171,7 +171,7 @@ def test_step_benchmark_runs_eager_and_native_and_losses_agree():
         assert eager["kasmina_ops_per_step"] == 0 and native["kasmina_ops_per_step"] > 0
         assert native["kernels_per_step"] < eager["kernels_per_step"]
     assert not step.failures(result)
-    text = "\n".join(step.markdown(result, torch.device("cpu")))
+    text = "\n".join(report.step_section(result, "cpu"))
     assert "## A whole training step" in text
     assert text.count("| eager blends | eager |") == 2 and text.count("| native | eager |") == 2
 
@@ -189,4 +189,4 @@ def test_step_compile_failure_is_reported_not_raised(monkeypatch):
     assert "ms_per_step" in record["rows"]["native / eager"]
     result = {"agree_steps": 2, "hosts": [record]}
     assert "| native | compile | FAILED: RuntimeError: inductor exploded |" in "\n".join(
-        step.markdown(result, torch.device("cpu")))
+        report.step_section(result, "cpu"))

@@ -93,7 +93,7 @@ def _record(peer_round_values, native_round_values, copy_fraction=0.5):
               "bytes": {"forward": 1000, "backward": 1000}}
     s = impls["native"]["forward"]["median"]
     record["copy"] = {"GBps": 2000 / s / 1e9 / (2 * copy_fraction)}
-    sweep._derive(record, "cpu")
+    sweep.derive(record, "cpu")
     return record
 
 

@@ -16,6 +16,8 @@ from . import plots, report, step, sweep
 from .esper import AUTOCAST
 from .plan import ALL_OPS, DTYPES, default_device, make_plan
 
+SMALL_MACHINE_CORES = 2  # at most this many usable cores: one thread by default
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="kasmina-bench", help="output folder (default: ./kasmina-bench)")
@@ -45,17 +47,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds; entries not started by then are skipped and listed in the report")
 
 
-def usable_cores() -> int:
-    """CPUs this process may run on (its affinity mask; os.cpu_count() where there is none)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-SMALL_MACHINE_CORES = 2  # at most this many usable cores: one thread by default
-
-
 def default_threads(device_type: str, cores: int, torch_default: int) -> tuple[int, str]:
     """(threads, why) when --threads is not given. On CPU a thread count above the cores that
     are free oversubscribes them: an OpenMP barrier then waits for a descheduled thread, a
@@ -67,27 +58,25 @@ def default_threads(device_type: str, cores: int, torch_default: int) -> tuple[i
     if cores <= SMALL_MACHINE_CORES:
         return 1, (f"default on CPU: {cores} usable cores (at most {SMALL_MACHINE_CORES}: one "
                    "thread, so other load cannot stall an OpenMP barrier); --threads N to change")
-    n = max(1, min(torch_default, cores))
-    return n, (f"default on CPU: torch's default {torch_default} capped at the {cores} usable "
-               "cores; --threads N to change")
+    return max(1, min(torch_default, cores)), (f"default on CPU: torch's default {torch_default} "
+                                               f"capped at the {cores} usable cores; --threads N to change")
 
 
 def main(args: argparse.Namespace) -> int:
     device = default_device(args.device)
-    cores = usable_cores()
-    if args.threads is not None:
-        threads, threads_why = args.threads, "--threads"
-    else:
-        threads, threads_why = default_threads(device.type, cores, torch.get_num_threads())
+    try:  # the CPUs this process may run on
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    threads, threads_why = ((args.threads, "--threads") if args.threads is not None else
+                            default_threads(device.type, cores, torch.get_num_threads()))
     torch.set_num_threads(threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda but no CUDA device is visible to torch", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = make_plan(device, quick=args.quick, ops=args.ops, dtypes=args.dtypes,
-                     esper_only=args.esper_only)
-    run_step = args.step or not (args.quick or args.esper_only)
+    plan = make_plan(device, quick=args.quick, ops=args.ops, dtypes=args.dtypes, esper_only=args.esper_only)
     if args.step:
         plan.entries, plan.notes = [], []
     elif args.quick:
@@ -99,10 +88,8 @@ def main(args: argparse.Namespace) -> int:
         print("bench: none of the requested backends can run here: "
               + "; ".join(f"{k}: {v}" for k, v in excluded.items()), file=sys.stderr)
         return 2
-    for name, why in excluded.items():
-        print(f"bench: {name} excluded on {device.type}: {why}", file=sys.stderr)
-    for note in plan.notes:
-        print(f"bench: {note}", file=sys.stderr)
+    for line in [f"{name} excluded on {device.type}: {why}" for name, why in excluded.items()] + plan.notes:
+        print(f"bench: {line}", file=sys.stderr)
 
     meta = report.machine(device)
     meta["usable cores"] = cores
@@ -119,25 +106,22 @@ def main(args: argparse.Namespace) -> int:
         meta["inductor_warmup_s"] = "failed" if warm is None else round(warm, 2)
         print(f"bench: torch.compile start-up (first compile in this process, not counted in any "
               f"entry): {meta['inductor_warmup_s']} s", file=sys.stderr)
-    json_path = out / "results.json"
-
-    step_result = None
+    json_path, step_result = out / "results.json", None
 
     def save(records, skipped=()):
-        report.write_json(json_path, meta, records, list(skipped), excluded, plan.notes,
-                          step=step_result)
+        report.write_json(json_path, meta, records, list(skipped), excluded, plan.notes, step=step_result)
 
     t0 = time.perf_counter()
     records, skipped = sweep.run(plan, device, kernels, compile_peer=not args.no_compile,
                                  time_limit_s=args.time_limit, on_record=save)
-    if run_step:
+    if args.step or not (args.quick or args.esper_only):
         t_step = time.perf_counter()
         step_result = step.run(device, backends=args.backends, compile_mode=not args.no_compile,
                                log=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
         meta["step_wall_s"] = round(time.perf_counter() - t_step, 1)
     meta["bench_wall_s"] = round(time.perf_counter() - t0, 1)
-    compile_total = sum(d.get("compile_s") or 0.0 for r in records for d in r["impls"].values())
-    meta["compile_total_s"] = round(compile_total, 1)
+    meta["compile_total_s"] = round(sum(d.get("compile_s") or 0.0 for r in records
+                                        for d in r["impls"].values()), 1)
     save(records, skipped)
     text = report.markdown(meta, records, skipped, excluded, plan.notes, step=step_result)
     (out / "report.md").write_text(text)
@@ -151,8 +135,7 @@ def main(args: argparse.Namespace) -> int:
         except ImportError as exc:
             print(f"bench: {name} not drawn: matplotlib is missing ({exc})", file=sys.stderr)
     failures = [f for r in records for f in r["failures"]]
-    if step_result is not None:
-        failures += step.failures(step_result)
+    failures += step.failures(step_result) if step_result is not None else []
     print(f"\nbench: {len(records)} entries in {meta['bench_wall_s']} s "
           f"(torch.compile compile time {meta['compile_total_s']} s of it); wrote "
           + ", ".join(str(p) for p in written), file=sys.stderr)

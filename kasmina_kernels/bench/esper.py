@@ -12,11 +12,7 @@ buffer (the module's own dtype), and every call runs inside `torch.autocast`.
 
 from __future__ import annotations
 
-import functools
-
 import torch
-
-from ..opcases import _randn
 
 SHAPES = ((128, 16, 16, 16), (512, 8, 32, 32), (512, 32, 8, 8), (32, 256, 384))
 QUICK_SHAPES = ((128, 16, 16, 16),)
@@ -24,63 +20,43 @@ OPS = ("blend_add", "blend_multiply", "blend_gate", "ste_forward")
 OVERRIDE_OPS = ("blend_add", "blend_multiply", "blend_gate")
 OVERRIDE_K = 2
 AUTOCAST = "bfloat16-autocast"  # the dtype name of the autocast entries
-
-PATTERNS = {
-    "esper": "alpha 0-dim",
-    "esper_override": f"alpha_override (K*B,1,...), K={OVERRIDE_K}",
-}
-
-# arguments Esper passes without requires_grad
-NO_GRAD = frozenset(("alpha", "seed_input"))
-
-
-def _uniform(shape, lo, hi, dtype, device, gen):
-    return (torch.rand(shape, generator=gen, dtype=torch.float64) * (hi - lo) + lo).to(
-        device=device, dtype=dtype)
+PATTERNS = {"esper": "alpha 0-dim", "esper_override": f"alpha_override (K*B,1,...), K={OVERRIDE_K}"}
+NO_GRAD = frozenset(("alpha", "seed_input"))  # arguments Esper passes without requires_grad
 
 
 def make_inputs(op: str, pattern: str, shape, dtype: torch.dtype, device, gen, *,
                 autocast: bool = False) -> tuple[list, dict]:
     """(args, kwargs) of `op` as Esper passes them (module doc). Values are random, never zero:
     alpha in [0.1, 0.9] (a scheduled amplitude), gate in (0.05, 0.95)."""
-    if op not in OPS:
-        raise ValueError(f"no Esper pattern for {op!r}: expected one of {', '.join(OPS)}")
-    if pattern not in PATTERNS:
-        raise ValueError(f"unknown pattern {pattern!r}: expected one of {', '.join(PATTERNS)}")
-    cnn = len(shape) == 4
-    h = _randn(shape, dtype, device, gen)
-    if cnn:
+    if op not in OPS or pattern not in PATTERNS:
+        raise ValueError(f"no Esper pattern {pattern!r} for {op!r}: expected one of "
+                         f"{', '.join(PATTERNS)} for one of {', '.join(OPS)}")
+
+    def rand(size, lo=None, hi=None, dt=dtype):
+        if lo is None:
+            t = torch.randn(size, generator=gen, dtype=torch.float64)
+        else:
+            t = torch.rand(size, generator=gen, dtype=torch.float64) * (hi - lo) + lo
+        return t.to(device=device, dtype=dt)
+
+    h = rand(shape)
+    if len(shape) == 4:
         h = h.contiguous(memory_format=torch.channels_last)
-    s = _randn(shape, dtype, device, gen)  # NCHW: a seed fed the contiguous copy r
+    s = rand(shape)  # NCHW: a seed fed the contiguous copy r
     per_sample = (shape[0],) + (1,) * (len(shape) - 1)
-    alpha_dtype = torch.float32 if autocast else dtype
-    if pattern == "esper_override":
-        alpha = _uniform(per_sample, 0.1, 0.9, alpha_dtype, device, gen)
-    else:
-        alpha = _uniform((), 0.1, 0.9, alpha_dtype, device, gen)
+    alpha = rand(per_sample if pattern == "esper_override" else (), 0.1, 0.9,
+                 torch.float32 if autocast else dtype)
     if op == "ste_forward":
         return [h, s], {}
     if op == "blend_add":
         return [h, s, alpha], {}
     if op == "blend_multiply":
-        r = h.contiguous()  # Esper's isolation: an NCHW copy of the host's values
-        return [h, s, alpha], {"seed_input": r}
-    gate = _uniform(per_sample, 0.05, 0.95, dtype, device, gen)
-    return [h, s, alpha, gate], {}
-
-
-def autocast_wrap(fn, device: torch.device):
-    """`fn` called inside bf16 autocast on `device`."""
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            return fn(*args, **kwargs)
-    return wrapped
+        return [h, s, alpha], {"seed_input": h.contiguous()}  # Esper's isolation: an NCHW copy
+    return [h, s, alpha, rand(per_sample, 0.05, 0.95)], {}
 
 
 def layout(t: torch.Tensor) -> str:
-    """How a tensor is laid out, in words: "0-dim", "channels_last", "contiguous" (NCHW for
-    4-D), or "strided" for anything else."""
+    """"0-dim", "contiguous" (NCHW for 4-D), "channels_last", or "strided" for anything else."""
     if t.dim() == 0:
         return "0-dim"
     if t.is_contiguous():
@@ -90,10 +66,9 @@ def layout(t: torch.Tensor) -> str:
     return "strided"
 
 
-def describe(arg_names, args, kwargs, requires_grad: dict, grad: torch.Tensor) -> dict:
-    """{input name: {"shape", "dtype", "layout", "requires_grad"}} of one input set as built,
-    plus "grad" (the incoming gradient): what the report states under each table."""
-    named = {**dict(zip(arg_names, args)), **kwargs, "grad": grad}
+def describe(named: dict, requires_grad: dict) -> dict:
+    """{input name: {"shape", "dtype", "layout", "requires_grad"}} of one input set as built
+    (the incoming gradient as "grad"): what the report states under each table."""
     return {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
                    "layout": layout(t), "requires_grad": bool(requires_grad.get(name, False))}
             for name, t in named.items() if isinstance(t, torch.Tensor)}

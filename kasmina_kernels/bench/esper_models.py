@@ -1,17 +1,15 @@
 """Esper-style hosts with seed slots, written the way Esper's `SeedSlot.forward` calls the
-blends (docs/semantics.md#espers-calls). The training-step benchmark (bench/step.py) and the examples in
-python/ build their models from here.
+blends (docs/semantics.md#espers-calls). The training-step benchmark (bench/step.py) and the
+examples in python/ build their models from here.
 
-A `SeedSlot` holds a seed module and one operator, and looks its blend functions up by name on
-a `blends` namespace at every call (a module or any object with the names ``blend_with_isolation``,
-``blend_multiply``, ``blend_gate``, ``ste_forward`` and the class ``GatedBlend``):
-`EAGER_BLENDS` (the eager references and `EagerGatedBlend`, standing in for Esper's own),
-`DROP_INS` (the fused drop-ins on the default backend), or a module such as the examples'
-``seed_slots`` whose names `kasmina_kernels.swap_in` replaces.
-
-`SeedSlot.forward` is Esper's, line for line (isolation, then one blend call). The blend (for
-GATE: the gate network and the blend) runs inside a ``torch.profiler.record_function(BLEND_RANGE)``
-range, so a profile can tell the blends' share of a step.
+A `SeedSlot` looks its blend functions up by name on a `blends` namespace at every call (a
+module or any object with ``blend_with_isolation``, ``blend_multiply``, ``blend_gate``,
+``ste_forward`` and the class ``GatedBlend``): `EAGER_BLENDS` (the eager references and
+`EagerGatedBlend`, standing in for Esper's own), `DROP_INS` (the fused drop-ins on the default
+backend), or a module such as the examples' ``seed_slots`` whose names `kasmina_kernels.swap_in`
+replaces. The blend (for GATE: the gate network and the blend) runs inside a
+``torch.profiler.record_function(BLEND_RANGE)`` range, so a profile can tell the blends' share
+of a step.
 """
 
 from __future__ import annotations
@@ -26,21 +24,15 @@ from ..nn import EagerGatedBlend
 
 OPERATORS = ("add", "multiply", "gate", "ste")
 BLEND_RANGE = "kasmina.blend"
-
 EAGER_BLENDS = SimpleNamespace(
-    blend_with_isolation=reference.blend_with_isolation,
-    blend_multiply=reference.blend_multiply,
-    blend_gate=reference.blend_gate,
-    ste_forward=reference.ste_forward,
-    GatedBlend=EagerGatedBlend,
-)
-# the same names, from swap_in's table
+    blend_with_isolation=reference.blend_with_isolation, blend_multiply=reference.blend_multiply,
+    blend_gate=reference.blend_gate, ste_forward=reference.ste_forward, GatedBlend=EagerGatedBlend)
 DROP_INS = SimpleNamespace(**{name: swap.DROP_INS[name] for name in vars(EAGER_BLENDS)})
 
 
 class _ModuleRef:
     """A module's names, looked up at each access (so `swap_in` on the module reaches the slot);
-    shared, not copied, by copy.deepcopy."""
+    shared, not copied, by copy.deepcopy (a module cannot be deep-copied)."""
 
     def __init__(self, module: ModuleType):
         self.module = module
@@ -58,25 +50,16 @@ class SeedSlot(nn.Module):
         super().__init__()
         if operator not in OPERATORS:
             raise ValueError(f"unknown operator {operator!r}: expected one of {', '.join(OPERATORS)}")
-        if ramp_steps <= 0:
-            raise ValueError(f"ramp_steps must be > 0, got {ramp_steps}")
-        self.operator = operator
-        self.ramp_steps = ramp_steps
-        self.isolate = isolate
+        self.operator, self.ramp_steps, self.isolate, self.seed = operator, ramp_steps, isolate, seed
         blends = EAGER_BLENDS if blends is None else blends
-        # a module cannot be deep-copied (copy.deepcopy of a model): keep a reference to it
         self.blends = _ModuleRef(blends) if isinstance(blends, ModuleType) else blends
-        self.seed = seed
         self.register_buffer("alpha", torch.zeros(()))
         self.gated_blend = (self.blends.GatedBlend(channels, topology=topology, total_steps=ramp_steps)
                             if operator == "gate" else None)
 
-    def set_alpha(self, value: float) -> None:
-        self.alpha.fill_(value)
-
     def advance(self, step: int) -> None:
         """Set alpha for training step `step` (0-based): ``min(1, (step + 1) / ramp_steps)``."""
-        self.set_alpha(min(1.0, (step + 1) / self.ramp_steps))
+        self.alpha.fill_(min(1.0, (step + 1) / self.ramp_steps))
         if self.gated_blend is not None:
             self.gated_blend.step(min(step + 1, self.ramp_steps))
 
@@ -96,31 +79,26 @@ class SeedSlot(nn.Module):
             return b.ste_forward(h, s)
 
 
-def slots(model: nn.Module) -> list[SeedSlot]:
-    return [m for m in model.modules() if isinstance(m, SeedSlot)]
-
-
 def advance_slots(model: nn.Module, step: int) -> None:
     """Advance every SeedSlot in `model` to training step `step`."""
-    for slot in slots(model):
+    for slot in (m for m in model.modules() if isinstance(m, SeedSlot)):
         slot.advance(step)
 
 
 def set_alphas(model: nn.Module, value: float) -> None:
-    for slot in slots(model):
-        slot.set_alpha(value)
+    for slot in (m for m in model.modules() if isinstance(m, SeedSlot)):
+        slot.alpha.fill_(value)
 
 
-# ---------------------------------------------------------------------------- CNN host
-class ResidualConvSeed(nn.Module):
-    """A seed as Esper grows them: the identity plus a small convolution."""
+class Residual(nn.Module):
+    """A seed as Esper grows them: the identity plus a small network."""
 
-    def __init__(self, channels: int):
+    def __init__(self, *layers: nn.Module):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(torch.relu(x))
+        return x + self.body(x)
 
 
 class CNNHost(nn.Module):
@@ -134,18 +112,17 @@ class CNNHost(nn.Module):
         wide = 2 * width
 
         def slot(c, op):
-            return SeedSlot(c, ResidualConvSeed(c), op, ramp_steps=ramp_steps, blends=blends)
+            seed = Residual(nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+            return SeedSlot(c, seed, op, ramp_steps=ramp_steps, blends=blends)
 
-        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.stem = nn.Conv2d(3, width, 3, padding=1).to(memory_format=torch.channels_last)
         self.slot_add = slot(width, "add")
-        self.down = nn.Conv2d(width, wide, 3, stride=2, padding=1)
+        self.down = nn.Conv2d(width, wide, 3, stride=2, padding=1).to(memory_format=torch.channels_last)
         self.slot_multiply = slot(wide, "multiply")
-        self.mid = nn.Conv2d(wide, wide, 3, padding=1)
+        self.mid = nn.Conv2d(wide, wide, 3, padding=1).to(memory_format=torch.channels_last)
         self.slot_gate = slot(wide, "gate")
         self.slot_ste = slot(wide, "ste")
         self.head = nn.Linear(wide, classes)
-        for conv in (self.stem, self.down, self.mid):
-            conv.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.slot_add(torch.relu(self.stem(x)))
@@ -166,22 +143,13 @@ def image_batches(steps: int, batch_size: int, *, image_size: int = 16, classes:
         offsets = torch.randn(batch_size, 3, 1, 1, generator=gen)
         images = torch.randn(batch_size, 3, image_size, image_size, generator=gen) + offsets
         labels = (offsets.flatten(1) @ teacher).argmax(dim=1)
-        images = images.to(device).contiguous(memory_format=torch.channels_last)
-        batches.append((images, labels.to(device)))
+        batches.append((images.to(device).contiguous(memory_format=torch.channels_last), labels.to(device)))
     return batches
 
 
-# ---------------------------------------------------------------------------- transformer host
-class MLPSeed(nn.Module):
+def mlp_seed(channels: int) -> Residual:
     """A residual MLP seed on (B, T, C)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.up = nn.Linear(channels, 2 * channels)
-        self.down = nn.Linear(2 * channels, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(torch.relu(self.up(x)))
+    return Residual(nn.Linear(channels, 2 * channels), nn.ReLU(), nn.Linear(2 * channels, channels))
 
 
 class EncoderLayer(nn.Module):
@@ -190,13 +158,10 @@ class EncoderLayer(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.norm1 = nn.LayerNorm(width)
-        self.mlp = MLPSeed(width)
-        self.norm2 = nn.LayerNorm(width)
+        self.norm1, self.mlp, self.norm2 = nn.LayerNorm(width), mlp_seed(width), nn.LayerNorm(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        attended, _ = self.attention(x, x, x, need_weights=False)
-        x = self.norm1(x + attended)
+        x = self.norm1(x + self.attention(x, x, x, need_weights=False)[0])
         return self.norm2(self.mlp(x))
 
 
@@ -208,17 +173,13 @@ class TransformerHost(nn.Module):
                  layers: int = 1, ramp_steps: int = 10, blends=None):
         super().__init__()
         self.embed = nn.Linear(features, width)
-        self.layers = nn.ModuleList(EncoderLayer(width, heads) for _ in range(layers))
-        self.slot_gate = SeedSlot(width, MLPSeed(width), "gate", topology="transformer",
+        self.layers = nn.Sequential(*(EncoderLayer(width, heads) for _ in range(layers)))
+        self.slot_gate = SeedSlot(width, mlp_seed(width), "gate", topology="transformer",
                                   ramp_steps=ramp_steps, blends=blends)
         self.head = nn.Linear(width, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x)
-        for layer in self.layers:
-            x = layer(x)
-        x = self.slot_gate(x)
-        return self.head(x.mean(dim=1))
+        return self.head(self.slot_gate(self.layers(self.embed(x))).mean(dim=1))
 
 
 def token_batches(steps: int, batch_size: int, *, tokens: int, features: int, classes: int = 5,
@@ -229,6 +190,5 @@ def token_batches(steps: int, batch_size: int, *, tokens: int, features: int, cl
     batches = []
     for _ in range(steps):
         x = torch.randn(batch_size, tokens, features, generator=gen)
-        labels = (x.mean(dim=1) @ teacher).argmax(dim=1)
-        batches.append((x.to(device), labels.to(device)))
+        batches.append((x.to(device), (x.mean(dim=1) @ teacher).argmax(dim=1).to(device)))
     return batches

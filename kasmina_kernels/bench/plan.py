@@ -31,8 +31,9 @@ def default_device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def sweep_shape(log2_numel: int) -> tuple[int, ...]:
-    return ((1 << log2_numel) // math.prod(SWEEP_INNER),) + SWEEP_INNER
+def torch_dtype(name: str) -> torch.dtype:
+    """The tensors' dtype of an entry's dtype name (esper.AUTOCAST entries hold bfloat16)."""
+    return torch.bfloat16 if name == esper.AUTOCAST else DTYPES[name]
 
 
 @dataclass(frozen=True)
@@ -44,29 +45,6 @@ class Entry:
     compile_peer: bool = True  # time torch.compile of the reference here
     compile_dynamic: bool = False  # compile with dynamic shapes, once per (op, dtype)
     pattern: str = "isolated"  # inputs: "isolated" (all require grad) or an esper.PATTERNS key
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The tensors' dtype of an entry's dtype name (esper.AUTOCAST entries hold bfloat16)."""
-    return torch.bfloat16 if name == esper.AUTOCAST else DTYPES[name]
-
-
-def esper_entries(device: torch.device, *, quick: bool, dtypes: list[str] | None) -> list[Entry]:
-    """Esper's calls (bench/esper.py): every blend op at Esper's shapes in the 0-dim alpha
-    form, then ADD, MULTIPLY and GATE in the alpha_override form; float32 and bfloat16, plus
-    bf16 autocast on CUDA. --quick: float32 at the smallest CNN shape only."""
-    if quick:
-        shapes, dtypes = esper.QUICK_SHAPES, dtypes or ["float32"]
-    else:
-        shapes, dtypes = esper.SHAPES, dtypes or ["float32", "bfloat16"]
-    dtypes = [d for d in dtypes if d in ("float32", "bfloat16", esper.AUTOCAST)]
-    if device.type == "cuda" and "bfloat16" in dtypes and esper.AUTOCAST not in dtypes:
-        dtypes.append(esper.AUTOCAST)
-    entries = [Entry(op, shape, dt, "esper-call", pattern="esper")
-               for dt in dtypes for shape in shapes for op in esper.OPS]
-    entries += [Entry(op, shape, dt, "esper-call", pattern="esper_override")
-                for dt in dtypes for shape in shapes for op in esper.OVERRIDE_OPS]
-    return entries
 
 
 @dataclass
@@ -85,12 +63,24 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
+def esper_entries(device: torch.device, *, quick: bool, dtypes: list[str] | None) -> list[Entry]:
+    """Esper's calls (esper.py): every blend op at Esper's shapes in the 0-dim alpha form, then
+    ADD, MULTIPLY and GATE in the alpha_override form; float32 and bfloat16, plus bf16
+    autocast on CUDA. --quick: float32 at the smallest CNN shape only."""
+    shapes = esper.QUICK_SHAPES if quick else esper.SHAPES
+    dtypes = [d for d in dtypes or (["float32"] if quick else ["float32", "bfloat16"])
+              if d in ("float32", "bfloat16", esper.AUTOCAST)]
+    if device.type == "cuda" and "bfloat16" in dtypes and esper.AUTOCAST not in dtypes:
+        dtypes.append(esper.AUTOCAST)
+    return [Entry(op, shape, dt, "esper-call", pattern=pattern)
+            for pattern, ops in (("esper", esper.OPS), ("esper_override", esper.OVERRIDE_OPS))
+            for dt in dtypes for shape in shapes for op in ops]
+
+
 def make_plan(device: torch.device, *, quick: bool, ops: list[str] | None,
               dtypes: list[str] | None, esper_only: bool = False) -> Plan:
+    first = [e for e in esper_entries(device, quick=quick, dtypes=dtypes) if not ops or e.op in ops]
     notes = []
-    first = esper_entries(device, quick=quick, dtypes=dtypes)
-    if ops:
-        first = [e for e in first if e.op in ops]
     if quick:
         notes.append("--quick: Esper's calls in float32 at " + ", ".join(
             str(s) for s in esper.QUICK_SHAPES) + " only (the full run: all four of Esper's "
@@ -98,13 +88,16 @@ def make_plan(device: torch.device, *, quick: bool, ops: list[str] | None,
     notes.append(f"Esper's calls, alpha_override form: alpha of shape (K*B,1,1,1) ((K*B,1,1) "
                  f"for (B,T,C)) without grad, K={esper.OVERRIDE_K} configurations of "
                  f"B = batch/{esper.OVERRIDE_K} samples (e.g. K=2 at B=64 for (128,16,16,16)).")
+    # on GPU a call takes microseconds: 30 ms of timed calls per step is hundreds of calls
+    effort = (Effort(rounds=5, budget_s=0.05, calls=20, call_rounds=5) if quick else
+              Effort(rounds=7, budget_s=0.3 if device.type == "cpu" else 0.03, calls=50, call_rounds=7))
+    if esper_only:
+        return Plan(first, effort, notes)
     if quick:
         ops = ops or list(HEADLINE_OPS)
         dtypes = [d for d in dtypes or ["float32"] if d in DTYPES]
         named = [("small", SMALL_SHAPES[0]), ("esper", QUICK_ESPER_SHAPE)]
-        sizes = QUICK_SWEEP_LOG2_NUMEL[device.type]
-        sweep_compile = False
-        effort = Effort(rounds=5, budget_s=0.05, calls=20, call_rounds=5)
+        sizes, sweep_compile = QUICK_SWEEP_LOG2_NUMEL[device.type], False
         notes.append(
             "--quick: ops " + ", ".join(ops) + "; dtypes " + ", ".join(dtypes) + "; shapes "
             + ", ".join(str(s) for _, s in named) + "; size sweep numel 2^"
@@ -118,23 +111,16 @@ def make_plan(device: torch.device, *, quick: bool, ops: list[str] | None,
         ops = ops or list(ALL_OPS)
         dtypes = [d for d in dtypes or ["float32", "bfloat16"] if d in DTYPES]
         named = [("esper", s) for s in ESPER_SHAPES] + [("small", s) for s in SMALL_SHAPES]
-        sizes = SWEEP_LOG2_NUMEL[device.type]
-        sweep_compile = True
-        # on GPU a call takes microseconds: 30 ms of timed calls per step is hundreds of calls
-        effort = Effort(rounds=7, budget_s=0.3 if device.type == "cpu" else 0.03,
-                        calls=50, call_rounds=7)
-    sweep_ops = [op for op in ops if op in BANDWIDTH_OPS]
+        sizes, sweep_compile = SWEEP_LOG2_NUMEL[device.type], True
     sweep_dynamic = sweep_compile and device.type == "cuda"
     named_entries = [Entry(op, shape, dt, group) for dt in dtypes for group, shape in named for op in ops]
     # priority order, so that a --time-limit drops the least important entries: the headline
     # ops at the named shapes, then the size sweep, then the other ops at the named shapes
-    entries = [e for e in named_entries if e.op in HEADLINE_OPS]
-    entries += [Entry(op, sweep_shape(k), dt, "sweep", sweep_compile, sweep_dynamic)
-                for dt in dtypes for k in sizes for op in sweep_ops]
+    entries = first + [e for e in named_entries if e.op in HEADLINE_OPS]
+    entries += [Entry(op, ((1 << k) // math.prod(SWEEP_INNER),) + SWEEP_INNER, dt, "sweep",
+                      sweep_compile, sweep_dynamic)
+                for dt in dtypes for k in sizes for op in ops if op in BANDWIDTH_OPS]
     entries += [e for e in named_entries if e.op not in HEADLINE_OPS]
-    if esper_only:
-        entries, notes = [], [n for n in notes if n.startswith("Esper") or "Esper's calls in" in n]
-    entries = first + entries
     if sweep_dynamic:
         notes.append("size sweep on CUDA: torch.compile with dynamic=True, compiled once per op "
                      "and dtype and reused across sizes (compiling every size afresh does not fit "

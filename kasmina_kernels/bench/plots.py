@@ -10,13 +10,14 @@ from .report import FB, PEERS, _impl_names, _shape, conclusive
 COLORS = {"eager": "#7f7f7f", "compile": "#1f77b4", "native": "#d62728", "triton": "#2ca02c"}
 
 
-def _pyplot():
+def _figure(rows: int, cols: int, size: tuple[float, float]):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
+    return plt, fig, axes
 
 
 def _save(plt, fig, axes, path: Path, title: str) -> None:
@@ -34,21 +35,16 @@ def bandwidth_vs_size(records: list[dict], path: Path, title: str) -> bool:
     rows = [r for r in records if r.get("group") == "sweep" and "copy" in r]
     if not rows:
         return False
-    plt = _pyplot()
-    ops = sorted({r["op"] for r in rows})
-    dtypes = sorted({r["dtype"] for r in rows})
-    impls = _impl_names(rows)
+    ops, dtypes, impls = sorted({r["op"] for r in rows}), sorted({r["dtype"] for r in rows}), _impl_names(rows)
     # on CUDA the kernels' own device time shows bandwidth; event time there is mostly the
     # host's launch and autograd overhead until tensors are large
     kernel = all("kernel_GBps" in r["copy"] for r in rows)
     gb_key = "kernel_GBps" if kernel else "GBps"
-    fig, axes = plt.subplots(len(dtypes), len(ops), figsize=(4.2 * len(ops), 3.4 * len(dtypes)),
-                             squeeze=False)
+    plt, fig, axes = _figure(len(dtypes), len(ops), (4.2 * len(ops), 3.4 * len(dtypes)))
     for i, dt in enumerate(dtypes):
         for j, op in enumerate(ops):
             ax = axes[i][j]
-            sel = sorted((r for r in rows if r["op"] == op and r["dtype"] == dt),
-                         key=lambda r: r["feature_bytes"])
+            sel = sorted((r for r in rows if r["op"] == op and r["dtype"] == dt), key=lambda r: r["feature_bytes"])
             x = [r["feature_bytes"] / 2**20 for r in sel]
             ax.plot(x, [r["copy"][gb_key] for r in sel], "k--", label="device copy")
             for n in impls:
@@ -68,38 +64,33 @@ def bandwidth_vs_size(records: list[dict], path: Path, title: str) -> bool:
 def speedup_bars(records: list[dict], path: Path, title: str) -> bool:
     """Forward+backward speedup of each kernel backend against each peer at Esper's shapes
     (and the small shape), log scale: one panel per (dtype, peer), one bar group per op and
-    shape."""
+    shape; hatched and faint where the timings do not support the ratio."""
     rows = [r for r in records if r.get("group") in ("esper", "small")]
     kernels = [n for n in _impl_names(rows) if n not in PEERS]
     if not rows or not kernels:
         return False
-    plt = _pyplot()
     dtypes = sorted({r["dtype"] for r in rows})
     groups = max(sum(r["dtype"] == dt for r in rows) for dt in dtypes)
     width = min(24.0, max(8.0, 0.25 * groups * len(kernels) + 2))
-    fig, axes = plt.subplots(len(dtypes) * len(PEERS), 1, squeeze=False,
-                             figsize=(width, 3.6 * len(dtypes) * len(PEERS)))
+    plt, fig, axes = _figure(len(dtypes) * len(PEERS), 1, (width, 3.6 * len(dtypes) * len(PEERS)))
     bar = 0.8 / len(kernels)
     for i, dt in enumerate(dtypes):
         sel = [r for r in rows if r["dtype"] == dt]
-        labels = [f"{r['op']}\n{_shape(r['shape'])}" for r in sel]
         for j, peer in enumerate(PEERS):
             ax = axes[i * len(PEERS) + j][0]
             for k, name in enumerate(kernels):
-                vals = [r["impls"].get(name, {}).get("speedup", {}).get(peer, {}).get(FB, float("nan"))
-                        for r in sel]
-                # hatched and faint: inconclusive, the timings do not support the ratio
-                unclear = [not conclusive(r["impls"].get(name, {}), peer, FB) for r in sel]
-                bars = ax.bar([p + k * bar for p in range(len(sel))], vals, bar,
-                              color=COLORS.get(name), label=name)
-                for b, u in zip(bars, unclear):
-                    if u:
+                impls = [r["impls"].get(name, {}) for r in sel]
+                bars = ax.bar([p + k * bar for p in range(len(sel))],
+                              [d.get("speedup", {}).get(peer, {}).get(FB, float("nan")) for d in impls],
+                              bar, color=COLORS.get(name), label=name)
+                for b, d in zip(bars, impls):
+                    if not conclusive(d, peer, FB):
                         b.set_alpha(0.35)
                         b.set_hatch("//")
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_yscale("log", base=2)
             ax.set_xticks([p + bar * (len(kernels) - 1) / 2 for p in range(len(sel))])
-            ax.set_xticklabels(labels, rotation=90, fontsize=6)
+            ax.set_xticklabels([f"{r['op']}\n{_shape(r['shape'])}" for r in sel], rotation=90, fontsize=6)
             ax.set_ylabel("speedup (fwd+bwd)")
             ax.set_title(f"{dt}: speedup vs {'eager' if peer == 'eager' else 'torch.compile'} "
                          "(above 1: the backend is faster; hatched: inconclusive)", fontsize=10)

@@ -16,6 +16,35 @@ from .timing import MIN_ROUNDS, SPREAD_LIMIT
 
 PEERS = ("eager", "compile")
 FB = "forward+backward"
+ESPER_GROUP = "esper-call"
+PATTERN_LABEL = {"esper": "0-dim", "esper_override": "(K*B,1,...)"}
+INCONCLUSIVE = "~"  # a ratio the timings do not support (legend)
+ABOVE_COPY = "(!)"  # GB/s above a same-size copy's (legend)
+HEADER_KEYS = ("device", "cpu_count", "usable cores", "load average at start", "threads",
+               "L2_cache_bytes", "platform", "python", "torch", "torch CUDA", "triton",
+               "native built with CUDA", "native CPU capability", "native float32 tanh",
+               "transparent huge pages", "date", "rotation_bytes", "inductor_warmup_s", "command")
+METHOD = (
+    "Method: every implementation is checked against the eager reference (the equivalence rule "
+    "of docs/semantics.md#equivalence) before it is timed. Times are medians of all timed calls "
+    "after warm-up; implementations alternate round by round on the same inputs (random, never "
+    "zero), rotating through input copies that span more than the rotation size above so caches "
+    "do not flatter; CUDA times come from device events, CPU times from perf_counter. Forward is "
+    "the training forward (inputs require grad); backward produces every gradient. GB/s use the "
+    "byte counts of docs/semantics.md#performance-model (kasmina_kernels/bench/bytemodel.py); "
+    "% copy is against a same-size device copy timed alongside. Those counts are the floor for a "
+    "dense result: the native CPU backward of gated_pool and gate_network returns dx as a "
+    "stride-0 broadcast of its (B, C) values, as torch's own sum backward does, so it writes B*C "
+    "values, not N, and its backward GB/s for those two ops counts a write it does not do. "
+    "µs/call is the wall time of back-to-back forward calls, host overhead included. On CUDA, "
+    "'kernel' columns give the time the device spends executing a call's own work (kernels, "
+    "copies, memsets, from the CUDA profiler, each run bracketed by marker kernels; host gaps "
+    "between launches left out) and the GB/s that time gives, against the copy's kernel time: "
+    "how close the kernels are to the memory-bandwidth floor, apart from launch and autograd "
+    "overhead. torch.compile (dynamic=False, fullgraph=True) compiles each shape afresh; its "
+    "compile time (first forward+backward call) is listed apart and never in a timed call; "
+    "'(cached)' marks a compile that found its graphs in inductor's on-disk cache from an "
+    "earlier run.")
 
 
 def machine(device: torch.device) -> dict:
@@ -27,7 +56,12 @@ def machine(device: torch.device) -> dict:
         info["L2_cache_bytes"] = int(getattr(props, "L2_cache_size", 0) or 0)
         info["device_memory_bytes"] = int(props.total_memory)
     else:
-        info["device"] = _cpu_name()
+        try:
+            names = [line.split(":", 1)[1].strip() for line in
+                     Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        except OSError:
+            names = []
+        info["device"] = names[0] if names else info["processor"]
         info["transparent huge pages"] = transparent_huge_pages()
     info["cpu_count"] = os.cpu_count()
     info.update({k: str(v) for k, v in backends.build_summary().items()})
@@ -47,47 +81,48 @@ def transparent_huge_pages(sysfs: str = "/sys/kernel/mm/transparent_hugepage/ena
     return f"{mode} (THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')})"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _us(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    us = seconds * 1e6
-    return f"{us:,.0f}" if us >= 100 else f"{us:.1f}"
+    return f"{seconds * 1e6:,.0f}" if seconds >= 1e-4 else f"{seconds * 1e6:.1f}"
 
 
-def _x(r: float | None) -> str:
-    return "-" if r is None else f"{r:.2f}x"
+def _shape(s) -> str:
+    return "(" + ",".join(str(v) for v in s) + ")"
 
 
-INCONCLUSIVE = "~"  # a ratio the timings do not support (LEGEND)
-ABOVE_COPY = "(!)"  # GB/s above a same-size copy's (LEGEND)
+def _entry_name(r: dict) -> str:
+    pattern = r.get("pattern", "isolated")
+    return f"{r['op']} {_shape(r['shape'])} {r['dtype']}" + ("" if pattern == "isolated" else f" ({pattern})")
 
 
-def _support(d: dict, peer: str, mode: str) -> dict | None:
-    """The timing.compare verdict on `d`'s ratio against `peer` in `mode` (None in records
-    written before there was one)."""
-    return d.get("speedup_support", {}).get(peer, {}).get(mode)
+def _table(head: list[str], left: int, rows: list[list[str]]) -> list[str]:
+    """A markdown table: the first `left` columns left-aligned, the rest right-aligned."""
+    rule = ["---"] * left + ["---:"] * (len(head) - left)
+    return ["| " + " | ".join(cells) + " |" for cells in (head, rule, *rows)]
+
+
+def _impl_names(records: list[dict]) -> list[str]:
+    names = list(dict.fromkeys(n for r in records for n in r["impls"]))
+    return [n for n in PEERS if n in names] + [n for n in names if n not in PEERS]
+
+
+def _why(d: dict, peer: str, mode: str) -> str | None:
+    """Why the timings do not support `d`'s ratio against `peer` in `mode` (None: they do)."""
+    return d.get("speedup_support", {}).get(peer, {}).get(mode, {}).get("why")
 
 
 def conclusive(d: dict, peer: str, mode: str) -> bool:
-    s = _support(d, peer, mode)
-    return s is None or s["conclusive"]
+    return _why(d, peer, mode) is None
 
 
 def _ratio(d: dict, peer: str, mode: str) -> str:
     """An implementation's ratio against `peer`, marked INCONCLUSIVE where the timings do not
     support it."""
-    text = _x(d.get("speedup", {}).get(peer, {}).get(mode))
-    return text if text == "-" or conclusive(d, peer, mode) else f"{text} {INCONCLUSIVE}"
+    r = d.get("speedup", {}).get(peer, {}).get(mode)
+    if r is None:
+        return "-"
+    return f"{r:.2f}x" + ("" if conclusive(d, peer, mode) else f" {INCONCLUSIVE}")
 
 
 def legend() -> list[str]:
@@ -98,7 +133,7 @@ def legend() -> list[str]:
         f"timings spread more than {SPREAD_LIMIT:.0%} (inter-quartile range over median: a wide "
         "or two-humped distribution, e.g. calls that lose a scheduler quantum on a loaded "
         "machine, has no typical call), the ratio of every round (implementations alternate "
-        "round by round; at least " + str(MIN_ROUNDS) + " rounds) lies on the same side of "
+        f"round by round; at least {MIN_ROUNDS} rounds) lies on the same side of "
         "1.00x as the overall ratio (a sign test: a coin flip passes it 1 time in 16 at 5 "
         "rounds), and neither implementation's GB/s is above the same-size copy's. "
         f"`{INCONCLUSIVE}` after a ratio (e.g. `1.04x {INCONCLUSIVE}`): inconclusive, the "
@@ -110,49 +145,16 @@ def legend() -> list[str]:
         "it does not do (see above); there the mark stays but the ratio still counts."]
 
 
-def _table(head: list[str], left: int, rows: list[list[str]]) -> list[str]:
-    """A markdown table: the first `left` columns left-aligned, the rest right-aligned."""
-    rule = ["---"] * left + ["---:"] * (len(head) - left)
-    return ["| " + " | ".join(cells) + " |" for cells in (head, rule, *rows)]
-
-
-def _shape(s) -> str:
-    return "(" + ",".join(str(v) for v in s) + ")"
-
-
-def _entry_name(r: dict) -> str:
-    pattern = r.get("pattern", "isolated")
-    return (f"{r['op']} {_shape(r['shape'])} {r['dtype']}"
-            + ("" if pattern == "isolated" else f" ({pattern})"))
-
-
-def _impl_names(records: list[dict]) -> list[str]:
-    names = list(dict.fromkeys(n for r in records for n in r["impls"]))
-    return [n for n in PEERS if n in names] + [n for n in names if n not in PEERS]
-
-
-def _median(r: dict, impl: str, mode: str) -> float | None:
-    m = r["impls"].get(impl, {}).get(mode)
-    return m["median"] if m else None
-
-
 def side_by_side(rows: list[dict], mode: str, alpha: bool = False) -> list[str]:
     """`mode` times of every implementation side by side, and each backend's ratio against each
-    peer (peer time / backend time: above 1 means the backend is faster); `alpha`: a column
-    naming the alpha form of Esper's calls."""
+    peer; `alpha`: a column naming the alpha form of Esper's calls."""
     impls = _impl_names(rows)
     kernels = [n for n in impls if n not in PEERS]
     head = ["op", "shape", "dtype"] + ["alpha"] * alpha + [f"{n} µs" for n in impls]
-    head += [f"{k} vs {p}" for k in kernels for p in PEERS]
-    body = []
-    for r in rows:
-        cells = [r["op"], _shape(r["shape"]), r["dtype"]]
-        cells += [PATTERN_LABEL.get(r.get("pattern"), "?")] * alpha
-        cells += [_us(_median(r, n, mode)) for n in impls]
-        for k in kernels:
-            cells += [_ratio(r["impls"].get(k, {}), p, mode) for p in PEERS]
-        body.append(cells)
-    return _table(head, 3 + alpha, body)
+    body = [[r["op"], _shape(r["shape"]), r["dtype"]] + [PATTERN_LABEL.get(r.get("pattern"), "?")] * alpha
+            + [_us(r["impls"].get(n, {}).get(mode, {}).get("median")) for n in impls]
+            + [_ratio(r["impls"].get(k, {}), p, mode) for k in kernels for p in PEERS] for r in rows]
+    return _table(head + [f"{k} vs {p}" for k in kernels for p in PEERS], 3 + alpha, body)
 
 
 def _bandwidth(gb: dict, fr: dict, mode: str) -> str:
@@ -174,53 +176,42 @@ def detail_table(records: list[dict]) -> list[str]:
     kernel = _has_kernel_time(records)
     head = ["op", "shape", "dtype", "inputs", "impl", "fwd µs", "bwd µs", "fwd+bwd µs", "µs/call",
             "fwd GB/s (% copy)", "bwd GB/s (% copy)"]
-    if kernel:
-        head += ["kernel fwd µs", "kernel bwd µs", "kernel fwd GB/s (% copy)", "kernel bwd GB/s (% copy)"]
-    head += ["saved MiB (not inputs)", "compile s"]
+    head += ["kernel fwd µs", "kernel bwd µs", "kernel fwd GB/s (% copy)", "kernel bwd GB/s (% copy)"] * kernel
     rows = []
-    for r in records:
-        if r.get("group") == "sweep":
-            continue
+    for r in (r for r in records if r.get("group") != "sweep"):
         for name in _impl_names([r]):
             d = r["impls"][name]
             if "forward" not in d:
                 continue
-            saved = (f"{d['saved_bytes'] / 2**20:.2f} ({d['saved_extra_bytes'] / 2**20:.2f})"
-                     if "saved_bytes" in d else "-")
-            call = f"{d['call_us']:.1f}" if "call_us" in d else "-"
-            comp = "-"
+            comp = "reused (dynamic)" if d.get("compile_reused") else "-"
             if d.get("compile_s") is not None:
                 comp = f"{d['compile_s']:.2f}" + (" (cached)" if d.get("compile_cache_hits") else "")
-            elif d.get("compile_reused"):
-                comp = "reused (dynamic)"
             cells = [r["op"], _shape(r["shape"]), r["dtype"], r.get("pattern", "isolated"), name,
-                     _us(d["forward"]["median"]),
-                     _us(d["backward"]["median"]), _us(d[FB]["median"]), call,
+                     _us(d["forward"]["median"]), _us(d["backward"]["median"]), _us(d[FB]["median"]),
+                     f"{d['call_us']:.1f}" if "call_us" in d else "-",
                      _impl_bandwidth(d, "forward"), _impl_bandwidth(d, "backward")]
             if kernel:
                 k = d.get("kernel", {})
-                cells += [_us(k["forward"]["median"]) if "forward" in k else "-",
-                          _us(k["backward"]["median"]) if "backward" in k else "-",
-                          _impl_bandwidth(d, "forward", "kernel_"), _impl_bandwidth(d, "backward", "kernel_")]
-            rows.append(cells + [saved, comp])
-    return _table(head, 5, rows)
+                cells += [_us(k.get(m, {}).get("median")) for m in ("forward", "backward")]
+                cells += [_impl_bandwidth(d, m, "kernel_") for m in ("forward", "backward")]
+            rows.append(cells + [f"{d['saved_bytes'] / 2**20:.2f} ({d['saved_extra_bytes'] / 2**20:.2f})"
+                                 if "saved_bytes" in d else "-", comp])
+    return _table(head + ["saved MiB (not inputs)", "compile s"], 5, rows)
 
 
 def sweep_table(records: list[dict]) -> list[str]:
-    rows = [r for r in records if r.get("group") == "sweep" and "copy" in r]
-    impls = _impl_names(rows)
-    kernel = _has_kernel_time(rows)
+    rows = sorted((r for r in records if r.get("group") == "sweep" and "copy" in r),
+                  key=lambda r: (r["op"], r["dtype"], r["numel"]))
+    impls, kernel = _impl_names(rows), _has_kernel_time(rows)
     head = ["op", "dtype", "numel", "MiB/tensor", "copy GB/s"] + [f"{n} GB/s (% copy)" for n in impls]
-    if kernel:
-        head += ["copy kernel GB/s"] + [f"{n} kernel GB/s (% copy)" for n in impls]
+    head += (["copy kernel GB/s"] + [f"{n} kernel GB/s (% copy)" for n in impls]) * kernel
     body = []
-    for r in sorted(rows, key=lambda r: (r["op"], r["dtype"], r["numel"])):
-        mib = r["feature_bytes"] / 2**20
-        cells = [r["op"], r["dtype"], f"{r['numel']:,}", f"{mib:.2f}", f"{r['copy']['GBps']:.1f}"]
-        cells += [_impl_bandwidth(r["impls"].get(n, {}), FB) for n in impls]
+    for r in rows:
+        cells = [r["op"], r["dtype"], f"{r['numel']:,}", f"{r['feature_bytes'] / 2**20:.2f}",
+                 f"{r['copy']['GBps']:.1f}"] + [_impl_bandwidth(r["impls"].get(n, {}), FB) for n in impls]
         if kernel:
             ck = r["copy"].get("kernel_GBps")
-            cells.append(f"{ck:.1f}" if ck else "-")
+            cells += [f"{ck:.1f}" if ck else "-"]
             cells += [_impl_bandwidth(r["impls"].get(n, {}), FB, "kernel_") for n in impls]
         body.append(cells)
     return _table(head, 2, body)
@@ -232,8 +223,7 @@ def verdicts(records: list[dict], groups=("esper", "small")) -> list[str]:
     timings do not support (see `legend`) are counted in neither and listed apart."""
     lines = []
     rows = [r for r in records if r.get("group") in groups]
-    kernels = [n for n in _impl_names(rows) if n not in PEERS]
-    for k in kernels:
+    for k in [n for n in _impl_names(rows) if n not in PEERS]:
         for peer in PEERS:
             ahead, behind, unclear = 0, [], []
             for r in rows:
@@ -241,27 +231,23 @@ def verdicts(records: list[dict], groups=("esper", "small")) -> list[str]:
                 sp = d.get("speedup", {}).get(peer, {}).get(FB)
                 if sp is None:
                     continue
-                alpha = (f" alpha {PATTERN_LABEL[r['pattern']]}"
-                         if r.get("pattern") in PATTERN_LABEL else "")
+                alpha = f" alpha {PATTERN_LABEL[r['pattern']]}" if r.get("pattern") in PATTERN_LABEL else ""
                 case = f"{r['op']} {_shape(r['shape'])} {r['dtype']}{alpha}"
                 if not conclusive(d, peer, FB):
-                    unclear.append(f"{case} ({sp:.2f}x {INCONCLUSIVE}: {_support(d, peer, FB)['why']})")
+                    unclear.append(f"{case} ({sp:.2f}x {INCONCLUSIVE}: {_why(d, peer, FB)})")
                 elif sp > 1.0:
                     ahead += 1
                 else:
                     behind.append(f"{case} ({sp:.2f}x)")
             total = ahead + len(behind)
-            if not total and not unclear:
-                continue
             peer_name = "eager PyTorch" if peer == "eager" else "torch.compile of the reference"
-            if not total:
+            if not total and unclear:
                 lines.append(f"- {k} against {peer_name}, forward+backward: no verdict, all "
                              f"{len(unclear)} cases inconclusive.")
             elif behind:
                 lines.append(f"- **{k} is not ahead of {peer_name}** in forward+backward in "
-                             f"{len(behind)} of {total} cases with a verdict: " + ", ".join(behind)
-                             + ".")
-            else:
+                             f"{len(behind)} of {total} cases with a verdict: " + ", ".join(behind) + ".")
+            elif total:
                 lines.append(f"- {k} is ahead of {peer_name} in forward+backward in all {total} "
                              "cases with a verdict.")
             if unclear:
@@ -270,36 +256,23 @@ def verdicts(records: list[dict], groups=("esper", "small")) -> list[str]:
     return lines
 
 
-ESPER_GROUP = "esper-call"
-PATTERN_LABEL = {"esper": "0-dim", "esper_override": "(K*B,1,...)"}
-
-
-def _layout_words(d: dict) -> str:
-    words = d["layout"]
-    if words == "contiguous" and len(d["shape"]) == 4 and d["shape"][1:] != [1, 1, 1]:
-        words = "NCHW contiguous"
-    return words
-
-
 def inputs_legend(records: list[dict]) -> list[str]:
     """One line per feature rank: each input's layout, dtype relation and requires-grad flag,
     taken from the input sets as built (the records' "inputs"), so the statement cannot drift
     from what was timed."""
+    def layout_words(d):
+        nchw = d["layout"] == "contiguous" and len(d["shape"]) == 4 and d["shape"][1:] != [1, 1, 1]
+        return "NCHW contiguous" if nchw else d["layout"]
+
     by_rank: dict[str, dict[str, set]] = {}
-    for r in records:
-        inputs = r.get("inputs")
-        if not inputs:
-            continue
-        h = inputs.get("h")
-        rank = "(B,C,H,W)" if len(r["shape"]) == 4 else "(B,T,C)"
-        names = by_rank.setdefault(rank, {})
-        for name, d in inputs.items():
-            if name == "h":
-                desc = _layout_words(d)
-            elif name == "grad":
-                desc = f"{_layout_words(d)}, the output's layout"
-            elif d["shape"] == list(r["shape"]):
-                desc = _layout_words(d)
+    for r in (r for r in records if r.get("inputs")):
+        h = r["inputs"].get("h")
+        names = by_rank.setdefault("(B,C,H,W)" if len(r["shape"]) == 4 else "(B,T,C)", {})
+        for name, d in r["inputs"].items():
+            if name == "grad":
+                desc = f"{layout_words(d)}, the output's layout"
+            elif name == "h" or d["shape"] == list(r["shape"]):
+                desc = layout_words(d)
             elif not d["shape"]:
                 desc = "0-dim"
             else:
@@ -309,118 +282,129 @@ def inputs_legend(records: list[dict]) -> list[str]:
                 desc += ", " + ("h's dtype" if h is None or d["dtype"] == h["dtype"] else d["dtype"])
                 desc += ", requires grad" if d["requires_grad"] else ", no grad"
             names.setdefault(name, set()).add(desc)
-    lines = []
-    for rank, names in by_rank.items():
-        parts = []
-        for name in ("h", "s", "seed_input", "alpha", "gate", "grad"):
-            if name in names:
-                label = {"seed_input": "seed_input r", "grad": "incoming grad"}.get(name, name)
-                parts.append(f"{label}: " + " | ".join(sorted(names[name])))
-        lines.append(f"*Inputs {rank}:* " + "; ".join(parts) + ".")
-    return lines
+    labels = {"h": "h", "s": "s", "seed_input": "seed_input r", "alpha": "alpha", "gate": "gate",
+              "grad": "incoming grad"}
+    return [f"*Inputs {rank}:* " + "; ".join(f"{label}: " + " | ".join(sorted(names[name]))
+                                             for name, label in labels.items() if name in names) + "."
+            for rank, names in by_rank.items()]
 
 
 def esper_section(records: list[dict]) -> list[str]:
     rows = [r for r in records if r.get("group") == ESPER_GROUP]
     if not rows:
         return []
-    out = ["## Esper's calls (docs/semantics.md#espers-calls), forward+backward", "",
-           "The layouts, dtypes and requires-grad flags of Esper's `SeedSlot.forward` "
-           "(kasmina_kernels/bench/esper.py): channels_last CNN host beside NCHW seed features "
-           "and seed input, alpha without grad, gate with grad. alpha 0-dim: Esper's cached "
-           "scheduled amplitude; alpha (K*B,1,...): the alpha_override of a fused "
-           "multi-configuration pass. Ratios are peer time / backend time (above 1.00x: the "
-           "backend is faster). Backward produces the gradients of the inputs that require grad "
-           "only. Every backend was checked on these very inputs (same flags and layouts) "
-           "before it was timed.", ""]
     failures = [f"{r['op']} {_shape(r['shape'])} {r['dtype']} {r.get('pattern')}: {f}"
                 for r in rows for f in r["failures"]]
-    out.append("**FAILED**: " + "; ".join(failures) if failures else
-               "Check: every backend matched the reference on every one of these calls.")
-    out.append("")
-    out += verdicts(records, groups=(ESPER_GROUP,)) + [""]
-    legend = inputs_legend(rows)
-    out += legend + [""] + side_by_side(rows, FB, alpha=True)
-    out += ["", "### Esper's calls, forward only", ""] + legend + [""] + side_by_side(rows, "forward", alpha=True)
-    out.append("")
-    return out
+    inputs = inputs_legend(rows)
+    return ["## Esper's calls (docs/semantics.md#espers-calls), forward+backward", "",
+            "The layouts, dtypes and requires-grad flags of Esper's `SeedSlot.forward` "
+            "(kasmina_kernels/bench/esper.py): channels_last CNN host beside NCHW seed features "
+            "and seed input, alpha without grad, gate with grad. alpha 0-dim: Esper's cached "
+            "scheduled amplitude; alpha (K*B,1,...): the alpha_override of a fused "
+            "multi-configuration pass. Ratios are peer time / backend time (above 1.00x: the "
+            "backend is faster). Backward produces the gradients of the inputs that require grad "
+            "only. Every backend was checked on these very inputs (same flags and layouts) "
+            "before it was timed.", "",
+            "**FAILED**: " + "; ".join(failures) if failures else
+            "Check: every backend matched the reference on every one of these calls.", "",
+            *verdicts(records, groups=(ESPER_GROUP,)), "", *inputs, "", *side_by_side(rows, FB, alpha=True),
+            "", "### Esper's calls, forward only", "", *inputs, "", *side_by_side(rows, "forward", alpha=True), ""]
 
 
 def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, notes: list[str],
              step: dict | None = None) -> str:
-    out = [f"# kasmina-kernels benchmark: {meta['device']} ({meta['device_type']}), {meta['date']}", ""]
-    out.append("| | |")
-    out.append("| --- | --- |")
-    for key in ("device", "cpu_count", "usable cores", "load average at start", "threads",
-                "L2_cache_bytes", "platform", "python", "torch",
-                "torch CUDA", "triton", "native built with CUDA", "native CPU capability",
-                "native float32 tanh", "transparent huge pages", "date",
-                "rotation_bytes", "inductor_warmup_s", "command"):
-        if key in meta:
-            out.append(f"| {key} | {meta[key]} |")
-    out.append("")
-    out.append("Method: every implementation is checked against the eager reference (the "
-               "equivalence rule of docs/semantics.md#equivalence) before it is timed. Times are medians of "
-               "all timed calls after warm-up; implementations alternate round by round on the "
-               "same inputs (random, never zero), rotating through input copies that span more "
-               "than the rotation size above so caches do not flatter; CUDA times come from "
-               "device events, CPU times from perf_counter. Forward is the training forward "
-               "(inputs require grad); backward produces every gradient. GB/s use the byte counts "
-               "of docs/semantics.md#performance-model (kasmina_kernels/bench/bytemodel.py); % copy is against a "
-               "same-size device copy timed alongside. Those counts are the floor for a dense "
-               "result: the native CPU backward of gated_pool and gate_network returns dx as a "
-               "stride-0 broadcast of its (B, C) values, as torch's own sum backward does, so it "
-               "writes B*C values, not N, and its backward GB/s for those two ops counts a write "
-               "it does not do. µs/call is the wall time of back-to-back "
-               "forward calls, host overhead included. On CUDA, 'kernel' columns give the time "
-               "the device spends executing a call's own work (kernels, copies, memsets, from the "
-               "CUDA profiler, each run bracketed by marker kernels; host gaps between launches "
-               "left out) and the GB/s that time gives, against the copy's kernel time: how close "
-               "the kernels are to the memory-bandwidth floor, apart from launch and autograd "
-               "overhead. torch.compile (dynamic=False, "
-               "fullgraph=True) compiles each shape afresh; its compile time (first "
-               "forward+backward call) is listed apart and never in a timed call; '(cached)' marks a "
-               "compile that found its graphs in inductor's on-disk cache from an earlier run.")
-    out.append("")
-    out += legend()
-    out.append("")
-    for n in notes:
-        out.append(f"- {n}")
-    for name, why in excluded.items():
-        out.append(f"- {name} excluded: {why}")
+    out = [f"# kasmina-kernels benchmark: {meta['device']} ({meta['device_type']}), {meta['date']}", "",
+           "| | |", "| --- | --- |"]
+    out += [f"| {key} | {meta[key]} |" for key in HEADER_KEYS if key in meta]
+    out += ["", METHOD, "", *legend(), ""]
+    out += [f"- {n}" for n in notes] + [f"- {name} excluded: {why}" for name, why in excluded.items()]
     if skipped:
         out.append(f"- **{len(skipped)} entries not run (time limit reached)**: "
                    + ", ".join(f"{e.op} {_shape(e.shape)} {e.dtype}" for e in skipped))
-    out.append("")
-    out += esper_section(records)
+    out += [""] + esper_section(records)
     if records:
-        out += _entry_sections(records)
+        out += result_check(records)
+        isolated = [r for r in records if r.get("group") in ("esper", "small")]
+        if isolated:
+            out += ["", "## Op isolation (every input requires grad, all contiguous): forward+backward "
+                    "at Esper's shapes and the small shape", "",
+                    "*Inputs:* as `kasmina_kernels.opcases` builds them: h, s (and seed_input) "
+                    "contiguous, alpha (and gate) per sample (B,1,...) float32, every floating-point "
+                    "input requires grad (so backward computes dalpha and dgate too); incoming grad "
+                    "contiguous. Not Esper's call: see the first section for that.", "",
+                    *verdicts(records), "", *side_by_side(isolated, FB)]
+        out += ["", "## Forward, backward, per call, bandwidth, memory, compile time (every entry)", "",
+                "*Inputs:* 'esper' / 'esper_override' rows are Esper's calls (first section's "
+                "layouts and flags); 'isolated' rows have every input contiguous and requiring grad.",
+                "", *detail_table(records)]
+        if any(r.get("group") == "sweep" for r in records):
+            out += ["", "## Size sweep: forward+backward GB/s (the performance model's byte counts) "
+                    "and % of copy" + (" (by event time, then by kernel time)" if _has_kernel_time(records)
+                                       else ""), "", *sweep_table(records)]
+        out.append("")
     if step is not None:
-        out += step_bench.markdown(step, torch.device(meta.get("device_type", "cpu")))
+        out += step_section(step, meta.get("device_type", "cpu"))
     return "\n".join(out)
 
 
-def _entry_sections(records: list[dict]) -> list[str]:
-    out = result_check(records)
-    if any(r.get("group") in ("esper", "small") for r in records):
-        out += ["", "## Op isolation (every input requires grad, all contiguous): forward+backward at "
-            "Esper's shapes and the small shape", "",
-            "*Inputs:* as `kasmina_kernels.opcases` builds them: h, s (and seed_input) contiguous, "
-            "alpha (and gate) per sample (B,1,...) float32, every floating-point input requires "
-            "grad (so backward computes dalpha and dgate too); incoming grad contiguous. Not "
-            "Esper's call: see the first section for that.", ""]
-        out += verdicts(records) + [""]
-        out += side_by_side([r for r in records if r.get("group") in ("esper", "small")], FB)
-    out += ["", "## Forward, backward, per call, bandwidth, memory, compile time (every entry)", "",
-            "*Inputs:* 'esper' / 'esper_override' rows are Esper's calls (first section's "
-            "layouts and flags); 'isolated' rows have every input contiguous and requiring grad.",
-            ""]
-    out += detail_table(records)
-    if any(r.get("group") == "sweep" for r in records):
-        out += ["", "## Size sweep: forward+backward GB/s (the performance model's byte counts) and % of copy"
-                + (" (by event time, then by kernel time)" if _has_kernel_time(records) else ""), ""]
-        out += sweep_table(records)
-    return out + [""]
+def step_section(result: dict, device_type: str) -> list[str]:
+    """The training-step section (step.py's result)."""
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    what = ("CUDA kernels (profiler device events)" if device_type == "cuda" else
+            "leaf aten/kasmina operator events on CPU, plus inductor's C++ kernels under compile; "
+            "allocations and views left out")
+    n = result["agree_steps"]
+    lines = ["## A whole training step (docs/semantics.md#performance-model, item 2)", "",
+             "Forward, cross-entropy, backward and an SGD update (lr 0.05) of an Esper-style host, "
+             "eager blends against the drop-ins (`kasmina_kernels.use_backend(backend)` around "
+             "each step, fused `nn.GatedBlend`), each in eager mode and with the whole step "
+             "function in `torch.compile`. Slots as Esper's `SeedSlot.forward` writes them "
+             "(kasmina_kernels/bench/esper_models.py): r = h.contiguous().detach() (NCHW, no grad), "
+             "s = seed(r) NCHW with grad, alpha a 0-dim float32 buffer without grad (0.5), GATE's "
+             "gate = GatedBlend.get_alpha_for_blend(r) with grad, STE stage ste_forward(h, s). "
+             f"ms/step: median of timed steps after {n} loss-check steps and "
+             "warm-up, variants interleaved round by round. vs eager blends: eager blends' "
+             "ms/step over the row's, in the same mode; '~' after it: inconclusive, the timings "
+             f"do not support it (the rule of the legend at the top). kernels/step: {what}, from "
+             f"torch.profiler over {step_bench.PROFILE_STEPS} steps. blend share: time in the blend "
+             "calls (record_function ranges around each slot's blend, GATE's gate network included) "
+             "and the backward nodes they created, over the profiled step time (profiler overhead "
+             "included in both); under torch.compile the drop-ins' `kasmina::` operator time "
+             "instead, and '-' for eager blends (fused by inductor). rel loss diff: max over "
+             f"{n} steps of |loss - eager blends' loss| / |eager blends' loss|, "
+             "same initial weights and batches (first figure: against eager blends in the same "
+             "mode; second: against eager blends in eager mode).", ""]
+    lines += [f"- {name} excluded: {why}" for name, why in result.get("excluded", {}).items()]
+    head = ["blends", "mode", "ms/step", "vs eager blends", "kernels/step", "kasmina ops/step",
+            "blend share", "rel loss diff (same mode / vs eager mode)", "first step s"]
+    for host in result["hosts"]:
+        rows = []
+        for row in host["rows"].values():
+            if "error" in row:
+                rows.append([row["variant"], row["mode"], f"FAILED: {row['error'].replace('|', '/')}"]
+                            + [""] * 6)
+                continue
+            share = "-" if row.get("blend_share") is None else f"{row['blend_share'] * 100:.1f}%"
+            if row.get("blend_share_method") == "kasmina:: operators":
+                share += " (ops)"
+            unclear = not row.get("speedup_support", {}).get("conclusive", True)
+            rows.append([row["variant"], row["mode"], fmt(row.get("ms_per_step"), ".1f"),
+                         f"{fmt(row.get('speedup_vs_eager_blends'), '.2f')}x" + " ~" * unclear,
+                         fmt(row.get("kernels_per_step"), ".0f"), fmt(row.get("kasmina_ops_per_step"), ".0f"),
+                         share, f"{fmt(row.get('max_rel_loss_diff'), '.1e')} / "
+                         f"{fmt(row.get('max_rel_loss_diff_vs_eager_mode'), '.1e')}",
+                         fmt(row.get("first_step_s"), ".1f")])
+            if row.get("profile_error"):
+                rows.append(["", "", f"profile failed: {row['profile_error']}"] + [""] * 6)
+        lines += ["", f"### {host['host']}: {host['description']}", "",
+                  "*Inputs:* " + ("host features channels_last with grad; r NCHW no grad; s NCHW "
+                                  "with grad; alpha 0-dim no grad; gate (B,1,1,1) with grad."
+                                  if host["host"] == "cnn" else
+                                  "(B,T,C) contiguous everywhere; r no grad; s with grad; alpha "
+                                  "0-dim no grad; gate (B,1,1) with grad."), "", *_table(head, 2, rows)]
+    return lines + [""]
 
 
 def result_check(records: list[dict]) -> list[str]:
@@ -434,31 +418,24 @@ def result_check(records: list[dict]) -> list[str]:
         checked = [r for r in records if k in r["impls"]]
         bad = [f"{_entry_name(r)}: " + "; ".join(r["impls"][k]["check"]["problems"])
                for r in checked if r["impls"][k]["check"]["ok"] is False]
-        if bad:
-            out.append(f"- **{k}: FAILED in {len(bad)} of {len(checked)} entries**: "
-                       + "; ".join(bad))
-        else:
-            out.append(f"- {k}: outputs and gradients matched the reference in all "
-                       f"{len(checked)} entries.")
-    raised = [f"{_entry_name(r)}: {f}" for r in records for f in r["failures"]
-              if f.startswith("the entry raised")]
+        out.append(f"- **{k}: FAILED in {len(bad)} of {len(checked)} entries**: " + "; ".join(bad) if bad
+                   else f"- {k}: outputs and gradients matched the reference in all {len(checked)} entries.")
+    raised = [f"{_entry_name(r)}: {f}" for r in records for f in r["failures"] if f.startswith("the entry raised")]
     if raised:
         out.append(f"- **{len(raised)} entries raised** (nothing timed): " + "; ".join(raised))
     if not kernels and not raised:
         out.append("- no kernel backend was timed.")
     out += ["", "**The peers** (not this library; reported, never counted as its failure):", ""]
     comp = [r for r in records if "compile" in r["impls"]]
+    judged = [r for r in comp if r["impls"]["compile"]["check"]["ok"] is not None]
+    off = [r for r in judged if r["impls"]["compile"]["check"]["ok"] is False]
     if comp:
-        judged = [r for r in comp if r["impls"]["compile"]["check"]["ok"] is not None]
-        off = [r for r in judged if r["impls"]["compile"]["check"]["ok"] is False]
-        line = (f"- torch.compile of the reference: matched the equivalence rule in "
-                f"{len(judged) - len(off)} of {len(judged)} entries judged")
-        if len(comp) > len(judged):
-            line += f" ({len(comp) - len(judged)} larger entries not judged: it costs seconds each)"
-        out.append(line + ".")
-        for r in off:
-            out.append(f"  - does not match in {_entry_name(r)}: "
-                       + "; ".join(p[:300] for p in r["impls"]["compile"]["check"]["problems"]))
+        out.append(f"- torch.compile of the reference: matched the equivalence rule in "
+                   f"{len(judged) - len(off)} of {len(judged)} entries judged"
+                   + (f" ({len(comp) - len(judged)} larger entries not judged: it costs seconds each)"
+                      if len(comp) > len(judged) else "") + ".")
+        out += [f"  - does not match in {_entry_name(r)}: "
+                + "; ".join(p[:300] for p in r["impls"]["compile"]["check"]["problems"]) for r in off]
     uncompiled = [r for r in records if any(n.startswith("torch.compile peer failed") for n in r["notes"])]
     if uncompiled:
         out.append(f"- torch.compile of the reference failed to compile in {len(uncompiled)} "
@@ -466,11 +443,9 @@ def result_check(records: list[dict]) -> list[str]:
     if not comp and not uncompiled:
         out.append("- torch.compile of the reference was not run.")
     out.append("- eager: the reference itself.")
-    other = [f"{_entry_name(r)}: {n}" for r in records for n in r["notes"]
+    other = [f"- {_entry_name(r)}: {n}" for r in records for n in r["notes"]
              if not n.startswith("torch.compile of the reference does not match")]
-    if other:
-        out += ["", "Other notes:", ""] + [f"- {n}" for n in other]
-    return out
+    return out + (["", "Other notes:", "", *other] if other else [])
 
 
 def write_json(path: Path, meta: dict, records: list[dict], skipped: list, excluded: dict,

@@ -1,30 +1,21 @@
 """A whole training step (docs/semantics.md#performance-model, item 2): `kasmina-kernels bench --step`.
 
-Two Esper-style hosts from `esper_models`: a channels_last CNN (ADD, MULTIPLY, GATE slots and a
-slot in the STE stage; batch 64, 3x32x32 images, 16 then 32 channels) and a (B,T,C) transformer
-(two encoder layers, one GATE slot; batch 32, 64 tokens, 128 channels). Every slot's alpha is a
-0-dim float32 buffer without grad, fixed at 0.5 (so every blend moves data both ways).
-
-Variants, all from the same initial weights (one `state_dict`) on the same batches:
-- "eager blends": `kasmina_kernels.reference` functions and `nn.EagerGatedBlend`;
-- one per available kernel backend: the drop-ins (`blend_ops`, `isolation`, `nn.GatedBlend`)
-  inside `kasmina_kernels.use_backend(backend)`;
-each in eager mode and with the step function (forward, loss, backward, SGD update) wrapped in
-`torch.compile` (default options; graph breaks allowed, e.g. at `backward()`).
-
-Per (host, variant, mode): the losses of `AGREE_STEPS` steps and their agreement with the eager
-blends, ms per step (`timing.time_interleaved`, variants interleaved round by round), kernels
-per step and the blends' share of the step (torch.profiler); `markdown` states how each is
-measured.
+Two Esper-style hosts from `esper_models` (a channels_last CNN with ADD, MULTIPLY, GATE and STE
+slots; a (B,T,C) transformer with a GATE slot), every slot's alpha a 0-dim float32 buffer
+without grad fixed at 0.5, so every blend moves data both ways. Variants from the same initial
+weights on the same batches: the eager blends (`EAGER_BLENDS`) and, per kernel backend, the
+drop-ins inside `use_backend(backend)`; each in eager mode and with the step function (forward,
+loss, backward, SGD update) in `torch.compile` (graph breaks allowed, e.g. at `backward()`).
+Measured: the losses' agreement, ms per step (variants interleaved), kernels per step and the
+blends' share of the step (torch.profiler); `report.step_section` states how.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -32,6 +23,7 @@ import torch.nn.functional as F
 
 from .. import backends as kk_backends
 from . import esper_models as M
+from .sweep import select_backends
 from .timing import Sample, Step, compare, time_interleaved
 
 AGREE_STEPS = 20
@@ -57,6 +49,7 @@ NO_KERNEL = NO_KERNEL_OPS | frozenset((
     "aten::zeros", "aten::ones", "aten::expand_as", "aten::view_as", "aten::item",
     "aten::is_nonzero", "aten::size", "aten::stride",
 ))
+OPS_PREFIX = ("aten::", "kasmina::")
 
 
 @dataclass(frozen=True)
@@ -68,47 +61,32 @@ class Host:
 
 
 def cnn_host(batch: int = 64, image: int = 32, width: int = 16) -> Host:
-    return Host(
-        "cnn",
-        lambda blends: M.CNNHost(width, blends=blends),
-        lambda n, device: M.image_batches(n, batch, image_size=image, device=device),
-        f"channels_last CNN, batch {batch}, 3x{image}x{image} images, {width} then {2 * width} "
-        "channels; slots ADD, MULTIPLY (seed_input r), GATE (GatedBlend over r), STE",
-    )
+    return Host("cnn", lambda blends: M.CNNHost(width, blends=blends),
+                lambda n, device: M.image_batches(n, batch, image_size=image, device=device),
+                f"channels_last CNN, batch {batch}, 3x{image}x{image} images, {width} then "
+                f"{2 * width} channels; slots ADD, MULTIPLY (seed_input r), GATE (GatedBlend over r), STE")
 
 
 def transformer_host(batch: int = 32, tokens: int = 64, width: int = 128, layers: int = 2,
                      heads: int = 4, features: int = 16) -> Host:
-    return Host(
-        "transformer",
-        lambda blends: M.TransformerHost(features, width, heads, layers=layers, blends=blends),
-        lambda n, device: M.token_batches(n, batch, tokens=tokens, features=features, device=device),
-        f"(B,T,C) transformer, batch {batch}, {tokens} tokens, {width} channels, {layers} "
-        "encoder layers; one GATE slot (GatedBlend topology 'transformer')",
-    )
+    return Host("transformer",
+                lambda blends: M.TransformerHost(features, width, heads, layers=layers, blends=blends),
+                lambda n, device: M.token_batches(n, batch, tokens=tokens, features=features, device=device),
+                f"(B,T,C) transformer, batch {batch}, {tokens} tokens, {width} channels, {layers} "
+                "encoder layers; one GATE slot (GatedBlend topology 'transformer')")
 
 
-def hosts(quick: bool = False) -> list[Host]:
-    if quick:
-        return [cnn_host(batch=16, image=16, width=8), transformer_host(8, 16, 32, 1)]
-    return [cnn_host(), transformer_host()]
-
-
-# ---------------------------------------------------------------------------- runs
 class Runner:
     """One (host, variant, mode): a model, its SGD optimizer and its (compiled) step."""
 
     def __init__(self, host: Host, variant: str, mode: str, state: dict, device: torch.device):
-        self.variant, self.mode = variant, mode
         self.backend = None if variant == EAGER else variant
-        blends = M.EAGER_BLENDS if variant == EAGER else M.DROP_INS
         with self.scope():
-            self.model = host.build(blends).to(device)
+            self.model = host.build(M.EAGER_BLENDS if variant == EAGER else M.DROP_INS).to(device)
         self.model.load_state_dict(state, strict=True)
         M.set_alphas(self.model, ALPHA)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR)
         self.step_fn = torch.compile(self._step) if mode == "compile" else self._step
-        self.error: str | None = None
 
     def scope(self):
         return kk_backends.use_backend(self.backend) if self.backend else contextlib.nullcontext()
@@ -126,51 +104,22 @@ class Runner:
 
 
 def _leaf_kernels(events, device: torch.device) -> int:
+    """CUDA: device kernels. CPU: aten/kasmina operator events with no kernel-running operator
+    below them (NO_KERNEL left out), plus inductor's C++ kernels."""
     if device.type == "cuda":
         return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    count = 0
-    for e in events:
-        if e.device_type != torch.autograd.DeviceType.CPU:
-            continue
-        name = e.name
-        if name.startswith(("aten::", "kasmina::")):
-            if name in NO_KERNEL:
-                continue
-            if any(c.name.startswith(("aten::", "kasmina::")) and c.name not in NO_KERNEL
-                   for c in e.cpu_children):
-                continue
-            count += 1
-        elif name.startswith(("cpp_fused", "cpp_kernel", "kernel_cpp")):  # inductor's C++ kernels
-            count += 1
-    return count
+
+    def runs_kernel(e):
+        return e.name.startswith(OPS_PREFIX) and e.name not in NO_KERNEL
+    return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU and (
+        runs_kernel(e) and not any(runs_kernel(c) for c in e.cpu_children)
+        or e.name.startswith(("cpp_fused", "cpp_kernel", "kernel_cpp"))))
 
 
 def _descendants(e):
     for c in e.cpu_children:
         yield c
         yield from _descendants(c)
-
-
-def _blend_share(events) -> tuple[float | None, str]:
-    """(fraction of the step inside the blends, how it was measured): the `M.BLEND_RANGE` ranges
-    plus the backward nodes they created (matched by autograd sequence number); under
-    torch.compile the ranges do not survive, so the `kasmina::` operators' time instead."""
-    steps = [e for e in events if e.name == STEP_RANGE]
-    total = sum(e.cpu_time_total for e in steps)
-    if not total:
-        return None, "no step range in the profile"
-    ranges = [e for e in events if e.name == M.BLEND_RANGE]
-    if ranges:
-        seqs = {d.sequence_nr for r in ranges for d in _descendants(r) if d.sequence_nr >= 0}
-        fwd = sum(r.cpu_time_total for r in ranges)
-        bwd = sum(e.cpu_time_total for e in events
-                  if e.name.startswith("autograd::engine::evaluate_function")
-                  and e.sequence_nr in seqs)
-        return (fwd + bwd) / total, "blend ranges + their backward nodes"
-    ops = _kasmina_ops(events)
-    if ops:
-        return sum(e.cpu_time_total for e in ops) / total, "kasmina:: operators"
-    return None, "blends fused into compiled kernels: not separable"
 
 
 def _kasmina_ops(events) -> list:
@@ -180,6 +129,25 @@ def _kasmina_ops(events) -> list:
             yield e.name
     return [e for e in events if e.name.startswith("kasmina::")
             and not any(p.startswith("kasmina::") for p in parents(e))]
+
+
+def _blend_share(events) -> tuple[float | None, str]:
+    """(fraction of the step inside the blends, how it was measured): the `M.BLEND_RANGE` ranges
+    plus the backward nodes they created (matched by autograd sequence number); under
+    torch.compile the ranges do not survive, so the `kasmina::` operators' time instead."""
+    total = sum(e.cpu_time_total for e in events if e.name == STEP_RANGE)
+    if not total:
+        return None, "no step range in the profile"
+    ranges = [e for e in events if e.name == M.BLEND_RANGE]
+    if ranges:
+        seqs = {d.sequence_nr for r in ranges for d in _descendants(r) if d.sequence_nr >= 0}
+        bwd = sum(e.cpu_time_total for e in events
+                  if e.name.startswith("autograd::engine::evaluate_function") and e.sequence_nr in seqs)
+        return (sum(r.cpu_time_total for r in ranges) + bwd) / total, "blend ranges + their backward nodes"
+    ops = _kasmina_ops(events)
+    if ops:
+        return sum(e.cpu_time_total for e in ops) / total, "kasmina:: operators"
+    return None, "blends fused into compiled kernels: not separable"
 
 
 def profile_steps(runner: Runner, batches, device: torch.device) -> dict:
@@ -204,6 +172,10 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
+def max_rel_diff(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
+
+
 def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MODES,
              agree_steps: int = AGREE_STEPS, rounds: int = 5, budget_s: float = 1.0,
              n_batches: int = 4, log=print) -> dict:
@@ -211,166 +183,74 @@ def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MOD
     torch.manual_seed(0)
     state = {k: v.clone() for k, v in host.build(M.EAGER_BLENDS).state_dict().items()}
     batches = host.batches(max(agree_steps, n_batches), device)
-    record = {"host": host.name, "description": host.description, "rows": {}}
-    runners = []
-    use_kernel_profile = _inductor_kernel_profile()
-    with use_kernel_profile:
+    rows, runners = {}, []
+    try:  # inductor's C++ kernels as profiler events, so they can be counted
+        import torch._inductor.config as inductor_config
+
+        kernel_profile = inductor_config.patch({"cpp.enable_kernel_profile": True})
+    except Exception:
+        kernel_profile = contextlib.nullcontext()
+    with kernel_profile:
         for mode in modes:
             for variant in variants:
                 key = f"{variant} / {mode}"
-                row = record["rows"][key] = {"variant": variant, "mode": mode}
+                row = rows[key] = {"variant": variant, "mode": mode}
                 t0 = time.perf_counter()
                 try:
                     runner = Runner(host, variant, mode, state, device)
-                    losses = []
+                    row["losses"] = []
                     for i in range(agree_steps):
-                        losses.append(runner.step(batches[i]).item())
-                        if i == 0:
-                            row["first_step_s"] = time.perf_counter() - t0
-                    row["losses"] = losses
+                        row["losses"].append(runner.step(batches[i]).item())
+                        row.setdefault("first_step_s", time.perf_counter() - t0)
                     runners.append((key, runner))
                 except Exception as exc:  # e.g. torch.compile failing for one configuration
+                    row.pop("losses", None)
                     row["error"] = _first_line(exc)
                     row["traceback"] = traceback.format_exc()[-2000:]
-                log(f"step {host.name}: {key}: {agree_steps} steps in "
-                    f"{time.perf_counter() - t0:.1f} s" + (f" FAILED {row['error']}" if "error" in row else ""))
-        _agreement(record["rows"])
+                log(f"step {host.name}: {key}: {agree_steps} steps in {time.perf_counter() - t0:.1f} s"
+                    + (f" FAILED {row['error']}" if "error" in row else ""))
+        eager_losses = rows.get(f"{EAGER} / eager", {}).get("losses")
+        for row in (r for r in rows.values() if "losses" in r):
+            base = rows.get(f"{EAGER} / {row['mode']}", {}).get("losses")
+            if base:
+                row["max_rel_loss_diff"] = max_rel_diff(row["losses"], base)
+            if eager_losses:
+                row["max_rel_loss_diff_vs_eager_mode"] = max_rel_diff(row["losses"], eager_losses)
         if runners:
             steps = [Step(lambda i, _, r=r: r.step(batches[i])) for _, r in runners]
             samples = time_interleaved(steps, device, n_batches, rounds=rounds, budget_s=budget_s,
                                        warmup=2, max_iters=20)
             for (key, runner), s in zip(runners, samples):
-                row = record["rows"][key]
-                row["sample"] = asdict(s)
-                row["ms_per_step"] = s.median * 1e3
-                row["ms_p25"], row["ms_p75"], row["timed_steps"] = s.p25 * 1e3, s.p75 * 1e3, s.count
+                rows[key].update(sample=asdict(s), ms_per_step=s.median * 1e3, ms_p25=s.p25 * 1e3,
+                                 ms_p75=s.p75 * 1e3, timed_steps=s.count)
                 try:
-                    row.update(profile_steps(runner, batches, device))
+                    rows[key].update(profile_steps(runner, batches, device))
                 except Exception as exc:
-                    row["profile_error"] = _first_line(exc)
-    for row in record["rows"].values():
-        base_row = record["rows"].get(f"{EAGER} / {row['mode']}", {})
-        if base_row.get("ms_per_step") and row.get("ms_per_step"):
-            row["speedup_vs_eager_blends"] = base_row["ms_per_step"] / row["ms_per_step"]
-            if row is not base_row:
-                c = compare(Sample(**base_row["sample"]), Sample(**row["sample"]),
+                    rows[key]["profile_error"] = _first_line(exc)
+    for row in rows.values():
+        base = rows.get(f"{EAGER} / {row['mode']}", {})
+        if base.get("ms_per_step") and row.get("ms_per_step"):
+            row["speedup_vs_eager_blends"] = base["ms_per_step"] / row["ms_per_step"]
+            if row is not base:
+                c = compare(Sample(**base["sample"]), Sample(**row["sample"]),
                             peer_name="eager blends", candidate_name=row["variant"])
                 row["speedup_support"] = {k: c[k] for k in ("conclusive", "why", "round_ratios")}
-    return record
+    return {"host": host.name, "description": host.description, "rows": rows}
 
 
-def _inductor_kernel_profile():
-    """Inductor's C++ kernels as profiler events (so they can be counted), where supported."""
-    try:
-        import torch._inductor.config as cfg
-
-        return cfg.patch({"cpp.enable_kernel_profile": True})
-    except Exception:
-        return contextlib.nullcontext()
-
-
-def max_rel_diff(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
-
-
-def _agreement(rows: dict) -> None:
-    eager_eager = rows.get(f"{EAGER} / eager", {}).get("losses")
-    for row in (r for r in rows.values() if "losses" in r):
-        base = rows.get(f"{EAGER} / {row['mode']}", {}).get("losses")
-        if base:
-            row["max_rel_loss_diff"] = max_rel_diff(row["losses"], base)
-        if eager_eager:
-            row["max_rel_loss_diff_vs_eager_mode"] = max_rel_diff(row["losses"], eager_eager)
-
-
-def run(device: torch.device, *, quick: bool = False, backends: list[str] | None = None,
-        compile_mode: bool = True, log=print) -> dict:
-    from .sweep import select_backends
-
+def run(device: torch.device, *, backends: list[str] | None = None, compile_mode: bool = True,
+        log=print) -> dict:
+    """Both hosts, every variant (the eager blends and each kernel backend), each mode."""
     kernels, excluded = select_backends(device, backends)
-    variants = [EAGER] + kernels
-    modes = MODES if compile_mode else ("eager",)
-    effort = dict(rounds=3, budget_s=0.2, agree_steps=5) if quick else {}
-    out = {"variants": variants, "excluded": excluded, "modes": list(modes),
-           "agree_steps": effort.get("agree_steps", AGREE_STEPS), "hosts": []}
-    for host in hosts(quick):
-        out["hosts"].append(run_host(host, device, variants, modes=modes, log=log, **effort))
-    return out
-
-
-# ---------------------------------------------------------------------------- report
-def _fmt(v, spec, none="-"):
-    return none if v is None else format(v, spec)
-
-
-def markdown(result: dict, device: torch.device) -> list[str]:
-    what = ("CUDA kernels (profiler device events)" if device.type == "cuda" else
-            "leaf aten/kasmina operator events on CPU, plus inductor's C++ kernels under compile; "
-            "allocations and views left out")
-    lines = ["## A whole training step (docs/semantics.md#performance-model, item 2)", "",
-             "Forward, cross-entropy, backward and an SGD update (lr 0.05) of an Esper-style host, "
-             "eager blends against the drop-ins (`kasmina_kernels.use_backend(backend)` around "
-             "each step, fused `nn.GatedBlend`), each in eager mode and with the whole step "
-             "function in `torch.compile`. Slots as Esper's `SeedSlot.forward` writes them "
-             "(kasmina_kernels/bench/esper_models.py): r = h.contiguous().detach() (NCHW, no grad), "
-             "s = seed(r) NCHW with grad, alpha a 0-dim float32 buffer without grad (0.5), GATE's "
-             "gate = GatedBlend.get_alpha_for_blend(r) with grad, STE stage ste_forward(h, s). "
-             f"ms/step: median of timed steps after {result['agree_steps']} loss-check steps and "
-             "warm-up, variants interleaved round by round. vs eager blends: eager blends' "
-             "ms/step over the row's, in the same mode; '~' after it: inconclusive, the timings "
-             "do not support it (the rule of the legend at the top). kernels/step: " + what + ", from "
-             f"torch.profiler over {PROFILE_STEPS} steps. blend share: time in the blend calls "
-             "(record_function ranges around each slot's blend, GATE's gate network included) and "
-             "the backward nodes they created, over the profiled step time (profiler overhead "
-             "included in both); under torch.compile the drop-ins' `kasmina::` operator time "
-             "instead, and '-' for eager blends (fused by inductor). rel loss diff: max over "
-             f"{result['agree_steps']} steps of |loss - eager blends' loss| / |eager blends' loss|, "
-             "same initial weights and batches (first figure: against eager blends in the same "
-             "mode; second: against eager blends in eager mode).", ""]
-    for name, why in result.get("excluded", {}).items():
-        lines.append(f"- {name} excluded: {why}")
-    for host in result["hosts"]:
-        lines += ["", f"### {host['host']}: {host['description']}", "",
-                  "*Inputs:* " + ("host features channels_last with grad; r NCHW no grad; s NCHW "
-                                  "with grad; alpha 0-dim no grad; gate (B,1,1,1) with grad."
-                                  if host["host"] == "cnn" else
-                                  "(B,T,C) contiguous everywhere; r no grad; s with grad; alpha "
-                                  "0-dim no grad; gate (B,1,1) with grad."), "",
-                  "| blends | mode | ms/step | vs eager blends | kernels/step | kasmina ops/step "
-                  "| blend share | rel loss diff (same mode / vs eager mode) | first step s |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for key, row in host["rows"].items():
-            if "error" in row:
-                lines.append(f"| {row['variant']} | {row['mode']} | FAILED: "
-                             f"{row['error'].replace('|', '/')} | | | | | | |")
-                continue
-            share = row.get("blend_share")
-            share = "-" if share is None else f"{share * 100:.1f}%"
-            if row.get("blend_share_method") == "kasmina:: operators":
-                share += " (ops)"
-            lines.append(
-                f"| {row['variant']} | {row['mode']} | {_fmt(row.get('ms_per_step'), '.1f')} | "
-                f"{_fmt(row.get('speedup_vs_eager_blends'), '.2f')}x"
-                f"{'' if row.get('speedup_support', {}).get('conclusive', True) else ' ~'} | "
-                f"{_fmt(row.get('kernels_per_step'), '.0f')} | "
-                f"{_fmt(row.get('kasmina_ops_per_step'), '.0f')} | {share} | "
-                f"{_fmt(row.get('max_rel_loss_diff'), '.1e')} / "
-                f"{_fmt(row.get('max_rel_loss_diff_vs_eager_mode'), '.1e')} | "
-                f"{_fmt(row.get('first_step_s'), '.1f')} |")
-            if row.get("profile_error"):
-                lines.append(f"| | | profile failed: {row['profile_error']} | | | | | | |")
-    lines.append("")
-    return lines
+    variants, modes = [EAGER] + kernels, MODES if compile_mode else ("eager",)
+    return {"variants": variants, "excluded": excluded, "modes": list(modes), "agree_steps": AGREE_STEPS,
+            "hosts": [run_host(h, device, variants, modes=modes, log=log) for h in (cnn_host(), transformer_host())]}
 
 
 def failures(result: dict, tolerance: float = 1e-5) -> list[str]:
     """Drop-ins whose float32 losses differ from the eager blends' (same mode) by more than
     `tolerance` relative in some step. A torch.compile failure is reported in the table, not
     here."""
-    out = []
-    for host in result["hosts"]:
-        for key, row in host["rows"].items():
-            d = row.get("max_rel_loss_diff")
-            if d is not None and d > tolerance:
-                out.append(f"step {host['host']} {key}: max relative loss difference {d:.2e} > {tolerance:g}")
-    return out
+    return [f"step {host['host']} {key}: max relative loss difference {d:.2e} > {tolerance:g}"
+            for host in result["hosts"] for key, row in host["rows"].items()
+            if (d := row.get("max_rel_loss_diff")) is not None and d > tolerance]

@@ -14,8 +14,7 @@ from dataclasses import asdict
 import torch
 
 from .. import backends, opcases, optable
-from . import bytemodel, workload
-from . import esper
+from . import bytemodel, esper, workload
 from .plan import Entry, Plan, torch_dtype
 from .timing import Sample, compare, kernel_time, time_interleaved, wall_per_call
 
@@ -26,6 +25,7 @@ CALL_REGIME_S = 1e-3
 # the torch.compile peer is judged too (a note, never a failure) up to this size: judging costs
 # seconds per output at Esper's sizes on CPU, and the peer is not what the check is for
 PEER_CHECK_MAX_NUMEL = 1 << 20
+MODE_NAMES = tuple(workload.MODES)
 
 
 def rotate_bytes(device: torch.device) -> int:
@@ -38,104 +38,94 @@ def rotate_bytes(device: torch.device) -> int:
 
 def select_backends(device: torch.device, requested: list[str] | None) -> tuple[list[str], dict]:
     """Kernel backends to time on `device` and {backend: why it is left out}."""
-    excluded = {}
-    names = requested or [b for b in backends.BACKENDS if b != "reference"]
-    chosen = []
-    for name in names:
+    chosen, excluded = [], {}
+    for name in requested or [b for b in backends.BACKENDS if b != "reference"]:
         if name == "reference":
             excluded[name] = "the eager reference is always timed, as the peer 'eager'"
-            continue
-        if name == "triton" and device.type == "cpu":
+        elif name == "triton" and device.type == "cpu":
             excluded[name] = ("Triton runs CPU tensors only in its interpreter "
                               "(TRITON_INTERPRET=1), orders of magnitude slower than compiled "
                               "code: its timings would say nothing about the kernels; the "
                               "Triton backend is timed on CUDA devices")
-            continue
-        why = backends.backend_status(name, device.type)
-        if why is not None:
+        elif (why := backends.backend_status(name, device.type)) is not None:
             excluded[name] = why
-            continue
-        chosen.append(name)
+        else:
+            chosen.append(name)
     return chosen, excluded
 
 
-def _check(impl, check: opcases.Check) -> dict:
-    verdicts = check(impl.fn)
-    bad = [v.message for v in verdicts if not v.ok]
-    worst = max((v.error_vs_reference for v in verdicts), default=0.0)
-    return {"ok": not bad, "problems": bad, "max_error_vs_reference": worst}
+def check(impl, judge: opcases.Check) -> dict:
+    """{"ok", "problems", "max_error_vs_reference"} of one implementation; an exception is a
+    failed check."""
+    try:
+        verdicts = judge(impl.fn)
+    except Exception as exc:
+        return {"ok": False, "problems": [f"raised {type(exc).__name__}: {exc}"],
+                "max_error_vs_reference": None}
+    return {"ok": all(v.ok for v in verdicts), "problems": [v.message for v in verdicts if not v.ok],
+            "max_error_vs_reference": max((v.error_vs_reference for v in verdicts), default=0.0)}
 
 
 def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], plan: Plan,
               compile_peer: bool, shared: dict | None = None) -> dict:
     """One entry, as a JSON-ready record. `shared`: dynamic-shape compiles reused across
     entries."""
-    dtype = torch_dtype(entry.dtype)
     gen = torch.Generator().manual_seed(zlib.crc32(f"{entry}".encode()))
-    w = workload.build(optable.BY_NAME[entry.op], entry.shape, dtype, device, gen, rotate_bytes(device),
-                       pattern=entry.pattern, autocast=entry.dtype == esper.AUTOCAST)
-    no_grad = frozenset(n for n, d in w.inputs.items() if n != "grad" and not d["requires_grad"])
-    fwd_bytes, bwd_bytes = bytemodel.bytes_moved(entry.op, w.base_args, w.base_kwargs, no_grad)
-    feature = bytemodel.feature(entry.op, w.base_args, w.base_kwargs)
+    w = workload.build(optable.BY_NAME[entry.op], entry.shape, torch_dtype(entry.dtype), device, gen,
+                       rotate_bytes(device), pattern=entry.pattern, autocast=entry.dtype == esper.AUTOCAST)
+    feature, fwd_bytes, bwd_bytes, from_design = bytemodel.traffic(entry.op, w.base_args, w.base_kwargs,
+                                                                   w.no_grad)
     record = {
         "op": entry.op, "shape": list(entry.shape), "dtype": entry.dtype, "group": entry.group,
-        "numel": feature.numel(),
-        "feature_bytes": feature.numel() * feature.element_size(), "bytes": {"forward": fwd_bytes, "backward": bwd_bytes},
-        "bytes_from_design": bytemodel.traffic(entry.op, w.base_kwargs, no_grad).from_design,
-        "pattern": entry.pattern, "inputs": w.inputs,
-        "n_sets": w.n_sets, "impls": {}, "failures": [], "notes": [],
+        "numel": feature.numel(), "feature_bytes": feature.numel() * feature.element_size(),
+        "bytes": {"forward": fwd_bytes, "backward": bwd_bytes}, "bytes_from_design": from_design,
+        "pattern": entry.pattern, "inputs": w.inputs, "n_sets": w.n_sets, "impls": {},
+        "failures": [], "notes": [], "phase_s": {},
     }
-    phase = record["phase_s"] = {}
-    t_phase = time.perf_counter()
+    t_phase = [time.perf_counter()]
 
     def lap(name):
-        nonlocal t_phase
         now = time.perf_counter()
-        phase[name] = round(now - t_phase, 3)
-        t_phase = now
+        record["phase_s"][name] = round(now - t_phase[0], 3)
+        t_phase[0] = now
 
     lap("inputs")
-    impls = [workload.eager_impl(entry.op, w)]
+    impls = [workload.eager_impl(w)]
     if compile_peer and entry.compile_peer:
         try:
             impls.append(workload.compiled_impl(w, dynamic=entry.compile_dynamic, shared=shared))
         except Exception as exc:  # e.g. no C++ compiler for inductor on CPU
             record["notes"].append(f"torch.compile peer failed to compile: {type(exc).__name__}: "
                                    f"{str(exc).splitlines()[0] if str(exc) else ''}")
-    impls += [workload.backend_impl(entry.op, b, w) for b in kernel_backends]
+    impls += [workload.backend_impl(w, b) for b in kernel_backends]
     lap("compile")
 
-    # check before timing
-    judge = w.check()
-    timed = [impls[0]]
-    for impl in impls[1:]:
-        if impl.name == "compile" and w.base_args[0].numel() > PEER_CHECK_MAX_NUMEL:
-            check = {"ok": None, "problems": ["not judged at this size"], "max_error_vs_reference": None}
-        else:
-            try:
-                check = _check(impl, judge)
-            except Exception as exc:
-                check = {"ok": False, "problems": [f"raised {type(exc).__name__}: {exc}"],
-                         "max_error_vs_reference": None}
-        record["impls"][impl.name] = {"check": check, "compile_s": impl.compile_s,
-                                      "compile_cache_hits": impl.cache_hits,
-                                      "compile_dynamic": impl.dynamic, "compile_reused": impl.reused}
-        if check["ok"] or impl.name == "compile":
-            timed.append(impl)
-        if check["ok"] is False and impl.name == "compile":
-            # a peer's mismatch is reported, not the library's failure; it is still timed
-            record["notes"].append("torch.compile of the reference does not match the eager "
-                                   "reference by the equivalence rule: "
-                                   + "; ".join(p[:300] for p in check["problems"]))
-        elif impl.name != "compile" and not check["ok"]:
-            record["failures"].append(f"{impl.name}: " + "; ".join(check["problems"]))
+    judge, timed = w.check(), [impls[0]]
     record["impls"]["eager"] = {"check": {"ok": True, "problems": [], "max_error_vs_reference": 0.0},
                                 "compile_s": None}
+    for impl in impls[1:]:
+        peer = impl.name == "compile"
+        if peer and w.base_args[0].numel() > PEER_CHECK_MAX_NUMEL:
+            result = {"ok": None, "problems": ["not judged at this size"], "max_error_vs_reference": None}
+        else:
+            result = check(impl, judge)
+        record["impls"][impl.name] = {"check": result, "compile_s": impl.compile_s,
+                                      "compile_cache_hits": impl.cache_hits,
+                                      "compile_dynamic": impl.dynamic, "compile_reused": impl.reused}
+        if result["ok"] or peer:  # a peer's mismatch is reported, not the library's failure
+            timed.append(impl)
+        if result["ok"] is False:
+            if peer:
+                record["notes"].append("torch.compile of the reference does not match the eager "
+                                       "reference by the equivalence rule: "
+                                       + "; ".join(p[:300] for p in result["problems"]))
+            else:
+                record["failures"].append(f"{impl.name}: " + "; ".join(result["problems"]))
     del judge  # the reference and oracle outputs
     lap("check")
 
-    # timing, all implementations side by side per mode; recompiling would be compile time
-    # leaking into a timed call, so it is an error here
+    # all implementations side by side per mode; a recompile would leak compile time into a
+    # timed call, so it is an error here
     e = plan.effort
     with torch._dynamo.config.patch(error_on_recompile=True):
         for mode, make_step in workload.MODES.items():
@@ -145,38 +135,35 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
             samples = time_interleaved(steps, device, w.n_sets, rounds=e.rounds, budget_s=e.budget_s)
             if mode == "forward":
                 copy = samples.pop()
-                record["copy"] = {"time": asdict(copy),
-                                  "GBps": bytemodel.copy_bytes(feature) / copy.median / 1e9}
+                record["copy"] = {"time": asdict(copy), "GBps": 2 * record["feature_bytes"] / copy.median / 1e9}
             for impl, s in zip(timed, samples):
                 record["impls"][impl.name][mode] = asdict(s)
             if device.type == "cuda":
-                _kernel_times(record, mode, steps, timed, device, w.n_sets, plan.effort)
+                _kernel_times(record, mode, steps, timed, device, w.n_sets, e.kernel_iters)
             lap(mode)
         slowest = max(record["impls"][i.name]["forward"]["median"] for i in timed)
         if entry.group != "sweep" and slowest <= CALL_REGIME_S:
             calls = max(5, min(e.calls, int(e.budget_s / (e.call_rounds * slowest))))
-            calls = wall_per_call([workload.forward_step(w, impl).call for impl in timed], device,
-                                  w.n_sets, calls=calls, rounds=e.call_rounds)
-            for impl, s in zip(timed, calls):
+            fns = [lambda i, s=workload.forward_step(w, impl): s.run(i, None) for impl in timed]
+            for impl, s in zip(timed, wall_per_call(fns, device, w.n_sets, calls=calls, rounds=e.call_rounds)):
                 record["impls"][impl.name]["call_us"] = s.median * 1e6
             lap("call")
     for impl in timed:
         try:
-            total, extra = workload.saved_for_backward(w, impl)
-            record["impls"][impl.name]["saved_bytes"] = total
-            record["impls"][impl.name]["saved_extra_bytes"] = extra
+            d = record["impls"][impl.name]
+            d["saved_bytes"], d["saved_extra_bytes"] = workload.saved_for_backward(w, impl)
         except Exception as exc:
             record["notes"].append(f"{impl.name}: saved bytes not counted ({type(exc).__name__}: {exc})")
     lap("saved")
-    _derive(record, device.type)
+    derive(record, device.type)
     return record
 
 
-def _kernel_times(record, mode, steps, timed, device, n_sets, effort) -> None:
+def _kernel_times(record, mode, steps, timed, device, n_sets, iters) -> None:
     """Device-busy time per call of each implementation's step (and the copy's, for forward):
     what the kernels cost without the host's launch and autograd overhead between them."""
     try:
-        samples = kernel_time(steps, device, n_sets, iters=effort.kernel_iters)
+        samples = kernel_time(steps, device, n_sets, iters=iters)
     except Exception as exc:  # no CUPTI, a profiler that cannot start: say so, keep the rest
         samples = None
         record["notes"].append(f"kernel time not measured ({type(exc).__name__}: {exc})")
@@ -193,26 +180,20 @@ def _kernel_times(record, mode, steps, timed, device, n_sets, effort) -> None:
         record["impls"][impl.name].setdefault("kernel", {})[mode] = asdict(s)
 
 
-def _derive(record: dict, device_type: str = "cpu") -> None:
+def derive(record: dict, device_type: str = "cpu") -> None:
     """GB/s, fraction of copy bandwidth and speedups from the medians, and whether the timings
     support each speedup (`_support`)."""
     b = record["bytes"]
-    mode_bytes = {"forward": b["forward"], "backward": b["backward"],
-                  "forward+backward": b["forward"] + b["backward"]}
-    copy_gbps = record.get("copy", {}).get("GBps")
-    for name, r in record["impls"].items():
-        if "forward" not in r:
-            continue
-        r["GBps"] = {m: mode_bytes[m] / r[m]["median"] / 1e9 for m in mode_bytes}
-        if copy_gbps:
-            r["copy_fraction"] = {m: g / copy_gbps for m, g in r["GBps"].items()}
-        kernel = r.get("kernel", {})
-        if kernel:
-            r["kernel_GBps"] = {m: mode_bytes[m] / kernel[m]["median"] / 1e9
-                                for m in mode_bytes if m in kernel and kernel[m]["median"] > 0}
-            copy_k = record.get("copy", {}).get("kernel_GBps")
-            if copy_k:
-                r["kernel_copy_fraction"] = {m: g / copy_k for m, g in r["kernel_GBps"].items()}
+    mode_bytes = dict(zip(MODE_NAMES, (b["forward"], b["backward"], b["forward"] + b["backward"])))
+    copy = record.get("copy", {})
+    for r in record["impls"].values():
+        for kind, times in (("", r), ("kernel_", r.get("kernel", {}))):
+            gbps = {m: n / times[m]["median"] / 1e9 for m, n in mode_bytes.items()
+                    if m in times and times[m]["median"] > 0}
+            if gbps:
+                r[f"{kind}GBps"] = gbps
+                if copy.get(f"{kind}GBps"):
+                    r[f"{kind}copy_fraction"] = {m: g / copy[f"{kind}GBps"] for m, g in gbps.items()}
     for name, r in record["impls"].items():
         if "forward" not in r or name in ("eager", "compile"):
             continue
@@ -231,46 +212,15 @@ def _support(peer: dict, impl: dict, peer_name: str, impl_name: str, mode: str, 
     when either one's GB/s is above the same-size copy's: a figure no measurement of that
     many bytes can reach, so its time is an artefact (caches, clock, too few repeats), unless
     the byte count is known to over-state what that implementation moves
-    (bytemodel.BACKWARD_OVERSTATED)."""
+    (bytemodel.overstated)."""
     c = compare(Sample(**peer[mode]), Sample(**impl[mode]), peer_name=peer_name,
                 candidate_name=impl_name)
     out = {"conclusive": c["conclusive"], "why": c["why"], "round_ratios": c["round_ratios"]}
-    if out["conclusive"]:
-        for name, d in ((peer_name, peer), (impl_name, impl)):
-            above_copy = d.get("copy_fraction", {}).get(mode, 0.0) > 1.0
-            if above_copy and not bytemodel.overstated(op, name, device_type, mode):
-                out["conclusive"] = False
-                out["why"] = f"{name} GB/s above a same-size copy's ({d['copy_fraction'][mode]:.0%})"
-                break
+    for name, d in ((peer_name, peer), (impl_name, impl)):
+        fraction = d.get("copy_fraction", {}).get(mode, 0.0)
+        if out["conclusive"] and fraction > 1.0 and not bytemodel.overstated(op, name, device_type, mode):
+            out.update(conclusive=False, why=f"{name} GB/s above a same-size copy's ({fraction:.0%})")
     return out
-
-
-class _Progress:
-    """tqdm progress bar on a terminal; one line per entry in a log (stderr not a terminal) or
-    where tqdm is missing."""
-
-    def __init__(self, total: int):
-        self.bar, self.total, self.done, self.start = None, total, 0, time.perf_counter()
-        if sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, file=sys.stderr, unit="case", dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def update(self, text: str):
-        if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(1)
-        else:
-            self.done += 1
-            print(f"[{self.done}/{self.total} {time.perf_counter() - self.start:.0f}s] {text}",
-                  file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
 
 
 def warm_up_inductor(device: torch.device) -> float | None:
@@ -280,8 +230,7 @@ def warm_up_inductor(device: torch.device) -> float | None:
     torch._dynamo.reset()
     t0 = time.perf_counter()
     try:
-        y = torch.compile(lambda t: (t * 2).sin(), dynamic=False, fullgraph=True)(x)
-        y.sum().backward()
+        torch.compile(lambda t: (t * 2).sin(), dynamic=False, fullgraph=True)(x).sum().backward()
     except Exception:
         return None
     finally:
@@ -291,16 +240,23 @@ def warm_up_inductor(device: torch.device) -> float | None:
 
 def run(plan: Plan, device: torch.device, kernel_backends: list[str], *, compile_peer: bool = True,
         time_limit_s: float | None = None, on_record=None) -> tuple[list[dict], list[Entry]]:
-    """Runs every entry in order; returns (records, entries not run for the time limit)."""
-    records, skipped, shared = [], [], {}
-    start = time.perf_counter()
-    progress = _Progress(len(plan.entries))
-    try:
-        for entry in plan.entries:
-            if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
-                skipped.append(entry)
-                progress.update(f"skipped (time limit) {entry.op} {entry.shape}")
-                continue
+    """Runs every entry in order; returns (records, entries not run for the time limit).
+    Progress: a tqdm bar on a terminal, else (a log, or no tqdm) one line per entry."""
+    records, skipped, shared, start = [], [], {}, time.perf_counter()
+    bar = None
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(plan.entries), file=sys.stderr, unit="case", dynamic_ncols=True)
+        except ImportError:
+            pass
+    for n, entry in enumerate(plan.entries, 1):
+        name = f"{entry.op} {tuple(entry.shape)} {entry.dtype}"
+        if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+            skipped.append(entry)
+            name = f"skipped (time limit) {name}"
+        else:
             t0 = time.perf_counter()
             try:
                 record = run_entry(entry, device, kernel_backends, plan, compile_peer, shared)
@@ -314,8 +270,13 @@ def run(plan: Plan, device: torch.device, kernel_backends: list[str], *, compile
                 on_record(records)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            progress.update(f"{entry.op} {tuple(entry.shape)} {entry.dtype}"
-                            + ("" if entry.pattern == "isolated" else f" ({entry.pattern})"))
-    finally:
-        progress.close()
+            name += "" if entry.pattern == "isolated" else f" ({entry.pattern})"
+        if bar is not None:
+            bar.set_postfix_str(name, refresh=False)
+            bar.update(1)
+        else:
+            print(f"[{n}/{len(plan.entries)} {time.perf_counter() - start:.0f}s] {name}",
+                  file=sys.stderr, flush=True)
+    if bar is not None:
+        bar.close()
     return records, skipped

@@ -9,6 +9,7 @@ is `time.perf_counter()` (CPU ops are synchronous).
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from dataclasses import dataclass
@@ -16,15 +17,19 @@ from typing import Any, Callable
 
 import torch
 
+# When a time ratio supports a verdict (`compare`); the report's legend and bench/README.md
+# state the same rule.
+SPREAD_LIMIT = 0.5  # (p75 - p25) / median of a candidate's timings, above which it is too noisy
+MIN_ROUNDS = 3  # fewer rounds cannot show that the rounds agree
+
 
 @dataclass
 class Step:
     run: Callable[[int, Any], Any]
     prepare: Callable[[int], Any] | None = None
 
-    def call(self, i: int) -> Any:
-        """`run` on input set `i` without a prepared state (per-call wall time)."""
-        return self.run(i, None)
+    def state(self, i: int) -> Any:
+        return self.prepare(i) if self.prepare else None
 
 
 @dataclass(frozen=True)
@@ -41,21 +46,14 @@ class Sample:
 
     @property
     def spread(self) -> float:
-        """(p75 - p25) / median: how noisy the timings were."""
         return (self.p75 - self.p25) / self.median if self.median > 0 else 0.0
 
     @classmethod
-    def of(cls, values: list[float], rounds: list[list[float]] | None = None) -> "Sample":
-        """`values`: every timing; `rounds`: the same timings grouped by round (optional)."""
+    def of(cls, values: list[float], rounds: list[list[float]] = ()) -> "Sample":
+        """`values`: every timing; `rounds`: the same timings grouped by round."""
         q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
         return cls(statistics.median(values), q[0], q[2], len(values),
-                   tuple(statistics.median(r) for r in rounds or () if r))
-
-
-# When a time ratio supports a verdict (faster / not faster); the report's legend and
-# bench/README.md state the same rule.
-SPREAD_LIMIT = 0.5  # (p75 - p25) / median of a candidate's timings, above which it is too noisy
-MIN_ROUNDS = 3  # fewer rounds cannot show that the rounds agree
+                   tuple(statistics.median(r) for r in rounds if r))
 
 
 def compare(peer: Sample, candidate: Sample, *, peer_name: str = "peer",
@@ -69,18 +67,17 @@ def compare(peer: Sample, candidate: Sample, *, peer_name: str = "peer",
     {"ratio", "conclusive", "why" (None when conclusive), "round_ratios"}."""
     ratio = peer.median / candidate.median if candidate.median > 0 else float("inf")
     rounds = [p / c for p, c in zip(peer.rounds, candidate.rounds) if c > 0]
+    against = sum((r > 1.0) != (ratio > 1.0) or r == 1.0 for r in rounds)
+    noisy = [(n, s) for n, s in ((peer_name, peer), (candidate_name, candidate)) if s.spread > SPREAD_LIMIT]
     why = None
-    for name, s in ((peer_name, peer), (candidate_name, candidate)):
-        if s.spread > SPREAD_LIMIT:
-            why = f"{name} timings spread {s.spread:.0%} (IQR/median > {SPREAD_LIMIT:.0%})"
-            break
-    if why is None:
-        if len(rounds) < MIN_ROUNDS:
-            why = f"{len(rounds)} paired rounds (a verdict needs {MIN_ROUNDS})"
-        elif ratio == 1.0 or not all((r > 1.0) == (ratio > 1.0) and r != 1.0 for r in rounds):
-            against = sum((r > 1.0) != (ratio > 1.0) or r == 1.0 for r in rounds)
-            why = (f"{against} of {len(rounds)} rounds on the other side of 1.00x "
-                   f"(round ratios {min(rounds):.2f}x to {max(rounds):.2f}x)")
+    if noisy:
+        name, s = noisy[0]
+        why = f"{name} timings spread {s.spread:.0%} (IQR/median > {SPREAD_LIMIT:.0%})"
+    elif len(rounds) < MIN_ROUNDS:
+        why = f"{len(rounds)} paired rounds (a verdict needs {MIN_ROUNDS})"
+    elif ratio == 1.0 or against:
+        why = (f"{against} of {len(rounds)} rounds on the other side of 1.00x "
+               f"(round ratios {min(rounds):.2f}x to {max(rounds):.2f}x)")
     return {"ratio": ratio, "conclusive": why is None, "why": why,
             "round_ratios": [round(r, 4) for r in rounds]}
 
@@ -90,23 +87,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _Rotor:
-    """Cycles through `n` input sets, one counter per step."""
-
-    def __init__(self, n: int):
-        self.n, self.i = n, -1
-
-    def next(self) -> int:
-        self.i = (self.i + 1) % self.n
-        return self.i
-
-
-def _time_iters(step: Step, rotor: _Rotor, iters: int, device: torch.device) -> list[float]:
-    cuda = device.type == "cuda"
-    out = []
+def _time_iters(step: Step, rotor, iters: int, device: torch.device) -> list[float]:
+    cuda, out = device.type == "cuda", []
     for _ in range(iters):
-        i = rotor.next()
-        state = step.prepare(i) if step.prepare else None
+        i = next(rotor)
+        state = step.state(i)
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -128,15 +113,14 @@ def time_interleaved(steps: list[Step], device: torch.device, n_sets: int, *, ro
     """Times every step: `warmup` untimed runs each, then `rounds` rounds in which each step in
     turn runs a batch of iterations. The batch size is chosen per step from its warm-up time
     so that the step's timed runs take about `budget_s` in all (at least one per round)."""
-    rotors = [_Rotor(n_sets) for _ in steps]
+    rotors = [itertools.cycle(range(n_sets)) for _ in steps]
     iters = []
     for step, rotor in zip(steps, rotors):
         synchronize(device)
         t0 = time.perf_counter()
         for _ in range(warmup):
-            i = rotor.next()
-            state = step.prepare(i) if step.prepare else None
-            step.run(i, state)
+            i = next(rotor)
+            step.run(i, step.state(i))
         synchronize(device)
         per = max((time.perf_counter() - t0) / max(warmup, 1), 1e-7)
         iters.append(max(1, min(max_iters, int(budget_s / (rounds * per)))))
@@ -154,25 +138,21 @@ def wall_per_call(fns: list[Callable[[int], Any]], device: torch.device, n_sets:
                   calls: int, rounds: int) -> list[Sample]:
     """Microseconds-regime cost per call, host overhead included: wall-clock time of a batch
     of `calls` back-to-back calls (synchronised once at the end), divided by `calls`; batches
-    of the candidates alternate round by round."""
-    rotors = [_Rotor(n_sets) for _ in fns]
-    for fn, rotor in zip(fns, rotors):  # warm-up
+    of the candidates alternate round by round, after `min(calls, 10)` warm-up calls each."""
+    rotors = [itertools.cycle(range(n_sets)) for _ in fns]
+    for fn, rotor in zip(fns, rotors):
         for _ in range(min(calls, 10)):
-            fn(rotor.next())
+            fn(next(rotor))
     samples: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
         for k, (fn, rotor) in enumerate(zip(fns, rotors)):
             synchronize(device)
             t0 = time.perf_counter()
             for _ in range(calls):
-                fn(rotor.next())
+                fn(next(rotor))
             synchronize(device)
             samples[k].append((time.perf_counter() - t0) / calls)
     return [Sample.of(s, [[v] for v in s]) for s in samples]
-
-
-# torch.cuda._sleep's kernel: a tiny launch that brackets each timed run in the profiler trace
-_MARKER = "spin_kernel"
 
 
 def _busy_ns(intervals: list[tuple[int, int]]) -> int:
@@ -180,11 +160,9 @@ def _busy_ns(intervals: list[tuple[int, int]]) -> int:
     busy, reach = 0, None
     for start, end in sorted(intervals):
         if reach is None or start >= reach:
-            busy += end - start
-            reach = end
+            busy, reach = busy + end - start, end
         elif end > reach:
-            busy += end - reach
-            reach = end
+            busy, reach = busy + end - reach, end
     return busy
 
 
@@ -192,19 +170,18 @@ def kernel_time(steps: list[Step], device: torch.device, n_sets: int, *,
                 iters: int) -> list[Sample] | None:
     """CUDA only: per call, the time during which the device executes a step's own work
     (kernels, copies, memsets, as the CUDA profiler records them), host gaps between launches
-    left out. Each run is bracketed by marker kernels in one profiler session, so work done by
-    `prepare` (the forward before a timed backward) is not counted. None when the trace cannot
-    be split by its markers (e.g. a profiler that records no device activity)."""
+    left out. Each run is bracketed by marker kernels (torch.cuda._sleep's `spin_kernel`) in
+    one profiler session, so work done by `prepare` (the forward before a timed backward) is
+    not counted. None when the trace cannot be split by its markers (e.g. a profiler that
+    records no device activity)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    rotors = [_Rotor(n_sets) for _ in steps]
     torch.cuda.synchronize(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for step, rotor in zip(steps, rotors):
-            for _ in range(iters):
-                i = rotor.next()
-                state = step.prepare(i) if step.prepare else None
+        for step in steps:
+            for i in itertools.islice(itertools.cycle(range(n_sets)), iters):
+                state = step.state(i)
                 torch.cuda._sleep(1)
                 step.run(i, state)
                 torch.cuda._sleep(1)
@@ -214,12 +191,10 @@ def kernel_time(steps: list[Step], device: torch.device, n_sets: int, *,
                     if e.device_type() == DeviceType.CUDA)
     runs, current = [], None
     for start, end, name in events:
-        if _MARKER in name:
-            if current is None:
-                current = []
-            else:
+        if "spin_kernel" in name:
+            if current is not None:
                 runs.append(current)
-                current = None
+            current = [] if current is None else None
         elif current is not None:
             current.append((start, end))
     if len(runs) != len(steps) * iters:

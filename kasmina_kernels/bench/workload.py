@@ -2,13 +2,14 @@
 them (eager reference, torch.compile of the reference, each kernel backend), and the timed
 steps (forward, backward, forward+backward, device copy).
 
-Inputs come from `kasmina_kernels.opcases` (random, never zero). Rotation: enough copies of
-the input set that cycling through them touches more memory than `rotate_bytes` (on GPU twice
-the L2 cache), so a timed call never finds its inputs in cache from the previous call.
+Inputs come from `kasmina_kernels.opcases` or `esper` (random, never zero). Rotation: enough
+copies of the input set that cycling through them touches more memory than `rotate_bytes` (on
+GPU twice the L2 cache), so a timed call never finds its inputs in cache from the previous call.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -31,41 +32,31 @@ class InputSet:
     grad: torch.Tensor  # incoming gradient for the output
 
 
-def _leafify(value, requires_grad: bool = True):
-    """A fresh copy (same memory format) of a floating-point tensor input, a leaf that requires
-    grad unless told otherwise."""
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.detach().clone().requires_grad_(requires_grad)
-    return value
-
-
-def _input_set(names, args, kwargs, grad, no_grad: frozenset = frozenset()) -> InputSet:
-    """`no_grad`: inputs (by name; `names`: the positional ones') copied without requires_grad."""
-    args = [_leafify(a, n not in no_grad) for n, a in zip(names, args)]
-    kwargs = {k: _leafify(v, k not in no_grad) for k, v in kwargs.items()}
-    leaves = [t for t in list(args) + list(kwargs.values())
-              if isinstance(t, torch.Tensor) and t.requires_grad]
+def _input_set(names, args, kwargs, grad, no_grad: frozenset) -> InputSet:
+    """Fresh copies (same memory format) of the floating-point inputs, leaves that require grad
+    unless named in `no_grad` (`names`: the positional inputs')."""
+    def leaf(name, v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.detach().clone().requires_grad_(name not in no_grad)
+        return v
+    args = [leaf(n, a) for n, a in zip(names, args)]
+    kwargs = {k: leaf(k, v) for k, v in kwargs.items()}
+    leaves = [t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor) and t.requires_grad]
     return InputSet(args, kwargs, leaves, grad.clone())
-
-
-def _set_bytes(s: InputSet) -> int:
-    tensors = [t for t in list(s.args) + list(s.kwargs.values()) if isinstance(t, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors + [s.grad])
 
 
 @dataclass
 class Workload:
     op: optable.Op
-    shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
     sets: list[InputSet]
     base_args: list  # set 0's values, not leaves (for checking)
     base_kwargs: dict
-    pattern: str = "isolated"  # "isolated" (every input requires grad) or an esper.PATTERNS key
-    autocast: bool = False  # every call runs under bf16 autocast
-    no_grad: frozenset = frozenset()  # inputs passed without grad (by name)
-    inputs: dict | None = None  # esper.describe of set 0: layouts, dtypes, requires-grad flags
+    pattern: str  # "isolated" (every input requires grad) or an esper.PATTERNS key
+    autocast: bool  # every call runs under bf16 autocast
+    no_grad: frozenset  # inputs passed without grad (by name)
+    inputs: dict  # esper.describe of set 0: layouts, dtypes, requires-grad flags
 
     @property
     def n_sets(self) -> int:
@@ -79,7 +70,14 @@ class Workload:
 
     def wrap(self, fn: Callable) -> Callable:
         """`fn` as this workload calls it (inside bf16 autocast when `autocast`)."""
-        return esper.autocast_wrap(fn, self.device) if self.autocast else fn
+        if not self.autocast:
+            return fn
+
+        @functools.wraps(fn)
+        def under_autocast(*args, **kwargs):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return fn(*args, **kwargs)
+        return under_autocast
 
 
 def build(op: optable.Op, shape, dtype, device, gen: torch.Generator,
@@ -88,26 +86,25 @@ def build(op: optable.Op, shape, dtype, device, gen: torch.Generator,
     all requiring grad (the op-isolation benchmark); an `esper.PATTERNS` key: the layouts,
     dtypes and requires-grad flags of Esper's call (`esper.make_inputs`). The incoming
     gradient has the output's memory format."""
+    device = torch.device(device)
     if pattern == "isolated":
         args, kwargs = opcases.make(op, shape, dtype, device, gen)
         no_grad = frozenset()
     else:
-        args, kwargs = esper.make_inputs(op.name, pattern, shape, dtype, device, gen,
-                                         autocast=autocast)
+        args, kwargs = esper.make_inputs(op.name, pattern, shape, dtype, device, gen, autocast=autocast)
         no_grad = esper.NO_GRAD
-    ref = op.reference
-    with torch.no_grad(), torch.autocast(torch.device(device).type, torch.bfloat16, enabled=autocast):
-        out = ref(*args, **kwargs)
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+        out = op.reference(*args, **kwargs)
     grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device, out.dtype)
     grad = torch.empty_like(out).copy_(grad)  # the output's layout, as a layer's gradient has
-    names = op.inputs
-    first = _input_set(names, args, kwargs, grad, no_grad)
-    n = max(1, min(MAX_SETS, math.ceil(rotate_bytes / max(_set_bytes(first), 1))))
-    sets = [first] + [_input_set(names, first.args, first.kwargs, first.grad, no_grad) for _ in range(n - 1)]
-    flags = {name: name not in no_grad for name in [*names[:len(args)], *kwargs]}
-    inputs = esper.describe(names, first.args, first.kwargs, flags, first.grad)
-    return Workload(op, tuple(shape), dtype, torch.device(device), sets, list(args),
-                    dict(kwargs), pattern, autocast, no_grad, inputs)
+    first = _input_set(op.inputs, args, kwargs, grad, no_grad)
+    tensors = [t for t in [*first.args, *first.kwargs.values(), grad] if isinstance(t, torch.Tensor)]
+    set_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    n = max(1, min(MAX_SETS, math.ceil(rotate_bytes / max(set_bytes, 1))))
+    sets = [first] + [_input_set(op.inputs, first.args, first.kwargs, grad, no_grad) for _ in range(n - 1)]
+    named = {**dict(zip(op.inputs, first.args)), **first.kwargs, "grad": grad}
+    inputs = esper.describe(named, {name: name not in no_grad for name in named if name != "grad"})
+    return Workload(op, dtype, device, sets, list(args), dict(kwargs), pattern, autocast, no_grad, inputs)
 
 
 # ---------------------------------------------------------------------------- implementations
@@ -121,17 +118,12 @@ class Impl:
     reused: bool = False  # compiled by an earlier entry (dynamic shapes)
 
 
-def eager_impl(op: str, w: Workload | None = None) -> Impl:
-    fn = optable.BY_NAME[op].reference
-    return Impl("eager", w.wrap(fn) if w is not None else fn)
+def eager_impl(w: Workload) -> Impl:
+    return Impl("eager", w.wrap(w.op.reference))
 
 
-def backend_impl(op: str, backend: str, w: Workload | None = None) -> Impl:
-    public = optable.BY_NAME[op].public
-
-    def fn(*a, **k):
-        return public(*a, backend=backend, **k)
-    return Impl(backend, w.wrap(fn) if w is not None else fn)
+def backend_impl(w: Workload, backend: str) -> Impl:
+    return Impl(backend, w.wrap(functools.partial(w.op.public, backend=backend)))
 
 
 def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = None) -> Impl:
@@ -159,8 +151,7 @@ def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = N
     s = w.sets[0]
     hits = counters["inductor"]["fxgraph_cache_hit"]
     t0 = time.perf_counter()
-    out = fn(*s.args, **s.kwargs)
-    torch.autograd.grad(out, s.leaves, s.grad)
+    torch.autograd.grad(fn(*s.args, **s.kwargs), s.leaves, s.grad)
     if w.device.type == "cuda":
         torch.cuda.synchronize(w.device)
     elapsed = time.perf_counter() - t0
@@ -170,21 +161,12 @@ def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = N
 
 # ---------------------------------------------------------------------------- steps
 def forward_step(w: Workload, impl: Impl) -> Step:
-    def run(i, _):
-        s = w.sets[i]
-        return impl.fn(*s.args, **s.kwargs)
-    return Step(run)
+    return Step(lambda i, _: impl.fn(*w.sets[i].args, **w.sets[i].kwargs))
 
 
 def backward_step(w: Workload, impl: Impl) -> Step:
-    def prepare(i):
-        s = w.sets[i]
-        return impl.fn(*s.args, **s.kwargs)
-
-    def run(i, out):
-        s = w.sets[i]
-        return torch.autograd.grad(out, s.leaves, s.grad)
-    return Step(run, prepare)
+    return Step(lambda i, out: torch.autograd.grad(out, w.sets[i].leaves, w.sets[i].grad),
+                lambda i: impl.fn(*w.sets[i].args, **w.sets[i].kwargs))
 
 
 def forward_backward_step(w: Workload, impl: Impl) -> Step:
@@ -204,7 +186,6 @@ def copy_step(x: torch.Tensor, n_sets: int) -> Step:
     return Step(lambda i, _: dst[i].copy_(src[i]))
 
 
-# ---------------------------------------------------------------------------- saved memory
 def saved_for_backward(w: Workload, impl: Impl) -> tuple[int, int]:
     """(bytes saved for backward, of which not the inputs' own storage) by one forward call,
     counted with saved_tensors_hooks over distinct storages."""
@@ -212,15 +193,11 @@ def saved_for_backward(w: Workload, impl: Impl) -> tuple[int, int]:
     saved: dict[int, int] = {}
 
     def pack(t):
-        st = t.untyped_storage()
-        saved[st.data_ptr()] = st.nbytes()
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = impl.fn(*s.args, **s.kwargs)
-    del out
-    inputs = {t.untyped_storage().data_ptr() for t in list(s.args) + list(s.kwargs.values())
+        impl.fn(*s.args, **s.kwargs)
+    inputs = {t.untyped_storage().data_ptr() for t in [*s.args, *s.kwargs.values()]
               if isinstance(t, torch.Tensor)}
-    total = sum(saved.values())
-    extra = sum(v for k, v in saved.items() if k not in inputs)
-    return total, extra
+    return sum(saved.values()), sum(v for k, v in saved.items() if k not in inputs)
