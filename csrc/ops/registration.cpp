@@ -100,22 +100,28 @@ void check_first_order_only(const std::string& op, const variable_list& tensors)
   }
 }
 
-// ---------------------------------------------------------------- first derivatives
-// One autograd convention for every forward op, read off the schemas (optable.py): the
+// ---------------------------------------------------------------- autograd
+// One autograd convention for every op, read off the schemas (optable.py). A forward op's
 // backward op kasmina::<op>_backward takes (grad, the forward's arguments, a
 // need_<input>_grad flag for some inputs) and returns one gradient per tensor input, a
-// placeholder where none is needed. STE has no backward op: its gradient is the identity.
+// placeholder where none is needed; STE has no backward op (its gradient is the identity).
+// A backward op's kernels have no derivative of their own: when autograd records one
+// (create_graph=True) its outputs get a grad_fn that raises, naming the op, if differentiated,
+// so double backward is an error, never a silently zero second derivative.
 struct Plan {
-  std::string name;                                // "kasmina::<op>"
-  std::optional<c10::OperatorHandle> backward;     // absent for ste_forward
-  std::vector<size_t> tensors;                     // the tensor arguments' positions
-  std::vector<size_t> need;                        // per need flag, its input's tensor index
+  std::string name;                             // "kasmina::<op>"
+  bool is_backward;                             // a kasmina::*_backward op
+  std::optional<c10::OperatorHandle> backward;  // a forward op's backward op (not STE's)
+  std::vector<size_t> tensors;                  // the tensor arguments' positions
+  std::vector<size_t> need;                     // per need flag, its input's tensor index
 };
 
 Plan make_plan(const c10::OperatorHandle& op) {
   const auto& schema = op.schema();
-  Plan plan{schema.name(), c10::Dispatcher::singleton().findOp({schema.name() + "_backward", ""}),
-            {}, {}};
+  const std::string suffix = "_backward";
+  const std::string& name = schema.name();
+  Plan plan{name, name.size() > suffix.size() && name.ends_with(suffix), std::nullopt, {}, {}};
+  if (!plan.is_backward) plan.backward = c10::Dispatcher::singleton().findOp({name + suffix, ""});
   std::vector<std::string> names;
   for (size_t i = 0; i < schema.arguments().size(); ++i) {
     const auto& arg = schema.arguments()[i];
@@ -173,94 +179,67 @@ struct FusedBackward : torch::autograd::Node {
   }
 };
 
-// The Autograd kernel of every forward op: the kernel below autograd, then, where an input
-// requires grad, a FusedBackward node that saves the op's inputs only.
-class ForwardAutograd final : public c10::OperatorKernel {
+// The Autograd kernel of every op: the kernel below autograd and, where an input requires
+// grad, the node above (which saves the op's inputs only) or, for a backward op, an error node.
+class AutogradKernel final : public c10::OperatorKernel {
  public:
   void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                   torch::jit::Stack* stack) {
     // the schemas are defined from Python after this library loads: read them on first call
     std::call_once(once_, [&] { plan_ = std::make_shared<const Plan>(make_plan(op)); });
+    const Plan& p = *plan_;
     const size_t num_args = op.schema().arguments().size();
     auto args = torch::jit::last(*stack, num_args);
     variable_list inputs;
     bool requires_grad = false;
-    for (size_t i : plan_->tensors) {
+    for (size_t i : p.tensors) {
       inputs.push_back(args[i].isTensor() ? args[i].toTensor() : at::Tensor());
       requires_grad = requires_grad || (inputs.back().defined() && inputs.back().requires_grad());
     }
-    check_first_order_only(plan_->name, inputs);
-    c10::intrusive_ptr<FusedBackward> node;
+    if (!p.is_backward) check_first_order_only(p.name, inputs);
+    c10::intrusive_ptr<torch::autograd::Node> node;
     if (requires_grad && torch::autograd::GradMode::is_enabled()) {
-      node = c10::make_intrusive<FusedBackward>();
-      node->plan = plan_;
-      node->set_next_edges(torch::autograd::collect_next_edges(inputs));
-      for (size_t i = 0, k = 0; i < num_args; ++i) {
-        const bool tensor = k < plan_->tensors.size() && plan_->tensors[k] == i;
-        node->args.push_back(tensor ? c10::IValue() : args[i]);
-        if (tensor) node->saved.emplace_back(inputs[k++], false);
-      }
-      if (!plan_->backward) node->seed_dtype = inputs[1].scalar_type();
+      node = p.is_backward ? error_node(p, inputs) : fused_node(args, inputs);
     }
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
     }
     if (node) {
-      at::Tensor y = stack->back().toTensor();
-      torch::autograd::set_history(y, node);
+      for (const c10::IValue& y : torch::jit::last(*stack, op.schema().returns().size())) {
+        torch::autograd::set_history(y.toTensor(), node);
+      }
     }
   }
 
  private:
+  c10::intrusive_ptr<torch::autograd::Node> fused_node(c10::ArrayRef<c10::IValue> args,
+                                                       const variable_list& inputs) {
+    auto node = c10::make_intrusive<FusedBackward>();
+    node->plan = plan_;
+    node->set_next_edges(torch::autograd::collect_next_edges(inputs));
+    for (size_t i = 0, k = 0; i < args.size(); ++i) {
+      const bool tensor = k < plan_->tensors.size() && plan_->tensors[k] == i;
+      node->args.push_back(tensor ? c10::IValue() : args[i]);
+      if (tensor) node->saved.emplace_back(inputs[k++], false);
+    }
+    if (!plan_->backward) node->seed_dtype = inputs[1].scalar_type();
+    return node;
+  }
+
+  static c10::intrusive_ptr<torch::autograd::Node> error_node(const Plan& p,
+                                                              const variable_list& inputs) {
+    const std::string forward = p.name.substr(0, p.name.size() - std::string("_backward").size());
+    return c10::make_intrusive<torch::autograd::Error>(
+        forward + ": double backward (differentiating a gradient computed with "
+        "create_graph=True) is not supported: the fused gradient kernel (" + p.name + ") has "
+        "no derivative of its own; use backend=\"reference\" for higher-order derivatives",
+        torch::autograd::collect_next_edges(inputs));
+  }
+
   std::once_flag once_;
   std::shared_ptr<const Plan> plan_;
 };
-
-// The Autograd kernel of every kasmina::*_backward op. The backward ops compute a gradient
-// with fused kernels that have no derivative of their own, so when autograd records them
-// (backward with create_graph=True, where grad mode is on and saved inputs require grad) each
-// output gets a grad_fn that raises, naming the op, if it is ever differentiated: double
-// backward is an error, never a silently zero or missing second derivative. A first-order
-// backward (create_graph=False) runs with grad mode off and pays one flag check.
-void backward_op_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
-                          torch::jit::Stack* stack) {
-  const auto& schema = op.schema();
-  const size_t num_args = schema.arguments().size();
-  torch::autograd::variable_list inputs;
-  bool record = false;
-  if (torch::autograd::GradMode::is_enabled()) {
-    for (auto it = stack->end() - num_args; it != stack->end(); ++it) {
-      if (it->isTensor()) {
-        const at::Tensor& t = it->toTensor();
-        record = record || (t.defined() && t.requires_grad());
-        inputs.push_back(t);
-      }
-    }
-  }
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
-  }
-  if (!record) return;
-  std::string name = schema.name();  // "kasmina::<op>_backward"
-  const std::string forward = name.substr(0, name.size() - std::string("_backward").size());
-  const std::string msg =
-      forward + ": double backward (differentiating a gradient computed with create_graph=True) "
-      "is not supported: the fused gradient kernel (" + name + ") has no derivative of its own; "
-      "use backend=\"reference\" for higher-order derivatives";
-  const size_t num_returns = schema.returns().size();
-  torch::autograd::tensor_list outputs;
-  for (auto it = stack->end() - num_returns; it != stack->end(); ++it) {
-    outputs.push_back(std::move(*it).toTensor());
-  }
-  auto wrapped = torch::autograd::wrap_outputs(
-      inputs, std::move(outputs), [&msg](torch::autograd::edge_list&& next_edges) {
-        return c10::make_intrusive<torch::autograd::Error>(msg, std::move(next_edges));
-      });
-  torch::jit::drop(*stack, num_returns);
-  for (auto& t : wrapped) stack->emplace_back(std::move(t));
-}
 
 }  // namespace
 
@@ -284,16 +263,14 @@ TORCH_LIBRARY_IMPL(kasmina, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(kasmina, Autograd, m) {
-  for (const char* name :
+  const auto kernel = [] {
+    return torch::CppFunction::makeFromBoxedFunctor(std::make_unique<AutogradKernel>());
+  };
+  for (const std::string name :
        {"blend_add", "blend_gate", "blend_multiply", "ste_forward", "multiply_valve_multiplier",
         "gate_effective_alpha", "gated_pool", "gate_network"}) {
-    m.impl(name, torch::CppFunction::makeFromBoxedFunctor(std::make_unique<ForwardAutograd>()));
-  }
-  for (const char* name :
-       {"blend_add_backward", "blend_gate_backward", "blend_multiply_backward",
-        "multiply_valve_multiplier_backward", "gate_effective_alpha_backward",
-        "gated_pool_backward", "gate_network_backward"}) {
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&backward_op_autograd>());
+    m.impl(name.c_str(), kernel());
+    if (name != "ste_forward") m.impl((name + "_backward").c_str(), kernel());
   }
 }
 
