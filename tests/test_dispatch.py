@@ -3,7 +3,7 @@ KASMINA_KERNELS_BACKEND environment variable, which wins over "auto"; an explici
 argument wins over all; "auto" on CPU is "native" and observable with `resolve_backend`.
 
 Which implementation actually ran is read off the autograd node: the reference's ADD ends in
-torch.lerp (LerpBackward0), the native op in its C++ autograd node (kasmina::blend_addBackward).
+torch.lerp (LerpBackward0), the native op in its C++ autograd function (a CppNode).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def ran(**kw) -> str:
     name = y.grad_fn.name()
     if "Lerp" in name:
         return "reference"
-    if name == "kasmina::blend_addBackward":
+    if "CppNode" in name:
         return "native"
     return name
 

@@ -75,6 +75,7 @@ const CpuCapability& cpu_capability() {
   return chosen;
 }
 
+using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // ---------------------------------------------------------------- what autograd cannot do
@@ -114,13 +115,14 @@ struct Plan {
   std::optional<c10::OperatorHandle> backward;  // a forward op's backward op (not STE's)
   std::vector<size_t> tensors;                  // the tensor arguments' positions
   std::vector<size_t> need;                     // per need flag, its input's tensor index
+  size_t num_args;
 };
 
 Plan make_plan(const c10::OperatorHandle& op) {
   const auto& schema = op.schema();
   const std::string suffix = "_backward";
   const std::string& name = schema.name();
-  Plan plan{name, name.size() > suffix.size() && name.ends_with(suffix), std::nullopt, {}, {}};
+  Plan plan{name, name.ends_with(suffix), std::nullopt, {}, {}, schema.arguments().size()};
   if (!plan.is_backward) plan.backward = c10::Dispatcher::singleton().findOp({name + suffix, ""});
   std::vector<std::string> names;
   for (size_t i = 0; i < schema.arguments().size(); ++i) {
@@ -140,47 +142,81 @@ Plan make_plan(const c10::OperatorHandle& op) {
   return plan;
 }
 
-struct FusedBackward : torch::autograd::Node {
-  std::shared_ptr<const Plan> plan;
-  std::vector<c10::IValue> args;  // the forward's arguments, tensors left out (saved below)
-  std::vector<torch::autograd::SavedVariable> saved;  // its tensor arguments
-  at::ScalarType seed_dtype = at::kFloat;              // STE's ds is the gradient in s's dtype
+// A forward op's autograd Function. Its tensor arguments come in five optional slots (an op
+// has at most five), after the plan and the dispatcher's call; autograd's edges are the
+// present ones, in order. The context keeps the tensors, the plan's address (plans live as
+// long as the library) and the other arguments.
+using OptTensor = std::optional<at::Tensor>;
 
-  std::string name() const override { return plan->name + "Backward"; }
+struct FusedFn : torch::autograd::Function<FusedFn> {
+  static constexpr size_t kInputs = 4;  // the arguments before the tensor slots
+  static constexpr size_t kSlots = 5;
 
-  variable_list apply(variable_list&& grads) override {
-    const Plan& p = *plan;
-    const at::Tensor g = grads[0].defined() ? grads[0] : input_metadata(0).zeros_like();
-    variable_list out(p.tensors.size());
-    if (!p.backward) {
-      if (should_compute_output(0)) out[0] = g;
-      if (should_compute_output(1)) out[1] = g.to(seed_dtype);
-      return out;
+  static at::Tensor forward(AutogradContext* ctx, const Plan* plan, const c10::OperatorHandle* op,
+                            c10::DispatchKeySet keys, torch::jit::Stack* stack, const OptTensor& t0,
+                            const OptTensor& t1, const OptTensor& t2, const OptTensor& t3,
+                            const OptTensor& t4) {
+    variable_list inputs;
+    for (const OptTensor* t : {&t0, &t1, &t2, &t3, &t4}) {
+      if (inputs.size() < plan->tensors.size()) inputs.push_back(t->value_or(at::Tensor()));
     }
-    torch::jit::Stack stack{g};
+    ctx->saved_data["plan"] = reinterpret_cast<int64_t>(plan);
+    auto args = torch::jit::last(*stack, op->schema().arguments().size());
     for (size_t i = 0, k = 0; i < args.size(); ++i) {
-      if (k < p.tensors.size() && p.tensors[k] == i) {
-        const at::Tensor t = saved[k++].unpack();
-        stack.emplace_back(t.defined() ? c10::IValue(t) : c10::IValue());
+      if (k < plan->tensors.size() && plan->tensors[k] == i) {
+        ++k;
       } else {
-        stack.push_back(args[i]);
+        ctx->saved_data[std::to_string(i)] = args[i];
       }
     }
-    for (size_t k : p.need) stack.emplace_back(should_compute_output(k));
+    if (plan->backward) {
+      ctx->save_for_backward(inputs);
+    } else {  // STE: ds is the gradient in s's dtype
+      ctx->saved_data["seed_dtype"] = static_cast<int64_t>(inputs[1].scalar_type());
+    }
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op->redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+    return torch::jit::pop(*stack).toTensor();
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Plan& p = *reinterpret_cast<const Plan*>(ctx->saved_data["plan"].toInt());
+    variable_list out(kInputs + kSlots);
+    const variable_list saved = p.backward ? ctx->get_saved_variables() : variable_list();
+    std::vector<bool> need_grad;  // per tensor argument
+    for (size_t k = 0, edge = 0; k < p.tensors.size(); ++k) {
+      const bool present = saved.empty() || saved[k].defined();
+      need_grad.push_back(present && ctx->needs_input_grad(edge));
+      edge += present;
+    }
+    const auto needs = [&](size_t k) { return bool(need_grad[k]); };
+    if (!p.backward) {
+      const auto seed_dtype = static_cast<at::ScalarType>(ctx->saved_data["seed_dtype"].toInt());
+      if (needs(0)) out[kInputs] = grads[0];
+      if (needs(1)) out[kInputs + 1] = grads[0].to(seed_dtype);
+      return out;
+    }
+    torch::jit::Stack stack{grads[0]};
+    for (size_t i = 0, k = 0; i < p.num_args; ++i) {
+      if (k < p.tensors.size() && p.tensors[k] == i) {
+        const at::Tensor& t = saved[k++];
+        stack.emplace_back(t.defined() ? c10::IValue(t) : c10::IValue());
+      } else {
+        stack.push_back(ctx->saved_data[std::to_string(i)]);
+      }
+    }
+    for (size_t k : p.need) stack.emplace_back(needs(k));
     p.backward->callBoxed(&stack);
-    for (size_t k = 0; k < out.size(); ++k) {
-      if (should_compute_output(k)) out[k] = std::move(stack[k]).toTensor();
+    for (size_t k = 0; k < p.tensors.size(); ++k) {
+      if (needs(k)) out[kInputs + k] = std::move(stack[k]).toTensor();
     }
     return out;
   }
-
-  void release_variables() override {
-    for (auto& s : saved) s.reset_data();
-  }
 };
 
-// The Autograd kernel of every op: the kernel below autograd and, where an input requires
-// grad, the node above (which saves the op's inputs only) or, for a backward op, an error node.
+// The Autograd kernel of every op: a forward op runs through FusedFn (which saves the op's
+// inputs only); a backward op runs below autograd, its outputs given an error node where
+// autograd records them.
 class AutogradKernel final : public c10::OperatorKernel {
  public:
   void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
@@ -196,37 +232,30 @@ class AutogradKernel final : public c10::OperatorKernel {
       inputs.push_back(args[i].isTensor() ? args[i].toTensor() : at::Tensor());
       requires_grad = requires_grad || (inputs.back().defined() && inputs.back().requires_grad());
     }
-    if (!p.is_backward) check_first_order_only(p.name, inputs);
-    c10::intrusive_ptr<torch::autograd::Node> node;
-    if (requires_grad && torch::autograd::GradMode::is_enabled()) {
-      node = p.is_backward ? error_node(p, inputs) : fused_node(args, inputs);
-    }
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
-    }
-    if (node) {
-      for (const c10::IValue& y : torch::jit::last(*stack, op.schema().returns().size())) {
-        torch::autograd::set_history(y.toTensor(), node);
+    if (p.is_backward) {
+      c10::intrusive_ptr<torch::autograd::Node> node;
+      if (requires_grad && torch::autograd::GradMode::is_enabled()) node = error_node(p, inputs);
+      {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
       }
+      if (node) {
+        for (const c10::IValue& y : torch::jit::last(*stack, op.schema().returns().size())) {
+          torch::autograd::set_history(y.toTensor(), node);
+        }
+      }
+      return;
     }
+    check_first_order_only(p.name, inputs);
+    inputs.resize(FusedFn::kSlots);
+    const auto slot = [&](size_t k) {
+      return inputs[k].defined() ? OptTensor(inputs[k]) : OptTensor();
+    };
+    stack->emplace_back(
+        FusedFn::apply(&p, &op, keys, stack, slot(0), slot(1), slot(2), slot(3), slot(4)));
   }
 
  private:
-  c10::intrusive_ptr<torch::autograd::Node> fused_node(c10::ArrayRef<c10::IValue> args,
-                                                       const variable_list& inputs) {
-    auto node = c10::make_intrusive<FusedBackward>();
-    node->plan = plan_;
-    node->set_next_edges(torch::autograd::collect_next_edges(inputs));
-    for (size_t i = 0, k = 0; i < args.size(); ++i) {
-      const bool tensor = k < plan_->tensors.size() && plan_->tensors[k] == i;
-      node->args.push_back(tensor ? c10::IValue() : args[i]);
-      if (tensor) node->saved.emplace_back(inputs[k++], false);
-    }
-    if (!plan_->backward) node->seed_dtype = inputs[1].scalar_type();
-    return node;
-  }
-
   static c10::intrusive_ptr<torch::autograd::Node> error_node(const Plan& p,
                                                               const variable_list& inputs) {
     const std::string forward = p.name.substr(0, p.name.size() - std::string("_backward").size());
