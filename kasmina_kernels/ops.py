@@ -40,11 +40,13 @@ def _feature_operand(alpha: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 
 def _bound(name: str):
-    """``torch.ops.kasmina.<name>.default`` for the eager fast path; None when the native
+    """The C++ callable behind ``torch.ops.kasmina.<name>.default`` (what OpOverload.__call__
+    calls, one Python frame less per call), for the eager fast path; None when the native
     backend did not load (then `native_by_default` is never true)."""
     if "native" not in backends.available_backends("cpu"):
         return None
-    return getattr(torch.ops.kasmina, name).default
+    overload = getattr(torch.ops.kasmina, name).default
+    return getattr(overload, "_op", overload)
 
 
 _add, _gate, _multiply, _ste, _valve, _gea, _pool, _gate_network = map(_bound, (
