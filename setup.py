@@ -1,27 +1,19 @@
 """Build kasmina_kernels._C: C++ CPU kernels always, CUDA kernels when available.
 
-Build after torch is installed, against that torch:
+Build after torch is installed, against that torch (docs/building.md):
 
     pip install --no-build-isolation -e .     # first install (tools/setup_env.sh does this)
     python setup.py build_ext --inplace       # rebuild in place: only what changed
 
-Objects persist in build/temp-<configuration> (see BuildExt), so either command recompiles
-only the sources that changed (ninja tracks headers through gcc depfiles) and relinks.
-
 Environment:
-  KASMINA_KERNELS_CUDA       "1" forces the CUDA kernels (fails without a toolkit and a CUDA
-                             torch), "0" skips them; unset builds them when both are present.
-  KASMINA_KERNELS_CUDA_ARCH  CUDA architectures, default "80;90" (sm_80 and sm_90).
+  KASMINA_KERNELS_CUDA       "1" forces the CUDA kernels, "0" skips them; unset builds them
+                             when a CUDA toolkit and a CUDA torch are both present.
+  KASMINA_KERNELS_CUDA_ARCH  CUDA architectures, default "80;90".
   KASMINA_KERNELS_CPU_CAPABILITIES
-                             e.g. "avx2": the CPU capabilities the kernels are compiled for,
-                             comma separated, beside DEFAULT, which is always compiled (AVX512
-                             brings AVX2). Unset: all of them (DEFAULT, AVX2, AVX512 on x86-64,
-                             DEFAULT elsewhere). At run time the extension uses ATen's
-                             capability (ATEN_CPU_CAPABILITY overrides it), or the widest
-                             compiled one below it.
-  KASMINA_KERNELS_SANITIZE   e.g. "address,undefined": build the C++ sources with those
-                             -fsanitize= checks (-O1 -g, frame pointers kept). For
-                             tools/check_sanitizers.sh, which builds into its own directory.
+                             e.g. "avx2": the CPU capabilities compiled beside DEFAULT (AVX512
+                             brings AVX2); unset: all of them on x86-64.
+  KASMINA_KERNELS_SANITIZE   e.g. "address,undefined": -fsanitize= builds (-O1 -g), for
+                             tools/check_sanitizers.sh.
 """
 
 import glob
@@ -58,10 +50,9 @@ def _want_cuda() -> bool:
     return have
 
 
-# The CPU capabilities (ATen's names) and the flags each is compiled with: GCC's -m<flag> for
-# the CPU flags it needs (the AVX-512 set is the one ATen builds its own AVX512 kernels with),
-# and ATen's CPU_CAPABILITY macros, from which Vectorized<T> picks its width, each width in its
-# own inline namespace. csrc/ops/registration.cpp checks the same CPU flags at run time.
+# The CPU capabilities (ATen's names) and GCC's -m<flag> for each (the AVX-512 set is ATen's
+# own); BuildExt adds ATen's CPU_CAPABILITY macros, from which Vectorized<T> picks its width.
+# csrc/ops/registration.cpp checks the same CPU flags at run time.
 CPU_CAPABILITY_FLAGS = {
     "DEFAULT": [],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
@@ -99,12 +90,10 @@ def _sanitize_flags() -> tuple[list[str], list[str]]:
 
 def _extension():
     with_cuda = _want_cuda()
-    # the CPU kernels (CPU_SOURCES) are not among the sources: BuildExt compiles them once per
-    # capability
+    # not CPU_SOURCES: BuildExt compiles those once per capability
     sources = sorted(glob.glob(os.path.join("csrc", "ops", "*.cpp")))
     # -fopenmp: ATen's at::parallel_for is header code that parallelises through OpenMP
-    # pragmas; without it every parallel_for here would run on one thread. The libgomp it
-    # links is the one torch already loaded (same soname), so there is one OpenMP runtime.
+    # pragmas; the libgomp it links is the one torch already loaded (same soname).
     cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-Wall", "-Wno-unused-function", "-fopenmp"]
     link = ["-fopenmp"]
     san_cxx, san_link = _sanitize_flags()
@@ -141,9 +130,8 @@ def _extension():
 
 
 def _build_temp_name() -> str:
-    """The persistent object folder of this build's configuration, under build/: one per
-    Python, CUDA on/off and sanitizer set, so switching between them does not throw away
-    another configuration's objects (each CPU capability's objects are in a subfolder)."""
+    """The persistent object folder of this build's configuration (Python, CUDA, sanitizers),
+    under build/, so switching configurations keeps each one's objects."""
     parts = [sys.implementation.cache_tag]
     if _want_cuda():
         parts.append("cuda")
@@ -154,10 +142,8 @@ def _build_temp_name() -> str:
 
 
 def _pin_ninja() -> None:
-    """BuildExtension runs the `ninja` on PATH. When the `ninja` package is installed (as
-    tools/setup_env.sh does), put its binary first, so the build uses the same ninja however it
-    is started (venv activated or not, pip or setup.py): ninja versions disagree on the build
-    log's format, and a log from another version is thrown away, which rebuilds everything."""
+    """Put the `ninja` package's binary first on PATH, so every build uses the same ninja
+    (versions disagree on the build log's format, and a foreign log rebuilds everything)."""
     try:
         import ninja
     except ImportError:
@@ -168,18 +154,13 @@ def _pin_ninja() -> None:
 
 
 class BuildExt(cpp_extension.BuildExtension):
-    """torch's BuildExtension (ninja), with its objects in a persistent folder,
-    build/temp-<configuration>, whichever way the build starts: `setup.py build_ext
-    --inplace` or `pip install --no-build-isolation -e .` (which would otherwise compile into
-    a fresh temporary folder, i.e. everything, every time). ninja then recompiles only the
-    sources whose text, included headers (gcc depfiles, torch's headers too) or compile
-    command changed, and the extension is always relinked (seconds). An explicit --build-temp
-    (as tools/check_sanitizers.sh gives) is kept.
+    """torch's BuildExtension (ninja) with its objects in build/temp-<configuration> however
+    the build starts (pip would otherwise compile everything into a fresh folder each time),
+    so only what changed recompiles; an explicit --build-temp is kept.
 
-    The CPU kernels (CPU_SOURCES) are compiled once per capability, into
-    <build-temp>/<capability>, with that capability's flags and macros, and linked in as extra
-    objects. DEFAULT's come first: where the copies share a symbol the headers emit (ATen's
-    and c10's inline functions), the linker keeps the first copy, which every CPU runs."""
+    The CPU kernels (CPU_SOURCES) are compiled once per capability into
+    <build-temp>/<capability> and linked in as extra objects, DEFAULT's first: where the
+    copies share a header's inline symbol, the linker keeps the first, which every CPU runs."""
 
     def finalize_options(self) -> None:
         if self.build_temp is None:

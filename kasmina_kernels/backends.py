@@ -3,11 +3,9 @@
 Order of precedence for the default: the innermost `use_backend(...)` block, then the
 `KASMINA_KERNELS_BACKEND` environment variable (read at each call), then ``"auto"``.
 ``"auto"`` picks per device; `resolve_backend(tensor)` reports the pick. While torch.compile
-traces a call, ``"auto"`` is ``"reference"`` (`COMPILE_AUTO`): Inductor fuses the reference
-math with its neighbours, which beats an opaque fused op inside a compiled graph; a named
-backend keeps its op under compile. Naming a backend that
-cannot run on the tensor's device raises `BackendUnavailableError` saying why; nothing falls
-back to another backend behind the caller's back.
+traces a call, ``"auto"`` is ``"reference"`` (`COMPILE_AUTO`). Naming a backend that cannot
+run on the tensor's device raises `BackendUnavailableError` saying why; nothing falls back to
+another backend behind the caller's back.
 """
 
 from __future__ import annotations
@@ -25,20 +23,6 @@ BACKENDS = ("reference", "triton", "native")
 BACKEND_NAMES = BACKENDS + ("auto",)
 ENV_VAR = "KASMINA_KERNELS_BACKEND"
 
-__all__ = [
-    "BACKENDS",
-    "BACKEND_NAMES",
-    "ENV_VAR",
-    "BackendUnavailableError",
-    "available_backends",
-    "backend_status",
-    "current_backend",
-    "resolve_backend",
-    "use_backend",
-    "native_by_default",
-]
-
-
 class BackendUnavailableError(RuntimeError):
     """A named backend cannot run here; the message says why and how to get it."""
 
@@ -54,22 +38,10 @@ def _load_native() -> ModuleType | None:
     global _native_module, _native_error
     if _native_module is None and _native_error is None:
         try:
-            _native_module = importlib.import_module("kasmina_kernels.native")
-            _modules["native"] = _native_module
+            _native_module = _modules["native"] = importlib.import_module("kasmina_kernels.native")
         except ImportError as exc:  # the compiled extension is missing or broken
             _native_error = str(exc)
     return _native_module
-
-
-def _triton_importable() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return (
-            f"Triton is not installed ({exc}); install it with `pip install triton` "
-            "(it ships with CUDA builds of torch)"
-        )
-    return None
 
 
 def _why_unavailable(name: str, device_type: str) -> str | None:
@@ -109,9 +81,11 @@ def _why_unavailable(name: str, device_type: str) -> str | None:
                 )
         else:
             return f"the triton backend has no kernels for device type {device_type!r}"
-        why = _triton_importable()
-        if why:
-            return why
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            return (f"Triton is not installed ({exc}); install it with `pip install triton` "
+                    "(it ships with CUDA builds of torch)")
         try:
             _modules["triton"] = importlib.import_module("kasmina_kernels.triton")
         except ImportError as exc:
@@ -142,10 +116,7 @@ def _device_types() -> list[str]:
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:
     """Backends that can run on `device` (default: on any device this machine has)."""
-    if device is None:
-        types = _device_types()
-    else:
-        types = [torch.device(device).type]
+    types = _device_types() if device is None else [torch.device(device).type]
     return [b for b in BACKENDS if any(backend_status(b, t) is None for t in types)]
 
 
@@ -153,15 +124,8 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 _local = threading.local()
 # One entry per `use_backend` block open in any thread (list.append/pop are atomic under the
 # GIL, a counter's += is not). Empty means no thread has a block open, so an op call can skip
-# the thread-local lookup (about 0.6 us when the calling thread never opened a block).
+# the thread-local lookup.
 _open_blocks: list[str] = []
-
-
-def _stack() -> list[str]:
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    return stack
 
 
 def _check_name(name: str) -> str:
@@ -170,8 +134,8 @@ def _check_name(name: str) -> str:
     return name
 
 
-# os.environ.get costs about a microsecond (it encodes the key each time); the mapping it
-# wraps is read directly when this Python has one, so the variable is still read per call.
+# os.environ.get encodes the key on each call; the mapping it wraps is read directly when this
+# Python has one, so the variable is still read per call, cheaply.
 _ENVIRON_DATA = getattr(os.environ, "_data", None)
 _ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
 _ENV_FAST = _ENVIRON_DATA is not None and _ENV_KEY is not None
@@ -199,7 +163,7 @@ def current_backend() -> str:
 def use_backend(name: str):
     """Run the block with `name` as the default backend (per thread; blocks nest)."""
     _check_name(name)
-    stack = _stack()
+    stack = _local.__dict__.setdefault("stack", [])
     stack.append(name)
     _open_blocks.append(name)
     try:
@@ -211,23 +175,15 @@ def use_backend(name: str):
 
 # ---------------------------------------------------------------------------- resolution
 # What "auto" picks per device type, best first: the first available one wins.
-AUTO_PREFERENCE = {
-    "cpu": ("native", "reference"),
-    "cuda": ("native", "triton", "reference"),
-}
-
-
+_AUTO_PREFERENCE = {"cpu": ("native", "reference"), "cuda": ("native", "triton", "reference")}
 _auto_cache: dict[str, str] = {}
 
 
 def _auto(device_type: str) -> str:
     pick = _auto_cache.get(device_type)
     if pick is None:
-        pick = "reference"
-        for name in AUTO_PREFERENCE.get(device_type, ("reference",)):
-            if backend_status(name, device_type) is None:
-                pick = name
-                break
+        pick = next((n for n in _AUTO_PREFERENCE.get(device_type, ())
+                     if backend_status(n, device_type) is None), "reference")
         _auto_cache[device_type] = pick
     return pick
 
@@ -236,25 +192,16 @@ _is_compiling = torch.compiler.is_compiling
 
 #: What "auto" picks while torch.compile traces an op: the reference math, which Inductor
 #: fuses with the ops around the blend and partitions into the compiled backward (an opaque
-#: torch.ops.kasmina op can be neither fused nor looked into; the benchmark records compare
-#: the two in a compiled training step). Naming a backend (``backend="native"``,
-#: ``use_backend("native")``, ``KASMINA_KERNELS_BACKEND=native``) keeps the opaque op under
-#: compile; eager calls are unaffected and run the fused kernels.
+#: torch.ops.kasmina op can be neither fused nor looked into). Naming a backend keeps the
+#: opaque op under compile; eager calls run the fused kernels.
 COMPILE_AUTO = "reference"
-# Set at import (below): whether "auto" is "native" on CPU / CUDA.
-_auto_native_cpu = False
-_auto_native_cuda = False
 
 
 def native_by_default(tensor: torch.Tensor) -> bool:
     """True when an op on `tensor` with ``backend=None`` runs on the native backend and the
-    call may go straight to ``torch.ops.kasmina`` (the ops' eager fast path).
-
-    Answers in a few attribute reads: no `use_backend` block open in any thread, the
-    environment variable unset (read now, as `current_backend` reads it), "auto" picking
-    native for the tensor's device, and not inside torch.compile (which traces the full
-    resolution instead). False whenever unsure: the caller then resolves the usual way.
-    """
+    call may go straight to ``torch.ops.kasmina`` (the ops' eager fast path): no `use_backend`
+    block open in any thread, the environment variable unset, "auto" picking native for the
+    tensor's device, not tracing. False whenever unsure: the caller then resolves as usual."""
     if _open_blocks or _is_compiling() or not _ENV_FAST or _ENV_KEY in _ENVIRON_DATA:
         return False
     if tensor.is_cpu:
@@ -273,9 +220,7 @@ def resolve_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
     name = current_backend() if backend is None else backend
     device_type = tensor.device.type
     if name == "auto":
-        if _is_compiling():
-            return COMPILE_AUTO
-        return _auto(device_type)
+        return COMPILE_AUTO if _is_compiling() else _auto(device_type)
     why = backend_status(_check_name(name), device_type)
     if why is not None:
         raise BackendUnavailableError(f"backend {name!r} is unavailable on {device_type}: {why}")

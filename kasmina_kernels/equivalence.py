@@ -1,16 +1,10 @@
-"""The equivalence rule of docs/semantics.md#equivalence, in one place: the tests and the `check`
-and `bench` commands all judge kernels with `judge` (through `opcases.verdicts`).
+"""The equivalence rule of docs/semantics.md#equivalence, in one place: the tests and the
+`check` and `bench` commands all judge kernels with `judge` (through `opcases.verdicts`).
 
-1. elementwise outputs pass ``torch.testing.assert_close(kernel, reference)`` with the dtype's
-   default ``rtol`` and ``atol`` = one ulp of the dtype at the output's scale; an element
-   where the eager reference is itself further than that from the oracle (ill-conditioned,
-   e.g. ``1 - t^2`` where tanh saturates) is judged by rule 2 alone, element by element;
-2. every output, reductions included, has ``max |kernel - oracle|`` at most
-   ``2 * max |eager reference - oracle| + 1 ulp`` at the oracle's scale, the oracle being the
-   reference on float64 inputs (the tests use a long-double oracle for float64 cases);
-3. NaN, +Inf and -Inf sit where the reference has them.
-
-An output is judged in its computation dtype (`tolerance_dtype`). "One ulp of dtype at scale x" is
+Rule 1 (`check_elementwise`) judges elementwise outputs against the eager reference, rule 2
+(`check_against_oracle`) every output against the float64 oracle (the tests use a long-double
+oracle for float64 cases), rule 3 (`check_nonfinite`) NaN and Inf placement. An output is
+judged in its computation dtype (`tolerance_dtype`). "One ulp of dtype at scale x" is
 ``2 ** floor(log2 x) * finfo(dtype).eps`` (never below the smallest subnormal).
 """
 
@@ -22,25 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from .optable import BY_NAME
-
-__all__ = [
-    "EquivalenceError",
-    "ulp",
-    "least_precise",
-    "tolerance_dtype",
-    "computation_dtype",
-    "check_nonfinite",
-    "check_elementwise",
-    "check_against_oracle",
-    "reduction_slack",
-    "oracle_errors",
-    "describe",
-    "Verdict",
-    "compare",
-    "judge",
-    "reduction_terms",
-]
-
 
 class EquivalenceError(AssertionError):
     pass
@@ -61,13 +36,8 @@ def ulp(dtype: torch.dtype, scale: float) -> float:
     return max(math.ldexp(fi.eps, exp - 1), smallest)
 
 
-def _precision_key(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps
-
-
 def least_precise(*dtypes: torch.dtype) -> torch.dtype:
-    floats = [d for d in dtypes if d.is_floating_point]
-    return max(floats, key=_precision_key)
+    return max((d for d in dtypes if d.is_floating_point), key=lambda d: torch.finfo(d).eps)
 
 
 def tolerance_dtype(output_dtype: torch.dtype, computation_dtype: torch.dtype | None = None
@@ -147,15 +117,10 @@ def check_elementwise(name: str, k: torch.Tensor, r: torch.Tensor, tol_dtype: to
                       oracle=None) -> None:
     """Rule 1: assert_close with the dtype's rtol and atol = 1 ulp at max |reference|.
 
-    Given the `oracle`, an element outside that tolerance of the reference is judged against
-    the oracle instead when the eager reference is itself further than the tolerance from
-    the oracle (an ill-conditioned output: eager's own rounding moved it), by rule 2 element
-    by element (|kernel - oracle| <= 2 |reference - oracle| + 1 ulp of `tol_dtype` at
-    max |oracle|), or when the kernel is at least as close to the oracle as eager there.
-    Matching eager's rounding errors is never required; being as accurate as eager is. (The
-    second case: where eager's own error is just inside the tolerance, a kernel nearer the
-    exact value than eager can still sit just outside it, e.g. ``dh - ds`` cancelling in
-    MULTIPLY with r = h.)"""
+    Given the `oracle`, an element outside that tolerance passes when eager is itself further
+    than the tolerance from the oracle (ill-conditioned) and the kernel meets rule 2 there,
+    element by element, or when the kernel is at least as close to the oracle as eager (a
+    kernel nearer the exact value than eager can sit just outside eager's tolerance)."""
     atol = ulp(tol_dtype, _finite_max_abs(r))
     rtol = _DEFAULT_RTOL[tol_dtype]
     if oracle is not None and k.shape == r.shape and k.dtype == r.dtype:
@@ -197,10 +162,9 @@ def check_against_oracle(
     slack: torch.Tensor | None = None,
 ) -> None:
     """Rule 2: max|k - o| <= 2 max|r - o| + 1 ulp of tol_dtype at max|o|, over the elements
-    where kernel, reference and oracle are all finite (rule 3 judges the others). The oracle
-    is a float64 tensor, or a numpy long-double array (float64 cases). `errors`: the result of
-    `oracle_errors(k, r, o)` when the caller has it already. `slack`: for reductions, a
-    per-element slack (`reduction_slack`) that replaces the 1 ulp where it is larger."""
+    where kernel, reference and oracle are all finite (rule 3 judges the others). `errors`:
+    `oracle_errors(k, r, o)` if the caller has it; `slack`: a reduction's per-element slack
+    (`reduction_slack`), which replaces the 1 ulp where it is larger."""
     err_k, err_r, scale, worst = errors if errors is not None else oracle_errors(k, r, o)
     if err_k is None:
         return
@@ -232,26 +196,21 @@ def oracle_errors(k: torch.Tensor, r: torch.Tensor, o):
         # benchmark's check
         kn, rn, on = (x.detach().to(device=k.device, dtype=torch.float64).reshape(-1)
                       for x in (k, r, o.expand(r.shape)))
-        mask = torch.isfinite(kn) & torch.isfinite(rn) & torch.isfinite(on)
-        if not bool(mask.any()):
-            return None, None, None, None
-        kk_, rr, oo = kn[mask], rn[mask], on[mask]
-        dk = (kk_ - oo).abs()
-        w = int(dk.argmax())
-        return (float(dk.max()), float((rr - oo).abs().max()), float(oo.abs().max()),
-                (float(kk_[w]), float(rr[w]), float(oo[w])))
-    import numpy as np  # only the long-double oracle needs it
+        isfinite = torch.isfinite
+    else:
+        import numpy as np  # only the long-double oracle needs it
 
-    o = np.broadcast_to(o, tuple(r.shape)).astype(np.longdouble)
-    kn = k.detach().to(torch.float64).cpu().numpy().astype(np.longdouble)
-    rn = r.detach().to(torch.float64).cpu().numpy().astype(np.longdouble)
-    mask = np.isfinite(kn) & np.isfinite(rn) & np.isfinite(o)
-    if not mask.any():
+        on = np.broadcast_to(o, tuple(r.shape)).astype(np.longdouble).reshape(-1)
+        kn, rn = (x.detach().to(torch.float64).cpu().numpy().astype(np.longdouble).reshape(-1)
+                  for x in (k, r))
+        isfinite = np.isfinite
+    mask = isfinite(kn) & isfinite(rn) & isfinite(on)
+    if not bool(mask.any()):
         return None, None, None, None
-    kk_, rr, oo = kn[mask], rn[mask], o[mask]
-    dk = np.abs(kk_ - oo)
+    kk_, rr, oo = kn[mask], rn[mask], on[mask]
+    dk = abs(kk_ - oo)
     w = int(dk.argmax())
-    return (float(dk.max()), float(np.abs(rr - oo).max()), float(np.abs(oo).max()),
+    return (float(dk.max()), float(abs(rr - oo).max()), float(abs(oo).max()),
             (float(kk_[w]), float(rr[w]), float(oo[w])))
 
 
@@ -283,13 +242,11 @@ def compare(name: str, kernel: torch.Tensor, reference: torch.Tensor, oracle, *,
     problems = []
     tol = tolerance_dtype(reference.dtype, computed_in)
     errors = oracle_errors(kernel, reference, oracle)
-    for check in (
-        lambda: check_nonfinite(name, kernel, reference),
-        (lambda: check_elementwise(name, kernel, reference, tol, oracle)) if elementwise else None,
-        lambda: check_against_oracle(name, kernel, reference, oracle, tol, errors, slack),
-    ):
-        if check is None:
-            continue
+    checks = [lambda: check_nonfinite(name, kernel, reference),
+              lambda: check_against_oracle(name, kernel, reference, oracle, tol, errors, slack)]
+    if elementwise:
+        checks.insert(1, lambda: check_elementwise(name, kernel, reference, tol, oracle))
+    for check in checks:
         try:
             check()
         except EquivalenceError as exc:
@@ -306,10 +263,8 @@ def compare(name: str, kernel: torch.Tensor, reference: torch.Tensor, oracle, *,
 def judge(kernel: dict, reference: dict, oracle: dict, *, elementwise, computed_in: dict | None = None,
           terms: dict | None = None) -> list[Verdict]:
     """Every output the reference produced ({"y": ..., "d<input>": ...}), judged by rules 1-3:
-    elementwise for the names in `elementwise` (an op's: `optable.Op.elementwise`), in its
-    computation dtype (`computed_in[name]`, else its own), with a reduction's sqrt(n) slack
-    where `terms` (`reduction_terms`) has its sums. The one verdict path of the tests and of
-    the `check` and `bench` commands."""
+    elementwise for the names in `elementwise`, in its computation dtype (`computed_in[name]`,
+    else its own), with a reduction's sqrt(n) slack where `terms` (`reduction_terms`) has it."""
     missing = [n for n in reference if n not in kernel] + [n for n in kernel if n not in reference]
     verdicts = [Verdict(n, math.inf, math.inf, 0.0, 0.0,
                         f"{n}: {'missing from' if n in reference else 'extra in'} the kernel's outputs")

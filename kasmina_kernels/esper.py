@@ -1,34 +1,20 @@
-"""A process-wide install of the drop-ins into Esper.
+"""A process-wide install of the drop-ins into Esper (docs/esper.md).
 
 Esper's modules bind the blend functions with ``from esper.kasmina.blend_ops import
 blend_add`` style imports, and rebuild ``GatedBlend`` through ``BlendCatalog`` whenever a
-checkpoint is loaded, a slot rolls back or a seed germinates again. `install` replaces the
-names in every namespace that binds them, for the life of the process::
+checkpoint is loaded, a slot rolls back or a seed germinates again. `install` imports
+`ESPER_NAMESPACES` and replaces (with `swap.swap_in`) the names of `swap.DROP_INS` that each
+holds, in the package ``esper.kasmina`` too where it re-exports them, and the catalog's
+``_algorithms["gated"]``::
 
-    import kasmina_kernels as kk
     handle = kk.esper.install()
-    ...                # Esper's slots run the fused blends; the catalog builds the fused GatedBlend
+    ...                 # Esper's slots run the fused blends
     handle.uninstall()  # Esper's originals again
 
-What it replaces (with `kasmina_kernels.swap.swap_in`, the names of `swap.DROP_INS` that each
-namespace holds):
-
-- the modules ``esper.kasmina.blend_ops``, ``esper.kasmina.isolation``, ``esper.kasmina.slot``
-  and ``esper.kasmina.blending`` (the ``GatedBlend`` name), and the package ``esper.kasmina``
-  where it re-exports any of the names;
-- ``esper.kasmina.blending.BlendCatalog._algorithms["gated"]``, so that every GatedBlend the
-  catalog builds is the fused one.
-
-Import order does not matter: `install` imports those modules itself, so code imported
-afterwards that does ``from esper.kasmina.blend_ops import blend_add`` binds the drop-in, and
-modules imported before have their bindings replaced. Other modules that imported a name
-*before* the install keep the eager function (give them to `swap_in`).
-
-`install` is idempotent: while an install is in place, another call returns the same
-`EsperInstall` and replaces nothing twice. It refuses, with `EsperNotFoundError` (an
-ImportError) naming what is missing, when a namespace it expects cannot be imported, holds
-none of the names, or the catalog has no ``_algorithms`` registry with a ``"gated"`` entry;
-nothing is replaced then.
+Modules imported afterwards bind the drop-ins; other modules that imported a name before keep
+the eager function (give them to `swap_in`). `install` is idempotent while in place, and
+raises `EsperNotFoundError` (an ImportError), replacing nothing, when Esper's layout is not
+the expected one.
 """
 
 from __future__ import annotations

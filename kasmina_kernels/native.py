@@ -1,14 +1,22 @@
 """The native backend: the compiled extension `kasmina_kernels._C` (C++ CPU kernels, and CUDA
-kernels when built with CUDA). Importing this module loads the extension, which registers
-the `torch.ops.kasmina` schemas, CPU/CUDA kernels and C++ autograd; the fake kernels that let
-`torch.compile` trace the ops are registered here."""
+kernels when built with CUDA). Importing this module defines the `torch.ops.kasmina` schemas
+from the op table, then loads the extension, which registers the CPU/CUDA kernels and C++
+autograd; the fake kernels that let `torch.compile` trace the ops are registered here too."""
 
 from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loading registers torch.ops.kasmina)
 from .optable import OPS
+
+_library = torch.library.Library("kasmina", "DEF")  # kept alive: dropping it drops the schemas
+for _op in OPS:
+    if _op.kernel == _op.name:
+        _library.define(_op.schema)
+        if _op.backward:
+            _library.define(_op.backward)
+
+from . import _C  # noqa: E402  (registers the kernels and autograd of torch.ops.kasmina)
 
 _ops = torch.ops.kasmina
 

@@ -1,15 +1,11 @@
 """Drop-in for Esper's `GatedBlend` (`kasmina.blending`): the learned per-sample gate that
-feeds the GATE blend, with its forward computed by the fused `gate_network` op.
+feeds the GATE blend, its forward computed by the fused `gate_network` op.
 
-`GatedBlend` keeps Esper's constructor, errors, attributes (``algorithm_id``, ``topology``,
-``total_steps``, ``_current_step``) and submodule ``gate`` (``Linear(C, max(8, C // 4)), ReLU,
-Linear(hidden, 1), Sigmoid``), so parameter names and ``state_dict`` keys are the same and a
-checkpoint of either module loads into the other with ``strict=True``. `EagerGatedBlend` is the
-same module computing its gate the eager way (pool, then call the ``gate`` Sequential): the
-definition the fused one is tested against, and what an Esper model runs before swapping.
-
-Neither module keeps a cache or any thread-local or global state: every call reads the
-module's current parameters, so DataParallel replicas and threads cannot see stale values.
+`GatedBlend` keeps Esper's constructor, errors, attributes and submodule ``gate``
+(``Linear(C, max(8, C // 4)), ReLU, Linear(hidden, 1), Sigmoid``), so ``state_dict`` keys are
+the same and checkpoints load either way with ``strict=True``. `EagerGatedBlend` computes the
+same gate the eager way: what the fused one is tested against. Neither keeps a cache or any
+global state: every call reads the module's current parameters.
 """
 
 from __future__ import annotations
@@ -34,16 +30,13 @@ _TOPOLOGY_NAME = {"cnn": "CNN", "transformer": "Transformer"}
 class GatedBlend(nn.Module):
     """Learned per-sample blend gate: ``sigmoid(W2 relu(W1 pool(x) + b1) + b2)``.
 
-    ``pool`` is the mean over (H, W) of a ``(B, C, H, W)`` input for ``topology="cnn"`` and
-    over T of a ``(B, T, C)`` input for ``"transformer"``. `get_alpha_for_blend` (and calling
-    the module) returns the gate shaped ``(B, 1, 1, 1)`` or ``(B, 1, 1)``, in ``[0, 1]``, to be
-    passed as ``gate`` to ``blend_gate``. It runs on the default backend
-    (`kasmina_kernels.use_backend`, ``KASMINA_KERNELS_BACKEND``, ``"auto"``).
+    ``pool`` is the mean over (H, W) of a ``(B, C, H, W)`` input (``topology="cnn"``) or over
+    T of a ``(B, T, C)`` input (``"transformer"``). Calling the module returns the gate shaped
+    ``(B, 1, 1, 1)`` or ``(B, 1, 1)``, the ``gate`` of ``blend_gate``, on the default backend.
 
-    Raises ValueError for ``channels <= 0``, a topology other than ``"cnn"`` or
-    ``"transformer"``, and ``total_steps <= 0``. An input of the wrong rank raises
-    AssertionError, as Esper's ``assert`` does ("CNN topology expects 4D input ...",
-    "Transformer topology expects 3D input ..."); one with the wrong channel count ValueError.
+    Raises ValueError for ``channels <= 0``, an unknown topology and ``total_steps <= 0``; an
+    input of the wrong rank raises AssertionError, as Esper's ``assert`` does; one with the
+    wrong channel count ValueError.
     """
 
     algorithm_id = "gated"
@@ -71,14 +64,9 @@ class GatedBlend(nn.Module):
         )
 
     def step(self, step: int | None = None) -> None:
-        """Advance the blending schedule's step counter, ``_current_step``.
-
-        ``step(n)`` sets it to ``n``, as Esper's ``BlendAlgorithm.step(step)`` does;
-        ``step()`` advances it by one, stopping at ``total_steps``. The gate does not depend on
-        it: Esper's GatedBlend keeps ``_current_step`` only for the slot's bookkeeping (the alpha
-        amplitude comes from the slot's controller), and so does this one. Raises TypeError for
-        a non-integer and ValueError for a negative step.
-        """
+        """``step(n)`` sets ``_current_step`` to ``n`` (Esper's ``BlendAlgorithm.step``);
+        ``step()`` advances it by one, up to ``total_steps``. Only the slot's bookkeeping reads
+        it, not the gate. Raises TypeError for a non-integer, ValueError for a negative step."""
         if step is None:
             self._current_step = min(self._current_step + 1, self.total_steps)
             return
@@ -88,12 +76,7 @@ class GatedBlend(nn.Module):
         self._current_step = step
 
     def reset_cache(self) -> None:
-        """Nothing to clear: present for Esper's interface.
-
-        Esper's blend algorithms cache an alpha tensor per thread and this method drops the
-        calling thread's entry. This module keeps no cache of any kind (each call computes the
-        gate from the current parameters), so there is nothing that could go stale.
-        """
+        """Esper's interface (its blends cache alpha per thread); this module caches nothing."""
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -115,9 +98,8 @@ class GatedBlend(nn.Module):
 
     def get_alpha_for_blend(self, x: torch.Tensor) -> torch.Tensor:
         """The per-sample gate for host features ``x``: ``(B,1,1,1)`` (cnn) or ``(B,1,1)``."""
-        # Reads the module's current submodules and parameters on every call, straight from
-        # their registries (nn.Module.__getattr__ and Sequential indexing cost a few
-        # microseconds a call, as much as the fused op's Python side)
+        # the current parameters, straight from the registries (nn.Module.__getattr__ and
+        # Sequential indexing cost as much as the fused op's Python side)
         topology = self.topology
         if not (isinstance(x, torch.Tensor) and x.ndim == _RANK[topology]
                 and x.shape[_CHANNEL_DIM[topology]] == self.channels):

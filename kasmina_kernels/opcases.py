@@ -29,38 +29,6 @@ def _alpha(shape, device, gen):
     )
 
 
-def _blend(shape, dtype, device, gen):
-    return (_randn(shape, dtype, device, gen), _randn(shape, dtype, device, gen),
-            _alpha(shape, device, gen)), {}
-
-
-def _gate(shape, dtype, device, gen):
-    (h, s, a), _ = _blend(shape, dtype, device, gen)
-    return (h, s, a, _alpha(shape, device, gen)), {}
-
-
-def _multiply(shape, dtype, device, gen):
-    (h, s, a), _ = _blend(shape, dtype, device, gen)
-    return (h, s, a), {"seed_input": _randn(shape, dtype, device, gen)}
-
-
-def _ste(shape, dtype, device, gen):
-    return (_randn(shape, dtype, device, gen), _randn(shape, dtype, device, gen)), {}
-
-
-def _valve(shape, dtype, device, gen):
-    return (_alpha(shape, device, gen).to(dtype), _randn(shape, dtype, device, gen)), {}
-
-
-def _effective(shape, dtype, device, gen):
-    return (_alpha(shape, device, gen).to(dtype), _alpha(shape, device, gen).to(dtype)), {}
-
-
-def _pool(shape, dtype, device, gen):
-    x = _randn(shape, dtype, device, gen)
-    return (x, "cnn" if len(shape) == 4 else "transformer"), {}
-
-
 def _gate_net(shape, dtype, device, gen):
     x = _randn(shape, dtype, device, gen)
     topology = "cnn" if len(shape) == 4 else "transformer"
@@ -73,15 +41,22 @@ def _gate_net(shape, dtype, device, gen):
     return (x, w1, b1, w2, b2), {"topology": topology}
 
 
-_MAKE = {"blend_add": _blend, "blend_with_isolation": _blend, "blend_multiply": _multiply,
-         "blend_gate": _gate, "ste_forward": _ste, "multiply_valve_multiplier": _valve,
-         "gate_effective_alpha": _effective, "gated_pool": _pool, "gate_network": _gate_net}
-
-
 def make(op: optable.Op, shape, dtype, device, gen) -> tuple[list, dict]:
     """Representative (args, kwargs) of `op` over features of `shape`: random, never zero,
-    contiguous, alpha and gate per-sample and partly outside [0, 1]."""
-    return _MAKE[op.name](shape, dtype, device, gen)
+    contiguous, alpha and gate per-sample and partly outside [0, 1] (float32 beside features
+    an op casts to the host's dtype, else in `dtype`)."""
+    if op.name == "gate_network":
+        return _gate_net(shape, dtype, device, gen)
+    values = {}
+    for name in op.inputs:
+        if name == "topology":
+            values[name] = "cnn" if len(shape) == 4 else "transformer"
+        elif name in op.weights:
+            alpha = _alpha(shape, device, gen)
+            values[name] = alpha if op.host_dtype else alpha.to(dtype)
+        else:
+            values[name] = _randn(shape, dtype, device, gen)
+    return [values[n] for n in op.inputs if n not in op.kwonly], {n: values[n] for n in op.kwonly}
 
 
 def leaves_of(op: optable.Op, args, kwargs) -> dict:

@@ -3,25 +3,15 @@
 Every op takes ``backend=None`` (the current default, see `kasmina_kernels.backends`) or a
 backend name. The semantics are the references' in `kasmina_kernels.reference`.
 
-Host cost (docs/semantics.md, backends and performance model): Esper calls these thousands of times per epoch on
-small tensors, so a call's Python work is kept to a few attribute reads. The checks take a
-fast path for the usual inputs (the full checks, and their exact errors, run otherwise), and
-when the default backend is native (`backends.native_by_default`: no `use_backend` block, no
-environment variable, "auto" picking native, not tracing) the op calls the bound
-``torch.ops.kasmina`` operator directly, skipping the backend lookup and two Python frames.
-Under torch.compile the full resolution is traced instead.
-
-torch.compile: while a call is traced, the default backend ("auto") is the reference math
-(`backends.COMPILE_AUTO`), so Inductor fuses the blend with the ops around it and partitions
-its backward, which a compiled training step gains from more than from an opaque
-``torch.ops.kasmina`` op (`kasmina-kernels bench --step` compares the two). To keep the opaque
-fused op in a compiled graph, name the backend: ``backend="native"`` (or ``"triton"``), a
-``use_backend("native")`` block, or ``KASMINA_KERNELS_BACKEND=native``. Eager calls always run
-the fused kernels of the resolved backend.
+Esper calls these thousands of times per epoch on small tensors, so a call's Python work is
+kept to a few attribute reads: the checks take a fast path for the usual inputs (the full
+checks, and their exact errors, run otherwise), and when the default backend is native
+(`backends.native_by_default`) the op calls its ``torch.ops.kasmina`` overload directly.
+While torch.compile traces a call, "auto" is the reference math (`backends.COMPILE_AUTO`);
+a named backend keeps its opaque op in the graph.
 
 0-dim features (Esper's eager functions accept them) run as 1-element 1-D views, and the
 result is viewed back as 0-dim, so autograd flows through the views to the caller's tensors.
-The checks report 0-dim features (`validation`), so the usual call pays no extra test.
 """
 
 from __future__ import annotations
@@ -51,22 +41,17 @@ def _feature_operand(alpha: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 def _bound(name: str):
     """The C++ callable behind ``torch.ops.kasmina.<name>.default`` (what OpOverload.__call__
-    calls), for the eager fast path; None when the native backend did not load (then
-    `native_by_default` is never true)."""
+    calls, one Python frame less per call), for the eager fast path; None when the native
+    backend did not load (then `native_by_default` is never true)."""
     if "native" not in backends.available_backends("cpu"):
         return None
     overload = getattr(torch.ops.kasmina, name).default
     return getattr(overload, "_op", overload)
 
 
-_add = _bound("blend_add")
-_gate = _bound("blend_gate")
-_multiply = _bound("blend_multiply")
-_ste = _bound("ste_forward")
-_valve = _bound("multiply_valve_multiplier")
-_gea = _bound("gate_effective_alpha")
-_pool = _bound("gated_pool")
-_gate_network = _bound("gate_network")
+_add, _gate, _multiply, _ste, _valve, _gea, _pool, _gate_network = map(_bound, (
+    "blend_add", "blend_gate", "blend_multiply", "ste_forward", "multiply_valve_multiplier",
+    "gate_effective_alpha", "gated_pool", "gate_network"))
 
 
 def _one(t):
@@ -102,8 +87,7 @@ def blend_multiply(h, s, alpha, *, seed_input=None, backend=None):
                               backend=backend).reshape(())
     if backend is None and native_by_default(h):
         return _multiply(h, s, alpha, seed_input)
-    return _impl(h, backend).blend_multiply(
-        h, s, alpha, seed_input=seed_input)
+    return _impl(h, backend).blend_multiply(h, s, alpha, seed_input=seed_input)
 
 
 def blend_gate(h, s, alpha, gate, *, backend=None):
@@ -156,9 +140,6 @@ def gated_pool(x, topology, *, backend=None):
     return _impl(x, backend).gated_pool(x, topology)
 
 
-_any_autocast = torch._C._is_any_autocast_enabled
-
-
 def _autocast_dtype(x, w1, b1, w2, b2) -> torch.dtype | None:
     """The dtype the eager gate network returns under the autocast enabled for x's device
     (its Linear layers run in the autocast dtype), or None where autocast leaves it alone:
@@ -166,8 +147,7 @@ def _autocast_dtype(x, w1, b1, w2, b2) -> torch.dtype | None:
     device_type = x.device.type
     if not torch.is_autocast_enabled(device_type):
         return None
-    f64 = torch.float64
-    if x.dtype == f64 or w1.dtype == f64 or b1.dtype == f64 or w2.dtype == f64 or b2.dtype == f64:
+    if torch.float64 in (x.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype):
         return None
     return torch.get_autocast_dtype(device_type)
 
@@ -181,13 +161,12 @@ def gate_network(x, w1, b1, w2, b2, *, topology, backend=None):
     as they are and its result is rounded to that dtype once (at least as accurate as
     eager's bf16 linears); the reference backend runs under autocast as eager does."""
     validation.check_gate_network("gate_network", x, w1, b1, w2, b2, topology)
-    if _any_autocast():
-        dtype = _autocast_dtype(x, w1, b1, w2, b2)
-        name = None if dtype is None else resolve_backend(x, backend)
-        if name is not None and name != "reference":  # the reference is autocast's own math
+    dtype = _autocast_dtype(x, w1, b1, w2, b2)
+    if dtype is not None:
+        name = resolve_backend(x, backend)
+        if name != "reference":  # the reference is autocast's own math
             gate = backend_module(name).gate_network(x, w1, b1, w2, b2, topology=topology)
             return gate if gate.dtype == dtype else gate.to(dtype)
     if backend is None and native_by_default(x):
         return _gate_network(x, w1, b1, w2, b2, topology)
-    return _impl(x, backend).gate_network(
-        x, w1, b1, w2, b2, topology=topology)
+    return _impl(x, backend).gate_network(x, w1, b1, w2, b2, topology=topology)

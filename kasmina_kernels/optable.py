@@ -1,12 +1,10 @@
 """The op table: every public op once, with what each layer needs to know about it.
 
-The readers: `reference` and `ops` (their ``__all__``), `native` (fake kernels, backend
-functions), `triton` (its ops' schemas, fake kernels, gradient order and functions),
-`blend_ops`, `isolation` and `swap` (Esper's drop-ins), `equivalence` (which outputs are
-computed in the host's dtype), `opcases` and the tests' cases (inputs, gradients, which
-outputs are judged elementwise and which are reductions), the benchmark plan (the op list).
-The C++ library keeps its own ``m.def`` strings (csrc/ops/registration.cpp); `test_dispatch`
-checks that they are the schemas written here.
+The readers: `reference` and `ops` (their ``__all__``), `native` (the library's schemas and
+fake kernels, from which the C++ autograd reads each op's backward convention), `triton` (its
+ops' schemas, fake kernels, gradient order), `blend_ops`, `isolation` and `swap` (Esper's
+drop-ins), `equivalence` (which outputs are computed in the host's dtype), `opcases` and the
+tests' cases (inputs, gradients, elementwise outputs and reductions), the benchmark plan.
 
 Names: an op's inputs are its schema's argument names (the public functions' parameter
 names); its outputs are ``"y"`` (the forward) and ``"d<input>"`` (the gradient of an input).

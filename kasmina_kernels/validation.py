@@ -78,31 +78,11 @@ def _same_device(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.is_cpu and b.is_cpu) or a.device == b.device
 
 
-def check_blend(op: str, h, s, alpha) -> bool | None:
-    """Raises for bad input; True when the (valid) features are 0-dim."""
+def check_pair(op: str, h, name: str, t) -> bool | None:
+    """Host features `h` and features `t` (the seed, seed_input) of the same shape and device;
+    True when the (valid) features are 0-dim."""
     # the common case in few attribute reads (these run on every eager call); anything
     # unusual goes through the full checks, which raise the precise error
-    if (
-        isinstance(h, _Tensor)
-        and isinstance(s, _Tensor)
-        and h.dtype in _FEATURE_DTYPES
-        and s.dtype in _FEATURE_DTYPES
-        and h.ndim
-        and h.shape == s.shape
-        and _same_device(h, s)
-    ):
-        if not _cpu_scalar_ok(alpha):
-            check_weight(op, "alpha", alpha, h)
-        return
-    check_features(op, "host", h)
-    check_like_host(op, h, "seed", s)
-    check_weight(op, "alpha", alpha, h)
-    return h.ndim == 0
-
-
-def check_pair(op: str, h, name: str, t) -> bool | None:
-    """check_features(host) and check_like_host(name) (ste_forward, seed_input), fast first;
-    True when the (valid) features are 0-dim."""
     if (
         isinstance(h, _Tensor)
         and isinstance(t, _Tensor)
@@ -116,6 +96,14 @@ def check_pair(op: str, h, name: str, t) -> bool | None:
     check_features(op, "host", h)
     check_like_host(op, h, name, t)
     return h.ndim == 0
+
+
+def check_blend(op: str, h, s, alpha) -> bool | None:
+    """Raises for bad input; True when the (valid) features are 0-dim."""
+    scalar = check_pair(op, h, "seed", s)
+    if not _cpu_scalar_ok(alpha):
+        check_weight(op, "alpha", alpha, h)
+    return scalar
 
 
 def check_gate(op: str, gate, h) -> None:

@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs everything this project needs, from scratch:
-# torch first (so nothing pulls a second one), the build tools, then the package itself,
-# built against that torch with --no-build-isolation. Source it or run it; idempotent. A second
-# run recompiles nothing unless a source, a header or the compile command changed (then only
-# the sources affected, and a relink): build/setup_env.log has the build's output.
+# Creates .venv (if missing) and installs everything this project needs: torch first (so
+# nothing pulls a second one), the build tools, then the package, built against that torch
+# with --no-build-isolation. Idempotent; build/setup_env.log has the build's output.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -18,27 +16,15 @@ PY="$ROOT/.venv/bin/python"
 "$PY" -m pip install --quiet setuptools wheel ninja pytest hypothesis numpy triton
 # the benchmarks: pytest-benchmark (bench/), plots and the progress bar of `kasmina-kernels bench`
 "$PY" -m pip install --quiet pytest-benchmark matplotlib tqdm
-# builds kasmina_kernels._C against the torch above; never pulls another torch. The objects
-# persist in build/temp-<configuration> (setup.py), so only what changed recompiles (ninja
-# tracks each source's headers), then a relink. Once the package is installed editable from
-# this tree (and pyproject.toml and setup.py are older than that install), pip is skipped and
-# the extension is rebuilt in place: `setup.py build_ext --inplace`.
+# builds kasmina_kernels._C against the torch above; never pulls another torch. Only what
+# changed recompiles (setup.py keeps the objects). Once the package is installed editable from
+# this tree (and pyproject.toml and setup.py are not newer than that install), pip is skipped
+# and the extension is rebuilt in place.
 installed_here() {
-  [ -x .venv/bin/kasmina-kernels ] && "$PY" - "$ROOT" <<'EOF'
-import importlib.metadata as md, json, pathlib, sys
-root = pathlib.Path(sys.argv[1]).resolve()
-try:
-    dist = md.distribution("kasmina-kernels")
-except md.PackageNotFoundError:
-    sys.exit(1)
-url = json.loads(dist.read_text("direct_url.json") or "{}")
-info = getattr(dist, "_path", None)  # the .dist-info folder, written at install time
-fresh = info is not None and all(
-    pathlib.Path(info).stat().st_mtime >= (root / f).stat().st_mtime
-    for f in ("pyproject.toml", "setup.py"))
-sys.exit(0 if url.get("dir_info", {}).get("editable") and url.get("url") == root.as_uri()
-         and fresh else 1)
-EOF
+  local finder
+  finder=$(ls .venv/lib/python*/site-packages/__editable___kasmina_kernels_*_finder.py 2>/dev/null | head -n1)
+  [ -x .venv/bin/kasmina-kernels ] && [ -n "$finder" ] && grep -qF "'$ROOT/kasmina_kernels'" "$finder" &&
+    [ ! pyproject.toml -nt "$finder" ] && [ ! setup.py -nt "$finder" ]
 }
 mkdir -p build
 build_start=$SECONDS

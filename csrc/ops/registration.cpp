@@ -1,17 +1,19 @@
-// The kasmina op library: schemas, the CPU implementations, and autograd written in C++ so
-// that an eager call costs one dispatcher hop rather than a Python autograd.Function. Fake
-// (meta) kernels are registered from Python (kasmina_kernels/native.py).
+// The kasmina op library's CPU implementations, and autograd written in C++ so that an eager
+// call costs one dispatcher hop rather than a Python autograd.Function. The schemas and the
+// fake kernels are registered from Python, from the op table (kasmina_kernels/native.py).
 #include <ATen/FuncTorchTLS.h>
 #include <ATen/Version.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <mutex>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "cpu/cpu_ops.h"
 
@@ -76,27 +78,12 @@ const CpuCapability& cpu_capability() {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-at::Tensor grad_if(AutogradContext* ctx, size_t i, const at::Tensor& g) {
-  return ctx->needs_input_grad(i) ? g : at::Tensor();
-}
-
 // ---------------------------------------------------------------- what autograd cannot do
 // The fused ops have a first derivative only. Forward-mode AD (dual tensors of
 // torch.autograd.forward_ad) and torch.func transforms (jvp, vmap, grad, ...) would otherwise
-// fail inside torch::autograd::Function with a message that names no op; these checks run
-// before the kernel and name it.
-inline bool has_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(0).defined(); }
-inline bool has_tangent(const std::optional<at::Tensor>& t) {
-  return t.has_value() && has_tangent(*t);
-}
-
-template <typename... Ts>
-void check_first_order_only(const char* op, const Ts&... tensors) {
+// fail in autograd with a message that names no op; this check runs before the kernel and
+// names it.
+void check_first_order_only(const std::string& op, const variable_list& tensors) {
   const auto& functorch_tls = at::functorch::functorchTLSAccessor();
   if (functorch_tls) {
     try {
@@ -107,248 +94,183 @@ void check_first_order_only(const char* op, const Ts&... tensors) {
                   "by the fused op; call it outside the transform, or use backend=\"reference\"");
     }
   }
-  TORCH_CHECK(!(has_tangent(tensors) || ...), op,
-              ": forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not supported: "
-              "the fused op has no forward derivative; use backend=\"reference\" for it");
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(!(t.defined() && t._fw_grad(0).defined()), op,
+                ": forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not supported: "
+                "the fused op has no forward derivative; use backend=\"reference\" for it");
+  }
 }
 
-// The Autograd kernel of every kasmina::*_backward op. The backward ops compute a gradient
-// with fused kernels that have no derivative of their own, so when autograd records them
-// (backward with create_graph=True, where grad mode is on and saved inputs require grad) each
-// output gets a grad_fn that raises, naming the op, if it is ever differentiated: double
-// backward is an error, never a silently zero or missing second derivative. A first-order
-// backward (create_graph=False) runs with grad mode off and pays one flag check.
-void backward_op_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
-                          torch::jit::Stack* stack) {
+// ---------------------------------------------------------------- autograd
+// One autograd convention for every op, read off the schemas (optable.py). A forward op's
+// backward op kasmina::<op>_backward takes (grad, the forward's arguments, a
+// need_<input>_grad flag for some inputs) and returns one gradient per tensor input, a
+// placeholder where none is needed; STE has no backward op (its gradient is the identity).
+// A backward op's kernels have no derivative of their own: when autograd records one
+// (create_graph=True) its outputs get a grad_fn that raises, naming the op, if differentiated,
+// so double backward is an error, never a silently zero second derivative.
+struct Plan {
+  std::string name;                             // "kasmina::<op>"
+  bool is_backward;                             // a kasmina::*_backward op
+  std::optional<c10::OperatorHandle> backward;  // a forward op's backward op (not STE's)
+  std::vector<size_t> tensors;                  // the tensor arguments' positions
+  std::vector<size_t> need;                     // per need flag, its input's tensor index
+  size_t num_args;
+};
+
+Plan make_plan(const c10::OperatorHandle& op) {
   const auto& schema = op.schema();
-  const size_t num_args = schema.arguments().size();
-  torch::autograd::variable_list inputs;
-  bool record = false;
-  if (torch::autograd::GradMode::is_enabled()) {
-    for (auto it = stack->end() - num_args; it != stack->end(); ++it) {
-      if (it->isTensor()) {
-        const at::Tensor& t = it->toTensor();
-        record = record || (t.defined() && t.requires_grad());
-        inputs.push_back(t);
+  const std::string suffix = "_backward";
+  const std::string& name = schema.name();
+  Plan plan{name, name.ends_with(suffix), std::nullopt, {}, {}, schema.arguments().size()};
+  if (!plan.is_backward) plan.backward = c10::Dispatcher::singleton().findOp({name + suffix, ""});
+  std::vector<std::string> names;
+  for (size_t i = 0; i < schema.arguments().size(); ++i) {
+    const auto& arg = schema.arguments()[i];
+    if (arg.type()->isSubtypeOf(*c10::OptionalType::ofTensor())) {
+      plan.tensors.push_back(i);
+      names.push_back(arg.name());
+    }
+  }
+  if (plan.backward) {
+    for (const auto& arg : plan.backward->schema().arguments()) {
+      for (size_t k = 0; k < names.size(); ++k) {
+        if (arg.name() == "need_" + names[k] + "_grad") plan.need.push_back(k);
       }
     }
   }
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
-  }
-  if (!record) return;
-  std::string name = schema.name();  // "kasmina::<op>_backward"
-  const std::string forward = name.substr(0, name.size() - std::string("_backward").size());
-  const std::string msg =
-      forward + ": double backward (differentiating a gradient computed with create_graph=True) "
-      "is not supported: the fused gradient kernel (" + name + ") has no derivative of its own; "
-      "use backend=\"reference\" for higher-order derivatives";
-  const size_t num_returns = schema.returns().size();
-  torch::autograd::tensor_list outputs;
-  for (auto it = stack->end() - num_returns; it != stack->end(); ++it) {
-    outputs.push_back(std::move(*it).toTensor());
-  }
-  auto wrapped = torch::autograd::wrap_outputs(
-      inputs, std::move(outputs), [&msg](torch::autograd::edge_list&& next_edges) {
-        return c10::make_intrusive<torch::autograd::Error>(msg, std::move(next_edges));
-      });
-  torch::jit::drop(*stack, num_returns);
-  for (auto& t : wrapped) stack->emplace_back(std::move(t));
+  return plan;
 }
 
-// ---------------------------------------------------------------- ADD
-struct BlendAddFn : torch::autograd::Function<BlendAddFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& s,
-                            const at::Tensor& alpha) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({h, s, alpha});
-    static auto op = op_handle<cpu::sig::blend_add>("kasmina::blend_add");
-    return op.call(h, s, alpha);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    static auto op = op_handle<cpu::sig::blend_add_backward>("kasmina::blend_add_backward");
-    auto [dh, ds, da] = op.call(grads[0], saved[0], saved[1], saved[2], ctx->needs_input_grad(2));
-    return {grad_if(ctx, 0, dh), grad_if(ctx, 1, ds), grad_if(ctx, 2, da)};
-  }
-};
+// A forward op's autograd Function. Its tensor arguments come in five optional slots (an op
+// has at most five), after the plan and the dispatcher's call; autograd's edges are the
+// present ones, in order. The context keeps the tensors, the plan's address (plans live as
+// long as the library) and the other arguments.
+using OptTensor = std::optional<at::Tensor>;
 
-// ---------------------------------------------------------------- GATE
-struct BlendGateFn : torch::autograd::Function<BlendGateFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& s,
-                            const at::Tensor& alpha, const at::Tensor& gate) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({h, s, alpha, gate});
-    static auto op = op_handle<cpu::sig::blend_gate>("kasmina::blend_gate");
-    return op.call(h, s, alpha, gate);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    static auto op = op_handle<cpu::sig::blend_gate_backward>("kasmina::blend_gate_backward");
-    // separate flags: a gradient nobody needs is not brought back to a CPU alpha/gate (a
-    // device-to-host copy is a host sync, which CUDA graph capture forbids)
-    auto [dh, ds, da, dg] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3],
-                                    ctx->needs_input_grad(2), ctx->needs_input_grad(3));
-    return {grad_if(ctx, 0, dh), grad_if(ctx, 1, ds), grad_if(ctx, 2, da), grad_if(ctx, 3, dg)};
-  }
-};
+struct FusedFn : torch::autograd::Function<FusedFn> {
+  static constexpr size_t kInputs = 4;  // the arguments before the tensor slots
+  static constexpr size_t kSlots = 5;
 
-// ---------------------------------------------------------------- MULTIPLY
-// seed_input may be absent: then r is h itself.
-struct BlendMultiplyFn : torch::autograd::Function<BlendMultiplyFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& s,
-                            const at::Tensor& alpha, const std::optional<at::Tensor>& seed_input) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    const bool has_r = seed_input.has_value() && seed_input->defined();
-    ctx->saved_data["has_r"] = has_r;
-    if (has_r) {
-      ctx->save_for_backward({h, s, alpha, *seed_input});
-    } else {
-      ctx->save_for_backward({h, s, alpha});
+  static at::Tensor forward(AutogradContext* ctx, const Plan* plan, const c10::OperatorHandle* op,
+                            c10::DispatchKeySet keys, torch::jit::Stack* stack, const OptTensor& t0,
+                            const OptTensor& t1, const OptTensor& t2, const OptTensor& t3,
+                            const OptTensor& t4) {
+    variable_list inputs;
+    for (const OptTensor* t : {&t0, &t1, &t2, &t3, &t4}) {
+      if (inputs.size() < plan->tensors.size()) inputs.push_back(t->value_or(at::Tensor()));
     }
-    static auto op = op_handle<cpu::sig::blend_multiply>("kasmina::blend_multiply");
-    return op.call(h, s, alpha, has_r ? seed_input : std::nullopt);
+    ctx->saved_data["plan"] = reinterpret_cast<int64_t>(plan);
+    auto args = torch::jit::last(*stack, op->schema().arguments().size());
+    for (size_t i = 0, k = 0; i < args.size(); ++i) {
+      if (k < plan->tensors.size() && plan->tensors[k] == i) {
+        ++k;
+      } else {
+        ctx->saved_data[std::to_string(i)] = args[i];
+      }
+    }
+    if (plan->backward) {
+      ctx->save_for_backward(inputs);
+    } else {  // STE: ds is the gradient in s's dtype
+      ctx->saved_data["seed_dtype"] = static_cast<int64_t>(inputs[1].scalar_type());
+    }
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op->redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+    return torch::jit::pop(*stack).toTensor();
   }
+
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    static auto op =
-        op_handle<cpu::sig::blend_multiply_backward>("kasmina::blend_multiply_backward");
-    const bool has_r = ctx->saved_data["has_r"].toBool();
-    const std::optional<at::Tensor> r = has_r ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
-    auto [dh, ds, da, dr] = op.call(grads[0], saved[0], saved[1], saved[2], r,
-                                    ctx->needs_input_grad(2), has_r && ctx->needs_input_grad(3));
-    return {grad_if(ctx, 0, dh), grad_if(ctx, 1, ds), grad_if(ctx, 2, da),
-            has_r ? grad_if(ctx, 3, dr) : at::Tensor()};
+    const Plan& p = *reinterpret_cast<const Plan*>(ctx->saved_data["plan"].toInt());
+    variable_list out(kInputs + kSlots);
+    const variable_list saved = p.backward ? ctx->get_saved_variables() : variable_list();
+    std::vector<bool> need_grad;  // per tensor argument
+    for (size_t k = 0, edge = 0; k < p.tensors.size(); ++k) {
+      const bool present = saved.empty() || saved[k].defined();
+      need_grad.push_back(present && ctx->needs_input_grad(edge));
+      edge += present;
+    }
+    const auto needs = [&](size_t k) { return bool(need_grad[k]); };
+    if (!p.backward) {
+      const auto seed_dtype = static_cast<at::ScalarType>(ctx->saved_data["seed_dtype"].toInt());
+      if (needs(0)) out[kInputs] = grads[0];
+      if (needs(1)) out[kInputs + 1] = grads[0].to(seed_dtype);
+      return out;
+    }
+    torch::jit::Stack stack{grads[0]};
+    for (size_t i = 0, k = 0; i < p.num_args; ++i) {
+      if (k < p.tensors.size() && p.tensors[k] == i) {
+        const at::Tensor& t = saved[k++];
+        stack.emplace_back(t.defined() ? c10::IValue(t) : c10::IValue());
+      } else {
+        stack.push_back(ctx->saved_data[std::to_string(i)]);
+      }
+    }
+    for (size_t k : p.need) stack.emplace_back(needs(k));
+    p.backward->callBoxed(&stack);
+    for (size_t k = 0; k < p.tensors.size(); ++k) {
+      if (needs(k)) out[kInputs + k] = std::move(stack[k]).toTensor();
+    }
+    return out;
   }
 };
 
-at::Tensor blend_multiply_autograd(const at::Tensor& h, const at::Tensor& s,
-                                   const at::Tensor& alpha,
-                                   const std::optional<at::Tensor>& seed_input) {
-  check_first_order_only("kasmina::blend_multiply", h, s, alpha, seed_input);
-  return BlendMultiplyFn::apply(h, s, alpha, seed_input);
-}
+// The Autograd kernel of every op: a forward op runs through FusedFn (which saves the op's
+// inputs only); a backward op runs below autograd, its outputs given an error node where
+// autograd records them.
+class AutogradKernel final : public c10::OperatorKernel {
+ public:
+  void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                  torch::jit::Stack* stack) {
+    // the schemas are defined from Python after this library loads: read them on first call
+    std::call_once(once_, [&] { plan_ = std::make_shared<const Plan>(make_plan(op)); });
+    const Plan& p = *plan_;
+    const size_t num_args = op.schema().arguments().size();
+    auto args = torch::jit::last(*stack, num_args);
+    variable_list inputs;
+    bool requires_grad = false;
+    for (size_t i : p.tensors) {
+      inputs.push_back(args[i].isTensor() ? args[i].toTensor() : at::Tensor());
+      requires_grad = requires_grad || (inputs.back().defined() && inputs.back().requires_grad());
+    }
+    if (p.is_backward) {
+      c10::intrusive_ptr<torch::autograd::Node> node;
+      if (requires_grad && torch::autograd::GradMode::is_enabled()) node = error_node(p, inputs);
+      {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+      }
+      if (node) {
+        for (const c10::IValue& y : torch::jit::last(*stack, op.schema().returns().size())) {
+          torch::autograd::set_history(y.toTensor(), node);
+        }
+      }
+      return;
+    }
+    check_first_order_only(p.name, inputs);
+    inputs.resize(FusedFn::kSlots);
+    const auto slot = [&](size_t k) {
+      return inputs[k].defined() ? OptTensor(inputs[k]) : OptTensor();
+    };
+    stack->emplace_back(
+        FusedFn::apply(&p, &op, keys, stack, slot(0), slot(1), slot(2), slot(3), slot(4)));
+  }
 
-// ---------------------------------------------------------------- STE
-// Gradient 1 to both inputs: dh is the incoming gradient, ds the same in s's dtype.
-struct SteFn : torch::autograd::Function<SteFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& s) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->saved_data["seed_dtype"] = static_cast<int64_t>(s.scalar_type());
-    static auto op = op_handle<cpu::sig::ste_forward>("kasmina::ste_forward");
-    return op.call(h, s);
+ private:
+  static c10::intrusive_ptr<torch::autograd::Node> error_node(const Plan& p,
+                                                              const variable_list& inputs) {
+    const std::string forward = p.name.substr(0, p.name.size() - std::string("_backward").size());
+    return c10::make_intrusive<torch::autograd::Error>(
+        forward + ": double backward (differentiating a gradient computed with "
+        "create_graph=True) is not supported: the fused gradient kernel (" + p.name + ") has "
+        "no derivative of its own; use backend=\"reference\" for higher-order derivatives",
+        torch::autograd::collect_next_edges(inputs));
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto seed_dtype = static_cast<at::ScalarType>(ctx->saved_data["seed_dtype"].toInt());
-    const at::Tensor& g = grads[0];
-    return {grad_if(ctx, 0, g), ctx->needs_input_grad(1) ? g.to(seed_dtype) : at::Tensor()};
-  }
-};
 
-// ---------------------------------------------------------------- valve multiplier
-struct ValveFn : torch::autograd::Function<ValveFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& alpha, const at::Tensor& m) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({alpha, m});
-    static auto op =
-        op_handle<cpu::sig::multiply_valve_multiplier>("kasmina::multiply_valve_multiplier");
-    return op.call(alpha, m);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    static auto op = op_handle<cpu::sig::multiply_valve_multiplier_backward>(
-        "kasmina::multiply_valve_multiplier_backward");
-    auto [da, dm] = op.call(grads[0], saved[0], saved[1], ctx->needs_input_grad(0));
-    return {grad_if(ctx, 0, da), grad_if(ctx, 1, dm)};
-  }
-};
-
-// ---------------------------------------------------------------- gate effective alpha
-struct GateEffectiveFn : torch::autograd::Function<GateEffectiveFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& alpha, const at::Tensor& gate) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({alpha, gate});
-    static auto op =
-        op_handle<cpu::sig::gate_effective_alpha>("kasmina::gate_effective_alpha");
-    return op.call(alpha, gate);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    static auto op = op_handle<cpu::sig::gate_effective_alpha_backward>(
-        "kasmina::gate_effective_alpha_backward");
-    auto [da, dg] = op.call(grads[0], saved[0], saved[1], ctx->needs_input_grad(0),
-                            ctx->needs_input_grad(1));
-    return {grad_if(ctx, 0, da), grad_if(ctx, 1, dg)};
-  }
-};
-
-// ---------------------------------------------------------------- pooling and gate network
-struct GatedPoolFn : torch::autograd::Function<GatedPoolFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, c10::string_view topology) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({x});
-    ctx->saved_data["topology"] = std::string(topology);
-    static auto op = op_handle<cpu::sig::gated_pool>("kasmina::gated_pool");
-    return op.call(x, topology);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const std::string topology = ctx->saved_data["topology"].toStringRef();
-    static auto op = op_handle<cpu::sig::gated_pool_backward>("kasmina::gated_pool_backward");
-    return {op.call(grads[0], saved[0], topology), at::Tensor()};
-  }
-};
-
-struct GateNetworkFn : torch::autograd::Function<GateNetworkFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w1,
-                            const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
-                            c10::string_view topology) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({x, w1, b1, w2, b2});
-    ctx->saved_data["topology"] = std::string(topology);
-    static auto op = op_handle<cpu::sig::gate_network>("kasmina::gate_network");
-    return op.call(x, w1, b1, w2, b2, topology);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto s = ctx->get_saved_variables();
-    const std::string topology = ctx->saved_data["topology"].toStringRef();
-    static auto op =
-        op_handle<cpu::sig::gate_network_backward>("kasmina::gate_network_backward");
-    auto [dx, dw1, db1, dw2, db2] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], topology);
-    return {grad_if(ctx, 0, dx), grad_if(ctx, 1, dw1), grad_if(ctx, 2, db1),
-            grad_if(ctx, 3, dw2), grad_if(ctx, 4, db2), at::Tensor()};
-  }
+  std::once_flag once_;
+  std::shared_ptr<const Plan> plan_;
 };
 
 }  // namespace
-
-TORCH_LIBRARY(kasmina, m) {
-  m.def("blend_add(Tensor h, Tensor s, Tensor alpha) -> Tensor");
-  m.def("blend_add_backward(Tensor grad, Tensor h, Tensor s, Tensor alpha, bool need_alpha_grad)"
-        " -> (Tensor, Tensor, Tensor)");
-  m.def("blend_gate(Tensor h, Tensor s, Tensor alpha, Tensor gate) -> Tensor");
-  m.def("blend_gate_backward(Tensor grad, Tensor h, Tensor s, Tensor alpha, Tensor gate,"
-        " bool need_alpha_grad, bool need_gate_grad) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("blend_multiply(Tensor h, Tensor s, Tensor alpha, Tensor? seed_input) -> Tensor");
-  m.def("blend_multiply_backward(Tensor grad, Tensor h, Tensor s, Tensor alpha,"
-        " Tensor? seed_input, bool need_alpha_grad, bool need_seed_input_grad)"
-        " -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("ste_forward(Tensor h, Tensor s) -> Tensor");
-  m.def("multiply_valve_multiplier(Tensor alpha, Tensor m) -> Tensor");
-  m.def("multiply_valve_multiplier_backward(Tensor grad, Tensor alpha, Tensor m,"
-        " bool need_alpha_grad) -> (Tensor, Tensor)");
-  m.def("gate_effective_alpha(Tensor alpha, Tensor gate) -> Tensor");
-  m.def("gate_effective_alpha_backward(Tensor grad, Tensor alpha, Tensor gate,"
-        " bool need_alpha_grad, bool need_gate_grad)"
-        " -> (Tensor, Tensor)");
-  m.def("gated_pool(Tensor x, str topology) -> Tensor");
-  m.def("gated_pool_backward(Tensor grad, Tensor x, str topology) -> Tensor");
-  m.def("gate_network(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, str topology)"
-        " -> Tensor");
-  m.def("gate_network_backward(Tensor grad, Tensor x, Tensor w1, Tensor b1, Tensor w2,"
-        " Tensor b2, str topology) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(kasmina, CPU, m) {
   const cpu::Kernels& k = *cpu_capability().kernels;
@@ -370,43 +292,14 @@ TORCH_LIBRARY_IMPL(kasmina, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(kasmina, Autograd, m) {
-  m.impl("blend_add", [](const at::Tensor& h, const at::Tensor& s, const at::Tensor& a) {
-    check_first_order_only("kasmina::blend_add", h, s, a);
-    return BlendAddFn::apply(h, s, a);
-  });
-  m.impl("blend_gate", [](const at::Tensor& h, const at::Tensor& s, const at::Tensor& a,
-                          const at::Tensor& g) {
-    check_first_order_only("kasmina::blend_gate", h, s, a, g);
-    return BlendGateFn::apply(h, s, a, g);
-  });
-  m.impl("blend_multiply", &blend_multiply_autograd);
-  m.impl("ste_forward", [](const at::Tensor& h, const at::Tensor& s) {
-    check_first_order_only("kasmina::ste_forward", h, s);
-    return SteFn::apply(h, s);
-  });
-  m.impl("multiply_valve_multiplier", [](const at::Tensor& a, const at::Tensor& x) {
-    check_first_order_only("kasmina::multiply_valve_multiplier", a, x);
-    return ValveFn::apply(a, x);
-  });
-  m.impl("gate_effective_alpha", [](const at::Tensor& a, const at::Tensor& g) {
-    check_first_order_only("kasmina::gate_effective_alpha", a, g);
-    return GateEffectiveFn::apply(a, g);
-  });
-  m.impl("gated_pool", [](const at::Tensor& x, c10::string_view topology) {
-    check_first_order_only("kasmina::gated_pool", x);
-    return GatedPoolFn::apply(x, topology);
-  });
-  m.impl("gate_network", [](const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                            const at::Tensor& w2, const at::Tensor& b2,
-                            c10::string_view topology) {
-    check_first_order_only("kasmina::gate_network", x, w1, b1, w2, b2);
-    return GateNetworkFn::apply(x, w1, b1, w2, b2, topology);
-  });
-  for (const char* name :
-       {"blend_add_backward", "blend_gate_backward", "blend_multiply_backward",
-        "multiply_valve_multiplier_backward", "gate_effective_alpha_backward",
-        "gated_pool_backward", "gate_network_backward"}) {
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&backward_op_autograd>());
+  const auto kernel = [] {
+    return torch::CppFunction::makeFromBoxedFunctor(std::make_unique<AutogradKernel>());
+  };
+  for (const std::string name :
+       {"blend_add", "blend_gate", "blend_multiply", "ste_forward", "multiply_valve_multiplier",
+        "gate_effective_alpha", "gated_pool", "gate_network"}) {
+    m.impl(name.c_str(), kernel());
+    if (name != "ste_forward") m.impl((name + "_backward").c_str(), kernel());
   }
 }
 
