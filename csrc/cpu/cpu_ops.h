@@ -45,8 +45,8 @@ using multiply_valve_multiplier_backward = std::tuple<at::Tensor, at::Tensor>(
 // tanh_with_grad), elementwise over a float32 tensor: kasmina_kernels._C.tanh_f32, for tests.
 using tanh_f32 = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& x);
 // The double tanh of the float32 MULTIPLY and valve alpha-gradient terms (tanh_pd in
-// cpu/blend_kernels.h; std::tanh in the DEFAULT capability), elementwise over a float64
-// tensor: kasmina_kernels._C.tanh_f64, for the tests.
+// cpu/blend_kernels.h), elementwise over a float64 tensor: kasmina_kernels._C.tanh_f64, for
+// the tests.
 using tanh_f64 = at::Tensor(const at::Tensor& x);
 
 using gate_effective_alpha = at::Tensor(const at::Tensor& alpha, const at::Tensor& gate);
