@@ -448,10 +448,14 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
                 if (sums) lanes.add([](const auto& a, const auto& b, const auto& x) { return a * b * x; }, g[k], h[k], t);
               }
             }
-            store2<T>(out_<T>(p[0], i), dh, nt);
-            // ds holds a T value, exact in S (T itself, or float)
-            store2<S>(out_<S>(p[1], i), ds, nt);
-            if constexpr (kDr) store2<S>(out_<S>(p[2], i), ds[0].neg(), ds[1].neg(), nt);
+            // ds holds a T value, exact in S (T itself, or float), and so does dh unless r is h
+            if constexpr (kRIsH) {
+              store2<T>(out_<T>(p[0], i), dh, nt);
+            } else {
+              store2_exact<T>(out_<T>(p[0], i), dh, nt);
+            }
+            store2_exact<S>(out_<S>(p[1], i), ds, nt);
+            if constexpr (kDr) store2_exact<S>(out_<S>(p[2], i), {ds[0].neg(), ds[1].neg()}, nt);
           }
           lanes.flush_into(acc);
           return i;
