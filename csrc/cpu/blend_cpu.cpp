@@ -56,11 +56,9 @@ bool same_dense_layout(const std::vector<at::Tensor>& ts) {
 }
 
 // Output bytes from which a pass streams its outputs past the cache (non-temporal stores):
-// a quarter of the last-level cache, as glibc (2.38+) sets its memcpy's non-temporal
-// threshold, where the output can no longer stay in cache beside the pass's inputs; at most
-// 8 MiB, since sysconf may report a whole socket's (or a VM's) L3 while one core reaches a
-// 32 MiB slice of it at most (AMD EPYC here: sysconf says 320 MiB, lscpu 32 MiB).
-// KASMINA_KERNELS_STREAM_BYTES overrides it (0 streams every aligned output: the tests'
+// a quarter of the last-level cache, as glibc sets its memcpy's non-temporal threshold; at
+// most 8 MiB, since sysconf may report a whole socket's L3 while one core reaches a slice of
+// it. KASMINA_KERNELS_STREAM_BYTES overrides it (0 streams every aligned output: the tests'
 // way onto the streaming path).
 int64_t stream_threshold_bytes() {
   static const int64_t threshold = [] {
@@ -241,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<long double>> lerp_backward_pass(
     using S = typename decltype(st)::type;
     if (!need_weight_grad) {
       run_pass<opmath_t<T>>({dh, ds}, {g}, w, h, false, element_out,
-                            [](auto, Accumulator&, bool) { return lerp_feature_grads_loop<T, S>(); });
+                            [](auto, Accumulator& acc, bool st) { return lerp_backward_loop<T, S, false, false>(acc, st); });
       return;
     }
     sums = run_pass<opmath_t<T>>({dh, ds}, {g, h, s}, w, h, true, element_out,
@@ -288,12 +286,12 @@ std::pair<at::Tensor, at::Tensor> gate_weights_backward(const GateWeights& gw,
     da[i] = clamp01_passes_grad(gw.a[i]) ? dp * cg : 0.0L;
     dg[i] = clamp01_passes_grad(gw.g[i]) ? dp * ca : 0.0L;
   }
-  const auto da_sum = sum_to_shape(da, gw.shape, alpha.sizes());
-  const auto dg_sum = sum_to_shape(dg, gw.shape, gate.sizes());
-  return {tensor_from_values(std::vector<double>(da_sum.begin(), da_sum.end()), alpha.sizes(),
-                             alpha.scalar_type()),
-          tensor_from_values(std::vector<double>(dg_sum.begin(), dg_sum.end()), gate.sizes(),
-                             gate.scalar_type())};
+  // each summed to its input's shape in double, then rounded once to its dtype
+  const auto summed = [&](const std::vector<long double>& d, const at::Tensor& t) {
+    const std::vector<double> v(d.begin(), d.end());
+    return at::sum_to(tensor_from_values(v, gw.shape, at::kDouble), t.sizes()).to(t.scalar_type());
+  };
+  return {summed(da, alpha), summed(dg, gate)};
 }
 
 // d(alpha) for a weight w = f(clamp01(alpha)): the clamp's mask on `masked_on`.
@@ -311,7 +309,7 @@ std::vector<double> clamp_values(std::vector<double> v) {
   return v;
 }
 
-std::vector<double> rounded(std::vector<double> v, at::ScalarType dtype) {
+std::vector<double> rounded_to(std::vector<double> v, at::ScalarType dtype) {
   for (double& x : v) x = round_to(dtype, x);
   return v;
 }
@@ -322,7 +320,7 @@ std::vector<double> rounded(std::vector<double> v, at::ScalarType dtype) {
 namespace {
 // w = clamp01(alpha) cast to h's dtype
 Weights add_weights(const std::vector<double>& a, const at::Tensor& alpha, at::ScalarType host) {
-  return {rounded(clamp_values(a), host), alpha.sizes().vec()};
+  return {rounded_to(clamp_values(a), host), alpha.sizes().vec()};
 }
 }  // namespace
 
@@ -348,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_add_backward(const at::Tens
 // ---------------------------------------------------------------- GATE
 namespace {
 Weights gate_lerp_weights(const GateWeights& gw, at::ScalarType host) {
-  return {rounded(gw.e, host), gw.shape};
+  return {rounded_to(gw.e, host), gw.shape};
 }
 }  // namespace
 
@@ -381,7 +379,7 @@ namespace {
 // c = clamp01(alpha.to(h.dtype))
 Weights multiply_weights(const std::vector<double>& a, const at::Tensor& alpha,
                          at::ScalarType host) {
-  return {clamp_values(rounded(a, host)), alpha.sizes().vec()};
+  return {clamp_values(rounded_to(a, host)), alpha.sizes().vec()};
 }
 
 void check_multiply(const char* op, const at::Tensor& h, const at::Tensor& s,
@@ -438,28 +436,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
   dispatch_pair(host, s.scalar_type(), "blend_multiply backward", [&](auto tt, auto st) {
     using T = typename decltype(tt)::type;
     using S = typename decltype(st)::type;
+    const auto run = [&](auto r_is_h_tag, auto dr_tag, const std::vector<at::Tensor>& outputs,
+                         const std::vector<at::Tensor>& inputs) {
+      sums = run_pass<opmath_t<T>>(
+          outputs, inputs, c, h, need_alpha_grad, element_out,
+          [need_alpha_grad](auto element, Accumulator& acc, bool st) {
+            return multiply_backward_loop<T, S, decltype(r_is_h_tag)::value,
+                                          decltype(element)::value, decltype(dr_tag)::value>(
+                acc, st, need_alpha_grad);
+          });
+    };
     if (r_is_h) {
-      sums = run_pass<opmath_t<T>>({dh, ds}, {g, h, s}, c, h, need_alpha_grad, element_out,
-                                   [need_alpha_grad](auto element, Accumulator& acc, bool st) {
-                                     return multiply_backward_loop<T, S, true,
-                                                                   decltype(element)::value>(
-                                         acc, st, need_alpha_grad);
-                                   });
+      run(std::true_type{}, std::false_type{}, {dh, ds}, {g, h, s});
     } else if (!write_dr) {
-      sums = run_pass<opmath_t<T>>({dh, ds}, {g, h, s, r}, c, h, need_alpha_grad, element_out,
-                                   [need_alpha_grad](auto element, Accumulator& acc, bool st) {
-                                     return multiply_backward_loop<T, S, false,
-                                                                   decltype(element)::value, false>(
-                                         acc, st, need_alpha_grad);
-                                   });
+      run(std::false_type{}, std::false_type{}, {dh, ds}, {g, h, s, r});
     } else {
-      sums = run_pass<opmath_t<T>>({dh, ds, dr}, {g, h, s, r}, c, h, need_alpha_grad,
-                                   element_out,
-                                   [need_alpha_grad](auto element, Accumulator& acc, bool st) {
-                                     return multiply_backward_loop<T, S, false,
-                                                                   decltype(element)::value>(
-                                         acc, st, need_alpha_grad);
-                                   });
+      run(std::false_type{}, std::true_type{}, {dh, ds, dr}, {g, h, s, r});
     }
   });
   if (ds.scalar_type() != s_in.scalar_type()) ds = ds.to(s_in.scalar_type());
@@ -469,7 +461,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
   at::Tensor dalpha = at::zeros(alpha.sizes(), alpha.options());
   if (need_alpha_grad) {
     dalpha = masked_weight_grad(weight_grad_sums(std::move(sums), element_out, c),
-                                rounded(a, host), alpha);
+                                rounded_to(a, host), alpha);
   }
   return {dh, ds, dalpha, dr};
 }
@@ -520,7 +512,7 @@ void dispatch_valve(at::ScalarType result, at::ScalarType m, F&& f) {
 // c = clamp01(alpha) promoted to the result dtype
 Weights valve_weights(const std::vector<double>& a, const at::Tensor& alpha,
                       at::ScalarType result) {
-  return {rounded(clamp_values(a), result), alpha.sizes().vec()};
+  return {rounded_to(clamp_values(a), result), alpha.sizes().vec()};
 }
 
 void check_valve(const char* op, const at::Tensor& alpha, const at::Tensor& m) {
@@ -609,18 +601,9 @@ at::Tensor tanh_f64(const at::Tensor& x) {
   const double* src = in.data_ptr<double>();
   double* dst = out.data_ptr<double>();
   const int64_t n = in.numel();
-#if defined(KK_AVX512) || defined(KK_AVX2)
   int64_t i = 0;
-  for (; i + Pd::kLanes <= n; i += Pd::kLanes) Pd::store(dst + i, tanh_pd(Pd::load(src + i)));
-  if (i < n) {  // the tail through the same lanes, not a scalar tanh
-    double lanes[Pd::kLanes] = {};
-    std::copy(src + i, src + n, lanes);
-    Pd::store(lanes, tanh_pd(Pd::load(lanes)));
-    std::copy(lanes, lanes + (n - i), dst + i);
-  }
-#else
-  for (int64_t i = 0; i < n; ++i) dst[i] = std::tanh(src[i]);
-#endif
+  for (; i + DVec::size() <= n; i += DVec::size()) tanh_pd(DVec::loadu(src + i)).store(dst + i);
+  if (i < n) tanh_pd(DVec::loadu(src + i, n - i)).store(dst + i, n - i);  // the same lanes
   return out;
 }
 

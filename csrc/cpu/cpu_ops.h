@@ -45,8 +45,8 @@ using multiply_valve_multiplier_backward = std::tuple<at::Tensor, at::Tensor>(
 // tanh_with_grad), elementwise over a float32 tensor: kasmina_kernels._C.tanh_f32, for tests.
 using tanh_f32 = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& x);
 // The double tanh of the float32 MULTIPLY and valve alpha-gradient terms (tanh_pd in
-// cpu/blend_kernels.h; std::tanh in the DEFAULT capability), elementwise over a float64
-// tensor: kasmina_kernels._C.tanh_f64, for the tests.
+// cpu/blend_kernels.h), elementwise over a float64 tensor: kasmina_kernels._C.tanh_f64, for
+// the tests.
 using tanh_f64 = at::Tensor(const at::Tensor& x);
 
 using gate_effective_alpha = at::Tensor(const at::Tensor& alpha, const at::Tensor& gate);
@@ -69,25 +69,19 @@ using gate_network_backward =
         const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology);
 }  // namespace sig
 
+// Every kernel, once: X(name) for each, in the order of the Kernels table.
+#define KK_CPU_KERNELS(X)                                                                   \
+  X(blend_add) X(blend_add_backward) X(blend_gate) X(blend_gate_backward) X(blend_multiply)  \
+  X(blend_multiply_backward) X(ste_forward) X(multiply_valve_multiplier)                     \
+  X(multiply_valve_multiplier_backward) X(tanh_f32) X(tanh_f64) X(gate_effective_alpha)      \
+  X(gate_effective_alpha_backward) X(gated_pool) X(gated_pool_backward) X(gate_network)      \
+  X(gate_network_backward)
+
 // One capability's kernels.
 struct Kernels {
-  sig::blend_add* blend_add;
-  sig::blend_add_backward* blend_add_backward;
-  sig::blend_gate* blend_gate;
-  sig::blend_gate_backward* blend_gate_backward;
-  sig::blend_multiply* blend_multiply;
-  sig::blend_multiply_backward* blend_multiply_backward;
-  sig::ste_forward* ste_forward;
-  sig::multiply_valve_multiplier* multiply_valve_multiplier;
-  sig::multiply_valve_multiplier_backward* multiply_valve_multiplier_backward;
-  sig::tanh_f32* tanh_f32;
-  sig::tanh_f64* tanh_f64;
-  sig::gate_effective_alpha* gate_effective_alpha;
-  sig::gate_effective_alpha_backward* gate_effective_alpha_backward;
-  sig::gated_pool* gated_pool;
-  sig::gated_pool_backward* gated_pool_backward;
-  sig::gate_network* gate_network;
-  sig::gate_network_backward* gate_network_backward;
+#define KK_FIELD(name) sig::name* name;
+  KK_CPU_KERNELS(KK_FIELD)
+#undef KK_FIELD
 };
 
 // The table of each compiled capability (kernel_table.cpp; setup.py defines KK_CPU_AVX2 and
@@ -99,23 +93,9 @@ extern const Kernels kernels_AVX512;
 #ifdef CPU_CAPABILITY
 // In a kernel translation unit: this capability's copy of the kernels.
 inline namespace CPU_CAPABILITY {
-sig::blend_add blend_add;
-sig::blend_add_backward blend_add_backward;
-sig::blend_gate blend_gate;
-sig::blend_gate_backward blend_gate_backward;
-sig::blend_multiply blend_multiply;
-sig::blend_multiply_backward blend_multiply_backward;
-sig::ste_forward ste_forward;
-sig::multiply_valve_multiplier multiply_valve_multiplier;
-sig::multiply_valve_multiplier_backward multiply_valve_multiplier_backward;
-sig::tanh_f32 tanh_f32;
-sig::tanh_f64 tanh_f64;
-sig::gate_effective_alpha gate_effective_alpha;
-sig::gate_effective_alpha_backward gate_effective_alpha_backward;
-sig::gated_pool gated_pool;
-sig::gated_pool_backward gated_pool_backward;
-sig::gate_network gate_network;
-sig::gate_network_backward gate_network_backward;
+#define KK_DECLARE(name) sig::name name;
+KK_CPU_KERNELS(KK_DECLARE)
+#undef KK_DECLARE
 }  // namespace CPU_CAPABILITY
 #endif
 

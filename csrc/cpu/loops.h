@@ -6,6 +6,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/native/cpu/utils.h>
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
@@ -79,43 +80,29 @@ inline void run_rows(char** data, const int64_t* strides, int64_t n0, int64_t n1
   }
 }
 
-// Calls `block(group, begin, end)` over fixed blocks of [0, groups * group_size) that never
-// straddle a group, in parallel. The blocks do not depend on the thread count.
-template <typename Block>
-void for_each_block(int64_t groups, int64_t group_size, Block&& block) {
-  constexpr int64_t kBlock = 16384;
-  if (groups == 0 || group_size == 0) return;
-  const int64_t blocks_per_group = (group_size + kBlock - 1) / kBlock;
-  const int64_t block_len = std::min(kBlock, group_size);
-  const int64_t grain = std::max<int64_t>(1, kBlock / block_len);
-  at::parallel_for(0, groups * blocks_per_group, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t k = b0; k < b1; ++k) {
-      const int64_t group = k / blocks_per_group;
-      const int64_t begin = group * group_size + (k % blocks_per_group) * block_len;
-      const int64_t end = std::min(begin + block_len, (group + 1) * group_size);
-      block(k, group, begin, end);
-    }
-  });
-}
-
-// Sums `block_sum(group, begin, end)` over those blocks and returns one double per group of
-// `group_size` consecutive elements (one group per sample when the iteration order has the
-// batch outermost; a single group for a scalar weight). Fixed blocks, fixed summation order:
-// the same bits on every run and any thread count.
+// Sums `block_sum(group, begin, end)` over fixed blocks of [0, groups * group_size) that never
+// straddle a group, in parallel, and returns one sum per group of `group_size` consecutive
+// elements (one group per sample when the iteration order has the batch outermost; a single
+// group for a scalar weight). The blocks and the summation order do not depend on the thread
+// count: the same bits on every run.
 template <typename BlockSum>
 std::vector<long double> grouped_sums(int64_t groups, int64_t group_size, BlockSum&& block_sum) {
   std::vector<long double> sums(groups, 0.0L);
   if (groups == 0 || group_size == 0) return sums;
   constexpr int64_t kBlock = 16384;
   const int64_t blocks_per_group = (group_size + kBlock - 1) / kBlock;
+  const int64_t block_len = std::min(kBlock, group_size);
   std::vector<long double> partial(groups * blocks_per_group, 0.0L);
-  for_each_block(groups, group_size, [&](int64_t k, int64_t group, int64_t begin, int64_t end) {
-    partial[k] = block_sum(group, begin, end);
+  at::parallel_for(0, groups * blocks_per_group, std::max<int64_t>(1, kBlock / block_len),
+                   [&](int64_t b0, int64_t b1) {
+    for (int64_t k = b0; k < b1; ++k) {
+      const int64_t group = k / blocks_per_group;
+      const int64_t begin = group * group_size + (k % blocks_per_group) * block_len;
+      partial[k] = block_sum(group, begin, std::min(begin + block_len, (group + 1) * group_size));
+    }
   });
   for (int64_t g = 0; g < groups; ++g) {
-    long double acc = 0.0L;
-    for (int64_t j = 0; j < blocks_per_group; ++j) acc += partial[g * blocks_per_group + j];
-    sums[g] = acc;
+    for (int64_t j = 0; j < blocks_per_group; ++j) sums[g] += partial[g * blocks_per_group + j];
   }
   return sums;
 }
@@ -138,26 +125,7 @@ inline Order order_of(const at::Tensor& t) {
 }
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-// 8 x 8 blocks in registers: 32-bit elements in 256-bit rows, 16-bit elements in 128-bit rows.
-inline void transpose8x8_32(const uint32_t* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst) {
-  __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(src + i * ld_src));
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(reinterpret_cast<float*>(dst + i * ld_dst), _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    _mm256_storeu_ps(reinterpret_cast<float*>(dst + (i + 4) * ld_dst), _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-  }
-}
-
+// 8 x 8 blocks of 16-bit elements in 128-bit rows (ATen has the 32-bit one).
 inline void transpose8x8_16(const uint16_t* src, int64_t ld_src, uint16_t* dst, int64_t ld_dst) {
   __m128i r[8], a[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ld_src));
@@ -192,7 +160,9 @@ inline void transpose_blocks(const U* src, int64_t ld_src, U* dst, int64_t ld_ds
     for (int64_t i = 0; i < rows8; i += 8) {
       for (int64_t j = 0; j < cols8; j += 8) {
         if constexpr (sizeof(U) == 4) {
-          transpose8x8_32(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+          at::vec::transpose_mxn<float, 8, 8>(reinterpret_cast<const float*>(src) + i * ld_src + j,
+                                              ld_src, reinterpret_cast<float*>(dst) + j * ld_dst + i,
+                                              ld_dst);
         } else {
           transpose8x8_16(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
         }

@@ -1,17 +1,15 @@
 // CPU gated pooling (mean over the spatial or sequence axis) and the fused gate network
 // (pool -> Linear -> ReLU -> Linear -> Sigmoid).
 //
-// Pooling reads x once, and its loops prefetch ahead of their reads (vec_io.h).
-// float32 values are widened to double as they are loaded (each term enters its double sums
-// exactly); bfloat16/float16 terms are summed a few at a time in float first (exact unless
-// their magnitudes spread widely), then widened; float64 inputs use compensated long-double
-// sums. Four loop shapes, picked from x's strides:
-//   - positions contiguous (NCHW, a transposed (B,T,C)): one (b, c) plane at a time, 16-32
-//     double lanes per plane, planes walked without a division per plane;
-//   - channels contiguous, up to 32 of them (channels_last): one sample at a time, a block of
-//     up to 32 channels held in registers over all positions (2 or 4 position streams for
-//     narrow blocks, so the adds do not wait on each other);
-//   - channels contiguous, more than 32 ((B,T,C) transformers): one sample at a time, its rows
+// Pooling reads x once, prefetching ahead. float32 values are widened to double as they are
+// loaded (each term enters its double sums exactly); bfloat16/float16 terms are summed a few
+// at a time in float first, then widened; float64 inputs use compensated long-double sums.
+// W is the float vector width. Four loop shapes, picked from x's strides:
+//   - positions contiguous (NCHW, a transposed (B,T,C)): one (b, c) plane at a time;
+//   - channels contiguous, up to 4W of them (channels_last): one sample at a time, a block of
+//     channels held in registers over all positions (2 or 4 position streams for narrow
+//     blocks, so the adds do not wait on each other);
+//   - channels contiguous, more than 4W ((B,T,C) transformers): one sample at a time, its rows
 //     streamed four at a time into C double sums held in L1;
 //   - anything else: scalar double sums.
 // Every sum has a fixed order that does not depend on how at::parallel_for splits the work.
@@ -21,15 +19,8 @@
 //
 // The gate MLP is tiny ((B,C) x (C,hidden)); it runs in double on the double pooled means,
 // single-threaded, hidden-major ((hidden, B) activations), so that every product reads w1 as
-// it is: the products are register-tiled GEMMs (small_gemm.cpp, at the capability's vector
-// width) that widen w1 into double as they pack it, through its strides; no converted or
-// transposed copy of w1, no zero-filled scratch, no ATen op per step.
-
-// These loops are written for 8 float lanes (the double-lane accumulators, the 32-channel
-// register blocks), and pooling is memory-bound: the AVX512 capability has no copy of this
-// file (nor of small_gemm.cpp, which only the gate network here uses); its kernel table
-// (kernel_table.cpp) takes the AVX2 copy, which every AVX-512 CPU runs.
-#if !defined(CPU_CAPABILITY_AVX512)
+// it is: register-tiled GEMMs (small_gemm.cpp) widen w1 into double as they pack it, through
+// its strides; no converted copy of w1, no zero-filled scratch, no ATen op per step.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -50,8 +41,6 @@
 namespace kk::cpu {
 inline namespace CPU_CAPABILITY {
 namespace {
-
-static_assert(FVec::size() == 8, "the pooling lanes assume 8 float lanes per vector");
 
 // ---------------------------------------------------------------- views
 // x as (B, C) planes of R rows by L positions; the rows are merged into one when they are
@@ -91,75 +80,46 @@ PoolView pool_view(const at::Tensor& x, c10::string_view topology) {
 }
 
 // ---------------------------------------------------------------- double lanes
-// 8 double lanes that take one float vector per add. Two bodies with the same lanes and the
-// same reduction order in total(), so every capability gives the same bits: two 256-bit
-// registers on AVX2, plain arrays otherwise.
-#if defined(CPU_CAPABILITY_AVX2)
-struct D8 {
-  __m256d lo = _mm256_setzero_pd();
-  __m256d hi = _mm256_setzero_pd();
+// W = FVec::size() double lanes that take one float vector per add: two double vectors.
+constexpr int64_t W = FVec::size();
+
+struct DLanes {
+  DVec lo = DVec(0.0), hi = DVec(0.0);
   void add(const FVec& v) {
-    const __m256 f = v;
-    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
-    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+    DVec l, h;
+    widen(v, l, h);
+    lo = lo + l;
+    hi = hi + h;
   }
-  void add(const D8& o) {
-    lo = _mm256_add_pd(lo, o.lo);
-    hi = _mm256_add_pd(hi, o.hi);
+  void add(const DLanes& o) {
+    lo = lo + o.lo;
+    hi = hi + o.hi;
   }
-  // the 8 float values at p, widened: each half converted straight from memory (no lane
-  // extract, which competes with the conversions for the same shuffle port on Intel)
-  static D8 of(const float* p) {
-    D8 d;
-    d.lo = _mm256_cvtps_pd(_mm_loadu_ps(p));
-    d.hi = _mm256_cvtps_pd(_mm_loadu_ps(p + 4));
+  // the W float values at p, widened
+  static DLanes of(const float* p) {
+    DLanes d;
+    d.add(FVec::loadu(p));
     return d;
   }
   void store(double* p) const {
-    _mm256_storeu_pd(p, lo);
-    _mm256_storeu_pd(p + 4, hi);
+    lo.store(p);
+    hi.store(p + DVec::size());
   }
-  // p[0..8) += this
+  // p[0..W) += this
   void add_into(double* p) const {
-    _mm256_storeu_pd(p, _mm256_add_pd(_mm256_loadu_pd(p), lo));
-    _mm256_storeu_pd(p + 4, _mm256_add_pd(_mm256_loadu_pd(p + 4), hi));
+    (DVec::loadu(p) + lo).store(p);
+    (DVec::loadu(p + DVec::size()) + hi).store(p + DVec::size());
   }
-  // (lane k + lane k+4), then pairs, then the last two
+  // halves added pairwise, in a fixed order
   double total() const {
-    const __m256d s = _mm256_add_pd(lo, hi);
-    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
-    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+    double s[DVec::size()];
+    (lo + hi).store(s);
+    for (int64_t n = DVec::size(); n > 1; n /= 2) {
+      for (int64_t k = 0; k < n / 2; ++k) s[k] += s[k + n / 2];
+    }
+    return s[0];
   }
 };
-#else
-struct D8 {
-  double lane[8] = {};
-  void add(const FVec& v) {
-    float t[8];
-    v.store(t);
-    for (int k = 0; k < 8; ++k) lane[k] += static_cast<double>(t[k]);
-  }
-  void add(const D8& o) {
-    for (int k = 0; k < 8; ++k) lane[k] += o.lane[k];
-  }
-  static D8 of(const float* p) {
-    D8 d;
-    for (int k = 0; k < 8; ++k) d.lane[k] = static_cast<double>(p[k]);
-    return d;
-  }
-  void store(double* p) const {
-    for (int k = 0; k < 8; ++k) p[k] = lane[k];
-  }
-  void add_into(double* p) const {
-    for (int k = 0; k < 8; ++k) p[k] += lane[k];
-  }
-  double total() const {
-    double s[4];
-    for (int k = 0; k < 4; ++k) s[k] = lane[k] + lane[k + 4];
-    return (s[0] + s[2]) + (s[1] + s[3]);
-  }
-};
-#endif
 
 template <typename T>
 inline FVec load1(const T* p) {
@@ -178,42 +138,42 @@ constexpr int kHalfBlock = 8;
 // Rows elements apart by `sr`, each `L` contiguous values: their sum in double.
 template <typename T>
 inline double contiguous_plane_sum(const T* plane, int64_t R, int64_t L, int64_t sr) {
-  D8 a, b, a2, b2;  // four accumulators (8 add chains) for float, so the adds overlap
+  DLanes a, b, a2, b2;  // four accumulators for float, so the adds overlap
   double tail = 0.0;
   for (int64_t r = 0; r < R; ++r) {
     const T* row = plane + r * sr;
     int64_t j = 0;
     if constexpr (std::is_same_v<T, float>) {
-      for (; j + 32 <= L; j += 32) {
-        prefetch_ahead<32 * sizeof(T)>(row + j);
-        a.add(D8::of(row + j));
-        b.add(D8::of(row + j + 8));
-        a2.add(D8::of(row + j + 16));
-        b2.add(D8::of(row + j + 24));
+      for (; j + 4 * W <= L; j += 4 * W) {
+        prefetch_ahead<4 * W * sizeof(T)>(row + j);
+        a.add(DLanes::of(row + j));
+        b.add(DLanes::of(row + j + W));
+        a2.add(DLanes::of(row + j + 2 * W));
+        b2.add(DLanes::of(row + j + 3 * W));
       }
-      for (; j + 16 <= L; j += 16) {
-        a.add(D8::of(row + j));
-        b.add(D8::of(row + j + 8));
+      for (; j + kStep <= L; j += kStep) {
+        a.add(DLanes::of(row + j));
+        b.add(DLanes::of(row + j + W));
       }
     } else {
       // bfloat16/float16: up to kHalfBlock terms per lane summed in float first (exact for
       // all but widely spread magnitudes, and then off by 2^-24 relative, far below the
       // inputs' own precision), then widened: a quarter of the conversions
-      while (j + 16 <= L) {
+      while (j + kStep <= L) {
         FVec fa(0.0f), fb(0.0f);
-        for (int k = 0; k < kHalfBlock && j + 16 <= L; ++k, j += 16) {
-          FVec u, w;
-          load2<T>(row + j, u, w);
-          fa = fa + u;
-          fb = fb + w;
+        for (int k = 0; k < kHalfBlock && j + kStep <= L; ++k, j += kStep) {
+          F2 u;
+          load2<T>(row + j, u);
+          fa = fa + u[0];
+          fb = fb + u[1];
         }
         a.add(fa);
         b.add(fb);
       }
     }
-    if (j + 8 <= L) {
+    if (j + W <= L) {
       a.add(load1<T>(row + j));
-      j += 8;
+      j += W;
     }
     for (; j < L; ++j) tail += static_cast<double>(static_cast<float>(row[j]));
   }
@@ -235,11 +195,11 @@ void planes_contiguous(const T* x, const PoolView& v, int64_t p0, int64_t p1, O*
   }
 }
 
-// Sums over all positions of NV * 8 contiguous channels starting at `base`, into sums[].
+// Sums over all positions of NV * W contiguous channels starting at `base`, into sums[].
 // U position streams keep U independent add chains per lane group.
 template <typename T, int NV, int U>
 void channel_block_sums(const T* base, const PoolView& v, double* sums) {
-  D8 acc[U][NV];
+  DLanes acc[U][NV];
   for (int64_t r = 0; r < v.R; ++r) {
     const T* row = base + r * v.sr;
     int64_t l = 0;
@@ -247,8 +207,8 @@ void channel_block_sums(const T* base, const PoolView& v, double* sums) {
       for (; l + U <= v.L; l += U) {
         for (int u = 0; u < U; ++u) {
           const T* pos = row + (l + u) * v.sl;
-          prefetch_ahead<NV * 8 * sizeof(T)>(pos);
-          for (int k = 0; k < NV; ++k) acc[u][k].add(D8::of(pos + 8 * k));
+          prefetch_ahead<NV * W * sizeof(T)>(pos);
+          for (int k = 0; k < NV; ++k) acc[u][k].add(DLanes::of(pos + W * k));
         }
       }
     } else {
@@ -261,7 +221,7 @@ void channel_block_sums(const T* base, const PoolView& v, double* sums) {
         for (int step = 0; step < kHalfBlock && l + U <= v.L; ++step, l += U) {
           for (int u = 0; u < U; ++u) {
             const T* pos = row + (l + u) * v.sl;
-            for (int k = 0; k < NV; ++k) f[u][k] = f[u][k] + load1<T>(pos + 8 * k);
+            for (int k = 0; k < NV; ++k) f[u][k] = f[u][k] + load1<T>(pos + W * k);
           }
         }
         for (int u = 0; u < U; ++u) {
@@ -271,13 +231,13 @@ void channel_block_sums(const T* base, const PoolView& v, double* sums) {
     }
     for (; l < v.L; ++l) {
       const T* pos = row + l * v.sl;
-      for (int k = 0; k < NV; ++k) acc[0][k].add(load1<T>(pos + 8 * k));
+      for (int k = 0; k < NV; ++k) acc[0][k].add(load1<T>(pos + W * k));
     }
   }
   for (int u = 1; u < U; ++u) {
     for (int k = 0; k < NV; ++k) acc[0][k].add(acc[u][k]);
   }
-  for (int k = 0; k < NV; ++k) acc[0][k].store(sums + 8 * k);
+  for (int k = 0; k < NV; ++k) acc[0][k].store(sums + W * k);
 }
 
 // Means of one sample whose channels are contiguous (sc == 1).
@@ -286,10 +246,10 @@ void sample_channels_contiguous(const T* x, const PoolView& v, int64_t b, O* out
   const double count = static_cast<double>(v.count());
   const T* sample = x + b * v.sb;
   O* o = out + b * v.C;
-  if (v.C > 32) {
+  if (v.C > 4 * W) {
     // wide rows ((B,T,C) transformers): stream the rows in order into C double sums held in
     // L1, rather than walk the rows once per channel block. Four rows at a time: each
-    // 8-channel chunk of the four is summed in registers, (r0 + r1) + (r2 + r3), before it
+    // W-channel chunk of the four is summed in registers, (r0 + r1) + (r2 + r3), before it
     // meets its sum in L1, so those sums are loaded and stored once per four rows
     std::vector<double> acc(v.C, 0.0);
     double* a = acc.data();
@@ -311,19 +271,19 @@ void sample_channels_contiguous(const T* x, const PoolView& v, int64_t b, O* out
       const T* n2 = ahead ? row_at(i + 6) : r2;
       const T* n3 = ahead ? row_at(i + 7) : r3;
       int64_t c = 0;
-      for (; c + 8 <= v.C; c += 8) {
+      for (; c + W <= v.C; c += W) {
         if ((c * sizeof(T)) % 64 == 0) {
           __builtin_prefetch(n0 + c);
           __builtin_prefetch(n1 + c);
           __builtin_prefetch(n2 + c);
           __builtin_prefetch(n3 + c);
         }
-        D8 sum;
+        DLanes sum;
         if constexpr (std::is_same_v<T, float>) {
-          sum = D8::of(r0 + c);
-          sum.add(D8::of(r1 + c));
-          D8 s23 = D8::of(r2 + c);
-          s23.add(D8::of(r3 + c));
+          sum = DLanes::of(r0 + c);
+          sum.add(DLanes::of(r1 + c));
+          DLanes s23 = DLanes::of(r2 + c);
+          s23.add(DLanes::of(r3 + c));
           sum.add(s23);
         } else {
           // bfloat16/float16: the four terms summed in float first (exact unless their
@@ -337,8 +297,8 @@ void sample_channels_contiguous(const T* x, const PoolView& v, int64_t b, O* out
     for (; i < rows; ++i) {
       const T* row = row_at(i);
       int64_t c = 0;
-      for (; c + 8 <= v.C; c += 8) {  // the last rows % 4 rows: no hot path
-        D8 d;
+      for (; c + W <= v.C; c += W) {  // the last rows % 4 rows: no hot path
+        DLanes d;
         d.add(load1<T>(row + c));
         d.add_into(a + c);
       }
@@ -347,25 +307,25 @@ void sample_channels_contiguous(const T* x, const PoolView& v, int64_t b, O* out
     for (int64_t c = 0; c < v.C; ++c) o[c] = static_cast<O>(a[c] / count);
     return;
   }
-  double sums[32];
+  double sums[4 * W];
   int64_t c = 0;
   auto emit = [&](int64_t n) {
     for (int64_t k = 0; k < n; ++k) o[c + k] = static_cast<O>(sums[k] / count);
     c += n;
   };
-  for (; c + 32 <= v.C;) {
+  for (; c + 4 * W <= v.C;) {
     channel_block_sums<T, 4, 1>(sample + c, v, sums);
-    emit(32);
+    emit(4 * W);
   }
-  if (c + 16 <= v.C) {
+  if (c + 2 * W <= v.C) {
     channel_block_sums<T, 2, 2>(sample + c, v, sums);
-    emit(16);
+    emit(2 * W);
   }
-  if (c + 8 <= v.C) {
+  if (c + W <= v.C) {
     channel_block_sums<T, 1, 4>(sample + c, v, sums);
-    emit(8);
+    emit(W);
   }
-  for (; c < v.C; ++c) {  // the last C % 8 channels
+  for (; c < v.C; ++c) {  // the last C % W channels
     double s = 0.0;
     for (int64_t r = 0; r < v.R; ++r) {
       for (int64_t l = 0; l < v.L; ++l) {
@@ -384,53 +344,48 @@ template <typename T, typename O>
 void pool_means(const T* x, const PoolView& v, O* out) {
   const int64_t planes = v.B * v.C;
   const int64_t n = v.count();
-  if constexpr (std::is_same_v<T, double>) {
-    // float64: compensated long-double sums, one plane at a time (gradcheck and
-    // high-precision use)
-    at::parallel_for(0, planes, std::max<int64_t>(1, kTaskElems / n), [&](int64_t p0, int64_t p1) {
-      int64_t b = p0 / v.C, c = p0 % v.C;
-      for (int64_t p = p0; p < p1; ++p) {
-        const double* plane = x + b * v.sb + c * v.sc;
-        Accumulator acc;
-        for (int64_t r = 0; r < v.R; ++r) {
-          for (int64_t l = 0; l < v.L; ++l) acc.add(plane[r * v.sr + l * v.sl]);
-        }
-        const long double mean = acc.value_ld() / static_cast<long double>(n);
-        if constexpr (std::is_same_v<O, long double>) {
-          out[p] = mean;
-        } else {
-          out[p] = static_cast<O>(static_cast<double>(mean));
-        }
-        if (++c == v.C) c = 0, ++b;
-      }
-    });
-  } else {
+  const int64_t grain = std::max<int64_t>(1, kTaskElems / n);
+  if constexpr (!std::is_same_v<T, double>) {
     if (v.sl == 1) {
-      at::parallel_for(0, planes, std::max<int64_t>(1, kTaskElems / n), [&](int64_t p0, int64_t p1) {
+      at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
         planes_contiguous<T, O>(x, v, p0, p1, out);
       });
-    } else if (v.sc == 1) {
-      at::parallel_for(0, v.B, std::max<int64_t>(1, kTaskElems / (n * v.C)), [&](int64_t b0, int64_t b1) {
+      return;
+    }
+    if (v.sc == 1) {
+      at::parallel_for(0, v.B, std::max<int64_t>(1, grain / v.C), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) sample_channels_contiguous<T, O>(x, v, b, out);
       });
-    } else {
-      const double count = static_cast<double>(n);
-      at::parallel_for(0, planes, std::max<int64_t>(1, kTaskElems / n), [&](int64_t p0, int64_t p1) {
-        int64_t b = p0 / v.C, c = p0 % v.C;
-        for (int64_t p = p0; p < p1; ++p) {
-          const T* plane = x + b * v.sb + c * v.sc;
-          double s = 0.0;
-          for (int64_t r = 0; r < v.R; ++r) {
-            for (int64_t l = 0; l < v.L; ++l) {
-              s += static_cast<double>(static_cast<float>(plane[r * v.sr + l * v.sl]));
-            }
-          }
-          out[p] = static_cast<O>(s / count);
-          if (++c == v.C) c = 0, ++b;
-        }
-      });
+      return;
     }
   }
+  // float64 (compensated long-double sums, for gradcheck and high-precision use) and any
+  // other strides (double sums): one plane at a time
+  at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
+    int64_t b = p0 / v.C, c = p0 % v.C;
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* plane = x + b * v.sb + c * v.sc;
+      Accumulator acc;
+      double sum = 0.0;
+      for (int64_t r = 0; r < v.R; ++r) {
+        for (int64_t l = 0; l < v.L; ++l) {
+          const T e = plane[r * v.sr + l * v.sl];
+          if constexpr (std::is_same_v<T, double>) {
+            acc.add(e);
+          } else {
+            sum += static_cast<double>(static_cast<float>(e));
+          }
+        }
+      }
+      if constexpr (std::is_same_v<T, double>) {
+        const long double mean = acc.value_ld() / static_cast<long double>(n);
+        out[p] = static_cast<O>(std::is_same_v<O, long double> ? mean : static_cast<double>(mean));
+      } else {
+        out[p] = static_cast<O>(sum / static_cast<double>(n));
+      }
+      if (++c == v.C) c = 0, ++b;
+    }
+  });
 }
 
 // Pooled means of x into out[B * C] (O = x's dtype or double); NaN for a mean over nothing.
@@ -724,4 +679,3 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_netw
 }  // namespace CPU_CAPABILITY
 }  // namespace kk::cpu
 
-#endif  // !defined(CPU_CAPABILITY_AVX512)

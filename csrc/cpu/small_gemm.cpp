@@ -1,6 +1,4 @@
-// Register-tiled small GEMM for the gate MLP, at the capability's vector width. Only
-// pool_cpu.cpp calls it, which the AVX512 capability does not compile (AVX2's runs there).
-#if !defined(CPU_CAPABILITY_AVX512)
+// Register-tiled small GEMM for the gate MLP, at the capability's vector width.
 #include "cpu/small_gemm.h"
 
 #include <ATen/cpu/vec/vec.h>
@@ -133,4 +131,3 @@ KK_SMALL_GEMM(long double, c10::Half)
 }  // namespace CPU_CAPABILITY
 }  // namespace kk::cpu
 
-#endif  // !defined(CPU_CAPABILITY_AVX512)

@@ -48,15 +48,6 @@ struct Prims<double> {
   KK_HD static double fma(double a, double b, double c) { return ::fma(a, b, c); }
 };
 
-// The identity rounding: what a float or double host needs between operations.
-struct NoRound {
-  static constexpr bool kIdentity = true;
-  template <typename T>
-  KK_HD T operator()(T x) const {
-    return x;
-  }
-};
-
 // tanh built from exp, for float32 vector code (where a library tanh costs several times an
 // exp) and for interpreters without libdevice, with 1 - tanh^2 alongside: the odd Taylor
 // series to x^19 below |x| = 0.6 (truncation < 1e-8 relative there), and above it, with
@@ -148,11 +139,10 @@ KK_HD T multiply(T h, T s, T r, T c) {
 }
 
 // 1 - t^2 of tanh's gradient, as each device's eager tanh_backward forms it from the saved
-// tanh t. FusedTanhGrad: one fused multiply-add in the opmath type (ATen's CPU kernels for
-// every dtype; its CUDA kernels for float and double, where nvcc contracts 1 - t*t).
-// StorageTanhGrad: ATen's CUDA kernel for bfloat16/float16 computes `a * (1 - b * b)` in the
-// 16-bit type's own arithmetic, so t*t is rounded to the host dtype, then 1 - t*t is; with
-// NoRound (float/double hosts) it falls back to the fused form, as that kernel does.
+// tanh t. FusedTanhGrad: one fused multiply-add in the opmath type (ATen's CPU kernels, and
+// its CUDA kernels for float and double). StorageTanhGrad: ATen's CUDA kernel for
+// bfloat16/float16 computes `a * (1 - b * b)` in the 16-bit type, rounding t*t and then
+// 1 - t*t to it; with an identity rounding it falls back to the fused form.
 struct FusedTanhGrad {
   template <typename T, typename Round>
   KK_HD T operator()(T t, Round) const {
