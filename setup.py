@@ -72,8 +72,6 @@ def _cpu_capabilities() -> list[str]:
     if unknown or (wanted != {"DEFAULT"} and not x86):
         sys.exit(f"KASMINA_KERNELS_CPU_CAPABILITIES takes {', '.join(CPU_CAPABILITY_FLAGS).lower()}"
                  f" (the last two on x86-64 only), got {env!r}")
-    if "AVX512" in wanted:
-        wanted.add("AVX2")  # AVX512's kernel table takes AVX2's pooling (csrc/cpu/kernel_table.cpp)
     return [c for c in CPU_CAPABILITY_FLAGS if c in wanted]
 
 
