@@ -1,10 +1,6 @@
-"""End-to-end example: a small transformer host on (B, T, C) tokens with one Esper-style GATE
-seed slot (learned per-sample gate from `GatedBlend(topology="transformer")` over the seed
-input), the seed fed the detached host features (contiguous (B,T,C)), a cached 0-dim alpha
-without grad, trained with SGD on a synthetic sequence classification task.
-
-Trains as written (eager blend functions), then once per backend with the drop-ins swapped
-in, from the same weights and batches; prints the same per-backend table as esper_cnn.py.
+"""End-to-end example (docs/examples.md): a small transformer host on (B, T, C) tokens with one
+Esper-style GATE slot, trained as written and then per backend with the drop-ins swapped in;
+prints the same per-backend table as esper_cnn.py.
 
     python python/esper_transformer.py                   # CPU, float32
     python python/esper_transformer.py --device cuda     # CUDA, bf16 autocast

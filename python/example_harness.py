@@ -1,11 +1,7 @@
 """What the end-to-end examples share: the training loop, the per-backend runs, the kernel
-count and the command line.
-
-Every run starts from the same weights (the eager model's initial ``state_dict``, loaded with
-``strict=True`` into each rebuilt model) and sees the same batches. The first run is the
-eager model exactly as written (``eager``); then, for each backend asked for, the model is
-rebuilt with the drop-ins swapped into `seed_slots` (``kk.swap_in``) inside
-``kk.use_backend(backend)`` and trained again.
+count and the command line. Every run starts from the eager model's initial weights and sees
+the same batches: first the model as written (``eager``), then per backend the model rebuilt
+with the drop-ins swapped into `seed_slots` inside ``kk.use_backend(backend)``.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
-"""Esper-style hosts with seed slots, written the way Esper's `SeedSlot.forward` calls the
-blends (docs/semantics.md#espers-calls). The training-step benchmark (bench/step.py) and the
-examples in python/ build their models from here.
-
-A `SeedSlot` looks its blend functions up by name on a `blends` namespace at every call (a
-module or any object with ``blend_with_isolation``, ``blend_multiply``, ``blend_gate``,
-``ste_forward`` and the class ``GatedBlend``): `EAGER_BLENDS` (the eager references and
-`EagerGatedBlend`, standing in for Esper's own), `DROP_INS` (the fused drop-ins on the default
-backend), or a module such as the examples' ``seed_slots`` whose names `kasmina_kernels.swap_in`
-replaces. The blend (for GATE: the gate network and the blend) runs inside a
-``torch.profiler.record_function(BLEND_RANGE)`` range, so a profile can tell the blends' share
-of a step.
+"""Esper-style hosts with seed slots that call the blends the way Esper's `SeedSlot.forward`
+does (docs/semantics.md#espers-calls), for the training-step benchmark (bench/step.py) and the
+examples in python/. A slot looks its blends up by name at every call on its `blends`
+namespace: `EAGER_BLENDS`, `DROP_INS`, or a module such as the examples' ``seed_slots`` whose
+names `kasmina_kernels.swap_in` replaces. Each blend runs inside a
+``torch.profiler.record_function(BLEND_RANGE)`` range, so a profile can tell its share of a step.
 """
 
 from __future__ import annotations
