@@ -26,7 +26,7 @@ def build_model(seed: int = 0, width: int = 16) -> esper_models.CNNHost:
     """The host with its slots, initialized from `seed` (on CPU): host convolutions and
     features channels_last, seeds NCHW, blends looked up in `seed_slots`."""
     torch.manual_seed(seed)
-    return esper_models.CNNHost(width, CLASSES, blends=seed_slots.this_module())
+    return esper_models.CNNHost(width, CLASSES, blends=seed_slots)
 
 
 def make_batches(steps: int, batch_size: int = 16, *, device="cpu", seed: int = 1):

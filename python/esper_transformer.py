@@ -19,7 +19,7 @@ FEATURES, CLASSES = 8, 5
 def build_model(seed: int = 0, width: int = 32) -> esper_models.TransformerHost:
     """One encoder layer and a GATE slot (blends looked up in `seed_slots`), from `seed`."""
     torch.manual_seed(seed)
-    return esper_models.TransformerHost(FEATURES, width, 4, CLASSES, blends=seed_slots.this_module())
+    return esper_models.TransformerHost(FEATURES, width, 4, CLASSES, blends=seed_slots)
 
 
 def make_batches(steps: int, batch_size: int = 16, *, device="cpu", seed: int = 1):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import statistics
 import time
 from collections import Counter
@@ -84,17 +83,19 @@ class RunResult:
 
 def run(backend: str, build_model, batches, initial_state, *, autocast_dtype, count=True) -> RunResult:
     """Train a fresh model on `backend` (``EAGER``: the model as written, nothing swapped). The
-    kernels of one training step are counted on a copy after one warm-up step, so the count
-    leaves the trained model untouched."""
+    kernels of one training step are counted on a second fresh model after one warm-up step,
+    so the count leaves the trained model untouched."""
     swap = contextlib.nullcontext() if backend == EAGER else kk.swap_in(seed_slots)
     scope = contextlib.nullcontext() if backend == EAGER else kk.use_backend(backend)
-    with swap, scope:
+    def fresh():
         model = build_model()
         model.load_state_dict(initial_state, strict=True)
-        model.to(batches[0][0].device)
-        kernels = None
+        return model.to(batches[0][0].device)
+
+    with swap, scope:
+        model, kernels = fresh(), None
         if count:
-            probe = copy.deepcopy(model)
+            probe = fresh()
             probe_sgd, (x, y) = sgd(probe), batches[0]
             training_step(probe, probe_sgd, x, y, 0, autocast_dtype=autocast_dtype)
             kernels = count_kernels(lambda: training_step(probe, probe_sgd, x, y, 1,

@@ -5,8 +5,6 @@ look their blends up here at every call, so ``kk.swap_in(seed_slots)`` reaches t
 
 from __future__ import annotations
 
-import sys
-
 from kasmina_kernels.nn import EagerGatedBlend as GatedBlend  # noqa: F401  (swapped by name)
 from kasmina_kernels.reference import (  # noqa: F401  (swapped by name)
     blend_gate,
@@ -15,7 +13,3 @@ from kasmina_kernels.reference import (  # noqa: F401  (swapped by name)
     ste_forward,
 )
 
-
-def this_module():
-    """The namespace a slot reads its blends from: this module, swapped or not."""
-    return sys.modules[__name__]

@@ -8,7 +8,7 @@ names `kasmina_kernels.swap_in` replaces. Each blend runs inside a
 
 from __future__ import annotations
 
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -24,20 +24,6 @@ EAGER_BLENDS = SimpleNamespace(
 DROP_INS = SimpleNamespace(**{name: swap.DROP_INS[name] for name in vars(EAGER_BLENDS)})
 
 
-class _ModuleRef:
-    """A module's names, looked up at each access (so `swap_in` on the module reaches the slot);
-    shared, not copied, by copy.deepcopy (a module cannot be deep-copied)."""
-
-    def __init__(self, module: ModuleType):
-        self.module = module
-
-    def __getattr__(self, name):
-        return getattr(self.module, name)
-
-    def __deepcopy__(self, memo):
-        return self
-
-
 class SeedSlot(nn.Module):
     def __init__(self, channels: int, seed: nn.Module, operator: str, *, topology: str = "cnn",
                  ramp_steps: int = 10, isolate: bool = True, blends=None):
@@ -45,8 +31,7 @@ class SeedSlot(nn.Module):
         if operator not in OPERATORS:
             raise ValueError(f"unknown operator {operator!r}: expected one of {', '.join(OPERATORS)}")
         self.operator, self.ramp_steps, self.isolate, self.seed = operator, ramp_steps, isolate, seed
-        blends = EAGER_BLENDS if blends is None else blends
-        self.blends = _ModuleRef(blends) if isinstance(blends, ModuleType) else blends
+        self.blends = EAGER_BLENDS if blends is None else blends
         self.register_buffer("alpha", torch.zeros(()))
         self.gated_blend = (self.blends.GatedBlend(channels, topology=topology, total_steps=ramp_steps)
                             if operator == "gate" else None)

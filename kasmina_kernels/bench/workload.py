@@ -92,8 +92,8 @@ def build(op: optable.Op, shape, dtype, device, gen: torch.Generator,
         no_grad = esper.NO_GRAD
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
         out = op.reference(*args, **kwargs)
-    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device, out.dtype)
-    grad = torch.empty_like(out).copy_(grad)  # the output's layout, as a layer's gradient has
+    # in the output's layout, as a layer's gradient has
+    grad = opcases.incoming_grad(out, int(torch.randint(1 << 31, (), generator=gen)))
     first = _input_set(op.inputs, args, kwargs, grad, no_grad)
     tensors = [t for t in [*first.args, *first.kwargs.values(), grad] if isinstance(t, torch.Tensor)]
     set_bytes = sum(t.numel() * t.element_size() for t in tensors)
