@@ -26,11 +26,11 @@ DROP_INS = SimpleNamespace(**{name: swap.DROP_INS[name] for name in vars(EAGER_B
 
 class SeedSlot(nn.Module):
     def __init__(self, channels: int, seed: nn.Module, operator: str, *, topology: str = "cnn",
-                 ramp_steps: int = 10, isolate: bool = True, blends=None):
+                 ramp_steps: int = 10, blends=None):
         super().__init__()
         if operator not in OPERATORS:
             raise ValueError(f"unknown operator {operator!r}: expected one of {', '.join(OPERATORS)}")
-        self.operator, self.ramp_steps, self.isolate, self.seed = operator, ramp_steps, isolate, seed
+        self.operator, self.ramp_steps, self.seed = operator, ramp_steps, seed
         self.blends = EAGER_BLENDS if blends is None else blends
         self.register_buffer("alpha", torch.zeros(()))
         self.gated_blend = (self.blends.GatedBlend(channels, topology=topology, total_steps=ramp_steps)
@@ -43,9 +43,7 @@ class SeedSlot(nn.Module):
             self.gated_blend.step(min(step + 1, self.ramp_steps))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        r = h if h.is_contiguous() else h.contiguous()
-        if self.isolate:
-            r = r.detach()
+        r = (h if h.is_contiguous() else h.contiguous()).detach()  # Esper's gradient isolation
         s = self.seed(r)
         b = self.blends
         with torch.profiler.record_function(BLEND_RANGE):
