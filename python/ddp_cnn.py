@@ -1,23 +1,15 @@
-"""Data-parallel training of the esper_cnn example with the native backend: DistributedDataParallel
-over the gloo backend, one process per shard of each batch, checked against a single-process
-run of the eager model on the whole batch.
-
-Each of the `world_size` processes builds the model with the drop-ins swapped in and the
-native backend, takes its equal slice of every batch, and DDP averages the gradients, so every
-step's gradients must equal those of one process training on the full batch (the loss is a
-mean). The launcher spawns the processes itself (torch.multiprocessing, no torchrun needed),
-collects rank 0's gradients of every step and its final parameters, runs the single-process
-eager reference and prints the largest differences.
+"""Data-parallel training of the esper_cnn example with the native backend (docs/examples.md#ddp):
+DistributedDataParallel over gloo, each process on its equal slice of every batch with the
+drop-ins swapped in, checked against a single-process eager run on the whole batch (DDP
+averages the gradients and the loss is a mean, so every step's gradients must agree). The
+launcher spawns the processes itself; under torchrun (RANK and WORLD_SIZE set) every process
+joins the group from the environment and rank 0 prints the comparison.
 
     python python/ddp_cnn.py                      # spawns 2 processes on this machine, 5 steps
     python python/ddp_cnn.py --world-size 4 --steps 10
     torchrun --standalone --nproc-per-node 2 python/ddp_cnn.py          # the same, under torchrun
     torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
         python/ddp_cnn.py                         # on each of two machines
-
-Under a launcher (RANK and WORLD_SIZE set) every process joins the gloo group from the
-environment and rank 0 prints the comparison. The kernels keep no per-process state, so
-nothing else changes past one machine.
 """
 
 from __future__ import annotations

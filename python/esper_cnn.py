@@ -1,14 +1,8 @@
-"""End-to-end example: a small channels_last CNN host with four Esper-style seed slots (ADD,
-MULTIPLY, GATE and a seed still training behind the straight-through estimator), written the
-way Esper's SeedSlot.forward is: each seed fed r = the host's features as a contiguous NCHW
-copy, detached (isolation), producing NCHW features beside the channels_last host; a cached
-0-dim alpha without grad; GATE's gate from a GatedBlend over r. Trained with SGD on a
-synthetic classification task.
-
-It trains once as written (eager blend functions) and once per backend with the drop-ins
-swapped in, from the same weights and batches, and prints per backend the final loss, the
-largest relative loss difference and parameter difference from the eager run, the time per
-training step and the kernels per training step.
+"""End-to-end example (docs/examples.md): a small channels_last CNN host with four Esper-style
+seed slots (ADD, MULTIPLY, GATE, and a seed training behind the straight-through estimator),
+trained with SGD on a synthetic task as written (eager blends) and once per backend with the
+drop-ins swapped in; prints per backend the loss and parameter differences from the eager run,
+ms per step and kernels per step.
 
     python python/esper_cnn.py                         # CPU, float32, every CPU backend
     python python/esper_cnn.py --steps 50 --backends native
@@ -32,7 +26,7 @@ def build_model(seed: int = 0, width: int = 16) -> esper_models.CNNHost:
     """The host with its slots, initialized from `seed` (on CPU): host convolutions and
     features channels_last, seeds NCHW, blends looked up in `seed_slots`."""
     torch.manual_seed(seed)
-    return esper_models.CNNHost(width, CLASSES, blends=seed_slots.this_module())
+    return esper_models.CNNHost(width, CLASSES, blends=seed_slots)
 
 
 def make_batches(steps: int, batch_size: int = 16, *, device="cpu", seed: int = 1):

@@ -1,10 +1,6 @@
-"""End-to-end example: a small transformer host on (B, T, C) tokens with one Esper-style GATE
-seed slot (learned per-sample gate from `GatedBlend(topology="transformer")` over the seed
-input), the seed fed the detached host features (contiguous (B,T,C)), a cached 0-dim alpha
-without grad, trained with SGD on a synthetic sequence classification task.
-
-Trains as written (eager blend functions), then once per backend with the drop-ins swapped
-in, from the same weights and batches; prints the same per-backend table as esper_cnn.py.
+"""End-to-end example (docs/examples.md): a small transformer host on (B, T, C) tokens with one
+Esper-style GATE slot, trained as written and then per backend with the drop-ins swapped in;
+prints the same per-backend table as esper_cnn.py.
 
     python python/esper_transformer.py                   # CPU, float32
     python python/esper_transformer.py --device cuda     # CUDA, bf16 autocast
@@ -23,7 +19,7 @@ FEATURES, CLASSES = 8, 5
 def build_model(seed: int = 0, width: int = 32) -> esper_models.TransformerHost:
     """One encoder layer and a GATE slot (blends looked up in `seed_slots`), from `seed`."""
     torch.manual_seed(seed)
-    return esper_models.TransformerHost(FEATURES, width, 4, CLASSES, blends=seed_slots.this_module())
+    return esper_models.TransformerHost(FEATURES, width, 4, CLASSES, blends=seed_slots)
 
 
 def make_batches(steps: int, batch_size: int = 16, *, device="cpu", seed: int = 1):

@@ -1,18 +1,13 @@
 """What the end-to-end examples share: the training loop, the per-backend runs, the kernel
-count and the command line.
-
-Every run starts from the same weights (the eager model's initial ``state_dict``, loaded with
-``strict=True`` into each rebuilt model) and sees the same batches. The first run is the
-eager model exactly as written (``eager``); then, for each backend asked for, the model is
-rebuilt with the drop-ins swapped into `seed_slots` (``kk.swap_in``) inside
-``kk.use_backend(backend)`` and trained again.
+count and the command line. Every run starts from the eager model's initial weights and sees
+the same batches: first the model as written (``eager``), then per backend the model rebuilt
+with the drop-ins swapped into `seed_slots` inside ``kk.use_backend(backend)``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import statistics
 import time
 from collections import Counter
@@ -88,17 +83,19 @@ class RunResult:
 
 def run(backend: str, build_model, batches, initial_state, *, autocast_dtype, count=True) -> RunResult:
     """Train a fresh model on `backend` (``EAGER``: the model as written, nothing swapped). The
-    kernels of one training step are counted on a copy after one warm-up step, so the count
-    leaves the trained model untouched."""
+    kernels of one training step are counted on a second fresh model after one warm-up step,
+    so the count leaves the trained model untouched."""
     swap = contextlib.nullcontext() if backend == EAGER else kk.swap_in(seed_slots)
     scope = contextlib.nullcontext() if backend == EAGER else kk.use_backend(backend)
-    with swap, scope:
+    def fresh():
         model = build_model()
         model.load_state_dict(initial_state, strict=True)
-        model.to(batches[0][0].device)
-        kernels = None
+        return model.to(batches[0][0].device)
+
+    with swap, scope:
+        model, kernels = fresh(), None
         if count:
-            probe = copy.deepcopy(model)
+            probe = fresh()
             probe_sgd, (x, y) = sgd(probe), batches[0]
             training_step(probe, probe_sgd, x, y, 0, autocast_dtype=autocast_dtype)
             kernels = count_kernels(lambda: training_step(probe, probe_sgd, x, y, 1,

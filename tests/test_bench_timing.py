@@ -107,7 +107,7 @@ def test_report_counts_only_supported_ratios_and_flags_above_copy():
     fast_copy = _record(_rounds(1.5e-3, 0.02, seed=5), _rounds(1.0e-3, 0.02, seed=6),
                         copy_fraction=1.69)
     d = fast_copy["impls"]["native"]
-    assert report._bandwidth(d["GBps"], d["copy_fraction"], "forward").endswith("(169%) (!)")
+    assert report._bandwidth(d, "forward").endswith("(169%) (!)")
     support = d["speedup_support"]["eager"]["forward"]
     assert not support["conclusive"] and "above a same-size copy" in support["why"]
     text = "\n".join(report.verdicts([tight, noisy]))

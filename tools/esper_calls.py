@@ -1,19 +1,16 @@
 """Esper's calls beyond the benchmark's: the drop-ins (native by default) against the eager
-reference, forward+backward wall time per call, the two alternating round by round on the same
+reference, forward+backward wall time per call, alternating round by round on the same
 preallocated random inputs (`bench.timing.wall_per_call`; medians over rounds).
 
     PYTHONPATH=. python tools/esper_calls.py host-cost [--calls 2000] [--rounds 40] [--ops blend_add,blend_gate]
     PYTHONPATH=. python tools/esper_calls.py layouts [--quick] [--out table.md]
 
-host-cost: tiny tensors (default (2,4,3,3)), where kernel time is nothing and what remains is
-Python, dispatch and autograd (docs/semantics.md#performance-model, item 3): every drop-in,
-`GatedBlend`, the pool, and a floor row (one builtin `h + s` and its backward, in both columns).
+host-cost: tiny tensors (default (2,4,3,3)), where what remains is Python, dispatch and
+autograd (docs/semantics.md#performance-model, item 3), with a floor row (one builtin `h + s`).
 layouts: ADD, MULTIPLY, GATE and the STE at Esper's shapes in every layout combination of host
-and seed, alpha with and without grad: the "no cell under 1.0x" check beyond Esper's layouts.
-
-Host h and seed s require grad; the seed input r (h's values in the seed's layout) does not;
-gate (B,1,...) does; alpha is 0-dim in the host's dtype; the incoming gradient has the output's
-layout. (B,T,C) features are contiguous.
+and seed, alpha with and without grad. Inputs: h and s require grad, the seed input r (h's
+values in the seed's layout) does not, gate (B,1,...) does, alpha is 0-dim in the host's dtype;
+the incoming gradient has the output's layout; (B,T,C) features are contiguous.
 """
 
 from __future__ import annotations

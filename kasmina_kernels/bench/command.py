@@ -40,17 +40,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (torch.set_num_threads) before anything runs. "
                         "Default on CPU: 1 where the process may use at most 2 cores, else "
-                        "torch's default capped at the cores the process may use (threads "
-                        "beyond the free cores make every parallel op wait in OpenMP barriers "
-                        "for descheduled threads); on CUDA, torch's default")
+                        "torch's default capped at the usable cores (more threads than free "
+                        "cores stall OpenMP barriers; bench/README.md); on CUDA, torch's default")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds; entries not started by then are skipped and listed in the report")
 
 
 def default_threads(device_type: str, cores: int, torch_default: int) -> tuple[int, str]:
-    """(threads, why) when --threads is not given. On CPU a thread count above the cores that
-    are free oversubscribes them: an OpenMP barrier then waits for a descheduled thread, a
-    scheduler quantum (milliseconds) added to a sub-millisecond call. With at most
+    """(threads, why) when --threads is not given. On CPU more threads than free cores make an
+    OpenMP barrier wait a scheduler quantum for a descheduled thread: with at most
     SMALL_MACHINE_CORES usable cores any other load takes a whole core, so 1 thread; else
     torch's default (its physical-core count) capped at the usable cores."""
     if device_type != "cpu":
@@ -80,9 +78,8 @@ def main(args: argparse.Namespace) -> int:
     if args.step:
         plan.entries, plan.notes = [], []
     elif args.quick:
-        plan.notes.append("--quick leaves out the training-step section (`kasmina-kernels bench "
-                          "--step` runs it alone; the full run includes it): it compiles two "
-                          "models' training steps, minutes on CPU.")
+        plan.notes.append("--quick leaves out the training-step section (minutes on CPU: it "
+                          "compiles two models' training steps); `--step` runs it alone.")
     kernels, excluded = sweep.select_backends(device, args.backends)
     if args.backends and not kernels:
         print("bench: none of the requested backends can run here: "

@@ -1,13 +1,8 @@
-"""Esper's calls (docs/semantics.md#espers-calls): the inputs of each blend op as Esper's
-`SeedSlot.forward` passes them, for the first section of the benchmark report.
-
-CNN shapes `(B,C,H,W)`: channels_last host with grad, NCHW seed input `r` without grad and NCHW
-seed features with grad, 0-dim alpha in the host's dtype without grad, gate `(B,1,1,1)` with
-grad, incoming gradient in the output's layout; `(B,T,C)` shapes: every tensor contiguous.
-`alpha_override` form: alpha `(K*B,1,...)` without grad, the shape's batch read as K=2
-configurations of B = batch/2 samples. Under bf16 autocast the features, seed input and gate
-are bfloat16 (what autocast's convolutions and linears produce), alpha stays a float32 0-dim
-buffer (the module's own dtype), and every call runs inside `torch.autocast`.
+"""Esper's calls (docs/semantics.md#espers-calls): each blend op's inputs as Esper's
+`SeedSlot.forward` passes them, for the first section of the benchmark report. The
+`alpha_override` form reads the batch as K=2 configurations of batch/2 samples. Under bf16
+autocast the features, seed input and gate are bfloat16 (what autocast's layers produce), alpha
+a float32 0-dim buffer (the module's own dtype), and every call runs inside `torch.autocast`.
 """
 
 from __future__ import annotations
@@ -26,8 +21,9 @@ NO_GRAD = frozenset(("alpha", "seed_input"))  # arguments Esper passes without r
 
 def make_inputs(op: str, pattern: str, shape, dtype: torch.dtype, device, gen, *,
                 autocast: bool = False) -> tuple[list, dict]:
-    """(args, kwargs) of `op` as Esper passes them (module doc). Values are random, never zero:
-    alpha in [0.1, 0.9] (a scheduled amplitude), gate in (0.05, 0.95)."""
+    """(args, kwargs) of `op` as Esper passes them: channels_last CNN host, NCHW seed and seed
+    input; (B,T,C) all contiguous. Values are random, never zero: alpha in
+    [0.1, 0.9] (a scheduled amplitude), gate in (0.05, 0.95)."""
     if op not in OPS or pattern not in PATTERNS:
         raise ValueError(f"no Esper pattern {pattern!r} for {op!r}: expected one of "
                          f"{', '.join(PATTERNS)} for one of {', '.join(OPS)}")

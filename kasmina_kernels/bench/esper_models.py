@@ -1,20 +1,14 @@
-"""Esper-style hosts with seed slots, written the way Esper's `SeedSlot.forward` calls the
-blends (docs/semantics.md#espers-calls). The training-step benchmark (bench/step.py) and the
-examples in python/ build their models from here.
-
-A `SeedSlot` looks its blend functions up by name on a `blends` namespace at every call (a
-module or any object with ``blend_with_isolation``, ``blend_multiply``, ``blend_gate``,
-``ste_forward`` and the class ``GatedBlend``): `EAGER_BLENDS` (the eager references and
-`EagerGatedBlend`, standing in for Esper's own), `DROP_INS` (the fused drop-ins on the default
-backend), or a module such as the examples' ``seed_slots`` whose names `kasmina_kernels.swap_in`
-replaces. The blend (for GATE: the gate network and the blend) runs inside a
-``torch.profiler.record_function(BLEND_RANGE)`` range, so a profile can tell the blends' share
-of a step.
+"""Esper-style hosts with seed slots that call the blends the way Esper's `SeedSlot.forward`
+does (docs/semantics.md#espers-calls), for the training-step benchmark (bench/step.py) and the
+examples in python/. A slot looks its blends up by name at every call on its `blends`
+namespace: `EAGER_BLENDS`, `DROP_INS`, or a module such as the examples' ``seed_slots`` whose
+names `kasmina_kernels.swap_in` replaces. Each blend runs inside a
+``torch.profiler.record_function(BLEND_RANGE)`` range, so a profile can tell its share of a step.
 """
 
 from __future__ import annotations
 
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -30,29 +24,14 @@ EAGER_BLENDS = SimpleNamespace(
 DROP_INS = SimpleNamespace(**{name: swap.DROP_INS[name] for name in vars(EAGER_BLENDS)})
 
 
-class _ModuleRef:
-    """A module's names, looked up at each access (so `swap_in` on the module reaches the slot);
-    shared, not copied, by copy.deepcopy (a module cannot be deep-copied)."""
-
-    def __init__(self, module: ModuleType):
-        self.module = module
-
-    def __getattr__(self, name):
-        return getattr(self.module, name)
-
-    def __deepcopy__(self, memo):
-        return self
-
-
 class SeedSlot(nn.Module):
     def __init__(self, channels: int, seed: nn.Module, operator: str, *, topology: str = "cnn",
-                 ramp_steps: int = 10, isolate: bool = True, blends=None):
+                 ramp_steps: int = 10, blends=None):
         super().__init__()
         if operator not in OPERATORS:
             raise ValueError(f"unknown operator {operator!r}: expected one of {', '.join(OPERATORS)}")
-        self.operator, self.ramp_steps, self.isolate, self.seed = operator, ramp_steps, isolate, seed
-        blends = EAGER_BLENDS if blends is None else blends
-        self.blends = _ModuleRef(blends) if isinstance(blends, ModuleType) else blends
+        self.operator, self.ramp_steps, self.seed = operator, ramp_steps, seed
+        self.blends = EAGER_BLENDS if blends is None else blends
         self.register_buffer("alpha", torch.zeros(()))
         self.gated_blend = (self.blends.GatedBlend(channels, topology=topology, total_steps=ramp_steps)
                             if operator == "gate" else None)
@@ -64,9 +43,7 @@ class SeedSlot(nn.Module):
             self.gated_blend.step(min(step + 1, self.ramp_steps))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        r = h if h.is_contiguous() else h.contiguous()
-        if self.isolate:
-            r = r.detach()
+        r = (h if h.is_contiguous() else h.contiguous()).detach()  # Esper's gradient isolation
         s = self.seed(r)
         b = self.blends
         with torch.profiler.record_function(BLEND_RANGE):

@@ -64,9 +64,8 @@ class Plan:
 
 
 def esper_entries(device: torch.device, *, quick: bool, dtypes: list[str] | None) -> list[Entry]:
-    """Esper's calls (esper.py): every blend op at Esper's shapes in the 0-dim alpha form, then
-    ADD, MULTIPLY and GATE in the alpha_override form; float32 and bfloat16, plus bf16
-    autocast on CUDA. --quick: float32 at the smallest CNN shape only."""
+    """Esper's calls (esper.py): the 0-dim alpha form, then the alpha_override form; float32 and
+    bfloat16, plus bf16 autocast on CUDA. --quick: float32 at the smallest CNN shape only."""
     shapes = esper.QUICK_SHAPES if quick else esper.SHAPES
     dtypes = [d for d in dtypes or (["float32"] if quick else ["float32", "bfloat16"])
               if d in ("float32", "bfloat16", esper.AUTOCAST)]
@@ -101,12 +100,10 @@ def make_plan(device: torch.device, *, quick: bool, ops: list[str] | None,
         notes.append(
             "--quick: ops " + ", ".join(ops) + "; dtypes " + ", ".join(dtypes) + "; shapes "
             + ", ".join(str(s) for _, s in named) + "; size sweep numel 2^"
-            + ", 2^".join(str(k) for k in sizes) + " without the torch.compile peer; 5 rounds. "
-            "torch.compile compiles every shape afresh (seconds each on CPU) and checking "
-            "Esper-sized outputs against a float64 oracle takes seconds too, so --quick covers the "
-            "headline ops at the smallest Esper shape and the small shape only. The full run (no "
-            "--quick) covers every op, float32 and bfloat16, all of Esper's shapes, and the whole "
-            "size sweep with torch.compile.")
+            + ", 2^".join(str(k) for k in sizes) + " without the torch.compile peer; 5 rounds "
+            "(torch.compile of every shape and the float64 check of Esper-sized outputs take "
+            "seconds each on CPU; bench/README.md). The full run covers every op, float32 and "
+            "bfloat16, all of Esper's shapes and the whole size sweep with torch.compile.")
     else:
         ops = ops or list(ALL_OPS)
         dtypes = [d for d in dtypes or ["float32", "bfloat16"] if d in DTYPES]

@@ -25,26 +25,14 @@ HEADER_KEYS = ("device", "cpu_count", "usable cores", "load average at start", "
                "native built with CUDA", "native CPU capability", "native float32 tanh",
                "transparent huge pages", "date", "rotation_bytes", "inductor_warmup_s", "command")
 METHOD = (
-    "Method: every implementation is checked against the eager reference (the equivalence rule "
-    "of docs/semantics.md#equivalence) before it is timed. Times are medians of all timed calls "
-    "after warm-up; implementations alternate round by round on the same inputs (random, never "
-    "zero), rotating through input copies that span more than the rotation size above so caches "
-    "do not flatter; CUDA times come from device events, CPU times from perf_counter. Forward is "
-    "the training forward (inputs require grad); backward produces every gradient. GB/s use the "
-    "byte counts of docs/semantics.md#performance-model (kasmina_kernels/bench/bytemodel.py); "
-    "% copy is against a same-size device copy timed alongside. Those counts are the floor for a "
-    "dense result: the native CPU backward of gated_pool and gate_network returns dx as a "
-    "stride-0 broadcast of its (B, C) values, as torch's own sum backward does, so it writes B*C "
-    "values, not N, and its backward GB/s for those two ops counts a write it does not do. "
-    "µs/call is the wall time of back-to-back forward calls, host overhead included. On CUDA, "
-    "'kernel' columns give the time the device spends executing a call's own work (kernels, "
-    "copies, memsets, from the CUDA profiler, each run bracketed by marker kernels; host gaps "
-    "between launches left out) and the GB/s that time gives, against the copy's kernel time: "
-    "how close the kernels are to the memory-bandwidth floor, apart from launch and autograd "
-    "overhead. torch.compile (dynamic=False, fullgraph=True) compiles each shape afresh; its "
-    "compile time (first forward+backward call) is listed apart and never in a timed call; "
-    "'(cached)' marks a compile that found its graphs in inductor's on-disk cache from an "
-    "earlier run.")
+    "Method (docs/benchmarks.md#reading-the-report): each implementation is checked against the "
+    "eager reference (docs/semantics.md#equivalence) before it is timed. Times are medians after "
+    "warm-up, implementations alternating round by round on rotating random inputs (never zero); "
+    "CUDA times by device events, CPU times by perf_counter. Forward is the training forward; "
+    "backward produces every gradient. GB/s: the byte counts of docs/semantics.md#performance-model; "
+    "% copy: against a same-size device copy. µs/call: back-to-back forward calls, host overhead "
+    "included. 'kernel' columns (CUDA): device-busy time per call. compile s: torch.compile's first "
+    "forward+backward, never timed; '(cached)': inductor's on-disk cache served it.")
 
 
 def machine(device: torch.device) -> dict:
@@ -69,10 +57,8 @@ def machine(device: torch.device) -> dict:
 
 
 def transparent_huge_pages(sysfs: str = "/sys/kernel/mm/transparent_hugepage/enabled") -> str:
-    """The kernel's transparent-huge-page mode and torch's THP_MEM_ALLOC_ENABLE. Unless the mode
-    is `always`, or it is `madvise` and torch's switch is on, a fresh multi-MB CPU output faults
-    in 4 KiB pages, and at the largest shapes those faults can cost more than the arithmetic
-    (for every implementation alike)."""
+    """The kernel's transparent-huge-page mode and torch's THP_MEM_ALLOC_ENABLE: together they
+    decide whether large CPU outputs fault in 4 KiB pages (docs/benchmarks.md#cpu-memory-notes)."""
     try:
         text = Path(sysfs).read_text()
         mode = text[text.index("[") + 1:text.index("]")]
@@ -126,23 +112,18 @@ def _ratio(d: dict, peer: str, mode: str) -> str:
 
 
 def legend() -> list[str]:
-    """What the marks mean and when a ratio counts; the rule is timing.compare's."""
+    """What the marks mean and when a ratio counts (timing.compare's rule)."""
     return [
-        "*Legend:* ratios are peer time / backend time (above 1.00x: the backend is faster). "
-        f"A ratio is a verdict only when the timings support it: neither implementation's "
-        f"timings spread more than {SPREAD_LIMIT:.0%} (inter-quartile range over median: a wide "
-        "or two-humped distribution, e.g. calls that lose a scheduler quantum on a loaded "
-        "machine, has no typical call), the ratio of every round (implementations alternate "
-        f"round by round; at least {MIN_ROUNDS} rounds) lies on the same side of "
-        "1.00x as the overall ratio (a sign test: a coin flip passes it 1 time in 16 at 5 "
-        "rounds), and neither implementation's GB/s is above the same-size copy's. "
-        f"`{INCONCLUSIVE}` after a ratio (e.g. `1.04x {INCONCLUSIVE}`): inconclusive, the "
-        "timings do not support a comparison; it is left out of the counts of cases ahead and "
-        f"behind, and listed apart with its reason. `{ABOVE_COPY}` after a GB/s figure: above "
-        "a same-size copy: a timing artefact (caches, clock, or too few repeats), not a "
-        "measured speed; ratios involving it are inconclusive. Exception: the native CPU "
-        "backward of gated_pool and gate_network, whose byte count includes a dense dx write "
-        "it does not do (see above); there the mark stays but the ratio still counts."]
+        "*Legend:* ratios are peer time / backend time (above 1.00x: the backend is faster). A "
+        f"ratio is a verdict only when neither implementation's timings spread more than "
+        f"{SPREAD_LIMIT:.0%} (IQR/median), every round's ratio (at least {MIN_ROUNDS} rounds) lies "
+        "on the same side of 1.00x, and neither GB/s is above the same-size copy's "
+        "(docs/benchmarks.md#reading-the-report). "
+        f"`{INCONCLUSIVE}` after a ratio (e.g. `1.04x {INCONCLUSIVE}`): inconclusive, left out of "
+        f"the counts ahead and behind and listed apart with its reason. `{ABOVE_COPY}` after a "
+        "GB/s figure: above a same-size copy, a timing artefact, not a measured speed (except the "
+        "native CPU backward of gated_pool and gate_network, which writes no dense dx: there the "
+        "ratio still counts)."]
 
 
 def side_by_side(rows: list[dict], mode: str, alpha: bool = False) -> list[str]:
@@ -157,15 +138,12 @@ def side_by_side(rows: list[dict], mode: str, alpha: bool = False) -> list[str]:
     return _table(head + [f"{k} vs {p}" for k in kernels for p in PEERS], 3 + alpha, body)
 
 
-def _bandwidth(gb: dict, fr: dict, mode: str) -> str:
+def _bandwidth(d: dict, mode: str, kind: str = "") -> str:
+    """GB/s and % copy of an implementation's record in `mode`; kind "kernel_": by kernel time."""
+    gb, fr = d.get(f"{kind}GBps", {}), d.get(f"{kind}copy_fraction", {})
     if mode not in gb or mode not in fr:
         return "-"
     return f"{gb[mode]:.1f} ({fr[mode] * 100:.0f}%)" + (f" {ABOVE_COPY}" if fr[mode] > 1.0 else "")
-
-
-def _impl_bandwidth(d: dict, mode: str, kind: str = "") -> str:
-    """`_bandwidth` of an implementation's record; kind "kernel_": by its kernel time."""
-    return _bandwidth(d.get(f"{kind}GBps", {}), d.get(f"{kind}copy_fraction", {}), mode)
 
 
 def _has_kernel_time(records: list[dict]) -> bool:
@@ -189,11 +167,11 @@ def detail_table(records: list[dict]) -> list[str]:
             cells = [r["op"], _shape(r["shape"]), r["dtype"], r.get("pattern", "isolated"), name,
                      _us(d["forward"]["median"]), _us(d["backward"]["median"]), _us(d[FB]["median"]),
                      f"{d['call_us']:.1f}" if "call_us" in d else "-",
-                     _impl_bandwidth(d, "forward"), _impl_bandwidth(d, "backward")]
+                     _bandwidth(d, "forward"), _bandwidth(d, "backward")]
             if kernel:
                 k = d.get("kernel", {})
                 cells += [_us(k.get(m, {}).get("median")) for m in ("forward", "backward")]
-                cells += [_impl_bandwidth(d, m, "kernel_") for m in ("forward", "backward")]
+                cells += [_bandwidth(d, m, "kernel_") for m in ("forward", "backward")]
             rows.append(cells + [f"{d['saved_bytes'] / 2**20:.2f} ({d['saved_extra_bytes'] / 2**20:.2f})"
                                  if "saved_bytes" in d else "-", comp])
     return _table(head + ["saved MiB (not inputs)", "compile s"], 5, rows)
@@ -208,11 +186,11 @@ def sweep_table(records: list[dict]) -> list[str]:
     body = []
     for r in rows:
         cells = [r["op"], r["dtype"], f"{r['numel']:,}", f"{r['feature_bytes'] / 2**20:.2f}",
-                 f"{r['copy']['GBps']:.1f}"] + [_impl_bandwidth(r["impls"].get(n, {}), FB) for n in impls]
+                 f"{r['copy']['GBps']:.1f}"] + [_bandwidth(r["impls"].get(n, {}), FB) for n in impls]
         if kernel:
             ck = r["copy"].get("kernel_GBps")
             cells += [f"{ck:.1f}" if ck else "-"]
-            cells += [_impl_bandwidth(r["impls"].get(n, {}), FB, "kernel_") for n in impls]
+            cells += [_bandwidth(r["impls"].get(n, {}), FB, "kernel_") for n in impls]
         body.append(cells)
     return _table(head, 2, body)
 
@@ -298,13 +276,10 @@ def esper_section(records: list[dict]) -> list[str]:
     inputs = inputs_legend(rows)
     return ["## Esper's calls (docs/semantics.md#espers-calls), forward+backward", "",
             "The layouts, dtypes and requires-grad flags of Esper's `SeedSlot.forward` "
-            "(kasmina_kernels/bench/esper.py): channels_last CNN host beside NCHW seed features "
-            "and seed input, alpha without grad, gate with grad. alpha 0-dim: Esper's cached "
-            "scheduled amplitude; alpha (K*B,1,...): the alpha_override of a fused "
-            "multi-configuration pass. Ratios are peer time / backend time (above 1.00x: the "
-            "backend is faster). Backward produces the gradients of the inputs that require grad "
-            "only. Every backend was checked on these very inputs (same flags and layouts) "
-            "before it was timed.", "",
+            "(kasmina_kernels/bench/esper.py): channels_last CNN host beside NCHW seed features and "
+            "seed input, alpha without grad (0-dim: Esper's cached amplitude; (K*B,1,...): the "
+            "alpha_override form), gate with grad. Backward produces the gradients of the inputs "
+            "that require grad only. Every backend was checked on these very inputs first.", "",
             "**FAILED**: " + "; ".join(failures) if failures else
             "Check: every backend matched the reference on every one of these calls.", "",
             *verdicts(records, groups=(ESPER_GROUP,)), "", *inputs, "", *side_by_side(rows, FB, alpha=True),
@@ -352,30 +327,20 @@ def step_section(result: dict, device_type: str) -> list[str]:
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
-    what = ("CUDA kernels (profiler device events)" if device_type == "cuda" else
-            "leaf aten/kasmina operator events on CPU, plus inductor's C++ kernels under compile; "
-            "allocations and views left out")
+    what = ("CUDA kernels" if device_type == "cuda" else
+            "leaf aten/kasmina operator events, plus inductor's C++ kernels under compile")
     n = result["agree_steps"]
     lines = ["## A whole training step (docs/semantics.md#performance-model, item 2)", "",
-             "Forward, cross-entropy, backward and an SGD update (lr 0.05) of an Esper-style host, "
-             "eager blends against the drop-ins (`kasmina_kernels.use_backend(backend)` around "
-             "each step, fused `nn.GatedBlend`), each in eager mode and with the whole step "
-             "function in `torch.compile`. Slots as Esper's `SeedSlot.forward` writes them "
-             "(kasmina_kernels/bench/esper_models.py): r = h.contiguous().detach() (NCHW, no grad), "
-             "s = seed(r) NCHW with grad, alpha a 0-dim float32 buffer without grad (0.5), GATE's "
-             "gate = GatedBlend.get_alpha_for_blend(r) with grad, STE stage ste_forward(h, s). "
-             f"ms/step: median of timed steps after {n} loss-check steps and "
-             "warm-up, variants interleaved round by round. vs eager blends: eager blends' "
-             "ms/step over the row's, in the same mode; '~' after it: inconclusive, the timings "
-             f"do not support it (the rule of the legend at the top). kernels/step: {what}, from "
-             f"torch.profiler over {step_bench.PROFILE_STEPS} steps. blend share: time in the blend "
-             "calls (record_function ranges around each slot's blend, GATE's gate network included) "
-             "and the backward nodes they created, over the profiled step time (profiler overhead "
-             "included in both); under torch.compile the drop-ins' `kasmina::` operator time "
-             "instead, and '-' for eager blends (fused by inductor). rel loss diff: max over "
-             f"{n} steps of |loss - eager blends' loss| / |eager blends' loss|, "
-             "same initial weights and batches (first figure: against eager blends in the same "
-             "mode; second: against eager blends in eager mode).", ""]
+             "Forward, cross-entropy, backward and SGD (lr 0.05) of an Esper-style host "
+             "(kasmina_kernels/bench/esper_models.py): eager blends against the drop-ins under "
+             "`kasmina_kernels.use_backend(backend)`, eager and with the step in `torch.compile` "
+             "(columns: docs/benchmarks.md#reading-the-report); slots as Esper's `SeedSlot.forward`: "
+             "s = seed(r), r = h.contiguous().detach(), gate = GatedBlend.get_alpha_for_blend(r), alpha 0.5. "
+             f"ms/step: median after {n} loss-check steps and warm-up, variants interleaved; '~': "
+             f"inconclusive (the legend's rule). kernels/step: {what}, torch.profiler over "
+             f"{step_bench.PROFILE_STEPS} steps. blend share: the blend ranges and their backward nodes "
+             "over the step ('(ops)': the `kasmina::` operators under compile). rel loss diff: max over "
+             f"{n} steps against eager blends in the same mode / in eager mode.", ""]
     lines += [f"- {name} excluded: {why}" for name, why in result.get("excluded", {}).items()]
     head = ["blends", "mode", "ms/step", "vs eager blends", "kernels/step", "kasmina ops/step",
             "blend share", "rel loss diff (same mode / vs eager mode)", "first step s"]

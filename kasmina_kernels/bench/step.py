@@ -1,13 +1,8 @@
-"""A whole training step (docs/semantics.md#performance-model, item 2): `kasmina-kernels bench --step`.
-
-Two Esper-style hosts from `esper_models` (a channels_last CNN with ADD, MULTIPLY, GATE and STE
-slots; a (B,T,C) transformer with a GATE slot), every slot's alpha a 0-dim float32 buffer
-without grad fixed at 0.5, so every blend moves data both ways. Variants from the same initial
-weights on the same batches: the eager blends (`EAGER_BLENDS`) and, per kernel backend, the
-drop-ins inside `use_backend(backend)`; each in eager mode and with the step function (forward,
-loss, backward, SGD update) in `torch.compile` (graph breaks allowed, e.g. at `backward()`).
-Measured: the losses' agreement, ms per step (variants interleaved), kernels per step and the
-blends' share of the step (torch.profiler); `report.step_section` states how.
+"""A whole training step (docs/semantics.md#performance-model, item 2): `kasmina-kernels bench
+--step`. The hosts of `esper_models`, every slot's alpha fixed at 0.5; from the same weights on
+the same batches, the eager blends against each backend's drop-ins, each with the step (forward,
+loss, backward, SGD) eager and in `torch.compile`. Measured: loss agreement, ms per step
+(variants interleaved), kernels per step and the blends' share (torch.profiler).
 """
 
 from __future__ import annotations
@@ -133,8 +128,8 @@ def _kasmina_ops(events) -> list:
 
 def _blend_share(events) -> tuple[float | None, str]:
     """(fraction of the step inside the blends, how it was measured): the `M.BLEND_RANGE` ranges
-    plus the backward nodes they created (matched by autograd sequence number); under
-    torch.compile the ranges do not survive, so the `kasmina::` operators' time instead."""
+    plus the backward nodes they created (by autograd sequence number); under torch.compile the
+    ranges do not survive, so the `kasmina::` operators' time instead."""
     total = sum(e.cpu_time_total for e in events if e.name == STEP_RANGE)
     if not total:
         return None, "no step range in the profile"

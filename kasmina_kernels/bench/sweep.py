@@ -1,8 +1,7 @@
-"""Runs a plan: for each (op, shape, dtype) entry, builds the inputs, compiles the torch.compile
-peer (timed apart), checks every implementation against the reference (a backend that does
-not match is reported as a failure and not timed), then times forward, backward and
-forward+backward of all implementations side by side with a same-size device copy, the
-per-call wall time at Esper's and the small shapes, and the bytes saved for backward."""
+"""Runs a plan, entry by entry: build the inputs, compile the torch.compile peer (timed apart),
+check every implementation against the reference (a backend that does not match is a failure
+and is not timed), then time forward, backward and forward+backward side by side with a
+same-size device copy, the per-call wall time where calls are short, and the bytes saved."""
 
 from __future__ import annotations
 
@@ -66,6 +65,11 @@ def check(impl, judge: opcases.Check) -> dict:
             "max_error_vs_reference": max((v.error_vs_reference for v in verdicts), default=0.0)}
 
 
+def _head(entry: Entry) -> dict:
+    return {"op": entry.op, "shape": list(entry.shape), "dtype": entry.dtype, "group": entry.group,
+            "pattern": entry.pattern}
+
+
 def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], plan: Plan,
               compile_peer: bool, shared: dict | None = None) -> dict:
     """One entry, as a JSON-ready record. `shared`: dynamic-shape compiles reused across
@@ -76,11 +80,9 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
     feature, fwd_bytes, bwd_bytes, from_design = bytemodel.traffic(entry.op, w.base_args, w.base_kwargs,
                                                                    w.no_grad)
     record = {
-        "op": entry.op, "shape": list(entry.shape), "dtype": entry.dtype, "group": entry.group,
-        "numel": feature.numel(), "feature_bytes": feature.numel() * feature.element_size(),
+        **_head(entry), "numel": feature.numel(), "feature_bytes": feature.numel() * feature.element_size(),
         "bytes": {"forward": fwd_bytes, "backward": bwd_bytes}, "bytes_from_design": from_design,
-        "pattern": entry.pattern, "inputs": w.inputs, "n_sets": w.n_sets, "impls": {},
-        "failures": [], "notes": [], "phase_s": {},
+        "inputs": w.inputs, "n_sets": w.n_sets, "impls": {}, "failures": [], "notes": [], "phase_s": {},
     }
     t_phase = [time.perf_counter()]
 
@@ -208,11 +210,9 @@ def derive(record: dict, device_type: str = "cpu") -> None:
 
 def _support(peer: dict, impl: dict, peer_name: str, impl_name: str, mode: str, op: str,
              device_type: str) -> dict:
-    """Whether the timings support the ratio peer / impl in `mode` (timing.compare), and not
-    when either one's GB/s is above the same-size copy's: a figure no measurement of that
-    many bytes can reach, so its time is an artefact (caches, clock, too few repeats), unless
-    the byte count is known to over-state what that implementation moves
-    (bytemodel.overstated)."""
+    """Whether the timings support the ratio peer / impl in `mode` (timing.compare), and not when
+    either one's GB/s is above the same-size copy's (an artefact) unless the byte count is
+    known to over-state what that implementation moves (bytemodel.overstated)."""
     c = compare(Sample(**peer[mode]), Sample(**impl[mode]), peer_name=peer_name,
                 candidate_name=impl_name)
     out = {"conclusive": c["conclusive"], "why": c["why"], "round_ratios": c["round_ratios"]}
@@ -241,7 +241,7 @@ def warm_up_inductor(device: torch.device) -> float | None:
 def run(plan: Plan, device: torch.device, kernel_backends: list[str], *, compile_peer: bool = True,
         time_limit_s: float | None = None, on_record=None) -> tuple[list[dict], list[Entry]]:
     """Runs every entry in order; returns (records, entries not run for the time limit).
-    Progress: a tqdm bar on a terminal, else (a log, or no tqdm) one line per entry."""
+    Progress: a tqdm bar on a terminal, else one line per entry."""
     records, skipped, shared, start = [], [], {}, time.perf_counter()
     bar = None
     if sys.stderr.isatty():
@@ -261,8 +261,7 @@ def run(plan: Plan, device: torch.device, kernel_backends: list[str], *, compile
             try:
                 record = run_entry(entry, device, kernel_backends, plan, compile_peer, shared)
             except Exception as exc:
-                record = {"op": entry.op, "shape": list(entry.shape), "dtype": entry.dtype,
-                          "group": entry.group, "pattern": entry.pattern, "impls": {}, "notes": [],
+                record = {**_head(entry), "impls": {}, "notes": [],
                           "failures": [f"the entry raised {type(exc).__name__}: {exc}"]}
             record["wall_s"] = time.perf_counter() - t0
             records.append(record)

@@ -1,10 +1,8 @@
-"""Timing primitives: medians of repeated timings after warm-up, several candidates timed in
-alternation (round by round) so they share the machine's conditions.
-
-A `Step` is one timed unit: `prepare(i)` runs untimed before each timing (e.g. the forward
-pass whose backward is timed) and `run(i, state)` is timed; `i` is the rotation index of the
-input set to use. On CUDA each timing is a pair of `torch.cuda.Event`s around `run`; on CPU it
-is `time.perf_counter()` (CPU ops are synchronous).
+"""Timing primitives: medians of repeated timings after warm-up, candidates timed in alternation
+(round by round) so they share the machine's conditions. A `Step` is one timed unit:
+`prepare(i)` runs untimed before each timing (e.g. the forward whose backward is timed), then
+`run(i, state)` is timed, on input set `i` of the rotation; by a pair of `torch.cuda.Event`s on
+CUDA, by `time.perf_counter()` on CPU (CPU ops are synchronous).
 """
 
 from __future__ import annotations
@@ -17,8 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-# When a time ratio supports a verdict (`compare`); the report's legend and bench/README.md
-# state the same rule.
+# When a time ratio supports a verdict (`compare`; the report's legend states the same rule)
 SPREAD_LIMIT = 0.5  # (p75 - p25) / median of a candidate's timings, above which it is too noisy
 MIN_ROUNDS = 3  # fewer rounds cannot show that the rounds agree
 
@@ -59,12 +56,10 @@ class Sample:
 def compare(peer: Sample, candidate: Sample, *, peer_name: str = "peer",
             candidate_name: str = "candidate") -> dict:
     """The ratio peer median / candidate median (above 1: the candidate is faster) and whether
-    the timings support it. It is conclusive when (1) neither candidate's timings spread more
-    than SPREAD_LIMIT (inter-quartile range over median: a wide or two-humped distribution,
-    e.g. calls that sometimes lose a scheduler quantum, has no typical call) and (2) the ratio
-    of every round (the candidates alternate round by round) lies on the same side of 1 as the
-    overall ratio: a sign test, which at 5 rounds a coin flip passes 1 time in 16. Returns
-    {"ratio", "conclusive", "why" (None when conclusive), "round_ratios"}."""
+    the timings support it: neither one's timings spread more than SPREAD_LIMIT (a wide or
+    two-humped distribution has no typical call), and every round's ratio lies on the same side
+    of 1 as the overall ratio (a sign test; the candidates alternate round by round).
+    Returns {"ratio", "conclusive", "why" (None when conclusive), "round_ratios"}."""
     ratio = peer.median / candidate.median if candidate.median > 0 else float("inf")
     rounds = [p / c for p, c in zip(peer.rounds, candidate.rounds) if c > 0]
     against = sum((r > 1.0) != (ratio > 1.0) or r == 1.0 for r in rounds)
@@ -168,12 +163,10 @@ def _busy_ns(intervals: list[tuple[int, int]]) -> int:
 
 def kernel_time(steps: list[Step], device: torch.device, n_sets: int, *,
                 iters: int) -> list[Sample] | None:
-    """CUDA only: per call, the time during which the device executes a step's own work
-    (kernels, copies, memsets, as the CUDA profiler records them), host gaps between launches
-    left out. Each run is bracketed by marker kernels (torch.cuda._sleep's `spin_kernel`) in
-    one profiler session, so work done by `prepare` (the forward before a timed backward) is
-    not counted. None when the trace cannot be split by its markers (e.g. a profiler that
-    records no device activity)."""
+    """CUDA only: per call, the device-busy time of a step's own work (kernels, copies, memsets
+    in the CUDA profiler), host gaps left out. Each run is bracketed by marker kernels
+    (torch.cuda._sleep's `spin_kernel`) so `prepare`'s work is not counted. None when the trace
+    cannot be split by its markers (e.g. a profiler that records no device activity)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 

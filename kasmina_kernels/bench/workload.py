@@ -1,10 +1,8 @@
-"""What is timed: rotating input sets for one (op, shape, dtype), the implementations run on
-them (eager reference, torch.compile of the reference, each kernel backend), and the timed
-steps (forward, backward, forward+backward, device copy).
-
-Inputs come from `kasmina_kernels.opcases` or `esper` (random, never zero). Rotation: enough
-copies of the input set that cycling through them touches more memory than `rotate_bytes` (on
-GPU twice the L2 cache), so a timed call never finds its inputs in cache from the previous call.
+"""What is timed: rotating input sets for one (op, shape, dtype) (from `kasmina_kernels.opcases`
+or `esper`: random, never zero), the implementations run on them (eager reference,
+torch.compile of the reference, each kernel backend), and the timed steps. Rotation: enough
+copies of the input set to span more than `rotate_bytes` (on GPU twice the L2 cache), so a
+timed call never finds its inputs in cache from the previous one.
 """
 
 from __future__ import annotations
@@ -82,9 +80,8 @@ class Workload:
 
 def build(op: optable.Op, shape, dtype, device, gen: torch.Generator,
           rotate_bytes: int, *, pattern: str = "isolated", autocast: bool = False) -> Workload:
-    """Input sets for one entry. pattern "isolated": `opcases.make`'s inputs, all contiguous and
-    all requiring grad (the op-isolation benchmark); an `esper.PATTERNS` key: the layouts,
-    dtypes and requires-grad flags of Esper's call (`esper.make_inputs`). The incoming
+    """Input sets for one entry: pattern "isolated", `opcases.make`'s (all contiguous, all
+    requiring grad); an `esper.PATTERNS` key, Esper's call (`esper.make_inputs`). The incoming
     gradient has the output's memory format."""
     device = torch.device(device)
     if pattern == "isolated":
@@ -95,8 +92,8 @@ def build(op: optable.Op, shape, dtype, device, gen: torch.Generator,
         no_grad = esper.NO_GRAD
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
         out = op.reference(*args, **kwargs)
-    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device, out.dtype)
-    grad = torch.empty_like(out).copy_(grad)  # the output's layout, as a layer's gradient has
+    # in the output's layout, as a layer's gradient has
+    grad = opcases.incoming_grad(out, int(torch.randint(1 << 31, (), generator=gen)))
     first = _input_set(op.inputs, args, kwargs, grad, no_grad)
     tensors = [t for t in [*first.args, *first.kwargs.values(), grad] if isinstance(t, torch.Tensor)]
     set_bytes = sum(t.numel() * t.element_size() for t in tensors)
@@ -127,13 +124,10 @@ def backend_impl(w: Workload, backend: str) -> Impl:
 
 
 def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = None) -> Impl:
-    """torch.compile of the reference (fullgraph=True), compiled here by one forward+backward
-    call whose wall time is reported as compile time.
-
-    dynamic=False: compiled for this exact shape, after a dynamo reset (one entry's graphs at a
-    time: no recompile limit, no reuse). dynamic=True: one dynamic-shape compile per (op, dtype)
-    kept in `shared` and reused by later entries (the size sweep), whose first call is then
-    not a compile (compile_s None, `reused` set)."""
+    """torch.compile of the reference (fullgraph=True), compiled by one forward+backward call
+    whose wall time is the compile time. dynamic=False: for this exact shape, after a dynamo
+    reset. dynamic=True: one compile per (op, dtype) kept in `shared` and reused by later
+    entries (the size sweep), whose first call is then not a compile (`reused`)."""
     from torch._dynamo.utils import counters
 
     key = (w.op.name, w.dtype, w.pattern, w.autocast)
