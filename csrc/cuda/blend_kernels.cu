@@ -535,8 +535,6 @@ __global__ void __launch_bounds__(kReduceThreads)
 }
 
 // ---------------------------------------------------------------- planning and dispatch
-Plan plan_for(const BlendParams& p, int vec) { return plan::make_blend_plan(p.numel, p.widx, vec); }
-
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
 ElemArgs make_args(const BlendParams& p, const Plan& plan, int vec_width) {
@@ -639,7 +637,7 @@ struct Workspace {
 Workspace workspace_layout(const BlendParams& p) {
   Workspace w;
   if (!p.need_weight_grad || p.op == BlendOp::kSte) return w;
-  const Plan plan = plan_for(p, vec_width_of(p));
+  const Plan plan = plan::make_blend_plan(p.numel, p.widx, vec_width_of(p));
   size_t off = 0;
   if (p.numel > 0 && p.widx.form == WeightForm::kGeneral) {
     w.mode = RedMode::kElement;
@@ -659,28 +657,22 @@ Workspace workspace_layout(const BlendParams& p) {
 }  // namespace
 
 // ---------------------------------------------------------------- launchers
-cudaError_t launch_blend_forward(const BlendParams& p) {
-  if (p.numel <= 0) return cudaSuccess;
-  const int vec = vec_width_of(p);
-  const Plan plan = plan_for(p, vec);
-  const ElemArgs a = make_args(p, plan, vec);
-  return dispatch_op(p, false, [&](auto op) {
-    using Op = decltype(op);
-    return launch_elementwise<Op>(a, plan, p.stream);
-  });
+size_t blend_workspace_bytes(const BlendParams& p, bool backward) {
+  return backward ? workspace_layout(p).total : 0;
 }
 
-size_t blend_backward_workspace_bytes(const BlendParams& p) { return workspace_layout(p).total; }
-
-cudaError_t launch_blend_backward(const BlendParams& p, void* workspace) {
-  if (p.op == BlendOp::kSte) return cudaErrorInvalidValue;  // STE's gradient needs no kernel
+cudaError_t launch_blend(const BlendParams& p, bool backward, void* workspace) {
+  if (!backward && p.numel <= 0) return cudaSuccess;
+  if (backward && p.op == BlendOp::kSte) return cudaErrorInvalidValue;  // STE's gradient needs no kernel
   const int vec = vec_width_of(p);
-  const Plan plan = plan_for(p, vec);
+  const Plan plan = plan::make_blend_plan(p.numel, p.widx, vec);
+  ElemArgs a = make_args(p, plan, vec);
+  if (!backward) {
+    return dispatch_op(p, false, [&](auto op) { return launch_elementwise<decltype(op)>(a, plan, p.stream); });
+  }
   const Workspace ws = workspace_layout(p);
   char* base = static_cast<char*>(workspace);
   if (ws.total > 0 && base == nullptr) return cudaErrorInvalidValue;
-
-  ElemArgs a = make_args(p, plan, vec);
   a.red = ws.mode;
   if (ws.mode == RedMode::kPartials) a.partials = reinterpret_cast<double*>(base + ws.partials);
   if (ws.mode == RedMode::kElement) {
@@ -688,10 +680,8 @@ cudaError_t launch_blend_backward(const BlendParams& p, void* workspace) {
     a.vec = a.vec && aligned16(a.dw);
   }
   if (p.numel > 0) {
-    const cudaError_t err = dispatch_op(p, true, [&](auto op) {
-      using Op = decltype(op);
-      return launch_elementwise<Op>(a, plan, p.stream);
-    });
+    const cudaError_t err =
+        dispatch_op(p, true, [&](auto op) { return launch_elementwise<decltype(op)>(a, plan, p.stream); });
     if (err != cudaSuccess) return err;
   }
   if (!p.need_weight_grad) return cudaSuccess;

@@ -257,10 +257,9 @@ struct BlendParams {
   cudaStream_t stream = nullptr;
 };
 
-cudaError_t launch_blend_forward(const BlendParams& p);
-// Device scratch memory (16-byte aligned) the backward needs; 0 when none.
-size_t blend_backward_workspace_bytes(const BlendParams& p);
-cudaError_t launch_blend_backward(const BlendParams& p, void* workspace);
+// Device scratch memory (16-byte aligned) a launch needs; 0 when none (every forward).
+size_t blend_workspace_bytes(const BlendParams& p, bool backward);
+cudaError_t launch_blend(const BlendParams& p, bool backward, void* workspace);
 
 // gate_effective_alpha: e = clamp01(round_promoted(clamp01(a) * clamp01(g))) over W, written
 // contiguous in the promoted dtype; its backward sums d(e) through the clamps to each input.
@@ -286,60 +285,38 @@ struct PoolShape {
   int64_t sb = 0, sc = 0, sh = 0, sw = 0;
 };
 
-// gated_pool: means over the positions, accumulated in float/double, written as x's dtype to
-// `out` (contiguous (B, C)) and/or as x's compute type (float, double for double) to
-// `out_opmath`. Either may be null.
-struct PoolParams {
-  DType dtype = DType::kFloat;  // x's dtype (floating)
-  const void* x = nullptr;
-  PoolShape shape;
-  void* out = nullptr;
-  void* out_opmath = nullptr;
-  cudaStream_t stream = nullptr;
-};
-size_t pool_forward_workspace_bytes(const PoolParams& p);
-cudaError_t launch_pool_forward(const PoolParams& p, void* workspace);
+// gated_pool (means over the positions, accumulated in float/double) and the gate network
+// (sigmoid(w2 . relu(w1 . pooled + b1) + b2) per sample, in x's compute type: float, double
+// for double), forward and backward.
+enum class PoolOp : int32_t { kPool = 0, kPoolBackward = 1, kNetwork = 2, kNetworkBackward = 3 };
 
-// dx[b, c, positions] = (grad[b, c] in x's compute type) / count, rounded to x's dtype.
-// dx has x's sizes and its own strides (dense); grad is (B, C) of any float dtype.
-struct PoolBackwardParams {
-  DType dtype = DType::kFloat;  // x's (and dx's) dtype
-  void* dx = nullptr;
-  PoolShape dx_shape;           // dx's sizes and strides in the same (B, C, H, W) view
-  const void* grad = nullptr;
-  DType grad_dtype = DType::kFloat;
-  int64_t grad_sb = 0, grad_sc = 0;
-  cudaStream_t stream = nullptr;
-};
-cudaError_t launch_pool_backward(const PoolBackwardParams& p);
-
-// The gate network: sigmoid(w2 . relu(w1 . pooled + b1) + b2) per sample, in x's compute
-// type. w1 is (hidden, C), b1 (hidden), w2 (1, hidden), b2 (1), each in its own float dtype
-// and strides.
 struct DenseParam {
   const void* ptr = nullptr;
   DType dtype = DType::kFloat;
   int64_t s0 = 0, s1 = 0;  // element strides (s1 unused for vectors)
 };
 
-struct GateNetworkParams {
-  DType dtype = DType::kFloat;  // x's dtype
-  const void* x = nullptr;
+struct PoolParams {
+  DType dtype = DType::kFloat;  // x's (and dx's) dtype (floating)
+  const void* x = nullptr;      // forward, kNetworkBackward
   PoolShape shape;
-  int64_t hidden = 0;
-  DenseParam w1, b1, w2, b2;
-  void* out = nullptr;  // forward: (B) gate values in x's dtype
-  // backward
-  const void* grad = nullptr;  // (B) values, any float dtype, element stride grad_s
+  void* out = nullptr;  // kPool: (B, C) contiguous; kNetwork: (B); in x's dtype
+  // Backward: grad[b * grad_sb + c * grad_sc] in any float dtype ((B, C) for pooling, (B) for
+  // the network), and dx of x's sizes, dense, in its own strides: dx[b, c, positions] =
+  // d(pooled)[b, c] / count in x's compute type, rounded to x's dtype.
+  const void* grad = nullptr;
   DType grad_dtype = DType::kFloat;
-  int64_t grad_s = 1;
+  int64_t grad_sb = 0, grad_sc = 0;
   void* dx = nullptr;
   PoolShape dx_shape;
-  WeightGrad dw1, db1, dw2, db2;  // contiguous, in each parameter's dtype (from_w unused)
+  // The gate network: w1 (hidden, C), b1 (hidden), w2 (1, hidden), b2 (1), each in its own
+  // float dtype and strides; their gradients contiguous in each one's dtype (from_w unused).
+  int64_t hidden = 0;
+  DenseParam w1, b1, w2, b2;
+  WeightGrad dw1, db1, dw2, db2;
   cudaStream_t stream = nullptr;
 };
-size_t gate_network_workspace_bytes(const GateNetworkParams& p, bool backward);
-cudaError_t launch_gate_network_forward(const GateNetworkParams& p, void* workspace);
-cudaError_t launch_gate_network_backward(const GateNetworkParams& p, void* workspace);
+size_t pool_workspace_bytes(const PoolParams& p, PoolOp op);
+cudaError_t launch_pool(const PoolParams& p, PoolOp op, void* workspace);
 
 }  // namespace kk::cuda

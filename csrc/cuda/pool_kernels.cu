@@ -243,7 +243,6 @@ PoolArgs make_pool_args(const PoolParams& p, const PoolPlan& plan) {
   a.seg = plan.seg;
   a.inv_count = 1.0 / static_cast<double>(a.P);
   a.out = p.out;
-  a.out_opmath = p.out_opmath;
   return a;
 }
 
@@ -368,7 +367,7 @@ bool dense_in_order(const int64_t (&sizes)[4], const int64_t (&strides)[4], cons
 
 // Launches the dense kernel when dx's layout allows it; false when it does not (then the
 // general kernel runs).
-bool try_pool_backward_dense(const PoolBackwardParams& p, int64_t n, double count, cudaError_t& err) {
+bool try_pool_backward_dense(const PoolParams& p, int64_t n, double count, cudaError_t& err) {
   const PoolShape& s = p.dx_shape;
   const int64_t sizes[4] = {s.B, s.C, s.H, s.W};
   const int64_t strides[4] = {s.sb, s.sc, s.sh, s.sw};
@@ -406,7 +405,7 @@ bool try_pool_backward_dense(const PoolBackwardParams& p, int64_t n, double coun
   return true;
 }
 
-cudaError_t run_pool_backward(const PoolBackwardParams& p) {
+cudaError_t run_pool_backward(const PoolParams& p) {
   const PoolShape& s = p.dx_shape;
   const plan::Shape sizes = {s.B, s.C, s.H, s.W};
   const plan::Shape dx_strides = {s.sb, s.sc, s.sh, s.sw};
@@ -595,14 +594,13 @@ struct NetLayout {
   size_t pooled = 0, dz1 = 0, a1 = 0, dz2 = 0, dpooled = 0, total = 0;
 };
 
-NetLayout net_layout(const GateNetworkParams& p, bool backward) {
+NetLayout net_layout(const PoolParams& p, bool backward) {
   NetLayout l;
-  const PoolParams pp{p.dtype, p.x, p.shape};
-  l.plan = make_pool_plan(pp);
+  l.plan = make_pool_plan(p);
   const size_t op = p.dtype == DType::kDouble ? 8 : 4;
   const size_t B = static_cast<size_t>(p.shape.B), C = static_cast<size_t>(p.shape.C);
   const size_t H = static_cast<size_t>(p.hidden);
-  size_t off = align256(pool_workspace(pp, l.plan));
+  size_t off = align256(pool_workspace(p, l.plan));
   l.pooled = plan::carve(off, std::max<size_t>(B * C, 1) * op);
   if (backward) {
     l.dz1 = plan::carve(off, std::max<size_t>(B * H, 1) * op);
@@ -615,15 +613,17 @@ NetLayout net_layout(const GateNetworkParams& p, bool backward) {
 }
 
 template <typename T>
-cudaError_t run_gate_network(const GateNetworkParams& p, void* workspace, bool backward) {
+cudaError_t run_gate_network(const PoolParams& p, void* workspace, bool backward) {
   using op_t = opmath_t<T>;
   const NetLayout l = net_layout(p, backward);
   char* ws = static_cast<char*>(workspace);
   if (ws == nullptr) return cudaErrorInvalidValue;
   const int64_t B = p.shape.B;
   // 1. pooled means in opmath
-  const PoolParams pp{p.dtype, p.x, p.shape, nullptr, ws + l.pooled, p.stream};
-  cudaError_t err = run_pool<T>(make_pool_args(pp, l.plan), l.plan, ws, p.stream);
+  PoolArgs pa = make_pool_args(p, l.plan);
+  pa.out = nullptr;
+  pa.out_opmath = ws + l.pooled;
+  cudaError_t err = run_pool<T>(pa, l.plan, ws, p.stream);
   if (err != cudaSuccess) return err;
   // 2. the per-sample MLP
   const size_t smem = static_cast<size_t>(std::max<int64_t>(p.hidden, 1)) * sizeof(op_t);
@@ -647,7 +647,7 @@ cudaError_t run_gate_network(const GateNetworkParams& p, void* workspace, bool b
   }
   m.grad = p.grad;
   m.grad_dtype = p.grad_dtype;
-  m.grad_s = p.grad_s;
+  m.grad_s = p.grad_sb;
   m.dz1 = ws + l.dz1;
   m.a1 = ws + l.a1;
   m.dz2 = ws + l.dz2;
@@ -673,50 +673,30 @@ cudaError_t run_gate_network(const GateNetworkParams& p, void* workspace, bool b
   gate_param_grad_kernel<op_t><<<grid_for(ceil_div(total, kThreads)), kThreads, 0, p.stream>>>(g);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   // 4. dx = dpooled / count over x's layout
-  PoolBackwardParams bp;
-  bp.dtype = p.dtype;
-  bp.dx = p.dx;
-  bp.dx_shape = p.dx_shape;
+  PoolParams bp = p;
   bp.grad = ws + l.dpooled;
   bp.grad_dtype = p.dtype == DType::kDouble ? DType::kDouble : DType::kFloat;
   bp.grad_sb = p.shape.C;
   bp.grad_sc = 1;
-  bp.stream = p.stream;
   return run_pool_backward(bp);
 }
 
 }  // namespace
 
 // ---------------------------------------------------------------- launchers
-size_t pool_forward_workspace_bytes(const PoolParams& p) {
-  return pool_workspace(p, make_pool_plan(p));
+size_t pool_workspace_bytes(const PoolParams& p, PoolOp op) {
+  if (op == PoolOp::kPool) return pool_workspace(p, make_pool_plan(p));
+  if (op == PoolOp::kPoolBackward) return 0;
+  return net_layout(p, op == PoolOp::kNetworkBackward).total;
 }
 
-cudaError_t launch_pool_forward(const PoolParams& p, void* workspace) {
-  const PoolPlan plan = make_pool_plan(p);
+cudaError_t launch_pool(const PoolParams& p, PoolOp op, void* workspace) {
+  if (op == PoolOp::kPoolBackward) return run_pool_backward(p);
   return dispatch_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
+    if (op != PoolOp::kPool) return run_gate_network<T>(p, workspace, op == PoolOp::kNetworkBackward);
+    const PoolPlan plan = make_pool_plan(p);
     return run_pool<T>(make_pool_args(p, plan), plan, workspace, p.stream);
-  });
-}
-
-cudaError_t launch_pool_backward(const PoolBackwardParams& p) { return run_pool_backward(p); }
-
-size_t gate_network_workspace_bytes(const GateNetworkParams& p, bool backward) {
-  return net_layout(p, backward).total;
-}
-
-cudaError_t launch_gate_network_forward(const GateNetworkParams& p, void* workspace) {
-  return dispatch_float(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    return run_gate_network<T>(p, workspace, false);
-  });
-}
-
-cudaError_t launch_gate_network_backward(const GateNetworkParams& p, void* workspace) {
-  return dispatch_float(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    return run_gate_network<T>(p, workspace, true);
   });
 }
 
