@@ -2,7 +2,7 @@
 # CI compile check of the CUDA kernels, without torch and without a GPU: every csrc/cuda/*.cu
 # (and the headers they use) includes no torch header and compiles with nvcc for sm_80 and
 # sm_90 with torch's extension flags, warnings as errors; then tools/cuda_index_test.cpp
-# checks the index arithmetic of kk_cuda.h and plan.h on the host. Exits 0 with a printed
+# checks the index arithmetic of kk_cuda.h on the host. Exits 0 with a printed
 # reason when nvcc is absent. Environment: NVCC (default: nvcc on PATH, then
 # $CUDA_HOME/bin, then /usr/local/cuda/bin), KASMINA_KERNELS_CHECK_ARCHS (default "80 90").
 set -euo pipefail

@@ -1,5 +1,5 @@
 // Host test of the CUDA kernels' index arithmetic, torch-free and GPU-free: the same
-// functions the kernels and the glue use (csrc/cuda/kk_cuda.h, csrc/cuda/plan.h), checked
+// functions the kernels and the glue use (csrc/cuda/kk_cuda.h), checked
 // against naive coordinate arithmetic over random shapes and layouts. Built and run by
 // tools/check_cuda_compile.sh.
 #include <cstdint>
@@ -11,7 +11,6 @@
 #include <vector>
 
 #include "cuda/kk_cuda.h"
-#include "cuda/plan.h"
 
 using namespace kk::cuda;
 using plan::Shape;

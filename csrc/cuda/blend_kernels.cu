@@ -5,7 +5,6 @@
 // weight), which fixed-order reductions then sum per weight element: no atomics, bit-stable
 // run to run.
 #include "device_utils.cuh"
-#include "plan.h"
 
 namespace kk::cuda {
 namespace {

@@ -21,7 +21,6 @@
 #include "kk_cuda.h"
 #include "ops/checks.h"
 #include "ops/operands.h"
-#include "plan.h"
 
 namespace kk::cuda {
 namespace {

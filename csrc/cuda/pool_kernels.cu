@@ -6,7 +6,6 @@
 // per thread and double across threads; the mean is sum * (1 / count) in double, rounded once
 // to float (double for double) and to x's dtype, as on the CPU.
 #include "device_utils.cuh"
-#include "plan.h"
 
 namespace kk::cuda {
 namespace {
@@ -657,18 +656,8 @@ cudaError_t run_gate_network(const PoolParams& p, void* workspace, bool backward
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   // 3. parameter gradients, summed over the batch in order (zero for an empty batch)
-  ParamGradArgs g{};
-  g.B = B;
-  g.C = p.shape.C;
-  g.hidden = p.hidden;
-  g.pooled = ws + l.pooled;
-  g.dz1 = ws + l.dz1;
-  g.a1 = ws + l.a1;
-  g.dz2 = ws + l.dz2;
-  g.dw1 = p.dw1;
-  g.db1 = p.db1;
-  g.dw2 = p.dw2;
-  g.db2 = p.db2;
+  const ParamGradArgs g{B,     p.shape.C, p.hidden, ws + l.pooled, ws + l.dz1, ws + l.a1, ws + l.dz2,
+                        p.dw1, p.db1,     p.dw2,    p.db2};
   const int64_t total = p.hidden * p.shape.C + 2 * p.hidden + 1;
   gate_param_grad_kernel<op_t><<<grid_for(ceil_div(total, kThreads)), kThreads, 0, p.stream>>>(g);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
