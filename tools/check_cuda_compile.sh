@@ -11,14 +11,13 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CUDA_DIR="$ROOT/csrc/cuda"
 
 nvcc_bin="${NVCC:-}"
-if [[ -z "$nvcc_bin" ]]; then
-  for c in "$(command -v nvcc || true)" "${CUDA_HOME:-/nonexistent}/bin/nvcc" /usr/local/cuda/bin/nvcc; do
-    if [[ -n "$c" && -x "$c" ]]; then nvcc_bin="$c"; break; fi
-  done
-elif [[ ! -x "$nvcc_bin" ]]; then
+if [[ -n "$nvcc_bin" && ! -x "$nvcc_bin" ]]; then
   echo "check_cuda_compile: FAILED: NVCC=$NVCC is not an executable" >&2
   exit 1
 fi
+for c in "$nvcc_bin" "$(command -v nvcc || true)" "${CUDA_HOME:-/nonexistent}/bin/nvcc" /usr/local/cuda/bin/nvcc; do
+  if [[ -n "$c" && -x "$c" ]]; then nvcc_bin="$c"; break; fi
+done
 if [[ -z "$nvcc_bin" ]]; then
   echo "check_cuda_compile: SKIPPED: nvcc not found (not on PATH, not in \$CUDA_HOME/bin or" \
     "/usr/local/cuda/bin); install the CUDA toolkit or set NVCC to compile-check csrc/cuda"

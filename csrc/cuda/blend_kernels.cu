@@ -1,9 +1,6 @@
 // CUDA kernels of the blend family (ADD, GATE, MULTIPLY, STE, the valve multiplier) and of
-// gate_effective_alpha, forward and backward, and their launchers (csrc/cuda/README.md). One
-// elementwise driver runs every blend op; the backward writes every feature gradient in the
-// same pass plus one double per block (or one value per element for a general broadcast
-// weight), which fixed-order reductions then sum per weight element: no atomics, bit-stable
-// run to run.
+// gate_effective_alpha, forward and backward, and their launchers (csrc/cuda/README.md). The
+// weight gradients are summed by fixed-order reductions, not atomics, so they are bit-stable.
 #include "device_utils.cuh"
 
 namespace kk::cuda {
@@ -48,11 +45,10 @@ KK_DEV V as_host(V v) {
 }
 
 // ---------------------------------------------------------------- the ops
-// Each op names its outputs and inputs (storage types), whether it reads a weight and
-// produces a weight-gradient term, and its per-element math on opmath values. A and B are
-// its two storage types (host and seed, or result and m); bit k of kInB (kOutB) makes input
-// (output) k a B, else an A. Bit k of kRedOnly marks an input that only the weight-gradient
-// term reads: not loaded when no weight gradient is wanted (its slot reads as zero).
+// Each op has kOut outputs and kIn inputs and its per-element math on opmath values (apply).
+// A and B are its storage types (host and seed, or result and m): bit k of kInB (kOutB)
+// makes input (output) k a B. W: reads a weight; R: forms a weight-gradient term. Bit k of
+// kRedOnly: input k feeds only that term, so it is not loaded when none is wanted.
 template <typename A, typename B, unsigned kOutB, unsigned kInB, bool W, bool R, unsigned kRedOnly = 0u>
 struct OpBase {
   using op_t = opmath_t<A>;
@@ -733,20 +729,18 @@ cudaError_t launch_blend(const BlendParams& p, bool backward, void* workspace) {
   g.dalpha = p.dalpha;
   g.dgate = p.dgate;
   g.stream = p.stream;
-  return launch_gate_effective_backward(g);
+  return launch_gate_effective(g, true);
 }
 
-cudaError_t launch_gate_effective_forward(const GateWeightsParams& p) {
-  if (p.weight_numel <= 0) return cudaSuccess;
-  const int64_t blocks = (p.weight_numel + kReduceThreads - 1) / kReduceThreads;
-  const unsigned grid = static_cast<unsigned>(blocks < 65535 ? blocks : 65535);
-  gate_effective_forward_kernel<<<grid, kReduceThreads, 0, p.stream>>>(p);
-  return cudaGetLastError();
-}
-
-// Blocks [0, alpha.numel) produce dalpha, the rest dgate.
-cudaError_t launch_gate_effective_backward(const GateWeightsParams& p) {
-  const int64_t blocks = p.dalpha.numel + p.dgate.numel;
+cudaError_t launch_gate_effective(const GateWeightsParams& p, bool backward) {
+  if (!backward) {
+    if (p.weight_numel <= 0) return cudaSuccess;
+    const int64_t blocks = (p.weight_numel + kReduceThreads - 1) / kReduceThreads;
+    gate_effective_forward_kernel<<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), kReduceThreads, 0,
+                                    p.stream>>>(p);
+    return cudaGetLastError();
+  }
+  const int64_t blocks = p.dalpha.numel + p.dgate.numel;  // [0, alpha.numel) produce dalpha
   if (blocks <= 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   gate_weights_backward_kernel<<<static_cast<unsigned>(blocks), kReduceThreads, 0, p.stream>>>(p);

@@ -1,10 +1,8 @@
-// The torch glue of the CUDA kernels: turns tensors into the parameter structs of kk_cuda.h
-// and registers the CUDA implementations of every kasmina op. It mirrors the CPU
-// implementations call for call: the same checks (ops/checks.h), the same signatures (checked
-// below against cpu/cpu_ops.h), the same output allocation, the same casts outside the kernels
-// for unusual dtype pairs. Everything runs on the current CUDA stream of the features' device
-// and nothing waits for the device, except that a weight gradient for a 0-dim CPU alpha (or
-// gate) comes back as a CPU tensor.
+// The torch glue of the CUDA kernels: tensors -> the parameter structs of kk_cuda.h, and the
+// CUDA registrations of every kasmina op, mirroring the CPU implementations (same checks,
+// signatures, allocation and casts). Everything runs on the features' device's current stream
+// and nothing waits for the device, except a weight gradient for a 0-dim CPU alpha (or gate),
+// which comes back as a CPU tensor.
 #include <ATen/ATen.h>
 #include <ATen/ExpandUtils.h>
 #include <c10/cuda/CUDAException.h>
@@ -468,7 +466,7 @@ at::Tensor gate_effective_alpha(const at::Tensor& alpha, const at::Tensor& gate)
   p.weight_numel = out.numel();
   p.out = out.data_ptr();
   p.stream = current_stream();
-  C10_CUDA_CHECK(launch_gate_effective_forward(p));
+  C10_CUDA_CHECK(launch_gate_effective(p, false));
   return out;
 }
 
@@ -490,7 +488,7 @@ std::tuple<at::Tensor, at::Tensor> gate_effective_alpha_backward(const at::Tenso
   p.dalpha = weight_grad(da, alpha, like, &W);
   p.dgate = weight_grad(dg, gate, like, &W);
   p.stream = current_stream();
-  C10_CUDA_CHECK(launch_gate_effective_backward(p));
+  C10_CUDA_CHECK(launch_gate_effective(p, true));
   return {finish_weight_grad(da, alpha, need_alpha_grad), finish_weight_grad(dg, gate, need_gate_grad)};
 }
 

@@ -267,8 +267,7 @@ struct GateWeightsParams {
   cudaStream_t stream = nullptr;
 };
 
-cudaError_t launch_gate_effective_forward(const GateWeightsParams& p);
-cudaError_t launch_gate_effective_backward(const GateWeightsParams& p);
+cudaError_t launch_gate_effective(const GateWeightsParams& p, bool backward);
 
 // Pooling over x viewed as (B, C, P) positions, P = H*W with position p = (h, w), or a
 // transformer's (B,T,C) as (B, C, T, W=1). Strides in elements of x.
