@@ -67,9 +67,10 @@ KK_DEV auto visit_dtype(DType t, F&& f, decltype(f(float{})) fallback = {}) {
   return fallback;
 }
 
-// Calls f(X{}) with X the storage type of the float dtype t.
-template <typename F>
-cudaError_t dispatch_float(DType t, F&& f) {
+// f(X{}) with X the storage type of the float dtype t, else `other`.
+#pragma nv_exec_check_disable
+template <typename R, typename F>
+__host__ __device__ __forceinline__ R visit_float(DType t, R other, F&& f) {
   switch (t) {
     case DType::kFloat:
       return f(float{});
@@ -80,8 +81,13 @@ cudaError_t dispatch_float(DType t, F&& f) {
     case DType::kHalf:
       return f(f16_t{});
     default:
-      return cudaErrorInvalidValue;
+      return other;
   }
+}
+
+template <typename F>
+cudaError_t dispatch_float(DType t, F&& f) {
+  return visit_float(t, cudaErrorInvalidValue, f);
 }
 
 template <typename X>
@@ -284,9 +290,12 @@ KK_DEV CompensatedSum warp_sum(CompensatedSum v) {
   return v;
 }
 
-// Compensated block sum of each thread's CompensatedSum; the result is valid in thread 0.
-// `scratch` holds 32 doubles of shared memory (used twice: sums, then errors).
-KK_DEV double block_sum(CompensatedSum v, double* scratch) {
+// Sum over the block (blockDim.x a multiple of 32, at most 1024) of each thread's double or
+// CompensatedSum, in a fixed order; the result is valid in thread 0. `scratch` holds 32
+// doubles of shared memory.
+template <typename V>
+KK_DEV double block_sum(V v, double* scratch) {
+  constexpr bool kCompensated = std::is_same_v<V, CompensatedSum>;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int nwarps = blockDim.x >> 5;
@@ -294,37 +303,31 @@ KK_DEV double block_sum(CompensatedSum v, double* scratch) {
   __shared__ double err_scratch[32];
   __syncthreads();  // scratch may still be read by a previous call
   if (lane == 0) {
-    scratch[warp] = v.sum;
-    err_scratch[warp] = v.err;
+    if constexpr (kCompensated) {
+      scratch[warp] = v.sum;
+      err_scratch[warp] = v.err;
+    } else {
+      scratch[warp] = v;
+    }
   }
   __syncthreads();
-  CompensatedSum r;
+  V r{};
   if (warp == 0) {
-    if (lane < nwarps) {
-      r.sum = scratch[lane];
-      r.err = err_scratch[lane];
+    if constexpr (kCompensated) {
+      if (lane < nwarps) {
+        r.sum = scratch[lane];
+        r.err = err_scratch[lane];
+      }
+    } else {
+      r = lane < nwarps ? scratch[lane] : 0.0;
     }
     r = warp_sum(r);
   }
-  return r.value();
-}
-
-// Sum over the block (blockDim.x a multiple of 32, at most 1024), in a fixed order; the
-// result is valid in thread 0. `scratch` holds 32 doubles of shared memory.
-KK_DEV double block_sum(double v, double* scratch) {
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int nwarps = blockDim.x >> 5;
-  v = warp_sum(v);
-  __syncthreads();  // scratch may still be read by a previous call
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  double r = 0.0;
-  if (warp == 0) {
-    r = lane < nwarps ? scratch[lane] : 0.0;
-    r = warp_sum(r);
+  if constexpr (kCompensated) {
+    return r.value();
+  } else {
+    return r;
   }
-  return r;
 }
 
 // ---------------------------------------------------------------- weights

@@ -37,6 +37,16 @@ KK_DEV void write_mean(const PoolArgs& a, int64_t q, double sum) {
   if (a.out_opmath != nullptr) static_cast<op_t*>(a.out_opmath)[q] = mean;
 }
 
+// The sum of (b, c) = q over position segment `split`: the mean, or a partial to finish.
+template <typename T>
+KK_DEV void write_sum(const PoolArgs& a, int64_t split, int64_t q, double sum) {
+  if (a.splits == 1) {
+    write_mean<T>(a, q, sum);
+  } else {
+    a.partials[split * a.B * a.C + q] = sum;
+  }
+}
+
 KK_DEV int64_t position_offset(const PoolArgs& a, int64_t p) {
   if (a.merged) return p * a.sw;
   const uint64_t h = a.W.div(static_cast<uint64_t>(p));
@@ -81,13 +91,7 @@ __global__ void __launch_bounds__(kThreads) pool_planes_kernel(const __grid_cons
       for (int64_t p = p0 + lane; p < p1; p += 32) acc += load_one<T, op_t>(plane, position_offset(a, p));
     }
     const double sum = warp_sum(static_cast<double>(acc));
-    if (lane == 0) {
-      if (a.splits == 1) {
-        write_mean<T>(a, q, sum);
-      } else {
-        a.partials[split * a.B * a.C + q] = sum;
-      }
-    }
+    if (lane == 0) write_sum<T>(a, split, q, sum);
   }
 }
 
@@ -143,13 +147,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int l = 0; l < VEC; ++l) {
       const int64_t c = c0 + l;
       if (VEC == 1 || c < a.C) {
-        const int64_t q = b * a.C + c;
-        const double sum = red[threadIdx.x * VEC + l];
-        if (a.splits == 1) {
-          write_mean<T>(a, q, sum);
-        } else {
-          a.partials[split * a.B * a.C + q] = sum;
-        }
+        write_sum<T>(a, split, b * a.C + c, red[threadIdx.x * VEC + l]);
       }
     }
   }
@@ -436,29 +434,15 @@ cudaError_t run_pool_backward(const PoolParams& p) {
 // ---------------------------------------------------------------- gate network
 using Dense = DenseParam;
 
-template <typename P, typename op_t>
-KK_DEV op_t dot_row(const Dense& w, int64_t row, const op_t* v, int64_t n) {
-  const P* base = static_cast<const P*>(w.ptr) + row * w.s0;
-  op_t acc = op_t(0);
-  for (int64_t k = 0; k < n; ++k) acc += widen<op_t>(base[k * w.s1]) * v[k];
-  return acc;
-}
-
 // sum_k w[row, k] * v[k] in op_t, reading w in its own dtype.
 template <typename op_t>
 KK_DEV op_t dense_dot(const Dense& w, int64_t row, const op_t* v, int64_t n) {
-  switch (w.dtype) {
-    case DType::kFloat:
-      return dot_row<float, op_t>(w, row, v, n);
-    case DType::kDouble:
-      return dot_row<double, op_t>(w, row, v, n);
-    case DType::kBFloat16:
-      return dot_row<bf16_t, op_t>(w, row, v, n);
-    case DType::kHalf:
-      return dot_row<f16_t, op_t>(w, row, v, n);
-    default:
-      return op_t(0);
-  }
+  return visit_float(w.dtype, op_t(0), [&](auto x) {
+    const auto* base = static_cast<const decltype(x)*>(w.ptr) + row * w.s0;
+    op_t acc = op_t(0);
+    for (int64_t k = 0; k < n; ++k) acc += widen<op_t>(base[k * w.s1]) * v[k];
+    return acc;
+  });
 }
 
 template <typename op_t>
