@@ -201,6 +201,14 @@ __device__ __noinline__ double general_weight_at(const ElemArgs& a, int64_t i) {
   return weight_at(a, map_offset(a.widx.general, i));
 }
 
+// The block's weight-gradient partial sum, in a fixed order.
+KK_DEV void write_partial(const ElemArgs& a, const CompensatedSum& acc, double* scratch, int64_t block) {
+  if (a.red == RedMode::kPartials) {
+    const double total = block_sum(acc, scratch);
+    if (threadIdx.x == 0) a.partials[block] = total;
+  }
+}
+
 template <class Op>
 __global__ void __launch_bounds__(kMaxThreads)
     blend_elementwise_kernel(const __grid_constant__ ElemArgs a) {
@@ -331,12 +339,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
   }
 
-  if constexpr (Op::kReduces) {
-    if (a.red == RedMode::kPartials) {
-      const double total = block_sum(acc, scratch);
-      if (threadIdx.x == 0) a.partials[block] = total;
-    }
-  }
+  if constexpr (Op::kReduces) write_partial(a, acc, scratch, block);
 }
 
 // Mixed memory formats (TileShape): a block owns kTileSide positions x kTileSide channels of
@@ -431,12 +434,7 @@ __global__ void __launch_bounds__(kTileSide * kTileRows)
     }
   });
 
-  if constexpr (Op::kReduces) {
-    if (a.red == RedMode::kPartials) {
-      const double total = block_sum(acc, scratch);
-      if (threadIdx.x == 0) a.partials[block] = total;
-    }
-  }
+  if constexpr (Op::kReduces) write_partial(a, acc, scratch, block);
 }
 
 // ---------------------------------------------------------------- weight gradients

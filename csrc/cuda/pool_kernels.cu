@@ -350,48 +350,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Strides of a dense tensor whose dims, innermost first, are `inner_first` (size-1 dims
-// skipped): true when `strides` are exactly those.
-bool dense_in_order(const int64_t (&sizes)[4], const int64_t (&strides)[4], const int (&inner_first)[4]) {
-  int64_t running = 1;
-  for (int d : inner_first) {
-    if (sizes[d] == 1) continue;
-    if (strides[d] != running) return false;
-    running *= sizes[d];
-  }
-  return true;
-}
-
 // Launches the dense kernel when dx's layout allows it; false when it does not (then the
 // general kernel runs).
 bool try_pool_backward_dense(const PoolParams& p, int64_t n, double count, cudaError_t& err) {
   const PoolShape& s = p.dx_shape;
-  const int64_t sizes[4] = {s.B, s.C, s.H, s.W};
-  const int64_t strides[4] = {s.sb, s.sc, s.sh, s.sw};
+  const int layout = plan::layout_4d({s.B, s.C, s.H, s.W}, {s.sb, s.sc, s.sh, s.sw});
+  const bool channels = layout == plan::kLayoutChannelsLast;  // channels last, (B, T, C)
   const int64_t P = s.H * s.W;
-  bool channels;
-  if (dense_in_order(sizes, strides, {3, 2, 1, 0})) {
-    channels = false;  // NCHW
-  } else if (dense_in_order(sizes, strides, {1, 3, 2, 0})) {
-    channels = true;  // channels last, (B, T, C)
-  } else {
+  const int64_t row = channels ? s.C : P;
+  const int vec = 16 / dtype_size(p.dtype);
+  if (layout == plan::kLayoutOther || row % vec != 0 || (reinterpret_cast<uintptr_t>(p.dx) & 15u) != 0) {
     return false;
   }
-  const int64_t row = channels ? s.C : P;
-  const int size = p.dtype == DType::kDouble ? 8 : p.dtype == DType::kFloat ? 4 : 2;
-  const int vec = 16 / size;
-  if (row % vec != 0 || (reinterpret_cast<uintptr_t>(p.dx) & 15u) != 0) return false;
-  PoolBackwardDenseArgs a{};
-  a.dx = p.dx;
-  a.grad = p.grad;
-  a.grad_dtype = p.grad_dtype;
-  a.numel = n;
-  a.grad_sb = p.grad_sb;
-  a.grad_sc = p.grad_sc;
-  a.channels = channels;
-  a.inner = FastDiv::make(static_cast<uint64_t>(row));
-  a.outer = FastDiv::make(static_cast<uint64_t>(channels ? P * s.C : s.C));
-  a.count = count;
+  // planes: inner = P (elements per plane), outer = C; channels: inner = C, outer = P * C
+  const PoolBackwardDenseArgs a{p.dx, p.grad, p.grad_dtype, n, p.grad_sb, p.grad_sc,
+                                FastDiv::make(static_cast<uint64_t>(row)),
+                                FastDiv::make(static_cast<uint64_t>(channels ? P * s.C : s.C)), channels, count};
   const int64_t blocks = ceil_div(n / vec, kThreads);
   err = dispatch_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -612,36 +586,22 @@ cudaError_t run_gate_network(const PoolParams& p, void* workspace, bool backward
   const size_t smem = static_cast<size_t>(std::max<int64_t>(p.hidden, 1)) * sizeof(op_t);
   if (smem > 48 * 1024) return cudaErrorInvalidValue;
   if (B > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  MlpArgs m{};
-  m.B = B;
-  m.C = p.shape.C;
-  m.hidden = p.hidden;
-  m.w1 = p.w1;
-  m.b1 = p.b1;
-  m.w2 = p.w2;
-  m.b2 = p.b2;
-  m.pooled = ws + l.pooled;
-  m.out = p.out;
+  // the buffers after `out` exist (and are read) in the backward only
+  const MlpArgs m{B, p.shape.C, p.hidden, p.w1, p.b1, p.w2, p.b2, ws + l.pooled, p.out, p.grad,
+                  p.grad_dtype, p.grad_sb, ws + l.dz1, ws + l.a1, ws + l.dz2, ws + l.dpooled};
   const unsigned grid = static_cast<unsigned>(B);
   if (!backward) {
     if (B == 0) return cudaSuccess;
     gate_mlp_kernel<T, false><<<grid, kThreads, smem, p.stream>>>(m);
     return cudaGetLastError();
   }
-  m.grad = p.grad;
-  m.grad_dtype = p.grad_dtype;
-  m.grad_s = p.grad_sb;
-  m.dz1 = ws + l.dz1;
-  m.a1 = ws + l.a1;
-  m.dz2 = ws + l.dz2;
-  m.dpooled = ws + l.dpooled;
   if (B > 0) {
     gate_mlp_kernel<T, true><<<grid, kThreads, smem, p.stream>>>(m);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   // 3. parameter gradients, summed over the batch in order (zero for an empty batch)
-  const ParamGradArgs g{B,     p.shape.C, p.hidden, ws + l.pooled, ws + l.dz1, ws + l.a1, ws + l.dz2,
-                        p.dw1, p.db1,     p.dw2,    p.db2};
+  const ParamGradArgs g{B, p.shape.C, p.hidden, ws + l.pooled, ws + l.dz1, ws + l.a1, ws + l.dz2,
+                        p.dw1, p.db1, p.dw2, p.db2};
   const int64_t total = p.hidden * p.shape.C + 2 * p.hidden + 1;
   gate_param_grad_kernel<op_t><<<grid_for(ceil_div(total, kThreads)), kThreads, 0, p.stream>>>(g);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
