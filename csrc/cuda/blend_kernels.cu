@@ -557,17 +557,14 @@ ElemArgs make_args(const BlendParams& p, const Plan& plan, int vec_width) {
 
 template <class Op>
 cudaError_t launch_elementwise(const ElemArgs& a, const Plan& plan, cudaStream_t stream) {
+  const int64_t blocks = a.tile.on ? plan::tile_blocks(a.tile) : plan.blocks;
+  if (blocks <= 0) return cudaSuccess;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   if (a.tile.on) {
-    const int64_t blocks = plan::tile_blocks(a.tile);
-    if (blocks <= 0) return cudaSuccess;
-    if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
     blend_tile_kernel<Op><<<static_cast<unsigned>(blocks), kTileSide * kTileRows, 0, stream>>>(a);
-    return cudaGetLastError();
+  } else {
+    blend_elementwise_kernel<Op><<<static_cast<unsigned>(blocks), static_cast<unsigned>(plan.threads), 0, stream>>>(a);
   }
-  if (plan.blocks <= 0) return cudaSuccess;
-  if (plan.blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  blend_elementwise_kernel<Op>
-      <<<static_cast<unsigned>(plan.blocks), static_cast<unsigned>(plan.threads), 0, stream>>>(a);
   return cudaGetLastError();
 }
 
