@@ -2,7 +2,7 @@
 # CI compile check of the CUDA kernels, without torch and without a GPU: every csrc/cuda/*.cu
 # (and the headers they use) includes no torch header and compiles with nvcc for sm_80 and
 # sm_90 with torch's extension flags, warnings as errors; then tools/cuda_index_test.cpp
-# checks the index arithmetic of kk_cuda.h and plan.h on the host. Exits 0 with a printed
+# checks the index arithmetic of kk_cuda.h on the host. Exits 0 with a printed
 # reason when nvcc is absent. Environment: NVCC (default: nvcc on PATH, then
 # $CUDA_HOME/bin, then /usr/local/cuda/bin), KASMINA_KERNELS_CHECK_ARCHS (default "80 90").
 set -euo pipefail
@@ -11,14 +11,13 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CUDA_DIR="$ROOT/csrc/cuda"
 
 nvcc_bin="${NVCC:-}"
-if [[ -z "$nvcc_bin" ]]; then
-  for c in "$(command -v nvcc || true)" "${CUDA_HOME:-/nonexistent}/bin/nvcc" /usr/local/cuda/bin/nvcc; do
-    if [[ -n "$c" && -x "$c" ]]; then nvcc_bin="$c"; break; fi
-  done
-elif [[ ! -x "$nvcc_bin" ]]; then
+if [[ -n "$nvcc_bin" && ! -x "$nvcc_bin" ]]; then
   echo "check_cuda_compile: FAILED: NVCC=$NVCC is not an executable" >&2
   exit 1
 fi
+for c in "$nvcc_bin" "$(command -v nvcc || true)" "${CUDA_HOME:-/nonexistent}/bin/nvcc" /usr/local/cuda/bin/nvcc; do
+  if [[ -n "$c" && -x "$c" ]]; then nvcc_bin="$c"; break; fi
+done
 if [[ -z "$nvcc_bin" ]]; then
   echo "check_cuda_compile: SKIPPED: nvcc not found (not on PATH, not in \$CUDA_HOME/bin or" \
     "/usr/local/cuda/bin); install the CUDA toolkit or set NVCC to compile-check csrc/cuda"

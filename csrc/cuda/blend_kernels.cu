@@ -1,11 +1,7 @@
 // CUDA kernels of the blend family (ADD, GATE, MULTIPLY, STE, the valve multiplier) and of
-// gate_effective_alpha, forward and backward, and their launchers (csrc/cuda/README.md). One
-// elementwise driver runs every blend op; the backward writes every feature gradient in the
-// same pass plus one double per block (or one value per element for a general broadcast
-// weight), which fixed-order reductions then sum per weight element: no atomics, bit-stable
-// run to run.
+// gate_effective_alpha, forward and backward, and their launchers (csrc/cuda/README.md). The
+// weight gradients are summed by fixed-order reductions, not atomics, so they are bit-stable.
 #include "device_utils.cuh"
-#include "plan.h"
 
 namespace kk::cuda {
 namespace {
@@ -49,44 +45,38 @@ KK_DEV V as_host(V v) {
 }
 
 // ---------------------------------------------------------------- the ops
-// Each op names its outputs and inputs (storage types), whether it reads a weight and
-// produces a weight-gradient term, and its per-element math on opmath values. A and B are
-// its two storage types (host and seed, or result and m).
-template <typename A, typename B>
+// Each op has kOut outputs and kIn inputs and its per-element math on opmath values (apply).
+// A and B are its storage types (host and seed, or result and m): bit k of kInB (kOutB)
+// makes input (output) k a B. W: reads a weight; R: forms a weight-gradient term. Bit k of
+// kRedOnly: input k feeds only that term, so it is not loaded when none is wanted.
+template <typename A, typename B, unsigned kOutB, unsigned kInB, bool W, bool R, unsigned kRedOnly = 0u>
 struct OpBase {
   using op_t = opmath_t<A>;
   // vector width in elements: one 16-byte word of the narrowest operand
   static constexpr int kVec = 16 / (sizeof(A) < sizeof(B) ? sizeof(A) : sizeof(B));
-  // inputs (bit k: input k) that only the weight-gradient term reads: not loaded when no
-  // weight gradient is wanted (their slots read as zero)
-  static constexpr unsigned kReductionOnlyInputs = 0u;
+  static constexpr bool kWeighted = W, kReduces = R;
+  static constexpr unsigned kReductionOnlyInputs = kRedOnly;
+  template <int k>
+  using Out = std::conditional_t<((kOutB >> k) & 1u) != 0u, B, A>;
+  template <int k>
+  using In = std::conditional_t<((kInB >> k) & 1u) != 0u, B, A>;
 };
 
 template <typename T, typename S>
-struct LerpForward : OpBase<T, S> {
-  using typename OpBase<T, S>::op_t;
+struct LerpForward : OpBase<T, S, 0b0, 0b10, true, false> {
+  using op_t = opmath_t<T>;
   static constexpr int kOut = 1, kIn = 2;
-  static constexpr bool kWeighted = true, kReduces = false;
-  template <int k>
-  using Out = T;
-  template <int k>
-  using In = std::conditional_t<k == 0, T, S>;
   KK_DEV static void apply(const op_t (&in)[kIn], op_t w, op_t (&out)[kOut], double&) {
     out[0] = kk::lerp(in[0], as_host<T, S>(in[1]), w);
   }
 };
 
+// dh, ds <- g, h, s. dh = g*(1-w) and ds = g*w need only g: h and s feed the weight-gradient
+// term alone.
 template <typename T, typename S>
-struct LerpBackward : OpBase<T, S> {
-  using typename OpBase<T, S>::op_t;
-  static constexpr int kOut = 2, kIn = 3;  // dh, ds <- g, h, s
-  static constexpr bool kWeighted = true, kReduces = true;
-  // dh = g*(1-w) and ds = g*w need only g: h and s feed the weight-gradient term alone
-  static constexpr unsigned kReductionOnlyInputs = 0b110u;
-  template <int k>
-  using Out = std::conditional_t<k == 0, T, S>;
-  template <int k>
-  using In = std::conditional_t<k == 2, S, T>;
+struct LerpBackward : OpBase<T, S, 0b10, 0b100, true, true, 0b110u> {
+  using op_t = opmath_t<T>;
+  static constexpr int kOut = 2, kIn = 3;
   KK_DEV static void apply(const op_t (&in)[kIn], op_t w, op_t (&out)[kOut], double& red) {
     const op_t s = as_host<T, S>(in[2]);
     op_t dh, ds, dw;
@@ -98,15 +88,11 @@ struct LerpBackward : OpBase<T, S> {
   }
 };
 
+// out <- h, s[, r]
 template <typename T, typename S, bool kRIsH>
-struct MultiplyForward : OpBase<T, S> {
-  using typename OpBase<T, S>::op_t;
-  static constexpr int kOut = 1, kIn = kRIsH ? 2 : 3;  // out <- h, s[, r]
-  static constexpr bool kWeighted = true, kReduces = false;
-  template <int k>
-  using Out = T;
-  template <int k>
-  using In = std::conditional_t<k == 0, T, S>;
+struct MultiplyForward : OpBase<T, S, 0b0, 0b110, true, false> {
+  using op_t = opmath_t<T>;
+  static constexpr int kOut = 1, kIn = kRIsH ? 2 : 3;
   KK_DEV static void apply(const op_t (&in)[kIn], op_t c, op_t (&out)[kOut], double&) {
     const op_t h = in[0];
     const op_t s = as_host<T, S>(in[1]);
@@ -126,16 +112,11 @@ struct RoundTo {
   }
 };
 
+// dh, ds[, dr] <- g, h, s[, r]
 template <typename T, typename S, bool kRIsH>
-struct MultiplyBackward : OpBase<T, S> {
-  using typename OpBase<T, S>::op_t;
-  static constexpr int kOut = kRIsH ? 2 : 3;  // dh, ds[, dr]
-  static constexpr int kIn = kRIsH ? 3 : 4;   // g, h, s[, r]
-  static constexpr bool kWeighted = true, kReduces = true;
-  template <int k>
-  using Out = std::conditional_t<k == 0, T, S>;
-  template <int k>
-  using In = std::conditional_t<k <= 1, T, S>;
+struct MultiplyBackward : OpBase<T, S, 0b110, 0b1100, true, true> {
+  using op_t = opmath_t<T>;
+  static constexpr int kOut = kRIsH ? 2 : 3, kIn = kRIsH ? 3 : 4;
   KK_DEV static void apply(const op_t (&in)[kIn], op_t c, op_t (&out)[kOut], double& red) {
     const op_t g = in[0];
     const op_t h = in[1];
@@ -165,14 +146,9 @@ struct MultiplyBackward : OpBase<T, S> {
 };
 
 template <typename T, typename S>
-struct SteForward : OpBase<T, S> {
-  using typename OpBase<T, S>::op_t;
+struct SteForward : OpBase<T, S, 0b0, 0b10, false, false> {
+  using op_t = opmath_t<T>;
   static constexpr int kOut = 1, kIn = 2;
-  static constexpr bool kWeighted = false, kReduces = false;
-  template <int k>
-  using Out = T;
-  template <int k>
-  using In = std::conditional_t<k == 0, T, S>;
   KK_DEV static void apply(const op_t (&in)[kIn], op_t, op_t (&out)[kOut], double&) {
     out[0] = kk::ste(in[0], as_host<T, S>(in[1]));
   }
@@ -187,29 +163,20 @@ KK_DEV opmath_t<U> valve_tanh(opmath_t<U> m) {
 }
 
 template <typename U, typename M>
-struct ValveForward : OpBase<U, M> {
-  using typename OpBase<U, M>::op_t;
-  static_assert(std::is_same_v<opmath_t<U>, opmath_t<M>>, "m is read in the result's opmath");
+struct ValveForward : OpBase<U, M, 0b0, 0b1, true, false> {
+  using op_t = opmath_t<U>;
   static constexpr int kOut = 1, kIn = 1;
-  static constexpr bool kWeighted = true, kReduces = false;
-  template <int k>
-  using Out = U;
-  template <int k>
-  using In = M;
+  static_assert(std::is_same_v<opmath_t<U>, opmath_t<M>>, "m is read in the result's opmath");
   KK_DEV static void apply(const op_t (&in)[kIn], op_t c, op_t (&out)[kOut], double&) {
     out[0] = kk::valve(c, valve_tanh<U, M>(in[0]));
   }
 };
 
+// dm <- g, m
 template <typename U, typename M>
-struct ValveBackward : OpBase<U, M> {
-  using typename OpBase<U, M>::op_t;
-  static constexpr int kOut = 1, kIn = 2;  // dm <- g, m
-  static constexpr bool kWeighted = true, kReduces = true;
-  template <int k>
-  using Out = M;
-  template <int k>
-  using In = std::conditional_t<k == 0, U, M>;
+struct ValveBackward : OpBase<U, M, 0b1, 0b10, true, true> {
+  using op_t = opmath_t<U>;
+  static constexpr int kOut = 1, kIn = 2;
   KK_DEV static void apply(const op_t (&in)[kIn], op_t c, op_t (&out)[kOut], double& red) {
     // dm sees tanh rounded to m's dtype (the reference's tanh backward); dc the unrounded one
     const op_t t = kk::Prims<op_t>::tanh(in[1]);
@@ -232,6 +199,14 @@ __device__ __noinline__ double weight_at(const ElemArgs& a, int64_t j) {
 
 __device__ __noinline__ double general_weight_at(const ElemArgs& a, int64_t i) {
   return weight_at(a, map_offset(a.widx.general, i));
+}
+
+// The block's weight-gradient partial sum, in a fixed order.
+KK_DEV void write_partial(const ElemArgs& a, const CompensatedSum& acc, double* scratch, int64_t block) {
+  if (a.red == RedMode::kPartials) {
+    const double total = block_sum(acc, scratch);
+    if (threadIdx.x == 0) a.partials[block] = total;
+  }
 }
 
 template <class Op>
@@ -364,12 +339,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
   }
 
-  if constexpr (Op::kReduces) {
-    if (a.red == RedMode::kPartials) {
-      const double total = block_sum(acc, scratch);
-      if (threadIdx.x == 0) a.partials[block] = total;
-    }
-  }
+  if constexpr (Op::kReduces) write_partial(a, acc, scratch, block);
 }
 
 // Mixed memory formats (TileShape): a block owns kTileSide positions x kTileSide channels of
@@ -464,43 +434,33 @@ __global__ void __launch_bounds__(kTileSide * kTileRows)
     }
   });
 
-  if constexpr (Op::kReduces) {
-    if (a.red == RedMode::kPartials) {
-      const double total = block_sum(acc, scratch);
-      if (threadIdx.x == 0) a.partials[block] = total;
-    }
-  }
+  if constexpr (Op::kReduces) write_partial(a, acc, scratch, block);
 }
 
 // ---------------------------------------------------------------- weight gradients
 // One block per weight element: threads stride in a fixed order, then a fixed tree.
 
-// What happens to the finished sum v_j of weight element j.
-enum class Finish : int32_t {
-  kAdd = 0,          // dalpha_j = passes(alpha_j) ? v_j : 0, in alpha's dtype
-  kMultiply = 1,     // dalpha_j = passes(alpha_j rounded to the host dtype) ? v_j : 0
-  kValve = 2,        // dalpha_j = passes(alpha_j) ? v_j : 0
-  kStoreDouble = 3,  // out_double[j] = v_j (GATE: d(effective alpha), finished by
-                     // gate_weights_backward_kernel)
-};
-
+// What happens to the finished sum v_j of weight element j: with out_double (GATE) it is
+// stored as d(effective alpha) for gate_weights_backward_kernel; else dalpha_j = v_j where the
+// clamp passes on alpha_j (MULTIPLY: alpha_j rounded to the host dtype), 0 elsewhere, in
+// alpha's dtype.
 struct FinishArgs {
-  Finish kind = Finish::kAdd;
+  bool round_alpha = false;
   DType host = DType::kFloat;
   WeightSource alpha;  // mapped over the targets (W)
-  WeightGrad out;      // kAdd / kMultiply / kValve
+  WeightGrad out;
   double* out_double = nullptr;
 };
 
 constexpr int kReduceThreads = 256;
 
 KK_DEV void finish(const FinishArgs& f, int64_t j, double v) {
-  if (f.kind == Finish::kStoreDouble) {
+  if (f.out_double != nullptr) {
     f.out_double[j] = v;
     return;
   }
   double mask_on = read_weight(f.alpha, j);
-  if (f.kind == Finish::kMultiply) mask_on = round_to(f.host, mask_on);
+  if (f.round_alpha) mask_on = round_to(f.host, mask_on);
   const double d = kk::clamp01_passes_grad(mask_on) ? v : 0.0;
   store_from_double(f.out.ptr, f.out.dtype, j, d);
 }
@@ -568,8 +528,6 @@ __global__ void __launch_bounds__(kReduceThreads)
 }
 
 // ---------------------------------------------------------------- planning and dispatch
-Plan plan_for(const BlendParams& p, int vec) { return plan::make_blend_plan(p.numel, p.widx, vec); }
-
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
 ElemArgs make_args(const BlendParams& p, const Plan& plan, int vec_width) {
@@ -599,73 +557,57 @@ ElemArgs make_args(const BlendParams& p, const Plan& plan, int vec_width) {
 
 template <class Op>
 cudaError_t launch_elementwise(const ElemArgs& a, const Plan& plan, cudaStream_t stream) {
+  const int64_t blocks = a.tile.on ? plan::tile_blocks(a.tile) : plan.blocks;
+  if (blocks <= 0) return cudaSuccess;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   if (a.tile.on) {
-    const int64_t blocks = plan::tile_blocks(a.tile);
-    if (blocks <= 0) return cudaSuccess;
-    if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
     blend_tile_kernel<Op><<<static_cast<unsigned>(blocks), kTileSide * kTileRows, 0, stream>>>(a);
-    return cudaGetLastError();
+  } else {
+    blend_elementwise_kernel<Op><<<static_cast<unsigned>(blocks), static_cast<unsigned>(plan.threads), 0, stream>>>(a);
   }
-  if (plan.blocks <= 0) return cudaSuccess;
-  if (plan.blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  blend_elementwise_kernel<Op>
-      <<<static_cast<unsigned>(plan.blocks), static_cast<unsigned>(plan.threads), 0, stream>>>(a);
   return cudaGetLastError();
 }
 
-// Calls f(T{}, S{}) for the supported (host, seed) pairs of the blend ops: S is T, or float
-// beside a 16-bit T.
-template <typename F>
-cudaError_t dispatch_blend_pair(DType host, DType seed, F&& f) {
-  return dispatch_float(host, [&](auto t) -> cudaError_t {
-    if (seed == host) return f(t, t);
-    if constexpr (kIsHalf<decltype(t)>) {
-      if (seed == DType::kFloat) return f(t, float{});
-    }
-    return cudaErrorInvalidValue;
-  });
-}
-
-// (result U, m's dtype M) pairs of the valve: M is U, or a 16-bit float beside a float U.
-template <typename F>
-cudaError_t dispatch_valve_pair(DType result, DType m, F&& f) {
-  return dispatch_float(result, [&](auto u) -> cudaError_t {
-    if (m == result) return f(u, u);
-    if constexpr (std::is_same_v<decltype(u), float>) {
-      if (m == DType::kBFloat16) return f(u, bf16_t{});
-      if (m == DType::kHalf) return f(u, f16_t{});
-    }
-    return cudaErrorInvalidValue;
-  });
-}
-
-// Calls f(Op{}) with the kernel op of p.
+// Calls f(Op{}) with the kernel op of p. The blends' seed dtype S is T, or float beside a
+// 16-bit T; the valve's m dtype M is the result dtype U, or a 16-bit float beside a float U.
 template <typename F>
 cudaError_t dispatch_op(const BlendParams& p, bool backward, F&& f) {
-  if (p.op == BlendOp::kValve) {
-    return dispatch_valve_pair(p.host, p.seed, [&](auto u, auto m) {
-      using U = decltype(u);
-      using M = decltype(m);
-      return backward ? f(ValveBackward<U, M>{}) : f(ValveForward<U, M>{});
-    });
-  }
-  return dispatch_blend_pair(p.host, p.seed, [&](auto t, auto st) {
+  return dispatch_float(p.host, [&](auto t) -> cudaError_t {
     using T = decltype(t);
-    using S = decltype(st);
-    switch (p.op) {
-      case BlendOp::kAdd:
-      case BlendOp::kGate:
-        return backward ? f(LerpBackward<T, S>{}) : f(LerpForward<T, S>{});
-      case BlendOp::kMultiply:
-        if (p.r_is_h) {
-          return backward ? f(MultiplyBackward<T, S, true>{}) : f(MultiplyForward<T, S, true>{});
-        }
-        return backward ? f(MultiplyBackward<T, S, false>{}) : f(MultiplyForward<T, S, false>{});
-      case BlendOp::kSte:  // STE's gradient needs no kernel
-        return backward ? cudaErrorInvalidValue : f(SteForward<T, S>{});
-      default:
-        return cudaErrorInvalidValue;
+    if (p.op == BlendOp::kValve) {
+      auto valve = [&](auto m) {
+        using M = decltype(m);
+        return backward ? f(ValveBackward<T, M>{}) : f(ValveForward<T, M>{});
+      };
+      if (p.seed == p.host) return valve(t);
+      if constexpr (std::is_same_v<T, float>) {
+        if (p.seed == DType::kBFloat16) return valve(bf16_t{});
+        if (p.seed == DType::kHalf) return valve(f16_t{});
+      }
+      return cudaErrorInvalidValue;
     }
+    auto blend = [&](auto st) -> cudaError_t {
+      using S = decltype(st);
+      switch (p.op) {
+        case BlendOp::kAdd:
+        case BlendOp::kGate:
+          return backward ? f(LerpBackward<T, S>{}) : f(LerpForward<T, S>{});
+        case BlendOp::kMultiply:
+          if (p.r_is_h) {
+            return backward ? f(MultiplyBackward<T, S, true>{}) : f(MultiplyForward<T, S, true>{});
+          }
+          return backward ? f(MultiplyBackward<T, S, false>{}) : f(MultiplyForward<T, S, false>{});
+        case BlendOp::kSte:
+          return f(SteForward<T, S>{});
+        default:
+          return cudaErrorInvalidValue;
+      }
+    };
+    if (p.seed == p.host) return blend(t);
+    if constexpr (kIsHalf<T>) {
+      if (p.seed == DType::kFloat) return blend(float{});
+    }
+    return cudaErrorInvalidValue;
   });
 }
 
@@ -685,7 +627,7 @@ struct Workspace {
 Workspace workspace_layout(const BlendParams& p) {
   Workspace w;
   if (!p.need_weight_grad || p.op == BlendOp::kSte) return w;
-  const Plan plan = plan_for(p, vec_width_of(p));
+  const Plan plan = plan::make_blend_plan(p.numel, p.widx, vec_width_of(p));
   size_t off = 0;
   if (p.numel > 0 && p.widx.form == WeightForm::kGeneral) {
     w.mode = RedMode::kElement;
@@ -705,27 +647,22 @@ Workspace workspace_layout(const BlendParams& p) {
 }  // namespace
 
 // ---------------------------------------------------------------- launchers
-cudaError_t launch_blend_forward(const BlendParams& p) {
-  if (p.numel <= 0) return cudaSuccess;
-  const int vec = vec_width_of(p);
-  const Plan plan = plan_for(p, vec);
-  const ElemArgs a = make_args(p, plan, vec);
-  return dispatch_op(p, false, [&](auto op) {
-    using Op = decltype(op);
-    return launch_elementwise<Op>(a, plan, p.stream);
-  });
+size_t blend_workspace_bytes(const BlendParams& p, bool backward) {
+  return backward ? workspace_layout(p).total : 0;
 }
 
-size_t blend_backward_workspace_bytes(const BlendParams& p) { return workspace_layout(p).total; }
-
-cudaError_t launch_blend_backward(const BlendParams& p, void* workspace) {
+cudaError_t launch_blend(const BlendParams& p, bool backward, void* workspace) {
+  if (!backward && p.numel <= 0) return cudaSuccess;
+  if (backward && p.op == BlendOp::kSte) return cudaErrorInvalidValue;  // STE's gradient needs no kernel
   const int vec = vec_width_of(p);
-  const Plan plan = plan_for(p, vec);
+  const Plan plan = plan::make_blend_plan(p.numel, p.widx, vec);
+  ElemArgs a = make_args(p, plan, vec);
+  if (!backward) {
+    return dispatch_op(p, false, [&](auto op) { return launch_elementwise<decltype(op)>(a, plan, p.stream); });
+  }
   const Workspace ws = workspace_layout(p);
   char* base = static_cast<char*>(workspace);
   if (ws.total > 0 && base == nullptr) return cudaErrorInvalidValue;
-
-  ElemArgs a = make_args(p, plan, vec);
   a.red = ws.mode;
   if (ws.mode == RedMode::kPartials) a.partials = reinterpret_cast<double*>(base + ws.partials);
   if (ws.mode == RedMode::kElement) {
@@ -733,10 +670,8 @@ cudaError_t launch_blend_backward(const BlendParams& p, void* workspace) {
     a.vec = a.vec && aligned16(a.dw);
   }
   if (p.numel > 0) {
-    const cudaError_t err = dispatch_op(p, true, [&](auto op) {
-      using Op = decltype(op);
-      return launch_elementwise<Op>(a, plan, p.stream);
-    });
+    const cudaError_t err =
+        dispatch_op(p, true, [&](auto op) { return launch_elementwise<decltype(op)>(a, plan, p.stream); });
     if (err != cudaSuccess) return err;
   }
   if (!p.need_weight_grad) return cudaSuccess;
@@ -744,26 +679,11 @@ cudaError_t launch_blend_backward(const BlendParams& p, void* workspace) {
   // Finish the weight gradient: fixed-order sums per weight element, then the clamp masks
   // and the cast to the weight's dtype (GATE: through both clamps to alpha and gate).
   FinishArgs f;
+  f.round_alpha = p.op == BlendOp::kMultiply;
   f.host = p.host;
   f.alpha = p.alpha;
   f.out = p.dalpha;
-  switch (p.op) {
-    case BlendOp::kAdd:
-      f.kind = Finish::kAdd;
-      break;
-    case BlendOp::kMultiply:
-      f.kind = Finish::kMultiply;
-      break;
-    case BlendOp::kValve:
-      f.kind = Finish::kValve;
-      break;
-    case BlendOp::kGate:
-      f.kind = Finish::kStoreDouble;
-      f.out_double = reinterpret_cast<double*>(base + ws.de);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
+  if (p.op == BlendOp::kGate) f.out_double = reinterpret_cast<double*>(base + ws.de);
   if (p.weight_numel > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   if (p.weight_numel > 0) {
     const unsigned targets = static_cast<unsigned>(p.weight_numel);
@@ -804,20 +724,18 @@ cudaError_t launch_blend_backward(const BlendParams& p, void* workspace) {
   g.dalpha = p.dalpha;
   g.dgate = p.dgate;
   g.stream = p.stream;
-  return launch_gate_effective_backward(g);
+  return launch_gate_effective(g, true);
 }
 
-cudaError_t launch_gate_effective_forward(const GateWeightsParams& p) {
-  if (p.weight_numel <= 0) return cudaSuccess;
-  const int64_t blocks = (p.weight_numel + kReduceThreads - 1) / kReduceThreads;
-  const unsigned grid = static_cast<unsigned>(blocks < 65535 ? blocks : 65535);
-  gate_effective_forward_kernel<<<grid, kReduceThreads, 0, p.stream>>>(p);
-  return cudaGetLastError();
-}
-
-// Blocks [0, alpha.numel) produce dalpha, the rest dgate.
-cudaError_t launch_gate_effective_backward(const GateWeightsParams& p) {
-  const int64_t blocks = p.dalpha.numel + p.dgate.numel;
+cudaError_t launch_gate_effective(const GateWeightsParams& p, bool backward) {
+  if (!backward) {
+    if (p.weight_numel <= 0) return cudaSuccess;
+    const int64_t blocks = (p.weight_numel + kReduceThreads - 1) / kReduceThreads;
+    gate_effective_forward_kernel<<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), kReduceThreads, 0,
+                                    p.stream>>>(p);
+    return cudaGetLastError();
+  }
+  const int64_t blocks = p.dalpha.numel + p.dgate.numel;  // [0, alpha.numel) produce dalpha
   if (blocks <= 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   gate_weights_backward_kernel<<<static_cast<unsigned>(blocks), kReduceThreads, 0, p.stream>>>(p);

@@ -34,9 +34,43 @@ using opmath_t = std::conditional_t<std::is_same_v<X, double>, double, float>;
 KK_DEV float to_float(bf16_t v) { return __uint_as_float(static_cast<uint32_t>(v.x) << 16); }
 KK_DEV float to_float(f16_t v) { return __half2float(__ushort_as_half(v.x)); }
 
-// Calls f(X{}) with X the storage type of the float dtype t.
+// A bool element: one byte, 0 or 1.
+struct bool_t {
+  uint8_t x;
+};
+
+// Calls f(X{}) with X the storage type of t.
 template <typename F>
-cudaError_t dispatch_float(DType t, F&& f) {
+KK_DEV auto visit_dtype(DType t, F&& f, decltype(f(float{})) fallback = {}) {
+  switch (t) {
+    case DType::kFloat:
+      return f(float{});
+    case DType::kDouble:
+      return f(double{});
+    case DType::kBFloat16:
+      return f(bf16_t{});
+    case DType::kHalf:
+      return f(f16_t{});
+    case DType::kUInt8:
+      return f(uint8_t{});
+    case DType::kInt8:
+      return f(int8_t{});
+    case DType::kInt16:
+      return f(int16_t{});
+    case DType::kInt32:
+      return f(int32_t{});
+    case DType::kInt64:
+      return f(int64_t{});
+    case DType::kBool:
+      return f(bool_t{});
+  }
+  return fallback;
+}
+
+// f(X{}) with X the storage type of the float dtype t, else `other`.
+#pragma nv_exec_check_disable
+template <typename R, typename F>
+__host__ __device__ __forceinline__ R visit_float(DType t, R other, F&& f) {
   switch (t) {
     case DType::kFloat:
       return f(float{});
@@ -47,8 +81,13 @@ cudaError_t dispatch_float(DType t, F&& f) {
     case DType::kHalf:
       return f(f16_t{});
     default:
-      return cudaErrorInvalidValue;
+      return other;
   }
+}
+
+template <typename F>
+cudaError_t dispatch_float(DType t, F&& f) {
+  return visit_float(t, cudaErrorInvalidValue, f);
 }
 
 template <typename X>
@@ -59,6 +98,8 @@ template <typename O, typename X>
 KK_DEV O widen(X v) {
   if constexpr (kIsHalf<X>) {
     return static_cast<O>(to_float(v));
+  } else if constexpr (std::is_same_v<X, bool_t>) {
+    return v.x != 0 ? O(1) : O(0);
   } else {
     return static_cast<O>(v);
   }
@@ -72,6 +113,10 @@ KK_DEV X narrow(V v) {
     return bf16_t{__bfloat16_as_ushort(__float2bfloat16_rn(static_cast<float>(v)))};
   } else if constexpr (std::is_same_v<X, f16_t>) {
     return f16_t{__half_as_ushort(__float2half_rn(static_cast<float>(v)))};
+  } else if constexpr (std::is_same_v<X, bool_t>) {
+    return bool_t{static_cast<uint8_t>(v != V(0) ? 1 : 0)};
+  } else if constexpr (std::is_same_v<X, uint8_t>) {
+    return static_cast<uint8_t>(static_cast<int64_t>(v));  // negative values wrap, as on the host
   } else {
     return static_cast<X>(v);
   }
@@ -89,65 +134,16 @@ KK_DEV V round_through(V v) {
 
 // ---------------------------------------------------------------- runtime-typed scalars
 KK_DEV double load_as_double(const void* base, DType t, int64_t off) {
-  switch (t) {
-    case DType::kFloat:
-      return static_cast<double>(static_cast<const float*>(base)[off]);
-    case DType::kDouble:
-      return static_cast<const double*>(base)[off];
-    case DType::kBFloat16:
-      return static_cast<double>(to_float(static_cast<const bf16_t*>(base)[off]));
-    case DType::kHalf:
-      return static_cast<double>(to_float(static_cast<const f16_t*>(base)[off]));
-    case DType::kUInt8:
-      return static_cast<double>(static_cast<const uint8_t*>(base)[off]);
-    case DType::kInt8:
-      return static_cast<double>(static_cast<const int8_t*>(base)[off]);
-    case DType::kInt16:
-      return static_cast<double>(static_cast<const int16_t*>(base)[off]);
-    case DType::kInt32:
-      return static_cast<double>(static_cast<const int32_t*>(base)[off]);
-    case DType::kInt64:
-      return static_cast<double>(static_cast<const int64_t*>(base)[off]);
-    case DType::kBool:
-      return static_cast<const uint8_t*>(base)[off] != 0 ? 1.0 : 0.0;
-  }
-  return 0.0;
+  return visit_dtype(t, [&](auto x) { return widen<double>(static_cast<const decltype(x)*>(base)[off]); });
 }
 
 // Stores a double as dtype t the way a static_cast from double does on the host.
 KK_DEV void store_from_double(void* base, DType t, int64_t off, double v) {
-  switch (t) {
-    case DType::kFloat:
-      static_cast<float*>(base)[off] = static_cast<float>(v);
-      return;
-    case DType::kDouble:
-      static_cast<double*>(base)[off] = v;
-      return;
-    case DType::kBFloat16:
-      static_cast<bf16_t*>(base)[off] = narrow<bf16_t>(v);
-      return;
-    case DType::kHalf:
-      static_cast<f16_t*>(base)[off] = narrow<f16_t>(v);
-      return;
-    case DType::kUInt8:
-      static_cast<uint8_t*>(base)[off] = static_cast<uint8_t>(static_cast<int64_t>(v));
-      return;
-    case DType::kInt8:
-      static_cast<int8_t*>(base)[off] = static_cast<int8_t>(v);
-      return;
-    case DType::kInt16:
-      static_cast<int16_t*>(base)[off] = static_cast<int16_t>(v);
-      return;
-    case DType::kInt32:
-      static_cast<int32_t*>(base)[off] = static_cast<int32_t>(v);
-      return;
-    case DType::kInt64:
-      static_cast<int64_t*>(base)[off] = static_cast<int64_t>(v);
-      return;
-    case DType::kBool:
-      static_cast<uint8_t*>(base)[off] = v != 0.0 ? 1 : 0;
-      return;
-  }
+  visit_dtype(t, [&](auto x) {
+    using X = decltype(x);
+    static_cast<X*>(base)[off] = narrow<X>(v);
+    return 0;
+  });
 }
 
 // `.to(t)` of a double value, as a double (the rounding of kk::cpu::round_to): integer dtypes
@@ -155,11 +151,11 @@ KK_DEV void store_from_double(void* base, DType t, int64_t off, double v) {
 KK_DEV double round_to(DType t, double v) {
   switch (t) {
     case DType::kFloat:
-      return static_cast<double>(static_cast<float>(v));
+      return round_through<float>(v);
     case DType::kBFloat16:
-      return static_cast<double>(to_float(narrow<bf16_t>(v)));
+      return round_through<bf16_t>(v);
     case DType::kHalf:
-      return static_cast<double>(to_float(narrow<f16_t>(v)));
+      return round_through<f16_t>(v);
     default:
       return v;
   }
@@ -294,9 +290,12 @@ KK_DEV CompensatedSum warp_sum(CompensatedSum v) {
   return v;
 }
 
-// Compensated block sum of each thread's CompensatedSum; the result is valid in thread 0.
-// `scratch` holds 32 doubles of shared memory (used twice: sums, then errors).
-KK_DEV double block_sum(CompensatedSum v, double* scratch) {
+// Sum over the block (blockDim.x a multiple of 32, at most 1024) of each thread's double or
+// CompensatedSum, in a fixed order; the result is valid in thread 0. `scratch` holds 32
+// doubles of shared memory.
+template <typename V>
+KK_DEV double block_sum(V v, double* scratch) {
+  constexpr bool kCompensated = std::is_same_v<V, CompensatedSum>;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int nwarps = blockDim.x >> 5;
@@ -304,37 +303,31 @@ KK_DEV double block_sum(CompensatedSum v, double* scratch) {
   __shared__ double err_scratch[32];
   __syncthreads();  // scratch may still be read by a previous call
   if (lane == 0) {
-    scratch[warp] = v.sum;
-    err_scratch[warp] = v.err;
+    if constexpr (kCompensated) {
+      scratch[warp] = v.sum;
+      err_scratch[warp] = v.err;
+    } else {
+      scratch[warp] = v;
+    }
   }
   __syncthreads();
-  CompensatedSum r;
+  V r{};
   if (warp == 0) {
-    if (lane < nwarps) {
-      r.sum = scratch[lane];
-      r.err = err_scratch[lane];
+    if constexpr (kCompensated) {
+      if (lane < nwarps) {
+        r.sum = scratch[lane];
+        r.err = err_scratch[lane];
+      }
+    } else {
+      r = lane < nwarps ? scratch[lane] : 0.0;
     }
     r = warp_sum(r);
   }
-  return r.value();
-}
-
-// Sum over the block (blockDim.x a multiple of 32, at most 1024), in a fixed order; the
-// result is valid in thread 0. `scratch` holds 32 doubles of shared memory.
-KK_DEV double block_sum(double v, double* scratch) {
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int nwarps = blockDim.x >> 5;
-  v = warp_sum(v);
-  __syncthreads();  // scratch may still be read by a previous call
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  double r = 0.0;
-  if (warp == 0) {
-    r = lane < nwarps ? scratch[lane] : 0.0;
-    r = warp_sum(r);
+  if constexpr (kCompensated) {
+    return r.value();
+  } else {
+    return r;
   }
-  return r;
 }
 
 // ---------------------------------------------------------------- weights

@@ -1,10 +1,8 @@
-// The torch glue of the CUDA kernels: turns tensors into the parameter structs of kk_cuda.h
-// and registers the CUDA implementations of every kasmina op. It mirrors the CPU
-// implementations call for call: the same checks (ops/checks.h), the same signatures (checked
-// below against cpu/cpu_ops.h), the same output allocation, the same casts outside the kernels
-// for unusual dtype pairs. Everything runs on the current CUDA stream of the features' device
-// and nothing waits for the device, except that a weight gradient for a 0-dim CPU alpha (or
-// gate) comes back as a CPU tensor.
+// The torch glue of the CUDA kernels: tensors -> the parameter structs of kk_cuda.h, and the
+// CUDA registrations of every kasmina op, mirroring the CPU implementations (same checks,
+// signatures, allocation and casts). Everything runs on the features' device's current stream
+// and nothing waits for the device, except a weight gradient for a 0-dim CPU alpha (or gate),
+// which comes back as a CPU tensor.
 #include <ATen/ATen.h>
 #include <ATen/ExpandUtils.h>
 #include <c10/cuda/CUDAException.h>
@@ -21,7 +19,6 @@
 #include "kk_cuda.h"
 #include "ops/checks.h"
 #include "ops/operands.h"
-#include "plan.h"
 
 namespace kk::cuda {
 namespace {
@@ -204,12 +201,8 @@ void run_blend(BlendParams p, const std::vector<at::Tensor>& outs, std::vector<a
                 " dims to reduce");
   }
   p.stream = current_stream();
-  if (backward) {
-    launch_with_workspace(blend_backward_workspace_bytes(p), outs[0],
-                          [&](void* ws) { return launch_blend_backward(p, ws); });
-  } else {
-    C10_CUDA_CHECK(launch_blend_forward(p));
-  }
+  launch_with_workspace(blend_workspace_bytes(p, backward), outs[0],
+                        [&](void* ws) { return launch_blend(p, backward, ws); });
   for (size_t k = 0; k < tmp.size(); ++k) outs[k].copy_(tmp[k]);
 }
 
@@ -284,10 +277,22 @@ PoolShape pool_shape(const at::Tensor& x, c10::string_view topology) {
   return {x.size(0), x.size(2), x.size(1), 1, x.stride(0), x.stride(2), x.stride(1), 1};
 }
 
-void check_pool_input(const char* op, const at::Tensor& x, c10::string_view topology) {
+// x checked, in the kernels' view.
+PoolParams pool_params(const char* op, const at::Tensor& x, c10::string_view topology) {
   check_topology(x, topology);
   check_cuda_features(op, "x", x);
   check_features(op, "x", x);
+  PoolParams p;
+  p.dtype = to_dtype(x.scalar_type());
+  p.x = x.const_data_ptr();
+  p.shape = pool_shape(x, topology);
+  return p;
+}
+
+// On the current stream: call it under the device guard.
+void run_pool(PoolParams p, PoolOp op, const at::Tensor& like) {
+  p.stream = current_stream();
+  launch_with_workspace(pool_workspace_bytes(p, op), like, [&](void* ws) { return launch_pool(p, op, ws); });
 }
 
 DenseParam dense_param(const at::Tensor& t) {
@@ -296,14 +301,11 @@ DenseParam dense_param(const at::Tensor& t) {
 }
 
 // The gate network's parameters, checked, and x, in the kernels' view.
-GateNetworkParams network_params(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                                 const at::Tensor& w2, const at::Tensor& b2,
-                                 c10::string_view topology) {
+PoolParams network_params(const char* name, const at::Tensor& x, const at::Tensor& w1,
+                          const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                          c10::string_view topology) {
+  PoolParams p = pool_params(name, x, topology);
   const char* op = "gate_network";
-  GateNetworkParams p;
-  p.dtype = to_dtype(x.scalar_type());
-  p.x = x.const_data_ptr();
-  p.shape = pool_shape(x, topology);
   TORCH_CHECK(w1.dim() == 2 && w1.size(1) == p.shape.C, op, ": w1 must be (hidden, ", p.shape.C,
               "), got ", w1.sizes());
   p.hidden = w1.size(0);
@@ -322,7 +324,6 @@ GateNetworkParams network_params(const at::Tensor& x, const at::Tensor& w1, cons
   p.b1 = dense_param(b1);
   p.w2 = dense_param(w2);
   p.b2 = dense_param(b2);
-  p.stream = current_stream();
   return p;
 }
 
@@ -465,7 +466,7 @@ at::Tensor gate_effective_alpha(const at::Tensor& alpha, const at::Tensor& gate)
   p.weight_numel = out.numel();
   p.out = out.data_ptr();
   p.stream = current_stream();
-  C10_CUDA_CHECK(launch_gate_effective_forward(p));
+  C10_CUDA_CHECK(launch_gate_effective(p, false));
   return out;
 }
 
@@ -487,71 +488,58 @@ std::tuple<at::Tensor, at::Tensor> gate_effective_alpha_backward(const at::Tenso
   p.dalpha = weight_grad(da, alpha, like, &W);
   p.dgate = weight_grad(dg, gate, like, &W);
   p.stream = current_stream();
-  C10_CUDA_CHECK(launch_gate_effective_backward(p));
+  C10_CUDA_CHECK(launch_gate_effective(p, true));
   return {finish_weight_grad(da, alpha, need_alpha_grad), finish_weight_grad(dg, gate, need_gate_grad)};
 }
 
 // ---------------------------------------------------------------- pooling
 at::Tensor gated_pool(const at::Tensor& x, c10::string_view topology) {
-  check_pool_input("gated_pool", x, topology);
+  PoolParams p = pool_params("gated_pool", x, topology);
   const c10::cuda::CUDAGuard guard(x.device());
-  PoolParams p;
-  p.dtype = to_dtype(x.scalar_type());
-  p.x = x.const_data_ptr();
-  p.shape = pool_shape(x, topology);
   at::Tensor out = at::empty({p.shape.B, p.shape.C}, x.options());
   p.out = out.data_ptr();
-  p.stream = current_stream();
-  launch_with_workspace(pool_forward_workspace_bytes(p), x,
-                        [&](void* ws) { return launch_pool_forward(p, ws); });
+  run_pool(p, PoolOp::kPool, x);
   return out;
 }
 
 at::Tensor gated_pool_backward(const at::Tensor& grad, const at::Tensor& x,
                                c10::string_view topology) {
-  check_pool_input("gated_pool_backward", x, topology);
+  PoolParams p = pool_params("gated_pool_backward", x, topology);
   const c10::cuda::CUDAGuard guard(x.device());
-  const PoolShape xs = pool_shape(x, topology);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == xs.B && grad.size(1) == xs.C,
-              "gated_pool_backward: grad must be (", xs.B, ", ", xs.C, "), got ", grad.sizes());
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == p.shape.B && grad.size(1) == p.shape.C,
+              "gated_pool_backward: grad must be (", p.shape.B, ", ", p.shape.C, "), got ", grad.sizes());
   check_grad_tensor("gated_pool_backward", grad, x);
   at::Tensor dx = at::empty_like(x);
   if (x.numel() == 0) return dx;
-  PoolBackwardParams p;
-  p.dtype = to_dtype(x.scalar_type());
   p.dx = dx.data_ptr();
   p.dx_shape = pool_shape(dx, topology);
   p.grad = grad.const_data_ptr();
   p.grad_dtype = to_dtype(grad.scalar_type());
   p.grad_sb = grad.stride(0);
   p.grad_sc = grad.stride(1);
-  p.stream = current_stream();
-  C10_CUDA_CHECK(launch_pool_backward(p));
+  run_pool(p, PoolOp::kPoolBackward, x);
   return dx;
 }
 
 // ---------------------------------------------------------------- gate network
 at::Tensor gate_network(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                         const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
-  check_pool_input("gate_network", x, topology);
+  PoolParams p = network_params("gate_network", x, w1, b1, w2, b2, topology);
   const c10::cuda::CUDAGuard guard(x.device());
-  GateNetworkParams p = network_params(x, w1, b1, w2, b2, topology);
   const std::vector<int64_t> out_shape =
       topology == "cnn" ? std::vector<int64_t>{x.size(0), 1, 1, 1} : std::vector<int64_t>{x.size(0), 1, 1};
   at::Tensor out = at::empty(out_shape, x.options());
   if (x.size(0) == 0) return out;
   p.out = out.data_ptr();
-  launch_with_workspace(gate_network_workspace_bytes(p, false), x,
-                        [&](void* ws) { return launch_gate_network_forward(p, ws); });
+  run_pool(p, PoolOp::kNetwork, x);
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_network_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
-  check_pool_input("gate_network_backward", x, topology);
+  PoolParams p = network_params("gate_network_backward", x, w1, b1, w2, b2, topology);
   const c10::cuda::CUDAGuard guard(x.device());
-  GateNetworkParams p = network_params(x, w1, b1, w2, b2, topology);
   TORCH_CHECK(grad.numel() == x.size(0), "gate_network_backward: grad must hold one value per "
               "sample (", x.size(0), "), got shape ", grad.sizes());
   check_grad_tensor("gate_network_backward", grad, x);
@@ -565,11 +553,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_netw
   const at::Tensor gflat = grad.reshape({x.size(0)});
   p.grad = gflat.const_data_ptr();
   p.grad_dtype = to_dtype(gflat.scalar_type());
-  p.grad_s = gflat.dim() == 1 ? gflat.stride(0) : 1;
+  p.grad_sb = gflat.dim() == 1 ? gflat.stride(0) : 1;
   p.dx = dx.data_ptr();
   p.dx_shape = pool_shape(dx, topology);
-  launch_with_workspace(gate_network_workspace_bytes(p, true), x,
-                        [&](void* ws) { return launch_gate_network_backward(p, ws); });
+  run_pool(p, PoolOp::kNetworkBackward, x);
   return {dx, dw1, db1, dw2, db2};
 }
 

@@ -6,7 +6,6 @@
 // per thread and double across threads; the mean is sum * (1 / count) in double, rounded once
 // to float (double for double) and to x's dtype, as on the CPU.
 #include "device_utils.cuh"
-#include "plan.h"
 
 namespace kk::cuda {
 namespace {
@@ -36,6 +35,16 @@ KK_DEV void write_mean(const PoolArgs& a, int64_t q, double sum) {
   const op_t mean = static_cast<op_t>(sum * a.inv_count);
   if (a.out != nullptr) store_one<T>(a.out, q, mean);
   if (a.out_opmath != nullptr) static_cast<op_t*>(a.out_opmath)[q] = mean;
+}
+
+// The sum of (b, c) = q over position segment `split`: the mean, or a partial to finish.
+template <typename T>
+KK_DEV void write_sum(const PoolArgs& a, int64_t split, int64_t q, double sum) {
+  if (a.splits == 1) {
+    write_mean<T>(a, q, sum);
+  } else {
+    a.partials[split * a.B * a.C + q] = sum;
+  }
 }
 
 KK_DEV int64_t position_offset(const PoolArgs& a, int64_t p) {
@@ -82,13 +91,7 @@ __global__ void __launch_bounds__(kThreads) pool_planes_kernel(const __grid_cons
       for (int64_t p = p0 + lane; p < p1; p += 32) acc += load_one<T, op_t>(plane, position_offset(a, p));
     }
     const double sum = warp_sum(static_cast<double>(acc));
-    if (lane == 0) {
-      if (a.splits == 1) {
-        write_mean<T>(a, q, sum);
-      } else {
-        a.partials[split * a.B * a.C + q] = sum;
-      }
-    }
+    if (lane == 0) write_sum<T>(a, split, q, sum);
   }
 }
 
@@ -144,13 +147,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int l = 0; l < VEC; ++l) {
       const int64_t c = c0 + l;
       if (VEC == 1 || c < a.C) {
-        const int64_t q = b * a.C + c;
-        const double sum = red[threadIdx.x * VEC + l];
-        if (a.splits == 1) {
-          write_mean<T>(a, q, sum);
-        } else {
-          a.partials[split * a.B * a.C + q] = sum;
-        }
+        write_sum<T>(a, split, b * a.C + c, red[threadIdx.x * VEC + l]);
       }
     }
   }
@@ -243,7 +240,6 @@ PoolArgs make_pool_args(const PoolParams& p, const PoolPlan& plan) {
   a.seg = plan.seg;
   a.inv_count = 1.0 / static_cast<double>(a.P);
   a.out = p.out;
-  a.out_opmath = p.out_opmath;
   return a;
 }
 
@@ -354,48 +350,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Strides of a dense tensor whose dims, innermost first, are `inner_first` (size-1 dims
-// skipped): true when `strides` are exactly those.
-bool dense_in_order(const int64_t (&sizes)[4], const int64_t (&strides)[4], const int (&inner_first)[4]) {
-  int64_t running = 1;
-  for (int d : inner_first) {
-    if (sizes[d] == 1) continue;
-    if (strides[d] != running) return false;
-    running *= sizes[d];
-  }
-  return true;
-}
-
 // Launches the dense kernel when dx's layout allows it; false when it does not (then the
 // general kernel runs).
-bool try_pool_backward_dense(const PoolBackwardParams& p, int64_t n, double count, cudaError_t& err) {
+bool try_pool_backward_dense(const PoolParams& p, int64_t n, double count, cudaError_t& err) {
   const PoolShape& s = p.dx_shape;
-  const int64_t sizes[4] = {s.B, s.C, s.H, s.W};
-  const int64_t strides[4] = {s.sb, s.sc, s.sh, s.sw};
+  const int layout = plan::layout_4d({s.B, s.C, s.H, s.W}, {s.sb, s.sc, s.sh, s.sw});
+  const bool channels = layout == plan::kLayoutChannelsLast;  // channels last, (B, T, C)
   const int64_t P = s.H * s.W;
-  bool channels;
-  if (dense_in_order(sizes, strides, {3, 2, 1, 0})) {
-    channels = false;  // NCHW
-  } else if (dense_in_order(sizes, strides, {1, 3, 2, 0})) {
-    channels = true;  // channels last, (B, T, C)
-  } else {
+  const int64_t row = channels ? s.C : P;
+  const int vec = 16 / dtype_size(p.dtype);
+  if (layout == plan::kLayoutOther || row % vec != 0 || (reinterpret_cast<uintptr_t>(p.dx) & 15u) != 0) {
     return false;
   }
-  const int64_t row = channels ? s.C : P;
-  const int size = p.dtype == DType::kDouble ? 8 : p.dtype == DType::kFloat ? 4 : 2;
-  const int vec = 16 / size;
-  if (row % vec != 0 || (reinterpret_cast<uintptr_t>(p.dx) & 15u) != 0) return false;
-  PoolBackwardDenseArgs a{};
-  a.dx = p.dx;
-  a.grad = p.grad;
-  a.grad_dtype = p.grad_dtype;
-  a.numel = n;
-  a.grad_sb = p.grad_sb;
-  a.grad_sc = p.grad_sc;
-  a.channels = channels;
-  a.inner = FastDiv::make(static_cast<uint64_t>(row));
-  a.outer = FastDiv::make(static_cast<uint64_t>(channels ? P * s.C : s.C));
-  a.count = count;
+  // planes: inner = P (elements per plane), outer = C; channels: inner = C, outer = P * C
+  const PoolBackwardDenseArgs a{p.dx, p.grad, p.grad_dtype, n, p.grad_sb, p.grad_sc,
+                                FastDiv::make(static_cast<uint64_t>(row)),
+                                FastDiv::make(static_cast<uint64_t>(channels ? P * s.C : s.C)), channels, count};
   const int64_t blocks = ceil_div(n / vec, kThreads);
   err = dispatch_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -406,7 +376,7 @@ bool try_pool_backward_dense(const PoolBackwardParams& p, int64_t n, double coun
   return true;
 }
 
-cudaError_t run_pool_backward(const PoolBackwardParams& p) {
+cudaError_t run_pool_backward(const PoolParams& p) {
   const PoolShape& s = p.dx_shape;
   const plan::Shape sizes = {s.B, s.C, s.H, s.W};
   const plan::Shape dx_strides = {s.sb, s.sc, s.sh, s.sw};
@@ -438,29 +408,15 @@ cudaError_t run_pool_backward(const PoolBackwardParams& p) {
 // ---------------------------------------------------------------- gate network
 using Dense = DenseParam;
 
-template <typename P, typename op_t>
-KK_DEV op_t dot_row(const Dense& w, int64_t row, const op_t* v, int64_t n) {
-  const P* base = static_cast<const P*>(w.ptr) + row * w.s0;
-  op_t acc = op_t(0);
-  for (int64_t k = 0; k < n; ++k) acc += widen<op_t>(base[k * w.s1]) * v[k];
-  return acc;
-}
-
 // sum_k w[row, k] * v[k] in op_t, reading w in its own dtype.
 template <typename op_t>
 KK_DEV op_t dense_dot(const Dense& w, int64_t row, const op_t* v, int64_t n) {
-  switch (w.dtype) {
-    case DType::kFloat:
-      return dot_row<float, op_t>(w, row, v, n);
-    case DType::kDouble:
-      return dot_row<double, op_t>(w, row, v, n);
-    case DType::kBFloat16:
-      return dot_row<bf16_t, op_t>(w, row, v, n);
-    case DType::kHalf:
-      return dot_row<f16_t, op_t>(w, row, v, n);
-    default:
-      return op_t(0);
-  }
+  return visit_float(w.dtype, op_t(0), [&](auto x) {
+    const auto* base = static_cast<const decltype(x)*>(w.ptr) + row * w.s0;
+    op_t acc = op_t(0);
+    for (int64_t k = 0; k < n; ++k) acc += widen<op_t>(base[k * w.s1]) * v[k];
+    return acc;
+  });
 }
 
 template <typename op_t>
@@ -595,14 +551,13 @@ struct NetLayout {
   size_t pooled = 0, dz1 = 0, a1 = 0, dz2 = 0, dpooled = 0, total = 0;
 };
 
-NetLayout net_layout(const GateNetworkParams& p, bool backward) {
+NetLayout net_layout(const PoolParams& p, bool backward) {
   NetLayout l;
-  const PoolParams pp{p.dtype, p.x, p.shape};
-  l.plan = make_pool_plan(pp);
+  l.plan = make_pool_plan(p);
   const size_t op = p.dtype == DType::kDouble ? 8 : 4;
   const size_t B = static_cast<size_t>(p.shape.B), C = static_cast<size_t>(p.shape.C);
   const size_t H = static_cast<size_t>(p.hidden);
-  size_t off = align256(pool_workspace(pp, l.plan));
+  size_t off = align256(pool_workspace(p, l.plan));
   l.pooled = plan::carve(off, std::max<size_t>(B * C, 1) * op);
   if (backward) {
     l.dz1 = plan::carve(off, std::max<size_t>(B * H, 1) * op);
@@ -615,108 +570,66 @@ NetLayout net_layout(const GateNetworkParams& p, bool backward) {
 }
 
 template <typename T>
-cudaError_t run_gate_network(const GateNetworkParams& p, void* workspace, bool backward) {
+cudaError_t run_gate_network(const PoolParams& p, void* workspace, bool backward) {
   using op_t = opmath_t<T>;
   const NetLayout l = net_layout(p, backward);
   char* ws = static_cast<char*>(workspace);
   if (ws == nullptr) return cudaErrorInvalidValue;
   const int64_t B = p.shape.B;
   // 1. pooled means in opmath
-  const PoolParams pp{p.dtype, p.x, p.shape, nullptr, ws + l.pooled, p.stream};
-  cudaError_t err = run_pool<T>(make_pool_args(pp, l.plan), l.plan, ws, p.stream);
+  PoolArgs pa = make_pool_args(p, l.plan);
+  pa.out = nullptr;
+  pa.out_opmath = ws + l.pooled;
+  cudaError_t err = run_pool<T>(pa, l.plan, ws, p.stream);
   if (err != cudaSuccess) return err;
   // 2. the per-sample MLP
   const size_t smem = static_cast<size_t>(std::max<int64_t>(p.hidden, 1)) * sizeof(op_t);
   if (smem > 48 * 1024) return cudaErrorInvalidValue;
   if (B > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  MlpArgs m{};
-  m.B = B;
-  m.C = p.shape.C;
-  m.hidden = p.hidden;
-  m.w1 = p.w1;
-  m.b1 = p.b1;
-  m.w2 = p.w2;
-  m.b2 = p.b2;
-  m.pooled = ws + l.pooled;
-  m.out = p.out;
+  // the buffers after `out` exist (and are read) in the backward only
+  const MlpArgs m{B, p.shape.C, p.hidden, p.w1, p.b1, p.w2, p.b2, ws + l.pooled, p.out, p.grad,
+                  p.grad_dtype, p.grad_sb, ws + l.dz1, ws + l.a1, ws + l.dz2, ws + l.dpooled};
   const unsigned grid = static_cast<unsigned>(B);
   if (!backward) {
     if (B == 0) return cudaSuccess;
     gate_mlp_kernel<T, false><<<grid, kThreads, smem, p.stream>>>(m);
     return cudaGetLastError();
   }
-  m.grad = p.grad;
-  m.grad_dtype = p.grad_dtype;
-  m.grad_s = p.grad_s;
-  m.dz1 = ws + l.dz1;
-  m.a1 = ws + l.a1;
-  m.dz2 = ws + l.dz2;
-  m.dpooled = ws + l.dpooled;
   if (B > 0) {
     gate_mlp_kernel<T, true><<<grid, kThreads, smem, p.stream>>>(m);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   // 3. parameter gradients, summed over the batch in order (zero for an empty batch)
-  ParamGradArgs g{};
-  g.B = B;
-  g.C = p.shape.C;
-  g.hidden = p.hidden;
-  g.pooled = ws + l.pooled;
-  g.dz1 = ws + l.dz1;
-  g.a1 = ws + l.a1;
-  g.dz2 = ws + l.dz2;
-  g.dw1 = p.dw1;
-  g.db1 = p.db1;
-  g.dw2 = p.dw2;
-  g.db2 = p.db2;
+  const ParamGradArgs g{B, p.shape.C, p.hidden, ws + l.pooled, ws + l.dz1, ws + l.a1, ws + l.dz2,
+                        p.dw1, p.db1, p.dw2, p.db2};
   const int64_t total = p.hidden * p.shape.C + 2 * p.hidden + 1;
   gate_param_grad_kernel<op_t><<<grid_for(ceil_div(total, kThreads)), kThreads, 0, p.stream>>>(g);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   // 4. dx = dpooled / count over x's layout
-  PoolBackwardParams bp;
-  bp.dtype = p.dtype;
-  bp.dx = p.dx;
-  bp.dx_shape = p.dx_shape;
+  PoolParams bp = p;
   bp.grad = ws + l.dpooled;
   bp.grad_dtype = p.dtype == DType::kDouble ? DType::kDouble : DType::kFloat;
   bp.grad_sb = p.shape.C;
   bp.grad_sc = 1;
-  bp.stream = p.stream;
   return run_pool_backward(bp);
 }
 
 }  // namespace
 
 // ---------------------------------------------------------------- launchers
-size_t pool_forward_workspace_bytes(const PoolParams& p) {
-  return pool_workspace(p, make_pool_plan(p));
+size_t pool_workspace_bytes(const PoolParams& p, PoolOp op) {
+  if (op == PoolOp::kPool) return pool_workspace(p, make_pool_plan(p));
+  if (op == PoolOp::kPoolBackward) return 0;
+  return net_layout(p, op == PoolOp::kNetworkBackward).total;
 }
 
-cudaError_t launch_pool_forward(const PoolParams& p, void* workspace) {
-  const PoolPlan plan = make_pool_plan(p);
+cudaError_t launch_pool(const PoolParams& p, PoolOp op, void* workspace) {
+  if (op == PoolOp::kPoolBackward) return run_pool_backward(p);
   return dispatch_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
+    if (op != PoolOp::kPool) return run_gate_network<T>(p, workspace, op == PoolOp::kNetworkBackward);
+    const PoolPlan plan = make_pool_plan(p);
     return run_pool<T>(make_pool_args(p, plan), plan, workspace, p.stream);
-  });
-}
-
-cudaError_t launch_pool_backward(const PoolBackwardParams& p) { return run_pool_backward(p); }
-
-size_t gate_network_workspace_bytes(const GateNetworkParams& p, bool backward) {
-  return net_layout(p, backward).total;
-}
-
-cudaError_t launch_gate_network_forward(const GateNetworkParams& p, void* workspace) {
-  return dispatch_float(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    return run_gate_network<T>(p, workspace, false);
-  });
-}
-
-cudaError_t launch_gate_network_backward(const GateNetworkParams& p, void* workspace) {
-  return dispatch_float(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    return run_gate_network<T>(p, workspace, true);
   });
 }
 
