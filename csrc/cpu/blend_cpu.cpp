@@ -263,8 +263,8 @@ GateWeights gate_weights(const at::Tensor& alpha, const at::Tensor& gate) {
   GateWeights gw;
   gw.shape = at::infer_size(alpha.sizes(), gate.sizes());
   gw.promoted = at::result_type(alpha, gate);
-  gw.a = read_values(alpha.expand(gw.shape));
-  gw.g = read_values(gate.expand(gw.shape));
+  gw.a = read_values(alpha, gw.shape);
+  gw.g = read_values(gate, gw.shape);
   gw.e.resize(gw.a.size());
   for (size_t i = 0; i < gw.a.size(); ++i) {
     gw.e[i] = clamp01(round_to(gw.promoted, clamp01(gw.a[i]) * clamp01(gw.g[i])));
@@ -277,7 +277,8 @@ GateWeights gate_weights(const at::Tensor& alpha, const at::Tensor& gate) {
 std::pair<at::Tensor, at::Tensor> gate_weights_backward(const GateWeights& gw,
                                                         const std::vector<long double>& de,
                                                         const at::Tensor& alpha,
-                                                        const at::Tensor& gate) {
+                                                        const at::Tensor& gate, bool need_alpha_grad,
+                                                        bool need_gate_grad) {
   std::vector<long double> da(de.size()), dg(de.size());
   for (size_t i = 0; i < de.size(); ++i) {
     const double ca = clamp01(gw.a[i]), cg = clamp01(gw.g[i]);
@@ -286,12 +287,15 @@ std::pair<at::Tensor, at::Tensor> gate_weights_backward(const GateWeights& gw,
     da[i] = clamp01_passes_grad(gw.a[i]) ? dp * cg : 0.0L;
     dg[i] = clamp01_passes_grad(gw.g[i]) ? dp * ca : 0.0L;
   }
-  // each summed to its input's shape in double, then rounded once to its dtype
-  const auto summed = [&](const std::vector<long double>& d, const at::Tensor& t) {
+  // each summed to its input's shape in double, then rounded once to its dtype (a zero
+  // placeholder where no gradient is needed)
+  const auto summed = [&](const std::vector<long double>& d, const at::Tensor& t, bool needed) {
+    if (!needed) return at::zeros(t.sizes(), t.options());
     const std::vector<double> v(d.begin(), d.end());
+    if (t.sizes() == at::IntArrayRef(gw.shape)) return tensor_from_values(v, t.sizes(), t.scalar_type());
     return at::sum_to(tensor_from_values(v, gw.shape, at::kDouble), t.sizes()).to(t.scalar_type());
   };
-  return {summed(da, alpha), summed(dg, gate)};
+  return {summed(da, alpha, need_alpha_grad), summed(dg, gate, need_gate_grad)};
 }
 
 // d(alpha) for a weight w = f(clamp01(alpha)): the clamp's mask on `masked_on`.
@@ -370,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_gate_backward(
     return {dh, ds, at::zeros(alpha.sizes(), alpha.options()),
             at::zeros(gate.sizes(), gate.options())};
   }
-  auto [dalpha, dgate] = gate_weights_backward(gw, de, alpha, gate);
+  auto [dalpha, dgate] = gate_weights_backward(gw, de, alpha, gate, need_alpha_grad, need_gate_grad);
   return {dh, ds, dalpha, dgate};
 }
 
@@ -618,11 +622,12 @@ at::Tensor gate_effective_alpha(const at::Tensor& alpha, const at::Tensor& gate)
 std::tuple<at::Tensor, at::Tensor> gate_effective_alpha_backward(const at::Tensor& grad,
                                                                  const at::Tensor& alpha,
                                                                  const at::Tensor& gate,
-                                                                 bool /*need_alpha_grad*/,
-                                                                 bool /*need_gate_grad*/) {
+                                                                 bool need_alpha_grad,
+                                                                 bool need_gate_grad) {
   const GateWeights gw = gate_weights(alpha, gate);
-  const auto g = read_values(grad.expand(gw.shape));
-  return gate_weights_backward(gw, std::vector<long double>(g.begin(), g.end()), alpha, gate);
+  const auto g = read_values(grad, gw.shape);
+  return gate_weights_backward(gw, std::vector<long double>(g.begin(), g.end()), alpha, gate,
+                               need_alpha_grad, need_gate_grad);
 }
 
 }  // namespace CPU_CAPABILITY

@@ -9,8 +9,9 @@
 namespace kk::cpu {
 inline namespace CPU_CAPABILITY {
 
-// Values of a real tensor, row-major over its shape, as doubles (exact for every dtype here).
-std::vector<double> read_values(const at::Tensor& t);
+// Values of a real tensor broadcast to `shape` (default: its own), row-major, as doubles (exact
+// for every dtype here). Reads through the strides: no copy of an expanded tensor.
+std::vector<double> read_values(const at::Tensor& t, at::IntArrayRef shape = {});
 
 // Rounds a double to the precision of `dtype` the way `.to(dtype)` does.
 double round_to(at::ScalarType dtype, double v);
