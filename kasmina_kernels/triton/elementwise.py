@@ -1,24 +1,27 @@
 """The elementwise kernel of ADD, GATE, MULTIPLY, STE, the valve multiplier and the gate's
-effective alpha, forward or backward, and the kernel that reduces the alpha/gate gradient.
-The per-element math is each family's (`lerp.py`, `multiply.py`; STE's value is h + (s - s)).
-Operands: h the host (m for the valve), s the seed, r the seed input (h when absent).
+effective alpha (the per-element math is each family's: `lerp.py`, `multiply.py`), forward or
+backward, and the kernel that reduces the alpha/gate gradient. Operands: h the host (m for
+the valve), s the seed, r the seed input (h when absent).
 
 A backward writes the feature gradients asked for and, for alpha/gate, one partial sum per
 program, which one more program sums in a fixed order in float64 and chains through the
 clamps (deterministic, no atomics); weights of other broadcast shapes reduce per-element terms
 with torch's deterministic sum instead. Only the inputs are saved; no kernel writes an input.
-Rounding follows the native backend: the seed is rounded to the host's dtype inside the
-kernel, math runs in float32 (float64 for double), each output is rounded once.
+Rounding follows the native backend: the seed is rounded to the host's dtype in the kernel,
+math runs in float32 (float64 for double), each output is rounded once.
 
-Iteration follows the output's storage order, split per sample when a weight is per-sample (one
-scalar load per program); other operands are addressed by their own strides, inner dims
-coalesced to at most three (else copied into the output's layout). Mixed memory formats (a
-channels_last host beside NCHW seeds or the reverse) iterate over [positions x channels] tiles
-instead, so every operand is read along its own contiguous dim. A 0-dim CPU alpha beside device
-features is passed by value (no copy, no sync); planning is cached per configuration.
+Iteration follows the output's storage order, split per sample when a weight is per-sample
+(one scalar load per program); other operands are addressed by their own strides, inner dims
+coalesced to at most three (else copied into the output's layout). A channels_last host
+beside NCHW seeds (or the reverse) iterates over [positions x channels] tiles, so every
+operand is read along its own contiguous dim. A 0-dim CPU alpha beside device features is
+passed by value (no copy, no sync); planning is cached per configuration.
 """
 
 from __future__ import annotations
+
+import math
+from types import SimpleNamespace
 
 import torch
 import triton
@@ -37,7 +40,6 @@ from ._common import (
     offset,
     round_to,
     store,
-    store_scalar,
     to_float,
 )
 from ._common import present_or as _or
@@ -259,10 +261,10 @@ def _weight_grad_kernel(
                 total_alpha += tl.where(row_mask, d_alpha, 0.0)
     if NEED_ALPHA:
         if ALPHA_MODE != 2:
-            store_scalar(dalpha_ptr, tl.sum(total_alpha, axis=0), INTERPRET)
+            store(dalpha_ptr, tl.sum(total_alpha, axis=0), None, INTERPRET)
     if NEED_GATE:
         if GATE_MODE != 2:
-            store_scalar(dgate_ptr, tl.sum(total_gate, axis=0), INTERPRET)
+            store(dgate_ptr, tl.sum(total_gate, axis=0), None, INTERPRET)
 
 
 # ============================================================================ planning
@@ -294,14 +296,6 @@ def _layout_4d(shape, strides):
         if all(n == 1 or st == want for n, st, want in zip(shape, strides, canon)):
             return name
     return None
-
-
-class _Launch:
-    """Everything about a launch that depends only on shapes, strides, dtypes and devices:
-    built once per configuration and cached, so a call does no planning."""
-
-    __slots__ = ("fallback", "tiled", "modes", "grid", "ints", "kw", "weight_terms_per_element",
-                 "partial_dtype", "weight_grad_ints", "weight_grad_kw")
 
 
 _launch_cache: dict = {}
@@ -342,12 +336,11 @@ def _strided_iteration(shape, ref_strides, operands, weights, modes):
     chunks, ints, strides of out/grad/h/s/r and per-element weights, flat flags, kw), or None
     when the operands need more than 3 inner dims. Turns per-sample weight modes per-element
     where samples are not split."""
-    n = 1
-    for v in shape:
-        n *= v
     split = False
     if WEIGHT_PER_SAMPLE in modes:
-        split = _batch_outermost(shape, ref_strides) and n // shape[0] >= MIN_SPLIT_INNER
+        # split when each sample is one contiguous slab (dense, dim 0 outermost) and big enough
+        inner = math.prod(shape[1:])
+        split = shape[0] > 1 and ref_strides[0] == inner and inner >= MIN_SPLIT_INNER
         if not split:
             modes[:] = [WEIGHT_PER_ELEMENT if m == WEIGHT_PER_SAMPLE else m for m in modes]
     per_element = [w.expand(shape).stride() for m, w in zip(modes, weights) if m == WEIGHT_PER_ELEMENT]
@@ -362,21 +355,12 @@ def _strided_iteration(shape, ref_strides, operands, weights, modes):
             [o[4] for o in p.operands[:5]], kw)
 
 
-def _batch_outermost(shape, strides) -> bool:
-    """Dense strides whose dim 0 is the outermost: each sample is one contiguous slab."""
-    n = 1
-    for v in shape:
-        n *= v
-    return len(shape) > 0 and shape[0] > 1 and strides[0] * shape[0] == n
-
-
-def _make_launch(backward, op, shape, ref_strides, operands, weights, device, host, promoted, m_dtype, need):
-    """operands: (grad or None, h, s, r); need: the backward's (dh, ds, dr, dalpha, dgate)."""
-    launch = _Launch()
-    modes = [WEIGHT_SCALAR if w is None else common.weight_mode(w, device) for w in weights]
-    for k, (m, w) in enumerate(zip(modes, weights)):
-        if m == WEIGHT_PER_SAMPLE and not (w.dim() == len(shape) and w.shape[0] == shape[0]):
-            modes[k] = WEIGHT_PER_ELEMENT
+def _make_launch(backward, op, shape, ref_strides, operands, weights, device, host, promoted, need):
+    """Everything about a launch that depends only on shapes, strides, dtypes and devices (built
+    once per configuration and cached, so a call does no planning). operands: (grad or None,
+    h, s, r); need: the backward's (dh, ds, dr, dalpha, dgate)."""
+    launch = SimpleNamespace()
+    modes = [WEIGHT_SCALAR if w is None else common.weight_mode(w, device, shape) for w in weights]
     iteration = _tiled_iteration(op, shape, ref_strides, operands, modes)
     launch.tiled = iteration is not None
     if iteration is None:
@@ -392,7 +376,7 @@ def _make_launch(backward, op, shape, ref_strides, operands, weights, device, ho
                              else (w.stride(0) if m == WEIGHT_PER_SAMPLE else 0, 0, 0, 0)
                              for m, w in zip(modes, weights)]
     launch.ints = ints + sum(strides, ())
-    compute = common.compute_dtype(host, *([m_dtype] if m_dtype is not None else []))
+    compute = common.compute_dtype(host, operands[1].dtype)
     dtype_kw = dict(OP=op, HOST_DTYPE=common.tl_dtype(host), PROMOTED_DTYPE=common.tl_dtype(promoted),
                     WEIGHT_DTYPE=common.compute_dtype(*[w.dtype for w in weights if w is not None], host, promoted))
     kw.update(dtype_kw, BACKWARD=backward, COMPUTE_DTYPE=compute, TANH_DTYPE=common.compute_dtype(operands[1].dtype),
@@ -437,13 +421,12 @@ def _describe_weight(w):
     return None if w is None else (w.shape, w.stride(), w.dtype, w.device)
 
 
-def _get_launch(backward, op, shape, ref_strides, operands, weights, device, host, promoted, m_dtype,
-                need=None):
+def _get_launch(backward, op, shape, ref_strides, operands, weights, device, host, promoted, need=None):
     key = (backward, op, shape, ref_strides, tuple(_describe(x) for x in operands),
            _describe_weight(weights[0]), _describe_weight(weights[1]), device, host, promoted, need,
            common.FORCE_VALUE_MODE)
     return common.cached(_launch_cache, key, lambda: _make_launch(
-        backward, op, shape, ref_strides, operands, weights, device, host, promoted, m_dtype, need))
+        backward, op, shape, ref_strides, operands, weights, device, host, promoted, need))
 
 
 def _to_layout(x: torch.Tensor, shape, strides) -> torch.Tensor:
@@ -453,32 +436,24 @@ def _to_layout(x: torch.Tensor, shape, strides) -> torch.Tensor:
 
 
 def _materialize(weights, shape, strides, device):
-    """Weights of general shapes as full tensors in the iteration layout (fallback only)."""
-    out = []
-    for w in weights:
-        per_sample = w is not None and w.dim() == len(shape) and w.shape[0] == shape[0] and all(
-            d == 1 for d in w.shape[1:])
-        if w is None or w.numel() == 1 or per_sample:
-            out.append(w)
-        else:
-            out.append(_to_layout(w.to(device), shape, strides))
-    return out
+    """Per-element weights as full tensors in the iteration layout (fallback only)."""
+    return [w if w is None or common.weight_mode(w, device, shape) != WEIGHT_PER_ELEMENT
+            else _to_layout(w.to(device), shape, strides) for w in weights]
 
 
 # ============================================================================ launches
-def forward(op, out, h, s, r, alpha, gate, host, promoted, m_dtype=None):
+def forward(op, out, h, s, r, alpha, gate, host, promoted):
     """Launch the forward kernel of `op` writing `out` (whose layout is the iteration's)."""
     if out.numel() == 0:
         return out
     device = h.device
     shape, strides = out.shape, out.stride()
-    launch = _get_launch(False, op, shape, strides, (None, h, s, r), (alpha, gate), device, host, promoted, m_dtype)
+    launch = _get_launch(False, op, shape, strides, (None, h, s, r), (alpha, gate), device, host, promoted)
     if launch.fallback:
         # more than 3 inner dims no stride pattern coalesces: copy into the iteration layout
         h, s, r = (None if x is None else _to_layout(x, shape, strides) for x in (h, s, r))
         alpha, gate = _materialize((alpha, gate), shape, strides, device)
-        launch = _get_launch(False, op, shape, strides, (None, h, s, r), (alpha, gate), device, host, promoted,
-                             m_dtype)
+        launch = _get_launch(False, op, shape, strides, (None, h, s, r), (alpha, gate), device, host, promoted)
     a = common.weight_arg(alpha, launch.modes[0], device)
     g = common.weight_arg(gate, launch.modes[1], device)
     _elementwise_kernel[launch.grid](out, out, out, out, out, h, h, _or(s, h), _or(r, h), _or(a, h), _or(g, h),
@@ -494,7 +469,7 @@ def _feature_grad_buffer(x: torch.Tensor, needed: bool):
     return x, (torch.empty_like(x) if needed else None)
 
 
-def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, m_dtype=None, original_weights=None):
+def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, original_weights=None):
     """Launch the backward of `op`; need = (dh, ds, dr, dalpha, dgate) flags. Returns the
     five gradients, None where not needed. `original_weights`: the (alpha, gate) the fallback
     materialized (their gradients are summed back to the original shapes)."""
@@ -516,12 +491,11 @@ def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, m_dtype=None,
         dg = user_gate.new_zeros(user_gate.shape) if need_gate else None
         return (dh if need_h else None), ds, dr, da, dg
     need = (bool(need_h), ds is not None, dr is not None, bool(need_alpha), bool(need_gate))
-    launch = _get_launch(True, op, shape, strides, (grad, h, s, r), (alpha, gate), device, host, promoted,
-                         m_dtype, need)
+    launch = _get_launch(True, op, shape, strides, (grad, h, s, r), (alpha, gate), device, host, promoted, need)
     if launch.fallback:
         copies = [None if x is None else _to_layout(x, shape, strides) for x in (grad, h, s, r)]
         full_alpha, full_gate = _materialize((alpha, gate), shape, strides, device)
-        grads = backward(op, *copies, full_alpha, full_gate, need, host, promoted, m_dtype,
+        grads = backward(op, *copies, full_alpha, full_gate, need, host, promoted,
                          original_weights=(user_alpha, user_gate))
         if ds is not None:
             ds.copy_(grads[1])
@@ -582,72 +556,49 @@ def _weight_grads_from_elements(op, weight_terms, alpha, gate, need_alpha, need_
     return d_alpha, d_gate
 
 
-# ============================================================================ op bodies
-# Forward: f(*inputs). Backward: f(grad, *inputs, need) with one need flag per input; returns
-# one gradient per input, None where not needed.
-def blend_add_forward(h, s, alpha):
-    return forward(OP_ADD, torch.empty_like(h), h, s, None, alpha, None, h.dtype, h.dtype)
+# ============================================================================ the ops
+# Per elementwise op of the table: its OP code and its input in each kernel role (h, s, r,
+# alpha, gate); None where it has none (the effective alpha's h is its output, or the gradient).
+_ROLES = {
+    "blend_add": (OP_ADD, ("h", "s", None, "alpha", None)),
+    "blend_multiply": (OP_MULTIPLY, ("h", "s", "seed_input", "alpha", None)),
+    "blend_gate": (OP_GATE, ("h", "s", None, "alpha", "gate")),
+    "ste_forward": (OP_STE, ("h", "s", None, None, None)),
+    "multiply_valve_multiplier": (OP_VALVE, ("m", None, None, "alpha", None)),
+    "gate_effective_alpha": (OP_EFFECTIVE_ALPHA, (None, None, None, "alpha", "gate")),
+}
 
 
-def blend_gate_forward(h, s, alpha, gate):
-    return forward(OP_GATE, torch.empty_like(h), h, s, None, alpha, gate, h.dtype, common.result_type(alpha, gate))
+def _dtypes(op, h, alpha, gate):
+    """(host, promoted): the dtype the op's value is computed in and that of alpha * gate."""
+    if op == OP_VALVE:
+        host = torch.result_type(alpha, h)
+        return host, host
+    promoted = h.dtype if gate is None else torch.result_type(alpha, gate)
+    return (promoted if op == OP_EFFECTIVE_ALPHA else h.dtype), promoted
 
 
-def blend_multiply_forward(h, s, alpha, seed_input):
-    return forward(OP_MULTIPLY, torch.empty_like(h), h, s, seed_input, alpha, None, h.dtype, h.dtype)
+def entry_points(table_op):
+    """The forward f(*inputs) and backward f(grad, *inputs, need) of an elementwise op of the
+    table: one need flag per input of `table_op.grads`, one gradient (or None) back for each."""
+    op, roles = _ROLES[table_op.name]
 
+    def operands(inputs):
+        named = dict(zip(table_op.inputs, inputs))
+        return [None if n is None else named[n] for n in roles]
 
-def ste_forward(h, s):
-    return forward(OP_STE, torch.empty_like(h), h, s, None, None, None, h.dtype, h.dtype)
+    def run_forward(*inputs):
+        out = table_op.forward_fake(*inputs)
+        h, s, r, alpha, gate = operands(inputs)
+        h = out if h is None else h
+        return forward(op, out, h, s, r, alpha, gate, *_dtypes(op, h, alpha, gate))
 
+    def run_backward(grad, *inputs):
+        h, s, r, alpha, gate = operands(inputs[:-1])
+        wanted = dict(zip(table_op.grads, inputs[-1]))
+        need = tuple(bool(wanted.get(n, False)) for n in roles)
+        h = grad if h is None else h
+        grads = dict(zip(roles, backward(op, grad, h, s, r, alpha, gate, need, *_dtypes(op, h, alpha, gate))))
+        return tuple(grads[n] for n in table_op.grads)
 
-def valve_multiplier_forward(alpha, m):
-    result = common.result_type(alpha, m)
-    return forward(OP_VALVE, torch.empty_like(m, dtype=result), m, None, None, alpha, None, result, result,
-                   m.dtype)
-
-
-def blend_add_backward(grad, h, s, alpha, need):
-    dh, ds, _, da, _ = backward(OP_ADD, grad, h, s, None, alpha, None,
-                                (need[0], need[1], False, need[2], False), h.dtype, h.dtype)
-    return dh, ds, da
-
-
-def blend_gate_backward(grad, h, s, alpha, gate, need):
-    dh, ds, _, da, dg = backward(OP_GATE, grad, h, s, None, alpha, gate, (need[0], need[1], False, need[2], need[3]),
-                                 h.dtype, common.result_type(alpha, gate))
-    return dh, ds, da, dg
-
-
-def blend_multiply_backward(grad, h, s, alpha, seed_input, need):
-    dh, ds, dr, da, _ = backward(OP_MULTIPLY, grad, h, s, seed_input, alpha, None,
-                                 (need[0], need[1], seed_input is not None and need[3], need[2], False),
-                                 h.dtype, h.dtype)
-    return dh, ds, da, dr
-
-
-def _pair_device(alpha, gate):
-    """The effective alpha's device: a 0-dim CPU scalar defers to the other operand's."""
-    if alpha.dim() == 0 and alpha.device.type == "cpu":
-        return gate.device
-    return alpha.device
-
-
-def gate_effective_alpha_forward(alpha, gate):
-    promoted = common.result_type(alpha, gate)
-    out = torch.empty(validation.broadcast_shape(alpha.shape, gate.shape), dtype=promoted,
-                      device=_pair_device(alpha, gate))
-    return forward(OP_EFFECTIVE_ALPHA, out, out, None, None, alpha, gate, promoted, promoted)
-
-
-def gate_effective_alpha_backward(grad, alpha, gate, need):
-    _, _, _, da, dg = backward(OP_EFFECTIVE_ALPHA, grad, grad, None, None, alpha, gate,
-                               (False, False, False, need[0], need[1]), *(common.result_type(alpha, gate),) * 2)
-    return da, dg
-
-
-def valve_multiplier_backward(grad, alpha, m, need):
-    result = common.result_type(alpha, m)
-    dm, _, _, da, _ = backward(OP_VALVE, grad, m, None, None, alpha, None,
-                               (need[1], False, False, need[0], False), result, result, m.dtype)
-    return da, dm
+    return run_forward, (None if op == OP_STE else run_backward)

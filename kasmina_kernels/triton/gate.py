@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _common as common
-from ._common import present_or, store, store_scalar, to_float
+from ._common import present_or, store, to_float
 
 FUSED_MAX_C = 512
 # elements of a 2-D tile held per step (the interpreter: fewer, larger steps)
@@ -178,7 +178,7 @@ def _gate_network_kernel(
                 _spread_mean_grad(dx_ptr, b * dx_sb, channels, channel_mask, positions, mean_grad, POSITIONS, WIDTH,
                                   dx_sc, dx_sh, dx_sw, DX_FLAT, ACC_DTYPE, INTERPRET, BLOCK_C, BLOCK_L)
     else:
-        store_scalar(gate_ptr + b, y, INTERPRET)
+        store(gate_ptr + b, y, None, INTERPRET)
 
 
 @triton.jit
@@ -218,7 +218,7 @@ def _gate_weight_grad_kernel(
         store(db1_ptr + rows, acc_b1, row_mask, INTERPRET)
         store(dw2_ptr + rows, acc_w2, row_mask, INTERPRET)
         if row_block == 0:
-            store_scalar(db2_ptr, tl.sum(acc_b2, axis=0), INTERPRET)
+            store(db2_ptr, tl.sum(acc_b2, axis=0), None, INTERPRET)
 
 
 # ============================================================================ pooling, gate network
