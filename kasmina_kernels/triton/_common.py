@@ -205,11 +205,6 @@ def cached(cache: dict, key, make):
     return value
 
 
-def present_or(t, placeholder):
-    """A kernel argument: a pointer the kernel does not read stands in for an absent tensor."""
-    return placeholder if t is None else t
-
-
 def weight_mode(w: torch.Tensor, device: torch.device, shape) -> int:
     """How weight w reaches a kernel iterating over features of `shape` on `device`."""
     if w.numel() == 1:

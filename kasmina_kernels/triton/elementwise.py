@@ -42,7 +42,6 @@ from ._common import (
     store,
     to_float,
 )
-from ._common import present_or as _or
 from .lerp import effective_alpha, effective_alpha_backward, lerp, lerp_backward
 from .multiply import multiply, multiply_backward, valve, valve_backward
 
@@ -135,8 +134,9 @@ def _elementwise_kernel(
     pid, b, j, i0, i1, i2, mask = _block(INNER, D1, D2, CHUNKS, CHANNEL_TILES, NDIM, TILED, I64, BLOCK_P, BLOCK_C)
     out_off = offset(b, j, i0, i1, i2, out_sb, out_s0, out_s1, out_s2, OUT_FLAT)
     h_off = offset(b, j, i0, i1, i2, h_sb, h_s0, h_s1, h_s2, H_FLAT)
-    s_off = offset(b, j, i0, i1, i2, s_sb, s_s0, s_s1, s_s2, S_FLAT)
-    if OP == 2:
+    if s_ptr is not None:
+        s_off = offset(b, j, i0, i1, i2, s_sb, s_s0, s_s1, s_s2, S_FLAT)
+    if r_ptr is not None:
         r_off = offset(b, j, i0, i1, i2, r_sb, r_s0, r_s1, r_s2, R_FLAT)
     if OP != 3:
         alpha = load_weight(alpha_ptr, b, i0, i1, i2, alpha_sb, alpha_s0, alpha_s1, alpha_s2, mask, ALPHA_MODE,
@@ -208,18 +208,6 @@ def _elementwise_kernel(
 
 
 @triton.jit
-def _load_weight_rows(ptr, rows, row_mask, MODE: tl.constexpr, SAMPLE_STRIDE, DTYPE: tl.constexpr,
-                      INTERPRET: tl.constexpr):
-    """A weight for a block of samples `rows` (by value, one scalar, or per sample)."""
-    if MODE == 0:
-        return tl.cast(ptr, DTYPE)
-    elif MODE == 1:
-        return to_float(tl.load(ptr), DTYPE, INTERPRET)
-    else:
-        return to_float(tl.load(ptr + rows * SAMPLE_STRIDE, mask=row_mask, other=0), DTYPE, INTERPRET)
-
-
-@triton.jit
 def _weight_grad_kernel(
     partials_ptr, dalpha_ptr, dgate_ptr, alpha_ptr, gate_ptr,
     B, CHUNKS, alpha_sb, gate_sb,
@@ -241,9 +229,12 @@ def _weight_grad_kernel(
             m2 = row_mask[:, None] & (kk[None, :] < CHUNKS)
             acc += tl.load(partials_ptr + rows[:, None] * CHUNKS + kk[None, :], mask=m2, other=0).to(tl.float64)
         d_weight = tl.sum(acc, axis=1)
-        alpha = _load_weight_rows(alpha_ptr, rows, row_mask, ALPHA_MODE, alpha_sb, WEIGHT_DTYPE, INTERPRET)
+        safe_rows = tl.minimum(rows, B - 1)  # rows past B read sample B-1; their results are masked
+        alpha = load_weight(alpha_ptr, safe_rows, 0, 0, 0, alpha_sb, 0, 0, 0, row_mask, ALPHA_MODE, WEIGHT_DTYPE,
+                            INTERPRET)
         if (OP == 1) | (OP == 5):
-            gate = _load_weight_rows(gate_ptr, rows, row_mask, GATE_MODE, gate_sb, WEIGHT_DTYPE, INTERPRET)
+            gate = load_weight(gate_ptr, safe_rows, 0, 0, 0, gate_sb, 0, 0, 0, row_mask, GATE_MODE, WEIGHT_DTYPE,
+                               INTERPRET)
             d_alpha, d_gate = effective_alpha_backward(d_weight, alpha, gate, PROMOTED_DTYPE, INTERPRET)
             if NEED_GATE:
                 if GATE_MODE == 2:
@@ -371,10 +362,14 @@ def _make_launch(backward, op, shape, ref_strides, operands, weights, device, ho
         return launch
     samples, chunks, ints, strides, flats, kw = iteration
     launch.grid = (samples * chunks,)
+    # strides the kernel never reads (absent operands, a weight's that is not per element) are
+    # None: constexprs, no launch arguments
+    unused = (None,) * 4
     per_element = iter(strides[5:])
-    strides = strides[:5] + [next(per_element) if m == WEIGHT_PER_ELEMENT
-                             else (w.stride(0) if m == WEIGHT_PER_SAMPLE else 0, 0, 0, 0)
-                             for m, w in zip(modes, weights)]
+    present = (True,) + tuple(x is not None for x in operands)
+    strides = [st if p else unused for st, p in zip(strides[:5], present)] + [
+        next(per_element) if m == WEIGHT_PER_ELEMENT else (w.stride(0), None, None, None) if m == WEIGHT_PER_SAMPLE
+        else unused for m, w in zip(modes, weights)]
     launch.ints = ints + sum(strides, ())
     compute = common.compute_dtype(host, operands[1].dtype)
     dtype_kw = dict(OP=op, HOST_DTYPE=common.tl_dtype(host), PROMOTED_DTYPE=common.tl_dtype(promoted),
@@ -456,8 +451,7 @@ def forward(op, out, h, s, r, alpha, gate, host, promoted):
         launch = _get_launch(False, op, shape, strides, (None, h, s, r), (alpha, gate), device, host, promoted)
     a = common.weight_arg(alpha, launch.modes[0], device)
     g = common.weight_arg(gate, launch.modes[1], device)
-    _elementwise_kernel[launch.grid](out, out, out, out, out, h, h, _or(s, h), _or(r, h), _or(a, h), _or(g, h),
-                                     *launch.ints, **launch.kw)
+    _elementwise_kernel[launch.grid](out, None, None, None, None, None, h, s, r, a, g, *launch.ints, **launch.kw)
     return out
 
 
@@ -511,8 +505,7 @@ def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, original_weig
         else:
             partials = torch.empty(launch.grid, dtype=launch.partial_dtype, device=device)
     _elementwise_kernel[launch.grid](
-        _or(dh, h), _or(ds, h), _or(dr, h), _or(weight_terms, h), _or(partials, h),
-        grad, h, _or(s, h), _or(r, h), _or(a, h), _or(g, h), *launch.ints, **launch.kw)
+        dh, ds, dr, weight_terms, partials, grad, h, s, r, a, g, *launch.ints, **launch.kw)
     da = dg = None
     if launch.weight_terms_per_element:
         da, dg = _weight_grads_from_elements(op, weight_terms, user_alpha, user_gate, need_alpha, need_gate, host,
@@ -520,8 +513,7 @@ def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, original_weig
     elif need_alpha or need_gate:
         da = torch.empty(user_alpha.shape, dtype=user_alpha.dtype, device=device) if need_alpha else None
         dg = torch.empty(user_gate.shape, dtype=user_gate.dtype, device=device) if need_gate else None
-        _weight_grad_kernel[(1,)](partials, _or(da, partials), _or(dg, partials), _or(a, partials),
-                                  _or(g, partials), *launch.weight_grad_ints, **launch.weight_grad_kw)
+        _weight_grad_kernel[(1,)](partials, da, dg, a, g, *launch.weight_grad_ints, **launch.weight_grad_kw)
         if da is not None and da.device != user_alpha.device:
             da = da.to(user_alpha.device)
         if dg is not None and dg.device != user_gate.device:
