@@ -91,7 +91,8 @@ class _Op:
                                           schema=_signature(op.backward))
             bwd.register_fake(functools.partial(op.backward_fake, dense_pooled=True))
             self.backward_op = getattr(torch.ops.kasmina, f"{name}_backward").default
-            setup_context, eager_backward, op_backward = self._setup_context, self._eager_backward, self._backward_through_op
+            setup_context, eager_backward = self._setup_context, self._eager_backward
+            op_backward = self._backward_through_op
         registered.register_autograd(op_backward, setup_context=setup_context)
         self.function = type(op.name, (torch.autograd.Function,), {
             "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
@@ -170,12 +171,17 @@ def _pool_backward(grad, x, topology, need):
 
 
 # The forward and backward entry points of each kernel op of the table (`Op.kernel`).
-_GATE_FAMILY = {
+_KERNELS = {
+    "blend_add": (elementwise.blend_add_forward, elementwise.blend_add_backward),
+    "blend_multiply": (elementwise.blend_multiply_forward, elementwise.blend_multiply_backward),
+    "blend_gate": (elementwise.blend_gate_forward, elementwise.blend_gate_backward),
+    "ste_forward": (elementwise.ste_forward, None),
+    "multiply_valve_multiplier": (elementwise.valve_multiplier_forward, elementwise.valve_multiplier_backward),
+    "gate_effective_alpha": (elementwise.gate_effective_alpha_forward, elementwise.gate_effective_alpha_backward),
     "gated_pool": (gate.gated_pool_forward, _pool_backward),
     "gate_network": (gate.gate_network_forward, gate.gate_network_backward),
 }
-_RUN = {op.name: _Op(op, *(_GATE_FAMILY.get(op.name) or elementwise.entry_points(op)))
-        for op in OPS if op.kernel == op.name}
+_RUN = {op.name: _Op(op, *_KERNELS[op.name]) for op in OPS if op.kernel == op.name}
 
 
 # ---------------------------------------------------------------------------- public functions

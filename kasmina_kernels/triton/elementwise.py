@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .. import validation
+from ..optable import BY_NAME
 from . import _common as common
 from ._common import (
     WEIGHT_PER_ELEMENT,
@@ -213,11 +214,11 @@ def _weight_grad_kernel(
     B, CHUNKS, alpha_sb, gate_sb,
     OP: tl.constexpr, ALPHA_MODE: tl.constexpr, GATE_MODE: tl.constexpr,
     HOST_DTYPE: tl.constexpr, PROMOTED_DTYPE: tl.constexpr, WEIGHT_DTYPE: tl.constexpr,
-    NEED_ALPHA: tl.constexpr, NEED_GATE: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program: per-sample sums of the partials (float64, fixed order), chained through
-    the clamps to alpha and gate; summed over samples for a scalar weight."""
+    the clamps to alpha and gate (a gradient not wanted has no buffer: None); summed over
+    samples for a scalar weight."""
     total_alpha = tl.zeros([BLOCK_B], dtype=tl.float64)
     total_gate = tl.zeros([BLOCK_B], dtype=tl.float64)
     for b0 in range(0, B, BLOCK_B):
@@ -236,7 +237,7 @@ def _weight_grad_kernel(
             gate = load_weight(gate_ptr, safe_rows, 0, 0, 0, gate_sb, 0, 0, 0, row_mask, GATE_MODE, WEIGHT_DTYPE,
                                INTERPRET)
             d_alpha, d_gate = effective_alpha_backward(d_weight, alpha, gate, PROMOTED_DTYPE, INTERPRET)
-            if NEED_GATE:
+            if dgate_ptr is not None:
                 if GATE_MODE == 2:
                     store(dgate_ptr + rows, d_gate, row_mask, INTERPRET)
                 else:
@@ -245,15 +246,15 @@ def _weight_grad_kernel(
             d_alpha = tl.where(in01(round_to(alpha, HOST_DTYPE, INTERPRET)), d_weight, 0.0)
         else:
             d_alpha = tl.where(in01(alpha), d_weight, 0.0)
-        if NEED_ALPHA:
+        if dalpha_ptr is not None:
             if ALPHA_MODE == 2:
                 store(dalpha_ptr + rows, d_alpha, row_mask, INTERPRET)
             else:
                 total_alpha += tl.where(row_mask, d_alpha, 0.0)
-    if NEED_ALPHA:
+    if dalpha_ptr is not None:
         if ALPHA_MODE != 2:
             store(dalpha_ptr, tl.sum(total_alpha, axis=0), None, INTERPRET)
-    if NEED_GATE:
+    if dgate_ptr is not None:
         if GATE_MODE != 2:
             store(dgate_ptr, tl.sum(total_gate, axis=0), None, INTERPRET)
 
@@ -401,10 +402,8 @@ def _make_launch(backward, op, shape, ref_strides, operands, weights, device, ho
                      WEIGHT_TERMS_PER_ELEMENT=launch.weight_terms_per_element)
     block_k = min(triton.next_power_of_2(chunks), 1024)
     launch.weight_grad_ints = (samples, chunks, strides[5][0], strides[6][0])
-    launch.weight_grad_kw = dict(
-        dtype_kw, ALPHA_MODE=modes[0], GATE_MODE=modes[1], NEED_ALPHA=bool(need_alpha), NEED_GATE=bool(need_gate),
-        INTERPRET=common.INTERPRET, BLOCK_B=max(1, min(triton.next_power_of_2(samples), 4096 // block_k)),
-        BLOCK_K=block_k)
+    launch.weight_grad_kw = dict(dtype_kw, ALPHA_MODE=modes[0], GATE_MODE=modes[1], INTERPRET=common.INTERPRET,
+                                 BLOCK_B=max(1, min(triton.next_power_of_2(samples), 4096 // block_k)), BLOCK_K=block_k)
     return launch
 
 
@@ -549,48 +548,61 @@ def _weight_grads_from_elements(op, weight_terms, alpha, gate, need_alpha, need_
 
 
 # ============================================================================ the ops
-# Per elementwise op of the table: its OP code and its input in each kernel role (h, s, r,
-# alpha, gate); None where it has none (the effective alpha's h is its output, or the gradient).
-_ROLES = {
-    "blend_add": (OP_ADD, ("h", "s", None, "alpha", None)),
-    "blend_multiply": (OP_MULTIPLY, ("h", "s", "seed_input", "alpha", None)),
-    "blend_gate": (OP_GATE, ("h", "s", None, "alpha", "gate")),
-    "ste_forward": (OP_STE, ("h", "s", None, None, None)),
-    "multiply_valve_multiplier": (OP_VALVE, ("m", None, None, "alpha", None)),
-    "gate_effective_alpha": (OP_EFFECTIVE_ALPHA, (None, None, None, "alpha", "gate")),
-}
+# Forward: f(*inputs). Backward: f(grad, *inputs, need) with one need flag per input (the
+# table's `Op.grads`); returns one gradient per input, None where not needed.
+def blend_add_forward(h, s, alpha):
+    return forward(OP_ADD, torch.empty_like(h), h, s, None, alpha, None, h.dtype, h.dtype)
 
 
-def _dtypes(op, h, alpha, gate):
-    """(host, promoted): the dtype the op's value is computed in and that of alpha * gate."""
-    if op == OP_VALVE:
-        host = torch.result_type(alpha, h)
-        return host, host
-    promoted = h.dtype if gate is None else torch.result_type(alpha, gate)
-    return (promoted if op == OP_EFFECTIVE_ALPHA else h.dtype), promoted
+def blend_gate_forward(h, s, alpha, gate):
+    return forward(OP_GATE, torch.empty_like(h), h, s, None, alpha, gate, h.dtype, torch.result_type(alpha, gate))
 
 
-def entry_points(table_op):
-    """The forward f(*inputs) and backward f(grad, *inputs, need) of an elementwise op of the
-    table: one need flag per input of `table_op.grads`, one gradient (or None) back for each."""
-    op, roles = _ROLES[table_op.name]
+def blend_multiply_forward(h, s, alpha, seed_input):
+    return forward(OP_MULTIPLY, torch.empty_like(h), h, s, seed_input, alpha, None, h.dtype, h.dtype)
 
-    def operands(inputs):
-        named = dict(zip(table_op.inputs, inputs))
-        return [None if n is None else named[n] for n in roles]
 
-    def run_forward(*inputs):
-        out = table_op.forward_fake(*inputs)
-        h, s, r, alpha, gate = operands(inputs)
-        h = out if h is None else h
-        return forward(op, out, h, s, r, alpha, gate, *_dtypes(op, h, alpha, gate))
+def ste_forward(h, s):
+    return forward(OP_STE, torch.empty_like(h), h, s, None, None, None, h.dtype, h.dtype)
 
-    def run_backward(grad, *inputs):
-        h, s, r, alpha, gate = operands(inputs[:-1])
-        wanted = dict(zip(table_op.grads, inputs[-1]))
-        need = tuple(bool(wanted.get(n, False)) for n in roles)
-        h = grad if h is None else h
-        grads = dict(zip(roles, backward(op, grad, h, s, r, alpha, gate, need, *_dtypes(op, h, alpha, gate))))
-        return tuple(grads[n] for n in table_op.grads)
 
-    return run_forward, (None if op == OP_STE else run_backward)
+def valve_multiplier_forward(alpha, m):
+    result = torch.result_type(alpha, m)
+    return forward(OP_VALVE, torch.empty_like(m, dtype=result), m, None, None, alpha, None, result, result)
+
+
+def gate_effective_alpha_forward(alpha, gate):
+    out = BY_NAME["gate_effective_alpha"].fake(alpha, gate)  # the table's allocation
+    return forward(OP_EFFECTIVE_ALPHA, out, out, None, None, alpha, gate, out.dtype, out.dtype)
+
+
+def blend_add_backward(grad, h, s, alpha, need):
+    dh, ds, _, da, _ = backward(OP_ADD, grad, h, s, None, alpha, None,
+                                (need[0], need[1], False, need[2], False), h.dtype, h.dtype)
+    return dh, ds, da
+
+
+def blend_gate_backward(grad, h, s, alpha, gate, need):
+    dh, ds, _, da, dg = backward(OP_GATE, grad, h, s, None, alpha, gate, (need[0], need[1], False, need[2], need[3]),
+                                 h.dtype, torch.result_type(alpha, gate))
+    return dh, ds, da, dg
+
+
+def blend_multiply_backward(grad, h, s, alpha, seed_input, need):
+    dh, ds, dr, da, _ = backward(OP_MULTIPLY, grad, h, s, seed_input, alpha, None,
+                                 (need[0], need[1], need[3], need[2], False), h.dtype, h.dtype)
+    return dh, ds, da, dr
+
+
+def valve_multiplier_backward(grad, alpha, m, need):
+    result = torch.result_type(alpha, m)
+    dm, _, _, da, _ = backward(OP_VALVE, grad, m, None, None, alpha, None,
+                               (need[1], False, False, need[0], False), result, result)
+    return da, dm
+
+
+def gate_effective_alpha_backward(grad, alpha, gate, need):
+    promoted = torch.result_type(alpha, gate)
+    _, _, _, da, dg = backward(OP_EFFECTIVE_ALPHA, grad, grad, None, None, alpha, gate,
+                               (False, False, False, need[0], need[1]), promoted, promoted)
+    return da, dg

@@ -328,7 +328,7 @@ def _gate_cfg(x, w1, b1, w2, topology, dx_strides=None, need=None):
         cfg = {"view": v, "acc_t": acc_t, "from_pooled": from_pooled, "need_w": False,
                "pool": _pool_cfg(x.shape, x.stride(), x.dtype, topology, False, (v.channels,)) if from_pooled else None}
         if need is None:
-            cfg["ints"] = ints + (0,) * 7
+            cfg["ints"] = ints + (None,) * 8  # the backward's: None, no launch arguments
             cfg["kw"] = dict(kw, DX_FLAT=True, NEED_W=False)
             return cfg
         need_dx, need_w = need[0], any(need[1:])
@@ -337,7 +337,7 @@ def _gate_cfg(x, w1, b1, w2, topology, dx_strides=None, need=None):
         dz2_off = dz1_off + v.samples * hidden
         cfg["scratch"] = dz2_off + v.samples if (need_w or from_pooled) else 0
         dx_view = None if dx_strides is None else _View(x.shape, dx_strides, topology)
-        cfg["ints"] = ints + ((0,) * 4 if dx_view is None else dx_view.strides()) + (a1_off, dz1_off, dz2_off)
+        cfg["ints"] = ints + ((None,) * 4 if dx_view is None else dx_view.strides()) + (a1_off, dz1_off, dz2_off)
         cfg["kw"] = dict(kw, DX_FLAT=dx_view is None or dx_view.flat, NEED_W=need_w)
         cfg["need_w"] = need_w
         if from_pooled and need_dx:
@@ -360,12 +360,12 @@ def gate_network_forward(x, w1, b1, w2, b2, topology):
     if samples == 0:
         return y
     cfg = _gate_cfg(x, w1, b1, w2, topology)
-    pooled = x
+    pooled = None
     if cfg["from_pooled"]:
         pooled = torch.empty((samples, cfg["view"].channels), dtype=cfg["acc_t"], device=x.device)
         grid, ints, kw = cfg["pool"]
         _pool_kernel[grid](x, pooled, *ints, **kw)
-    _gate_network_kernel[(samples,)](x, pooled, w1, b1, w2, b2, y, None, None, None, None, *cfg["ints"], 0, **cfg["kw"])
+    _gate_network_kernel[(samples,)](x, pooled, w1, b1, w2, b2, y, None, None, None, None, *cfg["ints"], **cfg["kw"])
     return y
 
 
