@@ -686,6 +686,16 @@ def test_gate_network_large_channels(gen):
              extra={"topology": "cnn"}, gen=gen)
 
 
+@pytest.mark.parametrize("wanted", [(False, True, True, True), (True, False, True, False), (False, False, False, True)])
+def test_gate_network_some_weight_grads(wanted, gen):
+    """Only some weights want a gradient: the others get no buffer, and nothing is written for
+    them (an unwanted dW1 once landed in the scratch buffer, past its end)."""
+    x = rand((2, 16, 3, 3), torch.float32, gen)
+    grad_idx = [0] + [k + 1 for k, w in enumerate(wanted) if w]
+    run_case("gate_network", (x,) + _gate_params(16, torch.float32, gen), grad_idx, extra={"topology": "cnn"},
+             gen=gen)
+
+
 def test_pool_odd_strides(gen):
     x = rand((2, 6, 8, 10), torch.float32, gen)[:, ::2, 1:7, ::3]  # non-dense, H*W not flat
     run_case("gated_pool", (x, "cnn"), [0], gen=gen)

@@ -98,13 +98,8 @@ def _stored_value(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def store(ptr, x, mask, INTERPRET: tl.constexpr):
-    """Store x rounded once to the pointer's element type."""
+    """Store x rounded once to the pointer's element type (mask None: a scalar)."""
     tl.store(ptr, _stored_value(x, ptr.dtype.element_ty, INTERPRET), mask=mask)
-
-
-@triton.jit
-def store_scalar(ptr, x, INTERPRET: tl.constexpr):
-    tl.store(ptr, _stored_value(x, ptr.dtype.element_ty, INTERPRET))
 
 
 @triton.jit
@@ -210,20 +205,15 @@ def cached(cache: dict, key, make):
     return value
 
 
-def present_or(t, placeholder):
-    """A kernel argument: a pointer the kernel does not read stands in for an absent tensor."""
-    return placeholder if t is None else t
-
-
-def weight_mode(w: torch.Tensor, device: torch.device) -> int:
-    """How weight w reaches a kernel iterating over tensors on `device`."""
+def weight_mode(w: torch.Tensor, device: torch.device, shape) -> int:
+    """How weight w reaches a kernel iterating over features of `shape` on `device`."""
     if w.numel() == 1:
         if w.device != device or FORCE_VALUE_MODE:
             if w.dtype != torch.float64 and w.device.type == "cpu":
                 return WEIGHT_BY_VALUE  # a CPU scalar beside device features: no copy
         return WEIGHT_SCALAR
-    if w.dim() >= 2 and all(d == 1 for d in w.shape[1:]):
-        return WEIGHT_PER_SAMPLE  # the elementwise launch confirms it against the features
+    if 2 <= w.dim() == len(shape) and w.shape[0] == shape[0] and all(d == 1 for d in w.shape[1:]):
+        return WEIGHT_PER_SAMPLE
     return WEIGHT_PER_ELEMENT
 
 
@@ -236,21 +226,6 @@ def weight_arg(w, mode, device):
     if w.device != device:
         return w.to(device, non_blocking=True)
     return w
-
-
-_result_type_cache: dict = {}
-
-
-def result_type(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
-    """torch.result_type of a and b, cached on (dtype, is 0-dim) pairs."""
-    key = (a.dtype, a.dim() == 0, b.dtype, b.dim() == 0)
-
-    def make():
-        ta = torch.empty(() if key[1] else (1,), dtype=a.dtype, device="meta")
-        tb = torch.empty(() if key[3] else (1,), dtype=b.dtype, device="meta")
-        return torch.result_type(ta, tb)
-
-    return cached(_result_type_cache, key, make)
 
 
 # Largest elementwise block. The interpreter runs one program at a time, so it gets larger

@@ -1,30 +1,34 @@
 """The elementwise kernel of ADD, GATE, MULTIPLY, STE, the valve multiplier and the gate's
-effective alpha, forward or backward, and the kernel that reduces the alpha/gate gradient.
-The per-element math is each family's (`lerp.py`, `multiply.py`; STE's value is h + (s - s)).
-Operands: h the host (m for the valve), s the seed, r the seed input (h when absent).
+effective alpha (the per-element math is each family's: `lerp.py`, `multiply.py`), forward or
+backward, and the kernel that reduces the alpha/gate gradient. Operands: h the host (m for
+the valve), s the seed, r the seed input (h when absent).
 
 A backward writes the feature gradients asked for and, for alpha/gate, one partial sum per
 program, which one more program sums in a fixed order in float64 and chains through the
 clamps (deterministic, no atomics); weights of other broadcast shapes reduce per-element terms
 with torch's deterministic sum instead. Only the inputs are saved; no kernel writes an input.
-Rounding follows the native backend: the seed is rounded to the host's dtype inside the
-kernel, math runs in float32 (float64 for double), each output is rounded once.
+Rounding follows the native backend: the seed is rounded to the host's dtype in the kernel,
+math runs in float32 (float64 for double), each output is rounded once.
 
-Iteration follows the output's storage order, split per sample when a weight is per-sample (one
-scalar load per program); other operands are addressed by their own strides, inner dims
-coalesced to at most three (else copied into the output's layout). Mixed memory formats (a
-channels_last host beside NCHW seeds or the reverse) iterate over [positions x channels] tiles
-instead, so every operand is read along its own contiguous dim. A 0-dim CPU alpha beside device
-features is passed by value (no copy, no sync); planning is cached per configuration.
+Iteration follows the output's storage order, split per sample when a weight is per-sample
+(one scalar load per program); other operands are addressed by their own strides, inner dims
+coalesced to at most three (else copied into the output's layout). A channels_last host
+beside NCHW seeds (or the reverse) iterates over [positions x channels] tiles, so every
+operand is read along its own contiguous dim. A 0-dim CPU alpha beside device features is
+passed by value (no copy, no sync); planning is cached per configuration.
 """
 
 from __future__ import annotations
+
+import math
+from types import SimpleNamespace
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import validation
+from ..optable import BY_NAME
 from . import _common as common
 from ._common import (
     WEIGHT_PER_ELEMENT,
@@ -37,10 +41,8 @@ from ._common import (
     offset,
     round_to,
     store,
-    store_scalar,
     to_float,
 )
-from ._common import present_or as _or
 from .lerp import effective_alpha, effective_alpha_backward, lerp, lerp_backward
 from .multiply import multiply, multiply_backward, valve, valve_backward
 
@@ -133,8 +135,9 @@ def _elementwise_kernel(
     pid, b, j, i0, i1, i2, mask = _block(INNER, D1, D2, CHUNKS, CHANNEL_TILES, NDIM, TILED, I64, BLOCK_P, BLOCK_C)
     out_off = offset(b, j, i0, i1, i2, out_sb, out_s0, out_s1, out_s2, OUT_FLAT)
     h_off = offset(b, j, i0, i1, i2, h_sb, h_s0, h_s1, h_s2, H_FLAT)
-    s_off = offset(b, j, i0, i1, i2, s_sb, s_s0, s_s1, s_s2, S_FLAT)
-    if OP == 2:
+    if s_ptr is not None:
+        s_off = offset(b, j, i0, i1, i2, s_sb, s_s0, s_s1, s_s2, S_FLAT)
+    if r_ptr is not None:
         r_off = offset(b, j, i0, i1, i2, r_sb, r_s0, r_s1, r_s2, R_FLAT)
     if OP != 3:
         alpha = load_weight(alpha_ptr, b, i0, i1, i2, alpha_sb, alpha_s0, alpha_s1, alpha_s2, mask, ALPHA_MODE,
@@ -206,28 +209,16 @@ def _elementwise_kernel(
 
 
 @triton.jit
-def _load_weight_rows(ptr, rows, row_mask, MODE: tl.constexpr, SAMPLE_STRIDE, DTYPE: tl.constexpr,
-                      INTERPRET: tl.constexpr):
-    """A weight for a block of samples `rows` (by value, one scalar, or per sample)."""
-    if MODE == 0:
-        return tl.cast(ptr, DTYPE)
-    elif MODE == 1:
-        return to_float(tl.load(ptr), DTYPE, INTERPRET)
-    else:
-        return to_float(tl.load(ptr + rows * SAMPLE_STRIDE, mask=row_mask, other=0), DTYPE, INTERPRET)
-
-
-@triton.jit
 def _weight_grad_kernel(
     partials_ptr, dalpha_ptr, dgate_ptr, alpha_ptr, gate_ptr,
     B, CHUNKS, alpha_sb, gate_sb,
     OP: tl.constexpr, ALPHA_MODE: tl.constexpr, GATE_MODE: tl.constexpr,
     HOST_DTYPE: tl.constexpr, PROMOTED_DTYPE: tl.constexpr, WEIGHT_DTYPE: tl.constexpr,
-    NEED_ALPHA: tl.constexpr, NEED_GATE: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program: per-sample sums of the partials (float64, fixed order), chained through
-    the clamps to alpha and gate; summed over samples for a scalar weight."""
+    the clamps to alpha and gate (a gradient not wanted has no buffer: None); summed over
+    samples for a scalar weight."""
     total_alpha = tl.zeros([BLOCK_B], dtype=tl.float64)
     total_gate = tl.zeros([BLOCK_B], dtype=tl.float64)
     for b0 in range(0, B, BLOCK_B):
@@ -239,11 +230,14 @@ def _weight_grad_kernel(
             m2 = row_mask[:, None] & (kk[None, :] < CHUNKS)
             acc += tl.load(partials_ptr + rows[:, None] * CHUNKS + kk[None, :], mask=m2, other=0).to(tl.float64)
         d_weight = tl.sum(acc, axis=1)
-        alpha = _load_weight_rows(alpha_ptr, rows, row_mask, ALPHA_MODE, alpha_sb, WEIGHT_DTYPE, INTERPRET)
+        safe_rows = tl.minimum(rows, B - 1)  # rows past B read sample B-1; their results are masked
+        alpha = load_weight(alpha_ptr, safe_rows, 0, 0, 0, alpha_sb, 0, 0, 0, row_mask, ALPHA_MODE, WEIGHT_DTYPE,
+                            INTERPRET)
         if (OP == 1) | (OP == 5):
-            gate = _load_weight_rows(gate_ptr, rows, row_mask, GATE_MODE, gate_sb, WEIGHT_DTYPE, INTERPRET)
+            gate = load_weight(gate_ptr, safe_rows, 0, 0, 0, gate_sb, 0, 0, 0, row_mask, GATE_MODE, WEIGHT_DTYPE,
+                               INTERPRET)
             d_alpha, d_gate = effective_alpha_backward(d_weight, alpha, gate, PROMOTED_DTYPE, INTERPRET)
-            if NEED_GATE:
+            if dgate_ptr is not None:
                 if GATE_MODE == 2:
                     store(dgate_ptr + rows, d_gate, row_mask, INTERPRET)
                 else:
@@ -252,17 +246,17 @@ def _weight_grad_kernel(
             d_alpha = tl.where(in01(round_to(alpha, HOST_DTYPE, INTERPRET)), d_weight, 0.0)
         else:
             d_alpha = tl.where(in01(alpha), d_weight, 0.0)
-        if NEED_ALPHA:
+        if dalpha_ptr is not None:
             if ALPHA_MODE == 2:
                 store(dalpha_ptr + rows, d_alpha, row_mask, INTERPRET)
             else:
                 total_alpha += tl.where(row_mask, d_alpha, 0.0)
-    if NEED_ALPHA:
+    if dalpha_ptr is not None:
         if ALPHA_MODE != 2:
-            store_scalar(dalpha_ptr, tl.sum(total_alpha, axis=0), INTERPRET)
-    if NEED_GATE:
+            store(dalpha_ptr, tl.sum(total_alpha, axis=0), None, INTERPRET)
+    if dgate_ptr is not None:
         if GATE_MODE != 2:
-            store_scalar(dgate_ptr, tl.sum(total_gate, axis=0), INTERPRET)
+            store(dgate_ptr, tl.sum(total_gate, axis=0), None, INTERPRET)
 
 
 # ============================================================================ planning
@@ -294,14 +288,6 @@ def _layout_4d(shape, strides):
         if all(n == 1 or st == want for n, st, want in zip(shape, strides, canon)):
             return name
     return None
-
-
-class _Launch:
-    """Everything about a launch that depends only on shapes, strides, dtypes and devices:
-    built once per configuration and cached, so a call does no planning."""
-
-    __slots__ = ("fallback", "tiled", "modes", "grid", "ints", "kw", "weight_terms_per_element",
-                 "partial_dtype", "weight_grad_ints", "weight_grad_kw")
 
 
 _launch_cache: dict = {}
@@ -342,12 +328,11 @@ def _strided_iteration(shape, ref_strides, operands, weights, modes):
     chunks, ints, strides of out/grad/h/s/r and per-element weights, flat flags, kw), or None
     when the operands need more than 3 inner dims. Turns per-sample weight modes per-element
     where samples are not split."""
-    n = 1
-    for v in shape:
-        n *= v
     split = False
     if WEIGHT_PER_SAMPLE in modes:
-        split = _batch_outermost(shape, ref_strides) and n // shape[0] >= MIN_SPLIT_INNER
+        # split when each sample is one contiguous slab (dense, dim 0 outermost) and big enough
+        inner = math.prod(shape[1:])
+        split = shape[0] > 1 and ref_strides[0] == inner and inner >= MIN_SPLIT_INNER
         if not split:
             modes[:] = [WEIGHT_PER_ELEMENT if m == WEIGHT_PER_SAMPLE else m for m in modes]
     per_element = [w.expand(shape).stride() for m, w in zip(modes, weights) if m == WEIGHT_PER_ELEMENT]
@@ -362,21 +347,12 @@ def _strided_iteration(shape, ref_strides, operands, weights, modes):
             [o[4] for o in p.operands[:5]], kw)
 
 
-def _batch_outermost(shape, strides) -> bool:
-    """Dense strides whose dim 0 is the outermost: each sample is one contiguous slab."""
-    n = 1
-    for v in shape:
-        n *= v
-    return len(shape) > 0 and shape[0] > 1 and strides[0] * shape[0] == n
-
-
-def _make_launch(backward, op, shape, ref_strides, operands, weights, device, host, promoted, m_dtype, need):
-    """operands: (grad or None, h, s, r); need: the backward's (dh, ds, dr, dalpha, dgate)."""
-    launch = _Launch()
-    modes = [WEIGHT_SCALAR if w is None else common.weight_mode(w, device) for w in weights]
-    for k, (m, w) in enumerate(zip(modes, weights)):
-        if m == WEIGHT_PER_SAMPLE and not (w.dim() == len(shape) and w.shape[0] == shape[0]):
-            modes[k] = WEIGHT_PER_ELEMENT
+def _make_launch(backward, op, shape, ref_strides, operands, weights, device, host, promoted, need):
+    """Everything about a launch that depends only on shapes, strides, dtypes and devices (built
+    once per configuration and cached, so a call does no planning). operands: (grad or None,
+    h, s, r); need: the backward's (dh, ds, dr, dalpha, dgate)."""
+    launch = SimpleNamespace()
+    modes = [WEIGHT_SCALAR if w is None else common.weight_mode(w, device, shape) for w in weights]
     iteration = _tiled_iteration(op, shape, ref_strides, operands, modes)
     launch.tiled = iteration is not None
     if iteration is None:
@@ -387,12 +363,16 @@ def _make_launch(backward, op, shape, ref_strides, operands, weights, device, ho
         return launch
     samples, chunks, ints, strides, flats, kw = iteration
     launch.grid = (samples * chunks,)
+    # strides the kernel never reads (absent operands, a weight's that is not per element) are
+    # None: constexprs, no launch arguments
+    unused = (None,) * 4
     per_element = iter(strides[5:])
-    strides = strides[:5] + [next(per_element) if m == WEIGHT_PER_ELEMENT
-                             else (w.stride(0) if m == WEIGHT_PER_SAMPLE else 0, 0, 0, 0)
-                             for m, w in zip(modes, weights)]
+    present = (True,) + tuple(x is not None for x in operands)
+    strides = [st if p else unused for st, p in zip(strides[:5], present)] + [
+        next(per_element) if m == WEIGHT_PER_ELEMENT else (w.stride(0), None, None, None) if m == WEIGHT_PER_SAMPLE
+        else unused for m, w in zip(modes, weights)]
     launch.ints = ints + sum(strides, ())
-    compute = common.compute_dtype(host, *([m_dtype] if m_dtype is not None else []))
+    compute = common.compute_dtype(host, operands[1].dtype)
     dtype_kw = dict(OP=op, HOST_DTYPE=common.tl_dtype(host), PROMOTED_DTYPE=common.tl_dtype(promoted),
                     WEIGHT_DTYPE=common.compute_dtype(*[w.dtype for w in weights if w is not None], host, promoted))
     kw.update(dtype_kw, BACKWARD=backward, COMPUTE_DTYPE=compute, TANH_DTYPE=common.compute_dtype(operands[1].dtype),
@@ -422,10 +402,8 @@ def _make_launch(backward, op, shape, ref_strides, operands, weights, device, ho
                      WEIGHT_TERMS_PER_ELEMENT=launch.weight_terms_per_element)
     block_k = min(triton.next_power_of_2(chunks), 1024)
     launch.weight_grad_ints = (samples, chunks, strides[5][0], strides[6][0])
-    launch.weight_grad_kw = dict(
-        dtype_kw, ALPHA_MODE=modes[0], GATE_MODE=modes[1], NEED_ALPHA=bool(need_alpha), NEED_GATE=bool(need_gate),
-        INTERPRET=common.INTERPRET, BLOCK_B=max(1, min(triton.next_power_of_2(samples), 4096 // block_k)),
-        BLOCK_K=block_k)
+    launch.weight_grad_kw = dict(dtype_kw, ALPHA_MODE=modes[0], GATE_MODE=modes[1], INTERPRET=common.INTERPRET,
+                                 BLOCK_B=max(1, min(triton.next_power_of_2(samples), 4096 // block_k)), BLOCK_K=block_k)
     return launch
 
 
@@ -437,13 +415,12 @@ def _describe_weight(w):
     return None if w is None else (w.shape, w.stride(), w.dtype, w.device)
 
 
-def _get_launch(backward, op, shape, ref_strides, operands, weights, device, host, promoted, m_dtype,
-                need=None):
+def _get_launch(backward, op, shape, ref_strides, operands, weights, device, host, promoted, need=None):
     key = (backward, op, shape, ref_strides, tuple(_describe(x) for x in operands),
            _describe_weight(weights[0]), _describe_weight(weights[1]), device, host, promoted, need,
            common.FORCE_VALUE_MODE)
     return common.cached(_launch_cache, key, lambda: _make_launch(
-        backward, op, shape, ref_strides, operands, weights, device, host, promoted, m_dtype, need))
+        backward, op, shape, ref_strides, operands, weights, device, host, promoted, need))
 
 
 def _to_layout(x: torch.Tensor, shape, strides) -> torch.Tensor:
@@ -453,36 +430,27 @@ def _to_layout(x: torch.Tensor, shape, strides) -> torch.Tensor:
 
 
 def _materialize(weights, shape, strides, device):
-    """Weights of general shapes as full tensors in the iteration layout (fallback only)."""
-    out = []
-    for w in weights:
-        per_sample = w is not None and w.dim() == len(shape) and w.shape[0] == shape[0] and all(
-            d == 1 for d in w.shape[1:])
-        if w is None or w.numel() == 1 or per_sample:
-            out.append(w)
-        else:
-            out.append(_to_layout(w.to(device), shape, strides))
-    return out
+    """Per-element weights as full tensors in the iteration layout (fallback only)."""
+    return [w if w is None or common.weight_mode(w, device, shape) != WEIGHT_PER_ELEMENT
+            else _to_layout(w.to(device), shape, strides) for w in weights]
 
 
 # ============================================================================ launches
-def forward(op, out, h, s, r, alpha, gate, host, promoted, m_dtype=None):
+def forward(op, out, h, s, r, alpha, gate, host, promoted):
     """Launch the forward kernel of `op` writing `out` (whose layout is the iteration's)."""
     if out.numel() == 0:
         return out
     device = h.device
     shape, strides = out.shape, out.stride()
-    launch = _get_launch(False, op, shape, strides, (None, h, s, r), (alpha, gate), device, host, promoted, m_dtype)
+    launch = _get_launch(False, op, shape, strides, (None, h, s, r), (alpha, gate), device, host, promoted)
     if launch.fallback:
         # more than 3 inner dims no stride pattern coalesces: copy into the iteration layout
         h, s, r = (None if x is None else _to_layout(x, shape, strides) for x in (h, s, r))
         alpha, gate = _materialize((alpha, gate), shape, strides, device)
-        launch = _get_launch(False, op, shape, strides, (None, h, s, r), (alpha, gate), device, host, promoted,
-                             m_dtype)
+        launch = _get_launch(False, op, shape, strides, (None, h, s, r), (alpha, gate), device, host, promoted)
     a = common.weight_arg(alpha, launch.modes[0], device)
     g = common.weight_arg(gate, launch.modes[1], device)
-    _elementwise_kernel[launch.grid](out, out, out, out, out, h, h, _or(s, h), _or(r, h), _or(a, h), _or(g, h),
-                                     *launch.ints, **launch.kw)
+    _elementwise_kernel[launch.grid](out, None, None, None, None, None, h, s, r, a, g, *launch.ints, **launch.kw)
     return out
 
 
@@ -494,7 +462,7 @@ def _feature_grad_buffer(x: torch.Tensor, needed: bool):
     return x, (torch.empty_like(x) if needed else None)
 
 
-def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, m_dtype=None, original_weights=None):
+def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, original_weights=None):
     """Launch the backward of `op`; need = (dh, ds, dr, dalpha, dgate) flags. Returns the
     five gradients, None where not needed. `original_weights`: the (alpha, gate) the fallback
     materialized (their gradients are summed back to the original shapes)."""
@@ -516,12 +484,11 @@ def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, m_dtype=None,
         dg = user_gate.new_zeros(user_gate.shape) if need_gate else None
         return (dh if need_h else None), ds, dr, da, dg
     need = (bool(need_h), ds is not None, dr is not None, bool(need_alpha), bool(need_gate))
-    launch = _get_launch(True, op, shape, strides, (grad, h, s, r), (alpha, gate), device, host, promoted,
-                         m_dtype, need)
+    launch = _get_launch(True, op, shape, strides, (grad, h, s, r), (alpha, gate), device, host, promoted, need)
     if launch.fallback:
         copies = [None if x is None else _to_layout(x, shape, strides) for x in (grad, h, s, r)]
         full_alpha, full_gate = _materialize((alpha, gate), shape, strides, device)
-        grads = backward(op, *copies, full_alpha, full_gate, need, host, promoted, m_dtype,
+        grads = backward(op, *copies, full_alpha, full_gate, need, host, promoted,
                          original_weights=(user_alpha, user_gate))
         if ds is not None:
             ds.copy_(grads[1])
@@ -537,8 +504,7 @@ def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, m_dtype=None,
         else:
             partials = torch.empty(launch.grid, dtype=launch.partial_dtype, device=device)
     _elementwise_kernel[launch.grid](
-        _or(dh, h), _or(ds, h), _or(dr, h), _or(weight_terms, h), _or(partials, h),
-        grad, h, _or(s, h), _or(r, h), _or(a, h), _or(g, h), *launch.ints, **launch.kw)
+        dh, ds, dr, weight_terms, partials, grad, h, s, r, a, g, *launch.ints, **launch.kw)
     da = dg = None
     if launch.weight_terms_per_element:
         da, dg = _weight_grads_from_elements(op, weight_terms, user_alpha, user_gate, need_alpha, need_gate, host,
@@ -546,8 +512,7 @@ def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, m_dtype=None,
     elif need_alpha or need_gate:
         da = torch.empty(user_alpha.shape, dtype=user_alpha.dtype, device=device) if need_alpha else None
         dg = torch.empty(user_gate.shape, dtype=user_gate.dtype, device=device) if need_gate else None
-        _weight_grad_kernel[(1,)](partials, _or(da, partials), _or(dg, partials), _or(a, partials),
-                                  _or(g, partials), *launch.weight_grad_ints, **launch.weight_grad_kw)
+        _weight_grad_kernel[(1,)](partials, da, dg, a, g, *launch.weight_grad_ints, **launch.weight_grad_kw)
         if da is not None and da.device != user_alpha.device:
             da = da.to(user_alpha.device)
         if dg is not None and dg.device != user_gate.device:
@@ -582,15 +547,15 @@ def _weight_grads_from_elements(op, weight_terms, alpha, gate, need_alpha, need_
     return d_alpha, d_gate
 
 
-# ============================================================================ op bodies
-# Forward: f(*inputs). Backward: f(grad, *inputs, need) with one need flag per input; returns
-# one gradient per input, None where not needed.
+# ============================================================================ the ops
+# Forward: f(*inputs). Backward: f(grad, *inputs, need) with one need flag per input (the
+# table's `Op.grads`); returns one gradient per input, None where not needed.
 def blend_add_forward(h, s, alpha):
     return forward(OP_ADD, torch.empty_like(h), h, s, None, alpha, None, h.dtype, h.dtype)
 
 
 def blend_gate_forward(h, s, alpha, gate):
-    return forward(OP_GATE, torch.empty_like(h), h, s, None, alpha, gate, h.dtype, common.result_type(alpha, gate))
+    return forward(OP_GATE, torch.empty_like(h), h, s, None, alpha, gate, h.dtype, torch.result_type(alpha, gate))
 
 
 def blend_multiply_forward(h, s, alpha, seed_input):
@@ -602,9 +567,13 @@ def ste_forward(h, s):
 
 
 def valve_multiplier_forward(alpha, m):
-    result = common.result_type(alpha, m)
-    return forward(OP_VALVE, torch.empty_like(m, dtype=result), m, None, None, alpha, None, result, result,
-                   m.dtype)
+    result = torch.result_type(alpha, m)
+    return forward(OP_VALVE, torch.empty_like(m, dtype=result), m, None, None, alpha, None, result, result)
+
+
+def gate_effective_alpha_forward(alpha, gate):
+    out = BY_NAME["gate_effective_alpha"].fake(alpha, gate)  # the table's allocation
+    return forward(OP_EFFECTIVE_ALPHA, out, out, None, None, alpha, gate, out.dtype, out.dtype)
 
 
 def blend_add_backward(grad, h, s, alpha, need):
@@ -615,39 +584,25 @@ def blend_add_backward(grad, h, s, alpha, need):
 
 def blend_gate_backward(grad, h, s, alpha, gate, need):
     dh, ds, _, da, dg = backward(OP_GATE, grad, h, s, None, alpha, gate, (need[0], need[1], False, need[2], need[3]),
-                                 h.dtype, common.result_type(alpha, gate))
+                                 h.dtype, torch.result_type(alpha, gate))
     return dh, ds, da, dg
 
 
 def blend_multiply_backward(grad, h, s, alpha, seed_input, need):
     dh, ds, dr, da, _ = backward(OP_MULTIPLY, grad, h, s, seed_input, alpha, None,
-                                 (need[0], need[1], seed_input is not None and need[3], need[2], False),
-                                 h.dtype, h.dtype)
+                                 (need[0], need[1], need[3], need[2], False), h.dtype, h.dtype)
     return dh, ds, da, dr
 
 
-def _pair_device(alpha, gate):
-    """The effective alpha's device: a 0-dim CPU scalar defers to the other operand's."""
-    if alpha.dim() == 0 and alpha.device.type == "cpu":
-        return gate.device
-    return alpha.device
-
-
-def gate_effective_alpha_forward(alpha, gate):
-    promoted = common.result_type(alpha, gate)
-    out = torch.empty(validation.broadcast_shape(alpha.shape, gate.shape), dtype=promoted,
-                      device=_pair_device(alpha, gate))
-    return forward(OP_EFFECTIVE_ALPHA, out, out, None, None, alpha, gate, promoted, promoted)
+def valve_multiplier_backward(grad, alpha, m, need):
+    result = torch.result_type(alpha, m)
+    dm, _, _, da, _ = backward(OP_VALVE, grad, m, None, None, alpha, None,
+                               (need[1], False, False, need[0], False), result, result)
+    return da, dm
 
 
 def gate_effective_alpha_backward(grad, alpha, gate, need):
+    promoted = torch.result_type(alpha, gate)
     _, _, _, da, dg = backward(OP_EFFECTIVE_ALPHA, grad, grad, None, None, alpha, gate,
-                               (False, False, False, need[0], need[1]), *(common.result_type(alpha, gate),) * 2)
+                               (False, False, False, need[0], need[1]), promoted, promoted)
     return da, dg
-
-
-def valve_multiplier_backward(grad, alpha, m, need):
-    result = common.result_type(alpha, m)
-    dm, _, _, da, _ = backward(OP_VALVE, grad, m, None, None, alpha, None,
-                               (need[1], False, False, need[0], False), result, result, m.dtype)
-    return da, dm

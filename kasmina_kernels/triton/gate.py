@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _common as common
-from ._common import present_or, store, store_scalar, to_float
+from ._common import store, to_float
 
 FUSED_MAX_C = 512
 # elements of a 2-D tile held per step (the interpreter: fewer, larger steps)
@@ -123,14 +123,13 @@ def _gate_network_kernel(
     x_ptr, pooled_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, grad_ptr, dx_ptr, scratch_ptr, dpooled_ptr,
     CHANNELS, POSITIONS, WIDTH, HIDDEN, x_sb, x_sc, x_sh, x_sw, w1_s0, w1_s1, b1_s0, w2_s1,
     dx_sb, dx_sc, dx_sh, dx_sw, A1_OFF, DZ1_OFF, DZ2_OFF, grad_sb,
-    BACKWARD: tl.constexpr, FROM_POOLED: tl.constexpr, FLAT: tl.constexpr, DX_FLAT: tl.constexpr,
-    WRITE_DX: tl.constexpr, WRITE_DPOOLED: tl.constexpr, NEED_W: tl.constexpr,
+    BACKWARD: tl.constexpr, FROM_POOLED: tl.constexpr, FLAT: tl.constexpr, DX_FLAT: tl.constexpr, NEED_W: tl.constexpr,
     ACC_DTYPE: tl.constexpr, I64: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One sample. Forward: its gate value. Backward: recompute the forward, then d(pooled)
-    (written as dx, or to dpooled_ptr) and the per-sample terms of the weight gradients
-    (pooled, relu(z1), dz1, dz2) into scratch. Sums run in a fixed order."""
+    (written as dx, or to dpooled_ptr; None where not wanted) and the per-sample terms of the
+    weight gradients (pooled, relu(z1), dz1, dz2) into scratch. Sums run in a fixed order."""
     b = tl.program_id(0)
     if I64:
         b = b.to(tl.int64)
@@ -167,9 +166,9 @@ def _gate_network_kernel(
                 tl.store(scratch_ptr + A1_OFF + b * HIDDEN + rows, tl.where(z1 < 0, 0.0, z1), mask=row_mask)
                 tl.store(scratch_ptr + DZ1_OFF + b * HIDDEN + rows, dz1, mask=row_mask)
             dpooled += tl.sum(w1 * dz1[:, None], axis=0)
-        if WRITE_DPOOLED:
+        if dpooled_ptr is not None:
             tl.store(dpooled_ptr + b * CHANNELS + channels, dpooled, mask=channel_mask)
-        if WRITE_DX:
+        if dx_ptr is not None:
             mean_grad = dpooled / POSITIONS
             for l0 in range(0, POSITIONS, BLOCK_L):
                 positions = l0 + tl.arange(0, BLOCK_L)
@@ -178,7 +177,7 @@ def _gate_network_kernel(
                 _spread_mean_grad(dx_ptr, b * dx_sb, channels, channel_mask, positions, mean_grad, POSITIONS, WIDTH,
                                   dx_sc, dx_sh, dx_sw, DX_FLAT, ACC_DTYPE, INTERPRET, BLOCK_C, BLOCK_L)
     else:
-        store_scalar(gate_ptr + b, y, INTERPRET)
+        store(gate_ptr + b, y, None, INTERPRET)
 
 
 @triton.jit
@@ -212,13 +211,18 @@ def _gate_weight_grad_kernel(
         acc_b1 += tl.sum(dz1, axis=0)
         acc_w2 += tl.sum(a1 * dz2[:, None], axis=0)
         acc_b2 += dz2
-    store(dw1_ptr + rows[:, None] * CHANNELS + channels[None, :], acc_w1, row_mask[:, None] & channel_mask[None, :],
-          INTERPRET)
+    # a gradient nobody needs has no buffer (None)
+    if dw1_ptr is not None:
+        store(dw1_ptr + rows[:, None] * CHANNELS + channels[None, :], acc_w1,
+              row_mask[:, None] & channel_mask[None, :], INTERPRET)
     if channel_block == 0:
-        store(db1_ptr + rows, acc_b1, row_mask, INTERPRET)
-        store(dw2_ptr + rows, acc_w2, row_mask, INTERPRET)
-        if row_block == 0:
-            store_scalar(db2_ptr, tl.sum(acc_b2, axis=0), INTERPRET)
+        if db1_ptr is not None:
+            store(db1_ptr + rows, acc_b1, row_mask, INTERPRET)
+        if dw2_ptr is not None:
+            store(dw2_ptr + rows, acc_w2, row_mask, INTERPRET)
+        if db2_ptr is not None:
+            if row_block == 0:
+                store(db2_ptr, tl.sum(acc_b2, axis=0), None, INTERPRET)
 
 
 # ============================================================================ pooling, gate network
@@ -324,8 +328,8 @@ def _gate_cfg(x, w1, b1, w2, topology, dx_strides=None, need=None):
         cfg = {"view": v, "acc_t": acc_t, "from_pooled": from_pooled, "need_w": False,
                "pool": _pool_cfg(x.shape, x.stride(), x.dtype, topology, False, (v.channels,)) if from_pooled else None}
         if need is None:
-            cfg["ints"] = ints + (0,) * 7
-            cfg["kw"] = dict(kw, DX_FLAT=True, WRITE_DX=False, WRITE_DPOOLED=False, NEED_W=False)
+            cfg["ints"] = ints + (None,) * 8  # the backward's: None, no launch arguments
+            cfg["kw"] = dict(kw, DX_FLAT=True, NEED_W=False)
             return cfg
         need_dx, need_w = need[0], any(need[1:])
         a1_off = v.samples * v.channels
@@ -333,9 +337,8 @@ def _gate_cfg(x, w1, b1, w2, topology, dx_strides=None, need=None):
         dz2_off = dz1_off + v.samples * hidden
         cfg["scratch"] = dz2_off + v.samples if (need_w or from_pooled) else 0
         dx_view = None if dx_strides is None else _View(x.shape, dx_strides, topology)
-        cfg["ints"] = ints + ((0,) * 4 if dx_view is None else dx_view.strides()) + (a1_off, dz1_off, dz2_off)
-        cfg["kw"] = dict(kw, DX_FLAT=dx_view is None or dx_view.flat, WRITE_DX=need_dx and not from_pooled,
-                         WRITE_DPOOLED=need_dx and from_pooled, NEED_W=need_w)
+        cfg["ints"] = ints + ((None,) * 4 if dx_view is None else dx_view.strides()) + (a1_off, dz1_off, dz2_off)
+        cfg["kw"] = dict(kw, DX_FLAT=dx_view is None or dx_view.flat, NEED_W=need_w)
         cfg["need_w"] = need_w
         if from_pooled and need_dx:
             cfg["dx_pool"] = _pool_cfg(x.shape, dx_strides, x.dtype, topology, True, (v.channels, 1))
@@ -357,12 +360,12 @@ def gate_network_forward(x, w1, b1, w2, b2, topology):
     if samples == 0:
         return y
     cfg = _gate_cfg(x, w1, b1, w2, topology)
-    pooled = x
+    pooled = None
     if cfg["from_pooled"]:
         pooled = torch.empty((samples, cfg["view"].channels), dtype=cfg["acc_t"], device=x.device)
         grid, ints, kw = cfg["pool"]
         _pool_kernel[grid](x, pooled, *ints, **kw)
-    _gate_network_kernel[(samples,)](x, pooled, w1, b1, w2, b2, y, x, x, x, x, *cfg["ints"], 0, **cfg["kw"])
+    _gate_network_kernel[(samples,)](x, pooled, w1, b1, w2, b2, y, None, None, None, None, *cfg["ints"], **cfg["kw"])
     return y
 
 
@@ -379,7 +382,7 @@ def gate_network_backward(grad, x, w1, b1, w2, b2, topology, need):
         return (dx, *weight_grads)
     need = tuple(bool(n) for n in need)
     cfg = _gate_cfg(x, w1, b1, w2, topology, None if dx is None else dx.stride(), need)
-    scratch = torch.empty((cfg["scratch"],), dtype=cfg["acc_t"], device=x.device) if cfg["scratch"] else x
+    scratch = torch.empty((cfg["scratch"],), dtype=cfg["acc_t"], device=x.device) if cfg["scratch"] else None
     dpooled = None
     if cfg["from_pooled"]:
         grid, ints, kw = cfg["pool"]
@@ -387,12 +390,12 @@ def gate_network_backward(grad, x, w1, b1, w2, b2, topology, need):
         if dx is not None:
             dpooled = torch.empty((samples, cfg["view"].channels), dtype=cfg["acc_t"], device=x.device)
     _gate_network_kernel[(samples,)](
-        x, scratch, w1, b1, w2, b2, x, grad, present_or(dx, x), scratch, present_or(dpooled, x),
+        x, scratch, w1, b1, w2, b2, None, grad, None if cfg["from_pooled"] else dx, scratch, dpooled,
         *cfg["ints"], grad.stride(0), **cfg["kw"])
     if dpooled is not None and dx.numel() > 0:
         grid, ints, kw = cfg["dx_pool"]
         _pool_backward_kernel[grid](dpooled, dx, *ints, **kw)
     if cfg["need_w"]:
         grid, ints, kw = cfg["weight_grad"]
-        _gate_weight_grad_kernel[grid](scratch, *(present_or(d, scratch) for d in weight_grads), *ints, **kw)
+        _gate_weight_grad_kernel[grid](scratch, *weight_grads, *ints, **kw)
     return (dx, *weight_grads)
