@@ -1,5 +1,5 @@
 """The equivalence rule of docs/semantics.md#equivalence, in one place: the tests and the
-`check` and `bench` commands all judge kernels with `judge` (through `opcases.verdicts`).
+`check` and `bench` commands all judge kernels with `judge` (through `opcases.Check`).
 
 Rule 1 (`check_elementwise`) judges elementwise outputs against the eager reference, rule 2
 (`check_against_oracle`) every output against the float64 oracle (the tests use a long-double
