@@ -1,11 +1,7 @@
-"""A process-wide install of the drop-ins into Esper (docs/esper.md).
-
-Esper's modules bind the blend functions with ``from esper.kasmina.blend_ops import
-blend_add`` style imports, and rebuild ``GatedBlend`` through ``BlendCatalog`` whenever a
-checkpoint is loaded, a slot rolls back or a seed germinates again. `install` imports
+"""A process-wide install of the drop-ins into Esper (docs/esper.md): `install` imports
 `ESPER_NAMESPACES` and replaces (with `swap.swap_in`) the names of `swap.DROP_INS` that each
-holds, in the package ``esper.kasmina`` too where it re-exports them, and the catalog's
-``_algorithms["gated"]``::
+holds, in the package ``esper.kasmina`` too where it re-exports them, and ``GatedBlend`` in
+the catalog Esper rebuilds its gates from (``BlendCatalog._algorithms["gated"]``)::
 
     handle = kk.esper.install()
     ...                 # Esper's slots run the fused blends

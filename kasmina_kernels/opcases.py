@@ -106,9 +106,12 @@ def run_forward_backward(
 
     def fresh(t):
         if isinstance(t, torch.Tensor) and id(t) not in made:
-            made[id(t)] = upcast(t) if upcast_inputs else t.detach()
+            base = t.detach()
+            if upcast_inputs and base.is_floating_point():
+                base = base.to(torch.float64)
             if not inference and any(leaves[n] is t for n in requires):
-                made[id(t)].requires_grad_(True)
+                base.requires_grad_(True)
+            made[id(t)] = base
         return made[id(t)] if isinstance(t, torch.Tensor) else t
 
     values = {name: fresh(t) for name, t in leaves.items()}
@@ -143,12 +146,6 @@ def as_the_op_casts(leaves: dict) -> dict:
                 made[id(t)] = t.detach().to(h.dtype)
             cast[name] = made[id(t)]
     return cast
-
-
-def upcast(value):
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.detach().to(torch.float64)
-    return value
 
 
 @dataclass
