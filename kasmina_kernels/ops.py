@@ -28,11 +28,6 @@ def _impl(tensor: torch.Tensor, backend: str | None) -> ModuleType:
     return backend_module(resolve_backend(tensor, backend))
 
 
-def _feature_operand(alpha: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """The operand whose device decides the backend (a 0-dim CPU scalar never does)."""
-    return other if alpha.ndim == 0 and alpha.is_cpu else alpha
-
-
 def _bound(name: str):
     """The C++ callable behind ``torch.ops.kasmina.<name>.default`` (what OpOverload.__call__
     calls, one Python frame less per call), for the eager fast path; None when the native
@@ -98,7 +93,8 @@ def blend_gate(h, s, alpha, gate, *, backend=None):
 def gate_effective_alpha(alpha, gate, *, backend=None):
     """clamp01(clamp01(alpha) * clamp01(gate)), in the promoted dtype of alpha and gate."""
     validation.check_gate_pair("gate_effective_alpha", alpha, gate)
-    operand = _feature_operand(alpha, gate)
+    # the operand whose device decides the backend: a 0-dim CPU scalar never does
+    operand = gate if alpha.ndim == 0 and alpha.is_cpu else alpha
     if backend is None and native_by_default(operand):
         return _gea(alpha, gate)
     return _impl(operand, backend).gate_effective_alpha(alpha, gate)

@@ -29,14 +29,6 @@ def check_features(op: str, name: str, t) -> None:
         )
 
 
-def check_like_host(op: str, h: torch.Tensor, name: str, t) -> None:
-    check_features(op, name, t)
-    if t.shape != h.shape:
-        raise ValueError(f"{op}: {name} shape {_fmt(t.shape)} differs from the host shape {_fmt(h.shape)}")
-    if t.device != h.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but the host is on {h.device}")
-
-
 def check_weight(op: str, name: str, w, features: torch.Tensor) -> None:
     """A real-valued weight that broadcasts to `features` without enlarging it."""
     check_tensor(op, name, w)
@@ -85,7 +77,11 @@ def check_pair(op: str, h, name: str, t) -> bool | None:
     ):
         return
     check_features(op, "host", h)
-    check_like_host(op, h, name, t)
+    check_features(op, name, t)
+    if t.shape != h.shape:
+        raise ValueError(f"{op}: {name} shape {_fmt(t.shape)} differs from the host shape {_fmt(h.shape)}")
+    if t.device != h.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the host is on {h.device}")
     return h.ndim == 0
 
 
