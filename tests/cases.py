@@ -1,5 +1,7 @@
-"""The equivalence matrix: which cases run for which backend, how their inputs are built,
-and how one case is run and judged (with the rule in `equivalence.py`).
+"""The equivalence matrix: which cases run for which backend and how their inputs are built
+(layouts, weight forms, special values, aliasing, mixed dtypes) from the package's input
+makers; each case runs and is judged through `kasmina_kernels.opcases.Check`, as the `check`
+and `bench` commands judge theirs (`case_check`, `run_case`).
 
 `cases_for(backend)` is the single entry point. Backends whose runs are slow on this
 machine's tensors (Triton on CPU runs under its interpreter) get `reduced_cases()`: small
