@@ -29,17 +29,8 @@ from . import blend_ops, isolation, nn
 from .nn import GatedBlend
 from .swap import SwapHandle, swap_in
 from . import esper  # noqa: E402  (kk.esper.install(): the drop-ins into Esper, process-wide)
-from .ops import (
-    blend_add,
-    blend_gate,
-    blend_multiply,
-    blend_with_isolation,
-    gate_effective_alpha,
-    gate_network,
-    gated_pool,
-    multiply_valve_multiplier,
-    ste_forward,
-)
+from . import ops
+from .ops import *  # noqa: F401,F403  (the public ops: `optable.NAMES`)
 
 __version__ = "0.1.0"
 
@@ -59,13 +50,5 @@ __all__ = [
     "SwapHandle",
     "swap_in",
     "esper",
-    "blend_add",
-    "blend_gate",
-    "blend_multiply",
-    "blend_with_isolation",
-    "gate_effective_alpha",
-    "gate_network",
-    "gated_pool",
-    "multiply_valve_multiplier",
-    "ste_forward",
+    *ops.__all__,
 ]

@@ -108,10 +108,7 @@ def backend_module(name: str) -> ModuleType:
 
 
 def _device_types() -> list[str]:
-    types = ["cpu"]
-    if torch.cuda.is_available():
-        types.append("cuda")
-    return types
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:

@@ -1,11 +1,6 @@
-"""Drop-in for Esper's `kasmina.blend_ops`: the same five functions with the same signatures
-(positional ``host_features, seed_features, alpha``; keyword-only ``seed_input``), computed by
-the default backend (`kasmina_kernels.use_backend`, then ``KASMINA_KERNELS_BACKEND``, then
-``"auto"``).
-
-Each function only renames its arguments and calls the public op of the same name in
-`kasmina_kernels.ops`; the semantics are those of `kasmina_kernels.reference` (docs/semantics.md
-section 2). To make code that already imported Esper's functions use these, see
+"""Drop-in for Esper's `kasmina.blend_ops`: the same five functions with Esper's signatures,
+each calling the public op of the same name (`kasmina_kernels.ops`) on the default backend.
+To put them in place of Esper's in code that already imported those, see
 `kasmina_kernels.swap`.
 """
 

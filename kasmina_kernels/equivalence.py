@@ -1,5 +1,5 @@
 """The equivalence rule of docs/semantics.md#equivalence, in one place: the tests and the
-`check` and `bench` commands all judge kernels with `judge` (through `opcases.verdicts`).
+`check` and `bench` commands all judge kernels with `judge` (through `opcases.Check`).
 
 Rule 1 (`check_elementwise`) judges elementwise outputs against the eager reference, rule 2
 (`check_against_oracle`) every output against the float64 oracle (the tests use a long-double
@@ -93,11 +93,7 @@ def _first_mismatch(k: torch.Tensor, r: torch.Tensor, bad: torch.Tensor) -> str:
 def check_nonfinite(name: str, k: torch.Tensor, r: torch.Tensor) -> None:
     """Rule 3: NaN, +Inf, -Inf in the same places."""
     k64, r64 = k.detach().to(torch.float64), r.detach().to(torch.float64)
-    for label, pred in (
-        ("NaN", torch.isnan),
-        ("+Inf", lambda t: torch.isposinf(t)),
-        ("-Inf", lambda t: torch.isneginf(t)),
-    ):
+    for label, pred in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
         bad = pred(k64) != pred(r64)
         if bool(bad.any()):
             raise EquivalenceError(f"{name}: {label} placement differs: {_first_mismatch(k64, r64, bad)}")
@@ -280,10 +276,6 @@ def judge(kernel: dict, reference: dict, oracle: dict, *, elementwise, computed_
 
 
 # ----------------------------------------------------------------------------- reductions
-def _sum_to_t(x: torch.Tensor, shape) -> torch.Tensor:
-    return x.sum_to_size(tuple(shape)) if tuple(shape) != tuple(x.shape) else x
-
-
 def reduction_terms(op: str, leaves: dict, requires, grad_out: torch.Tensor | None, *,
                     topology: str | None = None) -> dict:
     """{output name: (sum of the magnitudes of the terms it sums, per element; terms per
@@ -298,7 +290,7 @@ def reduction_terms(op: str, leaves: dict, requires, grad_out: torch.Tensor | No
     def add(name, terms, shape):
         n = terms.numel() // max(1, math.prod(shape))
         if name in requires and n > 1:
-            out["d" + name] = (_sum_to_t(terms.abs(), shape), n)
+            out["d" + name] = (terms.abs().sum_to_size(shape), n)
 
     if g is not None and op in ("blend_add", "blend_with_isolation", "blend_gate", "blend_multiply"):
         h, s = f["h"], f["s"]
@@ -308,11 +300,11 @@ def reduction_terms(op: str, leaves: dict, requires, grad_out: torch.Tensor | No
         elif op == "blend_gate":
             a, gt = f["alpha"], f["gate"]
             eshape = torch.broadcast_shapes(a.shape, gt.shape)
-            de = _sum_to_t((g * (s - h)).abs(), eshape)
+            de = (g * (s - h)).abs().sum_to_size(eshape)
             n = (g.numel() // max(1, math.prod(eshape))) * math.prod(eshape)
             for name, other in (("alpha", gt), ("gate", a)):
                 shape = f[name].shape
-                terms = _sum_to_t(de * other.clamp(0, 1).abs().expand(eshape), shape)
+                terms = (de * other.clamp(0, 1).abs().expand(eshape)).sum_to_size(shape)
                 count = n // max(1, math.prod(shape))
                 if name in requires and count > 1:
                     out["d" + name] = (terms, count)

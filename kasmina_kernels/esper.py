@@ -1,11 +1,7 @@
-"""A process-wide install of the drop-ins into Esper (docs/esper.md).
-
-Esper's modules bind the blend functions with ``from esper.kasmina.blend_ops import
-blend_add`` style imports, and rebuild ``GatedBlend`` through ``BlendCatalog`` whenever a
-checkpoint is loaded, a slot rolls back or a seed germinates again. `install` imports
+"""A process-wide install of the drop-ins into Esper (docs/esper.md): `install` imports
 `ESPER_NAMESPACES` and replaces (with `swap.swap_in`) the names of `swap.DROP_INS` that each
-holds, in the package ``esper.kasmina`` too where it re-exports them, and the catalog's
-``_algorithms["gated"]``::
+holds, in the package ``esper.kasmina`` too where it re-exports them, and ``GatedBlend`` in
+the catalog Esper rebuilds its gates from (``BlendCatalog._algorithms["gated"]``)::
 
     handle = kk.esper.install()
     ...                 # Esper's slots run the fused blends
@@ -45,41 +41,31 @@ class EsperNotFoundError(ImportError):
     """Esper, or a namespace `install` expects in it, is missing or laid out differently."""
 
 
-class EsperInstall:
-    """The drop-ins installed into Esper by `install`. `uninstall()` puts Esper's originals
-    back (a second call does nothing); also a context manager that uninstalls on exit."""
+class EsperInstall(SwapHandle):
+    """The drop-ins installed into Esper by `install`: a `SwapHandle` whose `uninstall()` (or
+    leaving a ``with`` block) puts Esper's originals back; a second call does nothing."""
 
-    def __init__(self, modules: dict[str, ModuleType], handles: list[SwapHandle]) -> None:
-        self._modules = modules
-        self._handles = handles
+    def __init__(self, modules: dict[str, ModuleType], handle: SwapHandle) -> None:
+        super().__init__()
+        self._modules, self._records = modules, handle._records
 
     @property
     def active(self) -> bool:
-        return bool(self._handles)
-
-    @property
-    def replaced(self) -> list[tuple[object, str]]:
-        """(namespace, name) for each replacement in place."""
-        return [r for h in self._handles for r in h.replaced]
+        return bool(self._records)
 
     def _current(self) -> bool:
         """Installed into the Esper modules that are imported now (not into modules since
         dropped from sys.modules and imported again)."""
         return all(sys.modules.get(name) is mod for name, mod in self._modules.items())
 
-    def uninstall(self) -> None:
+    def undo(self) -> None:
         global _installed
         with _lock:
-            while self._handles:
-                self._handles.pop().undo()
+            super().undo()
             if _installed is self:
                 _installed = None
 
-    def __enter__(self) -> "EsperInstall":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.uninstall()
+    uninstall = undo
 
     def __repr__(self) -> str:
         state = "active" if self.active else "uninstalled"
@@ -134,14 +120,9 @@ def install() -> EsperInstall:
         package = sys.modules.get(_PACKAGE)
         if package is not None and any(n in vars(package) for n in DROP_INS):
             namespaces.append(package)
-        handles = [swap_in(*namespaces)]
-        try:
-            handles.append(swap_in(registry, replacements={_GATED: nn.GatedBlend}))
-        except BaseException:
-            handles[0].undo()
-            raise
-        all_modules = dict(modules)
+        handle = swap_in(*namespaces)
+        handle._replace(registry, _GATED, nn.GatedBlend)  # a mapping holding _GATED: cannot fail
         if package is not None:
-            all_modules[_PACKAGE] = package
-        _installed = EsperInstall(all_modules, handles)
+            modules[_PACKAGE] = package
+        _installed = EsperInstall(modules, handle)
         return _installed

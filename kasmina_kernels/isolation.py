@@ -1,8 +1,6 @@
 """Drop-in for the blend functions of Esper's `kasmina.isolation`: `ste_forward` and
-`blend_with_isolation` with Esper's signatures, computed by the default backend.
-
-Only the two tensor functions are provided; Esper's gradient-health monitor is bookkeeping,
-not a blend, and stays Esper's. Semantics: `kasmina_kernels.reference` (docs/semantics.md#operators).
+`blend_with_isolation` with Esper's signatures, on the default backend. Esper's
+gradient-health monitor is bookkeeping, not a blend, and stays Esper's.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The native backend: the compiled extension `kasmina_kernels._C` (C++ CPU kernels, and CUDA
 kernels when built with CUDA). Importing this module defines the `torch.ops.kasmina` schemas
-from the op table, then loads the extension, which registers the CPU/CUDA kernels and C++
-autograd; the fake kernels that let `torch.compile` trace the ops are registered here too."""
+and their fake kernels (what torch.compile traces the ops with; the table's mirror the C++
+allocations) from the op table, then loads the extension, which registers the CPU/CUDA
+kernels and C++ autograd."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ _library = torch.library.Library("kasmina", "DEF")  # kept alive: dropping it dr
 for _op in OPS:
     if _op.kernel == _op.name:
         _library.define(_op.schema)
+        torch.library.register_fake(f"kasmina::{_op.name}", _op.forward_fake)
         if _op.backward:
             _library.define(_op.backward)
+            torch.library.register_fake(f"kasmina::{_op.name}_backward", _op.backward_fake)
 
 from . import _C  # noqa: E402  (registers the kernels and autograd of torch.ops.kasmina)
 
@@ -29,16 +32,6 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-# ---------------------------------------------------------------------------- fake kernels
-# What torch.compile traces the ops with (the table's, which mirror the C++ allocations).
-for _op in OPS:
-    if _op.kernel == _op.name:
-        torch.library.register_fake(f"kasmina::{_op.name}", _op.forward_fake)
-        if _op.backward:
-            torch.library.register_fake(f"kasmina::{_op.name}_backward", _op.backward_fake)
-
-
-# ---------------------------------------------------------------------------- ops
 # The backend's functions are the ops' OpOverloads (the cheapest way into the dispatcher from
 # Python); the ops with a keyword-only argument take it as the public functions do.
 for _op in OPS:

@@ -1,8 +1,9 @@
-"""Representative inputs for every op (the `check` command's and the benchmarks'), and what the
-tests and those commands share to judge a kernel: the runner (`run_forward_backward`: an op's
-output and the gradients of the inputs that require grad, by input name), the oracle's view of
-the inputs (`as_the_op_casts`) and the verdicts (`verdicts`, by `equivalence.judge`). The
-tests build a much wider matrix of inputs (tests/cases.py) on the same runner and verdicts."""
+"""What the tests, the `check` command and the benchmarks share to build an op's inputs and
+judge a kernel on them: input makers (`make`: representative inputs; `randn`,
+`blend_weights`, `gate_weights`: the pieces the tests' wider matrix in tests/cases.py builds
+its inputs from), the runner (`run_forward_backward`: an op's output and the gradients of the
+inputs that require grad, by input name) and `Check`, which runs the reference and the
+float64 oracle once and judges kernels against them (by `equivalence.judge`)."""
 
 from __future__ import annotations
 
@@ -14,48 +15,49 @@ import torch
 from . import equivalence, optable, reference
 
 
-def _randn(shape, dtype, device, gen):
-    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+def randn(shape, dtype, device, gen, scale=1.0):
+    """Normal values drawn in float64 from `gen` on the CPU, scaled, then cast and moved."""
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(device, dtype)
 
 
-def _per_sample(shape):
+def per_sample(shape):
     return (shape[0],) + (1,) * (len(shape) - 1)
 
 
-def _alpha(shape, device, gen):
-    # values spread over and beyond [0, 1] so the clamps' gradient masks are exercised
-    return (torch.rand(_per_sample(shape), generator=gen, dtype=torch.float64) * 1.4 - 0.2).to(
-        device=device, dtype=torch.float32
-    )
+def blend_weights(shape, gen):
+    """Blend weights (float64, CPU) uniform in [-0.5, 1.5], with exact 0, 1 and values just
+    outside [0, 1] at the front, so the clamps' edges and gradient masks are exercised."""
+    v = torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 0.5
+    flat = v.view(-1)
+    for i, x in enumerate((0.0, 1.0, -0.25, 1.25)[:flat.numel()]):
+        flat[i] = x
+    return v
 
 
-def _gate_net(shape, dtype, device, gen):
-    x = _randn(shape, dtype, device, gen)
-    topology = "cnn" if len(shape) == 4 else "transformer"
-    channels = shape[1] if topology == "cnn" else shape[-1]
+def gate_weights(channels, dtype, device, gen):
+    """The gate network's w1, b1, w2, b2 for `channels` inputs, scaled as nn.Linear's."""
     hidden = reference.gate_hidden_size(channels)
-    w1 = _randn((hidden, channels), dtype, device, gen) / channels**0.5
-    b1 = _randn((hidden,), dtype, device, gen) * 0.1
-    w2 = _randn((1, hidden), dtype, device, gen) / hidden**0.5
-    b2 = _randn((1,), dtype, device, gen) * 0.1
-    return (x, w1, b1, w2, b2), {"topology": topology}
+    k1, k2 = channels ** -0.5, hidden ** -0.5
+    return (randn((hidden, channels), dtype, device, gen, k1), randn((hidden,), dtype, device, gen, k1),
+            randn((1, hidden), dtype, device, gen, k2), randn((1,), dtype, device, gen, k2))
 
 
 def make(op: optable.Op, shape, dtype, device, gen) -> tuple[list, dict]:
     """Representative (args, kwargs) of `op` over features of `shape`: random, never zero,
     contiguous, alpha and gate per-sample and partly outside [0, 1] (float32 beside features
     an op casts to the host's dtype, else in `dtype`)."""
-    if op.name == "gate_network":
-        return _gate_net(shape, dtype, device, gen)
     values = {}
     for name in op.inputs:
         if name == "topology":
             values[name] = "cnn" if len(shape) == 4 else "transformer"
-        elif name in op.weights:
-            alpha = _alpha(shape, device, gen)
-            values[name] = alpha if op.host_dtype else alpha.to(dtype)
-        else:
-            values[name] = _randn(shape, dtype, device, gen)
+        elif name in op.weights and op.name != "gate_network":
+            values[name] = blend_weights(per_sample(shape), gen).to(
+                device, torch.float32 if op.host_dtype else dtype)
+        elif name not in op.weights:
+            values[name] = randn(shape, dtype, device, gen)
+    if op.name == "gate_network":
+        channels = shape[1] if values["topology"] == "cnn" else shape[-1]
+        values.update(zip(op.weights, gate_weights(channels, dtype, device, gen)))
     return [values[n] for n in op.inputs if n not in op.kwonly], {n: values[n] for n in op.kwonly}
 
 
@@ -101,37 +103,29 @@ def run_forward_backward(
     gradient `grad_out`. Aliased leaves (the same tensor object under two names) stay aliased.
     Returns {"y": output, "d<name>": gradient, ...}."""
     made: dict[int, torch.Tensor] = {}
-    fresh: dict[str, torch.Tensor] = {}
-    for name, t in leaves.items():
-        if t is None or not isinstance(t, torch.Tensor):
-            fresh[name] = t
-            continue
-        key = id(t)
-        if key not in made:
-            base = upcast(t) if upcast_inputs else t.detach()
-            wants = any(leaves[n] is t for n in requires)
-            if wants and not inference:
-                base = base.requires_grad_(True)
-            made[key] = base
-        fresh[name] = made[key]
+
+    def fresh(t):
+        if isinstance(t, torch.Tensor) and id(t) not in made:
+            base = t.detach()
+            if upcast_inputs and base.is_floating_point():
+                base = base.to(torch.float64)
+            if not inference and any(leaves[n] is t for n in requires):
+                base.requires_grad_(True)
+            made[id(t)] = base
+        return made[id(t)] if isinstance(t, torch.Tensor) else t
+
+    values = {name: fresh(t) for name, t in leaves.items()}
     if inference:
         with torch.inference_mode():
-            y = call(fn, fresh)
-        return {"y": y}
-    y = call(fn, fresh)
+            return {"y": call(fn, values)}
+    y = call(fn, values)
     out = {"y": y.detach()}
-    names = [n for n in requires if fresh.get(n) is not None]
-    unique: list[torch.Tensor] = []
-    for n in names:
-        if not any(fresh[n] is u for u in unique):
-            unique.append(fresh[n])
+    names = [n for n in requires if values.get(n) is not None]
+    unique = list({id(values[n]): values[n] for n in names}.values())
     if unique:
         g = grad_out.to(torch.float64) if upcast_inputs else grad_out
-        grads = torch.autograd.grad(y, unique, g, allow_unused=False)
-        for n in names:
-            for u, gr in zip(unique, grads):
-                if fresh[n] is u:
-                    out["d" + n] = gr
+        grads = dict(zip(map(id, unique), torch.autograd.grad(y, unique, g)))
+        out.update({"d" + n: grads[id(values[n])] for n in names})
     return out
 
 
@@ -154,55 +148,59 @@ def as_the_op_casts(leaves: dict) -> dict:
     return cast
 
 
-def upcast(value):
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.detach().to(torch.float64)
-    return value
-
-
-def verdicts(op: optable.Op, kernel: dict, expected: tuple[dict, dict], leaves: dict, requires,
-             grad: torch.Tensor | None) -> list[equivalence.Verdict]:
-    """Each output of a kernel run judged against `expected` (the reference and oracle outputs
-    of the same leaves, requires and grad) by `equivalence.judge`: elementwise where the op
-    table says so, in its computation dtype, a reduction with its sqrt(n) slack."""
-    ref, oracle = expected
-    host = leaves.get(op.inputs[0])
-    host = host.dtype if isinstance(host, torch.Tensor) else None
-    terms = equivalence.reduction_terms(op.name, as_the_op_casts(leaves), requires, grad,
-                                        topology=leaves.get("topology"))
-    computed_in = {n: equivalence.computation_dtype(op.name, n, host) for n in ref} if host else None
-    return equivalence.judge(kernel, ref, oracle, elementwise=op.elementwise, computed_in=computed_in,
-                             terms=terms)
-
-
 @dataclass
 class Check:
-    """Judges kernels on one set of inputs (`of`): runs each on them and returns its verdicts
-    against the reference and oracle outputs computed once here (`expected`)."""
+    """Judges kernels on one set of inputs: runs each on them (`run`) and judges its outputs
+    (`judge`) against the reference and oracle outputs computed once here (`expected`)."""
 
     op: optable.Op
     leaves: dict  # the inputs by name
     requires: tuple[str, ...]  # those that take a gradient
     grad: torch.Tensor  # the incoming gradient
     expected: tuple[dict, dict]  # (eager reference outputs, float64 oracle outputs)
+    inference: bool = False  # forward only, under torch.inference_mode
 
     @classmethod
-    def of(cls, op: optable.Op, args, kwargs, *, no_grad=frozenset(), grad=None, ref_fn=None) -> "Check":
-        """`no_grad`: inputs passed without grad; `grad`: the incoming gradient (default: a
-        random one like the output); `ref_fn`: the reference to run (default: the op's; e.g.
-        one wrapped in autocast). The oracle runs the reference on the inputs as the op casts
-        them (`as_the_op_casts`), upcast to float64."""
+    def of(cls, op: optable.Op, args, kwargs, **options) -> "Check":
+        """`Check.on` the inputs of a call `fn(*args, **kwargs)`."""
+        return cls.on(op, leaves_of(op, args, kwargs), **options)
+
+    @classmethod
+    def on(cls, op: optable.Op, leaves: dict, *, no_grad=frozenset(), requires=None, grad=None,
+           ref_fn=None, inference=False, oracle=None) -> "Check":
+        """`no_grad`: inputs passed without grad, or `requires`: those with; `grad`: the
+        incoming gradient (default: a random one like the output); `ref_fn`: the reference to
+        run (default: the op's; e.g. one wrapped in autocast, which leaves float64 alone). The
+        oracle (unless given) runs it on the inputs as the op casts them (`as_the_op_casts`),
+        upcast to float64."""
         ref_fn = ref_fn or op.reference
-        leaves = leaves_of(op, args, kwargs)
-        requires = grad_inputs(op, leaves, no_grad)
+        requires = grad_inputs(op, leaves, no_grad) if requires is None else requires
         if grad is None:
             with torch.no_grad():
                 grad = incoming_grad(op.call(ref_fn, leaves))
-        ref = run_forward_backward(ref_fn, leaves, op.call, requires, grad)
-        oracle = run_forward_backward(ref_fn, as_the_op_casts(leaves), op.call, requires, grad,
-                                      upcast_inputs=True)
-        return cls(op, leaves, requires, grad, (ref, oracle))
+        ref = run_forward_backward(ref_fn, leaves, op.call, requires, grad, inference=inference)
+        if oracle is None:
+            oracle = run_forward_backward(ref_fn, as_the_op_casts(leaves), op.call, requires, grad,
+                                          inference=inference, upcast_inputs=True)
+        return cls(op, leaves, requires, grad, (ref, oracle), inference)
+
+    def run(self, fn) -> dict:
+        """`fn`'s outputs on the inputs: {"y": ..., "d<input>": ...}."""
+        return run_forward_backward(fn, self.leaves, self.op.call, self.requires, self.grad,
+                                    inference=self.inference)
+
+    def judge(self, kernel: dict) -> list[equivalence.Verdict]:
+        """Each output of a kernel run judged by `equivalence.judge`: elementwise where the op
+        table says so, in its computation dtype, a reduction with its sqrt(n) slack."""
+        (ref, oracle), op, leaves = self.expected, self.op, self.leaves
+        host = leaves.get(op.inputs[0])
+        host = host.dtype if isinstance(host, torch.Tensor) else None
+        grad = None if self.inference else self.grad
+        terms = equivalence.reduction_terms(op.name, as_the_op_casts(leaves), self.requires, grad,
+                                            topology=leaves.get("topology"))
+        computed_in = {n: equivalence.computation_dtype(op.name, n, host) for n in ref} if host else None
+        return equivalence.judge(kernel, ref, oracle, elementwise=op.elementwise,
+                                 computed_in=computed_in, terms=terms)
 
     def __call__(self, fn) -> list[equivalence.Verdict]:
-        kernel = run_forward_backward(fn, self.leaves, self.op.call, self.requires, self.grad)
-        return verdicts(self.op, kernel, self.expected, self.leaves, self.requires, self.grad)
+        return self.judge(self.run(fn))

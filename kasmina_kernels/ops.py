@@ -1,17 +1,11 @@
-"""The public ops: check the inputs once, pick the backend, call it.
+"""The public ops: check the inputs once, pick the backend (`kasmina_kernels.backends`), call
+it; the semantics are `kasmina_kernels.reference`'s.
 
-Every op takes ``backend=None`` (the current default, see `kasmina_kernels.backends`) or a
-backend name. The semantics are the references' in `kasmina_kernels.reference`.
-
-Esper calls these thousands of times per epoch on small tensors, so a call's Python work is
-kept to a few attribute reads: the checks take a fast path for the usual inputs (the full
-checks, and their exact errors, run otherwise), and when the default backend is native
-(`backends.native_by_default`) the op calls its ``torch.ops.kasmina`` overload directly.
-While torch.compile traces a call, "auto" is the reference math (`backends.COMPILE_AUTO`);
-a named backend keeps its opaque op in the graph.
-
-0-dim features (Esper's eager functions accept them) run as 1-element 1-D views, and the
-result is viewed back as 0-dim, so autograd flows through the views to the caller's tensors.
+Esper calls these thousands of times per epoch on small tensors, so the checks take a fast
+path for the usual inputs (the full checks, and their exact errors, run otherwise), and when
+the default backend is native (`backends.native_by_default`) an op calls its
+``torch.ops.kasmina`` overload directly. 0-dim features run as 1-element 1-D views, viewed
+back as 0-dim, so autograd flows through the views to the caller's tensors.
 """
 
 from __future__ import annotations
@@ -32,11 +26,6 @@ _check_pair = validation.check_pair
 
 def _impl(tensor: torch.Tensor, backend: str | None) -> ModuleType:
     return backend_module(resolve_backend(tensor, backend))
-
-
-def _feature_operand(alpha: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """The operand whose device decides the backend (a 0-dim CPU scalar never does)."""
-    return other if alpha.ndim == 0 and alpha.is_cpu else alpha
 
 
 def _bound(name: str):
@@ -104,7 +93,8 @@ def blend_gate(h, s, alpha, gate, *, backend=None):
 def gate_effective_alpha(alpha, gate, *, backend=None):
     """clamp01(clamp01(alpha) * clamp01(gate)), in the promoted dtype of alpha and gate."""
     validation.check_gate_pair("gate_effective_alpha", alpha, gate)
-    operand = _feature_operand(alpha, gate)
+    # the operand whose device decides the backend: a 0-dim CPU scalar never does
+    operand = gate if alpha.ndim == 0 and alpha.is_cpu else alpha
     if backend is None and native_by_default(operand):
         return _gea(alpha, gate)
     return _impl(operand, backend).gate_effective_alpha(alpha, gate)
@@ -155,11 +145,9 @@ def _autocast_dtype(x, w1, b1, w2, b2) -> torch.dtype | None:
 def gate_network(x, w1, b1, w2, b2, *, topology, backend=None):
     """sigmoid(W2 relu(W1 pool(x) + b1) + b2), shaped (B,1,1,1) ("cnn") or (B,1,1).
 
-    Under torch.autocast the result has the dtype the eager network's Linear layers give it
-    there (the autocast dtype, e.g. bfloat16 for float32 or float16 features): a fused
-    kernel, which autocast does not touch, computes in the features' dtype with the weights
-    as they are and its result is rounded to that dtype once (at least as accurate as
-    eager's bf16 linears); the reference backend runs under autocast as eager does."""
+    Under torch.autocast the result has the dtype eager's Linear layers give it there: a fused
+    kernel (which autocast does not touch) computes in the features' dtype and rounds its
+    result to that dtype once."""
     validation.check_gate_network("gate_network", x, w1, b1, w2, b2, topology)
     dtype = _autocast_dtype(x, w1, b1, w2, b2)
     if dtype is not None:

@@ -141,17 +141,15 @@ def pooled_input_grad(x: torch.Tensor, topology: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------- the table
 _FEATURES_OUT = frozenset({"y", "dh", "ds"})
 _BLEND = "(Tensor h, Tensor s, Tensor alpha)"
+_ADD_BACKWARD = ("blend_add_backward(Tensor grad, Tensor h, Tensor s, Tensor alpha, bool need_alpha_grad)"
+                 " -> (Tensor, Tensor, Tensor)")
 
 OPS: tuple[Op, ...] = (
-    Op("blend_add", f"blend_add{_BLEND} -> Tensor",
-       "blend_add_backward(Tensor grad, Tensor h, Tensor s, Tensor alpha, bool need_alpha_grad)"
-       " -> (Tensor, Tensor, Tensor)",
+    Op("blend_add", f"blend_add{_BLEND} -> Tensor", _ADD_BACKWARD,
        ("h", "s", "alpha"), _FEATURES_OUT, weights=("alpha",), host_dtype=True,
        drop_in="blend_ops"),
     # the isolation blend is ADD under Esper's other name: it runs kasmina::blend_add
-    Op("blend_with_isolation", f"blend_with_isolation{_BLEND} -> Tensor",
-       "blend_add_backward(Tensor grad, Tensor h, Tensor s, Tensor alpha, bool need_alpha_grad)"
-       " -> (Tensor, Tensor, Tensor)",
+    Op("blend_with_isolation", f"blend_with_isolation{_BLEND} -> Tensor", _ADD_BACKWARD,
        ("h", "s", "alpha"), _FEATURES_OUT, weights=("alpha",), host_dtype=True,
        drop_in="isolation", kernel="blend_add"),
     Op("blend_multiply", "blend_multiply(Tensor h, Tensor s, Tensor alpha, Tensor? seed_input) -> Tensor",

@@ -71,12 +71,6 @@ class SwapHandle:
         return f"SwapHandle([{names}])"
 
 
-def _has(target: object, name: str) -> bool:
-    if isinstance(target, Mapping):
-        return name in target
-    return hasattr(target, name)
-
-
 _INHERITED = object()  # the name was found on the target's class, not stored on the target
 
 
@@ -104,14 +98,6 @@ def _describe(target: object) -> str:
     return getattr(target, "__qualname__", type(target).__name__)
 
 
-def _resolve(namespace: object) -> object:
-    if isinstance(namespace, str):
-        return importlib.import_module(namespace)
-    if isinstance(namespace, Mapping) and not isinstance(namespace, MutableMapping):
-        raise TypeError(f"swap_in: a mapping namespace must be mutable, got {type(namespace).__name__}")
-    return namespace
-
-
 def swap_in(*namespaces: object, replacements: Mapping[str, object] | None = None) -> SwapHandle:
     """Replace, in each namespace, every name of `replacements` (default `DROP_INS`) that the
     namespace holds. Returns the `SwapHandle` that undoes it.
@@ -126,8 +112,13 @@ def swap_in(*namespaces: object, replacements: Mapping[str, object] | None = Non
         raise TypeError("swap_in: replacements must map names (str) to objects")
     plan: list[tuple[object, str]] = []
     for namespace in namespaces:
-        target = _resolve(namespace)
-        names = [name for name in table if _has(target, name)]
+        target = importlib.import_module(namespace) if isinstance(namespace, str) else namespace
+        if isinstance(target, Mapping):
+            if not isinstance(target, MutableMapping):
+                raise TypeError(f"swap_in: a mapping namespace must be mutable, got {type(target).__name__}")
+            names = [name for name in table if name in target]
+        else:
+            names = [name for name in table if hasattr(target, name)]
         if not names:
             raise ValueError(
                 f"swap_in: {_describe(target)} holds none of the names {', '.join(table)}"

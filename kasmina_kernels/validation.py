@@ -1,10 +1,7 @@
 """Input checks shared by every backend: bad input gets a clear error, never a crash or a
 silently broadcast answer. Shape and device problems raise ValueError, dtype problems
-TypeError.
-
-0-dim features are valid input (Esper's eager functions take them). The checks of the
-feature ops return True for them (None otherwise), so that `kasmina_kernels.ops` can run
-them as 1-element 1-D tensors without a second test on the fast path."""
+TypeError. The checks of the feature ops return True for (valid) 0-dim features, which
+`kasmina_kernels.ops` runs as 1-element 1-D tensors, so the fast path tests once."""
 
 from __future__ import annotations
 
@@ -32,14 +29,6 @@ def check_features(op: str, name: str, t) -> None:
         )
 
 
-def check_like_host(op: str, h: torch.Tensor, name: str, t) -> None:
-    check_features(op, name, t)
-    if t.shape != h.shape:
-        raise ValueError(f"{op}: {name} shape {_fmt(t.shape)} differs from the host shape {_fmt(h.shape)}")
-    if t.device != h.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but the host is on {h.device}")
-
-
 def check_weight(op: str, name: str, w, features: torch.Tensor) -> None:
     """A real-valued weight that broadcasts to `features` without enlarging it."""
     check_tensor(op, name, w)
@@ -53,13 +42,7 @@ def check_weight(op: str, name: str, w, features: torch.Tensor) -> None:
             "(only a 0-dim CPU scalar may live elsewhere)"
         )
     ws, fs = w.shape, features.shape
-    ok = len(ws) <= len(fs)
-    if ok:
-        for i in range(1, len(ws) + 1):
-            if ws[-i] != 1 and ws[-i] != fs[-i]:
-                ok = False
-                break
-    if not ok:
+    if broadcast_shape(ws, fs) != tuple(fs):
         raise ValueError(f"{op}: {name} of shape {_fmt(ws)} does not broadcast to {_fmt(fs)}")
 
 
@@ -94,7 +77,11 @@ def check_pair(op: str, h, name: str, t) -> bool | None:
     ):
         return
     check_features(op, "host", h)
-    check_like_host(op, h, name, t)
+    check_features(op, name, t)
+    if t.shape != h.shape:
+        raise ValueError(f"{op}: {name} shape {_fmt(t.shape)} differs from the host shape {_fmt(h.shape)}")
+    if t.device != h.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the host is on {h.device}")
     return h.ndim == 0
 
 
@@ -195,27 +182,21 @@ def check_gate_network(op: str, x, w1, b1, w2, b2, topology) -> None:
         and b2.dtype in _FEATURE_DTYPES
     ):
         # the common case: rank, shapes and devices in plain comparisons
-        shape = x.shape
-        if topology == "cnn":
-            ok, channels = len(shape) == 4, shape[1] if len(shape) == 4 else -1
-        elif topology == "transformer":
-            ok, channels = len(shape) == 3, shape[2] if len(shape) == 3 else -1
-        else:
-            ok, channels = False, -1
-        if ok:
-            ws = w1.shape
-            hidden = ws[0] if len(ws) else -1
-            if (
-                ws == (hidden, channels)
-                and b1.shape == (hidden,)
-                and w2.shape == (1, hidden)
-                and b2.shape == (1,)
-                and (
-                    (x.is_cpu and w1.is_cpu and b1.is_cpu and w2.is_cpu and b2.is_cpu)
-                    or x.device == w1.device == b1.device == w2.device == b2.device
-                )
-            ):
-                return
+        rank = 4 if topology == "cnn" else 3 if topology == "transformer" else -1
+        ws = w1.shape
+        if (
+            x.ndim == rank
+            and len(ws) == 2
+            and x.shape[-3 if rank == 4 else -1] == ws[1]
+            and b1.shape == (ws[0],)
+            and w2.shape == (1, ws[0])
+            and b2.shape == (1,)
+            and (
+                (x.is_cpu and w1.is_cpu and b1.is_cpu and w2.is_cpu and b2.is_cpu)
+                or x.device == w1.device == b1.device == w2.device == b2.device
+            )
+        ):
+            return
     check_topology(op, x, topology)
     channels = x.shape[1] if topology == "cnn" else x.shape[2]
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):

@@ -1,5 +1,7 @@
-"""The equivalence matrix: which cases run for which backend, how their inputs are built,
-and how one case is run and judged (with the rule in `equivalence.py`).
+"""The equivalence matrix: which cases run for which backend and how their inputs are built
+(layouts, weight forms, special values, aliasing, mixed dtypes) from the package's input
+makers; each case runs and is judged through `kasmina_kernels.opcases.Check`, as the `check`
+and `bench` commands judge theirs (`case_check`, `run_case`).
 
 `cases_for(backend)` is the single entry point. Backends whose runs are slow on this
 machine's tensors (Triton on CPU runs under its interpreter) get `reduced_cases()`: small
@@ -24,12 +26,11 @@ from dataclasses import dataclass, replace
 import torch
 
 import kasmina_kernels as kk
-from kasmina_kernels import reference
 from kasmina_kernels.backends import backend_status
-from kasmina_kernels.opcases import as_the_op_casts, verdicts
+from kasmina_kernels.opcases import Check, blend_weights, gate_weights, per_sample, randn
 from kasmina_kernels.optable import BY_NAME, NAMES, OPS
 
-from equivalence import assert_verdicts, case_generator, run_forward_backward
+from equivalence import assert_verdicts, case_generator
 from oracles import longdouble_oracle
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
@@ -410,15 +411,17 @@ def backends_under_test() -> list[tuple[str, str | None]]:
 
 
 # ----------------------------------------------------------------------------- inputs
+# Built from the package's input makers (`kasmina_kernels.opcases`): the matrix adds layouts,
+# weight forms, special values, aliasing and mixed dtypes.
 def _randn(shape, gen, dtype, scale=1.0):
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(TEST_DEVICE, dtype)
+    return randn(shape, dtype, TEST_DEVICE, gen, scale)
 
 
 def _uniform(shape, gen, lo, hi):
     return torch.rand(shape, generator=gen, dtype=torch.float64) * (hi - lo) + lo
 
 
-def _feature(shape, dtype, layout, role, gen, scale=1.0):
+def _feature(shape, dtype, layout, role, gen):
     """A random feature tensor laid out as `layout` prescribes for `role` ("h" or "s").
 
     Besides the layouts of the matrix: "expand" repeats one sample along dim 0 (stride 0),
@@ -427,36 +430,21 @@ def _feature(shape, dtype, layout, role, gen, scale=1.0):
     shape = tuple(shape)
     rank = len(shape)
     if layout == "expand":
-        return _randn((1,) + shape[1:], gen, dtype, scale).expand(shape)
+        return _randn((1,) + shape[1:], gen, dtype).expand(shape)
     if layout == "offset":
-        n = math.prod(shape)
-        return _randn((n + 3,), gen, dtype, scale)[3:].view(shape)
+        return _randn((math.prod(shape) + 3,), gen, dtype)[3:].view(shape)
     if layout == "step":
-        wide = shape[:-1] + (3 * shape[-1] + 1,)
-        return _randn(wide, gen, dtype, scale)[..., 1::3]
+        return _randn(shape[:-1] + (3 * shape[-1] + 1,), gen, dtype)[..., 1::3]
     cl = (layout == "cl") or (layout == "cl_host" and role == "h") or (layout == "cl_seed" and role == "s")
     if cl and rank == 4:
-        return _randn(shape, gen, dtype, scale).contiguous(memory_format=torch.channels_last)
+        return _randn(shape, gen, dtype).contiguous(memory_format=torch.channels_last)
     if layout == "slice":
         if rank == 1:
-            return _randn((shape[0] * 2,), gen, dtype, scale)[::2]
-        big = (shape[0], shape[1] * 2) + shape[2:]
-        return _randn(big, gen, dtype, scale)[:, ::2]
+            return _randn((shape[0] * 2,), gen, dtype)[::2]
+        return _randn((shape[0], shape[1] * 2) + shape[2:], gen, dtype)[:, ::2]
     if layout == "transpose" and rank >= 2:
-        swapped = shape[:-2] + (shape[-1], shape[-2])
-        return _randn(swapped, gen, dtype, scale).transpose(-1, -2)
-    return _randn(shape, gen, dtype, scale)
-
-
-def _weight_values(shape, gen):
-    """Per-element blend weights: uniform in [-0.5, 1.5], with exact 0, 1 and values just
-    outside [0, 1] planted at the front."""
-    v = _uniform(shape, gen, -0.5, 1.5)
-    flat = v.view(-1)
-    for i, x in enumerate((0.0, 1.0, -0.25, 1.25)):
-        if i < flat.numel():
-            flat[i] = x
-    return v
+        return _randn(shape[:-2] + (shape[-1], shape[-2]), gen, dtype).transpose(-1, -2)
+    return _randn(shape, gen, dtype)
 
 
 _SCALAR_VALUES = {"zero": 0.0, "one": 1.0, "neg": -0.3, "over": 1.7}
@@ -468,14 +456,10 @@ def _scalar_value(avalue, gen):
     return _SCALAR_VALUES[avalue]
 
 
-def _per_sample_shape(shape):
-    return (shape[0],) + (1,) * (len(shape) - 1)
-
-
 def _weight_shape(form: str, shape) -> tuple:
     """The shape of a non-0-dim blend weight of `form` over features of `shape`."""
     if form in ("ps", "psh"):
-        return _per_sample_shape(shape)
+        return per_sample(shape)
     if form == "bc":  # a general broadcast: (1, C, 1, ...)
         return (1, shape[1]) + (1,) * (len(shape) - 2) if len(shape) >= 2 else (1,)
     if form == "vec":  # trailing-dim vector
@@ -494,14 +478,13 @@ def _alpha(case: Case, shape, gen) -> torch.Tensor:
     if form == "int":
         return torch.tensor(int(_scalar_value(case.avalue, gen)), dtype=torch.int64)
     dt = host if form == "psh" else F32
-    return _weight_values(_weight_shape(form, shape), gen).to(TEST_DEVICE, dt)
+    return blend_weights(_weight_shape(form, shape), gen).to(TEST_DEVICE, dt)
 
 
-def _gate(case: Case, shape, gen) -> torch.Tensor:
-    dt = F32 if case.gate == "f32" else case.dtype
-    if case.gate_form == "scalar":
-        return torch.tensor(float(_uniform((), gen, -0.2, 1.2)), dtype=dt, device=TEST_DEVICE)
-    return _weight_values(_weight_shape(case.gate_form, shape), gen).to(TEST_DEVICE, dt)
+def _gate(case: Case, shape, gen, dtype, form) -> torch.Tensor:
+    if form == "scalar":
+        return torch.tensor(float(_uniform((), gen, -0.2, 1.2)), dtype=dtype, device=TEST_DEVICE)
+    return blend_weights(_weight_shape(form, shape), gen).to(TEST_DEVICE, dtype)
 
 
 def _plant_specials(t: torch.Tensor, gen, values) -> None:
@@ -512,18 +495,10 @@ def _plant_specials(t: torch.Tensor, gen, values) -> None:
         t[idx] = v
 
 
-@dataclass
-class Built:
-    leaves: dict
-    requires: tuple
-    call: object  # (fn, leaves) -> output: the op table's call
-
-
-def build(case: Case) -> Built:
-    built = _build_on_cpu(case)
-    if case.device != "cpu":
-        built.leaves = _moved(built.leaves, case.device, keep_cpu_scalars=case.host_scalars)
-    return built
+def inputs(case: Case) -> dict:
+    """The case's inputs by name, built on the CPU, then moved to `case.device`."""
+    leaves = _inputs_on_cpu(case)
+    return leaves if case.device == "cpu" else _moved(leaves, case.device, keep_cpu_scalars=case.host_scalars)
 
 
 def _moved(leaves: dict, device: str, *, keep_cpu_scalars: bool) -> dict:
@@ -542,17 +517,17 @@ def _moved(leaves: dict, device: str, *, keep_cpu_scalars: bool) -> dict:
     return out
 
 
-def _build_on_cpu(case: Case) -> Built:
+def _inputs_on_cpu(case: Case) -> dict:
     gen = case_generator(case.id)
     op, dt, shape = case.op, case.dtype, case.shape
+    if op == "multiply_valve_multiplier":
+        m = _feature(shape, dt, case.layout, "h", gen)
+        alpha = _alpha(case, shape, gen)
+        if case.specials:
+            _plant_specials(m, gen, (float("nan"), float("inf"), float("-inf")))
+        return {"alpha": alpha, "m": m}
     if op in FEATURE_OPS:
         h = _feature(shape, dt, case.layout, "h", gen)
-        if op == "multiply_valve_multiplier":
-            alpha = _alpha(case, shape, gen)
-            if case.specials:
-                _plant_specials(h, gen, (float("nan"), float("inf"), float("-inf")))
-            leaves = {"alpha": alpha, "m": h}
-            return Built(leaves, _requires(case, leaves), BY_NAME[op].call)
         seed_layout = case.seed_layout or case.layout
         s = h if case.alias else _feature(shape, case.seed_dtype or dt, seed_layout, "s", gen)
         if case.specials:
@@ -563,52 +538,32 @@ def _build_on_cpu(case: Case) -> Built:
         if op != "ste_forward":
             leaves["alpha"] = _alpha(case, shape, gen)
         if op == "blend_gate":
-            leaves["gate"] = _gate(case, shape, gen)
+            leaves["gate"] = _gate(case, shape, gen, F32 if case.gate == "f32" else dt, case.gate_form)
         if op == "blend_multiply":
-            r = {
-                "none": None,
-                "h": h,
-                "s": s,
-                "given": None,
-                "f32": None,
-            }[case.seed_input]
-            if case.seed_input == "given":
-                r = _feature(shape, case.seed_dtype or dt, seed_layout, "s", gen)
-            elif case.seed_input == "f32":
-                r = _feature(shape, F32, seed_layout, "s", gen)
+            r = {"none": None, "h": h, "s": s}.get(case.seed_input)
+            if case.seed_input in ("given", "f32"):
+                r = _feature(shape, F32 if case.seed_input == "f32" else case.seed_dtype or dt,
+                             seed_layout, "s", gen)
             leaves["seed_input"] = r
-        return Built(leaves, _requires(case, leaves), BY_NAME[op].call)
+        return leaves
     if op == "gate_effective_alpha":
-        gshape = shape
-        if case.gate == "scalar":
-            gate = torch.tensor(float(_uniform((), gen, -0.2, 1.2)), dtype=dt, device=TEST_DEVICE)
-        else:
-            gate = _weight_values(gshape, gen).to(TEST_DEVICE, dt)
+        gate = _gate(case, shape, gen, dt, "scalar" if case.gate == "scalar" else "full")
         alpha = _alpha(case, shape, gen)
         if case.specials:
             _plant_specials(gate, gen, (float("nan"),))
             if alpha.is_floating_point() and alpha.dim():
                 _plant_specials(alpha, gen, (float("inf"),))
-        leaves = {"alpha": alpha, "gate": gate}
-        return Built(leaves, _requires(case, leaves), BY_NAME[op].call)
+        return {"alpha": alpha, "gate": gate}
     if op in ("gated_pool", "gate_network"):
         x = _feature(shape, dt, case.layout, "h", gen)
         if case.specials:
             _plant_specials(x, gen, (float("nan"),) if op == "gated_pool" else (float("inf"),))
-        topo = case.topology
-        leaves = {"x": x, "topology": topo}
+        leaves = {"x": x, "topology": case.topology}
         if op == "gate_network":
-            channels = shape[1] if topo == "cnn" else shape[2]
-            hidden = reference.gate_hidden_size(channels)
-            k1, k2 = channels ** -0.5, hidden ** -0.5
-            wdt = case.seed_dtype or dt
-            leaves.update(
-                w1=_randn((hidden, channels), gen, wdt, k1),
-                b1=_randn((hidden,), gen, wdt, k1),
-                w2=_randn((1, hidden), gen, wdt, k2),
-                b2=_randn((1,), gen, wdt, k2),
-            )
-        return Built(leaves, _requires(case, leaves), BY_NAME[op].call)
+            channels = shape[1] if case.topology == "cnn" else shape[2]
+            leaves.update(zip(("w1", "b1", "w2", "b2"),
+                              gate_weights(channels, case.seed_dtype or dt, TEST_DEVICE, gen)))
+        return leaves
     raise AssertionError(op)
 
 
@@ -631,14 +586,6 @@ def kernel_fn(op: str, backend: str):
     return functools.partial(getattr(kk, op), backend=backend)
 
 
-def reference_fn(op: str):
-    return getattr(reference, op)
-
-
-def _snapshot(leaves: dict) -> dict:
-    return {n: t.detach().clone() for n, t in leaves.items() if isinstance(t, torch.Tensor)}
-
-
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same shape, dtype and values bit for bit (NaN matches NaN)."""
     if a.shape != b.shape or a.dtype != b.dtype:
@@ -658,30 +605,32 @@ def under_autocast(fn, device: str, dtype: torch.dtype | None):
     return wrapped
 
 
-def run_case(backend: str, case: Case) -> None:
-    """Runs `case` through `backend` and the reference (both under the case's autocast, if
-    any) and judges the kernel by the equivalence rule against the reference and the float64
-    oracle (which runs without autocast: the exact math)."""
-    built = build(case)
-    ref_fn = under_autocast(reference_fn(case.op), case.device, case.autocast)
-    kern_fn = under_autocast(kernel_fn(case.op, backend), case.device, case.autocast)
-    inference = case.mode == "inference"
+def case_check(case: Case) -> Check:
+    """The case's inputs with the reference's and the oracle's outputs on them (both under
+    the case's autocast, if any, which leaves the oracle's float64 alone); the incoming
+    gradient is drawn from the case id, laid out like the output."""
+    op, leaves = BY_NAME[case.op], inputs(case)
+    ref_fn = under_autocast(op.reference, case.device, case.autocast)
     with torch.no_grad():
-        y0 = built.call(ref_fn, built.leaves)
-    gen = case_generator(case.id + "/grad")
-    g = _randn(y0.shape, gen, y0.dtype).to(y0.device)
+        y0 = op.call(ref_fn, leaves)
+    g = _randn(y0.shape, case_generator(case.id + "/grad"), y0.dtype).to(y0.device)
     if y0.dim() == 4 and y0.is_contiguous(memory_format=torch.channels_last) and not y0.is_contiguous():
         g = g.contiguous(memory_format=torch.channels_last)
-    ref = run_forward_backward(ref_fn, built.leaves, built.call, built.requires, g, inference=inference)
-    before = _snapshot(built.leaves)
-    kern = run_forward_backward(kern_fn, built.leaves, built.call, built.requires, g, inference=inference)
+    requires, inference = _requires(case, leaves), case.mode == "inference"
+    return Check.on(op, leaves, requires=requires, grad=g, ref_fn=ref_fn, inference=inference,
+                    oracle=make_oracle(case, leaves, requires, g))
+
+
+def run_case(backend: str, case: Case) -> None:
+    """Runs `case` through `backend` (under the case's autocast, if any) and judges it by the
+    equivalence rule against the reference and the oracle (`case_check`)."""
+    check = case_check(case)
+    before = {n: t.detach().clone() for n, t in check.leaves.items() if isinstance(t, torch.Tensor)}
+    kern = check.run(under_autocast(kernel_fn(case.op, backend), case.device, case.autocast))
     for n, t in before.items():
-        assert same_bits(built.leaves[n], t), f"{case.id}: the {backend} kernel wrote into input {n!r}"
-    _assert_no_output_shares_an_input(case, backend, kern, built.leaves)
-    oracle = make_oracle(case, built, g)
-    assert_verdicts(verdicts(BY_NAME[case.op], kern, (ref, oracle), built.leaves, built.requires,
-                             None if inference else g),
-                    f"[{backend}] {case.id}: " + describe_inputs(built.leaves))
+        assert same_bits(check.leaves[n], t), f"{case.id}: the {backend} kernel wrote into input {n!r}"
+    _assert_no_output_shares_an_input(case, backend, kern, check.leaves)
+    assert_verdicts(check.judge(kern), f"[{backend}] {case.id}: " + describe_inputs(check.leaves))
 
 
 def _assert_no_output_shares_an_input(case: Case, backend: str, outputs: dict, leaves: dict) -> None:
@@ -696,18 +645,13 @@ def _assert_no_output_shares_an_input(case: Case, backend: str, outputs: dict, l
                 raise AssertionError(f"[{backend}] {case.id}: output {name!r} shares storage with input {leaf_name!r}")
 
 
-def make_oracle(case: Case, built: Built, g: torch.Tensor) -> dict:
-    """The rule-2 oracle: the reference on inputs upcast to float64; for float64 cases the
-    long-double oracle (see equivalence.py)."""
-    inference = case.mode == "inference"
-    if case.dtype == F64:
-        return longdouble_oracle(
-            case.op, built.leaves, built.requires, g, topology=case.topology, inference=inference
-        )
-    return run_forward_backward(
-        reference_fn(case.op), as_the_op_casts(built.leaves), built.call, built.requires, g,
-        inference=inference, upcast_inputs=True,
-    )
+def make_oracle(case: Case, leaves: dict, requires: tuple, g: torch.Tensor) -> dict | None:
+    """For float64 cases the long-double oracle (see equivalence.py); None (`Check`'s float64
+    oracle) otherwise."""
+    if case.dtype != F64:
+        return None
+    return longdouble_oracle(case.op, leaves, requires, g, topology=case.topology,
+                             inference=case.mode == "inference")
 
 
 def describe_inputs(leaves: dict) -> str:

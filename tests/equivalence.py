@@ -33,14 +33,13 @@ from kasmina_kernels.equivalence import (  # the rule itself lives in the packag
     ulp,
 )
 # the runner the tests share with the `check` and `bench` commands
-from kasmina_kernels.opcases import run_forward_backward, upcast
+from kasmina_kernels.opcases import run_forward_backward
 
 __all__ = [
     "ulp",
     "least_precise",
     "tolerance_dtype",
     "case_generator",
-    "upcast",
     "run_forward_backward",
     "assert_equivalent",
     "assert_verdicts",

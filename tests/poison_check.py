@@ -15,10 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cases import (  # noqa: E402
-    _randn, backends_under_test, build, case_generator, cases_for, kernel_fn, reference_fn,
-)
-from equivalence import run_forward_backward  # noqa: E402
+from cases import backends_under_test, case_check, cases_for, kernel_fn  # noqa: E402
 
 POISON_BYTE = 0x7F
 _INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
@@ -65,17 +62,8 @@ def main() -> int:
         if why is not None:
             continue
         for case in cases_for(backend):
-            built = build(case)
-            inference = case.mode == "inference"
-            with torch.no_grad():
-                y0 = built.call(reference_fn(case.op), built.leaves)
-            g = _randn(y0.shape, case_generator(case.id + "/grad"), y0.dtype)
-            if y0.dim() == 4 and y0.is_contiguous(memory_format=torch.channels_last) and not y0.is_contiguous():
-                g = g.contiguous(memory_format=torch.channels_last)
-            kern = run_forward_backward(kernel_fn(case.op, backend), built.leaves, built.call,
-                                        built.requires, g, inference=inference)
-            ref = run_forward_backward(reference_fn(case.op), built.leaves, built.call,
-                                       built.requires, g, inference=inference)
+            check = case_check(case)
+            kern, ref = check.run(kernel_fn(case.op, backend)), check.expected[0]
             for name, k in kern.items():
                 n = unwritten(k, ref.get(name, k))
                 if n:

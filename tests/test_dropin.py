@@ -13,11 +13,11 @@ import torch
 import kasmina_kernels as kk
 from kasmina_kernels import blend_ops, isolation, reference
 
-from kasmina_kernels.opcases import as_the_op_casts
+from kasmina_kernels.opcases import Check
 from kasmina_kernels.optable import BY_NAME
 
 from cases import backend_params
-from equivalence import assert_equivalent, case_generator, run_forward_backward
+from equivalence import assert_verdicts, case_generator, run_forward_backward
 
 F32, BF16 = torch.float32, torch.bfloat16
 P, KW = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
@@ -87,18 +87,15 @@ DROP_INS = {name: getattr(module, name) for module, name in ESPER_SIGNATURES}
 @pytest.mark.parametrize("mixed", [False, True, "0-dim"], ids=["f32-scalar", "bf16cl-fp32seed-per-sample", "0-dim"])
 @pytest.mark.parametrize("name", list(DROP_INS))
 def test_dropin_matches_eager_definition(name, mixed, backend):
-    leaves, call = _case(name, mixed), BY_NAME[name].call
+    leaves, op = _case(name, mixed), BY_NAME[name]
     requires = tuple(n for n, t in leaves.items() if t.is_floating_point())
-    probe = call(getattr(reference, name), leaves)
+    probe = op.call(op.reference, leaves)
     g = _rnd(tuple(probe.shape), f"dropin/{name}/{mixed}/g", probe.dtype)
+    check = Check.on(op, leaves, requires=requires, grad=g)  # judged as test_equivalence's cases
     with kk.use_backend(backend):
-        got = run_forward_backward(DROP_INS[name], leaves, call, requires, g)
-    ref = run_forward_backward(getattr(reference, name), leaves, call, requires, g)
-    # the oracle reads the seed (and seed_input) as the op casts them, as test_equivalence's does
-    oracle = run_forward_backward(getattr(reference, name), as_the_op_casts(leaves), call, requires, g,
-                                  upcast_inputs=True)
+        got = check.run(DROP_INS[name])
     assert set(got) == {"y"} | {"d" + n for n in requires}
-    assert_equivalent(got, ref, oracle, elementwise=BY_NAME[name].elementwise, context=f"{name} on {backend}")
+    assert_verdicts(check.judge(got), f"{name} on {backend}")
 
 
 # ----------------------------------------------------------------------------- exact contracts

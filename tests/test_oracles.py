@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from cases import F64, build, full_cases, make_oracle, reference_fn, _randn
-from equivalence import case_generator, least_precise, run_forward_backward, ulp
+from cases import F64, case_check, full_cases
+from equivalence import least_precise, ulp
 from oracles import LONGDOUBLE_IS_EXTENDED
 
 F64_CASES = [c for c in full_cases() if c.dtype == F64 and not c.specials]
@@ -28,14 +28,8 @@ def test_longdouble_is_wider_than_float64():
 
 @pytest.mark.parametrize("case", F64_CASES, ids=lambda c: c.id)
 def test_longdouble_oracle_agrees_with_float64_reference(case):
-    built = build(case)
-    ref_fn = reference_fn(case.op)
-    with torch.no_grad():
-        y0 = built.call(ref_fn, built.leaves)
-    g = _randn(y0.shape, case_generator(case.id + "/grad"), y0.dtype)
-    ref = run_forward_backward(ref_fn, built.leaves, built.call, built.requires, g,
-                               inference=case.mode == "inference")
-    oracle = make_oracle(case, built, g)
+    check = case_check(case)
+    ref, oracle = check.expected
     assert set(oracle) == set(ref)
     for name, r in ref.items():
         o = np.broadcast_to(oracle[name], tuple(r.shape)).astype(np.float64)
@@ -51,6 +45,6 @@ def test_longdouble_oracle_agrees_with_float64_reference(case):
         # promoted dtype of alpha and gate before it meets float64 features)
         computed_in = [r.dtype, ref["y"].dtype]
         if case.op == "blend_gate":
-            computed_in.append(torch.result_type(built.leaves["alpha"], built.leaves["gate"]))
+            computed_in.append(torch.result_type(check.leaves["alpha"], check.leaves["gate"]))
         tol = least_precise(*computed_in)
         assert err <= 64 * ulp(tol, scale), (name, err, scale)

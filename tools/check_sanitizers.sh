@@ -1,22 +1,14 @@
 #!/usr/bin/env bash
-# AddressSanitizer + UndefinedBehaviorSanitizer over the native CPU kernels.
+# AddressSanitizer + UndefinedBehaviorSanitizer over the native CPU kernels: builds
+# kasmina_kernels._C (CPU kernels of the capability ATen runs here, and DEFAULT) with
+# -fsanitize=address,undefined into build/sanitize/, beside the normal build, and runs the
+# native backend's tests against it (the reduced equivalence matrix and the contract,
+# property-based, autograd, error, determinism and thread tests).
 #
-#  1. Builds kasmina_kernels._C (C++ CPU kernels only, for the CPU capability ATen runs here
-#     and DEFAULT) with -fsanitize=address,undefined (setup.py's KASMINA_KERNELS_SANITIZE)
-#     into build/sanitize/, beside the normal build, which it never touches; the package's
-#     Python files are linked next to that _C.
-#  2. Runs the native backend's tests against it: the reduced equivalence matrix
-#     (KASMINA_TEST_REDUCED=1), the contract, property-based, autograd, error, determinism
-#     and thread tests.
-#
-# Python itself is not instrumented, so the ASan runtime is preloaded (LD_PRELOAD) to come
-# first in the process; every malloc then gets redzones, torch's CPU tensors included, and an
-# out-of-bounds read or write by a kernel aborts the run with a report. Leak detection is off
-# (detect_leaks=0): CPython and torch keep interned objects, caches and registries alive until
-# exit on purpose, so LeakSanitizer would report thousands of interpreter-owned blocks that
-# are not leaks of this library; the kernels allocate through ATen, whose tensors are freed
-# by reference counting, which the tests above exercise. Any sanitizer report fails the run:
-# halt_on_error for both, and the log is also scanned for reports.
+# Python is not instrumented, so the ASan runtime is preloaded to come first: every malloc,
+# torch's CPU tensors included, gets redzones. Leak detection is off: CPython and torch keep
+# interned objects, caches and registries alive until exit on purpose, which LeakSanitizer
+# would report by the thousand. Any report fails the run (halt_on_error, and a log scan).
 #
 # Environment: PYTHON (default .venv/bin/python, else python3), CXX (default g++),
 # KASMINA_SANITIZE_TESTS (pytest arguments replacing the default selection).

@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# The test command: install from scratch into .venv, compile-check the CUDA kernels with nvcc
-# and their torch glue with g++ (each skipped, with the reason, where its tools are absent), run
-# the native CPU kernels' tests under ASan + UBSan (tools/check_sanitizers.sh) and under each
-# other CPU capability this machine runs (tools/check_isas.sh), then run the whole suite. The Triton
-# backend runs on CPU under TRITON_INTERPRET=1 in a reduced matrix; native and reference run
-# their full CPU matrix. Extra arguments go to pytest. Last, `kasmina-kernels bench --quick`
-# runs once (output to a temporary folder): it fails if it errors or if any backend's output
-# or gradient does not match the reference (the bench checks each one before timing it).
+# The test command: install from scratch into .venv, compile-check the CUDA kernels and their
+# torch glue (each skipped, with the reason, where its tools are absent), run the native CPU
+# kernels' tests under ASan + UBSan and under each other CPU capability this machine runs,
+# then the whole suite (Triton on CPU under TRITON_INTERPRET=1, in a reduced matrix; extra
+# arguments go to pytest), then `kasmina-kernels bench --quick`, which fails if any backend's
+# output or gradient does not match the reference.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
