@@ -10,8 +10,8 @@ Environment:
                              when a CUDA toolkit and a CUDA torch are both present.
   KASMINA_KERNELS_CUDA_ARCH  CUDA architectures, default "80;90".
   KASMINA_KERNELS_CPU_CAPABILITIES
-                             e.g. "avx2": the CPU capabilities compiled beside DEFAULT (AVX512
-                             brings AVX2); unset: all of them on x86-64.
+                             e.g. "avx2": the CPU capabilities compiled beside DEFAULT;
+                             unset: all of them on x86-64.
   KASMINA_KERNELS_SANITIZE   e.g. "address,undefined": -fsanitize= builds (-O1 -g), for
                              tools/check_sanitizers.sh.
 """
@@ -99,6 +99,7 @@ def _extension():
     link += san_link
     define_macros = [(f"KK_CPU_{c}", "1") for c in _cpu_capabilities() if c != "DEFAULT"]
     include_dirs = [os.path.join(ROOT, "csrc")]
+    compile_args = {"cxx": cxx}
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
@@ -109,20 +110,14 @@ def _extension():
             if arch:
                 nvcc += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
         define_macros.append(("KK_WITH_CUDA", "1"))
-        return cpp_extension.CUDAExtension(
-            "kasmina_kernels._C",
-            sources,
-            include_dirs=include_dirs,
-            define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=link,
-        )
-    return cpp_extension.CppExtension(
+        compile_args["nvcc"] = nvcc
+    make = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    return make(
         "kasmina_kernels._C",
         sources,
         include_dirs=include_dirs,
         define_macros=define_macros,
-        extra_compile_args={"cxx": cxx},
+        extra_compile_args=compile_args,
         extra_link_args=link,
     )
 
@@ -169,8 +164,7 @@ class BuildExt(cpp_extension.BuildExtension):
         self.force = True
 
     def build_extension(self, ext) -> None:
-        args = ext.extra_compile_args  # with the flags BuildExtension has added by now
-        cxx = args["cxx"] if isinstance(args, dict) else args
+        cxx = ext.extra_compile_args["cxx"]  # with the flags BuildExtension has added by now
         ext.extra_objects = []
         for cap in _cpu_capabilities():
             macros = [*ext.define_macros, ("CPU_CAPABILITY", cap), (f"CPU_CAPABILITY_{cap}", None)]

@@ -1,17 +1,11 @@
 #!/usr/bin/env bash
 # The native CPU kernels of every other capability this CPU runs, under the tests.
 #
-# setup.py compiles the CPU kernels once per capability (DEFAULT, AVX2 and AVX512 on x86-64)
-# into the one extension, which runs the widest this CPU has, so the test suite exercises that
-# copy only. On an AVX-512 machine the AVX2 and DEFAULT copies, which CPUs without AVX-512 run,
-# would never run; an AVX2-only bug once went unseen that way (float32 MULTIPLY's backward
-# under the mixed float tanh). For each compiled capability below the one in use, this script
-# sets ATEN_CPU_CAPABILITY=<capability> (which ATen and the extension both obey; no rebuild)
-# and:
-#  1. checks that the extension reports that capability in use (kasmina-kernels info);
-#  2. runs the native tests whose code differs by capability: the float32 and double tanh
-#     tests, the whole equivalence matrix, contracts, fuzz, streaming stores, autograd,
-#     determinism and threads.
+# The extension holds the CPU kernels once per capability (DEFAULT, AVX2, AVX512 on x86-64) and
+# runs the widest this CPU has, so the test suite alone never runs the narrower copies. For
+# each compiled capability below the one in use, this sets ATEN_CPU_CAPABILITY=<capability>
+# (ATen and the extension both obey it; no rebuild), checks that `kasmina-kernels info`
+# reports it, and runs the native tests whose code differs by capability.
 #
 # Environment: PYTHON (default .venv/bin/python, else python3), KASMINA_ISA_TESTS (pytest
 # arguments replacing the default selection).

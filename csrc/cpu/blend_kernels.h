@@ -5,9 +5,6 @@
 // float vectors (F2), each formula once per vector.
 #pragma once
 
-#include <array>
-#include <tuple>
-
 #include "cpu/aten_tanh.h"
 #include "cpu/loops.h"
 #include "cpu/vec_io.h"
@@ -82,51 +79,32 @@ inline DVec tanh_pd(const DVec& x) {
   return divide(num, den) | (x & DVec(-0.0));  // the quotient is >= 0: x's sign
 }
 
-// Per-lane double sums of float terms: each float enters a double exactly, and the float32
-// weight-gradient terms are formed in double, so a float32 blend's alpha gradient carries no
-// float rounding of its terms; the lanes go into the block's Accumulator after.
-struct DoubleLanes {
-  DVec lo = DVec(0.0), hi = DVec(0.0);
-  // adds term(...) of the arguments' widened halves; `term` takes as many vectors
-  template <typename Term, typename... V>
-  void add(Term term, const V&... v) {
-    std::array<DVec, sizeof...(V)> l, h;
-    size_t k = 0;
-    ((widen(v, l[k], h[k]), ++k), ...);
-    lo = lo + std::apply(term, l);
-    hi = hi + std::apply(term, h);
-  }
-  void flush_into(Accumulator& acc) const {
-    double tmp[2 * DVec::size()];
-    lo.store(tmp);
-    hi.store(tmp + DVec::size());
-    for (double v : tmp) acc.add(v);
-  }
-};
-
-// For half-precision features: float terms summed in float for 64 vector steps at a time,
-// then in double. Their rounding is far below the half-precision inputs' own.
+// Float32 blends sum their weight-gradient terms in DLanes (vec_io.h), formed in double: an
+// alpha gradient carries no float rounding of its terms. Half-precision features use
+// FloatLanes: float terms summed in float for 64 vector steps at a time, then in double; their
+// rounding is far below the half-precision inputs' own. The lanes go into the block's
+// Accumulator after.
 struct FloatLanes {
   FVec sum = FVec(0.0f);
   int steps = 0;
-  DoubleLanes total;
+  DLanes total;
   template <typename Term, typename... V>
   void add(Term term, const V&... v) {
     sum = sum + term(v...);
     if (++steps == 64) {
-      total.add([](const DVec& x) { return x; }, sum);
+      total.add(sum);
       sum = FVec(0.0f);
       steps = 0;
     }
   }
   void flush_into(Accumulator& acc) {
-    total.add([](const DVec& x) { return x; }, sum);
+    total.add(sum);
     total.flush_into(acc);
   }
 };
 
 template <typename T>
-using Lanes = std::conditional_t<kHalfPrecision<T>, FloatLanes, DoubleLanes>;
+using Lanes = std::conditional_t<kHalfPrecision<T>, FloatLanes, DLanes>;
 
 // x as the host dtype T would hold it (identity for float and double).
 template <typename T, typename V>

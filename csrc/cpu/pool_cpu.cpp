@@ -80,46 +80,24 @@ PoolView pool_view(const at::Tensor& x, c10::string_view topology) {
 }
 
 // ---------------------------------------------------------------- double lanes
-// W = FVec::size() double lanes that take one float vector per add: two double vectors.
 constexpr int64_t W = FVec::size();
 
-struct DLanes {
-  DVec lo = DVec(0.0), hi = DVec(0.0);
-  void add(const FVec& v) {
-    DVec l, h;
-    widen(v, l, h);
-    lo = lo + l;
-    hi = hi + h;
+// The W float values at p, widened (vec_io.h's DLanes)
+inline DLanes lanes_of(const float* p) {
+  DLanes d;
+  d.add(FVec::loadu(p));
+  return d;
+}
+
+// The lanes' halves added pairwise, in a fixed order
+inline double total(const DLanes& d) {
+  double s[DVec::size()];
+  (d.lo + d.hi).store(s);
+  for (int64_t n = DVec::size(); n > 1; n /= 2) {
+    for (int64_t k = 0; k < n / 2; ++k) s[k] += s[k + n / 2];
   }
-  void add(const DLanes& o) {
-    lo = lo + o.lo;
-    hi = hi + o.hi;
-  }
-  // the W float values at p, widened
-  static DLanes of(const float* p) {
-    DLanes d;
-    d.add(FVec::loadu(p));
-    return d;
-  }
-  void store(double* p) const {
-    lo.store(p);
-    hi.store(p + DVec::size());
-  }
-  // p[0..W) += this
-  void add_into(double* p) const {
-    (DVec::loadu(p) + lo).store(p);
-    (DVec::loadu(p + DVec::size()) + hi).store(p + DVec::size());
-  }
-  // halves added pairwise, in a fixed order
-  double total() const {
-    double s[DVec::size()];
-    (lo + hi).store(s);
-    for (int64_t n = DVec::size(); n > 1; n /= 2) {
-      for (int64_t k = 0; k < n / 2; ++k) s[k] += s[k + n / 2];
-    }
-    return s[0];
-  }
-};
+  return s[0];
+}
 
 template <typename T>
 inline FVec load1(const T* p) {
@@ -146,14 +124,14 @@ inline double contiguous_plane_sum(const T* plane, int64_t R, int64_t L, int64_t
     if constexpr (std::is_same_v<T, float>) {
       for (; j + 4 * W <= L; j += 4 * W) {
         prefetch_ahead<4 * W * sizeof(T)>(row + j);
-        a.add(DLanes::of(row + j));
-        b.add(DLanes::of(row + j + W));
-        a2.add(DLanes::of(row + j + 2 * W));
-        b2.add(DLanes::of(row + j + 3 * W));
+        a.add(lanes_of(row + j));
+        b.add(lanes_of(row + j + W));
+        a2.add(lanes_of(row + j + 2 * W));
+        b2.add(lanes_of(row + j + 3 * W));
       }
       for (; j + kStep <= L; j += kStep) {
-        a.add(DLanes::of(row + j));
-        b.add(DLanes::of(row + j + W));
+        a.add(lanes_of(row + j));
+        b.add(lanes_of(row + j + W));
       }
     } else {
       // bfloat16/float16: up to kHalfBlock terms per lane summed in float first (exact for
@@ -180,7 +158,7 @@ inline double contiguous_plane_sum(const T* plane, int64_t R, int64_t L, int64_t
   a.add(a2);
   b.add(b2);
   a.add(b);
-  return a.total() + tail;
+  return total(a) + tail;
 }
 
 // out[b * C + c] = mean of plane (b, c), for planes [p0, p1), positions contiguous.
@@ -208,7 +186,7 @@ void channel_block_sums(const T* base, const PoolView& v, double* sums) {
         for (int u = 0; u < U; ++u) {
           const T* pos = row + (l + u) * v.sl;
           prefetch_ahead<NV * W * sizeof(T)>(pos);
-          for (int k = 0; k < NV; ++k) acc[u][k].add(DLanes::of(pos + W * k));
+          for (int k = 0; k < NV; ++k) acc[u][k].add(lanes_of(pos + W * k));
         }
       }
     } else {
@@ -237,7 +215,10 @@ void channel_block_sums(const T* base, const PoolView& v, double* sums) {
   for (int u = 1; u < U; ++u) {
     for (int k = 0; k < NV; ++k) acc[0][k].add(acc[u][k]);
   }
-  for (int k = 0; k < NV; ++k) acc[0][k].store(sums + W * k);
+  for (int k = 0; k < NV; ++k) {
+    acc[0][k].lo.store(sums + W * k);
+    acc[0][k].hi.store(sums + W * k + DVec::size());
+  }
 }
 
 // Means of one sample whose channels are contiguous (sc == 1).
@@ -280,10 +261,10 @@ void sample_channels_contiguous(const T* x, const PoolView& v, int64_t b, O* out
         }
         DLanes sum;
         if constexpr (std::is_same_v<T, float>) {
-          sum = DLanes::of(r0 + c);
-          sum.add(DLanes::of(r1 + c));
-          DLanes s23 = DLanes::of(r2 + c);
-          s23.add(DLanes::of(r3 + c));
+          sum = lanes_of(r0 + c);
+          sum.add(lanes_of(r1 + c));
+          DLanes s23 = lanes_of(r2 + c);
+          s23.add(lanes_of(r3 + c));
           sum.add(s23);
         } else {
           // bfloat16/float16: the four terms summed in float first (exact unless their

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace kk::cpu {
@@ -86,14 +87,10 @@ void small_gemm(int64_t I, int64_t Mdim, int64_t K, const A* a, int64_t a_si, in
     for (; i + kRows <= I; i += kRows) {
       gemm_rows<kRows>(i, Mdim, K, a, a_si, a_sm, bm, row_bias, col_bias, out, p);
     }
-    switch (I - i) {
-      case 5: gemm_rows<5>(i, Mdim, K, a, a_si, a_sm, bm, row_bias, col_bias, out, p); break;
-      case 4: gemm_rows<4>(i, Mdim, K, a, a_si, a_sm, bm, row_bias, col_bias, out, p); break;
-      case 3: gemm_rows<3>(i, Mdim, K, a, a_si, a_sm, bm, row_bias, col_bias, out, p); break;
-      case 2: gemm_rows<2>(i, Mdim, K, a, a_si, a_sm, bm, row_bias, col_bias, out, p); break;
-      case 1: gemm_rows<1>(i, Mdim, K, a, a_si, a_sm, bm, row_bias, col_bias, out, p); break;
-      default: break;
-    }
+    [&]<int... R>(std::integer_sequence<int, R...>) {  // the last I % kRows rows, once
+      ((I - i == R + 1 ? gemm_rows<R + 1>(i, Mdim, K, a, a_si, a_sm, bm, row_bias, col_bias, out, p)
+                       : void()), ...);
+    }(std::make_integer_sequence<int, kRows - 1>{});
     k0 = K - K % V;  // the columns gemm_rows covered
   }
   if (k0 == K) return;

@@ -11,7 +11,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <array>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 
 #include "kernels/blend_math.h"
@@ -203,12 +205,6 @@ inline FVec rounded(const FVec& x) {
   }
 }
 
-template <typename T>
-inline void round_through(F2& v) {
-  v[0] = rounded<T>(v[0]);
-  v[1] = rounded<T>(v[1]);
-}
-
 // Rounds to T's precision, one vector or one scalar at a time: the reference's rounding points.
 template <typename T>
 struct RoundTo {
@@ -221,7 +217,10 @@ struct RoundTo {
 template <typename T, typename S>
 inline void load2_as(const S* p, F2& v) {
   load2<S>(p, v);
-  if constexpr (!std::is_same_v<T, S>) round_through<T>(v);
+  if constexpr (!std::is_same_v<T, S>) {
+    v[0] = rounded<T>(v[0]);
+    v[1] = rounded<T>(v[1]);
+  }
 }
 
 // Scalar counterpart: S value cast to T, widened to T's opmath.
@@ -247,6 +246,43 @@ inline void widen(const FVec& v, DVec& lo, DVec& hi) {
   hi = DVec::loadu(d + DVec::size());
 #endif
 }
+
+// FVec::size() double lanes fed one float vector at a time: each float enters exactly.
+struct DLanes {
+  DVec lo = DVec(0.0), hi = DVec(0.0);
+  void add(const FVec& v) {
+    DVec l, h;
+    widen(v, l, h);
+    lo = lo + l;
+    hi = hi + h;
+  }
+  void add(const DLanes& o) {
+    lo = lo + o.lo;
+    hi = hi + o.hi;
+  }
+  // adds term(...) of the arguments' widened halves; `term` takes as many vectors
+  template <typename Term, typename... V>
+    requires(sizeof...(V) > 0)
+  void add(Term term, const V&... v) {
+    std::array<DVec, sizeof...(V)> l, h;
+    size_t k = 0;
+    ((widen(v, l[k], h[k]), ++k), ...);
+    lo = lo + std::apply(term, l);
+    hi = hi + std::apply(term, h);
+  }
+  // p[0..FVec::size()) += the lanes
+  void add_into(double* p) const {
+    (DVec::loadu(p) + lo).store(p);
+    (DVec::loadu(p + DVec::size()) + hi).store(p + DVec::size());
+  }
+  // each lane into `acc` (an Accumulator), in order
+  template <typename Acc>
+  void flush_into(Acc& acc) const {
+    double tmp[2 * DVec::size()] = {};
+    add_into(tmp);
+    for (double v : tmp) acc.add(v);
+  }
+};
 
 // Table lookups by 16-bit pattern, for 2 vectors' worth of consecutive T values in memory.
 template <typename T>
