@@ -63,6 +63,9 @@ def train_in_group(steps: int, batch_size: int, backend: str, out: str | None = 
             torch.save(record, out)
         elif rank == 0:
             report(record, run_single_process_reference(steps, batch_size), world_size, steps)
+        # every rank reaches here before any tears the group down: a rank that destroys its gloo
+        # pairs while a peer still uses them can abort the peer
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

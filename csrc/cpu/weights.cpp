@@ -4,19 +4,14 @@
 #include <ATen/ExpandUtils.h>
 #include <c10/util/irange.h>
 
-#include <algorithm>
-
 namespace kk::cpu {
 inline namespace CPU_CAPABILITY {
 
 std::vector<double> read_values(const at::Tensor& t, at::IntArrayRef shape) {
   if (shape.empty() && t.dim() > 0) shape = t.sizes();
   // the broadcast's strides: 0 along the dimensions `t` is broadcast over
-  const int64_t dims = static_cast<int64_t>(shape.size()), lead = dims - t.dim();
-  std::vector<int64_t> strides(dims, 0);
-  for (int64_t d = std::max<int64_t>(lead, 0); d < dims; ++d) {
-    if (t.size(d - lead) != 1) strides[d] = t.stride(d - lead);
-  }
+  const auto strides = at::inferExpandGeometry_dimvector(t.sizes(), t.strides(), shape).strides;
+  const int64_t dims = static_cast<int64_t>(shape.size());
   std::vector<double> out(c10::multiply_integers(shape));
   std::vector<int64_t> index(dims, 0);
   AT_DISPATCH_ALL_TYPES_AND3(at::kBFloat16, at::kHalf, at::kBool, t.scalar_type(), "read_values", [&] {
