@@ -311,14 +311,10 @@ def _named(op):
     return "blend_(add|with_isolation)" if op == "blend_with_isolation" else op
 
 
-def _ad_dtype(backend):
-    return torch.float32 if backend == "triton" else F64  # Triton has no float64 kernels
-
-
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("op", AD_OPS)
 def test_double_backward_is_correct_or_a_clear_error(op, backend):
-    call, inputs = _ad_inputs(_ad_dtype(backend))[op]
+    call, inputs = _ad_inputs(F64)[op]
     leaves = [leaf(t) for t in inputs]
     y = call(backend, leaves)
     # a first-order gradient with create_graph=True works and equals the plain one
@@ -346,7 +342,7 @@ def test_double_backward_is_correct_or_a_clear_error(op, backend):
 def test_forward_mode_ad_is_a_clear_error(op, backend):
     import torch.autograd.forward_ad as fwAD
 
-    call, inputs = _ad_inputs(_ad_dtype(backend))[op]
+    call, inputs = _ad_inputs(F64)[op]
     match = f"kasmina::{_named(op)}: .*(forward-mode AD|torch.func transforms)"
     with pytest.raises(RuntimeError, match=match):
         torch.func.jvp(lambda *t: call(backend, t), tuple(inputs), tuple(torch.ones_like(t) for t in inputs))
