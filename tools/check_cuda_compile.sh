@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI compile check of the CUDA kernels, without torch and without a GPU: every csrc/cuda/*.cu
 # (and the headers they use) includes no torch header and compiles with nvcc for sm_80 and
-# sm_90 with torch's extension flags, warnings as errors; then tools/cuda_index_test.cpp
+# sm_90 with torch's extension flags, warnings as errors; then tests/cuda_index_test.cpp
 # checks the index arithmetic of kk_cuda.h on the host. Exits 0 with a printed
 # reason when nvcc is absent. Environment: NVCC (default: nvcc on PATH, then
 # $CUDA_HOME/bin, then /usr/local/cuda/bin), KASMINA_KERNELS_CHECK_ARCHS (default "80 90").
@@ -70,13 +70,13 @@ done
 
 start=$SECONDS
 if ! "$nvcc_bin" -std=c++20 -O1 -Xcompiler -Wall -Werror all-warnings -I"$ROOT/csrc" \
-  "$ROOT/tools/cuda_index_test.cpp" -o "$tmp/cuda_index_test"; then
-  echo "check_cuda_compile: FAILED: building tools/cuda_index_test.cpp" >&2
+  "$ROOT/tests/cuda_index_test.cpp" -o "$tmp/cuda_index_test"; then
+  echo "check_cuda_compile: FAILED: building tests/cuda_index_test.cpp" >&2
   exit 1
 fi
 if ! "$tmp/cuda_index_test"; then
-  echo "check_cuda_compile: FAILED: tools/cuda_index_test" >&2
+  echo "check_cuda_compile: FAILED: tests/cuda_index_test" >&2
   exit 1
 fi
-echo "check_cuda_compile: ran tools/cuda_index_test ($((SECONDS - start))s)"
+echo "check_cuda_compile: ran tests/cuda_index_test ($((SECONDS - start))s)"
 echo "check_cuda_compile: OK (${#sources[@]} CUDA sources, $arch_names)"

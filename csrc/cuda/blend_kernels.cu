@@ -19,7 +19,6 @@ struct ElemArgs {
   bool linear;
   bool vec;
   RedMode red;
-  int64_t numel;
   int64_t group_size;        // elements of one weight group (numel when not kOuter)
   int64_t chunk;             // elements per block, a multiple of the vector width
   int64_t blocks_per_group;  // ceil(group_size / chunk)
@@ -536,7 +535,6 @@ ElemArgs make_args(const BlendParams& p, const Plan& plan, int vec_width) {
   a.host = p.host;
   a.promoted = p.promoted;
   a.linear = p.linear;
-  a.numel = p.numel;
   a.group_size = plan.group_size;
   a.chunk = plan.chunk;
   a.blocks_per_group = plan.blocks_per_group > 0 ? plan.blocks_per_group : 1;
