@@ -16,6 +16,7 @@ Environment:
                              tools/check_sanitizers.sh.
 """
 
+import concurrent.futures
 import glob
 import os
 import platform
@@ -165,16 +166,33 @@ class BuildExt(cpp_extension.BuildExtension):
 
     def build_extension(self, ext) -> None:
         cxx = ext.extra_compile_args["cxx"]  # with the flags BuildExtension has added by now
-        ext.extra_objects = []
-        for cap in _cpu_capabilities():
+        caps = _cpu_capabilities()
+
+        def compile_capability(cap: str) -> list[str]:
             macros = [*ext.define_macros, ("CPU_CAPABILITY", cap), (f"CPU_CAPABILITY_{cap}", None)]
-            ext.extra_objects += self.compiler.compile(
+            return self.compiler.compile(
                 CPU_SOURCES,
                 output_dir=os.path.join(self.build_temp, cap.lower()),
                 macros=macros,
                 include_dirs=ext.include_dirs,
                 extra_postargs=cxx + CPU_CAPABILITY_FLAGS[cap],
             )
+
+        # One ninja per capability, all at once, sharing MAX_JOBS (default: the CPU count)
+        # between them: one large translation unit (blend_cpu.cpp) dominates each capability,
+        # so one at a time would leave the other cores idle.
+        jobs = os.environ.get("MAX_JOBS", "")
+        total = int(jobs) if jobs.isdigit() else (os.cpu_count() or 1)
+        os.environ["MAX_JOBS"] = str(max(1, total // len(caps)))
+        try:
+            with concurrent.futures.ThreadPoolExecutor(len(caps)) as pool:
+                objects = list(pool.map(compile_capability, caps))
+        finally:
+            if jobs:
+                os.environ["MAX_JOBS"] = jobs
+            else:
+                del os.environ["MAX_JOBS"]
+        ext.extra_objects = [o for cap_objects in objects for o in cap_objects]
         super().build_extension(ext)
 
 
