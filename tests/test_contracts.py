@@ -271,6 +271,30 @@ def test_seed_overflowing_the_host_dtype(backend, op, host):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=_id)
+def test_multiply_seed_gradient_nonfinite_where_tanh_saturates(backend, dtype):
+    """With an infinite host, MULTIPLY's ds = g*h*c*(1 - t^2) is NaN exactly where the
+    reference's tanh of s - r rounds to +-1 in the host dtype (its 1 - t^2 is 0 there) and
+    infinite elsewhere: every value of s - r from 2 to 10, both signs."""
+    view = _INT_VIEW[dtype]
+    lo, hi = (int(torch.tensor(v, dtype=dtype).view(view)) for v in (2.0, 10.0))
+    bits = torch.arange(lo, hi + 1, dtype=view)
+    d = bits.view(dtype)
+    d = torch.cat([d, -d])
+    grads = []
+    for fn in (kk.blend_multiply, reference.blend_multiply):
+        h = torch.full_like(d, float("inf")).requires_grad_()
+        s = d.clone().requires_grad_()
+        kwargs = {"backend": backend} if fn is not reference.blend_multiply else {}
+        fn(h, s, torch.tensor(1.0), seed_input=torch.zeros_like(d), **kwargs).sum().backward()
+        grads.append(s.grad)
+    ds, ref = grads
+    assert bool(ref.isnan().any()) and bool(ref.isinf().any())  # the range crosses saturation
+    for name, km, rm in zip(("NaN", "+Inf", "-Inf"), _nonfinite_masks(ds), _nonfinite_masks(ref)):
+        assert torch.equal(km, rm), f"{name} placement in ds differs from the reference"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("seed_dtype", [None, F32], ids=["same", "fp32_seed"])
 def test_ste_value_is_host_nan_where_seed_not_finite(backend, dtype, seed_dtype):

@@ -5,7 +5,6 @@
 // float vectors (F2), each formula once per vector.
 #pragma once
 
-#include "cpu/aten_tanh.h"
 #include "cpu/loops.h"
 #include "cpu/vec_io.h"
 
@@ -114,22 +113,6 @@ inline V as_host_value(V x) {
   } else {
     return x;
   }
-}
-
-// The tanh table of a half-precision dtype T (aten_tanh.h).
-template <typename T>
-inline const float* tanh_table() {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return tanh_table_bf16();
-  } else {
-    return tanh_table_f16();
-  }
-}
-
-// ATen's tanh of a half-precision value, before rounding to T (scalar tails).
-template <typename T>
-inline float half_tanh(T v) {
-  return tanh_table<T>()[v.x];
 }
 
 // One step of a float weight operand: broadcast (stride 0) or contiguous.
@@ -291,7 +274,7 @@ auto lerp_backward_loop(Accumulator& acc, bool stream) {
 // ---------------------------------------------------------------- MULTIPLY
 // operands: out(T), h(T), s(S), [r(S) unless kRIsH], c(op)
 // Half-precision hosts round where the reference's T arithmetic rounds (s - r, tanh, c * t,
-// 1 + c * t, the product) and take tanh from ATen's table: the reference's own bits.
+// 1 + c * t, the product), with half_precision_tanh.
 template <typename T, typename S, bool kRIsH>
 auto multiply_forward_loop(bool stream) {
   using op_t = opmath_t<T>;
@@ -307,8 +290,6 @@ auto multiply_forward_loop(bool stream) {
         data, st, n0, n1, sizes, C,
         [&](auto& p, int64_t n) -> int64_t {
           const bool nt = streams(stream, p[0]);
-          const float* table = nullptr;
-          if constexpr (kHalfPrecision<T>) table = tanh_table<T>();
           int64_t i = 0;
           for (; i + kStep <= n; i += kStep) {
             F2 h, s, r, c, y;
@@ -322,10 +303,9 @@ auto multiply_forward_loop(bool stream) {
             }
             load_weight2(p[C], st[C], i, c);
             if constexpr (kHalfPrecision<T>) {
-              F2 d{rounded<T>(s[0] - r[0]), rounded<T>(s[1] - r[1])}, t;
-              lookup2<T>(table, d, t);
               for (int k = 0; k < 2; ++k) {
-                const FVec v = rounded<T>(FVec(1.0f) + rounded<T>(c[k] * rounded<T>(t[k])));
+                const FVec t = rounded<T>(half_precision_tanh(rounded<T>(s[k] - r[k])));
+                const FVec v = rounded<T>(FVec(1.0f) + rounded<T>(c[k] * t));
                 y[k] = h[k] * v;
               }
             } else {
@@ -342,7 +322,7 @@ auto multiply_forward_loop(bool stream) {
           if constexpr (!kRIsH) r = as_op<T>(val<S>(p[3], s[3], i));
           const op_t c = val<op_t>(p[C], s[C], i);
           if constexpr (kHalfPrecision<T>) {
-            const op_t t = as_host_value<T>(half_tanh<T>(static_cast<T>(sv - r)));
+            const op_t t = as_host_value<T>(half_precision_tanh(as_host_value<T>(sv - r)));
             const op_t v = as_host_value<T>(op_t(1) + as_host_value<T>(c * t));
             put<T>(p[0], s[0], i, h * v);
           } else if constexpr (std::is_same_v<T, float>) {
@@ -384,8 +364,6 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
           const bool nt = streams(stream, p[0], p[1], kDr ? p[2] : p[0]);
           int64_t i = 0;
           Lanes<T> lanes;
-          const float* table = nullptr;
-          if constexpr (kHalfPrecision<T>) table = tanh_table<T>();
           for (; i + kStep <= n; i += kStep) {
             F2 g, h, s, r, c, dh, ds, dc, d, tr;
             load2<T>(at_<T>(p[G], i), g);
@@ -398,12 +376,13 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
               load2_as<T, S>(at_<S>(p[G + 3], i), r);
             }
             load_weight2(p[C], st[C], i, c);
-            // s - r and its tanh as the reference's autograd sees them: d rounded to T, tanh
-            // with ATen's bits (a table entry, as d holds a T value), rounded to T. The alpha
-            // term gets tanh of the unrounded d, from the first-order correction
-            // t + (1 - t^2) (d - d_T).
+            // s - r and its tanh as the reference's autograd sees them: d rounded to T, its
+            // tanh rounded to T. The alpha term gets tanh of the unrounded d, from the
+            // first-order correction t + (1 - t^2) (d - d_T).
             for (int k = 0; k < 2; ++k) d[k] = rounded<T>(s[k] - r[k]);
-            if constexpr (kHalfPrecision<T>) lookup2<T>(table, d, tr);
+            if constexpr (kHalfPrecision<T>) {
+              for (int k = 0; k < 2; ++k) tr[k] = half_precision_tanh(d[k]);
+            }
             for (int k = 0; k < 2; ++k) {
               if constexpr (std::is_same_v<T, float>) {
                 // tanh and 1 - tanh^2 from one exp, the latter accurate where tanh saturates
@@ -451,7 +430,7 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
           if constexpr (std::is_same_v<T, float>) {
             tanh_with_grad(d, tr, sech2);
           } else if constexpr (kHalfPrecision<T>) {
-            tr = half_tanh<T>(static_cast<T>(d));
+            tr = half_precision_tanh(d);
           } else {
             tr = std::tanh(d);
           }
@@ -509,20 +488,20 @@ auto ste_forward_loop() {
 }
 
 // ---------------------------------------------------------------- valve multiplier
-// tanh(m) as the reference computes it in m's dtype: the float32 kernels' one tanh
-// (tanh_with_grad) for float32, ATen's own bits (tables) for the half types.
+// tanh(m) as the reference computes it in m's dtype, before rounding to it: the float32
+// kernels' one tanh (tanh_with_grad) for float32, half_precision_tanh for the half types.
 template <typename M, typename V>
 inline V valve_tanh(V m) {
   if constexpr (std::is_same_v<M, float>) {
     return static_cast<V>(tanh_from_exp(static_cast<float>(m)));
   } else if constexpr (kHalfPrecision<M>) {
-    return static_cast<V>(half_tanh<M>(static_cast<M>(m)));
+    return static_cast<V>(half_precision_tanh(static_cast<float>(m)));
   } else {
     return Prims<V>::tanh(m);
   }
 }
 
-// tanh of one step of m (float: with 1 - tanh^2 into sech; half: ATen's, unrounded)
+// tanh of one step of m (float: with 1 - tanh^2 into sech; half: unrounded)
 template <typename M>
 inline void valve_tanh2(const char* p, int64_t i, F2& t, F2& sech) {
   if constexpr (std::is_same_v<M, float>) {
@@ -530,7 +509,8 @@ inline void valve_tanh2(const char* p, int64_t i, F2& t, F2& sech) {
     tanh_with_grad(FVec::loadu(mp), t[0], sech[0]);
     tanh_with_grad(FVec::loadu(mp + FVec::size()), t[1], sech[1]);
   } else {
-    lookup2_mem<M>(tanh_table<M>(), reinterpret_cast<const M*>(p) + i, t);
+    load2<M>(reinterpret_cast<const M*>(p) + i, t);
+    for (int k = 0; k < 2; ++k) t[k] = half_precision_tanh(t[k]);
   }
 }
 

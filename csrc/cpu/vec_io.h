@@ -284,38 +284,6 @@ struct DLanes {
   }
 };
 
-// Table lookups by 16-bit pattern, for 2 vectors' worth of consecutive T values in memory.
-template <typename T>
-inline void lookup2_mem(const float* table, const T* p, F2& r) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(p);
-  float out[kStep];
-  for (int64_t k = 0; k < kStep; ++k) out[k] = table[bits[k]];
-  r[0] = FVec::loadu(out);
-  r[1] = FVec::loadu(out + FVec::size());
-}
-
-// The same for float lanes that hold T values exactly (loaded from T memory, or rounded to T).
-template <typename T>
-inline void lookup2(const float* table, const F2& v, F2& r) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    // the bfloat16 bits are the float's upper half (a NaN from arithmetic is quiet, so its
-    // upper half is a bfloat16 NaN as well): no conversion
-    using IVec = at::vec::Vectorized<int32_t>;
-    int32_t idx[kStep];
-    float out[kStep];
-    for (int k = 0; k < 2; ++k) {
-      ((at::vec::cast<int32_t>(v[k]) >> IVec(16)) & IVec(0xFFFF)).store(idx + k * FVec::size());
-    }
-    for (int64_t k = 0; k < kStep; ++k) out[k] = table[idx[k]];
-    r[0] = FVec::loadu(out);
-    r[1] = FVec::loadu(out + FVec::size());
-  } else {
-    T bits[kStep];
-    at::vec::convert_from_float<T>(v[0], v[1]).store(bits);
-    lookup2_mem<T>(table, bits, r);
-  }
-}
-
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace kk
