@@ -129,17 +129,18 @@ def run_forward_backward(
     return out
 
 
-def as_the_op_casts(leaves: dict) -> dict:
-    """The seed and seed_input as the op itself reads them: cast to the host's dtype (section 2:
-    "cast s"). Upcasting an fp32 seed of a bf16 host straight to float64 would give the oracle
-    a different function, one that skips that cast, and measure the cast as everyone's error.
-    Aliases (s is h) stay aliases; a seed already in the host's dtype is unchanged."""
+def as_the_op_casts(op: optable.Op, leaves: dict) -> dict:
+    """The inputs the op first casts to the host's dtype (`op.cast_to_host`, section 2: "cast
+    s"), as the op itself reads them. Upcasting an fp32 seed of a bf16 host straight to float64
+    would give the oracle a different function, one that skips that cast, and measure the cast
+    as everyone's error. Aliases (s is h) stay aliases; an input already in the host's dtype is
+    unchanged."""
     h = leaves.get("h")
     if h is None:
         return leaves
     cast = dict(leaves)
     made: dict[int, torch.Tensor] = {}
-    for name in ("s", "seed_input"):
+    for name in op.cast_to_host:
         t = leaves.get(name)
         if isinstance(t, torch.Tensor) and t is not h and t.dtype != h.dtype:
             if id(t) not in made:  # s is r stays one tensor
@@ -180,7 +181,7 @@ class Check:
                 grad = incoming_grad(op.call(ref_fn, leaves))
         ref = run_forward_backward(ref_fn, leaves, op.call, requires, grad, inference=inference)
         if oracle is None:
-            oracle = run_forward_backward(ref_fn, as_the_op_casts(leaves), op.call, requires, grad,
+            oracle = run_forward_backward(ref_fn, as_the_op_casts(op, leaves), op.call, requires, grad,
                                           inference=inference, upcast_inputs=True)
         return cls(op, leaves, requires, grad, (ref, oracle), inference)
 
@@ -196,7 +197,7 @@ class Check:
         host = leaves.get(op.inputs[0])
         host = host.dtype if isinstance(host, torch.Tensor) else None
         grad = None if self.inference else self.grad
-        terms = equivalence.reduction_terms(op.name, as_the_op_casts(leaves), self.requires, grad,
+        terms = equivalence.reduction_terms(op.name, as_the_op_casts(op, leaves), self.requires, grad,
                                             topology=leaves.get("topology"))
         computed_in = {n: equivalence.computation_dtype(op.name, n, host) for n in ref} if host else None
         return equivalence.judge(kernel, ref, oracle, elementwise=op.elementwise,

@@ -33,6 +33,7 @@ class Op:
     weights: tuple[str, ...] = ()  # inputs broadcast over the features: their gradients are sums
     pooled: tuple[str, ...] = ()  # inputs read through a mean over positions (the pool's x)
     host_dtype: bool = False  # feature outputs (y and the features' gradients) in the host's dtype
+    cast_to_host: tuple[str, ...] = ("s", "seed_input")  # inputs the op first casts to h's dtype
     drop_in: str | None = None  # the Esper module (kasmina_kernels.<it>) whose drop-in it is
     kernel: str = ""  # the torch.ops.kasmina op that computes it (default: its own name)
     fake: Callable | None = None  # the forward's fake kernel, where it is not empty_like(input 0)
@@ -156,7 +157,8 @@ OPS: tuple[Op, ...] = (
        "blend_multiply_backward(Tensor grad, Tensor h, Tensor s, Tensor alpha, Tensor? seed_input,"
        " bool need_alpha_grad, bool need_seed_input_grad) -> (Tensor, Tensor, Tensor, Tensor)",
        ("h", "s", "alpha", "seed_input"), _FEATURES_OUT | {"dseed_input"}, kwonly=("seed_input",),
-       weights=("alpha",), host_dtype=True, drop_in="blend_ops"),
+       weights=("alpha",), host_dtype=True, cast_to_host=("s", "alpha", "seed_input"),
+       drop_in="blend_ops"),
     Op("blend_gate", "blend_gate(Tensor h, Tensor s, Tensor alpha, Tensor gate) -> Tensor",
        "blend_gate_backward(Tensor grad, Tensor h, Tensor s, Tensor alpha, Tensor gate,"
        " bool need_alpha_grad, bool need_gate_grad) -> (Tensor, Tensor, Tensor, Tensor)",

@@ -115,6 +115,34 @@ inline V as_host_value(V x) {
   }
 }
 
+// The reference's tanh of d = s - r rounded to T is +-1 exactly where |d| is at least this:
+// the midpoint below the smallest T value whose tanh rounds to 1 in T (3.46875 in bfloat16,
+// 4.5078125 in float16; that value is even, so a tie rounds d to it).
+template <typename T>
+inline constexpr float kTanhSaturates = std::is_same_v<T, c10::BFloat16> ? 3.4609375f : 4.505859375f;
+
+// tanh of d = s - r in float for a half-precision host T, and 1 - t^2, with +-1 and exactly 0
+// where the reference's tanh saturates: 1 + c*t and 1 - t^2 vanish where the reference's do,
+// and an infinite factor beside them gives NaN as there. NaN stays NaN. Returns the tanh
+// before saturation, for alpha's gradient terms.
+template <typename T>
+inline FVec half_precision_tanh_with_grad(const FVec& d, FVec& t, FVec& one_minus_t2) {
+  const FVec near = half_precision_tanh(d);
+  const FVec saturated = d.abs() >= FVec(kTanhSaturates<T>);
+  t = FVec::blendv(near, FVec(1.0f) | (d & FVec(-0.0f)), saturated);
+  one_minus_t2 = FVec::blendv(at::vec::fnmadd(near, near, FVec(1.0f)), FVec(0.0f), saturated);
+  return near;
+}
+
+template <typename T>
+inline float half_precision_tanh_with_grad(float d, float& t, float& one_minus_t2) {
+  const bool saturated = std::fabs(d) >= kTanhSaturates<T>;
+  const float near = half_precision_tanh(d);
+  t = saturated ? std::copysign(1.0f, d) : near;
+  one_minus_t2 = saturated ? 0.0f : std::fma(-near, near, 1.0f);
+  return near;
+}
+
 // One step of a float weight operand: broadcast (stride 0) or contiguous.
 inline void load_weight2(const char* p, int64_t stride, int64_t i, F2& v) {
   if (stride == 0) {
@@ -273,8 +301,7 @@ auto lerp_backward_loop(Accumulator& acc, bool stream) {
 
 // ---------------------------------------------------------------- MULTIPLY
 // operands: out(T), h(T), s(S), [r(S) unless kRIsH], c(op)
-// Half-precision hosts round where the reference's T arithmetic rounds (s - r, tanh, c * t,
-// 1 + c * t, the product), with half_precision_tanh.
+// Half-precision hosts compute in float with half_precision_tanh and round once.
 template <typename T, typename S, bool kRIsH>
 auto multiply_forward_loop(bool stream) {
   using op_t = opmath_t<T>;
@@ -302,14 +329,14 @@ auto multiply_forward_loop(bool stream) {
               load2_as<T, S>(at_<S>(p[3], i), r);
             }
             load_weight2(p[C], st[C], i, c);
-            if constexpr (kHalfPrecision<T>) {
-              for (int k = 0; k < 2; ++k) {
-                const FVec t = rounded<T>(half_precision_tanh(rounded<T>(s[k] - r[k])));
-                const FVec v = rounded<T>(FVec(1.0f) + rounded<T>(c[k] * t));
-                y[k] = h[k] * v;
+            for (int k = 0; k < 2; ++k) {
+              if constexpr (kHalfPrecision<T>) {
+                FVec t, unused;
+                half_precision_tanh_with_grad<T>(s[k] - r[k], t, unused);
+                y[k] = h[k] * valve(c[k], t);
+              } else {
+                y[k] = multiply(h[k], s[k], r[k], c[k]);
               }
-            } else {
-              for (int k = 0; k < 2; ++k) y[k] = multiply(h[k], s[k], r[k], c[k]);
             }
             store2<T>(out_<T>(p[0], i), y, nt);
           }
@@ -322,9 +349,9 @@ auto multiply_forward_loop(bool stream) {
           if constexpr (!kRIsH) r = as_op<T>(val<S>(p[3], s[3], i));
           const op_t c = val<op_t>(p[C], s[C], i);
           if constexpr (kHalfPrecision<T>) {
-            const op_t t = as_host_value<T>(half_precision_tanh(as_host_value<T>(sv - r)));
-            const op_t v = as_host_value<T>(op_t(1) + as_host_value<T>(c * t));
-            put<T>(p[0], s[0], i, h * v);
+            float t, unused;
+            half_precision_tanh_with_grad<T>(sv - r, t, unused);
+            put<T>(p[0], s[0], i, h * valve(c, t));
           } else if constexpr (std::is_same_v<T, float>) {
             // the scalar tail (a 0-dim call is all tail) in double, rounded once: a lone
             // element is judged against eager's single rounding error, and 1 + c*t can cancel
@@ -365,7 +392,7 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
           int64_t i = 0;
           Lanes<T> lanes;
           for (; i + kStep <= n; i += kStep) {
-            F2 g, h, s, r, c, dh, ds, dc, d, tr;
+            F2 g, h, s, r, c, dh, ds, dc;
             load2<T>(at_<T>(p[G], i), g);
             load2<T>(at_<T>(p[G + 1], i), h);
             load2_as<T, S>(at_<S>(p[G + 2], i), s);
@@ -376,43 +403,33 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
               load2_as<T, S>(at_<S>(p[G + 3], i), r);
             }
             load_weight2(p[C], st[C], i, c);
-            // s - r and its tanh as the reference's autograd sees them: d rounded to T, its
-            // tanh rounded to T. The alpha term gets tanh of the unrounded d, from the
-            // first-order correction t + (1 - t^2) (d - d_T).
-            for (int k = 0; k < 2; ++k) d[k] = rounded<T>(s[k] - r[k]);
-            if constexpr (kHalfPrecision<T>) {
-              for (int k = 0; k < 2; ++k) tr[k] = half_precision_tanh(d[k]);
-            }
             for (int k = 0; k < 2; ++k) {
-              if constexpr (std::is_same_v<T, float>) {
-                // tanh and 1 - tanh^2 from one exp, the latter accurate where tanh saturates
-                FVec sech;
-                tanh_with_grad(d[k], tr[k], sech);
-                multiply_backward_t<kRIsH>(g[k], h[k], tr[k], tr[k], c[k], dh[k], ds[k], dc[k],
-                                           RoundTo<T>{}, KnownTanhGrad<FVec>{sech});
-                if (sums) {
-                  lanes.add([](const DVec& a, const DVec& b, const DVec& x, const DVec& y) {
-                    return a * b * tanh_pd(x - y);
-                  }, g[k], h[k], s[k], r[k]);
-                }
+              const FVec d = s[k] - r[k];
+              FVec t, sech, t_alpha;
+              if constexpr (kHalfPrecision<T>) {
+                t_alpha = half_precision_tanh_with_grad<T>(d, t, sech);
               } else {
-                // an infinite d rounds to itself: no correction (inf - inf would be NaN)
-                FVec e = (s[k] - r[k]) - d[k];
-                e = FVec::blendv(e, FVec(0.0f), e.isnan());
-                const FVec t = tr[k] + (FVec(1.0f) - tr[k] * tr[k]) * e;
-                multiply_backward_t<kRIsH>(g[k], h[k], rounded<T>(tr[k]), t, c[k], dh[k], ds[k],
-                                           dc[k], RoundTo<T>{});
-                if (sums) lanes.add([](const auto& a, const auto& b, const auto& x) { return a * b * x; }, g[k], h[k], t);
+                // tanh and 1 - tanh^2 from one exp, the latter accurate where tanh saturates
+                tanh_with_grad(d, t, sech);
+                t_alpha = t;
+              }
+              multiply_backward_t<kRIsH>(g[k], h[k], t, t_alpha, c[k], dh[k], ds[k], dc[k],
+                                         RoundTo<op_t>{}, KnownTanhGrad<FVec>{sech});
+              // the gradient of s.to(T) is rounded to T first (store2<T> rounds anyway)
+              if constexpr (!std::is_same_v<S, T>) ds[k] = rounded<T>(ds[k]);
+              if (!sums) continue;
+              if constexpr (std::is_same_v<T, float>) {
+                lanes.add([](const DVec& a, const DVec& b, const DVec& x, const DVec& y) {
+                  return a * b * tanh_pd(x - y);
+                }, g[k], h[k], s[k], r[k]);
+              } else {
+                lanes.add([](const auto& a, const auto& b, const auto& x) { return a * b * x; },
+                          g[k], h[k], t_alpha);
               }
             }
-            // ds holds a T value, exact in S (T itself, or float), and so does dh unless r is h
-            if constexpr (kRIsH) {
-              store2<T>(out_<T>(p[0], i), dh, nt);
-            } else {
-              store2_exact<T>(out_<T>(p[0], i), dh, nt);
-            }
-            store2_exact<S>(out_<S>(p[1], i), ds, nt);
-            if constexpr (kDr) store2_exact<S>(out_<S>(p[2], i), {ds[0].neg(), ds[1].neg()}, nt);
+            store2<T>(out_<T>(p[0], i), dh, nt);
+            store2<S>(out_<S>(p[1], i), ds, nt);
+            if constexpr (kDr) store2<S>(out_<S>(p[2], i), ds[0].neg(), ds[1].neg(), nt);
           }
           lanes.flush_into(acc);
           return i;
@@ -424,34 +441,30 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
           op_t r = h;
           if constexpr (!kRIsH) r = as_op<T>(val<S>(p[G + 3], s[G + 3], i));
           const op_t c = val<op_t>(p[C], s[C], i);
-          const op_t dx = sv - r;
-          const op_t d = as_host_value<T>(dx);
-          op_t tr, sech2 = 0;
+          const op_t d = sv - r;
+          op_t t, sech2, t_alpha;
           if constexpr (std::is_same_v<T, float>) {
-            tanh_with_grad(d, tr, sech2);
+            tanh_with_grad(d, t, sech2);
+            t_alpha = t;
           } else if constexpr (kHalfPrecision<T>) {
-            tr = half_precision_tanh(d);
+            t_alpha = half_precision_tanh_with_grad<T>(d, t, sech2);
           } else {
-            tr = std::tanh(d);
+            t = t_alpha = std::tanh(d);
+            sech2 = std::fma(-t, t, op_t(1));
           }
-          const op_t e = std::isnan(dx - d) ? op_t(0) : dx - d;
-          const op_t t = kHalfPrecision<T> ? tr + (op_t(1) - tr * tr) * e : tr;
           op_t dh, ds, dc;
-          if constexpr (std::is_same_v<T, float>) {
-            multiply_backward_t<kRIsH>(g, h, tr, t, c, dh, ds, dc, RoundTo<T>{},
-                                       KnownTanhGrad<float>{sech2});
-          } else {
-            multiply_backward_t<kRIsH>(g, h, as_host_value<T>(tr), t, c, dh, ds, dc, RoundTo<T>{});
-          }
+          multiply_backward_t<kRIsH>(g, h, t, t_alpha, c, dh, ds, dc, RoundTo<op_t>{},
+                                     KnownTanhGrad<op_t>{sech2});
+          ds = as_host_value<T>(ds);  // the gradient of s.to(T)
           put<T>(p[0], s[0], i, dh);
-          put<S>(p[1], s[1], i, ds);  // ds holds a T value (multiply_backward_t rounded it)
+          put<S>(p[1], s[1], i, ds);
           if constexpr (kDr) put<S>(p[2], s[2], i, -ds);
           if (!sums && !kElement) return;
           using ld = long double;
           // float32: s - r and tanh in double, as the vector path (tanh_pd)
           const ld t_term = std::is_same_v<T, float>
                                 ? static_cast<ld>(std::tanh(static_cast<double>(sv) - static_cast<double>(r)))
-                                : static_cast<ld>(t);
+                                : static_cast<ld>(t_alpha);
           const ld term = static_cast<ld>(g) * static_cast<ld>(h) * t_term;
           if constexpr (kElement) {
             put<double>(p[2 + R], s[2 + R], i, static_cast<double>(term));

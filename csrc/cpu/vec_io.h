@@ -151,32 +151,6 @@ inline void store2(T* p, const F2& v, bool stream = false) {
   store2<T>(p, v[0], v[1], stream);
 }
 
-// Stores float lanes that already hold T values exactly: a bfloat16 step is the floats' upper
-// halves, packed with no rounding work.
-template <typename T>
-inline void store2_exact(T* p, const F2& v, bool stream) {
-#ifdef KK_X86_VEC
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-#if defined(CPU_CAPABILITY_AVX512)
-    const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(v[0]), 16);
-    const __m512i hi = _mm512_srli_epi32(_mm512_castps_si512(v[1]), 16);
-    // packus interleaves per 128-bit lane: put the 64-bit groups back in order
-    const __m512i bits = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7),
-                                                  _mm512_packus_epi32(lo, hi));
-    if (stream) return stream_store(p, bits);
-    return _mm512_storeu_si512(p, bits);
-#else
-    const __m256i lo = _mm256_srli_epi32(_mm256_castps_si256(v[0]), 16);
-    const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(v[1]), 16);
-    const __m256i bits = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);
-    if (stream) return stream_store(p, bits);
-    return _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits);
-#endif
-  }
-#endif
-  store2<T>(p, v, stream);
-}
-
 // Float lanes rounded to T's precision and back (the "cast to the host dtype" of the contract).
 template <typename T>
 inline FVec rounded(const FVec& x) {

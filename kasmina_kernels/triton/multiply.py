@@ -3,7 +3,7 @@ c = clamp01(alpha.to(h.dtype)) and r = seed_input (default h), and the valve mul
 1 + clamp01(alpha) * tanh(m). The elementwise kernels (`elementwise.py`) call these on
 compute-dtype blocks of any shape.
 
-Rounding points are the reference autograd's (as the native kernels'): s - r and its saved
+Rounding points are the reference autograd's (as the CUDA kernels'): s - r and its saved
 tanh rounded to the host dtype; g*h, g*h*c, c*t and 1 + c*t rounded to it; 1 - t^2 as the
 device's tanh_backward forms it (`tanh_grad`). A tanh that saturates to +-1 in the host dtype
 so gives exactly zero, as in the reference."""
