@@ -95,7 +95,8 @@ KK_HD T tanh_from_exp(T x) {
 // maximal relative error (under 4e-7; 8e-7 evaluated in float32), with x clamped to
 // [-9, 9] (tanh 9 = 1 - 3e-8). Far below half an ulp of either dtype, so it rounds as the
 // exact tanh does but for values within 1e-6 of a rounding midpoint; cheaper than
-// tanh_with_grad, whose accuracy these dtypes cannot hold, and than a table of every value.
+// tanh_with_grad, whose float32 accuracy these dtypes do not need, and than a table of every
+// value.
 // NaN propagates; tanh(-0) = -0.
 template <typename T>
 KK_HD T half_precision_tanh(T x) {
