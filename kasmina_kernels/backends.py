@@ -160,7 +160,9 @@ def current_backend() -> str:
 def use_backend(name: str):
     """Run the block with `name` as the default backend (per thread; blocks nest)."""
     _check_name(name)
-    stack = _local.__dict__.setdefault("stack", [])
+    stack = getattr(_local, "stack", None)
+    if stack is None:  # (torch 2.11's dynamo cannot trace __dict__.setdefault here)
+        stack = _local.stack = []
     stack.append(name)
     _open_blocks.append(name)
     try:

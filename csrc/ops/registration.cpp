@@ -233,7 +233,7 @@ class AutogradKernel final : public c10::OperatorKernel {
       requires_grad = requires_grad || (inputs.back().defined() && inputs.back().requires_grad());
     }
     if (p.is_backward) {
-      c10::intrusive_ptr<torch::autograd::Node> node;
+      NodePtr node;
       if (requires_grad && torch::autograd::GradMode::is_enabled()) node = error_node(p, inputs);
       {
         at::AutoDispatchBelowADInplaceOrView guard;
@@ -256,10 +256,21 @@ class AutogradKernel final : public c10::OperatorKernel {
   }
 
  private:
-  static c10::intrusive_ptr<torch::autograd::Node> error_node(const Plan& p,
-                                                              const variable_list& inputs) {
+  // torch holds autograd nodes in std::shared_ptr up to 2.12 and in c10::intrusive_ptr since
+  using NodePtr = decltype(torch::autograd::Edge::function);
+
+  template <class Ptr = NodePtr, class... Args>
+  static Ptr make_node(Args&&... args) {
+    if constexpr (std::is_same_v<Ptr, std::shared_ptr<torch::autograd::Node>>) {
+      return std::make_shared<torch::autograd::Error>(std::forward<Args>(args)...);
+    } else {
+      return c10::make_intrusive<torch::autograd::Error>(std::forward<Args>(args)...);
+    }
+  }
+
+  static NodePtr error_node(const Plan& p, const variable_list& inputs) {
     const std::string forward = p.name.substr(0, p.name.size() - std::string("_backward").size());
-    return c10::make_intrusive<torch::autograd::Error>(
+    return make_node(
         forward + ": double backward (differentiating a gradient computed with "
         "create_graph=True) is not supported: the fused gradient kernel (" + p.name + ") has "
         "no derivative of its own; use backend=\"reference\" for higher-order derivatives",
