@@ -4,6 +4,8 @@ report's first section is Esper's calls (tiny shapes, CPU)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kasmina_kernels.bench import esper, plan, report, sweep, workload
@@ -174,6 +176,21 @@ def test_step_benchmark_runs_eager_and_native_and_losses_agree():
     text = "\n".join(report.step_section(result, "cpu"))
     assert "## A whole training step" in text
     assert text.count("| eager blends | eager |") == 2 and text.count("| native | eager |") == 2
+
+
+def test_step_under_autocast_reports_loss_differences_without_judging_them():
+    host = _tiny_hosts()[0]
+    record = step.run_host(host, torch.device("cpu"), [step.EAGER, "native"], modes=("eager",),
+                           autocast=True, agree_steps=3, rounds=1, budget_s=0.01, n_batches=2,
+                           log=lambda m: None)
+    native = record["rows"]["native / eager"]
+    assert all(math.isfinite(v) for v in native["losses"]) and native["max_rel_loss_diff"] < 0.1
+    result = {"agree_steps": 3, "autocast": True, "hosts": [record]}
+    record["rows"]["native / eager"]["max_rel_loss_diff"] = 1.0  # judged only in float32
+    assert not step.failures(result)
+    assert step.failures(dict(result, autocast=False))
+    text = "\n".join(report.step_section(result, "cuda"))
+    assert "*Precision:* bf16 autocast" in text and "| kernel ms/step |" in text
 
 
 def test_step_compile_failure_is_reported_not_raised(monkeypatch):

@@ -340,29 +340,37 @@ def step_section(result: dict, device_type: str) -> list[str]:
              f"inconclusive (the legend's rule). kernels/step: {what}, torch.profiler over "
              f"{step_bench.PROFILE_STEPS} steps. blend share: the blend ranges and their backward nodes "
              "over the step ('(ops)': the `kasmina::` operators under compile). rel loss diff: max over "
-             f"{n} steps against eager blends in the same mode / in eager mode.", ""]
+             f"{n} steps against eager blends in the same mode / in eager mode.",
+             "", "*Precision:* " + ("bf16 autocast around the model (Esper's GPU training); the loss "
+                                   "and its backward in float32. The blends run on bfloat16 features "
+                                   "and round at different points than eager's (docs/rounding.md), so "
+                                   "loss differences are shown, not judged."
+                                   if result.get("autocast") else "float32 throughout."), ""]
     lines += [f"- {name} excluded: {why}" for name, why in result.get("excluded", {}).items()]
-    head = ["blends", "mode", "ms/step", "vs eager blends", "kernels/step", "kasmina ops/step",
-            "blend share", "rel loss diff (same mode / vs eager mode)", "first step s"]
+    cuda = device_type == "cuda"
+    head = ["blends", "mode", "ms/step", "vs eager blends"] + ["kernel ms/step"] * cuda + [
+        "kernels/step", "kasmina ops/step", "blend share", "rel loss diff (same mode / vs eager mode)",
+        "first step s"]
     for host in result["hosts"]:
         rows = []
         for row in host["rows"].values():
             if "error" in row:
                 rows.append([row["variant"], row["mode"], f"FAILED: {row['error'].replace('|', '/')}"]
-                            + [""] * 6)
+                            + [""] * (len(head) - 3))
                 continue
             share = "-" if row.get("blend_share") is None else f"{row['blend_share'] * 100:.1f}%"
             if row.get("blend_share_method") == "kasmina:: operators":
                 share += " (ops)"
             unclear = not row.get("speedup_support", {}).get("conclusive", True)
             rows.append([row["variant"], row["mode"], fmt(row.get("ms_per_step"), ".1f"),
-                         f"{fmt(row.get('speedup_vs_eager_blends'), '.2f')}x" + " ~" * unclear,
-                         fmt(row.get("kernels_per_step"), ".0f"), fmt(row.get("kasmina_ops_per_step"), ".0f"),
+                         f"{fmt(row.get('speedup_vs_eager_blends'), '.2f')}x" + " ~" * unclear]
+                        + [fmt(row.get("kernel_ms_per_step"), ".2f")] * cuda
+                        + [fmt(row.get("kernels_per_step"), ".0f"), fmt(row.get("kasmina_ops_per_step"), ".0f"),
                          share, f"{fmt(row.get('max_rel_loss_diff'), '.1e')} / "
                          f"{fmt(row.get('max_rel_loss_diff_vs_eager_mode'), '.1e')}",
                          fmt(row.get("first_step_s"), ".1f")])
             if row.get("profile_error"):
-                rows.append(["", "", f"profile failed: {row['profile_error']}"] + [""] * 6)
+                rows.append(["", "", f"profile failed: {row['profile_error']}"] + [""] * (len(head) - 3))
         lines += ["", f"### {host['host']}: {host['description']}", "",
                   "*Inputs:* " + ("host features channels_last with grad; r NCHW no grad; s NCHW "
                                   "with grad; alpha 0-dim no grad; gate (B,1,1,1) with grad."
