@@ -272,26 +272,35 @@ def test_seed_overflowing_the_host_dtype(backend, op, host):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=_id)
-def test_multiply_seed_gradient_nonfinite_where_tanh_saturates(backend, dtype):
-    """With an infinite host, MULTIPLY's ds = g*h*c*(1 - t^2) is NaN exactly where the
-    reference's tanh of s - r rounds to +-1 in the host dtype (its 1 - t^2 is 0 there) and
-    infinite elsewhere: every value of s - r from 2 to 10, both signs."""
+@pytest.mark.parametrize("op", ["blend_multiply", "multiply_valve_multiplier"])
+def test_tanh_gradient_nonfinite_where_tanh_saturates(op, backend, dtype):
+    """With an infinite factor beside 1 - t^2 (MULTIPLY's host; the valve's upstream gradient),
+    the gradient of tanh's argument is NaN exactly where the reference's tanh rounds to +-1 in
+    the 16-bit dtype (its 1 - t^2 is 0 there) and infinite elsewhere, and the value 1 + c*t is
+    0 where the reference's is: every value of the argument from 2 to 10, both signs."""
     view = _INT_VIEW[dtype]
     lo, hi = (int(torch.tensor(v, dtype=dtype).view(view)) for v in (2.0, 10.0))
     bits = torch.arange(lo, hi + 1, dtype=view)
     d = bits.view(dtype)
     d = torch.cat([d, -d])
-    grads = []
-    for fn in (kk.blend_multiply, reference.blend_multiply):
-        h = torch.full_like(d, float("inf")).requires_grad_()
-        s = d.clone().requires_grad_()
-        kwargs = {"backend": backend} if fn is not reference.blend_multiply else {}
-        fn(h, s, torch.tensor(1.0), seed_input=torch.zeros_like(d), **kwargs).sum().backward()
-        grads.append(s.grad)
+    one, inf = torch.tensor(1.0), torch.full_like(d, float("inf"))
+    grads, zeros = [], []
+    for fn in (getattr(kk, op), getattr(reference, op)):
+        kwargs = {"backend": backend} if fn is not getattr(reference, op) else {}
+        arg = d.clone().requires_grad_()
+        if op == "blend_multiply":
+            fn(inf.clone().requires_grad_(), arg, one, seed_input=torch.zeros_like(d), **kwargs).sum().backward()
+        else:
+            v = fn(one, arg, **kwargs)
+            zeros.append(v == 0)
+            v.backward(inf)
+        grads.append(arg.grad)
     ds, ref = grads
     assert bool(ref.isnan().any()) and bool(ref.isinf().any())  # the range crosses saturation
     for name, km, rm in zip(("NaN", "+Inf", "-Inf"), _nonfinite_masks(ds), _nonfinite_masks(ref)):
-        assert torch.equal(km, rm), f"{name} placement in ds differs from the reference"
+        assert torch.equal(km, rm), f"{name} placement in the gradient differs from the reference"
+    if zeros:
+        assert torch.equal(*zeros), "1 + c*t is 0 at other places than the reference's"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

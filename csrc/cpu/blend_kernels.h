@@ -501,34 +501,26 @@ auto ste_forward_loop() {
 }
 
 // ---------------------------------------------------------------- valve multiplier
-// tanh(m) as the reference computes it in m's dtype, before rounding to it: the float32
-// kernels' one tanh (tanh_with_grad) for float32, half_precision_tanh for the half types.
+// tanh of m and 1 - tanh^2 in m's opmath type, as MULTIPLY forms them: tanh_with_grad for
+// float, half_precision_tanh_with_grad (saturated where the reference's tanh in m's dtype is
+// +-1) for the half types. Returns the unsaturated tanh, for alpha's gradient terms.
 template <typename M, typename V>
-inline V valve_tanh(V m) {
-  if constexpr (std::is_same_v<M, float>) {
-    return static_cast<V>(tanh_from_exp(static_cast<float>(m)));
-  } else if constexpr (kHalfPrecision<M>) {
-    return static_cast<V>(half_precision_tanh(static_cast<float>(m)));
+inline V valve_tanh(V m, V& t, V& one_minus_t2) {
+  if constexpr (kHalfPrecision<M>) {
+    return half_precision_tanh_with_grad<M>(m, t, one_minus_t2);
+  } else if constexpr (std::is_same_v<M, double>) {
+    t = std::tanh(m);
+    one_minus_t2 = std::fma(-t, t, 1.0);
+    return t;
   } else {
-    return Prims<V>::tanh(m);
+    tanh_with_grad(m, t, one_minus_t2);
+    return t;
   }
 }
 
-// tanh of one step of m (float: with 1 - tanh^2 into sech; half: unrounded)
-template <typename M>
-inline void valve_tanh2(const char* p, int64_t i, F2& t, F2& sech) {
-  if constexpr (std::is_same_v<M, float>) {
-    const float* mp = reinterpret_cast<const float*>(p) + i;
-    tanh_with_grad(FVec::loadu(mp), t[0], sech[0]);
-    tanh_with_grad(FVec::loadu(mp + FVec::size()), t[1], sech[1]);
-  } else {
-    load2<M>(reinterpret_cast<const M*>(p) + i, t);
-    for (int k = 0; k < 2; ++k) t[k] = half_precision_tanh(t[k]);
-  }
-}
-
-// 1 + c * tanh(m): U is the result dtype, M the dtype of m (tanh is rounded to M, as the
-// reference computes it in m's dtype before promoting; a half-precision U rounds c * t too).
+// 1 + c * tanh(m): U is the result dtype, M the dtype of m. The reference's tanh returns m's
+// dtype: a float32 result of a half-precision m reads that tanh rounded to M (a dtype
+// boundary). Otherwise computed in float and rounded once.
 // operands: out(U), m(M), c(op)
 template <typename U, typename M>
 auto valve_forward_loop(bool stream) {
@@ -540,23 +532,32 @@ auto valve_forward_loop(bool stream) {
           const bool nt = streams(stream, p[0]);
           int64_t i = 0;
           for (; i + kStep <= n; i += kStep) {
-            F2 c, t, sech, y;
+            F2 c, m, y;
             load_weight2(p[2], st[2], i, c);
-            valve_tanh2<M>(p[1], i, t, sech);
-            for (int k = 0; k < 2; ++k) y[k] = FVec(1.0f) + rounded<U>(c[k] * rounded<M>(t[k]));
+            load2<M>(at_<M>(p[1], i), m);
+            for (int k = 0; k < 2; ++k) {
+              FVec t, unused;
+              valve_tanh<M>(m[k], t, unused);
+              if constexpr (!std::is_same_v<U, M>) t = rounded<M>(t);
+              y[k] = valve(c[k], t);
+            }
             store2<U>(out_<U>(p[0], i), y, nt);
           }
           return i;
         },
         [&](auto& p, const int64_t* s, int64_t i) {
-          const auto m = static_cast<opmath_t<M>>(val<M>(p[1], s[1], i));
-          const op_t t = static_cast<op_t>(static_cast<M>(valve_tanh<M>(m)));
+          const auto m = static_cast<op_t>(val<M>(p[1], s[1], i));
           const op_t c = val<op_t>(p[2], s[2], i);
-          put<U>(p[0], s[0], i, op_t(1) + as_host_value<U>(c * t));
+          op_t t, unused;
+          valve_tanh<M>(m, t, unused);
+          if constexpr (!std::is_same_v<U, M>) t = as_host_value<M>(t);
+          put<U>(p[0], s[0], i, valve(c, t));
         });
   };
 }
 
+// dm = g*c*(1 - t^2) and alpha's terms g*t. A float32 result of a half-precision m rounds
+// where the reference's dtype boundary does (the tanh, and g*c as the gradient of its cast).
 // operands: dm(M), [dc(op) when kElement], g(U), m(M), c(op)
 // `sums`: whether alpha needs its gradient (its terms cost a double tanh per float32 element)
 template <typename U, typename M, bool kElement>
@@ -565,6 +566,7 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
   constexpr int E = kElement ? 1 : 0;
   constexpr int N = 4 + E;
   constexpr int G = 1 + E;
+  constexpr bool kBoundary = !std::is_same_v<U, M>;
   // float32 m and result: the alpha term's tanh in double, as tanh_pd
   constexpr bool kDoubleTanh = std::is_same_v<M, float> && !kHalfPrecision<U>;
   return [&acc, stream, sums](char** data, const int64_t* st, int64_t n0, int64_t n1) {
@@ -581,23 +583,24 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
           int64_t i = 0;
           Lanes<U> lanes;
           for (; i + kStep <= n; i += kStep) {
-            F2 g, c, t, sech, dm, dc;
+            F2 g, c, m, dm, dc;
             load2<U>(at_<U>(p[G], i), g);
             load_weight2(p[G + 2], st[G + 2], i, c);
-            valve_tanh2<M>(p[G + 1], i, t, sech);
+            load2<M>(at_<M>(p[G + 1], i), m);
             for (int k = 0; k < 2; ++k) {
-              if constexpr (std::is_same_v<M, float>) {
-                valve_backward(g[k], c[k], t[k], t[k], dm[k], dc[k], RoundTo<M>{},
-                               KnownTanhGrad<FVec>{sech[k]});
+              FVec t, sech;
+              const FVec t_alpha = valve_tanh<M>(m[k], t, sech);
+              if constexpr (kBoundary) {
+                valve_backward(g[k], c[k], rounded<M>(t), t_alpha, dm[k], dc[k], RoundTo<M>{});
               } else {
-                valve_backward(g[k], c[k], rounded<M>(t[k]), t[k], dm[k], dc[k], RoundTo<M>{});
+                valve_backward(g[k], c[k], t, t_alpha, dm[k], dc[k], RoundTo<float>{},
+                               KnownTanhGrad<FVec>{sech});
               }
               if (!sums) continue;
               if constexpr (kDoubleTanh) {
-                const FVec m = FVec::loadu(at_<float>(p[G + 1], i + k * FVec::size()));
-                lanes.add([](const DVec& a, const DVec& x) { return a * tanh_pd(x); }, g[k], m);
+                lanes.add([](const DVec& a, const DVec& x) { return a * tanh_pd(x); }, g[k], m[k]);
               } else {
-                lanes.add([](const auto& a, const auto& b) { return a * b; }, g[k], t[k]);
+                lanes.add([](const auto& a, const auto& b) { return a * b; }, g[k], t_alpha);
               }
             }
             store2<M>(out_<M>(p[0], i), dm, nt);
@@ -607,23 +610,20 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
         },
         [&](auto& p, const int64_t* s, int64_t i) {
           const op_t g = static_cast<op_t>(val<U>(p[G], s[G], i));
-          const auto m = static_cast<opmath_t<M>>(val<M>(p[G + 1], s[G + 1], i));
+          const auto m = static_cast<op_t>(val<M>(p[G + 1], s[G + 1], i));
           const op_t c = val<op_t>(p[G + 2], s[G + 2], i);
-          op_t dm, dc;
-          auto t = valve_tanh<M>(m);
-          if constexpr (std::is_same_v<M, float>) {
-            float sech2;
-            tanh_with_grad(static_cast<float>(m), t, sech2);
-            valve_backward(g, c, t, t, dm, dc, RoundTo<M>{}, KnownTanhGrad<float>{sech2});
+          op_t t, sech, dm, dc;
+          const op_t t_alpha = valve_tanh<M>(m, t, sech);
+          if constexpr (kBoundary) {
+            valve_backward(g, c, as_host_value<M>(t), t_alpha, dm, dc, RoundTo<M>{});
           } else {
-            valve_backward(g, c, static_cast<op_t>(static_cast<M>(t)), static_cast<op_t>(t), dm,
-                           dc, RoundTo<M>{});
+            valve_backward(g, c, t, t_alpha, dm, dc, RoundTo<op_t>{}, KnownTanhGrad<op_t>{sech});
           }
           put<M>(p[0], s[0], i, dm);
           if (!sums && !kElement) return;
           const long double t_term = kDoubleTanh
                                          ? static_cast<long double>(std::tanh(static_cast<double>(m)))
-                                         : static_cast<long double>(t);
+                                         : static_cast<long double>(t_alpha);
           const long double term = static_cast<long double>(g) * t_term;
           if constexpr (kElement) {
             put<double>(p[1], s[1], i, static_cast<double>(term));
