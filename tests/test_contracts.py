@@ -271,36 +271,38 @@ def test_seed_overflowing_the_host_dtype(backend, op, host):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [BF16, F16], ids=_id)
+@pytest.mark.parametrize("dtype", [BF16, F16, F32, F64], ids=_id)
 @pytest.mark.parametrize("op", ["blend_multiply", "multiply_valve_multiplier"])
 def test_tanh_gradient_nonfinite_where_tanh_saturates(op, backend, dtype):
-    """With an infinite factor beside 1 - t^2 (MULTIPLY's host; the valve's upstream gradient),
-    the gradient of tanh's argument is NaN exactly where the reference's tanh rounds to +-1 in
-    the 16-bit dtype (its 1 - t^2 is 0 there) and infinite elsewhere, and the value 1 + c*t is
-    0 where the reference's is: every value of the argument from 2 to 10, both signs."""
+    """With an infinite factor beside 1 - t^2 and 1 + c*t (MULTIPLY's host; the valve's
+    upstream gradient), the value and the gradient of tanh's argument are NaN exactly where
+    the reference's are: where its tanh rounds to +-1 in the dtype (1 - t^2 is 0 there, and
+    1 + c*t for c = 1 and negative arguments). Every value of the argument from 2 to 10, both
+    signs (float32 and float64: every value around the point where the tanh reaches 1)."""
     view = _INT_VIEW[dtype]
-    lo, hi = (int(torch.tensor(v, dtype=dtype).view(view)) for v in (2.0, 10.0))
+    span = {F32: (8.9, 9.2), F64: (19.061547465, 19.0615474659)}.get(dtype, (2.0, 10.0))
+    lo, hi = (int(torch.tensor(v, dtype=dtype).view(view)) for v in span)
     bits = torch.arange(lo, hi + 1, dtype=view)
     d = bits.view(dtype)
     d = torch.cat([d, -d])
     one, inf = torch.tensor(1.0), torch.full_like(d, float("inf"))
-    grads, zeros = [], []
+    grads, values = [], []
     for fn in (getattr(kk, op), getattr(reference, op)):
         kwargs = {"backend": backend} if fn is not getattr(reference, op) else {}
         arg = d.clone().requires_grad_()
         if op == "blend_multiply":
-            fn(inf.clone().requires_grad_(), arg, one, seed_input=torch.zeros_like(d), **kwargs).sum().backward()
+            v = fn(inf.clone().requires_grad_(), arg, one, seed_input=torch.zeros_like(d), **kwargs)
+            v.sum().backward()
         else:
             v = fn(one, arg, **kwargs)
-            zeros.append(v == 0)
             v.backward(inf)
+            v = v * inf  # the infinite factor: NaN where 1 + c*t is 0
         grads.append(arg.grad)
-    ds, ref = grads
-    assert bool(ref.isnan().any()) and bool(ref.isinf().any())  # the range crosses saturation
-    for name, km, rm in zip(("NaN", "+Inf", "-Inf"), _nonfinite_masks(ds), _nonfinite_masks(ref)):
-        assert torch.equal(km, rm), f"{name} placement in the gradient differs from the reference"
-    if zeros:
-        assert torch.equal(*zeros), "1 + c*t is 0 at other places than the reference's"
+        values.append(v.detach())
+    for what, (k, r) in (("value", values), ("gradient", grads)):
+        assert bool(r.isnan().any()) and bool(r.isinf().any())  # the range crosses saturation
+        for name, km, rm in zip(("NaN", "+Inf", "-Inf"), _nonfinite_masks(k), _nonfinite_masks(r)):
+            assert torch.equal(km, rm), f"{name} placement in the {what} differs from the reference"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -115,11 +115,9 @@ inline V as_host_value(V x) {
   }
 }
 
-// The reference's tanh of d = s - r rounded to T is +-1 exactly where |d| is at least this:
-// the midpoint below the smallest T value whose tanh rounds to 1 in T (3.46875 in bfloat16,
-// 4.5078125 in float16; that value is even, so a tie rounds d to it).
 template <typename T>
-inline constexpr float kTanhSaturates = std::is_same_v<T, c10::BFloat16> ? 3.4609375f : 4.505859375f;
+inline constexpr float kTanhSaturates =
+    std::is_same_v<T, c10::BFloat16> ? kBFloat16TanhSaturates : kFloat16TanhSaturates;
 
 // tanh of d = s - r in float for a half-precision host T, and 1 - t^2, with +-1 and exactly 0
 // where the reference's tanh saturates: 1 + c*t and 1 - t^2 vanish where the reference's do,
@@ -141,6 +139,25 @@ inline float half_precision_tanh_with_grad(float d, float& t, float& one_minus_t
   t = saturated ? std::copysign(1.0f, d) : near;
   one_minus_t2 = saturated ? 0.0f : std::fma(-near, near, 1.0f);
   return near;
+}
+
+// float64 tanh with ATen's CPU saturation: +-1 above kDoubleTanhBelowOne and at most
+// 1 - 2^-53 in magnitude below it, where glibc's tanh already returns +-1 (from
+// 19.061547465398498 on): 1 - t^2 and 1 - |t| vanish where the reference's do.
+constexpr double kDoubleTanhBelowOne = 19.06154746546846;  // ATen's tanh is 1 from the next double
+
+inline double reference_tanh(double x) {
+  const double t = std::tanh(x);
+  if (std::fabs(x) > kDoubleTanhBelowOne || std::fabs(t) != 1.0) return t;
+  return std::copysign(1.0 - 0x1p-53, t);
+}
+
+// The float32 scalar tail's tanh of s - r, in double: +-1 exactly where the float32
+// reference's tanh of the float32 difference is (tanh_with_grad's kFloatTanhBelowOne).
+inline double float_tail_tanh(float s, float r) {
+  const float d = s - r;
+  return std::fabs(d) > kFloatTanhBelowOne ? std::copysign(1.0, d)
+                                           : std::tanh(static_cast<double>(s) - static_cast<double>(r));
 }
 
 // One step of a float weight operand: broadcast (stride 0) or contiguous.
@@ -355,9 +372,9 @@ auto multiply_forward_loop(bool stream) {
           } else if constexpr (std::is_same_v<T, float>) {
             // the scalar tail (a 0-dim call is all tail) in double, rounded once: a lone
             // element is judged against eager's single rounding error, and 1 + c*t can cancel
-            put<T>(p[0], s[0], i, multiply<double>(h, sv, r, static_cast<double>(c)));
+            put<T>(p[0], s[0], i, static_cast<double>(h) * valve(static_cast<double>(c), float_tail_tanh(sv, r)));
           } else {
-            put<T>(p[0], s[0], i, multiply(h, sv, r, c));
+            put<T>(p[0], s[0], i, h * valve(c, reference_tanh(sv - r)));
           }
         });
   };
@@ -449,7 +466,7 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
           } else if constexpr (kHalfPrecision<T>) {
             t_alpha = half_precision_tanh_with_grad<T>(d, t, sech2);
           } else {
-            t = t_alpha = std::tanh(d);
+            t = t_alpha = reference_tanh(d);
             sech2 = std::fma(-t, t, op_t(1));
           }
           op_t dh, ds, dc;
@@ -509,7 +526,7 @@ inline V valve_tanh(V m, V& t, V& one_minus_t2) {
   if constexpr (kHalfPrecision<M>) {
     return half_precision_tanh_with_grad<M>(m, t, one_minus_t2);
   } else if constexpr (std::is_same_v<M, double>) {
-    t = std::tanh(m);
+    t = reference_tanh(m);
     one_minus_t2 = std::fma(-t, t, 1.0);
     return t;
   } else {

@@ -97,7 +97,14 @@ struct MultiplyForward : OpBase<T, S, 0b0, 0b110, true, false> {
     const op_t s = as_host<T, S>(in[1]);
     op_t r = h;
     if constexpr (!kRIsH) r = as_host<T, S>(in[kIn - 1]);
-    out[0] = kk::multiply(h, s, r, c);
+    if constexpr (std::is_same_v<T, op_t>) {
+      out[0] = kk::multiply(h, s, r, c);
+    } else {  // a 16-bit host: tanh exactly +-1 where the reference's is (blend_math.h)
+      const op_t d = s - r;
+      const float k = std::is_same_v<T, bf16_t> ? kk::kBFloat16TanhSaturates : kk::kFloat16TanhSaturates;
+      const op_t t = fabsf(d) >= k ? copysignf(1.0f, d) : kk::Prims<op_t>::tanh(d);
+      out[0] = h * kk::valve(c, t);
+    }
   }
 };
 

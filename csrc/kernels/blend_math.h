@@ -54,8 +54,13 @@ struct Prims<double> {
 // q = 2 / (exp(2|x|) + 1) = 1 - |tanh x|, tanh = 1 - q and 1 - tanh^2 = q (2 - q). tanh is
 // within 2 float32 ulps over the whole line; 1 - tanh^2 keeps its relative accuracy where tanh
 // saturates, where forming it from a rounded tanh (1 - t*t) would cancel to a few bits.
-// tanh(10) is 1 in float32: clamping keeps exp's argument in [0, 20]. NaN propagates;
-// tanh(-0) returns +0.
+// tanh(10) is 1 in float32: clamping keeps exp's argument in [0, 20]. Above |x| =
+// kFloatTanhBelowOne, tanh is exactly +-1 and 1 - tanh^2 exactly 0, as the reference's float32
+// tanh on CPU (ATen's, at every CPU capability) is there and not below: 1 - t^2 then vanishes
+// where the reference's does, and an infinite factor beside it gives NaN as there. NaN
+// propagates; tanh(-0) returns +0.
+constexpr float kFloatTanhBelowOne = 9.010839462280273f;  // ATen's tanh is 1 from the next float
+
 template <typename T>
 KK_HD void tanh_with_grad(T x, T& t, T& one_minus_t2) {
   using P = Prims<T>;
@@ -74,12 +79,11 @@ KK_HD void tanh_with_grad(T x, T& t, T& one_minus_t2) {
   const T ac = P::select(P::lt(T(10.0f), a), T(10.0f), a);  // NaN passes through
   const T q = T(2.0f) / (P::exp(ac + ac) + T(1.0f));
   const auto small = P::lt(a, T(0.6f));
+  const auto saturated = P::lt(T(kFloatTanhBelowOne), a);  // false for NaN
   const T t_small = a * poly;
-  const T t_abs = P::select(small, t_small, T(1.0f) - q);
+  const T t_abs = P::select(small, t_small, P::select(saturated, T(1.0f), T(1.0f) - q));
   t = P::select(P::lt(x, T(0.0f)), T(0.0f) - t_abs, t_abs);
-  // exactly 0 where tanh rounds to +-1, as 1 - t*t is there (an infinite factor beside it
-  // then gives NaN, as in the reference); NaN stays NaN
-  const T big = q * (T(2.0f) - q) * P::select(P::lt(t_abs, T(1.0f)), T(1.0f), T(0.0f));
+  const T big = P::select(saturated, T(0.0f), q * (T(2.0f) - q));
   one_minus_t2 = P::select(small, P::fnma(t_small, t_small, T(1.0f)), big);
 }
 
@@ -89,6 +93,14 @@ KK_HD T tanh_from_exp(T x) {
   tanh_with_grad(x, t, unused);
   return t;
 }
+
+// The reference's tanh of a bfloat16 or float16 argument d is exactly +-1 where |d| (before
+// its rounding to that dtype) is at least this: the midpoint below the smallest value whose
+// tanh rounds to 1 (3.46875 in bfloat16, 4.5078125 in float16; both even, so a tie rounds d
+// onto them). Kernels that compute the tanh unrounded take +-1 there, so that 1 + c*t and
+// 1 - t^2 vanish where the reference's do and an infinite factor beside them gives NaN.
+constexpr float kBFloat16TanhSaturates = 3.4609375f;
+constexpr float kFloat16TanhSaturates = 4.505859375f;
 
 // tanh for the bfloat16 and float16 kernels, whose tanh rounds to 8 or 11 bits: the odd
 // rational function x P(x^2) / Q(x^2) of degrees 7 and 8 fitted to tanh on [0, 9] for least

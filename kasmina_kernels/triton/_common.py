@@ -149,6 +149,14 @@ def _tanh_from_exp(x):
     ac = tl.where(ax > 20.0, 20.0, ax)
     e = tl.exp(ac + ac)
     big = 1.0 - 2.0 / (e + 1.0)
+    # exactly 1 from where ATen's CPU tanh is and below 1 under it (kFloatTanhBelowOne in
+    # blend_math.h, kDoubleTanhBelowOne in cpu/blend_kernels.h)
+    if x.dtype == tl.float32:
+        big = tl.where(ax > 9.010839462280273, 1.0, big)
+    else:  # (full-precision float64 constants: a plain literal would be a float32 one)
+        below_one = tl.full(ax.shape, 1.0, tl.float64) - 2.0 ** -53
+        at_one = ax > tl.full(ax.shape, 19.06154746546846, tl.float64)
+        big = tl.where(at_one, 1.0, tl.where(big > below_one, below_one, big))  # NaN stays
     big = tl.where(x < 0, -big, big)
     return tl.where(ax < cut, small, big).to(x.dtype)
 

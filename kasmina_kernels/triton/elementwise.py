@@ -193,7 +193,7 @@ def _elementwise_kernel(
         elif OP <= 1:
             y = lerp(h, s, w)
         elif OP == 2:
-            y = multiply(h, s, r, w, INTERPRET)
+            y = multiply(h, s, r, w, HOST_DTYPE, INTERPRET)
         else:
             y = h + (s - s)
     if WRITE_OUT:

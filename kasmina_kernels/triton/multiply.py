@@ -3,8 +3,8 @@ c = clamp01(alpha.to(h.dtype)) and r = seed_input (default h), and the valve mul
 1 + clamp01(alpha) * tanh(m). The elementwise kernels (`elementwise.py`) call these on
 compute-dtype blocks of any shape.
 
-Rounding points are the reference autograd's (as the CUDA kernels'): s - r and its saved
-tanh rounded to the host dtype; g*h, g*h*c, c*t and 1 + c*t rounded to it; 1 - t^2 as the
+The backward rounds where the reference autograd does (as the CUDA kernels do): s - r and its
+saved tanh rounded to the host dtype; g*h, g*h*c, c*t and 1 + c*t rounded to it; 1 - t^2 as the
 device's tanh_backward forms it (`tanh_grad`). A tanh that saturates to +-1 in the host dtype
 so gives exactly zero, as in the reference."""
 
@@ -17,8 +17,17 @@ from ._common import round_to, tanh, tanh_grad, to_float
 
 
 @triton.jit
-def multiply(h, s, r, c, INTERPRET: tl.constexpr):
-    return h * (1.0 + c * tanh(s - r, INTERPRET))
+def multiply(h, s, r, c, HOST_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Computed in the compute dtype and rounded once by the store; the tanh is exactly +-1
+    where the reference's tanh in a 16-bit host dtype is (the thresholds of
+    csrc/kernels/blend_math.h), so 1 + c*t vanishes where the reference's does."""
+    d = s - r
+    t = tanh(d, INTERPRET)
+    if HOST_DTYPE == tl.bfloat16:
+        t = tl.where(tl.abs(d) >= 3.4609375, tl.where(d < 0, -1.0, 1.0), t)
+    elif HOST_DTYPE == tl.float16:
+        t = tl.where(tl.abs(d) >= 4.505859375, tl.where(d < 0, -1.0, 1.0), t)
+    return h * (1.0 + c * t)
 
 
 @triton.jit
