@@ -56,9 +56,9 @@ struct Prims<double> {
 // saturates, where forming it from a rounded tanh (1 - t*t) would cancel to a few bits.
 // tanh(10) is 1 in float32: clamping keeps exp's argument in [0, 20]. Above |x| =
 // kFloatTanhBelowOne, tanh is exactly +-1 and 1 - tanh^2 exactly 0, as the reference's float32
-// tanh on CPU (ATen's, at every CPU capability) is there and not below: 1 - t^2 then vanishes
-// where the reference's does, and an infinite factor beside it gives NaN as there. NaN
-// propagates; tanh(-0) returns +0.
+// tanh on CPU (ATen's) is there and not below (tests/test_contracts.py checks it): 1 - t^2
+// then vanishes where the reference's does, and an infinite factor beside it gives NaN as
+// there. NaN propagates; tanh(-0) returns +0.
 constexpr float kFloatTanhBelowOne = 9.010839462280273f;  // ATen's tanh is 1 from the next float
 
 template <typename T>
