@@ -5,6 +5,9 @@
 // float vectors (F2), each formula once per vector.
 #pragma once
 
+#include <bit>
+#include <cstdint>
+
 #include "cpu/loops.h"
 #include "cpu/vec_io.h"
 
@@ -115,29 +118,24 @@ inline V as_host_value(V x) {
   }
 }
 
+// |d| above which the reference's tanh of d rounded to the half-precision T is +-1: the float
+// below blend_math.h's threshold (a strict comparison keeps NaN out of the saturated lanes).
 template <typename T>
-inline constexpr float kTanhSaturates =
-    std::is_same_v<T, c10::BFloat16> ? kBFloat16TanhSaturates : kFloat16TanhSaturates;
+inline constexpr float kTanhSaturatesAbove = std::bit_cast<float>(
+    std::bit_cast<uint32_t>(std::is_same_v<T, c10::BFloat16> ? kBFloat16TanhSaturates
+                                                              : kFloat16TanhSaturates) - 1);
 
 // tanh of d = s - r in float for a half-precision host T, and 1 - t^2, with +-1 and exactly 0
 // where the reference's tanh saturates: 1 + c*t and 1 - t^2 vanish where the reference's do,
 // and an infinite factor beside them gives NaN as there. NaN stays NaN. Returns the tanh
-// before saturation, for alpha's gradient terms.
-template <typename T>
-inline FVec half_precision_tanh_with_grad(const FVec& d, FVec& t, FVec& one_minus_t2) {
-  const FVec near = half_precision_tanh(d);
-  const FVec saturated = d.abs() >= FVec(kTanhSaturates<T>);
-  t = FVec::blendv(near, FVec(1.0f) | (d & FVec(-0.0f)), saturated);
-  one_minus_t2 = FVec::blendv(at::vec::fnmadd(near, near, FVec(1.0f)), FVec(0.0f), saturated);
-  return near;
-}
-
-template <typename T>
-inline float half_precision_tanh_with_grad(float d, float& t, float& one_minus_t2) {
-  const bool saturated = std::fabs(d) >= kTanhSaturates<T>;
-  const float near = half_precision_tanh(d);
-  t = saturated ? std::copysign(1.0f, d) : near;
-  one_minus_t2 = saturated ? 0.0f : std::fma(-near, near, 1.0f);
+// before saturation, for alpha's gradient terms. V: float or FVec.
+template <typename T, typename V>
+inline V half_precision_tanh_with_grad(const V& d, V& t, V& one_minus_t2) {
+  using P = Prims<V>;
+  const V near = half_precision_tanh(d);
+  const auto saturated = P::lt(V(kTanhSaturatesAbove<T>), P::abs(d));
+  t = P::select(saturated, P::select(P::lt(d, V(0.0f)), V(-1.0f), V(1.0f)), near);
+  one_minus_t2 = P::select(saturated, V(0.0f), P::fnma(near, near, V(1.0f)));
   return near;
 }
 
@@ -156,8 +154,8 @@ inline double reference_tanh(double x) {
 // reference's tanh of the float32 difference is (tanh_with_grad's kFloatTanhBelowOne).
 inline double float_tail_tanh(float s, float r) {
   const float d = s - r;
-  return std::fabs(d) > kFloatTanhBelowOne ? std::copysign(1.0, d)
-                                           : std::tanh(static_cast<double>(s) - static_cast<double>(r));
+  if (std::fabs(d) > kFloatTanhBelowOne) return std::copysign(1.0, d);
+  return std::tanh(static_cast<double>(s) - static_cast<double>(r));
 }
 
 // One step of a float weight operand: broadcast (stride 0) or contiguous.
@@ -372,7 +370,8 @@ auto multiply_forward_loop(bool stream) {
           } else if constexpr (std::is_same_v<T, float>) {
             // the scalar tail (a 0-dim call is all tail) in double, rounded once: a lone
             // element is judged against eager's single rounding error, and 1 + c*t can cancel
-            put<T>(p[0], s[0], i, static_cast<double>(h) * valve(static_cast<double>(c), float_tail_tanh(sv, r)));
+            const double t = float_tail_tanh(sv, r);
+            put<T>(p[0], s[0], i, static_cast<double>(h) * valve(static_cast<double>(c), t));
           } else {
             put<T>(p[0], s[0], i, h * valve(c, reference_tanh(sv - r)));
           }
