@@ -23,6 +23,7 @@ import torch
 import kasmina_kernels as kk
 from kasmina_kernels import nn as knn, reference, swap
 from kasmina_kernels.bench.esper import OPS, SHAPES
+from kasmina_kernels.bench.report import markdown_row, markdown_table
 from kasmina_kernels.bench.timing import wall_per_call
 
 # (host channels_last, seed channels_last) of 4-D features
@@ -67,10 +68,8 @@ def calls(shape, dtype=torch.float32, host_cl=True, seed_cl=False, alpha_grad=Fa
 
 def measure(fns: list, *, calls_per_round: int, rounds: int) -> list[float]:
     """Seconds per forward+backward call of each fn, against a preallocated gradient."""
-    steps = []
-    for fn in fns:
-        grad = torch.randn_like(fn().detach())  # the output's layout
-        steps.append(lambda i, fn=fn, grad=grad: fn().backward(grad))
+    grads = [torch.randn_like(fn().detach()) for fn in fns]  # in the output's layout
+    steps = [lambda i, fn=fn, grad=grad: fn().backward(grad) for fn, grad in zip(fns, grads)]
     samples = wall_per_call(steps, torch.device("cpu"), 1, calls=calls_per_round, rounds=rounds)
     return [s.median for s in samples]
 
@@ -97,31 +96,29 @@ def host_cost(args) -> None:
 def layouts(args) -> None:
     shapes = SHAPES[:1] if args.quick else SHAPES
     dtypes = (torch.float32,) if args.quick else (torch.float32, torch.bfloat16)
+    head = ["op", "shape", "dtype", "layout", "alpha grad", "eager ms", "native ms", "ratio"]
     lines = [f"Forward+backward, native vs eager reference (ratio = eager time / native time), "
              f"{torch.get_num_threads()} thread(s), torch {torch.__version__}. Host and seed require "
              "grad, seed input does not, gate (B,1,1,1) requires grad; alpha 0-dim in the host "
              "dtype, with or without grad; the incoming gradient in the output's layout. (B,T,C) "
-             "shapes are contiguous in every row.", "",
-             "| op | shape | dtype | layout | alpha grad | eager ms | native ms | ratio |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: |"]
+             "shapes are contiguous in every row.", "", *markdown_table(head, 5, [])]
     print("\n".join(lines), flush=True)
-    worst = None
-    for op in OPS:
-        for shape in shapes:
-            for dtype in dtypes:
-                for layout in LAYOUTS if len(shape) == 4 else ["contiguous (B,T,C)"]:
-                    for alpha_grad in (False,) if op == "ste_forward" else (False, True):
-                        fn = calls(shape, dtype, *LAYOUTS.get(layout, (False, False)), alpha_grad)[op]
-                        eager, native = measure([lambda: fn(reference), lambda: fn(DROP_INS)],
-                                                calls_per_round=args.calls, rounds=args.rounds)
-                        row = (f"| {op} | {shape} | {str(dtype)[6:]} | {layout} | "
-                               f"{'yes' if alpha_grad else 'no'} | {eager * 1e3:.3f} | "
-                               f"{native * 1e3:.3f} | {eager / native:.2f}x |")
-                        lines.append(row)
-                        print(row, flush=True)
-                        if worst is None or eager / native < worst[0]:
-                            worst = (eager / native, row)
-    lines += ["", f"Lowest ratio: {worst[0]:.2f}x ({worst[1]})"]
+    cases = [(op, shape, dtype, layout, alpha_grad)
+             for op in OPS for shape in shapes for dtype in dtypes
+             for layout in (LAYOUTS if len(shape) == 4 else ["contiguous (B,T,C)"])
+             for alpha_grad in ((False,) if op == "ste_forward" else (False, True))]
+    ratios = []
+    for op, shape, dtype, layout, alpha_grad in cases:
+        fn = calls(shape, dtype, *LAYOUTS.get(layout, (False, False)), alpha_grad)[op]
+        eager, native = measure([lambda: fn(reference), lambda: fn(DROP_INS)],
+                                calls_per_round=args.calls, rounds=args.rounds)
+        row = markdown_row([op, str(shape), str(dtype)[6:], layout, "yes" if alpha_grad else "no",
+                            f"{eager * 1e3:.3f}", f"{native * 1e3:.3f}", f"{eager / native:.2f}x"])
+        lines.append(row)
+        print(row, flush=True)
+        ratios.append((eager / native, row))
+    lowest, row = min(ratios, key=lambda ratio_row: ratio_row[0])
+    lines += ["", f"Lowest ratio: {lowest:.2f}x ({row})"]
     print(lines[-1])
     if args.out:
         with open(args.out, "w") as f:

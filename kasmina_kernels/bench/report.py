@@ -82,10 +82,14 @@ def _entry_name(r: dict) -> str:
     return f"{r['op']} {_shape(r['shape'])} {r['dtype']}" + ("" if pattern == "isolated" else f" ({pattern})")
 
 
-def _table(head: list[str], left: int, rows: list[list[str]]) -> list[str]:
+def markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_table(head: list[str], left: int, rows: list[list[str]]) -> list[str]:
     """A markdown table: the first `left` columns left-aligned, the rest right-aligned."""
     rule = ["---"] * left + ["---:"] * (len(head) - left)
-    return ["| " + " | ".join(cells) + " |" for cells in (head, rule, *rows)]
+    return [markdown_row(cells) for cells in (head, rule, *rows)]
 
 
 def _impl_names(records: list[dict]) -> list[str]:
@@ -135,7 +139,7 @@ def side_by_side(rows: list[dict], mode: str, alpha: bool = False) -> list[str]:
     body = [[r["op"], _shape(r["shape"]), r["dtype"]] + [PATTERN_LABEL.get(r.get("pattern"), "?")] * alpha
             + [_us(r["impls"].get(n, {}).get(mode, {}).get("median")) for n in impls]
             + [_ratio(r["impls"].get(k, {}), p, mode) for k in kernels for p in PEERS] for r in rows]
-    return _table(head + [f"{k} vs {p}" for k in kernels for p in PEERS], 3 + alpha, body)
+    return markdown_table(head + [f"{k} vs {p}" for k in kernels for p in PEERS], 3 + alpha, body)
 
 
 def _bandwidth(d: dict, mode: str, kind: str = "") -> str:
@@ -174,7 +178,7 @@ def detail_table(records: list[dict]) -> list[str]:
                 cells += [_bandwidth(d, m, "kernel_") for m in ("forward", "backward")]
             rows.append(cells + [f"{d['saved_bytes'] / 2**20:.2f} ({d['saved_extra_bytes'] / 2**20:.2f})"
                                  if "saved_bytes" in d else "-", comp])
-    return _table(head + ["saved MiB (not inputs)", "compile s"], 5, rows)
+    return markdown_table(head + ["saved MiB (not inputs)", "compile s"], 5, rows)
 
 
 def sweep_table(records: list[dict]) -> list[str]:
@@ -192,7 +196,7 @@ def sweep_table(records: list[dict]) -> list[str]:
             cells += [f"{ck:.1f}" if ck else "-"]
             cells += [_bandwidth(r["impls"].get(n, {}), FB, "kernel_") for n in impls]
         body.append(cells)
-    return _table(head, 2, body)
+    return markdown_table(head, 2, body)
 
 
 def verdicts(records: list[dict], groups=("esper", "small")) -> list[str]:
@@ -376,7 +380,7 @@ def step_section(result: dict, device_type: str) -> list[str]:
                                   "with grad; alpha 0-dim no grad; gate (B,1,1,1) with grad."
                                   if host["host"] == "cnn" else
                                   "(B,T,C) contiguous everywhere; r no grad; s with grad; alpha "
-                                  "0-dim no grad; gate (B,1,1) with grad."), "", *_table(head, 2, rows)]
+                                  "0-dim no grad; gate (B,1,1) with grad."), "", *markdown_table(head, 2, rows)]
     return lines + [""]
 
 
