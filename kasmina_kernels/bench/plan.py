@@ -92,11 +92,12 @@ def make_plan(device: torch.device, *, quick: bool, ops: list[str] | None,
               Effort(rounds=7, budget_s=0.3 if device.type == "cpu" else 0.03, calls=50, call_rounds=7))
     if esper_only:
         return Plan(first, effort, notes)
+    ops = ops or list(HEADLINE_OPS if quick else ALL_OPS)
+    dtypes = [d for d in dtypes or (["float32"] if quick else ["float32", "bfloat16"]) if d in DTYPES]
+    sizes = (QUICK_SWEEP_LOG2_NUMEL if quick else SWEEP_LOG2_NUMEL)[device.type]
+    named = ([("small", SMALL_SHAPES[0]), ("esper", QUICK_ESPER_SHAPE)] if quick else
+             [("esper", s) for s in ESPER_SHAPES] + [("small", s) for s in SMALL_SHAPES])
     if quick:
-        ops = ops or list(HEADLINE_OPS)
-        dtypes = [d for d in dtypes or ["float32"] if d in DTYPES]
-        named = [("small", SMALL_SHAPES[0]), ("esper", QUICK_ESPER_SHAPE)]
-        sizes, sweep_compile = QUICK_SWEEP_LOG2_NUMEL[device.type], False
         notes.append(
             "--quick: ops " + ", ".join(ops) + "; dtypes " + ", ".join(dtypes) + "; shapes "
             + ", ".join(str(s) for _, s in named) + "; size sweep numel 2^"
@@ -104,18 +105,13 @@ def make_plan(device: torch.device, *, quick: bool, ops: list[str] | None,
             "(torch.compile of every shape and the float64 check of Esper-sized outputs take "
             "seconds each on CPU; bench/README.md). The full run covers every op, float32 and "
             "bfloat16, all of Esper's shapes and the whole size sweep with torch.compile.")
-    else:
-        ops = ops or list(ALL_OPS)
-        dtypes = [d for d in dtypes or ["float32", "bfloat16"] if d in DTYPES]
-        named = [("esper", s) for s in ESPER_SHAPES] + [("small", s) for s in SMALL_SHAPES]
-        sizes, sweep_compile = SWEEP_LOG2_NUMEL[device.type], True
-    sweep_dynamic = sweep_compile and device.type == "cuda"
+    sweep_dynamic = not quick and device.type == "cuda"
     named_entries = [Entry(op, shape, dt, group) for dt in dtypes for group, shape in named for op in ops]
     # priority order, so that a --time-limit drops the least important entries: the headline
     # ops at the named shapes, then the size sweep, then the other ops at the named shapes
     entries = first + [e for e in named_entries if e.op in HEADLINE_OPS]
     entries += [Entry(op, ((1 << k) // math.prod(SWEEP_INNER),) + SWEEP_INNER, dt, "sweep",
-                      sweep_compile, sweep_dynamic)
+                      not quick, sweep_dynamic)
                 for dt in dtypes for k in sizes for op in ops if op in BANDWIDTH_OPS]
     entries += [e for e in named_entries if e.op not in HEADLINE_OPS]
     if sweep_dynamic:
