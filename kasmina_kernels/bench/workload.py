@@ -17,7 +17,7 @@ import torch
 
 from .. import opcases, optable
 from . import esper
-from .timing import Step
+from .timing import Step, synchronize
 
 MAX_SETS = 64
 
@@ -130,24 +130,21 @@ def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = N
     entries (the size sweep), whose first call is then not a compile (`reused`)."""
     from torch._dynamo.utils import counters
 
+    shared = {} if shared is None else shared
     key = (w.op.name, w.dtype, w.pattern, w.autocast)
-    reused = dynamic and shared is not None and key in shared
-    if reused:
-        fn = shared[key]
-    else:
-        if not dynamic or not shared:
-            torch._dynamo.reset()
-            if shared is not None:
-                shared.clear()
-        fn = torch.compile(w.wrap(w.op.reference), dynamic=dynamic, fullgraph=True)
-        if dynamic and shared is not None:
-            shared[key] = fn
+    if not dynamic or not shared:
+        torch._dynamo.reset()
+        shared.clear()
+    reused = dynamic and key in shared
+    fn = shared[key] if reused else torch.compile(w.wrap(w.op.reference), dynamic=dynamic,
+                                                  fullgraph=True)
+    if dynamic:
+        shared[key] = fn
     s = w.sets[0]
     hits = counters["inductor"]["fxgraph_cache_hit"]
     t0 = time.perf_counter()
     torch.autograd.grad(fn(*s.args, **s.kwargs), s.leaves, s.grad)
-    if w.device.type == "cuda":
-        torch.cuda.synchronize(w.device)
+    synchronize(w.device)
     elapsed = time.perf_counter() - t0
     return Impl("compile", fn, None if reused else elapsed,
                 counters["inductor"]["fxgraph_cache_hit"] - hits, dynamic, reused)
@@ -159,15 +156,15 @@ def forward_step(w: Workload, impl: Impl) -> Step:
 
 
 def backward_step(w: Workload, impl: Impl) -> Step:
+    forward = forward_step(w, impl).run
     return Step(lambda i, out: torch.autograd.grad(out, w.sets[i].leaves, w.sets[i].grad),
-                lambda i: impl.fn(*w.sets[i].args, **w.sets[i].kwargs))
+                lambda i: forward(i, None))
 
 
 def forward_backward_step(w: Workload, impl: Impl) -> Step:
-    def run(i, _):
-        s = w.sets[i]
-        return torch.autograd.grad(impl.fn(*s.args, **s.kwargs), s.leaves, s.grad)
-    return Step(run)
+    """The backward step with its untimed forward timed too."""
+    backward = backward_step(w, impl)
+    return Step(lambda i, _: backward.run(i, backward.state(i)))
 
 
 MODES = {"forward": forward_step, "backward": backward_step, "forward+backward": forward_backward_step}
