@@ -5,6 +5,7 @@ same-size device copy, the per-call wall time where calls are short, and the byt
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import zlib
@@ -24,7 +25,6 @@ CALL_REGIME_S = 1e-3
 # the torch.compile peer is judged too (a note, never a failure) up to this size: judging costs
 # seconds per output at Esper's sizes on CPU, and the peer is not what the check is for
 PEER_CHECK_MAX_NUMEL = 1 << 20
-MODE_NAMES = tuple(workload.MODES)
 
 
 def rotate_bytes(device: torch.device) -> int:
@@ -167,8 +167,8 @@ def _kernel_times(record, mode, steps, timed, device, n_sets, iters) -> None:
     try:
         samples = kernel_time(steps, device, n_sets, iters=iters)
     except Exception as exc:  # no CUPTI, a profiler that cannot start: say so, keep the rest
-        samples = None
         record["notes"].append(f"kernel time not measured ({type(exc).__name__}: {exc})")
+        return
     if samples is None:
         if not any(n.startswith("kernel time") for n in record["notes"]):
             record["notes"].append("kernel time not measured: the profiler trace had no "
@@ -186,7 +186,7 @@ def derive(record: dict, device_type: str = "cpu") -> None:
     """GB/s, fraction of copy bandwidth and speedups from the medians, and whether the timings
     support each speedup (`_support`)."""
     b = record["bytes"]
-    mode_bytes = dict(zip(MODE_NAMES, (b["forward"], b["backward"], b["forward"] + b["backward"])))
+    mode_bytes = dict(zip(workload.MODES, (b["forward"], b["backward"], b["forward"] + b["backward"])))
     copy = record.get("copy", {})
     for r in record["impls"].values():
         for kind, times in (("", r), ("kernel_", r.get("kernel", {}))):
@@ -245,12 +245,10 @@ def run(plan: Plan, device: torch.device, kernel_backends: list[str], *, compile
     records, skipped, shared, start = [], [], {}, time.perf_counter()
     bar = None
     if sys.stderr.isatty():
-        try:
+        with contextlib.suppress(ImportError):
             from tqdm import tqdm
 
             bar = tqdm(total=len(plan.entries), file=sys.stderr, unit="case", dynamic_ncols=True)
-        except ImportError:
-            pass
     for n, entry in enumerate(plan.entries, 1):
         name = f"{entry.op} {tuple(entry.shape)} {entry.dtype}"
         if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
