@@ -97,10 +97,8 @@ def _time_iters(step: Step, rotor, iters: int, device: torch.device) -> list[flo
             t0 = time.perf_counter()
             step.run(i, state)
             out.append(time.perf_counter() - t0)
-    if cuda:
-        torch.cuda.synchronize(device)
-        out = [s.elapsed_time(e) * 1e-3 for s, e in out]
-    return out
+    synchronize(device)
+    return [s.elapsed_time(e) * 1e-3 for s, e in out] if cuda else out
 
 
 def time_interleaved(steps: list[Step], device: torch.device, n_sets: int, *, rounds: int,
@@ -152,12 +150,10 @@ def wall_per_call(fns: list[Callable[[int], Any]], device: torch.device, n_sets:
 
 def _busy_ns(intervals: list[tuple[int, int]]) -> int:
     """Length of the union of [start, end) intervals (kernels on other streams may overlap)."""
-    busy, reach = 0, None
+    busy, reach = 0, float("-inf")
     for start, end in sorted(intervals):
-        if reach is None or start >= reach:
-            busy, reach = busy + end - start, end
-        elif end > reach:
-            busy, reach = busy + end - reach, end
+        busy += max(0, end - max(start, reach))  # the part beyond what is counted already
+        reach = max(reach, end)
     return busy
 
 
