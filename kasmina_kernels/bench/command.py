@@ -5,6 +5,7 @@ not match the reference or an entry errors."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -91,10 +92,9 @@ def main(args: argparse.Namespace) -> int:
     meta = report.machine(device)
     meta["usable cores"] = cores
     meta["threads"] = f"{torch.get_num_threads()} ({threads_why})"
-    try:
-        meta["load average at start"] = " / ".join(f"{v:.2f}" for v in os.getloadavg()) + " (1, 5, 15 min)"
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):  # no load average on this platform
+        loads = " / ".join(f"{v:.2f}" for v in os.getloadavg())
+        meta["load average at start"] = f"{loads} (1, 5, 15 min)"
     meta["command"] = "kasmina-kernels " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(
         ("kasmina-kernels", "__main__.py")) else "kasmina-kernels bench"
     meta["rotation_bytes"] = sweep.rotate_bytes(device)

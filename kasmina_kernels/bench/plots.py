@@ -21,7 +21,6 @@ def _figure(rows: int, cols: int, size: tuple[float, float]):
 
 
 def _save(plt, fig, axes, path: Path, title: str) -> None:
-    """Legend on the first panel, the run's title, then the PNG."""
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
