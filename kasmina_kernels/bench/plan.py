@@ -93,7 +93,8 @@ def make_plan(device: torch.device, *, quick: bool, ops: list[str] | None,
     if esper_only:
         return Plan(first, effort, notes)
     ops = ops or list(HEADLINE_OPS if quick else ALL_OPS)
-    dtypes = [d for d in dtypes or (["float32"] if quick else ["float32", "bfloat16"]) if d in DTYPES]
+    dtypes = [d for d in dtypes or (["float32"] if quick else ["float32", "bfloat16"])
+              if d in DTYPES]
     sizes = (QUICK_SWEEP_LOG2_NUMEL if quick else SWEEP_LOG2_NUMEL)[device.type]
     named = ([("small", SMALL_SHAPES[0]), ("esper", QUICK_ESPER_SHAPE)] if quick else
              [("esper", s) for s in ESPER_SHAPES] + [("small", s) for s in SMALL_SHAPES])

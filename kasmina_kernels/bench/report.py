@@ -380,7 +380,8 @@ def step_section(result: dict, device_type: str) -> list[str]:
                                   "with grad; alpha 0-dim no grad; gate (B,1,1,1) with grad."
                                   if host["host"] == "cnn" else
                                   "(B,T,C) contiguous everywhere; r no grad; s with grad; alpha "
-                                  "0-dim no grad; gate (B,1,1) with grad."), "", *markdown_table(head, 2, rows)]
+                                  "0-dim no grad; gate (B,1,1) with grad."), "",
+                  *markdown_table(head, 2, rows)]
     return lines + [""]
 
 

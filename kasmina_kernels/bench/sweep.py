@@ -185,8 +185,8 @@ def _kernel_times(record, mode, steps, timed, device, n_sets, iters) -> None:
 def derive(record: dict, device_type: str = "cpu") -> None:
     """GB/s, fraction of copy bandwidth and speedups from the medians, and whether the timings
     support each speedup (`_support`)."""
-    b = record["bytes"]
-    mode_bytes = dict(zip(workload.MODES, (b["forward"], b["backward"], b["forward"] + b["backward"])))
+    fwd, bwd = record["bytes"]["forward"], record["bytes"]["backward"]
+    mode_bytes = dict(zip(workload.MODES, (fwd, bwd, fwd + bwd)))
     copy = record.get("copy", {})
     for r in record["impls"].values():
         for kind, times in (("", r), ("kernel_", r.get("kernel", {}))):
