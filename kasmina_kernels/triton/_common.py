@@ -11,6 +11,7 @@ interpreter.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple
 
@@ -71,6 +72,12 @@ def to_float(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
             return x.to(tl.float32).to(DTYPE)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def load_float(ptr, mask, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """The elements at ptr where mask holds (0 elsewhere), converted to the float DTYPE."""
+    return to_float(tl.load(ptr, mask=mask, other=0), DTYPE, INTERPRET)
 
 
 @triton.jit
@@ -178,7 +185,7 @@ def load_weight(ptr, b, i0, i1, i2, sb, s0, s1, s2, mask, MODE: tl.constexpr, DT
     elif MODE == 2:
         return to_float(tl.load(ptr + b * sb), DTYPE, INTERPRET)
     else:
-        return to_float(tl.load(ptr + b * sb + i0 * s0 + i1 * s1 + i2 * s2, mask=mask, other=0), DTYPE, INTERPRET)
+        return load_float(ptr + b * sb + i0 * s0 + i1 * s1 + i2 * s2, mask, DTYPE, INTERPRET)
 
 
 @triton.jit
@@ -276,12 +283,9 @@ def _make_plan(shape, ref_strides, op_strides, split):
         merged.append([shape[d], st])
     if len(merged) > 3:
         return None
-    inner = 1
-    for size, _ in merged:
-        inner *= size
+    inner = math.prod(size for size, _ in merged)
     ndim = max(1, len(merged))
-    while len(merged) < 3:
-        merged.insert(0, [1, [0] * len(all_strides)])
+    merged = [[1, [0] * len(all_strides)]] * (3 - len(merged)) + merged
     ref_inner = [m[1][0] for m in merged]
     operands = []
     biggest = samples * inner

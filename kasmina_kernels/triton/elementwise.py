@@ -37,6 +37,7 @@ from ._common import (
     clamp01,
     coords,
     in01,
+    load_float,
     load_weight,
     offset,
     round_to,
@@ -148,8 +149,8 @@ def _elementwise_kernel(
                                WEIGHT_DTYPE, INTERPRET)
         w = _op_weight(alpha, gate, OP, HOST_DTYPE, PROMOTED_DTYPE, COMPUTE_DTYPE, INTERPRET)
     if BACKWARD:
-        grad = to_float(tl.load(grad_ptr + offset(b, j, i0, i1, i2, grad_sb, grad_s0, grad_s1, grad_s2, GRAD_FLAT),
-                                mask=mask, other=0), COMPUTE_DTYPE, INTERPRET)
+        grad_off = offset(b, j, i0, i1, i2, grad_sb, grad_s0, grad_s1, grad_s2, GRAD_FLAT)
+        grad = load_float(grad_ptr + grad_off, mask, COMPUTE_DTYPE, INTERPRET)
     if OP == 5:
         if BACKWARD:
             y = grad
@@ -169,7 +170,7 @@ def _elementwise_kernel(
             h = grad
             s = grad
         if READ_HOST:
-            h = to_float(tl.load(h_ptr + h_off, mask=mask, other=0), COMPUTE_DTYPE, INTERPRET)
+            h = load_float(h_ptr + h_off, mask, COMPUTE_DTYPE, INTERPRET)
         if READ_SEED:
             s = _seed(tl.load(s_ptr + s_off, mask=mask, other=0), HOST_DTYPE, COMPUTE_DTYPE, INTERPRET)
         r = h
@@ -407,17 +408,11 @@ def _make_launch(backward, op, shape, ref_strides, operands, weights, device, ho
     return launch
 
 
-def _describe(t):
-    return None if t is None else (t.stride(), t.dtype)
-
-
-def _describe_weight(w):
-    return None if w is None else (w.shape, w.stride(), w.dtype, w.device)
-
-
-def _get_launch(backward, op, shape, ref_strides, operands, weights, device, host, promoted, need=None):
-    key = (backward, op, shape, ref_strides, tuple(_describe(x) for x in operands),
-           _describe_weight(weights[0]), _describe_weight(weights[1]), device, host, promoted, need,
+def _get_launch(backward, op, shape, ref_strides, operands, weights, device, host, promoted,
+                need=None):
+    tensors = tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+                    for t in operands + weights)
+    key = (backward, op, shape, ref_strides, tensors, device, host, promoted, need,
            common.FORCE_VALUE_MODE)
     return common.cached(_launch_cache, key, lambda: _make_launch(
         backward, op, shape, ref_strides, operands, weights, device, host, promoted, need))
@@ -469,8 +464,7 @@ def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, original_weig
     need_h, need_s, need_r, need_alpha, need_gate = need
     if grad.dtype != host:
         grad = grad.to(host)
-    device = h.device
-    shape = h.shape
+    device, shape = h.device, h.shape
     dh = torch.empty_like(h) if (need_h or not is_dense(h)) else None
     strides = h.stride() if dh is None else dh.stride()
     ds = dr = None
@@ -513,10 +507,8 @@ def backward(op, grad, h, s, r, alpha, gate, need, host, promoted, original_weig
         da = torch.empty(user_alpha.shape, dtype=user_alpha.dtype, device=device) if need_alpha else None
         dg = torch.empty(user_gate.shape, dtype=user_gate.dtype, device=device) if need_gate else None
         _weight_grad_kernel[(1,)](partials, da, dg, a, g, *launch.weight_grad_ints, **launch.weight_grad_kw)
-        if da is not None and da.device != user_alpha.device:
-            da = da.to(user_alpha.device)
-        if dg is not None and dg.device != user_gate.device:
-            dg = dg.to(user_gate.device)
+        da, dg = (d if d is None or d.device == w.device else d.to(w.device)
+                  for d, w in ((da, user_alpha), (dg, user_gate)))
     return (dh if need_h else None), ds, dr, da, dg
 
 

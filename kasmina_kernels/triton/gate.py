@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _common as common
-from ._common import store, to_float
+from ._common import load_float, store, to_float
 
 FUSED_MAX_C = 512
 # elements of a 2-D tile held per step (the interpreter: fewer, larger steps)
@@ -49,8 +49,8 @@ def _pool_slice(x_ptr, base, channels, channel_mask, POSITIONS, WIDTH, x_sc, x_s
         if I64:
             positions = positions.to(tl.int64)
         off = base + channels[:, None] * x_sc + _position_offsets(positions, WIDTH, x_sh, x_sw, FLAT)[None, :]
-        x = tl.load(x_ptr + off, mask=channel_mask[:, None] & (positions < POSITIONS)[None, :], other=0)
-        acc += to_float(x, ACC_DTYPE, INTERPRET)
+        mask = channel_mask[:, None] & (positions < POSITIONS)[None, :]
+        acc += load_float(x_ptr + off, mask, ACC_DTYPE, INTERPRET)
     return tl.sum(acc, axis=1) / POSITIONS
 
 
@@ -98,10 +98,11 @@ def _pool_backward_kernel(
     if I64:
         positions = positions.to(tl.int64)
     channel_mask = channels < CHANNELS
-    grad = tl.load(grad_ptr + b * grad_sb + channels * grad_sc, mask=channel_mask, other=0)
-    _spread_mean_grad(dx_ptr, b * dx_sb, channels, channel_mask, positions,
-                      to_float(grad, ACC_DTYPE, INTERPRET) / POSITIONS, POSITIONS, WIDTH, dx_sc, dx_sh, dx_sw,
-                      FLAT, ACC_DTYPE, INTERPRET, BLOCK_C, BLOCK_L)
+    grad_off = b * grad_sb + channels * grad_sc
+    grad = load_float(grad_ptr + grad_off, channel_mask, ACC_DTYPE, INTERPRET)
+    _spread_mean_grad(dx_ptr, b * dx_sb, channels, channel_mask, positions, grad / POSITIONS,
+                      POSITIONS, WIDTH, dx_sc, dx_sh, dx_sw, FLAT, ACC_DTYPE, INTERPRET,
+                      BLOCK_C, BLOCK_L)
 
 
 @triton.jit
@@ -110,11 +111,11 @@ def _hidden_chunk(w1_ptr, b1_ptr, w2_ptr, pooled, channels, channel_mask, k0, HI
     """Rows k0..k0+BLOCK_K of the first layer: (W1 tile, z1, w2 chunk, rows, row mask)."""
     rows = k0 + tl.arange(0, BLOCK_K)
     row_mask = rows < HIDDEN
-    w1 = to_float(tl.load(w1_ptr + rows[:, None] * w1_s0 + channels[None, :] * w1_s1,
-                          mask=row_mask[:, None] & channel_mask[None, :], other=0), ACC_DTYPE, INTERPRET)
-    b1 = to_float(tl.load(b1_ptr + rows * b1_s0, mask=row_mask, other=0), ACC_DTYPE, INTERPRET)
+    w1 = load_float(w1_ptr + rows[:, None] * w1_s0 + channels[None, :] * w1_s1,
+                    row_mask[:, None] & channel_mask[None, :], ACC_DTYPE, INTERPRET)
+    b1 = load_float(b1_ptr + rows * b1_s0, row_mask, ACC_DTYPE, INTERPRET)
     z1 = tl.sum(w1 * pooled[None, :], axis=1) + b1
-    w2 = to_float(tl.load(w2_ptr + rows * w2_s1, mask=row_mask, other=0), ACC_DTYPE, INTERPRET)
+    w2 = load_float(w2_ptr + rows * w2_s1, row_mask, ACC_DTYPE, INTERPRET)
     return w1, z1, w2, rows, row_mask
 
 
