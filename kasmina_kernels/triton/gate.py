@@ -310,8 +310,8 @@ def gated_pool_backward(grad, x, topology):
 def _gate_cfg(x, w1, b1, w2, topology, dx_strides=None, need=None):
     """The gate network's launch configuration: the forward's when need is None, else the
     backward's for need = (dx, dw1, db1, dw2, db2) flags."""
-    key = ("gate", need, x.shape, x.stride(), x.dtype, w1.shape, w1.stride(), b1.stride(), w2.stride(), topology,
-           dx_strides)
+    key = ("gate", need, x.shape, x.stride(), x.dtype, w1.shape, w1.stride(), b1.stride(),
+           w2.stride(), topology, dx_strides)
 
     def make():
         v = _View(x.shape, x.stride(), topology)
@@ -321,28 +321,29 @@ def _gate_cfg(x, w1, b1, w2, topology, dx_strides=None, need=None):
         block_l = max(1, min(triton.next_power_of_2(max(v.positions, 1)), TILE // block_c))
         block_k = max(1, min(triton.next_power_of_2(max(hidden, 1)), TILE // block_c))
         from_pooled = v.channels > FUSED_MAX_C
-        ints = (v.channels, v.positions, v.width, hidden, *v.strides(), w1.stride(0), w1.stride(1), b1.stride(0),
-                w2.stride(1))
-        kw = dict(BACKWARD=need is not None, FROM_POOLED=from_pooled, FLAT=v.flat, ACC_DTYPE=acc_dtype,
-                  I64=_i64(x.shape, x.stride()), INTERPRET=common.INTERPRET, BLOCK_C=block_c, BLOCK_L=block_l,
-                  BLOCK_K=block_k, num_warps=8 if block_c >= 256 else 4)
-        cfg = {"view": v, "acc_t": acc_t, "from_pooled": from_pooled, "need_w": False,
-               "pool": _pool_cfg(x.shape, x.stride(), x.dtype, topology, False, (v.channels,)) if from_pooled else None}
-        if need is None:
-            cfg["ints"] = ints + (None,) * 8  # the backward's: None, no launch arguments
-            cfg["kw"] = dict(kw, DX_FLAT=True, NEED_W=False)
-            return cfg
-        need_dx, need_w = need[0], any(need[1:])
+        need_w = need is not None and any(need[1:])
+        # the per-sample terms of the weight gradients in scratch, after the pooled means
         a1_off = v.samples * v.channels
         dz1_off = a1_off + v.samples * hidden
         dz2_off = dz1_off + v.samples * hidden
-        cfg["scratch"] = dz2_off + v.samples if (need_w or from_pooled) else 0
         dx_view = None if dx_strides is None else _View(x.shape, dx_strides, topology)
-        cfg["ints"] = ints + ((None,) * 4 if dx_view is None else dx_view.strides()) + (a1_off, dz1_off, dz2_off)
-        cfg["kw"] = dict(kw, DX_FLAT=dx_view is None or dx_view.flat, NEED_W=need_w)
-        cfg["need_w"] = need_w
-        if from_pooled and need_dx:
-            cfg["dx_pool"] = _pool_cfg(x.shape, dx_strides, x.dtype, topology, True, (v.channels, 1))
+        # what the forward never reads is None: constexprs, no launch arguments
+        ints = (v.channels, v.positions, v.width, hidden, *v.strides(), w1.stride(0),
+                w1.stride(1), b1.stride(0), w2.stride(1),
+                *((None,) * 4 if dx_view is None else dx_view.strides()),
+                *((None,) * 3 if need is None else (a1_off, dz1_off, dz2_off)))
+        kw = dict(BACKWARD=need is not None, FROM_POOLED=from_pooled, FLAT=v.flat,
+                  DX_FLAT=dx_view is None or dx_view.flat, NEED_W=need_w, ACC_DTYPE=acc_dtype,
+                  I64=_i64(x.shape, x.stride()), INTERPRET=common.INTERPRET, BLOCK_C=block_c,
+                  BLOCK_L=block_l, BLOCK_K=block_k, num_warps=8 if block_c >= 256 else 4)
+        scratch = dz2_off + v.samples if (need_w or from_pooled) else 0
+        cfg = {"view": v, "acc_t": acc_t, "from_pooled": from_pooled, "need_w": need_w,
+               "ints": ints, "kw": kw, "scratch": scratch}
+        if from_pooled:  # pooled means in a launch of their own, into a float buffer
+            cfg["pool"] = _pool_cfg(x.shape, x.stride(), x.dtype, topology, False, (v.channels,))
+            if dx_view is not None:
+                cfg["dx_pool"] = _pool_cfg(x.shape, dx_strides, x.dtype, topology, True,
+                                           (v.channels, 1))
         weight_block_k = min(triton.next_power_of_2(max(hidden, 1)), 16)
         weight_block_c = min(max(16, triton.next_power_of_2(v.channels)), 64)
         cfg["weight_grad"] = (
@@ -366,20 +367,19 @@ def gate_network_forward(x, w1, b1, w2, b2, topology):
         pooled = torch.empty((samples, cfg["view"].channels), dtype=cfg["acc_t"], device=x.device)
         grid, ints, kw = cfg["pool"]
         _pool_kernel[grid](x, pooled, *ints, **kw)
-    _gate_network_kernel[(samples,)](x, pooled, w1, b1, w2, b2, y, None, None, None, None, *cfg["ints"], **cfg["kw"])
+    _gate_network_kernel[(samples,)](x, pooled, w1, b1, w2, b2, y, None, None, None, None,
+                                     *cfg["ints"], None, **cfg["kw"])
     return y
 
 
 def gate_network_backward(grad, x, w1, b1, w2, b2, topology, need):
     """(dx, dw1, db1, dw2, db2), None where not needed."""
-    dx = torch.empty_like(x) if need[0] else None
-    weight_grads = [torch.empty(w.shape, dtype=w.dtype, device=w.device) if n else None
-                    for w, n in zip((w1, b1, w2, b2), need[1:])]
     samples = x.shape[0]
+    dx = torch.empty_like(x) if need[0] else None
+    new = torch.zeros if samples == 0 else torch.empty  # no samples: zero weight gradients
+    weight_grads = [new(w.shape, dtype=w.dtype, device=w.device) if n else None
+                    for w, n in zip((w1, b1, w2, b2), need[1:])]
     if samples == 0:
-        for t in weight_grads:
-            if t is not None:
-                t.zero_()
         return (dx, *weight_grads)
     need = tuple(bool(n) for n in need)
     cfg = _gate_cfg(x, w1, b1, w2, topology, None if dx is None else dx.stride(), need)
