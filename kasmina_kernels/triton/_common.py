@@ -189,6 +189,15 @@ def load_weight(ptr, b, i0, i1, i2, sb, s0, s1, s2, mask, MODE: tl.constexpr, DT
 
 
 @triton.jit
+def to_index(x, I64: tl.constexpr):
+    """Integer index x widened to int64 when offsets may pass 2^31 (I64), else unchanged."""
+    if I64:
+        return x.to(tl.int64)
+    else:
+        return x
+
+
+@triton.jit
 def coords(j, D1, D2, NDIM: tl.constexpr):
     """Coordinates (i0, i1, i2) of the flat index j in a (D0, D1, D2) iteration space."""
     if NDIM == 1:

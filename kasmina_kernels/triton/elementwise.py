@@ -43,6 +43,7 @@ from ._common import (
     round_to,
     store,
     to_float,
+    to_index,
 )
 from .lerp import effective_alpha, effective_alpha_backward, lerp, lerp_backward
 from .multiply import multiply, multiply_backward, valve, valve_backward
@@ -91,9 +92,7 @@ def _block(INNER, D1, D2, CHUNKS, CHANNEL_TILES, NDIM: tl.constexpr, TILED: tl.c
     """(program, sample, flat index, coordinates i0, i1, i2, mask) of this program's block: a
     run of BLOCK_P elements of a sample's (D0, D1, D2) iteration, or when TILED a tile of
     BLOCK_P positions (i1 < D1) x BLOCK_C channels (i2 < D2)."""
-    pid = tl.program_id(0)
-    if I64:
-        pid = pid.to(tl.int64)
+    pid = to_index(tl.program_id(0), I64)
     b = pid // CHUNKS
     chunk = pid - b * CHUNKS
     if TILED:

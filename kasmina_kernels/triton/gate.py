@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _common as common
-from ._common import load_float, store, to_float
+from ._common import load_float, store, to_float, to_index
 
 FUSED_MAX_C = 512
 # elements of a 2-D tile held per step (the interpreter: fewer, larger steps)
@@ -45,9 +45,7 @@ def _pool_slice(x_ptr, base, channels, channel_mask, POSITIONS, WIDTH, x_sc, x_s
     """Mean over the positions of `channels` of one sample, in ACC_DTYPE (NaN when there are none)."""
     acc = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC_DTYPE)
     for l0 in range(0, POSITIONS, BLOCK_L):
-        positions = l0 + tl.arange(0, BLOCK_L)
-        if I64:
-            positions = positions.to(tl.int64)
+        positions = to_index(l0 + tl.arange(0, BLOCK_L), I64)
         off = base + channels[:, None] * x_sc + _position_offsets(positions, WIDTH, x_sh, x_sw, FLAT)[None, :]
         mask = channel_mask[:, None] & (positions < POSITIONS)[None, :]
         acc += load_float(x_ptr + off, mask, ACC_DTYPE, INTERPRET)
@@ -70,12 +68,8 @@ def _pool_kernel(
     FLAT: tl.constexpr, ACC_DTYPE: tl.constexpr, I64: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    if I64:
-        b = b.to(tl.int64)
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    if I64:
-        channels = channels.to(tl.int64)
+    b = to_index(tl.program_id(0), I64)
+    channels = to_index(tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), I64)
     channel_mask = channels < CHANNELS
     mean = _pool_slice(x_ptr, b * x_sb, channels, channel_mask, POSITIONS, WIDTH, x_sc, x_sh, x_sw,
                        FLAT, ACC_DTYPE, I64, INTERPRET, BLOCK_C, BLOCK_L)
@@ -89,14 +83,10 @@ def _pool_backward_kernel(
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """dx[b, c, l] = grad[b, c] / L, rounded once to dx's dtype."""
-    pid = tl.program_id(0)
-    if I64:
-        pid = pid.to(tl.int64)
+    pid = to_index(tl.program_id(0), I64)
     b = pid // CHANNEL_BLOCKS
     channels = (pid - b * CHANNEL_BLOCKS) * BLOCK_C + tl.arange(0, BLOCK_C)
-    positions = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-    if I64:
-        positions = positions.to(tl.int64)
+    positions = to_index(tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L), I64)
     channel_mask = channels < CHANNELS
     grad_off = b * grad_sb + channels * grad_sc
     grad = load_float(grad_ptr + grad_off, channel_mask, ACC_DTYPE, INTERPRET)
@@ -131,12 +121,8 @@ def _gate_network_kernel(
     """One sample. Forward: its gate value. Backward: recompute the forward, then d(pooled)
     (written as dx, or to dpooled_ptr; None where not wanted) and the per-sample terms of the
     weight gradients (pooled, relu(z1), dz1, dz2) into scratch. Sums run in a fixed order."""
-    b = tl.program_id(0)
-    if I64:
-        b = b.to(tl.int64)
-    channels = tl.arange(0, BLOCK_C)
-    if I64:
-        channels = channels.to(tl.int64)
+    b = to_index(tl.program_id(0), I64)
+    channels = to_index(tl.arange(0, BLOCK_C), I64)
     channel_mask = channels < CHANNELS
     if FROM_POOLED:
         pooled = tl.load(pooled_ptr + b * CHANNELS + channels, mask=channel_mask, other=0)
@@ -172,9 +158,7 @@ def _gate_network_kernel(
         if dx_ptr is not None:
             mean_grad = dpooled / POSITIONS
             for l0 in range(0, POSITIONS, BLOCK_L):
-                positions = l0 + tl.arange(0, BLOCK_L)
-                if I64:
-                    positions = positions.to(tl.int64)
+                positions = to_index(l0 + tl.arange(0, BLOCK_L), I64)
                 _spread_mean_grad(dx_ptr, b * dx_sb, channels, channel_mask, positions, mean_grad, POSITIONS, WIDTH,
                                   dx_sc, dx_sh, dx_sw, DX_FLAT, ACC_DTYPE, INTERPRET, BLOCK_C, BLOCK_L)
     else:
