@@ -212,10 +212,10 @@ def _gate_weight_grad_kernel(
 
 # ============================================================================ pooling, gate network
 class _View:
-    """x as (samples, channels, positions = H*W) with strides; a transformer's (B,T,C) is
-    (B, C, T). flat: position l is at l * w_stride."""
+    """x as (samples, channels, positions = H*W) with strides (sample, channel, row, column);
+    a transformer's (B,T,C) is (B, C, T). flat: position l is at l * the column stride."""
 
-    __slots__ = ("samples", "channels", "positions", "width", "sb", "sc", "sh", "sw", "flat")
+    __slots__ = ("samples", "channels", "positions", "width", "strides", "flat")
 
     def __init__(self, shape, strides, topology):
         if topology == "cnn":
@@ -230,11 +230,8 @@ class _View:
             sb, sh, sc = strides
             width, sw = 1, sh
         self.samples, self.channels, self.positions, self.width = samples, channels, height * width, width
-        self.sb, self.sc, self.sh, self.sw = sb, sc, sh, sw
+        self.strides = (sb, sc, sh, sw)
         self.flat = width == 1 or sh == width * sw
-
-    def strides(self):
-        return self.sb, self.sc, self.sh, self.sw
 
 
 def _i64(shape, strides) -> bool:
@@ -259,7 +256,7 @@ def _pool_cfg(shape, strides, dtype, topology, backward, out_strides):
     c]), or of its backward writing dx of `strides` from a gradient of `out_strides`."""
     def make():
         v = _View(shape, strides, topology)
-        if v.sc == 1 and v.channels > 1:
+        if v.strides[1] == 1 and v.channels > 1:  # channels contiguous
             block_c = min(triton.next_power_of_2(v.channels), 128)
             block_l = max(1, min(triton.next_power_of_2(v.positions), TILE // block_c))
         else:
@@ -269,9 +266,9 @@ def _pool_cfg(shape, strides, dtype, topology, backward, out_strides):
                   BLOCK_C=block_c, BLOCK_L=block_l, num_warps=8 if block_c * block_l >= 2048 else 4)
         channel_blocks = triton.cdiv(v.channels, block_c)
         if not backward:
-            return (v.samples, channel_blocks), (v.channels, v.positions, v.width, *v.strides(), out_strides[0]), kw
+            return (v.samples, channel_blocks), (v.channels, v.positions, v.width, *v.strides, out_strides[0]), kw
         return ((v.samples * channel_blocks, triton.cdiv(v.positions, block_l)),
-                (v.channels, v.positions, v.width, channel_blocks, *out_strides[:2], *v.strides()), kw)
+                (v.channels, v.positions, v.width, channel_blocks, *out_strides[:2], *v.strides), kw)
     return common.cached(_cache, ("pool", backward, shape, strides, dtype, topology, out_strides), make)
 
 
@@ -312,9 +309,9 @@ def _gate_cfg(x, w1, b1, w2, topology, dx_strides=None, need=None):
         dz2_off = dz1_off + v.samples * hidden
         dx_view = None if dx_strides is None else _View(x.shape, dx_strides, topology)
         # what the forward never reads is None: constexprs, no launch arguments
-        ints = (v.channels, v.positions, v.width, hidden, *v.strides(), w1.stride(0),
+        ints = (v.channels, v.positions, v.width, hidden, *v.strides, w1.stride(0),
                 w1.stride(1), b1.stride(0), w2.stride(1),
-                *((None,) * 4 if dx_view is None else dx_view.strides()),
+                *((None,) * 4 if dx_view is None else dx_view.strides),
                 *((None,) * 3 if need is None else (a1_off, dz1_off, dz2_off)))
         kw = dict(BACKWARD=need is not None, FROM_POOLED=from_pooled, FLAT=v.flat,
                   DX_FLAT=dx_view is None or dx_view.flat, NEED_W=need_w, ACC_DTYPE=acc_dtype,
