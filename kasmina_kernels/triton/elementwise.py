@@ -173,9 +173,8 @@ def _elementwise_kernel(
         if READ_SEED:
             s = _seed(tl.load(s_ptr + s_off, mask=mask, other=0), HOST_DTYPE, COMPUTE_DTYPE, INTERPRET)
         r = h
-        if OP == 2:
-            if not SEED_INPUT_IS_HOST:
-                r = _seed(tl.load(r_ptr + r_off, mask=mask, other=0), HOST_DTYPE, COMPUTE_DTYPE, INTERPRET)
+        if (OP == 2) & (not SEED_INPUT_IS_HOST):
+            r = _seed(tl.load(r_ptr + r_off, mask=mask, other=0), HOST_DTYPE, COMPUTE_DTYPE, INTERPRET)
         if OP == 3:
             w = h  # STE: no weight
         if BACKWARD:
@@ -251,12 +250,10 @@ def _weight_grad_kernel(
                 store(dalpha_ptr + rows, d_alpha, row_mask, INTERPRET)
             else:
                 total_alpha += tl.where(row_mask, d_alpha, 0.0)
-    if dalpha_ptr is not None:
-        if ALPHA_MODE != 2:
-            store(dalpha_ptr, tl.sum(total_alpha, axis=0), None, INTERPRET)
-    if dgate_ptr is not None:
-        if GATE_MODE != 2:
-            store(dgate_ptr, tl.sum(total_gate, axis=0), None, INTERPRET)
+    if (dalpha_ptr is not None) & (ALPHA_MODE != 2):
+        store(dalpha_ptr, tl.sum(total_alpha, axis=0), None, INTERPRET)
+    if (dgate_ptr is not None) & (GATE_MODE != 2):
+        store(dgate_ptr, tl.sum(total_gate, axis=0), None, INTERPRET)
 
 
 # ============================================================================ planning

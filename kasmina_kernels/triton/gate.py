@@ -88,11 +88,10 @@ def _pool_backward_kernel(
     channels = (pid - b * CHANNEL_BLOCKS) * BLOCK_C + tl.arange(0, BLOCK_C)
     positions = to_index(tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L), I64)
     channel_mask = channels < CHANNELS
-    grad_off = b * grad_sb + channels * grad_sc
-    grad = load_float(grad_ptr + grad_off, channel_mask, ACC_DTYPE, INTERPRET)
-    _spread_mean_grad(dx_ptr, b * dx_sb, channels, channel_mask, positions, grad / POSITIONS,
-                      POSITIONS, WIDTH, dx_sc, dx_sh, dx_sw, FLAT, ACC_DTYPE, INTERPRET,
-                      BLOCK_C, BLOCK_L)
+    grad = tl.load(grad_ptr + b * grad_sb + channels * grad_sc, mask=channel_mask, other=0)
+    _spread_mean_grad(dx_ptr, b * dx_sb, channels, channel_mask, positions,
+                      to_float(grad, ACC_DTYPE, INTERPRET) / POSITIONS, POSITIONS, WIDTH, dx_sc, dx_sh, dx_sw,
+                      FLAT, ACC_DTYPE, INTERPRET, BLOCK_C, BLOCK_L)
 
 
 @triton.jit
@@ -101,8 +100,9 @@ def _hidden_chunk(w1_ptr, b1_ptr, w2_ptr, pooled, channels, channel_mask, k0, HI
     """Rows k0..k0+BLOCK_K of the first layer: (W1 tile, z1, w2 chunk, rows, row mask)."""
     rows = k0 + tl.arange(0, BLOCK_K)
     row_mask = rows < HIDDEN
-    w1 = load_float(w1_ptr + rows[:, None] * w1_s0 + channels[None, :] * w1_s1,
-                    row_mask[:, None] & channel_mask[None, :], ACC_DTYPE, INTERPRET)
+    w1_mask = row_mask[:, None] & channel_mask[None, :]
+    w1 = load_float(w1_ptr + rows[:, None] * w1_s0 + channels[None, :] * w1_s1, w1_mask, ACC_DTYPE,
+                    INTERPRET)
     b1 = load_float(b1_ptr + rows * b1_s0, row_mask, ACC_DTYPE, INTERPRET)
     z1 = tl.sum(w1 * pooled[None, :], axis=1) + b1
     w2 = load_float(w2_ptr + rows * w2_s1, row_mask, ACC_DTYPE, INTERPRET)
@@ -130,9 +130,8 @@ def _gate_network_kernel(
         pooled = _pool_slice(x_ptr, b * x_sb, channels, channel_mask, POSITIONS, WIDTH, x_sc, x_sh, x_sw,
                              FLAT, ACC_DTYPE, I64, INTERPRET, BLOCK_C, BLOCK_L)
     pooled = tl.where(channel_mask, pooled, 0.0)
-    if NEED_W:
-        if not FROM_POOLED:
-            tl.store(scratch_ptr + b * CHANNELS + channels, pooled, mask=channel_mask)
+    if NEED_W & (not FROM_POOLED):
+        tl.store(scratch_ptr + b * CHANNELS + channels, pooled, mask=channel_mask)
     z2 = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
     for k0 in range(0, HIDDEN, BLOCK_K):
         w1, z1, w2, rows, row_mask = _hidden_chunk(w1_ptr, b1_ptr, w2_ptr, pooled, channels, channel_mask, k0,
