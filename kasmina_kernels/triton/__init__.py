@@ -171,8 +171,16 @@ def _pool_backward(grad, x, topology, need):
 
 
 # The forward and backward entry points of each kernel op of the table (`Op.kernel`).
-_KERNELS = dict(elementwise.KERNELS, gated_pool=(gate.gated_pool_forward, _pool_backward),
-                gate_network=(gate.gate_network_forward, gate.gate_network_backward))
+_KERNELS = {
+    "blend_add": (elementwise.blend_add_forward, elementwise.blend_add_backward),
+    "blend_multiply": (elementwise.blend_multiply_forward, elementwise.blend_multiply_backward),
+    "blend_gate": (elementwise.blend_gate_forward, elementwise.blend_gate_backward),
+    "ste_forward": (elementwise.ste_forward, None),
+    "multiply_valve_multiplier": (elementwise.valve_multiplier_forward, elementwise.valve_multiplier_backward),
+    "gate_effective_alpha": (elementwise.gate_effective_alpha_forward, elementwise.gate_effective_alpha_backward),
+    "gated_pool": (gate.gated_pool_forward, _pool_backward),
+    "gate_network": (gate.gate_network_forward, gate.gate_network_backward),
+}
 _RUN = {op.name: _Op(op, *_KERNELS[op.name]) for op in OPS if op.kernel == op.name}
 
 

@@ -536,52 +536,61 @@ def _weight_grads_from_elements(op, weight_terms, alpha, gate, need_alpha, need_
 
 
 # ============================================================================ the ops
-_OP_CODES = {"blend_add": OP_ADD, "blend_gate": OP_GATE, "blend_multiply": OP_MULTIPLY,
-             "ste_forward": OP_STE, "multiply_valve_multiplier": OP_VALVE,
-             "gate_effective_alpha": OP_EFFECTIVE_ALPHA}
-_OPERANDS = ("h", "s", "r", "alpha", "gate")
-_OPERAND_OF_INPUT = {"m": "h", "seed_input": "r"}  # the valve's m is read as the host
+# Forward: f(*inputs). Backward: f(grad, *inputs, need) with one need flag per input (the
+# table's `Op.grads`); returns one gradient per input, None where not needed.
+def blend_add_forward(h, s, alpha):
+    return forward(OP_ADD, torch.empty_like(h), h, s, None, alpha, None, h.dtype, h.dtype)
 
 
-def _operands(input_names, values):
-    """(h, s, r, alpha, gate) from values named as an op's inputs, None for the ones it lacks."""
-    named = {_OPERAND_OF_INPUT.get(n, n): v for n, v in zip(input_names, values)}
-    return [named.get(k) for k in _OPERANDS]
+def blend_gate_forward(h, s, alpha, gate):
+    return forward(OP_GATE, torch.empty_like(h), h, s, None, alpha, gate, h.dtype, torch.result_type(alpha, gate))
 
 
-def _dtypes(op, h, alpha, gate):
-    """(host, promoted): the dtype the output is rounded to, and alpha's and gate's."""
-    if op == OP_GATE:
-        return h.dtype, torch.result_type(alpha, gate)
-    if op in (OP_VALVE, OP_EFFECTIVE_ALPHA):
-        result = torch.result_type(alpha, h if op == OP_VALVE else gate)
-        return result, result
-    return h.dtype, h.dtype
+def blend_multiply_forward(h, s, alpha, seed_input):
+    return forward(OP_MULTIPLY, torch.empty_like(h), h, s, seed_input, alpha, None, h.dtype, h.dtype)
 
 
-def _entry_points(name):
-    """(forward, backward) of a table op. Forward: f(*inputs). Backward: f(grad, *inputs,
-    need) with one need flag per input (the table's `Op.grads`); returns one gradient per
-    input, None where not needed. STE has no backward (autograd passes its gradient)."""
-    op, inputs = _OP_CODES[name], BY_NAME[name].grads
-    fake = BY_NAME[name].fake  # the table's allocation of the output, where not empty_like(h)
-
-    def run_forward(*args):
-        h, s, r, alpha, gate = _operands(inputs, args)
-        out = torch.empty_like(h) if fake is None else fake(*args)
-        if op == OP_EFFECTIVE_ALPHA:
-            h = out  # no features: the output is the iteration
-        return forward(op, out, h, s, r, alpha, gate, *_dtypes(op, h, alpha, gate))
-
-    def run_backward(grad, *args):
-        h, s, r, alpha, gate = _operands(inputs, args[:-1])
-        if op == OP_EFFECTIVE_ALPHA:
-            h = grad
-        need = tuple(bool(n) for n in _operands(inputs, args[-1]))
-        grads = backward(op, grad, h, s, r, alpha, gate, need, *_dtypes(op, h, alpha, gate))
-        return tuple(grads[_OPERANDS.index(_OPERAND_OF_INPUT.get(n, n))] for n in inputs)
-
-    return run_forward, (None if op == OP_STE else run_backward)
+def ste_forward(h, s):
+    return forward(OP_STE, torch.empty_like(h), h, s, None, None, None, h.dtype, h.dtype)
 
 
-KERNELS = {name: _entry_points(name) for name in _OP_CODES}
+def valve_multiplier_forward(alpha, m):
+    result = torch.result_type(alpha, m)
+    return forward(OP_VALVE, torch.empty_like(m, dtype=result), m, None, None, alpha, None, result, result)
+
+
+def gate_effective_alpha_forward(alpha, gate):
+    out = BY_NAME["gate_effective_alpha"].fake(alpha, gate)  # the table's allocation
+    return forward(OP_EFFECTIVE_ALPHA, out, out, None, None, alpha, gate, out.dtype, out.dtype)
+
+
+def blend_add_backward(grad, h, s, alpha, need):
+    dh, ds, _, da, _ = backward(OP_ADD, grad, h, s, None, alpha, None,
+                                (need[0], need[1], False, need[2], False), h.dtype, h.dtype)
+    return dh, ds, da
+
+
+def blend_gate_backward(grad, h, s, alpha, gate, need):
+    dh, ds, _, da, dg = backward(OP_GATE, grad, h, s, None, alpha, gate, (need[0], need[1], False, need[2], need[3]),
+                                 h.dtype, torch.result_type(alpha, gate))
+    return dh, ds, da, dg
+
+
+def blend_multiply_backward(grad, h, s, alpha, seed_input, need):
+    dh, ds, dr, da, _ = backward(OP_MULTIPLY, grad, h, s, seed_input, alpha, None,
+                                 (need[0], need[1], need[3], need[2], False), h.dtype, h.dtype)
+    return dh, ds, da, dr
+
+
+def valve_multiplier_backward(grad, alpha, m, need):
+    result = torch.result_type(alpha, m)
+    dm, _, _, da, _ = backward(OP_VALVE, grad, m, None, None, alpha, None,
+                               (need[1], False, False, need[0], False), result, result)
+    return da, dm
+
+
+def gate_effective_alpha_backward(grad, alpha, gate, need):
+    promoted = torch.result_type(alpha, gate)
+    _, _, _, da, dg = backward(OP_EFFECTIVE_ALPHA, grad, grad, None, None, alpha, gate,
+                               (False, False, False, need[0], need[1]), promoted, promoted)
+    return da, dg
