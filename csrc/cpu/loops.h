@@ -125,7 +125,31 @@ inline Order order_of(const at::Tensor& t) {
 }
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-// 8 x 8 blocks of 16-bit elements in 128-bit rows (ATen has the 32-bit one).
+// 8 x 8 blocks of 32-bit elements in 256-bit rows. ATen's transpose_mxn<float, 8, 8> is this
+// at AVX2, but at AVX512 it runs an 8 x 8 block through its masked 16 x 16 kernel, several
+// times slower; the mixed-layout tiles are 8 wide wherever C is 8.
+inline void transpose8x8_32(const uint32_t* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst) {
+  const auto row = [](const uint32_t* p) { return _mm256_loadu_ps(reinterpret_cast<const float*>(p)); };
+  const auto put = [](uint32_t* p, __m256 v) { _mm256_storeu_ps(reinterpret_cast<float*>(p), v); };
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = row(src + i * ld_src);
+  for (int i = 0; i < 8; i += 2) {  // (a0 b0 a1 b1 | a4 b4 a5 b5), (a2 b2 a3 b3 | a6 b6 a7 b7)
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // (a0 b0 c0 d0 | a4 b4 c4 d4), ...
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {  // the 128-bit halves of rows i and i + 4
+    put(dst + i * ld_dst, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    put(dst + (i + 4) * ld_dst, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+// 8 x 8 blocks of 16-bit elements in 128-bit rows.
 inline void transpose8x8_16(const uint16_t* src, int64_t ld_src, uint16_t* dst, int64_t ld_dst) {
   __m128i r[8], a[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ld_src));
@@ -147,7 +171,8 @@ inline void transpose8x8_16(const uint16_t* src, int64_t ld_src, uint16_t* dst, 
 #endif
 
 // dst (cols x rows, leading dimension ld_dst) = transpose of src (rows x cols, ld_src): whole
-// 8 x 8 blocks through registers where this build has AVX2, the edges by ATen's plain loop.
+// 8 x 8 blocks through registers where this build has AVX2 (or AVX512), the edges by ATen's
+// plain loop.
 template <typename U>
 inline void transpose_blocks(const U* src, int64_t ld_src, U* dst, int64_t ld_dst, int64_t rows,
                              int64_t cols) {
@@ -160,9 +185,7 @@ inline void transpose_blocks(const U* src, int64_t ld_src, U* dst, int64_t ld_ds
     for (int64_t i = 0; i < rows8; i += 8) {
       for (int64_t j = 0; j < cols8; j += 8) {
         if constexpr (sizeof(U) == 4) {
-          at::vec::transpose_mxn<float, 8, 8>(reinterpret_cast<const float*>(src) + i * ld_src + j,
-                                              ld_src, reinterpret_cast<float*>(dst) + j * ld_dst + i,
-                                              ld_dst);
+          transpose8x8_32(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
         } else {
           transpose8x8_16(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
         }
