@@ -129,7 +129,9 @@ inline Order order_of(const at::Tensor& t) {
 // at AVX2, but at AVX512 it runs an 8 x 8 block through its masked 16 x 16 kernel, several
 // times slower; the mixed-layout tiles are 8 wide wherever C is 8.
 inline void transpose8x8_32(const uint32_t* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst) {
-  const auto row = [](const uint32_t* p) { return _mm256_loadu_ps(reinterpret_cast<const float*>(p)); };
+  const auto row = [](const uint32_t* p) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  };
   const auto put = [](uint32_t* p, __m256 v) { _mm256_storeu_ps(reinterpret_cast<float*>(p), v); };
   __m256 r[8], t[8];
   for (int i = 0; i < 8; ++i) r[i] = row(src + i * ld_src);
@@ -238,6 +240,28 @@ inline bool mixed_orders(const std::vector<at::Tensor>& operands) {
   return nchw && nhwc;
 }
 
+// Where a moved operand's tile starts in its buffer, modulo 4096: the 64-byte offset farthest
+// from the other streams of the tile (`taken`, addresses or offsets). A load whose address
+// matches a recent store's in its low 12 bits waits for that store (4K aliasing); the streams
+// advance in step, so a buffer placed just behind another stream stalls every access of the
+// tile, while where the allocator put it otherwise decides.
+inline int64_t far_offset(const std::vector<uintptr_t>& taken) {
+  constexpr int64_t kPage = 4096;
+  int64_t best = 0, best_gap = -1;
+  for (int64_t off = 0; off < kPage; off += 64) {
+    int64_t gap = kPage;
+    for (uintptr_t t : taken) {
+      const int64_t d = (off - static_cast<int64_t>(t % kPage) + kPage) % kPage;
+      gap = std::min({gap, d, kPage - d});
+    }
+    if (gap > best_gap) {
+      best_gap = gap;
+      best = off;
+    }
+  }
+  return best;
+}
+
 // Runs a TensorIterator-style loop over `operands` (outputs first), plus a last weight
 // operand when `weight` is given, over operands that pass mixed_orders: one tile of rows at a
 // time, in parallel over fixed tiles. `weight(b)` points at sample b's weight value (read with
@@ -288,10 +312,12 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
   const int64_t grain = std::max<int64_t>(1, 16384 / (tile_rows * tile_cols));
   at::parallel_for(0, B * tiles, grain, [&](int64_t u0, int64_t u1) {
     // one buffer per moved operand, a tile_rows x tile_cols block in the primary order
+    // (a page of slack each, to start a tile at any offset: far_offset)
     std::vector<std::vector<char>> buffers(n_ops);
     for (int k = 0; k < n_ops; ++k) {
-      if (moved[k]) buffers[k].resize(tile_rows * tile_cols * elem[k]);
+      if (moved[k]) buffers[k].resize(tile_rows * tile_cols * elem[k] + 8192);
     }
+    std::vector<uintptr_t> taken;
     char* data[16];
     int64_t strides[32];
     for (int64_t u = u0; u < u1; ++u) {
@@ -299,10 +325,19 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
       const int64_t r0 = (tile / col_tiles) * tile_rows, c0 = (tile % col_tiles) * tile_cols;
       const int64_t nr = std::min(tile_rows, rows - r0), nc = std::min(tile_cols, cols - c0);
       const int64_t sample = b * C * HW;
+      taken.clear();
+      for (int k = 0; k < n_ops; ++k) {
+        if (!moved[k]) {
+          taken.push_back(reinterpret_cast<uintptr_t>(base[k] + (sample + r0 * cols + c0) * elem[k]));
+        }
+      }
       for (int k = 0; k < n_ops; ++k) {
         strides[k] = elem[k];
         if (moved[k]) {
-          data[k] = buffers[k].data();
+          const uintptr_t start = reinterpret_cast<uintptr_t>(buffers[k].data());
+          const uintptr_t page = (start + 4095) / 4096 * 4096;
+          taken.push_back(page + far_offset(taken));
+          data[k] = reinterpret_cast<char*>(taken.back());
           strides[n_all + k] = nc * elem[k];
           if (k >= n_outputs) {  // gather: the tile's (nc x nr) block of the other order
             transpose_elements(base[k] + (sample + c0 * rows + r0) * elem[k], rows, data[k], nc,
