@@ -241,7 +241,7 @@ inline bool mixed_orders(const std::vector<at::Tensor>& operands) {
 }
 
 // Where a moved operand's tile starts in its buffer, modulo 4096: the 64-byte offset farthest
-// from the other streams of the tile (`taken`, addresses or offsets). A load whose address
+// from the other streams of the tile (`taken`, their offsets modulo 4096). A load whose address
 // matches a recent store's in its low 12 bits waits for that store (4K aliasing); the streams
 // advance in step, so a buffer placed just behind another stream stalls every access of the
 // tile, while where the allocator put it otherwise decides.
@@ -317,7 +317,15 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
     for (int k = 0; k < n_ops; ++k) {
       if (moved[k]) buffers[k].resize(tile_rows * tile_cols * elem[k] + 8192);
     }
-    std::vector<uintptr_t> taken;
+    std::vector<char*> pages(n_ops);  // each buffer's first page boundary
+    for (int k = 0; k < n_ops; ++k) {
+      const uintptr_t start = reinterpret_cast<uintptr_t>(buffers[k].data());
+      pages[k] = buffers[k].data() + ((start + 4095) / 4096 * 4096 - start);
+    }
+    // each buffer's offset for the direct streams' offsets of the last tile that placed them
+    // (whole-row tiles advance by whole pages: one placement a call)
+    std::vector<uintptr_t> direct, placed_for;
+    std::vector<int64_t> offset(n_ops, 0);
     char* data[16];
     int64_t strides[32];
     for (int64_t u = u0; u < u1; ++u) {
@@ -325,19 +333,26 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
       const int64_t r0 = (tile / col_tiles) * tile_rows, c0 = (tile % col_tiles) * tile_cols;
       const int64_t nr = std::min(tile_rows, rows - r0), nc = std::min(tile_cols, cols - c0);
       const int64_t sample = b * C * HW;
-      taken.clear();
+      direct.clear();
       for (int k = 0; k < n_ops; ++k) {
         if (!moved[k]) {
-          taken.push_back(reinterpret_cast<uintptr_t>(base[k] + (sample + r0 * cols + c0) * elem[k]));
+          const char* tile_start = base[k] + (sample + r0 * cols + c0) * elem[k];
+          direct.push_back(reinterpret_cast<uintptr_t>(tile_start) % 4096);
         }
+      }
+      if (direct != placed_for) {
+        std::vector<uintptr_t> taken = direct;
+        for (int k = 0; k < n_ops; ++k) {
+          if (!moved[k]) continue;
+          offset[k] = far_offset(taken);
+          taken.push_back(offset[k]);
+        }
+        placed_for = direct;
       }
       for (int k = 0; k < n_ops; ++k) {
         strides[k] = elem[k];
         if (moved[k]) {
-          const uintptr_t start = reinterpret_cast<uintptr_t>(buffers[k].data());
-          const uintptr_t page = (start + 4095) / 4096 * 4096;
-          taken.push_back(page + far_offset(taken));
-          data[k] = reinterpret_cast<char*>(taken.back());
+          data[k] = pages[k] + offset[k];
           strides[n_all + k] = nc * elem[k];
           if (k >= n_outputs) {  // gather: the tile's (nc x nr) block of the other order
             transpose_elements(base[k] + (sample + c0 * rows + r0) * elem[k], rows, data[k], nc,
