@@ -240,18 +240,20 @@ inline bool mixed_orders(const std::vector<at::Tensor>& operands) {
   return nchw && nhwc;
 }
 
-// Where a moved operand's tile starts in its buffer, modulo 4096: the 64-byte offset farthest
-// from the other streams of the tile (`taken`, their offsets modulo 4096). A load whose address
+// The span of the address bits that 4K aliasing compares.
+constexpr int64_t kPage = 4096;
+
+// Where a moved operand's tile starts in its buffer, modulo kPage: the 64-byte offset farthest
+// from the other streams of the tile (`taken`, their offsets modulo kPage). A load whose address
 // matches a recent store's in its low 12 bits waits for that store (4K aliasing); the streams
 // advance in step, so a buffer placed just behind another stream stalls every access of the
 // tile, while where the allocator put it otherwise decides.
 inline int64_t far_offset(const std::vector<uintptr_t>& taken) {
-  constexpr int64_t kPage = 4096;
   int64_t best = 0, best_gap = -1;
   for (int64_t off = 0; off < kPage; off += 64) {
     int64_t gap = kPage;
     for (uintptr_t t : taken) {
-      const int64_t d = (off - static_cast<int64_t>(t % kPage) + kPage) % kPage;
+      const int64_t d = (off - static_cast<int64_t>(t) + kPage) % kPage;  // t < kPage
       gap = std::min({gap, d, kPage - d});
     }
     if (gap > best_gap) {
@@ -315,12 +317,12 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
     // (a page of slack each, to start a tile at any offset: far_offset)
     std::vector<std::vector<char>> buffers(n_ops);
     for (int k = 0; k < n_ops; ++k) {
-      if (moved[k]) buffers[k].resize(tile_rows * tile_cols * elem[k] + 8192);
+      if (moved[k]) buffers[k].resize(tile_rows * tile_cols * elem[k] + 2 * kPage);
     }
     std::vector<char*> pages(n_ops);  // each buffer's first page boundary
     for (int k = 0; k < n_ops; ++k) {
       const uintptr_t start = reinterpret_cast<uintptr_t>(buffers[k].data());
-      pages[k] = buffers[k].data() + ((start + 4095) / 4096 * 4096 - start);
+      pages[k] = buffers[k].data() + ((start + kPage - 1) / kPage * kPage - start);
     }
     // each buffer's offset for the direct streams' offsets of the last tile that placed them
     // (whole-row tiles advance by whole pages: one placement a call)
@@ -337,7 +339,7 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
       for (int k = 0; k < n_ops; ++k) {
         if (!moved[k]) {
           const char* tile_start = base[k] + (sample + r0 * cols + c0) * elem[k];
-          direct.push_back(reinterpret_cast<uintptr_t>(tile_start) % 4096);
+          direct.push_back(reinterpret_cast<uintptr_t>(tile_start) % kPage);
         }
       }
       if (direct != placed_for) {
