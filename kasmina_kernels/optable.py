@@ -83,7 +83,7 @@ class Op:
         out = []
         for n in self.grads:
             t = a[n]
-            if t is None or a.get(f"need_{n}_grad") is False and n in _optional(self.schema):
+            if t is None or a.get(f"need_{n}_grad") is False and re.search(rf"Tensor\? {n}\b", self.schema):
                 out.append(a[self.inputs[0]].new_empty((0,)))
             elif n in self.weights:
                 out.append(t.new_empty(t.shape))
@@ -100,10 +100,6 @@ class Op:
 def _arg_names(schema: str) -> tuple[str, ...]:
     inside = schema[schema.index("(") + 1:schema.index(")")]
     return tuple(a.split()[-1] for a in inside.split(","))
-
-
-def _optional(schema: str) -> set[str]:
-    return set(re.findall(r"Tensor\? (\w+)", schema))
 
 
 # ---------------------------------------------------------------------------- irregular fakes
