@@ -49,38 +49,30 @@ def _why_unavailable(name: str, device_type: str) -> str | None:
     if name == "reference":
         _modules["reference"] = importlib.import_module("kasmina_kernels.reference")
         return None
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(BACKEND_NAMES)}")
     if name == "native":
-        native = _load_native()
-        if native is None:
+        if _load_native() is None:
             return (
                 f"the compiled extension kasmina_kernels._C did not load ({_native_error}); "
                 "build it with `pip install --no-build-isolation -e .` after installing torch"
             )
-        if device_type == "cpu":
-            return None
-        if device_type == "cuda":
-            if not native.built_with_cuda():
-                return (
-                    "kasmina_kernels._C was built without CUDA kernels; rebuild on a machine "
-                    "with a CUDA toolkit and a CUDA build of torch "
-                    "(KASMINA_KERNELS_CUDA=1 pip install --no-build-isolation -e .)"
-                )
-            if not torch.cuda.is_available():
-                return "no CUDA device is visible to torch"
-            return None
-        return f"the native backend has no kernels for device type {device_type!r}"
+        if device_type == "cuda" and not _native_module.built_with_cuda():
+            return (
+                "kasmina_kernels._C was built without CUDA kernels; rebuild on a machine "
+                "with a CUDA toolkit and a CUDA build of torch "
+                "(KASMINA_KERNELS_CUDA=1 pip install --no-build-isolation -e .)"
+            )
+    elif device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return (
+            "Triton kernels run on CPU tensors only under its interpreter: "
+            "set TRITON_INTERPRET=1 before importing triton (slow; meant for tests)"
+        )
+    if device_type not in ("cpu", "cuda"):
+        return f"the {name} backend has no kernels for device type {device_type!r}"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is visible to torch"
     if name == "triton":
-        if device_type == "cuda":
-            if not torch.cuda.is_available():
-                return "no CUDA device is visible to torch"
-        elif device_type == "cpu":
-            if os.environ.get("TRITON_INTERPRET") != "1":
-                return (
-                    "Triton kernels run on CPU tensors only under its interpreter: "
-                    "set TRITON_INTERPRET=1 before importing triton (slow; meant for tests)"
-                )
-        else:
-            return f"the triton backend has no kernels for device type {device_type!r}"
         try:
             import triton  # noqa: F401
         except ImportError as exc:
@@ -90,8 +82,7 @@ def _why_unavailable(name: str, device_type: str) -> str | None:
             _modules["triton"] = importlib.import_module("kasmina_kernels.triton")
         except ImportError as exc:
             return f"the triton backend module did not import: {exc}"
-        return None
-    raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(BACKEND_NAMES)}")
+    return None
 
 
 def backend_status(name: str, device_type: str = "cpu") -> str | None:
@@ -139,7 +130,7 @@ _ENV_FAST = _ENVIRON_DATA is not None and _ENV_KEY is not None
 
 
 def _env_default() -> str | None:
-    if _ENVIRON_DATA is not None and _ENV_KEY is not None and not torch.compiler.is_compiling():
+    if _ENV_FAST and not torch.compiler.is_compiling():
         raw = _ENVIRON_DATA.get(_ENV_KEY)
         return None if raw is None else os.environ.decodevalue(raw)
     return os.environ.get(ENV_VAR)
