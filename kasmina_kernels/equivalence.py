@@ -46,9 +46,7 @@ def tolerance_dtype(output_dtype: torch.dtype, computation_dtype: torch.dtype | 
     it in. Downstream of the blends' cast to the host's dtype that is the host's dtype (the
     gradient of a float32 seed beside a bfloat16 host is a bfloat16 value widened to float32,
     and is judged as bfloat16); otherwise the output's own."""
-    if computation_dtype is None:
-        return output_dtype
-    return least_precise(output_dtype, computation_dtype)
+    return output_dtype if computation_dtype is None else least_precise(output_dtype, computation_dtype)
 
 
 def computation_dtype(op: str, output: str, host_dtype: torch.dtype) -> torch.dtype | None:
@@ -60,12 +58,8 @@ def computation_dtype(op: str, output: str, host_dtype: torch.dtype) -> torch.dt
     return None
 
 
-_DEFAULT_RTOL = {
-    torch.float16: 1e-3,
-    torch.bfloat16: 1.6e-2,
-    torch.float32: 1.3e-6,
-    torch.float64: 1e-7,
-}
+# torch.testing.assert_close's default rtol per dtype
+_DEFAULT_RTOL = {torch.float16: 1e-3, torch.bfloat16: 1.6e-2, torch.float32: 1.3e-6, torch.float64: 1e-7}
 
 
 # ----------------------------------------------------------------------------- comparing
@@ -287,8 +281,8 @@ def reduction_terms(op: str, leaves: dict, requires, grad_out: torch.Tensor | No
     g = None if grad_out is None else grad_out.detach().to(torch.float64)
     out = {}
 
-    def add(name, terms, shape):
-        n = terms.numel() // max(1, math.prod(shape))
+    def add(name, terms, shape, count=None):
+        n = (terms.numel() if count is None else count) // max(1, math.prod(shape))
         if name in requires and n > 1:
             out["d" + name] = (terms.abs().sum_to_size(shape), n)
 
@@ -303,11 +297,7 @@ def reduction_terms(op: str, leaves: dict, requires, grad_out: torch.Tensor | No
             de = (g * (s - h)).abs().sum_to_size(eshape)
             n = (g.numel() // max(1, math.prod(eshape))) * math.prod(eshape)
             for name, other in (("alpha", gt), ("gate", a)):
-                shape = f[name].shape
-                terms = (de * other.clamp(0, 1).abs().expand(eshape)).sum_to_size(shape)
-                count = n // max(1, math.prod(shape))
-                if name in requires and count > 1:
-                    out["d" + name] = (terms, count)
+                add(name, de * other.clamp(0, 1).abs().expand(eshape), f[name].shape, n)
         else:
             add("alpha", g * (s - h), f["alpha"].shape)
     if g is not None and op == "multiply_valve_multiplier":
