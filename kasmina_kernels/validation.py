@@ -66,15 +66,9 @@ def check_pair(op: str, h, name: str, t) -> bool | None:
     True when the (valid) features are 0-dim."""
     # the common case in few attribute reads (these run on every eager call); anything
     # unusual goes through the full checks, which raise the precise error
-    if (
-        isinstance(h, _Tensor)
-        and isinstance(t, _Tensor)
-        and h.dtype in _FEATURE_DTYPES
-        and t.dtype in _FEATURE_DTYPES
-        and h.ndim
-        and h.shape == t.shape
-        and _same_device(h, t)
-    ):
+    if (isinstance(h, _Tensor) and isinstance(t, _Tensor)
+            and h.dtype in _FEATURE_DTYPES and t.dtype in _FEATURE_DTYPES
+            and h.ndim and h.shape == t.shape and _same_device(h, t)):
         return
     check_features(op, "host", h)
     check_features(op, name, t)
@@ -169,33 +163,17 @@ def check_topology(op: str, x, topology) -> None:
 
 
 def check_gate_network(op: str, x, w1, b1, w2, b2, topology) -> None:
-    if (
-        isinstance(x, _Tensor)
-        and isinstance(w1, _Tensor)
-        and isinstance(b1, _Tensor)
-        and isinstance(w2, _Tensor)
-        and isinstance(b2, _Tensor)
-        and x.dtype in _FEATURE_DTYPES
-        and w1.dtype in _FEATURE_DTYPES
-        and b1.dtype in _FEATURE_DTYPES
-        and w2.dtype in _FEATURE_DTYPES
-        and b2.dtype in _FEATURE_DTYPES
-    ):
+    if (isinstance(x, _Tensor) and isinstance(w1, _Tensor) and isinstance(b1, _Tensor)
+            and isinstance(w2, _Tensor) and isinstance(b2, _Tensor)
+            and x.dtype in _FEATURE_DTYPES and w1.dtype in _FEATURE_DTYPES and b1.dtype in _FEATURE_DTYPES
+            and w2.dtype in _FEATURE_DTYPES and b2.dtype in _FEATURE_DTYPES):
         # the common case: rank, shapes and devices in plain comparisons
         rank = 4 if topology == "cnn" else 3 if topology == "transformer" else -1
         ws = w1.shape
-        if (
-            x.ndim == rank
-            and len(ws) == 2
-            and x.shape[-3 if rank == 4 else -1] == ws[1]
-            and b1.shape == (ws[0],)
-            and w2.shape == (1, ws[0])
-            and b2.shape == (1,)
-            and (
-                (x.is_cpu and w1.is_cpu and b1.is_cpu and w2.is_cpu and b2.is_cpu)
-                or x.device == w1.device == b1.device == w2.device == b2.device
-            )
-        ):
+        if (x.ndim == rank and len(ws) == 2 and x.shape[-3 if rank == 4 else -1] == ws[1]
+                and b1.shape == (ws[0],) and w2.shape == (1, ws[0]) and b2.shape == (1,)
+                and ((x.is_cpu and w1.is_cpu and b1.is_cpu and w2.is_cpu and b2.is_cpu)
+                     or x.device == w1.device == b1.device == w2.device == b2.device)):
             return
     check_topology(op, x, topology)
     channels = x.shape[1] if topology == "cnn" else x.shape[2]
