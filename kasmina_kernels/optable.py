@@ -128,11 +128,8 @@ def pooled_input_grad(x: torch.Tensor, topology: str) -> torch.Tensor:
     values broadcast over the positions with stride 0; on CUDA a dense dx."""
     if x.device.type != "cpu" or x.numel() == 0:
         return torch.empty_like(x)
-    if topology == "cnn":
-        values = x.new_empty((x.shape[0], x.shape[1], 1, 1))
-    else:
-        values = x.new_empty((x.shape[0], 1, x.shape[2]))
-    return values.expand(x.shape)
+    values = (x.shape[0], x.shape[1], 1, 1) if topology == "cnn" else (x.shape[0], 1, x.shape[2])
+    return x.new_empty(values).expand(x.shape)
 
 
 # ---------------------------------------------------------------------------- the table
