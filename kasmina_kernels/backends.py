@@ -53,21 +53,15 @@ def _why_unavailable(name: str, device_type: str) -> str | None:
         raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(BACKEND_NAMES)}")
     if name == "native":
         if _load_native() is None:
-            return (
-                f"the compiled extension kasmina_kernels._C did not load ({_native_error}); "
-                "build it with `pip install --no-build-isolation -e .` after installing torch"
-            )
+            return (f"the compiled extension kasmina_kernels._C did not load ({_native_error}); "
+                    "build it with `pip install --no-build-isolation -e .` after installing torch")
         if device_type == "cuda" and not _native_module.built_with_cuda():
-            return (
-                "kasmina_kernels._C was built without CUDA kernels; rebuild on a machine "
-                "with a CUDA toolkit and a CUDA build of torch "
-                "(KASMINA_KERNELS_CUDA=1 pip install --no-build-isolation -e .)"
-            )
+            return ("kasmina_kernels._C was built without CUDA kernels; rebuild on a machine "
+                    "with a CUDA toolkit and a CUDA build of torch "
+                    "(KASMINA_KERNELS_CUDA=1 pip install --no-build-isolation -e .)")
     elif device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return (
-            "Triton kernels run on CPU tensors only under its interpreter: "
-            "set TRITON_INTERPRET=1 before importing triton (slow; meant for tests)"
-        )
+        return ("Triton kernels run on CPU tensors only under its interpreter: "
+                "set TRITON_INTERPRET=1 before importing triton (slow; meant for tests)")
     if device_type not in ("cpu", "cuda"):
         return f"the {name} backend has no kernels for device type {device_type!r}"
     if device_type == "cuda" and not torch.cuda.is_available():

@@ -78,10 +78,8 @@ def _first_mismatch(k: torch.Tensor, r: torch.Tensor, bad: torch.Tensor) -> str:
     if idx.numel() == 0:
         return ""
     first = tuple(int(i) for i in idx[0])
-    return (
-        f"{int(bad.sum())} of {bad.numel()} elements; first at {first}: "
-        f"kernel={k[first].item()!r} reference={r[first].item()!r}"
-    )
+    return (f"{int(bad.sum())} of {bad.numel()} elements; first at {first}: "
+            f"kernel={k[first].item()!r} reference={r[first].item()!r}")
 
 
 def check_nonfinite(name: str, k: torch.Tensor, r: torch.Tensor) -> None:
@@ -132,10 +130,8 @@ def check_elementwise(name: str, k: torch.Tensor, r: torch.Tensor, tol_dtype: to
             check_device=True, check_layout=True, check_stride=False,
         )
     except AssertionError as exc:
-        raise EquivalenceError(
-            f"{name}: rule 1 (rtol={rtol}, atol=1 ulp of {tol_dtype} at "
-            f"{_finite_max_abs(r):.6g} = {atol:.3g}) failed:\n{exc}"
-        ) from None
+        raise EquivalenceError(f"{name}: rule 1 (rtol={rtol}, atol=1 ulp of {tol_dtype} at "
+                               f"{_finite_max_abs(r):.6g} = {atol:.3g}) failed:\n{exc}") from None
 
 
 def reduction_slack(tol_dtype: torch.dtype, term_sums: torch.Tensor, n: int) -> torch.Tensor:

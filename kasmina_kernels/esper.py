@@ -105,10 +105,8 @@ def install() -> EsperInstall:
         modules = {name: _import(name) for name in ESPER_NAMESPACES}
         for name, module in modules.items():
             if not any(hasattr(module, n) for n in DROP_INS):
-                raise EsperNotFoundError(
-                    f"kasmina_kernels.esper.install: {name} holds none of the names "
-                    f"{', '.join(DROP_INS)}; nothing was replaced"
-                )
+                raise EsperNotFoundError(f"kasmina_kernels.esper.install: {name} holds none of the names "
+                                         f"{', '.join(DROP_INS)}; nothing was replaced")
         catalog = getattr(modules[_CATALOG_MODULE], _CATALOG, None)
         registry = getattr(catalog, "_algorithms", None)
         if not isinstance(registry, MutableMapping) or _GATED not in registry:

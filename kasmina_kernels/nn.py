@@ -43,9 +43,7 @@ class GatedBlend(nn.Module):
         if channels <= 0:
             raise ValueError(f"GatedBlend requires channels > 0, got {channels}")
         if topology not in TOPOLOGIES:
-            raise ValueError(
-                f"Unknown topology {topology!r} for GatedBlend: expected 'cnn' or 'transformer'"
-            )
+            raise ValueError(f"Unknown topology {topology!r} for GatedBlend: expected 'cnn' or 'transformer'")
         if total_steps <= 0:
             raise ValueError(f"GatedBlend requires total_steps > 0, got {total_steps}")
         self.channels = channels
@@ -81,17 +79,13 @@ class GatedBlend(nn.Module):
         rank, channel_dim, layout, esper_name = _TOPOLOGY[self.topology]
         if x.dim() != rank:
             # Esper asserts the rank: the same exception type, and its message's opening words
-            raise AssertionError(
-                f"{esper_name} topology expects {rank}D input, got "
-                f"{x.dim()}D of shape {tuple(x.shape)} ({type(self).__name__}(channels="
-                f"{self.channels}, topology={self.topology!r}) takes {layout})"
-            )
+            raise AssertionError(f"{esper_name} topology expects {rank}D input, got "
+                                 f"{x.dim()}D of shape {tuple(x.shape)} ({type(self).__name__}(channels="
+                                 f"{self.channels}, topology={self.topology!r}) takes {layout})")
         if x.shape[channel_dim] != self.channels:
-            raise ValueError(
-                f"{type(self).__name__}(channels={self.channels}, topology={self.topology!r}) "
-                f"expects x of shape {layout} with {self.channels} channels, "
-                f"got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"{type(self).__name__}(channels={self.channels}, topology={self.topology!r}) "
+                             f"expects x of shape {layout} with {self.channels} channels, "
+                             f"got shape {tuple(x.shape)}")
 
     def get_alpha_for_blend(self, x: torch.Tensor) -> torch.Tensor:
         """The per-sample gate for host features ``x``: ``(B,1,1,1)`` (cnn) or ``(B,1,1)``."""

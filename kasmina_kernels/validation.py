@@ -24,9 +24,7 @@ def check_tensor(op: str, name: str, t) -> None:
 def check_features(op: str, name: str, t) -> None:
     check_tensor(op, name, t)
     if t.dtype not in _FEATURE_DTYPES:
-        raise TypeError(
-            f"{op}: {name} has dtype {t.dtype}; expected float32, float64, bfloat16 or float16"
-        )
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected float32, float64, bfloat16 or float16")
 
 
 def check_weight(op: str, name: str, w, features: torch.Tensor) -> None:
@@ -37,10 +35,8 @@ def check_weight(op: str, name: str, w, features: torch.Tensor) -> None:
     if w.dim() == 0 and w.device.type == "cpu":
         return  # a CPU scalar goes with features anywhere and broadcasts to any shape
     if w.device != features.device:
-        raise ValueError(
-            f"{op}: {name} is on {w.device} but the features are on {features.device} "
-            "(only a 0-dim CPU scalar may live elsewhere)"
-        )
+        raise ValueError(f"{op}: {name} is on {w.device} but the features are on {features.device} "
+                         "(only a 0-dim CPU scalar may live elsewhere)")
     ws, fs = w.shape, features.shape
     if broadcast_shape(ws, fs) != tuple(fs):
         raise ValueError(f"{op}: {name} of shape {_fmt(ws)} does not broadcast to {_fmt(fs)}")
@@ -144,10 +140,8 @@ def check_gate_pair(op: str, alpha, gate) -> None:
     ):
         raise ValueError(f"{op}: alpha is on {alpha.device} but gate is on {gate.device}")
     if broadcast_shape(alpha.shape, gate.shape) is None:
-        raise ValueError(
-            f"{op}: alpha of shape {_fmt(alpha.shape)} and gate of shape {_fmt(gate.shape)} "
-            "do not broadcast"
-        )
+        raise ValueError(f"{op}: alpha of shape {_fmt(alpha.shape)} and gate of shape {_fmt(gate.shape)} "
+                         "do not broadcast")
 
 
 def check_topology(op: str, x, topology) -> None:
@@ -185,7 +179,5 @@ def check_gate_network(op: str, x, w1, b1, w2, b2, topology) -> None:
     expected = {"w1": (hidden, channels), "b1": (hidden,), "w2": (1, hidden), "b2": (1,)}
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         if tuple(t.shape) != expected[name]:
-            raise ValueError(
-                f"{op}: {name} has shape {_fmt(t.shape)}, expected {expected[name]} "
-                f"for {channels} channels and hidden width {hidden}"
-            )
+            raise ValueError(f"{op}: {name} has shape {_fmt(t.shape)}, expected {expected[name]} "
+                             f"for {channels} channels and hidden width {hidden}")
