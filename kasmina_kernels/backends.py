@@ -55,7 +55,7 @@ def _why_unavailable(name: str, device_type: str) -> str | None:
         if _load_native() is None:
             return (f"the compiled extension kasmina_kernels._C did not load ({_native_error}); "
                     "build it with `pip install --no-build-isolation -e .` after installing torch")
-        if device_type == "cuda" and not _native_module.built_with_cuda():
+        if device_type == "cuda" and not _native_module.build_info()["with_cuda"]:
             return ("kasmina_kernels._C was built without CUDA kernels; rebuild on a machine "
                     "with a CUDA toolkit and a CUDA build of torch "
                     "(KASMINA_KERNELS_CUDA=1 pip install --no-build-isolation -e .)")
@@ -92,13 +92,14 @@ def backend_module(name: str) -> ModuleType:
     return _modules[name]
 
 
-def _device_types() -> list[str]:
+def device_types() -> list[str]:
+    """The device types this machine has."""
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:
     """Backends that can run on `device` (default: on any device this machine has)."""
-    types = _device_types() if device is None else [torch.device(device).type]
+    types = device_types() if device is None else [torch.device(device).type]
     return [b for b in BACKENDS if any(backend_status(b, t) is None for t in types)]
 
 
@@ -245,7 +246,7 @@ def build_summary() -> dict:
 # Availability is settled once, at import, for every device this machine has, so that op
 # calls (and torch.compile tracing them) only read a cache. Triton is imported here only where
 # it can run (a CUDA device, or TRITON_INTERPRET=1).
-for _device_type in _device_types():
+for _device_type in device_types():
     for _name in BACKENDS:
         backend_status(_name, _device_type)
 _auto_native_cpu = _auto("cpu") == "native"

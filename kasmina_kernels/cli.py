@@ -21,7 +21,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _backend_table() -> list[str]:
-    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    device_types = backends.device_types()
     lines = ["| backend | " + " | ".join(device_types) + " |",
              "| --- | " + " | ".join("---" for _ in device_types) + " |"]
     for name in backends.BACKENDS:

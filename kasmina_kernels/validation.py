@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-FEATURE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_FEATURE_DTYPES = frozenset(FEATURE_DTYPES)
+_FEATURE_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
 TOPOLOGIES = ("cnn", "transformer")
 
 
@@ -43,7 +42,7 @@ def check_weight(op: str, name: str, w, features: torch.Tensor) -> None:
 
 
 # Weight dtypes the fast paths accept without further checks (check_weight decides the rest).
-_REAL_DTYPES = frozenset(FEATURE_DTYPES + (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8))
+_REAL_DTYPES = _FEATURE_DTYPES | {torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8}
 _Tensor = torch.Tensor
 
 
