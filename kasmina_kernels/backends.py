@@ -28,34 +28,26 @@ class BackendUnavailableError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- availability
-_native_module: ModuleType | None = None
-_native_error: str | None = None
 _status_cache: dict[tuple[str, str], str | None] = {}
-_modules: dict[str, ModuleType] = {}
-
-
-def _load_native() -> ModuleType | None:
-    global _native_module, _native_error
-    if _native_module is None and _native_error is None:
-        try:
-            _native_module = _modules["native"] = importlib.import_module("kasmina_kernels.native")
-        except ImportError as exc:  # the compiled extension is missing or broken
-            _native_error = str(exc)
-    return _native_module
+_modules: dict[str, ModuleType] = {"reference": importlib.import_module("kasmina_kernels.reference")}
+_native_error: str | None = None
+try:
+    _modules["native"] = importlib.import_module("kasmina_kernels.native")
+except ImportError as exc:  # the compiled extension is missing or broken
+    _native_error = str(exc)
 
 
 def _why_unavailable(name: str, device_type: str) -> str | None:
     """None when `name` can run on `device_type`, else the reason and the remedy."""
     if name == "reference":
-        _modules["reference"] = importlib.import_module("kasmina_kernels.reference")
         return None
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(BACKEND_NAMES)}")
     if name == "native":
-        if _load_native() is None:
+        if "native" not in _modules:
             return (f"the compiled extension kasmina_kernels._C did not load ({_native_error}); "
                     "build it with `pip install --no-build-isolation -e .` after installing torch")
-        if device_type == "cuda" and not _native_module.build_info()["with_cuda"]:
+        if device_type == "cuda" and not _modules["native"].build_info()["with_cuda"]:
             return ("kasmina_kernels._C was built without CUDA kernels; rebuild on a machine "
                     "with a CUDA toolkit and a CUDA build of torch "
                     "(KASMINA_KERNELS_CUDA=1 pip install --no-build-isolation -e .)")
@@ -229,7 +221,7 @@ def build_summary() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = "not installed"
-    native = _load_native()
+    native = _modules.get("native")
     if native is None:
         info["native extension"] = f"not loaded: {_native_error}"
     else:
