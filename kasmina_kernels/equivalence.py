@@ -40,8 +40,7 @@ def least_precise(*dtypes: torch.dtype) -> torch.dtype:
     return max((d for d in dtypes if d.is_floating_point), key=lambda d: torch.finfo(d).eps)
 
 
-def tolerance_dtype(output_dtype: torch.dtype, computation_dtype: torch.dtype | None = None
-                    ) -> torch.dtype:
+def tolerance_dtype(output_dtype: torch.dtype, computation_dtype: torch.dtype | None = None) -> torch.dtype:
     """The dtype an output is judged in: its computation dtype, the dtype the reference computes
     it in. Downstream of the blends' cast to the host's dtype that is the host's dtype (the
     gradient of a float32 seed beside a bfloat16 host is a bfloat16 value widened to float32,

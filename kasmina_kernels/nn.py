@@ -51,12 +51,7 @@ class GatedBlend(nn.Module):
         self.total_steps = total_steps
         self._current_step = 0
         hidden = reference.gate_hidden_size(channels)
-        self.gate = nn.Sequential(
-            nn.Linear(channels, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, 1),
-            nn.Sigmoid(),
-        )
+        self.gate = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid())
 
     def step(self, step: int | None = None) -> None:
         """``step(n)`` sets ``_current_step`` to ``n`` (Esper's ``BlendAlgorithm.step``);

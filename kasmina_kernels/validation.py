@@ -134,9 +134,7 @@ def check_gate_pair(op: str, alpha, gate) -> None:
             raise TypeError(f"{op}: {name} must be a real number tensor, got dtype {t.dtype}")
     if not (alpha.is_floating_point() or gate.is_floating_point()):
         raise TypeError(f"{op}: alpha or gate must be a floating-point tensor")
-    if alpha.device != gate.device and not any(
-        t.dim() == 0 and t.device.type == "cpu" for t in (alpha, gate)
-    ):
+    if alpha.device != gate.device and not any(t.dim() == 0 and t.is_cpu for t in (alpha, gate)):
         raise ValueError(f"{op}: alpha is on {alpha.device} but gate is on {gate.device}")
     if broadcast_shape(alpha.shape, gate.shape) is None:
         raise ValueError(f"{op}: alpha of shape {_fmt(alpha.shape)} and gate of shape {_fmt(gate.shape)} "
@@ -147,12 +145,10 @@ def check_topology(op: str, x, topology) -> None:
     if topology not in TOPOLOGIES:
         raise ValueError(f"{op}: unknown topology {topology!r}: expected 'cnn' or 'transformer'")
     check_features(op, "x", x)
-    want = 4 if topology == "cnn" else 3
-    if x.dim() != want:
-        layout = "(B,C,H,W)" if topology == "cnn" else "(B,T,C)"
-        raise ValueError(
-            f"{op}: topology {topology!r} expects x of rank {want} {layout}, got shape {_fmt(x.shape)}"
-        )
+    rank, layout = (4, "(B,C,H,W)") if topology == "cnn" else (3, "(B,T,C)")
+    if x.dim() != rank:
+        raise ValueError(f"{op}: topology {topology!r} expects x of rank {rank} {layout}, "
+                         f"got shape {_fmt(x.shape)}")
 
 
 def check_gate_network(op: str, x, w1, b1, w2, b2, topology) -> None:
