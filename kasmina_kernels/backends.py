@@ -28,59 +28,37 @@ class BackendUnavailableError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- availability
-_native_module: ModuleType | None = None
-_native_error: str | None = None
 _status_cache: dict[tuple[str, str], str | None] = {}
-_modules: dict[str, ModuleType] = {}
-
-
-def _load_native() -> ModuleType | None:
-    global _native_module, _native_error
-    if _native_module is None and _native_error is None:
-        try:
-            _native_module = _modules["native"] = importlib.import_module("kasmina_kernels.native")
-        except ImportError as exc:  # the compiled extension is missing or broken
-            _native_error = str(exc)
-    return _native_module
+_modules: dict[str, ModuleType] = {"reference": importlib.import_module("kasmina_kernels.reference")}
+_native_error: str | None = None
+try:
+    _modules["native"] = importlib.import_module("kasmina_kernels.native")
+except ImportError as exc:  # the compiled extension is missing or broken
+    _native_error = str(exc)
 
 
 def _why_unavailable(name: str, device_type: str) -> str | None:
     """None when `name` can run on `device_type`, else the reason and the remedy."""
     if name == "reference":
-        _modules["reference"] = importlib.import_module("kasmina_kernels.reference")
         return None
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(BACKEND_NAMES)}")
     if name == "native":
-        native = _load_native()
-        if native is None:
-            return (
-                f"the compiled extension kasmina_kernels._C did not load ({_native_error}); "
-                "build it with `pip install --no-build-isolation -e .` after installing torch"
-            )
-        if device_type == "cpu":
-            return None
-        if device_type == "cuda":
-            if not native.built_with_cuda():
-                return (
-                    "kasmina_kernels._C was built without CUDA kernels; rebuild on a machine "
+        if "native" not in _modules:
+            return (f"the compiled extension kasmina_kernels._C did not load ({_native_error}); "
+                    "build it with `pip install --no-build-isolation -e .` after installing torch")
+        if device_type == "cuda" and not _modules["native"].build_info()["with_cuda"]:
+            return ("kasmina_kernels._C was built without CUDA kernels; rebuild on a machine "
                     "with a CUDA toolkit and a CUDA build of torch "
-                    "(KASMINA_KERNELS_CUDA=1 pip install --no-build-isolation -e .)"
-                )
-            if not torch.cuda.is_available():
-                return "no CUDA device is visible to torch"
-            return None
-        return f"the native backend has no kernels for device type {device_type!r}"
+                    "(KASMINA_KERNELS_CUDA=1 pip install --no-build-isolation -e .)")
+    elif device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("Triton kernels run on CPU tensors only under its interpreter: "
+                "set TRITON_INTERPRET=1 before importing triton (slow; meant for tests)")
+    if device_type not in ("cpu", "cuda"):
+        return f"the {name} backend has no kernels for device type {device_type!r}"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is visible to torch"
     if name == "triton":
-        if device_type == "cuda":
-            if not torch.cuda.is_available():
-                return "no CUDA device is visible to torch"
-        elif device_type == "cpu":
-            if os.environ.get("TRITON_INTERPRET") != "1":
-                return (
-                    "Triton kernels run on CPU tensors only under its interpreter: "
-                    "set TRITON_INTERPRET=1 before importing triton (slow; meant for tests)"
-                )
-        else:
-            return f"the triton backend has no kernels for device type {device_type!r}"
         try:
             import triton  # noqa: F401
         except ImportError as exc:
@@ -90,8 +68,7 @@ def _why_unavailable(name: str, device_type: str) -> str | None:
             _modules["triton"] = importlib.import_module("kasmina_kernels.triton")
         except ImportError as exc:
             return f"the triton backend module did not import: {exc}"
-        return None
-    raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(BACKEND_NAMES)}")
+    return None
 
 
 def backend_status(name: str, device_type: str = "cpu") -> str | None:
@@ -107,13 +84,14 @@ def backend_module(name: str) -> ModuleType:
     return _modules[name]
 
 
-def _device_types() -> list[str]:
+def device_types() -> list[str]:
+    """The device types this machine has."""
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:
     """Backends that can run on `device` (default: on any device this machine has)."""
-    types = _device_types() if device is None else [torch.device(device).type]
+    types = device_types() if device is None else [torch.device(device).type]
     return [b for b in BACKENDS if any(backend_status(b, t) is None for t in types)]
 
 
@@ -139,7 +117,7 @@ _ENV_FAST = _ENVIRON_DATA is not None and _ENV_KEY is not None
 
 
 def _env_default() -> str | None:
-    if _ENVIRON_DATA is not None and _ENV_KEY is not None and not torch.compiler.is_compiling():
+    if _ENV_FAST and not torch.compiler.is_compiling():
         raw = _ENVIRON_DATA.get(_ENV_KEY)
         return None if raw is None else os.environ.decodevalue(raw)
     return os.environ.get(ENV_VAR)
@@ -243,7 +221,7 @@ def build_summary() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = "not installed"
-    native = _load_native()
+    native = _modules.get("native")
     if native is None:
         info["native extension"] = f"not loaded: {_native_error}"
     else:
@@ -260,7 +238,7 @@ def build_summary() -> dict:
 # Availability is settled once, at import, for every device this machine has, so that op
 # calls (and torch.compile tracing them) only read a cache. Triton is imported here only where
 # it can run (a CUDA device, or TRITON_INTERPRET=1).
-for _device_type in _device_types():
+for _device_type in device_types():
     for _name in BACKENDS:
         backend_status(_name, _device_type)
 _auto_native_cpu = _auto("cpu") == "native"

@@ -21,14 +21,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _backend_table() -> list[str]:
-    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    device_types = backends.device_types()
     lines = ["| backend | " + " | ".join(device_types) + " |",
              "| --- | " + " | ".join("---" for _ in device_types) + " |"]
     for name in backends.BACKENDS:
-        cells = []
-        for dt in device_types:
-            why = backends.backend_status(name, dt)
-            cells.append("available" if why is None else f"no: {why}")
+        whys = [backends.backend_status(name, dt) for dt in device_types]
+        cells = ["available" if why is None else f"no: {why}" for why in whys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

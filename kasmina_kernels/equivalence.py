@@ -40,15 +40,12 @@ def least_precise(*dtypes: torch.dtype) -> torch.dtype:
     return max((d for d in dtypes if d.is_floating_point), key=lambda d: torch.finfo(d).eps)
 
 
-def tolerance_dtype(output_dtype: torch.dtype, computation_dtype: torch.dtype | None = None
-                    ) -> torch.dtype:
+def tolerance_dtype(output_dtype: torch.dtype, computation_dtype: torch.dtype | None = None) -> torch.dtype:
     """The dtype an output is judged in: its computation dtype, the dtype the reference computes
     it in. Downstream of the blends' cast to the host's dtype that is the host's dtype (the
     gradient of a float32 seed beside a bfloat16 host is a bfloat16 value widened to float32,
     and is judged as bfloat16); otherwise the output's own."""
-    if computation_dtype is None:
-        return output_dtype
-    return least_precise(output_dtype, computation_dtype)
+    return output_dtype if computation_dtype is None else least_precise(output_dtype, computation_dtype)
 
 
 def computation_dtype(op: str, output: str, host_dtype: torch.dtype) -> torch.dtype | None:
@@ -60,12 +57,8 @@ def computation_dtype(op: str, output: str, host_dtype: torch.dtype) -> torch.dt
     return None
 
 
-_DEFAULT_RTOL = {
-    torch.float16: 1e-3,
-    torch.bfloat16: 1.6e-2,
-    torch.float32: 1.3e-6,
-    torch.float64: 1e-7,
-}
+# torch.testing.assert_close's default rtol per dtype
+_DEFAULT_RTOL = {torch.float16: 1e-3, torch.bfloat16: 1.6e-2, torch.float32: 1.3e-6, torch.float64: 1e-7}
 
 
 # ----------------------------------------------------------------------------- comparing
@@ -84,10 +77,8 @@ def _first_mismatch(k: torch.Tensor, r: torch.Tensor, bad: torch.Tensor) -> str:
     if idx.numel() == 0:
         return ""
     first = tuple(int(i) for i in idx[0])
-    return (
-        f"{int(bad.sum())} of {bad.numel()} elements; first at {first}: "
-        f"kernel={k[first].item()!r} reference={r[first].item()!r}"
-    )
+    return (f"{int(bad.sum())} of {bad.numel()} elements; first at {first}: "
+            f"kernel={k[first].item()!r} reference={r[first].item()!r}")
 
 
 def check_nonfinite(name: str, k: torch.Tensor, r: torch.Tensor) -> None:
@@ -133,15 +124,10 @@ def check_elementwise(name: str, k: torch.Tensor, r: torch.Tensor, tol_dtype: to
                 # those elements pass; rule 1 judges the rest against the reference
                 k = torch.where(judged_by_oracle, r.detach(), k.detach())
     try:
-        torch.testing.assert_close(
-            k, r, rtol=rtol, atol=atol, equal_nan=True, check_dtype=True,
-            check_device=True, check_layout=True, check_stride=False,
-        )
+        torch.testing.assert_close(k, r, rtol=rtol, atol=atol, equal_nan=True)
     except AssertionError as exc:
-        raise EquivalenceError(
-            f"{name}: rule 1 (rtol={rtol}, atol=1 ulp of {tol_dtype} at "
-            f"{_finite_max_abs(r):.6g} = {atol:.3g}) failed:\n{exc}"
-        ) from None
+        raise EquivalenceError(f"{name}: rule 1 (rtol={rtol}, atol=1 ulp of {tol_dtype} at "
+                               f"{_finite_max_abs(r):.6g} = {atol:.3g}) failed:\n{exc}") from None
 
 
 def reduction_slack(tol_dtype: torch.dtype, term_sums: torch.Tensor, n: int) -> torch.Tensor:
@@ -153,10 +139,8 @@ def reduction_slack(tol_dtype: torch.dtype, term_sums: torch.Tensor, n: int) -> 
     return math.sqrt(max(n, 1)) * unit * term_sums.detach().to(torch.float64)
 
 
-def check_against_oracle(
-    name: str, k: torch.Tensor, r: torch.Tensor, o, tol_dtype: torch.dtype, errors=None,
-    slack: torch.Tensor | None = None,
-) -> None:
+def check_against_oracle(name: str, k: torch.Tensor, r: torch.Tensor, o, tol_dtype: torch.dtype, errors=None,
+                         slack: torch.Tensor | None = None) -> None:
     """Rule 2: max|k - o| <= 2 max|r - o| + 1 ulp of tol_dtype at max|o|, over the elements
     where kernel, reference and oracle are all finite (rule 3 judges the others). `errors`:
     `oracle_errors(k, r, o)` if the caller has it; `slack`: a reduction's per-element slack
@@ -168,9 +152,7 @@ def check_against_oracle(
     if not err_k <= bound and slack is not None:
         # element by element: |k - o| - max(1 ulp, slack) against twice eager's max error
         k64, o64 = k.detach().to(torch.float64), _as_float64(o, k)
-        per_element = torch.maximum(slack.to(k64.device).expand(k64.shape),
-                                    torch.tensor(ulp(tol_dtype, scale), dtype=torch.float64,
-                                                 device=k64.device))
+        per_element = slack.to(k64.device).expand(k64.shape).clamp(min=ulp(tol_dtype, scale))
         excess = ((k64 - o64).abs() - per_element)[torch.isfinite(k64) & torch.isfinite(o64)]
         if excess.numel() == 0 or float(excess.max()) <= 2.0 * err_r:
             return
@@ -287,8 +269,8 @@ def reduction_terms(op: str, leaves: dict, requires, grad_out: torch.Tensor | No
     g = None if grad_out is None else grad_out.detach().to(torch.float64)
     out = {}
 
-    def add(name, terms, shape):
-        n = terms.numel() // max(1, math.prod(shape))
+    def add(name, terms, shape, count=None):
+        n = (terms.numel() if count is None else count) // max(1, math.prod(shape))
         if name in requires and n > 1:
             out["d" + name] = (terms.abs().sum_to_size(shape), n)
 
@@ -303,11 +285,7 @@ def reduction_terms(op: str, leaves: dict, requires, grad_out: torch.Tensor | No
             de = (g * (s - h)).abs().sum_to_size(eshape)
             n = (g.numel() // max(1, math.prod(eshape))) * math.prod(eshape)
             for name, other in (("alpha", gt), ("gate", a)):
-                shape = f[name].shape
-                terms = (de * other.clamp(0, 1).abs().expand(eshape)).sum_to_size(shape)
-                count = n // max(1, math.prod(shape))
-                if name in requires and count > 1:
-                    out["d" + name] = (terms, count)
+                add(name, de * other.clamp(0, 1).abs().expand(eshape), f[name].shape, n)
         else:
             add("alpha", g * (s - h), f["alpha"].shape)
     if g is not None and op == "multiply_valve_multiplier":

@@ -103,12 +103,6 @@ def install() -> EsperInstall:
                 return _installed
             _installed.uninstall()  # Esper's modules were imported again since: start over
         modules = {name: _import(name) for name in ESPER_NAMESPACES}
-        for name, module in modules.items():
-            if not any(hasattr(module, n) for n in DROP_INS):
-                raise EsperNotFoundError(
-                    f"kasmina_kernels.esper.install: {name} holds none of the names "
-                    f"{', '.join(DROP_INS)}; nothing was replaced"
-                )
         catalog = getattr(modules[_CATALOG_MODULE], _CATALOG, None)
         registry = getattr(catalog, "_algorithms", None)
         if not isinstance(registry, MutableMapping) or _GATED not in registry:
@@ -120,7 +114,10 @@ def install() -> EsperInstall:
         package = sys.modules.get(_PACKAGE)
         if package is not None and any(n in vars(package) for n in DROP_INS):
             namespaces.append(package)
-        handle = swap_in(*namespaces)
+        try:
+            handle = swap_in(*namespaces)
+        except ValueError as exc:  # a module holds none of the names; swap_in replaced nothing
+            raise EsperNotFoundError(f"kasmina_kernels.esper.install: {exc}; nothing was replaced") from None
         handle._replace(registry, _GATED, nn.GatedBlend)  # a mapping holding _GATED: cannot fail
         if package is not None:
             modules[_PACKAGE] = package

@@ -13,11 +13,8 @@ from .optable import drop_ins
 __all__ = drop_ins("isolation")
 
 
-def blend_with_isolation(
-    host_features: torch.Tensor,
-    seed_features: torch.Tensor,
-    alpha: torch.Tensor,
-) -> torch.Tensor:
+def blend_with_isolation(host_features: torch.Tensor, seed_features: torch.Tensor,
+                         alpha: torch.Tensor) -> torch.Tensor:
     """``lerp(host, seed, clamp01(alpha))``: gradients reach both inputs (the same as ADD)."""
     return ops.blend_with_isolation(host_features, seed_features, alpha)
 

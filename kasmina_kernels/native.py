@@ -24,10 +24,6 @@ from . import _C  # noqa: E402  (registers the kernels and autograd of torch.ops
 _ops = torch.ops.kasmina
 
 
-def built_with_cuda() -> bool:
-    return bool(_C.build_info()["with_cuda"])
-
-
 def build_info() -> dict:
     return dict(_C.build_info())
 

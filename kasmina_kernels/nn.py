@@ -20,11 +20,8 @@ from .validation import TOPOLOGIES
 
 __all__ = ["GatedBlend", "EagerGatedBlend"]
 
-_GATE_SHAPE = {"cnn": (-1, 1, 1, 1), "transformer": (-1, 1, 1)}
-_LAYOUT = {"cnn": "(B, C, H, W)", "transformer": "(B, T, C)"}
-_RANK = {"cnn": 4, "transformer": 3}
-_CHANNEL_DIM = {"cnn": 1, "transformer": 2}
-_TOPOLOGY_NAME = {"cnn": "CNN", "transformer": "Transformer"}
+# per topology: the input's rank and channel dim, its layout, Esper's name for the topology
+_TOPOLOGY = {"cnn": (4, 1, "(B, C, H, W)", "CNN"), "transformer": (3, 2, "(B, T, C)", "Transformer")}
 
 
 class GatedBlend(nn.Module):
@@ -46,9 +43,7 @@ class GatedBlend(nn.Module):
         if channels <= 0:
             raise ValueError(f"GatedBlend requires channels > 0, got {channels}")
         if topology not in TOPOLOGIES:
-            raise ValueError(
-                f"Unknown topology {topology!r} for GatedBlend: expected 'cnn' or 'transformer'"
-            )
+            raise ValueError(f"Unknown topology {topology!r} for GatedBlend: expected 'cnn' or 'transformer'")
         if total_steps <= 0:
             raise ValueError(f"GatedBlend requires total_steps > 0, got {total_steps}")
         self.channels = channels
@@ -56,12 +51,7 @@ class GatedBlend(nn.Module):
         self.total_steps = total_steps
         self._current_step = 0
         hidden = reference.gate_hidden_size(channels)
-        self.gate = nn.Sequential(
-            nn.Linear(channels, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, 1),
-            nn.Sigmoid(),
-        )
+        self.gate = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid())
 
     def step(self, step: int | None = None) -> None:
         """``step(n)`` sets ``_current_step`` to ``n`` (Esper's ``BlendAlgorithm.step``);
@@ -81,28 +71,24 @@ class GatedBlend(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__}: x must be a torch.Tensor, got {type(x).__name__}")
-        rank = _RANK[self.topology]
+        rank, channel_dim, layout, esper_name = _TOPOLOGY[self.topology]
         if x.dim() != rank:
             # Esper asserts the rank: the same exception type, and its message's opening words
-            raise AssertionError(
-                f"{_TOPOLOGY_NAME[self.topology]} topology expects {rank}D input, got "
-                f"{x.dim()}D of shape {tuple(x.shape)} ({type(self).__name__}(channels="
-                f"{self.channels}, topology={self.topology!r}) takes {_LAYOUT[self.topology]})"
-            )
-        if x.shape[_CHANNEL_DIM[self.topology]] != self.channels:
-            raise ValueError(
-                f"{type(self).__name__}(channels={self.channels}, topology={self.topology!r}) "
-                f"expects x of shape {_LAYOUT[self.topology]} with {self.channels} channels, "
-                f"got shape {tuple(x.shape)}"
-            )
+            raise AssertionError(f"{esper_name} topology expects {rank}D input, got "
+                                 f"{x.dim()}D of shape {tuple(x.shape)} ({type(self).__name__}(channels="
+                                 f"{self.channels}, topology={self.topology!r}) takes {layout})")
+        if x.shape[channel_dim] != self.channels:
+            raise ValueError(f"{type(self).__name__}(channels={self.channels}, topology={self.topology!r}) "
+                             f"expects x of shape {layout} with {self.channels} channels, "
+                             f"got shape {tuple(x.shape)}")
 
     def get_alpha_for_blend(self, x: torch.Tensor) -> torch.Tensor:
         """The per-sample gate for host features ``x``: ``(B,1,1,1)`` (cnn) or ``(B,1,1)``."""
         # the current parameters, straight from the registries (nn.Module.__getattr__ and
         # Sequential indexing cost as much as the fused op's Python side)
         topology = self.topology
-        if not (isinstance(x, torch.Tensor) and x.ndim == _RANK[topology]
-                and x.shape[_CHANNEL_DIM[topology]] == self.channels):
+        rank, channel_dim, _, _ = _TOPOLOGY[topology]
+        if not (isinstance(x, torch.Tensor) and x.ndim == rank and x.shape[channel_dim] == self.channels):
             self._check_input(x)  # raises the precise error
         gate = self.gate
         first, second = gate._modules.get("0"), gate._modules.get("2")
@@ -129,4 +115,4 @@ class EagerGatedBlend(GatedBlend):
     def get_alpha_for_blend(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         pooled = reference.gated_pool(x, self.topology)
-        return self.gate(pooled).view(_GATE_SHAPE[self.topology])
+        return self.gate(pooled).view((-1,) + (1,) * (x.dim() - 1))  # one gate per sample

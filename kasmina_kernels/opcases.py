@@ -88,16 +88,10 @@ def run_with_grads(op: optable.Op, fn, args, kwargs, grad_seed: int = 1234) -> d
     return run_forward_backward(fn, leaves, op.call, grad_inputs(op, leaves), incoming_grad(probe, grad_seed))
 
 
-def run_forward_backward(
-    fn: Callable,
-    leaves: dict[str, torch.Tensor],
-    call: Callable[[Callable, dict[str, torch.Tensor]], torch.Tensor],
-    requires: tuple[str, ...],
-    grad_out: torch.Tensor | None,
-    *,
-    inference: bool = False,
-    upcast_inputs: bool = False,
-) -> dict[str, torch.Tensor]:
+def run_forward_backward(fn: Callable, leaves: dict[str, torch.Tensor],
+                         call: Callable[[Callable, dict[str, torch.Tensor]], torch.Tensor],
+                         requires: tuple[str, ...], grad_out: torch.Tensor | None, *,
+                         inference: bool = False, upcast_inputs: bool = False) -> dict[str, torch.Tensor]:
     """Runs `call(fn, leaves')` where leaves' are fresh leaf tensors (float64 copies when
     `upcast_inputs`), then the gradient of every leaf named in `requires` for the upstream
     gradient `grad_out`. Aliased leaves (the same tensor object under two names) stay aliased.

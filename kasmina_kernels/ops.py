@@ -134,18 +134,6 @@ def gated_pool(x, topology, *, backend=None):
     return _impl(x, backend).gated_pool(x, topology)
 
 
-def _autocast_dtype(x, w1, b1, w2, b2) -> torch.dtype | None:
-    """The dtype the eager gate network returns under the autocast enabled for x's device
-    (its Linear layers run in the autocast dtype), or None where autocast leaves it alone:
-    autocast off for the device, or a float64 operand (autocast does not cast float64)."""
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    if torch.float64 in (x.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
 def gate_network(x, w1, b1, w2, b2, *, topology, backend=None):
     """sigmoid(W2 relu(W1 pool(x) + b1) + b2), shaped (B,1,1,1) ("cnn") or (B,1,1).
 
@@ -153,12 +141,14 @@ def gate_network(x, w1, b1, w2, b2, *, topology, backend=None):
     kernel (which autocast does not touch) computes in the features' dtype and rounds its
     result to that dtype once."""
     validation.check_gate_network("gate_network", x, w1, b1, w2, b2, topology)
-    dtype = _autocast_dtype(x, w1, b1, w2, b2)
-    if dtype is not None:
-        name = resolve_backend(x, backend)
-        if name != "reference":  # the reference is autocast's own math
-            gate = backend_module(name).gate_network(x, w1, b1, w2, b2, topology=topology)
-            return gate if gate.dtype == dtype else gate.to(dtype)
+    device_type = x.device.type
+    # autocast does not cast float64 operands; the reference is autocast's own math
+    if (torch.is_autocast_enabled(device_type)
+            and torch.float64 not in (x.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype)
+            and (name := resolve_backend(x, backend)) != "reference"):
+        gate = backend_module(name).gate_network(x, w1, b1, w2, b2, topology=topology)
+        dtype = torch.get_autocast_dtype(device_type)
+        return gate if gate.dtype == dtype else gate.to(dtype)
     if backend is None and native_by_default(x):
         return _gate_network(x, w1, b1, w2, b2, topology)
     return _impl(x, backend).gate_network(x, w1, b1, w2, b2, topology=topology)

@@ -83,7 +83,7 @@ class Op:
         out = []
         for n in self.grads:
             t = a[n]
-            if t is None or a.get(f"need_{n}_grad") is False and n in _optional(self.schema):
+            if t is None or a.get(f"need_{n}_grad") is False and re.search(rf"Tensor\? {n}\b", self.schema):
                 out.append(a[self.inputs[0]].new_empty((0,)))
             elif n in self.weights:
                 out.append(t.new_empty(t.shape))
@@ -100,10 +100,6 @@ class Op:
 def _arg_names(schema: str) -> tuple[str, ...]:
     inside = schema[schema.index("(") + 1:schema.index(")")]
     return tuple(a.split()[-1] for a in inside.split(","))
-
-
-def _optional(schema: str) -> set[str]:
-    return set(re.findall(r"Tensor\? (\w+)", schema))
 
 
 # ---------------------------------------------------------------------------- irregular fakes
@@ -132,11 +128,8 @@ def pooled_input_grad(x: torch.Tensor, topology: str) -> torch.Tensor:
     values broadcast over the positions with stride 0; on CUDA a dense dx."""
     if x.device.type != "cpu" or x.numel() == 0:
         return torch.empty_like(x)
-    if topology == "cnn":
-        values = x.new_empty((x.shape[0], x.shape[1], 1, 1))
-    else:
-        values = x.new_empty((x.shape[0], 1, x.shape[2]))
-    return values.expand(x.shape)
+    values = (x.shape[0], x.shape[1], 1, 1) if topology == "cnn" else (x.shape[0], 1, x.shape[2])
+    return x.new_empty(values).expand(x.shape)
 
 
 # ---------------------------------------------------------------------------- the table

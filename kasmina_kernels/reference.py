@@ -11,12 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from .optable import NAMES
+from .validation import check_topology
 
 __all__ = [*NAMES, "gate_hidden_size"]
-
-
-def _clamp01(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp(0, 1)
 
 
 def _cast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -27,40 +24,25 @@ def _cast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def blend_add(h: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    a = _clamp01(alpha)
-    s = _cast(s, h)
-    a = _cast(a, h)
-    return torch.lerp(h, s, a)
+    return torch.lerp(h, _cast(s, h), _cast(alpha.clamp(0, 1), h))
 
 
 def multiply_valve_multiplier(alpha: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return 1 + _clamp01(alpha) * torch.tanh(m)
+    return 1 + alpha.clamp(0, 1) * torch.tanh(m)
 
 
-def blend_multiply(
-    h: torch.Tensor,
-    s: torch.Tensor,
-    alpha: torch.Tensor,
-    *,
-    seed_input: torch.Tensor | None = None,
-) -> torch.Tensor:
-    s = _cast(s, h)
-    alpha = _cast(alpha, h)
+def blend_multiply(h: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor, *,
+                   seed_input: torch.Tensor | None = None) -> torch.Tensor:
     r = h if seed_input is None else _cast(seed_input, h)
-    return h * (1 + _clamp01(alpha) * torch.tanh(s - r))
+    return h * (1 + _cast(alpha, h).clamp(0, 1) * torch.tanh(_cast(s, h) - r))
 
 
 def gate_effective_alpha(alpha: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    return _clamp01(_clamp01(alpha) * _clamp01(gate))
+    return (alpha.clamp(0, 1) * gate.clamp(0, 1)).clamp(0, 1)
 
 
-def blend_gate(
-    h: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor, gate: torch.Tensor
-) -> torch.Tensor:
-    e = gate_effective_alpha(alpha, gate)
-    s = _cast(s, h)
-    e = _cast(e, h)
-    return torch.lerp(h, s, e)
+def blend_gate(h: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return torch.lerp(h, _cast(s, h), _cast(gate_effective_alpha(alpha, gate), h))
 
 
 def ste_forward(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -73,17 +55,8 @@ def blend_with_isolation(h: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor) 
 
 
 def gated_pool(x: torch.Tensor, topology: str) -> torch.Tensor:
-    if topology == "cnn":
-        if x.dim() != 4:
-            raise ValueError(f"gated_pool(topology='cnn') expects (B,C,H,W), got shape {tuple(x.shape)}")
-        return x.mean(dim=(2, 3))
-    if topology == "transformer":
-        if x.dim() != 3:
-            raise ValueError(
-                f"gated_pool(topology='transformer') expects (B,T,C), got shape {tuple(x.shape)}"
-            )
-        return x.mean(dim=1)
-    raise ValueError(f"unknown topology {topology!r}: expected 'cnn' or 'transformer'")
+    check_topology("gated_pool", x, topology)
+    return x.mean(dim=(2, 3)) if topology == "cnn" else x.mean(dim=1)
 
 
 def gate_hidden_size(channels: int) -> int:
@@ -91,15 +64,8 @@ def gate_hidden_size(channels: int) -> int:
     return max(8, channels // 4)
 
 
-def gate_network(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
-    *,
-    topology: str,
-) -> torch.Tensor:
+def gate_network(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, *,
+                 topology: str) -> torch.Tensor:
     pooled = gated_pool(x, topology)
     hidden = F.relu(F.linear(pooled, w1, b1))
     gate = torch.sigmoid(F.linear(hidden, w2, b2))

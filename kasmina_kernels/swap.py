@@ -120,9 +120,7 @@ def swap_in(*namespaces: object, replacements: Mapping[str, object] | None = Non
         else:
             names = [name for name in table if hasattr(target, name)]
         if not names:
-            raise ValueError(
-                f"swap_in: {_describe(target)} holds none of the names {', '.join(table)}"
-            )
+            raise ValueError(f"swap_in: {_describe(target)} holds none of the names {', '.join(table)}")
         plan.extend((target, name) for name in names)
     handle = SwapHandle()
     for target, name in plan:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-FEATURE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_FEATURE_DTYPES = frozenset(FEATURE_DTYPES)
+_FEATURE_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
 TOPOLOGIES = ("cnn", "transformer")
 
 
@@ -24,9 +23,7 @@ def check_tensor(op: str, name: str, t) -> None:
 def check_features(op: str, name: str, t) -> None:
     check_tensor(op, name, t)
     if t.dtype not in _FEATURE_DTYPES:
-        raise TypeError(
-            f"{op}: {name} has dtype {t.dtype}; expected float32, float64, bfloat16 or float16"
-        )
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected float32, float64, bfloat16 or float16")
 
 
 def check_weight(op: str, name: str, w, features: torch.Tensor) -> None:
@@ -37,17 +34,15 @@ def check_weight(op: str, name: str, w, features: torch.Tensor) -> None:
     if w.dim() == 0 and w.device.type == "cpu":
         return  # a CPU scalar goes with features anywhere and broadcasts to any shape
     if w.device != features.device:
-        raise ValueError(
-            f"{op}: {name} is on {w.device} but the features are on {features.device} "
-            "(only a 0-dim CPU scalar may live elsewhere)"
-        )
+        raise ValueError(f"{op}: {name} is on {w.device} but the features are on {features.device} "
+                         "(only a 0-dim CPU scalar may live elsewhere)")
     ws, fs = w.shape, features.shape
     if broadcast_shape(ws, fs) != tuple(fs):
         raise ValueError(f"{op}: {name} of shape {_fmt(ws)} does not broadcast to {_fmt(fs)}")
 
 
 # Weight dtypes the fast paths accept without further checks (check_weight decides the rest).
-_REAL_DTYPES = frozenset(FEATURE_DTYPES + (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8))
+_REAL_DTYPES = _FEATURE_DTYPES | {torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8}
 _Tensor = torch.Tensor
 
 
@@ -66,15 +61,9 @@ def check_pair(op: str, h, name: str, t) -> bool | None:
     True when the (valid) features are 0-dim."""
     # the common case in few attribute reads (these run on every eager call); anything
     # unusual goes through the full checks, which raise the precise error
-    if (
-        isinstance(h, _Tensor)
-        and isinstance(t, _Tensor)
-        and h.dtype in _FEATURE_DTYPES
-        and t.dtype in _FEATURE_DTYPES
-        and h.ndim
-        and h.shape == t.shape
-        and _same_device(h, t)
-    ):
+    if (isinstance(h, _Tensor) and isinstance(t, _Tensor)
+            and h.dtype in _FEATURE_DTYPES and t.dtype in _FEATURE_DTYPES
+            and h.ndim and h.shape == t.shape and _same_device(h, t)):
         return
     check_features(op, "host", h)
     check_features(op, name, t)
@@ -145,57 +134,35 @@ def check_gate_pair(op: str, alpha, gate) -> None:
             raise TypeError(f"{op}: {name} must be a real number tensor, got dtype {t.dtype}")
     if not (alpha.is_floating_point() or gate.is_floating_point()):
         raise TypeError(f"{op}: alpha or gate must be a floating-point tensor")
-    if alpha.device != gate.device and not any(
-        t.dim() == 0 and t.device.type == "cpu" for t in (alpha, gate)
-    ):
+    if alpha.device != gate.device and not any(t.dim() == 0 and t.is_cpu for t in (alpha, gate)):
         raise ValueError(f"{op}: alpha is on {alpha.device} but gate is on {gate.device}")
     if broadcast_shape(alpha.shape, gate.shape) is None:
-        raise ValueError(
-            f"{op}: alpha of shape {_fmt(alpha.shape)} and gate of shape {_fmt(gate.shape)} "
-            "do not broadcast"
-        )
+        raise ValueError(f"{op}: alpha of shape {_fmt(alpha.shape)} and gate of shape {_fmt(gate.shape)} "
+                         "do not broadcast")
 
 
 def check_topology(op: str, x, topology) -> None:
     if topology not in TOPOLOGIES:
         raise ValueError(f"{op}: unknown topology {topology!r}: expected 'cnn' or 'transformer'")
     check_features(op, "x", x)
-    want = 4 if topology == "cnn" else 3
-    if x.dim() != want:
-        layout = "(B,C,H,W)" if topology == "cnn" else "(B,T,C)"
-        raise ValueError(
-            f"{op}: topology {topology!r} expects x of rank {want} {layout}, got shape {_fmt(x.shape)}"
-        )
+    rank, layout = (4, "(B,C,H,W)") if topology == "cnn" else (3, "(B,T,C)")
+    if x.dim() != rank:
+        raise ValueError(f"{op}: topology {topology!r} expects x of rank {rank} {layout}, "
+                         f"got shape {_fmt(x.shape)}")
 
 
 def check_gate_network(op: str, x, w1, b1, w2, b2, topology) -> None:
-    if (
-        isinstance(x, _Tensor)
-        and isinstance(w1, _Tensor)
-        and isinstance(b1, _Tensor)
-        and isinstance(w2, _Tensor)
-        and isinstance(b2, _Tensor)
-        and x.dtype in _FEATURE_DTYPES
-        and w1.dtype in _FEATURE_DTYPES
-        and b1.dtype in _FEATURE_DTYPES
-        and w2.dtype in _FEATURE_DTYPES
-        and b2.dtype in _FEATURE_DTYPES
-    ):
+    if (isinstance(x, _Tensor) and isinstance(w1, _Tensor) and isinstance(b1, _Tensor)
+            and isinstance(w2, _Tensor) and isinstance(b2, _Tensor)
+            and x.dtype in _FEATURE_DTYPES and w1.dtype in _FEATURE_DTYPES and b1.dtype in _FEATURE_DTYPES
+            and w2.dtype in _FEATURE_DTYPES and b2.dtype in _FEATURE_DTYPES):
         # the common case: rank, shapes and devices in plain comparisons
         rank = 4 if topology == "cnn" else 3 if topology == "transformer" else -1
         ws = w1.shape
-        if (
-            x.ndim == rank
-            and len(ws) == 2
-            and x.shape[-3 if rank == 4 else -1] == ws[1]
-            and b1.shape == (ws[0],)
-            and w2.shape == (1, ws[0])
-            and b2.shape == (1,)
-            and (
-                (x.is_cpu and w1.is_cpu and b1.is_cpu and w2.is_cpu and b2.is_cpu)
-                or x.device == w1.device == b1.device == w2.device == b2.device
-            )
-        ):
+        if (x.ndim == rank and len(ws) == 2 and x.shape[-3 if rank == 4 else -1] == ws[1]
+                and b1.shape == (ws[0],) and w2.shape == (1, ws[0]) and b2.shape == (1,)
+                and ((x.is_cpu and w1.is_cpu and b1.is_cpu and w2.is_cpu and b2.is_cpu)
+                     or x.device == w1.device == b1.device == w2.device == b2.device)):
             return
     check_topology(op, x, topology)
     channels = x.shape[1] if topology == "cnn" else x.shape[2]
@@ -207,7 +174,5 @@ def check_gate_network(op: str, x, w1, b1, w2, b2, topology) -> None:
     expected = {"w1": (hidden, channels), "b1": (hidden,), "w2": (1, hidden), "b2": (1,)}
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         if tuple(t.shape) != expected[name]:
-            raise ValueError(
-                f"{op}: {name} has shape {_fmt(t.shape)}, expected {expected[name]} "
-                f"for {channels} channels and hidden width {hidden}"
-            )
+            raise ValueError(f"{op}: {name} has shape {_fmt(t.shape)}, expected {expected[name]} "
+                             f"for {channels} channels and hidden width {hidden}")
