@@ -18,8 +18,7 @@
 # PYTHON (default python3), KASMINA_KERNELS_CUDA_ARCH (default 90: H100/H200) and MAX_JOBS
 # (default: every core) pass through to the build; extra arguments go to pytest.
 set -uo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 LOG_DIR="${OUT:-$ROOT/out/gpu}"
 mkdir -p "$LOG_DIR"
 PY="${PYTHON:-python3}"
