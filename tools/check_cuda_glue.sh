@@ -10,8 +10,9 @@ find_python
 cxx="${CXX:-g++}"
 
 command -v "$cxx" >/dev/null 2>&1 || skip "no C++ compiler ($cxx)"
-torch_inc="$("$py" -c 'import torch.utils.cpp_extension as c; print("\n".join(c.include_paths()))' 2>/dev/null)" ||
+torch_inc="$("$py" -c 'import torch.utils.cpp_extension as c; print(*c.include_paths(), sep="\n")' 2>/dev/null)" ||
   skip "torch is not importable with $py"
+mapfile -t torch_inc <<<"$torch_inc"
 
 cuda_inc=""
 nvcc="$(cuda_tool nvcc)"
@@ -28,14 +29,8 @@ fi
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 includes=(-Icsrc)
-first_inc=""
-while IFS= read -r d; do
-  [[ -n "$d" ]] || continue
-  [[ -n "$first_inc" ]] || first_inc="$d"
-  includes+=(-isystem "$d")
-done <<<"$torch_inc"
-includes+=(-isystem "$cuda_inc")
-if [[ ! -f "$first_inc/c10/cuda/impl/cuda_cmake_macros.h" ]]; then
+for d in "${torch_inc[@]}" "$cuda_inc"; do includes+=(-isystem "$d"); done
+if [[ ! -f "${torch_inc[0]}/c10/cuda/impl/cuda_cmake_macros.h" ]]; then
   mkdir -p "$tmp/c10/cuda/impl"
   printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' >"$tmp/c10/cuda/impl/cuda_cmake_macros.h"
   includes+=(-isystem "$tmp")
@@ -44,4 +39,4 @@ fi
 
 start=$SECONDS
 "$cxx" -fsyntax-only -std=c++20 -Wall -Wextra -Werror -DKK_WITH_CUDA "${includes[@]}" csrc/cuda/glue.cpp
-echo "$me: OK: csrc/cuda/glue.cpp type-checks against $(dirname "$first_inc") ($((SECONDS - start))s)"
+echo "$me: OK: csrc/cuda/glue.cpp type-checks against $(dirname "${torch_inc[0]}") ($((SECONDS - start))s)"
