@@ -56,15 +56,13 @@ for tool in "${tools[@]}"; do
   "$cs" --tool "$tool" --error-exitcode 99 --target-processes all "${filter[@]}" "${extra[@]}" \
     "$py" -u tools/cuda_sanitizer_driver.py --backends "$backends" --repeat "$repeat" \
     ${KASMINA_SANITIZER_OPS:+--ops "$KASMINA_SANITIZER_OPS"} || rc=$?
-  if ((rc == 99)); then
-    echo "$me: $tool FAILED: the sanitizer reported errors ($((SECONDS - start))s)" >&2
-    status=1
-  elif ((rc != 0)); then
+  took="$((SECONDS - start))s"
+  case $rc in
+    0) echo "$me: $tool OK ($took)" ;;
+    99) echo "$me: $tool FAILED: the sanitizer reported errors ($took)" >&2; status=1 ;;
     # the driver's own check (a result off the reference) or a crash; the other tools still run
-    echo "$me: $tool: no sanitizer error, but the driver exited $rc (MISMATCH lines above) ($((SECONDS - start))s)" >&2
-    status=1
-  else
-    echo "$me: $tool OK ($((SECONDS - start))s)"
-  fi
+    *) echo "$me: $tool: no sanitizer error, but the driver exited $rc (MISMATCH lines above) ($took)" >&2
+       status=1 ;;
+  esac
 done
 exit $status

@@ -10,8 +10,8 @@ find_python
 cxx="${CXX:-g++}"
 
 command -v "$cxx" >/dev/null 2>&1 || skip "no C++ compiler ($cxx)"
-torch_inc="$("$py" -c 'import torch.utils.cpp_extension as c; print(*c.include_paths(), sep="\n")' 2>/dev/null)" ||
-  skip "torch is not importable with $py"
+torch_inc="$("$py" -c 'import torch.utils.cpp_extension as c; print(*c.include_paths(), sep="\n")' \
+  2>/dev/null)" || skip "torch is not importable with $py"
 mapfile -t torch_inc <<<"$torch_inc"
 
 cuda_inc=""

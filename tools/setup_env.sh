@@ -6,9 +6,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${KASMINA_TORCH_SPEC:-torch==2.13.0}"
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PY="$ROOT/.venv/bin/python"
 "$PY" -m pip install --quiet --upgrade pip
 "$PY" -m pip install --quiet "$TORCH_SPEC"
