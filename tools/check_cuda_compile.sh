@@ -16,8 +16,7 @@ nvcc_bin="${NVCC:-$(cuda_tool nvcc)}"
 read -r -a archs <<<"${KASMINA_KERNELS_CHECK_ARCHS:-80 90}"
 gencode=()
 for a in "${archs[@]}"; do gencode+=("-gencode=arch=compute_${a},code=sm_${a}"); done
-arch_names="sm_${archs[*]}"
-arch_names="${arch_names// / sm_}"
+arch_names="${archs[*]/#/sm_}"
 
 shopt -s nullglob
 sources=(csrc/cuda/*.cu)
