@@ -60,8 +60,7 @@ def _cpu_capabilities() -> list[str]:
     if not env:
         return list(CPU_CAPABILITY_FLAGS) if x86 else ["DEFAULT"]
     wanted = {c.strip().upper() for c in env.split(",") if c.strip()} | {"DEFAULT"}
-    unknown = wanted - set(CPU_CAPABILITY_FLAGS)
-    if unknown or (wanted != {"DEFAULT"} and not x86):
+    if not wanted <= set(CPU_CAPABILITY_FLAGS) or (wanted != {"DEFAULT"} and not x86):
         sys.exit(f"KASMINA_KERNELS_CPU_CAPABILITIES takes {', '.join(CPU_CAPABILITY_FLAGS).lower()}"
                  f" (the last two on x86-64 only), got {env!r}")
     return [c for c in CPU_CAPABILITY_FLAGS if c in wanted]

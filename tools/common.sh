@@ -12,10 +12,9 @@ skip() { echo "$me: SKIPPED: $*"; exit 0; }
 # again): $PYTHON if set (a relative path is taken from ROOT), else the repository's .venv,
 # else python3.
 find_python() {
-  py="${PYTHON:-}"
-  if [[ -z "$py" ]]; then
-    if [[ -x "$ROOT/.venv/bin/python" ]]; then py="$ROOT/.venv/bin/python"; else py=python3; fi
-  fi
+  local venv="$ROOT/.venv/bin/python"
+  [[ -x "$venv" ]] || venv=python3
+  py="${PYTHON:-$venv}"
   if [[ "$py" == */* ]]; then
     py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")"
   else
