@@ -37,8 +37,7 @@ for cap in $others; do
   log="$ROOT/build/isa-$ATEN_CPU_CAPABILITY.pytest.log"
   start=$SECONDS
   status=0
-  (unset TRITON_INTERPRET && "$py" -m pytest -q -rfEs -p no:cacheprovider "${tests[@]}" >"$log" 2>&1) ||
-    status=$?
+  env -u TRITON_INTERPRET "$py" -m pytest -q -rfEs -p no:cacheprovider "${tests[@]}" >"$log" 2>&1 || status=$?
   tail -n 8 "$log"
   if [[ $status -ne 0 ]]; then
     grep -E "^(FAILED|ERROR)" "$log" | head -n 20 >&2 || true
