@@ -2,8 +2,7 @@
 # The main job: install from scratch into .venv, print how the package was built, which
 # backends this machine has and every op's max error against the references.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tools/setup_env.sh
 .venv/bin/kasmina-kernels info
 .venv/bin/kasmina-kernels check "$@"

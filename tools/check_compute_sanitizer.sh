@@ -10,21 +10,10 @@
 # $CUDA_HOME/bin, then /usr/local/cuda/bin), KASMINA_SANITIZER_BACKENDS (default
 # native,triton), KASMINA_SANITIZER_OPS (default: every op; comma-separated).
 set -euo pipefail
-
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-source "$ROOT/tools/python.sh"  # sets py, an absolute path
-cs="${COMPUTE_SANITIZER:-}"
-if [[ -z "$cs" ]]; then
-  for c in "$(command -v compute-sanitizer || true)" "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" \
-           /usr/local/cuda/bin/compute-sanitizer; do
-    if [[ -n "$c" && -x "$c" ]]; then cs="$c"; break; fi
-  done
-fi
-if [[ -z "$cs" ]]; then
-  echo "check_compute_sanitizer: FAILED: compute-sanitizer not found (install the CUDA toolkit or set COMPUTE_SANITIZER)" >&2
-  exit 1
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+find_python
+cs="${COMPUTE_SANITIZER:-$(cuda_tool compute-sanitizer)}"
+[[ -n "$cs" ]] || fail "compute-sanitizer not found (install the CUDA toolkit or set COMPUTE_SANITIZER)"
 tools=("$@")
 [[ ${#tools[@]} -gt 0 ]] || tools=(memcheck racecheck)
 backends="${KASMINA_SANITIZER_BACKENDS:-native,triton}"
@@ -37,21 +26,18 @@ cs_help=$("$cs" --help 2>/dev/null || true)  # captured first: grep -q in a pipe
 if grep -q -- "--kernel-name-exclude" <<<"$cs_help"; then
   filter=(--kernel-name-exclude kns=2at6native)
 else
-  echo "check_compute_sanitizer: this compute-sanitizer has no --kernel-name-exclude; every kernel is instrumented (slow)"
+  echo "$me: this compute-sanitizer has no --kernel-name-exclude; every kernel is instrumented (slow)"
 fi
 if [[ " ${tools[*]} " == *" memcheck "* ]]; then
   # the check must be able to fail: a planted out-of-bounds store has to be reported
-  set +e
+  rc=0
   canary_log=$("$cs" --tool memcheck --error-exitcode 99 "${filter[@]}" \
-    "$py" -u tools/cuda_sanitizer_driver.py --canary 2>&1)
-  rc=$?
-  set -e
+    "$py" -u tools/cuda_sanitizer_driver.py --canary 2>&1) || rc=$?
   if ((rc != 99)); then
     echo "$canary_log" | tail -n 20
-    echo "check_compute_sanitizer: FAILED: memcheck did not report the planted out-of-bounds store (exit $rc)" >&2
-    exit 1
+    fail "memcheck did not report the planted out-of-bounds store (exit $rc)"
   fi
-  echo "check_compute_sanitizer: memcheck reports a planted out-of-bounds store: $(echo "$canary_log" | grep -m1 -E "Invalid|out of bounds" || true)"
+  echo "$me: memcheck reports a planted out-of-bounds store: $(echo "$canary_log" | grep -m1 -E "Invalid|out of bounds" || true)"
 fi
 status=0
 for tool in "${tools[@]}"; do
@@ -62,25 +48,21 @@ for tool in "${tools[@]}"; do
     racecheck) extra=(--racecheck-report analysis); repeat=1 ;;  # slow: one pass per case
     initcheck) extra=(--track-unused-memory no); repeat=1 ;;
     synccheck) repeat=1 ;;
-    *) echo "check_compute_sanitizer: unknown tool $tool" >&2; exit 1 ;;
+    *) echo "$me: unknown tool $tool" >&2; exit 1 ;;
   esac
   start=$SECONDS
-  echo "check_compute_sanitizer: $tool over $backends"
-  set +e
+  echo "$me: $tool over $backends"
+  rc=0
   "$cs" --tool "$tool" --error-exitcode 99 --target-processes all "${filter[@]}" "${extra[@]}" \
     "$py" -u tools/cuda_sanitizer_driver.py --backends "$backends" --repeat "$repeat" \
-    ${KASMINA_SANITIZER_OPS:+--ops "$KASMINA_SANITIZER_OPS"}
-  rc=$?
-  set -e
-  if ((rc == 99)); then
-    echo "check_compute_sanitizer: $tool FAILED: the sanitizer reported errors ($((SECONDS - start))s)" >&2
-    status=1
-  elif ((rc != 0)); then
+    ${KASMINA_SANITIZER_OPS:+--ops "$KASMINA_SANITIZER_OPS"} || rc=$?
+  took="$((SECONDS - start))s"
+  case $rc in
+    0) echo "$me: $tool OK ($took)" ;;
+    99) echo "$me: $tool FAILED: the sanitizer reported errors ($took)" >&2; status=1 ;;
     # the driver's own check (a result off the reference) or a crash; the other tools still run
-    echo "check_compute_sanitizer: $tool: no sanitizer error, but the driver exited $rc (MISMATCH lines above) ($((SECONDS - start))s)" >&2
-    status=1
-  else
-    echo "check_compute_sanitizer: $tool OK ($((SECONDS - start))s)"
-  fi
+    *) echo "$me: $tool: no sanitizer error, but the driver exited $rc (MISMATCH lines above) ($took)" >&2
+       status=1 ;;
+  esac
 done
 exit $status

@@ -11,48 +11,37 @@
 # arguments replacing the default selection).
 # Exits 0 with a printed reason when no other capability runs on this CPU.
 set -euo pipefail
-
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-source "$ROOT/tools/python.sh"  # sets py, an absolute path
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+find_python
 
 # the compiled capabilities below the one in use (a CPU that runs one runs every narrower one)
 others="$("$py" -c 'from kasmina_kernels import native
 info = native.build_info()
 compiled = info["cpu_capabilities"]
 print(" ".join(compiled[:compiled.index(info["cpu_capability"])]))')"
-if [[ -z "$others" ]]; then
-  echo "check_isas: SKIPPED: this CPU runs no compiled CPU capability other than the one in use"
-  exit 0
-fi
+[[ -n "$others" ]] || skip "this CPU runs no compiled CPU capability other than the one in use"
 
 if [[ -n "${KASMINA_ISA_TESTS:-}" ]]; then
   read -r -a tests <<<"$KASMINA_ISA_TESTS"
 else
-  tests=("$ROOT/tests/test_float_tanh.py" "$ROOT/tests/test_double_tanh.py"
-    "$ROOT/tests/test_equivalence.py" "$ROOT/tests/test_contracts.py" "$ROOT/tests/test_fuzz.py"
-    "$ROOT/tests/test_streaming.py" "$ROOT/tests/test_autograd.py"
-    "$ROOT/tests/test_determinism.py" "$ROOT/tests/test_threads.py" -k "native or tanh")
+  tests=(tests/test_{float_tanh,double_tanh,equivalence,contracts,fuzz,streaming}.py
+    tests/test_{autograd,determinism,threads}.py -k "native or tanh")
 fi
 
-mkdir -p "$ROOT/build"
+mkdir -p build
 for cap in $others; do
   export ATEN_CPU_CAPABILITY="${cap,,}"
   line="$("$py" -m kasmina_kernels info | grep '^native CPU capability')" || true
-  if [[ "$(awk '{print $4}' <<<"$line")" != "$cap" ]]; then
-    echo "check_isas: FAILED: under ATEN_CPU_CAPABILITY=$ATEN_CPU_CAPABILITY the extension reports '$line', not $cap" >&2
-    exit 1
-  fi
+  [[ "$(awk '{print $4}' <<<"$line")" == "$cap" ]] ||
+    fail "under ATEN_CPU_CAPABILITY=$ATEN_CPU_CAPABILITY the extension reports '$line', not $cap"
   log="$ROOT/build/isa-$ATEN_CPU_CAPABILITY.pytest.log"
   start=$SECONDS
   status=0
-  (unset TRITON_INTERPRET && "$py" -m pytest -q -rfEs -p no:cacheprovider "${tests[@]}" >"$log" 2>&1) ||
-    status=$?
+  env -u TRITON_INTERPRET "$py" -m pytest -q -rfEs -p no:cacheprovider "${tests[@]}" >"$log" 2>&1 || status=$?
   tail -n 8 "$log"
   if [[ $status -ne 0 ]]; then
     grep -E "^(FAILED|ERROR)" "$log" | head -n 20 >&2 || true
-    echo "check_isas: FAILED: the $cap kernels' tests (pytest exited $status; log: $log)" >&2
-    exit 1
+    fail "the $cap kernels' tests (pytest exited $status; log: $log)"
   fi
-  echo "check_isas: $cap: OK ($((SECONDS - start))s of tests)"
+  echo "$me: $cap: OK ($((SECONDS - start))s of tests)"
 done

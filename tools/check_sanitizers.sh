@@ -14,20 +14,12 @@
 # KASMINA_SANITIZE_TESTS (pytest arguments replacing the default selection).
 # Exits 0 with a printed reason when no C++ compiler or no libasan is found.
 set -euo pipefail
-
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-source "$ROOT/tools/python.sh"  # sets py, an absolute path
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+find_python
 cxx="${CXX:-g++}"
-if ! command -v "$cxx" >/dev/null 2>&1; then
-  echo "check_sanitizers: SKIPPED: no C++ compiler ($cxx)"
-  exit 0
-fi
+command -v "$cxx" >/dev/null 2>&1 || skip "no C++ compiler ($cxx)"
 libasan="$("$cxx" -print-file-name=libasan.so)"
-if [[ ! -e "$libasan" ]]; then
-  echo "check_sanitizers: SKIPPED: $cxx has no libasan.so (install the compiler's libasan)"
-  exit 0
-fi
+[[ -e "$libasan" ]] || skip "$cxx has no libasan.so (install the compiler's libasan)"
 
 out="$ROOT/build/sanitize"
 lib="$out/lib"
@@ -39,10 +31,9 @@ start=$SECONDS
 KASMINA_KERNELS_CUDA=0 KASMINA_KERNELS_SANITIZE=address,undefined KASMINA_KERNELS_CPU_CAPABILITIES="$cap" \
   MAX_JOBS="${MAX_JOBS:-2}" "$py" setup.py -q build_ext --build-lib "$lib" --build-temp "$out/tmp" >"$out.build.log" 2>&1 || {
   tail -n 60 "$out.build.log" >&2
-  echo "check_sanitizers: FAILED: sanitizer build" >&2
-  exit 1
+  fail "sanitizer build"
 }
-echo "check_sanitizers: built with -fsanitize=address,undefined in $((SECONDS - start))s"
+echo "$me: built with -fsanitize=address,undefined in $((SECONDS - start))s"
 
 # the package's Python side, linked beside the sanitized _C
 for f in kasmina_kernels/*.py kasmina_kernels/triton; do
@@ -60,14 +51,8 @@ unset TRITON_INTERPRET  # the Triton interpreter is plain Python: nothing for AS
 # and from the repository root that would import the normal build in ./kasmina_kernels
 cd "$out"
 so="$("$py" -c 'import kasmina_kernels._C as c; print(c.__file__)')"
-case "$so" in
-  "$lib"/*) ;;
-  *) echo "check_sanitizers: FAILED: imported $so, not the sanitized build under $lib" >&2; exit 1 ;;
-esac
-if ! grep -q __asan_ <<<"$(nm -D "$so")"; then
-  echo "check_sanitizers: FAILED: $so has no ASan instrumentation" >&2
-  exit 1
-fi
+[[ "$so" == "$lib"/* ]] || fail "imported $so, not the sanitized build under $lib"
+grep -q __asan_ <<<"$(nm -D "$so")" || fail "$so has no ASan instrumentation"
 
 # Self-test: reading past the end of a torch CPU tensor's buffer must be reported, i.e. the
 # preloaded runtime sees torch's allocations (a 4-float tensor, 64 bytes read from it).
@@ -77,18 +62,16 @@ dst = (ctypes.c_char * 64)()
 ctypes.memmove(dst, t.data_ptr(), 64)
 print("NOT REPORTED")' 2>&1 || true)"
 if ! grep -q "ERROR: AddressSanitizer: heap-buffer-overflow" <<<"$selftest"; then
-  echo "check_sanitizers: FAILED: self-test: ASan did not report an overflow of a tensor buffer:" >&2
   echo "$selftest" | tail -n 5 >&2
-  exit 1
+  fail "self-test: ASan did not report an overflow of a tensor buffer (above)"
 fi
-echo "check_sanitizers: self-test OK: an overflow of a torch CPU tensor is reported"
+echo "$me: self-test OK: an overflow of a torch CPU tensor is reported"
 
 if [[ -n "${KASMINA_SANITIZE_TESTS:-}" ]]; then
   read -r -a tests <<<"$KASMINA_SANITIZE_TESTS"
 else
-  tests=("$ROOT/tests/test_equivalence.py" "$ROOT/tests/test_contracts.py" "$ROOT/tests/test_fuzz.py"
-    "$ROOT/tests/test_autograd.py" "$ROOT/tests/test_errors.py" "$ROOT/tests/test_determinism.py"
-    "$ROOT/tests/test_threads.py"
+  tests=("$ROOT"/tests/test_{equivalence,contracts,fuzz,autograd}.py
+    "$ROOT"/tests/test_{errors,determinism,threads}.py
     # not the double-backward and forward-AD tests: they pass through an exception thrown
     # inside libtorch (its autograd Error node), and the preloaded ASan runtime cannot
     # intercept __cxa_throw from a library that does not link it (a CHECK failure, not a
@@ -102,11 +85,7 @@ status=0
 tail -n 15 "$log"
 if grep -qE "ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$log"; then
   grep -m 5 -A 30 -E "ERROR: AddressSanitizer|runtime error:" "$log" >&2 || true
-  echo "check_sanitizers: FAILED: sanitizer report (full log: $log)" >&2
-  exit 1
+  fail "sanitizer report (full log: $log)"
 fi
-if [[ $status -ne 0 ]]; then
-  echo "check_sanitizers: FAILED: pytest exited $status under the sanitizers (log: $log)" >&2
-  exit 1
-fi
-echo "check_sanitizers: OK: no ASan/UBSan report ($((SECONDS - start))s of tests)"
+[[ $status -eq 0 ]] || fail "pytest exited $status under the sanitizers (log: $log)"
+echo "$me: OK: no ASan/UBSan report ($((SECONDS - start))s of tests)"

@@ -32,21 +32,18 @@ def _variants(case, dtype, device):
         for topology, shapes in POOL_SHAPES.items():
             for shape in shapes:
                 args, kwargs = make(case, shape, dtype, device, gen)
-                yield f"{topology}{shape}", list(args), kwargs
+                yield f"{topology}{shape}", args, kwargs
                 if len(shape) == 4:
                     x = args[0].contiguous(memory_format=torch.channels_last)
-                    yield f"{topology}{shape}/channels_last", [x] + list(args[1:]), kwargs
+                    yield f"{topology}{shape}/channels_last", [x] + args[1:], kwargs
         return
     shapes = ((8, 1, 1, 1), (0, 1, 1, 1), (5, 1, 1)) if case.name == "gate_effective_alpha" else SHAPES
     for shape in shapes:
         args, kwargs = make(case, shape, dtype, device, gen)
-        args = list(args)
         yield f"{shape}", args, kwargs
         if case.name.startswith("blend_") or case.name == "multiply_valve_multiplier":
             pos = 0 if case.name == "multiply_valve_multiplier" else 2
-            cpu_alpha = list(args)
-            cpu_alpha[pos] = torch.tensor(0.7)
-            yield f"{shape}/cpu_alpha", cpu_alpha, kwargs
+            yield f"{shape}/cpu_alpha", args[:pos] + [torch.tensor(0.7)] + args[pos + 1:], kwargs
         if case.name.startswith("blend_") or case.name == "ste_forward":
             if len(shape) == 4 and shape[0]:
                 cl = [args[0].contiguous(memory_format=torch.channels_last)] + args[1:]
@@ -88,8 +85,7 @@ def main() -> int:
     if opts.device == "cuda" and not torch.cuda.is_available():
         print("cuda_sanitizer_driver: no CUDA device is visible to torch", file=sys.stderr)
         return 2
-    failures = 0
-    ran = 0
+    failures = ran = 0
     for backend in opts.backends.split(","):
         why = backend_status(backend, opts.device)
         if why is not None:
@@ -105,10 +101,9 @@ def main() -> int:
                     if opts.device == "cuda":
                         torch.cuda.synchronize()
                     ran += 1
-                    for v in verdicts:
-                        if not v.ok:
-                            failures += 1
-                            print(f"MISMATCH {backend} {case.name} {dtype} {label}: {v.message}")
+                    for v in (v for v in verdicts if not v.ok):
+                        failures += 1
+                        print(f"MISMATCH {backend} {case.name} {dtype} {label}: {v.message}")
                 print(f"  {backend} {case.name} {dtype}: {ran - ran_before} inputs, "
                       f"{time.perf_counter() - t0:.1f} s", flush=True)
     print(f"cuda_sanitizer_driver: ran {ran} op/input combinations fwd+bwd; {failures} outputs "

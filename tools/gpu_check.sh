@@ -18,8 +18,7 @@
 # PYTHON (default python3), KASMINA_KERNELS_CUDA_ARCH (default 90: H100/H200) and MAX_JOBS
 # (default: every core) pass through to the build; extra arguments go to pytest.
 set -uo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 LOG_DIR="${OUT:-$ROOT/out/gpu}"
 mkdir -p "$LOG_DIR"
 PY="${PYTHON:-python3}"
@@ -59,8 +58,7 @@ fi
 if step tests; then
   workers=()
   "$PY" -c "import xdist" 2>/dev/null && workers=(-n "${GPU_CHECK_WORKERS:-12}")
-  first=(tests/test_equivalence.py tests/test_autograd.py tests/test_compile.py tests/test_cuda_graphs.py
-         tests/test_autocast.py tests/test_determinism.py tests/test_triton.py tests/test_nn.py)
+  first=(tests/test_{equivalence,autograd,compile,cuda_graphs,autocast,determinism,triton,nn}.py)
   KASMINA_TEST_DEVICE=cuda timeout -s INT -k 30 "${GPU_CHECK_TEST_S:-300}" \
     "$PY" -m pytest -q -rfEs -p no:cacheprovider "${workers[@]}" "${first[@]}" tests "$@" \
     >"$LOG_DIR/tests.log" 2>&1 || status=1

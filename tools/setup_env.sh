@@ -3,13 +3,10 @@
 # nothing pulls a second one), the build tools, then the package, built against that torch
 # with --no-build-isolation. Idempotent; build/setup_env.log has the build's output.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${KASMINA_TORCH_SPEC:-torch==2.13.0}"
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PY="$ROOT/.venv/bin/python"
 "$PY" -m pip install --quiet --upgrade pip
 "$PY" -m pip install --quiet "$TORCH_SPEC"
@@ -37,8 +34,7 @@ else
 fi
 "${build[@]}" >build/setup_env.log 2>&1 || {
   tail -n 60 build/setup_env.log >&2
-  echo "setup_env: FAILED: $how (log: build/setup_env.log)" >&2
-  exit 1
+  fail "$how (log: build/setup_env.log)"
 }
 compiled=$(grep -cE '^ *\[[0-9]+/[0-9]+\] ' build/setup_env.log || true)
 echo "setup_env: kasmina_kernels._C by $how: $compiled sources recompiled (the rest up to date), $((SECONDS - build_start))s (log: build/setup_env.log)"

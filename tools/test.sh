@@ -6,8 +6,7 @@
 # arguments go to pytest), then `kasmina-kernels bench --quick`, which fails if any backend's
 # output or gradient does not match the reference.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tools/setup_env.sh
 bash tools/check_cuda_compile.sh                  # nvcc, sm_80 + sm_90, warnings are errors
 PYTHON=.venv/bin/python bash tools/check_cuda_glue.sh   # the torch glue against torch's headers
