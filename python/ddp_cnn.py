@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import tempfile
 
 import torch
@@ -41,8 +42,8 @@ def train_and_record(model, train_model, batches, shard: slice) -> dict:
 
 
 def train_in_group(steps: int, batch_size: int, backend: str, out: str | None = None, **init) -> None:
-    """Join the gloo group (`init`: its address, rank and world size, else from the environment),
-    train the CNN under DDP on this rank's slice of every batch with the drop-ins swapped in and
+    """Join the gloo group (`init`: rank and world size, else from the environment), train the
+    CNN under DDP on this rank's slice of every batch with the drop-ins swapped in and
     `backend`; rank 0 saves its record to `out`, or without `out` prints the comparison."""
     dist.init_process_group("gloo", **init)
     try:
@@ -69,11 +70,11 @@ def train_in_group(steps: int, batch_size: int, backend: str, out: str | None = 
         dist.destroy_process_group()
 
 
-def ddp_worker(rank: int, world_size: int, store: str, steps: int, batch_size: int, backend: str, out: str):
-    """One process of the local spawned run, meeting the others through the file `store`."""
+def ddp_worker(rank: int, world_size: int, port: int, steps: int, batch_size: int, backend: str, out: str):
+    """One process of the local spawned run, in the group on 127.0.0.1:`port`."""
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    train_in_group(steps, batch_size, backend, out, init_method=f"file://{store}", rank=rank,
-                   world_size=world_size)
+    train_in_group(steps, batch_size, backend, out, rank=rank, world_size=world_size)
 
 
 def run_ddp(world_size: int = 2, steps: int = 5, batch_size: int = 16, backend: str = "native") -> dict:
@@ -81,9 +82,12 @@ def run_ddp(world_size: int = 2, steps: int = 5, batch_size: int = 16, backend: 
     parameters)."""
     if batch_size % world_size:
         raise ValueError(f"batch_size {batch_size} must be a multiple of world_size {world_size}")
+    with socket.socket() as s:  # a free port for the group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
-        out, store = os.path.join(tmp, "rank0.pt"), os.path.join(tmp, "store")
-        mp.spawn(ddp_worker, args=(world_size, store, steps, batch_size, backend, out), nprocs=world_size)
+        out = os.path.join(tmp, "rank0.pt")
+        mp.spawn(ddp_worker, args=(world_size, port, steps, batch_size, backend, out), nprocs=world_size, join=True)
         return torch.load(out)
 
 
