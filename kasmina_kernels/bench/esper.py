@@ -15,7 +15,7 @@ OPS = ("blend_add", "blend_multiply", "blend_gate", "ste_forward")
 OVERRIDE_OPS = ("blend_add", "blend_multiply", "blend_gate")
 OVERRIDE_K = 2
 AUTOCAST = "bfloat16-autocast"  # the dtype name of the autocast entries
-PATTERNS = {"esper": "alpha 0-dim", "esper_override": f"alpha_override (K*B,1,...), K={OVERRIDE_K}"}
+PATTERNS = {"esper": "0-dim", "esper_override": "(K*B,1,...)"}  # input pattern: alpha's shape
 NO_GRAD = frozenset(("alpha", "seed_input"))  # arguments Esper passes without requires_grad
 
 
@@ -44,11 +44,10 @@ def make_inputs(op: str, pattern: str, shape, dtype: torch.dtype, device, gen, *
                  torch.float32 if autocast else dtype)
     if op == "ste_forward":
         return [h, s], {}
-    if op == "blend_add":
-        return [h, s, alpha], {}
-    if op == "blend_multiply":
-        return [h, s, alpha], {"seed_input": h.contiguous()}  # Esper's isolation: an NCHW copy
-    return [h, s, alpha, rand(per_sample, 0.05, 0.95)], {}
+    if op == "blend_gate":
+        return [h, s, alpha, rand(per_sample, 0.05, 0.95)], {}
+    # blend_multiply's seed input: Esper's isolation, an NCHW copy
+    return [h, s, alpha], {"seed_input": h.contiguous()} if op == "blend_multiply" else {}
 
 
 def layout(t: torch.Tensor) -> str:
@@ -62,9 +61,9 @@ def layout(t: torch.Tensor) -> str:
     return "strided"
 
 
-def describe(named: dict, requires_grad: dict) -> dict:
+def describe(named: dict) -> dict:
     """{input name: {"shape", "dtype", "layout", "requires_grad"}} of one input set as built
     (the incoming gradient as "grad"): what the report states under each table."""
     return {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
-                   "layout": layout(t), "requires_grad": bool(requires_grad.get(name, False))}
+                   "layout": layout(t), "requires_grad": t.requires_grad}
             for name, t in named.items() if isinstance(t, torch.Tensor)}

@@ -11,13 +11,12 @@ from pathlib import Path
 import torch
 
 from .. import backends
-from . import step as step_bench
+from . import esper, step as step_bench
 from .timing import MIN_ROUNDS, SPREAD_LIMIT
 
 PEERS = ("eager", "compile")
 FB = "forward+backward"
 ESPER_GROUP = "esper-call"
-PATTERN_LABEL = {"esper": "0-dim", "esper_override": "(K*B,1,...)"}
 INCONCLUSIVE = "~"  # a ratio the timings do not support (legend)
 ABOVE_COPY = "(!)"  # GB/s above a same-size copy's (legend)
 HEADER_KEYS = ("device", "cpu_count", "usable cores", "load average at start", "threads",
@@ -136,7 +135,7 @@ def side_by_side(rows: list[dict], mode: str, alpha: bool = False) -> list[str]:
     impls = _impl_names(rows)
     kernels = [n for n in impls if n not in PEERS]
     head = ["op", "shape", "dtype"] + ["alpha"] * alpha + [f"{n} µs" for n in impls]
-    body = [[r["op"], _shape(r["shape"]), r["dtype"]] + [PATTERN_LABEL.get(r.get("pattern"), "?")] * alpha
+    body = [[r["op"], _shape(r["shape"]), r["dtype"]] + [esper.PATTERNS.get(r.get("pattern"), "?")] * alpha
             + [_us(r["impls"].get(n, {}).get(mode, {}).get("median")) for n in impls]
             + [_ratio(r["impls"].get(k, {}), p, mode) for k in kernels for p in PEERS] for r in rows]
     return markdown_table(head + [f"{k} vs {p}" for k in kernels for p in PEERS], 3 + alpha, body)
@@ -213,7 +212,7 @@ def verdicts(records: list[dict], groups=("esper", "small")) -> list[str]:
                 sp = d.get("speedup", {}).get(peer, {}).get(FB)
                 if sp is None:
                     continue
-                alpha = f" alpha {PATTERN_LABEL[r['pattern']]}" if r.get("pattern") in PATTERN_LABEL else ""
+                alpha = f" alpha {esper.PATTERNS[r['pattern']]}" if r.get("pattern") in esper.PATTERNS else ""
                 case = f"{r['op']} {_shape(r['shape'])} {r['dtype']}{alpha}"
                 if not conclusive(d, peer, FB):
                     unclear.append(f"{case} ({sp:.2f}x {INCONCLUSIVE}: {_why(d, peer, FB)})")

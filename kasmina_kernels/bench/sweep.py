@@ -84,12 +84,11 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
         "bytes": {"forward": fwd_bytes, "backward": bwd_bytes}, "bytes_from_design": from_design,
         "inputs": w.inputs, "n_sets": w.n_sets, "impls": {}, "failures": [], "notes": [], "phase_s": {},
     }
-    t_phase = [time.perf_counter()]
+    marks = [time.perf_counter()]
 
-    def lap(name):
-        now = time.perf_counter()
-        record["phase_s"][name] = round(now - t_phase[0], 3)
-        t_phase[0] = now
+    def lap(name):  # seconds since the previous lap
+        marks.append(time.perf_counter())
+        record["phase_s"][name] = round(marks[-1] - marks[-2], 3)
 
     lap("inputs")
     impls = [workload.eager_impl(w)]
@@ -107,10 +106,8 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
                                 "compile_s": None}
     for impl in impls[1:]:
         peer = impl.name == "compile"
-        if peer and w.base_args[0].numel() > PEER_CHECK_MAX_NUMEL:
-            result = {"ok": None, "problems": ["not judged at this size"], "max_error_vs_reference": None}
-        else:
-            result = check(impl, judge)
+        result = (check(impl, judge) if not peer or w.base_args[0].numel() <= PEER_CHECK_MAX_NUMEL else
+                  {"ok": None, "problems": ["not judged at this size"], "max_error_vs_reference": None})
         record["impls"][impl.name] = {"check": result, "compile_s": impl.compile_s,
                                       "compile_cache_hits": impl.cache_hits,
                                       "compile_dynamic": impl.dynamic, "compile_reused": impl.reused}
