@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import opcases
+
 SHAPES = ((128, 16, 16, 16), (512, 8, 32, 32), (512, 32, 8, 8), (32, 256, 384))
 QUICK_SHAPES = ((128, 16, 16, 16),)
 OPS = ("blend_add", "blend_multiply", "blend_gate", "ste_forward")
@@ -28,24 +30,20 @@ def make_inputs(op: str, pattern: str, shape, dtype: torch.dtype, device, gen, *
         raise ValueError(f"no Esper pattern {pattern!r} for {op!r}: expected one of "
                          f"{', '.join(PATTERNS)} for one of {', '.join(OPS)}")
 
-    def rand(size, lo=None, hi=None, dt=dtype):
-        if lo is None:
-            t = torch.randn(size, generator=gen, dtype=torch.float64)
-        else:
-            t = torch.rand(size, generator=gen, dtype=torch.float64) * (hi - lo) + lo
-        return t.to(device=device, dtype=dt)
+    def uniform(size, lo, hi, dt=dtype):
+        return (torch.rand(size, generator=gen, dtype=torch.float64) * (hi - lo) + lo).to(device, dt)
 
-    h = rand(shape)
+    h = opcases.randn(shape, dtype, device, gen)
     if len(shape) == 4:
         h = h.contiguous(memory_format=torch.channels_last)
-    s = rand(shape)  # NCHW: a seed fed the contiguous copy r
-    per_sample = (shape[0],) + (1,) * (len(shape) - 1)
-    alpha = rand(per_sample if pattern == "esper_override" else (), 0.1, 0.9,
-                 torch.float32 if autocast else dtype)
+    s = opcases.randn(shape, dtype, device, gen)  # NCHW: a seed fed the contiguous copy r
+    per_sample = opcases.per_sample(shape)
+    alpha = uniform(per_sample if pattern == "esper_override" else (), 0.1, 0.9,
+                    torch.float32 if autocast else dtype)
     if op == "ste_forward":
         return [h, s], {}
     if op == "blend_gate":
-        return [h, s, alpha, rand(per_sample, 0.05, 0.95)], {}
+        return [h, s, alpha, uniform(per_sample, 0.05, 0.95)], {}
     # blend_multiply's seed input: Esper's isolation, an NCHW copy
     return [h, s, alpha], {"seed_input": h.contiguous()} if op == "blend_multiply" else {}
 

@@ -31,11 +31,6 @@ def default_device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    """The tensors' dtype of an entry's dtype name (esper.AUTOCAST entries hold bfloat16)."""
-    return torch.bfloat16 if name == esper.AUTOCAST else DTYPES[name]
-
-
 @dataclass(frozen=True)
 class Entry:
     op: str

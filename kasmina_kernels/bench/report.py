@@ -172,8 +172,7 @@ def detail_table(records: list[dict]) -> list[str]:
                      f"{d['call_us']:.1f}" if "call_us" in d else "-",
                      _bandwidth(d, "forward"), _bandwidth(d, "backward")]
             if kernel:
-                k = d.get("kernel", {})
-                cells += [_us(k.get(m, {}).get("median")) for m in ("forward", "backward")]
+                cells += [_us(d.get("kernel", {}).get(m, {}).get("median")) for m in ("forward", "backward")]
                 cells += [_bandwidth(d, m, "kernel_") for m in ("forward", "backward")]
             rows.append(cells + [f"{d['saved_bytes'] / 2**20:.2f} ({d['saved_extra_bytes'] / 2**20:.2f})"
                                  if "saved_bytes" in d else "-", comp])
@@ -191,8 +190,7 @@ def sweep_table(records: list[dict]) -> list[str]:
         cells = [r["op"], r["dtype"], f"{r['numel']:,}", f"{r['feature_bytes'] / 2**20:.2f}",
                  f"{r['copy']['GBps']:.1f}"] + [_bandwidth(r["impls"].get(n, {}), FB) for n in impls]
         if kernel:
-            ck = r["copy"].get("kernel_GBps")
-            cells += [f"{ck:.1f}" if ck else "-"]
+            cells += [f"{ck:.1f}" if (ck := r["copy"].get("kernel_GBps")) else "-"]
             cells += [_bandwidth(r["impls"].get(n, {}), FB, "kernel_") for n in impls]
         body.append(cells)
     return markdown_table(head, 2, body)
@@ -361,9 +359,8 @@ def step_section(result: dict, device_type: str) -> list[str]:
                 rows.append([row["variant"], row["mode"], f"FAILED: {row['error'].replace('|', '/')}"]
                             + [""] * (len(head) - 3))
                 continue
-            share = "-" if row.get("blend_share") is None else f"{row['blend_share'] * 100:.1f}%"
-            if row.get("blend_share_method") == "kasmina:: operators":
-                share += " (ops)"
+            share = fmt(row.get("blend_share"), ".1%") + " (ops)" * (
+                row.get("blend_share_method") == "kasmina:: operators")
             unclear = not row.get("speedup_support", {}).get("conclusive", True)
             rows.append([row["variant"], row["mode"], fmt(row.get("ms_per_step"), ".1f"),
                          f"{fmt(row.get('speedup_vs_eager_blends'), '.2f')}x" + " ~" * unclear]

@@ -211,17 +211,16 @@ def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MOD
                 row["max_rel_loss_diff"] = max_rel_diff(row["losses"], base)
             if eager_losses:
                 row["max_rel_loss_diff_vs_eager_mode"] = max_rel_diff(row["losses"], eager_losses)
-        if runners:
-            steps = [Step(lambda i, _, r=r: r.step(batches[i])) for _, r in runners]
-            samples = time_interleaved(steps, device, n_batches, rounds=rounds, budget_s=budget_s,
-                                       warmup=2, max_iters=20)
-            for (key, runner), s in zip(runners, samples):
-                rows[key].update(sample=asdict(s), ms_per_step=s.median * 1e3, ms_p25=s.p25 * 1e3,
-                                 ms_p75=s.p75 * 1e3, timed_steps=s.count)
-                try:
-                    rows[key].update(profile_steps(runner, batches, device))
-                except Exception as exc:
-                    rows[key]["profile_error"] = _first_line(exc)
+        steps = [Step(lambda i, _, r=r: r.step(batches[i])) for _, r in runners]
+        samples = time_interleaved(steps, device, n_batches, rounds=rounds, budget_s=budget_s,
+                                   warmup=2, max_iters=20)
+        for (key, runner), s in zip(runners, samples):
+            rows[key].update(sample=asdict(s), ms_per_step=s.median * 1e3, ms_p25=s.p25 * 1e3,
+                             ms_p75=s.p75 * 1e3, timed_steps=s.count)
+            try:
+                rows[key].update(profile_steps(runner, batches, device))
+            except Exception as exc:
+                rows[key]["profile_error"] = _first_line(exc)
     for row in rows.values():
         base = rows.get(f"{EAGER} / {row['mode']}", {})
         if base.get("ms_per_step") and row.get("ms_per_step"):

@@ -118,14 +118,13 @@ def backend_impl(w: Workload, backend: str) -> Impl:
     return Impl(backend, w.wrap(functools.partial(w.op.public, backend=backend)))
 
 
-def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = None) -> Impl:
+def compiled_impl(w: Workload, shared: dict, *, dynamic: bool = False) -> Impl:
     """torch.compile of the reference (fullgraph=True), compiled by one forward+backward call
     whose wall time is the compile time. dynamic=False: for this exact shape, after a dynamo
     reset. dynamic=True: one compile per (op, dtype) kept in `shared` and reused by later
     entries (the size sweep), whose first call is then not a compile (`reused`)."""
     from torch._dynamo.utils import counters
 
-    shared = {} if shared is None else shared
     key = (w.op.name, w.dtype, w.pattern, w.autocast)
     if not dynamic or not shared:
         torch._dynamo.reset()
