@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from .. import backends as kk_backends
 from . import esper_models as M
-from .sweep import select_backends
 from .timing import Sample, Step, compare, time_interleaved
 
 AGREE_STEPS = 20
@@ -232,11 +231,10 @@ def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MOD
     return {"host": host.name, "description": host.description, "rows": rows}
 
 
-def run(device: torch.device, *, backends: list[str] | None = None, compile_mode: bool = True,
+def run(device: torch.device, kernels: list[str], excluded: dict, *, compile_mode: bool = True,
         log=print) -> dict:
-    """Both hosts, every variant (the eager blends and each kernel backend), each mode; on CUDA
-    under bf16 autocast, as Esper trains on GPUs."""
-    kernels, excluded = select_backends(device, backends)
+    """Both hosts, every variant (the eager blends and each kernel backend: sweep.select_backends'
+    `kernels`, `excluded`), each mode; on CUDA under bf16 autocast, as Esper trains on GPUs."""
     variants, modes = [EAGER] + kernels, MODES if compile_mode else ("eager",)
     autocast = device.type == "cuda"
     return {"variants": variants, "excluded": excluded, "modes": list(modes), "agree_steps": AGREE_STEPS,
