@@ -16,6 +16,7 @@ the incoming gradient has the output's layout; (B,T,C) features are contiguous.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -121,8 +122,7 @@ def layouts(args) -> None:
     lines += ["", f"Lowest ratio: {lowest:.2f}x ({row})"]
     print(lines[-1])
     if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:

@@ -19,8 +19,6 @@ TRAFFIC = {
 # (op, backend, device type) whose backward writes a stride-0 dx, fewer bytes than counted: their
 # backward GB/s may exceed a copy's without that being an artefact
 BACKWARD_OVERSTATED = {("gated_pool", "native", "cpu"), ("gate_network", "native", "cpu")}
-# ops whose figures are about bandwidth at large sizes (the size sweep and GB/s plots)
-BANDWIDTH_OPS = ("blend_add", "blend_multiply", "blend_gate", "gated_pool")
 
 
 def overstated(op: str, impl: str, device_type: str, mode: str) -> bool:

@@ -48,10 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def default_threads(device_type: str, cores: int, torch_default: int) -> tuple[int, str]:
-    """(threads, why) when --threads is not given. On CPU more threads than free cores make an
-    OpenMP barrier wait a scheduler quantum for a descheduled thread: with at most
-    SMALL_MACHINE_CORES usable cores any other load takes a whole core, so 1 thread; else
-    torch's default (its physical-core count) capped at the usable cores."""
+    """(threads, why) when --threads is not given: the rule its help states (a CPU thread beyond
+    the free cores makes an OpenMP barrier wait a scheduler quantum for it)."""
     if device_type != "cpu":
         return torch_default, f"torch's default ({device_type} run)"
     if cores <= SMALL_MACHINE_CORES:
@@ -89,9 +87,8 @@ def main(args: argparse.Namespace) -> int:
     for line in [f"{name} excluded on {device.type}: {why}" for name, why in excluded.items()] + plan.notes:
         print(f"bench: {line}", file=sys.stderr)
 
-    meta = report.machine(device)
-    meta["usable cores"] = cores
-    meta["threads"] = f"{torch.get_num_threads()} ({threads_why})"
+    meta = {**report.machine(device), "usable cores": cores,
+            "threads": f"{torch.get_num_threads()} ({threads_why})"}
     with contextlib.suppress(OSError):  # no load average on this platform
         loads = " / ".join(f"{v:.2f}" for v in os.getloadavg())
         meta["load average at start"] = f"{loads} (1, 5, 15 min)"
@@ -113,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
                                  time_limit_s=args.time_limit, on_record=save)
     if args.step or not (args.quick or args.esper_only):
         t_step = time.perf_counter()
-        step_result = step.run(device, backends=args.backends, compile_mode=not args.no_compile,
+        step_result = step.run(device, kernels, excluded, compile_mode=not args.no_compile,
                                log=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
         meta["step_wall_s"] = round(time.perf_counter() - t_step, 1)
     meta["bench_wall_s"] = round(time.perf_counter() - t0, 1)

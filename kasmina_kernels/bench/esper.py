@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import torch
 
+from .. import opcases
+
 SHAPES = ((128, 16, 16, 16), (512, 8, 32, 32), (512, 32, 8, 8), (32, 256, 384))
 QUICK_SHAPES = ((128, 16, 16, 16),)
 OPS = ("blend_add", "blend_multiply", "blend_gate", "ste_forward")
 OVERRIDE_OPS = ("blend_add", "blend_multiply", "blend_gate")
 OVERRIDE_K = 2
 AUTOCAST = "bfloat16-autocast"  # the dtype name of the autocast entries
-PATTERNS = {"esper": "alpha 0-dim", "esper_override": f"alpha_override (K*B,1,...), K={OVERRIDE_K}"}
+PATTERNS = {"esper": "0-dim", "esper_override": "(K*B,1,...)"}  # input pattern: alpha's shape
 NO_GRAD = frozenset(("alpha", "seed_input"))  # arguments Esper passes without requires_grad
 
 
@@ -28,27 +30,22 @@ def make_inputs(op: str, pattern: str, shape, dtype: torch.dtype, device, gen, *
         raise ValueError(f"no Esper pattern {pattern!r} for {op!r}: expected one of "
                          f"{', '.join(PATTERNS)} for one of {', '.join(OPS)}")
 
-    def rand(size, lo=None, hi=None, dt=dtype):
-        if lo is None:
-            t = torch.randn(size, generator=gen, dtype=torch.float64)
-        else:
-            t = torch.rand(size, generator=gen, dtype=torch.float64) * (hi - lo) + lo
-        return t.to(device=device, dtype=dt)
+    def uniform(size, lo, hi, dt=dtype):
+        return (torch.rand(size, generator=gen, dtype=torch.float64) * (hi - lo) + lo).to(device, dt)
 
-    h = rand(shape)
+    h = opcases.randn(shape, dtype, device, gen)
     if len(shape) == 4:
         h = h.contiguous(memory_format=torch.channels_last)
-    s = rand(shape)  # NCHW: a seed fed the contiguous copy r
-    per_sample = (shape[0],) + (1,) * (len(shape) - 1)
-    alpha = rand(per_sample if pattern == "esper_override" else (), 0.1, 0.9,
-                 torch.float32 if autocast else dtype)
+    s = opcases.randn(shape, dtype, device, gen)  # NCHW: a seed fed the contiguous copy r
+    per_sample = opcases.per_sample(shape)
+    alpha = uniform(per_sample if pattern == "esper_override" else (), 0.1, 0.9,
+                    torch.float32 if autocast else dtype)
     if op == "ste_forward":
         return [h, s], {}
-    if op == "blend_add":
-        return [h, s, alpha], {}
-    if op == "blend_multiply":
-        return [h, s, alpha], {"seed_input": h.contiguous()}  # Esper's isolation: an NCHW copy
-    return [h, s, alpha, rand(per_sample, 0.05, 0.95)], {}
+    if op == "blend_gate":
+        return [h, s, alpha, uniform(per_sample, 0.05, 0.95)], {}
+    # blend_multiply's seed input: Esper's isolation, an NCHW copy
+    return [h, s, alpha], {"seed_input": h.contiguous()} if op == "blend_multiply" else {}
 
 
 def layout(t: torch.Tensor) -> str:
@@ -62,9 +59,9 @@ def layout(t: torch.Tensor) -> str:
     return "strided"
 
 
-def describe(named: dict, requires_grad: dict) -> dict:
+def describe(named: dict) -> dict:
     """{input name: {"shape", "dtype", "layout", "requires_grad"}} of one input set as built
     (the incoming gradient as "grad"): what the report states under each table."""
     return {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
-                   "layout": layout(t), "requires_grad": bool(requires_grad.get(name, False))}
+                   "layout": layout(t), "requires_grad": t.requires_grad}
             for name, t in named.items() if isinstance(t, torch.Tensor)}

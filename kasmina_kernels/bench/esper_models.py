@@ -164,8 +164,5 @@ def token_batches(steps: int, batch_size: int, *, tokens: int, features: int, cl
     """`steps` batches of ((B, T, F) sequences, labels) labelled by a fixed random teacher."""
     gen = torch.Generator().manual_seed(seed)
     teacher = torch.randn(features, classes, generator=gen)
-    batches = []
-    for _ in range(steps):
-        x = torch.randn(batch_size, tokens, features, generator=gen)
-        batches.append((x.to(device), (x.mean(dim=1) @ teacher).argmax(dim=1).to(device)))
-    return batches
+    xs = [torch.randn(batch_size, tokens, features, generator=gen) for _ in range(steps)]
+    return [(x.to(device), (x.mean(dim=1) @ teacher).argmax(dim=1).to(device)) for x in xs]

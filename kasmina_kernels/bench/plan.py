@@ -10,12 +10,12 @@ import torch
 
 from .. import optable
 from . import esper
-from .bytemodel import BANDWIDTH_OPS
 
 ESPER_SHAPES = ((512, 8, 32, 32), (512, 32, 8, 8), (512, 16, 32, 32), (32, 256, 384))
 SMALL_SHAPES = ((8, 64, 16, 16),)
 QUICK_ESPER_SHAPE = (32, 256, 384)  # the smallest of Esper's shapes (3.1M elements)
 ALL_OPS = optable.NAMES
+# the headline ops, also the ops of the size sweep: their figures are about bandwidth at large sizes
 HEADLINE_OPS = ("blend_add", "blend_multiply", "blend_gate", "gated_pool")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,11 +29,6 @@ QUICK_SWEEP_LOG2_NUMEL = {"cpu": (16, 20), "cuda": (16, 20, 24)}
 
 def default_device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The tensors' dtype of an entry's dtype name (esper.AUTOCAST entries hold bfloat16)."""
-    return torch.bfloat16 if name == esper.AUTOCAST else DTYPES[name]
 
 
 @dataclass(frozen=True)
@@ -113,7 +108,7 @@ def make_plan(device: torch.device, *, quick: bool, ops: list[str] | None,
     entries = first + [e for e in named_entries if e.op in HEADLINE_OPS]
     entries += [Entry(op, ((1 << k) // math.prod(SWEEP_INNER),) + SWEEP_INNER, dt, "sweep",
                       not quick, sweep_dynamic)
-                for dt in dtypes for k in sizes for op in ops if op in BANDWIDTH_OPS]
+                for dt in dtypes for k in sizes for op in ops if op in HEADLINE_OPS]
     entries += [e for e in named_entries if e.op not in HEADLINE_OPS]
     if sweep_dynamic:
         notes.append("size sweep on CUDA: torch.compile with dynamic=True, compiled once per op "

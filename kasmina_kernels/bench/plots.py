@@ -3,6 +3,8 @@ implementation, with the device copy for reference; speedup bars at Esper's shap
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from pathlib import Path
 
 from .report import FB, PEERS, _impl_names, _shape, conclusive
@@ -10,17 +12,16 @@ from .report import FB, PEERS, _impl_names, _shape, conclusive
 COLORS = {"eager": "#7f7f7f", "compile": "#1f77b4", "native": "#d62728", "triton": "#2ca02c"}
 
 
-def _figure(rows: int, cols: int, size: tuple[float, float]):
+@contextlib.contextmanager
+def _figure(path: Path, title: str, rows: int, cols: int, size: tuple[float, float]):
+    """A grid of axes to draw on, saved to `path` with the first panel's legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
-    return plt, fig, axes
-
-
-def _save(plt, fig, axes, path: Path, title: str) -> None:
+    yield axes
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
@@ -39,9 +40,8 @@ def bandwidth_vs_size(records: list[dict], path: Path, title: str) -> bool:
     # host's launch and autograd overhead until tensors are large
     kernel = all("kernel_GBps" in r["copy"] for r in rows)
     gb_key = "kernel_GBps" if kernel else "GBps"
-    plt, fig, axes = _figure(len(dtypes), len(ops), (4.2 * len(ops), 3.4 * len(dtypes)))
-    for i, dt in enumerate(dtypes):
-        for j, op in enumerate(ops):
+    with _figure(path, title, len(dtypes), len(ops), (4.2 * len(ops), 3.4 * len(dtypes))) as axes:
+        for (i, dt), (j, op) in itertools.product(enumerate(dtypes), enumerate(ops)):
             ax = axes[i][j]
             sel = sorted((r for r in rows if r["op"] == op and r["dtype"] == dt), key=lambda r: r["feature_bytes"])
             x = [r["feature_bytes"] / 2**20 for r in sel]
@@ -53,10 +53,8 @@ def bandwidth_vs_size(records: list[dict], path: Path, title: str) -> bool:
                     ax.plot(*zip(*pts), "o-", color=COLORS.get(n), label=n)
             ax.set_xscale("log", base=2)
             ax.set_title(f"{op} {dt}", fontsize=10)
-            ax.set_xlabel("feature tensor MiB")
-            ax.set_ylabel("fwd+bwd GB/s" + (" (kernel time)" if kernel else ""))
+            ax.set(xlabel="feature tensor MiB", ylabel="fwd+bwd GB/s" + " (kernel time)" * kernel)
             ax.grid(alpha=0.3)
-    _save(plt, fig, axes, path, title)
     return True
 
 
@@ -71,11 +69,10 @@ def speedup_bars(records: list[dict], path: Path, title: str) -> bool:
     dtypes = sorted({r["dtype"] for r in rows})
     groups = max(sum(r["dtype"] == dt for r in rows) for dt in dtypes)
     width = min(24.0, max(8.0, 0.25 * groups * len(kernels) + 2))
-    plt, fig, axes = _figure(len(dtypes) * len(PEERS), 1, (width, 3.6 * len(dtypes) * len(PEERS)))
     bar = 0.8 / len(kernels)
-    for i, dt in enumerate(dtypes):
-        sel = [r for r in rows if r["dtype"] == dt]
-        for j, peer in enumerate(PEERS):
+    with _figure(path, title, len(dtypes) * len(PEERS), 1, (width, 3.6 * len(dtypes) * len(PEERS))) as axes:
+        for (i, dt), (j, peer) in itertools.product(enumerate(dtypes), enumerate(PEERS)):
+            sel = [r for r in rows if r["dtype"] == dt]
             ax = axes[i * len(PEERS) + j][0]
             for k, name in enumerate(kernels):
                 impls = [r["impls"].get(name, {}) for r in sel]
@@ -94,5 +91,4 @@ def speedup_bars(records: list[dict], path: Path, title: str) -> bool:
             ax.set_title(f"{dt}: speedup vs {'eager' if peer == 'eager' else 'torch.compile'} "
                          "(above 1: the backend is faster; hatched: inconclusive)", fontsize=10)
             ax.grid(axis="y", alpha=0.3)
-    _save(plt, fig, axes, path, title)
     return True

@@ -11,13 +11,12 @@ from pathlib import Path
 import torch
 
 from .. import backends
-from . import step as step_bench
+from . import esper, step as step_bench
 from .timing import MIN_ROUNDS, SPREAD_LIMIT
 
 PEERS = ("eager", "compile")
 FB = "forward+backward"
 ESPER_GROUP = "esper-call"
-PATTERN_LABEL = {"esper": "0-dim", "esper_override": "(K*B,1,...)"}
 INCONCLUSIVE = "~"  # a ratio the timings do not support (legend)
 ABOVE_COPY = "(!)"  # GB/s above a same-size copy's (legend)
 HEADER_KEYS = ("device", "cpu_count", "usable cores", "load average at start", "threads",
@@ -136,7 +135,7 @@ def side_by_side(rows: list[dict], mode: str, alpha: bool = False) -> list[str]:
     impls = _impl_names(rows)
     kernels = [n for n in impls if n not in PEERS]
     head = ["op", "shape", "dtype"] + ["alpha"] * alpha + [f"{n} µs" for n in impls]
-    body = [[r["op"], _shape(r["shape"]), r["dtype"]] + [PATTERN_LABEL.get(r.get("pattern"), "?")] * alpha
+    body = [[r["op"], _shape(r["shape"]), r["dtype"]] + [esper.PATTERNS.get(r.get("pattern"), "?")] * alpha
             + [_us(r["impls"].get(n, {}).get(mode, {}).get("median")) for n in impls]
             + [_ratio(r["impls"].get(k, {}), p, mode) for k in kernels for p in PEERS] for r in rows]
     return markdown_table(head + [f"{k} vs {p}" for k in kernels for p in PEERS], 3 + alpha, body)
@@ -173,8 +172,7 @@ def detail_table(records: list[dict]) -> list[str]:
                      f"{d['call_us']:.1f}" if "call_us" in d else "-",
                      _bandwidth(d, "forward"), _bandwidth(d, "backward")]
             if kernel:
-                k = d.get("kernel", {})
-                cells += [_us(k.get(m, {}).get("median")) for m in ("forward", "backward")]
+                cells += [_us(d.get("kernel", {}).get(m, {}).get("median")) for m in ("forward", "backward")]
                 cells += [_bandwidth(d, m, "kernel_") for m in ("forward", "backward")]
             rows.append(cells + [f"{d['saved_bytes'] / 2**20:.2f} ({d['saved_extra_bytes'] / 2**20:.2f})"
                                  if "saved_bytes" in d else "-", comp])
@@ -192,8 +190,7 @@ def sweep_table(records: list[dict]) -> list[str]:
         cells = [r["op"], r["dtype"], f"{r['numel']:,}", f"{r['feature_bytes'] / 2**20:.2f}",
                  f"{r['copy']['GBps']:.1f}"] + [_bandwidth(r["impls"].get(n, {}), FB) for n in impls]
         if kernel:
-            ck = r["copy"].get("kernel_GBps")
-            cells += [f"{ck:.1f}" if ck else "-"]
+            cells += [f"{ck:.1f}" if (ck := r["copy"].get("kernel_GBps")) else "-"]
             cells += [_bandwidth(r["impls"].get(n, {}), FB, "kernel_") for n in impls]
         body.append(cells)
     return markdown_table(head, 2, body)
@@ -213,7 +210,7 @@ def verdicts(records: list[dict], groups=("esper", "small")) -> list[str]:
                 sp = d.get("speedup", {}).get(peer, {}).get(FB)
                 if sp is None:
                     continue
-                alpha = f" alpha {PATTERN_LABEL[r['pattern']]}" if r.get("pattern") in PATTERN_LABEL else ""
+                alpha = f" alpha {esper.PATTERNS[r['pattern']]}" if r.get("pattern") in esper.PATTERNS else ""
                 case = f"{r['op']} {_shape(r['shape'])} {r['dtype']}{alpha}"
                 if not conclusive(d, peer, FB):
                     unclear.append(f"{case} ({sp:.2f}x {INCONCLUSIVE}: {_why(d, peer, FB)})")
@@ -362,9 +359,8 @@ def step_section(result: dict, device_type: str) -> list[str]:
                 rows.append([row["variant"], row["mode"], f"FAILED: {row['error'].replace('|', '/')}"]
                             + [""] * (len(head) - 3))
                 continue
-            share = "-" if row.get("blend_share") is None else f"{row['blend_share'] * 100:.1f}%"
-            if row.get("blend_share_method") == "kasmina:: operators":
-                share += " (ops)"
+            share = fmt(row.get("blend_share"), ".1%") + " (ops)" * (
+                row.get("blend_share_method") == "kasmina:: operators")
             unclear = not row.get("speedup_support", {}).get("conclusive", True)
             rows.append([row["variant"], row["mode"], fmt(row.get("ms_per_step"), ".1f"),
                          f"{fmt(row.get('speedup_vs_eager_blends'), '.2f')}x" + " ~" * unclear]

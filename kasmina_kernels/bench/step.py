@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from .. import backends as kk_backends
 from . import esper_models as M
-from .sweep import select_backends
 from .timing import Sample, Step, compare, time_interleaved
 
 AGREE_STEPS = 20
@@ -30,20 +29,15 @@ MODES = ("eager", "compile")
 STEP_RANGE = "kasmina.step"
 
 # operators that run no kernel: allocations without a fill and no-op conversions
-NO_KERNEL_OPS = frozenset((
-    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_", "aten::lift_fresh",
-    "aten::_local_scalar_dense", "aten::detach", "aten::detach_", "aten::as_strided_", "aten::set_"))
+NO_KERNEL_OPS = frozenset("aten::" + name for name in (
+    "empty empty_strided empty_like resize_ lift_fresh _local_scalar_dense detach detach_ as_strided_ "
+    "set_").split())
 # leaf profiler events that run no kernel: those, views, and composites that may not copy
-NO_KERNEL = NO_KERNEL_OPS | frozenset((
-    "aten::view", "aten::_unsafe_view", "aten::as_strided", "aten::t", "aten::transpose",
-    "aten::permute", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::_reshape_alias",
-    "aten::alias", "aten::select", "aten::slice", "aten::split", "aten::unflatten",
-    "aten::unbind", "aten::chunk", "aten::narrow", "aten::numpy_T", "aten::resolve_conj",
-    "aten::resolve_neg", "aten::is_same_size", "aten::result_type", "aten::reshape",
-    "aten::flatten", "aten::contiguous", "aten::to", "aten::_to_copy_noop", "aten::lift",
-    "aten::zeros", "aten::ones", "aten::expand_as", "aten::view_as", "aten::item",
-    "aten::is_nonzero", "aten::size", "aten::stride",
-))
+NO_KERNEL = NO_KERNEL_OPS | frozenset("aten::" + name for name in (
+    "view _unsafe_view as_strided t transpose permute expand unsqueeze squeeze _reshape_alias alias "
+    "select slice split unflatten unbind chunk narrow numpy_T resolve_conj resolve_neg is_same_size "
+    "result_type reshape flatten contiguous to _to_copy_noop lift zeros ones expand_as view_as item "
+    "is_nonzero size stride").split())
 OPS_PREFIX = ("aten::", "kasmina::")
 
 
@@ -199,16 +193,14 @@ def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MOD
                 row = rows[key] = {"variant": variant, "mode": mode}
                 t0 = time.perf_counter()
                 try:
-                    runner = Runner(host, variant, mode, state, device, autocast)
-                    row["losses"] = []
+                    runner, losses = Runner(host, variant, mode, state, device, autocast), []
                     for i in range(agree_steps):
-                        row["losses"].append(runner.step(batches[i]).item())
+                        losses.append(runner.step(batches[i]).item())
                         row.setdefault("first_step_s", time.perf_counter() - t0)
+                    row["losses"] = losses
                     runners.append((key, runner))
                 except Exception as exc:  # e.g. torch.compile failing for one configuration
-                    row.pop("losses", None)
-                    row["error"] = _first_line(exc)
-                    row["traceback"] = traceback.format_exc()[-2000:]
+                    row.update(error=_first_line(exc), traceback=traceback.format_exc()[-2000:])
                 log(f"step {host.name}: {key}: {agree_steps} steps in {time.perf_counter() - t0:.1f} s"
                     + (f" FAILED {row['error']}" if "error" in row else ""))
         eager_losses = rows.get(f"{EAGER} / eager", {}).get("losses")
@@ -218,17 +210,16 @@ def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MOD
                 row["max_rel_loss_diff"] = max_rel_diff(row["losses"], base)
             if eager_losses:
                 row["max_rel_loss_diff_vs_eager_mode"] = max_rel_diff(row["losses"], eager_losses)
-        if runners:
-            steps = [Step(lambda i, _, r=r: r.step(batches[i])) for _, r in runners]
-            samples = time_interleaved(steps, device, n_batches, rounds=rounds, budget_s=budget_s,
-                                       warmup=2, max_iters=20)
-            for (key, runner), s in zip(runners, samples):
-                rows[key].update(sample=asdict(s), ms_per_step=s.median * 1e3, ms_p25=s.p25 * 1e3,
-                                 ms_p75=s.p75 * 1e3, timed_steps=s.count)
-                try:
-                    rows[key].update(profile_steps(runner, batches, device))
-                except Exception as exc:
-                    rows[key]["profile_error"] = _first_line(exc)
+        steps = [Step(lambda i, _, r=r: r.step(batches[i])) for _, r in runners]
+        samples = time_interleaved(steps, device, n_batches, rounds=rounds, budget_s=budget_s,
+                                   warmup=2, max_iters=20)
+        for (key, runner), s in zip(runners, samples):
+            rows[key].update(sample=asdict(s), ms_per_step=s.median * 1e3, ms_p25=s.p25 * 1e3,
+                             ms_p75=s.p75 * 1e3, timed_steps=s.count)
+            try:
+                rows[key].update(profile_steps(runner, batches, device))
+            except Exception as exc:
+                rows[key]["profile_error"] = _first_line(exc)
     for row in rows.values():
         base = rows.get(f"{EAGER} / {row['mode']}", {})
         if base.get("ms_per_step") and row.get("ms_per_step"):
@@ -240,11 +231,10 @@ def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MOD
     return {"host": host.name, "description": host.description, "rows": rows}
 
 
-def run(device: torch.device, *, backends: list[str] | None = None, compile_mode: bool = True,
+def run(device: torch.device, kernels: list[str], excluded: dict, *, compile_mode: bool = True,
         log=print) -> dict:
-    """Both hosts, every variant (the eager blends and each kernel backend), each mode; on CUDA
-    under bf16 autocast, as Esper trains on GPUs."""
-    kernels, excluded = select_backends(device, backends)
+    """Both hosts, every variant (the eager blends and each kernel backend: sweep.select_backends'
+    `kernels`, `excluded`), each mode; on CUDA under bf16 autocast, as Esper trains on GPUs."""
     variants, modes = [EAGER] + kernels, MODES if compile_mode else ("eager",)
     autocast = device.type == "cuda"
     return {"variants": variants, "excluded": excluded, "modes": list(modes), "agree_steps": AGREE_STEPS,

@@ -15,7 +15,7 @@ import torch
 
 from .. import backends, opcases, optable
 from . import bytemodel, esper, workload
-from .plan import Entry, Plan, torch_dtype
+from .plan import DTYPES, Entry, Plan
 from .timing import Sample, compare, kernel_time, time_interleaved, wall_per_call
 
 CPU_ROTATE_BYTES = 64 << 20
@@ -71,12 +71,14 @@ def _head(entry: Entry) -> dict:
 
 
 def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], plan: Plan,
-              compile_peer: bool, shared: dict | None = None) -> dict:
+              compile_peer: bool, shared: dict) -> dict:
     """One entry, as a JSON-ready record. `shared`: dynamic-shape compiles reused across
     entries."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"{entry}".encode()))
-    w = workload.build(optable.BY_NAME[entry.op], entry.shape, torch_dtype(entry.dtype), device, gen,
-                       rotate_bytes(device), pattern=entry.pattern, autocast=entry.dtype == esper.AUTOCAST)
+    autocast = entry.dtype == esper.AUTOCAST  # its tensors are bfloat16
+    dtype = torch.bfloat16 if autocast else DTYPES[entry.dtype]
+    w = workload.build(optable.BY_NAME[entry.op], entry.shape, dtype, device, gen, rotate_bytes(device),
+                       pattern=entry.pattern, autocast=autocast)
     feature, fwd_bytes, bwd_bytes, from_design = bytemodel.traffic(entry.op, w.base_args, w.base_kwargs,
                                                                    w.no_grad)
     record = {
@@ -84,18 +86,17 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
         "bytes": {"forward": fwd_bytes, "backward": bwd_bytes}, "bytes_from_design": from_design,
         "inputs": w.inputs, "n_sets": w.n_sets, "impls": {}, "failures": [], "notes": [], "phase_s": {},
     }
-    t_phase = [time.perf_counter()]
+    marks = [time.perf_counter()]
 
-    def lap(name):
-        now = time.perf_counter()
-        record["phase_s"][name] = round(now - t_phase[0], 3)
-        t_phase[0] = now
+    def lap(name):  # seconds since the previous lap
+        marks.append(time.perf_counter())
+        record["phase_s"][name] = round(marks[-1] - marks[-2], 3)
 
     lap("inputs")
     impls = [workload.eager_impl(w)]
     if compile_peer and entry.compile_peer:
         try:
-            impls.append(workload.compiled_impl(w, dynamic=entry.compile_dynamic, shared=shared))
+            impls.append(workload.compiled_impl(w, shared, dynamic=entry.compile_dynamic))
         except Exception as exc:  # e.g. no C++ compiler for inductor on CPU
             record["notes"].append(f"torch.compile peer failed to compile: {type(exc).__name__}: "
                                    f"{str(exc).splitlines()[0] if str(exc) else ''}")
@@ -107,10 +108,8 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
                                 "compile_s": None}
     for impl in impls[1:]:
         peer = impl.name == "compile"
-        if peer and w.base_args[0].numel() > PEER_CHECK_MAX_NUMEL:
-            result = {"ok": None, "problems": ["not judged at this size"], "max_error_vs_reference": None}
-        else:
-            result = check(impl, judge)
+        result = (check(impl, judge) if not peer or w.base_args[0].numel() <= PEER_CHECK_MAX_NUMEL else
+                  {"ok": None, "problems": ["not judged at this size"], "max_error_vs_reference": None})
         record["impls"][impl.name] = {"check": result, "compile_s": impl.compile_s,
                                       "compile_cache_hits": impl.cache_hits,
                                       "compile_dynamic": impl.dynamic, "compile_reused": impl.reused}

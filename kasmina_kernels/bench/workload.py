@@ -68,14 +68,10 @@ class Workload:
 
     def wrap(self, fn: Callable) -> Callable:
         """`fn` as this workload calls it (inside bf16 autocast when `autocast`)."""
-        if not self.autocast:
-            return fn
-
-        @functools.wraps(fn)
         def under_autocast(*args, **kwargs):
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 return fn(*args, **kwargs)
-        return under_autocast
+        return functools.wraps(fn)(under_autocast) if self.autocast else fn
 
 
 def build(op: optable.Op, shape, dtype, device, gen: torch.Generator,
@@ -95,13 +91,12 @@ def build(op: optable.Op, shape, dtype, device, gen: torch.Generator,
     # in the output's layout, as a layer's gradient has
     grad = opcases.incoming_grad(out, int(torch.randint(1 << 31, (), generator=gen)))
     first = _input_set(op.inputs, args, kwargs, grad, no_grad)
-    tensors = [t for t in [*first.args, *first.kwargs.values(), grad] if isinstance(t, torch.Tensor)]
-    set_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    named = {**opcases.leaves_of(op, first.args, first.kwargs), "grad": grad}
+    set_bytes = sum(t.numel() * t.element_size() for t in named.values() if isinstance(t, torch.Tensor))
     n = max(1, min(MAX_SETS, math.ceil(rotate_bytes / max(set_bytes, 1))))
     sets = [first] + [_input_set(op.inputs, first.args, first.kwargs, grad, no_grad) for _ in range(n - 1)]
-    named = {**dict(zip(op.inputs, first.args)), **first.kwargs, "grad": grad}
-    inputs = esper.describe(named, {name: name not in no_grad for name in named if name != "grad"})
-    return Workload(op, dtype, device, sets, list(args), dict(kwargs), pattern, autocast, no_grad, inputs)
+    return Workload(op, dtype, device, sets, list(args), dict(kwargs), pattern, autocast, no_grad,
+                    esper.describe(named))
 
 
 # ---------------------------------------------------------------------------- implementations
@@ -123,14 +118,13 @@ def backend_impl(w: Workload, backend: str) -> Impl:
     return Impl(backend, w.wrap(functools.partial(w.op.public, backend=backend)))
 
 
-def compiled_impl(w: Workload, *, dynamic: bool = False, shared: dict | None = None) -> Impl:
+def compiled_impl(w: Workload, shared: dict, *, dynamic: bool = False) -> Impl:
     """torch.compile of the reference (fullgraph=True), compiled by one forward+backward call
     whose wall time is the compile time. dynamic=False: for this exact shape, after a dynamo
     reset. dynamic=True: one compile per (op, dtype) kept in `shared` and reused by later
     entries (the size sweep), whose first call is then not a compile (`reused`)."""
     from torch._dynamo.utils import counters
 
-    shared = {} if shared is None else shared
     key = (w.op.name, w.dtype, w.pattern, w.autocast)
     if not dynamic or not shared:
         torch._dynamo.reset()
