@@ -74,6 +74,7 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
               compile_peer: bool, shared: dict) -> dict:
     """One entry, as a JSON-ready record. `shared`: dynamic-shape compiles reused across
     entries."""
+    marks = [time.perf_counter()]  # phase_s: the inputs' building is the first phase
     gen = torch.Generator().manual_seed(zlib.crc32(f"{entry}".encode()))
     autocast = entry.dtype == esper.AUTOCAST  # its tensors are bfloat16
     dtype = torch.bfloat16 if autocast else DTYPES[entry.dtype]
@@ -86,7 +87,6 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
         "bytes": {"forward": fwd_bytes, "backward": bwd_bytes}, "bytes_from_design": from_design,
         "inputs": w.inputs, "n_sets": w.n_sets, "impls": {}, "failures": [], "notes": [], "phase_s": {},
     }
-    marks = [time.perf_counter()]
 
     def lap(name):  # seconds since the previous lap
         marks.append(time.perf_counter())
