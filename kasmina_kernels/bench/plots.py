@@ -53,7 +53,8 @@ def bandwidth_vs_size(records: list[dict], path: Path, title: str) -> bool:
                     ax.plot(*zip(*pts), "o-", color=COLORS.get(n), label=n)
             ax.set_xscale("log", base=2)
             ax.set_title(f"{op} {dt}", fontsize=10)
-            ax.set(xlabel="feature tensor MiB", ylabel="fwd+bwd GB/s" + " (kernel time)" * kernel)
+            ax.set(xlabel="feature tensor MiB",
+                   ylabel="fwd+bwd GB/s (kernel time)" if kernel else "fwd+bwd GB/s")
             ax.grid(alpha=0.3)
     return True
 

@@ -359,8 +359,9 @@ def step_section(result: dict, device_type: str) -> list[str]:
                 rows.append([row["variant"], row["mode"], f"FAILED: {row['error'].replace('|', '/')}"]
                             + [""] * (len(head) - 3))
                 continue
-            share = fmt(row.get("blend_share"), ".1%") + " (ops)" * (
-                row.get("blend_share_method") == "kasmina:: operators")
+            share = fmt(row.get("blend_share"), ".1%")
+            if row.get("blend_share_method") == "kasmina:: operators":
+                share += " (ops)"
             unclear = not row.get("speedup_support", {}).get("conclusive", True)
             rows.append([row["variant"], row["mode"], fmt(row.get("ms_per_step"), ".1f"),
                          f"{fmt(row.get('speedup_vs_eager_blends'), '.2f')}x" + " ~" * unclear]

@@ -29,15 +29,19 @@ MODES = ("eager", "compile")
 STEP_RANGE = "kasmina.step"
 
 # operators that run no kernel: allocations without a fill and no-op conversions
-NO_KERNEL_OPS = frozenset("aten::" + name for name in (
-    "empty empty_strided empty_like resize_ lift_fresh _local_scalar_dense detach detach_ as_strided_ "
-    "set_").split())
+NO_KERNEL_OPS = frozenset((
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_", "aten::lift_fresh",
+    "aten::_local_scalar_dense", "aten::detach", "aten::detach_", "aten::as_strided_", "aten::set_"))
 # leaf profiler events that run no kernel: those, views, and composites that may not copy
-NO_KERNEL = NO_KERNEL_OPS | frozenset("aten::" + name for name in (
-    "view _unsafe_view as_strided t transpose permute expand unsqueeze squeeze _reshape_alias alias "
-    "select slice split unflatten unbind chunk narrow numpy_T resolve_conj resolve_neg is_same_size "
-    "result_type reshape flatten contiguous to _to_copy_noop lift zeros ones expand_as view_as item "
-    "is_nonzero size stride").split())
+NO_KERNEL = NO_KERNEL_OPS | frozenset((
+    "aten::view", "aten::_unsafe_view", "aten::as_strided", "aten::t", "aten::transpose",
+    "aten::permute", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::_reshape_alias",
+    "aten::alias", "aten::select", "aten::slice", "aten::split", "aten::unflatten",
+    "aten::unbind", "aten::chunk", "aten::narrow", "aten::numpy_T", "aten::resolve_conj",
+    "aten::resolve_neg", "aten::is_same_size", "aten::result_type", "aten::reshape",
+    "aten::flatten", "aten::contiguous", "aten::to", "aten::_to_copy_noop", "aten::lift",
+    "aten::zeros", "aten::ones", "aten::expand_as", "aten::view_as", "aten::item",
+    "aten::is_nonzero", "aten::size", "aten::stride"))
 OPS_PREFIX = ("aten::", "kasmina::")
 
 
