@@ -59,6 +59,10 @@ def _why_unavailable(name: str, device_type: str) -> str | None:
     if device_type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is visible to torch"
     if name == "triton":
+        if "native" not in _modules:
+            return (f"the triton backend's ops take their autograd from the compiled extension "
+                    f"kasmina_kernels._C, which did not load ({_native_error}); build it with "
+                    "`pip install --no-build-isolation -e .` after installing torch")
         try:
             import triton  # noqa: F401
         except ImportError as exc:

@@ -1,26 +1,56 @@
 """The native backend: the compiled extension `kasmina_kernels._C` (C++ CPU kernels, and CUDA
-kernels when built with CUDA). Importing this module defines the `torch.ops.kasmina` schemas
-and their fake kernels (what torch.compile traces the ops with; the table's mirror the C++
-allocations) from the op table, then loads the extension, which registers the CPU/CUDA
-kernels and C++ autograd."""
+kernels when built with CUDA), and the one registration every backend's ops go through
+(`register`): the schemas of the op table, fake kernels (what torch.compile traces the ops
+with), a vmap rule and the extension's C++ autograd kernel."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from . import _C  # registers the C++ CPU (and CUDA) kernels of torch.ops.kasmina
 from .optable import OPS
 
-_library = torch.library.Library("kasmina", "DEF")  # kept alive: dropping it drops the schemas
-for _op in OPS:
-    if _op.kernel == _op.name:
-        _library.define(_op.schema)
-        torch.library.register_fake(f"kasmina::{_op.name}", _op.forward_fake)
-        if _op.backward:
-            _library.define(_op.backward)
-            torch.library.register_fake(f"kasmina::{_op.name}_backward", _op.backward_fake)
 
-from . import _C  # noqa: E402  (registers the kernels and autograd of torch.ops.kasmina)
+def _vmap_rule(op):
+    """torch.func.vmap runs the op once per batch entry."""
+    def rule(info, in_dims, *args):
+        rows = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
+                for i in range(info.batch_size)]
+        return torch.stack(rows), 0
+    return rule
 
+
+def register(library: torch.library.Library, prefix: str = "", kernels=None, dense_pooled=False):
+    """Defines each kernel op of the table (`Op.kernel`) as ``kasmina::<prefix><name>``, with
+    its backward op ``kasmina::<prefix><name>_backward``, in `library`; registers their fake
+    kernels and vmap rule, and the C++ autograd kernel, which runs the backward op with the
+    forward's inputs and one ``need_<input>_grad`` flag per input whose gradient may be
+    skipped. `kernels` maps an op's name to its (forward, backward) Python kernels for CPU
+    and CUDA tensors; without it, the ops run the extension's C++ kernels."""
+    names = []
+    for op in OPS:
+        if op.kernel != op.name:
+            continue
+        forward, backward = kernels[op.name] if kernels else (None, None)
+        backward_fake = functools.partial(op.backward_fake, dense_pooled=dense_pooled)
+        for schema, kernel, fake in ((op.schema, forward, op.forward_fake), (op.backward, backward, backward_fake)):
+            if not schema:  # STE: its gradient is the identity, no backward op
+                continue
+            name = prefix + schema[:schema.index("(")]
+            library.define(prefix + schema)
+            for key in ("CPU", "CUDA") if kernel else ():
+                library.impl(name, kernel, key)
+            torch.library.register_fake(f"kasmina::{name}", fake, lib=library)
+            names.append(name)
+        torch.library.register_vmap(f"kasmina::{prefix}{op.name}",
+                                    _vmap_rule(getattr(torch.ops.kasmina, prefix + op.name).default), lib=library)
+    _C.register_autograd(names)
+
+
+_library = torch.library.Library("kasmina", "DEF")  # kept alive: dropping it drops the ops
+register(_library)
 _ops = torch.ops.kasmina
 
 

@@ -307,8 +307,9 @@ AD_OPS = list(_ad_inputs(F64))
 
 
 def _named(op):
-    """How the error names the op (blend_with_isolation runs kasmina::blend_add)."""
-    return "blend_(add|with_isolation)" if op == "blend_with_isolation" else op
+    """How the error names the op: the registered op it runs (blend_with_isolation runs
+    kasmina::blend_add; the triton backend's ops are kasmina::triton_<name>)."""
+    return "(triton_)?" + ("blend_add" if op == "blend_with_isolation" else op)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -352,6 +353,29 @@ def test_forward_mode_ad_is_a_clear_error(op, backend):
             call(backend, duals)
         # without a tangent on any input the op runs as usual inside a dual level
         torch.testing.assert_close(call(backend, inputs), call("reference", inputs))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_vmap_runs_the_op_per_batch_entry(backend):
+    """torch.func.vmap through a fused op: its vmap rule calls it once per batch entry, and
+    reverse-mode autograd outside the transform differentiates through it."""
+    h, s = leaf(rnd((3,) + S4, "vmap/h")), rnd((3,) + S4, "vmap/s")
+    alpha = torch.tensor(0.4, dtype=F64)
+    got = torch.func.vmap(lambda h, s: kk.blend_multiply(h, s, alpha, backend=backend))(h, s)
+    torch.testing.assert_close(got, reference.blend_multiply(h, s, alpha))
+    (got_dh,) = torch.autograd.grad(got.square().sum(), h)
+    (want_dh,) = torch.autograd.grad(reference.blend_multiply(h, s, alpha).square().sum(), h)
+    torch.testing.assert_close(got_dh, want_dh)
+    x = rnd((2, 3, 16, 3, 3), "vmap/x")
+    got = torch.func.vmap(lambda x: kk.gated_pool(x, "cnn", backend=backend), in_dims=1)(x)
+    torch.testing.assert_close(got, torch.stack([reference.gated_pool(x[:, i], "cnn") for i in range(3)]))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_torch_func_grad_is_a_clear_error(backend):
+    h, s = rnd(S4, "func/h"), rnd(S4, "func/s")
+    with pytest.raises(RuntimeError, match="kasmina::(triton_)?blend_add: torch.func transforms"):
+        torch.func.grad(lambda h: kk.blend_add(h, s, torch.tensor(0.4, dtype=F64), backend=backend).sum())(h)
 
 
 def test_raw_backward_op_outside_autograd_runs_unchanged():

@@ -730,25 +730,6 @@ def _op_samples(gen):
     ]
 
 
-def test_vmap_runs_the_op_per_batch_entry(gen):
-    """torch.func.vmap through a Triton op: its autograd.Function's vmap rule calls it once per
-    entry (forward-mode AD through it is refused: tests/test_autograd.py)."""
-    h = rand((3, 2, 4, 5), torch.float32, gen)
-    s = rand((3, 2, 4, 5), torch.float32, gen)
-    alpha = scalar(0.4)
-    got = torch.func.vmap(lambda h, s: kk.blend_multiply(h, s, alpha, backend="triton"))(h, s)
-    assert_elementwise(got, R.blend_multiply(h, s, alpha), "vmap multiply")
-    x = rand((3, 2, 2, 4, 5), torch.float32, gen)
-    got = torch.func.vmap(lambda x: kk.gated_pool(x, "cnn", backend="triton"), in_dims=1)(x)
-    torch.testing.assert_close(got, torch.stack([R.gated_pool(x[:, i], "cnn") for i in range(2)]))
-
-
-def test_torch_func_grad_is_a_clear_error(gen):
-    h = rand((2, 3, 4), torch.float32, gen)
-    with pytest.raises(RuntimeError, match="kasmina::blend_add: torch.func transforms"):
-        torch.func.grad(lambda h: kk.blend_add(h, h * 2, scalar(0.4), backend="triton").sum())(h)
-
-
 def test_opcheck(gen):
     for op, args in _op_samples(gen):
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a

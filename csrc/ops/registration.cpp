@@ -1,6 +1,8 @@
-// The kasmina op library's CPU implementations, and autograd written in C++ so that an eager
-// call costs one dispatcher hop rather than a Python autograd.Function. The schemas and the
-// fake kernels are registered from Python, from the op table (kasmina_kernels/native.py).
+// The kasmina op library's CPU implementations, and the autograd kernel of every backend's
+// ops (native's and triton's), written in C++ so that an eager call costs one dispatcher hop
+// rather than a Python autograd.Function. The schemas, fake kernels and vmap rules are
+// registered from Python, from the op table, which then gives the ops this autograd kernel
+// (kasmina_kernels/native.py, `register`).
 #include <ATen/FuncTorchTLS.h>
 #include <ATen/Version.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -302,15 +304,14 @@ TORCH_LIBRARY_IMPL(kasmina, CPU, m) {
   m.impl("gate_network_backward", k.gate_network_backward);
 }
 
-TORCH_LIBRARY_IMPL(kasmina, Autograd, m) {
-  const auto kernel = [] {
-    return torch::CppFunction::makeFromBoxedFunctor(std::make_unique<AutogradKernel>());
-  };
-  for (const std::string name :
-       {"blend_add", "blend_gate", "blend_multiply", "ste_forward", "multiply_valve_multiplier",
-        "gate_effective_alpha", "gated_pool", "gate_network"}) {
-    m.impl(name.c_str(), kernel());
-    if (name != "ste_forward") m.impl((name + "_backward").c_str(), kernel());
+// Gives the named ops of the kasmina library (forward and backward ops, of any backend) the
+// one autograd kernel. The libraries are never freed: dropping one drops its kernels.
+void register_autograd(const std::vector<std::string>& names) {
+  auto* library = new torch::Library(torch::Library::IMPL, "kasmina", c10::DispatchKey::Autograd,
+                                     __FILE__, __LINE__);
+  for (const std::string& name : names) {
+    library->impl(name.c_str(),
+                  torch::CppFunction::makeFromBoxedFunctor(std::make_unique<AutogradKernel>()));
   }
 }
 
@@ -343,6 +344,8 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kasmina-kernels native extension: registers the torch.ops.kasmina ops";
   m.def("build_info", &build_info, "How this extension was built");
+  m.def("register_autograd", &kk::register_autograd,
+        "Registers the fused ops' autograd kernel for the named kasmina ops", py::arg("names"));
   const kk::cpu::Kernels& k = *kk::cpu_capability().kernels;
   m.def("tanh_f32", k.tanh_f32,
         "(tanh(x), 1 - tanh(x)^2) as the float32 CPU MULTIPLY and valve kernels compute them, "
