@@ -49,28 +49,26 @@ def register(library: torch.library.Library, prefix: str = "", kernels=None, den
     _C.register_autograd(names)
 
 
+def functions(prefix: str = "") -> dict:
+    """A backend's functions, by op name, for the ops `register` defined with `prefix`: the ops'
+    OpOverloads (the cheapest way into the dispatcher from Python); the ops with a keyword-only
+    argument take it as the public functions do."""
+    fns = {op.name: getattr(torch.ops.kasmina, prefix + op.kernel).default for op in OPS}
+    multiply, network = fns["blend_multiply"], fns["gate_network"]
+
+    def blend_multiply(h, s, alpha, *, seed_input=None):
+        return multiply(h, s, alpha, seed_input)
+
+    def gate_network(x, w1, b1, w2, b2, *, topology):
+        return network(x, w1, b1, w2, b2, topology)
+
+    return {**fns, "blend_multiply": blend_multiply, "gate_network": gate_network}
+
+
 _library = torch.library.Library("kasmina", "DEF")  # kept alive: dropping it drops the ops
 register(_library)
-_ops = torch.ops.kasmina
+globals().update(functions())
 
 
 def build_info() -> dict:
     return dict(_C.build_info())
-
-
-# The backend's functions are the ops' OpOverloads (the cheapest way into the dispatcher from
-# Python); the ops with a keyword-only argument take it as the public functions do.
-for _op in OPS:
-    if not _op.kwonly:
-        globals()[_op.name] = getattr(_ops, _op.kernel).default
-del _op
-_blend_multiply = _ops.blend_multiply.default
-_gate_network = _ops.gate_network.default
-
-
-def blend_multiply(h, s, alpha, *, seed_input=None):
-    return _blend_multiply(h, s, alpha, seed_input)
-
-
-def gate_network(x, w1, b1, w2, b2, *, topology):
-    return _gate_network(x, w1, b1, w2, b2, topology)

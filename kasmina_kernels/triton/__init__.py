@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import native
-from ..optable import BY_NAME, NAMES, OPS
+from ..optable import BY_NAME, NAMES
 from . import elementwise, gate
 
 
@@ -64,24 +64,6 @@ _library = torch.library.Library("kasmina", "FRAGMENT")  # kept alive: dropping 
 native.register(_library, "triton_", dense_pooled=True, kernels={
     name: (forward, backward and _backward_kernel(BY_NAME[name], backward))
     for name, (forward, backward) in _KERNELS.items()})
-_ops = torch.ops.kasmina
-
-# ---------------------------------------------------------------------------- public functions
-# The ops' OpOverloads; the ops with a keyword-only argument take it as the public functions do.
-for _op in OPS:
-    if not _op.kwonly:
-        globals()[_op.name] = getattr(_ops, "triton_" + _op.kernel).default
-del _op
-_blend_multiply = _ops.triton_blend_multiply.default
-_gate_network = _ops.triton_gate_network.default
-
-
-def blend_multiply(h, s, alpha, *, seed_input=None):
-    return _blend_multiply(h, s, alpha, seed_input)
-
-
-def gate_network(x, w1, b1, w2, b2, *, topology):
-    return _gate_network(x, w1, b1, w2, b2, topology)
-
+globals().update(native.functions("triton_"))
 
 __all__ = list(NAMES)
