@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .optable import BY_NAME
+from .validation import TOPOLOGIES
 
 class EquivalenceError(AssertionError):
     pass
@@ -292,7 +293,7 @@ def reduction_terms(op: str, leaves: dict, requires, grad_out: torch.Tensor | No
         add("alpha", g * torch.tanh(f["m"]), f["alpha"].shape)
     if op == "gated_pool":
         x = f["x"]
-        dims = (2, 3) if topology == "cnn" else (1,)
+        dims = TOPOLOGIES[topology].positions
         n = math.prod(x.shape[d] for d in dims)
         out["y"] = (x.abs().sum(dim=dims) / n, n)
     return out

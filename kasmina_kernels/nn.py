@@ -20,9 +20,6 @@ from .validation import TOPOLOGIES
 
 __all__ = ["GatedBlend", "EagerGatedBlend"]
 
-# per topology: the input's rank and channel dim, its layout, Esper's name for the topology
-_TOPOLOGY = {"cnn": (4, 1, "(B, C, H, W)", "CNN"), "transformer": (3, 2, "(B, T, C)", "Transformer")}
-
 
 class GatedBlend(nn.Module):
     """Learned per-sample blend gate: ``sigmoid(W2 relu(W1 pool(x) + b1) + b2)``.
@@ -71,7 +68,7 @@ class GatedBlend(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__}: x must be a torch.Tensor, got {type(x).__name__}")
-        rank, channel_dim, layout, esper_name = _TOPOLOGY[self.topology]
+        rank, channel_dim, _, layout, esper_name = TOPOLOGIES[self.topology]
         if x.dim() != rank:
             # Esper asserts the rank: the same exception type, and its message's opening words
             raise AssertionError(f"{esper_name} topology expects {rank}D input, got "
@@ -87,7 +84,7 @@ class GatedBlend(nn.Module):
         # the current parameters, straight from the registries (nn.Module.__getattr__ and
         # Sequential indexing cost as much as the fused op's Python side)
         topology = self.topology
-        rank, channel_dim, _, _ = _TOPOLOGY[topology]
+        rank, channel_dim, _, _, _ = TOPOLOGIES[topology]
         if not (isinstance(x, torch.Tensor) and x.ndim == rank and x.shape[channel_dim] == self.channels):
             self._check_input(x)  # raises the precise error
         gate = self.gate

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from . import equivalence, optable, reference
+from .validation import TOPOLOGIES
 
 
 def randn(shape, dtype, device, gen, scale=1.0):
@@ -56,7 +57,7 @@ def make(op: optable.Op, shape, dtype, device, gen) -> tuple[list, dict]:
         elif name not in op.weights:
             values[name] = randn(shape, dtype, device, gen)
     if op.name == "gate_network":
-        channels = shape[1] if values["topology"] == "cnn" else shape[-1]
+        channels = shape[TOPOLOGIES[values["topology"]].channel_dim]
         values.update(zip(op.weights, gate_weights(channels, dtype, device, gen)))
     return [values[n] for n in op.inputs if n not in op.kwonly], {n: values[n] for n in op.kwonly}
 

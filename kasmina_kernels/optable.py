@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from .validation import TOPOLOGIES
+
 __all__ = ["Op", "OPS", "NAMES", "BY_NAME", "drop_ins"]
 
 
@@ -115,12 +117,11 @@ def _effective_alpha_fake(alpha, gate):
 
 
 def _pool_fake(x, topology):
-    channels = x.shape[1] if topology == "cnn" else x.shape[2]
-    return x.new_empty((x.shape[0], channels))
+    return x.new_empty((x.shape[0], TOPOLOGIES[topology].channels(x)))
 
 
 def _gate_network_fake(x, w1, b1, w2, b2, topology):
-    return x.new_empty((x.shape[0], 1, 1, 1) if topology == "cnn" else (x.shape[0], 1, 1))
+    return x.new_empty(TOPOLOGIES[topology].per_sample(x.shape[0]))
 
 
 def pooled_input_grad(x: torch.Tensor, topology: str) -> torch.Tensor:
@@ -128,8 +129,8 @@ def pooled_input_grad(x: torch.Tensor, topology: str) -> torch.Tensor:
     values broadcast over the positions with stride 0; on CUDA a dense dx."""
     if x.device.type != "cpu" or x.numel() == 0:
         return torch.empty_like(x)
-    values = (x.shape[0], x.shape[1], 1, 1) if topology == "cnn" else (x.shape[0], 1, x.shape[2])
-    return x.new_empty(values).expand(x.shape)
+    positions = TOPOLOGIES[topology].positions
+    return x.new_empty([1 if d in positions else n for d, n in enumerate(x.shape)]).expand(x.shape)
 
 
 # ---------------------------------------------------------------------------- the table

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .optable import NAMES
-from .validation import check_topology
+from .validation import TOPOLOGIES, check_topology
 
 __all__ = [*NAMES, "gate_hidden_size"]
 
@@ -56,7 +56,7 @@ def blend_with_isolation(h: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor) 
 
 def gated_pool(x: torch.Tensor, topology: str) -> torch.Tensor:
     check_topology("gated_pool", x, topology)
-    return x.mean(dim=(2, 3)) if topology == "cnn" else x.mean(dim=1)
+    return x.mean(dim=TOPOLOGIES[topology].positions)
 
 
 def gate_hidden_size(channels: int) -> int:
@@ -69,5 +69,4 @@ def gate_network(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
     pooled = gated_pool(x, topology)
     hidden = F.relu(F.linear(pooled, w1, b1))
     gate = torch.sigmoid(F.linear(hidden, w2, b2))
-    shape = (-1, 1, 1, 1) if topology == "cnn" else (-1, 1, 1)
-    return gate.view(shape)
+    return gate.view(TOPOLOGIES[topology].per_sample(-1))

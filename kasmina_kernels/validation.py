@@ -5,10 +5,32 @@ TypeError. The checks of the feature ops return True for (valid) 0-dim features,
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 _FEATURE_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
-TOPOLOGIES = ("cnn", "transformer")
+
+
+class Topology(NamedTuple):
+    """A topology's features: their rank, their channel dim, the dims the gated pool averages
+    over, their layout as the messages write it, and Esper's name for the topology."""
+    rank: int
+    channel_dim: int
+    positions: tuple[int, ...]
+    layout: str
+    esper_name: str
+
+    def channels(self, x) -> int:
+        return x.shape[self.channel_dim]
+
+    def per_sample(self, samples: int) -> tuple[int, ...]:
+        """The shape of one value per sample (the gate's): (B,1,1,1) or (B,1,1)."""
+        return (samples,) + (1,) * (self.rank - 1)
+
+
+TOPOLOGIES = {"cnn": Topology(4, 1, (2, 3), "(B,C,H,W)", "CNN"),
+              "transformer": Topology(3, 2, (1,), "(B,T,C)", "Transformer")}
 
 
 def _fmt(shape) -> str:
@@ -145,9 +167,9 @@ def check_topology(op: str, x, topology) -> None:
     if topology not in TOPOLOGIES:
         raise ValueError(f"{op}: unknown topology {topology!r}: expected 'cnn' or 'transformer'")
     check_features(op, "x", x)
-    rank, layout = (4, "(B,C,H,W)") if topology == "cnn" else (3, "(B,T,C)")
-    if x.dim() != rank:
-        raise ValueError(f"{op}: topology {topology!r} expects x of rank {rank} {layout}, "
+    t = TOPOLOGIES[topology]
+    if x.dim() != t.rank:
+        raise ValueError(f"{op}: topology {topology!r} expects x of rank {t.rank} {t.layout}, "
                          f"got shape {_fmt(x.shape)}")
 
 
@@ -157,15 +179,15 @@ def check_gate_network(op: str, x, w1, b1, w2, b2, topology) -> None:
             and x.dtype in _FEATURE_DTYPES and w1.dtype in _FEATURE_DTYPES and b1.dtype in _FEATURE_DTYPES
             and w2.dtype in _FEATURE_DTYPES and b2.dtype in _FEATURE_DTYPES):
         # the common case: rank, shapes and devices in plain comparisons
-        rank = 4 if topology == "cnn" else 3 if topology == "transformer" else -1
+        t = TOPOLOGIES.get(topology)
         ws = w1.shape
-        if (x.ndim == rank and len(ws) == 2 and x.shape[-3 if rank == 4 else -1] == ws[1]
+        if (t is not None and x.ndim == t.rank and len(ws) == 2 and x.shape[t.channel_dim] == ws[1]
                 and b1.shape == (ws[0],) and w2.shape == (1, ws[0]) and b2.shape == (1,)
                 and ((x.is_cpu and w1.is_cpu and b1.is_cpu and w2.is_cpu and b2.is_cpu)
                      or x.device == w1.device == b1.device == w2.device == b2.device)):
             return
     check_topology(op, x, topology)
-    channels = x.shape[1] if topology == "cnn" else x.shape[2]
+    channels = TOPOLOGIES[topology].channels(x)
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         check_features(op, name, t)
         if t.device != x.device:

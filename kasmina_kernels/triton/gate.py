@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..validation import TOPOLOGIES
 from . import _common as common
 from ._common import load_float, store, to_float, to_index
 
@@ -272,7 +273,7 @@ def _pool_cfg(shape, strides, dtype, topology, backward, out_strides):
 
 
 def gated_pool_forward(x, topology):
-    out = x.new_empty((x.shape[0], x.shape[1] if topology == "cnn" else x.shape[2]))
+    out = x.new_empty((x.shape[0], TOPOLOGIES[topology].channels(x)))
     if out.numel() > 0:
         grid, ints, kw = _pool_cfg(x.shape, x.stride(), x.dtype, topology, False, out.stride())
         _pool_kernel[grid](x, out, *ints, **kw)
@@ -338,7 +339,7 @@ def _gate_cfg(x, w1, b1, w2, topology, dx_strides=None, need=None):
 
 def gate_network_forward(x, w1, b1, w2, b2, topology):
     samples = x.shape[0]
-    y = x.new_empty((samples, 1, 1, 1) if topology == "cnn" else (samples, 1, 1))
+    y = x.new_empty(TOPOLOGIES[topology].per_sample(samples))
     if samples == 0:
         return y
     cfg = _gate_cfg(x, w1, b1, w2, topology)
