@@ -153,6 +153,20 @@ def test_unavailable_backend_does_not_fall_back():
             assert why in str(info.value)
 
 
+def test_triton_without_the_extension_says_it_needs_it(monkeypatch):
+    """The triton backend's ops take their autograd from kasmina_kernels._C: where it did not
+    load, triton is unavailable, and the reason names the extension and how to build it."""
+    from kasmina_kernels import backends
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # past the CPU interpreter check
+    monkeypatch.setattr(backends, "_modules", {k: v for k, v in backends._modules.items() if k != "native"})
+    monkeypatch.setattr(backends, "_native_error", "simulated: no _C here")
+    monkeypatch.setattr(backends, "_status_cache", {})
+    why = backend_status("triton", "cpu")
+    assert why is not None and "kasmina_kernels._C" in why and "simulated: no _C here" in why
+    assert "pip install --no-build-isolation" in why
+
+
 def test_backend_names_constant():
     assert set(kk.BACKEND_NAMES) == set(kk.BACKENDS) | {"auto"}
     assert set(kk.BACKENDS) == {"reference", "native", "triton"}
