@@ -4,7 +4,7 @@ KASMINA_KERNELS_STREAM_BYTES (read once per process; by default a quarter of the
 reach the default threshold, so two child processes run the same ops, one streaming every
 aligned output (threshold 0) and one never streaming: outputs and gradients must agree bit for
 bit, NaN/inf inputs included, for aligned blocks and for a shape whose blocks are not aligned
-(those fall back to plain stores inside the streaming process)."""
+(those fall back to plain stores inside the streaming process), and in Esper's mixed layouts."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kasmina_kernels import backends
-from kasmina_kernels.opcases import make, run_with_grads
+from kasmina_kernels.opcases import make, run_forward_backward, run_with_grads
 from kasmina_kernels.optable import BY_NAME
 
 from test_contracts import bits_equal
@@ -46,9 +46,30 @@ def _results(op: str, shape, dtype) -> dict:
     return run_with_grads(case, fn, args, kwargs)
 
 
+def _esper_results(op: str, shape, dtype) -> dict:
+    """Esper's layouts (channels_last h, NCHW seed and seed input) with a 0-dim alpha that
+    needs no gradient: ADD's backward then writes ds, in the seed's order, through the mixed
+    layout tiles' streamed transposes (MULTIPLY's, which gathers s, never streams)."""
+    case = BY_NAME[op]
+    gen = torch.Generator().manual_seed(12)
+    values = {n: torch.randn(shape, generator=gen, dtype=dtype) for n in ("h", "s", "seed_input")}
+    values["h"] = values["h"].contiguous(memory_format=torch.channels_last)
+    values["alpha"] = torch.tensor(0.3, dtype=dtype)
+    leaves = {n: values[n] for n in case.inputs}
+
+    def fn(*a, **k):
+        return case.public(*a, backend="native", **k)
+
+    grad = torch.randn(shape, generator=gen, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    return run_forward_backward(fn, leaves, case.call, ("h", "s"), grad)
+
+
 def all_results() -> dict:
-    return {f"{op}/{tuple(shape)}/{dtype}": _results(op, shape, dtype)
-            for op in OPS for shape in SHAPES for dtype in DTYPES}
+    results = {f"{op}/{tuple(shape)}/{dtype}": _results(op, shape, dtype)
+               for op in OPS for shape in SHAPES for dtype in DTYPES}
+    results.update({f"esper/{op}/{tuple(shape)}/{dtype}": _esper_results(op, shape, dtype)
+                    for op in ("blend_add", "blend_multiply") for shape in SHAPES for dtype in DTYPES})
+    return results
 
 
 _CHILD = """

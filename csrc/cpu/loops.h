@@ -151,6 +151,34 @@ inline void transpose8x8_32(const uint32_t* src, int64_t ld_src, uint32_t* dst, 
   }
 }
 
+// dst (cols x rows) = transpose of src (rows x cols) for 32-bit elements, written past the cache
+// (non-temporal stores) in whole 64-byte lines, for outputs too large to stay in cache: a
+// plain store first reads the line it writes, and a line written in two halves, 8 x 8 block
+// by block, can be evicted in between when the rows are a multiple of 4 KiB apart. Needs rows
+// a multiple of 16, cols of 8 and 64-byte aligned dst rows; false (nothing written) otherwise.
+// The caller ends its pass with _mm_sfence().
+inline bool transpose_streaming_32(const uint32_t* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst,
+                                   int64_t rows, int64_t cols) {
+  if (rows % 16 != 0 || cols % 8 != 0 || reinterpret_cast<uintptr_t>(dst) % 64 != 0 ||
+      ld_dst % 16 != 0) {
+    return false;
+  }
+  alignas(64) uint32_t lines[8 * 16];  // 8 output rows of 16 elements
+  for (int64_t i = 0; i < rows; i += 16) {
+    for (int64_t j = 0; j < cols; j += 8) {
+      transpose8x8_32(src + i * ld_src + j, ld_src, lines, 16);
+      transpose8x8_32(src + (i + 8) * ld_src + j, ld_src, lines + 8, 16);
+      for (int c = 0; c < 8; ++c) {
+        auto* line = reinterpret_cast<__m256i*>(dst + (j + c) * ld_dst + i);
+        const auto* row = reinterpret_cast<const __m256i*>(lines + c * 16);
+        _mm256_stream_si256(line, _mm256_load_si256(row));
+        _mm256_stream_si256(line + 1, _mm256_load_si256(row + 1));
+      }
+    }
+  }
+  return true;
+}
+
 // 8 x 8 blocks of 16-bit elements in 128-bit rows.
 inline void transpose8x8_16(const uint16_t* src, int64_t ld_src, uint16_t* dst, int64_t ld_dst) {
   __m128i r[8], a[8];
@@ -266,7 +294,8 @@ inline int64_t far_offset(const std::vector<uintptr_t>& taken) {
 
 // Runs a TensorIterator-style loop over `operands` (outputs first), plus a last weight
 // operand when `weight` is given, over operands that pass mixed_orders: one tile of rows at a
-// time, in parallel over fixed tiles. `weight(b)` points at sample b's weight value (read with
+// time, in parallel over fixed tiles. `stream`: the float32 outputs in the other order are
+// written past the cache where they can be (transpose_streaming_32) and no input is in it. `weight(b)` points at sample b's weight value (read with
 // stride 0). `make_loop(acc)` builds the loop for one tile; the per-sample sums of what it adds
 // to `acc` come back, one per sample (fixed tiles and summation order: the same bits on any
 // thread count).
@@ -274,7 +303,7 @@ template <typename MakeLoop>
 std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operands,
                                           int n_outputs,
                                           const std::function<char*(int64_t)>& weight,
-                                          MakeLoop&& make_loop) {
+                                          bool stream, MakeLoop&& make_loop) {
   const at::Tensor& first = operands.front();
   const int64_t B = first.size(0), C = first.size(1), HW = first.size(2) * first.size(3);
   const int n_ops = static_cast<int>(operands.size());
@@ -310,6 +339,10 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
     const Order o = order_of(operands[k]);
     moved[k] = o != primary && o != Order::kEither;
   }
+  // Streaming only where no input is gathered: a gather's loads from the other order share
+  // their low address bits with the streamed rows of a same-shaped output, and such a load
+  // waits for the write-combining buffers to drain (measured: 3x slower).
+  for (int k = n_outputs; k < n_ops; ++k) stream = stream && !moved[k];
   std::vector<long double> partial(B * tiles, 0.0L);
   const int64_t grain = std::max<int64_t>(1, 16384 / (tile_rows * tile_cols));
   at::parallel_for(0, B * tiles, grain, [&](int64_t u0, int64_t u1) {
@@ -378,13 +411,23 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
         loop(data, strides, nc, nr);
       }
       for (int k = 0; k < n_outputs; ++k) {
-        if (moved[k]) {  // scatter the buffer back into the other order
-          transpose_elements(data[k], nc, base[k] + (sample + c0 * rows + r0) * elem[k], rows,
-                             nr, nc, elem[k]);
+        if (!moved[k]) continue;
+        // scatter the buffer back into the other order
+        char* dst = base[k] + (sample + c0 * rows + r0) * elem[k];
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+        if (stream && elem[k] == 4 &&
+            transpose_streaming_32(reinterpret_cast<const uint32_t*>(data[k]), nc,
+                                   reinterpret_cast<uint32_t*>(dst), rows, nr, nc)) {
+          continue;
         }
+#endif
+        transpose_elements(data[k], nc, dst, rows, nr, nc, elem[k]);
       }
       partial[u] = acc.value_ld();
     }
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    if (stream) _mm_sfence();  // this thread's streamed stores, before the join
+#endif
   });
   for (int64_t b = 0; b < B; ++b) {
     long double acc = 0.0L;
