@@ -77,12 +77,6 @@ int64_t stream_threshold_bytes() {
   return threshold;
 }
 
-int64_t output_bytes(const std::vector<at::Tensor>& outputs) {
-  int64_t bytes = 0;
-  for (const at::Tensor& t : outputs) bytes += t.numel() * t.element_size();
-  return bytes;
-}
-
 // Runs one pass of a kernel over `outputs` then `inputs` then the weight (always the last
 // operand), and returns the sums of the kernel's per-element weight-gradient terms per weight
 // element (empty when `need_sums` is false, or when they went to `element_out` instead).
@@ -110,9 +104,11 @@ std::vector<long double> run_pass(const std::vector<at::Tensor>& outputs,
 
   std::vector<at::Tensor> all(outputs);
   all.insert(all.end(), inputs.begin(), inputs.end());
+  int64_t out_bytes = 0;
+  for (const at::Tensor& t : outputs) out_bytes += t.numel() * t.element_size();
+  const bool stream = out_bytes >= stream_threshold_bytes();
   if ((scalar || (per_sample && batch_ok)) && same_dense_layout(all)) {
     std::vector<OpT> wv(w.values.begin(), w.values.end());
-    const bool stream = output_bytes(outputs) >= stream_threshold_bytes();
     const int n_ops = static_cast<int>(all.size()) + 1;
     std::vector<char*> base(n_ops - 1);
     std::vector<int64_t> elem(n_ops - 1);
@@ -159,8 +155,7 @@ std::vector<long double> run_pass(const std::vector<at::Tensor>& outputs,
       auto sums = run_mixed_orders(
           all, static_cast<int>(outputs.size()),
           [&](int64_t b) { return reinterpret_cast<char*>(wv.data() + (scalar ? 0 : b)); },
-          output_bytes(outputs) >= stream_threshold_bytes(),
-          [&](Accumulator& acc) { return loop_for(std::false_type{}, acc, false); });
+          stream, [&](Accumulator& acc) { return loop_for(std::false_type{}, acc, false); });
       if (!need_sums) return {};
       if (!scalar) return sums;
       long double total = 0.0L;

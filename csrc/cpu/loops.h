@@ -21,6 +21,8 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/vec_io.h"
+
 namespace kk::cpu {
 inline namespace CPU_CAPABILITY {
 
@@ -156,7 +158,7 @@ inline void transpose8x8_32(const uint32_t* src, int64_t ld_src, uint32_t* dst, 
 // plain store first reads the line it writes, and a line written in two halves, 8 x 8 block
 // by block, can be evicted in between when the rows are a multiple of 4 KiB apart. Needs rows
 // a multiple of 16, cols of 8 and 64-byte aligned dst rows; false (nothing written) otherwise.
-// The caller ends its pass with _mm_sfence().
+// The caller ends its pass with stream_fence().
 inline bool transpose_streaming_32(const uint32_t* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst,
                                    int64_t rows, int64_t cols) {
   if (rows % 16 != 0 || cols % 8 != 0 || reinterpret_cast<uintptr_t>(dst) % 64 != 0 ||
@@ -169,10 +171,9 @@ inline bool transpose_streaming_32(const uint32_t* src, int64_t ld_src, uint32_t
       transpose8x8_32(src + i * ld_src + j, ld_src, lines, 16);
       transpose8x8_32(src + (i + 8) * ld_src + j, ld_src, lines + 8, 16);
       for (int c = 0; c < 8; ++c) {
-        auto* line = reinterpret_cast<__m256i*>(dst + (j + c) * ld_dst + i);
-        const auto* row = reinterpret_cast<const __m256i*>(lines + c * 16);
-        _mm256_stream_si256(line, _mm256_load_si256(row));
-        _mm256_stream_si256(line + 1, _mm256_load_si256(row + 1));
+        for (int e = 0; e < 16; e += FVec::size()) {  // bits moved, not computed on
+          stream_store(dst + (j + c) * ld_dst + i + e, FVec::loadu(lines + c * 16 + e));
+        }
       }
     }
   }
@@ -295,10 +296,10 @@ inline int64_t far_offset(const std::vector<uintptr_t>& taken) {
 // Runs a TensorIterator-style loop over `operands` (outputs first), plus a last weight
 // operand when `weight` is given, over operands that pass mixed_orders: one tile of rows at a
 // time, in parallel over fixed tiles. `stream`: the float32 outputs in the other order are
-// written past the cache where they can be (transpose_streaming_32) and no input is in it. `weight(b)` points at sample b's weight value (read with
-// stride 0). `make_loop(acc)` builds the loop for one tile; the per-sample sums of what it adds
-// to `acc` come back, one per sample (fixed tiles and summation order: the same bits on any
-// thread count).
+// written past the cache where they can be (transpose_streaming_32), if no input is in that
+// order. `weight(b)` points at sample b's weight value (read with stride 0). `make_loop(acc)`
+// builds the loop for one tile; the per-sample sums of what it adds to `acc` come back, one per
+// sample (fixed tiles and summation order: the same bits on any thread count).
 template <typename MakeLoop>
 std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operands,
                                           int n_outputs,
@@ -425,9 +426,7 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
       }
       partial[u] = acc.value_ld();
     }
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-    if (stream) _mm_sfence();  // this thread's streamed stores, before the join
-#endif
+    if (stream) stream_fence();  // this thread's streamed stores, before the join
   });
   for (int64_t b = 0; b < B; ++b) {
     long double acc = 0.0L;
