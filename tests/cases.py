@@ -322,7 +322,8 @@ def esper_cases(shapes=ESPER_SHAPES, dtypes=DTYPES) -> list[Case]:
                     replace(base, op="blend_multiply", seed_input="given"),
                     replace(base, op="blend_gate", grads="h+s+gate"),
                 ]
-            cases.append(Case("ste_forward", dt, shape, layout="cl_host", grads="h+s"))
+            ste = Case("ste_forward", dt, shape, layout="cl_host", grads="h+s")
+            cases += [ste, replace(ste, specials=True)]
     return cases
 
 

@@ -320,14 +320,21 @@ def test_ste_value_is_host_nan_where_seed_not_finite(backend, dtype, seed_dtype)
     assert bits_equal(y[~bad], h[~bad])
     for p in pos:
         assert y[p].isnan()
-    # non-finite host values pass through as h + 0 does
+    # non-finite host values pass through as h + 0 does, and -0 becomes +0
     h2 = h.clone()
-    hp = _plant(h2, key + "/h2", [float("inf"), float("-inf"), float("nan")])
+    hp = _plant(h2, key + "/h2", [float("inf"), float("-inf"), float("nan"), -0.0])
     s2 = rnd(shape, seed_dtype or dtype, key + "/s2")
     y2 = kk.ste_forward(h2, s2, backend=backend)
     ref2 = reference.ste_forward(h2, s2)
     assert same_or_both_nan(y2, ref2)
+    assert bits_equal(y2[~h2.isnan()], ref2[~h2.isnan()])
     assert y2[hp[0]] == float("inf") and y2[hp[1]] == float("-inf") and y2[hp[2]].isnan()
+    # a finite seed value the cast to the host's dtype overflows counts as not finite
+    if seed_dtype is not None and dtype in (BF16, F16):
+        s3 = s2.clone()
+        s3[hp[3]] = 3.4e38 if dtype == torch.bfloat16 else 1e5  # finite in float32
+        y3 = kk.ste_forward(h2, s3, backend=backend)
+        assert same_or_both_nan(y3, reference.ste_forward(h2, s3)) and y3[hp[3]].isnan()
 
 
 # ----------------------------------------------------------------------------- no writes

@@ -49,7 +49,8 @@ def _results(op: str, shape, dtype) -> dict:
 def _esper_results(op: str, shape, dtype) -> dict:
     """Esper's layouts (channels_last h, NCHW seed and seed input) with a 0-dim alpha that
     needs no gradient: ADD's backward then writes ds, in the seed's order, through the mixed
-    layout tiles' streamed transposes (MULTIPLY's, which gathers s, never streams)."""
+    layout tiles' streamed transposes (MULTIPLY's, which gathers s, never streams); STE's
+    value is h + 0, streamed in h's order."""
     case = BY_NAME[op]
     gen = torch.Generator().manual_seed(12)
     values = {n: torch.randn(shape, generator=gen, dtype=dtype) for n in ("h", "s", "seed_input")}
@@ -68,7 +69,8 @@ def all_results() -> dict:
     results = {f"{op}/{tuple(shape)}/{dtype}": _results(op, shape, dtype)
                for op in OPS for shape in SHAPES for dtype in DTYPES}
     results.update({f"esper/{op}/{tuple(shape)}/{dtype}": _esper_results(op, shape, dtype)
-                    for op in ("blend_add", "blend_multiply") for shape in SHAPES for dtype in DTYPES})
+                    for op in ("blend_add", "blend_multiply", "ste_forward") for shape in SHAPES
+                    for dtype in DTYPES})
     return results
 
 

@@ -483,6 +483,15 @@ at::Tensor ste_forward(const at::Tensor& h, const at::Tensor& s_in) {
     using T = typename decltype(tt)::type;
     using S = typename decltype(st)::type;
     if (mixed_orders({out, h, s})) {
+      // Where s is finite the value is h + 0, so h and s can be read each in its own order;
+      // tiles that transpose s into h's order only run where some s is not finite.
+      if constexpr (kVectorizable<T>) {
+        if (ste_forward_if_finite<T, S>(h.const_data_ptr<T>(), s.const_data_ptr<S>(),
+                                        out.mutable_data_ptr<T>(), h.numel(),
+                                        out.nbytes() >= stream_threshold_bytes())) {
+          return;
+        }
+      }
       // out is in h's order, the majority: never moved, nothing to stream
       run_mixed_orders({out, h, s}, 1, nullptr, false,
                        [](Accumulator&) { return ste_forward_loop<T, S>(); });

@@ -5,7 +5,9 @@
 // float vectors (F2), each formula once per vector.
 #pragma once
 
+#include <atomic>
 #include <bit>
+#include <cmath>
 #include <cstdint>
 
 #include "cpu/loops.h"
@@ -514,6 +516,36 @@ auto ste_forward_loop() {
           put<T>(p[0], s[0], i, ste(h, as_op<T>(val<S>(p[2], s[2], i))));
         });
   };
+}
+
+// STE's value for a host and seed in different orders, each read in its own: y = h + 0 over
+// h's n elements (y has h's strides) while s's n elements are checked. That is the value
+// wherever s is finite once cast to T; returns false if some s is not (s * 0 is NaN exactly
+// there, and a NaN stays in a sum), and then y still needs the NaNs, in h's order.
+template <typename T, typename S>
+bool ste_forward_if_finite(const T* h, const S* s, T* y, int64_t n, bool stream) {
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    const bool streamed = stream && stream_aligned(y + begin);
+    const FVec zero(0.0f);
+    FVec acc(0.0f);
+    int64_t i = begin;
+    for (; i + kStep <= end; i += kStep) {
+      F2 hv, sv;
+      load2<T>(h + i, hv);
+      load2_as<T, S>(s + i, sv);
+      store2<T>(y + i, hv[0] + zero, hv[1] + zero, streamed);
+      acc = at::vec::fmadd(sv[0], zero, at::vec::fmadd(sv[1], zero, acc));
+    }
+    if (streamed) stream_fence();
+    float sum = at::vec::vec_reduce_all([](const FVec& a, const FVec& b) { return a + b; }, acc);
+    for (; i < end; ++i) {
+      y[i] = static_cast<T>(static_cast<opmath_t<T>>(h[i]) + 0.0f);
+      sum += as_op<T>(s[i]) * 0.0f;
+    }
+    if (std::isnan(sum)) finite = false;
+  });
+  return finite;
 }
 
 // ---------------------------------------------------------------- valve multiplier
