@@ -4,7 +4,9 @@ shapes that at::parallel_for splits the work, and the per-sample alpha/gate sums
 blocks), Triton on CPU under its interpreter (small shapes), and both on CUDA when present.
 
 Each op runs on the representative inputs of `kasmina_kernels.opcases` (per-sample alpha and
-gate), and the blend ops again with a 0-dim alpha (one long reduction for its gradient).
+gate), the blend ops again with a 0-dim alpha (one long reduction for its gradient), and
+Esper's calls in Esper's layouts (channels_last host beside NCHW seed and seed input: the
+native CPU kernels' mixed-order tiles and their per-sample sums).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kasmina_kernels.bench import esper
 from kasmina_kernels.opcases import make, run_with_grads
 from kasmina_kernels.optable import OPS
 
@@ -36,6 +39,8 @@ def _inputs(case, alpha_form, backend, device, dtype):
     elif case.name in ("gated_pool", "gate_network"):
         shape = cnn_shape if alpha_form == "cnn" else transformer_shape
     gen = torch.Generator().manual_seed(7)
+    if alpha_form == "esper":
+        return esper.make_inputs(case.name, "esper", shape, dtype, device, gen)
     args, kwargs = make(case, shape, dtype, device, gen)
     if alpha_form == "scalar":
         args = (args[0], args[1], args[2].reshape(-1)[0].clone()) + tuple(args[3:])
@@ -51,6 +56,8 @@ def _variants():
             forms = ("per_sample", "scalar")
         else:
             forms = ("per_sample",)
+        if case.name in esper.OPS:
+            forms += ("esper",)
         out += [pytest.param(case, form, id=f"{case.name}-{form}") for form in forms]
     return out
 
