@@ -100,6 +100,10 @@ def test_entry_times_and_report_section_comes_first(monkeypatch):
     assert sections[0].startswith("## Esper's calls")
     assert "*Inputs (B,C,H,W):* h: channels_last, h's dtype, requires grad" in text
     assert "alpha: (K*B,1,1,1), h's dtype, no grad | 0-dim, h's dtype, no grad" in text
+    # the gradients' layouts as returned: eager's ds follows the channels_last incoming gradient
+    legend = next(line for line in text.splitlines() if line.startswith("*Gradients returned"))
+    assert "eager: dh channels_last, ds channels_last, dgate contiguous" in legend
+    assert "native: dh channels_last, ds contiguous, dgate contiguous" in legend
 
 
 # ---------------------------------------------------------------------------- training step

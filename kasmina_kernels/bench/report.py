@@ -268,6 +268,22 @@ def inputs_legend(records: list[dict]) -> list[str]:
             for rank, names in by_rank.items()]
 
 
+def gradients_legend(records: list[dict]) -> list[str]:
+    """The layouts of the gradients each implementation returned for the (B,C,H,W) rows: what
+    a backward delivers besides its time (eager's follow the incoming gradient)."""
+    by_impl: dict[str, dict[str, set]] = {}
+    for r in (r for r in records if len(r["shape"]) == 4):
+        for impl, d in r["impls"].items():
+            for name, layout in d.get("grad_layouts", {}).items():
+                by_impl.setdefault(impl, {}).setdefault(name, set()).add(layout)
+    if not by_impl:
+        return []
+    return ["*Gradients returned (B,C,H,W):* " + "; ".join(
+        f"{impl}: " + ", ".join(f"d{n} " + " | ".join(sorted(v)) for n, v in names.items())
+        for impl, names in by_impl.items()) + ". A gradient in another layout than its input's "
+        "leaves moving it to whatever consumes it (the seed's layers for ds), outside the timing."]
+
+
 def esper_section(records: list[dict]) -> list[str]:
     rows = [r for r in records if r.get("group") == ESPER_GROUP]
     if not rows:
@@ -283,7 +299,8 @@ def esper_section(records: list[dict]) -> list[str]:
             "that require grad only. Every backend was checked on these very inputs first.", "",
             "**FAILED**: " + "; ".join(failures) if failures else
             "Check: every backend matched the reference on every one of these calls.", "",
-            *verdicts(records, groups=(ESPER_GROUP,)), "", *inputs, "", *side_by_side(rows, FB, alpha=True),
+            *verdicts(records, groups=(ESPER_GROUP,)), "", *inputs, "", *gradients_legend(rows), "",
+            *side_by_side(rows, FB, alpha=True),
             "", "### Esper's calls, forward only", "", *inputs, "", *side_by_side(rows, "forward", alpha=True), ""]
 
 

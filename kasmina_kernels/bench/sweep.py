@@ -155,6 +155,10 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
             d["saved_bytes"], d["saved_extra_bytes"] = workload.saved_for_backward(w, impl)
         except Exception as exc:
             record["notes"].append(f"{impl.name}: saved bytes not counted ({type(exc).__name__}: {exc})")
+        try:
+            record["impls"][impl.name]["grad_layouts"] = workload.gradient_layouts(w, impl)
+        except Exception as exc:
+            record["notes"].append(f"{impl.name}: gradient layouts not read ({type(exc).__name__}: {exc})")
     lap("saved")
     derive(record, device.type)
     return record

@@ -171,6 +171,17 @@ def copy_step(x: torch.Tensor, n_sets: int) -> Step:
     return Step(lambda i, _: dst[i].copy_(src[i]))
 
 
+def gradient_layouts(w: Workload, impl: Impl) -> dict[str, str]:
+    """{input name: `esper.layout`} of each gradient one forward+backward call returns. Eager's
+    follow the incoming gradient, not their input: a channels_last gradient for an NCHW seed
+    is left for whatever consumes it to move."""
+    s = w.sets[0]
+    grads = torch.autograd.grad(impl.fn(*s.args, **s.kwargs), s.leaves, s.grad)
+    names = [n for n, t in opcases.leaves_of(w.op, s.args, s.kwargs).items()
+             if any(t is leaf for leaf in s.leaves)]
+    return dict(zip(names, map(esper.layout, grads)))
+
+
 def saved_for_backward(w: Workload, impl: Impl) -> tuple[int, int]:
     """(bytes saved for backward, of which not the inputs' own storage) by one forward call,
     counted with saved_tensors_hooks over distinct storages."""
