@@ -17,7 +17,7 @@ the fastest available for the tensor's device and `kk.resolve_backend(t)` says w
 
 from . import reference
 from .backends import (BACKEND_NAMES, BACKENDS, BackendUnavailableError, available_backends, current_backend,
-                       resolve_backend, use_backend)
+                       keep_residuals, resolve_backend, use_backend)
 from . import blend_ops, isolation, nn
 from .nn import GatedBlend
 from .swap import SwapHandle, swap_in
@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BACKEND_NAMES", "BackendUnavailableError", "available_backends", "current_backend",
-    "resolve_backend", "use_backend",
+    "keep_residuals", "resolve_backend", "use_backend",
     "reference", "blend_ops", "isolation", "nn", "GatedBlend", "SwapHandle", "swap_in", "esper",
     *ops.__all__,
 ]

@@ -154,6 +154,23 @@ def use_backend(name: str):
         stack.pop()
 
 
+@contextlib.contextmanager
+def keep_residuals(enabled: bool = True):
+    """Run the block with the native backend's forwards keeping what their backward would
+    otherwise recompute (process-wide, restored on exit). Today: MULTIPLY's tanh of s - r on
+    CPU, float32 and float64 hosts, read by the backward when alpha wants no gradient. It
+    trades one feature-sized tensor of activation memory per call for a backward that neither
+    evaluates tanh nor reads s and r. Off by default: a fused op then saves only its inputs.
+    torch.compile bakes the setting in at trace time. No effect without the native backend."""
+    native = _modules.get("native")
+    previous = native._C.set_keep_residuals(bool(enabled)) if native else False
+    try:
+        yield
+    finally:
+        if native:
+            native._C.set_keep_residuals(previous)
+
+
 # ---------------------------------------------------------------------------- resolution
 # What "auto" picks per device type, best first: the first available one wins.
 _AUTO_PREFERENCE = {"cpu": ("native", "reference"), "cuda": ("native", "triton", "reference")}

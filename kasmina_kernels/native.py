@@ -27,7 +27,7 @@ def register(library: torch.library.Library, prefix: str = "", kernels=None, den
     its backward op ``kasmina::<prefix><name>_backward``, in `library`; registers their fake
     kernels and vmap rule, and the C++ autograd kernel, which runs the backward op with the
     forward's inputs and one ``need_<input>_grad`` flag per input whose gradient may be
-    skipped. `kernels` maps an op's name to its (forward, backward) Python kernels for CPU
+    skipped (and, where the extension defines ``<name>_for_backward``, the residual it kept). `kernels` maps an op's name to its (forward, backward) Python kernels for CPU
     and CUDA tensors; without it, the ops run the extension's C++ kernels."""
     names = []
     for op in OPS:
@@ -35,7 +35,10 @@ def register(library: torch.library.Library, prefix: str = "", kernels=None, den
             continue
         forward, backward = kernels[op.name] if kernels else (None, None)
         backward_fake = functools.partial(op.backward_fake, dense_pooled=dense_pooled)
-        for schema, kernel, fake in ((op.schema, forward, op.forward_fake), (op.backward, backward, backward_fake)):
+        # the value-and-residual op: the extension's CPU kernels only
+        for_backward = op.for_backward if kernels is None else ""
+        for schema, kernel, fake in ((op.schema, forward, op.forward_fake), (op.backward, backward, backward_fake),
+                                     (for_backward, None, op.for_backward_fake)):
             if not schema:  # STE: its gradient is the identity, no backward op
                 continue
             name = prefix + schema[:schema.index("(")]

@@ -39,6 +39,12 @@ class Op:
     drop_in: str | None = None  # the Esper module (kasmina_kernels.<it>) whose drop-in it is
     kernel: str = ""  # the torch.ops.kasmina op that computes it (default: its own name)
     fake: Callable | None = None  # the forward's fake kernel, where it is not empty_like(input 0)
+    # what the native CPU forward keeps for the backward: the backward schema's last argument
+    # (optional, recomputed when absent), which kasmina::<op>_for_backward returns beside the
+    # value, and its fake kernel (the native backend's autograd kernel runs that op when a
+    # gradient is wanted)
+    residual: str = ""
+    residual_fake: Callable | None = None
     inputs: tuple[str, ...] = field(init=False)  # the schema's arguments, in order
 
     def __post_init__(self):
@@ -98,10 +104,20 @@ class Op:
     def forward_fake(self, *args):
         return self.fake(*args) if self.fake is not None else torch.empty_like(args[0])
 
+    @property
+    def for_backward(self) -> str:
+        """The schema of kasmina::<op>_for_backward (the value and the residual), if it has one."""
+        if not self.residual:
+            return ""
+        return f"{self.name}_for_backward{self.schema[len(self.name):self.schema.index('->')]}-> (Tensor, Tensor)"
+
+    def for_backward_fake(self, *args):
+        return self.forward_fake(*args), self.residual_fake(*args)
+
 
 def _arg_names(schema: str) -> tuple[str, ...]:
     inside = schema[schema.index("(") + 1:schema.index(")")]
-    return tuple(a.split()[-1] for a in inside.split(","))
+    return tuple(a.split("=")[0].split()[-1] for a in inside.split(","))
 
 
 # ---------------------------------------------------------------------------- irregular fakes
@@ -114,6 +130,11 @@ def _effective_alpha_fake(alpha, gate):
     device = gate.device if alpha.dim() == 0 and alpha.device.type == "cpu" else alpha.device
     shape = torch.broadcast_shapes(alpha.shape, gate.shape)
     return torch.empty(shape, dtype=torch.result_type(alpha, gate), device=device)
+
+
+def _multiply_tanh_fake(h, s, alpha, seed_input):
+    # the CPU kernels keep the tanh for float32 and float64 hosts, in the value's layout
+    return torch.empty_like(h) if h.dtype in (torch.float32, torch.float64) else h.new_empty((0,))
 
 
 def _pool_fake(x, topology):
@@ -149,10 +170,11 @@ OPS: tuple[Op, ...] = (
        drop_in="isolation", kernel="blend_add"),
     Op("blend_multiply", "blend_multiply(Tensor h, Tensor s, Tensor alpha, Tensor? seed_input) -> Tensor",
        "blend_multiply_backward(Tensor grad, Tensor h, Tensor s, Tensor alpha, Tensor? seed_input,"
-       " bool need_alpha_grad, bool need_seed_input_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+       " bool need_alpha_grad, bool need_seed_input_grad, Tensor? tanh=None)"
+       " -> (Tensor, Tensor, Tensor, Tensor)",
        ("h", "s", "alpha", "seed_input"), _FEATURES_OUT | {"dseed_input"}, kwonly=("seed_input",),
        weights=("alpha",), host_dtype=True, cast_to_host=("s", "alpha", "seed_input"),
-       drop_in="blend_ops"),
+       drop_in="blend_ops", residual="tanh", residual_fake=_multiply_tanh_fake),
     Op("blend_gate", "blend_gate(Tensor h, Tensor s, Tensor alpha, Tensor gate) -> Tensor",
        "blend_gate_backward(Tensor grad, Tensor h, Tensor s, Tensor alpha, Tensor gate,"
        " bool need_alpha_grad, bool need_gate_grad) -> (Tensor, Tensor, Tensor, Tensor)",

@@ -262,6 +262,32 @@ def test_fused_op_saves_at_most_its_inputs(backend, name):
                             and t.requires_grad], torch.ones_like(y), allow_unused=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["blend_multiply", "blend_multiply_seed_input", "blend_multiply_aliased"])
+def test_keep_residuals_saves_one_tensor_more(name, dtype):
+    """kk.keep_residuals(): native MULTIPLY also saves its tanh (float32/float64 hosts only,
+    one tensor of the host's size), and its backward reads it; off again after the block."""
+    pytest.importorskip("kasmina_kernels.native")
+    fn, args, kwargs = MEMORY_CASES[name]
+    made: dict[int, torch.Tensor] = {}
+    as_leaf = lambda a: made.setdefault(id(a), leaf(a.to(dtype))) if isinstance(a, torch.Tensor) and a.dim() else a  # noqa: E731
+    leaves = [as_leaf(a) for a in args]
+    kw = {k: as_leaf(v) for k, v in kwargs.items()}
+    in_bytes, in_storages = storage_bytes(leaves + list(kw.values()))
+    with kk.keep_residuals(), SavedCounter() as counter:
+        y = fn(*leaves, **kw, backend="native")
+    saved_bytes, saved_storages = storage_bytes(counter.saved)
+    extra = y.numel() * y.element_size() if dtype == torch.float32 else 0
+    assert saved_bytes <= in_bytes + extra
+    assert len(saved_storages - in_storages) == (1 if extra else 0)
+    want = fn(*leaves, **kw, backend="native")  # the setting is restored: inputs only
+    grads = [t for t in leaves + list(kw.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
+    g = torch.randn_like(y)
+    # (the equivalence cases judge these gradients; here: the same up to how 1 - tanh^2 is formed)
+    for got, ref in zip(torch.autograd.grad(y, grads, g), torch.autograd.grad(want, grads, g)):
+        torch.testing.assert_close(got, ref, rtol=1e-4 if extra else 0, atol=1e-5 if extra else 0)
+
+
 def test_saved_bytes_counter_sees_the_reference_intermediates():
     """Control: the counter does count intermediates (eager MULTIPLY saves tanh etc.)."""
     fn, args, kwargs = MEMORY_CASES["blend_multiply"]
@@ -386,3 +412,16 @@ def test_raw_backward_op_outside_autograd_runs_unchanged():
     dh, ds, da = torch.ops.kasmina.blend_add_backward(g, h, s, a, True)
     assert dh.grad_fn is None and not dh.requires_grad
     torch.testing.assert_close(dh, g * 0.7)
+
+
+def test_backward_rejects_a_tanh_that_is_not_the_forwards():
+    pytest.importorskip("kasmina_kernels.native")
+    h, s, g = (rnd((2, 3, 4, 5), f"tanh/{n}", dtype=torch.float32) for n in "hsg")
+    a = torch.tensor(0.5)
+    for bad in (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4, 5, dtype=torch.float64)):
+        with pytest.raises(RuntimeError, match="tanh must be blend_multiply_for_backward's"):
+            torch.ops.kasmina.blend_multiply_backward(g, h, s, a, None, False, False, bad)
+    hb = h.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="tanh must be"):
+        torch.ops.kasmina.blend_multiply_backward(g.to(hb.dtype), hb, s.to(hb.dtype), a, None, False, False,
+                                                  torch.zeros_like(hb))

@@ -123,6 +123,10 @@ def _backward_samples():
 
 BACKWARD_SAMPLES = _backward_samples()
 
+# the native ops with no Triton counterpart: a forward that keeps a residual for its backward
+# (kk.keep_residuals), as (forward sample, backward sample reading the residual)
+NATIVE_ONLY_SAMPLES = {"blend_multiply_for_backward": FORWARD_SAMPLES["blend_multiply"]}
+
 
 def _forward_params():
     return [pytest.param(name, i, id=f"{name}-{i}") for name, samples in FORWARD_SAMPLES.items()
@@ -141,7 +145,7 @@ OP_PREFIX = {"native": "", "triton": "triton_"}
 def test_every_op_is_covered():
     names = {s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("kasmina::")}
     native = {n for n in names if not n.startswith("triton_")}
-    assert native == set(FORWARD_SAMPLES) | set(BACKWARD_SAMPLES)
+    assert native == set(FORWARD_SAMPLES) | set(BACKWARD_SAMPLES) | set(NATIVE_ONLY_SAMPLES)
     triton = {n[len("triton_"):] for n in names if n.startswith("triton_")}
     assert triton <= native, "a triton op with no native counterpart (untested here)"
 
@@ -197,6 +201,31 @@ def test_opcheck_backward_ops_as_autograd_calls_them(backend, name):
 @pytest.mark.parametrize("name,i", _backward_params())
 def test_opcheck_backward_op(backend, name, i):
     torch.library.opcheck(_op(backend, name), BACKWARD_SAMPLES[name][i])
+
+
+@pytest.mark.parametrize("i", range(len(NATIVE_ONLY_SAMPLES["blend_multiply_for_backward"])))
+def test_opcheck_forward_keeping_a_residual(i):
+    """kasmina::blend_multiply_for_backward, and the backward op reading what it kept (a tanh
+    for float32/float64 hosts, an empty placeholder for the others), as autograd calls them
+    under kk.keep_residuals()."""
+    pytest.importorskip("kasmina_kernels.native")
+    sample = NATIVE_ONLY_SAMPLES["blend_multiply_for_backward"][i]
+    torch.library.opcheck(ops.blend_multiply_for_backward.default, sample)  # no derivative of its own
+    y, tanh = ops.blend_multiply_for_backward(*sample)
+    assert (tanh.numel() > 0) == (sample[0].dtype in (torch.float32, torch.float64))
+    torch.library.opcheck(ops.blend_multiply_backward.default,
+                          (torch.ones_like(y),) + tuple(sample) + (False, sample[3] is not None, tanh))
+    args = grad_leaves(sample)
+    with kk.keep_residuals():
+        y = ops.blend_multiply(*args)
+    with BackwardRecorder() as rec:
+        torch.autograd.grad(y, [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad],
+                            torch.ones_like(y), allow_unused=True)
+    (func, a, kw), = rec.calls
+    assert func is ops.blend_multiply_backward.default
+    kept = len(a) == 8 and a[7] is not None  # the tanh argument (a trailing None is left out)
+    assert kept == (sample[0].dtype in (torch.float32, torch.float64))
+    torch.library.opcheck(func, a, kw)
 
 
 def test_triton_schemas_are_the_native_ones():

@@ -35,3 +35,24 @@ def _params():
 @pytest.mark.parametrize("backend,case", _params())
 def test_equivalence(backend, case):
     run_case(backend, case)
+
+
+def _residual_params():
+    """MULTIPLY's native cases again with kk.keep_residuals(): the forward keeps its tanh for
+    float32/float64 hosts and the backward reads it (where alpha wants no gradient)."""
+    if dict(backends_under_test()).get("native", "absent") is not None:
+        return [pytest.param("native+residuals", None, id="native+residuals-unavailable",
+                             marks=pytest.mark.skip(reason="the native backend cannot run here"))]
+    big_ids = {c.id for c in big_cases()}
+    return [pytest.param("native+residuals", case, id=f"native+residuals-{case.id}",
+                         marks=[pytest.mark.big] if case.id in big_ids else [])
+            for case in cases_for("native") if case.op == "blend_multiply"]
+
+
+@pytest.mark.equivalence
+@pytest.mark.parametrize("backend,case", _residual_params())
+def test_equivalence_keeping_residuals(backend, case):
+    import kasmina_kernels as kk
+
+    with kk.keep_residuals():
+        run_case("native", case)

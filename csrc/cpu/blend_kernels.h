@@ -317,53 +317,59 @@ auto lerp_backward_loop(Accumulator& acc, bool stream) {
 }
 
 // ---------------------------------------------------------------- MULTIPLY
-// operands: out(T), h(T), s(S), [r(S) unless kRIsH], c(op)
-// Half-precision hosts compute in float with half_precision_tanh and round once.
-template <typename T, typename S, bool kRIsH>
+// operands: out(T), [t(T) when kTanh], h(T), s(S), [r(S) unless kRIsH], c(op)
+// Half-precision hosts compute in float with half_precision_tanh and round once. kTanh (float
+// and double hosts): the tanh of s - r is written beside the value, for the backward to read
+// (multiply_backward_from_tanh_loop) instead of computing it and reading s and r again.
+template <typename T, typename S, bool kRIsH, bool kTanh = false>
 auto multiply_forward_loop(bool stream) {
   using op_t = opmath_t<T>;
-  constexpr int N = kRIsH ? 4 : 5;
+  static_assert(!(kTanh && kHalfPrecision<T>), "the tanh is kept for float and double hosts");
+  constexpr int H = kTanh ? 2 : 1;  // outputs, then h
+  constexpr int N = H + (kRIsH ? 3 : 4);
   constexpr int C = N - 1;
   return [stream](char** data, const int64_t* st, int64_t n0, int64_t n1) {
     std::array<int64_t, N> sizes;
-    sizes[0] = sizes[1] = sizeof(T);
-    sizes[2] = sizeof(S);
-    if constexpr (!kRIsH) sizes[3] = sizeof(S);
+    sizes[0] = sizes[H] = sizeof(T);
+    if constexpr (kTanh) sizes[1] = sizeof(T);
+    sizes[H + 1] = sizeof(S);
+    if constexpr (!kRIsH) sizes[H + 2] = sizeof(S);
     sizes[C] = sizeof(op_t);
     run_rows<N, kVectorizable<T>>(
         data, st, n0, n1, sizes, C,
         [&](auto& p, int64_t n) -> int64_t {
-          const bool nt = streams(stream, p[0]);
+          const bool nt = streams(stream, p[0], kTanh ? p[1] : p[0]);
           int64_t i = 0;
           for (; i + kStep <= n; i += kStep) {
-            F2 h, s, r, c, y;
-            load2<T>(at_<T>(p[1], i), h);
-            load2_as<T, S>(at_<S>(p[2], i), s);
+            F2 h, s, r, c, y, t;
+            load2<T>(at_<T>(p[H], i), h);
+            load2_as<T, S>(at_<S>(p[H + 1], i), s);
             if constexpr (kRIsH) {
               r[0] = h[0];
               r[1] = h[1];
             } else {
-              load2_as<T, S>(at_<S>(p[3], i), r);
+              load2_as<T, S>(at_<S>(p[H + 2], i), r);
             }
             load_weight2(p[C], st[C], i, c);
             for (int k = 0; k < 2; ++k) {
               if constexpr (kHalfPrecision<T>) {
-                FVec t, unused;
-                half_precision_tanh_with_grad<T>(s[k] - r[k], t, unused);
-                y[k] = h[k] * valve(c[k], t);
+                FVec unused;
+                half_precision_tanh_with_grad<T>(s[k] - r[k], t[k], unused);
               } else {
-                y[k] = multiply(h[k], s[k], r[k], c[k]);
+                t[k] = Prims<FVec>::tanh(s[k] - r[k]);
               }
+              y[k] = h[k] * valve(c[k], t[k]);
             }
             store2<T>(out_<T>(p[0], i), y, nt);
+            if constexpr (kTanh) store2<T>(out_<T>(p[1], i), t, nt);
           }
           return i;
         },
         [&](auto& p, const int64_t* s, int64_t i) {
-          const op_t h = static_cast<op_t>(val<T>(p[1], s[1], i));
-          const op_t sv = as_op<T>(val<S>(p[2], s[2], i));
+          const op_t h = static_cast<op_t>(val<T>(p[H], s[H], i));
+          const op_t sv = as_op<T>(val<S>(p[H + 1], s[H + 1], i));
           op_t r = h;
-          if constexpr (!kRIsH) r = as_op<T>(val<S>(p[3], s[3], i));
+          if constexpr (!kRIsH) r = as_op<T>(val<S>(p[H + 2], s[H + 2], i));
           const op_t c = val<op_t>(p[C], s[C], i);
           if constexpr (kHalfPrecision<T>) {
             float t, unused;
@@ -374,9 +380,58 @@ auto multiply_forward_loop(bool stream) {
             // element is judged against eager's single rounding error, and 1 + c*t can cancel
             const double t = float_tail_tanh(sv, r);
             put<T>(p[0], s[0], i, static_cast<double>(h) * valve(static_cast<double>(c), t));
+            if constexpr (kTanh) put<T>(p[1], s[1], i, static_cast<float>(t));
           } else {
-            put<T>(p[0], s[0], i, h * valve(c, reference_tanh(sv - r)));
+            const op_t t = reference_tanh(sv - r);
+            put<T>(p[0], s[0], i, h * valve(c, t));
+            if constexpr (kTanh) put<T>(p[1], s[1], i, t);
           }
+        });
+  };
+}
+
+// The backward from the forward's tanh t (float and double hosts, alpha wanting no gradient):
+// dh = g (1 + c t), ds = g h c (1 - t^2) with 1 - t^2 formed from t as eager's tanh backward
+// forms it; when r is h, dh also carries -ds.
+// operands: dh(T), ds(T), [dr(T) when kDr], g(T), h(T), t(T), c(T)
+template <typename T, bool kRIsH, bool kDr>
+auto multiply_backward_from_tanh_loop(bool stream) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
+  constexpr int G = kDr ? 3 : 2;  // outputs, then g
+  constexpr int N = G + 4;
+  constexpr int C = N - 1;
+  return [stream](char** data, const int64_t* st, int64_t n0, int64_t n1) {
+    std::array<int64_t, N> sizes;
+    sizes.fill(sizeof(T));
+    run_rows<N, kVectorizable<T>>(
+        data, st, n0, n1, sizes, C,
+        [&](auto& p, int64_t n) -> int64_t {
+          const bool nt = streams(stream, p[0], p[1], kDr ? p[2] : p[0]);
+          int64_t i = 0;
+          for (; i + kStep <= n; i += kStep) {
+            F2 g, h, t, c, dh, ds, unused;
+            load2<T>(at_<T>(p[G], i), g);
+            load2<T>(at_<T>(p[G + 1], i), h);
+            load2<T>(at_<T>(p[G + 2], i), t);
+            load_weight2(p[C], st[C], i, c);
+            for (int k = 0; k < 2; ++k) {
+              multiply_backward_t<kRIsH>(g[k], h[k], t[k], t[k], c[k], dh[k], ds[k], unused[k],
+                                         RoundTo<T>{});
+            }
+            store2<T>(out_<T>(p[0], i), dh, nt);
+            store2<T>(out_<T>(p[1], i), ds, nt);
+            if constexpr (kDr) store2<T>(out_<T>(p[2], i), ds[0].neg(), ds[1].neg(), nt);
+          }
+          return i;
+        },
+        [&](auto& p, const int64_t* s, int64_t i) {
+          T dh, ds, unused;
+          multiply_backward_t<kRIsH>(val<T>(p[G], s[G], i), val<T>(p[G + 1], s[G + 1], i),
+                                     val<T>(p[G + 2], s[G + 2], i), val<T>(p[G + 2], s[G + 2], i),
+                                     val<T>(p[C], s[C], i), dh, ds, unused, RoundTo<T>{});
+          put<T>(p[0], s[0], i, dh);
+          put<T>(p[1], s[1], i, ds);
+          if constexpr (kDr) put<T>(p[2], s[2], i, -ds);
         });
   };
 }

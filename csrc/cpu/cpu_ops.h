@@ -31,9 +31,15 @@ using blend_gate_backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::T
 using blend_multiply = at::Tensor(const at::Tensor& h, const at::Tensor& s,
                                   const at::Tensor& alpha,
                                   const std::optional<at::Tensor>& seed_input);
+// (the value, and the tanh of s - r that blend_multiply_backward reads when given it; an empty
+// placeholder where a kernel keeps none)
+using blend_multiply_for_backward = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
+    const std::optional<at::Tensor>& seed_input);
 using blend_multiply_backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor& grad, const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
-    const std::optional<at::Tensor>& seed_input, bool need_alpha_grad, bool need_seed_input_grad);
+    const std::optional<at::Tensor>& seed_input, bool need_alpha_grad, bool need_seed_input_grad,
+    const std::optional<at::Tensor>& tanh);
 
 using ste_forward = at::Tensor(const at::Tensor& h, const at::Tensor& s);
 
@@ -72,9 +78,10 @@ using gate_network_backward =
 // Every kernel, once: X(name) for each, in the order of the Kernels table.
 #define KK_CPU_KERNELS(X)                                                                   \
   X(blend_add) X(blend_add_backward) X(blend_gate) X(blend_gate_backward) X(blend_multiply)  \
-  X(blend_multiply_backward) X(ste_forward) X(multiply_valve_multiplier)                     \
-  X(multiply_valve_multiplier_backward) X(tanh_f32) X(tanh_f64) X(gate_effective_alpha)      \
-  X(gate_effective_alpha_backward) X(gated_pool) X(gated_pool_backward) X(gate_network)      \
+  X(blend_multiply_for_backward) X(blend_multiply_backward) X(ste_forward)                  \
+  X(multiply_valve_multiplier) X(multiply_valve_multiplier_backward) X(tanh_f32) X(tanh_f64) \
+  X(gate_effective_alpha) X(gate_effective_alpha_backward) X(gated_pool)                    \
+  X(gated_pool_backward) X(gate_network)                                                    \
   X(gate_network_backward)
 
 // One capability's kernels.

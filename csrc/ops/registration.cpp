@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -108,15 +109,19 @@ void check_first_order_only(const std::string& op, const variable_list& tensors)
 // backward op kasmina::<op>_backward takes (grad, the forward's arguments, a
 // need_<input>_grad flag for some inputs) and returns one gradient per tensor input, a
 // placeholder where none is needed; STE has no backward op (its gradient is the identity).
-// A backward op's kernels have no derivative of their own: when autograd records one
+// Where the backend also has kasmina::<op>_for_backward for the inputs' device, the forward
+// runs that instead: it returns the value and a residual (what the backward would otherwise
+// recompute, or an empty placeholder), which the backward op takes as its last argument.
+// Backward and for_backward ops have no derivative of their own: when autograd records one
 // (create_graph=True) its outputs get a grad_fn that raises, naming the op, if differentiated,
 // so double backward is an error, never a silently zero second derivative.
 struct Plan {
-  std::string name;                             // "kasmina::<op>"
-  bool is_backward;                             // a kasmina::*_backward op
-  std::optional<c10::OperatorHandle> backward;  // a forward op's backward op (not STE's)
-  std::vector<size_t> tensors;                  // the tensor arguments' positions
-  std::vector<size_t> need;                     // per need flag, its input's tensor index
+  std::string name;                                 // "kasmina::<op>"
+  bool is_backward;                                 // a kasmina::*_backward op (for_backward too)
+  std::optional<c10::OperatorHandle> backward;      // a forward op's backward op (not STE's)
+  std::optional<c10::OperatorHandle> for_backward;  // its value-and-residual op, if any
+  std::vector<size_t> tensors;                      // the tensor arguments' positions
+  std::vector<size_t> need;                         // per need flag, its input's tensor index
   size_t num_args;
 };
 
@@ -124,8 +129,11 @@ Plan make_plan(const c10::OperatorHandle& op) {
   const auto& schema = op.schema();
   const std::string suffix = "_backward";
   const std::string& name = schema.name();
-  Plan plan{name, name.ends_with(suffix), std::nullopt, {}, {}, schema.arguments().size()};
-  if (!plan.is_backward) plan.backward = c10::Dispatcher::singleton().findOp({name + suffix, ""});
+  Plan plan{name, name.ends_with(suffix), std::nullopt, std::nullopt, {}, {}, schema.arguments().size()};
+  if (!plan.is_backward) {
+    plan.backward = c10::Dispatcher::singleton().findOp({name + suffix, ""});
+    plan.for_backward = c10::Dispatcher::singleton().findOp({name + "_for" + suffix, ""});
+  }
   std::vector<std::string> names;
   for (size_t i = 0; i < schema.arguments().size(); ++i) {
     const auto& arg = schema.arguments()[i];
@@ -150,14 +158,18 @@ Plan make_plan(const c10::OperatorHandle& op) {
 // long as the library) and the other arguments.
 using OptTensor = std::optional<at::Tensor>;
 
+// Whether forwards keep residuals (kasmina_kernels.keep_residuals): off by default, so that a
+// fused op saves only its inputs for backward. Process-wide.
+std::atomic<bool> keep_residuals{false};
+
 struct FusedFn : torch::autograd::Function<FusedFn> {
-  static constexpr size_t kInputs = 4;  // the arguments before the tensor slots
+  static constexpr size_t kInputs = 5;  // the arguments before the tensor slots
   static constexpr size_t kSlots = 5;
 
   static at::Tensor forward(AutogradContext* ctx, const Plan* plan, const c10::OperatorHandle* op,
-                            c10::DispatchKeySet keys, torch::jit::Stack* stack, const OptTensor& t0,
-                            const OptTensor& t1, const OptTensor& t2, const OptTensor& t3,
-                            const OptTensor& t4) {
+                            c10::DispatchKeySet keys, torch::jit::Stack* stack, bool keep_residual,
+                            const OptTensor& t0, const OptTensor& t1, const OptTensor& t2,
+                            const OptTensor& t3, const OptTensor& t4) {
     variable_list inputs;
     for (const OptTensor* t : {&t0, &t1, &t2, &t3, &t4}) {
       if (inputs.size() < plan->tensors.size()) inputs.push_back(t->value_or(at::Tensor()));
@@ -171,13 +183,22 @@ struct FusedFn : torch::autograd::Function<FusedFn> {
         ctx->saved_data[std::to_string(i)] = args[i];
       }
     }
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const c10::DispatchKeySet below = keys & c10::after_ADInplaceOrView_keyset;
+    const auto device_key = inputs[0].is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU;
+    if (keep_residual && plan->for_backward &&
+        plan->for_backward->hasKernelForDispatchKey(device_key)) {
+      plan->for_backward->redispatchBoxed(below, stack);
+      at::Tensor residual = torch::jit::pop(*stack).toTensor();  // saved last; none if empty
+      inputs.push_back(residual.numel() > 0 ? std::move(residual) : at::Tensor());
+    } else {
+      op->redispatchBoxed(below, stack);
+    }
     if (plan->backward) {
       ctx->save_for_backward(inputs);
     } else {  // STE: ds is the gradient in s's dtype
       ctx->saved_data["seed_dtype"] = static_cast<int64_t>(inputs[1].scalar_type());
     }
-    at::AutoDispatchBelowADInplaceOrView guard;
-    op->redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
     return torch::jit::pop(*stack).toTensor();
   }
 
@@ -208,6 +229,10 @@ struct FusedFn : torch::autograd::Function<FusedFn> {
       }
     }
     for (size_t k : p.need) stack.emplace_back(needs(k));
+    if (stack.size() < p.backward->schema().arguments().size()) {  // the residual, if kept
+      const bool kept = saved.size() > p.tensors.size() && saved.back().defined();
+      stack.emplace_back(kept ? c10::IValue(saved.back()) : c10::IValue());
+    }
     p.backward->callBoxed(&stack);
     for (size_t k = 0; k < p.tensors.size(); ++k) {
       if (needs(k)) out[kInputs + k] = std::move(stack[k]).toTensor();
@@ -253,8 +278,10 @@ class AutogradKernel final : public c10::OperatorKernel {
     const auto slot = [&](size_t k) {
       return inputs[k].defined() ? OptTensor(inputs[k]) : OptTensor();
     };
-    stack->emplace_back(
-        FusedFn::apply(&p, &op, keys, stack, slot(0), slot(1), slot(2), slot(3), slot(4)));
+    const bool keep_residual = keep_residuals.load(std::memory_order_relaxed) && requires_grad &&
+                               torch::autograd::GradMode::is_enabled();
+    stack->emplace_back(FusedFn::apply(&p, &op, keys, stack, keep_residual, slot(0), slot(1),
+                                       slot(2), slot(3), slot(4)));
   }
 
  private:
@@ -271,10 +298,11 @@ class AutogradKernel final : public c10::OperatorKernel {
   }
 
   static NodePtr error_node(const Plan& p, const variable_list& inputs) {
-    const std::string forward = p.name.substr(0, p.name.size() - std::string("_backward").size());
+    std::string forward = p.name.substr(0, p.name.size() - std::string("_backward").size());
+    if (forward.ends_with("_for")) forward.resize(forward.size() - std::string("_for").size());
     return make_node(
         forward + ": double backward (differentiating a gradient computed with "
-        "create_graph=True) is not supported: the fused gradient kernel (" + p.name + ") has "
+        "create_graph=True) is not supported: the fused kernel (" + p.name + ") has "
         "no derivative of its own; use backend=\"reference\" for higher-order derivatives",
         torch::autograd::collect_next_edges(inputs));
   }
@@ -292,6 +320,7 @@ TORCH_LIBRARY_IMPL(kasmina, CPU, m) {
   m.impl("blend_gate", k.blend_gate);
   m.impl("blend_gate_backward", k.blend_gate_backward);
   m.impl("blend_multiply", k.blend_multiply);
+  m.impl("blend_multiply_for_backward", k.blend_multiply_for_backward);
   m.impl("blend_multiply_backward", k.blend_multiply_backward);
   m.impl("ste_forward", k.ste_forward);
   m.impl("multiply_valve_multiplier", k.multiply_valve_multiplier);
@@ -344,6 +373,12 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kasmina-kernels native extension: registers the torch.ops.kasmina ops";
   m.def("build_info", &build_info, "How this extension was built");
+  m.def(
+      "set_keep_residuals",
+      [](bool enabled) { return kk::keep_residuals.exchange(enabled); },
+      "Whether forwards keep residuals for their backward (process-wide); returns the previous "
+      "setting",
+      py::arg("enabled"));
   m.def("register_autograd", &kk::register_autograd,
         "Registers the fused ops' autograd kernel for the named kasmina ops", py::arg("names"));
   const kk::cpu::Kernels& k = *kk::cpu_capability().kernels;

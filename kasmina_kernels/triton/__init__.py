@@ -31,6 +31,7 @@ def _backward_kernel(op, backward):
     flag_index = [op.grads.index(f) for f in op.need_flags]
 
     def kernel(grad, *args):
+        args = args[:len(op.inputs) + len(flag_index)]  # a residual (`Op.residual`) is never kept here
         n = len(args) - len(flag_index)
         need = [True] * len(op.grads)
         for i, flag in zip(flag_index, args[n:]):
