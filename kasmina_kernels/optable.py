@@ -133,8 +133,8 @@ def _effective_alpha_fake(alpha, gate):
 
 
 def _multiply_tanh_fake(h, s, alpha, seed_input):
-    # the CPU kernels keep the tanh for float32 and float64 hosts, in the value's layout
-    return torch.empty_like(h) if h.dtype in (torch.float32, torch.float64) else h.new_empty((0,))
+    # the CPU kernels keep the tanh's complement for float32 hosts, in the value's layout
+    return torch.empty_like(h) if h.dtype == torch.float32 else h.new_empty((0,))
 
 
 def _pool_fake(x, topology):
@@ -170,11 +170,11 @@ OPS: tuple[Op, ...] = (
        drop_in="isolation", kernel="blend_add"),
     Op("blend_multiply", "blend_multiply(Tensor h, Tensor s, Tensor alpha, Tensor? seed_input) -> Tensor",
        "blend_multiply_backward(Tensor grad, Tensor h, Tensor s, Tensor alpha, Tensor? seed_input,"
-       " bool need_alpha_grad, bool need_seed_input_grad, Tensor? tanh=None)"
+       " bool need_alpha_grad, bool need_seed_input_grad, Tensor? tanh_complement=None)"
        " -> (Tensor, Tensor, Tensor, Tensor)",
        ("h", "s", "alpha", "seed_input"), _FEATURES_OUT | {"dseed_input"}, kwonly=("seed_input",),
        weights=("alpha",), host_dtype=True, cast_to_host=("s", "alpha", "seed_input"),
-       drop_in="blend_ops", residual="tanh", residual_fake=_multiply_tanh_fake),
+       drop_in="blend_ops", residual="tanh_complement", residual_fake=_multiply_tanh_fake),
     Op("blend_gate", "blend_gate(Tensor h, Tensor s, Tensor alpha, Tensor gate) -> Tensor",
        "blend_gate_backward(Tensor grad, Tensor h, Tensor s, Tensor alpha, Tensor gate,"
        " bool need_alpha_grad, bool need_gate_grad) -> (Tensor, Tensor, Tensor, Tensor)",

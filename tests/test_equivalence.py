@@ -38,8 +38,8 @@ def test_equivalence(backend, case):
 
 
 def _residual_params():
-    """MULTIPLY's native cases again with kk.keep_residuals(): the forward keeps its tanh for
-    float32/float64 hosts and the backward reads it (where alpha wants no gradient)."""
+    """MULTIPLY's native cases again with kk.keep_residuals(): the forward keeps its tanh's
+    complement for float32 hosts and the backward reads it (where alpha wants no gradient)."""
     if dict(backends_under_test()).get("native", "absent") is not None:
         return [pytest.param("native+residuals", None, id="native+residuals-unavailable",
                              marks=pytest.mark.skip(reason="the native backend cannot run here"))]

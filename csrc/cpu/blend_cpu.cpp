@@ -397,8 +397,8 @@ void check_multiply(const char* op, const at::Tensor& h, const at::Tensor& s,
 }  // namespace
 
 namespace {
-// The value, and with `keep_tanh` on a float or double host the tanh of s - r in the value's
-// layout (otherwise an empty placeholder).
+// The value, and with `keep_tanh` on a float32 host the complement of the tanh of s - r
+// (tanh_with_grad's) in the value's layout (otherwise an empty placeholder).
 std::tuple<at::Tensor, at::Tensor> multiply_forward(const char* op, const at::Tensor& h,
                                                     const at::Tensor& s_in, const at::Tensor& alpha,
                                                     const std::optional<at::Tensor>& seed_input,
@@ -408,7 +408,7 @@ std::tuple<at::Tensor, at::Tensor> multiply_forward(const char* op, const at::Te
   const at::Tensor s = kernel_operand(s_in, host);
   const Weights c = multiply_weights(read_values(alpha), alpha, host);
   at::Tensor out = at::empty_like(h);
-  keep_tanh = keep_tanh && (host == at::kFloat || host == at::kDouble);
+  keep_tanh = keep_tanh && host == at::kFloat;
   at::Tensor t = keep_tanh ? at::empty_like(h) : at::empty({0}, h.options());
   at::Tensor unused;
   dispatch_pair(host, s.scalar_type(), op, [&](auto tt, auto st) {
@@ -416,7 +416,7 @@ std::tuple<at::Tensor, at::Tensor> multiply_forward(const char* op, const at::Te
     using S = typename decltype(st)::type;
     const auto run = [&](auto r_is_h, auto keep, std::vector<at::Tensor> outputs,
                          std::vector<at::Tensor> inputs) {
-      constexpr bool kKeep = decltype(keep)::value && !kHalfPrecision<T>;
+      constexpr bool kKeep = decltype(keep)::value && std::is_same_v<T, float>;
       if (kKeep) outputs.push_back(t);
       run_pass<opmath_t<T>>(outputs, inputs, c, h, false, unused, [](auto, Accumulator&, bool st) {
         return multiply_forward_loop<T, S, decltype(r_is_h)::value, kKeep>(st);
@@ -453,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor> blend_multiply_for_backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backward(
     const at::Tensor& grad_in, const at::Tensor& h, const at::Tensor& s_in,
     const at::Tensor& alpha, const std::optional<at::Tensor>& seed_input, bool need_alpha_grad,
-    bool need_seed_input_grad, const std::optional<at::Tensor>& tanh) {
+    bool need_seed_input_grad, const std::optional<at::Tensor>& tanh_complement) {
   check_multiply("blend_multiply_backward", h, s_in, alpha, seed_input);
   const auto host = h.scalar_type();
   const at::Tensor g = grad_in.to(host);
@@ -468,33 +468,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
   at::Tensor dr = write_dr ? at::empty_like(r) : at::empty({0}, h.options());
   at::Tensor element_out;
   std::vector<long double> sums;
-  if (tanh.has_value() && tanh->numel() > 0) {
-    TORCH_CHECK(tanh->sizes() == h.sizes() && tanh->scalar_type() == host &&
-                    (host == at::kFloat || host == at::kDouble),
-                "blend_multiply_backward: tanh must be blend_multiply_for_backward's (a ", host,
-                " tensor of h's shape ", h.sizes(), " for a float32 or float64 h), got a ",
-                tanh->scalar_type(), " tensor of shape ", tanh->sizes());
-  }
-  // the forward's tanh, where it kept one and alpha's gradient (which sums tanh in double) is
+  const bool kept = tanh_complement.has_value() && tanh_complement->numel() > 0;
+  TORCH_CHECK(!kept || (tanh_complement->sizes() == h.sizes() &&
+                        tanh_complement->scalar_type() == at::kFloat && host == at::kFloat),
+              "blend_multiply_backward: tanh_complement must be blend_multiply_for_backward's (a "
+              "float32 tensor of h's shape, for a float32 h; h is ", host, " of shape ", h.sizes(),
+              "), got ", tanh_complement->scalar_type(), " of shape ", tanh_complement->sizes());
+  // the forward's tanh, where it kept it and alpha's gradient (which sums tanh in double) is
   // not wanted: s and r are not read
-  if (tanh.has_value() && tanh->numel() > 0 && !need_alpha_grad) {
-    const at::Tensor& t = *tanh;
-    AT_DISPATCH_FLOATING_TYPES(host, "blend_multiply backward", [&] {
-      const auto run = [&](auto r_is_h, auto dr_tag, const std::vector<at::Tensor>& outputs) {
-        run_pass<scalar_t>(outputs, {g, h, t}, c, h, false, element_out,
-                           [](auto, Accumulator&, bool st) {
-                             return multiply_backward_from_tanh_loop<scalar_t, decltype(r_is_h)::value,
-                                                                     decltype(dr_tag)::value>(st);
-                           });
-      };
-      if (r_is_h) {
-        run(std::true_type{}, std::false_type{}, {dh, ds});
-      } else if (!write_dr) {
-        run(std::false_type{}, std::false_type{}, {dh, ds});
-      } else {
-        run(std::false_type{}, std::true_type{}, {dh, ds, dr});
-      }
-    });
+  if (kept && !need_alpha_grad) {
+    const auto run = [&](auto r_is_h, auto dr_tag, const std::vector<at::Tensor>& outputs) {
+      run_pass<float>(outputs, {g, h, *tanh_complement}, c, h, false, element_out,
+                      [](auto, Accumulator&, bool st) {
+                        return multiply_backward_from_tanh_loop<float, decltype(r_is_h)::value,
+                                                                decltype(dr_tag)::value>(st);
+                      });
+    };
+    if (r_is_h) {
+      run(std::true_type{}, std::false_type{}, {dh, ds});
+    } else if (!write_dr) {
+      run(std::false_type{}, std::false_type{}, {dh, ds});
+    } else {
+      run(std::false_type{}, std::true_type{}, {dh, ds, dr});
+    }
     return {dh, ds, at::zeros(alpha.sizes(), alpha.options()), dr};
   }
   dispatch_pair(host, s.scalar_type(), "blend_multiply backward", [&](auto tt, auto st) {

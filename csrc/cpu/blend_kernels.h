@@ -317,14 +317,15 @@ auto lerp_backward_loop(Accumulator& acc, bool stream) {
 }
 
 // ---------------------------------------------------------------- MULTIPLY
-// operands: out(T), [t(T) when kTanh], h(T), s(S), [r(S) unless kRIsH], c(op)
+// operands: out(T), [z(T) when kTanh], h(T), s(S), [r(S) unless kRIsH], c(op)
 // Half-precision hosts compute in float with half_precision_tanh and round once. kTanh (float
-// and double hosts): the tanh of s - r is written beside the value, for the backward to read
-// (multiply_backward_from_tanh_loop) instead of computing it and reading s and r again.
+// hosts): the tanh's complement z (tanh_with_grad) is written beside the value, for the
+// backward to read (multiply_backward_from_tanh_loop) instead of evaluating tanh and reading s
+// and r again.
 template <typename T, typename S, bool kRIsH, bool kTanh = false>
 auto multiply_forward_loop(bool stream) {
   using op_t = opmath_t<T>;
-  static_assert(!(kTanh && kHalfPrecision<T>), "the tanh is kept for float and double hosts");
+  static_assert(!kTanh || std::is_same_v<T, float>, "the tanh is kept for float hosts");
   constexpr int H = kTanh ? 2 : 1;  // outputs, then h
   constexpr int N = H + (kRIsH ? 3 : 4);
   constexpr int C = N - 1;
@@ -341,7 +342,7 @@ auto multiply_forward_loop(bool stream) {
           const bool nt = streams(stream, p[0], kTanh ? p[1] : p[0]);
           int64_t i = 0;
           for (; i + kStep <= n; i += kStep) {
-            F2 h, s, r, c, y, t;
+            F2 h, s, r, c, y, t, z;
             load2<T>(at_<T>(p[H], i), h);
             load2_as<T, S>(at_<S>(p[H + 1], i), s);
             if constexpr (kRIsH) {
@@ -355,13 +356,16 @@ auto multiply_forward_loop(bool stream) {
               if constexpr (kHalfPrecision<T>) {
                 FVec unused;
                 half_precision_tanh_with_grad<T>(s[k] - r[k], t[k], unused);
+              } else if constexpr (kTanh) {
+                FVec unused;
+                tanh_with_grad(s[k] - r[k], t[k], unused, z[k]);
               } else {
                 t[k] = Prims<FVec>::tanh(s[k] - r[k]);
               }
               y[k] = h[k] * valve(c[k], t[k]);
             }
             store2<T>(out_<T>(p[0], i), y, nt);
-            if constexpr (kTanh) store2<T>(out_<T>(p[1], i), t, nt);
+            if constexpr (kTanh) store2<T>(out_<T>(p[1], i), z, nt);
           }
           return i;
         },
@@ -380,23 +384,25 @@ auto multiply_forward_loop(bool stream) {
             // element is judged against eager's single rounding error, and 1 + c*t can cancel
             const double t = float_tail_tanh(sv, r);
             put<T>(p[0], s[0], i, static_cast<double>(h) * valve(static_cast<double>(c), t));
-            if constexpr (kTanh) put<T>(p[1], s[1], i, static_cast<float>(t));
+            if constexpr (kTanh) {
+              float t_float, unused, z;
+              tanh_with_grad(sv - r, t_float, unused, z);
+              put<T>(p[1], s[1], i, z);
+            }
           } else {
-            const op_t t = reference_tanh(sv - r);
-            put<T>(p[0], s[0], i, h * valve(c, t));
-            if constexpr (kTanh) put<T>(p[1], s[1], i, t);
+            put<T>(p[0], s[0], i, h * valve(c, reference_tanh(sv - r)));
           }
         });
   };
 }
 
-// The backward from the forward's tanh t (float and double hosts, alpha wanting no gradient):
-// dh = g (1 + c t), ds = g h c (1 - t^2) with 1 - t^2 formed from t as eager's tanh backward
-// forms it; when r is h, dh also carries -ds.
-// operands: dh(T), ds(T), [dr(T) when kDr], g(T), h(T), t(T), c(T)
+// The backward from the forward's tanh complement z (float hosts, alpha wanting no gradient):
+// dh = g (1 + c t), ds = g h c (1 - t^2), t and 1 - t^2 from z (tanh_from_complement); when r
+// is h, dh also carries -ds.
+// operands: dh(T), ds(T), [dr(T) when kDr], g(T), h(T), z(T), c(T)
 template <typename T, bool kRIsH, bool kDr>
 auto multiply_backward_from_tanh_loop(bool stream) {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
+  static_assert(std::is_same_v<T, float>);
   constexpr int G = kDr ? 3 : 2;  // outputs, then g
   constexpr int N = G + 4;
   constexpr int C = N - 1;
@@ -409,14 +415,16 @@ auto multiply_backward_from_tanh_loop(bool stream) {
           const bool nt = streams(stream, p[0], p[1], kDr ? p[2] : p[0]);
           int64_t i = 0;
           for (; i + kStep <= n; i += kStep) {
-            F2 g, h, t, c, dh, ds, unused;
+            F2 g, h, z, c, dh, ds, unused;
             load2<T>(at_<T>(p[G], i), g);
             load2<T>(at_<T>(p[G + 1], i), h);
-            load2<T>(at_<T>(p[G + 2], i), t);
+            load2<T>(at_<T>(p[G + 2], i), z);
             load_weight2(p[C], st[C], i, c);
             for (int k = 0; k < 2; ++k) {
-              multiply_backward_t<kRIsH>(g[k], h[k], t[k], t[k], c[k], dh[k], ds[k], unused[k],
-                                         RoundTo<T>{});
+              FVec t, sech;
+              tanh_from_complement(z[k], t, sech);
+              multiply_backward_t<kRIsH>(g[k], h[k], t, t, c[k], dh[k], ds[k], unused[k],
+                                         RoundTo<T>{}, KnownTanhGrad<FVec>{sech});
             }
             store2<T>(out_<T>(p[0], i), dh, nt);
             store2<T>(out_<T>(p[1], i), ds, nt);
@@ -425,10 +433,11 @@ auto multiply_backward_from_tanh_loop(bool stream) {
           return i;
         },
         [&](auto& p, const int64_t* s, int64_t i) {
-          T dh, ds, unused;
-          multiply_backward_t<kRIsH>(val<T>(p[G], s[G], i), val<T>(p[G + 1], s[G + 1], i),
-                                     val<T>(p[G + 2], s[G + 2], i), val<T>(p[G + 2], s[G + 2], i),
-                                     val<T>(p[C], s[C], i), dh, ds, unused, RoundTo<T>{});
+          T t, sech, dh, ds, unused;
+          tanh_from_complement(val<T>(p[G + 2], s[G + 2], i), t, sech);
+          multiply_backward_t<kRIsH>(val<T>(p[G], s[G], i), val<T>(p[G + 1], s[G + 1], i), t, t,
+                                     val<T>(p[C], s[C], i), dh, ds, unused, RoundTo<T>{},
+                                     KnownTanhGrad<T>{sech});
           put<T>(p[0], s[0], i, dh);
           put<T>(p[1], s[1], i, ds);
           if constexpr (kDr) put<T>(p[2], s[2], i, -ds);

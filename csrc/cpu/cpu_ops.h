@@ -31,15 +31,15 @@ using blend_gate_backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::T
 using blend_multiply = at::Tensor(const at::Tensor& h, const at::Tensor& s,
                                   const at::Tensor& alpha,
                                   const std::optional<at::Tensor>& seed_input);
-// (the value, and the tanh of s - r that blend_multiply_backward reads when given it; an empty
-// placeholder where a kernel keeps none)
+// (the value, and the complement of the tanh of s - r, 1 - |tanh| with tanh's sign, that
+// blend_multiply_backward reads when given it; an empty placeholder where a kernel keeps none)
 using blend_multiply_for_backward = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
     const std::optional<at::Tensor>& seed_input);
 using blend_multiply_backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor& grad, const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
     const std::optional<at::Tensor>& seed_input, bool need_alpha_grad, bool need_seed_input_grad,
-    const std::optional<at::Tensor>& tanh);
+    const std::optional<at::Tensor>& tanh_complement);
 
 using ste_forward = at::Tensor(const at::Tensor& h, const at::Tensor& s);
 

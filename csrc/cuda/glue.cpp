@@ -397,7 +397,7 @@ at::Tensor blend_multiply(const at::Tensor& h, const at::Tensor& s, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backward(
     const at::Tensor& grad, const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
     const std::optional<at::Tensor>& seed_input, bool need_alpha_grad,
-    bool need_seed_input_grad, const std::optional<at::Tensor>& /*tanh*/) {
+    bool need_seed_input_grad, const std::optional<at::Tensor>& /*tanh_complement*/) {
   // the tanh is recomputed: the CUDA kernels keep none (no blend_multiply_for_backward here)
   check_blend("blend_multiply_backward", h, s, alpha);
   const at::Tensor* r = seed_input_of("blend_multiply_backward", h, seed_input);

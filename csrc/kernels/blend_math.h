@@ -31,6 +31,7 @@ struct Prims<float> {
   KK_HD static float abs(float x) { return fabsf(x); }
   KK_HD static bool lt(float a, float b) { return a < b; }
   KK_HD static float select(bool c, float a, float b) { return c ? a : b; }
+  KK_HD static float sign(float x) { return copysignf(1.0f, x); }  // +-1 by the sign bit
   KK_HD static float tanh(float x) { return tanhf(x); }
   KK_HD static float exp(float x) { return expf(x); }
   KK_HD static float fnma(float a, float b, float c) { return fmaf(-a, b, c); }
@@ -42,6 +43,7 @@ struct Prims<double> {
   KK_HD static double abs(double x) { return fabs(x); }
   KK_HD static bool lt(double a, double b) { return a < b; }
   KK_HD static double select(bool c, double a, double b) { return c ? a : b; }
+  KK_HD static double sign(double x) { return copysign(1.0, x); }
   KK_HD static double tanh(double x) { return ::tanh(x); }
   KK_HD static double exp(double x) { return ::exp(x); }
   KK_HD static double fnma(double a, double b, double c) { return ::fma(-a, b, c); }
@@ -61,8 +63,11 @@ struct Prims<double> {
 // there. NaN propagates; tanh(-0) returns +0.
 constexpr float kFloatTanhBelowOne = 9.010839462280273f;  // ATen's tanh is 1 from the next float
 
+// `complement`: 1 - |tanh x| with tanh's sign, to the same relative accuracy as 1 - tanh^2
+// (exactly +-0 where tanh is +-1): what MULTIPLY's forward keeps for its backward
+// (tanh_from_complement).
 template <typename T>
-KK_HD void tanh_with_grad(T x, T& t, T& one_minus_t2) {
+KK_HD void tanh_with_grad(T x, T& t, T& one_minus_t2, T& complement) {
   using P = Prims<T>;
   const T a = P::abs(x);
   const T a2 = a * a;
@@ -85,6 +90,24 @@ KK_HD void tanh_with_grad(T x, T& t, T& one_minus_t2) {
   t = P::select(P::lt(x, T(0.0f)), T(0.0f) - t_abs, t_abs);
   const T big = P::select(saturated, T(0.0f), q * (T(2.0f) - q));
   one_minus_t2 = P::select(small, P::fnma(t_small, t_small, T(1.0f)), big);
+  const T q_abs = P::select(small, T(1.0f) - t_small, P::select(saturated, T(0.0f), q));
+  complement = q_abs * P::select(P::lt(x, T(0.0f)), T(-1.0f), T(1.0f));  // -0 where t is -1
+}
+
+template <typename T>
+KK_HD void tanh_with_grad(T x, T& t, T& one_minus_t2) {
+  T unused;
+  tanh_with_grad(x, t, one_minus_t2, unused);
+}
+
+// tanh and 1 - tanh^2 back from tanh_with_grad's `complement` z = +-q: t = +-(1 - q), and
+// 1 - t^2 = q (2 - q), which keeps its relative accuracy where t rounds near +-1.
+template <typename T>
+KK_HD void tanh_from_complement(T z, T& t, T& one_minus_t2) {
+  using P = Prims<T>;
+  const T q = P::abs(z);
+  t = (T(1.0f) - q) * P::sign(z);
+  one_minus_t2 = q * (T(2.0f) - q);
 }
 
 template <typename T>

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..backends import keep_residuals
 from . import plots, report, step, sweep
 from .esper import AUTOCAST
 from .plan import ALL_OPS, DTYPES, default_device, make_plan
@@ -38,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: float32 bfloat16, and bf16 autocast for Esper's calls on CUDA "
                         f"(--quick: float32); {AUTOCAST} applies to Esper's calls only")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peer")
+    p.add_argument("--keep-residuals", action="store_true",
+                   help="run under kk.keep_residuals(): native forwards keep what their backward "
+                        "would recompute (MULTIPLY's tanh on CPU), one more saved tensor a call")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (torch.set_num_threads) before anything runs. "
                         "Default on CPU: 1 where the process may use at most 2 cores, else "
@@ -60,6 +64,11 @@ def default_threads(device_type: str, cores: int, torch_default: int) -> tuple[i
 
 
 def main(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:
+        return _main(args, stack)
+
+
+def _main(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     device = default_device(args.device)
     try:  # the CPUs this process may run on
         cores = len(os.sched_getaffinity(0))
@@ -88,7 +97,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"bench: {line}", file=sys.stderr)
 
     meta = {**report.machine(device), "usable cores": cores,
-            "threads": f"{torch.get_num_threads()} ({threads_why})"}
+            "threads": f"{torch.get_num_threads()} ({threads_why})",
+            "residuals": "kept (--keep-residuals)" if args.keep_residuals else "not kept (inputs only)"}
     with contextlib.suppress(OSError):  # no load average on this platform
         loads = " / ".join(f"{v:.2f}" for v in os.getloadavg())
         meta["load average at start"] = f"{loads} (1, 5, 15 min)"
@@ -105,6 +115,8 @@ def main(args: argparse.Namespace) -> int:
     def save(records, skipped=()):
         report.write_json(json_path, meta, records, list(skipped), excluded, plan.notes, step=step_result)
 
+    if args.keep_residuals:
+        stack.enter_context(keep_residuals())
     t0 = time.perf_counter()
     records, skipped = sweep.run(plan, device, kernels, compile_peer=not args.no_compile,
                                  time_limit_s=args.time_limit, on_record=save)

@@ -19,7 +19,7 @@ FB = "forward+backward"
 ESPER_GROUP = "esper-call"
 INCONCLUSIVE = "~"  # a ratio the timings do not support (legend)
 ABOVE_COPY = "(!)"  # GB/s above a same-size copy's (legend)
-HEADER_KEYS = ("device", "cpu_count", "usable cores", "load average at start", "threads",
+HEADER_KEYS = ("device", "cpu_count", "usable cores", "load average at start", "threads", "residuals",
                "L2_cache_bytes", "platform", "python", "torch", "torch CUDA", "triton",
                "native built with CUDA", "native CPU capability", "native float32 tanh",
                "transparent huge pages", "date", "rotation_bytes", "inductor_warmup_s", "command")
