@@ -159,9 +159,8 @@ def keep_residuals(enabled: bool = True):
     """Run the block with the native backend's forwards keeping what their backward would
     otherwise recompute (process-wide, restored on exit). Today: MULTIPLY's tanh of s - r (as
     1 - |tanh| with its sign) on CPU for float32 hosts, read by the backward when alpha wants
-    no gradient. It
-    trades one feature-sized tensor of activation memory per call for a backward that neither
-    evaluates tanh nor reads s and r. Off by default: a fused op then saves only its inputs.
+    no gradient. It trades one feature-sized tensor of activation memory per call for a
+    backward that neither evaluates tanh nor reads s and r. Off by default: a fused op then saves only its inputs.
     torch.compile bakes the setting in at trace time. No effect without the native backend."""
     native = _modules.get("native")
     previous = native._C.set_keep_residuals(bool(enabled)) if native else False

@@ -27,8 +27,9 @@ def register(library: torch.library.Library, prefix: str = "", kernels=None, den
     its backward op ``kasmina::<prefix><name>_backward``, in `library`; registers their fake
     kernels and vmap rule, and the C++ autograd kernel, which runs the backward op with the
     forward's inputs and one ``need_<input>_grad`` flag per input whose gradient may be
-    skipped (and, where the extension defines ``<name>_for_backward``, the residual it kept). `kernels` maps an op's name to its (forward, backward) Python kernels for CPU
-    and CUDA tensors; without it, the ops run the extension's C++ kernels."""
+    skipped (and, where the extension defines ``<name>_for_backward``, the residual it kept).
+    `kernels` maps an op's name to its (forward, backward) Python kernels for CPU and CUDA
+    tensors; without it, the ops run the extension's C++ kernels."""
     names = []
     for op in OPS:
         if op.kernel != op.name:

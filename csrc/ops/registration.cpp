@@ -185,9 +185,9 @@ struct FusedFn : torch::autograd::Function<FusedFn> {
     }
     at::AutoDispatchBelowADInplaceOrView guard;
     const c10::DispatchKeySet below = keys & c10::after_ADInplaceOrView_keyset;
-    const auto device_key = inputs[0].is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU;
     if (keep_residual && plan->for_backward &&
-        plan->for_backward->hasKernelForDispatchKey(device_key)) {
+        plan->for_backward->hasKernelForDispatchKey(inputs[0].is_cuda() ? c10::DispatchKey::CUDA
+                                                                        : c10::DispatchKey::CPU)) {
       plan->for_backward->redispatchBoxed(below, stack);
       at::Tensor residual = torch::jit::pop(*stack).toTensor();  // saved last; none if empty
       inputs.push_back(residual.numel() > 0 ? std::move(residual) : at::Tensor());
