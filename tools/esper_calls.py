@@ -6,7 +6,8 @@ preallocated random inputs (`bench.timing.wall_per_call`; medians over rounds).
     PYTHONPATH=. python tools/esper_calls.py layouts [--quick] [--out table.md]
 
 host-cost: tiny tensors (default (2,4,3,3)), where what remains is Python, dispatch and
-autograd (docs/semantics.md#performance-model, item 3), with a floor row (one builtin `h + s`).
+autograd (docs/semantics.md#performance-model, item 3), with a floor row (one builtin `h + s`)
+and a builtin row (`torch.lerp`, ADD's math in one ATen op).
 layouts: ADD, MULTIPLY, GATE and the STE at Esper's shapes in every layout combination of host
 and seed, alpha with and without grad. Inputs: h and s require grad, the seed input r (h's
 values in the seed's layout) does not, gate (B,1,...) does, alpha is 0-dim in the host's dtype;
@@ -31,6 +32,7 @@ from kasmina_kernels.bench.timing import wall_per_call
 LAYOUTS = {"all NCHW": (False, False), "all channels_last": (True, True),
            "CL host, NCHW seed": (True, False), "NCHW host, CL seed": (False, True)}
 FLOOR = "floor: h + s"
+LERP = "builtin: torch.lerp"
 DROP_INS = SimpleNamespace(**swap.DROP_INS, gated_pool=kk.gated_pool)
 
 
@@ -64,6 +66,9 @@ def calls(shape, dtype=torch.float32, host_cl=True, seed_cl=False, alpha_grad=Fa
         "GatedBlend": lambda ns: (eager_gb if ns is reference else fused_gb)(r),
         # what any op pays through torch's autograd: one builtin op, the same backward call
         FLOOR: lambda ns: h + s,
+        # ADD's math as one builtin op whose backward computes both gradients: what a fused
+        # ADD would cost if a custom op cost no more than ATen's own
+        LERP: lambda ns: torch.lerp(h, s, 0.6),
     }
 
 
@@ -92,6 +97,9 @@ def host_cost(args) -> None:
     if FLOOR in us:
         note = f"; 2/3 of eager's blend_add is {2 / 3 * us['blend_add'][0]:.1f}" if "blend_add" in us else ""
         print(f"(the floor row times h + s, a builtin op, in both columns: {us[FLOOR][0]:.1f} us{note})")
+    if LERP in us and "blend_add" in us:
+        print(f"(the builtin row times torch.lerp in both columns: {us[LERP][0]:.1f} us, "
+              f"{us[LERP][0] / us['blend_add'][0]:.2f}x of eager's blend_add)")
 
 
 def layouts(args) -> None:

@@ -39,6 +39,15 @@ void dispatch_pair(at::ScalarType host, at::ScalarType seed, const char* name, F
   }
 }
 
+// Calls f(std::bool_constant<a>{}, std::bool_constant<b>{}).
+template <typename F>
+void with_flags(bool a, bool b, F&& f) {
+  const auto second = [&](auto first) {
+    b ? f(first, std::true_type{}) : f(first, std::false_type{});
+  };
+  a ? second(std::true_type{}) : second(std::false_type{});
+}
+
 // A blend weight after the reference's casts and clamps: one value per element of `shape`,
 // which broadcasts to the features.
 struct Weights {
@@ -410,30 +419,19 @@ std::tuple<at::Tensor, at::Tensor> multiply_forward(const char* op, const at::Te
   at::Tensor out = at::empty_like(h);
   keep_tanh = keep_tanh && host == at::kFloat;
   at::Tensor t = keep_tanh ? at::empty_like(h) : at::empty({0}, h.options());
+  std::vector<at::Tensor> outputs{out}, inputs{h, s};  // without r, h is read as r
+  if (keep_tanh) outputs.push_back(t);
+  if (seed_input.has_value()) inputs.push_back(seed_input->to(s.scalar_type()));
   at::Tensor unused;
   dispatch_pair(host, s.scalar_type(), op, [&](auto tt, auto st) {
     using T = typename decltype(tt)::type;
     using S = typename decltype(st)::type;
-    const auto run = [&](auto r_is_h, auto keep, std::vector<at::Tensor> outputs,
-                         std::vector<at::Tensor> inputs) {
+    with_flags(!seed_input.has_value(), keep_tanh, [&](auto r_is_h, auto keep) {
       constexpr bool kKeep = decltype(keep)::value && std::is_same_v<T, float>;
-      if (kKeep) outputs.push_back(t);
       run_pass<opmath_t<T>>(outputs, inputs, c, h, false, unused, [](auto, Accumulator&, bool st) {
         return multiply_forward_loop<T, S, decltype(r_is_h)::value, kKeep>(st);
       });
-    };
-    const std::vector<at::Tensor> inputs =
-        seed_input.has_value() ? std::vector<at::Tensor>{h, s, seed_input->to(s.scalar_type())}
-                               : std::vector<at::Tensor>{h, s};  // r's cast is exact: read as h's dtype
-    const auto with = [&](auto r_is_h) {
-      if (keep_tanh) return run(r_is_h, std::true_type{}, {out}, inputs);
-      run(r_is_h, std::false_type{}, {out}, inputs);
-    };
-    if (seed_input.has_value()) {
-      with(std::false_type{});
-    } else {
-      with(std::true_type{});
-    }
+    });
   });
   return {out, t};
 }
@@ -476,43 +474,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
               "), got ", tanh_complement->scalar_type(), " of shape ", tanh_complement->sizes());
   // the forward's tanh, where it kept it and alpha's gradient (which sums tanh in double) is
   // not wanted: s and r are not read
+  std::vector<at::Tensor> outputs{dh, ds};
+  if (write_dr) outputs.push_back(dr);
   if (kept && !need_alpha_grad) {
-    const auto run = [&](auto r_is_h, auto dr_tag, const std::vector<at::Tensor>& outputs) {
+    with_flags(r_is_h, write_dr, [&](auto r_is_h_tag, auto dr_tag) {
+      constexpr bool kRIsH = decltype(r_is_h_tag)::value;
+      constexpr bool kDr = decltype(dr_tag)::value && !kRIsH;  // (r is h: no dr)
       run_pass<float>(outputs, {g, h, *tanh_complement}, c, h, false, element_out,
                       [](auto, Accumulator&, bool st) {
-                        return multiply_backward_from_tanh_loop<float, decltype(r_is_h)::value,
-                                                                decltype(dr_tag)::value>(st);
+                        return multiply_backward_from_tanh_loop<kRIsH, kDr>(st);
                       });
-    };
-    if (r_is_h) {
-      run(std::true_type{}, std::false_type{}, {dh, ds});
-    } else if (!write_dr) {
-      run(std::false_type{}, std::false_type{}, {dh, ds});
-    } else {
-      run(std::false_type{}, std::true_type{}, {dh, ds, dr});
-    }
+    });
     return {dh, ds, at::zeros(alpha.sizes(), alpha.options()), dr};
   }
+  std::vector<at::Tensor> inputs{g, h, s};
+  if (!r_is_h) inputs.push_back(r);
   dispatch_pair(host, s.scalar_type(), "blend_multiply backward", [&](auto tt, auto st) {
     using T = typename decltype(tt)::type;
     using S = typename decltype(st)::type;
-    const auto run = [&](auto r_is_h_tag, auto dr_tag, const std::vector<at::Tensor>& outputs,
-                         const std::vector<at::Tensor>& inputs) {
+    with_flags(r_is_h, write_dr, [&](auto r_is_h_tag, auto dr_tag) {
+      constexpr bool kRIsH = decltype(r_is_h_tag)::value;
+      constexpr bool kDr = decltype(dr_tag)::value && !kRIsH;
       sums = run_pass<opmath_t<T>>(
           outputs, inputs, c, h, need_alpha_grad, element_out,
           [need_alpha_grad](auto element, Accumulator& acc, bool st) {
-            return multiply_backward_loop<T, S, decltype(r_is_h_tag)::value,
-                                          decltype(element)::value, decltype(dr_tag)::value>(
+            return multiply_backward_loop<T, S, kRIsH, decltype(element)::value, kDr>(
                 acc, st, need_alpha_grad);
           });
-    };
-    if (r_is_h) {
-      run(std::true_type{}, std::false_type{}, {dh, ds}, {g, h, s});
-    } else if (!write_dr) {
-      run(std::false_type{}, std::false_type{}, {dh, ds}, {g, h, s, r});
-    } else {
-      run(std::false_type{}, std::true_type{}, {dh, ds, dr}, {g, h, s, r});
-    }
+    });
   });
   if (ds.scalar_type() != s_in.scalar_type()) ds = ds.to(s_in.scalar_type());
   if (write_dr && dr.scalar_type() != seed_input->scalar_type()) {

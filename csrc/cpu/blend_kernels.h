@@ -399,10 +399,10 @@ auto multiply_forward_loop(bool stream) {
 // The backward from the forward's tanh complement z (float hosts, alpha wanting no gradient):
 // dh = g (1 + c t), ds = g h c (1 - t^2), t and 1 - t^2 from z (tanh_from_complement); when r
 // is h, dh also carries -ds.
-// operands: dh(T), ds(T), [dr(T) when kDr], g(T), h(T), z(T), c(T)
-template <typename T, bool kRIsH, bool kDr>
+// operands: dh, ds, [dr when kDr], g, h, z, c (all float)
+template <bool kRIsH, bool kDr>
 auto multiply_backward_from_tanh_loop(bool stream) {
-  static_assert(std::is_same_v<T, float>);
+  using T = float;
   constexpr int G = kDr ? 3 : 2;  // outputs, then g
   constexpr int N = G + 4;
   constexpr int C = N - 1;
