@@ -426,3 +426,21 @@ def test_backward_rejects_a_tanh_that_is_not_the_forwards():
     with pytest.raises(RuntimeError, match="tanh_complement must be"):
         torch.ops.kasmina.blend_multiply_backward(g.to(hb.dtype), hb, s.to(hb.dtype), a, None, False, False,
                                                   torch.zeros_like(hb))
+
+
+def test_backward_from_a_kept_tanh_returns_each_gradient_in_its_inputs_dtype():
+    """blend_multiply_backward reading the forward's tanh complement returns the same dtypes as
+    without it: a float64 seed (and seed input) beside a float32 host gets float64 gradients."""
+    pytest.importorskip("kasmina_kernels.native")
+    ops = torch.ops.kasmina
+    h, g = (rnd((2, 3, 4, 5), f"kept-dtype/{n}", dtype=torch.float32) for n in "hg")
+    s, r = (rnd((2, 3, 4, 5), f"kept-dtype/{n}", dtype=torch.float64) for n in "sr")
+    a = torch.tensor(0.5)
+    for seed_input in (None, r):
+        _, tanh = ops.blend_multiply_for_backward(h, s, a, seed_input)
+        assert tanh.numel() > 0
+        flags = (False, seed_input is not None)
+        plain = ops.blend_multiply_backward(g, h, s, a, seed_input, *flags)
+        kept = ops.blend_multiply_backward(g, h, s, a, seed_input, *flags, tanh)
+        assert [t.dtype for t in kept] == [t.dtype for t in plain]
+        assert kept[1].dtype == torch.float64

@@ -407,7 +407,7 @@ void check_multiply(const char* op, const at::Tensor& h, const at::Tensor& s,
 
 namespace {
 // The value, and with `keep_tanh` on a float32 host the complement of the tanh of s - r
-// (tanh_with_grad's) in the value's layout (otherwise an empty placeholder).
+// (tanh_with_grad's) in the value's layout (otherwise undefined).
 std::tuple<at::Tensor, at::Tensor> multiply_forward(const char* op, const at::Tensor& h,
                                                     const at::Tensor& s_in, const at::Tensor& alpha,
                                                     const std::optional<at::Tensor>& seed_input,
@@ -418,9 +418,9 @@ std::tuple<at::Tensor, at::Tensor> multiply_forward(const char* op, const at::Te
   const Weights c = multiply_weights(read_values(alpha), alpha, host);
   at::Tensor out = at::empty_like(h);
   keep_tanh = keep_tanh && host == at::kFloat;
-  at::Tensor t = keep_tanh ? at::empty_like(h) : at::empty({0}, h.options());
+  at::Tensor t;  // undefined where none is kept
   std::vector<at::Tensor> outputs{out}, inputs{h, s};  // without r, h is read as r
-  if (keep_tanh) outputs.push_back(t);
+  if (keep_tanh) outputs.push_back(t = at::empty_like(h));
   if (seed_input.has_value()) inputs.push_back(seed_input->to(s.scalar_type()));
   at::Tensor unused;
   dispatch_pair(host, s.scalar_type(), op, [&](auto tt, auto st) {
@@ -445,7 +445,8 @@ at::Tensor blend_multiply(const at::Tensor& h, const at::Tensor& s, const at::Te
 std::tuple<at::Tensor, at::Tensor> blend_multiply_for_backward(
     const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
     const std::optional<at::Tensor>& seed_input) {
-  return multiply_forward("blend_multiply_for_backward", h, s, alpha, seed_input, true);
+  auto [out, t] = multiply_forward("blend_multiply_for_backward", h, s, alpha, seed_input, true);
+  return {out, t.defined() ? t : at::empty({0}, h.options())};  // the schema's placeholder
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backward(
@@ -485,24 +486,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
                         return multiply_backward_from_tanh_loop<kRIsH, kDr>(st);
                       });
     });
-    return {dh, ds, at::zeros(alpha.sizes(), alpha.options()), dr};
-  }
-  std::vector<at::Tensor> inputs{g, h, s};
-  if (!r_is_h) inputs.push_back(r);
-  dispatch_pair(host, s.scalar_type(), "blend_multiply backward", [&](auto tt, auto st) {
-    using T = typename decltype(tt)::type;
-    using S = typename decltype(st)::type;
-    with_flags(r_is_h, write_dr, [&](auto r_is_h_tag, auto dr_tag) {
-      constexpr bool kRIsH = decltype(r_is_h_tag)::value;
-      constexpr bool kDr = decltype(dr_tag)::value && !kRIsH;
-      sums = run_pass<opmath_t<T>>(
-          outputs, inputs, c, h, need_alpha_grad, element_out,
-          [need_alpha_grad](auto element, Accumulator& acc, bool st) {
-            return multiply_backward_loop<T, S, kRIsH, decltype(element)::value, kDr>(
-                acc, st, need_alpha_grad);
-          });
+  } else {
+    std::vector<at::Tensor> inputs{g, h, s};
+    if (!r_is_h) inputs.push_back(r);
+    dispatch_pair(host, s.scalar_type(), "blend_multiply backward", [&](auto tt, auto st) {
+      using T = typename decltype(tt)::type;
+      using S = typename decltype(st)::type;
+      with_flags(r_is_h, write_dr, [&](auto r_is_h_tag, auto dr_tag) {
+        constexpr bool kRIsH = decltype(r_is_h_tag)::value;
+        constexpr bool kDr = decltype(dr_tag)::value && !kRIsH;
+        sums = run_pass<opmath_t<T>>(
+            outputs, inputs, c, h, need_alpha_grad, element_out,
+            [need_alpha_grad](auto element, Accumulator& acc, bool st) {
+              return multiply_backward_loop<T, S, kRIsH, decltype(element)::value, kDr>(
+                  acc, st, need_alpha_grad);
+            });
+      });
     });
-  });
+  }
   if (ds.scalar_type() != s_in.scalar_type()) ds = ds.to(s_in.scalar_type());
   if (write_dr && dr.scalar_type() != seed_input->scalar_type()) {
     dr = dr.to(seed_input->scalar_type());
