@@ -64,11 +64,11 @@ def default_threads(device_type: str, cores: int, torch_default: int) -> tuple[i
 
 
 def main(args: argparse.Namespace) -> int:
-    with contextlib.ExitStack() as stack:
-        return _main(args, stack)
+    with keep_residuals(args.keep_residuals):
+        return _main(args)
 
 
-def _main(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
+def _main(args: argparse.Namespace) -> int:
     device = default_device(args.device)
     try:  # the CPUs this process may run on
         cores = len(os.sched_getaffinity(0))
@@ -115,8 +115,6 @@ def _main(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     def save(records, skipped=()):
         report.write_json(json_path, meta, records, list(skipped), excluded, plan.notes, step=step_result)
 
-    if args.keep_residuals:
-        stack.enter_context(keep_residuals())
     t0 = time.perf_counter()
     records, skipped = sweep.run(plan, device, kernels, compile_peer=not args.no_compile,
                                  time_limit_s=args.time_limit, on_record=save)
