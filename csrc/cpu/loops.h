@@ -55,6 +55,76 @@ inline at::TensorIterator make_iter(
   return config.build();
 }
 
+// Software prefetch of the operands the next tile gathers, one cache line at a time, spread
+// evenly over the current tile's vector steps (run_rows), as a hardware prefetcher would stream
+// them: the gathered operands arrive as many short runs (one per channel), which the hardware
+// prefetchers do not follow, and a burst of prefetches per tile overflows the miss queues.
+struct TilePrefetch {
+  struct Runs {
+    const char* first = nullptr;  // line-aligned start of run 0
+    int64_t stride = 0;           // bytes between runs
+    int64_t count = 0;            // runs
+    int64_t lines = 0;            // lines per run
+    int64_t credit = 0;           // lines due, in 1/steps units
+    int64_t run = 0, line = 0;    // the next line to issue
+    bool write = false;           // an output's lines (prefetched for writing)
+  };
+  Runs ops[8];
+  int n = 0;
+  int64_t steps = 1;  // vector steps of the tile
+
+  void add(const char* start, int64_t stride, int64_t count, int64_t run_bytes, bool write) {
+    if (n == 8 || count == 0 || run_bytes == 0) return;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(start);
+    Runs& r = ops[n++];
+    r = Runs{};
+    r.first = start - (a % 64);
+    r.stride = stride;
+    r.count = count;
+    r.lines = (a % 64 + run_bytes + 63) / 64;
+    r.write = write;
+  }
+  void step() {
+    for (int k = 0; k < n; ++k) {
+      Runs& r = ops[k];
+      for (r.credit += r.count * r.lines; r.credit >= steps && r.run < r.count; r.credit -= steps) {
+        const char* line = r.first + r.run * r.stride + r.line * 64;
+        if (r.write) {
+          __builtin_prefetch(line, 1, 3);
+        } else {
+          __builtin_prefetch(line, 0, 3);
+        }
+        if (++r.line == r.lines) {
+          r.line = 0;
+          ++r.run;
+        }
+      }
+    }
+  }
+};
+inline thread_local TilePrefetch* tile_prefetch = nullptr;
+
+// Points tile_prefetch at one tile's plan (or at none) until the scope ends, however it ends.
+struct TilePrefetchScope {
+  explicit TilePrefetchScope(TilePrefetch* plan) { tile_prefetch = plan; }
+  ~TilePrefetchScope() { tile_prefetch = nullptr; }
+  TilePrefetchScope(const TilePrefetchScope&) = delete;
+  TilePrefetchScope& operator=(const TilePrefetchScope&) = delete;
+};
+
+// The whole vector steps of a row of n elements: body(i) at i = 0, kStep, ...; returns where
+// they end. The tile prefetch, if any, issues its next lines after each step.
+template <typename Body>
+inline int64_t for_each_step(int64_t n, Body&& body) {
+  TilePrefetch* const prefetch = tile_prefetch;
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    body(i);
+    if (prefetch) prefetch->step();
+  }
+  return i;
+}
+
 // Runs each row of a TensorIterator loop: `vec_body(p, n0)` when every operand is contiguous
 // along the row (the operand at index `weight_arg`, if any, may also be broadcast with stride
 // 0); it returns how many leading elements it handled, and `scalar_body(p, strides, i)` does
@@ -364,11 +434,32 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
     std::vector<int64_t> offset(n_ops, 0);
     char* data[16];
     int64_t strides[32];
+    const auto tile_at = [&](int64_t u, int64_t& sample, int64_t& r0, int64_t& c0, int64_t& nr,
+                             int64_t& nc) {
+      const int64_t tile = u % tiles;
+      r0 = (tile / col_tiles) * tile_rows;
+      c0 = (tile % col_tiles) * tile_cols;
+      nr = std::min(tile_rows, rows - r0);
+      nc = std::min(tile_cols, cols - c0);
+      sample = (u / tiles) * C * HW;
+    };
+    TilePrefetch prefetch;  // the next tile's moved operands, while this one runs
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / tiles, tile = u % tiles;
-      const int64_t r0 = (tile / col_tiles) * tile_rows, c0 = (tile % col_tiles) * tile_cols;
-      const int64_t nr = std::min(tile_rows, rows - r0), nc = std::min(tile_cols, cols - c0);
-      const int64_t sample = b * C * HW;
+      const int64_t b = u / tiles;
+      int64_t sample, r0, c0, nr, nc;
+      tile_at(u, sample, r0, c0, nr, nc);
+      prefetch.n = 0;
+      if (u + 1 < u1) {
+        int64_t ps, pr0, pc0, pnr, pnc;
+        tile_at(u + 1, ps, pr0, pc0, pnr, pnc);
+        for (int k = 0; k < n_ops; ++k) {
+          if (!moved[k]) continue;
+          prefetch.add(base[k] + (ps + pc0 * rows + pr0) * elem[k], rows * elem[k], pnc, pnr * elem[k],
+                       k < n_outputs);
+        }
+        prefetch.steps = std::max<int64_t>(1, nr * nc / kStep);
+      }
+      const TilePrefetchScope prefetching(prefetch.n ? &prefetch : nullptr);
       direct.clear();
       for (int k = 0; k < n_ops; ++k) {
         if (!moved[k]) {
