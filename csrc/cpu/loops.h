@@ -453,7 +453,8 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
         int64_t ps, pr0, pc0, pnr, pnc;
         tile_at(u + 1, ps, pr0, pc0, pnr, pnc);
         for (int k = 0; k < n_ops; ++k) {
-          if (!moved[k]) continue;
+          // streamed outputs bypass the cache: a prefetch would only pull their lines in
+          if (!moved[k] || (k < n_outputs && stream)) continue;
           prefetch.add(base[k] + (ps + pc0 * rows + pr0) * elem[k], rows * elem[k], pnc, pnr * elem[k],
                        k < n_outputs);
         }
