@@ -55,10 +55,10 @@ inline at::TensorIterator make_iter(
   return config.build();
 }
 
-// Software prefetch of the operands the next tile gathers, one cache line at a time, spread
-// evenly over the current tile's vector steps (run_rows), as a hardware prefetcher would stream
-// them: the gathered operands arrive as many short runs (one per channel), which the hardware
-// prefetchers do not follow, and a burst of prefetches per tile overflows the miss queues.
+// The next tile's moved operands (run_mixed_orders), prefetched one cache line at a time,
+// evenly over the current tile's vector steps (for_each_step), as a hardware prefetcher would
+// stream them: they lie in many short runs (one per channel), which the hardware prefetchers
+// do not follow; issued as one burst per tile, the same prefetches gain nothing.
 struct TilePrefetch {
   struct Runs {
     const char* first = nullptr;  // line-aligned start of run 0
