@@ -75,6 +75,10 @@ struct TilePrefetch {
 
   void add(const char* start, int64_t stride, int64_t count, int64_t run_bytes, bool write) {
     if (n == 8 || count == 0 || run_bytes == 0) return;
+    if (stride == run_bytes) {  // back to back: one run, each line once
+      run_bytes *= count;
+      count = 1;
+    }
     const uintptr_t a = reinterpret_cast<uintptr_t>(start);
     Runs& r = ops[n++];
     r = Runs{};
