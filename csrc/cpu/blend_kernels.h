@@ -213,7 +213,8 @@ auto lerp_forward_loop(bool stream) {
           const bool small = std::fabs(w) < 0.5f;
           const auto row = [&](auto broadcast, auto small_tag) {
             const FVec coef(small ? w : w - 1.0f);
-            i = for_each_step(n, [&](int64_t i) {
+            TilePrefetch* const prefetch = tile_prefetch;
+            for (; i + kStep <= n; i += kStep) {
               F2 h, s, y, wv;
               load2<T>(at_<T>(p[1], i), h);
               load2_as<T, S>(at_<S>(p[2], i), s);
@@ -226,7 +227,8 @@ auto lerp_forward_loop(bool stream) {
                 }
               }
               store2<T>(out_<T>(p[0], i), y, nt);
-            });
+              if (prefetch) prefetch->step();
+            }
           };
           if (st[3] != 0) {
             row(std::false_type{}, std::false_type{});
@@ -270,8 +272,10 @@ auto lerp_backward_loop(Accumulator& acc, bool stream) {
         data, st, n0, n1, sizes, W,
         [&](auto& p, int64_t n) -> int64_t {
           const bool nt = streams(stream, p[0], p[1]);
+          int64_t i = 0;
           Lanes<T> lanes;
-          const int64_t vectorized = for_each_step(n, [&](int64_t i) {
+          TilePrefetch* const prefetch = tile_prefetch;
+          for (; i + kStep <= n; i += kStep) {
             F2 g, h, s, w, dh, ds, unused;
             load2<T>(at_<T>(p[G], i), g);
             if constexpr (kSums) {
@@ -290,9 +294,10 @@ auto lerp_backward_loop(Accumulator& acc, bool stream) {
             }
             store2<T>(out_<T>(p[0], i), dh, nt);
             store2<S>(out_<S>(p[1], i), ds, nt);
-          });
+            if (prefetch) prefetch->step();
+          }
           if constexpr (kSums) lanes.flush_into(acc);
-          return vectorized;
+          return i;
         },
         [&](auto& p, const int64_t* s, int64_t i) {
           const op_t g = static_cast<op_t>(val<T>(p[G], s[G], i));
@@ -339,7 +344,9 @@ auto multiply_forward_loop(bool stream) {
         data, st, n0, n1, sizes, C,
         [&](auto& p, int64_t n) -> int64_t {
           const bool nt = streams(stream, p[0], kTanh ? p[1] : p[0]);
-          const int64_t vectorized = for_each_step(n, [&](int64_t i) {
+          int64_t i = 0;
+          TilePrefetch* const prefetch = tile_prefetch;
+          for (; i + kStep <= n; i += kStep) {
             F2 h, s, r, c, y, t, z;
             load2<T>(at_<T>(p[H], i), h);
             load2_as<T, S>(at_<S>(p[H + 1], i), s);
@@ -364,8 +371,9 @@ auto multiply_forward_loop(bool stream) {
             }
             store2<T>(out_<T>(p[0], i), y, nt);
             if constexpr (kTanh) store2<T>(out_<T>(p[1], i), z, nt);
-          });
-          return vectorized;
+            if (prefetch) prefetch->step();
+          }
+          return i;
         },
         [&](auto& p, const int64_t* s, int64_t i) {
           const op_t h = static_cast<op_t>(val<T>(p[H], s[H], i));
@@ -411,7 +419,9 @@ auto multiply_backward_from_tanh_loop(bool stream) {
         data, st, n0, n1, sizes, C,
         [&](auto& p, int64_t n) -> int64_t {
           const bool nt = streams(stream, p[0], p[1], kDr ? p[2] : p[0]);
-          const int64_t vectorized = for_each_step(n, [&](int64_t i) {
+          int64_t i = 0;
+          TilePrefetch* const prefetch = tile_prefetch;
+          for (; i + kStep <= n; i += kStep) {
             F2 g, h, z, c, dh, ds, unused;
             load2<T>(at_<T>(p[G], i), g);
             load2<T>(at_<T>(p[G + 1], i), h);
@@ -426,8 +436,9 @@ auto multiply_backward_from_tanh_loop(bool stream) {
             store2<T>(out_<T>(p[0], i), dh, nt);
             store2<T>(out_<T>(p[1], i), ds, nt);
             if constexpr (kDr) store2<T>(out_<T>(p[2], i), ds[0].neg(), ds[1].neg(), nt);
-          });
-          return vectorized;
+            if (prefetch) prefetch->step();
+          }
+          return i;
         },
         [&](auto& p, const int64_t* s, int64_t i) {
           T t, sech, dh, ds, unused;
@@ -468,8 +479,10 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
         data, st, n0, n1, sizes, C,
         [&](auto& p, int64_t n) -> int64_t {
           const bool nt = streams(stream, p[0], p[1], kDr ? p[2] : p[0]);
+          int64_t i = 0;
           Lanes<T> lanes;
-          const int64_t vectorized = for_each_step(n, [&](int64_t i) {
+          TilePrefetch* const prefetch = tile_prefetch;
+          for (; i + kStep <= n; i += kStep) {
             F2 g, h, s, r, c, dh, ds, dc;
             load2<T>(at_<T>(p[G], i), g);
             load2<T>(at_<T>(p[G + 1], i), h);
@@ -508,9 +521,10 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
             store2<T>(out_<T>(p[0], i), dh, nt);
             store2<S>(out_<S>(p[1], i), ds, nt);
             if constexpr (kDr) store2<S>(out_<S>(p[2], i), ds[0].neg(), ds[1].neg(), nt);
-          });
+            if (prefetch) prefetch->step();
+          }
           lanes.flush_into(acc);
-          return vectorized;
+          return i;
         },
         [&](auto& p, const int64_t* s, int64_t i) {
           const op_t g = static_cast<op_t>(val<T>(p[G], s[G], i));
@@ -562,13 +576,16 @@ auto ste_forward_loop() {
     run_rows<3, kVectorizable<T>>(
         data, st, n0, n1, {sizeof(T), sizeof(T), sizeof(S)}, -1,
         [&](auto& p, int64_t n) -> int64_t {
-          const int64_t vectorized = for_each_step(n, [&](int64_t i) {
+          int64_t i = 0;
+          TilePrefetch* const prefetch = tile_prefetch;
+          for (; i + kStep <= n; i += kStep) {
             F2 h, s;
             load2<T>(at_<T>(p[1], i), h);
             load2_as<T, S>(at_<S>(p[2], i), s);
             store2<T>(out_<T>(p[0], i), ste(h[0], s[0]), ste(h[1], s[1]));
-          });
-          return vectorized;
+            if (prefetch) prefetch->step();
+          }
+          return i;
         },
         [&](auto& p, const int64_t* s, int64_t i) {
           const op_t h = static_cast<op_t>(val<T>(p[1], s[1], i));
@@ -637,7 +654,9 @@ auto valve_forward_loop(bool stream) {
         data, st, n0, n1, {sizeof(U), sizeof(M), sizeof(op_t)}, 2,
         [&](auto& p, int64_t n) -> int64_t {
           const bool nt = streams(stream, p[0]);
-          const int64_t vectorized = for_each_step(n, [&](int64_t i) {
+          int64_t i = 0;
+          TilePrefetch* const prefetch = tile_prefetch;
+          for (; i + kStep <= n; i += kStep) {
             F2 c, m, y;
             load_weight2(p[2], st[2], i, c);
             load2<M>(at_<M>(p[1], i), m);
@@ -648,8 +667,9 @@ auto valve_forward_loop(bool stream) {
               y[k] = valve(c[k], t);
             }
             store2<U>(out_<U>(p[0], i), y, nt);
-          });
-          return vectorized;
+            if (prefetch) prefetch->step();
+          }
+          return i;
         },
         [&](auto& p, const int64_t* s, int64_t i) {
           const auto m = static_cast<op_t>(val<M>(p[1], s[1], i));
@@ -686,8 +706,10 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
         data, st, n0, n1, sizes, G + 2,
         [&](auto& p, int64_t n) -> int64_t {
           const bool nt = streams(stream, p[0]);
+          int64_t i = 0;
           Lanes<U> lanes;
-          const int64_t vectorized = for_each_step(n, [&](int64_t i) {
+          TilePrefetch* const prefetch = tile_prefetch;
+          for (; i + kStep <= n; i += kStep) {
             F2 g, c, m, dm, dc;
             load2<U>(at_<U>(p[G], i), g);
             load_weight2(p[G + 2], st[G + 2], i, c);
@@ -709,9 +731,10 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
               }
             }
             store2<M>(out_<M>(p[0], i), dm, nt);
-          });
+            if (prefetch) prefetch->step();
+          }
           lanes.flush_into(acc);
-          return vectorized;
+          return i;
         },
         [&](auto& p, const int64_t* s, int64_t i) {
           const op_t g = static_cast<op_t>(val<U>(p[G], s[G], i));

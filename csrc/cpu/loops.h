@@ -56,9 +56,10 @@ inline at::TensorIterator make_iter(
 }
 
 // The next tile's moved operands (run_mixed_orders), prefetched one cache line at a time,
-// evenly over the current tile's vector steps (for_each_step), as a hardware prefetcher would
-// stream them: they lie in many short runs (one per channel), which the hardware prefetchers
-// do not follow; issued as one burst per tile, the same prefetches gain nothing.
+// evenly over the current tile's vector steps (each vector loop calls step() through
+// tile_prefetch), as a hardware prefetcher would stream them: they lie in many short runs (one
+// per channel), which the hardware prefetchers do not follow; issued as one burst per tile, the
+// same prefetches gain nothing.
 struct TilePrefetch {
   struct Runs {
     const char* first = nullptr;  // line-aligned start of run 0
@@ -115,19 +116,6 @@ struct TilePrefetchScope {
   TilePrefetchScope(const TilePrefetchScope&) = delete;
   TilePrefetchScope& operator=(const TilePrefetchScope&) = delete;
 };
-
-// The whole vector steps of a row of n elements: body(i) at i = 0, kStep, ...; returns where
-// they end. The tile prefetch, if any, issues its next lines after each step.
-template <typename Body>
-inline int64_t for_each_step(int64_t n, Body&& body) {
-  TilePrefetch* const prefetch = tile_prefetch;
-  int64_t i = 0;
-  for (; i + kStep <= n; i += kStep) {
-    body(i);
-    if (prefetch) prefetch->step();
-  }
-  return i;
-}
 
 // Runs each row of a TensorIterator loop: `vec_body(p, n0)` when every operand is contiguous
 // along the row (the operand at index `weight_arg`, if any, may also be broadcast with stride
