@@ -52,7 +52,8 @@ struct Prims<FVec> {
   static FVec select(const FVec& mask, const FVec& a, const FVec& b) {
     return FVec::blendv(b, a, mask);
   }
-  static FVec sign(const FVec& x) { return (x & FVec(-0.0f)) | FVec(1.0f); }
+  // mag's sign bit clear: x's sign bit set into it
+  static FVec copysign(const FVec& mag, const FVec& x) { return mag | (x & FVec(-0.0f)); }
   // Sleef's vector tanh costs about three exps; this one is one exp and a division.
   static FVec tanh(const FVec& x) { return tanh_from_exp(x); }
   static FVec exp(const FVec& x) { return exp_small(x); }
