@@ -479,6 +479,9 @@ def test_inference_mode(backend, op):
     with torch.no_grad():
         expected = fn(backend, *inputs)
     leaves = [t.detach().requires_grad_(True) for t in inputs]
+    with torch.no_grad():  # inputs that require grad, nothing recorded
+        y0 = fn(backend, *leaves)
+    assert y0.grad_fn is None and not y0.requires_grad and same_or_both_nan(y0, expected)
     with torch.inference_mode():
         y = fn(backend, *leaves)
         z = fn(backend, *[t.detach() for t in inputs])

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -338,18 +339,23 @@ constexpr int64_t kPage = 4096;
 // from the other streams of the tile (`taken`, their offsets modulo kPage). A load whose address
 // matches a recent store's in its low 12 bits waits for that store (4K aliasing); the streams
 // advance in step, so a buffer placed just behind another stream stalls every access of the
-// tile, while where the allocator put it otherwise decides.
-inline int64_t far_offset(const std::vector<uintptr_t>& taken) {
+// tile, while where the allocator put it otherwise decides. Sorts `taken`.
+inline int64_t far_offset(std::vector<uintptr_t>& taken) {
+  if (taken.empty()) return 0;
+  // the best multiple of 64 is, in one of the circular gaps between taken offsets, one of the
+  // two multiples around its middle (inside a gap, the nearest streams are its two ends)
+  std::sort(taken.begin(), taken.end());
   int64_t best = 0, best_gap = -1;
-  for (int64_t off = 0; off < kPage; off += 64) {
-    int64_t gap = kPage;
-    for (uintptr_t t : taken) {
-      const int64_t d = (off - static_cast<int64_t>(t) + kPage) % kPage;  // t < kPage
-      gap = std::min({gap, d, kPage - d});
-    }
-    if (gap > best_gap) {
-      best_gap = gap;
-      best = off;
+  for (size_t i = 0; i < taken.size(); ++i) {
+    const int64_t lo = static_cast<int64_t>(taken[i]);
+    const int64_t hi = static_cast<int64_t>(i + 1 < taken.size() ? taken[i + 1] : taken[0] + kPage);
+    const int64_t below_middle = (lo + hi) / 2 / 64 * 64;
+    for (const int64_t off : {below_middle, below_middle + 64}) {
+      const int64_t gap = std::min(off - lo, hi - off);  // negative outside [lo, hi]
+      if (gap > best_gap) {
+        best_gap = gap;
+        best = off % kPage;
+      }
     }
   }
   return best;
@@ -411,14 +417,13 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
   at::parallel_for(0, B * tiles, grain, [&](int64_t u0, int64_t u1) {
     // one buffer per moved operand, a tile_rows x tile_cols block in the primary order
     // (a page of slack each, to start a tile at any offset: far_offset)
-    std::vector<std::vector<char>> buffers(n_ops);
-    for (int k = 0; k < n_ops; ++k) {
-      if (moved[k]) buffers[k].resize(tile_rows * tile_cols * elem[k] + 2 * kPage);
-    }
+    std::vector<std::unique_ptr<char[]>> buffers(n_ops);  // left uninitialised
     std::vector<char*> pages(n_ops);  // each buffer's first page boundary
     for (int k = 0; k < n_ops; ++k) {
-      const uintptr_t start = reinterpret_cast<uintptr_t>(buffers[k].data());
-      pages[k] = buffers[k].data() + ((start + kPage - 1) / kPage * kPage - start);
+      if (!moved[k]) continue;
+      buffers[k].reset(new char[tile_rows * tile_cols * elem[k] + 2 * kPage]);
+      const uintptr_t start = reinterpret_cast<uintptr_t>(buffers[k].get());
+      pages[k] = buffers[k].get() + ((start + kPage - 1) / kPage * kPage - start);
     }
     // each buffer's offset for the direct streams' offsets of the last tile that placed them
     // (whole-row tiles advance by whole pages: one placement a call)

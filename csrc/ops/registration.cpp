@@ -242,8 +242,8 @@ struct FusedFn : torch::autograd::Function<FusedFn> {
 };
 
 // The Autograd kernel of every op: a forward op runs through FusedFn (which saves the op's
-// inputs only); a backward op runs below autograd, its outputs given an error node where
-// autograd records them.
+// inputs only) where autograd records it, and straight below autograd otherwise; a backward
+// op runs below autograd, its outputs given an error node where autograd records them.
 class AutogradKernel final : public c10::OperatorKernel {
  public:
   void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
@@ -259,13 +259,11 @@ class AutogradKernel final : public c10::OperatorKernel {
       inputs.push_back(args[i].isTensor() ? args[i].toTensor() : at::Tensor());
       requires_grad = requires_grad || (inputs.back().defined() && inputs.back().requires_grad());
     }
+    const bool recording = requires_grad && torch::autograd::GradMode::is_enabled();
     if (p.is_backward) {
       NodePtr node;
-      if (requires_grad && torch::autograd::GradMode::is_enabled()) node = error_node(p, inputs);
-      {
-        at::AutoDispatchBelowADInplaceOrView guard;
-        op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
-      }
+      if (recording) node = error_node(p, inputs);
+      redispatch_below_autograd(op, keys, stack);
       if (node) {
         for (const c10::IValue& y : torch::jit::last(*stack, op.schema().returns().size())) {
           torch::autograd::set_history(y.toTensor(), node);
@@ -274,12 +272,15 @@ class AutogradKernel final : public c10::OperatorKernel {
       return;
     }
     check_first_order_only(p.name, inputs);
+    if (!recording) {  // nothing for autograd to record: no Function node to build
+      redispatch_below_autograd(op, keys, stack);
+      return;
+    }
     inputs.resize(FusedFn::kSlots);
     const auto slot = [&](size_t k) {
       return inputs[k].defined() ? OptTensor(inputs[k]) : OptTensor();
     };
-    const bool keep_residual = keep_residuals.load(std::memory_order_relaxed) && requires_grad &&
-                               torch::autograd::GradMode::is_enabled();
+    const bool keep_residual = keep_residuals.load(std::memory_order_relaxed);
     stack->emplace_back(FusedFn::apply(&p, &op, keys, stack, keep_residual, slot(0), slot(1),
                                        slot(2), slot(3), slot(4)));
   }
@@ -295,6 +296,12 @@ class AutogradKernel final : public c10::OperatorKernel {
     } else {
       return c10::make_intrusive<torch::autograd::Error>(std::forward<Args>(args)...);
     }
+  }
+
+  static void redispatch_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                                        torch::jit::Stack* stack) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   }
 
   static NodePtr error_node(const Plan& p, const variable_list& inputs) {
