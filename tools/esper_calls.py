@@ -72,30 +72,10 @@ def calls(shape, dtype=torch.float32, host_cl=True, seed_cl=False, alpha_grad=Fa
     }
 
 
-def leaves(out: torch.Tensor) -> list[torch.Tensor]:
-    """The tensors requiring grad that `out` was computed from (its graph's AccumulateGrad
-    nodes' variables)."""
-    found, seen, nodes = [], set(), [out.grad_fn]
-    while nodes:
-        node = nodes.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):
-            found.append(node.variable)
-        nodes.extend(n for n, _ in node.next_functions)
-    return found
-
-
 def measure(fns: list, *, calls_per_round: int, rounds: int) -> list[float]:
-    """Seconds per forward+backward call of each fn, against a preallocated gradient. The
-    backward is torch.autograd.grad into the inputs that require grad, as the bench times it
-    (bench.workload) and as Esper's non-leaf features meet it: nothing accumulates into .grad."""
-    outs = [fn() for fn in fns]
-    grads = [torch.randn_like(out.detach()) for out in outs]  # in the output's layout
-    ins = [leaves(out) for out in outs]
-    steps = [lambda i, fn=fn, grad=grad, x=x: torch.autograd.grad(fn(), x, grad)
-             for fn, grad, x in zip(fns, grads, ins)]
+    """Seconds per forward+backward call of each fn, against a preallocated gradient."""
+    grads = [torch.randn_like(fn().detach()) for fn in fns]  # in the output's layout
+    steps = [lambda i, fn=fn, grad=grad: fn().backward(grad) for fn, grad in zip(fns, grads)]
     samples = wall_per_call(steps, torch.device("cpu"), 1, calls=calls_per_round, rounds=rounds)
     return [s.median for s in samples]
 
