@@ -211,3 +211,36 @@ def test_step_compile_failure_is_reported_not_raised(monkeypatch):
     result = {"agree_steps": 2, "hosts": [record]}
     assert "| native | compile | FAILED: RuntimeError: inductor exploded |" in "\n".join(
         report.step_section(result, "cpu"))
+
+
+def _esper_calls_tool():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "esper_calls.py"
+    spec = importlib.util.spec_from_file_location("esper_calls", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_esper_calls_tool_times_each_call_from_unset_grads():
+    """tools/esper_calls.py: every timed call starts with its own leaves' .grad unset, so no
+    call adds into a .grad left by the one before, and a gradient in another layout than its
+    leaf still reaches the leaf in the leaf's layout."""
+    tool = _esper_calls_tool()
+    h = torch.randn(2, 3, 4, 5).contiguous(memory_format=CL).requires_grad_()
+    s = torch.randn(2, 3, 4, 5, requires_grad=True)
+    other = torch.randn(2, 3, 4, 5, requires_grad=True)
+    alpha = torch.tensor(0.5)
+    assert {id(t) for t in tool.leaves_of(torch.lerp(h, s, alpha) * 2)} == {id(h), id(s)}
+    torch.manual_seed(0)
+    samples = tool.measure([lambda: torch.lerp(h, s, alpha)], calls_per_round=3, rounds=2)
+    assert len(samples) == 1 and samples[0].median > 0
+    torch.manual_seed(0)
+    grad = torch.randn_like(torch.lerp(h, s, alpha).detach())  # measure's incoming gradient
+    # one call's gradient after 3 * 2 timed calls and the warm-up: never a sum of calls
+    torch.testing.assert_close(h.grad, grad * 0.5, rtol=0, atol=0)
+    torch.testing.assert_close(s.grad, grad * 0.5, rtol=0, atol=0)
+    assert s.grad.is_contiguous() and h.grad.is_contiguous(memory_format=CL)
+    assert other.grad is None

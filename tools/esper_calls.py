@@ -12,6 +12,7 @@ layouts: ADD, MULTIPLY, GATE and the STE at Esper's shapes in every layout combi
 and seed, alpha with and without grad. Inputs: h and s require grad, the seed input r (h's
 values in the seed's layout) does not, gate (B,1,...) does, alpha is 0-dim in the host's dtype;
 the incoming gradient has the output's layout; (B,T,C) features are contiguous.
+Every call starts with its leaves' .grad unset (`measure`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import torch
 import kasmina_kernels as kk
 from kasmina_kernels import nn as knn, reference, swap
 from kasmina_kernels.bench.esper import OPS, SHAPES
-from kasmina_kernels.bench.report import markdown_row, markdown_table
-from kasmina_kernels.bench.timing import wall_per_call
+from kasmina_kernels.bench.report import INCONCLUSIVE, markdown_row, markdown_table
+from kasmina_kernels.bench.timing import Sample, compare, wall_per_call
 
 # (host channels_last, seed channels_last) of 4-D features
 LAYOUTS = {"all NCHW": (False, False), "all channels_last": (True, True),
@@ -72,12 +73,37 @@ def calls(shape, dtype=torch.float32, host_cl=True, seed_cl=False, alpha_grad=Fa
     }
 
 
-def measure(fns: list, *, calls_per_round: int, rounds: int) -> list[float]:
-    """Seconds per forward+backward call of each fn, against a preallocated gradient."""
-    grads = [torch.randn_like(fn().detach()) for fn in fns]  # in the output's layout
-    steps = [lambda i, fn=fn, grad=grad: fn().backward(grad) for fn, grad in zip(fns, grads)]
-    samples = wall_per_call(steps, torch.device("cpu"), 1, calls=calls_per_round, rounds=rounds)
-    return [s.median for s in samples]
+def leaves_of(out: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors whose .grad a backward from `out` writes (its AccumulateGrad nodes)."""
+    seen, todo, leaves = set(), [out.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+def measure(fns: list, *, calls_per_round: int, rounds: int) -> list[Sample]:
+    """Seconds per forward+backward call of each fn, against a preallocated gradient. Each
+    call starts with its leaves' .grad unset: Esper's features are activations whose gradients
+    flow on into layers, never summed into a .grad; a gradient in another layout than its leaf
+    is still moved into the leaf's layout (AccumulateGrad's layout contract), as whatever
+    consumes it would."""
+    outs = [fn() for fn in fns]
+    grads = [torch.randn_like(out.detach()) for out in outs]  # in the output's layout
+    leaves = [leaves_of(out) for out in outs]
+
+    def step(fn, grad, fn_leaves):
+        for leaf in fn_leaves:
+            leaf.grad = None
+        fn().backward(grad)
+
+    steps = [lambda i, args=args: step(*args) for args in zip(fns, grads, leaves)]
+    return wall_per_call(steps, torch.device("cpu"), 1, calls=calls_per_round, rounds=rounds)
 
 
 def host_cost(args) -> None:
@@ -85,8 +111,9 @@ def host_cost(args) -> None:
     table = calls(shape)
     names = [n for n in table if not args.ops or n in args.ops.split(",")]
     per = max(1, args.calls // args.rounds)
-    times = measure([lambda f=table[n], ns=ns: f(ns) for n in names for ns in (reference, DROP_INS)],
-                    calls_per_round=per, rounds=args.rounds)
+    times = [s.median for s in measure([lambda f=table[n], ns=ns: f(ns) for n in names
+                                        for ns in (reference, DROP_INS)],
+                                       calls_per_round=per, rounds=args.rounds)]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, shape {shape}, "
           f"{per * args.rounds} calls each, median of {args.rounds} rounds, "
           f"backend auto={kk.resolve_backend(torch.zeros(1))}")
@@ -107,28 +134,44 @@ def layouts(args) -> None:
     dtypes = (torch.float32,) if args.quick else (torch.float32, torch.bfloat16)
     head = ["op", "shape", "dtype", "layout", "alpha grad", "eager ms", "native ms", "ratio"]
     lines = [f"Forward+backward, native vs eager reference (ratio = eager time / native time), "
-             f"{torch.get_num_threads()} thread(s), torch {torch.__version__}. Host and seed require "
+             f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, medians of "
+             f"{args.rounds} alternating rounds of {args.calls} calls. Host and seed require "
              "grad, seed input does not, gate (B,1,1,1) requires grad; alpha 0-dim in the host "
-             "dtype, with or without grad; the incoming gradient in the output's layout. (B,T,C) "
-             "shapes are contiguous in every row.", "", *markdown_table(head, 5, [])]
+             "dtype, with or without grad; the incoming gradient in the output's layout; every "
+             "call starts with its leaves' .grad unset. (B,T,C) shapes are contiguous in every "
+             f"row. `{INCONCLUSIVE}`: inconclusive by the benchmark's rule "
+             "(docs/benchmarks.md#reading-the-report), not counted.", "",
+             *markdown_table(head, 5, [])]
     print("\n".join(lines), flush=True)
     cases = [(op, shape, dtype, layout, alpha_grad)
              for op in OPS for shape in shapes for dtype in dtypes
              for layout in (LAYOUTS if len(shape) == 4 else ["contiguous (B,T,C)"])
              for alpha_grad in ((False,) if op == "ste_forward" else (False, True))]
-    ratios = []
+    verdicts, inconclusive = [], 0
     for op, shape, dtype, layout, alpha_grad in cases:
         fn = calls(shape, dtype, *LAYOUTS.get(layout, (False, False)), alpha_grad)[op]
         eager, native = measure([lambda: fn(reference), lambda: fn(DROP_INS)],
                                 calls_per_round=args.calls, rounds=args.rounds)
+        verdict = compare(eager, native, peer_name="eager", candidate_name="native")
+        mark = "" if verdict["conclusive"] else f" {INCONCLUSIVE}"
         row = markdown_row([op, str(shape), str(dtype)[6:], layout, "yes" if alpha_grad else "no",
-                            f"{eager * 1e3:.3f}", f"{native * 1e3:.3f}", f"{eager / native:.2f}x"])
+                            f"{eager.median * 1e3:.3f}", f"{native.median * 1e3:.3f}",
+                            f"{verdict['ratio']:.2f}x{mark}"])
         lines.append(row)
         print(row, flush=True)
-        ratios.append((eager / native, row))
-    lowest, row = min(ratios, key=lambda ratio_row: ratio_row[0])
-    lines += ["", f"Lowest ratio: {lowest:.2f}x ({row})"]
-    print(lines[-1])
+        if verdict["conclusive"]:
+            verdicts.append((verdict["ratio"], row))
+        else:
+            inconclusive += 1
+    behind = [row for ratio, row in verdicts if ratio < 1.0]
+    summary = len(lines) + 1
+    lines += ["", f"{len(verdicts)} of {len(cases)} cells with a verdict ({inconclusive} "
+              f"inconclusive); native behind eager in {len(behind)}" + (":" if behind else ".")]
+    lines += behind
+    if verdicts:
+        lowest, row = min(verdicts, key=lambda ratio_row: ratio_row[0])
+        lines.append(f"Lowest ratio with a verdict: {lowest:.2f}x ({row})")
+    print("\n".join(lines[summary:]))
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
 
@@ -146,7 +189,7 @@ def main() -> None:
     lay = sub.add_parser("layouts", help="Esper's shapes in every layout combination")
     lay.add_argument("--out", default=None, help="also write the table (markdown) here")
     lay.add_argument("--quick", action="store_true", help="one small shape, float32 only")
-    lay.add_argument("--rounds", type=int, default=6)
+    lay.add_argument("--rounds", type=int, default=10)
     lay.add_argument("--calls", type=int, default=5)
     lay.set_defaults(func=layouts)
     args = p.parse_args()
