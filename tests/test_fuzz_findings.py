@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cases import Case, backend_params, run_case
+from cases import TEST_DEVICE, Case, backend_params, run_case
 
 F32, F64 = torch.float32, torch.float64
 TRITON_F64_SUM = ("triton float64 reductions sum in float64 (the native backend uses long double) and "
@@ -40,6 +40,14 @@ FINDINGS = [
     (Case("blend_multiply", F32, (1, 1, 2, 1), seed_dtype=F64), set(),
      "triton MULTIPLY with a float64 seed beside a float32 host: ds is not computed from the seed "
      "cast to the host dtype (section 2: cast s), 9 float32 ulp off"),
+    # the valve, float16 m = (-inf, inf) with a float32 alpha of the same shape: eager's
+    # float32 alpha gradient g * tanh(m) reads the float16 tanh, exactly +-1 there; the native
+    # CPU kernel read its float tanh of m clamped to 9, 4.5e-7 short of 1 (7 float32 ulp)
+    (Case("multiply_valve_multiplier", torch.float16, (2,), layout="step", alpha="vec", specials=True),
+     set(), ""),
+    # the same with a bfloat16 m beside a 0-dim float32 alpha (the result is bfloat16): alpha's
+    # gradient of m = inf was 1.5e-7 off eager's exact one
+    (Case("multiply_valve_multiplier", torch.bfloat16, (1,), alpha="s32", specials=True), set(), ""),
 ]
 
 
@@ -58,3 +66,28 @@ def _params():
 @pytest.mark.parametrize("backend,case", _params())
 def test_found_case(backend, case):
     run_case(backend, case)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("alpha_shape", [(10,), ()], ids=["alpha-like-m", "alpha-0-dim"])
+@pytest.mark.parametrize("m_dtype", [torch.float16, torch.bfloat16])
+def test_valve_alpha_grad_where_eager_tanh_is_exact(backend, m_dtype, alpha_shape):
+    """The valve of a half-precision m beside a float32 alpha (a float32 result, or m's dtype
+    beside a 0-dim alpha): alpha's gradient g * tanh(m) where eager's tanh in m's dtype is
+    exact or nearly (0, tiny |m|, |m| far past saturation, infinities), and so rule 2 allows
+    about one float32 ulp."""
+    from kasmina_kernels.opcases import Check
+    from kasmina_kernels.optable import BY_NAME
+
+    from equivalence import assert_verdicts
+
+    # only such points: alpha's gradient is judged as a whole (a reduction in general), so one
+    # element where eager's tanh rounds far would loosen the bound for all
+    m = torch.tensor([0.0, 1e-4, -3e-4, 6e-5, 8.5, -9.0, 12.0, float("inf"), -float("inf"), 20.0],
+                     dtype=m_dtype, device=TEST_DEVICE)
+    alpha = torch.rand(alpha_shape, generator=torch.Generator().manual_seed(1)).to(TEST_DEVICE)
+    grad = torch.randn(m.shape, generator=torch.Generator().manual_seed(2))
+    grad = grad.to(device=TEST_DEVICE, dtype=torch.result_type(alpha, m))  # the output's dtype
+    op = BY_NAME["multiply_valve_multiplier"]
+    check = Check.on(op, {"alpha": alpha, "m": m}, requires=("alpha", "m"), grad=grad)
+    assert_verdicts(check(lambda alpha, m: op.public(alpha, m, backend=backend)), f"[{backend}] {m_dtype}")

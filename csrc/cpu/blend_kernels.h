@@ -627,11 +627,18 @@ bool ste_forward_if_finite(const T* h, const S* s, T* y, int64_t n, bool stream)
 // ---------------------------------------------------------------- valve multiplier
 // tanh of m and 1 - tanh^2 in m's opmath type, as MULTIPLY forms them: tanh_with_grad for
 // float, half_precision_tanh_with_grad (saturated where the reference's tanh in m's dtype is
-// +-1) for the half types. Returns the unsaturated tanh, for alpha's gradient terms.
+// +-1) for the half types. Returns the tanh for alpha's gradient terms: for the half types
+// the reference's, rounded to M (the product g * tanh(m) reads it so; exact where it is: +-1
+// for an infinite m, m itself for a tiny one), else t.
 template <typename M, typename V>
 inline V valve_tanh(V m, V& t, V& one_minus_t2) {
   if constexpr (kHalfPrecision<M>) {
-    return half_precision_tanh_with_grad<M>(m, t, one_minus_t2);
+    half_precision_tanh_with_grad<M>(m, t, one_minus_t2);
+    if constexpr (std::is_same_v<V, FVec>) {
+      return rounded<M>(t);
+    } else {
+      return as_host_value<M>(t);
+    }
   } else if constexpr (std::is_same_v<M, double>) {
     t = reference_tanh(m);
     one_minus_t2 = std::fma(-t, t, 1.0);
@@ -717,8 +724,8 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
             for (int k = 0; k < 2; ++k) {
               FVec t, sech;
               const FVec t_alpha = valve_tanh<M>(m[k], t, sech);
-              if constexpr (kBoundary) {
-                valve_backward(g[k], c[k], rounded<M>(t), t_alpha, dm[k], dc[k], RoundTo<M>{});
+              if constexpr (kBoundary) {  // t_alpha: t as the reference reads it past the boundary
+                valve_backward(g[k], c[k], t_alpha, t_alpha, dm[k], dc[k], RoundTo<M>{});
               } else {
                 valve_backward(g[k], c[k], t, t_alpha, dm[k], dc[k], RoundTo<float>{},
                                KnownTanhGrad<FVec>{sech});
@@ -743,7 +750,7 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
           op_t t, sech, dm, dc;
           const op_t t_alpha = valve_tanh<M>(m, t, sech);
           if constexpr (kBoundary) {
-            valve_backward(g, c, as_host_value<M>(t), t_alpha, dm, dc, RoundTo<M>{});
+            valve_backward(g, c, t_alpha, t_alpha, dm, dc, RoundTo<M>{});
           } else {
             valve_backward(g, c, t, t_alpha, dm, dc, RoundTo<op_t>{}, KnownTanhGrad<op_t>{sech});
           }
