@@ -129,16 +129,16 @@ inline constexpr float kTanhSaturatesAbove = std::bit_cast<float>(
 
 // tanh of d = s - r in float for a half-precision host T, and 1 - t^2, with +-1 and exactly 0
 // where the reference's tanh saturates: 1 + c*t and 1 - t^2 vanish where the reference's do,
-// and an infinite factor beside them gives NaN as there. NaN stays NaN. Returns the tanh
-// before saturation, for alpha's gradient terms. V: float or FVec.
+// and an infinite factor beside them gives NaN as there. NaN stays NaN. Made for 16-bit
+// outputs (half_precision_tanh is up to 8e-7 off): alpha's float32 gradient terms take
+// tanh_with_grad's tanh instead. V: float or FVec.
 template <typename T, typename V>
-inline V half_precision_tanh_with_grad(const V& d, V& t, V& one_minus_t2) {
+inline void half_precision_tanh_with_grad(const V& d, V& t, V& one_minus_t2) {
   using P = Prims<V>;
   const V near = half_precision_tanh(d);
   const auto saturated = P::lt(V(kTanhSaturatesAbove<T>), P::abs(d));
   t = P::select(saturated, P::select(P::lt(d, V(0.0f)), V(-1.0f), V(1.0f)), near);
   one_minus_t2 = P::select(saturated, V(0.0f), P::fnma(near, near, V(1.0f)));
-  return near;
 }
 
 // float64 tanh with ATen's CPU saturation: +-1 above kDoubleTanhBelowOne and at most
@@ -498,7 +498,8 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
               const FVec d = s[k] - r[k];
               FVec t, sech, t_alpha;
               if constexpr (kHalfPrecision<T>) {
-                t_alpha = half_precision_tanh_with_grad<T>(d, t, sech);
+                half_precision_tanh_with_grad<T>(d, t, sech);
+                t_alpha = t;
               } else {
                 // tanh and 1 - tanh^2 from one exp, the latter accurate where tanh saturates
                 tanh_with_grad(d, t, sech);
@@ -513,9 +514,11 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
                 lanes.add([](const DVec& a, const DVec& b, const DVec& x, const DVec& y) {
                   return a * b * tanh_pd(x - y);
                 }, g[k], h[k], s[k], r[k]);
-              } else {
+              } else {  // tanh to float accuracy: the terms are summed in float or wider
+                FVec accurate, unused;
+                tanh_with_grad(d, accurate, unused);
                 lanes.add([](const auto& a, const auto& b, const auto& x) { return a * b * x; },
-                          g[k], h[k], t_alpha);
+                          g[k], h[k], accurate);
               }
             }
             store2<T>(out_<T>(p[0], i), dh, nt);
@@ -539,7 +542,8 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
             tanh_with_grad(d, t, sech2);
             t_alpha = t;
           } else if constexpr (kHalfPrecision<T>) {
-            t_alpha = half_precision_tanh_with_grad<T>(d, t, sech2);
+            half_precision_tanh_with_grad<T>(d, t, sech2);
+            t_alpha = t;
           } else {
             t = t_alpha = reference_tanh(d);
             sech2 = std::fma(-t, t, op_t(1));
@@ -553,10 +557,12 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
           if constexpr (kDr) put<S>(p[2], s[2], i, -ds);
           if (!sums && !kElement) return;
           using ld = long double;
-          // float32: s - r and tanh in double, as the vector path (tanh_pd)
+          // float32: s - r and tanh in double, as the vector path (tanh_pd); 16-bit hosts:
+          // tanh of the float difference in double (the vector path: tanh_with_grad's)
           const ld t_term = std::is_same_v<T, float>
                                 ? static_cast<ld>(std::tanh(static_cast<double>(sv) - static_cast<double>(r)))
-                                : static_cast<ld>(t_alpha);
+                                : kHalfPrecision<T> ? static_cast<ld>(std::tanh(static_cast<double>(d)))
+                                                    : static_cast<ld>(t_alpha);
           const ld term = static_cast<ld>(g) * static_cast<ld>(h) * t_term;
           if constexpr (kElement) {
             put<double>(p[2 + R], s[2 + R], i, static_cast<double>(term));
@@ -627,17 +633,19 @@ bool ste_forward_if_finite(const T* h, const S* s, T* y, int64_t n, bool stream)
 // ---------------------------------------------------------------- valve multiplier
 // tanh of m and 1 - tanh^2 in m's opmath type, as MULTIPLY forms them: tanh_with_grad for
 // float, half_precision_tanh_with_grad (saturated where the reference's tanh in m's dtype is
-// +-1) for the half types. Returns the tanh for alpha's gradient terms: for the half types
-// the reference's, rounded to M (the product g * tanh(m) reads it so; exact where it is: +-1
-// for an infinite m, m itself for a tiny one), else t.
+// +-1) for the half types. Returns the tanh for alpha's gradient terms, to the accuracy of
+// m's opmath type: half_precision_tanh, made for 16-bit outputs, is up to 8e-7 off, which a
+// float32 alpha gradient shows where eager's is exact (+-1 for an infinite m, m for a tiny one).
 template <typename M, typename V>
 inline V valve_tanh(V m, V& t, V& one_minus_t2) {
   if constexpr (kHalfPrecision<M>) {
     half_precision_tanh_with_grad<M>(m, t, one_minus_t2);
-    if constexpr (std::is_same_v<V, FVec>) {
-      return rounded<M>(t);
+    if constexpr (std::is_same_v<V, double>) {
+      return reference_tanh(m);
     } else {
-      return as_host_value<M>(t);
+      V accurate, unused;
+      tanh_with_grad(m, accurate, unused);
+      return accurate;
     }
   } else if constexpr (std::is_same_v<M, double>) {
     t = reference_tanh(m);
@@ -724,8 +732,8 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
             for (int k = 0; k < 2; ++k) {
               FVec t, sech;
               const FVec t_alpha = valve_tanh<M>(m[k], t, sech);
-              if constexpr (kBoundary) {  // t_alpha: t as the reference reads it past the boundary
-                valve_backward(g[k], c[k], t_alpha, t_alpha, dm[k], dc[k], RoundTo<M>{});
+              if constexpr (kBoundary) {
+                valve_backward(g[k], c[k], rounded<M>(t), t_alpha, dm[k], dc[k], RoundTo<M>{});
               } else {
                 valve_backward(g[k], c[k], t, t_alpha, dm[k], dc[k], RoundTo<float>{},
                                KnownTanhGrad<FVec>{sech});
@@ -750,7 +758,7 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
           op_t t, sech, dm, dc;
           const op_t t_alpha = valve_tanh<M>(m, t, sech);
           if constexpr (kBoundary) {
-            valve_backward(g, c, t_alpha, t_alpha, dm, dc, RoundTo<M>{});
+            valve_backward(g, c, as_host_value<M>(t), t_alpha, dm, dc, RoundTo<M>{});
           } else {
             valve_backward(g, c, t, t_alpha, dm, dc, RoundTo<op_t>{}, KnownTanhGrad<op_t>{sech});
           }
