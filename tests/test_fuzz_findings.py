@@ -53,6 +53,24 @@ FINDINGS = [
     # off where eager's +-1 is exact
     (Case("blend_multiply", torch.bfloat16, (4, 1), layout="transpose", alpha="ps",
           seed_dtype=torch.float16, specials=True), set(), ""),
+    # Open, native CPU. Each is a few units of roundoff where eager happens to be nearly exact:
+    # float32 MULTIPLY, seed_input = h, full-size alpha, 5 elements (the scalar path): ds is
+    # 7.4e-8 off the oracle against a bound of 5.8e-8 (eager: 1.4e-8)
+    (Case("blend_multiply", F32, (5,), layout="cl", alpha="full", seed_input="h", seed_layout="cl"),
+     {"native"}, "native float32 MULTIPLY scalar path: ds just past rule 2 (1.3x its bound)"),
+    # the valve, float16 m beside a full-size float32 alpha: one dm element 2 float16 ulp from
+    # eager's (rule 1), where the kernel is not nearer the oracle than eager
+    (Case("multiply_valve_multiplier", torch.float16, (5, 13), alpha="full", grads="m"), {"native"},
+     "native valve, float16 m beside a float32 alpha: one dm element 2 float16 ulp off eager's"),
+    # the valve in float64: dm 2.2e-16 off the long-double oracle against a bound of 1.4e-16
+    # (glibc's tanh and a fused 1 - t^2, where eager's Sleef tanh is nearer on this element)
+    (Case("multiply_valve_multiplier", F64, (3, 3), layout="slice", alpha="s16", grads="m"), {"native"},
+     "native float64 valve: dm 1.5x rule 2's bound"),
+    # MULTIPLY with s aliasing h (and r = h), float16: the gradient of the one tensor is the
+    # kernel's dh + ds, rounded apart and summed by autograd, 2 float16 ulp from eager's, which
+    # cancels the s and r paths exactly first
+    (Case("blend_multiply", torch.float16, (7, 7, 7), alpha="s64", avalue="over", alias=True,
+          specials=True), {"native"}, "native MULTIPLY with s aliasing h: dh + ds rounded apart"),
 ]
 
 
