@@ -148,7 +148,7 @@ def _gate_network_kernel(
             w1, z1, w2, rows, row_mask = _hidden_chunk(w1_ptr, b1_ptr, w2_ptr, pooled, channels, channel_mask, k0,
                                                        HIDDEN, w1_s0, w1_s1, b1_s0, w2_s1, ACC_DTYPE, INTERPRET,
                                                        BLOCK_K)
-            dz1 = tl.where(z1 > 0, dz2 * w2, 0.0)
+            dz1 = tl.where(z1 <= 0, 0.0, dz2 * w2)  # threshold_backward: a NaN z1 passes the gradient
             if NEED_W:
                 tl.store(scratch_ptr + A1_OFF + b * HIDDEN + rows, tl.where(z1 < 0, 0.0, z1), mask=row_mask)
                 tl.store(scratch_ptr + DZ1_OFF + b * HIDDEN + rows, dz1, mask=row_mask)
