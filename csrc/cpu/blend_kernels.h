@@ -496,16 +496,15 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
             load_weight2(p[C], st[C], i, c);
             for (int k = 0; k < 2; ++k) {
               const FVec d = s[k] - r[k];
-              FVec t, sech, t_alpha;
+              FVec t, sech;
               if constexpr (kHalfPrecision<T>) {
                 half_precision_tanh_with_grad<T>(d, t, sech);
-                t_alpha = t;
               } else {
                 // tanh and 1 - tanh^2 from one exp, the latter accurate where tanh saturates
                 tanh_with_grad(d, t, sech);
-                t_alpha = t;
               }
-              multiply_backward_t<kRIsH>(g[k], h[k], t, t_alpha, c[k], dh[k], ds[k], dc[k],
+              // dc (alpha's terms) is not read here: the terms are summed below
+              multiply_backward_t<kRIsH>(g[k], h[k], t, t, c[k], dh[k], ds[k], dc[k],
                                          RoundTo<op_t>{}, KnownTanhGrad<FVec>{sech});
               // the gradient of s.to(T) is rounded to T first (store2<T> rounds anyway)
               if constexpr (!std::is_same_v<S, T>) ds[k] = rounded<T>(ds[k]);
@@ -514,7 +513,7 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
                 lanes.add([](const DVec& a, const DVec& b, const DVec& x, const DVec& y) {
                   return a * b * tanh_pd(x - y);
                 }, g[k], h[k], s[k], r[k]);
-              } else {  // tanh to float accuracy: the terms are summed in float or wider
+              } else {  // a tanh to float accuracy (half_precision_tanh is up to 8e-7 off)
                 FVec accurate, unused;
                 tanh_with_grad(d, accurate, unused);
                 lanes.add([](const auto& a, const auto& b, const auto& x) { return a * b * x; },
@@ -537,19 +536,17 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
           if constexpr (!kRIsH) r = as_op<T>(val<S>(p[G + 3], s[G + 3], i));
           const op_t c = val<op_t>(p[C], s[C], i);
           const op_t d = sv - r;
-          op_t t, sech2, t_alpha;
+          op_t t, sech2;
           if constexpr (std::is_same_v<T, float>) {
             tanh_with_grad(d, t, sech2);
-            t_alpha = t;
           } else if constexpr (kHalfPrecision<T>) {
             half_precision_tanh_with_grad<T>(d, t, sech2);
-            t_alpha = t;
           } else {
-            t = t_alpha = reference_tanh(d);
+            t = reference_tanh(d);
             sech2 = std::fma(-t, t, op_t(1));
           }
           op_t dh, ds, dc;
-          multiply_backward_t<kRIsH>(g, h, t, t_alpha, c, dh, ds, dc, RoundTo<op_t>{},
+          multiply_backward_t<kRIsH>(g, h, t, t, c, dh, ds, dc, RoundTo<op_t>{},
                                      KnownTanhGrad<op_t>{sech2});
           ds = as_host_value<T>(ds);  // the gradient of s.to(T)
           put<T>(p[0], s[0], i, dh);
@@ -562,7 +559,7 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
           const ld t_term = std::is_same_v<T, float>
                                 ? static_cast<ld>(std::tanh(static_cast<double>(sv) - static_cast<double>(r)))
                                 : kHalfPrecision<T> ? static_cast<ld>(std::tanh(static_cast<double>(d)))
-                                                    : static_cast<ld>(t_alpha);
+                                                    : static_cast<ld>(t);
           const ld term = static_cast<ld>(g) * static_cast<ld>(h) * t_term;
           if constexpr (kElement) {
             put<double>(p[2 + R], s[2 + R], i, static_cast<double>(term));
@@ -633,27 +630,16 @@ bool ste_forward_if_finite(const T* h, const S* s, T* y, int64_t n, bool stream)
 // ---------------------------------------------------------------- valve multiplier
 // tanh of m and 1 - tanh^2 in m's opmath type, as MULTIPLY forms them: tanh_with_grad for
 // float, half_precision_tanh_with_grad (saturated where the reference's tanh in m's dtype is
-// +-1) for the half types. Returns the tanh for alpha's gradient terms, to the accuracy of
-// m's opmath type: half_precision_tanh, made for 16-bit outputs, is up to 8e-7 off, which a
-// float32 alpha gradient shows where eager's is exact (+-1 for an infinite m, m for a tiny one).
+// +-1) for the half types.
 template <typename M, typename V>
-inline V valve_tanh(V m, V& t, V& one_minus_t2) {
+inline void valve_tanh(V m, V& t, V& one_minus_t2) {
   if constexpr (kHalfPrecision<M>) {
     half_precision_tanh_with_grad<M>(m, t, one_minus_t2);
-    if constexpr (std::is_same_v<V, double>) {
-      return reference_tanh(m);
-    } else {
-      V accurate, unused;
-      tanh_with_grad(m, accurate, unused);
-      return accurate;
-    }
   } else if constexpr (std::is_same_v<M, double>) {
     t = reference_tanh(m);
     one_minus_t2 = std::fma(-t, t, 1.0);
-    return t;
   } else {
     tanh_with_grad(m, t, one_minus_t2);
-    return t;
   }
 }
 
@@ -708,8 +694,9 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
   constexpr int N = 4 + E;
   constexpr int G = 1 + E;
   constexpr bool kBoundary = !std::is_same_v<U, M>;
-  // float32 m and result: the alpha term's tanh in double, as tanh_pd
-  constexpr bool kDoubleTanh = std::is_same_v<M, float> && !kHalfPrecision<U>;
+  // alpha's terms take a tanh in double where they are summed in double (DLanes): t is made
+  // for m's dtype (half_precision_tanh is up to 8e-7 off)
+  constexpr bool kDoubleTanh = !kHalfPrecision<U>;
   return [&acc, stream, sums](char** data, const int64_t* st, int64_t n0, int64_t n1) {
     std::array<int64_t, N> sizes;
     sizes[0] = sizeof(M);
@@ -731,18 +718,23 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
             load2<M>(at_<M>(p[G + 1], i), m);
             for (int k = 0; k < 2; ++k) {
               FVec t, sech;
-              const FVec t_alpha = valve_tanh<M>(m[k], t, sech);
+              valve_tanh<M>(m[k], t, sech);
+              // dc (alpha's terms) is not read here: the terms are summed below
               if constexpr (kBoundary) {
-                valve_backward(g[k], c[k], rounded<M>(t), t_alpha, dm[k], dc[k], RoundTo<M>{});
+                valve_backward(g[k], c[k], rounded<M>(t), t, dm[k], dc[k], RoundTo<M>{});
               } else {
-                valve_backward(g[k], c[k], t, t_alpha, dm[k], dc[k], RoundTo<float>{},
+                valve_backward(g[k], c[k], t, t, dm[k], dc[k], RoundTo<float>{},
                                KnownTanhGrad<FVec>{sech});
               }
               if (!sums) continue;
               if constexpr (kDoubleTanh) {
                 lanes.add([](const DVec& a, const DVec& x) { return a * tanh_pd(x); }, g[k], m[k]);
+              } else if constexpr (kHalfPrecision<M>) {  // a tanh to float accuracy
+                FVec accurate, unused;
+                tanh_with_grad(m[k], accurate, unused);
+                lanes.add([](const auto& a, const auto& b) { return a * b; }, g[k], accurate);
               } else {
-                lanes.add([](const auto& a, const auto& b) { return a * b; }, g[k], t_alpha);
+                lanes.add([](const auto& a, const auto& b) { return a * b; }, g[k], t);
               }
             }
             store2<M>(out_<M>(p[0], i), dm, nt);
@@ -756,17 +748,18 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
           const auto m = static_cast<op_t>(val<M>(p[G + 1], s[G + 1], i));
           const op_t c = val<op_t>(p[G + 2], s[G + 2], i);
           op_t t, sech, dm, dc;
-          const op_t t_alpha = valve_tanh<M>(m, t, sech);
+          valve_tanh<M>(m, t, sech);
           if constexpr (kBoundary) {
-            valve_backward(g, c, as_host_value<M>(t), t_alpha, dm, dc, RoundTo<M>{});
+            valve_backward(g, c, as_host_value<M>(t), t, dm, dc, RoundTo<M>{});
           } else {
-            valve_backward(g, c, t, t_alpha, dm, dc, RoundTo<op_t>{}, KnownTanhGrad<op_t>{sech});
+            valve_backward(g, c, t, t, dm, dc, RoundTo<op_t>{}, KnownTanhGrad<op_t>{sech});
           }
           put<M>(p[0], s[0], i, dm);
           if (!sums && !kElement) return;
-          const long double t_term = kDoubleTanh
-                                         ? static_cast<long double>(std::tanh(static_cast<double>(m)))
-                                         : static_cast<long double>(t_alpha);
+          // alpha's terms take tanh in double (t is made for m's dtype)
+          const long double t_term = std::is_same_v<M, double>
+                                         ? static_cast<long double>(t)
+                                         : static_cast<long double>(std::tanh(static_cast<double>(m)));
           const long double term = static_cast<long double>(g) * t_term;
           if constexpr (kElement) {
             put<double>(p[1], s[1], i, static_cast<double>(term));
