@@ -141,16 +141,37 @@ inline void half_precision_tanh_with_grad(const V& d, V& t, V& one_minus_t2) {
   one_minus_t2 = P::select(saturated, V(0.0f), P::fnma(near, near, V(1.0f)));
 }
 
-// float64 tanh with ATen's CPU saturation: +-1 above kDoubleTanhBelowOne and at most
-// 1 - 2^-53 in magnitude below it, where glibc's tanh already returns +-1 (from
-// 19.061547465398498 on): 1 - t^2 and 1 - |t| vanish where the reference's do.
+// float64 tanh and 1 - tanh^2 from a long double tanh (a double library tanh can be more
+// than an ulp off, and 1 - t^2 of a rounded t cancels): kept in long double, or each rounded
+// to double once. ATen's CPU saturation: +-1 above kDoubleTanhBelowOne and at most 1 - 2^-53
+// in magnitude below it as a double, so 1 - t^2 and 1 - |t| vanish where the reference's do.
 constexpr double kDoubleTanhBelowOne = 19.06154746546846;  // ATen's tanh is 1 from the next double
 
-inline double reference_tanh(double x) {
-  const double t = std::tanh(x);
-  if (std::fabs(x) > kDoubleTanhBelowOne || std::fabs(t) != 1.0) return t;
-  return std::copysign(1.0 - 0x1p-53, t);
+inline void wide_tanh_with_grad(double x, long double& t, long double& one_minus_t2) {
+  if (std::fabs(x) > kDoubleTanhBelowOne) {
+    t = std::copysign(1.0, x);
+    one_minus_t2 = 0.0L;
+    return;
+  }
+  t = tanhl(x);
+  one_minus_t2 = (1.0L - t) * (1.0L + t);
 }
+
+inline void reference_tanh_with_grad(double x, double& t, double& one_minus_t2) {
+  long double wide_t, wide_grad;
+  wide_tanh_with_grad(x, wide_t, wide_grad);
+  t = static_cast<double>(wide_t);
+  if (std::fabs(t) == 1.0 && std::fabs(x) <= kDoubleTanhBelowOne) t = std::copysign(1.0 - 0x1p-53, t);
+  one_minus_t2 = static_cast<double>(wide_grad);
+}
+
+// Rounds nothing: the float64 scalar paths compute in long double and round each output once.
+struct Unrounded {
+  template <typename V>
+  V operator()(V x) const {
+    return x;
+  }
+};
 
 // The float32 scalar tail's tanh of s - r, in double: +-1 exactly where the float32
 // reference's tanh of the float32 difference is (tanh_with_grad's kFloatTanhBelowOne).
@@ -395,8 +416,10 @@ auto multiply_forward_loop(bool stream) {
               tanh_with_grad(sv - r, t_float, unused, z);
               put<T>(p[1], s[1], i, z);
             }
-          } else {
-            put<T>(p[0], s[0], i, h * valve(c, reference_tanh(sv - r)));
+          } else {  // float64: in long double, rounded once
+            long double t, unused;
+            wide_tanh_with_grad(sv - r, t, unused);
+            put<T>(p[0], s[0], i, static_cast<double>(static_cast<long double>(h) * (1.0L + c * t)));
           }
         });
   };
@@ -536,18 +559,29 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
           if constexpr (!kRIsH) r = as_op<T>(val<S>(p[G + 3], s[G + 3], i));
           const op_t c = val<op_t>(p[C], s[C], i);
           const op_t d = sv - r;
-          op_t t, sech2;
-          if constexpr (std::is_same_v<T, float>) {
-            tanh_with_grad(d, t, sech2);
-          } else if constexpr (kHalfPrecision<T>) {
-            half_precision_tanh_with_grad<T>(d, t, sech2);
-          } else {
-            t = reference_tanh(d);
-            sech2 = std::fma(-t, t, op_t(1));
-          }
           op_t dh, ds, dc;
-          multiply_backward_t<kRIsH>(g, h, t, t, c, dh, ds, dc, RoundTo<op_t>{},
-                                     KnownTanhGrad<op_t>{sech2});
+          if constexpr (std::is_same_v<T, float>) {
+            // in double, each gradient rounded once, as the forward's scalar tail
+            const double t = float_tail_tanh(sv, r);
+            double dh_wide, ds_wide, unused;
+            multiply_backward_t<kRIsH>(double(g), double(h), t, t, double(c), dh_wide, ds_wide, unused,
+                                       RoundTo<double>{}, KnownTanhGrad<double>{(1.0 - t) * (1.0 + t)});
+            dh = static_cast<float>(dh_wide);
+            ds = static_cast<float>(ds_wide);
+          } else if constexpr (kHalfPrecision<T>) {
+            op_t t, sech2;
+            half_precision_tanh_with_grad<T>(d, t, sech2);
+            multiply_backward_t<kRIsH>(g, h, t, t, c, dh, ds, dc, RoundTo<op_t>{},
+                                       KnownTanhGrad<op_t>{sech2});
+          } else {  // float64: in long double, each gradient rounded once
+            using ld = long double;
+            ld t, sech2, dh_wide, ds_wide, unused;
+            wide_tanh_with_grad(d, t, sech2);
+            multiply_backward_t<kRIsH>(ld(g), ld(h), t, t, ld(c), dh_wide, ds_wide, unused,
+                                       Unrounded{}, KnownTanhGrad<ld>{sech2});
+            dh = static_cast<double>(dh_wide);
+            ds = static_cast<double>(ds_wide);
+          }
           ds = as_host_value<T>(ds);  // the gradient of s.to(T)
           put<T>(p[0], s[0], i, dh);
           put<S>(p[1], s[1], i, ds);
@@ -559,7 +593,7 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
           const ld t_term = std::is_same_v<T, float>
                                 ? static_cast<ld>(std::tanh(static_cast<double>(sv) - static_cast<double>(r)))
                                 : kHalfPrecision<T> ? static_cast<ld>(std::tanh(static_cast<double>(d)))
-                                                    : static_cast<ld>(t);
+                                                    : tanhl(static_cast<ld>(d));
           const ld term = static_cast<ld>(g) * static_cast<ld>(h) * t_term;
           if constexpr (kElement) {
             put<double>(p[2 + R], s[2 + R], i, static_cast<double>(term));
@@ -636,8 +670,10 @@ inline void valve_tanh(V m, V& t, V& one_minus_t2) {
   if constexpr (kHalfPrecision<M>) {
     half_precision_tanh_with_grad<M>(m, t, one_minus_t2);
   } else if constexpr (std::is_same_v<M, double>) {
-    t = reference_tanh(m);
-    one_minus_t2 = std::fma(-t, t, 1.0);
+    double wide_t, wide_grad;
+    reference_tanh_with_grad(m, wide_t, wide_grad);
+    t = wide_t;
+    one_minus_t2 = wide_grad;
   } else {
     tanh_with_grad(m, t, one_minus_t2);
   }
@@ -758,7 +794,7 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
           if (!sums && !kElement) return;
           // alpha's terms take tanh in double (t is made for m's dtype)
           const long double t_term = std::is_same_v<M, double>
-                                         ? static_cast<long double>(t)
+                                         ? tanhl(static_cast<long double>(m))
                                          : static_cast<long double>(std::tanh(static_cast<double>(m)));
           const long double term = static_cast<long double>(g) * t_term;
           if constexpr (kElement) {
