@@ -72,6 +72,10 @@ def blend_multiply(h, s, alpha, *, seed_input=None, backend=None):
         # the same function; h's gradient then comes from one kernel, rounded once, rather than
         # as two host-dtype gradients that autograd rounds again as it adds them
         seed_input = None
+    if s is h and seed_input is None:
+        # tanh(h - h): the gradients through s and r cancel exactly, leaving h's through the
+        # product alone; detached, they are neither formed nor rounded apart and summed
+        s = seed_input = h.detach()
     scalar = _check_blend("blend_multiply", h, s, alpha)
     if seed_input is not None:
         _check_pair("blend_multiply", h, "seed_input", seed_input)
