@@ -15,11 +15,8 @@ F32, F64 = torch.float32, torch.float64
 TRITON_F64_SUM = ("triton float64 reductions sum in float64 (the native backend uses long double) and "
                   "can exceed rule 2 (2 x eager's error + 1 ulp)")
 
-# the open findings below were seen on CPU; elsewhere (CUDA kernels, Triton on a GPU) they run
-# unmarked
-ON_CPU = TEST_DEVICE.type == "cpu"
-NATIVE_CPU = {"native"} if ON_CPU else set()
-TRITON_CPU = {"triton"} if ON_CPU else set()
+# an open finding seen on CPU only; elsewhere (Triton on a GPU) it runs unmarked
+TRITON_CPU = {"triton"} if TEST_DEVICE.type == "cpu" else set()
 
 FINDINGS = [
     # Triton float64: the 0-dim alpha's gradient of blend_with_isolation/blend_add over 49
@@ -93,13 +90,17 @@ FINDINGS = [
     # the one tensor's gradient
     (Case("blend_multiply", torch.float16, (7, 7, 7), layout="cl", alpha="s64", seed_input="h",
           alias=True, specials=True), set(), ""),
-    # Open, native CPU. Each is a few units of roundoff where eager happens to be nearly exact:
-    # the valve, float16 m beside a full-size float32 alpha: one dm element 2 float16 ulp from
-    # eager's (rule 1), where the kernel is not nearer the oracle than eager
-    (Case("multiply_valve_multiplier", torch.float16, (5, 13), alpha="full", grads="m"), NATIVE_CPU,
-     "native valve, float16 m beside a float32 alpha: one dm element 2 float16 ulp off eager's"),
-    # Triton's valve under the CPU interpreter (its tanh from exp, not libdevice's): one dm
-    # element just past rule 1
+    # the valve, float32, 3 strided elements (the scalar path) beside a 0-dim float64 alpha: dm
+    # 5.2e-8 off the oracle against a bound of 4.5e-8 (eager: 7.7e-9). The valve's float32
+    # scalar path now computes in double and rounds once, as MULTIPLY's
+    (Case("multiply_valve_multiplier", F32, (3,), layout="step", alpha="s64"), set(), ""),
+    # the valve, float16 m beside a full-size float32 alpha: one dm element (m near 1.5) 10
+    # float16 ulp from eager's (rule 1): the tanh, rounded to float16 as the reference's is,
+    # came from half_precision_tanh (up to 8e-7 off) and rounded to the other neighbour, and
+    # 1 - t^2 moved with it. Where the result is wider than m, the tanh is now tanh_with_grad's
+    (Case("multiply_valve_multiplier", torch.float16, (5, 13), alpha="full", grads="m"), set(), ""),
+    # Open: Triton's valve under the CPU interpreter (its tanh from exp, not libdevice's): one
+    # dm element just past rule 1
     (Case("multiply_valve_multiplier", F32, (2,), layout="transpose", alpha="sh"), TRITON_CPU,
      "triton valve under the interpreter: dm just past rule 1"),
 ]

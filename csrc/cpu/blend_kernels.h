@@ -664,10 +664,13 @@ bool ste_forward_if_finite(const T* h, const S* s, T* y, int64_t n, bool stream)
 // ---------------------------------------------------------------- valve multiplier
 // tanh of m and 1 - tanh^2 in m's opmath type, as MULTIPLY forms them: tanh_with_grad for
 // float, half_precision_tanh_with_grad (saturated where the reference's tanh in m's dtype is
-// +-1) for the half types.
-template <typename M, typename V>
+// +-1) for the half types. kRoundedToM: the caller rounds t to the half-precision M, as the
+// reference's tanh is rounded: tanh_with_grad's float tanh then, as half_precision_tanh's
+// error (up to 8e-7) rounds a tanh near a midpoint of M to the other neighbour, and 1 - t^2
+// of the rounded t moves by the rounding's whole step.
+template <typename M, bool kRoundedToM = false, typename V>
 inline void valve_tanh(V m, V& t, V& one_minus_t2) {
-  if constexpr (kHalfPrecision<M>) {
+  if constexpr (kHalfPrecision<M> && !kRoundedToM) {
     half_precision_tanh_with_grad<M>(m, t, one_minus_t2);
   } else if constexpr (std::is_same_v<M, double>) {
     double wide_t, wide_grad;
@@ -686,6 +689,8 @@ inline void valve_tanh(V m, V& t, V& one_minus_t2) {
 template <typename U, typename M>
 auto valve_forward_loop(bool stream) {
   using op_t = opmath_t<U>;
+  constexpr bool kBoundary = !std::is_same_v<U, M>;
+  constexpr bool kFloat32 = std::is_same_v<U, float> && std::is_same_v<M, float>;
   return [stream](char** data, const int64_t* st, int64_t n0, int64_t n1) {
     run_rows<3, kVectorizable<U>>(
         data, st, n0, n1, {sizeof(U), sizeof(M), sizeof(op_t)}, 2,
@@ -699,8 +704,8 @@ auto valve_forward_loop(bool stream) {
             load2<M>(at_<M>(p[1], i), m);
             for (int k = 0; k < 2; ++k) {
               FVec t, unused;
-              valve_tanh<M>(m[k], t, unused);
-              if constexpr (!std::is_same_v<U, M>) t = rounded<M>(t);
+              valve_tanh<M, kBoundary>(m[k], t, unused);
+              if constexpr (kBoundary) t = rounded<M>(t);
               y[k] = valve(c[k], t);
             }
             store2<U>(out_<U>(p[0], i), y, nt);
@@ -711,9 +716,13 @@ auto valve_forward_loop(bool stream) {
         [&](auto& p, const int64_t* s, int64_t i) {
           const auto m = static_cast<op_t>(val<M>(p[1], s[1], i));
           const op_t c = val<op_t>(p[2], s[2], i);
+          if constexpr (kFloat32) {  // in double, rounded once, as MULTIPLY's scalar path
+            put<U>(p[0], s[0], i, valve(static_cast<double>(c), float_tail_tanh(m, 0.0f)));
+            return;
+          }
           op_t t, unused;
-          valve_tanh<M>(m, t, unused);
-          if constexpr (!std::is_same_v<U, M>) t = as_host_value<M>(t);
+          valve_tanh<M, kBoundary>(m, t, unused);
+          if constexpr (kBoundary) t = as_host_value<M>(t);
           put<U>(p[0], s[0], i, valve(c, t));
         });
   };
@@ -730,6 +739,7 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
   constexpr int N = 4 + E;
   constexpr int G = 1 + E;
   constexpr bool kBoundary = !std::is_same_v<U, M>;
+  constexpr bool kFloat32 = std::is_same_v<U, float> && std::is_same_v<M, float>;
   // alpha's terms take a tanh in double where they are summed in double (DLanes): t is made
   // for m's dtype (half_precision_tanh is up to 8e-7 off)
   constexpr bool kDoubleTanh = !kHalfPrecision<U>;
@@ -754,7 +764,7 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
             load2<M>(at_<M>(p[G + 1], i), m);
             for (int k = 0; k < 2; ++k) {
               FVec t, sech;
-              valve_tanh<M>(m[k], t, sech);
+              valve_tanh<M, kBoundary>(m[k], t, sech);
               // dc (alpha's terms) is not read here: the terms are summed below
               if constexpr (kBoundary) {
                 valve_backward(g[k], c[k], rounded<M>(t), t, dm[k], dc[k], RoundTo<M>{});
@@ -783,12 +793,18 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
           const op_t g = static_cast<op_t>(val<U>(p[G], s[G], i));
           const auto m = static_cast<op_t>(val<M>(p[G + 1], s[G + 1], i));
           const op_t c = val<op_t>(p[G + 2], s[G + 2], i);
-          op_t t, sech, dm, dc;
-          valve_tanh<M>(m, t, sech);
-          if constexpr (kBoundary) {
-            valve_backward(g, c, as_host_value<M>(t), t, dm, dc, RoundTo<M>{});
+          op_t dm;
+          if constexpr (kFloat32) {  // in double, rounded once, as MULTIPLY's scalar path
+            const double t = float_tail_tanh(m, 0.0f);
+            dm = static_cast<float>(static_cast<double>(g) * c * ((1.0 - t) * (1.0 + t)));
           } else {
-            valve_backward(g, c, t, t, dm, dc, RoundTo<op_t>{}, KnownTanhGrad<op_t>{sech});
+            op_t t, sech, dc;
+            valve_tanh<M, kBoundary>(m, t, sech);
+            if constexpr (kBoundary) {
+              valve_backward(g, c, as_host_value<M>(t), t, dm, dc, RoundTo<M>{});
+            } else {
+              valve_backward(g, c, t, t, dm, dc, RoundTo<op_t>{}, KnownTanhGrad<op_t>{sech});
+            }
           }
           put<M>(p[0], s[0], i, dm);
           if (!sums && !kElement) return;
