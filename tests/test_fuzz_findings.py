@@ -31,10 +31,14 @@ FINDINGS = [
     # gate_network's dx, float64, (3,1,1,5) channels_last: 4.2e-18 against a bound of 3.1e-18
     (Case("gate_network", F64, (3, 1, 1, 5), layout="cl", topology="cnn", specials=True), {"triton"},
      TRITON_F64_SUM),
-    # the valve's alpha gradient of ONE element (m=(1,), float64): g * tanh(m) is 3.7e-17 off
-    # (about 5 ulp) where eager is 2.6e-18 off: Triton's float64 tanh is a few ulp out
-    (Case("multiply_valve_multiplier", F64, (1,), layout="transpose", alpha="psh"), {"triton"},
-     "triton float64 tanh is a few ulp off (valve alpha gradient of one element exceeds rule 2)"),
+    # the valve's alpha gradient of ONE element (m=(1,), float64): g * tanh(m) was 3.7e-17 off
+    # (about 5 ulp) where eager is 2.6e-18 off: the interpreter's float64 tanh (no libdevice)
+    # took 1 - 2/(exp(2|x|) + 1) from |x| = 0.05 up, which cancels there; it now takes a
+    # rational fit below 0.625
+    (Case("multiply_valve_multiplier", F64, (1,), layout="transpose", alpha="psh"), set(), ""),
+    # the same tanh in MULTIPLY's alpha gradient, one float64 element: 1.6e-16 off against a
+    # bound of 3.5e-17
+    (Case("blend_multiply", F64, (1,), layout="cl", alpha="sh"), set(), ""),
     # MULTIPLY, float32 host with a float64 seed: ds (float64, the seed's dtype) is 9 float32
     # ulp off the reference's, which casts s to float32 before s - r and tanh; with a float32
     # seed the same case passes, so the kernel does not round the seed where the reference does.

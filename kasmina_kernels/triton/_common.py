@@ -137,19 +137,22 @@ def tanh_grad(t, HOST_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 def _tanh_from_exp(x):
     """tanh without libdevice (runs under the interpreter).
 
-    float32: Cephes' odd minimax polynomial for |x| < 0.625 (relative error ~1e-7), else
-    1 - 2/(exp(2|x|) + 1); float64: the Taylor series to x^11 for |x| < 0.05, else the same
-    exp form. |x| is capped at 20 (tanh(20) rounds to 1 in both), NaN and -0 are kept.
+    Below |x| = 0.625, x + x^3 R(x^2), R Cephes' minimax fit: a polynomial (float32, relative
+    error ~1e-7) or a rational function of degrees 2/3 (float64, within 0.7 ulp); the exp form
+    1 - 2/(exp(2|x|) + 1) cancels there. Above it, that form. |x| is capped at 20 (tanh(20)
+    rounds to 1 in both), NaN and -0 are kept.
     """
     ax = tl.abs(x)
-    if x.dtype == tl.float64:
-        cut = 0.05
-    else:
-        cut = 0.625
-    xs = tl.where(ax < cut, x, 0.0).to(x.dtype)  # the series only sees its own range
+    cut = 0.625
+    xs = tl.where(ax < cut, x, 0.0).to(x.dtype)  # the fit only sees its own range
     z = xs * xs
-    if x.dtype == tl.float64:
-        p = -1.0 / 3.0 + z * (2.0 / 15.0 + z * (-17.0 / 315.0 + z * (62.0 / 2835.0 + z * (-1382.0 / 155925.0))))
+    if x.dtype == tl.float64:  # tl.full keeps float64 constants whole (a literal is float32)
+        num = tl.full(z.shape, -9.64399179425052238628e-1, tl.float64) * z
+        num = (num + tl.full(z.shape, -9.92877231001918586564e1, tl.float64)) * z
+        num = num + tl.full(z.shape, -1.61468768441708447952e3, tl.float64)
+        den = (z + tl.full(z.shape, 1.12811678491632931402e2, tl.float64)) * z
+        den = (den + tl.full(z.shape, 2.23548839060100448583e3, tl.float64)) * z
+        p = num / (den + tl.full(z.shape, 4.84406305325125486048e3, tl.float64))
     else:
         p = (((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z - 3.33332819422e-1
     small = tl.where(xs == 0, x, xs + xs * (z * p))  # keeps -0 (and exact 0)
