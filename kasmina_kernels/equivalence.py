@@ -296,4 +296,25 @@ def reduction_terms(op: str, leaves: dict, requires, grad_out: torch.Tensor | No
         dims = TOPOLOGIES[topology].positions
         n = math.prod(x.shape[d] for d in dims)
         out["y"] = (x.abs().sum(dim=dims) / n, n)
+    if g is not None and op == "gate_network":
+        # the weights' gradients sum over the batch, x's over the hidden units (then spread
+        # over the positions); NaN terms (nothing to pool) leave the 1 ulp alone
+        x, w1, w2 = f["x"], f["w1"], f["w2"]
+        dims = TOPOLOGIES[topology].positions
+        pooled = x.mean(dim=dims)
+        z1 = torch.nn.functional.linear(pooled, w1, f["b1"])
+        a1 = z1.clamp(min=0)
+        y = torch.sigmoid(torch.nn.functional.linear(a1, w2, f["b2"]))
+        dz2 = (g.reshape(y.shape) * y * (1 - y)).nan_to_num(nan=0.0)
+        dz1 = ((dz2 @ w2) * (z1 > 0)).nan_to_num(nan=0.0)
+        a1, pooled = a1.nan_to_num(nan=0.0), pooled.nan_to_num(nan=0.0)
+        add("w2", dz2[:, :, None] * a1[:, None, :], w2.shape)
+        add("b2", dz2, f["b2"].shape)
+        add("w1", dz1[:, :, None] * pooled[:, None, :], w1.shape)
+        add("b1", dz1, f["b1"].shape)
+        if "x" in requires and w1.shape[0] > 1:
+            per_sample = (dz1.abs() @ w1.abs()) / max(1, math.prod(x.shape[d] for d in dims))
+            for d in dims:
+                per_sample = per_sample.unsqueeze(d)
+            out["dx"] = (per_sample.expand(x.shape), w1.shape[0])
     return out
