@@ -135,40 +135,42 @@ def tanh_grad(t, HOST_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _tanh_from_exp(x):
-    """tanh without libdevice (runs under the interpreter).
+    """tanh without libdevice (runs under the interpreter), in float64 and rounded once to x's
+    dtype: at least as close as eager's CPU tanh.
 
-    Below |x| = 0.625, x + x^3 R(x^2), R Cephes' minimax fit: a polynomial (float32, relative
-    error ~1e-7) or a rational function of degrees 2/3 (float64, within 0.7 ulp); the exp form
-    1 - 2/(exp(2|x|) + 1) cancels there. Above it, that form. |x| is capped at 20 (tanh(20)
-    rounds to 1 in both), NaN and -0 are kept.
+    Below |x| = 0.625, x + x^3 R(x^2), R Cephes' rational minimax fit of degrees 2/3 (within
+    0.7 ulp); the exp form 1 - 2/(exp(2|x|) + 1) cancels there. Above it, that form. |x| is
+    capped at 20 (tanh(20) rounds to 1), NaN and -0 are kept. +-1 exactly from where ATen's
+    CPU tanh is, and below 1 under it (kFloatTanhBelowOne in blend_math.h,
+    kDoubleTanhBelowOne in cpu/blend_kernels.h).
     """
-    ax = tl.abs(x)
+    xw = x.to(tl.float64)
+    ax = tl.abs(xw)
     cut = 0.625
-    xs = tl.where(ax < cut, x, 0.0).to(x.dtype)  # the fit only sees its own range
+    xs = tl.where(ax < cut, xw, 0.0).to(tl.float64)  # the fit only sees its own range
     z = xs * xs
-    if x.dtype == tl.float64:  # tl.full keeps float64 constants whole (a literal is float32)
-        num = tl.full(z.shape, -9.64399179425052238628e-1, tl.float64) * z
-        num = (num + tl.full(z.shape, -9.92877231001918586564e1, tl.float64)) * z
-        num = num + tl.full(z.shape, -1.61468768441708447952e3, tl.float64)
-        den = (z + tl.full(z.shape, 1.12811678491632931402e2, tl.float64)) * z
-        den = (den + tl.full(z.shape, 2.23548839060100448583e3, tl.float64)) * z
-        p = num / (den + tl.full(z.shape, 4.84406305325125486048e3, tl.float64))
-    else:
-        p = (((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z - 3.33332819422e-1
-    small = tl.where(xs == 0, x, xs + xs * (z * p))  # keeps -0 (and exact 0)
+    # tl.full keeps float64 constants whole (a literal is float32)
+    num = tl.full(z.shape, -9.64399179425052238628e-1, tl.float64) * z
+    num = (num + tl.full(z.shape, -9.92877231001918586564e1, tl.float64)) * z
+    num = num + tl.full(z.shape, -1.61468768441708447952e3, tl.float64)
+    den = (z + tl.full(z.shape, 1.12811678491632931402e2, tl.float64)) * z
+    den = (den + tl.full(z.shape, 2.23548839060100448583e3, tl.float64)) * z
+    p = num / (den + tl.full(z.shape, 4.84406305325125486048e3, tl.float64))
+    small = tl.where(xs == 0, xw, xs + xs * (z * p))  # keeps -0 (and exact 0)
     ac = tl.where(ax > 20.0, 20.0, ax)
     e = tl.exp(ac + ac)
     big = 1.0 - 2.0 / (e + 1.0)
-    # exactly 1 from where ATen's CPU tanh is and below 1 under it (kFloatTanhBelowOne in
-    # blend_math.h, kDoubleTanhBelowOne in cpu/blend_kernels.h)
+    below_one = tl.full(ax.shape, 1.0, tl.float64) - 2.0 ** -53
+    at_one = ax > tl.full(ax.shape, 19.06154746546846, tl.float64)
+    big = tl.where(at_one, 1.0, tl.where(big > below_one, below_one, big))  # NaN stays
+    big = tl.where(xw < 0, -big, big)
+    t = tl.where(ax < cut, small, big)
     if x.dtype == tl.float32:
-        big = tl.where(ax > 9.010839462280273, 1.0, big)
-    else:  # (full-precision float64 constants: a plain literal would be a float32 one)
-        below_one = tl.full(ax.shape, 1.0, tl.float64) - 2.0 ** -53
-        at_one = ax > tl.full(ax.shape, 19.06154746546846, tl.float64)
-        big = tl.where(at_one, 1.0, tl.where(big > below_one, below_one, big))  # NaN stays
-    big = tl.where(x < 0, -big, big)
-    return tl.where(ax < cut, small, big).to(x.dtype)
+        t = t.to(tl.float32)
+        sign = tl.where(x < 0, -1.0, 1.0)
+        below = tl.where(tl.abs(t) == 1.0, sign * (1.0 - 2.0 ** -24), t)
+        t = tl.where(tl.abs(x) > 9.010839462280273, sign, below)
+    return t.to(x.dtype)
 
 
 # How a weight (alpha or gate) reaches a kernel: a Python float, one element, one per
