@@ -12,9 +12,11 @@ from ._common import clamp01, in01, round_to
 
 @triton.jit
 def lerp(h, s, w):
-    """torch.lerp's two-branch formula: exact at w == 0 (h) and at w == 1 (s)."""
+    """torch.lerp's two-branch formula, each branch one fused multiply-add as ATen's: exact at
+    w == 0 (h) and at w == 1 (s). (Spelled out: the CPU interpreter rounds a product and a sum
+    apart, which loses to ATen where the sum cancels.)"""
     d = s - h
-    return tl.where(tl.abs(w) < 0.5, h + w * d, s - d * (1.0 - w))
+    return tl.where(tl.abs(w) < 0.5, tl.fma(w, d, h), tl.fma(-d, 1.0 - w, s))
 
 
 @triton.jit
