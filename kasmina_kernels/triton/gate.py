@@ -138,11 +138,9 @@ def _gate_network_kernel(
         w1, z1, w2, rows, row_mask = _hidden_chunk(w1_ptr, b1_ptr, w2_ptr, pooled, channels, channel_mask, k0,
                                                    HIDDEN, w1_s0, w1_s1, b1_s0, w2_s1, ACC_DTYPE, INTERPRET, BLOCK_K)
         z2 += tl.where(row_mask, tl.where(z1 < 0, 0.0, z1) * w2, 0.0)  # relu keeping NaN
-    z2 = tl.sum(z2, axis=0) + to_float(tl.load(b2_ptr), ACC_DTYPE, INTERPRET)
-    y = tl.sigmoid(z2)
+    y = tl.sigmoid(tl.sum(z2, axis=0) + to_float(tl.load(b2_ptr), ACC_DTYPE, INTERPRET))
     if BACKWARD:
-        # 1 - y as sigmoid(-z2): from y it cancels where y nears 1, amplifying y's rounding
-        dz2 = to_float(tl.load(grad_ptr + b * grad_sb), ACC_DTYPE, INTERPRET) * y * tl.sigmoid(-z2)
+        dz2 = to_float(tl.load(grad_ptr + b * grad_sb), ACC_DTYPE, INTERPRET) * y * (1.0 - y)
         if NEED_W:
             tl.store(scratch_ptr + DZ2_OFF + b, dz2)
         dpooled = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
