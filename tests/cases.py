@@ -119,7 +119,7 @@ SMALL_SHAPES = {
     "d5": (2, 3, 4, 5, 2),
 }
 LAYOUTS_4D = ("cl", "cl_host", "cl_seed", "slice", "transpose")
-ALPHA_FORMS = ("s32", "sbf", "s16", "sh", "int", "ps", "psh", "bc", "vec", "full")
+ALPHA_FORMS = ("s32", "sbf", "s16", "sh", "int", "ps", "psh", "bc", "vec", "full", "fullh")
 AVALUES = ("zero", "one", "neg", "over")
 
 BIG = {
@@ -192,6 +192,7 @@ def full_cases() -> list[Case]:
             add(replace(base, specials=True, alpha="ps" if has_alpha else "s32", layout="cl"))
             if has_alpha:
                 add(replace(base, specials=True, avalue="zero"))
+                add(replace(base, specials=True, alpha="full"))
             add(replace(base, alias=True))
             add(replace(base, alias=True, layout="cl", alpha="ps" if has_alpha else "s32"))
             # mixed dtypes: half host with an fp32 seed (autocast)
@@ -246,6 +247,9 @@ def full_cases() -> list[Case]:
                     add(replace(base, grads=sub, alpha="ps"))
                 add(replace(base, mode="inference"))
                 add(replace(base, specials=True, alpha="ps"))
+        # an effective alpha of more values than samples: (8,1,1,1) gate beside a (1,3,1,1) alpha
+        for specials in (False, True):
+            add(Case("gate_effective_alpha", dt, (8, 3, 1, 1), alpha="bc", gate="ps", specials=specials))
     # pooling and the gate network
     for op in ("gated_pool", "gate_network"):
         for dt in DTYPES:
@@ -465,7 +469,7 @@ def _weight_shape(form: str, shape) -> tuple:
         return (1, shape[1]) + (1,) * (len(shape) - 2) if len(shape) >= 2 else (1,)
     if form == "vec":  # trailing-dim vector
         return (shape[-1],)
-    if form == "full":
+    if form in ("full", "fullh"):
         return tuple(shape)
     raise AssertionError(form)
 
@@ -478,7 +482,7 @@ def _alpha(case: Case, shape, gen) -> torch.Tensor:
         return torch.tensor(_scalar_value(case.avalue, gen), dtype=dt, device=device)
     if form == "int":
         return torch.tensor(int(_scalar_value(case.avalue, gen)), dtype=torch.int64)
-    dt = host if form == "psh" else F32
+    dt = host if form in ("psh", "fullh") else F32
     return blend_weights(_weight_shape(form, shape), gen).to(TEST_DEVICE, dt)
 
 

@@ -3,7 +3,9 @@
 // pass; each backward is one pass writing every feature gradient plus per-sample partial
 // sums for alpha/gate, finished on the host by a fixed-order reduction.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/ExpandUtils.h>
+#include <ATen/native/cpu/Loops.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -48,12 +50,105 @@ void with_flags(bool a, bool b, F&& f) {
   a ? second(std::true_type{}) : second(std::false_type{});
 }
 
-// A blend weight after the reference's casts and clamps: one value per element of `shape`,
-// which broadcasts to the features.
+// The reference's weight math on one value (exact in double) or on a whole weight tensor (the
+// reference's own ATen ops), so that each weight recipe below is written once for both.
+double clamped01(double v) { return clamp01(v); }
+at::Tensor clamped01(const at::Tensor& t) { return t.clamp(0, 1); }
+double cast_to(at::ScalarType dtype, double v) { return round_to(dtype, v); }
+at::Tensor cast_to(at::ScalarType dtype, const at::Tensor& t) { return t.to(dtype); }
+// d where torch.clamp(x, 0, 1) passes x's gradient, 0 elsewhere
+template <typename D>
+D clamp01_grad(double x, D d) {
+  return clamp01_passes_grad(x) ? d : D(0);
+}
+
+// An iterator over `inputs` as float64, broadcast together, with `outputs` new float64
+// outputs: the weights' per-element chains run through it (at::native::cpu_kernel) in one pass
+// of the same scalar code as their per-value form.
+at::TensorIterator float64_iter(int outputs, std::initializer_list<at::Tensor> inputs) {
+  at::TensorIteratorConfig config;
+  for (int k = 0; k < outputs; ++k) config.add_owned_output(at::Tensor());
+  for (const at::Tensor& t : inputs) {
+    // 16-bit dtypes through float32 (exact): ATen's direct conversion is several times slower
+    const bool half = t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+    config.add_owned_const_input((half ? t.to(at::kFloat) : t).to(at::kDouble));
+  }
+  return config.build();
+}
+
+// A blend weight after the reference's casts and clamps, broadcastable to the features. One
+// value, or one per sample, is `values`, which the kernels' raw loops read; a weight of any
+// other shape is `tensor`, made by ATen in vectorized passes (value by value on the host, a
+// weight as large as the features would cost several times the blend).
 struct Weights {
-  std::vector<double> values;
   std::vector<int64_t> shape;
+  std::vector<double> values;
+  at::Tensor tensor;  // the other shapes, instead of values
 };
+
+// Whether a weight of `shape` is one value, or one per sample of features of `features` sizes.
+bool small_weight(at::IntArrayRef shape, at::IntArrayRef features) {
+  const int64_t n = c10::multiply_integers(shape);
+  return n == 1 || (shape.size() == features.size() && !shape.empty() && shape[0] == features[0] &&
+                    n == shape[0]);
+}
+
+// f (the reference's clamps and casts) of every element of w
+template <typename F>
+Weights map_weights(Weights w, F&& f) {
+  if (w.tensor.defined()) {
+    w.tensor = f(w.tensor);
+  } else {
+    for (double& v : w.values) v = f(v);
+  }
+  return w;
+}
+
+// alpha as a weight over `features`, through the op's recipe
+template <typename Recipe>
+Weights make_weights(const at::Tensor& alpha, const at::Tensor& features, Recipe&& recipe) {
+  Weights w{alpha.sizes().vec(), {}, {}};
+  if (small_weight(alpha.sizes(), features.sizes())) {
+    w.values = read_values(alpha);
+  } else {
+    w.tensor = alpha;
+  }
+  return map_weights(std::move(w), recipe);
+}
+
+// A weight's gradient summed over its shape: per value for `values` weights, a float64 tensor
+// of the weight's shape for `tensor` ones.
+struct WeightGrad {
+  std::vector<long double> values;
+  at::Tensor tensor;
+};
+
+// d(alpha) for a weight f(clamp01(cast(alpha))): the weight's gradient where the clamp passes
+// it, in alpha's dtype and shape.
+template <typename Cast>
+at::Tensor clamped_weight_grad(const WeightGrad& dw, const at::Tensor& alpha, Cast&& cast) {
+  if (dw.tensor.defined()) {  // one pass in alpha's dtype: no float64 copies of alpha or of d(alpha)
+    at::Tensor da = at::empty(alpha.sizes(), alpha.options());
+    at::TensorIterator iter = at::TensorIteratorConfig()
+                                  .check_all_same_dtype(false)
+                                  .add_output(da)
+                                  .add_const_input(alpha)
+                                  .add_const_input(dw.tensor)
+                                  .build();
+    AT_DISPATCH_ALL_TYPES_AND2(at::kBFloat16, at::kHalf, alpha.scalar_type(), "clamped_weight_grad", [&] {
+      at::native::cpu_kernel(iter, [&cast](scalar_t a, double d) -> scalar_t {
+        return static_cast<scalar_t>(clamp01_grad(cast(static_cast<double>(a)), d));
+      });
+    });
+    return da;
+  }
+  const std::vector<double> a = read_values(alpha);
+  std::vector<double> da(a.size());
+  for (size_t i = 0; i < a.size(); ++i) da[i] = static_cast<double>(clamp01_grad(cast(a[i]), dw.values[i]));
+  return tensor_from_values(da, alpha.sizes(), alpha.scalar_type());
+}
+
+const auto kNoCast = [](const auto& a) { return a; };
 
 bool same_dense_layout(const std::vector<at::Tensor>& ts) {
   const at::Tensor& first = ts.front();
@@ -102,10 +197,9 @@ std::vector<long double> run_pass(const std::vector<at::Tensor>& outputs,
                              LoopFor&& loop_for) {
   const int64_t numel = features.numel();
   const int64_t B = features.size(0);
-  const int64_t wnumel = static_cast<int64_t>(w.values.size());
-  const bool scalar = wnumel == 1;
-  const bool per_sample = !scalar && static_cast<int64_t>(w.shape.size()) == features.dim() &&
-                          w.shape[0] == B && wnumel == B;
+  const int64_t wnumel = c10::multiply_integers(w.shape);
+  const bool scalar = !w.tensor.defined() && wnumel == 1;
+  const bool per_sample = !scalar && !w.tensor.defined();  // (small_weight)
   const bool batch_ok = batch_outermost(outputs.front());
   const int64_t groups = scalar ? 1 : B;
   const int64_t group_size = groups == 0 ? 0 : numel / groups;
@@ -173,9 +267,10 @@ std::vector<long double> run_pass(const std::vector<at::Tensor>& outputs,
     }
   }
 
-  const at::Tensor wt =
-      tensor_from_values(w.values, w.shape, c10::CppTypeToScalarType<OpT>::value)
-          .expand(features.sizes());
+  constexpr auto kOpDtype = c10::CppTypeToScalarType<OpT>::value;
+  const at::Tensor wt = (w.tensor.defined() ? w.tensor.to(kOpDtype)
+                                            : tensor_from_values(w.values, w.shape, kOpDtype))
+                            .expand(features.sizes());
   at::TensorIteratorConfig config;
   config.check_all_same_dtype(false).resize_outputs(false).set_check_mem_overlap(true);
   for (const at::Tensor& t : outputs) config.add_output(t);
@@ -208,13 +303,13 @@ std::vector<long double> run_pass(const std::vector<at::Tensor>& outputs,
 }
 
 // The weight-gradient sums over the weight's shape, from whichever form run_pass produced.
-std::vector<long double> weight_grad_sums(std::vector<long double> sums,
-                                          const at::Tensor& element_out, const Weights& w) {
-  if (element_out.defined()) {
-    const auto v = read_values(at::sum_to(element_out, w.shape));
-    return std::vector<long double>(v.begin(), v.end());
-  }
-  return sums;
+WeightGrad weight_grad_sums(std::vector<long double> sums, const at::Tensor& element_out,
+                            const Weights& w) {
+  if (!element_out.defined()) return {std::move(sums), {}};
+  const at::Tensor summed = at::sum_to(element_out, w.shape);
+  if (w.tensor.defined()) return {{}, summed};
+  const auto v = read_values(summed);
+  return {std::vector<long double>(v.begin(), v.end()), {}};
 }
 
 at::Tensor lerp_forward_pass(const at::Tensor& h, const at::Tensor& s_in, const Weights& w) {
@@ -233,7 +328,7 @@ at::Tensor lerp_forward_pass(const at::Tensor& h, const at::Tensor& s_in, const 
 
 // One blend gradient pass (ADD or GATE): dh, ds and, when `need_weight_grad`, the weight
 // gradient summed over the weight's shape (without it the pass reads only the gradient).
-std::tuple<at::Tensor, at::Tensor, std::vector<long double>> lerp_backward_pass(
+std::tuple<at::Tensor, at::Tensor, WeightGrad> lerp_backward_pass(
     const at::Tensor& grad_in, const at::Tensor& h, const at::Tensor& s_in, const Weights& w,
     bool need_weight_grad) {
   const auto host = h.scalar_type();
@@ -260,71 +355,77 @@ std::tuple<at::Tensor, at::Tensor, std::vector<long double>> lerp_backward_pass(
   return {dh, ds, weight_grad_sums(std::move(sums), element_out, w)};
 }
 
-// Effective alpha of GATE per element of the broadcast (alpha, gate) shape, as the reference
-// computes it: clamp01(clamp01(alpha) * clamp01(gate)) in the promoted dtype.
+// GATE's effective alpha clamp01(clamp01(alpha) * clamp01(gate)) in the promoted dtype (V:
+// double, one element, or at::Tensor), and its chain back to alpha and gate: through the outer
+// clamp (on the rounded product), the product, and each inner clamp.
+template <typename V>
+V effective_alpha(const V& a, const V& g, at::ScalarType promoted) {
+  return clamped01(cast_to(promoted, clamped01(a) * clamped01(g)));
+}
+
+template <typename D>
+std::pair<D, D> effective_alpha_grad(double a, double g, D de, at::ScalarType promoted) {
+  const double ca = clamped01(a), cg = clamped01(g);
+  const D dp = clamp01_grad(cast_to(promoted, ca * cg), de);
+  return {clamp01_grad(a, dp * cg), clamp01_grad(g, dp * ca)};
+}
+
+// GATE's weights over the broadcast (alpha, gate) shape
 struct GateWeights {
   std::vector<int64_t> shape;
-  std::vector<double> a, g, e;  // alpha and gate broadcast to `shape`, and the effective alpha
   at::ScalarType promoted;
+  std::vector<double> a, g;  // a small e's: alpha's and gate's values broadcast to `shape`
+  Weights e;                 // the effective alpha
 };
 
-GateWeights gate_weights(const at::Tensor& alpha, const at::Tensor& gate) {
+GateWeights gate_weights(const at::Tensor& alpha, const at::Tensor& gate, at::IntArrayRef features) {
   GateWeights gw;
   gw.shape = at::infer_size(alpha.sizes(), gate.sizes());
   gw.promoted = at::result_type(alpha, gate);
-  gw.a = read_values(alpha, gw.shape);
-  gw.g = read_values(gate, gw.shape);
-  gw.e.resize(gw.a.size());
-  for (size_t i = 0; i < gw.a.size(); ++i) {
-    gw.e[i] = clamp01(round_to(gw.promoted, clamp01(gw.a[i]) * clamp01(gw.g[i])));
+  gw.e.shape = gw.shape;
+  if (small_weight(gw.shape, features)) {
+    gw.a = read_values(alpha, gw.shape);
+    gw.g = read_values(gate, gw.shape);
+    for (size_t i = 0; i < gw.a.size(); ++i) {
+      gw.e.values.push_back(effective_alpha(gw.a[i], gw.g[i], gw.promoted));
+    }
+  } else {
+    gw.e.tensor = effective_alpha(alpha, gate, gw.promoted);
   }
   return gw;
 }
 
-// Chains d(effective alpha) back to alpha and gate: through the outer clamp (on the rounded
-// product), the product, and each inner clamp; summed to each input's own shape.
-std::pair<at::Tensor, at::Tensor> gate_weights_backward(const GateWeights& gw,
-                                                        const std::vector<long double>& de,
+// d(alpha) and d(gate) from d(effective alpha), each summed to its input's shape in double
+// and rounded once to its dtype (a zero placeholder where no gradient is needed).
+std::pair<at::Tensor, at::Tensor> gate_weights_backward(const GateWeights& gw, const WeightGrad& de,
                                                         const at::Tensor& alpha,
                                                         const at::Tensor& gate, bool need_alpha_grad,
                                                         bool need_gate_grad) {
-  std::vector<long double> da(de.size()), dg(de.size());
-  for (size_t i = 0; i < de.size(); ++i) {
-    const double ca = clamp01(gw.a[i]), cg = clamp01(gw.g[i]);
-    const double p = round_to(gw.promoted, ca * cg);
-    const long double dp = clamp01_passes_grad(p) ? de[i] : 0.0L;
-    da[i] = clamp01_passes_grad(gw.a[i]) ? dp * cg : 0.0L;
-    dg[i] = clamp01_passes_grad(gw.g[i]) ? dp * ca : 0.0L;
-  }
-  // each summed to its input's shape in double, then rounded once to its dtype (a zero
-  // placeholder where no gradient is needed)
-  const auto summed = [&](const std::vector<long double>& d, const at::Tensor& t, bool needed) {
+  const auto summed = [&](const auto& d, const at::Tensor& t, bool needed) -> at::Tensor {
     if (!needed) return at::zeros(t.sizes(), t.options());
-    const std::vector<double> v(d.begin(), d.end());
-    if (t.sizes() == at::IntArrayRef(gw.shape)) return tensor_from_values(v, t.sizes(), t.scalar_type());
-    return at::sum_to(tensor_from_values(v, gw.shape, at::kDouble), t.sizes()).to(t.scalar_type());
+    if constexpr (std::is_same_v<std::decay_t<decltype(d)>, at::Tensor>) {
+      return at::sum_to(d, t.sizes()).to(t.scalar_type());
+    } else {
+      if (t.sizes() == at::IntArrayRef(gw.shape)) return tensor_from_values(d, t.sizes(), t.scalar_type());
+      return at::sum_to(tensor_from_values(d, gw.shape, at::kDouble), t.sizes()).to(t.scalar_type());
+    }
   };
-  return {summed(da, alpha, need_alpha_grad), summed(dg, gate, need_gate_grad)};
-}
-
-// d(alpha) for a weight w = f(clamp01(alpha)): the clamp's mask on `masked_on`.
-at::Tensor masked_weight_grad(const std::vector<long double>& dw, const std::vector<double>& masked_on,
-                              const at::Tensor& alpha) {
-  std::vector<double> da(dw.size());
-  for (size_t i = 0; i < dw.size(); ++i) {
-    da[i] = clamp01_passes_grad(masked_on[i]) ? static_cast<double>(dw[i]) : 0.0;
+  if (de.tensor.defined()) {
+    at::TensorIterator iter = float64_iter(2, {alpha, gate, de.tensor});
+    at::native::cpu_kernel_multiple_outputs(iter, [promoted = gw.promoted](double a, double g, double d) {
+      const auto [da, dg] = effective_alpha_grad(a, g, d, promoted);
+      return std::make_tuple(da, dg);
+    });
+    return {summed(iter.output(0), alpha, need_alpha_grad), summed(iter.output(1), gate, need_gate_grad)};
   }
-  return tensor_from_values(da, alpha.sizes(), alpha.scalar_type());
-}
-
-std::vector<double> clamp_values(std::vector<double> v) {
-  for (double& x : v) x = clamp01(x);
-  return v;
-}
-
-std::vector<double> rounded_to(std::vector<double> v, at::ScalarType dtype) {
-  for (double& x : v) x = round_to(dtype, x);
-  return v;
+  std::vector<double> da(de.values.size()), dg(de.values.size());
+  for (size_t i = 0; i < de.values.size(); ++i) {
+    const auto [a_term, g_term] =
+        effective_alpha_grad(gw.a[i], gw.g[i], de.values[i], gw.promoted);
+    da[i] = static_cast<double>(a_term);
+    dg[i] = static_cast<double>(g_term);
+  }
+  return {summed(da, alpha, need_alpha_grad), summed(dg, gate, need_gate_grad)};
 }
 
 }  // namespace
@@ -332,14 +433,14 @@ std::vector<double> rounded_to(std::vector<double> v, at::ScalarType dtype) {
 // ---------------------------------------------------------------- ADD
 namespace {
 // w = clamp01(alpha) cast to h's dtype
-Weights add_weights(const std::vector<double>& a, const at::Tensor& alpha, at::ScalarType host) {
-  return {rounded_to(clamp_values(a), host), alpha.sizes().vec()};
+auto add_weight(at::ScalarType host) {
+  return [host](const auto& a) { return cast_to(host, clamped01(a)); };
 }
 }  // namespace
 
 at::Tensor blend_add(const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha) {
   check_blend("blend_add", h, s, alpha);
-  return lerp_forward_pass(h, s, add_weights(read_values(alpha), alpha, h.scalar_type()));
+  return lerp_forward_pass(h, s, make_weights(alpha, h, add_weight(h.scalar_type())));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_add_backward(const at::Tensor& grad,
@@ -348,10 +449,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_add_backward(const at::Tens
                                                                  const at::Tensor& alpha,
                                                                  bool need_alpha_grad) {
   check_blend("blend_add_backward", h, s, alpha);
-  const auto a = read_values(alpha);
-  auto [dh, ds, dw] =
-      lerp_backward_pass(grad, h, s, add_weights(a, alpha, h.scalar_type()), need_alpha_grad);
-  at::Tensor dalpha = need_alpha_grad ? masked_weight_grad(dw, a, alpha)
+  auto [dh, ds, dw] = lerp_backward_pass(grad, h, s, make_weights(alpha, h, add_weight(h.scalar_type())),
+                                         need_alpha_grad);
+  at::Tensor dalpha = need_alpha_grad ? clamped_weight_grad(dw, alpha, kNoCast)
                                       : at::zeros(alpha.sizes(), alpha.options());
   return {dh, ds, dalpha};
 }
@@ -359,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_add_backward(const at::Tens
 // ---------------------------------------------------------------- GATE
 namespace {
 Weights gate_lerp_weights(const GateWeights& gw, at::ScalarType host) {
-  return {rounded_to(gw.e, host), gw.shape};
+  return map_weights(gw.e, [host](const auto& e) { return cast_to(host, e); });
 }
 }  // namespace
 
@@ -367,7 +467,7 @@ at::Tensor blend_gate(const at::Tensor& h, const at::Tensor& s, const at::Tensor
                       const at::Tensor& gate) {
   check_blend("blend_gate", h, s, alpha);
   check_weight("blend_gate", "gate", gate, h);
-  return lerp_forward_pass(h, s, gate_lerp_weights(gate_weights(alpha, gate), h.scalar_type()));
+  return lerp_forward_pass(h, s, gate_lerp_weights(gate_weights(alpha, gate, h.sizes()), h.scalar_type()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_gate_backward(
@@ -376,7 +476,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_gate_backward(
   const bool need_weight_grads = need_alpha_grad || need_gate_grad;
   check_blend("blend_gate_backward", h, s, alpha);
   check_weight("blend_gate_backward", "gate", gate, h);
-  const GateWeights gw = gate_weights(alpha, gate);
+  const GateWeights gw = gate_weights(alpha, gate, h.sizes());
   auto [dh, ds, de] =
       lerp_backward_pass(grad, h, s, gate_lerp_weights(gw, h.scalar_type()), need_weight_grads);
   if (!need_weight_grads) {
@@ -390,9 +490,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_gate_backward(
 // ---------------------------------------------------------------- MULTIPLY
 namespace {
 // c = clamp01(alpha.to(h.dtype))
-Weights multiply_weights(const std::vector<double>& a, const at::Tensor& alpha,
-                         at::ScalarType host) {
-  return {clamp_values(rounded_to(a, host)), alpha.sizes().vec()};
+auto multiply_weight(at::ScalarType host) {
+  return [host](const auto& a) { return clamped01(cast_to(host, a)); };
 }
 
 void check_multiply(const char* op, const at::Tensor& h, const at::Tensor& s,
@@ -415,7 +514,7 @@ std::tuple<at::Tensor, at::Tensor> multiply_forward(const char* op, const at::Te
   check_multiply(op, h, s_in, alpha, seed_input);
   const auto host = h.scalar_type();
   const at::Tensor s = kernel_operand(s_in, host);
-  const Weights c = multiply_weights(read_values(alpha), alpha, host);
+  const Weights c = make_weights(alpha, h, multiply_weight(host));
   at::Tensor out = at::empty_like(h);
   keep_tanh = keep_tanh && host == at::kFloat;
   at::Tensor t;  // undefined where none is kept
@@ -457,8 +556,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
   const auto host = h.scalar_type();
   const at::Tensor g = grad_in.to(host);
   const at::Tensor s = kernel_operand(s_in, host);
-  const auto a = read_values(alpha);
-  const Weights c = multiply_weights(a, alpha, host);
+  const Weights c = make_weights(alpha, h, multiply_weight(host));
   const bool r_is_h = !seed_input.has_value();
   const at::Tensor r = r_is_h ? at::Tensor() : seed_input->to(s.scalar_type());
   at::Tensor dh = at::empty_like(h);
@@ -510,8 +608,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
   }
   at::Tensor dalpha = at::zeros(alpha.sizes(), alpha.options());
   if (need_alpha_grad) {
-    dalpha = masked_weight_grad(weight_grad_sums(std::move(sums), element_out, c),
-                                rounded_to(a, host), alpha);
+    dalpha = clamped_weight_grad(weight_grad_sums(std::move(sums), element_out, c), alpha,
+                                 [host](const auto& a) { return cast_to(host, a); });
   }
   return {dh, ds, dalpha, dr};
 }
@@ -571,9 +669,8 @@ void dispatch_valve(at::ScalarType result, at::ScalarType m, F&& f) {
 }
 
 // c = clamp01(alpha) promoted to the result dtype
-Weights valve_weights(const std::vector<double>& a, const at::Tensor& alpha,
-                      at::ScalarType result) {
-  return {rounded_to(clamp_values(a), result), alpha.sizes().vec()};
+auto valve_weight(at::ScalarType result) {
+  return [result](const auto& a) { return cast_to(result, clamped01(a)); };
 }
 
 void check_valve(const char* op, const at::Tensor& alpha, const at::Tensor& m) {
@@ -587,7 +684,7 @@ at::Tensor multiply_valve_multiplier(const at::Tensor& alpha, const at::Tensor& 
   const auto result = at::result_type(alpha, m_in);
   const at::Tensor m = valve_operand(m_in, result);
   at::Tensor out = at::empty_like(m_in, m_in.options().dtype(result));
-  const Weights c = valve_weights(read_values(alpha), alpha, result);
+  const Weights c = make_weights(alpha, m, valve_weight(result));
   at::Tensor unused;
   dispatch_valve(result, m.scalar_type(), [&](auto ut, auto mt) {
     using U = typename decltype(ut)::type;
@@ -606,8 +703,7 @@ std::tuple<at::Tensor, at::Tensor> multiply_valve_multiplier_backward(const at::
   const auto result = at::result_type(alpha, m_in);
   const at::Tensor g = grad_in.to(result);
   const at::Tensor m = valve_operand(m_in, result);
-  const auto a = read_values(alpha);
-  const Weights c = valve_weights(a, alpha, result);
+  const Weights c = make_weights(alpha, m, valve_weight(result));
   at::Tensor dm = at::empty_like(m);
   at::Tensor element_out;
   std::vector<long double> sums;
@@ -623,7 +719,7 @@ std::tuple<at::Tensor, at::Tensor> multiply_valve_multiplier_backward(const at::
   if (dm.scalar_type() != m_in.scalar_type()) dm = dm.to(m_in.scalar_type());
   at::Tensor dalpha = at::zeros(alpha.sizes(), alpha.options());
   if (need_alpha_grad) {
-    dalpha = masked_weight_grad(weight_grad_sums(std::move(sums), element_out, c), a, alpha);
+    dalpha = clamped_weight_grad(weight_grad_sums(std::move(sums), element_out, c), alpha, kNoCast);
   }
   return {dalpha, dm};
 }
@@ -669,11 +765,20 @@ at::Tensor tanh_f64(const at::Tensor& x) {
 }
 
 // ---------------------------------------------------------------- gate effective alpha
+namespace {
+// The effective alpha's weights: its own shape stands for the features (one value per sample
+// of it is small)
+GateWeights effective_alpha_weights(const at::Tensor& alpha, const at::Tensor& gate) {
+  return gate_weights(alpha, gate, at::infer_size(alpha.sizes(), gate.sizes()));
+}
+}  // namespace
+
 at::Tensor gate_effective_alpha(const at::Tensor& alpha, const at::Tensor& gate) {
   TORCH_CHECK(alpha.is_floating_point() || gate.is_floating_point(),
               "gate_effective_alpha: alpha or gate must be a floating-point tensor");
-  const GateWeights gw = gate_weights(alpha, gate);
-  return tensor_from_values(gw.e, gw.shape, gw.promoted);
+  const GateWeights gw = effective_alpha_weights(alpha, gate);
+  if (gw.e.tensor.defined()) return gw.e.tensor;
+  return tensor_from_values(gw.e.values, gw.shape, gw.promoted);
 }
 
 std::tuple<at::Tensor, at::Tensor> gate_effective_alpha_backward(const at::Tensor& grad,
@@ -681,10 +786,15 @@ std::tuple<at::Tensor, at::Tensor> gate_effective_alpha_backward(const at::Tenso
                                                                  const at::Tensor& gate,
                                                                  bool need_alpha_grad,
                                                                  bool need_gate_grad) {
-  const GateWeights gw = gate_weights(alpha, gate);
-  const auto g = read_values(grad, gw.shape);
-  return gate_weights_backward(gw, std::vector<long double>(g.begin(), g.end()), alpha, gate,
-                               need_alpha_grad, need_gate_grad);
+  const GateWeights gw = effective_alpha_weights(alpha, gate);
+  WeightGrad de;
+  if (gw.e.tensor.defined()) {
+    de.tensor = grad.to(at::kDouble);
+  } else {
+    const auto g = read_values(grad, gw.shape);
+    de.values.assign(g.begin(), g.end());
+  }
+  return gate_weights_backward(gw, de, alpha, gate, need_alpha_grad, need_gate_grad);
 }
 
 }  // namespace CPU_CAPABILITY

@@ -110,6 +110,31 @@ struct FloatLanes {
 template <typename T>
 using Lanes = std::conditional_t<kHalfPrecision<T>, FloatLanes, DLanes>;
 
+// Lanes that keep each term, formed as Lanes<T> forms it, instead of summing it: as double at
+// `out`, which each add advances by one float vector. For a weight of any other shape than one
+// value or one per sample (run_pass sums the terms to the weight's shape).
+template <typename T>
+struct ElementTerms {
+  double* out = nullptr;
+  template <typename Term, typename... V>
+  void add(Term term, const V&... v) {
+    DVec lo, hi;
+    if constexpr (kHalfPrecision<T>) {
+      widen(term(v...), lo, hi);
+    } else {
+      std::tie(lo, hi) = DLanes::terms(term, v...);
+    }
+    lo.store(out);
+    hi.store(out + DVec::size());
+    out += FVec::size();
+  }
+  void flush_into(Accumulator&) {}
+};
+
+// Lanes<T>, or ElementTerms<T> where the terms are kept (kElement)
+template <typename T, bool kElement>
+using TermLanes = std::conditional_t<kElement, ElementTerms<T>, Lanes<T>>;
+
 // x as the host dtype T would hold it (identity for float and double).
 template <typename T, typename V>
 inline V as_host_value(V x) {
@@ -282,7 +307,7 @@ auto lerp_backward_loop(Accumulator& acc, bool stream) {
     std::array<int64_t, N> sizes;
     sizes[0] = sizeof(T);
     sizes[1] = sizeof(S);
-    if constexpr (kElement) sizes[2] = -1;  // double terms, scalar loop (the general-weight path)
+    if constexpr (kElement) sizes[2] = sizeof(double);
     sizes[G] = sizeof(T);
     if constexpr (kSums) {
       sizes[G + 1] = sizeof(T);
@@ -294,9 +319,10 @@ auto lerp_backward_loop(Accumulator& acc, bool stream) {
         [&](auto& p, int64_t n) -> int64_t {
           const bool nt = streams(stream, p[0], p[1]);
           int64_t i = 0;
-          Lanes<T> lanes;
+          TermLanes<T, kElement> lanes;
           TilePrefetch* const prefetch = tile_prefetch;
           for (; i + kStep <= n; i += kStep) {
+            if constexpr (kElement) lanes.out = out_<double>(p[2], i);
             F2 g, h, s, w, dh, ds, unused;
             load2<T>(at_<T>(p[G], i), g);
             if constexpr (kSums) {
@@ -493,7 +519,7 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
     sizes[0] = sizeof(T);
     sizes[1] = sizeof(S);
     if constexpr (kDr) sizes[2] = sizeof(S);
-    if constexpr (kElement) sizes[2 + R] = -1;  // double terms, scalar loop
+    if constexpr (kElement) sizes[2 + R] = sizeof(double);
     sizes[G] = sizes[G + 1] = sizeof(T);
     sizes[G + 2] = sizeof(S);
     if constexpr (!kRIsH) sizes[G + 3] = sizeof(S);
@@ -503,9 +529,10 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
         [&](auto& p, int64_t n) -> int64_t {
           const bool nt = streams(stream, p[0], p[1], kDr ? p[2] : p[0]);
           int64_t i = 0;
-          Lanes<T> lanes;
+          TermLanes<T, kElement> lanes;
           TilePrefetch* const prefetch = tile_prefetch;
           for (; i + kStep <= n; i += kStep) {
+            if constexpr (kElement) lanes.out = out_<double>(p[2 + R], i);
             F2 g, h, s, r, c, dh, ds, dc;
             load2<T>(at_<T>(p[G], i), g);
             load2<T>(at_<T>(p[G + 1], i), h);
@@ -531,7 +558,7 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
                                          RoundTo<op_t>{}, KnownTanhGrad<FVec>{sech});
               // the gradient of s.to(T) is rounded to T first (store2<T> rounds anyway)
               if constexpr (!std::is_same_v<S, T>) ds[k] = rounded<T>(ds[k]);
-              if (!sums) continue;
+              if (!sums && !kElement) continue;
               if constexpr (std::is_same_v<T, float>) {
                 lanes.add([](const DVec& a, const DVec& b, const DVec& x, const DVec& y) {
                   return a * b * tanh_pd(x - y);
@@ -718,12 +745,12 @@ auto valve_forward_loop(bool stream) {
           const op_t c = val<op_t>(p[2], s[2], i);
           if constexpr (kFloat32) {  // in double, rounded once, as MULTIPLY's scalar path
             put<U>(p[0], s[0], i, valve(static_cast<double>(c), float_tail_tanh(m, 0.0f)));
-            return;
+          } else {
+            op_t t, unused;
+            valve_tanh<M, kBoundary>(m, t, unused);
+            if constexpr (kBoundary) t = as_host_value<M>(t);
+            put<U>(p[0], s[0], i, valve(c, t));
           }
-          op_t t, unused;
-          valve_tanh<M, kBoundary>(m, t, unused);
-          if constexpr (kBoundary) t = as_host_value<M>(t);
-          put<U>(p[0], s[0], i, valve(c, t));
         });
   };
 }
@@ -746,7 +773,7 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
   return [&acc, stream, sums](char** data, const int64_t* st, int64_t n0, int64_t n1) {
     std::array<int64_t, N> sizes;
     sizes[0] = sizeof(M);
-    if constexpr (kElement) sizes[1] = -1;  // double terms, scalar loop
+    if constexpr (kElement) sizes[1] = sizeof(double);
     sizes[G] = sizeof(U);
     sizes[G + 1] = sizeof(M);
     sizes[G + 2] = sizeof(op_t);
@@ -755,9 +782,10 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
         [&](auto& p, int64_t n) -> int64_t {
           const bool nt = streams(stream, p[0]);
           int64_t i = 0;
-          Lanes<U> lanes;
+          TermLanes<U, kElement> lanes;
           TilePrefetch* const prefetch = tile_prefetch;
           for (; i + kStep <= n; i += kStep) {
+            if constexpr (kElement) lanes.out = out_<double>(p[1], i);
             F2 g, c, m, dm, dc;
             load2<U>(at_<U>(p[G], i), g);
             load_weight2(p[G + 2], st[G + 2], i, c);
@@ -772,7 +800,7 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
                 valve_backward(g[k], c[k], t, t, dm[k], dc[k], RoundTo<float>{},
                                KnownTanhGrad<FVec>{sech});
               }
-              if (!sums) continue;
+              if (!sums && !kElement) continue;
               if constexpr (kDoubleTanh) {
                 lanes.add([](const DVec& a, const DVec& x) { return a * tanh_pd(x); }, g[k], m[k]);
               } else if constexpr (kHalfPrecision<M>) {  // a tanh to float accuracy

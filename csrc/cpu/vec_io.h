@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "kernels/blend_math.h"
 
@@ -236,15 +237,20 @@ struct DLanes {
     lo = lo + o.lo;
     hi = hi + o.hi;
   }
-  // adds term(...) of the arguments' widened halves; `term` takes as many vectors
+  // term(...) of the arguments' widened halves; `term` takes as many vectors
   template <typename Term, typename... V>
-    requires(sizeof...(V) > 0)
-  void add(Term term, const V&... v) {
+  static std::pair<DVec, DVec> terms(Term term, const V&... v) {
     std::array<DVec, sizeof...(V)> l, h;
     size_t k = 0;
     ((widen(v, l[k], h[k]), ++k), ...);
-    lo = lo + std::apply(term, l);
-    hi = hi + std::apply(term, h);
+    return {std::apply(term, l), std::apply(term, h)};
+  }
+  template <typename Term, typename... V>
+    requires(sizeof...(V) > 0)
+  void add(Term term, const V&... v) {
+    const auto [l, h] = terms(term, v...);
+    lo = lo + l;
+    hi = hi + h;
   }
   // p[0..FVec::size()) += the lanes
   void add_into(double* p) const {
