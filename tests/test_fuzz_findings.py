@@ -137,6 +137,14 @@ FINDINGS = [
     # cases past rule 2), and failed with 1 - y as sigmoid(-z2): more accurate at worst (3.4
     # against 13 ulp) but past rule 2 in 7 of 300, here 2.8e-17 against a bound of 1.5e-17
     (Case("gate_network", F64, (1, 3, 3), topology="transformer", grads="weights"), set(), ""),
+    # the native CPU backend crashed (out-of-bounds reads) on GATE over features with no
+    # elements, (4,3,0), beside a (1,3,1) alpha and a per-sample gate wanting its gradient: a
+    # weight of that shape (12 values, not one per sample) is made as a tensor, while the
+    # empty pass returned per-value sums for it. MULTIPLY over the same shapes, with alpha's
+    # gradient from the empty pass, beside it
+    (Case("blend_gate", torch.float16, (4, 3, 0), layout="step", alpha="bc", grads="gate",
+          specials=True, gate="host", seed_layout="offset"), set(), ""),
+    (Case("blend_multiply", F32, (4, 3, 0), alpha="bc"), set(), ""),
     # Triton's gate_network, float64, one sample, (1,1,1,7) sliced: dW2 4.7e-17 off the oracle
     # against a bound of 4.5e-17, with either form of dz2
     (Case("gate_network", F64, (1, 1, 1, 7), layout="slice", topology="cnn"), TRITON_ON_CPU,

@@ -305,10 +305,13 @@ std::vector<long double> run_pass(const std::vector<at::Tensor>& outputs,
 // The weight-gradient sums over the weight's shape, from whichever form run_pass produced.
 WeightGrad weight_grad_sums(std::vector<long double> sums, const at::Tensor& element_out,
                             const Weights& w) {
+  if (w.tensor.defined()) {
+    // per-element terms; none where there are no features (run_pass's sums are zeros then)
+    if (element_out.defined()) return {{}, at::sum_to(element_out, w.shape)};
+    return {{}, sums.empty() ? at::Tensor() : at::zeros(w.shape, at::dtype(at::kDouble))};
+  }
   if (!element_out.defined()) return {std::move(sums), {}};
-  const at::Tensor summed = at::sum_to(element_out, w.shape);
-  if (w.tensor.defined()) return {{}, summed};
-  const auto v = read_values(summed);
+  const auto v = read_values(at::sum_to(element_out, w.shape));
   return {std::vector<long double>(v.begin(), v.end()), {}};
 }
 
