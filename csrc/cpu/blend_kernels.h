@@ -172,8 +172,11 @@ inline void half_precision_tanh_with_grad(const V& d, V& t, V& one_minus_t2) {
 // in magnitude below it as a double, so 1 - t^2 and 1 - |t| vanish where the reference's do.
 constexpr double kDoubleTanhBelowOne = 19.06154746546846;  // ATen's tanh is 1 from the next double
 
-inline void wide_tanh_with_grad(double x, long double& t, long double& one_minus_t2) {
-  if (std::fabs(x) > kDoubleTanhBelowOne) {
+// x may be wider than a double: MULTIPLY's s - r is exact in long double, where rounding it to
+// double (as the reference does) costs up to about 2|t| ulp in 1 - t^2; the saturation is
+// decided on that rounding, as the reference's.
+inline void wide_tanh_with_grad(long double x, long double& t, long double& one_minus_t2) {
+  if (std::fabs(static_cast<double>(x)) > kDoubleTanhBelowOne) {
     t = std::copysign(1.0, x);
     one_minus_t2 = 0.0L;
     return;
@@ -444,7 +447,7 @@ auto multiply_forward_loop(bool stream) {
             }
           } else {  // float64: in long double, rounded once
             long double t, unused;
-            wide_tanh_with_grad(sv - r, t, unused);
+            wide_tanh_with_grad(static_cast<long double>(sv) - r, t, unused);
             put<T>(p[0], s[0], i, static_cast<double>(static_cast<long double>(h) * (1.0L + c * t)));
           }
         });
@@ -603,7 +606,7 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
           } else {  // float64: in long double, each gradient rounded once
             using ld = long double;
             ld t, sech2, dh_wide, ds_wide, unused;
-            wide_tanh_with_grad(d, t, sech2);
+            wide_tanh_with_grad(ld(sv) - r, t, sech2);
             multiply_backward_t<kRIsH>(ld(g), ld(h), t, t, ld(c), dh_wide, ds_wide, unused,
                                        Unrounded{}, KnownTanhGrad<ld>{sech2});
             dh = static_cast<double>(dh_wide);
@@ -620,7 +623,7 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
           const ld t_term = std::is_same_v<T, float>
                                 ? static_cast<ld>(std::tanh(static_cast<double>(sv) - static_cast<double>(r)))
                                 : kHalfPrecision<T> ? static_cast<ld>(std::tanh(static_cast<double>(d)))
-                                                    : tanhl(static_cast<ld>(d));
+                                                    : tanhl(static_cast<ld>(sv) - r);
           const ld term = static_cast<ld>(g) * static_cast<ld>(h) * t_term;
           if constexpr (kElement) {
             put<double>(p[2 + R], s[2 + R], i, static_cast<double>(term));
