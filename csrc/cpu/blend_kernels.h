@@ -561,14 +561,17 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
                                          RoundTo<op_t>{}, KnownTanhGrad<FVec>{sech});
               // the gradient of s.to(T) is rounded to T first (store2<T> rounds anyway)
               if constexpr (!std::is_same_v<S, T>) ds[k] = rounded<T>(ds[k]);
-              if (!sums && !kElement) continue;
+            }
+            // alpha's terms apart from the gradients: a branch between the two halves' tanh
+            // would keep them from overlapping
+            for (int k = 0; (sums || kElement) && k < 2; ++k) {
               if constexpr (std::is_same_v<T, float>) {
                 lanes.add([](const DVec& a, const DVec& b, const DVec& x, const DVec& y) {
                   return a * b * tanh_pd(x - y);
                 }, g[k], h[k], s[k], r[k]);
               } else {  // a tanh to float accuracy (half_precision_tanh is up to 8e-7 off)
                 FVec accurate, unused;
-                tanh_with_grad(d, accurate, unused);
+                tanh_with_grad(s[k] - r[k], accurate, unused);
                 lanes.add([](const auto& a, const auto& b, const auto& x) { return a * b * x; },
                           g[k], h[k], accurate);
               }
@@ -789,21 +792,23 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
           TilePrefetch* const prefetch = tile_prefetch;
           for (; i + kStep <= n; i += kStep) {
             if constexpr (kElement) lanes.out = out_<double>(p[1], i);
-            F2 g, c, m, dm, dc;
+            F2 g, c, m, t, dm, dc;
             load2<U>(at_<U>(p[G], i), g);
             load_weight2(p[G + 2], st[G + 2], i, c);
             load2<M>(at_<M>(p[G + 1], i), m);
             for (int k = 0; k < 2; ++k) {
-              FVec t, sech;
-              valve_tanh<M, kBoundary>(m[k], t, sech);
+              FVec sech;
+              valve_tanh<M, kBoundary>(m[k], t[k], sech);
               // dc (alpha's terms) is not read here: the terms are summed below
               if constexpr (kBoundary) {
-                valve_backward(g[k], c[k], rounded<M>(t), t, dm[k], dc[k], RoundTo<M>{});
+                valve_backward(g[k], c[k], rounded<M>(t[k]), t[k], dm[k], dc[k], RoundTo<M>{});
               } else {
-                valve_backward(g[k], c[k], t, t, dm[k], dc[k], RoundTo<float>{},
+                valve_backward(g[k], c[k], t[k], t[k], dm[k], dc[k], RoundTo<float>{},
                                KnownTanhGrad<FVec>{sech});
               }
-              if (!sums && !kElement) continue;
+            }
+            // alpha's terms apart, as in multiply_backward_loop
+            for (int k = 0; (sums || kElement) && k < 2; ++k) {
               if constexpr (kDoubleTanh) {
                 lanes.add([](const DVec& a, const DVec& x) { return a * tanh_pd(x); }, g[k], m[k]);
               } else if constexpr (kHalfPrecision<M>) {  // a tanh to float accuracy
@@ -811,7 +816,7 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
                 tanh_with_grad(m[k], accurate, unused);
                 lanes.add([](const auto& a, const auto& b) { return a * b; }, g[k], accurate);
               } else {
-                lanes.add([](const auto& a, const auto& b) { return a * b; }, g[k], t);
+                lanes.add([](const auto& a, const auto& b) { return a * b; }, g[k], t[k]);
               }
             }
             store2<M>(out_<M>(p[0], i), dm, nt);
