@@ -154,6 +154,10 @@ FINDINGS = [
     # against a bound of 4.5e-17, with either form of dz2
     (Case("gate_network", F64, (1, 1, 1, 7), layout="slice", topology="cnn"), TRITON_ON_CPU,
      TRITON_F64_CHAIN),
+    # Triton's gate_network, float64, one sample, (1,1,11,7) transposed: dW1 9.1e-18 off the
+    # oracle (about 3 ulp) against a bound of 6.1e-18 (eager: 1.3e-18)
+    (Case("gate_network", F64, (1, 1, 11, 7), layout="transpose", topology="cnn", grads="all"),
+     TRITON_ON_CPU, TRITON_F64_CHAIN),
 ]
 
 
