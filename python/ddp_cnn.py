@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 import tempfile
 
 import torch
@@ -70,11 +71,22 @@ def train_in_group(steps: int, batch_size: int, backend: str, out: str | None = 
         dist.destroy_process_group()
 
 
+def exit_process() -> None:
+    """End a DDP process without finalizing the interpreter. A gloo worker thread can still hold
+    the group's last works after the barrier, and releasing them (their tensors' Python objects,
+    the Python context the autograd engine keeps for a backward) needs the GIL: during
+    finalization that thread is terminated and the process aborts."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def ddp_worker(rank: int, world_size: int, port: int, steps: int, batch_size: int, backend: str, out: str):
     """One process of the local spawned run, in the group on 127.0.0.1:`port`."""
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     train_in_group(steps, batch_size, backend, out, rank=rank, world_size=world_size)
+    exit_process()
 
 
 def run_ddp(world_size: int = 2, steps: int = 5, batch_size: int = 16, backend: str = "native") -> dict:
@@ -115,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun or a similar launcher
         train_in_group(args.steps, args.batch_size, args.backend)
-        return
+        exit_process()
     ddp = run_ddp(args.world_size, args.steps, args.batch_size, args.backend)
     report(ddp, run_single_process_reference(args.steps, args.batch_size), args.world_size, args.steps)
 
