@@ -1,6 +1,6 @@
 """Streaming (non-temporal) stores: the native CPU kernels write outputs that total at least
 KASMINA_KERNELS_STREAM_BYTES (read once per process; by default a quarter of the L3, at most
-8 MiB) with streaming stores, and smaller ones with plain stores. Test-sized tensors never
+4 MiB) with streaming stores, and smaller ones with plain stores. Test-sized tensors never
 reach the default threshold, so two child processes run the same ops, one streaming every
 aligned output (threshold 0) and one never streaming: outputs and gradients must agree bit for
 bit, NaN/inf inputs included, for aligned blocks and for a shape whose blocks are not aligned

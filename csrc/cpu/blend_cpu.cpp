@@ -159,11 +159,13 @@ bool same_dense_layout(const std::vector<at::Tensor>& ts) {
   return true;
 }
 
-// Output bytes from which a pass streams its outputs past the cache (non-temporal stores):
-// a quarter of the last-level cache, as glibc sets its memcpy's non-temporal threshold; at
-// most 8 MiB, since sysconf may report a whole socket's L3 while one core reaches a slice of
-// it. KASMINA_KERNELS_STREAM_BYTES overrides it (0 streams every aligned output: the tests'
-// way onto the streaming path).
+// Output bytes from which a pass streams its outputs past the cache (non-temporal stores,
+// which skip reading each line before writing it): a quarter of the last-level cache, as
+// glibc sets its memcpy's non-temporal threshold; at most 4 MiB, since sysconf may report a
+// whole socket's (or a VM host's) L3 while one core reaches a slice of it, and outputs that
+// size next to their inputs leave that slice before the next op reads them
+// (docs/benchmarks.md#cpu-memory-notes). KASMINA_KERNELS_STREAM_BYTES overrides it (0 streams
+// every aligned output: the tests' way onto the streaming path).
 int64_t stream_threshold_bytes() {
   static const int64_t threshold = [] {
     if (const char* env = std::getenv("KASMINA_KERNELS_STREAM_BYTES")) {
@@ -176,7 +178,7 @@ int64_t stream_threshold_bytes() {
     l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #endif
     const int64_t llc = l3 > 0 ? static_cast<int64_t>(l3) : (int64_t(32) << 20);
-    return std::clamp<int64_t>(llc / 4, int64_t(1) << 20, int64_t(8) << 20);
+    return std::clamp<int64_t>(llc / 4, int64_t(1) << 20, int64_t(4) << 20);
   }();
   return threshold;
 }
