@@ -58,22 +58,18 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def esper_entries(device: torch.device, *, quick: bool, dtypes: list[str] | None) -> list[Entry]:
-    """Esper's calls (esper.py): the 0-dim alpha form, then the alpha_override form; float32 and
-    bfloat16, plus bf16 autocast on CUDA. --quick: float32 at the smallest CNN shape only."""
-    shapes = esper.QUICK_SHAPES if quick else esper.SHAPES
-    dtypes = [d for d in dtypes or (["float32"] if quick else ["float32", "bfloat16"])
-              if d in ("float32", "bfloat16", esper.AUTOCAST)]
-    if device.type == "cuda" and "bfloat16" in dtypes and esper.AUTOCAST not in dtypes:
-        dtypes.append(esper.AUTOCAST)
-    return [Entry(op, shape, dt, "esper-call", pattern=pattern)
-            for pattern, ops in (("esper", esper.OPS), ("esper_override", esper.OVERRIDE_OPS))
-            for dt in dtypes for shape in shapes for op in ops]
-
-
 def make_plan(device: torch.device, *, quick: bool, ops: list[str] | None,
               dtypes: list[str] | None, esper_only: bool = False) -> Plan:
-    first = [e for e in esper_entries(device, quick=quick, dtypes=dtypes) if not ops or e.op in ops]
+    dtypes = dtypes or (["float32"] if quick else ["float32", "bfloat16"])
+    # Esper's calls (esper.py) first: the 0-dim alpha form, then the alpha_override form;
+    # bf16 autocast joins bfloat16 on CUDA
+    esper_dtypes = [d for d in dtypes if d in ("float32", "bfloat16", esper.AUTOCAST)]
+    if device.type == "cuda" and "bfloat16" in esper_dtypes and esper.AUTOCAST not in esper_dtypes:
+        esper_dtypes.append(esper.AUTOCAST)
+    first = [Entry(op, shape, dt, "esper-call", pattern=pattern)
+             for pattern, esper_ops in (("esper", esper.OPS), ("esper_override", esper.OVERRIDE_OPS))
+             for dt in esper_dtypes for shape in (esper.QUICK_SHAPES if quick else esper.SHAPES)
+             for op in esper_ops if not ops or op in ops]
     notes = []
     if quick:
         notes.append("--quick: Esper's calls in float32 at " + ", ".join(
@@ -88,8 +84,7 @@ def make_plan(device: torch.device, *, quick: bool, ops: list[str] | None,
     if esper_only:
         return Plan(first, effort, notes)
     ops = ops or list(HEADLINE_OPS if quick else ALL_OPS)
-    dtypes = [d for d in dtypes or (["float32"] if quick else ["float32", "bfloat16"])
-              if d in DTYPES]
+    dtypes = [d for d in dtypes if d in DTYPES]
     sizes = (QUICK_SWEEP_LOG2_NUMEL if quick else SWEEP_LOG2_NUMEL)[device.type]
     named = ([("small", SMALL_SHAPES[0]), ("esper", QUICK_ESPER_SHAPE)] if quick else
              [("esper", s) for s in ESPER_SHAPES] + [("small", s) for s in SMALL_SHAPES])

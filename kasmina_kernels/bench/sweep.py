@@ -150,15 +150,13 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
                 record["impls"][impl.name]["call_us"] = s.median * 1e6
             lap("call")
     for impl in timed:
-        try:
-            d = record["impls"][impl.name]
-            d["saved_bytes"], d["saved_extra_bytes"] = workload.saved_for_backward(w, impl)
-        except Exception as exc:
-            record["notes"].append(f"{impl.name}: saved bytes not counted ({type(exc).__name__}: {exc})")
-        try:
-            record["impls"][impl.name]["grad_layouts"] = workload.gradient_layouts(w, impl)
-        except Exception as exc:
-            record["notes"].append(f"{impl.name}: gradient layouts not read ({type(exc).__name__}: {exc})")
+        d = record["impls"][impl.name]
+        for what, measure in (("saved bytes not counted", workload.saved_for_backward),
+                              ("gradient layouts not read", workload.gradient_layouts)):
+            try:
+                d.update(measure(w, impl))
+            except Exception as exc:
+                record["notes"].append(f"{impl.name}: {what} ({type(exc).__name__}: {exc})")
     lap("saved")
     derive(record, device.type)
     return record

@@ -171,20 +171,20 @@ def copy_step(x: torch.Tensor, n_sets: int) -> Step:
     return Step(lambda i, _: dst[i].copy_(src[i]))
 
 
-def gradient_layouts(w: Workload, impl: Impl) -> dict[str, str]:
-    """{input name: `esper.layout`} of each gradient one forward+backward call returns. Eager's
-    follow the incoming gradient, not their input: a channels_last gradient for an NCHW seed
-    is left for whatever consumes it to move."""
+def gradient_layouts(w: Workload, impl: Impl) -> dict:
+    """{"grad_layouts": {input name: `esper.layout`}} of the gradients one forward+backward
+    call returns. Eager's follow the incoming gradient, not their input: a channels_last
+    gradient for an NCHW seed is left for whatever consumes it to move."""
     s = w.sets[0]
     grads = torch.autograd.grad(impl.fn(*s.args, **s.kwargs), s.leaves, s.grad)
     names = [n for n, t in opcases.leaves_of(w.op, s.args, s.kwargs).items()
              if any(t is leaf for leaf in s.leaves)]
-    return dict(zip(names, map(esper.layout, grads)))
+    return {"grad_layouts": dict(zip(names, map(esper.layout, grads)))}
 
 
-def saved_for_backward(w: Workload, impl: Impl) -> tuple[int, int]:
-    """(bytes saved for backward, of which not the inputs' own storage) by one forward call,
-    counted with saved_tensors_hooks over distinct storages."""
+def saved_for_backward(w: Workload, impl: Impl) -> dict:
+    """{"saved_bytes": bytes saved for backward by one forward call, "saved_extra_bytes": of
+    which not the inputs' own storage}, counted with saved_tensors_hooks over distinct storages."""
     s = w.sets[0]
     saved: dict[int, int] = {}
 
@@ -196,4 +196,5 @@ def saved_for_backward(w: Workload, impl: Impl) -> tuple[int, int]:
         impl.fn(*s.args, **s.kwargs)
     inputs = {t.untyped_storage().data_ptr() for t in [*s.args, *s.kwargs.values()]
               if isinstance(t, torch.Tensor)}
-    return sum(saved.values()), sum(v for k, v in saved.items() if k not in inputs)
+    return {"saved_bytes": sum(saved.values()),
+            "saved_extra_bytes": sum(v for k, v in saved.items() if k not in inputs)}
