@@ -15,9 +15,9 @@ import sys
 import torch
 
 from . import backends, opcases, optable
+from .bench import plan
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
+DTYPES = {**plan.DTYPES, "float64": torch.float64}
 
 
 def _backend_table() -> list[str]:

@@ -118,7 +118,7 @@ def host_cost(args) -> None:
           f"{per * args.rounds} calls each, median of {args.rounds} rounds, "
           f"backend auto={kk.resolve_backend(torch.zeros(1))}")
     print(f"{'op':28s} {'eager us':>9s} {'native us':>9s} {'ratio':>6s}")
-    us = {n: (times[2 * k] * 1e6, times[2 * k + 1] * 1e6) for k, n in enumerate(names)}
+    us = {n: (e * 1e6, d * 1e6) for n, e, d in zip(names, times[::2], times[1::2])}
     for name, (e, n) in us.items():
         print(f"{name:28s} {e:9.1f} {n:9.1f} {n / e:6.2f}")
     if FLOOR in us:
@@ -147,7 +147,7 @@ def layouts(args) -> None:
              for op in OPS for shape in shapes for dtype in dtypes
              for layout in (LAYOUTS if len(shape) == 4 else ["contiguous (B,T,C)"])
              for alpha_grad in ((False,) if op == "ste_forward" else (False, True))]
-    verdicts, inconclusive = [], 0
+    verdicts = []  # (ratio, row) of the cells whose timings support their ratio
     for op, shape, dtype, layout, alpha_grad in cases:
         fn = calls(shape, dtype, *LAYOUTS.get(layout, (False, False)), alpha_grad)[op]
         eager, native = measure([lambda: fn(reference), lambda: fn(DROP_INS)],
@@ -161,11 +161,9 @@ def layouts(args) -> None:
         print(row, flush=True)
         if verdict["conclusive"]:
             verdicts.append((verdict["ratio"], row))
-        else:
-            inconclusive += 1
     behind = [row for ratio, row in verdicts if ratio < 1.0]
     summary = len(lines) + 1
-    lines += ["", f"{len(verdicts)} of {len(cases)} cells with a verdict ({inconclusive} "
+    lines += ["", f"{len(verdicts)} of {len(cases)} cells with a verdict ({len(cases) - len(verdicts)} "
               f"inconclusive); native behind eager in {len(behind)}" + (":" if behind else ".")]
     lines += behind
     if verdicts:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -15,6 +16,7 @@ from . import esper, step as step_bench
 from .timing import MIN_ROUNDS, SPREAD_LIMIT
 
 PEERS = ("eager", "compile")
+PEER_NAMES = {"eager": "eager PyTorch", "compile": "torch.compile of the reference"}
 FB = "forward+backward"
 ESPER_GROUP = "esper-call"
 INCONCLUSIVE = "~"  # a ratio the timings do not support (legend)
@@ -96,6 +98,10 @@ def _impl_names(records: list[dict]) -> list[str]:
     return [n for n in PEERS if n in names] + [n for n in names if n not in PEERS]
 
 
+def _kernels(records: list[dict]) -> list[str]:
+    return [n for n in _impl_names(records) if n not in PEERS]
+
+
 def _why(d: dict, peer: str, mode: str) -> str | None:
     """Why the timings do not support `d`'s ratio against `peer` in `mode` (None: they do)."""
     return d.get("speedup_support", {}).get(peer, {}).get(mode, {}).get("why")
@@ -132,8 +138,7 @@ def legend() -> list[str]:
 def side_by_side(rows: list[dict], mode: str, alpha: bool = False) -> list[str]:
     """`mode` times of every implementation side by side, and each backend's ratio against each
     peer; `alpha`: a column naming the alpha form of Esper's calls."""
-    impls = _impl_names(rows)
-    kernels = [n for n in impls if n not in PEERS]
+    impls, kernels = _impl_names(rows), _kernels(rows)
     head = ["op", "shape", "dtype"] + ["alpha"] * alpha + [f"{n} µs" for n in impls]
     body = [[r["op"], _shape(r["shape"]), r["dtype"]] + [esper.PATTERNS.get(r.get("pattern"), "?")] * alpha
             + [_us(r["impls"].get(n, {}).get(mode, {}).get("median")) for n in impls]
@@ -202,36 +207,34 @@ def verdicts(records: list[dict], groups=("esper", "small")) -> list[str]:
     timings do not support (see `legend`) are counted in neither and listed apart."""
     lines = []
     rows = [r for r in records if r.get("group") in groups]
-    for k in [n for n in _impl_names(rows) if n not in PEERS]:
-        for peer in PEERS:
-            ahead, behind, unclear = 0, [], []
-            for r in rows:
-                d = r["impls"].get(k, {})
-                sp = d.get("speedup", {}).get(peer, {}).get(FB)
-                if sp is None:
-                    continue
-                alpha = f" alpha {esper.PATTERNS[r['pattern']]}" if r.get("pattern") in esper.PATTERNS else ""
-                case = f"{r['op']} {_shape(r['shape'])} {r['dtype']}{alpha}"
-                if not conclusive(d, peer, FB):
-                    unclear.append(f"{case} ({sp:.2f}x {INCONCLUSIVE}: {_why(d, peer, FB)})")
-                elif sp > 1.0:
-                    ahead += 1
-                else:
-                    behind.append(f"{case} ({sp:.2f}x)")
-            total = ahead + len(behind)
-            peer_name = "eager PyTorch" if peer == "eager" else "torch.compile of the reference"
-            if not total and unclear:
-                lines.append(f"- {k} against {peer_name}, forward+backward: no verdict, all "
-                             f"{len(unclear)} cases inconclusive.")
-            elif behind:
-                lines.append(f"- **{k} is not ahead of {peer_name}** in forward+backward in "
-                             f"{len(behind)} of {total} cases with a verdict: " + ", ".join(behind) + ".")
-            elif total:
-                lines.append(f"- {k} is ahead of {peer_name} in forward+backward in all {total} "
-                             "cases with a verdict.")
-            if unclear:
-                lines.append(f"  - inconclusive, not counted ({len(unclear)} of "
-                             f"{total + len(unclear)}): " + "; ".join(unclear) + ".")
+    for k, peer in itertools.product(_kernels(rows), PEERS):
+        ahead, behind, unclear = 0, [], []
+        for r in rows:
+            d = r["impls"].get(k, {})
+            sp = d.get("speedup", {}).get(peer, {}).get(FB)
+            if sp is None:
+                continue
+            alpha = f" alpha {esper.PATTERNS[r['pattern']]}" if r.get("pattern") in esper.PATTERNS else ""
+            case = f"{r['op']} {_shape(r['shape'])} {r['dtype']}{alpha}"
+            if not conclusive(d, peer, FB):
+                unclear.append(f"{case} ({sp:.2f}x {INCONCLUSIVE}: {_why(d, peer, FB)})")
+            elif sp > 1.0:
+                ahead += 1
+            else:
+                behind.append(f"{case} ({sp:.2f}x)")
+        total, peer_name = ahead + len(behind), PEER_NAMES[peer]
+        if not total and unclear:
+            lines.append(f"- {k} against {peer_name}, forward+backward: no verdict, all "
+                         f"{len(unclear)} cases inconclusive.")
+        elif behind:
+            lines.append(f"- **{k} is not ahead of {peer_name}** in forward+backward in "
+                         f"{len(behind)} of {total} cases with a verdict: " + ", ".join(behind) + ".")
+        elif total:
+            lines.append(f"- {k} is ahead of {peer_name} in forward+backward in all {total} "
+                         "cases with a verdict.")
+        if unclear:
+            lines.append(f"  - inconclusive, not counted ({len(unclear)} of "
+                         f"{total + len(unclear)}): " + "; ".join(unclear) + ".")
     return lines
 
 
@@ -405,7 +408,7 @@ def result_check(records: list[dict]) -> list[str]:
     about that peer, never counted as a failure of this library."""
     out = ["## Result check", "", "**The library** (kasmina-kernels backends, each checked against "
            "the eager reference by docs/semantics.md#equivalence before it was timed):", ""]
-    kernels = [n for n in _impl_names(records) if n not in PEERS]
+    kernels = _kernels(records)
     for k in kernels:
         checked = [r for r in records if k in r["impls"]]
         bad = [f"{_entry_name(r)}: " + "; ".join(r["impls"][k]["check"]["problems"])

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .. import backends as kk_backends
 from . import esper_models as M
+from .sweep import first_line
 from .timing import Sample, Step, compare, time_interleaved
 
 AGREE_STEPS = 20
@@ -167,11 +168,6 @@ def profile_steps(runner: Runner, batches, device: torch.device) -> dict:
             "blend_share": share, "blend_share_method": how}
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
 def max_rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
 
@@ -204,7 +200,7 @@ def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MOD
                     row["losses"] = losses
                     runners.append((key, runner))
                 except Exception as exc:  # e.g. torch.compile failing for one configuration
-                    row.update(error=_first_line(exc), traceback=traceback.format_exc()[-2000:])
+                    row.update(error=first_line(exc), traceback=traceback.format_exc()[-2000:])
                 log(f"step {host.name}: {key}: {agree_steps} steps in {time.perf_counter() - t0:.1f} s"
                     + (f" FAILED {row['error']}" if "error" in row else ""))
         eager_losses = rows.get(f"{EAGER} / eager", {}).get("losses")
@@ -223,7 +219,7 @@ def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MOD
             try:
                 rows[key].update(profile_steps(runner, batches, device))
             except Exception as exc:
-                rows[key]["profile_error"] = _first_line(exc)
+                rows[key]["profile_error"] = first_line(exc)
     for row in rows.values():
         base = rows.get(f"{EAGER} / {row['mode']}", {})
         if base.get("ms_per_step") and row.get("ms_per_step"):

@@ -27,6 +27,12 @@ CALL_REGIME_S = 1e-3
 PEER_CHECK_MAX_NUMEL = 1 << 20
 
 
+def first_line(exc: BaseException) -> str:
+    """The exception's type and the first line of its message, for a report's cell or note."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
 def rotate_bytes(device: torch.device) -> int:
     """Rotation target: twice the GPU's L2 cache (50 MB on an H100), 64 MiB on CPU."""
     if device.type == "cuda":
@@ -98,8 +104,7 @@ def run_entry(entry: Entry, device: torch.device, kernel_backends: list[str], pl
         try:
             impls.append(workload.compiled_impl(w, shared, dynamic=entry.compile_dynamic))
         except Exception as exc:  # e.g. no C++ compiler for inductor on CPU
-            record["notes"].append(f"torch.compile peer failed to compile: {type(exc).__name__}: "
-                                   f"{str(exc).splitlines()[0] if str(exc) else ''}")
+            record["notes"].append(f"torch.compile peer failed to compile: {first_line(exc)}")
     impls += [workload.backend_impl(w, b) for b in kernel_backends]
     lap("compile")
 
