@@ -7,6 +7,7 @@ timed call ends with a synchronize (device-event times and bandwidth are the rep
 
 from __future__ import annotations
 
+import functools
 import itertools
 import zlib
 
@@ -35,19 +36,13 @@ def pytest_generate_tests(metafunc):
                                   for dt, shape, op, mode, b in params])
 
 
-_cache: dict = {}
-
-
+@functools.lru_cache(maxsize=1)
 def _workload(op, shape, dtype, device):
     """The last (op, shape, dtype) workload, kept while its backends run, with each backend's
     check (by the equivalence rule) done once."""
-    key = (op, shape, dtype, device)
-    if _cache.get("key") != key:
-        gen = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-        w = workload.build(BY_NAME[op], shape, DTYPES[dtype], device, gen, sweep.rotate_bytes(device))
-        _cache.clear()
-        _cache.update(key=key, w=w, checked={}, judge=None)
-    return _cache
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((op, shape, dtype, device)).encode()))
+    w = workload.build(BY_NAME[op], shape, DTYPES[dtype], device, gen, sweep.rotate_bytes(device))
+    return {"w": w, "checked": {}, "judge": None}
 
 
 def test_op(benchmark, bench_case, request):

@@ -203,13 +203,6 @@ def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MOD
                     row.update(error=first_line(exc), traceback=traceback.format_exc()[-2000:])
                 log(f"step {host.name}: {key}: {agree_steps} steps in {time.perf_counter() - t0:.1f} s"
                     + (f" FAILED {row['error']}" if "error" in row else ""))
-        eager_losses = rows.get(f"{EAGER} / eager", {}).get("losses")
-        for row in (r for r in rows.values() if "losses" in r):
-            base = rows.get(f"{EAGER} / {row['mode']}", {}).get("losses")
-            if base:
-                row["max_rel_loss_diff"] = max_rel_diff(row["losses"], base)
-            if eager_losses:
-                row["max_rel_loss_diff_vs_eager_mode"] = max_rel_diff(row["losses"], eager_losses)
         steps = [Step(lambda i, _, r=r: r.step(batches[i])) for _, r in runners]
         samples = time_interleaved(steps, device, n_batches, rounds=rounds, budget_s=budget_s,
                                    warmup=2, max_iters=20)
@@ -220,8 +213,13 @@ def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MOD
                 rows[key].update(profile_steps(runner, batches, device))
             except Exception as exc:
                 rows[key]["profile_error"] = first_line(exc)
+    eager_losses = rows.get(f"{EAGER} / eager", {}).get("losses")
     for row in rows.values():
         base = rows.get(f"{EAGER} / {row['mode']}", {})
+        if "losses" in row and base.get("losses"):
+            row["max_rel_loss_diff"] = max_rel_diff(row["losses"], base["losses"])
+        if "losses" in row and eager_losses:
+            row["max_rel_loss_diff_vs_eager_mode"] = max_rel_diff(row["losses"], eager_losses)
         if base.get("ms_per_step") and row.get("ms_per_step"):
             row["speedup_vs_eager_blends"] = base["ms_per_step"] / row["ms_per_step"]
             if row is not base:
