@@ -352,16 +352,17 @@ def step_section(result: dict, device_type: str) -> list[str]:
             "leaf aten/kasmina operator events, plus inductor's C++ kernels under compile")
     n = result["agree_steps"]
     lines = ["## A whole training step (docs/semantics.md#performance-model, item 2)", "",
-             "Forward, cross-entropy, backward and SGD (lr 0.05) of an Esper-style host "
+             f"Forward, cross-entropy, backward and SGD (lr {step_bench.LR}) of an Esper-style host "
              "(kasmina_kernels/bench/esper_models.py): eager blends against the drop-ins under "
              "`kasmina_kernels.use_backend(backend)`, eager and with the step in `torch.compile` "
              "(columns: docs/benchmarks.md#reading-the-report); slots as Esper's `SeedSlot.forward`: "
-             "s = seed(r), r = h.contiguous().detach(), gate = GatedBlend.get_alpha_for_blend(r), alpha 0.5. "
-             f"ms/step: median after {n} loss-check steps and warm-up, variants interleaved; '~': "
-             f"inconclusive (the legend's rule). kernels/step: {what}, torch.profiler over "
-             f"{step_bench.PROFILE_STEPS} steps. blend share: the blend ranges and their backward nodes "
-             "over the step ('(ops)': the `kasmina::` operators under compile). rel loss diff: max over "
-             f"{n} steps against eager blends in the same mode / in eager mode.",
+             "s = seed(r), r = h.contiguous().detach(), gate = GatedBlend.get_alpha_for_blend(r), "
+             f"alpha {step_bench.ALPHA}. ms/step: median after {n} loss-check steps and warm-up, "
+             f"variants interleaved; '{INCONCLUSIVE}': inconclusive (the legend's rule). kernels/step: "
+             f"{what}, torch.profiler over {step_bench.PROFILE_STEPS} steps. blend share: the blend "
+             "ranges and their backward nodes over the step ('(ops)': the `kasmina::` operators under "
+             f"compile). rel loss diff: max over {n} steps against eager blends in the same mode / in "
+             "eager mode.",
              "", "*Precision:* " + ("bf16 autocast around the model (Esper's GPU training); the loss "
                                    "and its backward in float32. The blends run on bfloat16 features "
                                    "and round at different points than eager's (docs/rounding.md), so "
@@ -384,7 +385,7 @@ def step_section(result: dict, device_type: str) -> list[str]:
                 share += " (ops)"
             unclear = not row.get("speedup_support", {}).get("conclusive", True)
             rows.append([row["variant"], row["mode"], fmt(row.get("ms_per_step"), ".1f"),
-                         f"{fmt(row.get('speedup_vs_eager_blends'), '.2f')}x" + " ~" * unclear]
+                         f"{fmt(row.get('speedup_vs_eager_blends'), '.2f')}x" + f" {INCONCLUSIVE}" * unclear]
                         + [fmt(row.get("kernel_ms_per_step"), ".2f")] * cuda
                         + [fmt(row.get("kernels_per_step"), ".0f"), fmt(row.get("kasmina_ops_per_step"), ".0f"),
                          share, f"{fmt(row.get('max_rel_loss_diff'), '.1e')} / "

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import backends as kk_backends
 from . import esper_models as M
 from .sweep import first_line
-from .timing import Sample, Step, compare, time_interleaved
+from .timing import Sample, Step, compare, synchronize, time_interleaved
 
 AGREE_STEPS = 20
 PROFILE_STEPS = 3
@@ -157,8 +157,7 @@ def profile_steps(runner: Runner, batches, device: torch.device) -> dict:
     with profile(activities=activities) as prof:
         for i in range(PROFILE_STEPS):
             runner.step(batches[i % len(batches)])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
     events = prof.events()
     share, how = _blend_share(events)
     kernel_us = sum(e.device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
