@@ -32,9 +32,8 @@ def pytest_generate_tests(metafunc):
         shapes = SHAPES[metafunc.config.getoption("--bench-shapes")]
         # backend innermost, so consecutive benchmarks share one workload (see _workload)
         params = list(itertools.product(DTYPES, shapes, ALL_OPS, MODES, backends.BACKENDS))
-        metafunc.parametrize("bench_case", [(op, shape, dt, mode, b) for dt, shape, op, mode, b in params],
-                             ids=["-".join([op, "x".join(map(str, shape)), dt, mode, b])
-                                  for dt, shape, op, mode, b in params])
+        metafunc.parametrize("bench_case", params, ids=["-".join([op, "x".join(map(str, shape)), dt, mode, b])
+                                                        for dt, shape, op, mode, b in params])
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,7 +46,7 @@ def _workload(op, shape, dtype, device):
 
 
 def test_op(benchmark, bench_case, request):
-    op, shape, dtype, mode, backend = bench_case
+    dtype, shape, op, mode, backend = bench_case
     device = default_device(request.config.getoption("--bench-device"))
     why = backend != "reference" and sweep.select_backends(device, [backend])[1].get(backend)
     if why:  # unavailable, or triton on CPU (its interpreter says nothing about the kernels)

@@ -16,19 +16,17 @@ import torch
 
 from . import backends, opcases, optable
 from .bench import plan
+from .bench.report import markdown_table
 
 DTYPES = {**plan.DTYPES, "float64": torch.float64}
 
 
 def _backend_table() -> list[str]:
     device_types = backends.device_types()
-    lines = ["| backend | " + " | ".join(device_types) + " |",
-             "| --- | " + " | ".join("---" for _ in device_types) + " |"]
-    for name in backends.BACKENDS:
-        whys = [backends.backend_status(name, dt) for dt in device_types]
-        cells = ["available" if why is None else f"no: {why}" for why in whys]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+    rows = [[name] + ["available" if why is None else f"no: {why}"
+                      for why in (backends.backend_status(name, dt) for dt in device_types)]
+            for name in backends.BACKENDS]
+    return markdown_table(["backend", *device_types], 1 + len(device_types), rows)
 
 
 def _fmt(x: float) -> str:
