@@ -18,6 +18,8 @@ ALL_OPS = optable.NAMES
 # the headline ops, also the ops of the size sweep: their figures are about bandwidth at large sizes
 HEADLINE_OPS = ("blend_add", "blend_multiply", "blend_gate", "gated_pool")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ESPER_GROUP = "esper-call"  # the group of Esper's calls
+NAMED_GROUPS = ("esper", "small")  # the op-isolation entries at Esper's and the small shape
 
 # size sweep: (B, 16, 16, 16), B a power of two; the top is bandwidth-bound (16 MiB per float32
 # tensor on CPU, several inputs of it beyond the last-level cache; 128 MiB on GPU, an op's
@@ -66,7 +68,7 @@ def make_plan(device: torch.device, *, quick: bool, ops: list[str] | None,
     esper_dtypes = [d for d in dtypes if d in ("float32", "bfloat16", esper.AUTOCAST)]
     if device.type == "cuda" and "bfloat16" in esper_dtypes and esper.AUTOCAST not in esper_dtypes:
         esper_dtypes.append(esper.AUTOCAST)
-    first = [Entry(op, shape, dt, "esper-call", pattern=pattern)
+    first = [Entry(op, shape, dt, ESPER_GROUP, pattern=pattern)
              for pattern, esper_ops in (("esper", esper.OPS), ("esper_override", esper.OVERRIDE_OPS))
              for dt in esper_dtypes for shape in (esper.QUICK_SHAPES if quick else esper.SHAPES)
              for op in esper_ops if not ops or op in ops]

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 from pathlib import Path
 
+from .plan import NAMED_GROUPS
 from .report import FB, PEERS, _impl_names, _kernels, _shape, conclusive
 
 COLORS = {"eager": "#7f7f7f", "compile": "#1f77b4", "native": "#d62728", "triton": "#2ca02c"}
@@ -63,7 +64,7 @@ def speedup_bars(records: list[dict], path: Path, title: str) -> bool:
     """Forward+backward speedup of each kernel backend against each peer at Esper's shapes
     (and the small shape), log scale: one panel per (dtype, peer), one bar group per op and
     shape; hatched and faint where the timings do not support the ratio."""
-    rows = [r for r in records if r.get("group") in ("esper", "small")]
+    rows = [r for r in records if r.get("group") in NAMED_GROUPS]
     kernels = _kernels(rows)
     if not rows or not kernels:
         return False

@@ -13,12 +13,12 @@ import torch
 
 from .. import backends
 from . import esper, step as step_bench
+from .plan import ESPER_GROUP, NAMED_GROUPS
 from .timing import MIN_ROUNDS, SPREAD_LIMIT
 
 PEERS = ("eager", "compile")
 PEER_NAMES = {"eager": "eager PyTorch", "compile": "torch.compile of the reference"}
 FB = "forward+backward"
-ESPER_GROUP = "esper-call"
 INCONCLUSIVE = "~"  # a ratio the timings do not support (legend)
 ABOVE_COPY = "(!)"  # GB/s above a same-size copy's (legend)
 HEADER_KEYS = ("device", "cpu_count", "usable cores", "load average at start", "threads", "residuals",
@@ -201,7 +201,7 @@ def sweep_table(records: list[dict]) -> list[str]:
     return markdown_table(head, 2, body)
 
 
-def verdicts(records: list[dict], groups=("esper", "small")) -> list[str]:
+def verdicts(records: list[dict], groups=NAMED_GROUPS) -> list[str]:
     """Plain statements of where a kernel backend is not ahead of a peer (forward+backward at
     the named shapes, or in the `groups` given), and a count of where it is; ratios the
     timings do not support (see `legend`) are counted in neither and listed apart."""
@@ -320,7 +320,7 @@ def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, not
     out += [""] + esper_section(records)
     if records:
         out += result_check(records)
-        isolated = [r for r in records if r.get("group") in ("esper", "small")]
+        isolated = [r for r in records if r.get("group") in NAMED_GROUPS]
         if isolated:
             out += ["", "## Op isolation (every input requires grad, all contiguous): forward+backward "
                     "at Esper's shapes and the small shape", "",
