@@ -82,6 +82,16 @@ def test_plan_puts_esper_calls_first():
     assert {e.dtype for e in full.entries} == {"float32", "bfloat16"}
 
 
+def test_time_limit_lists_each_skipped_entry_with_its_alpha_form():
+    p = plan.make_plan(torch.device("cpu"), quick=True, ops=["blend_add"], dtypes=None, esper_only=True)
+    records, skipped = sweep.run(p, torch.device("cpu"), ["native"], compile_peer=False, time_limit_s=-1.0)
+    assert records == [] and skipped == p.entries
+    text = report.markdown({"device": "cpu", "device_type": "cpu", "date": "today"}, records, skipped, {}, [])
+    listed = text.split("entries not run (time limit reached)**: ")[1].splitlines()[0].split(", ")
+    assert sorted(listed) == ["blend_add (128,16,16,16) float32 (esper)",
+                              "blend_add (128,16,16,16) float32 (esper_override)"]
+
+
 def test_entry_times_and_report_section_comes_first(monkeypatch):
     monkeypatch.setattr(esper, "QUICK_SHAPES", ((4, 6, 3, 5),))
     p = plan.make_plan(torch.device("cpu"), quick=True, ops=["blend_gate"], dtypes=None,

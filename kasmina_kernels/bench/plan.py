@@ -43,6 +43,18 @@ class Entry:
     compile_dynamic: bool = False  # compile with dynamic shapes, once per (op, dtype)
     pattern: str = "isolated"  # inputs: "isolated" (all require grad) or an esper.PATTERNS key
 
+    @property
+    def name(self) -> str:
+        return entry_name(vars(self))
+
+
+def entry_name(e: dict) -> str:
+    """An entry's (or its record's) name in progress lines and the report: op, shape, dtype and
+    the input pattern where it is not the isolated one."""
+    pattern = e.get("pattern", "isolated")
+    shape = "(" + ",".join(str(v) for v in e["shape"]) + ")"
+    return f"{e['op']} {shape} {e['dtype']}" + ("" if pattern == "isolated" else f" ({pattern})")
+
 
 @dataclass
 class Effort:

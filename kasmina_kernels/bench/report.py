@@ -13,7 +13,7 @@ import torch
 
 from .. import backends
 from . import esper, step as step_bench
-from .plan import ESPER_GROUP, NAMED_GROUPS
+from .plan import ESPER_GROUP, NAMED_GROUPS, entry_name
 from .timing import MIN_ROUNDS, SPREAD_LIMIT
 
 PEERS = ("eager", "compile")
@@ -76,11 +76,6 @@ def _us(seconds: float | None) -> str:
 
 def _shape(s) -> str:
     return "(" + ",".join(str(v) for v in s) + ")"
-
-
-def _entry_name(r: dict) -> str:
-    pattern = r.get("pattern", "isolated")
-    return f"{r['op']} {_shape(r['shape'])} {r['dtype']}" + ("" if pattern == "isolated" else f" ({pattern})")
 
 
 def markdown_row(cells: list[str]) -> str:
@@ -316,7 +311,7 @@ def markdown(meta: dict, records: list[dict], skipped: list, excluded: dict, not
     out += [f"- {n}" for n in notes] + [f"- {name} excluded: {why}" for name, why in excluded.items()]
     if skipped:
         out.append(f"- **{len(skipped)} entries not run (time limit reached)**: "
-                   + ", ".join(f"{e.op} {_shape(e.shape)} {e.dtype}" for e in skipped))
+                   + ", ".join(e.name for e in skipped))
     out += [""] + esper_section(records)
     if records:
         out += result_check(records)
@@ -412,11 +407,11 @@ def result_check(records: list[dict]) -> list[str]:
     kernels = _kernels(records)
     for k in kernels:
         checked = [r for r in records if k in r["impls"]]
-        bad = [f"{_entry_name(r)}: " + "; ".join(r["impls"][k]["check"]["problems"])
+        bad = [f"{entry_name(r)}: " + "; ".join(r["impls"][k]["check"]["problems"])
                for r in checked if r["impls"][k]["check"]["ok"] is False]
         out.append(f"- **{k}: FAILED in {len(bad)} of {len(checked)} entries**: " + "; ".join(bad) if bad
                    else f"- {k}: outputs and gradients matched the reference in all {len(checked)} entries.")
-    raised = [f"{_entry_name(r)}: {f}" for r in records for f in r["failures"] if f.startswith("the entry raised")]
+    raised = [f"{entry_name(r)}: {f}" for r in records for f in r["failures"] if f.startswith("the entry raised")]
     if raised:
         out.append(f"- **{len(raised)} entries raised** (nothing timed): " + "; ".join(raised))
     if not kernels and not raised:
@@ -430,7 +425,7 @@ def result_check(records: list[dict]) -> list[str]:
                    f"{len(judged) - len(off)} of {len(judged)} entries judged"
                    + (f" ({len(comp) - len(judged)} larger entries not judged: it costs seconds each)"
                       if len(comp) > len(judged) else "") + ".")
-        out += [f"  - does not match in {_entry_name(r)}: "
+        out += [f"  - does not match in {entry_name(r)}: "
                 + "; ".join(p[:300] for p in r["impls"]["compile"]["check"]["problems"]) for r in off]
     uncompiled = [r for r in records if any(n.startswith("torch.compile peer failed") for n in r["notes"])]
     if uncompiled:
@@ -439,7 +434,7 @@ def result_check(records: list[dict]) -> list[str]:
     if not comp and not uncompiled:
         out.append("- torch.compile of the reference was not run.")
     out.append("- eager: the reference itself.")
-    other = [f"- {_entry_name(r)}: {n}" for r in records for n in r["notes"]
+    other = [f"- {entry_name(r)}: {n}" for r in records for n in r["notes"]
              if not n.startswith("torch.compile of the reference does not match")]
     return out + (["", "Other notes:", "", *other] if other else [])
 

@@ -256,7 +256,7 @@ def run(plan: Plan, device: torch.device, kernel_backends: list[str], *, compile
 
             bar = tqdm(total=len(plan.entries), file=sys.stderr, unit="case", dynamic_ncols=True)
     for n, entry in enumerate(plan.entries, 1):
-        name = f"{entry.op} {tuple(entry.shape)} {entry.dtype}"
+        name = entry.name
         if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
             skipped.append(entry)
             name = f"skipped (time limit) {name}"
@@ -273,7 +273,6 @@ def run(plan: Plan, device: torch.device, kernel_backends: list[str], *, compile
                 on_record(records)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            name += "" if entry.pattern == "isolated" else f" ({entry.pattern})"
         if bar is not None:
             bar.set_postfix_str(name, refresh=False)
             bar.update(1)
