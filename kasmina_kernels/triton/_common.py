@@ -64,14 +64,12 @@ def _bfloat16_bits(x):
 @triton.jit
 def to_float(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """A loaded value (any dtype) converted to the float DTYPE, exactly where it can be."""
-    if x.dtype == tl.bfloat16:
-        if INTERPRET:
-            f = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-            return f.to(DTYPE)
-        else:
-            return x.to(tl.float32).to(DTYPE)
-    else:
+    if x.dtype != tl.bfloat16:
         return x.to(DTYPE)
+    elif INTERPRET:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True).to(DTYPE)
+    else:
+        return x.to(tl.float32).to(DTYPE)
 
 
 @triton.jit
@@ -125,9 +123,7 @@ def tanh_grad(t, HOST_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     on CUDA for bfloat16/float16 hosts in the 16-bit type's own arithmetic (t*t rounded, then
     1 - t*t rounded), as ATen's CUDA kernel computes `a * (1 - b * b)` in scalar_t.
     Mirrors kk::FusedTanhGrad / kk::StorageTanhGrad in csrc/kernels/blend_math.h."""
-    if INTERPRET:
-        return tl.fma(-t, t, 1.0)
-    elif HOST_DTYPE == tl.bfloat16 or HOST_DTYPE == tl.float16:
+    if (HOST_DTYPE == tl.bfloat16 or HOST_DTYPE == tl.float16) and not INTERPRET:
         return round_to(1.0 - round_to(t * t, HOST_DTYPE, INTERPRET), HOST_DTYPE, INTERPRET)
     else:
         return tl.fma(-t, t, 1.0)
