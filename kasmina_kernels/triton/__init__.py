@@ -29,12 +29,11 @@ def _backward_kernel(op, backward):
     flag per input of `Op.grads` (the leading inputs) and returns their gradients in that
     order, None where not needed."""
     flag_index = [op.grads.index(f) for f in op.need_flags]
+    n = len(op.inputs)
 
     def kernel(grad, *args):
-        args = args[:len(op.inputs) + len(flag_index)]  # a residual (`Op.residual`) is never kept here
-        n = len(args) - len(flag_index)
         need = [True] * len(op.grads)
-        for i, flag in zip(flag_index, args[n:]):
+        for i, flag in zip(flag_index, args[n:]):  # a residual (`Op.residual`) past the flags is unused
             need[i] = flag
         grads = backward(grad, *args[:n], need)
         out = tuple(
@@ -46,10 +45,6 @@ def _backward_kernel(op, backward):
     return kernel
 
 
-def _pool_backward(grad, x, topology, need):
-    return (gate.gated_pool_backward(grad, x, topology),)
-
-
 # The forward and backward kernels of each kernel op of the table (`Op.kernel`).
 _KERNELS = {
     "blend_add": (elementwise.blend_add_forward, elementwise.blend_add_backward),
@@ -58,7 +53,7 @@ _KERNELS = {
     "ste_forward": (elementwise.ste_forward, None),
     "multiply_valve_multiplier": (elementwise.valve_multiplier_forward, elementwise.valve_multiplier_backward),
     "gate_effective_alpha": (elementwise.gate_effective_alpha_forward, elementwise.gate_effective_alpha_backward),
-    "gated_pool": (gate.gated_pool_forward, _pool_backward),
+    "gated_pool": (gate.gated_pool_forward, gate.gated_pool_backward),
     "gate_network": (gate.gate_network_forward, gate.gate_network_backward),
 }
 _library = torch.library.Library("kasmina", "FRAGMENT")  # kept alive: dropping it drops the ops
