@@ -409,8 +409,7 @@ def forward(op, out, h, s, r, alpha, gate, host, promoted):
     """Launch the forward kernel of `op` writing `out` (whose layout is the iteration's)."""
     if out.numel() == 0:
         return out
-    device = h.device
-    shape, strides = out.shape, out.stride()
+    device, shape, strides = h.device, out.shape, out.stride()
     launch = _get_launch(False, op, shape, strides, (None, h, s, r), (alpha, gate), device, host, promoted)
     if launch.fallback:
         # more than 3 inner dims no stride pattern coalesces: copy into the iteration layout
