@@ -29,13 +29,13 @@ def _backward_kernel(op, backward):
     flag per input of `Op.grads` (the leading inputs) and returns their gradients in that
     order, None where not needed."""
     flag_index = [op.grads.index(f) for f in op.need_flags]
-    n = len(op.inputs)
+    n_inputs = len(op.inputs)
 
     def kernel(grad, *args):
         need = [True] * len(op.grads)
-        for i, flag in zip(flag_index, args[n:]):  # a residual (`Op.residual`) past the flags is unused
+        for i, flag in zip(flag_index, args[n_inputs:]):  # a residual past the flags is unused
             need[i] = flag
-        grads = backward(grad, *args[:n], need)
+        grads = backward(grad, *args[:n_inputs], need)
         out = tuple(
             g if g is not None
             else torch.zeros(x.shape, dtype=x.dtype, device=x.device) if name in op.weights

@@ -275,22 +275,17 @@ class Plan(NamedTuple):
 
 
 def _make_plan(shape, ref_strides, op_strides, split):
-    dims = [d for d in range(len(shape)) if shape[d] != 1]
-    samples = 1
-    if split:
-        samples = shape[0]
-        dims = [d for d in dims if d != 0]
+    samples = shape[0] if split else 1
+    dims = [d for d in range(len(shape)) if shape[d] != 1 and not (split and d == 0)]
     order = sorted(dims, key=lambda d: -ref_strides[d])
     all_strides = [ref_strides] + list(op_strides)
     merged: list[list] = []  # [size, [stride per operand]] from outer to inner
     for d in order:
         st = [s[d] for s in all_strides]
-        if merged:
-            psize, pst = merged[-1]
-            if all(pst[k] == st[k] * shape[d] for k in range(len(st))):
-                merged[-1] = [psize * shape[d], st]
-                continue
-        merged.append([shape[d], st])
+        if merged and all(prev == cur * shape[d] for prev, cur in zip(merged[-1][1], st)):
+            merged[-1] = [merged[-1][0] * shape[d], st]
+        else:
+            merged.append([shape[d], st])
     if len(merged) > 3:
         return None
     inner = math.prod(size for size, _ in merged)
