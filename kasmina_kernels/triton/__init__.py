@@ -29,14 +29,13 @@ def _backward_kernel(op, backward):
     flag per input of `Op.grads` (the leading inputs) and returns their gradients in that
     order, None where not needed."""
     flag_index = [op.grads.index(f) for f in op.need_flags]
+    n_inputs = len(op.inputs)
 
     def kernel(grad, *args):
-        args = args[:len(op.inputs) + len(flag_index)]  # a residual (`Op.residual`) is never kept here
-        n = len(args) - len(flag_index)
         need = [True] * len(op.grads)
-        for i, flag in zip(flag_index, args[n:]):
+        for i, flag in zip(flag_index, args[n_inputs:]):  # a residual past the flags is unused
             need[i] = flag
-        grads = backward(grad, *args[:n], need)
+        grads = backward(grad, *args[:n_inputs], need)
         out = tuple(
             g if g is not None
             else torch.zeros(x.shape, dtype=x.dtype, device=x.device) if name in op.weights
@@ -44,10 +43,6 @@ def _backward_kernel(op, backward):
             for g, x, name in zip(grads, args, op.grads))
         return out[0] if len(out) == 1 else out
     return kernel
-
-
-def _pool_backward(grad, x, topology, need):
-    return (gate.gated_pool_backward(grad, x, topology),)
 
 
 # The forward and backward kernels of each kernel op of the table (`Op.kernel`).
@@ -58,7 +53,7 @@ _KERNELS = {
     "ste_forward": (elementwise.ste_forward, None),
     "multiply_valve_multiplier": (elementwise.valve_multiplier_forward, elementwise.valve_multiplier_backward),
     "gate_effective_alpha": (elementwise.gate_effective_alpha_forward, elementwise.gate_effective_alpha_backward),
-    "gated_pool": (gate.gated_pool_forward, _pool_backward),
+    "gated_pool": (gate.gated_pool_forward, gate.gated_pool_backward),
     "gate_network": (gate.gate_network_forward, gate.gate_network_backward),
 }
 _library = torch.library.Library("kasmina", "FRAGMENT")  # kept alive: dropping it drops the ops

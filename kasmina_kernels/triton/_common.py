@@ -64,14 +64,12 @@ def _bfloat16_bits(x):
 @triton.jit
 def to_float(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """A loaded value (any dtype) converted to the float DTYPE, exactly where it can be."""
-    if x.dtype == tl.bfloat16:
-        if INTERPRET:
-            f = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-            return f.to(DTYPE)
-        else:
-            return x.to(tl.float32).to(DTYPE)
-    else:
+    if x.dtype != tl.bfloat16:
         return x.to(DTYPE)
+    elif INTERPRET:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True).to(DTYPE)
+    else:
+        return x.to(tl.float32).to(DTYPE)
 
 
 @triton.jit
@@ -125,9 +123,7 @@ def tanh_grad(t, HOST_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     on CUDA for bfloat16/float16 hosts in the 16-bit type's own arithmetic (t*t rounded, then
     1 - t*t rounded), as ATen's CUDA kernel computes `a * (1 - b * b)` in scalar_t.
     Mirrors kk::FusedTanhGrad / kk::StorageTanhGrad in csrc/kernels/blend_math.h."""
-    if INTERPRET:
-        return tl.fma(-t, t, 1.0)
-    elif HOST_DTYPE == tl.bfloat16 or HOST_DTYPE == tl.float16:
+    if (HOST_DTYPE == tl.bfloat16 or HOST_DTYPE == tl.float16) and not INTERPRET:
         return round_to(1.0 - round_to(t * t, HOST_DTYPE, INTERPRET), HOST_DTYPE, INTERPRET)
     else:
         return tl.fma(-t, t, 1.0)
@@ -279,22 +275,17 @@ class Plan(NamedTuple):
 
 
 def _make_plan(shape, ref_strides, op_strides, split):
-    dims = [d for d in range(len(shape)) if shape[d] != 1]
-    samples = 1
-    if split:
-        samples = shape[0]
-        dims = [d for d in dims if d != 0]
+    samples = shape[0] if split else 1
+    dims = [d for d in range(len(shape)) if shape[d] != 1 and not (split and d == 0)]
     order = sorted(dims, key=lambda d: -ref_strides[d])
     all_strides = [ref_strides] + list(op_strides)
     merged: list[list] = []  # [size, [stride per operand]] from outer to inner
     for d in order:
         st = [s[d] for s in all_strides]
-        if merged:
-            psize, pst = merged[-1]
-            if all(pst[k] == st[k] * shape[d] for k in range(len(st))):
-                merged[-1] = [psize * shape[d], st]
-                continue
-        merged.append([shape[d], st])
+        if merged and all(prev == cur * shape[d] for prev, cur in zip(merged[-1][1], st)):
+            merged[-1] = [merged[-1][0] * shape[d], st]
+        else:
+            merged.append([shape[d], st])
     if len(merged) > 3:
         return None
     inner = math.prod(size for size, _ in merged)

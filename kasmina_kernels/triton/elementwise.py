@@ -30,21 +30,8 @@ import triton.language as tl
 from .. import validation
 from ..optable import BY_NAME
 from . import _common as common
-from ._common import (
-    WEIGHT_PER_ELEMENT,
-    WEIGHT_PER_SAMPLE,
-    WEIGHT_SCALAR,
-    clamp01,
-    coords,
-    in01,
-    load_float,
-    load_weight,
-    offset,
-    round_to,
-    store,
-    to_float,
-    to_index,
-)
+from ._common import (WEIGHT_PER_ELEMENT, WEIGHT_PER_SAMPLE, WEIGHT_SCALAR, clamp01, coords, in01, load_float,
+                      load_weight, offset, round_to, store, to_float, to_index)
 from .lerp import effective_alpha, effective_alpha_backward, lerp, lerp_backward
 from .multiply import multiply, multiply_backward, valve, valve_backward
 
@@ -78,12 +65,10 @@ def _seed(x, HOST_DTYPE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INTERPRET: t
     """A seed value read in its own dtype, cast to the host's dtype, then to COMPUTE_DTYPE."""
     if x.dtype == HOST_DTYPE:
         return to_float(x, COMPUTE_DTYPE, INTERPRET)
+    elif x.dtype == tl.float64:
+        return round_to(x, HOST_DTYPE, INTERPRET).to(COMPUTE_DTYPE)
     else:
-        if x.dtype == tl.float64:
-            xf = x
-        else:
-            xf = to_float(x, tl.float32, INTERPRET)
-        return round_to(xf, HOST_DTYPE, INTERPRET).to(COMPUTE_DTYPE)
+        return round_to(to_float(x, tl.float32, INTERPRET), HOST_DTYPE, INTERPRET).to(COMPUTE_DTYPE)
 
 
 @triton.jit
@@ -348,15 +333,12 @@ def _make_launch(backward, op, shape, ref_strides, operands, weights, device, ho
     """Everything about a launch that depends only on shapes, strides, dtypes and devices (built
     once per configuration and cached, so a call does no planning). operands: (grad or None,
     h, s, r); need: the backward's (dh, ds, dr, dalpha, dgate)."""
-    launch = SimpleNamespace()
     modes = [WEIGHT_SCALAR if w is None else common.weight_mode(w, device, shape) for w in weights]
     iteration = _tiled_iteration(op, shape, ref_strides, operands, modes)
-    launch.tiled = iteration is not None
-    if iteration is None:
-        iteration = _strided_iteration(shape, ref_strides, operands, weights, modes)
+    launch = SimpleNamespace(tiled=iteration is not None, modes=modes)
+    iteration = iteration or _strided_iteration(shape, ref_strides, operands, weights, modes)
     launch.fallback = iteration is None
-    launch.modes = modes
-    if iteration is None:
+    if launch.fallback:
         return launch
     samples, chunks, ints, strides, flats, kw = iteration
     launch.grid = (samples * chunks,)
@@ -379,13 +361,11 @@ def _make_launch(backward, op, shape, ref_strides, operands, weights, device, ho
         launch.kw = dict(kw, READ_HOST=True, READ_SEED=True, WRITE_OUT=True, WRITE_DS=False, WRITE_DR=False,
                          WEIGHT_GRAD=False, WEIGHT_TERMS_PER_ELEMENT=False, REDUCE_DTYPE=compute)
         return launch
-    need_h, need_s, need_r, need_alpha, need_gate = need
-    weight_grad = bool(need_alpha or need_gate)
+    need_h, write_ds, write_dr, need_alpha, need_gate = need  # ds, dr: wanted and present
+    weight_grad = need_alpha or need_gate
     reduce_dtype = tl.float64 if host in (torch.float32, torch.float64) else tl.float32
     launch.partial_dtype = torch.float64 if reduce_dtype == tl.float64 else torch.float32
     launch.weight_terms_per_element = weight_grad and WEIGHT_PER_ELEMENT in modes
-    write_ds = bool(need_s) and operands[2] is not None
-    write_dr = bool(need_r) and operands[3] is not None
     # what the closed forms read: the lerp's dh = g*(1-w) and ds = g*w need neither h nor s
     # without a weight gradient; MULTIPLY needs s (and r) for tanh, and h only for ds, dr,
     # the alpha term, or when r is h
@@ -394,7 +374,7 @@ def _make_launch(backward, op, shape, ref_strides, operands, weights, device, ho
     else:
         read_host = op != OP_MULTIPLY or operands[3] is None or write_ds or write_dr or weight_grad
         read_seed = True
-    launch.kw = dict(kw, READ_HOST=bool(read_host), READ_SEED=read_seed, WRITE_OUT=bool(need_h), WRITE_DS=write_ds,
+    launch.kw = dict(kw, READ_HOST=read_host, READ_SEED=read_seed, WRITE_OUT=need_h, WRITE_DS=write_ds,
                      WRITE_DR=write_dr, WEIGHT_GRAD=weight_grad, REDUCE_DTYPE=reduce_dtype,
                      WEIGHT_TERMS_PER_ELEMENT=launch.weight_terms_per_element)
     block_k = min(triton.next_power_of_2(chunks), 1024)
@@ -404,12 +384,10 @@ def _make_launch(backward, op, shape, ref_strides, operands, weights, device, ho
     return launch
 
 
-def _get_launch(backward, op, shape, ref_strides, operands, weights, device, host, promoted,
-                need=None):
+def _get_launch(backward, op, shape, ref_strides, operands, weights, device, host, promoted, need=None):
     tensors = tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device)
                     for t in operands + weights)
-    key = (backward, op, shape, ref_strides, tensors, device, host, promoted, need,
-           common.FORCE_VALUE_MODE)
+    key = (backward, op, shape, ref_strides, tensors, device, host, promoted, need, common.FORCE_VALUE_MODE)
     return common.cached(_launch_cache, key, lambda: _make_launch(
         backward, op, shape, ref_strides, operands, weights, device, host, promoted, need))
 
@@ -431,8 +409,7 @@ def forward(op, out, h, s, r, alpha, gate, host, promoted):
     """Launch the forward kernel of `op` writing `out` (whose layout is the iteration's)."""
     if out.numel() == 0:
         return out
-    device = h.device
-    shape, strides = out.shape, out.stride()
+    device, shape, strides = h.device, out.shape, out.stride()
     launch = _get_launch(False, op, shape, strides, (None, h, s, r), (alpha, gate), device, host, promoted)
     if launch.fallback:
         # more than 3 inner dims no stride pattern coalesces: copy into the iteration layout

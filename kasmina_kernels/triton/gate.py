@@ -102,8 +102,7 @@ def _hidden_chunk(w1_ptr, b1_ptr, w2_ptr, pooled, channels, channel_mask, k0, HI
     rows = k0 + tl.arange(0, BLOCK_K)
     row_mask = rows < HIDDEN
     w1_mask = row_mask[:, None] & channel_mask[None, :]
-    w1 = load_float(w1_ptr + rows[:, None] * w1_s0 + channels[None, :] * w1_s1, w1_mask, ACC_DTYPE,
-                    INTERPRET)
+    w1 = load_float(w1_ptr + rows[:, None] * w1_s0 + channels[None, :] * w1_s1, w1_mask, ACC_DTYPE, INTERPRET)
     b1 = load_float(b1_ptr + rows * b1_s0, row_mask, ACC_DTYPE, INTERPRET)
     z1 = tl.sum(w1 * pooled[None, :], axis=1) + b1
     w2 = load_float(w2_ptr + rows * w2_s1, row_mask, ACC_DTYPE, INTERPRET)
@@ -215,8 +214,6 @@ class _View:
     """x as (samples, channels, positions = H*W) with strides (sample, channel, row, column);
     a transformer's (B,T,C) is (B, C, T). flat: position l is at l * the column stride."""
 
-    __slots__ = ("samples", "channels", "positions", "width", "strides", "flat")
-
     def __init__(self, shape, strides, topology):
         if topology == "cnn":
             samples, channels, height, width = shape
@@ -280,12 +277,13 @@ def gated_pool_forward(x, topology):
     return out
 
 
-def gated_pool_backward(grad, x, topology):
+def gated_pool_backward(grad, x, topology, need):
+    """(dx,): x's is the only gradient."""
     dx = torch.empty_like(x)
     if dx.numel() > 0:
         grid, ints, kw = _pool_cfg(x.shape, dx.stride(), x.dtype, topology, True, grad.stride())
         _pool_backward_kernel[grid](grad, dx, *ints, **kw)
-    return dx
+    return (dx,)
 
 
 def _gate_cfg(x, w1, b1, w2, topology, dx_strides=None, need=None):
@@ -323,8 +321,7 @@ def _gate_cfg(x, w1, b1, w2, topology, dx_strides=None, need=None):
         if from_pooled:  # pooled means in a launch of their own, into a float buffer
             cfg["pool"] = _pool_cfg(x.shape, x.stride(), x.dtype, topology, False, (v.channels,))
             if dx_view is not None:
-                cfg["dx_pool"] = _pool_cfg(x.shape, dx_strides, x.dtype, topology, True,
-                                           (v.channels, 1))
+                cfg["dx_pool"] = _pool_cfg(x.shape, dx_strides, x.dtype, topology, True, (v.channels, 1))
         weight_block_k = min(triton.next_power_of_2(max(hidden, 1)), 16)
         weight_block_c = min(max(16, triton.next_power_of_2(v.channels)), 64)
         cfg["weight_grad"] = (

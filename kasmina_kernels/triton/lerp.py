@@ -37,8 +37,7 @@ def effective_alpha(alpha, gate, PROMOTED_DTYPE: tl.constexpr, INTERPRET: tl.con
 
 
 @triton.jit
-def effective_alpha_backward(grad, alpha, gate, PROMOTED_DTYPE: tl.constexpr,
-                             INTERPRET: tl.constexpr):
+def effective_alpha_backward(grad, alpha, gate, PROMOTED_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """(d alpha, d gate) in float64 from the float64 gradient of effective_alpha, through the
     clamps."""
     clamped_alpha = clamp01(alpha)
