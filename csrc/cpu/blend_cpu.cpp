@@ -21,33 +21,35 @@ namespace kk::cpu {
 inline namespace CPU_CAPABILITY {
 namespace {
 
-// Calls f(Tag<T>, Tag<S>) for the supported (host, seed) dtype pairs.
+// Calls f.template operator()<T, S>() for the supported (host, seed) dtype pairs.
 template <typename F>
 void dispatch_pair(at::ScalarType host, at::ScalarType seed, const char* name, F&& f) {
+  const bool float_seed = seed == at::kFloat;
   switch (host) {
     case at::kDouble:
-      return f(Tag<double>{}, Tag<double>{});
+      return f.template operator()<double, double>();
     case at::kFloat:
-      return f(Tag<float>{}, Tag<float>{});
+      return f.template operator()<float, float>();
     case at::kBFloat16:
-      if (seed == at::kFloat) return f(Tag<c10::BFloat16>{}, Tag<float>{});
-      return f(Tag<c10::BFloat16>{}, Tag<c10::BFloat16>{});
+      if (float_seed) return f.template operator()<c10::BFloat16, float>();
+      return f.template operator()<c10::BFloat16, c10::BFloat16>();
     case at::kHalf:
-      if (seed == at::kFloat) return f(Tag<c10::Half>{}, Tag<float>{});
-      return f(Tag<c10::Half>{}, Tag<c10::Half>{});
+      if (float_seed) return f.template operator()<c10::Half, float>();
+      return f.template operator()<c10::Half, c10::Half>();
     default:
       TORCH_CHECK(false, name, ": unsupported dtype ", host,
                   " (expected float32, float64, bfloat16 or float16)");
   }
 }
 
-// Calls f(std::bool_constant<a>{}, std::bool_constant<b>{}).
+// Calls f.template operator()<a, b>().
 template <typename F>
 void with_flags(bool a, bool b, F&& f) {
-  const auto second = [&](auto first) {
-    b ? f(first, std::true_type{}) : f(first, std::false_type{});
-  };
-  a ? second(std::true_type{}) : second(std::false_type{});
+  if (a) {
+    b ? f.template operator()<true, true>() : f.template operator()<true, false>();
+  } else {
+    b ? f.template operator()<false, true>() : f.template operator()<false, false>();
+  }
 }
 
 // The reference's weight math on one value (exact in double) or on a whole weight tensor (the
@@ -60,20 +62,6 @@ at::Tensor cast_to(at::ScalarType dtype, const at::Tensor& t) { return t.to(dtyp
 template <typename D>
 D clamp01_grad(double x, D d) {
   return clamp01_passes_grad(x) ? d : D(0);
-}
-
-// An iterator over `inputs` as float64, broadcast together, with `outputs` new float64
-// outputs: the weights' per-element chains run through it (at::native::cpu_kernel) in one pass
-// of the same scalar code as their per-value form.
-at::TensorIterator float64_iter(int outputs, std::initializer_list<at::Tensor> inputs) {
-  at::TensorIteratorConfig config;
-  for (int k = 0; k < outputs; ++k) config.add_owned_output(at::Tensor());
-  for (const at::Tensor& t : inputs) {
-    // 16-bit dtypes through float32 (exact): ATen's direct conversion is several times slower
-    const bool half = t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
-    config.add_owned_const_input((half ? t.to(at::kFloat) : t).to(at::kDouble));
-  }
-  return config.build();
 }
 
 // A blend weight after the reference's casts and clamps, broadcastable to the features. One
@@ -124,9 +112,11 @@ struct WeightGrad {
 };
 
 // d(alpha) for a weight f(clamp01(cast(alpha))): the weight's gradient where the clamp passes
-// it, in alpha's dtype and shape.
+// it, in alpha's dtype and shape (a zero placeholder where it is not `needed`).
 template <typename Cast>
-at::Tensor clamped_weight_grad(const WeightGrad& dw, const at::Tensor& alpha, Cast&& cast) {
+at::Tensor clamped_weight_grad(bool needed, const WeightGrad& dw, const at::Tensor& alpha,
+                               Cast&& cast) {
+  if (!needed) return at::zeros(alpha.sizes(), alpha.options());
   if (dw.tensor.defined()) {  // one pass in alpha's dtype: no float64 copies of alpha or of d(alpha)
     at::Tensor da = at::empty(alpha.sizes(), alpha.options());
     at::TensorIterator iter = at::TensorIteratorConfig()
@@ -184,19 +174,17 @@ int64_t stream_threshold_bytes() {
 }
 
 // Runs one pass of a kernel over `outputs` then `inputs` then the weight (always the last
-// operand), and returns the sums of the kernel's per-element weight-gradient terms per weight
-// element (empty when `need_sums` is false, or when they went to `element_out` instead).
+// operand), and returns the sums of the kernel's per-element weight-gradient terms over the
+// weight's shape (none when `need_sums` is false).
 //
 // Fast path: every operand shares one dense layout and the weight is a scalar or per-sample:
 // the kernel loops run on raw pointers, sample by sample, with no TensorIterator and no
 // weight tensor. Otherwise TensorIterator handles layouts and broadcasting; a weight that is
-// neither scalar nor per-sample then gets per-element terms in `element_out` (summed by the
-// caller to the weight's shape).
+// neither scalar nor per-sample then gets per-element terms in double, summed by at::sum_to.
 template <typename OpT, typename LoopFor>
-std::vector<long double> run_pass(const std::vector<at::Tensor>& outputs,
-                             const std::vector<at::Tensor>& inputs, const Weights& w,
-                             const at::Tensor& features, bool need_sums, at::Tensor& element_out,
-                             LoopFor&& loop_for) {
+WeightGrad run_pass(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& inputs,
+                    const Weights& w, const at::Tensor& features, bool need_sums,
+                    LoopFor&& loop_for) {
   const int64_t numel = features.numel();
   const int64_t B = features.size(0);
   const int64_t wnumel = c10::multiply_integers(w.shape);
@@ -205,37 +193,35 @@ std::vector<long double> run_pass(const std::vector<at::Tensor>& outputs,
   const bool batch_ok = batch_outermost(outputs.front());
   const int64_t groups = scalar ? 1 : B;
   const int64_t group_size = groups == 0 ? 0 : numel / groups;
-  if (numel == 0) return std::vector<long double>(need_sums ? wnumel : 0, 0.0L);
+  if (numel == 0) {  // zero sums
+    std::vector<long double> zeros(need_sums ? wnumel : 0, 0.0L);
+    if (!w.tensor.defined() || zeros.empty()) return {std::move(zeros), {}};
+    return {{}, at::zeros(w.shape, at::dtype(at::kDouble))};
+  }
 
   std::vector<at::Tensor> all(outputs);
   all.insert(all.end(), inputs.begin(), inputs.end());
   int64_t out_bytes = 0;
   for (const at::Tensor& t : outputs) out_bytes += t.numel() * t.element_size();
   const bool stream = out_bytes >= stream_threshold_bytes();
+  std::vector<OpT> wv(w.values.begin(), w.values.end());  // the raw loops' weight operand
+  const auto weight_at = [&](int64_t b) { return reinterpret_cast<char*>(wv.data() + (scalar ? 0 : b)); };
   if ((scalar || (per_sample && batch_ok)) && same_dense_layout(all)) {
-    std::vector<OpT> wv(w.values.begin(), w.values.end());
-    const int n_ops = static_cast<int>(all.size()) + 1;
-    std::vector<char*> base(n_ops - 1);
-    std::vector<int64_t> elem(n_ops - 1);
-    for (size_t i = 0; i < all.size(); ++i) {
-      base[i] = static_cast<char*>(all[i].data_ptr());
-      elem[i] = all[i].element_size();
-    }
-    return grouped_sums(groups, group_size, [&](int64_t group, int64_t begin, int64_t end) {
+    const size_t n = all.size();  // the weight is operand n, read with stride 0
+    return {grouped_sums(groups, group_size, [&](int64_t group, int64_t begin, int64_t end) {
       Accumulator acc;
       auto loop = loop_for(std::false_type{}, acc, stream);
       char* data[16];
       int64_t strides[32] = {};
-      for (int i = 0; i < n_ops - 1; ++i) {
-        data[i] = base[i] + begin * elem[i];
-        strides[i] = elem[i];
+      for (size_t i = 0; i < n; ++i) {
+        strides[i] = all[i].element_size();
+        data[i] = static_cast<char*>(all[i].data_ptr()) + begin * strides[i];
       }
-      data[n_ops - 1] = reinterpret_cast<char*>(wv.data() + (scalar ? 0 : group));
-      strides[n_ops - 1] = 0;
+      data[n] = weight_at(group);
       loop(data, strides, end - begin, 1);
       if (stream) stream_fence();  // this thread's streamed stores, before the join
       return acc.value_ld();
-    });
+    })};
   }
 
   if (scalar || per_sample) {
@@ -253,19 +239,17 @@ std::vector<long double> run_pass(const std::vector<at::Tensor>& outputs,
     }
     if (converted && same_dense_layout(all)) {
       const std::vector<at::Tensor> ins(all.begin() + outputs.size(), all.end());
-      return run_pass<OpT>(outputs, ins, w, features, need_sums, element_out, loop_for);
+      return run_pass<OpT>(outputs, ins, w, features, need_sums, loop_for);
     }
     if (mixed_orders(all)) {
-      std::vector<OpT> wv(w.values.begin(), w.values.end());
       auto sums = run_mixed_orders(
-          all, static_cast<int>(outputs.size()),
-          [&](int64_t b) { return reinterpret_cast<char*>(wv.data() + (scalar ? 0 : b)); },
-          stream, [&](Accumulator& acc) { return loop_for(std::false_type{}, acc, false); });
+          all, static_cast<int>(outputs.size()), weight_at, stream,
+          [&](Accumulator& acc) { return loop_for(std::false_type{}, acc, false); });
       if (!need_sums) return {};
-      if (!scalar) return sums;
+      if (!scalar) return {std::move(sums)};
       long double total = 0.0L;
       for (long double v : sums) total += v;
-      return {total};
+      return {{total}};
     }
   }
 
@@ -277,10 +261,10 @@ std::vector<long double> run_pass(const std::vector<at::Tensor>& outputs,
   config.check_all_same_dtype(false).resize_outputs(false).set_check_mem_overlap(true);
   for (const at::Tensor& t : outputs) config.add_output(t);
   const bool element = need_sums && !scalar && !(per_sample && batch_ok);
+  at::Tensor terms;  // the per-element terms, where `element`
   if (element) {
-    // per-element weight-gradient terms in double, summed to the weight's shape by the caller
-    element_out = at::empty(features.sizes(), features.options().dtype(at::kDouble));
-    config.add_output(element_out);
+    terms = at::empty(features.sizes(), features.options().dtype(at::kDouble));
+    config.add_output(terms);
   }
   for (const at::Tensor& t : inputs) config.add_const_input(t);
   config.add_const_input(wt);
@@ -295,37 +279,22 @@ std::vector<long double> run_pass(const std::vector<at::Tensor>& outputs,
   };
   if (element) {
     run_blocks(std::true_type{}, 1, numel);
-    return {};
+    if (w.tensor.defined()) return {{}, at::sum_to(terms, w.shape)};
+    return {read_values<long double>(at::sum_to(terms, w.shape)), {}};
   }
   if (!need_sums) {
     run_blocks(std::false_type{}, 1, numel);
     return {};
   }
-  return run_blocks(std::false_type{}, groups, group_size);
-}
-
-// The weight-gradient sums over the weight's shape, from whichever form run_pass produced.
-WeightGrad weight_grad_sums(std::vector<long double> sums, const at::Tensor& element_out,
-                            const Weights& w) {
-  if (w.tensor.defined()) {
-    // per-element terms; none where there are no features (run_pass's sums are zeros then)
-    if (element_out.defined()) return {{}, at::sum_to(element_out, w.shape)};
-    return {{}, sums.empty() ? at::Tensor() : at::zeros(w.shape, at::dtype(at::kDouble))};
-  }
-  if (!element_out.defined()) return {std::move(sums), {}};
-  const auto v = read_values(at::sum_to(element_out, w.shape));
-  return {std::vector<long double>(v.begin(), v.end()), {}};
+  return {run_blocks(std::false_type{}, groups, group_size)};
 }
 
 at::Tensor lerp_forward_pass(const at::Tensor& h, const at::Tensor& s_in, const Weights& w) {
   const auto host = h.scalar_type();
   const at::Tensor s = kernel_operand(s_in, host);
   at::Tensor out = at::empty_like(h);
-  at::Tensor unused;
-  dispatch_pair(host, s.scalar_type(), "blend", [&](auto tt, auto st) {
-    using T = typename decltype(tt)::type;
-    using S = typename decltype(st)::type;
-    run_pass<opmath_t<T>>({out}, {h, s}, w, h, false, unused,
+  dispatch_pair(host, s.scalar_type(), "blend", [&]<typename T, typename S>() {
+    run_pass<opmath_t<T>>({out}, {h, s}, w, h, false,
                           [](auto, Accumulator&, bool st) { return lerp_forward_loop<T, S>(st); });
   });
   return out;
@@ -341,23 +310,21 @@ std::tuple<at::Tensor, at::Tensor, WeightGrad> lerp_backward_pass(
   const at::Tensor s = kernel_operand(s_in, host);
   at::Tensor dh = at::empty_like(h);
   at::Tensor ds = at::empty_like(s);
-  at::Tensor element_out;
-  std::vector<long double> sums;
-  dispatch_pair(host, s.scalar_type(), "blend backward", [&](auto tt, auto st) {
-    using T = typename decltype(tt)::type;
-    using S = typename decltype(st)::type;
+  WeightGrad dw;
+  dispatch_pair(host, s.scalar_type(), "blend backward", [&]<typename T, typename S>() {
     if (!need_weight_grad) {
-      run_pass<opmath_t<T>>({dh, ds}, {g}, w, h, false, element_out,
-                            [](auto, Accumulator& acc, bool st) { return lerp_backward_loop<T, S, false, false>(acc, st); });
+      run_pass<opmath_t<T>>({dh, ds}, {g}, w, h, false, [](auto, Accumulator& acc, bool st) {
+        return lerp_backward_loop<T, S, false, false>(acc, st);
+      });
       return;
     }
-    sums = run_pass<opmath_t<T>>({dh, ds}, {g, h, s}, w, h, true, element_out,
+    dw = run_pass<opmath_t<T>>({dh, ds}, {g, h, s}, w, h, true,
                                  [](auto element, Accumulator& acc, bool st) {
                                    return lerp_backward_loop<T, S, decltype(element)::value>(acc, st);
                                  });
   });
   if (ds.scalar_type() != s_in.scalar_type()) ds = ds.to(s_in.scalar_type());
-  return {dh, ds, weight_grad_sums(std::move(sums), element_out, w)};
+  return {dh, ds, std::move(dw)};
 }
 
 // GATE's effective alpha clamp01(clamp01(alpha) * clamp01(gate)) in the promoted dtype (V:
@@ -383,12 +350,15 @@ struct GateWeights {
   Weights e;                 // the effective alpha
 };
 
-GateWeights gate_weights(const at::Tensor& alpha, const at::Tensor& gate, at::IntArrayRef features) {
+// Over features of `features` sizes; by default (the effective alpha op) the broadcast shape
+// stands for the features (one value per sample of it is small).
+GateWeights gate_weights(const at::Tensor& alpha, const at::Tensor& gate,
+                         at::IntArrayRef features = {}) {
   GateWeights gw;
   gw.shape = at::infer_size(alpha.sizes(), gate.sizes());
   gw.promoted = at::result_type(alpha, gate);
   gw.e.shape = gw.shape;
-  if (small_weight(gw.shape, features)) {
+  if (small_weight(gw.shape, features.empty() ? at::IntArrayRef(gw.shape) : features)) {
     gw.a = read_values(alpha, gw.shape);
     gw.g = read_values(gate, gw.shape);
     for (size_t i = 0; i < gw.a.size(); ++i) {
@@ -416,7 +386,16 @@ std::pair<at::Tensor, at::Tensor> gate_weights_backward(const GateWeights& gw, c
     }
   };
   if (de.tensor.defined()) {
-    at::TensorIterator iter = float64_iter(2, {alpha, gate, de.tensor});
+    // alpha, gate and d(effective alpha) as float64, broadcast together, through the same
+    // scalar code as the per-value form
+    at::TensorIteratorConfig config;
+    config.add_owned_output(at::Tensor()).add_owned_output(at::Tensor());
+    for (const at::Tensor& t : {alpha, gate, de.tensor}) {
+      // 16-bit dtypes through float32 (exact): ATen's direct conversion is several times slower
+      const bool half = t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+      config.add_owned_const_input((half ? t.to(at::kFloat) : t).to(at::kDouble));
+    }
+    at::TensorIterator iter = config.build();
     at::native::cpu_kernel_multiple_outputs(iter, [promoted = gw.promoted](double a, double g, double d) {
       const auto [da, dg] = effective_alpha_grad(a, g, d, promoted);
       return std::make_tuple(da, dg);
@@ -456,9 +435,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_add_backward(const at::Tens
   check_blend("blend_add_backward", h, s, alpha);
   auto [dh, ds, dw] = lerp_backward_pass(grad, h, s, make_weights(alpha, h, add_weight(h.scalar_type())),
                                          need_alpha_grad);
-  at::Tensor dalpha = need_alpha_grad ? clamped_weight_grad(dw, alpha, kNoCast)
-                                      : at::zeros(alpha.sizes(), alpha.options());
-  return {dh, ds, dalpha};
+  return {dh, ds, clamped_weight_grad(need_alpha_grad, dw, alpha, kNoCast)};
 }
 
 // ---------------------------------------------------------------- GATE
@@ -478,16 +455,11 @@ at::Tensor blend_gate(const at::Tensor& h, const at::Tensor& s, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_gate_backward(
     const at::Tensor& grad, const at::Tensor& h, const at::Tensor& s, const at::Tensor& alpha,
     const at::Tensor& gate, bool need_alpha_grad, bool need_gate_grad) {
-  const bool need_weight_grads = need_alpha_grad || need_gate_grad;
   check_blend("blend_gate_backward", h, s, alpha);
   check_weight("blend_gate_backward", "gate", gate, h);
   const GateWeights gw = gate_weights(alpha, gate, h.sizes());
-  auto [dh, ds, de] =
-      lerp_backward_pass(grad, h, s, gate_lerp_weights(gw, h.scalar_type()), need_weight_grads);
-  if (!need_weight_grads) {
-    return {dh, ds, at::zeros(alpha.sizes(), alpha.options()),
-            at::zeros(gate.sizes(), gate.options())};
-  }
+  auto [dh, ds, de] = lerp_backward_pass(grad, h, s, gate_lerp_weights(gw, h.scalar_type()),
+                                         need_alpha_grad || need_gate_grad);
   auto [dalpha, dgate] = gate_weights_backward(gw, de, alpha, gate, need_alpha_grad, need_gate_grad);
   return {dh, ds, dalpha, dgate};
 }
@@ -507,9 +479,7 @@ void check_multiply(const char* op, const at::Tensor& h, const at::Tensor& s,
     check_same_shape(op, h, "seed_input", *seed_input);
   }
 }
-}  // namespace
 
-namespace {
 // The value, and with `keep_tanh` on a float32 host the complement of the tanh of s - r
 // (tanh_with_grad's) in the value's layout (otherwise undefined).
 std::tuple<at::Tensor, at::Tensor> multiply_forward(const char* op, const at::Tensor& h,
@@ -526,14 +496,11 @@ std::tuple<at::Tensor, at::Tensor> multiply_forward(const char* op, const at::Te
   std::vector<at::Tensor> outputs{out}, inputs{h, s};  // without r, h is read as r
   if (keep_tanh) outputs.push_back(t = at::empty_like(h));
   if (seed_input.has_value()) inputs.push_back(seed_input->to(s.scalar_type()));
-  at::Tensor unused;
-  dispatch_pair(host, s.scalar_type(), op, [&](auto tt, auto st) {
-    using T = typename decltype(tt)::type;
-    using S = typename decltype(st)::type;
-    with_flags(!seed_input.has_value(), keep_tanh, [&](auto r_is_h, auto keep) {
-      constexpr bool kKeep = decltype(keep)::value && std::is_same_v<T, float>;
-      run_pass<opmath_t<T>>(outputs, inputs, c, h, false, unused, [](auto, Accumulator&, bool st) {
-        return multiply_forward_loop<T, S, decltype(r_is_h)::value, kKeep>(st);
+  dispatch_pair(host, s.scalar_type(), op, [&]<typename T, typename S>() {
+    with_flags(!seed_input.has_value(), keep_tanh, [&]<bool kRIsH, bool kKeepFlag>() {
+      constexpr bool kKeep = kKeepFlag && std::is_same_v<T, float>;
+      run_pass<opmath_t<T>>(outputs, inputs, c, h, false, [](auto, Accumulator&, bool st) {
+        return multiply_forward_loop<T, S, kRIsH, kKeep>(st);
       });
     });
   });
@@ -568,8 +535,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
   at::Tensor ds = at::empty_like(s);
   const bool write_dr = !r_is_h && need_seed_input_grad;
   at::Tensor dr = write_dr ? at::empty_like(r) : at::empty({0}, h.options());
-  at::Tensor element_out;
-  std::vector<long double> sums;
+  WeightGrad dc;
   const bool kept = tanh_complement.has_value() && tanh_complement->numel() > 0;
   TORCH_CHECK(!kept || (tanh_complement->sizes() == h.sizes() &&
                         tanh_complement->scalar_type() == at::kFloat && host == at::kFloat),
@@ -581,10 +547,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
   std::vector<at::Tensor> outputs{dh, ds};
   if (write_dr) outputs.push_back(dr);
   if (kept && !need_alpha_grad) {
-    with_flags(r_is_h, write_dr, [&](auto r_is_h_tag, auto dr_tag) {
-      constexpr bool kRIsH = decltype(r_is_h_tag)::value;
-      constexpr bool kDr = decltype(dr_tag)::value && !kRIsH;  // (r is h: no dr)
-      run_pass<float>(outputs, {g, h, *tanh_complement}, c, h, false, element_out,
+    with_flags(r_is_h, write_dr, [&]<bool kRIsH, bool kDrFlag>() {
+      constexpr bool kDr = kDrFlag && !kRIsH;  // (r is h: no dr)
+      run_pass<float>(outputs, {g, h, *tanh_complement}, c, h, false,
                       [](auto, Accumulator&, bool st) {
                         return multiply_backward_from_tanh_loop<kRIsH, kDr>(st);
                       });
@@ -592,14 +557,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
   } else {
     std::vector<at::Tensor> inputs{g, h, s};
     if (!r_is_h) inputs.push_back(r);
-    dispatch_pair(host, s.scalar_type(), "blend_multiply backward", [&](auto tt, auto st) {
-      using T = typename decltype(tt)::type;
-      using S = typename decltype(st)::type;
-      with_flags(r_is_h, write_dr, [&](auto r_is_h_tag, auto dr_tag) {
-        constexpr bool kRIsH = decltype(r_is_h_tag)::value;
-        constexpr bool kDr = decltype(dr_tag)::value && !kRIsH;
-        sums = run_pass<opmath_t<T>>(
-            outputs, inputs, c, h, need_alpha_grad, element_out,
+    dispatch_pair(host, s.scalar_type(), "blend_multiply backward", [&]<typename T, typename S>() {
+      with_flags(r_is_h, write_dr, [&]<bool kRIsH, bool kDrFlag>() {
+        constexpr bool kDr = kDrFlag && !kRIsH;
+        dc = run_pass<opmath_t<T>>(
+            outputs, inputs, c, h, need_alpha_grad,
             [need_alpha_grad](auto element, Accumulator& acc, bool st) {
               return multiply_backward_loop<T, S, kRIsH, decltype(element)::value, kDr>(
                   acc, st, need_alpha_grad);
@@ -611,11 +573,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
   if (write_dr && dr.scalar_type() != seed_input->scalar_type()) {
     dr = dr.to(seed_input->scalar_type());
   }
-  at::Tensor dalpha = at::zeros(alpha.sizes(), alpha.options());
-  if (need_alpha_grad) {
-    dalpha = clamped_weight_grad(weight_grad_sums(std::move(sums), element_out, c), alpha,
-                                 [host](const auto& a) { return cast_to(host, a); });
-  }
+  const at::Tensor dalpha =
+      clamped_weight_grad(need_alpha_grad, dc, alpha,
+                          [host](const auto& a) { return cast_to(host, a); });
   return {dh, ds, dalpha, dr};
 }
 
@@ -628,16 +588,14 @@ at::Tensor ste_forward(const at::Tensor& h, const at::Tensor& s_in) {
   const at::Tensor s = kernel_operand(s_in, host);
   at::Tensor out = at::empty_like(h);
   if (h.numel() == 0) return out;
-  dispatch_pair(host, s.scalar_type(), "ste_forward", [&](auto tt, auto st) {
-    using T = typename decltype(tt)::type;
-    using S = typename decltype(st)::type;
+  dispatch_pair(host, s.scalar_type(), "ste_forward", [&]<typename T, typename S>() {
     if (mixed_orders({out, h, s})) {
       // Where s is finite the value is h + 0, so h and s can be read each in its own order;
       // tiles that transpose s into h's order only run where some s is not finite.
       if constexpr (kVectorizable<T>) {
         if (ste_forward_if_finite<T, S>(h.const_data_ptr<T>(), s.const_data_ptr<S>(),
                                         out.mutable_data_ptr<T>(), h.numel(),
-                                        out.nbytes() >= stream_threshold_bytes())) {
+                                        static_cast<int64_t>(out.nbytes()) >= stream_threshold_bytes())) {
           return;
         }
       }
@@ -659,15 +617,15 @@ template <typename F>
 void dispatch_valve(at::ScalarType result, at::ScalarType m, F&& f) {
   switch (result) {
     case at::kDouble:
-      return f(Tag<double>{}, Tag<double>{});
+      return f.template operator()<double, double>();
     case at::kFloat:
-      if (m == at::kBFloat16) return f(Tag<float>{}, Tag<c10::BFloat16>{});
-      if (m == at::kHalf) return f(Tag<float>{}, Tag<c10::Half>{});
-      return f(Tag<float>{}, Tag<float>{});
+      if (m == at::kBFloat16) return f.template operator()<float, c10::BFloat16>();
+      if (m == at::kHalf) return f.template operator()<float, c10::Half>();
+      return f.template operator()<float, float>();
     case at::kBFloat16:
-      return f(Tag<c10::BFloat16>{}, Tag<c10::BFloat16>{});
+      return f.template operator()<c10::BFloat16, c10::BFloat16>();
     case at::kHalf:
-      return f(Tag<c10::Half>{}, Tag<c10::Half>{});
+      return f.template operator()<c10::Half, c10::Half>();
     default:
       TORCH_CHECK(false, "multiply_valve_multiplier: unsupported dtype ", result);
   }
@@ -690,11 +648,8 @@ at::Tensor multiply_valve_multiplier(const at::Tensor& alpha, const at::Tensor& 
   const at::Tensor m = valve_operand(m_in, result);
   at::Tensor out = at::empty_like(m_in, m_in.options().dtype(result));
   const Weights c = make_weights(alpha, m, valve_weight(result));
-  at::Tensor unused;
-  dispatch_valve(result, m.scalar_type(), [&](auto ut, auto mt) {
-    using U = typename decltype(ut)::type;
-    using M = typename decltype(mt)::type;
-    run_pass<opmath_t<U>>({out}, {m}, c, m, false, unused,
+  dispatch_valve(result, m.scalar_type(), [&]<typename U, typename M>() {
+    run_pass<opmath_t<U>>({out}, {m}, c, m, false,
                           [](auto, Accumulator&, bool st) { return valve_forward_loop<U, M>(st); });
   });
   return out;
@@ -710,23 +665,16 @@ std::tuple<at::Tensor, at::Tensor> multiply_valve_multiplier_backward(const at::
   const at::Tensor m = valve_operand(m_in, result);
   const Weights c = make_weights(alpha, m, valve_weight(result));
   at::Tensor dm = at::empty_like(m);
-  at::Tensor element_out;
-  std::vector<long double> sums;
-  dispatch_valve(result, m.scalar_type(), [&](auto ut, auto mt) {
-    using U = typename decltype(ut)::type;
-    using M = typename decltype(mt)::type;
-    sums = run_pass<opmath_t<U>>({dm}, {g, m}, c, m, need_alpha_grad, element_out,
+  WeightGrad dc;
+  dispatch_valve(result, m.scalar_type(), [&]<typename U, typename M>() {
+    dc = run_pass<opmath_t<U>>({dm}, {g, m}, c, m, need_alpha_grad,
                                  [need_alpha_grad](auto element, Accumulator& acc, bool st) {
                                    return valve_backward_loop<U, M, decltype(element)::value>(
                                        acc, st, need_alpha_grad);
                                  });
   });
   if (dm.scalar_type() != m_in.scalar_type()) dm = dm.to(m_in.scalar_type());
-  at::Tensor dalpha = at::zeros(alpha.sizes(), alpha.options());
-  if (need_alpha_grad) {
-    dalpha = clamped_weight_grad(weight_grad_sums(std::move(sums), element_out, c), alpha, kNoCast);
-  }
-  return {dalpha, dm};
+  return {clamped_weight_grad(need_alpha_grad, dc, alpha, kNoCast), dm};
 }
 
 std::tuple<at::Tensor, at::Tensor> tanh_f32(const at::Tensor& x) {
@@ -738,19 +686,12 @@ std::tuple<at::Tensor, at::Tensor> tanh_f32(const at::Tensor& x) {
   float* tp = t.data_ptr<float>();
   float* gp = one_minus_t2.data_ptr<float>();
   const int64_t n = in.numel();
-  constexpr int64_t kLanes = FVec::size();
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
+  for (int64_t i = 0; i < n; i += FVec::size()) {  // the tail through the same lanes
+    const int64_t k = std::min<int64_t>(FVec::size(), n - i);
     FVec tv, gv;
-    tanh_with_grad(FVec::loadu(src + i), tv, gv);
-    tv.store(tp + i);
-    gv.store(gp + i);
-  }
-  if (i < n) {  // the tail through the same lanes
-    FVec tv, gv;
-    tanh_with_grad(FVec::loadu(src + i, n - i), tv, gv);
-    tv.store(tp + i, n - i);
-    gv.store(gp + i, n - i);
+    tanh_with_grad(FVec::loadu(src + i, k), tv, gv);
+    tv.store(tp + i, k);
+    gv.store(gp + i, k);
   }
   return {t, one_minus_t2};
 }
@@ -760,28 +701,18 @@ at::Tensor tanh_f64(const at::Tensor& x) {
               "tanh_f64: takes a float64 CPU tensor, got ", x.scalar_type(), " on ", x.device());
   const at::Tensor in = x.contiguous();
   at::Tensor out = at::empty_like(in);
-  const double* src = in.data_ptr<double>();
-  double* dst = out.data_ptr<double>();
-  const int64_t n = in.numel();
-  int64_t i = 0;
-  for (; i + DVec::size() <= n; i += DVec::size()) tanh_pd(DVec::loadu(src + i)).store(dst + i);
-  if (i < n) tanh_pd(DVec::loadu(src + i, n - i)).store(dst + i, n - i);  // the same lanes
+  // the tail through the same lanes
+  at::vec::map([](const DVec& v) { return tanh_pd(v); }, out.data_ptr<double>(),
+               in.const_data_ptr<double>(), in.numel());
   return out;
 }
 
 // ---------------------------------------------------------------- gate effective alpha
-namespace {
-// The effective alpha's weights: its own shape stands for the features (one value per sample
-// of it is small)
-GateWeights effective_alpha_weights(const at::Tensor& alpha, const at::Tensor& gate) {
-  return gate_weights(alpha, gate, at::infer_size(alpha.sizes(), gate.sizes()));
-}
-}  // namespace
 
 at::Tensor gate_effective_alpha(const at::Tensor& alpha, const at::Tensor& gate) {
   TORCH_CHECK(alpha.is_floating_point() || gate.is_floating_point(),
               "gate_effective_alpha: alpha or gate must be a floating-point tensor");
-  const GateWeights gw = effective_alpha_weights(alpha, gate);
+  const GateWeights gw = gate_weights(alpha, gate);
   if (gw.e.tensor.defined()) return gw.e.tensor;
   return tensor_from_values(gw.e.values, gw.shape, gw.promoted);
 }
@@ -791,13 +722,12 @@ std::tuple<at::Tensor, at::Tensor> gate_effective_alpha_backward(const at::Tenso
                                                                  const at::Tensor& gate,
                                                                  bool need_alpha_grad,
                                                                  bool need_gate_grad) {
-  const GateWeights gw = effective_alpha_weights(alpha, gate);
+  const GateWeights gw = gate_weights(alpha, gate);
   WeightGrad de;
   if (gw.e.tensor.defined()) {
     de.tensor = grad.to(at::kDouble);
   } else {
-    const auto g = read_values(grad, gw.shape);
-    de.values.assign(g.begin(), g.end());
+    de.values = read_values<long double>(grad, gw.shape);
   }
   return gate_weights_backward(gw, de, alpha, gate, need_alpha_grad, need_gate_grad);
 }

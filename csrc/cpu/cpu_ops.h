@@ -75,14 +75,16 @@ using gate_network_backward =
         const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology);
 }  // namespace sig
 
-// Every kernel, once: X(name) for each, in the order of the Kernels table.
-#define KK_CPU_KERNELS(X)                                                                   \
+// The ops registered for the CPU (ops/registration.cpp), X(name) for each.
+#define KK_CPU_OPS(X)                                                                       \
   X(blend_add) X(blend_add_backward) X(blend_gate) X(blend_gate_backward) X(blend_multiply)  \
   X(blend_multiply_for_backward) X(blend_multiply_backward) X(ste_forward)                  \
-  X(multiply_valve_multiplier) X(multiply_valve_multiplier_backward) X(tanh_f32) X(tanh_f64) \
-  X(gate_effective_alpha) X(gate_effective_alpha_backward) X(gated_pool)                    \
-  X(gated_pool_backward) X(gate_network)                                                    \
+  X(multiply_valve_multiplier) X(multiply_valve_multiplier_backward) X(gate_effective_alpha) \
+  X(gate_effective_alpha_backward) X(gated_pool) X(gated_pool_backward) X(gate_network)      \
   X(gate_network_backward)
+
+// Every kernel, once, in the order of the Kernels table: the ops and the tests' tanh helpers.
+#define KK_CPU_KERNELS(X) KK_CPU_OPS(X) X(tanh_f32) X(tanh_f64)
 
 // One capability's kernels.
 struct Kernels {

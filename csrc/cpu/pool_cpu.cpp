@@ -449,15 +449,6 @@ at::Tensor gated_pool_backward(const at::Tensor& grad, const at::Tensor& x,
 // ---------------------------------------------------------------- gate network
 namespace {
 
-// The MLP's math type: double for float32/bfloat16/float16 (far below their rounding), long
-// double when x or a weight is float64 (so a float64 call stays within an ulp or so of a
-// long-double oracle, below eager float64's own rounding).
-template <typename M>
-struct GateWeights {
-  int64_t C, hidden;
-  std::vector<M> b1, w2, b2;  // w1 is read by the products themselves, in its own dtype
-};
-
 void check_gate_weights(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                         const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
   check_topology(x, topology);
@@ -477,12 +468,17 @@ void check_gate_weights(const at::Tensor& x, const at::Tensor& w1, const at::Ten
   }
 }
 
-bool long_double_math(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                      const at::Tensor& w2, const at::Tensor& b2) {
+// f.template operator()<M>() with the MLP's math type M: double for float32/bfloat16/float16 (far
+// below their rounding), long double when x or a weight is float64 (so a float64 call stays
+// within an ulp or so of a long-double oracle, below eager float64's own rounding).
+template <typename F>
+auto with_gate_math(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                    const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology, F&& f) {
+  check_gate_weights(x, w1, b1, w2, b2, topology);
   for (const at::Tensor* t : {&x, &w1, &b1, &w2, &b2}) {
-    if (t->scalar_type() == at::kDouble) return true;
+    if (t->scalar_type() == at::kDouble) return f.template operator()<long double>();
   }
-  return false;
+  return f.template operator()<double>();
 }
 
 // Values every one of which is written before it is read: no zero fill (a std::vector's costs
@@ -495,19 +491,6 @@ Scratch<M> scratch(int64_t n) {
   return std::make_unique_for_overwrite<M[]>(static_cast<size_t>(n));
 }
 
-// t's values (row-major) as M, through weights.h's read_values (exact: every dtype here widens
-// exactly into double, and double into long double). For the small weights (b1, w2, b2) and
-// the (B,) gradient; w1 is read by the products themselves, in its own dtype.
-template <typename M>
-std::vector<M> values_as(const at::Tensor& t) {
-  if constexpr (std::is_same_v<M, double>) {
-    return read_values(t);
-  } else {
-    const std::vector<double> v = read_values(t);
-    return std::vector<M>(v.begin(), v.end());
-  }
-}
-
 // f(w1's data pointer, in w1's own dtype)
 template <typename F>
 void with_w1(const at::Tensor& w1, F&& f) {
@@ -516,34 +499,24 @@ void with_w1(const at::Tensor& w1, F&& f) {
   });
 }
 
-template <typename M>
-GateWeights<M> gate_weights(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                            const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
-  GateWeights<M> g;
-  g.C = topology == "cnn" ? x.size(1) : x.size(2);
-  g.hidden = w1.size(0);
-  g.b1 = values_as<M>(b1);
-  g.w2 = values_as<M>(w2);
-  g.b2 = values_as<M>(b2);
-  return g;
-}
-
 // The forward in M, hidden-major so that every product reads w1 as it is: pooled (B, C) and
-// its transpose (C, B), z1t and a1t (hidden, B), y (B).
+// its transpose (C, B), z1t and a1t (H, B), y (B); w2 for the backward (w1 is read by the
+// products themselves, in its own dtype).
 template <typename M>
 struct GateForward {
-  int64_t B;
+  int64_t B, C, H;
+  std::vector<M> w2;
   Scratch<M> pooled, pooled_t, z1t, a1t;
   std::vector<M> y;
 };
 
 template <typename M>
-GateForward<M> gate_forward(const at::Tensor& x, const at::Tensor& w1, const GateWeights<M>& w,
-                            c10::string_view topology) {
+GateForward<M> gate_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                            const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
   const PoolView v = pool_view(x, topology);
-  const int64_t B = v.B, C = w.C, H = w.hidden;
-  GateForward<M> f;
-  f.B = B;
+  const int64_t B = v.B, C = v.C, H = w1.size(0);
+  const std::vector<M> bias1 = read_values<M>(b1), bias2 = read_values<M>(b2);
+  GateForward<M> f{B, C, H, read_values<M>(w2)};
   f.pooled = scratch<M>(B * C);
   f.pooled_t = scratch<M>(B * C);
   f.z1t = scratch<M>(H * B);
@@ -552,14 +525,14 @@ GateForward<M> gate_forward(const at::Tensor& x, const at::Tensor& w1, const Gat
   pooled_means_into<M>(x, v, f.pooled.get());
   // eight samples at a time, so each line of pooled_t is written whole
   for (int64_t b0 = 0; b0 < B; b0 += 8) {
-    const int64_t b1 = std::min(B, b0 + 8);
+    const int64_t b_end = std::min(B, b0 + 8);
     for (int64_t c = 0; c < C; ++c) {
-      for (int64_t b = b0; b < b1; ++b) f.pooled_t[c * B + b] = f.pooled[b * C + c];
+      for (int64_t b = b0; b < b_end; ++b) f.pooled_t[c * B + b] = f.pooled[b * C + c];
     }
   }
   // z1^T = b1 + w1 . pooled^T
   with_w1(w1, [&](const auto* w1p) {
-    small_gemm<M>(H, C, B, w1p, w1.stride(0), w1.stride(1), f.pooled_t.get(), w.b1.data(),
+    small_gemm<M>(H, C, B, w1p, w1.stride(0), w1.stride(1), f.pooled_t.get(), bias1.data(),
                   nullptr, f.z1t.get());
   });
   for (int64_t j = 0; j < H * B; ++j) {
@@ -567,46 +540,22 @@ GateForward<M> gate_forward(const at::Tensor& x, const at::Tensor& w1, const Gat
     f.a1t[j] = std::isnan(z) ? z : std::max(z, M(0));  // relu keeps NaN, as at::relu
   }
   for (int64_t b = 0; b < B; ++b) {
-    M z2 = w.b2[0];
-    for (int64_t j = 0; j < H; ++j) z2 += f.a1t[j * B + b] * w.w2[j];
+    M z2 = bias2[0];
+    for (int64_t j = 0; j < H; ++j) z2 += f.a1t[j * B + b] * f.w2[j];
     f.y[b] = M(1) / (M(1) + std::exp(-z2));
   }
   return f;
-}
-
-std::vector<int64_t> gate_shape(const at::Tensor& x, c10::string_view topology) {
-  if (topology == "cnn") return {x.size(0), 1, 1, 1};
-  return {x.size(0), 1, 1};
-}
-
-// n values of M as a tensor of `shape` in `dtype` (rounded once from double)
-template <typename M>
-at::Tensor values_tensor(const M* values, int64_t n, at::IntArrayRef shape, at::ScalarType dtype) {
-  if constexpr (std::is_same_v<M, double>) {
-    return tensor_from_values({values, static_cast<size_t>(n)}, shape, dtype);
-  } else {
-    return tensor_from_values(std::vector<double>(values, values + n), shape, dtype);
-  }
-}
-
-template <typename M>
-at::Tensor gate_network_impl(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                             const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
-  const GateWeights<M> w = gate_weights<M>(x, w1, b1, w2, b2, topology);
-  const GateForward<M> f = gate_forward<M>(x, w1, w, topology);
-  return values_tensor(f.y.data(), f.B, gate_shape(x, topology), x.scalar_type());
 }
 
 template <typename M>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_network_backward_impl(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
-  const GateWeights<M> w = gate_weights<M>(x, w1, b1, w2, b2, topology);
-  const GateForward<M> f = gate_forward<M>(x, w1, w, topology);
-  const int64_t B = f.B, C = w.C, H = w.hidden;
+  const GateForward<M> f = gate_forward<M>(x, w1, b1, w2, b2, topology);
+  const int64_t B = f.B, C = f.C, H = f.H;
   TORCH_CHECK(grad.numel() == B, "gate_network_backward: grad has ", grad.numel(),
               " elements, expected ", B);
-  const std::vector<M> gy = values_as<M>(grad);
+  const std::vector<M> gy = read_values<M>(grad);
   std::vector<M> db1(H, M(0)), dw2(H, M(0));
   Scratch<M> dw1 = scratch<M>(H * C), dpooled_t = scratch<M>(C * B), dz1t = scratch<M>(H * B);
   M db2 = 0;
@@ -618,7 +567,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_netw
       dw2[j] += dz2 * f.a1t[j * B + b];
       // ReLU's gradient is a select, as torch's threshold_backward: a NaN upstream gradient
       // does not leak through units that were off
-      const M d = f.z1t[j * B + b] <= 0 ? M(0) : dz2 * w.w2[j];
+      const M d = f.z1t[j * B + b] <= 0 ? M(0) : dz2 * f.w2[j];
       dz1t[j * B + b] = d;
       db1[j] += d;
     }
@@ -630,31 +579,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_netw
                   dpooled_t.get());
   });
   at::Tensor dx = pool_input_grad<M>(x, topology, [&](int64_t b, int64_t c) { return dpooled_t[c * B + b]; });
-  return {dx, values_tensor(dw1.get(), H * C, w1.sizes(), w1.scalar_type()),
-          values_tensor(db1.data(), H, b1.sizes(), b1.scalar_type()),
-          values_tensor(dw2.data(), H, w2.sizes(), w2.scalar_type()),
-          tensor_from_values({static_cast<double>(db2)}, b2.sizes(), b2.scalar_type())};
+  return {dx, tensor_from_values(dw1.get(), w1.sizes(), w1.scalar_type()),
+          tensor_from_values(db1.data(), b1.sizes(), b1.scalar_type()),
+          tensor_from_values(dw2.data(), w2.sizes(), w2.scalar_type()),
+          tensor_from_values(&db2, b2.sizes(), b2.scalar_type())};
 }
 
 }  // namespace
 
 at::Tensor gate_network(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                         const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
-  check_gate_weights(x, w1, b1, w2, b2, topology);
-  if (long_double_math(x, w1, b1, w2, b2)) {
-    return gate_network_impl<long double>(x, w1, b1, w2, b2, topology);
-  }
-  return gate_network_impl<double>(x, w1, b1, w2, b2, topology);
+  return with_gate_math(x, w1, b1, w2, b2, topology, [&]<typename M>() {
+    const GateForward<M> f = gate_forward<M>(x, w1, b1, w2, b2, topology);
+    const auto shape = topology == "cnn" ? std::vector<int64_t>{f.B, 1, 1, 1}
+                                         : std::vector<int64_t>{f.B, 1, 1};
+    return tensor_from_values(f.y.data(), shape, x.scalar_type());
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_network_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, c10::string_view topology) {
-  check_gate_weights(x, w1, b1, w2, b2, topology);
-  if (long_double_math(x, w1, b1, w2, b2)) {
-    return gate_network_backward_impl<long double>(grad, x, w1, b1, w2, b2, topology);
-  }
-  return gate_network_backward_impl<double>(grad, x, w1, b1, w2, b2, topology);
+  return with_gate_math(x, w1, b1, w2, b2, topology, [&]<typename M>() {
+    return gate_network_backward_impl<M>(grad, x, w1, b1, w2, b2, topology);
+  });
 }
 
 }  // namespace CPU_CAPABILITY

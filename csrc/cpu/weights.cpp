@@ -7,18 +7,19 @@
 namespace kk::cpu {
 inline namespace CPU_CAPABILITY {
 
-std::vector<double> read_values(const at::Tensor& t, at::IntArrayRef shape) {
+template <typename M>
+std::vector<M> read_values(const at::Tensor& t, at::IntArrayRef shape) {
   if (shape.empty() && t.dim() > 0) shape = t.sizes();
   // the broadcast's strides: 0 along the dimensions `t` is broadcast over
   const auto strides = at::inferExpandGeometry_dimvector(t.sizes(), t.strides(), shape).strides;
   const int64_t dims = static_cast<int64_t>(shape.size());
-  std::vector<double> out(c10::multiply_integers(shape));
+  std::vector<M> out(c10::multiply_integers(shape));
   std::vector<int64_t> index(dims, 0);
   AT_DISPATCH_ALL_TYPES_AND3(at::kBFloat16, at::kHalf, at::kBool, t.scalar_type(), "read_values", [&] {
     const scalar_t* p = t.const_data_ptr<scalar_t>();
     int64_t offset = 0;
-    for (double& v : out) {
-      v = static_cast<double>(p[offset]);
+    for (M& v : out) {
+      v = static_cast<M>(static_cast<double>(p[offset]));
       for (int64_t d = dims - 1; d >= 0; --d) {  // the next index, row-major
         offset += strides[d];
         if (++index[d] < shape[d]) break;
@@ -45,15 +46,23 @@ double round_to(at::ScalarType dtype, double v) {
   }
 }
 
-at::Tensor tensor_from_values(c10::ArrayRef<double> values, at::IntArrayRef shape,
-                              at::ScalarType dtype) {
+template <typename M>
+at::Tensor tensor_from_values(const M* values, at::IntArrayRef shape, at::ScalarType dtype) {
   at::Tensor out = at::empty(shape, at::TensorOptions().dtype(dtype));
   AT_DISPATCH_ALL_TYPES_AND3(at::kBFloat16, at::kHalf, at::kBool, dtype, "tensor_from_values", [&] {
     scalar_t* p = out.data_ptr<scalar_t>();
-    for (const auto i : c10::irange(out.numel())) p[i] = static_cast<scalar_t>(values[i]);
+    for (const auto i : c10::irange(out.numel())) {
+      p[i] = static_cast<scalar_t>(static_cast<double>(values[i]));
+    }
   });
   return out;
 }
+
+template std::vector<double> read_values<double>(const at::Tensor&, at::IntArrayRef);
+template std::vector<long double> read_values<long double>(const at::Tensor&, at::IntArrayRef);
+template at::Tensor tensor_from_values<double>(const double*, at::IntArrayRef, at::ScalarType);
+template at::Tensor tensor_from_values<long double>(const long double*, at::IntArrayRef,
+                                                    at::ScalarType);
 
 bool batch_outermost(const at::Tensor& t) {
   if (t.dim() == 0 || t.size(0) <= 1 || t.numel() == 0) return true;

@@ -9,16 +9,24 @@
 namespace kk::cpu {
 inline namespace CPU_CAPABILITY {
 
-// Values of a real tensor broadcast to `shape` (default: its own), row-major, as doubles (exact
-// for every dtype here). Reads through the strides: no copy of an expanded tensor.
-std::vector<double> read_values(const at::Tensor& t, at::IntArrayRef shape = {});
+// Values of a real tensor broadcast to `shape` (default: its own), row-major, as M (double or
+// long double: exact for every dtype here). Reads through the strides: no copy of an expanded
+// tensor.
+template <typename M = double>
+std::vector<M> read_values(const at::Tensor& t, at::IntArrayRef shape = {});
 
 // Rounds a double to the precision of `dtype` the way `.to(dtype)` does.
 double round_to(at::ScalarType dtype, double v);
 
-// A tensor of `shape` holding `values` (row-major), created in `dtype` on the CPU.
-at::Tensor tensor_from_values(c10::ArrayRef<double> values, at::IntArrayRef shape,
-                              at::ScalarType dtype);
+// A tensor of `shape` holding `values` (row-major, each rounded to double first, then to
+// `dtype`), created in `dtype` on the CPU. M is double or long double.
+template <typename M>
+at::Tensor tensor_from_values(const M* values, at::IntArrayRef shape, at::ScalarType dtype);
+
+inline at::Tensor tensor_from_values(c10::ArrayRef<double> values, at::IntArrayRef shape,
+                                     at::ScalarType dtype) {
+  return tensor_from_values(values.data(), shape, dtype);
+}
 
 // The iteration order of a TensorIterator whose first output is `t` keeps each sample's
 // elements contiguous in linear index: true for dense outputs with the batch dimension

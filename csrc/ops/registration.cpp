@@ -286,17 +286,9 @@ class AutogradKernel final : public c10::OperatorKernel {
   }
 
  private:
-  // torch holds autograd nodes in std::shared_ptr up to 2.12 and in c10::intrusive_ptr since
+  // torch holds autograd nodes in std::shared_ptr up to 2.12 and in c10::intrusive_ptr since;
+  // both take ownership from a std::unique_ptr
   using NodePtr = decltype(torch::autograd::Edge::function);
-
-  template <class Ptr = NodePtr, class... Args>
-  static Ptr make_node(Args&&... args) {
-    if constexpr (std::is_same_v<Ptr, std::shared_ptr<torch::autograd::Node>>) {
-      return std::make_shared<torch::autograd::Error>(std::forward<Args>(args)...);
-    } else {
-      return c10::make_intrusive<torch::autograd::Error>(std::forward<Args>(args)...);
-    }
-  }
 
   static void redispatch_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                                         torch::jit::Stack* stack) {
@@ -307,11 +299,11 @@ class AutogradKernel final : public c10::OperatorKernel {
   static NodePtr error_node(const Plan& p, const variable_list& inputs) {
     std::string forward = p.name.substr(0, p.name.size() - std::string("_backward").size());
     if (forward.ends_with("_for")) forward.resize(forward.size() - std::string("_for").size());
-    return make_node(
+    return NodePtr(std::make_unique<torch::autograd::Error>(
         forward + ": double backward (differentiating a gradient computed with "
         "create_graph=True) is not supported: the fused kernel (" + p.name + ") has "
         "no derivative of its own; use backend=\"reference\" for higher-order derivatives",
-        torch::autograd::collect_next_edges(inputs));
+        torch::autograd::collect_next_edges(inputs)));
   }
 
   std::once_flag once_;
@@ -322,22 +314,9 @@ class AutogradKernel final : public c10::OperatorKernel {
 
 TORCH_LIBRARY_IMPL(kasmina, CPU, m) {
   const cpu::Kernels& k = *cpu_capability().kernels;
-  m.impl("blend_add", k.blend_add);
-  m.impl("blend_add_backward", k.blend_add_backward);
-  m.impl("blend_gate", k.blend_gate);
-  m.impl("blend_gate_backward", k.blend_gate_backward);
-  m.impl("blend_multiply", k.blend_multiply);
-  m.impl("blend_multiply_for_backward", k.blend_multiply_for_backward);
-  m.impl("blend_multiply_backward", k.blend_multiply_backward);
-  m.impl("ste_forward", k.ste_forward);
-  m.impl("multiply_valve_multiplier", k.multiply_valve_multiplier);
-  m.impl("multiply_valve_multiplier_backward", k.multiply_valve_multiplier_backward);
-  m.impl("gate_effective_alpha", k.gate_effective_alpha);
-  m.impl("gate_effective_alpha_backward", k.gate_effective_alpha_backward);
-  m.impl("gated_pool", k.gated_pool);
-  m.impl("gated_pool_backward", k.gated_pool_backward);
-  m.impl("gate_network", k.gate_network);
-  m.impl("gate_network_backward", k.gate_network_backward);
+#define KK_REGISTER(name) m.impl(#name, k.name);
+  KK_CPU_OPS(KK_REGISTER)
+#undef KK_REGISTER
 }
 
 // Gives the named ops of the kasmina library (forward and backward ops, of any backend) the
