@@ -18,11 +18,6 @@ inline namespace CPU_CAPABILITY {
 
 constexpr int64_t kGrain = 32768;
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
 // tanh in double of double lanes, to 1e-12 relative: the alpha-gradient terms of float32
 // MULTIPLY and the valve use it. Those terms must not inherit the float tanh's rounding: its
 // errors (up to half a float ulp per element, all with the same weight g*h) add up, and the
