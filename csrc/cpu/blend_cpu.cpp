@@ -210,7 +210,7 @@ WeightGrad run_pass(const std::vector<at::Tensor>& outputs, const std::vector<at
     const size_t n = all.size();  // the weight is operand n, read with stride 0
     return {grouped_sums(groups, group_size, [&](int64_t group, int64_t begin, int64_t end) {
       Accumulator acc;
-      auto loop = loop_for(std::false_type{}, acc, stream);
+      auto loop = loop_for(std::false_type{}, acc, stream ? kStreamAll : StreamMask{0});
       char* data[16];
       int64_t strides[32] = {};
       for (size_t i = 0; i < n; ++i) {
@@ -244,7 +244,7 @@ WeightGrad run_pass(const std::vector<at::Tensor>& outputs, const std::vector<at
     if (mixed_orders(all)) {
       auto sums = run_mixed_orders(
           all, static_cast<int>(outputs.size()), weight_at, stream,
-          [&](Accumulator& acc) { return loop_for(std::false_type{}, acc, false); });
+          [&](Accumulator& acc, StreamMask mask) { return loop_for(std::false_type{}, acc, mask); });
       if (!need_sums) return {};
       if (!scalar) return {std::move(sums)};
       long double total = 0.0L;
@@ -272,7 +272,7 @@ WeightGrad run_pass(const std::vector<at::Tensor>& outputs, const std::vector<at
   auto run_blocks = [&](auto element_tag, int64_t g, int64_t gs) {
     return grouped_sums(g, gs, [&](int64_t, int64_t begin, int64_t end) {
       Accumulator acc;
-      auto loop = loop_for(element_tag, acc, false);
+      auto loop = loop_for(element_tag, acc, StreamMask{0});
       iter.serial_for_each(loop, {begin, end});
       return acc.value_ld();
     });
@@ -295,7 +295,7 @@ at::Tensor lerp_forward_pass(const at::Tensor& h, const at::Tensor& s_in, const 
   at::Tensor out = at::empty_like(h);
   dispatch_pair(host, s.scalar_type(), "blend", [&]<typename T, typename S>() {
     run_pass<opmath_t<T>>({out}, {h, s}, w, h, false,
-                          [](auto, Accumulator&, bool st) { return lerp_forward_loop<T, S>(st); });
+                          [](auto, Accumulator&, StreamMask st) { return lerp_forward_loop<T, S>(st); });
   });
   return out;
 }
@@ -313,13 +313,13 @@ std::tuple<at::Tensor, at::Tensor, WeightGrad> lerp_backward_pass(
   WeightGrad dw;
   dispatch_pair(host, s.scalar_type(), "blend backward", [&]<typename T, typename S>() {
     if (!need_weight_grad) {
-      run_pass<opmath_t<T>>({dh, ds}, {g}, w, h, false, [](auto, Accumulator& acc, bool st) {
+      run_pass<opmath_t<T>>({dh, ds}, {g}, w, h, false, [](auto, Accumulator& acc, StreamMask st) {
         return lerp_backward_loop<T, S, false, false>(acc, st);
       });
       return;
     }
     dw = run_pass<opmath_t<T>>({dh, ds}, {g, h, s}, w, h, true,
-                                 [](auto element, Accumulator& acc, bool st) {
+                                 [](auto element, Accumulator& acc, StreamMask st) {
                                    return lerp_backward_loop<T, S, decltype(element)::value>(acc, st);
                                  });
   });
@@ -499,7 +499,7 @@ std::tuple<at::Tensor, at::Tensor> multiply_forward(const char* op, const at::Te
   dispatch_pair(host, s.scalar_type(), op, [&]<typename T, typename S>() {
     with_flags(!seed_input.has_value(), keep_tanh, [&]<bool kRIsH, bool kKeepFlag>() {
       constexpr bool kKeep = kKeepFlag && std::is_same_v<T, float>;
-      run_pass<opmath_t<T>>(outputs, inputs, c, h, false, [](auto, Accumulator&, bool st) {
+      run_pass<opmath_t<T>>(outputs, inputs, c, h, false, [](auto, Accumulator&, StreamMask st) {
         return multiply_forward_loop<T, S, kRIsH, kKeep>(st);
       });
     });
@@ -550,7 +550,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
     with_flags(r_is_h, write_dr, [&]<bool kRIsH, bool kDrFlag>() {
       constexpr bool kDr = kDrFlag && !kRIsH;  // (r is h: no dr)
       run_pass<float>(outputs, {g, h, *tanh_complement}, c, h, false,
-                      [](auto, Accumulator&, bool st) {
+                      [](auto, Accumulator&, StreamMask st) {
                         return multiply_backward_from_tanh_loop<kRIsH, kDr>(st);
                       });
     });
@@ -562,7 +562,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
         constexpr bool kDr = kDrFlag && !kRIsH;
         dc = run_pass<opmath_t<T>>(
             outputs, inputs, c, h, need_alpha_grad,
-            [need_alpha_grad](auto element, Accumulator& acc, bool st) {
+            [need_alpha_grad](auto element, Accumulator& acc, StreamMask st) {
               return multiply_backward_loop<T, S, kRIsH, decltype(element)::value, kDr>(
                   acc, st, need_alpha_grad);
             });
@@ -601,7 +601,7 @@ at::Tensor ste_forward(const at::Tensor& h, const at::Tensor& s_in) {
       }
       // out is in h's order, the majority: never moved, nothing to stream
       run_mixed_orders({out, h, s}, 1, nullptr, false,
-                       [](Accumulator&) { return ste_forward_loop<T, S>(); });
+                       [](Accumulator&, StreamMask) { return ste_forward_loop<T, S>(); });
       return;
     }
     // no weight operand: the TensorIterator handles every other layout in one pass
@@ -650,7 +650,7 @@ at::Tensor multiply_valve_multiplier(const at::Tensor& alpha, const at::Tensor& 
   const Weights c = make_weights(alpha, m, valve_weight(result));
   dispatch_valve(result, m.scalar_type(), [&]<typename U, typename M>() {
     run_pass<opmath_t<U>>({out}, {m}, c, m, false,
-                          [](auto, Accumulator&, bool st) { return valve_forward_loop<U, M>(st); });
+                          [](auto, Accumulator&, StreamMask st) { return valve_forward_loop<U, M>(st); });
   });
   return out;
 }
@@ -668,7 +668,7 @@ std::tuple<at::Tensor, at::Tensor> multiply_valve_multiplier_backward(const at::
   WeightGrad dc;
   dispatch_valve(result, m.scalar_type(), [&]<typename U, typename M>() {
     dc = run_pass<opmath_t<U>>({dm}, {g, m}, c, m, need_alpha_grad,
-                                 [need_alpha_grad](auto element, Accumulator& acc, bool st) {
+                                 [need_alpha_grad](auto element, Accumulator& acc, StreamMask st) {
                                    return valve_backward_loop<U, M, decltype(element)::value>(
                                        acc, st, need_alpha_grad);
                                  });

@@ -233,23 +233,22 @@ inline void put(char* p, int64_t stride, int64_t i, V v) {
   *reinterpret_cast<X*>(p + i * stride) = static_cast<X>(v);
 }
 
-// Whether every pointer suits a streaming store.
-template <typename... P>
-inline bool streams(bool stream, P... p) {
-  return stream && (stream_aligned(p) && ...);
+// Whether output k is streamed: chosen in `mask`, and aligned.
+inline bool streams(StreamMask mask, int k, const char* p) {
+  return ((mask >> k) & 1u) != 0 && stream_aligned(p);
 }
 
 // ---------------------------------------------------------------- lerp (ADD, GATE)
 // operands: out(T), h(T), s(S), w(op)
 template <typename T, typename S>
-auto lerp_forward_loop(bool stream) {
+auto lerp_forward_loop(StreamMask stream) {
   using op_t = opmath_t<T>;
   constexpr int N = 4;
   return [stream](char** data, const int64_t* st, int64_t n0, int64_t n1) {
     run_rows<N, kVectorizable<T>>(
         data, st, n0, n1, {sizeof(T), sizeof(T), sizeof(S), sizeof(op_t)}, 3,
         [&](auto& p, int64_t n) -> int64_t {
-          const bool nt = streams(stream, p[0]);
+          const bool nt = streams(stream, 0, p[0]);
           int64_t i = 0;
           // a broadcast weight: lerp's branch chosen once for the row, the same fused
           // multiply-add on the same coefficient and base as lerp() per element
@@ -295,7 +294,7 @@ auto lerp_forward_loop(bool stream) {
 // dh(T), ds(S), g(T), w(op): the feature gradients alone read only g.
 // `acc` collects sum(g * (s - h)) when kSums and not kElement.
 template <typename T, typename S, bool kElement, bool kSums = true>
-auto lerp_backward_loop(Accumulator& acc, bool stream) {
+auto lerp_backward_loop(Accumulator& acc, StreamMask stream) {
   using op_t = opmath_t<T>;
   constexpr int E = kElement ? 1 : 0;
   constexpr int G = 2 + E;  // index of g
@@ -315,7 +314,7 @@ auto lerp_backward_loop(Accumulator& acc, bool stream) {
     run_rows<N, kVectorizable<T>>(
         data, st, n0, n1, sizes, W,
         [&](auto& p, int64_t n) -> int64_t {
-          const bool nt = streams(stream, p[0], p[1]);
+          const bool nt_dh = streams(stream, 0, p[0]), nt_ds = streams(stream, 1, p[1]);
           int64_t i = 0;
           TermLanes<T, kElement> lanes;
           TilePrefetch* const prefetch = tile_prefetch;
@@ -337,8 +336,8 @@ auto lerp_backward_loop(Accumulator& acc, bool stream) {
                           g[k], s[k], h[k]);
               }
             }
-            store2<T>(out_<T>(p[0], i), dh, nt);
-            store2<S>(out_<S>(p[1], i), ds, nt);
+            store2<T>(out_<T>(p[0], i), dh, nt_dh);
+            store2<S>(out_<S>(p[1], i), ds, nt_ds);
             if (prefetch) prefetch->step();
           }
           if constexpr (kSums) lanes.flush_into(acc);
@@ -372,7 +371,7 @@ auto lerp_backward_loop(Accumulator& acc, bool stream) {
 // backward to read (multiply_backward_from_tanh_loop) instead of evaluating tanh and reading s
 // and r again.
 template <typename T, typename S, bool kRIsH, bool kTanh = false>
-auto multiply_forward_loop(bool stream) {
+auto multiply_forward_loop(StreamMask stream) {
   using op_t = opmath_t<T>;
   static_assert(!kTanh || std::is_same_v<T, float>, "the tanh is kept for float hosts");
   constexpr int H = kTanh ? 2 : 1;  // outputs, then h
@@ -388,7 +387,7 @@ auto multiply_forward_loop(bool stream) {
     run_rows<N, kVectorizable<T>>(
         data, st, n0, n1, sizes, C,
         [&](auto& p, int64_t n) -> int64_t {
-          const bool nt = streams(stream, p[0], kTanh ? p[1] : p[0]);
+          const bool nt = streams(stream, 0, p[0]), nt_z = kTanh && streams(stream, 1, p[1]);
           int64_t i = 0;
           TilePrefetch* const prefetch = tile_prefetch;
           for (; i + kStep <= n; i += kStep) {
@@ -415,7 +414,7 @@ auto multiply_forward_loop(bool stream) {
               y[k] = h[k] * valve(c[k], t[k]);
             }
             store2<T>(out_<T>(p[0], i), y, nt);
-            if constexpr (kTanh) store2<T>(out_<T>(p[1], i), z, nt);
+            if constexpr (kTanh) store2<T>(out_<T>(p[1], i), z, nt_z);
             if (prefetch) prefetch->step();
           }
           return i;
@@ -454,7 +453,7 @@ auto multiply_forward_loop(bool stream) {
 // is h, dh also carries -ds.
 // operands: dh, ds, [dr when kDr], g, h, z, c (all float)
 template <bool kRIsH, bool kDr>
-auto multiply_backward_from_tanh_loop(bool stream) {
+auto multiply_backward_from_tanh_loop(StreamMask stream) {
   using T = float;
   constexpr int G = kDr ? 3 : 2;  // outputs, then g
   constexpr int N = G + 4;
@@ -465,7 +464,8 @@ auto multiply_backward_from_tanh_loop(bool stream) {
     run_rows<N, kVectorizable<T>>(
         data, st, n0, n1, sizes, C,
         [&](auto& p, int64_t n) -> int64_t {
-          const bool nt = streams(stream, p[0], p[1], kDr ? p[2] : p[0]);
+          const bool nt_dh = streams(stream, 0, p[0]), nt_ds = streams(stream, 1, p[1]);
+          const bool nt_dr = kDr && streams(stream, 2, p[2]);
           int64_t i = 0;
           TilePrefetch* const prefetch = tile_prefetch;
           for (; i + kStep <= n; i += kStep) {
@@ -480,9 +480,9 @@ auto multiply_backward_from_tanh_loop(bool stream) {
               multiply_backward_t<kRIsH>(g[k], h[k], t, t, c[k], dh[k], ds[k], unused[k],
                                          RoundTo<T>{}, KnownTanhGrad<FVec>{sech});
             }
-            store2<T>(out_<T>(p[0], i), dh, nt);
-            store2<T>(out_<T>(p[1], i), ds, nt);
-            if constexpr (kDr) store2<T>(out_<T>(p[2], i), ds[0].neg(), ds[1].neg(), nt);
+            store2<T>(out_<T>(p[0], i), dh, nt_dh);
+            store2<T>(out_<T>(p[1], i), ds, nt_ds);
+            if constexpr (kDr) store2<T>(out_<T>(p[2], i), ds[0].neg(), ds[1].neg(), nt_dr);
             if (prefetch) prefetch->step();
           }
           return i;
@@ -504,7 +504,7 @@ auto multiply_backward_from_tanh_loop(bool stream) {
 // [r(S) unless kRIsH], c(op). kDr: whether the seed input wants its gradient (dr = -ds).
 // `sums`: whether alpha needs its gradient (its terms cost a double tanh per float32 element)
 template <typename T, typename S, bool kRIsH, bool kElement, bool kDr = !kRIsH>
-auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
+auto multiply_backward_loop(Accumulator& acc, StreamMask stream, bool sums) {
   using op_t = opmath_t<T>;
   static_assert(!(kRIsH && kDr), "r is h: its gradient is part of dh");
   constexpr int R = kDr ? 1 : 0;  // dr among the outputs
@@ -525,7 +525,8 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
     run_rows<N, kVectorizable<T>>(
         data, st, n0, n1, sizes, C,
         [&](auto& p, int64_t n) -> int64_t {
-          const bool nt = streams(stream, p[0], p[1], kDr ? p[2] : p[0]);
+          const bool nt_dh = streams(stream, 0, p[0]), nt_ds = streams(stream, 1, p[1]);
+          const bool nt_dr = kDr && streams(stream, 2, p[2]);
           int64_t i = 0;
           TermLanes<T, kElement> lanes;
           TilePrefetch* const prefetch = tile_prefetch;
@@ -571,9 +572,9 @@ auto multiply_backward_loop(Accumulator& acc, bool stream, bool sums) {
                           g[k], h[k], accurate);
               }
             }
-            store2<T>(out_<T>(p[0], i), dh, nt);
-            store2<S>(out_<S>(p[1], i), ds, nt);
-            if constexpr (kDr) store2<S>(out_<S>(p[2], i), ds[0].neg(), ds[1].neg(), nt);
+            store2<T>(out_<T>(p[0], i), dh, nt_dh);
+            store2<S>(out_<S>(p[1], i), ds, nt_ds);
+            if constexpr (kDr) store2<S>(out_<S>(p[2], i), ds[0].neg(), ds[1].neg(), nt_dr);
             if (prefetch) prefetch->step();
           }
           lanes.flush_into(acc);
@@ -715,7 +716,7 @@ inline void valve_tanh(V m, V& t, V& one_minus_t2) {
 // boundary). Otherwise computed in float and rounded once.
 // operands: out(U), m(M), c(op)
 template <typename U, typename M>
-auto valve_forward_loop(bool stream) {
+auto valve_forward_loop(StreamMask stream) {
   using op_t = opmath_t<U>;
   constexpr bool kBoundary = !std::is_same_v<U, M>;
   constexpr bool kFloat32 = std::is_same_v<U, float> && std::is_same_v<M, float>;
@@ -723,7 +724,7 @@ auto valve_forward_loop(bool stream) {
     run_rows<3, kVectorizable<U>>(
         data, st, n0, n1, {sizeof(U), sizeof(M), sizeof(op_t)}, 2,
         [&](auto& p, int64_t n) -> int64_t {
-          const bool nt = streams(stream, p[0]);
+          const bool nt = streams(stream, 0, p[0]);
           int64_t i = 0;
           TilePrefetch* const prefetch = tile_prefetch;
           for (; i + kStep <= n; i += kStep) {
@@ -761,7 +762,7 @@ auto valve_forward_loop(bool stream) {
 // operands: dm(M), [dc(op) when kElement], g(U), m(M), c(op)
 // `sums`: whether alpha needs its gradient (its terms cost a double tanh per float32 element)
 template <typename U, typename M, bool kElement>
-auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
+auto valve_backward_loop(Accumulator& acc, StreamMask stream, bool sums) {
   using op_t = opmath_t<U>;
   constexpr int E = kElement ? 1 : 0;
   constexpr int N = 4 + E;
@@ -781,7 +782,7 @@ auto valve_backward_loop(Accumulator& acc, bool stream, bool sums) {
     run_rows<N, kVectorizable<U> && kVectorizable<M>>(
         data, st, n0, n1, sizes, G + 2,
         [&](auto& p, int64_t n) -> int64_t {
-          const bool nt = streams(stream, p[0]);
+          const bool nt = streams(stream, 0, p[0]);
           int64_t i = 0;
           TermLanes<U, kElement> lanes;
           TilePrefetch* const prefetch = tile_prefetch;

@@ -363,11 +363,13 @@ inline int64_t far_offset(std::vector<uintptr_t>& taken) {
 
 // Runs a TensorIterator-style loop over `operands` (outputs first), plus a last weight
 // operand when `weight` is given, over operands that pass mixed_orders: one tile of rows at a
-// time, in parallel over fixed tiles. `stream`: the float32 outputs in the other order are
-// written past the cache where they can be (transpose_streaming_32), if no input is in that
-// order. `weight(b)` points at sample b's weight value (read with stride 0). `make_loop(acc)`
-// builds the loop for one tile; the per-sample sums of what it adds to `acc` come back, one per
-// sample (fixed tiles and summation order: the same bits on any thread count).
+// time, in parallel over fixed tiles. `stream`: the outputs are written past the cache where
+// they can be, if no input is in the other order: those in the primary order by the loop,
+// the float32 ones in the other order by their transposes (transpose_streaming_32).
+// `weight(b)` points at sample b's weight value (read with stride 0). `make_loop(acc, mask)`
+// builds the loop for one tile, streaming the outputs in `mask`; the per-sample sums of what
+// it adds to `acc` come back, one per sample (fixed tiles and summation order: the same bits
+// on any thread count).
 template <typename MakeLoop>
 std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operands,
                                           int n_outputs,
@@ -415,6 +417,10 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
   // their low address bits with the streamed rows of a same-shaped output, and such a load
   // waits for the write-combining buffers to drain (measured: 3x slower).
   for (int k = n_outputs; k < n_ops; ++k) stream = stream && !moved[k];
+  StreamMask direct_outputs = 0;  // streamed by the loop; a moved output's buffer never is
+  for (int k = 0; k < n_outputs; ++k) {
+    if (stream && !moved[k]) direct_outputs |= StreamMask{1} << k;
+  }
   std::vector<long double> partial(B * tiles, 0.0L);
   const int64_t grain = std::max<int64_t>(1, 16384 / (tile_rows * tile_cols));
   at::parallel_for(0, B * tiles, grain, [&](int64_t u0, int64_t u1) {
@@ -497,7 +503,7 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
         strides[n_all + n_ops] = 0;
       }
       Accumulator acc;
-      auto loop = make_loop(acc);
+      auto loop = make_loop(acc, direct_outputs);
       if (nc == cols) {  // whole rows: one contiguous run
         loop(data, strides, nr * nc, 1);
       } else {

@@ -112,6 +112,11 @@ inline bool stream_aligned(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) % sizeof(FVec)) == 0;
 }
 
+// The outputs of a loop that may be streamed, bit k for output k: a tile's transposed buffer
+// is read back at once, so it is stored plainly beside streamed outputs.
+using StreamMask = uint32_t;
+inline constexpr StreamMask kStreamAll = ~StreamMask{0};
+
 #if defined(CPU_CAPABILITY_AVX512)
 inline void stream_store(void* p, __m512 v) { _mm512_stream_ps(static_cast<float*>(p), v); }
 inline void stream_store(void* p, __m512i v) { _mm512_stream_si512(static_cast<__m512i*>(p), v); }
