@@ -530,52 +530,61 @@ auto multiply_backward_loop(Accumulator& acc, StreamMask stream, bool sums) {
           int64_t i = 0;
           TermLanes<T, kElement> lanes;
           TilePrefetch* const prefetch = tile_prefetch;
-          for (; i + kStep <= n; i += kStep) {
-            if constexpr (kElement) lanes.out = out_<double>(p[2 + R], i);
-            F2 g, h, s, r, c, dh, ds, dc;
-            load2<T>(at_<T>(p[G], i), g);
-            load2<T>(at_<T>(p[G + 1], i), h);
-            load2_as<T, S>(at_<S>(p[G + 2], i), s);
-            if constexpr (kRIsH) {
-              r[0] = h[0];
-              r[1] = h[1];
-            } else {
-              load2_as<T, S>(at_<S>(p[G + 3], i), r);
-            }
-            load_weight2(p[C], st[C], i, c);
-            for (int k = 0; k < 2; ++k) {
-              const FVec d = s[k] - r[k];
-              FVec t, sech;
-              if constexpr (kHalfPrecision<T>) {
-                half_precision_tanh_with_grad<T>(d, t, sech);
+          // one loop with alpha's terms and one without: the double tanh of the terms, even
+          // when skipped at run time, would crowd the other loop's registers
+          const auto vector_loop = [&](auto with_terms) {
+            for (; i + kStep <= n; i += kStep) {
+              if constexpr (kElement) lanes.out = out_<double>(p[2 + R], i);
+              F2 g, h, s, r, c, dh, ds, dc;
+              load2<T>(at_<T>(p[G], i), g);
+              load2<T>(at_<T>(p[G + 1], i), h);
+              load2_as<T, S>(at_<S>(p[G + 2], i), s);
+              if constexpr (kRIsH) {
+                r[0] = h[0];
+                r[1] = h[1];
               } else {
-                // tanh and 1 - tanh^2 from one exp, the latter accurate where tanh saturates
-                tanh_with_grad(d, t, sech);
+                load2_as<T, S>(at_<S>(p[G + 3], i), r);
               }
-              // dc (alpha's terms) is not read here: the terms are summed below
-              multiply_backward_t<kRIsH>(g[k], h[k], t, t, c[k], dh[k], ds[k], dc[k],
-                                         RoundTo<op_t>{}, KnownTanhGrad<FVec>{sech});
-              // the gradient of s.to(T) is rounded to T first (store2<T> rounds anyway)
-              if constexpr (!std::is_same_v<S, T>) ds[k] = rounded<T>(ds[k]);
-            }
-            // alpha's terms apart from the gradients: a branch between the two halves' tanh
-            // would keep them from overlapping
-            for (int k = 0; (sums || kElement) && k < 2; ++k) {
-              if constexpr (std::is_same_v<T, float>) {
-                lanes.add([](const DVec& a, const DVec& b, const DVec& x, const DVec& y) {
-                  return a * b * tanh_pd(x - y);
-                }, g[k], h[k], s[k], r[k]);
-              } else {  // a tanh to float accuracy (half_precision_tanh is up to 8e-7 off)
-                FVec accurate, unused;
-                tanh_with_grad(s[k] - r[k], accurate, unused);
-                lanes.add([](const auto& a, const auto& b, const auto& x) { return a * b * x; },
-                          g[k], h[k], accurate);
+              load_weight2(p[C], st[C], i, c);
+              for (int k = 0; k < 2; ++k) {
+                const FVec d = s[k] - r[k];
+                FVec t, sech;
+                if constexpr (kHalfPrecision<T>) {
+                  half_precision_tanh_with_grad<T>(d, t, sech);
+                } else {
+                  // tanh and 1 - tanh^2 from one exp, the latter accurate where tanh saturates
+                  tanh_with_grad(d, t, sech);
+                }
+                // dc (alpha's terms) is not read here: the terms are summed below
+                multiply_backward_t<kRIsH>(g[k], h[k], t, t, c[k], dh[k], ds[k], dc[k],
+                                           RoundTo<op_t>{}, KnownTanhGrad<FVec>{sech});
+                // the gradient of s.to(T) is rounded to T first (store2<T> rounds anyway)
+                if constexpr (!std::is_same_v<S, T>) ds[k] = rounded<T>(ds[k]);
               }
+              // alpha's terms apart from the gradients: a branch between the two halves' tanh
+              // would keep them from overlapping
+              for (int k = 0; decltype(with_terms)::value && k < 2; ++k) {
+                if constexpr (std::is_same_v<T, float>) {
+                  lanes.add([](const DVec& a, const DVec& b, const DVec& x, const DVec& y) {
+                    return a * b * tanh_pd(x - y);
+                  }, g[k], h[k], s[k], r[k]);
+                } else {  // a tanh to float accuracy (half_precision_tanh is up to 8e-7 off)
+                  FVec accurate, unused;
+                  tanh_with_grad(s[k] - r[k], accurate, unused);
+                  lanes.add([](const auto& a, const auto& b, const auto& x) { return a * b * x; },
+                            g[k], h[k], accurate);
+                }
+              }
+              store2<T>(out_<T>(p[0], i), dh, nt_dh);
+              store2<S>(out_<S>(p[1], i), ds, nt_ds);
+              if constexpr (kDr) store2<S>(out_<S>(p[2], i), ds[0].neg(), ds[1].neg(), nt_dr);
+              if (prefetch) prefetch->step();
             }
-            store2<T>(out_<T>(p[0], i), dh, nt_dh);
-            store2<S>(out_<S>(p[1], i), ds, nt_ds);
-            if constexpr (kDr) store2<S>(out_<S>(p[2], i), ds[0].neg(), ds[1].neg(), nt_dr);
-            if (prefetch) prefetch->step();
+          };
+          if (sums || kElement) {
+            vector_loop(std::true_type{});
+          } else {
+            vector_loop(std::false_type{});
           }
           lanes.flush_into(acc);
           return i;
