@@ -193,13 +193,10 @@ inline Order order_of(const at::Tensor& t) {
 // 8 x 8 blocks of 32-bit elements in 256-bit rows. ATen's transpose_mxn<float, 8, 8> is this
 // at AVX2, but at AVX512 it runs an 8 x 8 block through its masked 16 x 16 kernel, several
 // times slower; the mixed-layout tiles are 8 wide wherever C is 8.
-inline void transpose8x8_32(const uint32_t* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst) {
-  const auto row = [](const uint32_t* p) {
-    return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
-  };
-  const auto put = [](uint32_t* p, __m256 v) { _mm256_storeu_ps(reinterpret_cast<float*>(p), v); };
+// `out[c]`: column c of the 8 x 8 block at src, as a row.
+inline void transpose8x8_32_rows(const uint32_t* src, int64_t ld_src, __m256 (&out)[8]) {
   __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = row(src + i * ld_src);
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(src + i * ld_src));
   for (int i = 0; i < 8; i += 2) {  // (a0 b0 a1 b1 | a4 b4 a5 b5), (a2 b2 a3 b3 | a6 b6 a7 b7)
     t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
     t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
@@ -211,9 +208,15 @@ inline void transpose8x8_32(const uint32_t* src, int64_t ld_src, uint32_t* dst, 
     r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
   }
   for (int i = 0; i < 4; ++i) {  // the 128-bit halves of rows i and i + 4
-    put(dst + i * ld_dst, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    put(dst + (i + 4) * ld_dst, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    out[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+    out[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
   }
+}
+
+inline void transpose8x8_32(const uint32_t* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst) {
+  __m256 rows[8];
+  transpose8x8_32_rows(src, ld_src, rows);
+  for (int c = 0; c < 8; ++c) _mm256_storeu_ps(reinterpret_cast<float*>(dst + c * ld_dst), rows[c]);
 }
 
 // dst (cols x rows) = transpose of src (rows x cols) for 32-bit elements, written past the cache
@@ -228,15 +231,21 @@ inline bool transpose_streaming_32(const uint32_t* src, int64_t ld_src, uint32_t
       ld_dst % 16 != 0) {
     return false;
   }
-  alignas(64) uint32_t lines[8 * 16];  // 8 output rows of 16 elements
+  // two 8 x 8 blocks give 8 output lines, each from two 256-bit halves joined in registers
+  // (a 512-bit reload of two 256-bit stores would wait for both to reach the cache)
   for (int64_t i = 0; i < rows; i += 16) {
     for (int64_t j = 0; j < cols; j += 8) {
-      transpose8x8_32(src + i * ld_src + j, ld_src, lines, 16);
-      transpose8x8_32(src + (i + 8) * ld_src + j, ld_src, lines + 8, 16);
+      __m256 left[8], right[8];
+      transpose8x8_32_rows(src + i * ld_src + j, ld_src, left);
+      transpose8x8_32_rows(src + (i + 8) * ld_src + j, ld_src, right);
       for (int c = 0; c < 8; ++c) {
-        for (int e = 0; e < 16; e += FVec::size()) {  // bits moved, not computed on
-          stream_store(dst + (j + c) * ld_dst + i + e, FVec::loadu(lines + c * 16 + e));
-        }
+        uint32_t* line = dst + (j + c) * ld_dst + i;
+#if defined(CPU_CAPABILITY_AVX512)
+        stream_store(line, _mm512_insertf32x8(_mm512_castps256_ps512(left[c]), right[c], 1));
+#else
+        stream_store(line, left[c]);
+        stream_store(line + 8, right[c]);
+#endif
       }
     }
   }
