@@ -23,7 +23,7 @@ INCONCLUSIVE = "~"  # a ratio the timings do not support (legend)
 ABOVE_COPY = "(!)"  # GB/s above a same-size copy's (legend)
 HEADER_KEYS = ("device", "cpu_count", "usable cores", "load average at start", "threads", "residuals",
                "L2_cache_bytes", "platform", "python", "torch", "torch CUDA", "triton",
-               "native built with CUDA", "native CPU capability", "native float32 tanh",
+               "native built with CUDA", "native CPU capability",
                "transparent huge pages", "date", "rotation_bytes", "inductor_warmup_s", "command")
 METHOD = (
     "Method (docs/benchmarks.md#reading-the-report): each implementation is checked against the "
