@@ -238,6 +238,18 @@ inline bool streams(StreamMask mask, int k, const char* p) {
   return ((mask >> k) & 1u) != 0 && stream_aligned(p);
 }
 
+// vector_loop(std::true_type) where alpha's gradient terms are wanted, else
+// vector_loop(std::false_type): one loop each, since the terms' double tanh, even when skipped
+// at run time, would crowd the other loop's registers.
+template <typename Loop>
+void split_on_terms(bool terms, Loop&& vector_loop) {
+  if (terms) {
+    vector_loop(std::true_type{});
+  } else {
+    vector_loop(std::false_type{});
+  }
+}
+
 // ---------------------------------------------------------------- lerp (ADD, GATE)
 // operands: out(T), h(T), s(S), w(op)
 template <typename T, typename S>
@@ -530,8 +542,6 @@ auto multiply_backward_loop(Accumulator& acc, StreamMask stream, bool sums) {
           int64_t i = 0;
           TermLanes<T, kElement> lanes;
           TilePrefetch* const prefetch = tile_prefetch;
-          // one loop with alpha's terms and one without: the double tanh of the terms, even
-          // when skipped at run time, would crowd the other loop's registers
           const auto vector_loop = [&](auto with_terms) {
             for (; i + kStep <= n; i += kStep) {
               if constexpr (kElement) lanes.out = out_<double>(p[2 + R], i);
@@ -581,11 +591,7 @@ auto multiply_backward_loop(Accumulator& acc, StreamMask stream, bool sums) {
               if (prefetch) prefetch->step();
             }
           };
-          if (sums || kElement) {
-            vector_loop(std::true_type{});
-          } else {
-            vector_loop(std::false_type{});
-          }
+          split_on_terms(sums || kElement, vector_loop);
           lanes.flush_into(acc);
           return i;
         },
@@ -795,38 +801,41 @@ auto valve_backward_loop(Accumulator& acc, StreamMask stream, bool sums) {
           int64_t i = 0;
           TermLanes<U, kElement> lanes;
           TilePrefetch* const prefetch = tile_prefetch;
-          for (; i + kStep <= n; i += kStep) {
-            if constexpr (kElement) lanes.out = out_<double>(p[1], i);
-            F2 g, c, m, t, dm, dc;
-            load2<U>(at_<U>(p[G], i), g);
-            load_weight2(p[G + 2], st[G + 2], i, c);
-            load2<M>(at_<M>(p[G + 1], i), m);
-            for (int k = 0; k < 2; ++k) {
-              FVec sech;
-              valve_tanh<M, kBoundary>(m[k], t[k], sech);
-              // dc (alpha's terms) is not read here: the terms are summed below
-              if constexpr (kBoundary) {
-                valve_backward(g[k], c[k], rounded<M>(t[k]), t[k], dm[k], dc[k], RoundTo<M>{});
-              } else {
-                valve_backward(g[k], c[k], t[k], t[k], dm[k], dc[k], RoundTo<float>{},
-                               KnownTanhGrad<FVec>{sech});
+          const auto vector_loop = [&](auto with_terms) {
+            for (; i + kStep <= n; i += kStep) {
+              if constexpr (kElement) lanes.out = out_<double>(p[1], i);
+              F2 g, c, m, t, dm, dc;
+              load2<U>(at_<U>(p[G], i), g);
+              load_weight2(p[G + 2], st[G + 2], i, c);
+              load2<M>(at_<M>(p[G + 1], i), m);
+              for (int k = 0; k < 2; ++k) {
+                FVec sech;
+                valve_tanh<M, kBoundary>(m[k], t[k], sech);
+                // dc (alpha's terms) is not read here: the terms are summed below
+                if constexpr (kBoundary) {
+                  valve_backward(g[k], c[k], rounded<M>(t[k]), t[k], dm[k], dc[k], RoundTo<M>{});
+                } else {
+                  valve_backward(g[k], c[k], t[k], t[k], dm[k], dc[k], RoundTo<float>{},
+                                 KnownTanhGrad<FVec>{sech});
+                }
               }
-            }
-            // alpha's terms apart, as in multiply_backward_loop
-            for (int k = 0; (sums || kElement) && k < 2; ++k) {
-              if constexpr (kDoubleTanh) {
-                lanes.add([](const DVec& a, const DVec& x) { return a * tanh_pd(x); }, g[k], m[k]);
-              } else if constexpr (kHalfPrecision<M>) {  // a tanh to float accuracy
-                FVec accurate, unused;
-                tanh_with_grad(m[k], accurate, unused);
-                lanes.add([](const auto& a, const auto& b) { return a * b; }, g[k], accurate);
-              } else {
-                lanes.add([](const auto& a, const auto& b) { return a * b; }, g[k], t[k]);
+              // alpha's terms apart, as in multiply_backward_loop
+              for (int k = 0; decltype(with_terms)::value && k < 2; ++k) {
+                if constexpr (kDoubleTanh) {
+                  lanes.add([](const DVec& a, const DVec& x) { return a * tanh_pd(x); }, g[k], m[k]);
+                } else if constexpr (kHalfPrecision<M>) {  // a tanh to float accuracy
+                  FVec accurate, unused;
+                  tanh_with_grad(m[k], accurate, unused);
+                  lanes.add([](const auto& a, const auto& b) { return a * b; }, g[k], accurate);
+                } else {
+                  lanes.add([](const auto& a, const auto& b) { return a * b; }, g[k], t[k]);
+                }
               }
+              store2<M>(out_<M>(p[0], i), dm, nt);
+              if (prefetch) prefetch->step();
             }
-            store2<M>(out_<M>(p[0], i), dm, nt);
-            if (prefetch) prefetch->step();
-          }
+          };
+          split_on_terms(sums || kElement, vector_loop);
           lanes.flush_into(acc);
           return i;
         },
