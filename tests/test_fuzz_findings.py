@@ -155,9 +155,12 @@ FINDINGS = [
     (Case("gate_network", F64, (1, 1, 1, 7), layout="slice", topology="cnn"), TRITON_ON_CPU,
      TRITON_F64_CHAIN),
     # Triton's gate_network, float64, one sample, (1,1,11,7) transposed: dW1 9.1e-18 off the
-    # oracle (about 3 ulp) against a bound of 6.1e-18 (eager: 1.3e-18)
-    (Case("gate_network", F64, (1, 1, 11, 7), layout="transpose", topology="cnn", grads="all"),
-     TRITON_ON_CPU, TRITON_F64_CHAIN),
+    # oracle (about 3 ulp) against a bound of 6.1e-18 (eager: 1.3e-18); and (1,1,11,1): dW1
+    # 9.8e-19 against 6.6e-19 (eager: 1.2e-19). dW1 is dz1 times the pooled mean, whose plain
+    # float64 sum of mixed-sign values was 2.4 ulp off (eager's 0.4). Triton now sums a float64
+    # x with its rounding errors carried, and the mean comes out correctly rounded here
+    (Case("gate_network", F64, (1, 1, 11, 7), layout="transpose", topology="cnn", grads="all"), set(), ""),
+    (Case("gate_network", F64, (1, 1, 11, 1), layout="transpose", topology="cnn", grads="weights"), set(), ""),
 ]
 
 

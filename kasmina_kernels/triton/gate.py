@@ -40,16 +40,37 @@ def _position_offsets(positions, WIDTH, h_stride, w_stride, FLAT: tl.constexpr):
 
 
 @triton.jit
+def _compensated_add(sum_a, err_a, sum_b, err_b):
+    """(sum_a + sum_b, its rounding error (Neumaier's TwoSum) plus both carried errors); a
+    non-finite sum carries no error."""
+    total = sum_a + sum_b
+    err = tl.where(tl.abs(sum_a) >= tl.abs(sum_b), (sum_a - total) + sum_b, (sum_b - total) + sum_a)
+    return total, err_a + err_b + tl.where(total - total == 0, err, 0.0)
+
+
+@triton.jit
 def _pool_slice(x_ptr, base, channels, channel_mask, POSITIONS, WIDTH, x_sc, x_sh, x_sw,
                 FLAT: tl.constexpr, ACC_DTYPE: tl.constexpr, I64: tl.constexpr, INTERPRET: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Mean over the positions of `channels` of one sample, in ACC_DTYPE (NaN when there are none)."""
+    """Mean over the positions of `channels` of one sample, in ACC_DTYPE (NaN when there are
+    none). A float64 x is summed with its rounding errors carried (as the CPU kernels' long
+    double): the mean feeds the whole gate network, and a plain float64 sum of mixed-sign
+    values can be several ulps off the mean."""
+    COMPENSATED: tl.constexpr = x_ptr.dtype.element_ty == tl.float64
     acc = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC_DTYPE)
+    err = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC_DTYPE)
     for l0 in range(0, POSITIONS, BLOCK_L):
         positions = to_index(l0 + tl.arange(0, BLOCK_L), I64)
         off = base + channels[:, None] * x_sc + _position_offsets(positions, WIDTH, x_sh, x_sw, FLAT)[None, :]
         mask = channel_mask[:, None] & (positions < POSITIONS)[None, :]
-        acc += load_float(x_ptr + off, mask, ACC_DTYPE, INTERPRET)
+        value = load_float(x_ptr + off, mask, ACC_DTYPE, INTERPRET)
+        if COMPENSATED:
+            acc, err = _compensated_add(acc, err, value, 0.0)
+        else:
+            acc += value
+    if COMPENSATED:
+        total, total_err = tl.reduce((acc, err), 1, _compensated_add)
+        return tl.where(total - total == 0, total + total_err, total) / POSITIONS
     return tl.sum(acc, axis=1) / POSITIONS
 
 
