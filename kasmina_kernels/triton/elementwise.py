@@ -144,8 +144,8 @@ def _elementwise_kernel(
     elif OP == 4:
         m = tl.load(h_ptr + h_off, mask=mask, other=0)
         if BACKWARD:
-            y, weight_term = valve_backward(grad, m, w, h_ptr.dtype.element_ty, TANH_DTYPE, COMPUTE_DTYPE,
-                                            REDUCE_DTYPE, INTERPRET)
+            y, weight_term = valve_backward(grad, m, w, h_ptr.dtype.element_ty, TANH_DTYPE, WEIGHT_GRAD,
+                                            COMPUTE_DTYPE, REDUCE_DTYPE, INTERPRET)
         else:
             y = valve(m, w, h_ptr.dtype.element_ty, TANH_DTYPE, COMPUTE_DTYPE, INTERPRET)
     else:

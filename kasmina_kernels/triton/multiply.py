@@ -66,17 +66,19 @@ def valve(m, c, M_DTYPE: tl.constexpr, TANH_DTYPE: tl.constexpr, COMPUTE_DTYPE: 
 
 
 @triton.jit
-def valve_backward(grad, m, c, M_DTYPE: tl.constexpr, TANH_DTYPE: tl.constexpr,
+def valve_backward(grad, m, c, M_DTYPE: tl.constexpr, TANH_DTYPE: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
                    COMPUTE_DTYPE: tl.constexpr, REDUCE_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """(dm, alpha's gradient term): dm at the reference's rounding points (tanh_backward in m's
-    dtype: the saved tanh and g*c rounded to it), the alpha term with the unrounded tanh, taken
-    in the sum's dtype where that is wider (as MULTIPLY's alpha term): a float32 tanh's rounding
-    would weigh g in every term."""
+    dtype: the saved tanh and g*c rounded to it); where WEIGHT_GRAD, the alpha term with the
+    unrounded tanh, taken in the sum's dtype where that is wider (as MULTIPLY's alpha term): a
+    float32 tanh's rounding would weigh g in every term."""
     t = tanh(to_float(m, TANH_DTYPE, INTERPRET), INTERPRET).to(COMPUTE_DTYPE)
     saved_t = round_to(t, M_DTYPE, INTERPRET)
     dm = round_to(grad * c, M_DTYPE, INTERPRET) * tanh_grad(saved_t, M_DTYPE, INTERPRET)
-    if REDUCE_DTYPE == TANH_DTYPE:
-        term_t = t.to(REDUCE_DTYPE)
-    else:
-        term_t = tanh(to_float(m, REDUCE_DTYPE, INTERPRET), INTERPRET)
-    return dm, grad.to(REDUCE_DTYPE) * term_t
+    weight_term = grad
+    if WEIGHT_GRAD:
+        if REDUCE_DTYPE == TANH_DTYPE:
+            weight_term = grad.to(REDUCE_DTYPE) * t.to(REDUCE_DTYPE)
+        else:
+            weight_term = grad.to(REDUCE_DTYPE) * tanh(to_float(m, REDUCE_DTYPE, INTERPRET), INTERPRET)
+    return dm, weight_term
