@@ -6,8 +6,8 @@ Build after torch is installed, against that torch:
     python setup.py build_ext --inplace       # rebuild in place: only what changed
 
 The environment variables read below (KASMINA_KERNELS_CUDA, KASMINA_KERNELS_CUDA_ARCH,
-KASMINA_KERNELS_CPU_CAPABILITIES, KASMINA_KERNELS_SANITIZE) are described in
-docs/building.md#build-switches.
+KASMINA_KERNELS_CPU_CAPABILITIES, KASMINA_KERNELS_SANITIZE, KASMINA_KERNELS_DEBUG_INFO) are
+described in docs/building.md#build-switches.
 """
 
 import concurrent.futures
@@ -78,10 +78,14 @@ def _extension():
     sources = sorted(glob.glob("csrc/ops/*.cpp"))
     # -fopenmp: ATen's at::parallel_for is header code that parallelises through OpenMP
     # pragmas; the libgomp it links is the one torch already loaded (same soname).
-    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-Wall", "-Wno-unused-function", "-fopenmp"]
+    # -g0 after Python's own -g: full debug info of these template-heavy kernels takes a third
+    # of the compile time and most of the extension's size
+    debug = "-g" if os.environ.get("KASMINA_KERNELS_DEBUG_INFO") == "1" else "-g0"
+    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-Wall", "-Wno-unused-function", "-fopenmp", debug]
     link = ["-fopenmp"]
-    if SANITIZE:  # after -O3, so its -O1 wins
-        cxx += [f"-fsanitize={SANITIZE}", "-O1", "-g", "-fno-omit-frame-pointer"]
+    if SANITIZE:  # after -O3 and -g0, so -O1 and the line tables that reports cite (-g1) win
+        cxx += [f"-fsanitize={SANITIZE}", "-O1", "-g1" if debug == "-g0" else debug,
+                "-fno-omit-frame-pointer"]
         link += [f"-fsanitize={SANITIZE}"]
     define_macros = [(f"KK_CPU_{c}", "1") for c in CPU_CAPABILITIES if c != "DEFAULT"]
     compile_args = {"cxx": cxx}
