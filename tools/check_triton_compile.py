@@ -1,7 +1,7 @@
 """Compiles the Triton kernels for a CUDA GPU on a machine without one: every specialization
 that the Triton equivalence cases (tests/cases.py: the reduced matrix, or --full) launch, with
-the weights loaded from the device and passed by value, through Triton's own compiler down to
-a cubin. A stand-in driver names the target and nothing is launched, so no output is written
+the weights loaded from the device, passed by value, and with 64-bit offsets forced on, through
+Triton's own compiler down to a cubin. A stand-in driver names the target and nothing is launched, so no output is written
 and nothing is judged: a case passes when its forward and backward compile. Triton's
 interpreter, where the Triton tests run without a GPU, runs code the compiler rejects.
 
@@ -92,19 +92,25 @@ def main() -> int:
     from kasmina_kernels import backends, opcases
     from kasmina_kernels.optable import BY_NAME
     import kasmina_kernels.triton as triton_backend
-    from kasmina_kernels.triton import _common
+    from kasmina_kernels.triton import _common, elementwise, gate
     # the triton backend on CPU tensors without the interpreter: kernels compile, none runs
     backends._modules["triton"] = triton_backend
     backends._status_cache[("triton", "cpu")] = None
     import cases as matrix
 
     chosen = matrix.full_cases() + matrix.big_cases() if args.full else matrix.reduced_cases()
+    # (what the pass is, weights passed by value, the offset from which indices are 64-bit):
+    # 64-bit index math, past 2^31 elements on a GPU, forced on the cases' small tensors
+    passes = (("weights loaded", False, _common.I32_SAFE), ("weights by value", True, _common.I32_SAFE),
+              ("64-bit offsets", False, 0))
     print(f"check_triton_compile: Triton {triton.__version__}, sm_{args.arch}, {len(chosen)} cases "
-          f"({'full' if args.full else 'reduced'} matrix), weights from the device, then by value",
+          f"({'full' if args.full else 'reduced'} matrix), each with " + ", ".join(p[0] for p in passes),
           flush=True)
     failures, start = [], time.perf_counter()
-    for by_value in (False, True):
-        _common.FORCE_VALUE_MODE = by_value
+    for label, by_value, i32_safe in passes:
+        _common.FORCE_VALUE_MODE, _common.I32_SAFE = by_value, i32_safe
+        for cache in (_common._plan_cache, elementwise._launch_cache, gate._cache):
+            cache.clear()  # launch plans made under the previous pass's settings
         for case in chosen:
             op, leaves = BY_NAME[case.op], matrix.inputs(case)
             fn = matrix.under_autocast(matrix.kernel_fn(case.op, "triton"), case.device, case.autocast)
@@ -116,9 +122,14 @@ def main() -> int:
             except Exception as exc:  # a compile error, or anything else on the way to one
                 if not failures:
                     print(f"check_triton_compile: the first failure, {case.id}:\n{exc}", file=sys.stderr)
-                failures.append(f"{case.id} (weights {'by value' if by_value else 'loaded'}): "
+                failures.append(f"{case.id} ({label}): "
                                 f"{root_cause(exc)}"[:400])
-    print(f"check_triton_compile: {sum(compiles.values())} kernels compiled in "
+        plans = [c.kw for c in elementwise._launch_cache.values() if not c.fallback]
+        plans += [c["kw"] for key, c in gate._cache.items() if key[0] == "gate"]
+        if i32_safe == 0 and not all(kw["I64"] for kw in plans):
+            failures.append("64-bit offsets: a launch plan kept 32-bit offsets (the pass missed them)")
+    print(f"check_triton_compile: {sum(compiles.values())} kernel specializations compiled (or "
+          f"found in Triton's cache) in "
           f"{time.perf_counter() - start:.0f} s: "
           + ", ".join(f"{name} {n}" for name, n in sorted(compiles.items())))
     if failures:
