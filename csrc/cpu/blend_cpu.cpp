@@ -542,8 +542,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
               "blend_multiply_backward: tanh_complement must be blend_multiply_for_backward's (a "
               "float32 tensor of h's shape, for a float32 h; h is ", host, " of shape ", h.sizes(),
               "), got ", tanh_complement->scalar_type(), " of shape ", tanh_complement->sizes());
-  // the forward's tanh, where it kept it and alpha's gradient (which sums tanh in double) is
-  // not wanted: s and r are not read
+  // the forward's tanh, where it kept it and alpha's gradient is not wanted: s and r are not
+  // read
   std::vector<at::Tensor> outputs{dh, ds};
   if (write_dr) outputs.push_back(dr);
   if (kept && !need_alpha_grad) {
@@ -557,14 +557,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
   } else {
     std::vector<at::Tensor> inputs{g, h, s};
     if (!r_is_h) inputs.push_back(r);
+    const Terms terms = alpha_terms(need_alpha_grad, h.numel(), alpha.numel());
     dispatch_pair(host, s.scalar_type(), "blend_multiply backward", [&]<typename T, typename S>() {
       with_flags(r_is_h, write_dr, [&]<bool kRIsH, bool kDrFlag>() {
         constexpr bool kDr = kDrFlag && !kRIsH;
         dc = run_pass<opmath_t<T>>(
             outputs, inputs, c, h, need_alpha_grad,
-            [need_alpha_grad](auto element, Accumulator& acc, StreamMask st) {
-              return multiply_backward_loop<T, S, kRIsH, decltype(element)::value, kDr>(
-                  acc, st, need_alpha_grad);
+            [terms](auto element, Accumulator& acc, StreamMask st) {
+              return multiply_backward_loop<T, S, kRIsH, decltype(element)::value, kDr>(acc, st, terms);
             });
       });
     });
@@ -666,11 +666,11 @@ std::tuple<at::Tensor, at::Tensor> multiply_valve_multiplier_backward(const at::
   const Weights c = make_weights(alpha, m, valve_weight(result));
   at::Tensor dm = at::empty_like(m);
   WeightGrad dc;
+  const Terms terms = alpha_terms(need_alpha_grad, m.numel(), alpha.numel());
   dispatch_valve(result, m.scalar_type(), [&]<typename U, typename M>() {
     dc = run_pass<opmath_t<U>>({dm}, {g, m}, c, m, need_alpha_grad,
-                                 [need_alpha_grad](auto element, Accumulator& acc, StreamMask st) {
-                                   return valve_backward_loop<U, M, decltype(element)::value>(
-                                       acc, st, need_alpha_grad);
+                                 [terms](auto element, Accumulator& acc, StreamMask st) {
+                                   return valve_backward_loop<U, M, decltype(element)::value>(acc, st, terms);
                                  });
   });
   if (dm.scalar_type() != m_in.scalar_type()) dm = dm.to(m_in.scalar_type());

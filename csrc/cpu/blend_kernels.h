@@ -19,10 +19,9 @@ inline namespace CPU_CAPABILITY {
 constexpr int64_t kGrain = 32768;
 
 // tanh in double of double lanes, to 1e-12 relative: the alpha-gradient terms of float32
-// MULTIPLY and the valve use it. Those terms must not inherit the float tanh's rounding: its
-// errors (up to half a float ulp per element, all with the same weight g*h) add up, and the
-// equivalence oracle forms tanh in double. 1e-12 is far below a float ulp, and cheaper than a
-// full double tanh.
+// MULTIPLY and the valve use it where an alpha element sums too few terms for the float
+// tanh's rounding to hide in rule 2's sqrt(n) slack (alpha_terms). 1e-12 is far below a float
+// ulp, and cheaper than a full double tanh.
 //
 // tanh|x| = E / (E + 2) with E = exp(2|x|) - 1. Write 2|x| = m ln2 + 2h (m whole, |h| <= ln2/4)
 // and H = expm1(2h) / 2; then E = 2^m (2H + 1) - 1, and dividing both by 2^(m+1),
@@ -238,15 +237,29 @@ inline bool streams(StreamMask mask, int k, const char* p) {
   return ((mask >> k) & 1u) != 0 && stream_aligned(p);
 }
 
-// vector_loop(std::true_type) where alpha's gradient terms are wanted, else
-// vector_loop(std::false_type): one loop each, since the terms' double tanh, even when skipped
-// at run time, would crowd the other loop's registers.
+// How a float32 backward forms alpha's gradient terms: not at all (alpha wants no gradient),
+// from the float tanh its elementwise gradients use, or from tanh_pd. Float terms are within a
+// few units of float roundoff each, so a sum of n of them is off by at most a few units times
+// the sum of their magnitudes: inside rule 2's slack of sqrt(n) units
+// (docs/semantics.md#equivalence) once n reaches kFloatTermsMin. Smaller sums take the double
+// tanh. 16-bit hosts always form their terms from tanh_with_grad's float tanh.
+enum class Terms { kNone, kFloatTanh, kDoubleTanh };
+constexpr int64_t kFloatTermsMin = 64;
+
+inline Terms alpha_terms(bool needed, int64_t numel, int64_t weight_numel) {
+  if (!needed) return Terms::kNone;
+  return numel >= kFloatTermsMin * std::max<int64_t>(weight_numel, 1) ? Terms::kFloatTanh
+                                                                       : Terms::kDoubleTanh;
+}
+
+// vector_loop(std::integral_constant<Terms, ...>): one loop each, since the terms' double
+// tanh, even when skipped at run time, would crowd the other loops' registers.
 template <typename Loop>
-void split_on_terms(bool terms, Loop&& vector_loop) {
-  if (terms) {
-    vector_loop(std::true_type{});
-  } else {
-    vector_loop(std::false_type{});
+void split_on_terms(Terms terms, Loop&& vector_loop) {
+  switch (terms) {
+    case Terms::kNone: return vector_loop(std::integral_constant<Terms, Terms::kNone>{});
+    case Terms::kFloatTanh: return vector_loop(std::integral_constant<Terms, Terms::kFloatTanh>{});
+    case Terms::kDoubleTanh: return vector_loop(std::integral_constant<Terms, Terms::kDoubleTanh>{});
   }
 }
 
@@ -514,9 +527,9 @@ auto multiply_backward_from_tanh_loop(StreamMask stream) {
 
 // operands: dh(T), ds(S), [dr(S) when kDr], [dc(op) when kElement], g(T), h(T), s(S),
 // [r(S) unless kRIsH], c(op). kDr: whether the seed input wants its gradient (dr = -ds).
-// `sums`: whether alpha needs its gradient (its terms cost a double tanh per float32 element)
+// `terms`: how alpha's gradient terms are formed (alpha_terms); kElement loops never get kNone
 template <typename T, typename S, bool kRIsH, bool kElement, bool kDr = !kRIsH>
-auto multiply_backward_loop(Accumulator& acc, StreamMask stream, bool sums) {
+auto multiply_backward_loop(Accumulator& acc, StreamMask stream, Terms terms) {
   using op_t = opmath_t<T>;
   static_assert(!(kRIsH && kDr), "r is h: its gradient is part of dh");
   constexpr int R = kDr ? 1 : 0;  // dr among the outputs
@@ -524,7 +537,8 @@ auto multiply_backward_loop(Accumulator& acc, StreamMask stream, bool sums) {
   constexpr int G = 2 + R + E;  // outputs, then g
   constexpr int N = G + (kRIsH ? 4 : 5);
   constexpr int C = N - 1;
-  return [&acc, stream, sums](char** data, const int64_t* st, int64_t n0, int64_t n1) {
+  if (kElement && terms == Terms::kNone) terms = Terms::kDoubleTanh;  // the loop writes them
+  return [&acc, stream, terms](char** data, const int64_t* st, int64_t n0, int64_t n1) {
     std::array<int64_t, N> sizes;
     sizes[0] = sizeof(T);
     sizes[1] = sizeof(S);
@@ -542,10 +556,10 @@ auto multiply_backward_loop(Accumulator& acc, StreamMask stream, bool sums) {
           int64_t i = 0;
           TermLanes<T, kElement> lanes;
           TilePrefetch* const prefetch = tile_prefetch;
-          const auto vector_loop = [&](auto with_terms) {
+          const auto vector_loop = [&](auto how) {
             for (; i + kStep <= n; i += kStep) {
               if constexpr (kElement) lanes.out = out_<double>(p[2 + R], i);
-              F2 g, h, s, r, c, dh, ds, dc;
+              F2 g, h, s, r, c, t, dh, ds, dc;
               load2<T>(at_<T>(p[G], i), g);
               load2<T>(at_<T>(p[G + 1], i), h);
               load2_as<T, S>(at_<S>(p[G + 2], i), s);
@@ -558,23 +572,27 @@ auto multiply_backward_loop(Accumulator& acc, StreamMask stream, bool sums) {
               load_weight2(p[C], st[C], i, c);
               for (int k = 0; k < 2; ++k) {
                 const FVec d = s[k] - r[k];
-                FVec t, sech;
+                FVec sech;
                 if constexpr (kHalfPrecision<T>) {
-                  half_precision_tanh_with_grad<T>(d, t, sech);
+                  half_precision_tanh_with_grad<T>(d, t[k], sech);
                 } else {
                   // tanh and 1 - tanh^2 from one exp, the latter accurate where tanh saturates
-                  tanh_with_grad(d, t, sech);
+                  tanh_with_grad(d, t[k], sech);
                 }
                 // dc (alpha's terms) is not read here: the terms are summed below
-                multiply_backward_t<kRIsH>(g[k], h[k], t, t, c[k], dh[k], ds[k], dc[k],
+                multiply_backward_t<kRIsH>(g[k], h[k], t[k], t[k], c[k], dh[k], ds[k], dc[k],
                                            RoundTo<op_t>{}, KnownTanhGrad<FVec>{sech});
                 // the gradient of s.to(T) is rounded to T first (store2<T> rounds anyway)
                 if constexpr (!std::is_same_v<S, T>) ds[k] = rounded<T>(ds[k]);
               }
               // alpha's terms apart from the gradients: a branch between the two halves' tanh
               // would keep them from overlapping
-              for (int k = 0; decltype(with_terms)::value && k < 2; ++k) {
-                if constexpr (std::is_same_v<T, float>) {
+              constexpr Terms kHow = decltype(how)::value;
+              for (int k = 0; kHow != Terms::kNone && k < 2; ++k) {
+                if constexpr (std::is_same_v<T, float> && kHow == Terms::kFloatTanh) {
+                  lanes.add([](const auto& a, const auto& b, const auto& x) { return a * b * x; },
+                            g[k], h[k], t[k]);
+                } else if constexpr (std::is_same_v<T, float>) {
                   lanes.add([](const DVec& a, const DVec& b, const DVec& x, const DVec& y) {
                     return a * b * tanh_pd(x - y);
                   }, g[k], h[k], s[k], r[k]);
@@ -591,7 +609,7 @@ auto multiply_backward_loop(Accumulator& acc, StreamMask stream, bool sums) {
               if (prefetch) prefetch->step();
             }
           };
-          split_on_terms(sums || kElement, vector_loop);
+          split_on_terms(terms, vector_loop);
           lanes.flush_into(acc);
           return i;
         },
@@ -630,7 +648,7 @@ auto multiply_backward_loop(Accumulator& acc, StreamMask stream, bool sums) {
           put<T>(p[0], s[0], i, dh);
           put<S>(p[1], s[1], i, ds);
           if constexpr (kDr) put<S>(p[2], s[2], i, -ds);
-          if (!sums && !kElement) return;
+          if (terms == Terms::kNone) return;
           using ld = long double;
           // float32: s - r and tanh in double, as the vector path (tanh_pd); 16-bit hosts:
           // tanh of the float difference in double (the vector path: tanh_with_grad's)
@@ -775,19 +793,17 @@ auto valve_forward_loop(StreamMask stream) {
 // dm = g*c*(1 - t^2) and alpha's terms g*t. A float32 result of a half-precision m rounds
 // where the reference's dtype boundary does (the tanh, and g*c as the gradient of its cast).
 // operands: dm(M), [dc(op) when kElement], g(U), m(M), c(op)
-// `sums`: whether alpha needs its gradient (its terms cost a double tanh per float32 element)
+// `terms`: how alpha's gradient terms are formed (alpha_terms)
 template <typename U, typename M, bool kElement>
-auto valve_backward_loop(Accumulator& acc, StreamMask stream, bool sums) {
+auto valve_backward_loop(Accumulator& acc, StreamMask stream, Terms terms) {
   using op_t = opmath_t<U>;
   constexpr int E = kElement ? 1 : 0;
   constexpr int N = 4 + E;
   constexpr int G = 1 + E;
   constexpr bool kBoundary = !std::is_same_v<U, M>;
   constexpr bool kFloat32 = std::is_same_v<U, float> && std::is_same_v<M, float>;
-  // alpha's terms take a tanh in double where they are summed in double (DLanes): t is made
-  // for m's dtype (half_precision_tanh is up to 8e-7 off)
-  constexpr bool kDoubleTanh = !kHalfPrecision<U>;
-  return [&acc, stream, sums](char** data, const int64_t* st, int64_t n0, int64_t n1) {
+  if (kElement && terms == Terms::kNone) terms = Terms::kDoubleTanh;  // the loop writes them
+  return [&acc, stream, terms](char** data, const int64_t* st, int64_t n0, int64_t n1) {
     std::array<int64_t, N> sizes;
     sizes[0] = sizeof(M);
     if constexpr (kElement) sizes[1] = sizeof(double);
@@ -801,7 +817,7 @@ auto valve_backward_loop(Accumulator& acc, StreamMask stream, bool sums) {
           int64_t i = 0;
           TermLanes<U, kElement> lanes;
           TilePrefetch* const prefetch = tile_prefetch;
-          const auto vector_loop = [&](auto with_terms) {
+          const auto vector_loop = [&](auto how) {
             for (; i + kStep <= n; i += kStep) {
               if constexpr (kElement) lanes.out = out_<double>(p[1], i);
               F2 g, c, m, t, dm, dc;
@@ -820,8 +836,10 @@ auto valve_backward_loop(Accumulator& acc, StreamMask stream, bool sums) {
                 }
               }
               // alpha's terms apart, as in multiply_backward_loop
-              for (int k = 0; decltype(with_terms)::value && k < 2; ++k) {
-                if constexpr (kDoubleTanh) {
+              constexpr Terms kHow = decltype(how)::value;
+              for (int k = 0; kHow != Terms::kNone && k < 2; ++k) {
+                // t is made for m's dtype: a 16-bit m's tanh_with_grad is more accurate
+                if constexpr (!kHalfPrecision<U> && kHow == Terms::kDoubleTanh) {
                   lanes.add([](const DVec& a, const DVec& x) { return a * tanh_pd(x); }, g[k], m[k]);
                 } else if constexpr (kHalfPrecision<M>) {  // a tanh to float accuracy
                   FVec accurate, unused;
@@ -835,7 +853,7 @@ auto valve_backward_loop(Accumulator& acc, StreamMask stream, bool sums) {
               if (prefetch) prefetch->step();
             }
           };
-          split_on_terms(sums || kElement, vector_loop);
+          split_on_terms(terms, vector_loop);
           lanes.flush_into(acc);
           return i;
         },
@@ -857,7 +875,7 @@ auto valve_backward_loop(Accumulator& acc, StreamMask stream, bool sums) {
             }
           }
           put<M>(p[0], s[0], i, dm);
-          if (!sums && !kElement) return;
+          if (terms == Terms::kNone) return;
           // alpha's terms take tanh in double (t is made for m's dtype)
           const long double t_term = std::is_same_v<M, double>
                                          ? tanhl(static_cast<long double>(m))
