@@ -67,6 +67,9 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("check_triton_compile: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+    # Triton 3.10's default: a launch that leaves FMA contraction to the default compiles
+    # without it here, and fails the check (every launch passes triton/_common.LAUNCH_OPTIONS)
+    os.environ["TRITON_DEFAULT_FP_FUSION"] = "0"
 
     import torch
     try:
@@ -79,14 +82,17 @@ def main() -> int:
 
     driver.set_active(CompileOnlyDriver(args.arch))
     compiles: collections.Counter = collections.Counter()
+    unfused: set[str] = set()
     run, do_compile = JITFunction.run, JITFunction._do_compile
 
     def compile_only(self, *a, grid, warmup, **kw):
         return run(self, *a, grid=grid, warmup=True, **kw)
 
-    def counted_compile(self, *a, **kw):
+    def counted_compile(self, key, signature, device, constexprs, options, *a, **kw):
         compiles[self.fn.__name__] += 1
-        return do_compile(self, *a, **kw)
+        if not options.enable_fp_fusion:
+            unfused.add(self.fn.__name__)
+        return do_compile(self, key, signature, device, constexprs, options, *a, **kw)
 
     JITFunction.run, JITFunction._do_compile = compile_only, counted_compile
 
@@ -129,6 +135,9 @@ def main() -> int:
             plans += [c["kw"] for key, c in gate._cache.items() if key[0] == "gate"]
             if not all(kw["I64"] for kw in plans):
                 failures.append("64-bit offsets: a launch plan kept 32-bit offsets (the pass missed them)")
+    if unfused:
+        failures.append("compiled without FMA contraction (not launched with LAUNCH_OPTIONS): "
+                        + ", ".join(sorted(unfused)))
     print(f"check_triton_compile: {sum(compiles.values())} kernel specializations compiled (or found "
           f"in Triton's cache) in {time.perf_counter() - start:.0f} s: "
           + ", ".join(f"{name} {n}" for name, n in sorted(compiles.items())))

@@ -21,6 +21,10 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# What every launch passes besides its own arguments: the INTERPRET constexpr, and FMA
+# contraction on, as the GPU equivalence runs judged the kernels (Triton's default up to 3.9;
+# 3.10 turns it off). The interpreter ignores the option.
+LAUNCH_OPTIONS = {"INTERPRET": INTERPRET, "enable_fp_fusion": True}
 # Tests set this to route numel-1 weights through the by-value path that a 0-dim CPU alpha
 # beside CUDA features takes (so the interpreter exercises it too).
 FORCE_VALUE_MODE = False

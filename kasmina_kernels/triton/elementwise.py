@@ -356,7 +356,7 @@ def _make_launch(backward, op, shape, ref_strides, operands, weights, device, ho
                     WEIGHT_DTYPE=common.compute_dtype(*[w.dtype for w in weights if w is not None], host, promoted))
     kw.update(dtype_kw, BACKWARD=backward, COMPUTE_DTYPE=compute, TANH_DTYPE=common.compute_dtype(operands[1].dtype),
               ALPHA_MODE=modes[0], GATE_MODE=modes[1], SEED_INPUT_IS_HOST=operands[3] is None,
-              INTERPRET=common.INTERPRET, **dict(zip(("OUT_FLAT", "GRAD_FLAT", "H_FLAT", "S_FLAT", "R_FLAT"), flats)))
+              **common.LAUNCH_OPTIONS, **dict(zip(("OUT_FLAT", "GRAD_FLAT", "H_FLAT", "S_FLAT", "R_FLAT"), flats)))
     if not backward:
         launch.kw = dict(kw, READ_HOST=True, READ_SEED=True, WRITE_OUT=True, WRITE_DS=False, WRITE_DR=False,
                          WEIGHT_GRAD=False, WEIGHT_TERMS_PER_ELEMENT=False, REDUCE_DTYPE=compute)
@@ -379,7 +379,7 @@ def _make_launch(backward, op, shape, ref_strides, operands, weights, device, ho
                      WEIGHT_TERMS_PER_ELEMENT=launch.weight_terms_per_element)
     block_k = min(triton.next_power_of_2(chunks), 1024)
     launch.weight_grad_ints = (samples, chunks, strides[5][0], strides[6][0])
-    launch.weight_grad_kw = dict(dtype_kw, ALPHA_MODE=modes[0], GATE_MODE=modes[1], INTERPRET=common.INTERPRET,
+    launch.weight_grad_kw = dict(dtype_kw, ALPHA_MODE=modes[0], GATE_MODE=modes[1], **common.LAUNCH_OPTIONS,
                                  BLOCK_B=max(1, min(triton.next_power_of_2(samples), 4096 // block_k)), BLOCK_K=block_k)
     return launch
 

@@ -280,7 +280,7 @@ def _pool_cfg(shape, strides, dtype, topology, backward, out_strides):
         else:
             block_l = min(triton.next_power_of_2(max(v.positions, 1)), 1024)
             block_c = max(1, min(triton.next_power_of_2(v.channels), TILE // block_l))
-        kw = dict(FLAT=v.flat, ACC_DTYPE=_acc_dtypes(dtype)[0], I64=_i64(shape, strides), INTERPRET=common.INTERPRET,
+        kw = dict(FLAT=v.flat, ACC_DTYPE=_acc_dtypes(dtype)[0], I64=_i64(shape, strides), **common.LAUNCH_OPTIONS,
                   BLOCK_C=block_c, BLOCK_L=block_l, num_warps=8 if block_c * block_l >= 2048 else 4)
         channel_blocks = triton.cdiv(v.channels, block_c)
         if not backward:
@@ -334,7 +334,7 @@ def _gate_cfg(x, w1, b1, w2, topology, dx_strides=None, need=None):
                 *((None,) * 3 if need is None else (a1_off, dz1_off, dz2_off)))
         kw = dict(BACKWARD=need is not None, FROM_POOLED=from_pooled, FLAT=v.flat,
                   DX_FLAT=dx_view is None or dx_view.flat, NEED_W=need_w, ACC_DTYPE=acc_dtype,
-                  I64=_i64(x.shape, x.stride()), INTERPRET=common.INTERPRET, BLOCK_C=block_c,
+                  I64=_i64(x.shape, x.stride()), **common.LAUNCH_OPTIONS, BLOCK_C=block_c,
                   BLOCK_L=block_l, BLOCK_K=block_k, num_warps=8 if block_c >= 256 else 4)
         scratch = dz2_off + v.samples if (need_w or from_pooled) else 0
         cfg = {"view": v, "acc_t": acc_t, "from_pooled": from_pooled, "need_w": need_w,
@@ -348,7 +348,7 @@ def _gate_cfg(x, w1, b1, w2, topology, dx_strides=None, need=None):
         cfg["weight_grad"] = (
             (triton.cdiv(hidden, weight_block_k), triton.cdiv(v.channels, weight_block_c)),
             (v.samples, v.channels, hidden, a1_off, dz1_off, dz2_off),
-            dict(ACC_DTYPE=acc_dtype, INTERPRET=common.INTERPRET, BLOCK_B=8, BLOCK_K=weight_block_k,
+            dict(ACC_DTYPE=acc_dtype, **common.LAUNCH_OPTIONS, BLOCK_B=8, BLOCK_K=weight_block_k,
                  BLOCK_C=weight_block_c, num_warps=4))
         return cfg
 
