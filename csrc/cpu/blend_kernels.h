@@ -650,8 +650,9 @@ auto multiply_backward_loop(Accumulator& acc, StreamMask stream, Terms terms) {
           if constexpr (kDr) put<S>(p[2], s[2], i, -ds);
           if (terms == Terms::kNone) return;
           using ld = long double;
-          // float32: s - r and tanh in double, as the vector path (tanh_pd); 16-bit hosts:
-          // tanh of the float difference in double (the vector path: tanh_with_grad's)
+          // the scalar path (tails, strided rows) takes tanh in double whatever `terms` says, at
+          // least as accurate as the vector path: float32 of s - r in double; 16-bit hosts of the
+          // float difference
           const ld t_term = std::is_same_v<T, float>
                                 ? static_cast<ld>(std::tanh(static_cast<double>(sv) - static_cast<double>(r)))
                                 : kHalfPrecision<T> ? static_cast<ld>(std::tanh(static_cast<double>(d)))
