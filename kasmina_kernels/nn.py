@@ -11,12 +11,13 @@ global state: every call reads the module's current parameters.
 from __future__ import annotations
 
 import operator
+import warnings
 
 import torch
 from torch import nn
 
 from . import ops, reference
-from .validation import TOPOLOGIES
+from .validation import TOPOLOGIES, InputError, autocast_enabled
 
 __all__ = ["GatedBlend", "EagerGatedBlend"]
 
@@ -28,9 +29,13 @@ class GatedBlend(nn.Module):
     T of a ``(B, T, C)`` input (``"transformer"``). Calling the module returns the gate shaped
     ``(B, 1, 1, 1)`` or ``(B, 1, 1)``, the ``gate`` of ``blend_gate``, on the default backend.
 
-    Raises ValueError for ``channels <= 0``, an unknown topology and ``total_steps <= 0``; an
-    input of the wrong rank raises AssertionError, as Esper's ``assert`` does; one with the
-    wrong channel count ValueError.
+    Raises ValueError for ``channels <= 0``, an unknown topology and ``total_steps <= 0``. An
+    input fails as in Esper's module, with the same exception type and a clearer message: the
+    wrong rank raises AssertionError (Esper's ``assert``), the wrong channel count RuntimeError
+    (Esper's Linear), a non-tensor AttributeError. The fused gate network runs where Esper's
+    Linear layers take the input (x and the parameters of one dtype, or autocast on x's device
+    type and no float64 among them); any other input gets Esper's answer from its eager math:
+    its error, or its gate with a warning that no fused kernel ran.
     """
 
     algorithm_id = "gated"
@@ -66,18 +71,26 @@ class GatedBlend(nn.Module):
         """Esper's interface (its blends cache alpha per thread); this module caches nothing."""
 
     def _check_input(self, x: torch.Tensor) -> None:
+        """Esper's failures for x, with its exception types (see the class docstring)."""
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{type(self).__name__}: x must be a torch.Tensor, got {type(x).__name__}")
+            raise AttributeError(f"{type(self).__name__}: x must be a torch.Tensor, got {type(x).__name__}")
         rank, channel_dim, _, layout, esper_name = TOPOLOGIES[self.topology]
         if x.dim() != rank:
-            # Esper asserts the rank: the same exception type, and its message's opening words
+            # the opening words of Esper's assert
             raise AssertionError(f"{esper_name} topology expects {rank}D input, got "
                                  f"{x.dim()}D of shape {tuple(x.shape)} ({type(self).__name__}(channels="
                                  f"{self.channels}, topology={self.topology!r}) takes {layout})")
         if x.shape[channel_dim] != self.channels:
-            raise ValueError(f"{type(self).__name__}(channels={self.channels}, topology={self.topology!r}) "
-                             f"expects x of shape {layout} with {self.channels} channels, "
-                             f"got shape {tuple(x.shape)}")
+            raise RuntimeError(f"{type(self).__name__}(channels={self.channels}, topology={self.topology!r}) "
+                               f"expects x of shape {layout} with {self.channels} channels, "
+                               f"got shape {tuple(x.shape)}")
+
+    def _eager_answer(self, x: torch.Tensor, why: str) -> torch.Tensor:
+        """Esper's gate for an input the fused gate network does not take (`why`)."""
+        gate = EagerGatedBlend.get_alpha_for_blend(self, x)
+        warnings.warn(f"{type(self).__name__}: {why}; the gate was computed with Esper's eager math, "
+                      "not the fused gate network", stacklevel=3)
+        return gate
 
     def get_alpha_for_blend(self, x: torch.Tensor) -> torch.Tensor:
         """The per-sample gate for host features ``x``: ``(B,1,1,1)`` (cnn) or ``(B,1,1)``."""
@@ -96,7 +109,18 @@ class GatedBlend(nn.Module):
             # a parametrized or otherwise replaced layer: the plain attribute reads
             first, second = gate[0], gate[2]
             w1, b1, w2, b2 = first.weight, first.bias, second.weight, second.bias
-        return ops.gate_network(x, w1, b1, w2, b2, topology=topology)
+        # the dtypes Esper's Linear layers take: autocast casts all but float64 operands
+        dtypes = {x.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype}
+        if autocast_enabled(x.device.type):
+            linear_takes = torch.float64 not in dtypes
+        else:
+            linear_takes = len(dtypes) == 1
+        if not linear_takes:
+            return self._eager_answer(x, f"x and the gate's parameters have dtypes {sorted(map(str, dtypes))}")
+        try:
+            return ops.gate_network(x, w1, b1, w2, b2, topology=topology)
+        except InputError as rejected:
+            return self._eager_answer(x, str(rejected))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.get_alpha_for_blend(x)
@@ -107,7 +131,8 @@ class GatedBlend(nn.Module):
 
 class EagerGatedBlend(GatedBlend):
     """`GatedBlend` computed eagerly as Esper does: pool with `reference.gated_pool`, call the
-    ``gate`` Sequential, view per sample. Same parameters, checks and methods."""
+    ``gate`` Sequential, view per sample. Same parameters, checks and methods; what torch
+    raises past the checks is what it raises in Esper's module."""
 
     def get_alpha_for_blend(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

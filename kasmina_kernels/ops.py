@@ -147,7 +147,7 @@ def gate_network(x, w1, b1, w2, b2, *, topology, backend=None):
     validation.check_gate_network("gate_network", x, w1, b1, w2, b2, topology)
     device_type = x.device.type
     # autocast does not cast float64 operands; the reference is autocast's own math
-    if (torch.is_autocast_enabled(device_type)
+    if (validation.autocast_enabled(device_type)
             and torch.float64 not in (x.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype)
             and (name := resolve_backend(x, backend)) != "reference"):
         gate = backend_module(name).gate_network(x, w1, b1, w2, b2, topology=topology)

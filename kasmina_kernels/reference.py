@@ -11,15 +11,19 @@ import torch
 import torch.nn.functional as F
 
 from .optable import NAMES
-from .validation import TOPOLOGIES, check_topology
+from .validation import TOPOLOGIES
 
 __all__ = [*NAMES, "gate_hidden_size"]
 
 
 def _cast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`.to(like.dtype)` only when the dtype differs (a 0-dim CPU scalar also moves device)."""
+    """`.to(like.dtype)` only when the dtype differs, as Esper's code casts; a 0-dim CPU scalar
+    (alpha) also moves to like's device, while features stay where they are (features on
+    another device fail in torch, as they do in Esper's code)."""
     if x.dtype != like.dtype or x.device != like.device:
-        return x.to(device=like.device, dtype=like.dtype)
+        if x.ndim == 0 and x.is_cpu:
+            return x.to(device=like.device, dtype=like.dtype)
+        return x.to(like.dtype)
     return x
 
 
@@ -55,7 +59,6 @@ def blend_with_isolation(h: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor) 
 
 
 def gated_pool(x: torch.Tensor, topology: str) -> torch.Tensor:
-    check_topology("gated_pool", x, topology)
     return x.mean(dim=TOPOLOGIES[topology].positions)
 
 

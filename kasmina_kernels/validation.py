@@ -1,6 +1,7 @@
 """Input checks shared by every backend: bad input gets a clear error, never a crash or a
 silently broadcast answer. Shape and device problems raise ValueError, dtype problems
-TypeError. The checks of the feature ops return True for (valid) 0-dim features, which
+TypeError (as `InputValueError` and `InputTypeError`, so that the drop-ins can tell an input
+the fused ops do not take from any other failure). The checks of the feature ops return True for (valid) 0-dim features, which
 `kasmina_kernels.ops` runs as 1-element 1-D tensors, so the fast path tests once."""
 
 from __future__ import annotations
@@ -33,34 +34,46 @@ TOPOLOGIES = {"cnn": Topology(4, 1, (2, 3), "(B,C,H,W)", "CNN"),
               "transformer": Topology(3, 2, (1,), "(B,T,C)", "Transformer")}
 
 
+class InputError(Exception):
+    """An input the fused ops do not take. Raised as one of the two classes below."""
+
+
+class InputValueError(InputError, ValueError):
+    """A shape or device the fused ops do not take."""
+
+
+class InputTypeError(InputError, TypeError):
+    """A type or dtype the fused ops do not take."""
+
+
 def _fmt(shape) -> str:
     return str(tuple(shape))
 
 
 def check_tensor(op: str, name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        raise InputTypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
 
 
 def check_features(op: str, name: str, t) -> None:
     check_tensor(op, name, t)
     if t.dtype not in _FEATURE_DTYPES:
-        raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected float32, float64, bfloat16 or float16")
+        raise InputTypeError(f"{op}: {name} has dtype {t.dtype}; expected float32, float64, bfloat16 or float16")
 
 
 def check_weight(op: str, name: str, w, features: torch.Tensor) -> None:
     """A real-valued weight that broadcasts to `features` without enlarging it."""
     check_tensor(op, name, w)
     if w.dtype == torch.bool or w.is_complex():
-        raise TypeError(f"{op}: {name} must be a real number tensor, got dtype {w.dtype}")
+        raise InputTypeError(f"{op}: {name} must be a real number tensor, got dtype {w.dtype}")
     if w.dim() == 0 and w.device.type == "cpu":
         return  # a CPU scalar goes with features anywhere and broadcasts to any shape
     if w.device != features.device:
-        raise ValueError(f"{op}: {name} is on {w.device} but the features are on {features.device} "
+        raise InputValueError(f"{op}: {name} is on {w.device} but the features are on {features.device} "
                          "(only a 0-dim CPU scalar may live elsewhere)")
     ws, fs = w.shape, features.shape
     if broadcast_shape(ws, fs) != tuple(fs):
-        raise ValueError(f"{op}: {name} of shape {_fmt(ws)} does not broadcast to {_fmt(fs)}")
+        raise InputValueError(f"{op}: {name} of shape {_fmt(ws)} does not broadcast to {_fmt(fs)}")
 
 
 # Weight dtypes the fast paths accept without further checks (check_weight decides the rest).
@@ -90,9 +103,9 @@ def check_pair(op: str, h, name: str, t) -> bool | None:
     check_features(op, "host", h)
     check_features(op, name, t)
     if t.shape != h.shape:
-        raise ValueError(f"{op}: {name} shape {_fmt(t.shape)} differs from the host shape {_fmt(h.shape)}")
+        raise InputValueError(f"{op}: {name} shape {_fmt(t.shape)} differs from the host shape {_fmt(h.shape)}")
     if t.device != h.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but the host is on {h.device}")
+        raise InputValueError(f"{op}: {name} is on {t.device} but the host is on {h.device}")
     return h.ndim == 0
 
 
@@ -114,7 +127,7 @@ def check_gate(op: str, gate, h) -> None:
             return
     check_weight(op, "gate", gate, h)
     if not gate.is_floating_point():
-        raise TypeError(f"{op}: gate must be a floating-point tensor, got {gate.dtype}")
+        raise InputTypeError(f"{op}: gate must be a floating-point tensor, got {gate.dtype}")
 
 
 def check_valve(op: str, alpha, m) -> bool | None:
@@ -153,23 +166,29 @@ def check_gate_pair(op: str, alpha, gate) -> None:
     check_tensor(op, "gate", gate)
     for name, t in (("alpha", alpha), ("gate", gate)):
         if t.dtype == torch.bool or t.is_complex():
-            raise TypeError(f"{op}: {name} must be a real number tensor, got dtype {t.dtype}")
+            raise InputTypeError(f"{op}: {name} must be a real number tensor, got dtype {t.dtype}")
     if not (alpha.is_floating_point() or gate.is_floating_point()):
-        raise TypeError(f"{op}: alpha or gate must be a floating-point tensor")
+        raise InputTypeError(f"{op}: alpha or gate must be a floating-point tensor")
     if alpha.device != gate.device and not any(t.dim() == 0 and t.is_cpu for t in (alpha, gate)):
-        raise ValueError(f"{op}: alpha is on {alpha.device} but gate is on {gate.device}")
+        raise InputValueError(f"{op}: alpha is on {alpha.device} but gate is on {gate.device}")
     if broadcast_shape(alpha.shape, gate.shape) is None:
-        raise ValueError(f"{op}: alpha of shape {_fmt(alpha.shape)} and gate of shape {_fmt(gate.shape)} "
+        raise InputValueError(f"{op}: alpha of shape {_fmt(alpha.shape)} and gate of shape {_fmt(gate.shape)} "
                          "do not broadcast")
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for `device_type` (torch.is_autocast_enabled raises for device
+    types autocast does not know, such as meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def check_topology(op: str, x, topology) -> None:
     if topology not in TOPOLOGIES:
-        raise ValueError(f"{op}: unknown topology {topology!r}: expected 'cnn' or 'transformer'")
+        raise InputValueError(f"{op}: unknown topology {topology!r}: expected 'cnn' or 'transformer'")
     check_features(op, "x", x)
     t = TOPOLOGIES[topology]
     if x.dim() != t.rank:
-        raise ValueError(f"{op}: topology {topology!r} expects x of rank {t.rank} {t.layout}, "
+        raise InputValueError(f"{op}: topology {topology!r} expects x of rank {t.rank} {t.layout}, "
                          f"got shape {_fmt(x.shape)}")
 
 
@@ -191,10 +210,10 @@ def check_gate_network(op: str, x, w1, b1, w2, b2, topology) -> None:
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         check_features(op, name, t)
         if t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+            raise InputValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
     hidden = w1.shape[0]
     expected = {"w1": (hidden, channels), "b1": (hidden,), "w2": (1, hidden), "b2": (1,)}
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         if tuple(t.shape) != expected[name]:
-            raise ValueError(f"{op}: {name} has shape {_fmt(t.shape)}, expected {expected[name]} "
+            raise InputValueError(f"{op}: {name} has shape {_fmt(t.shape)}, expected {expected[name]} "
                              f"for {channels} channels and hidden width {hidden}")

@@ -72,7 +72,7 @@ def problem(row: Row) -> str | None:
     try:
         eval(row.call, ns)  # noqa: S307
     except Exception as exc:  # noqa: BLE001 - judged below
-        if type(exc) is not expected:
+        if not isinstance(exc, expected):  # the checks raise ValueError and TypeError subclasses
             return f"raised {type(exc).__name__}: {exc}"
         if not re.search(row.pattern, str(exc)):
             return f"message {str(exc)!r} does not match {row.pattern!r}"

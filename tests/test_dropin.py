@@ -6,6 +6,10 @@ identities, dispatch through the default backend, and torch.compile(fullgraph=Tr
 from __future__ import annotations
 
 import inspect
+import os
+import sys
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -152,14 +156,143 @@ def test_dropins_dispatch_through_the_default_backend():
         assert _kasmina_ops_called(lambda: blend_ops.blend_add(h, s, a)) == []
 
 
-def test_dropin_bad_input_errors_name_the_argument():
-    h = _rnd(S, "e/h")
-    with pytest.raises(ValueError, match="seed shape"):
-        blend_ops.blend_add(h, h[:1], torch.tensor(0.5))
-    with pytest.raises(TypeError, match="gate must be a floating-point"):
-        blend_ops.blend_gate(h, h, torch.tensor(0.5), torch.ones(PS, dtype=torch.int64))
-    with pytest.raises(ValueError, match="seed_input"):
-        blend_ops.blend_multiply(h, h, torch.tensor(0.5), seed_input=h[:, :1])
+# ----------------------------------------------------------------------------- Esper's answers
+STANDIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "esper_standin")
+
+
+@pytest.fixture
+def esper():
+    """Esper's eager blend functions and GatedBlend (tests/esper_standin), importable for this
+    test only."""
+    assert "esper" not in sys.modules
+    sys.path.insert(0, STANDIN)
+    try:
+        from esper.kasmina import blend_ops as ops, blending, isolation as iso
+        yield SimpleNamespace(**{n: getattr(ops, n) for n in blend_ops.__all__},
+                              **{n: getattr(iso, n) for n in isolation.__all__}, GatedBlend=blending.GatedBlend)
+    finally:
+        for name in [n for n in sys.modules if n == "esper" or n.startswith("esper.")]:
+            del sys.modules[name]
+        sys.path.remove(STANDIN)
+
+
+def _f(shape, key, dtype=F32, grad=True):
+    return _rnd(shape, key).to(dtype).requires_grad_(grad and dtype.is_floating_point)
+
+
+A = torch.tensor(0.6)
+# Inputs the fused ops reject, (name, inputs): Esper's functions answer each with a result or an
+# exception, and the drop-in must answer the same
+OUTSIDE = {
+    "seed broadcasts": ("blend_add", lambda: (_f(S, "o/h"), _f((1,) + S[1:], "o/s"), A)),
+    "host broadcasts": ("blend_add", lambda: (_f(S[1:], "o/h"), _f(S, "o/s"), A)),
+    "alpha enlarges": ("blend_add", lambda: (_f(S, "o/h"), _f(S, "o/s"), _f((2,) + S, "o/a", grad=False).sigmoid())),
+    "bool alpha": ("blend_with_isolation", lambda: (_f(S, "o/h"), _f(S, "o/s"), torch.tensor(True))),
+    "complex features": ("blend_add", lambda: (_f(S, "o/h", torch.complex64), _f(S, "o/s", torch.complex64), A)),
+    "integer features": ("blend_add", lambda: (_f(S, "o/h", torch.int32), _f(S, "o/s", torch.int32), A)),
+    "Python float alpha": ("blend_add", lambda: (_f(S, "o/h"), _f(S, "o/s"), 0.5)),
+    "seed does not broadcast": ("blend_add", lambda: (_f(S, "o/h"), _f(S[:3] + (5,), "o/s"), A)),
+    "seed on another device": ("blend_add", lambda: (_f(S, "o/h"), _f(S, "o/s").detach().to("meta"), A)),
+    "host on another device": ("blend_add", lambda: (_f(S, "o/h").detach().to("meta"), _f(S, "o/s"), A)),
+    "seed_input broadcasts": ("blend_multiply", lambda: (_f(S, "o/h"), _f(S, "o/s"), A,
+                                                         {"seed_input": _f(S[2:], "o/r", grad=False)})),
+    "integer gate": ("blend_gate", lambda: (_f(S, "o/h"), _f(S, "o/s"), A, torch.ones(PS, dtype=torch.int64))),
+    "gate does not broadcast": ("blend_gate", lambda: (_f(S, "o/h"), _f(S, "o/s"), A, _f((4, 1, 1, 1), "o/g"))),
+    "integer alpha and gate": ("gate_effective_alpha", lambda: (torch.tensor(1), torch.ones(PS, dtype=torch.int64))),
+    "integer valve input": ("multiply_valve_multiplier", lambda: (A, torch.arange(6).reshape(2, 3))),
+    "valve alpha enlarges m": ("multiply_valve_multiplier", lambda: (_f(PS, "o/a"), _f(S[1:], "o/m"))),
+    "STE seed broadcasts": ("ste_forward", lambda: (_f(S, "o/h"), _f(S[2:], "o/s"))),
+    "STE integer features": ("ste_forward", lambda: (torch.arange(6), torch.arange(6) * 2)),
+}
+
+
+def _answer(fn, make):
+    """(output, leaves' gradients, exception) of fn on a fresh input set from `make`."""
+    args = make()
+    kwargs = args[-1] if isinstance(args[-1], dict) else {}
+    args = args[:-1] if kwargs else args
+    leaves = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
+    try:
+        y = fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - compared with the other's
+        return None, None, exc
+    grads = torch.autograd.grad(y, leaves, torch.ones_like(y)) if y.requires_grad else ()
+    return y, grads, None
+
+
+@pytest.mark.parametrize("case", list(OUTSIDE))
+def test_dropins_answer_inputs_outside_the_fused_ops_as_esper_does(case, esper):
+    """Esper's result (bit for bit, gradients included, with a warning that no fused kernel
+    ran) or Esper's exception type, for inputs the fused ops reject."""
+    name, make = OUTSIDE[case]
+    want, want_grads, want_exc = _answer(getattr(esper, name), make)
+    drop_in = getattr(blend_ops if name in blend_ops.__all__ else isolation, name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, got_grads, got_exc = _answer(drop_in, make)
+    if want_exc is not None:
+        assert isinstance(got_exc, type(want_exc)), f"{case}: Esper raises {want_exc!r}, the drop-in gave {got_exc or got!r}"
+        return
+    assert got_exc is None, f"{case}: Esper's code returns, the drop-in raised {got_exc!r}"
+    assert any("Esper's eager math" in str(w.message) for w in caught), "no warning that no fused kernel ran"
+    assert (got.dtype, got.shape) == (want.dtype, want.shape)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+X4 = (2, 8, 4, 4)
+# GatedBlend(8) inputs (module options, x) its fused gate network does not take
+GATE_OUTSIDE = {
+    "wrong channel count": ({}, lambda: _f((2, 9, 4, 4), "g/x")),
+    "wrong channel count, transformer": ({"topology": "transformer"}, lambda: _f((2, 5, 7), "g/x")),
+    "not a tensor": ({}, lambda: [[1.0]]),
+    "float64 x, float32 gate": ({}, lambda: _f(X4, "g/x", torch.float64)),
+    "bfloat16 x, float32 gate": ({}, lambda: _f(X4, "g/x", BF16)),
+    "float32 x, bfloat16 gate": ({"dtype": BF16}, lambda: _f(X4, "g/x")),
+    "integer x": ({}, lambda: torch.ones(X4, dtype=torch.int32)),
+    "complex x": ({}, lambda: _f(X4, "g/x", torch.complex64)),
+    "float64 under autocast": ({"dtype": torch.float64, "autocast": True}, lambda: _f(X4, "g/x", torch.float64)),
+}
+
+
+@pytest.mark.parametrize("case", list(GATE_OUTSIDE))
+def test_gated_blend_answers_inputs_outside_the_fused_gate_as_esper_does(case, esper):
+    options, make = GATE_OUTSIDE[case]
+    topology, dtype = options.get("topology", "cnn"), options.get("dtype", F32)
+    theirs = esper.GatedBlend(8, topology).to(dtype)
+    ours = kk.GatedBlend(8, topology).to(dtype)
+    ours.load_state_dict(theirs.state_dict())
+    answers = []
+    for module in (theirs, ours):
+        x = make()
+        leaves = [p for p in module.parameters()] + ([x] if isinstance(x, torch.Tensor) and x.requires_grad else [])
+        with warnings.catch_warnings(record=True) as caught, \
+                torch.autocast("cpu", dtype=BF16, enabled=options.get("autocast", False)):
+            warnings.simplefilter("always")
+            try:
+                y = module.get_alpha_for_blend(x)
+                answers.append((y, torch.autograd.grad(y, leaves, torch.ones_like(y)), None, caught))
+            except Exception as exc:  # noqa: BLE001 - compared with Esper's
+                answers.append((None, None, exc, caught))
+    (want, want_grads, want_exc, _), (got, got_grads, got_exc, caught) = answers
+    if want_exc is not None:
+        assert isinstance(got_exc, type(want_exc)), f"{case}: Esper raises {want_exc!r}, GatedBlend gave {got_exc or got!r}"
+        return
+    assert got_exc is None, f"{case}: Esper's module returns, GatedBlend raised {got_exc!r}"
+    assert any("Esper's eager math" in str(w.message) for w in caught), "no warning that no fused kernel ran"
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_gated_blend_on_a_meta_device_model(esper):
+    """A model built on the meta device (shape inference, deferred initialisation) runs as
+    Esper's does."""
+    theirs, ours = esper.GatedBlend(8).to("meta"), kk.GatedBlend(8).to("meta")
+    x = torch.empty(X4, device="meta")
+    want, got = theirs.get_alpha_for_blend(x), ours.get_alpha_for_blend(x)
+    assert (got.device, got.dtype, got.shape) == (want.device, want.dtype, want.shape)
 
 
 # ----------------------------------------------------------------------------- torch.compile

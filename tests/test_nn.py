@@ -172,10 +172,12 @@ def test_wrong_rank_is_an_assertion_error_as_in_esper(cls, topology, shape):
 @pytest.mark.parametrize("topology,shape", [("cnn", (2, 9, 4, 4)), ("transformer", (2, 5, 7))])
 @pytest.mark.parametrize("cls", [GatedBlend, EagerGatedBlend])
 def test_wrong_channels_is_a_clear_error(cls, topology, shape):
+    """Esper's Linear raises RuntimeError for the wrong channel count: the same type, a clearer
+    message."""
     m = cls(8, topology=topology)
     layout = "(B,C,H,W)" if topology == "cnn" else "(B,T,C)"
     message = f"expects x of shape {layout} with 8 channels, got shape {tuple(shape)}"
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
         m.get_alpha_for_blend(torch.randn(shape))
 
 

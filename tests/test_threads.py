@@ -200,4 +200,5 @@ def test_module_state_is_settled_at_import():
     after = (dict(backends._status_cache), dict(backends._auto_cache), dict(backends._modules))
     assert after[0] == before[0]
     assert after[2].keys() == before[2].keys()
-    assert set(after[1]) <= {"cpu"} and all(v == kk.resolve_backend(h) for v in after[1].values())
+    # (other tests in this process may have resolved "auto" for other device types, e.g. meta)
+    assert after[1] == before[1] and after[1]["cpu"] == kk.resolve_backend(h)
