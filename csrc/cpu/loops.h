@@ -424,7 +424,7 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
   }
   // Streaming only where no input is gathered: a gather's loads from the other order share
   // their low address bits with the streamed rows of a same-shaped output, and such a load
-  // waits for the write-combining buffers to drain (measured: 3x slower).
+  // waits for the write-combining buffers to drain.
   for (int k = n_outputs; k < n_ops; ++k) stream = stream && !moved[k];
   StreamMask direct_outputs = 0;  // streamed by the loop; a moved output's buffer never is
   for (int k = 0; k < n_outputs; ++k) {
