@@ -176,10 +176,17 @@ def check_gate_pair(op: str, alpha, gate) -> None:
                          "do not broadcast")
 
 
+# The device types autocast knows (torch.is_autocast_enabled raises for others, such as meta),
+# settled at import so that a traced call only tests membership.
+_AUTOCAST_DEVICE_TYPES = frozenset(
+    t for t in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu",
+                torch._C._get_privateuse1_backend_name())
+    if torch.amp.is_autocast_available(t))
+
+
 def autocast_enabled(device_type: str) -> bool:
-    """Whether autocast is on for `device_type` (torch.is_autocast_enabled raises for device
-    types autocast does not know, such as meta)."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    """Whether autocast is on for `device_type`: False for a device type autocast does not know."""
+    return device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type)
 
 
 def check_topology(op: str, x, topology) -> None:
