@@ -5,6 +5,7 @@ identities, dispatch through the default backend, and torch.compile(fullgraph=Tr
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import sys
@@ -160,10 +161,8 @@ def test_dropins_dispatch_through_the_default_backend():
 STANDIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "esper_standin")
 
 
-@pytest.fixture
-def esper():
-    """Esper's eager blend functions and GatedBlend (tests/esper_standin), importable for this
-    test only."""
+@contextlib.contextmanager
+def _esper_standin():
     assert "esper" not in sys.modules
     sys.path.insert(0, STANDIN)
     try:
@@ -174,6 +173,14 @@ def esper():
         for name in [n for n in sys.modules if n == "esper" or n.startswith("esper.")]:
             del sys.modules[name]
         sys.path.remove(STANDIN)
+
+
+@pytest.fixture
+def esper():
+    """Esper's eager blend functions and GatedBlend (tests/esper_standin), importable for this
+    test only."""
+    with _esper_standin() as namespace:
+        yield namespace
 
 
 def _f(shape, key, dtype=F32, grad=True):
@@ -239,6 +246,75 @@ def test_dropins_answer_inputs_outside_the_fused_ops_as_esper_does(case, esper):
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+ODD_DTYPES = (F32, BF16, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool,
+              torch.complex64)
+ODD_SHAPES = ((2, 3, 4, 5), (1, 3, 4, 5), (3, 4, 5), (5,), (1,), (), (2, 1, 1, 1), (2, 3, 1, 1), (4, 1, 1, 1),
+              (0, 3, 4, 5), (2, 3, 4, 5, 2))
+ARITY = {"blend_add": 3, "blend_multiply": 3, "blend_gate": 4, "gate_effective_alpha": 2,
+         "multiply_valve_multiplier": 2, "ste_forward": 2, "blend_with_isolation": 3}
+
+
+def _odd_tensor(draw, st, main: bool):
+    """A tensor spec: Esper-like features half the time (for the leading arguments), anything
+    in the dtype and shape lists otherwise; channels_last, meta and requires_grad at random."""
+    dtype = draw(st.sampled_from(ODD_DTYPES[:4] if draw(st.booleans()) else ODD_DTYPES))
+    shape = (2, 3, 4, 5) if main and draw(st.booleans()) else draw(st.sampled_from(ODD_SHAPES))
+    return (shape, dtype, draw(st.booleans()), draw(st.sampled_from(("cpu",) * 9 + ("meta",))),
+            draw(st.booleans()))
+
+
+def _make(spec, seed):
+    shape, dtype, channels_last, device, grad = spec
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(shape, generator=g) if dtype.is_floating_point or dtype.is_complex
+         else torch.randint(0, 3, shape, generator=g)).to(dtype)
+    if channels_last and t.dim() == 4:
+        t = t.contiguous(memory_format=torch.channels_last)
+    t = t.to(device)
+    return t.requires_grad_() if grad and (dtype.is_floating_point or dtype.is_complex) else t
+
+
+def _outcome(fn, specs, seed_input):
+    args = [_make(spec, i) for i, spec in enumerate(specs)]
+    kwargs = {} if seed_input is None else {"seed_input": _make(seed_input, 9)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            y = fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - compared with the other's
+            return type(exc)
+    return tuple(y.shape), y.dtype, y.device.type
+
+
+def test_dropins_take_and_refuse_what_esper_does():
+    """Random calls over dtypes, shapes, layouts and devices the fused ops mostly reject: the
+    drop-in returns an output of Esper's shape, dtype and device wherever Esper's function
+    returns, and raises Esper's exception type (or a subclass) wherever it raises."""
+    hypothesis = pytest.importorskip("hypothesis", reason="the random calls need hypothesis")
+    st = hypothesis.strategies
+
+    @st.composite
+    def calls(draw):
+        name = draw(st.sampled_from(sorted(ARITY)))
+        specs = [_odd_tensor(draw, st, main=i < 2) for i in range(ARITY[name])]
+        seed_input = _odd_tensor(draw, st, main=True) if name == "blend_multiply" and draw(st.booleans()) else None
+        return name, specs, seed_input
+
+    with _esper_standin() as esper:
+        @hypothesis.settings(max_examples=300)
+        @hypothesis.given(call=calls())
+        def check(call):
+            name, specs, seed_input = call
+            drop_in = getattr(blend_ops if name in blend_ops.__all__ else isolation, name)
+            want, got = _outcome(getattr(esper, name), specs, seed_input), _outcome(drop_in, specs, seed_input)
+            if isinstance(want, type):
+                assert isinstance(got, type) and issubclass(got, want), f"Esper raises {want.__name__}, the drop-in gives {got}"
+            else:
+                assert got == want
+
+        check()
 
 
 X4 = (2, 8, 4, 4)
