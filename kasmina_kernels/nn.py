@@ -10,7 +10,6 @@ global state: every call reads the module's current parameters.
 
 from __future__ import annotations
 
-import operator
 import warnings
 
 import torch
@@ -55,16 +54,9 @@ class GatedBlend(nn.Module):
         hidden = reference.gate_hidden_size(channels)
         self.gate = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid())
 
-    def step(self, step: int | None = None) -> None:
-        """``step(n)`` sets ``_current_step`` to ``n`` (Esper's ``BlendAlgorithm.step``);
-        ``step()`` advances it by one, up to ``total_steps``. Only the slot's bookkeeping reads
-        it, not the gate. Raises TypeError for a non-integer, ValueError for a negative step."""
-        if step is None:
-            self._current_step = min(self._current_step + 1, self.total_steps)
-            return
-        step = operator.index(step)
-        if step < 0:
-            raise ValueError(f"GatedBlend.step: step must be >= 0, got {step}")
+    def step(self, step: int) -> None:
+        """Sets ``_current_step`` to ``step``, as Esper's ``BlendAlgorithm.step`` does (whatever
+        the value). Only the slot's bookkeeping reads it, not the gate."""
         self._current_step = step
 
     def reset_cache(self) -> None:
