@@ -31,10 +31,11 @@ class GatedBlend(nn.Module):
     Raises ValueError for ``channels <= 0``, an unknown topology and ``total_steps <= 0``. An
     input fails as in Esper's module, with the same exception type and a clearer message: the
     wrong rank raises AssertionError (Esper's ``assert``), the wrong channel count RuntimeError
-    (Esper's Linear), a non-tensor AttributeError. The fused gate network runs where Esper's
-    Linear layers take the input (x and the parameters of one dtype, or autocast on x's device
-    type and no float64 among them); any other input gets Esper's answer from its eager math:
-    its error, or its gate with a warning that no fused kernel ran.
+    (Esper's Linear), a non-tensor AttributeError. The fused gate network runs where it computes
+    what calling ``gate`` would (a plain Linear, ReLU, Linear, Sigmoid with biases and no hooks)
+    and Esper's Linear layers take the input (x and the parameters of one dtype, or autocast on
+    x's device type and no float64 among them); anything else gets Esper's answer from its
+    eager math: its error, or its gate with a warning that no fused kernel ran.
     """
 
     algorithm_id = "gated"
@@ -86,21 +87,14 @@ class GatedBlend(nn.Module):
 
     def get_alpha_for_blend(self, x: torch.Tensor) -> torch.Tensor:
         """The per-sample gate for host features ``x``: ``(B,1,1,1)`` (cnn) or ``(B,1,1)``."""
-        # the current parameters, straight from the registries (nn.Module.__getattr__ and
-        # Sequential indexing cost as much as the fused op's Python side)
         topology = self.topology
         rank, channel_dim, _, _, _ = TOPOLOGIES[topology]
         if not (isinstance(x, torch.Tensor) and x.ndim == rank and x.shape[channel_dim] == self.channels):
             self._check_input(x)  # raises the precise error
-        gate = self.gate
-        first, second = gate._modules.get("0"), gate._modules.get("2")
-        try:
-            p1, p2 = first._parameters, second._parameters
-            w1, b1, w2, b2 = p1["weight"], p1["bias"], p2["weight"], p2["bias"]
-        except (AttributeError, KeyError, TypeError):
-            # a parametrized or otherwise replaced layer: the plain attribute reads
-            first, second = gate[0], gate[2]
-            w1, b1, w2, b2 = first.weight, first.bias, second.weight, second.bias
+        layers = _plain_gate_layers(self.gate)
+        if layers is None:
+            return self._eager_answer(x, "its gate is not a plain Linear, ReLU, Linear, Sigmoid without hooks")
+        (w1, b1), (w2, b2) = layers
         # the dtypes Esper's Linear layers take: autocast casts all but float64 operands
         dtypes = {x.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype}
         if autocast_enabled(x.device.type):
@@ -119,6 +113,27 @@ class GatedBlend(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, topology={self.topology!r}, total_steps={self.total_steps}"
+
+
+def _plain_gate_layers(gate: nn.Module):
+    """((w1, b1), (w2, b2)) of `gate` when the fused gate network computes exactly what calling
+    it would: a Sequential of plain Linear, ReLU, Linear, Sigmoid modules with biases and no
+    hooks; None for anything else there (a replaced, parametrized or hooked layer), which
+    Esper's module calls as it is."""
+    modules = gate._modules
+    if type(gate) is not nn.Sequential or len(modules) != 4:
+        return None
+    first, relu, second, sigmoid = modules.values()
+    if not (type(first) is nn.Linear and type(relu) is nn.ReLU and type(second) is nn.Linear
+            and type(sigmoid) is nn.Sigmoid):
+        return None
+    for m in (gate, first, relu, second, sigmoid):
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return None
+    # straight from the registries: nn.Module.__getattr__ costs as much as the fused op's Python side
+    p1, p2 = first._parameters, second._parameters
+    w1, b1, w2, b2 = p1["weight"], p1["bias"], p2["weight"], p2["bias"]
+    return None if b1 is None or b2 is None else ((w1, b1), (w2, b2))
 
 
 class EagerGatedBlend(GatedBlend):

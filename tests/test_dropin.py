@@ -6,6 +6,7 @@ identities, dispatch through the default backend, and torch.compile(fullgraph=Tr
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import os
 import sys
@@ -358,6 +359,56 @@ def test_gated_blend_answers_inputs_outside_the_fused_gate_as_esper_does(case, e
     assert got_exc is None, f"{case}: Esper's module returns, GatedBlend raised {got_exc!r}"
     assert any("Esper's eager math" in str(w.message) for w in caught), "no warning that no fused kernel ran"
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+class _Double(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def _deeper(m):
+    m.gate = torch.nn.Sequential(m.gate[0], torch.nn.ReLU(), torch.nn.Linear(8, 8), m.gate[1], m.gate[2], m.gate[3])
+
+
+def _other_activation(m):
+    m.gate[1] = torch.nn.Tanh()
+
+
+def _without_bias(m):
+    m.gate[0] = torch.nn.Linear(8, 8, bias=False)
+
+
+def _parametrized(m):
+    torch.nn.utils.parametrize.register_parametrization(m.gate[0], "weight", _Double())
+
+
+def _hooked(m):
+    m.gate[0].register_forward_hook(lambda module, args, out: out * 0.5)
+
+
+# Changes to GatedBlend's gate network that Esper's module runs as they are (it calls the gate)
+GATE_CHANGES = {"deeper": _deeper, "another activation": _other_activation, "without bias": _without_bias, "parametrized": _parametrized,
+                "forward hook": _hooked}
+
+
+@pytest.mark.parametrize("change", list(GATE_CHANGES))
+def test_gated_blend_runs_a_changed_gate_as_esper_does(change, esper):
+    """The fused gate network computes Linear, ReLU, Linear, Sigmoid from the parameters; any
+    other gate (or a hook on it) gets Esper's answer, bit for bit, with a warning."""
+    torch.manual_seed(0)
+    theirs = esper.GatedBlend(8)
+    GATE_CHANGES[change](theirs)
+    ours = kk.GatedBlend(8)
+    ours.gate = copy.deepcopy(theirs.gate)
+    x = _f(X4, "gc/x")
+    want = theirs.get_alpha_for_blend(x)
+    with pytest.warns(UserWarning, match="Esper's eager math"):
+        got = ours.get_alpha_for_blend(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    want_grads = torch.autograd.grad(want, list(theirs.parameters()), torch.ones_like(want))
+    got_grads = torch.autograd.grad(got, list(ours.parameters()), torch.ones_like(got))
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
