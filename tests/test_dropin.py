@@ -214,18 +214,36 @@ OUTSIDE = {
 }
 
 
-def _answer(fn, make):
-    """(output, leaves' gradients, exception) of fn on a fresh input set from `make`."""
+def _answer(fn, make, params=()):
+    """(output, gradients of `params` and of the inputs that require grad, exception, warnings)
+    of fn on a fresh input set from `make` (a trailing dict: keyword arguments)."""
     args = make()
     kwargs = args[-1] if isinstance(args[-1], dict) else {}
     args = args[:-1] if kwargs else args
-    leaves = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
-    try:
-        y = fn(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - compared with the other's
-        return None, None, exc
-    grads = torch.autograd.grad(y, leaves, torch.ones_like(y)) if y.requires_grad else ()
-    return y, grads, None
+    leaves = [*params] + [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            y = fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - compared with Esper's
+            return None, None, exc, caught
+        grads = torch.autograd.grad(y, leaves, torch.ones_like(y)) if y.requires_grad else ()
+    return y, grads, None, caught
+
+
+def _assert_esper_answer(case, want_answer, got_answer, equal_nan=False):
+    """`got_answer` (the drop-in's `_answer`) is Esper's: its exception type, or its output and
+    gradients bit for bit, with a warning that no fused kernel ran."""
+    (want, want_grads, want_exc, _), (got, got_grads, got_exc, caught) = want_answer, got_answer
+    if want_exc is not None:
+        assert isinstance(got_exc, type(want_exc)), f"{case}: Esper raises {want_exc!r}, the drop-in gave {got_exc or got!r}"
+        return
+    assert got_exc is None, f"{case}: Esper's code returns, the drop-in raised {got_exc!r}"
+    assert any("Esper's eager math" in str(w.message) for w in caught), "no warning that no fused kernel ran"
+    assert (got.dtype, got.shape) == (want.dtype, want.shape)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=equal_nan)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=equal_nan)
 
 
 @pytest.mark.parametrize("case", list(OUTSIDE))
@@ -233,20 +251,8 @@ def test_dropins_answer_inputs_outside_the_fused_ops_as_esper_does(case, esper):
     """Esper's result (bit for bit, gradients included, with a warning that no fused kernel
     ran) or Esper's exception type, for inputs the fused ops reject."""
     name, make = OUTSIDE[case]
-    want, want_grads, want_exc = _answer(getattr(esper, name), make)
     drop_in = getattr(blend_ops if name in blend_ops.__all__ else isolation, name)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got, got_grads, got_exc = _answer(drop_in, make)
-    if want_exc is not None:
-        assert isinstance(got_exc, type(want_exc)), f"{case}: Esper raises {want_exc!r}, the drop-in gave {got_exc or got!r}"
-        return
-    assert got_exc is None, f"{case}: Esper's code returns, the drop-in raised {got_exc!r}"
-    assert any("Esper's eager math" in str(w.message) for w in caught), "no warning that no fused kernel ran"
-    assert (got.dtype, got.shape) == (want.dtype, want.shape)
-    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
-    for g, w in zip(got_grads, want_grads, strict=True):
-        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+    _assert_esper_answer(case, _answer(getattr(esper, name), make), _answer(drop_in, make), equal_nan=True)
 
 
 ODD_DTYPES = (F32, BF16, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool,
@@ -340,27 +346,9 @@ def test_gated_blend_answers_inputs_outside_the_fused_gate_as_esper_does(case, e
     theirs = esper.GatedBlend(8, topology).to(dtype)
     ours = kk.GatedBlend(8, topology).to(dtype)
     ours.load_state_dict(theirs.state_dict())
-    answers = []
-    for module in (theirs, ours):
-        x = make()
-        leaves = [p for p in module.parameters()] + ([x] if isinstance(x, torch.Tensor) and x.requires_grad else [])
-        with warnings.catch_warnings(record=True) as caught, \
-                torch.autocast("cpu", dtype=BF16, enabled=options.get("autocast", False)):
-            warnings.simplefilter("always")
-            try:
-                y = module.get_alpha_for_blend(x)
-                answers.append((y, torch.autograd.grad(y, leaves, torch.ones_like(y)), None, caught))
-            except Exception as exc:  # noqa: BLE001 - compared with Esper's
-                answers.append((None, None, exc, caught))
-    (want, want_grads, want_exc, _), (got, got_grads, got_exc, caught) = answers
-    if want_exc is not None:
-        assert isinstance(got_exc, type(want_exc)), f"{case}: Esper raises {want_exc!r}, GatedBlend gave {got_exc or got!r}"
-        return
-    assert got_exc is None, f"{case}: Esper's module returns, GatedBlend raised {got_exc!r}"
-    assert any("Esper's eager math" in str(w.message) for w in caught), "no warning that no fused kernel ran"
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    for g, w in zip(got_grads, want_grads, strict=True):
-        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=BF16, enabled=options.get("autocast", False)):
+        answers = [_answer(m.get_alpha_for_blend, lambda: (make(),), m.parameters()) for m in (theirs, ours)]
+    _assert_esper_answer(case, *answers)
 
 
 class _Double(torch.nn.Module):
@@ -389,8 +377,8 @@ def _hooked(m):
 
 
 # Changes to GatedBlend's gate network that Esper's module runs as they are (it calls the gate)
-GATE_CHANGES = {"deeper": _deeper, "another activation": _other_activation, "without bias": _without_bias, "parametrized": _parametrized,
-                "forward hook": _hooked}
+GATE_CHANGES = {"deeper": _deeper, "another activation": _other_activation, "without bias": _without_bias,
+                "parametrized": _parametrized, "forward hook": _hooked}
 
 
 @pytest.mark.parametrize("change", list(GATE_CHANGES))
@@ -403,14 +391,7 @@ def test_gated_blend_runs_a_changed_gate_as_esper_does(change, esper):
     ours = kk.GatedBlend(8)
     ours.gate = copy.deepcopy(theirs.gate)
     x = _f(X4, "gc/x")
-    want = theirs.get_alpha_for_blend(x)
-    with pytest.warns(UserWarning, match="Esper's eager math"):
-        got = ours.get_alpha_for_blend(x)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    want_grads = torch.autograd.grad(want, list(theirs.parameters()), torch.ones_like(want))
-    got_grads = torch.autograd.grad(got, list(ours.parameters()), torch.ones_like(got))
-    for g, w in zip(got_grads, want_grads, strict=True):
-        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    _assert_esper_answer(change, *(_answer(m.get_alpha_for_blend, lambda: (x,), m.parameters()) for m in (theirs, ours)))
 
 
 def test_gated_blend_on_a_meta_device_model(esper):
