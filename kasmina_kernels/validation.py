@@ -1,8 +1,9 @@
 """Input checks shared by every backend: bad input gets a clear error, never a crash or a
 silently broadcast answer. Shape and device problems raise ValueError, dtype problems
 TypeError (as `InputValueError` and `InputTypeError`, so that the drop-ins can tell an input
-the fused ops do not take from any other failure). The checks of the feature ops return True for (valid) 0-dim features, which
-`kasmina_kernels.ops` runs as 1-element 1-D tensors, so the fast path tests once."""
+the fused ops do not take from any other failure). The checks of the feature ops return True
+for (valid) 0-dim features, which `kasmina_kernels.ops` runs as 1-element 1-D tensors, so the
+fast path tests once."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def check_weight(op: str, name: str, w, features: torch.Tensor) -> None:
         return  # a CPU scalar goes with features anywhere and broadcasts to any shape
     if w.device != features.device:
         raise InputValueError(f"{op}: {name} is on {w.device} but the features are on {features.device} "
-                         "(only a 0-dim CPU scalar may live elsewhere)")
+                              "(only a 0-dim CPU scalar may live elsewhere)")
     ws, fs = w.shape, features.shape
     if broadcast_shape(ws, fs) != tuple(fs):
         raise InputValueError(f"{op}: {name} of shape {_fmt(ws)} does not broadcast to {_fmt(fs)}")
@@ -173,7 +174,7 @@ def check_gate_pair(op: str, alpha, gate) -> None:
         raise InputValueError(f"{op}: alpha is on {alpha.device} but gate is on {gate.device}")
     if broadcast_shape(alpha.shape, gate.shape) is None:
         raise InputValueError(f"{op}: alpha of shape {_fmt(alpha.shape)} and gate of shape {_fmt(gate.shape)} "
-                         "do not broadcast")
+                              "do not broadcast")
 
 
 # The device types autocast knows (torch.is_autocast_enabled raises for others, such as meta),
@@ -196,7 +197,7 @@ def check_topology(op: str, x, topology) -> None:
     t = TOPOLOGIES[topology]
     if x.dim() != t.rank:
         raise InputValueError(f"{op}: topology {topology!r} expects x of rank {t.rank} {t.layout}, "
-                         f"got shape {_fmt(x.shape)}")
+                              f"got shape {_fmt(x.shape)}")
 
 
 def check_gate_network(op: str, x, w1, b1, w2, b2, topology) -> None:
@@ -223,4 +224,4 @@ def check_gate_network(op: str, x, w1, b1, w2, b2, topology) -> None:
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         if tuple(t.shape) != expected[name]:
             raise InputValueError(f"{op}: {name} has shape {_fmt(t.shape)}, expected {expected[name]} "
-                             f"for {channels} channels and hidden width {hidden}")
+                                  f"for {channels} channels and hidden width {hidden}")
