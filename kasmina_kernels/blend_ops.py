@@ -7,19 +7,17 @@ Esper's functions are plain torch code, so they take inputs the fused ops reject
 broadcasts to the host, an alpha that enlarges the output, integer or complex tensors) and
 fail on others with torch's own exceptions. For every input the fused op rejects, a drop-in
 answers as Esper's function does: it runs the eager math (`kasmina_kernels.reference`, which
-is Esper's), returning its result with a warning that no fused kernel ran, or raising its
-exception (with the fused op's message as the context).
+is Esper's), returning its result with a warning that no fused kernel ran (none while
+torch.compile traces), or raising its exception (with the fused op's message as the context).
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 
 from . import ops, reference
 from .optable import drop_ins
-from .validation import InputError
+from .validation import InputError, warn_eager_answer
 
 __all__ = drop_ins("blend_ops")
 
@@ -28,8 +26,8 @@ def eager_answer(rejected: InputError, name: str, *args, **kwargs):
     """Esper's answer for an input the fused op `name` rejected (`rejected`): the reference's
     result, or its exception. Call it while handling `rejected`."""
     out = getattr(reference, name)(*args, **kwargs)
-    warnings.warn(f"{rejected}; the drop-in {name} computed this call with Esper's eager math, "
-                  "not a fused kernel", stacklevel=3)
+    warn_eager_answer(f"{rejected}; the drop-in {name} computed this call with Esper's eager math, "
+                      "not a fused kernel", stacklevel=3)
     return out
 
 

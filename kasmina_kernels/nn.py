@@ -10,13 +10,11 @@ global state: every call reads the module's current parameters.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
 from . import ops, reference
-from .validation import TOPOLOGIES, InputError, autocast_enabled
+from .validation import TOPOLOGIES, InputError, autocast_enabled, warn_eager_answer
 
 __all__ = ["GatedBlend", "EagerGatedBlend"]
 
@@ -81,8 +79,8 @@ class GatedBlend(nn.Module):
     def _eager_answer(self, x: torch.Tensor, why: str) -> torch.Tensor:
         """Esper's gate for an input the fused gate network does not take (`why`)."""
         gate = EagerGatedBlend.get_alpha_for_blend(self, x)
-        warnings.warn(f"{type(self).__name__}: {why}; the gate was computed with Esper's eager math, "
-                      "not the fused gate network", stacklevel=3)
+        warn_eager_answer(f"{type(self).__name__}: {why}; the gate was computed with Esper's eager math, "
+                          "not the fused gate network", stacklevel=3)
         return gate
 
     def get_alpha_for_blend(self, x: torch.Tensor) -> torch.Tensor:

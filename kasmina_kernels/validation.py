@@ -7,6 +7,7 @@ fast path tests once."""
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -45,6 +46,15 @@ class InputValueError(InputError, ValueError):
 
 class InputTypeError(InputError, TypeError):
     """A type or dtype the fused ops do not take."""
+
+
+def warn_eager_answer(message: str, stacklevel: int) -> None:
+    """The drop-ins' warning that a call ran Esper's eager math instead of a fused kernel
+    (`message` says why). Not while torch.compile traces: a compiled graph holds that math as
+    it holds any eager code, and Dynamo cannot trace a Python warning (fullgraph=True would
+    fail where Esper's code compiles)."""
+    if not torch.compiler.is_compiling():
+        warnings.warn(message, stacklevel=stacklevel + 1)
 
 
 def _fmt(shape) -> str:

@@ -255,6 +255,44 @@ def test_dropins_answer_inputs_outside_the_fused_ops_as_esper_does(case, esper):
     _assert_esper_answer(case, _answer(getattr(esper, name), make), _answer(drop_in, make), equal_nan=True)
 
 
+# OUTSIDE cases whose inputs Esper's code takes, with float features on the CPU
+OUTSIDE_COMPILED = ("seed broadcasts", "host broadcasts", "alpha enlarges", "seed_input broadcasts",
+                    "valve alpha enlarges m", "STE seed broadcasts")
+
+
+@pytest.mark.parametrize("case", OUTSIDE_COMPILED)
+def test_dropins_compile_fullgraph_outside_the_fused_ops(case, esper):
+    """Under torch.compile(fullgraph=True) the eager answer traces as Esper's code does (no
+    graph break, no warning while tracing) and gives Esper's result and gradients."""
+    name, make = OUTSIDE[case]
+    drop_in = getattr(blend_ops if name in blend_ops.__all__ else isolation, name)
+    torch._dynamo.reset()
+    compiled = torch.compile(drop_in, fullgraph=True, backend="aot_eager")
+    want, want_grads, want_exc, _ = _answer(getattr(esper, name), make)
+    got, got_grads, got_exc, _ = _answer(compiled, make)
+    assert want_exc is None and got_exc is None, (want_exc, got_exc)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_gated_blend_compiles_fullgraph_with_a_changed_gate(esper):
+    """A gate network the fused op does not compute compiles as Esper's module does."""
+    theirs = esper.GatedBlend(8)
+    _other_activation(theirs)
+    ours = kk.GatedBlend(8)
+    ours.gate = copy.deepcopy(theirs.gate)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    x = _f(X4, "gc/x")
+    want, want_grads, _, _ = _answer(theirs.get_alpha_for_blend, lambda: (x,), theirs.parameters())
+    got, got_grads, got_exc, _ = _answer(compiled, lambda: (x,), ours.parameters())
+    assert got_exc is None, got_exc
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 ODD_DTYPES = (F32, BF16, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool,
               torch.complex64)
 ODD_SHAPES = ((2, 3, 4, 5), (1, 3, 4, 5), (3, 4, 5), (5,), (1,), (), (2, 1, 1, 1), (2, 3, 1, 1), (4, 1, 1, 1),
