@@ -9,8 +9,9 @@ TORCH_SPEC="${KASMINA_TORCH_SPEC:-torch==2.13.0}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PY="$ROOT/.venv/bin/python"
 "$PY" -m pip install --quiet --upgrade pip
-"$PY" -m pip install --quiet "$TORCH_SPEC"
-"$PY" -m pip install --quiet setuptools wheel ninja pytest hypothesis numpy triton
+# setuptools 77 reads pyproject.toml's license string; resolved with torch, which may cap it
+"$PY" -m pip install --quiet "$TORCH_SPEC" "setuptools>=77"
+"$PY" -m pip install --quiet wheel ninja pytest hypothesis numpy triton
 # the benchmarks: pytest-benchmark (bench/), plots and the progress bar of `kasmina-kernels bench`
 "$PY" -m pip install --quiet pytest-benchmark matplotlib tqdm
 # builds kasmina_kernels._C against the torch above; never pulls another torch. Only what
