@@ -832,3 +832,71 @@ def test_compile_fullgraph(name, gen):
         assert (a.grad is None) == (b.grad is None)
         if a.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- devices
+class _OnSecondGpu(torch.Tensor):
+    """A CPU tensor that answers as one on cuda:1 would (for the device guard's questions)."""
+    is_cuda = True
+    device = torch.device("cuda", 1)
+
+    def get_device(self):
+        return 1
+
+
+@pytest.mark.parametrize("current", [0, 1])
+def test_kernels_launch_on_their_operands_device(current, monkeypatch):
+    """Triton launches on the current CUDA device: the registered kernels make their operands'
+    device current first (a 0-dim CPU alpha does not count), and leave it as it is when it is
+    already theirs."""
+    import kasmina_kernels.triton as T
+
+    entered = []
+
+    class _Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "device", _Guard)
+    calls = []
+    kernel = T._on_tensor_device(lambda *args: calls.append(list(entered)) or "out")
+    alpha = torch.tensor(0.5)
+    feature = torch.zeros(2).as_subclass(_OnSecondGpu)
+    assert kernel(alpha, feature, 3) == "out"
+    if current == 1:
+        assert entered == [] and calls == [[]]
+    else:
+        assert calls == [[torch.device("cuda", 1)]] and entered == [torch.device("cuda", 1), "exit"]
+    entered.clear()
+    assert kernel(alpha, torch.zeros(2)) == "out" and entered == []  # CPU operands: no guard
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ops_on_a_second_gpu_match_the_reference():
+    """Operands on cuda:1 while cuda:0 is current: every blend, forward and backward, as the
+    reference computes it there."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.cuda.device(0):
+        h = torch.randn(4, 8, 5, 5, generator=gen).to("cuda:1").contiguous(memory_format=torch.channels_last)
+        s = torch.randn(4, 8, 5, 5, generator=gen).to("cuda:1")
+        gate = torch.rand(4, 1, 1, 1, generator=gen).to("cuda:1")
+        alpha = torch.tensor(0.6)
+        for name, call in {"blend_add": lambda m, h, s, g: m.blend_add(h, s, alpha),
+                           "blend_multiply": lambda m, h, s, g: m.blend_multiply(h, s, alpha, seed_input=h.detach()),
+                           "blend_gate": lambda m, h, s, g: m.blend_gate(h, s, alpha, g)}.items():
+            outs = []
+            for impl in ("triton", "reference"):
+                leaves = [t.detach().clone().requires_grad_() for t in (h, s, gate)]
+                with kk.use_backend(impl):
+                    y = call(kk, *leaves)
+                y.backward(torch.ones_like(y))
+                outs.append([y.detach()] + [t.grad for t in leaves])
+            for got, want in zip(*outs):
+                torch.testing.assert_close(got, want, msg=name)

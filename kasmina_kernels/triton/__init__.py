@@ -24,6 +24,23 @@ from ..optable import BY_NAME, NAMES
 from . import elementwise, gate
 
 
+def _on_tensor_device(kernel):
+    """`kernel` run with the current CUDA device set to its operands' (the first CUDA tensor's:
+    a 0-dim alpha may be a CPU scalar). Triton compiles for and launches on the current
+    device, whatever device the pointers belong to, and a model on another GPU than the
+    current one (several environments driven from one thread) would get a launch on the
+    wrong device: an error, or values read across devices."""
+    def run(*args):
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.is_cuda:
+                if a.get_device() != torch.cuda.current_device():
+                    with torch.cuda.device(a.device):
+                        return kernel(*args)
+                break
+        return kernel(*args)
+    return run
+
+
 def _backward_kernel(op, backward):
     """The registered backward kernel of `op`: `backward(grad, *inputs, need)` takes one need
     flag per input of `Op.grads` (the leading inputs) and returns their gradients in that
@@ -58,7 +75,7 @@ _KERNELS = {
 }
 _library = torch.library.Library("kasmina", "FRAGMENT")  # kept alive: dropping it drops the ops
 native.register(_library, "triton_", dense_pooled=True, kernels={
-    name: (forward, backward and _backward_kernel(BY_NAME[name], backward))
+    name: (_on_tensor_device(forward), backward and _on_tensor_device(_backward_kernel(BY_NAME[name], backward)))
     for name, (forward, backward) in _KERNELS.items()})
 globals().update(native.functions("triton_"))
 
