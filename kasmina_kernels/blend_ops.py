@@ -26,8 +26,8 @@ def eager_answer(rejected: InputError, name: str, *args, **kwargs):
     """Esper's answer for an input the fused op `name` rejected (`rejected`): the reference's
     result, or its exception. Call it while handling `rejected`."""
     out = getattr(reference, name)(*args, **kwargs)
-    warn_eager_answer(f"{rejected}; the drop-in {name} computed this call with Esper's eager math, "
-                      "not a fused kernel", stacklevel=3)
+    warn_eager_answer(lambda: f"{rejected}; the drop-in {name} computed this call with Esper's eager math, "
+                              "not a fused kernel", stacklevel=3)
     return out
 
 

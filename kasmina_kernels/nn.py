@@ -76,11 +76,11 @@ class GatedBlend(nn.Module):
                                f"expects x of shape {layout} with {self.channels} channels, "
                                f"got shape {tuple(x.shape)}")
 
-    def _eager_answer(self, x: torch.Tensor, why: str) -> torch.Tensor:
-        """Esper's gate for an input the fused gate network does not take (`why`)."""
+    def _eager_answer(self, x: torch.Tensor, why) -> torch.Tensor:
+        """Esper's gate for an input the fused gate network does not take (`why()` says why)."""
         gate = EagerGatedBlend.get_alpha_for_blend(self, x)
-        warn_eager_answer(f"{type(self).__name__}: {why}; the gate was computed with Esper's eager math, "
-                          "not the fused gate network", stacklevel=3)
+        warn_eager_answer(lambda: f"{type(self).__name__}: {why()}; the gate was computed with Esper's eager "
+                                  "math, not the fused gate network", stacklevel=3)
         return gate
 
     def get_alpha_for_blend(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +91,7 @@ class GatedBlend(nn.Module):
             self._check_input(x)  # raises the precise error
         layers = _plain_gate_layers(self.gate)
         if layers is None:
-            return self._eager_answer(x, "its gate is not a plain Linear, ReLU, Linear, Sigmoid without hooks")
+            return self._eager_answer(x, lambda: "its gate is not a plain Linear, ReLU, Linear, Sigmoid without hooks")
         (w1, b1), (w2, b2) = layers
         # the dtypes Esper's Linear layers take: autocast casts all but float64 operands
         dtypes = {x.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype}
@@ -100,11 +100,11 @@ class GatedBlend(nn.Module):
         else:
             linear_takes = len(dtypes) == 1
         if not linear_takes:
-            return self._eager_answer(x, f"x and the gate's parameters have dtypes {sorted(map(str, dtypes))}")
+            return self._eager_answer(x, lambda: f"x and the gate's parameters have dtypes {sorted(map(str, dtypes))}")
         try:
             return ops.gate_network(x, w1, b1, w2, b2, topology=topology)
         except InputError as rejected:
-            return self._eager_answer(x, str(rejected))
+            return self._eager_answer(x, lambda: str(rejected))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.get_alpha_for_blend(x)

@@ -48,43 +48,62 @@ class InputTypeError(InputError, TypeError):
     """A type or dtype the fused ops do not take."""
 
 
-def warn_eager_answer(message: str, stacklevel: int) -> None:
-    """The drop-ins' warning that a call ran Esper's eager math instead of a fused kernel
-    (`message` says why). Not while torch.compile traces: a compiled graph holds that math as
-    it holds any eager code, and Dynamo cannot trace a Python warning (fullgraph=True would
-    fail where Esper's code compiles)."""
+def warn_eager_answer(message, stacklevel: int) -> None:
+    """The drop-ins' warning that a call ran Esper's eager math instead of a fused kernel;
+    `message()` builds its text. Not while torch.compile traces: a compiled graph holds that
+    math as it holds any eager code, and Dynamo can neither trace a Python warning nor format
+    the symbolic sizes a message may hold (fullgraph=True would fail where Esper's code
+    compiles)."""
     if not torch.compiler.is_compiling():
-        warnings.warn(message, stacklevel=stacklevel + 1)
+        warnings.warn(message(), stacklevel=stacklevel + 1)
 
 
 def _fmt(shape) -> str:
     return str(tuple(shape))
 
 
+class _Deferred:
+    """A message built when it is read."""
+
+    def __init__(self, build):
+        self.build = build
+
+    def __str__(self) -> str:
+        return self.build()
+
+
+def _text(build):
+    """The message `build()` makes, for a raise. While torch.compile traces, the message is
+    built only when read: sizes may be symbolic there and Dynamo cannot format them, and a
+    drop-in that catches the error for its eager answer never reads it."""
+    return _Deferred(build) if torch.compiler.is_compiling() else build()
+
+
 def check_tensor(op: str, name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
-        raise InputTypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        raise InputTypeError(_text(lambda: f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}"))
 
 
 def check_features(op: str, name: str, t) -> None:
     check_tensor(op, name, t)
     if t.dtype not in _FEATURE_DTYPES:
-        raise InputTypeError(f"{op}: {name} has dtype {t.dtype}; expected float32, float64, bfloat16 or float16")
+        raise InputTypeError(_text(lambda: f"{op}: {name} has dtype {t.dtype}; expected float32, float64, "
+                                           "bfloat16 or float16"))
 
 
 def check_weight(op: str, name: str, w, features: torch.Tensor) -> None:
     """A real-valued weight that broadcasts to `features` without enlarging it."""
     check_tensor(op, name, w)
     if w.dtype == torch.bool or w.is_complex():
-        raise InputTypeError(f"{op}: {name} must be a real number tensor, got dtype {w.dtype}")
+        raise InputTypeError(_text(lambda: f"{op}: {name} must be a real number tensor, got dtype {w.dtype}"))
     if w.dim() == 0 and w.device.type == "cpu":
         return  # a CPU scalar goes with features anywhere and broadcasts to any shape
     if w.device != features.device:
-        raise InputValueError(f"{op}: {name} is on {w.device} but the features are on {features.device} "
-                              "(only a 0-dim CPU scalar may live elsewhere)")
+        raise InputValueError(_text(lambda: f"{op}: {name} is on {w.device} but the features are on {features.device} "
+                                            "(only a 0-dim CPU scalar may live elsewhere)"))
     ws, fs = w.shape, features.shape
     if broadcast_shape(ws, fs) != tuple(fs):
-        raise InputValueError(f"{op}: {name} of shape {_fmt(ws)} does not broadcast to {_fmt(fs)}")
+        raise InputValueError(_text(lambda: f"{op}: {name} of shape {_fmt(ws)} does not broadcast to {_fmt(fs)}"))
 
 
 # Weight dtypes the fast paths accept without further checks (check_weight decides the rest).
@@ -114,9 +133,10 @@ def check_pair(op: str, h, name: str, t) -> bool | None:
     check_features(op, "host", h)
     check_features(op, name, t)
     if t.shape != h.shape:
-        raise InputValueError(f"{op}: {name} shape {_fmt(t.shape)} differs from the host shape {_fmt(h.shape)}")
+        raise InputValueError(_text(lambda: f"{op}: {name} shape {_fmt(t.shape)} differs from the host shape "
+                                            f"{_fmt(h.shape)}"))
     if t.device != h.device:
-        raise InputValueError(f"{op}: {name} is on {t.device} but the host is on {h.device}")
+        raise InputValueError(_text(lambda: f"{op}: {name} is on {t.device} but the host is on {h.device}"))
     return h.ndim == 0
 
 
@@ -138,7 +158,7 @@ def check_gate(op: str, gate, h) -> None:
             return
     check_weight(op, "gate", gate, h)
     if not gate.is_floating_point():
-        raise InputTypeError(f"{op}: gate must be a floating-point tensor, got {gate.dtype}")
+        raise InputTypeError(_text(lambda: f"{op}: gate must be a floating-point tensor, got {gate.dtype}"))
 
 
 def check_valve(op: str, alpha, m) -> bool | None:
@@ -177,14 +197,14 @@ def check_gate_pair(op: str, alpha, gate) -> None:
     check_tensor(op, "gate", gate)
     for name, t in (("alpha", alpha), ("gate", gate)):
         if t.dtype == torch.bool or t.is_complex():
-            raise InputTypeError(f"{op}: {name} must be a real number tensor, got dtype {t.dtype}")
+            raise InputTypeError(_text(lambda: f"{op}: {name} must be a real number tensor, got dtype {t.dtype}"))
     if not (alpha.is_floating_point() or gate.is_floating_point()):
-        raise InputTypeError(f"{op}: alpha or gate must be a floating-point tensor")
+        raise InputTypeError(_text(lambda: f"{op}: alpha or gate must be a floating-point tensor"))
     if alpha.device != gate.device and not any(t.dim() == 0 and t.is_cpu for t in (alpha, gate)):
-        raise InputValueError(f"{op}: alpha is on {alpha.device} but gate is on {gate.device}")
+        raise InputValueError(_text(lambda: f"{op}: alpha is on {alpha.device} but gate is on {gate.device}"))
     if broadcast_shape(alpha.shape, gate.shape) is None:
-        raise InputValueError(f"{op}: alpha of shape {_fmt(alpha.shape)} and gate of shape {_fmt(gate.shape)} "
-                              "do not broadcast")
+        raise InputValueError(_text(lambda: f"{op}: alpha of shape {_fmt(alpha.shape)} and gate of shape "
+                                            f"{_fmt(gate.shape)} do not broadcast"))
 
 
 # The device types autocast knows (torch.is_autocast_enabled raises for others, such as meta),
@@ -202,12 +222,12 @@ def autocast_enabled(device_type: str) -> bool:
 
 def check_topology(op: str, x, topology) -> None:
     if topology not in TOPOLOGIES:
-        raise InputValueError(f"{op}: unknown topology {topology!r}: expected 'cnn' or 'transformer'")
+        raise InputValueError(_text(lambda: f"{op}: unknown topology {topology!r}: expected 'cnn' or 'transformer'"))
     check_features(op, "x", x)
     t = TOPOLOGIES[topology]
     if x.dim() != t.rank:
-        raise InputValueError(f"{op}: topology {topology!r} expects x of rank {t.rank} {t.layout}, "
-                              f"got shape {_fmt(x.shape)}")
+        raise InputValueError(_text(lambda: f"{op}: topology {topology!r} expects x of rank {t.rank} {t.layout}, "
+                                            f"got shape {_fmt(x.shape)}"))
 
 
 def check_gate_network(op: str, x, w1, b1, w2, b2, topology) -> None:
@@ -228,10 +248,10 @@ def check_gate_network(op: str, x, w1, b1, w2, b2, topology) -> None:
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         check_features(op, name, t)
         if t.device != x.device:
-            raise InputValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+            raise InputValueError(_text(lambda: f"{op}: {name} is on {t.device} but x is on {x.device}"))
     hidden = w1.shape[0]
     expected = {"w1": (hidden, channels), "b1": (hidden,), "w2": (1, hidden), "b2": (1,)}
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         if tuple(t.shape) != expected[name]:
-            raise InputValueError(f"{op}: {name} has shape {_fmt(t.shape)}, expected {expected[name]} "
-                                  f"for {channels} channels and hidden width {hidden}")
+            raise InputValueError(_text(lambda: f"{op}: {name} has shape {_fmt(t.shape)}, expected {expected[name]} "
+                                                f"for {channels} channels and hidden width {hidden}"))

@@ -9,6 +9,7 @@ import contextlib
 import copy
 import inspect
 import os
+import re
 import sys
 import warnings
 from types import SimpleNamespace
@@ -260,20 +261,32 @@ OUTSIDE_COMPILED = ("seed broadcasts", "host broadcasts", "alpha enlarges", "see
                     "valve alpha enlarges m", "STE seed broadcasts")
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("case", OUTSIDE_COMPILED)
-def test_dropins_compile_fullgraph_outside_the_fused_ops(case, esper):
-    """Under torch.compile(fullgraph=True) the eager answer traces as Esper's code does (no
-    graph break, no warning while tracing) and gives Esper's result and gradients."""
+def test_dropins_compile_fullgraph_outside_the_fused_ops(case, dynamic, esper):
+    """Under torch.compile(fullgraph=True), with static or symbolic sizes, the eager answer
+    traces as Esper's code does (no graph break, no warning or message formatted while
+    tracing) and gives Esper's result and gradients."""
     name, make = OUTSIDE[case]
     drop_in = getattr(blend_ops if name in blend_ops.__all__ else isolation, name)
     torch._dynamo.reset()
-    compiled = torch.compile(drop_in, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(drop_in, fullgraph=True, backend="aot_eager", dynamic=dynamic)
     want, want_grads, want_exc, _ = _answer(getattr(esper, name), make)
     got, got_grads, got_exc, _ = _answer(compiled, make)
     assert want_exc is None and got_exc is None, (want_exc, got_exc)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compiled_op_rejects_with_the_eager_message(dynamic):
+    """A public op's input error raised in a compiled call (no fullgraph) is the eager call's:
+    its type, and a message naming the real shapes."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda h, s: kk.blend_add(h, s, A) * 2, backend="aot_eager", dynamic=dynamic)
+    with pytest.raises(ValueError, match=re.escape(f"seed shape {(1,) + S[1:]} differs from the host shape {S}")):
+        compiled(_f(S, "ce/h"), _f((1,) + S[1:], "ce/s"))
 
 
 def test_gated_blend_compiles_fullgraph_with_a_changed_gate(esper):
