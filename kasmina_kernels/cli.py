@@ -16,6 +16,7 @@ import torch
 
 from . import backends, opcases, optable
 from .bench import plan
+from .bench.command import device_arg
 from .bench.report import markdown_table
 
 DTYPES = {**plan.DTYPES, "float64": torch.float64}
@@ -29,12 +30,20 @@ def _backend_table() -> list[str]:
     return markdown_table(["backend", *device_types], 1 + len(device_types), rows)
 
 
+def _shape_arg(text: str) -> tuple[int, ...]:
+    """A feature shape: one to five comma-separated whole numbers of at least 1."""
+    parts = text.split(",")
+    if not 1 <= len(parts) <= 5 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected 1 to 5 comma-separated sizes of at least 1, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
 def _fmt(x: float) -> str:
     return "0" if x == 0 else f"{x:.2e}"
 
 
 def cmd_check(args) -> int:
-    device = torch.device(args.device)
+    device = args.device
     print("## Backends on this machine\n")
     print("\n".join(_backend_table()))
     print(f"\n`auto` on {device.type} resolves to: "
@@ -45,7 +54,7 @@ def cmd_check(args) -> int:
         if why is not None:
             print(f"backend {name!r} unavailable on {device.type}: {why}", file=sys.stderr)
             return 2
-    shape = tuple(int(v) for v in args.shape.split(","))
+    shape = args.shape
     pool_shape = shape if len(shape) in (3, 4) else (shape[0], shape[-1], 4, 4)
     print(f"## Max error per op (shape {shape}, device {device.type})\n")
     print("err vs ref: max |kernel - eager reference in the same dtype|; kernel / eager vs fp64: "
@@ -83,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="backends and per-op max error against the references")
-    check.add_argument("--device", default="cpu")
-    check.add_argument("--backends", nargs="*", help="default: every available non-reference backend")
+    check.add_argument("--device", type=device_arg, default=torch.device("cpu"))
+    check.add_argument("--backends", nargs="*", choices=backends.BACKEND_NAMES,
+                       help="default: every available non-reference backend")
     check.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16", "float16"],
                        choices=sorted(DTYPES))
-    check.add_argument("--shape", default="4,16,8,8", help="feature shape, comma separated")
+    check.add_argument("--shape", type=_shape_arg, default=(4, 16, 8, 8),
+                       help="feature shape, comma separated (default: 4,16,8,8)")
     check.set_defaults(func=cmd_check)
     info = sub.add_parser("info", help="how the package was built")
     info.set_defaults(func=cmd_info)

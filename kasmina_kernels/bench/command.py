@@ -13,12 +13,41 @@ from pathlib import Path
 
 import torch
 
-from ..backends import keep_residuals
+from ..backends import BACKEND_NAMES, keep_residuals
 from . import plots, report, step, sweep
 from .esper import AUTOCAST
 from .plan import ALL_OPS, DTYPES, default_device, make_plan
 
 SMALL_MACHINE_CORES = 2  # at most this many usable cores: one thread by default
+
+
+# ---------------------------------------------------------------- argument types (check's too)
+def device_arg(text: str) -> torch.device:
+    """A device torch knows and this process can use (a CUDA device must be visible)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: {str(exc).splitlines()[0]}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: torch sees {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def positive_int(text: str) -> int:
+    value = int(text) if text.strip().lstrip("+").isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0.0:  # NaN too
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {text!r}")
+    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,9 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "torch.compile); the full run (no --quick) includes it, --quick skips it")
     p.add_argument("--esper-only", action="store_true",
                    help="only the first section: Esper's calls (docs/semantics.md#espers-calls)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=device_arg, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--ops", nargs="*", choices=ALL_OPS, help="default: every op (--quick: the headline ops)")
-    p.add_argument("--backends", nargs="*", help="kernel backends (default: every available one)")
+    p.add_argument("--backends", nargs="*", choices=BACKEND_NAMES,
+                   help="kernel backends (default: every available one)")
     p.add_argument("--dtypes", nargs="*", choices=sorted(DTYPES) + [AUTOCAST],
                    help="default: float32 bfloat16, and bf16 autocast for Esper's calls on CUDA "
                         f"(--quick: float32); {AUTOCAST} applies to Esper's calls only")
@@ -42,12 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-residuals", action="store_true",
                    help="run under kk.keep_residuals(): native forwards keep what their backward "
                         "would recompute (MULTIPLY's tanh on CPU), one more saved tensor a call")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (torch.set_num_threads) before anything runs. "
                         "Default on CPU: 1 where the process may use at most 2 cores, else "
                         "torch's default capped at the usable cores (more threads than free "
                         "cores stall OpenMP barriers; bench/README.md); on CUDA, torch's default")
-    p.add_argument("--time-limit", type=float, default=None,
+    p.add_argument("--time-limit", type=non_negative_float, default=None,
                    help="seconds; entries not started by then are skipped and listed in the report")
 
 
@@ -77,9 +107,6 @@ def _main(args: argparse.Namespace) -> int:
     threads, threads_why = ((args.threads, "--threads") if args.threads is not None else
                             default_threads(device.type, cores, torch.get_num_threads()))
     torch.set_num_threads(threads)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench: --device cuda but no CUDA device is visible to torch", file=sys.stderr)
-        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = make_plan(device, quick=args.quick, ops=args.ops, dtypes=args.dtypes, esper_only=args.esper_only)
