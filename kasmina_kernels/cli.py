@@ -16,7 +16,7 @@ import torch
 
 from . import backends, opcases, optable
 from .bench import plan
-from .bench.command import device_arg
+from .bench.command import device_arg, shape_arg
 from .bench.report import markdown_table
 
 DTYPES = {**plan.DTYPES, "float64": torch.float64}
@@ -28,14 +28,6 @@ def _backend_table() -> list[str]:
                       for why in (backends.backend_status(name, dt) for dt in device_types)]
             for name in backends.BACKENDS]
     return markdown_table(["backend", *device_types], 1 + len(device_types), rows)
-
-
-def _shape_arg(text: str) -> tuple[int, ...]:
-    """A feature shape: one to five comma-separated whole numbers of at least 1."""
-    parts = text.split(",")
-    if not 1 <= len(parts) <= 5 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
-        raise argparse.ArgumentTypeError(f"expected 1 to 5 comma-separated sizes of at least 1, got {text!r}")
-    return tuple(int(p) for p in parts)
 
 
 def _fmt(x: float) -> str:
@@ -97,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="default: every available non-reference backend")
     check.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16", "float16"],
                        choices=sorted(DTYPES))
-    check.add_argument("--shape", type=_shape_arg, default=(4, 16, 8, 8),
+    check.add_argument("--shape", type=shape_arg(range(1, 6)), default=(4, 16, 8, 8),
                        help="feature shape, comma separated (default: 4,16,8,8)")
     check.set_defaults(func=cmd_check)
     info = sub.add_parser("info", help="how the package was built")

@@ -12,7 +12,7 @@ import argparse
 import torch
 
 import kasmina_kernels as kk
-from kasmina_kernels.bench.command import device_arg
+from kasmina_kernels.bench.command import device_arg, shape_arg
 from kasmina_kernels.bench.timing import wall_per_call
 
 
@@ -20,14 +20,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", type=device_arg, default=torch.device("cpu"))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--shape", default="8,64,16,16", help="(B,C,H,W), comma separated")
+    parser.add_argument("--shape", type=shape_arg(range(4, 5)), default=(8, 64, 16, 16),
+                        help="(B,C,H,W), comma separated (default: 8,64,16,16)")
     args = parser.parse_args()
-    device = args.device
+    device, shape = args.device, args.shape
     dtype = getattr(torch, args.dtype)
-    sizes = args.shape.split(",")
-    if len(sizes) != 4 or not all(v.strip().isdigit() and int(v) >= 1 for v in sizes):
-        parser.error(f"argument --shape: expected four comma-separated sizes of at least 1, got {args.shape!r}")
-    shape = tuple(int(v) for v in sizes)
     gen = torch.Generator().manual_seed(0)
 
     # A host in channels_last, as CNN hosts run under autocast; the seed in plain NCHW.

@@ -34,7 +34,10 @@ def device_arg(text: str) -> torch.device:
 
 
 def positive_int(text: str) -> int:
-    value = int(text) if text.strip().lstrip("+").isdigit() else 0
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return value
@@ -48,6 +51,18 @@ def non_negative_float(text: str) -> float:
     if not value >= 0.0:  # NaN too
         raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {text!r}")
     return value
+
+
+def shape_arg(ranks: range):
+    """The argument type of a shape: comma-separated sizes of at least 1, as many as `ranks` holds."""
+    count = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]} to {ranks[-1]}"
+
+    def parse(text: str) -> tuple[int, ...]:
+        parts = text.split(",")
+        if len(parts) not in ranks or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated sizes of at least 1, got {text!r}")
+        return tuple(int(p) for p in parts)
+    return parse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
