@@ -232,15 +232,17 @@ def _answer(fn, make, params=()):
     return y, grads, None, caught
 
 
-def _assert_esper_answer(case, want_answer, got_answer, equal_nan=False):
+def _assert_esper_answer(case, want_answer, got_answer, equal_nan=False, warned=True):
     """`got_answer` (the drop-in's `_answer`) is Esper's: its exception type, or its output and
-    gradients bit for bit, with a warning that no fused kernel ran."""
+    gradients bit for bit, with a warning that no fused kernel ran where `warned` (none comes
+    from a compiled call)."""
     (want, want_grads, want_exc, _), (got, got_grads, got_exc, caught) = want_answer, got_answer
     if want_exc is not None:
         assert isinstance(got_exc, type(want_exc)), f"{case}: Esper raises {want_exc!r}, the drop-in gave {got_exc or got!r}"
         return
     assert got_exc is None, f"{case}: Esper's code returns, the drop-in raised {got_exc!r}"
-    assert any("Esper's eager math" in str(w.message) for w in caught), "no warning that no fused kernel ran"
+    if warned:
+        assert any("Esper's eager math" in str(w.message) for w in caught), "no warning that no fused kernel ran"
     assert (got.dtype, got.shape) == (want.dtype, want.shape)
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=equal_nan)
     for g, w in zip(got_grads, want_grads, strict=True):
@@ -271,12 +273,9 @@ def test_dropins_compile_fullgraph_outside_the_fused_ops(case, dynamic, esper):
     drop_in = getattr(blend_ops if name in blend_ops.__all__ else isolation, name)
     torch._dynamo.reset()
     compiled = torch.compile(drop_in, fullgraph=True, backend="aot_eager", dynamic=dynamic)
-    want, want_grads, want_exc, _ = _answer(getattr(esper, name), make)
-    got, got_grads, got_exc, _ = _answer(compiled, make)
-    assert want_exc is None and got_exc is None, (want_exc, got_exc)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    for g, w in zip(got_grads, want_grads, strict=True):
-        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    want = _answer(getattr(esper, name), make)
+    assert want[2] is None, want[2]  # Esper's code returns on these inputs
+    _assert_esper_answer(case, want, _answer(compiled, make), warned=False)
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
@@ -298,12 +297,10 @@ def test_gated_blend_compiles_fullgraph_with_a_changed_gate(esper):
     torch._dynamo.reset()
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     x = _f(X4, "gc/x")
-    want, want_grads, _, _ = _answer(theirs.get_alpha_for_blend, lambda: (x,), theirs.parameters())
-    got, got_grads, got_exc, _ = _answer(compiled, lambda: (x,), ours.parameters())
-    assert got_exc is None, got_exc
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    for g, w in zip(got_grads, want_grads, strict=True):
-        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    want = _answer(theirs.get_alpha_for_blend, lambda: (x,), theirs.parameters())
+    assert want[2] is None, want[2]
+    _assert_esper_answer("compiled changed gate", want, _answer(compiled, lambda: (x,), ours.parameters()),
+                         warned=False)
 
 
 ODD_DTYPES = (F32, BF16, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool,
