@@ -17,12 +17,12 @@ import torch
 
 from . import ops, reference
 from .optable import drop_ins
-from .validation import InputError, warn_eager_answer
+from .validation import DECLINED, warn_eager_answer
 
 __all__ = drop_ins("blend_ops")
 
 
-def eager_answer(rejected: InputError, name: str, *args, **kwargs):
+def eager_answer(rejected: Exception, name: str, *args, **kwargs):
     """Esper's answer for an input the fused op `name` rejected (`rejected`): the reference's
     result, or its exception. Call it while handling `rejected`."""
     out = getattr(reference, name)(*args, **kwargs)
@@ -35,7 +35,7 @@ def blend_add(host_features: torch.Tensor, seed_features: torch.Tensor, alpha: t
     """ADD: ``lerp(host, seed, clamp01(alpha))`` in the host's dtype."""
     try:
         return ops.blend_add(host_features, seed_features, alpha)
-    except InputError as rejected:
+    except DECLINED as rejected:
         return eager_answer(rejected, "blend_add", host_features, seed_features, alpha)
 
 
@@ -43,7 +43,7 @@ def multiply_valve_multiplier(alpha: torch.Tensor, seed_modulation: torch.Tensor
     """The MULTIPLY valve ``1 + clamp01(alpha) * tanh(seed_modulation)``."""
     try:
         return ops.multiply_valve_multiplier(alpha, seed_modulation)
-    except InputError as rejected:
+    except DECLINED as rejected:
         return eager_answer(rejected, "multiply_valve_multiplier", alpha, seed_modulation)
 
 
@@ -52,7 +52,7 @@ def blend_multiply(host_features: torch.Tensor, seed_features: torch.Tensor, alp
     """MULTIPLY: ``host * (1 + clamp01(alpha) * tanh(seed - r))``, ``r = seed_input`` (default: host)."""
     try:
         return ops.blend_multiply(host_features, seed_features, alpha, seed_input=seed_input)
-    except InputError as rejected:
+    except DECLINED as rejected:
         return eager_answer(rejected, "blend_multiply", host_features, seed_features, alpha,
                             seed_input=seed_input)
 
@@ -61,7 +61,7 @@ def gate_effective_alpha(alpha: torch.Tensor, gate: torch.Tensor) -> torch.Tenso
     """``clamp01(clamp01(alpha) * clamp01(gate))``."""
     try:
         return ops.gate_effective_alpha(alpha, gate)
-    except InputError as rejected:
+    except DECLINED as rejected:
         return eager_answer(rejected, "gate_effective_alpha", alpha, gate)
 
 
@@ -70,5 +70,5 @@ def blend_gate(host_features: torch.Tensor, seed_features: torch.Tensor, alpha: 
     """GATE: ``lerp(host, seed, gate_effective_alpha(alpha, gate))`` in the host's dtype."""
     try:
         return ops.blend_gate(host_features, seed_features, alpha, gate)
-    except InputError as rejected:
+    except DECLINED as rejected:
         return eager_answer(rejected, "blend_gate", host_features, seed_features, alpha, gate)

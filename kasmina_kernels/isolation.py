@@ -11,7 +11,7 @@ import torch
 from . import ops
 from .blend_ops import eager_answer
 from .optable import drop_ins
-from .validation import InputError
+from .validation import DECLINED
 
 __all__ = drop_ins("isolation")
 
@@ -21,7 +21,7 @@ def blend_with_isolation(host_features: torch.Tensor, seed_features: torch.Tenso
     """``lerp(host, seed, clamp01(alpha))``: gradients reach both inputs (the same as ADD)."""
     try:
         return ops.blend_with_isolation(host_features, seed_features, alpha)
-    except InputError as rejected:
+    except DECLINED as rejected:
         return eager_answer(rejected, "blend_with_isolation", host_features, seed_features, alpha)
 
 
@@ -30,5 +30,5 @@ def ste_forward(host_features: torch.Tensor, seed_features: torch.Tensor) -> tor
     gradient is passed unchanged to both host and seed."""
     try:
         return ops.ste_forward(host_features, seed_features)
-    except InputError as rejected:
+    except DECLINED as rejected:
         return eager_answer(rejected, "ste_forward", host_features, seed_features)

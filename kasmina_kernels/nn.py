@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import ops, reference
-from .validation import TOPOLOGIES, InputError, autocast_enabled, warn_eager_answer
+from .validation import DECLINED, TOPOLOGIES, autocast_enabled, warn_eager_answer
 
 __all__ = ["GatedBlend", "EagerGatedBlend"]
 
@@ -103,7 +103,7 @@ class GatedBlend(nn.Module):
             return self._eager_answer(x, lambda: f"x and the gate's parameters have dtypes {sorted(map(str, dtypes))}")
         try:
             return ops.gate_network(x, w1, b1, w2, b2, topology=topology)
-        except InputError as rejected:
+        except DECLINED as rejected:
             return self._eager_answer(x, lambda: str(rejected))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,13 @@ class InputTypeError(InputError, TypeError):
     """A type or dtype the fused ops do not take."""
 
 
+#: What a fused op raises for a call it does not serve: an input outside its contract
+#: (InputError), or forward-mode AD or a differentiating torch.func transform, which its
+#: first-order autograd cannot serve (NotImplementedError, naming the op). The drop-ins answer
+#: both with Esper's eager math, as Esper's code does.
+DECLINED = (InputError, NotImplementedError)
+
+
 def warn_eager_answer(message, stacklevel: int) -> None:
     """The drop-ins' warning that a call ran Esper's eager math instead of a fused kernel;
     `message()` builds its text. Not while torch.compile traces: a compiled graph holds that

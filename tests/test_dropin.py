@@ -451,6 +451,90 @@ def test_gated_blend_on_a_meta_device_model(esper):
     assert (got.device, got.dtype, got.shape) == (want.device, want.dtype, want.shape)
 
 
+# ----------------------------------------------------------------------------- torch.func
+def _func_grad(f, t):
+    return torch.func.grad(lambda *x: f(*x).square().sum(), argnums=tuple(range(len(t))))(*t)
+
+
+def _func_vjp(f, t):
+    y, pull = torch.func.vjp(f, *t)
+    return (y, *pull(_rnd(tuple(y.shape), "func/cotangent", y.dtype)))
+
+
+def _tangents(t):
+    return tuple(_rnd(tuple(x.shape), f"func/tangent{i}", x.dtype) for i, x in enumerate(t))
+
+
+def _func_jvp(f, t):
+    return torch.func.jvp(f, t, _tangents(t))
+
+
+def _dual_numbers(f, t):
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        y = f(*(fwAD.make_dual(x, d) for x, d in zip(t, _tangents(t))))
+        return tuple(fwAD.unpack_dual(y))
+
+
+def _per_sample_grads(f, t):
+    batched = tuple(torch.stack([x, 0.5 * x]) for x in t)
+    return torch.func.vmap(lambda *x: _func_grad(f, x))(*batched)
+
+
+# Transforms Esper's plain torch code goes through and a fused op cannot (its autograd is
+# first-order, reverse-mode only): each returns the tensors it computes
+TRANSFORMS = {"torch.func.grad": _func_grad, "torch.func.vjp": _func_vjp, "torch.func.jvp": _func_jvp,
+              "forward_ad dual numbers": _dual_numbers, "vmap of grad (per-sample gradients)": _per_sample_grads}
+
+
+def _transformed(run, caught_warnings):
+    """The tensors `run()` returns, detached; its warnings go to `caught_warnings`."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run()
+    caught_warnings.extend(caught)
+    return [t.detach() for t in out]
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("name", list(DROP_INS))
+def test_dropins_answer_torch_func_transforms_as_esper_does(name, transform, esper):
+    """Under forward-mode AD and torch.func's differentiating transforms a fused op raises
+    NotImplementedError; the drop-in answers with Esper's math: Esper's values and derivatives
+    bit for bit, with a warning that no fused kernel ran."""
+    inputs = _case(name, False)
+    call = BY_NAME[name].call
+
+    def of(fn):
+        return lambda *t: call(fn, dict(zip(inputs, t)))
+
+    tensors, caught = tuple(inputs.values()), []
+    want = _transformed(lambda: TRANSFORMS[transform](of(getattr(esper, name)), tensors), [])
+    got = _transformed(lambda: TRANSFORMS[transform](of(DROP_INS[name]), tensors), caught)
+    assert any("Esper's eager math" in str(w.message) for w in caught), "no warning that no fused kernel ran"
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g.dtype, g.shape) == (w.dtype, w.shape)
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("transform", ["torch.func.grad", "torch.func.jvp", "vmap of grad (per-sample gradients)"])
+def test_gated_blend_answers_torch_func_transforms_as_esper_does(transform, esper):
+    """The gate's derivatives with respect to its input through torch.func: Esper's, bit for
+    bit, with a warning."""
+    theirs = esper.GatedBlend(8)
+    ours = kk.GatedBlend(8)
+    ours.load_state_dict(theirs.state_dict())
+    x = _f(X4, "func/x", grad=False)
+    caught = []
+    want = _transformed(lambda: TRANSFORMS[transform](theirs.get_alpha_for_blend, (x,)), [])
+    got = _transformed(lambda: TRANSFORMS[transform](ours.get_alpha_for_blend, (x,)), caught)
+    assert any("Esper's eager math" in str(w.message) for w in caught), "no warning that no fused kernel ran"
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- torch.compile
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("name", list(DROP_INS))

@@ -83,24 +83,27 @@ using torch::autograd::variable_list;
 
 // ---------------------------------------------------------------- what autograd cannot do
 // The fused ops have a first derivative only. Forward-mode AD (dual tensors of
-// torch.autograd.forward_ad) and torch.func transforms (jvp, vmap, grad, ...) would otherwise
-// fail in autograd with a message that names no op; this check runs before the kernel and
-// names it.
+// torch.autograd.forward_ad) and torch.func's differentiating transforms (grad, vjp, jvp,
+// jacrev, ...) would otherwise fail in autograd with a message that names no op; this check
+// runs before the kernel and names it. It raises NotImplementedError, which the drop-ins
+// answer with Esper's eager math (validation.DECLINED).
 void check_first_order_only(const std::string& op, const variable_list& tensors) {
   const auto& functorch_tls = at::functorch::functorchTLSAccessor();
   if (functorch_tls) {
     try {
       functorch_tls->checkSupportsCppAutogradFunction();
     } catch (const c10::Error&) {
-      TORCH_CHECK(false, op,
-                  ": torch.func transforms (jvp, jacfwd, vmap, grad, vjp, ...) are not supported "
-                  "by the fused op; call it outside the transform, or use backend=\"reference\"");
+      TORCH_CHECK_NOT_IMPLEMENTED(
+          false, op,
+          ": torch.func's differentiating transforms (grad, vjp, jvp, jacrev, ...) are not "
+          "supported by the fused op; call it outside the transform, or use backend=\"reference\"");
     }
   }
   for (const at::Tensor& t : tensors) {
-    TORCH_CHECK(!(t.defined() && t._fw_grad(0).defined()), op,
-                ": forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not supported: "
-                "the fused op has no forward derivative; use backend=\"reference\" for it");
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        !(t.defined() && t._fw_grad(0).defined()), op,
+        ": forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not supported: "
+        "the fused op has no forward derivative; use backend=\"reference\" for it");
   }
 }
 
