@@ -49,9 +49,9 @@ class InputTypeError(InputError, TypeError):
 
 
 #: What a fused op raises for a call it does not serve: an input outside its contract
-#: (InputError), or forward-mode AD or a differentiating torch.func transform, which its
-#: first-order autograd cannot serve (NotImplementedError, naming the op). The drop-ins answer
-#: both with Esper's eager math, as Esper's code does.
+#: (InputError), or a call its autograd cannot record (NotImplementedError, naming the op):
+#: forward-mode AD, a differentiating torch.func transform, an inference tensor to save for
+#: the backward. The drop-ins answer both with Esper's eager math, as Esper's code does.
 DECLINED = (InputError, NotImplementedError)
 
 

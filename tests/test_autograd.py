@@ -383,6 +383,25 @@ def test_forward_mode_ad_is_a_clear_error(op, backend):
 
 
 @pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("op", AD_OPS)
+def test_inference_tensor_to_save_is_a_clear_error(op, backend):
+    """Autograd cannot save an inference tensor: an op that saves its inputs raises
+    NotImplementedError naming the op when it would record one (the drop-ins answer that with
+    Esper's math); STE saves nothing and runs. Without a gradient to record, every op runs."""
+    call, inputs = _ad_inputs(F64)[op]
+    with torch.inference_mode():
+        first = inputs[0].clone()
+    args = (first,) + tuple(leaf(t) for t in inputs[1:])
+    if len(args) > 1 and op != "ste_forward":  # the other inputs ask for gradients: it records
+        with pytest.raises(NotImplementedError, match=f"kasmina::{_named(op)}: an input is an inference tensor"):
+            call(backend, args)
+    else:  # STE saves nothing; a lone inference tensor asks for no gradient
+        torch.testing.assert_close(call(backend, args), call("reference", args))
+    with torch.no_grad():
+        torch.testing.assert_close(call(backend, args), call("reference", args))
+
+
+@pytest.mark.parametrize("backend", backend_params())
 def test_vmap_runs_the_op_per_batch_entry(backend):
     """torch.func.vmap through a fused op: its vmap rule calls it once per batch entry, and
     reverse-mode autograd outside the transform differentiates through it."""

@@ -189,6 +189,11 @@ def _f(shape, key, dtype=F32, grad=True):
     return _rnd(shape, key).to(dtype).requires_grad_(grad and dtype.is_floating_point)
 
 
+def _inference(shape, key):
+    with torch.inference_mode():
+        return _rnd(shape, key)
+
+
 A = torch.tensor(0.6)
 # Inputs the fused ops reject, (name, inputs): Esper's functions answer each with a result or an
 # exception, and the drop-in must answer the same
@@ -212,6 +217,12 @@ OUTSIDE = {
     "valve alpha enlarges m": ("multiply_valve_multiplier", lambda: (_f(PS, "o/a"), _f(S[1:], "o/m"))),
     "STE seed broadcasts": ("ste_forward", lambda: (_f(S, "o/h"), _f(S[2:], "o/s"))),
     "STE integer features": ("ste_forward", lambda: (torch.arange(6), torch.arange(6) * 2)),
+    # autograd cannot save an inference tensor: eager ADD saves neither feature when alpha
+    # wants no gradient, eager MULTIPLY and GATE save them
+    "inference-mode host": ("blend_add", lambda: (_inference(S, "o/h"), _f(S, "o/s"), A)),
+    "inference-mode seed": ("blend_with_isolation", lambda: (_f(S, "o/h"), _inference(S, "o/s"), A)),
+    "inference-mode host, MULTIPLY": ("blend_multiply", lambda: (_inference(S, "o/h"), _f(S, "o/s"), A)),
+    "inference-mode seed, GATE": ("blend_gate", lambda: (_f(S, "o/h"), _inference(S, "o/s"), A, _f(PS, "o/g"))),
 }
 
 

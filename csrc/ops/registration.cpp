@@ -107,6 +107,20 @@ void check_first_order_only(const std::string& op, const variable_list& tensors)
   }
 }
 
+// An op with a backward op saves its inputs, and autograd cannot save an inference tensor.
+// Eager math that saves none of its inputs takes one (eager ADD of an inference-mode host and
+// a seed that requires grad, alpha wanting none), so this raises NotImplementedError, which
+// the drop-ins answer with Esper's eager math, rather than autograd's RuntimeError.
+void check_savable(const std::string& op, const variable_list& tensors) {
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        !(t.defined() && t.is_inference()), op,
+        ": an input is an inference tensor (made under torch.inference_mode()), which autograd "
+        "cannot save for the backward, and the fused op saves its inputs; make it outside "
+        "inference mode (or clone() it) to record this call");
+  }
+}
+
 // ---------------------------------------------------------------- autograd
 // One autograd convention for every op, read off the schemas (optable.py). A forward op's
 // backward op kasmina::<op>_backward takes (grad, the forward's arguments, a
@@ -279,6 +293,7 @@ class AutogradKernel final : public c10::OperatorKernel {
       redispatch_below_autograd(op, keys, stack);
       return;
     }
+    if (p.backward) check_savable(p.name, inputs);
     inputs.resize(FusedFn::kSlots);
     const auto slot = [&](size_t k) {
       return inputs[k].defined() ? OptTensor(inputs[k]) : OptTensor();
