@@ -395,6 +395,7 @@ GATE_OUTSIDE = {
     "integer x": ({}, lambda: torch.ones(X4, dtype=torch.int32)),
     "complex x": ({}, lambda: _f(X4, "g/x", torch.complex64)),
     "float64 under autocast": ({"dtype": torch.float64, "autocast": True}, lambda: _f(X4, "g/x", torch.float64)),
+    "inference-mode x": ({}, lambda: _inference(X4, "g/x")),
 }
 
 
