@@ -696,6 +696,23 @@ def test_gate_network_some_weight_grads(wanted, gen):
              gen=gen)
 
 
+def test_pool_backward_grid(gen, monkeypatch):
+    """The pool backward runs one program per (sample, channel block, position block) on a
+    1-D grid (a grid's second and third dimensions stop at 65,535). Small tiles give many
+    blocks of each kind, each of which must land where it belongs; at the GPU's tile size, a
+    1500x1500 channels_last image of 128 channels (70,313 position blocks) fits CUDA's grid."""
+    _fresh_caches(monkeypatch)
+    monkeypatch.setattr(G, "TILE", 64)
+    for cl in (True, False):
+        run_case("gated_pool", (rand((3, 200, 9, 7), torch.float32, gen, cl=cl), "cnn"), [0], gen=gen)
+    _fresh_caches(monkeypatch)
+    monkeypatch.setattr(G, "TILE", 4096)
+    shape = (1, 128, 1500, 1500)
+    strides = torch.empty(shape, device="meta").contiguous(memory_format=torch.channels_last).stride()
+    grid, _, _ = G._pool_cfg(shape, strides, torch.float32, "cnn", True, (128, 1))
+    assert math.prod(grid) >= 70_313 and grid[0] < 2**31 and all(d <= 65_535 for d in grid[1:]), grid
+
+
 def test_pool_odd_strides(gen):
     x = rand((2, 6, 8, 10), torch.float32, gen)[:, ::2, 1:7, ::3]  # non-dense, H*W not flat
     run_case("gated_pool", (x, "cnn"), [0], gen=gen)

@@ -100,15 +100,18 @@ def _pool_kernel(
 
 @triton.jit
 def _pool_backward_kernel(
-    grad_ptr, dx_ptr, CHANNELS, POSITIONS, WIDTH, CHANNEL_BLOCKS, grad_sb, grad_sc, dx_sb, dx_sc, dx_sh, dx_sw,
+    grad_ptr, dx_ptr, CHANNELS, POSITIONS, WIDTH, CHANNEL_BLOCKS, POSITION_BLOCKS, grad_sb, grad_sc,
+    dx_sb, dx_sc, dx_sh, dx_sw,
     FLAT: tl.constexpr, ACC_DTYPE: tl.constexpr, I64: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """dx[b, c, l] = grad[b, c] / L, rounded once to dx's dtype."""
+    """dx[b, c, l] = grad[b, c] / L, rounded once to dx's dtype. One program per (sample,
+    channel block, position block), on a 1-D grid: a grid's second dimension stops at 65,535."""
     pid = to_index(tl.program_id(0), I64)
-    b = pid // CHANNEL_BLOCKS
-    channels = (pid - b * CHANNEL_BLOCKS) * BLOCK_C + tl.arange(0, BLOCK_C)
-    positions = to_index(tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L), I64)
+    sample_channels = pid // POSITION_BLOCKS
+    b = sample_channels // CHANNEL_BLOCKS
+    channels = (sample_channels - b * CHANNEL_BLOCKS) * BLOCK_C + tl.arange(0, BLOCK_C)
+    positions = (pid - sample_channels * POSITION_BLOCKS) * BLOCK_L + tl.arange(0, BLOCK_L)
     channel_mask = channels < CHANNELS
     grad = tl.load(grad_ptr + b * grad_sb + channels * grad_sc, mask=channel_mask, other=0)
     _spread_mean_grad(dx_ptr, b * dx_sb, channels, channel_mask, positions,
@@ -285,8 +288,10 @@ def _pool_cfg(shape, strides, dtype, topology, backward, out_strides):
         channel_blocks = triton.cdiv(v.channels, block_c)
         if not backward:
             return (v.samples, channel_blocks), (v.channels, v.positions, v.width, *v.strides, out_strides[0]), kw
-        return ((v.samples * channel_blocks, triton.cdiv(v.positions, block_l)),
-                (v.channels, v.positions, v.width, channel_blocks, *out_strides[:2], *v.strides), kw)
+        position_blocks = triton.cdiv(v.positions, block_l)
+        return ((v.samples * channel_blocks * position_blocks,),
+                (v.channels, v.positions, v.width, channel_blocks, position_blocks, *out_strides[:2], *v.strides),
+                kw)
     return common.cached(_cache, ("pool", backward, shape, strides, dtype, topology, out_strides), make)
 
 
