@@ -402,6 +402,32 @@ def test_inference_tensor_to_save_is_a_clear_error(op, backend):
 
 
 @pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("op", ["blend_add", "blend_multiply", "blend_gate"])
+def test_input_modified_in_place_before_backward(op, backend):
+    """A fused op saves its inputs: h modified in place before the backward is autograd's
+    RuntimeError (as for the reference, whose weights here need gradients too), and inside
+    allow_mutation_on_saved_tensors() the gradients are those of the values the op saw."""
+    call, inputs = _ad_inputs(F64)[op]
+
+    def run(backend):
+        leaves = [leaf(t) for t in inputs]
+        h = leaves[0] * 1  # a non-leaf, which may be modified in place
+        y = call(backend, [h] + leaves[1:])
+        h.add_(1.0)
+        return torch.autograd.grad(y.square().sum(), leaves)
+
+    for b in (backend, "reference"):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            run(b)
+    with torch.autograd.graph.allow_mutation_on_saved_tensors():
+        got = run(backend)
+    with torch.autograd.graph.allow_mutation_on_saved_tensors():
+        want = run("reference")
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("backend", backend_params())
 def test_vmap_runs_the_op_per_batch_entry(backend):
     """torch.func.vmap through a fused op: its vmap rule calls it once per batch entry, and
     reverse-mode autograd outside the transform differentiates through it."""
