@@ -3,16 +3,19 @@
 # kasmina_kernels._C (CPU kernels of the capability ATen runs here, and DEFAULT) with
 # -fsanitize=address,undefined into build/sanitize/, beside the normal build, and runs the
 # native backend's tests against it (the reduced equivalence matrix and the contract,
-# property-based, autograd, error, determinism and thread tests).
+# property-based, autograd, error, determinism and thread tests) and the drop-ins' tests.
 #
 # Python is not instrumented, so the ASan runtime is preloaded to come first: every malloc,
-# torch's CPU tensors included, gets redzones. Leak detection is off: CPython and torch keep
-# interned objects, caches and registries alive until exit on purpose, which LeakSanitizer
-# would report by the thousand. Any report fails the run (halt_on_error, and a log scan).
+# torch's CPU tensors included, gets redzones. libstdc++ is preloaded right after it: the
+# runtime forwards a C++ throw to the __cxa_throw it finds when it starts, and Python does not
+# link libstdc++, so without it every exception thrown in C++ (an op's error, autograd's)
+# would end the run. Leak detection is off: CPython and torch keep interned objects, caches
+# and registries alive until exit on purpose, which LeakSanitizer would report by the
+# thousand. Any report fails the run (halt_on_error, and a log scan).
 #
 # Environment: PYTHON (default .venv/bin/python, else python3), CXX (default g++),
 # KASMINA_SANITIZE_TESTS (pytest arguments replacing the default selection).
-# Exits 0 with a printed reason when no C++ compiler or no libasan is found.
+# Exits 0 with a printed reason when no C++ compiler, libasan or libstdc++ is found.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 find_python
@@ -20,6 +23,8 @@ cxx="${CXX:-g++}"
 command -v "$cxx" >/dev/null 2>&1 || skip "no C++ compiler ($cxx)"
 libasan="$("$cxx" -print-file-name=libasan.so)"
 [[ -e "$libasan" ]] || skip "$cxx has no libasan.so (install the compiler's libasan)"
+libstdcxx="$("$cxx" -print-file-name=libstdc++.so.6)"
+[[ -e "$libstdcxx" ]] || skip "$cxx has no libstdc++.so.6"
 
 out="$ROOT/build/sanitize"
 lib="$out/lib"
@@ -40,7 +45,7 @@ for f in kasmina_kernels/*.py kasmina_kernels/triton; do
   ln -sfn "$ROOT/$f" "$lib/kasmina_kernels/$(basename "$f")"
 done
 
-export LD_PRELOAD="$libasan"
+export LD_PRELOAD="$libasan:$libstdcxx"
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:detect_stack_use_after_return=0"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 export PYTHONPATH="$lib${PYTHONPATH:+:$PYTHONPATH}"
@@ -71,12 +76,7 @@ if [[ -n "${KASMINA_SANITIZE_TESTS:-}" ]]; then
   read -r -a tests <<<"$KASMINA_SANITIZE_TESTS"
 else
   tests=("$ROOT"/tests/test_{equivalence,contracts,fuzz,autograd}.py
-    "$ROOT"/tests/test_{errors,determinism,threads}.py
-    # not the tests of errors thrown in C++ (double backward, forward-mode AD, torch.func.grad,
-    # an inference tensor to save, an input modified in place before the backward): the
-    # preloaded ASan runtime finds no real __cxa_throw to forward a C++ throw to (a CHECK
-    # failure, not a finding); the normal run tests them
-    -k "native and not (double_backward or forward_mode_ad or torch_func_grad or inference_tensor or in_place_before)")
+    "$ROOT"/tests/test_{errors,determinism,threads,dropin}.py -k "native or test_dropin")
 fi
 log="$out/pytest.log"
 start=$SECONDS
