@@ -5,8 +5,10 @@ To put them in place of Esper's in code that already imported those, see
 
 Esper's functions are plain torch code, so they take inputs the fused ops reject (a seed that
 broadcasts to the host, an alpha that enlarges the output, integer or complex tensors) and
-fail on others with torch's own exceptions. For every input the fused op rejects, a drop-in
-answers as Esper's function does: it runs the eager math (`kasmina_kernels.reference`, which
+fail on others with torch's own exceptions. For every input the fused op rejects, and every
+call its autograd cannot record (`validation.DECLINED`: forward-mode AD, torch.func's
+differentiating transforms, an inference tensor to save), a drop-in answers as Esper's
+function does: it runs the eager math (`kasmina_kernels.reference`, which
 is Esper's), returning its result with a warning that no fused kernel ran (none while
 torch.compile traces), or raising its exception (with the fused op's message as the context).
 """
