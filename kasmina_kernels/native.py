@@ -22,6 +22,11 @@ def _vmap_rule(op):
     return rule
 
 
+#: The inputs the eager math reads only through a clamp (a copy), so never saves as given: the
+#: autograd kernel saves a copy of one made under inference_mode, which autograd cannot save.
+CLAMPED = ("alpha", "gate")
+
+
 def register(library: torch.library.Library, prefix: str = "", kernels=None, dense_pooled=False):
     """Defines each kernel op of the table (`Op.kernel`) as ``kasmina::<prefix><name>``, with
     its backward op ``kasmina::<prefix><name>_backward``, in `library`; registers their fake
@@ -30,10 +35,11 @@ def register(library: torch.library.Library, prefix: str = "", kernels=None, den
     skipped (and, where the extension defines ``<name>_for_backward``, the residual it kept).
     `kernels` maps an op's name to its (forward, backward) Python kernels for CPU and CUDA
     tensors; without it, the ops run the extension's C++ kernels."""
-    names = []
+    names, clamped = [], {}
     for op in OPS:
         if op.kernel != op.name:
             continue
+        clamped[f"kasmina::{prefix}{op.name}"] = [n for n in op.inputs if n in CLAMPED]
         forward, backward = kernels[op.name] if kernels else (None, None)
         backward_fake = functools.partial(op.backward_fake, dense_pooled=dense_pooled)
         # the value-and-residual op: the extension's CPU kernels only
@@ -50,7 +56,7 @@ def register(library: torch.library.Library, prefix: str = "", kernels=None, den
             names.append(name)
         torch.library.register_vmap(f"kasmina::{prefix}{op.name}",
                                     _vmap_rule(getattr(torch.ops.kasmina, prefix + op.name).default), lib=library)
-    _C.register_autograd(names)
+    _C.register_autograd(names, clamped)
 
 
 def functions(prefix: str = "") -> dict:

@@ -16,6 +16,8 @@ from torch.autograd import gradcheck
 
 import kasmina_kernels as kk
 from kasmina_kernels import reference
+from kasmina_kernels.native import CLAMPED
+from kasmina_kernels.optable import BY_NAME
 
 from cases import TEST_DEVICE, backend_params
 from equivalence import case_generator
@@ -384,21 +386,33 @@ def test_forward_mode_ad_is_a_clear_error(op, backend):
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("op", AD_OPS)
-def test_inference_tensor_to_save_is_a_clear_error(op, backend):
-    """Autograd cannot save an inference tensor: an op that saves its inputs raises
-    NotImplementedError naming the op when it would record one (the drop-ins answer that with
-    Esper's math); STE saves nothing and runs. Without a gradient to record, every op runs."""
+def test_inference_tensors(op, backend):
+    """Autograd cannot save an inference tensor (made under torch.inference_mode()). For each
+    input in turn made so, beside inputs that require grad: alpha and gate, which the eager
+    math reads only through a clamp (a copy), are saved as copies, and the op matches the
+    reference, gradients included; a feature raises NotImplementedError naming the op (the
+    drop-ins answer that with Esper's math), except in STE, which saves nothing. Without a
+    gradient to record, every op runs."""
     call, inputs = _ad_inputs(F64)[op]
-    with torch.inference_mode():
-        first = inputs[0].clone()
-    args = (first,) + tuple(leaf(t) for t in inputs[1:])
-    if len(args) > 1 and op != "ste_forward":  # the other inputs ask for gradients: it records
-        with pytest.raises(NotImplementedError, match=f"kasmina::{_named(op)}: an input is an inference tensor"):
-            call(backend, args)
-    else:  # STE saves nothing; a lone inference tensor asks for no gradient
-        torch.testing.assert_close(call(backend, args), call("reference", args))
-    with torch.no_grad():
-        torch.testing.assert_close(call(backend, args), call("reference", args))
+    for k, name in enumerate(BY_NAME[op].inputs[:len(inputs)]):  # the tensor inputs lead
+        with torch.inference_mode():
+            frozen = inputs[k].clone()
+        leaves = [leaf(t) for t in inputs]
+        args = leaves[:k] + [frozen] + leaves[k + 1:]
+        if len(args) > 1 and name not in CLAMPED and op != "ste_forward":  # it would save `frozen`
+            with pytest.raises(NotImplementedError, match=f"kasmina::{_named(op)}: an input is an inference tensor"):
+                call(backend, args)
+        else:
+            got = call(backend, args)
+            torch.testing.assert_close(got, call("reference", args))
+            grads = [t for t in args if t.requires_grad]
+            if grads:
+                got_grads = torch.autograd.grad(got.square().sum(), grads)
+                want_grads = torch.autograd.grad(call("reference", args).square().sum(), grads)
+                for g, w in zip(got_grads, want_grads, strict=True):
+                    torch.testing.assert_close(g, w)
+        with torch.no_grad():
+            torch.testing.assert_close(call(backend, args), call("reference", args))
 
 
 @pytest.mark.parametrize("backend", backend_params())

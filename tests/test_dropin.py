@@ -269,6 +269,32 @@ def test_dropins_answer_inputs_outside_the_fused_ops_as_esper_does(case, esper):
     _assert_esper_answer(case, _answer(getattr(esper, name), make), _answer(drop_in, make), equal_nan=True)
 
 
+@pytest.mark.parametrize("name", ["blend_add", "blend_with_isolation", "blend_multiply", "blend_gate"])
+def test_alpha_cached_under_inference_mode_runs_fused(name, esper):
+    """Esper's slot caches its 0-dim alpha when first used, which may be on a validation pass
+    under torch.inference_mode(); training then passes that inference tensor. Autograd cannot
+    save it, so the fused op saves a copy (Esper's math saves its clamped copy): the fused
+    kernel runs, no eager answer, and gives Esper's values and gradients."""
+    values = _case(name, False)
+    with torch.inference_mode():
+        values["alpha"] = values["alpha"].clone()
+
+    op = BY_NAME[name]
+
+    def make():  # Esper's flags: alpha and seed_input without grad, the rest with
+        fresh = {n: t if n in ("alpha", "seed_input") else t.detach().requires_grad_() for n, t in values.items()}
+        args = tuple(fresh[n] for n in op.inputs if n not in op.kwonly)
+        return args + (({n: fresh[n] for n in op.kwonly},) if op.kwonly else ())
+
+    want, want_grads, want_exc, _ = _answer(getattr(esper, name), make)
+    got, got_grads, got_exc, caught = _answer(DROP_INS[name], make)
+    assert want_exc is None and got_exc is None, (want_exc, got_exc)
+    assert not any("Esper's eager math" in str(w.message) for w in caught), "the drop-in answered eagerly"
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)
+
+
 # OUTSIDE cases whose inputs Esper's code takes, with float features on the CPU
 OUTSIDE_COMPILED = ("seed broadcasts", "host broadcasts", "alpha enlarges", "seed_input broadcasts",
                     "valve alpha enlarges m", "STE seed broadcasts")

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -139,22 +140,36 @@ struct Plan {
   std::optional<c10::OperatorHandle> for_backward;  // its value-and-residual op, if any
   std::vector<size_t> tensors;                      // the tensor arguments' positions
   std::vector<size_t> need;                         // per need flag, its input's tensor index
+  std::vector<size_t> clamped;                      // alpha's and gate's tensor indices
   size_t num_args;
 };
+
+// Each forward op's inputs that its eager math reads only through a clamp (alpha, gate), by
+// op name, as register_autograd is given them.
+std::map<std::string, std::vector<std::string>>& op_clamped_inputs() {
+  static std::map<std::string, std::vector<std::string>> clamped;
+  return clamped;
+}
 
 Plan make_plan(const c10::OperatorHandle& op) {
   const auto& schema = op.schema();
   const std::string suffix = "_backward";
   const std::string& name = schema.name();
-  Plan plan{name, name.ends_with(suffix), std::nullopt, std::nullopt, {}, {}, schema.arguments().size()};
+  Plan plan{name, name.ends_with(suffix), std::nullopt, std::nullopt, {}, {}, {}, schema.arguments().size()};
   if (!plan.is_backward) {
     plan.backward = c10::Dispatcher::singleton().findOp({name + suffix, ""});
     plan.for_backward = c10::Dispatcher::singleton().findOp({name + "_for" + suffix, ""});
   }
   std::vector<std::string> names;
+  const auto listed = op_clamped_inputs().find(name);  // read only: plans are made from any thread
+  const std::vector<std::string> clamped =
+      listed == op_clamped_inputs().end() ? std::vector<std::string>{} : listed->second;
   for (size_t i = 0; i < schema.arguments().size(); ++i) {
     const auto& arg = schema.arguments()[i];
     if (arg.type()->isSubtypeOf(*c10::OptionalType::ofTensor())) {
+      if (std::find(clamped.begin(), clamped.end(), arg.name()) != clamped.end()) {
+        plan.clamped.push_back(plan.tensors.size());
+      }
       plan.tensors.push_back(i);
       names.push_back(arg.name());
     }
@@ -293,6 +308,12 @@ class AutogradKernel final : public c10::OperatorKernel {
       redispatch_below_autograd(op, keys, stack);
       return;
     }
+    for (size_t k : p.clamped) {
+      // alpha or gate made under inference_mode (an alpha cached on a validation pass) is saved
+      // as a copy: the eager math saves its clamped copy, never the tensor it is given
+      at::Tensor& w = inputs[k];
+      if (w.defined() && w.is_inference() && !w.requires_grad()) w = w.clone();
+    }
     if (p.backward) check_savable(p.name, inputs);
     inputs.resize(FusedFn::kSlots);
     const auto slot = [&](size_t k) {
@@ -338,8 +359,12 @@ TORCH_LIBRARY_IMPL(kasmina, CPU, m) {
 }
 
 // Gives the named ops of the kasmina library (forward and backward ops, of any backend) the
-// one autograd kernel. The libraries are never freed: dropping one drops its kernels.
-void register_autograd(const std::vector<std::string>& names) {
+// one autograd kernel; `clamped_inputs` names each forward op's inputs that its eager math
+// reads only through a clamp ("kasmina::<op>": alpha, gate). The libraries are never freed:
+// dropping one drops its kernels.
+void register_autograd(const std::vector<std::string>& names,
+                       const std::map<std::string, std::vector<std::string>>& clamped_inputs) {
+  for (const auto& [op, inputs] : clamped_inputs) op_clamped_inputs()[op] = inputs;
   auto* library = new torch::Library(torch::Library::IMPL, "kasmina", c10::DispatchKey::Autograd,
                                      __FILE__, __LINE__);
   for (const std::string& name : names) {
@@ -384,7 +409,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "setting",
       py::arg("enabled"));
   m.def("register_autograd", &kk::register_autograd,
-        "Registers the fused ops' autograd kernel for the named kasmina ops", py::arg("names"));
+        "Registers the fused ops' autograd kernel for the named kasmina ops, with each forward "
+        "op's inputs that its eager math reads only through a clamp, by op name",
+        py::arg("names"), py::arg("clamped_inputs"));
   const kk::cpu::Kernels& k = *kk::cpu_capability().kernels;
   m.def("tanh_f32", k.tanh_f32,
         "(tanh(x), 1 - tanh(x)^2) as the float32 CPU MULTIPLY and valve kernels compute them, "
