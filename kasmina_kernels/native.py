@@ -35,11 +35,10 @@ def register(library: torch.library.Library, prefix: str = "", kernels=None, den
     skipped (and, where the extension defines ``<name>_for_backward``, the residual it kept).
     `kernels` maps an op's name to its (forward, backward) Python kernels for CPU and CUDA
     tensors; without it, the ops run the extension's C++ kernels."""
-    names, clamped = [], {}
+    names = []
     for op in OPS:
         if op.kernel != op.name:
             continue
-        clamped[f"kasmina::{prefix}{op.name}"] = [n for n in op.inputs if n in CLAMPED]
         forward, backward = kernels[op.name] if kernels else (None, None)
         backward_fake = functools.partial(op.backward_fake, dense_pooled=dense_pooled)
         # the value-and-residual op: the extension's CPU kernels only
@@ -56,7 +55,7 @@ def register(library: torch.library.Library, prefix: str = "", kernels=None, den
             names.append(name)
         torch.library.register_vmap(f"kasmina::{prefix}{op.name}",
                                     _vmap_rule(getattr(torch.ops.kasmina, prefix + op.name).default), lib=library)
-    _C.register_autograd(names, clamped)
+    _C.register_autograd(names, list(CLAMPED))
 
 
 def functions(prefix: str = "") -> dict:

@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -144,11 +143,11 @@ struct Plan {
   size_t num_args;
 };
 
-// Each forward op's inputs that its eager math reads only through a clamp (alpha, gate), by
-// op name, as register_autograd is given them.
-std::map<std::string, std::vector<std::string>>& op_clamped_inputs() {
-  static std::map<std::string, std::vector<std::string>> clamped;
-  return clamped;
+// The names of the inputs the eager math reads only through a clamp (alpha, gate), as
+// register_autograd is given them (at import; plans read them from any thread).
+std::vector<std::string>& clamped_input_names() {
+  static std::vector<std::string> names;
+  return names;
 }
 
 Plan make_plan(const c10::OperatorHandle& op) {
@@ -161,12 +160,10 @@ Plan make_plan(const c10::OperatorHandle& op) {
     plan.for_backward = c10::Dispatcher::singleton().findOp({name + "_for" + suffix, ""});
   }
   std::vector<std::string> names;
-  const auto listed = op_clamped_inputs().find(name);  // read only: plans are made from any thread
-  const std::vector<std::string> clamped =
-      listed == op_clamped_inputs().end() ? std::vector<std::string>{} : listed->second;
   for (size_t i = 0; i < schema.arguments().size(); ++i) {
     const auto& arg = schema.arguments()[i];
     if (arg.type()->isSubtypeOf(*c10::OptionalType::ofTensor())) {
+      const auto& clamped = clamped_input_names();
       if (std::find(clamped.begin(), clamped.end(), arg.name()) != clamped.end()) {
         plan.clamped.push_back(plan.tensors.size());
       }
@@ -359,12 +356,11 @@ TORCH_LIBRARY_IMPL(kasmina, CPU, m) {
 }
 
 // Gives the named ops of the kasmina library (forward and backward ops, of any backend) the
-// one autograd kernel; `clamped_inputs` names each forward op's inputs that its eager math
-// reads only through a clamp ("kasmina::<op>": alpha, gate). The libraries are never freed:
-// dropping one drops its kernels.
+// one autograd kernel; `clamped_inputs` names the inputs the eager math reads only through a
+// clamp (alpha, gate). The libraries are never freed: dropping one drops its kernels.
 void register_autograd(const std::vector<std::string>& names,
-                       const std::map<std::string, std::vector<std::string>>& clamped_inputs) {
-  for (const auto& [op, inputs] : clamped_inputs) op_clamped_inputs()[op] = inputs;
+                       const std::vector<std::string>& clamped_inputs) {
+  clamped_input_names() = clamped_inputs;
   auto* library = new torch::Library(torch::Library::IMPL, "kasmina", c10::DispatchKey::Autograd,
                                      __FILE__, __LINE__);
   for (const std::string& name : names) {
@@ -409,8 +405,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "setting",
       py::arg("enabled"));
   m.def("register_autograd", &kk::register_autograd,
-        "Registers the fused ops' autograd kernel for the named kasmina ops, with each forward "
-        "op's inputs that its eager math reads only through a clamp, by op name",
+        "Registers the fused ops' autograd kernel for the named kasmina ops, with the names of "
+        "the inputs the eager math reads only through a clamp",
         py::arg("names"), py::arg("clamped_inputs"));
   const kk::cpu::Kernels& k = *kk::cpu_capability().kernels;
   m.def("tanh_f32", k.tanh_f32,
