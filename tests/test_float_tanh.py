@@ -16,6 +16,8 @@ import math
 import pytest
 import torch
 
+import kasmina_kernels as kk
+
 _C = pytest.importorskip("kasmina_kernels._C", reason="the native extension is not built")
 
 F32_ULP_AT_1 = 2.0 ** -24  # ulp of float32 just below 1
@@ -104,3 +106,32 @@ def test_lengths_around_the_vector_width(n):
 def test_rejects_other_inputs():
     with pytest.raises(RuntimeError, match="float32 CPU tensor"):
         _C.tanh_f32(torch.zeros(3, dtype=torch.float64))
+
+
+# The alpha gradient sums g*h*tanh(s - r) (MULTIPLY) or g*tanh(m) (the valve) over every element,
+# so a bias in the tanh its terms take would scale the whole sum. Where an alpha element sums at
+# least 64 terms they come from the float tanh above, else from ATen's double tanh.
+@pytest.mark.parametrize("op", ["blend_multiply", "multiply_valve_multiplier"])
+@pytest.mark.parametrize("n", [63, 64, 4096])  # terms per alpha element: double tanh, then float
+def test_alpha_gradient_within_the_sqrt_n_slack(op, n):
+    # per-sample alpha over (4, n) features; the float64 sum of the float inputs' exact terms
+    # is the oracle. Errors stay under half of sqrt(n) units of float roundoff times sum |term|
+    # (rule 2 allows all of it, plus twice eager's own error)
+    gen = torch.Generator().manual_seed(n)
+    worst = 0.0
+    for scale in (1e-3, 1.0, 30.0):
+        for _ in range(20):
+            x = [torch.randn(4, n, generator=gen) for _ in range(4)]
+            g, h = x[0], x[1]
+            s, r = x[2] * scale, x[3] * scale
+            alpha = torch.rand(4, 1, generator=gen).requires_grad_()
+            if op == "blend_multiply":
+                y = kk.blend_multiply(h, s, alpha, seed_input=r, backend="native")
+                terms = g.double() * h.double() * torch.tanh(s.double() - r.double())
+            else:
+                y = kk.multiply_valve_multiplier(alpha, s, backend="native")
+                terms = g.double() * torch.tanh(s.double())
+            (dalpha,) = torch.autograd.grad(y, alpha, g)
+            slack = math.sqrt(n) * 2.0**-24 * terms.abs().sum(1, keepdim=True)
+            worst = max(worst, ((dalpha.double() - terms.sum(1, keepdim=True)).abs() / slack).max().item())
+    assert worst <= 0.5, f"alpha gradient error {worst:.3g} of the sqrt(n) slack"

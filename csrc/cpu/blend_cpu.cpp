@@ -207,19 +207,35 @@ WeightGrad run_pass(const std::vector<at::Tensor>& outputs, const std::vector<at
   std::vector<OpT> wv(w.values.begin(), w.values.end());  // the raw loops' weight operand
   const auto weight_at = [&](int64_t b) { return reinterpret_cast<char*>(wv.data() + (scalar ? 0 : b)); };
   if ((scalar || (per_sample && batch_ok)) && same_dense_layout(all)) {
-    const size_t n = all.size();  // the weight is operand n, read with stride 0
-    return {grouped_sums(groups, group_size, [&](int64_t group, int64_t begin, int64_t end) {
-      Accumulator acc;
+    // `rows` rows of `len` elements from `begin`, a row per sample; the weight is operand n,
+    // read with stride 0 along a row and one value further per row
+    const auto run_rows_from = [&](Accumulator& acc, int64_t group, int64_t begin, int64_t len,
+                                   int64_t rows) {
       auto loop = loop_for(std::false_type{}, acc, stream ? kStreamAll : StreamMask{0});
+      const size_t n = all.size();
       char* data[16];
       int64_t strides[32] = {};
       for (size_t i = 0; i < n; ++i) {
         strides[i] = all[i].element_size();
+        strides[n + 1 + i] = group_size * strides[i];
         data[i] = static_cast<char*>(all[i].data_ptr()) + begin * strides[i];
       }
       data[n] = weight_at(group);
-      loop(data, strides, end - begin, 1);
+      strides[2 * n + 1] = scalar ? 0 : sizeof(OpT);
+      loop(data, strides, len, rows);
       if (stream) stream_fence();  // this thread's streamed stores, before the join
+    };
+    if (per_sample && !need_sums && group_size <= kBlock) {
+      // whole short samples per call, as grouped_sums would split them: no per-sample setup
+      at::parallel_for(0, groups, kBlock / group_size, [&](int64_t g0, int64_t g1) {
+        Accumulator unused;
+        run_rows_from(unused, g0, g0 * group_size, group_size, g1 - g0);
+      });
+      return {};
+    }
+    return {grouped_sums(groups, group_size, [&](int64_t group, int64_t begin, int64_t end) {
+      Accumulator acc;
+      run_rows_from(acc, group, begin, end - begin, 1);
       return acc.value_ld();
     })};
   }
@@ -694,17 +710,6 @@ std::tuple<at::Tensor, at::Tensor> tanh_f32(const at::Tensor& x) {
     gv.store(gp + i, k);
   }
   return {t, one_minus_t2};
-}
-
-at::Tensor tanh_f64(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kDouble,
-              "tanh_f64: takes a float64 CPU tensor, got ", x.scalar_type(), " on ", x.device());
-  const at::Tensor in = x.contiguous();
-  at::Tensor out = at::empty_like(in);
-  // the tail through the same lanes
-  at::vec::map([](const DVec& v) { return tanh_pd(v); }, out.data_ptr<double>(),
-               in.const_data_ptr<double>(), in.numel());
-  return out;
 }
 
 // ---------------------------------------------------------------- gate effective alpha

@@ -18,65 +18,6 @@ inline namespace CPU_CAPABILITY {
 
 constexpr int64_t kGrain = 32768;
 
-// tanh in double of double lanes, to 1e-12 relative: the alpha-gradient terms of float32
-// MULTIPLY and the valve use it where an alpha element sums too few terms for the float
-// tanh's rounding to hide in rule 2's sqrt(n) slack (alpha_terms). 1e-12 is far below a float
-// ulp, and cheaper than a full double tanh.
-//
-// tanh|x| = E / (E + 2) with E = exp(2|x|) - 1. Write 2|x| = m ln2 + 2h (m whole, |h| <= ln2/4)
-// and H = expm1(2h) / 2; then E = 2^m (2H + 1) - 1, and dividing both by 2^(m+1),
-//   tanh|x| = (H + (1 - 2^-m) / 2) / (H + (1 + 2^-m) / 2).
-// For m = 0 the numerator is H itself, so small |x| keep their relative accuracy without a
-// branch; for m > 0 both terms exceed 0.29, and the rounding of ln2 in h (below 1e-15) does not
-// show. H = h + h^2 Q(h), Q the rest of the Taylor series of expm1(2h) / 2 to h^10 (truncation
-// below 7e-13 relative for |h| <= ln2/4), evaluated by Estrin's scheme (a short dependency
-// chain). |x| is clamped to 20 (tanh(20) is 1 in double); NaN propagates.
-constexpr double half_expm1_coefficient(int k) {  // 2^(k-1) / k!: H = sum over k >= 1 of c_k h^k
-  double c = 0.5;
-  for (int i = 1; i <= k; ++i) c *= 2.0 / i;
-  return c;
-}
-
-// e / d for d > 0. AVX-512: y0 = rcp14(d) = (1 - u) / d with |u| < 2^-14, and
-// e y0 (1 + u)(1 + u^2) = (e / d)(1 - u^4), u^4 below a double ulp: a division stalls the loop.
-inline DVec divide(const DVec& e, const DVec& d) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m512d y0 = _mm512_rcp14_pd(d);
-  const __m512d u = _mm512_fnmadd_pd(d, y0, _mm512_set1_pd(1.0));
-  const __m512d q = _mm512_mul_pd(e, y0);
-  const __m512d q1 = _mm512_fmadd_pd(q, u, q);
-  return _mm512_fmadd_pd(q1, _mm512_mul_pd(u, u), q1);
-#else
-  return e / d;
-#endif
-}
-
-inline DVec tanh_pd(const DVec& x) {
-  using at::vec::fmadd;
-  constexpr auto c = half_expm1_coefficient;
-  const DVec ac = at::vec::clamp_max(x.abs(), DVec(20.0));  // min(|x|, 20), NaN kept
-  // -m = round(-2|x| / ln2): adding 1.5 * 2^52 rounds the product to a whole number
-  constexpr double kRound = 6755399441055744.0;
-  const DVec n = fmadd(ac, DVec(-2.0 * 1.4426950408889634), DVec(kRound)) - DVec(kRound);
-  const DVec h = fmadd(n, DVec(0.5 * 0.6931471805599453), ac);  // |x| - m ln2 / 2
-  const DVec h2 = h * h;
-  const DVec h4 = h2 * h2;
-  const DVec h8 = h4 * h4;
-  const auto pair = [&](int k) { return fmadd(DVec(c(k + 1)), h, DVec(c(k))); };
-  const DVec s0 = fmadd(pair(4), h2, pair(2));
-  const DVec s1 = fmadd(pair(8), h2, pair(6));
-  const DVec q = fmadd(DVec(c(10)), h8, fmadd(s1, h4, s0));
-  const DVec big_h = fmadd(h2, q, h);
-  // 2^-m / 2 = 2^(n - 1): n + 1022 sits in the low mantissa bits of n + (1022 + 2^52), and
-  // moves into the exponent field
-  using LVec = at::vec::Vectorized<int64_t>;
-  const LVec biased = at::vec::cast<int64_t>(n + DVec(1022.0 + 4503599627370496.0)) & LVec(0x7FF);
-  const DVec half_scale = at::vec::cast<double>(biased << LVec(52));
-  const DVec num = big_h + (DVec(0.5) - half_scale);
-  const DVec den = big_h + (DVec(0.5) + half_scale);
-  return divide(num, den) | (x & DVec(-0.0));  // the quotient is >= 0: x's sign
-}
-
 // Float32 blends sum their weight-gradient terms in DLanes (vec_io.h), formed in double: an
 // alpha gradient carries no float rounding of its terms. Half-precision features use
 // FloatLanes: float terms summed in float for 64 vector steps at a time, then in double; their
@@ -238,7 +179,8 @@ inline bool streams(StreamMask mask, int k, const char* p) {
 }
 
 // How a float32 backward forms alpha's gradient terms: not at all (alpha wants no gradient),
-// from the float tanh its elementwise gradients use, or from tanh_pd. Float terms are within a
+// from the float tanh its elementwise gradients use, or from ATen's double tanh (Vectorized<double>,
+// within an ulp of double). Float terms are within a
 // few units of float roundoff each, so a sum of n of them is off by at most a few units times
 // the sum of their magnitudes: inside rule 2's slack of sqrt(n) units
 // (docs/semantics.md#equivalence) once n reaches kFloatTermsMin. Smaller sums take the double
@@ -594,7 +536,7 @@ auto multiply_backward_loop(Accumulator& acc, StreamMask stream, Terms terms) {
                             g[k], h[k], t[k]);
                 } else if constexpr (std::is_same_v<T, float>) {
                   lanes.add([](const DVec& a, const DVec& b, const DVec& x, const DVec& y) {
-                    return a * b * tanh_pd(x - y);
+                    return a * b * (x - y).tanh();
                   }, g[k], h[k], s[k], r[k]);
                 } else {  // a tanh to float accuracy (half_precision_tanh is up to 8e-7 off)
                   FVec accurate, unused;
@@ -610,7 +552,7 @@ auto multiply_backward_loop(Accumulator& acc, StreamMask stream, Terms terms) {
             }
           };
           split_on_terms(terms, vector_loop);
-          lanes.flush_into(acc);
+          if (terms != Terms::kNone) lanes.flush_into(acc);  // a row's flush costs as much as a short row
           return i;
         },
         [&](auto& p, const int64_t* s, int64_t i) {
@@ -841,7 +783,7 @@ auto valve_backward_loop(Accumulator& acc, StreamMask stream, Terms terms) {
               for (int k = 0; kHow != Terms::kNone && k < 2; ++k) {
                 // t is made for m's dtype: a 16-bit m's tanh_with_grad is more accurate
                 if constexpr (!kHalfPrecision<U> && kHow == Terms::kDoubleTanh) {
-                  lanes.add([](const DVec& a, const DVec& x) { return a * tanh_pd(x); }, g[k], m[k]);
+                  lanes.add([](const DVec& a, const DVec& x) { return a * x.tanh(); }, g[k], m[k]);
                 } else if constexpr (kHalfPrecision<M>) {  // a tanh to float accuracy
                   FVec accurate, unused;
                   tanh_with_grad(m[k], accurate, unused);
@@ -855,7 +797,7 @@ auto valve_backward_loop(Accumulator& acc, StreamMask stream, Terms terms) {
             }
           };
           split_on_terms(terms, vector_loop);
-          lanes.flush_into(acc);
+          if (terms != Terms::kNone) lanes.flush_into(acc);  // a row's flush costs as much as a short row
           return i;
         },
         [&](auto& p, const int64_t* s, int64_t i) {

@@ -50,10 +50,6 @@ using multiply_valve_multiplier_backward = std::tuple<at::Tensor, at::Tensor>(
 // The float32 tanh of MULTIPLY and the valve and its 1 - tanh^2 (kernels/blend_math.h's
 // tanh_with_grad), elementwise over a float32 tensor: kasmina_kernels._C.tanh_f32, for tests.
 using tanh_f32 = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& x);
-// The double tanh of the float32 MULTIPLY and valve alpha-gradient terms (tanh_pd in
-// cpu/blend_kernels.h), elementwise over a float64 tensor: kasmina_kernels._C.tanh_f64, for
-// the tests.
-using tanh_f64 = at::Tensor(const at::Tensor& x);
 
 using gate_effective_alpha = at::Tensor(const at::Tensor& alpha, const at::Tensor& gate);
 // The CPU kernels compute both weight gradients whenever one is asked for; the flags let the
@@ -84,7 +80,7 @@ using gate_network_backward =
   X(gate_network_backward)
 
 // Every kernel, once, in the order of the Kernels table: the ops and the tests' tanh helpers.
-#define KK_CPU_KERNELS(X) KK_CPU_OPS(X) X(tanh_f32) X(tanh_f64)
+#define KK_CPU_KERNELS(X) KK_CPU_OPS(X) X(tanh_f32)
 
 // One capability's kernels.
 struct Kernels {

@@ -150,11 +150,12 @@ inline void run_rows(char** data, const int64_t* strides, int64_t n0, int64_t n1
 // elements (one group per sample when the iteration order has the batch outermost; a single
 // group for a scalar weight). The blocks and the summation order do not depend on the thread
 // count: the same bits on every run.
+constexpr int64_t kBlock = 16384;
+
 template <typename BlockSum>
 std::vector<long double> grouped_sums(int64_t groups, int64_t group_size, BlockSum&& block_sum) {
   std::vector<long double> sums(groups, 0.0L);
   if (groups == 0 || group_size == 0) return sums;
-  constexpr int64_t kBlock = 16384;
   const int64_t blocks_per_group = (group_size + kBlock - 1) / kBlock;
   const int64_t block_len = std::min(kBlock, group_size);
   std::vector<long double> partial(groups * blocks_per_group, 0.0L);

@@ -413,7 +413,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(tanh(x), 1 - tanh(x)^2) as the float32 CPU MULTIPLY and valve kernels compute them, "
         "elementwise (for tests)",
         pybind11::arg("x"));
-  m.def("tanh_f64", k.tanh_f64,
-        "The double tanh of the CPU float32 MULTIPLY and valve alpha-gradient terms, "
-        "elementwise (for tests)");
 }
