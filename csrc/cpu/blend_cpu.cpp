@@ -209,19 +209,21 @@ WeightGrad run_pass(const std::vector<at::Tensor>& outputs, const std::vector<at
   if ((scalar || (per_sample && batch_ok)) && same_dense_layout(all)) {
     // `rows` rows of `len` elements from `begin`, a row per sample; the weight is operand n,
     // read with stride 0 along a row and one value further per row
+    const size_t n = all.size();
+    char* base[16];
+    int64_t strides[32] = {};
+    for (size_t i = 0; i < n; ++i) {
+      base[i] = static_cast<char*>(all[i].data_ptr());
+      strides[i] = all[i].element_size();
+      strides[n + 1 + i] = group_size * strides[i];
+    }
+    strides[2 * n + 1] = scalar ? 0 : sizeof(OpT);
     const auto run_rows_from = [&](Accumulator& acc, int64_t group, int64_t begin, int64_t len,
                                    int64_t rows) {
       auto loop = loop_for(std::false_type{}, acc, stream ? kStreamAll : StreamMask{0});
-      const size_t n = all.size();
       char* data[16];
-      int64_t strides[32] = {};
-      for (size_t i = 0; i < n; ++i) {
-        strides[i] = all[i].element_size();
-        strides[n + 1 + i] = group_size * strides[i];
-        data[i] = static_cast<char*>(all[i].data_ptr()) + begin * strides[i];
-      }
+      for (size_t i = 0; i < n; ++i) data[i] = base[i] + begin * strides[i];
       data[n] = weight_at(group);
-      strides[2 * n + 1] = scalar ? 0 : sizeof(OpT);
       loop(data, strides, len, rows);
       if (stream) stream_fence();  // this thread's streamed stores, before the join
     };

@@ -262,12 +262,16 @@ struct DLanes {
     (DVec::loadu(p) + lo).store(p);
     (DVec::loadu(p + DVec::size()) + hi).store(p + DVec::size());
   }
-  // each lane into `acc` (an Accumulator), in order
+  // the lanes' sum into `acc` (an Accumulator), summed in double first: a flush ends every row,
+  // and lane by lane it would cost more than a short row; double is far finer than the float
+  // terms' own rounding
   template <typename Acc>
   void flush_into(Acc& acc) const {
-    double tmp[2 * DVec::size()] = {};
-    add_into(tmp);
-    for (double v : tmp) acc.add(v);
+    double lanes[DVec::size()];
+    (lo + hi).store(lanes);
+    double sum = 0.0;
+    for (double v : lanes) sum += v;
+    acc.add(sum);
   }
 };
 
