@@ -227,6 +227,13 @@ def full_cases() -> list[Case]:
                 add(replace(base, alpha="ps", layout="cl_host"))
                 add(replace(base, grads="gate"))
                 add(replace(base, seed_dtype=F32, alpha="sbf"))
+    # many short samples under a per-sample weight, no weight gradient: the CPU loops take
+    # whole samples per call, the weight one value further per sample
+    for op in BLEND_OPS + ("multiply_valve_multiplier",):
+        for dt in (F32, BF16):
+            for layout in ("contig", "cl"):
+                add(Case(op, dt, (300, 2, 3, 2), layout=layout, alpha="ps",
+                         grads="m" if op == "multiply_valve_multiplier" else "h+s"))
     cases += scalar_cases(DTYPES)
     # gate_effective_alpha: (alpha form, gate form) pairs; `dtype` is the gate's
     for dt in DTYPES:
