@@ -24,7 +24,7 @@ print(" ".join(compiled[:compiled.index(info["cpu_capability"])]))')"
 if [[ -n "${KASMINA_ISA_TESTS:-}" ]]; then
   read -r -a tests <<<"$KASMINA_ISA_TESTS"
 else
-  tests=(tests/test_{float_tanh,double_tanh,equivalence,contracts,fuzz,streaming}.py
+  tests=(tests/test_{float_tanh,equivalence,contracts,fuzz,streaming}.py
     tests/test_{autograd,determinism,threads}.py -k "native or tanh")
 fi
 
