@@ -227,13 +227,19 @@ WeightGrad run_pass(const std::vector<at::Tensor>& outputs, const std::vector<at
       loop(data, strides, len, rows);
       if (stream) stream_fence();  // this thread's streamed stores, before the join
     };
-    if (per_sample && !need_sums && group_size <= kBlock) {
-      // whole short samples per call, as grouped_sums would split them: no per-sample setup
+    if (per_sample && group_size <= kBlock) {
+      // short samples, grouped as grouped_sums would group them: one loop call for a task's
+      // samples, or one per sample where each sums its own terms
+      std::vector<long double> sums(need_sums ? groups : 0);
       at::parallel_for(0, groups, kBlock / group_size, [&](int64_t g0, int64_t g1) {
-        Accumulator unused;
-        run_rows_from(unused, g0, g0 * group_size, group_size, g1 - g0);
+        Accumulator acc;
+        if (!need_sums) return run_rows_from(acc, g0, g0 * group_size, group_size, g1 - g0);
+        for (int64_t g = g0; g < g1; ++g, acc = Accumulator{}) {
+          run_rows_from(acc, g, g * group_size, group_size, 1);
+          sums[g] = acc.value_ld();
+        }
       });
-      return {};
+      return {std::move(sums)};
     }
     return {grouped_sums(groups, group_size, [&](int64_t group, int64_t begin, int64_t end) {
       Accumulator acc;

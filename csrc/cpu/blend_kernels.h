@@ -179,12 +179,12 @@ inline bool streams(StreamMask mask, int k, const char* p) {
 }
 
 // How a float32 backward forms alpha's gradient terms: not at all (alpha wants no gradient),
-// from the float tanh its elementwise gradients use, or from ATen's double tanh (Vectorized<double>,
-// within an ulp of double). Float terms are within a
-// few units of float roundoff each, so a sum of n of them is off by at most a few units times
-// the sum of their magnitudes: inside rule 2's slack of sqrt(n) units
-// (docs/semantics.md#equivalence) once n reaches kFloatTermsMin. Smaller sums take the double
-// tanh. 16-bit hosts always form their terms from tanh_with_grad's float tanh.
+// from the float tanh its elementwise gradients use, or from ATen's double tanh
+// (Vectorized<double>, within an ulp of double). Float terms are within a few units of float
+// roundoff each, so a sum of n of them is off by at most a few units times the sum of their
+// magnitudes: inside rule 2's slack of sqrt(n) units (docs/semantics.md#equivalence) once n
+// reaches kFloatTermsMin. Smaller sums take the double tanh. 16-bit hosts always form their
+// terms from tanh_with_grad's float tanh.
 enum class Terms { kNone, kFloatTanh, kDoubleTanh };
 constexpr int64_t kFloatTermsMin = 64;
 
