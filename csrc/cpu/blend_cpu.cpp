@@ -207,9 +207,7 @@ WeightGrad run_pass(const std::vector<at::Tensor>& outputs, const std::vector<at
   std::vector<OpT> wv(w.values.begin(), w.values.end());  // the raw loops' weight operand
   const auto weight_at = [&](int64_t b) { return reinterpret_cast<char*>(wv.data() + (scalar ? 0 : b)); };
   if ((scalar || (per_sample && batch_ok)) && same_dense_layout(all)) {
-    // `rows` rows of `len` elements from `begin`, a row per sample; the weight is operand n,
-    // read with stride 0 along a row and one value further per row
-    const size_t n = all.size();
+    const size_t n = all.size();  // the weight is operand n
     char* base[16];
     int64_t strides[32] = {};
     for (size_t i = 0; i < n; ++i) {
@@ -218,6 +216,8 @@ WeightGrad run_pass(const std::vector<at::Tensor>& outputs, const std::vector<at
       strides[n + 1 + i] = group_size * strides[i];
     }
     strides[2 * n + 1] = scalar ? 0 : sizeof(OpT);
+    // `rows` rows of `len` elements from `begin`, a row per sample: the weight is read with
+    // stride 0 along a row and one value further per row
     const auto run_rows_from = [&](Accumulator& acc, int64_t group, int64_t begin, int64_t len,
                                    int64_t rows) {
       auto loop = loop_for(std::false_type{}, acc, stream ? kStreamAll : StreamMask{0});

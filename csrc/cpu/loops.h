@@ -145,13 +145,14 @@ inline void run_rows(char** data, const int64_t* strides, int64_t n0, int64_t n1
   }
 }
 
+// Elements per block of grouped_sums, and the work per task of run_pass's short samples
+constexpr int64_t kBlock = 16384;
+
 // Sums `block_sum(group, begin, end)` over fixed blocks of [0, groups * group_size) that never
 // straddle a group, in parallel, and returns one sum per group of `group_size` consecutive
 // elements (one group per sample when the iteration order has the batch outermost; a single
 // group for a scalar weight). The blocks and the summation order do not depend on the thread
 // count: the same bits on every run.
-constexpr int64_t kBlock = 16384;
-
 template <typename BlockSum>
 std::vector<long double> grouped_sums(int64_t groups, int64_t group_size, BlockSum&& block_sum) {
   std::vector<long double> sums(groups, 0.0L);
