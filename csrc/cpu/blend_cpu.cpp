@@ -107,7 +107,7 @@ Weights make_weights(const at::Tensor& alpha, const at::Tensor& features, Recipe
 // A weight's gradient summed over its shape: per value for `values` weights, a float64 tensor
 // of the weight's shape for `tensor` ones.
 struct WeightGrad {
-  std::vector<long double> values;
+  std::vector<double> values;
   at::Tensor tensor;
 };
 
@@ -194,7 +194,7 @@ WeightGrad run_pass(const std::vector<at::Tensor>& outputs, const std::vector<at
   const int64_t groups = scalar ? 1 : B;
   const int64_t group_size = groups == 0 ? 0 : numel / groups;
   if (numel == 0) {  // zero sums
-    std::vector<long double> zeros(need_sums ? wnumel : 0, 0.0L);
+    std::vector<double> zeros(need_sums ? wnumel : 0, 0.0);
     if (!w.tensor.defined() || zeros.empty()) return {std::move(zeros), {}};
     return {{}, at::zeros(w.shape, at::dtype(at::kDouble))};
   }
@@ -227,24 +227,19 @@ WeightGrad run_pass(const std::vector<at::Tensor>& outputs, const std::vector<at
       loop(data, strides, len, rows);
       if (stream) stream_fence();  // this thread's streamed stores, before the join
     };
-    if (per_sample && group_size <= kBlock) {
-      // short samples, grouped as grouped_sums would group them: one loop call for a task's
-      // samples, or one per sample where each sums its own terms
-      std::vector<long double> sums(need_sums ? groups : 0);
+    if (per_sample && !need_sums && group_size <= kBlock) {
+      // short samples with nothing to sum, grouped as grouped_sums would group them: one loop
+      // call for a task's samples
       at::parallel_for(0, groups, kBlock / group_size, [&](int64_t g0, int64_t g1) {
-        Accumulator acc;
-        if (!need_sums) return run_rows_from(acc, g0, g0 * group_size, group_size, g1 - g0);
-        for (int64_t g = g0; g < g1; ++g, acc = Accumulator{}) {
-          run_rows_from(acc, g, g * group_size, group_size, 1);
-          sums[g] = acc.value_ld();
-        }
+        Accumulator unused;
+        run_rows_from(unused, g0, g0 * group_size, group_size, g1 - g0);
       });
-      return {std::move(sums)};
+      return {};
     }
     return {grouped_sums(groups, group_size, [&](int64_t group, int64_t begin, int64_t end) {
       Accumulator acc;
       run_rows_from(acc, group, begin, end - begin, 1);
-      return acc.value_ld();
+      return acc.value();
     })};
   }
 
@@ -271,8 +266,8 @@ WeightGrad run_pass(const std::vector<at::Tensor>& outputs, const std::vector<at
           [&](Accumulator& acc, StreamMask mask) { return loop_for(std::false_type{}, acc, mask); });
       if (!need_sums) return {};
       if (!scalar) return {std::move(sums)};
-      long double total = 0.0L;
-      for (long double v : sums) total += v;
+      double total = 0.0;
+      for (double v : sums) total += v;
       return {{total}};
     }
   }
@@ -298,13 +293,13 @@ WeightGrad run_pass(const std::vector<at::Tensor>& outputs, const std::vector<at
       Accumulator acc;
       auto loop = loop_for(element_tag, acc, StreamMask{0});
       iter.serial_for_each(loop, {begin, end});
-      return acc.value_ld();
+      return acc.value();
     });
   };
   if (element) {
     run_blocks(std::true_type{}, 1, numel);
     if (w.tensor.defined()) return {{}, at::sum_to(terms, w.shape)};
-    return {read_values<long double>(at::sum_to(terms, w.shape)), {}};
+    return {read_values(at::sum_to(terms, w.shape)), {}};
   }
   if (!need_sums) {
     run_blocks(std::false_type{}, 1, numel);
@@ -740,7 +735,7 @@ std::tuple<at::Tensor, at::Tensor> gate_effective_alpha_backward(const at::Tenso
   if (gw.e.tensor.defined()) {
     de.tensor = grad.to(at::kDouble);
   } else {
-    de.values = read_values<long double>(grad, gw.shape);
+    de.values = read_values(grad, gw.shape);
   }
   return gate_weights_backward(gw, de, alpha, gate, need_alpha_grad, need_gate_grad);
 }

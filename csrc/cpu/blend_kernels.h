@@ -128,6 +128,12 @@ inline void reference_tanh_with_grad(double x, double& t, double& one_minus_t2) 
   one_minus_t2 = static_cast<double>(wide_grad);
 }
 
+// The type a scalar path forms one weight-gradient term in, before it is rounded to double for
+// the sum: long double for float64 features (the term then carries one rounding, as their
+// other outputs do), double otherwise (exact for the products of float values).
+template <typename T>
+using term_t = std::conditional_t<std::is_same_v<T, double>, long double, double>;
+
 // Rounds nothing: the float64 scalar paths compute in long double and round each output once.
 struct Unrounded {
   template <typename V>
@@ -214,7 +220,7 @@ auto lerp_forward_loop(StreamMask stream) {
   return [stream](char** data, const int64_t* st, int64_t n0, int64_t n1) {
     run_rows<N, kVectorizable<T>>(
         data, st, n0, n1, {sizeof(T), sizeof(T), sizeof(S), sizeof(op_t)}, 3,
-        [&](auto& p, int64_t n) -> int64_t {
+        [&](auto& p, int64_t n, TilePrefetch* prefetch) -> int64_t {
           const bool nt = streams(stream, 0, p[0]);
           int64_t i = 0;
           // a broadcast weight: lerp's branch chosen once for the row, the same fused
@@ -223,7 +229,6 @@ auto lerp_forward_loop(StreamMask stream) {
           const bool small = std::fabs(w) < 0.5f;
           const auto row = [&](auto broadcast, auto small_tag) {
             const FVec coef(small ? w : w - 1.0f);
-            TilePrefetch* const prefetch = tile_prefetch;
             for (; i + kStep <= n; i += kStep) {
               F2 h, s, y, wv;
               load2<T>(at_<T>(p[1], i), h);
@@ -280,11 +285,10 @@ auto lerp_backward_loop(Accumulator& acc, StreamMask stream) {
     sizes[W] = sizeof(op_t);
     run_rows<N, kVectorizable<T>>(
         data, st, n0, n1, sizes, W,
-        [&](auto& p, int64_t n) -> int64_t {
+        [&](auto& p, int64_t n, TilePrefetch* prefetch) -> int64_t {
           const bool nt_dh = streams(stream, 0, p[0]), nt_ds = streams(stream, 1, p[1]);
           int64_t i = 0;
           TermLanes<T, kElement> lanes;
-          TilePrefetch* const prefetch = tile_prefetch;
           for (; i + kStep <= n; i += kStep) {
             if constexpr (kElement) lanes.out = out_<double>(p[2], i);
             F2 g, h, s, w, dh, ds, unused;
@@ -319,10 +323,10 @@ auto lerp_backward_loop(Accumulator& acc, StreamMask stream) {
           if constexpr (kSums) {
             const op_t h = static_cast<op_t>(val<T>(p[G + 1], s[G + 1], i));
             const op_t sv = as_op<T>(val<S>(p[G + 2], s[G + 2], i));
-            using ld = long double;
-            const ld term = static_cast<ld>(g) * (static_cast<ld>(sv) - static_cast<ld>(h));
+            using W = term_t<T>;
+            const double term = static_cast<double>(W(g) * (W(sv) - W(h)));
             if constexpr (kElement) {
-              put<double>(p[2], s[2], i, static_cast<double>(term));
+              put<double>(p[2], s[2], i, term);
             } else {
               acc.add(term);
             }
@@ -353,10 +357,9 @@ auto multiply_forward_loop(StreamMask stream) {
     sizes[C] = sizeof(op_t);
     run_rows<N, kVectorizable<T>>(
         data, st, n0, n1, sizes, C,
-        [&](auto& p, int64_t n) -> int64_t {
+        [&](auto& p, int64_t n, TilePrefetch* prefetch) -> int64_t {
           const bool nt = streams(stream, 0, p[0]), nt_z = kTanh && streams(stream, 1, p[1]);
           int64_t i = 0;
-          TilePrefetch* const prefetch = tile_prefetch;
           for (; i + kStep <= n; i += kStep) {
             F2 h, s, r, c, y, t, z;
             load2<T>(at_<T>(p[H], i), h);
@@ -430,11 +433,10 @@ auto multiply_backward_from_tanh_loop(StreamMask stream) {
     sizes.fill(sizeof(T));
     run_rows<N, kVectorizable<T>>(
         data, st, n0, n1, sizes, C,
-        [&](auto& p, int64_t n) -> int64_t {
+        [&](auto& p, int64_t n, TilePrefetch* prefetch) -> int64_t {
           const bool nt_dh = streams(stream, 0, p[0]), nt_ds = streams(stream, 1, p[1]);
           const bool nt_dr = kDr && streams(stream, 2, p[2]);
           int64_t i = 0;
-          TilePrefetch* const prefetch = tile_prefetch;
           for (; i + kStep <= n; i += kStep) {
             F2 g, h, z, c, dh, ds, unused;
             load2<T>(at_<T>(p[G], i), g);
@@ -492,12 +494,11 @@ auto multiply_backward_loop(Accumulator& acc, StreamMask stream, Terms terms) {
     sizes[C] = sizeof(op_t);
     run_rows<N, kVectorizable<T>>(
         data, st, n0, n1, sizes, C,
-        [&](auto& p, int64_t n) -> int64_t {
+        [&](auto& p, int64_t n, TilePrefetch* prefetch) -> int64_t {
           const bool nt_dh = streams(stream, 0, p[0]), nt_ds = streams(stream, 1, p[1]);
           const bool nt_dr = kDr && streams(stream, 2, p[2]);
           int64_t i = 0;
           TermLanes<T, kElement> lanes;
-          TilePrefetch* const prefetch = tile_prefetch;
           const auto vector_loop = [&](auto how) {
             for (; i + kStep <= n; i += kStep) {
               if constexpr (kElement) lanes.out = out_<double>(p[2 + R], i);
@@ -591,17 +592,14 @@ auto multiply_backward_loop(Accumulator& acc, StreamMask stream, Terms terms) {
           put<S>(p[1], s[1], i, ds);
           if constexpr (kDr) put<S>(p[2], s[2], i, -ds);
           if (terms == Terms::kNone) return;
-          using ld = long double;
-          // the scalar path (tails, strided rows) takes tanh in double whatever `terms` says, at
-          // least as accurate as the vector path: float32 of s - r in double; 16-bit hosts of the
-          // float difference
-          const ld t_term = std::is_same_v<T, float>
-                                ? static_cast<ld>(std::tanh(static_cast<double>(sv) - static_cast<double>(r)))
-                                : kHalfPrecision<T> ? static_cast<ld>(std::tanh(static_cast<double>(d)))
-                                                    : tanhl(static_cast<ld>(sv) - r);
-          const ld term = static_cast<ld>(g) * static_cast<ld>(h) * t_term;
+          // the scalar path (tails, strided rows) takes tanh in double (long double for float64)
+          // whatever `terms` says, at least as accurate as the vector path: of s - r for float32
+          // and float64, of the float difference for 16-bit hosts
+          using W = term_t<T>;
+          const W diff = kHalfPrecision<T> ? W(d) : W(sv) - W(r);
+          const double term = static_cast<double>(W(g) * W(h) * std::tanh(diff));
           if constexpr (kElement) {
-            put<double>(p[2 + R], s[2 + R], i, static_cast<double>(term));
+            put<double>(p[2 + R], s[2 + R], i, term);
           } else {
             acc.add(term);
           }
@@ -617,9 +615,8 @@ auto ste_forward_loop() {
   return [](char** data, const int64_t* st, int64_t n0, int64_t n1) {
     run_rows<3, kVectorizable<T>>(
         data, st, n0, n1, {sizeof(T), sizeof(T), sizeof(S)}, -1,
-        [&](auto& p, int64_t n) -> int64_t {
+        [&](auto& p, int64_t n, TilePrefetch* prefetch) -> int64_t {
           int64_t i = 0;
-          TilePrefetch* const prefetch = tile_prefetch;
           for (; i + kStep <= n; i += kStep) {
             F2 h, s;
             load2<T>(at_<T>(p[1], i), h);
@@ -699,10 +696,9 @@ auto valve_forward_loop(StreamMask stream) {
   return [stream](char** data, const int64_t* st, int64_t n0, int64_t n1) {
     run_rows<3, kVectorizable<U>>(
         data, st, n0, n1, {sizeof(U), sizeof(M), sizeof(op_t)}, 2,
-        [&](auto& p, int64_t n) -> int64_t {
+        [&](auto& p, int64_t n, TilePrefetch* prefetch) -> int64_t {
           const bool nt = streams(stream, 0, p[0]);
           int64_t i = 0;
-          TilePrefetch* const prefetch = tile_prefetch;
           for (; i + kStep <= n; i += kStep) {
             F2 c, m, y;
             load_weight2(p[2], st[2], i, c);
@@ -755,11 +751,10 @@ auto valve_backward_loop(Accumulator& acc, StreamMask stream, Terms terms) {
     sizes[G + 2] = sizeof(op_t);
     run_rows<N, kVectorizable<U> && kVectorizable<M>>(
         data, st, n0, n1, sizes, G + 2,
-        [&](auto& p, int64_t n) -> int64_t {
+        [&](auto& p, int64_t n, TilePrefetch* prefetch) -> int64_t {
           const bool nt = streams(stream, 0, p[0]);
           int64_t i = 0;
           TermLanes<U, kElement> lanes;
-          TilePrefetch* const prefetch = tile_prefetch;
           const auto vector_loop = [&](auto how) {
             for (; i + kStep <= n; i += kStep) {
               if constexpr (kElement) lanes.out = out_<double>(p[1], i);
@@ -819,13 +814,11 @@ auto valve_backward_loop(Accumulator& acc, StreamMask stream, Terms terms) {
           }
           put<M>(p[0], s[0], i, dm);
           if (terms == Terms::kNone) return;
-          // alpha's terms take tanh in double (t is made for m's dtype)
-          const long double t_term = std::is_same_v<M, double>
-                                         ? tanhl(static_cast<long double>(m))
-                                         : static_cast<long double>(std::tanh(static_cast<double>(m)));
-          const long double term = static_cast<long double>(g) * t_term;
+          // alpha's terms take tanh in double, long double for float64 (t is made for m's dtype)
+          using W = term_t<M>;
+          const double term = static_cast<double>(W(g) * std::tanh(W(m)));
           if constexpr (kElement) {
-            put<double>(p[1], s[1], i, static_cast<double>(term));
+            put<double>(p[1], s[1], i, term);
           } else {
             acc.add(term);
           }

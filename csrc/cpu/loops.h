@@ -27,13 +27,16 @@
 namespace kk::cpu {
 inline namespace CPU_CAPABILITY {
 
-// Compensated (Neumaier) sum in long double (a 64-bit significand on x86-64), so float64
-// inputs keep their last bits over long rows and into single-value gradients.
-struct Accumulator {
-  long double sum = 0.0L;
-  long double comp = 0.0L;
-  void add(long double x) {
-    const long double t = sum + x;
+// Compensated (Neumaier) sum: the error of a long row's sum stays near one rounding of the
+// result, so a float64 sum is far inside its sqrt(n) slack (docs/semantics.md#equivalence).
+// The blends sum in double (Accumulator); the float64 gate network, whose math is long double
+// (pool_cpu.cpp), pools in long double.
+template <typename V>
+struct Compensated {
+  V sum = 0;
+  V comp = 0;
+  void add(V x) {
+    const V t = sum + x;
     if (std::fabs(sum) >= std::fabs(x)) {
       comp += (sum - t) + x;
     } else {
@@ -42,8 +45,9 @@ struct Accumulator {
     sum = t;
   }
   // an infinite or NaN sum makes the compensation NaN (inf - inf): the sum alone is the answer
-  long double value_ld() const { return std::isfinite(sum) ? sum + comp : sum; }
+  V value() const { return std::isfinite(sum) ? sum + comp : sum; }
 };
+using Accumulator = Compensated<double>;
 
 // An iterator over outputs then inputs, which may differ in dtype and layout.
 inline at::TensorIterator make_iter(
@@ -118,10 +122,11 @@ struct TilePrefetchScope {
   TilePrefetchScope& operator=(const TilePrefetchScope&) = delete;
 };
 
-// Runs each row of a TensorIterator loop: `vec_body(p, n0)` when every operand is contiguous
-// along the row (the operand at index `weight_arg`, if any, may also be broadcast with stride
-// 0); it returns how many leading elements it handled, and `scalar_body(p, strides, i)` does
-// the rest element by element.
+// Runs each row of a TensorIterator loop: `vec_body(p, n0, tile_prefetch)` when every operand
+// is contiguous along the row (the operand at index `weight_arg`, if any, may also be broadcast
+// with stride 0); it returns how many leading elements it handled, and
+// `scalar_body(p, strides, i)` does the rest element by element. tile_prefetch is read once per
+// call: a thread_local in a shared library costs a call to read.
 template <int N, bool kVec, typename VecBody, typename ScalarBody>
 inline void run_rows(char** data, const int64_t* strides, int64_t n0, int64_t n1,
                      const std::array<int64_t, N>& elem_size, int weight_arg,
@@ -135,11 +140,12 @@ inline void run_rows(char** data, const int64_t* strides, int64_t n0, int64_t n1
       contiguous = contiguous && (dense || broadcast);
     }
   }
+  TilePrefetch* const prefetch = tile_prefetch;
   for (int64_t j = 0; j < n1; ++j) {
     for (int k = 0; k < N; ++k) p[k] = data[k] + j * strides[N + k];
     int64_t i = 0;
     if constexpr (kVec) {
-      if (contiguous) i = vec_body(p, n0);
+      if (contiguous) i = vec_body(p, n0, prefetch);
     }
     for (; i < n0; ++i) scalar_body(p, strides, i);
   }
@@ -154,12 +160,12 @@ constexpr int64_t kBlock = 16384;
 // group for a scalar weight). The blocks and the summation order do not depend on the thread
 // count: the same bits on every run.
 template <typename BlockSum>
-std::vector<long double> grouped_sums(int64_t groups, int64_t group_size, BlockSum&& block_sum) {
-  std::vector<long double> sums(groups, 0.0L);
+std::vector<double> grouped_sums(int64_t groups, int64_t group_size, BlockSum&& block_sum) {
+  std::vector<double> sums(groups, 0.0);
   if (groups == 0 || group_size == 0) return sums;
   const int64_t blocks_per_group = (group_size + kBlock - 1) / kBlock;
   const int64_t block_len = std::min(kBlock, group_size);
-  std::vector<long double> partial(groups * blocks_per_group, 0.0L);
+  std::vector<double> partial(groups * blocks_per_group, 0.0);
   at::parallel_for(0, groups * blocks_per_group, std::max<int64_t>(1, kBlock / block_len),
                    [&](int64_t b0, int64_t b1) {
     for (int64_t k = b0; k < b1; ++k) {
@@ -382,7 +388,7 @@ inline int64_t far_offset(std::vector<uintptr_t>& taken) {
 // it adds to `acc` come back, one per sample (fixed tiles and summation order: the same bits
 // on any thread count).
 template <typename MakeLoop>
-std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operands,
+std::vector<double> run_mixed_orders(const std::vector<at::Tensor>& operands,
                                           int n_outputs,
                                           const std::function<char*(int64_t)>& weight,
                                           bool stream, MakeLoop&& make_loop) {
@@ -390,7 +396,7 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
   const int64_t B = first.size(0), C = first.size(1), HW = first.size(2) * first.size(3);
   const int n_ops = static_cast<int>(operands.size());
   const int n_all = n_ops + (weight ? 1 : 0);  // the loop's operand count
-  std::vector<long double> sums(B, 0.0L);
+  std::vector<double> sums(B, 0.0);
   if (B == 0 || C * HW == 0) return sums;
   int votes = 0;  // NHWC minus NCHW operands
   for (const at::Tensor& t : operands) {
@@ -432,7 +438,7 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
   for (int k = 0; k < n_outputs; ++k) {
     if (stream && !moved[k]) direct_outputs |= StreamMask{1} << k;
   }
-  std::vector<long double> partial(B * tiles, 0.0L);
+  std::vector<double> partial(B * tiles, 0.0);
   const int64_t grain = std::max<int64_t>(1, 16384 / (tile_rows * tile_cols));
   at::parallel_for(0, B * tiles, grain, [&](int64_t u0, int64_t u1) {
     // one buffer per moved operand, a tile_rows x tile_cols block in the primary order
@@ -533,12 +539,12 @@ std::vector<long double> run_mixed_orders(const std::vector<at::Tensor>& operand
 #endif
         transpose_elements(data[k], nc, dst, rows, nr, nc, elem[k]);
       }
-      partial[u] = acc.value_ld();
+      partial[u] = acc.value();
     }
     if (stream) stream_fence();  // this thread's streamed stores, before the join
   });
   for (int64_t b = 0; b < B; ++b) {
-    long double acc = 0.0L;
+    double acc = 0.0;
     for (int64_t t = 0; t < tiles; ++t) acc += partial[b * tiles + t];
     sums[b] = acc;
   }

@@ -346,7 +346,7 @@ void pool_means(const T* x, const PoolView& v, O* out) {
     int64_t b = p0 / v.C, c = p0 % v.C;
     for (int64_t p = p0; p < p1; ++p) {
       const T* plane = x + b * v.sb + c * v.sc;
-      Accumulator acc;
+      Compensated<long double> acc;
       double sum = 0.0;
       for (int64_t r = 0; r < v.R; ++r) {
         for (int64_t l = 0; l < v.L; ++l) {
@@ -359,7 +359,7 @@ void pool_means(const T* x, const PoolView& v, O* out) {
         }
       }
       if constexpr (std::is_same_v<T, double>) {
-        const long double mean = acc.value_ld() / static_cast<long double>(n);
+        const long double mean = acc.value() / static_cast<long double>(n);
         out[p] = static_cast<O>(std::is_same_v<O, long double> ? mean : static_cast<double>(mean));
       } else {
         out[p] = static_cast<O>(sum / static_cast<double>(n));

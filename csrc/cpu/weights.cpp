@@ -15,8 +15,17 @@ std::vector<M> read_values(const at::Tensor& t, at::IntArrayRef shape) {
   const int64_t dims = static_cast<int64_t>(shape.size());
   std::vector<M> out(c10::multiply_integers(shape));
   std::vector<int64_t> index(dims, 0);
+  // row-major and dense in the broadcast (a per-sample alpha): one linear read
+  bool linear = true;
+  for (int64_t d = dims - 1, step = 1; d >= 0; step *= shape[d--]) {
+    linear = linear && (shape[d] == 1 || strides[d] == step);
+  }
   AT_DISPATCH_ALL_TYPES_AND3(at::kBFloat16, at::kHalf, at::kBool, t.scalar_type(), "read_values", [&] {
     const scalar_t* p = t.const_data_ptr<scalar_t>();
+    if (linear) {
+      for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<M>(static_cast<double>(p[i]));
+      return;
+    }
     int64_t offset = 0;
     for (M& v : out) {
       v = static_cast<M>(static_cast<double>(p[offset]));
@@ -29,21 +38,6 @@ std::vector<M> read_values(const at::Tensor& t, at::IntArrayRef shape) {
     }
   });
   return out;
-}
-
-double round_to(at::ScalarType dtype, double v) {
-  switch (dtype) {
-    case at::kDouble:
-      return v;
-    case at::kFloat:
-      return static_cast<double>(static_cast<float>(v));
-    case at::kBFloat16:
-      return static_cast<double>(static_cast<float>(c10::BFloat16(static_cast<float>(v))));
-    case at::kHalf:
-      return static_cast<double>(static_cast<float>(c10::Half(static_cast<float>(v))));
-    default:
-      return v;  // integer results never reach here: blends promote to a float dtype
-  }
 }
 
 template <typename M>

@@ -15,8 +15,22 @@ inline namespace CPU_CAPABILITY {
 template <typename M = double>
 std::vector<M> read_values(const at::Tensor& t, at::IntArrayRef shape = {});
 
-// Rounds a double to the precision of `dtype` the way `.to(dtype)` does.
-double round_to(at::ScalarType dtype, double v);
+// Rounds a double to the precision of `dtype` the way `.to(dtype)` does (inline: the blends
+// call it on every weight value).
+inline double round_to(at::ScalarType dtype, double v) {
+  switch (dtype) {
+    case at::kDouble:
+      return v;
+    case at::kFloat:
+      return static_cast<double>(static_cast<float>(v));
+    case at::kBFloat16:
+      return static_cast<double>(static_cast<float>(c10::BFloat16(static_cast<float>(v))));
+    case at::kHalf:
+      return static_cast<double>(static_cast<float>(c10::Half(static_cast<float>(v))));
+    default:
+      return v;  // integer results never reach here: blends promote to a float dtype
+  }
+}
 
 // A tensor of `shape` holding `values` (row-major, each rounded to double first, then to
 // `dtype`), created in `dtype` on the CPU. M is double or long double.
