@@ -12,7 +12,7 @@ import torch
 from cases import TEST_DEVICE, Case, backend_params, run_case
 
 F32, F64 = torch.float32, torch.float64
-TRITON_F64_SUM = ("triton float64 reductions sum in float64 (the native backend uses long double) and "
+TRITON_F64_SUM = ("triton float64 reductions sum in plain float64 (the native backend sums compensated) and "
                   "can exceed rule 2 (2 x eager's error + 1 ulp)")
 # Triton under the CPU interpreter (the GPU computes other roundings, unpinned)
 TRITON_ON_CPU = {"triton"} if TEST_DEVICE.type == "cpu" else set()
@@ -27,7 +27,7 @@ FINDINGS = [
     # Triton float64: the 0-dim alpha's gradient of blend_with_isolation/blend_add over 49
     # elements is 5.3e-16 off the long-double oracle, eager float64's 1.9e-16: the rule-2
     # bound (2 x eager + 1 ulp) is 4.1e-16. Triton sums float64 terms in float64 (no wider
-    # type; the native backend uses long double), so it can lose to eager's summation order.
+    # type; the native backend sums them compensated), so it can lose to eager's summation order.
     # Rule 2's sqrt(n) slack for sums (sqrt(49) float64 roundoffs times the terms' magnitudes)
     # covers an honest float64 accumulation: both pass now.
     (Case("blend_with_isolation", F64, (7, 7), alpha="sh", avalue="zero"), set(), TRITON_F64_SUM),

@@ -15,7 +15,7 @@ equivalence rule; the pooled means and the per-sample alpha gradient against exa
 sums (the buffer is periodic, so a sum over 2**30 elements is whole periods plus a partial
 one, each summed in float64): the pooled means by rule 2 (eager's own error on the same input is
 measured), the alpha gradient by the error bound of its arithmetic (two float32 roundings per
-term, summed in long double, rounded once to float32).
+term, summed compensated in double, rounded once to float32).
 """
 
 from __future__ import annotations
