@@ -167,6 +167,17 @@ FINDINGS = [
     # oracle against a bound of 1.4e-9 (eager's float32 product landed 0.05 float32 ulp off). Its
     # alpha term read the float32 tanh; it now takes the tanh in the sum's dtype, as MULTIPLY's
     (Case("multiply_valve_multiplier", F32, (1, 1, 1, 1), layout="slice", alpha="s64", grads="all"), set(), ""),
+    # the native valve, float32 m (100 elements) beside a 0-dim float64 alpha: dalpha 2.3e-7 off
+    # the oracle against a bound of 1.9e-7 (eager's float32 sum: 9.7e-8). With at least 64 terms
+    # per alpha element the terms read the float tanh, whose errors rule 2's sqrt(n) slack
+    # covers in float32 units; a float64 alpha's gradient is judged in float64, so its terms now
+    # take the double tanh. MULTIPLY chooses its terms the same way (alpha_terms) and failed the
+    # same way: 7 of 104 such float32 cases, these two among them (3.1e-7 against 1.9e-7, and
+    # 1.7e-7 against 4.1e-8)
+    (Case("multiply_valve_multiplier", F32, (5, 1, 5, 4), alpha="s64", avalue="mid", grads="alpha"),
+     set(), ""),
+    (Case("blend_multiply", F32, (5, 1, 5, 4), alpha="s64", avalue="one", grads="alpha"), set(), ""),
+    (Case("blend_multiply", F32, (2, 64), alpha="s64", avalue="one", grads="alpha"), set(), ""),
     # Triton's gate_network, float64, the batch expanded from one sample: dW1 1.8e-17 off the
     # oracle against a bound of 1.5e-17 (eager: 4.1e-18), with the pooled mean correctly rounded
     (Case("gate_network", F64, (2, 1, 2, 2), layout="expand", topology="cnn", grads="all"),

@@ -576,7 +576,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_multiply_backwa
   } else {
     std::vector<at::Tensor> inputs{g, h, s};
     if (!r_is_h) inputs.push_back(r);
-    const Terms terms = alpha_terms(need_alpha_grad, h.numel(), alpha.numel());
+    const Terms terms = alpha_terms(need_alpha_grad, h.numel(), alpha);
     dispatch_pair(host, s.scalar_type(), "blend_multiply backward", [&]<typename T, typename S>() {
       with_flags(r_is_h, write_dr, [&]<bool kRIsH, bool kDrFlag>() {
         constexpr bool kDr = kDrFlag && !kRIsH;
@@ -685,7 +685,7 @@ std::tuple<at::Tensor, at::Tensor> multiply_valve_multiplier_backward(const at::
   const Weights c = make_weights(alpha, m, valve_weight(result));
   at::Tensor dm = at::empty_like(m);
   WeightGrad dc;
-  const Terms terms = alpha_terms(need_alpha_grad, m.numel(), alpha.numel());
+  const Terms terms = alpha_terms(need_alpha_grad, m.numel(), alpha);
   dispatch_valve(result, m.scalar_type(), [&]<typename U, typename M>() {
     dc = run_pass<opmath_t<U>>({dm}, {g, m}, c, m, need_alpha_grad,
                                  [terms](auto element, Accumulator& acc, StreamMask st) {

@@ -188,16 +188,18 @@ inline bool streams(StreamMask mask, int k, const char* p) {
 // from the float tanh its elementwise gradients use, or from ATen's double tanh
 // (Vectorized<double>, within an ulp of double). Float terms are within a few units of float
 // roundoff each, so a sum of n of them is off by at most a few units times the sum of their
-// magnitudes: inside rule 2's slack of sqrt(n) units (docs/semantics.md#equivalence) once n
-// reaches kFloatTermsMin. Smaller sums take the double tanh. 16-bit hosts always form their
-// terms from tanh_with_grad's float tanh.
+// magnitudes: inside rule 2's slack of sqrt(n) float32 units (docs/semantics.md#equivalence)
+// once n reaches kFloatTermsMin. Smaller sums take the double tanh, and so does a float64
+// alpha: its gradient is judged in float64, where that slack is 2^29 times smaller. 16-bit
+// hosts always form their terms from tanh_with_grad's float tanh.
 enum class Terms { kNone, kFloatTanh, kDoubleTanh };
 constexpr int64_t kFloatTermsMin = 64;
 
-inline Terms alpha_terms(bool needed, int64_t numel, int64_t weight_numel) {
+inline Terms alpha_terms(bool needed, int64_t numel, const at::Tensor& alpha) {
   if (!needed) return Terms::kNone;
-  return numel >= kFloatTermsMin * std::max<int64_t>(weight_numel, 1) ? Terms::kFloatTanh
-                                                                       : Terms::kDoubleTanh;
+  const bool float_slack = alpha.scalar_type() != at::kDouble &&
+                           numel >= kFloatTermsMin * std::max<int64_t>(alpha.numel(), 1);
+  return float_slack ? Terms::kFloatTanh : Terms::kDoubleTanh;
 }
 
 // vector_loop(std::integral_constant<Terms, ...>): one loop each, since the terms' double
