@@ -388,10 +388,9 @@ inline int64_t far_offset(std::vector<uintptr_t>& taken) {
 // it adds to `acc` come back, one per sample (fixed tiles and summation order: the same bits
 // on any thread count).
 template <typename MakeLoop>
-std::vector<double> run_mixed_orders(const std::vector<at::Tensor>& operands,
-                                          int n_outputs,
-                                          const std::function<char*(int64_t)>& weight,
-                                          bool stream, MakeLoop&& make_loop) {
+std::vector<double> run_mixed_orders(const std::vector<at::Tensor>& operands, int n_outputs,
+                                     const std::function<char*(int64_t)>& weight, bool stream,
+                                     MakeLoop&& make_loop) {
   const at::Tensor& first = operands.front();
   const int64_t B = first.size(0), C = first.size(1), HW = first.size(2) * first.size(3);
   const int n_ops = static_cast<int>(operands.size());

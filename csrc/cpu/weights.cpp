@@ -14,7 +14,6 @@ std::vector<M> read_values(const at::Tensor& t, at::IntArrayRef shape) {
   const auto strides = at::inferExpandGeometry_dimvector(t.sizes(), t.strides(), shape).strides;
   const int64_t dims = static_cast<int64_t>(shape.size());
   std::vector<M> out(c10::multiply_integers(shape));
-  std::vector<int64_t> index(dims, 0);
   // row-major and dense in the broadcast (a per-sample alpha): one linear read
   bool linear = true;
   for (int64_t d = dims - 1, step = 1; d >= 0; step *= shape[d--]) {
@@ -26,6 +25,7 @@ std::vector<M> read_values(const at::Tensor& t, at::IntArrayRef shape) {
       for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<M>(static_cast<double>(p[i]));
       return;
     }
+    std::vector<int64_t> index(dims, 0);
     int64_t offset = 0;
     for (M& v : out) {
       v = static_cast<M>(static_cast<double>(p[offset]));
