@@ -27,7 +27,7 @@ import random  # noqa: E402
 
 from kasmina_kernels.bench import report, sweep  # noqa: E402
 from kasmina_kernels.bench.command import default_threads  # noqa: E402
-from kasmina_kernels.bench.timing import SPREAD_LIMIT, Sample, compare  # noqa: E402
+from kasmina_kernels.bench.timing import MIN_ROUNDS, SPREAD_LIMIT, Sample, compare  # noqa: E402
 
 
 def _sample(round_values):
@@ -35,7 +35,7 @@ def _sample(round_values):
     return Sample.of([t for r in round_values for t in r], round_values)
 
 
-def _rounds(center, jitter, rounds=5, calls=20, seed=0):
+def _rounds(center, jitter, rounds=MIN_ROUNDS, calls=20, seed=0):
     rng = random.Random(seed)
     return [[center * (1 + rng.uniform(-jitter, jitter)) for _ in range(calls)] for _ in range(rounds)]
 
@@ -44,7 +44,7 @@ def test_tight_timings_give_a_verdict():
     peer, fast = _sample(_rounds(1.2e-3, 0.02, seed=1)), _sample(_rounds(1.0e-3, 0.02, seed=2))
     c = compare(peer, fast)
     assert c["conclusive"] and c["why"] is None
-    assert 1.15 < c["ratio"] < 1.25 and len(c["round_ratios"]) == 5
+    assert 1.15 < c["ratio"] < 1.25 and len(c["round_ratios"]) == MIN_ROUNDS
     c = compare(fast, peer)  # the other way round: conclusively slower
     assert c["conclusive"] and c["ratio"] < 1
 
@@ -64,12 +64,21 @@ def test_bimodal_timings_are_inconclusive():
 def test_rounds_that_disagree_are_inconclusive():
     # each candidate tight within a round, but the machine's conditions moved between rounds
     # and the ratio flips side: 1.03x overall is not supported
-    peer = _sample([[t] * 9 for t in (1.10e-3, 0.98e-3, 1.08e-3, 1.06e-3, 0.99e-3)])
-    cand = _sample([[1.0e-3] * 9 for _ in range(5)])
+    peer = _sample([[t] * 9 for t in (1.10e-3, 0.98e-3, 1.08e-3, 1.06e-3, 0.99e-3, 1.05e-3, 1.07e-3)])
+    cand = _sample([[1.0e-3] * 9 for _ in range(7)])
     c = compare(peer, cand)
     assert c["ratio"] > 1 and not c["conclusive"]
-    assert c["why"].startswith("2 of 5 rounds on the other side of 1.00x")
-    assert not compare(_sample(_rounds(1.2e-3, 0.01)[:2]), _sample(_rounds(1e-3, 0.01)[:2]))["conclusive"]
+    assert c["why"].startswith("2 of 7 rounds on the other side of 1.00x")
+
+
+def test_too_few_rounds_are_inconclusive_however_they_agree():
+    # two implementations that tie put every one of n rounds on one side 2 / 2**n of the time:
+    # 1 in 16 at 5 rounds, so a verdict takes MIN_ROUNDS rounds (1 in 64 at 7)
+    assert 2 / 2**MIN_ROUNDS <= 1 / 64
+    few = MIN_ROUNDS - 1
+    c = compare(_sample(_rounds(1.2e-3, 0.01, rounds=few)), _sample(_rounds(1e-3, 0.01, rounds=few)))
+    assert not c["conclusive"] and c["why"] == f"{few} paired rounds (a verdict needs {MIN_ROUNDS})"
+    assert compare(_sample(_rounds(1.2e-3, 0.01)), _sample(_rounds(1e-3, 0.01)))["conclusive"]
 
 
 def test_default_threads_cannot_oversubscribe():

@@ -10,6 +10,7 @@ import torch
 
 from .. import optable
 from . import esper
+from .timing import MIN_ROUNDS
 
 ESPER_SHAPES = ((512, 8, 32, 32), (512, 32, 8, 8), (512, 16, 32, 32), (32, 256, 384))
 SMALL_SHAPES = ((8, 64, 16, 16),)
@@ -93,8 +94,8 @@ def make_plan(device: torch.device, *, quick: bool, ops: list[str] | None,
                  f"for (B,T,C)) without grad, K={esper.OVERRIDE_K} configurations of "
                  f"B = batch/{esper.OVERRIDE_K} samples (e.g. K=2 at B=64 for (128,16,16,16)).")
     # on GPU a call takes microseconds: 30 ms of timed calls per step is hundreds of calls
-    effort = (Effort(rounds=5, budget_s=0.05, calls=20, call_rounds=5) if quick else
-              Effort(rounds=7, budget_s=0.3 if device.type == "cpu" else 0.03, calls=50, call_rounds=7))
+    effort = (Effort(rounds=MIN_ROUNDS, budget_s=0.05, calls=20, call_rounds=5) if quick else
+              Effort(rounds=MIN_ROUNDS, budget_s=0.3 if device.type == "cpu" else 0.03, calls=50, call_rounds=7))
     if esper_only:
         return Plan(first, effort, notes)
     ops = ops or list(HEADLINE_OPS if quick else ALL_OPS)

@@ -17,7 +17,8 @@ import torch
 
 # When a time ratio supports a verdict (`compare`; the report's legend states the same rule)
 SPREAD_LIMIT = 0.5  # (p75 - p25) / median of a candidate's timings, above which it is too noisy
-MIN_ROUNDS = 3  # fewer rounds cannot show that the rounds agree
+# rounds on one side happen by chance 2 / 2**n of the time where the two tie: 1 in 64 at 7
+MIN_ROUNDS = 7
 
 
 @dataclass
