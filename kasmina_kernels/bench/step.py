@@ -172,7 +172,7 @@ def max_rel_diff(a: list[float], b: list[float]) -> float:
 
 
 def run_host(host: Host, device: torch.device, variants: list[str], *, modes=MODES,
-             autocast: bool = False, agree_steps: int = AGREE_STEPS, rounds: int = MIN_ROUNDS, budget_s: float = 1.0,
+             autocast: bool = False, agree_steps: int = AGREE_STEPS, rounds: int = MIN_ROUNDS, budget_s: float = 3.0,
              n_batches: int = 4, log=print) -> dict:
     """Every (variant, mode) of `host`: losses, agreement, timing, kernels, blend share."""
     torch.manual_seed(0)
